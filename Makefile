@@ -1,0 +1,81 @@
+# Makefile for lua-multiprocessing. Variables (override on the command line):
+#   LUA         the Lua 5.4 interpreter           (lua5.4)
+#   LUA_INCDIR  where lua.h is                    (/usr/include/lua5.4)
+#   BUSTED      the busted runner                 (busted)
+#   PREFIX      install prefix                    (/usr/local)
+#   DESTDIR     staging root for packagers        (empty)
+#   LUA_CMOD    install dir of C modules          ($(PREFIX)/lib/x86_64-linux-gnu/lua/5.4 style: $(PREFIX)/lib/lua/5.4)
+#   LUA_LMOD    install dir of Lua modules        ($(PREFIX)/share/lua/5.4)
+LUA        ?= lua5.4
+LUA_INCDIR ?= /usr/include/lua5.4
+BUSTED     ?= busted
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+LUA_CMOD   ?= $(PREFIX)/lib/lua/5.4
+LUA_LMOD   ?= $(PREFIX)/share/lua/5.4
+CC         ?= cc
+OPT        ?= -O2
+CFLAGS     ?= $(OPT) -g
+WARN        = -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
+ALL_CFLAGS  = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR)
+LDFLAGS    ?=
+SRC        := $(wildcard src/*.c)
+HDR        := $(wildcard src/*.h)
+BUILD      ?= build
+SO          = $(BUILD)/multiprocessing/core.so
+SPECS      ?= spec
+BUSTED_RUN  = $(BUSTED) --lua=$(LUA) -o spec/summary.lua
+ASAN_FLAGS  = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+
+.PHONY: all test deps install uninstall clean bench asan valgrind fuzz demo examples
+
+all: $(SO)
+
+$(SO): $(SRC) $(HDR) Makefile
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS)
+
+deps:
+	@sh scripts/deps.sh
+
+test: deps
+	@$(MAKE) --no-print-directory all
+	MP_BUILD=$(BUILD) $(BUSTED_RUN) $(SPECS)
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	$(LUA) examples/demo.lua
+
+examples: all
+	@for f in examples/*.lua; do echo "== $$f"; LUA_PATH="./lua/?.lua;./lua/?/init.lua;;" LUA_CPATH="./$(BUILD)/?.so;;" $(LUA) $$f >/dev/null || exit 1; done
+
+install: all
+	install -d $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing
+	install -m 755 $(SO) $(DESTDIR)$(LUA_CMOD)/multiprocessing/core.so
+	install -m 644 lua/multiprocessing/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/
+
+uninstall:
+	rm -rf $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing
+
+clean:
+	rm -rf build build-asan build-fuzz
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	$(LUA) bench/run.lua
+
+# The specs with the core built under AddressSanitizer and UBSan (the
+# interpreter is not instrumented, so the runtime is preloaded).
+asan: deps
+	@$(MAKE) --no-print-directory all BUILD=build-asan CC=gcc CFLAGS="$(ASAN_FLAGS)"
+	MP_BUILD=build-asan LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(BUSTED_RUN) $(SPECS)
+
+valgrind: deps
+	@$(MAKE) --no-print-directory all
+	MP_BUILD=$(BUILD) MP_VALGRIND=1 LUA_MP_ARENA_SIZE=1073741824 valgrind -q --error-exitcode=99 --trace-children=no \
+	  --suppressions=scripts/valgrind.supp $(LUA) scripts/busted.lua -o spec/summary.lua $(SPECS)
+
+fuzz: deps
+	@sh scripts/fuzz.sh

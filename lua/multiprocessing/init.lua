@@ -1,0 +1,16 @@
+-- multiprocessing: process-based parallelism for Lua 5.4 (the public module).
+local core = require "multiprocessing.core"
+
+local M = {
+  _VERSION = core._VERSION,
+  encode = core.encode,
+  decode = core.decode,
+  register_metatable = core.register_metatable,
+}
+
+-- The parts of the Lua layer each return a table of public names.
+for _, part in ipairs { "process", "pipe", "queue", "sync", "shared", "pool", "progress" } do
+  for k, v in pairs(require("multiprocessing." .. part)) do M[k] = v end
+end
+
+return M

@@ -1,0 +1,2 @@
+-- pipe.lua: placeholder until this part is written.
+return {}

@@ -1,0 +1,2 @@
+-- pool.lua: placeholder until this part is written.
+return {}

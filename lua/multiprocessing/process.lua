@@ -1,0 +1,2 @@
+-- process.lua: placeholder until this part is written.
+return {}

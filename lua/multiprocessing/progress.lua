@@ -1,0 +1,2 @@
+-- progress.lua: placeholder until this part is written.
+return {}

@@ -1,0 +1,2 @@
+-- queue.lua: placeholder until this part is written.
+return {}

@@ -1,0 +1,2 @@
+-- shared.lua: placeholder until this part is written.
+return {}

@@ -1,0 +1,2 @@
+-- sync.lua: placeholder until this part is written.
+return {}

@@ -1,0 +1,2 @@
+-- Runs busted inside this interpreter (used by `make valgrind`).
+require "busted.runner"({ standalone = false })

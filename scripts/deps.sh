@@ -1,0 +1,17 @@
+#!/bin/sh
+# Installs the Debian packages the build and the tests need, when missing.
+need=""
+command -v lua5.4 >/dev/null 2>&1 || need="$need lua5.4"
+[ -f /usr/include/lua5.4/lua.h ] || need="$need liblua5.4-dev"
+command -v busted >/dev/null 2>&1 || need="$need lua-busted"
+command -v cc >/dev/null 2>&1 || need="$need gcc libc6-dev"
+command -v make >/dev/null 2>&1 || need="$need make"
+[ -n "$MP_NEED_EXTRA" ] && need="$need $MP_NEED_EXTRA"
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "missing:$need (install them, e.g. with apt-get)" >&2
+  exit 1
+fi
+echo "installing:$need"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null && apt-get install -y -qq $need >/dev/null

@@ -1,0 +1,850 @@
+/* codec.c: the value codec, Lua values to bytes and back (see docs/codec.md). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mp.h"
+
+/* ------------------------------------------------------------- format */
+#define FORMAT 0xB1   /* first byte of every encoding */
+enum {
+  T_NIL, T_FALSE, T_TRUE, T_INT8, T_INT16, T_INT32, T_INT64, T_FLOAT,
+  T_STR8, T_STR32, T_STR64,
+  T_TABLE,     /* u32 narr, u32 npairs, narr values, npairs key/value */
+  T_TABLE_MT,  /* same, then the metatable value */
+  T_REF,       /* u32 index of a table or function seen before */
+  T_LFUNC,     /* u32 dump size, dump, u8 nups, per upvalue: 0 value | 1 u32 func, u8 n */
+  T_CFUNC,     /* str8 "module.name" */
+  T_MODULE,    /* str8 module name */
+  T_GLOBALS,   /* the receiver's global table */
+  T_NAMEDMT,   /* str8 name given to register_metatable */
+  T_HANDLE,    /* str8 type name, u8 payload size, payload */
+  T_LIMIT
+};
+
+#define MAXDEPTH 200
+#define BIGSTR 65536      /* strings this long are referenced, not copied, while encoding */
+#define MAXTYPES 16
+
+static const mp_handle_type *types[MAXTYPES];
+static int ntypes;
+
+void mp_codec_register(const mp_handle_type *t) {
+  for (int i = 0; i < ntypes; i++) if (types[i] == t) return;
+  if (ntypes < MAXTYPES) types[ntypes++] = t;
+}
+
+static const mp_handle_type *find_type(const char *name, size_t n) {
+  for (int i = 0; i < ntypes; i++)
+    if (strlen(types[i]->name) == n && memcmp(types[i]->name, name, n) == 0) return types[i];
+  return NULL;
+}
+
+/* ------------------------------------------------------------ buffers */
+
+void mp_buf_reserve(lua_State *L, mp_buf *b, size_t extra) {
+  if (b->cap - b->n >= extra) return;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap - b->n < extra) {
+    if (cap > ((size_t)-1) / 2) luaL_error(L, "value too large to encode");
+    cap *= 2;
+  }
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  char *p = f(ud, b->p, b->cap, cap);
+  if (!p) luaL_error(L, "not enough memory to encode");
+  b->p = p; b->cap = cap;
+}
+
+void mp_buf_add(lua_State *L, mp_buf *b, const void *s, size_t n) {
+  mp_buf_reserve(L, b, n);
+  memcpy(b->p + b->n, s, n);
+  b->n += n;
+}
+
+void mp_buf_free(lua_State *L, mp_buf *b) {
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  if (b->p) f(ud, b->p, b->cap, 0);
+  b->p = NULL; b->n = b->cap = 0;
+}
+
+/* ------------------------------------------------ pointer -> int maps */
+
+typedef struct pmap {
+  const void **keys;
+  int *vals;
+  size_t cap, n;
+} pmap;
+
+static size_t phash(const void *p) {
+  uint64_t x = (uint64_t)(uintptr_t)p;
+  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33;
+  return (size_t)x;
+}
+
+static void pmap_clear(pmap *m) {
+  if (m->n) { memset(m->keys, 0, m->cap * sizeof(*m->keys)); m->n = 0; }
+}
+
+static void pmap_free(pmap *m) {
+  free(m->keys); free(m->vals);
+  memset(m, 0, sizeof(*m));
+}
+
+static int pmap_get(const pmap *m, const void *k) {  /* -1 when absent */
+  if (!m->n) return -1;
+  for (size_t i = phash(k) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
+    if (m->keys[i] == k) return m->vals[i];
+    if (!m->keys[i]) return -1;
+  }
+}
+
+static void pmap_put(lua_State *L, pmap *m, const void *k, int v) {
+  if ((m->n + 1) * 2 > m->cap) {
+    pmap old = *m;
+    size_t cap = old.cap ? old.cap * 2 : 64;
+    m->keys = calloc(cap, sizeof(*m->keys));
+    m->vals = malloc(cap * sizeof(*m->vals));
+    if (!m->keys || !m->vals) { free(m->keys); free(m->vals); *m = old; luaL_error(L, "not enough memory"); }
+    m->cap = cap; m->n = 0;
+    for (size_t i = 0; i < old.cap; i++) if (old.keys[i]) pmap_put(L, m, old.keys[i], old.vals[i]);
+    free(old.keys); free(old.vals);
+  }
+  size_t i = phash(k) & (m->cap - 1);
+  while (m->keys[i]) i = (i + 1) & (m->cap - 1);
+  m->keys[i] = k; m->vals[i] = v; m->n++;
+}
+
+/* ------------------------------------------------------------ encoder */
+
+enum { F_KEY, F_INDEX, F_UPVALUE, F_METATABLE };
+typedef struct frame { int kind; int idx; lua_Integer i; const char *name; } frame;
+typedef struct seg { size_t at; const char *p; size_t n; } seg;
+
+struct mp_enc {
+  mp_buf out;
+  seg *segs; size_t nsegs, capsegs, segbytes;
+  pmap refs;     /* table/function -> ref index */
+  pmap ups;      /* upvalue id -> func ref << 8 | upvalue number */
+  pmap mods;     /* module table -> 1 (names in uservalue 2) */
+  int nrefs, busy, modsready, depth, base;
+  const char *root;
+  frame path[MAXDEPTH + 2];
+};
+
+#define ENCODER "multiprocessing.encoder"
+#define UV_CNAMES 1
+#define UV_MODS 2
+
+static int enc_gc(lua_State *L) {
+  mp_enc *e = luaL_checkudata(L, 1, ENCODER);
+  mp_buf_free(L, &e->out);
+  free(e->segs); e->segs = NULL; e->nsegs = e->capsegs = 0;
+  pmap_free(&e->refs); pmap_free(&e->ups); pmap_free(&e->mods);
+  return 0;
+}
+
+static mp_enc *enc_new(lua_State *L) {
+  mp_enc *e = lua_newuserdatauv(L, sizeof(mp_enc), 2);
+  memset(e, 0, sizeof(*e));
+  luaL_setmetatable(L, ENCODER);
+  return e;
+}
+
+static void put_u8(lua_State *L, mp_enc *e, int c) {
+  mp_buf_reserve(L, &e->out, 1);
+  e->out.p[e->out.n++] = (char)c;
+}
+
+static void put_raw(lua_State *L, mp_enc *e, const void *p, size_t n) { mp_buf_add(L, &e->out, p, n); }
+static void put_u32(lua_State *L, mp_enc *e, uint32_t v) { put_raw(L, e, &v, 4); }
+
+static void put_str8(lua_State *L, mp_enc *e, const char *s, size_t n) {
+  put_u8(L, e, (int)n);
+  put_raw(L, e, s, n);
+}
+
+/* the path of the value being encoded, for error messages */
+static void push_path(lua_State *L, mp_enc *e) {
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, e->root);
+  for (int d = 0; d < e->depth && d <= MAXDEPTH; d++) {
+    if (e->depth > 16 && d == 6) {  /* a long path: keep its two ends */
+      luaL_addstring(&b, "...");
+      d = e->depth - 8;
+    }
+    frame *f = &e->path[d];
+    char tmp[64];
+    switch (f->kind) {
+      case F_INDEX:
+        snprintf(tmp, sizeof tmp, "[%lld]", (long long)f->i);
+        luaL_addstring(&b, tmp);
+        break;
+      case F_UPVALUE:
+        luaL_addstring(&b, "<upvalue ");
+        luaL_addstring(&b, f->name ? f->name : "?");
+        luaL_addstring(&b, ">");
+        break;
+      case F_METATABLE: luaL_addstring(&b, "<metatable>"); break;
+      default: {
+        int t = lua_type(L, f->idx);
+        if (t == LUA_TSTRING) {
+          size_t n;
+          const char *s = lua_tolstring(L, f->idx, &n);
+          int ident = n > 0 && n < 40 && !(s[0] >= '0' && s[0] <= '9');
+          for (size_t i = 0; ident && i < n; i++)
+            ident = (s[i] == '_' || (s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') ||
+                     (s[i] >= '0' && s[i] <= '9'));
+          if (ident) { luaL_addchar(&b, '.'); luaL_addlstring(&b, s, n); }
+          else { snprintf(tmp, sizeof tmp, "[\"%.40s\"]", s); luaL_addstring(&b, tmp); }
+        } else if (t == LUA_TNUMBER) {
+          lua_pushvalue(L, f->idx);
+          snprintf(tmp, sizeof tmp, "[%.40s]", lua_tostring(L, -1));
+          lua_pop(L, 1);
+          luaL_addstring(&b, tmp);
+        } else {
+          snprintf(tmp, sizeof tmp, "[<%s key>]", luaL_typename(L, f->idx));
+          luaL_addstring(&b, tmp);
+        }
+      }
+    }
+  }
+  luaL_pushresult(&b);
+}
+
+static int enc_fail(lua_State *L, mp_enc *e, const char *what) {
+  e->busy = 0;  /* the error unwinds past mp_enc_done */
+  push_path(L, e);
+  return luaL_error(L, "cannot send %s at %s", what, lua_tostring(L, -1));
+}
+
+static void encode_value(lua_State *L, mp_enc *e, int idx);
+
+static int add_ref(lua_State *L, mp_enc *e, int idx) {
+  pmap_put(L, &e->refs, lua_topointer(L, idx), ++e->nrefs);
+  return e->nrefs;
+}
+
+/* Fills e->mods and uservalue UV_MODS (table -> name) from package.loaded. */
+static void load_modules(lua_State *L, mp_enc *e) {
+  e->modsready = 1;
+  pmap_clear(&e->mods);
+  lua_newtable(L);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE &&
+        pmap_get(&e->mods, lua_topointer(L, -1)) < 0) {
+      pmap_put(L, &e->mods, lua_topointer(L, -1), 1);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, -5);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  lua_setiuservalue(L, e->base, UV_MODS);
+}
+
+/* Pushes the "module.name" of C function at idx, or nil. */
+static void cfunc_name(lua_State *L, mp_enc *e, int idx) {
+  if (lua_getiuservalue(L, e->base, UV_CNAMES) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE) {
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+          if (lua_type(L, -2) == LUA_TSTRING && lua_tocfunction(L, -1)) {
+            lua_pushvalue(L, -1);
+            if (lua_rawget(L, -7) == LUA_TNIL) {
+              lua_pop(L, 1);
+              lua_pushfstring(L, "%s.%s", lua_tostring(L, -4), lua_tostring(L, -2));
+              lua_rawset(L, -7);
+            } else {
+              lua_pop(L, 2);
+            }
+          } else {
+            lua_pop(L, 1);
+          }
+        }
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, e->base, UV_CNAMES);
+  }
+  lua_pushvalue(L, idx);
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+}
+
+static void encode_function(lua_State *L, mp_enc *e, int idx);
+
+static int writer(lua_State *L, const void *p, size_t n, void *ud) {
+  mp_buf_add(L, &((mp_enc *)ud)->out, p, n);
+  return 0;
+}
+
+static void encode_table(lua_State *L, mp_enc *e, int idx) {
+  const void *p = lua_topointer(L, idx);
+  if (!e->modsready) load_modules(L, e);
+  if (pmap_get(&e->mods, p) >= 0) {
+    lua_getiuservalue(L, e->base, UV_MODS);
+    lua_pushvalue(L, idx);
+    lua_rawget(L, -2);
+    size_t n;
+    const char *name = lua_tolstring(L, -1, &n);
+    if (n <= 255) {
+      put_u8(L, e, T_MODULE);
+      put_str8(L, e, name, n);
+      lua_pop(L, 2);
+      return;
+    }
+    lua_pop(L, 2);
+  }
+  add_ref(L, e, idx);
+  int hasmt = lua_getmetatable(L, idx);
+  if (hasmt) {
+    lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
+    lua_pushvalue(L, -2);
+    lua_rawget(L, -2);
+    lua_replace(L, -2);  /* mt, name-or-nil */
+  }
+  put_u8(L, e, hasmt ? T_TABLE_MT : T_TABLE);
+  size_t at = e->out.n;
+  put_u32(L, e, 0); put_u32(L, e, 0);
+  uint32_t narr = 0, npairs = 0;
+  frame *f = &e->path[e->depth];
+  e->depth++;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    int isarr = 0;
+    if (npairs == 0 && lua_isinteger(L, -2) && lua_tointeger(L, -2) == (lua_Integer)narr + 1) isarr = 1;
+    if (isarr) {
+      f->kind = F_INDEX; f->i = (lua_Integer)narr + 1;
+      narr++;
+    } else {
+      f->kind = F_KEY; f->idx = lua_gettop(L) - 1;
+      npairs++;
+      encode_value(L, e, -2);
+    }
+    encode_value(L, e, -1);
+    lua_pop(L, 1);
+  }
+  e->depth--;
+  memcpy(e->out.p + at, &narr, 4);
+  memcpy(e->out.p + at + 4, &npairs, 4);
+  if (hasmt) {
+    int top = lua_gettop(L);
+    if (lua_isstring(L, top)) {
+      size_t n;
+      const char *name = lua_tolstring(L, top, &n);
+      put_u8(L, e, T_NAMEDMT);
+      put_str8(L, e, name, n);
+    } else {
+      e->path[e->depth].kind = F_METATABLE;
+      e->depth++;
+      encode_value(L, e, top - 1);
+      e->depth--;
+    }
+    lua_pop(L, 2);
+  }
+}
+
+static void encode_function(lua_State *L, mp_enc *e, int idx) {
+  if (lua_iscfunction(L, idx)) {
+    cfunc_name(L, e, idx);
+    size_t n;
+    const char *name = lua_tolstring(L, -1, &n);
+    if (!name) { lua_pop(L, 1); enc_fail(L, e, "a C function with no name (not found in package.loaded)"); }
+    put_u8(L, e, T_CFUNC);
+    put_str8(L, e, name, n > 255 ? 255 : n);
+    lua_pop(L, 1);
+    return;
+  }
+  int me = add_ref(L, e, idx);
+  put_u8(L, e, T_LFUNC);
+  size_t at = e->out.n;
+  put_u32(L, e, 0);
+  lua_pushvalue(L, idx);
+  lua_dump(L, writer, e, 0);
+  lua_pop(L, 1);
+  uint32_t dlen = (uint32_t)(e->out.n - at - 4);
+  memcpy(e->out.p + at, &dlen, 4);
+  lua_Debug ar;
+  lua_pushvalue(L, idx);
+  lua_getinfo(L, ">u", &ar);
+  put_u8(L, e, ar.nups);
+  for (int i = 1; i <= ar.nups; i++) {
+    void *id = lua_upvalueid(L, idx, i);
+    int seen = pmap_get(&e->ups, id);
+    if (seen >= 0) {
+      put_u8(L, e, 1);
+      put_u32(L, e, (uint32_t)(seen >> 8));
+      put_u8(L, e, seen & 0xff);
+      continue;
+    }
+    pmap_put(L, &e->ups, id, (me << 8) | i);
+    put_u8(L, e, 0);
+    const char *name = lua_getupvalue(L, idx, i);
+    frame *f = &e->path[e->depth];
+    f->kind = F_UPVALUE; f->name = name;
+    e->depth++;
+    encode_value(L, e, -1);
+    e->depth--;
+    lua_pop(L, 1);
+  }
+}
+
+static void encode_userdata(lua_State *L, mp_enc *e, int idx) {
+  const char *tname = NULL;
+  if (lua_getmetatable(L, idx)) {
+    lua_getfield(L, -1, "__name");
+    tname = lua_tostring(L, -1);
+    lua_pop(L, 2);  /* the name stays alive in the metatable */
+  }
+  const mp_handle_type *t = tname ? find_type(tname, strlen(tname)) : NULL;
+  if (!t) {
+    char what[128];
+    snprintf(what, sizeof what, "a userdata (%.80s)", tname ? tname : "no type name");
+    enc_fail(L, e, what);
+  }
+  unsigned char payload[32];
+  size_t n = t->encode(L, idx, payload);
+  put_u8(L, e, T_HANDLE);
+  put_str8(L, e, t->name, strlen(t->name));
+  put_u8(L, e, (int)n);
+  put_raw(L, e, payload, n);
+}
+
+static void encode_value(lua_State *L, mp_enc *e, int idx) {
+  idx = lua_absindex(L, idx);
+  if (e->depth > MAXDEPTH) enc_fail(L, e, "a value nested deeper than 200 levels");
+  switch (lua_type(L, idx)) {
+    case LUA_TNIL: put_u8(L, e, T_NIL); break;
+    case LUA_TBOOLEAN: put_u8(L, e, lua_toboolean(L, idx) ? T_TRUE : T_FALSE); break;
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, idx)) {
+        lua_Integer v = lua_tointeger(L, idx);
+        mp_buf_reserve(L, &e->out, 9);
+        char *p = e->out.p + e->out.n;
+        if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; p[0] = T_INT8; memcpy(p + 1, &x, 1); e->out.n += 2; }
+        else if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; p[0] = T_INT16; memcpy(p + 1, &x, 2); e->out.n += 3; }
+        else if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; p[0] = T_INT32; memcpy(p + 1, &x, 4); e->out.n += 5; }
+        else { int64_t x = (int64_t)v; p[0] = T_INT64; memcpy(p + 1, &x, 8); e->out.n += 9; }
+      } else {
+        lua_Number v = lua_tonumber(L, idx);
+        mp_buf_reserve(L, &e->out, 9);
+        e->out.p[e->out.n] = T_FLOAT;
+        memcpy(e->out.p + e->out.n + 1, &v, 8);
+        e->out.n += 9;
+      }
+      break;
+    case LUA_TSTRING: {
+      size_t n;
+      const char *s = lua_tolstring(L, idx, &n);
+      if (n <= 255) {
+        mp_buf_reserve(L, &e->out, n + 2);
+        e->out.p[e->out.n] = T_STR8;
+        e->out.p[e->out.n + 1] = (char)n;
+        memcpy(e->out.p + e->out.n + 2, s, n);
+        e->out.n += n + 2;
+        break;
+      }
+      if (n <= UINT32_MAX) { put_u8(L, e, T_STR32); put_u32(L, e, (uint32_t)n); }
+      else { uint64_t n64 = n; put_u8(L, e, T_STR64); put_raw(L, e, &n64, 8); }
+      if (n < BIGSTR) { put_raw(L, e, s, n); break; }
+      if (e->nsegs == e->capsegs) {
+        size_t cap = e->capsegs ? e->capsegs * 2 : 8;
+        seg *ns = realloc(e->segs, cap * sizeof(seg));
+        if (!ns) luaL_error(L, "not enough memory");
+        e->segs = ns; e->capsegs = cap;
+      }
+      e->segs[e->nsegs++] = (seg){ e->out.n, s, n };
+      e->segbytes += n;
+      break;
+    }
+    case LUA_TTABLE: {
+      int r = pmap_get(&e->refs, lua_topointer(L, idx));
+      if (r >= 0) { put_u8(L, e, T_REF); put_u32(L, e, (uint32_t)r); break; }
+      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+      int isg = lua_rawequal(L, -1, idx);
+      lua_pop(L, 1);
+      if (isg) { put_u8(L, e, T_GLOBALS); break; }
+      luaL_checkstack(L, 8, "value nested too deeply");
+      encode_table(L, e, idx);
+      break;
+    }
+    case LUA_TFUNCTION: {
+      int r = pmap_get(&e->refs, lua_topointer(L, idx));
+      if (r >= 0) { put_u8(L, e, T_REF); put_u32(L, e, (uint32_t)r); break; }
+      luaL_checkstack(L, 8, "value nested too deeply");
+      encode_function(L, e, idx);
+      break;
+    }
+    case LUA_TUSERDATA: encode_userdata(L, e, idx); break;
+    case LUA_TTHREAD: enc_fail(L, e, "a thread (coroutine)"); break;
+    case LUA_TLIGHTUSERDATA: enc_fail(L, e, "a light userdata"); break;
+    default: enc_fail(L, e, luaL_typename(L, idx)); break;
+  }
+}
+
+mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
+  idx = lua_absindex(L, idx);
+  mp_enc *e;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, ENCODER) == LUA_TUSERDATA &&
+      !(e = lua_touserdata(L, -1))->busy) {
+    /* the cached encoder */
+  } else {
+    lua_pop(L, 1);
+    e = enc_new(L);  /* first use, or a nested encode (from a finalizer) */
+    lua_pushvalue(L, -1);
+    if (lua_getfield(L, LUA_REGISTRYINDEX, ENCODER) == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_setfield(L, LUA_REGISTRYINDEX, ENCODER);
+    } else {
+      lua_pop(L, 2);
+    }
+  }
+  e->busy = 1;
+  e->out.n = 0; e->nsegs = 0; e->segbytes = 0; e->nrefs = 0; e->depth = 0;
+  e->modsready = 0;
+  pmap_clear(&e->refs); pmap_clear(&e->ups);
+  e->root = root ? root : "value";
+  e->base = lua_gettop(L);
+  lua_pushnil(L); lua_setiuservalue(L, e->base, UV_CNAMES);
+  put_u8(L, e, FORMAT);
+  encode_value(L, e, idx);
+  return e;
+}
+
+size_t mp_enc_size(mp_enc *e) { return e->out.n + e->segbytes; }
+
+void mp_enc_copy(mp_enc *e, char *dst) {
+  size_t from = 0;
+  for (size_t i = 0; i < e->nsegs; i++) {
+    memcpy(dst, e->out.p + from, e->segs[i].at - from);
+    dst += e->segs[i].at - from;
+    memcpy(dst, e->segs[i].p, e->segs[i].n);
+    dst += e->segs[i].n;
+    from = e->segs[i].at;
+  }
+  memcpy(dst, e->out.p + from, e->out.n - from);
+}
+
+void mp_enc_push(lua_State *L, mp_enc *e) {
+  if (!e->nsegs) { lua_pushlstring(L, e->out.p, e->out.n); return; }
+  /* one copy of each big string: lua_concat builds the result in place */
+  luaL_checkstack(L, (int)(2 * e->nsegs + 2), "too many strings");
+  size_t from = 0;
+  for (size_t i = 0; i < e->nsegs; i++) {
+    lua_pushlstring(L, e->out.p + from, e->segs[i].at - from);
+    lua_pushlstring(L, e->segs[i].p, e->segs[i].n);
+    from = e->segs[i].at;
+  }
+  lua_pushlstring(L, e->out.p + from, e->out.n - from);
+  lua_concat(L, (int)(2 * e->nsegs + 1));
+}
+
+void mp_enc_done(lua_State *L, mp_enc *e) {
+  (void)L;
+  e->busy = 0;
+  e->nsegs = 0;
+  if (e->out.cap > (1u << 20)) mp_buf_free(L, &e->out);  /* do not keep big buffers */
+}
+
+/* ------------------------------------------------------------ decoder */
+
+typedef struct dec {
+  const unsigned char *p, *end;
+  int refs;      /* stack index of the refs table, 0 until needed */
+  int nrefs, depth;
+} dec;
+
+static int corrupt(lua_State *L, const char *why) {
+  return luaL_error(L, "cannot decode: %s", why);
+}
+
+static void need(lua_State *L, dec *d, size_t n) {
+  if ((size_t)(d->end - d->p) < n) corrupt(L, "truncated data");
+}
+
+static uint32_t get_u32(lua_State *L, dec *d) {
+  uint32_t v;
+  need(L, d, 4); memcpy(&v, d->p, 4); d->p += 4;
+  return v;
+}
+
+static int get_u8(lua_State *L, dec *d) {
+  need(L, d, 1);
+  return *d->p++;
+}
+
+static const char *get_str8(lua_State *L, dec *d, size_t *n) {
+  *n = (size_t)get_u8(L, d);
+  need(L, d, *n);
+  const char *s = (const char *)d->p;
+  d->p += *n;
+  return s;
+}
+
+static void new_ref(lua_State *L, dec *d, int idx) {
+  if (!d->refs) corrupt(L, "misplaced reference");
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, d->refs, ++d->nrefs);
+}
+
+static void decode_value(lua_State *L, dec *d);
+
+/* pushes package.loaded[mod] (requiring it if needed); name is "mod" */
+static void push_module(lua_State *L, const char *name, size_t n) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushlstring(L, name, n);
+  if (lua_rawget(L, -2) == LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushlstring(L, name, n);
+    if (!lua_isfunction(L, -2) || lua_pcall(L, 1, 1, 0) != LUA_OK)
+      luaL_error(L, "cannot decode: module '%s' is not available here", lua_pushlstring(L, name, n));
+  }
+  lua_remove(L, -2);
+}
+
+typedef struct rd { const char *p; size_t n; } rd;
+static const char *reader(lua_State *L, void *ud, size_t *size) {
+  (void)L;
+  rd *r = ud;
+  *size = r->n;
+  r->n = 0;
+  return *size ? r->p : NULL;
+}
+
+static void decode_function(lua_State *L, dec *d) {
+  uint32_t len = get_u32(L, d);
+  need(L, d, len);
+  rd r = { (const char *)d->p, len };
+  d->p += len;
+  if (lua_load(L, reader, &r, "=(sent function)", "b") != LUA_OK)
+    luaL_error(L, "cannot decode: bad function (%s)", lua_tostring(L, -1));
+  int f = lua_gettop(L);
+  new_ref(L, d, f);
+  lua_Debug ar;
+  lua_pushvalue(L, f);
+  lua_getinfo(L, ">u", &ar);
+  int nups = get_u8(L, d);
+  if (nups != ar.nups) corrupt(L, "upvalue count mismatch");
+  for (int i = 1; i <= nups; i++) {
+    int kind = get_u8(L, d);
+    if (kind == 0) {
+      decode_value(L, d);
+      lua_setupvalue(L, f, i);
+    } else if (kind == 1) {
+      uint32_t j = get_u32(L, d);
+      int n = get_u8(L, d);
+      if (j < 1 || (int)j > d->nrefs) corrupt(L, "bad upvalue reference");
+      lua_rawgeti(L, d->refs, (lua_Integer)j);
+      lua_Debug ar2;
+      if (lua_type(L, -1) != LUA_TFUNCTION || lua_iscfunction(L, -1)) corrupt(L, "bad upvalue reference");
+      lua_pushvalue(L, -1);
+      lua_getinfo(L, ">u", &ar2);
+      if (n < 1 || n > ar2.nups) corrupt(L, "bad upvalue reference");
+      lua_upvaluejoin(L, f, i, -1, n);
+      lua_pop(L, 1);
+    } else {
+      corrupt(L, "bad upvalue tag");
+    }
+  }
+}
+
+static void decode_table(lua_State *L, dec *d, int withmt) {
+  uint32_t narr = get_u32(L, d), npairs = get_u32(L, d);
+  size_t left = (size_t)(d->end - d->p);
+  if (narr > left || npairs > left / 2) corrupt(L, "truncated data");
+  lua_createtable(L, (int)narr, (int)npairs);
+  int t = lua_gettop(L);
+  new_ref(L, d, t);
+  for (uint32_t i = 1; i <= narr; i++) {
+    decode_value(L, d);
+    lua_rawseti(L, t, i);
+  }
+  for (uint32_t i = 0; i < npairs; i++) {
+    decode_value(L, d);
+    if (lua_isnil(L, -1)) corrupt(L, "nil table key");
+    if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1)) corrupt(L, "NaN table key");
+    decode_value(L, d);
+    lua_rawset(L, t);
+  }
+  if (withmt) {
+    decode_value(L, d);
+    if (!lua_istable(L, -1)) corrupt(L, "metatable is not a table");
+    lua_setmetatable(L, t);
+  }
+}
+
+static void decode_value(lua_State *L, dec *d) {
+  if (++d->depth > MAXDEPTH + 2) corrupt(L, "nesting too deep");
+  luaL_checkstack(L, 8, "cannot decode: nesting too deep");
+  int tag = get_u8(L, d);
+  switch (tag) {
+    case T_NIL: lua_pushnil(L); break;
+    case T_FALSE: lua_pushboolean(L, 0); break;
+    case T_TRUE: lua_pushboolean(L, 1); break;
+    case T_INT8: { int8_t v; need(L, d, 1); memcpy(&v, d->p, 1); d->p += 1; lua_pushinteger(L, v); break; }
+    case T_INT16: { int16_t v; need(L, d, 2); memcpy(&v, d->p, 2); d->p += 2; lua_pushinteger(L, v); break; }
+    case T_INT32: { int32_t v; need(L, d, 4); memcpy(&v, d->p, 4); d->p += 4; lua_pushinteger(L, v); break; }
+    case T_INT64: { int64_t v; need(L, d, 8); memcpy(&v, d->p, 8); d->p += 8; lua_pushinteger(L, (lua_Integer)v); break; }
+    case T_FLOAT: { double v; need(L, d, 8); memcpy(&v, d->p, 8); d->p += 8; lua_pushnumber(L, v); break; }
+    case T_STR8: case T_STR32: case T_STR64: {
+      uint64_t n;
+      if (tag == T_STR8) n = (uint64_t)get_u8(L, d);
+      else if (tag == T_STR32) n = get_u32(L, d);
+      else { need(L, d, 8); memcpy(&n, d->p, 8); d->p += 8; }
+      need(L, d, n);
+      lua_pushlstring(L, (const char *)d->p, (size_t)n);
+      d->p += n;
+      break;
+    }
+    case T_TABLE: case T_TABLE_MT: decode_table(L, d, tag == T_TABLE_MT); break;
+    case T_REF: {
+      uint32_t j = get_u32(L, d);
+      if (!d->refs || j < 1 || (int)j > d->nrefs) corrupt(L, "bad reference");
+      lua_rawgeti(L, d->refs, (lua_Integer)j);
+      break;
+    }
+    case T_LFUNC: decode_function(L, d); break;
+    case T_CFUNC: {
+      size_t n;
+      const char *s = get_str8(L, d, &n);
+      size_t dot = n;
+      while (dot > 0 && s[dot - 1] != '.') dot--;
+      if (dot == 0) corrupt(L, "bad C function name");
+      push_module(L, s, dot - 1);
+      if (!lua_istable(L, -1)) corrupt(L, "bad C function name");
+      lua_pushlstring(L, s + dot, n - dot);
+      lua_rawget(L, -2);
+      lua_remove(L, -2);
+      if (!lua_iscfunction(L, -1))
+        luaL_error(L, "cannot decode: no C function '%s' here", lua_pushlstring(L, s, n));
+      break;
+    }
+    case T_MODULE: {
+      size_t n;
+      const char *s = get_str8(L, d, &n);
+      push_module(L, s, n);
+      break;
+    }
+    case T_GLOBALS: lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS); break;
+    case T_NAMEDMT: {
+      size_t n;
+      const char *s = get_str8(L, d, &n);
+      lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
+      lua_pushlstring(L, s, n);
+      if (!lua_istable(L, -2) || lua_rawget(L, -2) != LUA_TTABLE)
+        luaL_error(L, "cannot decode: no metatable registered as '%s' here", lua_pushlstring(L, s, n));
+      lua_remove(L, -2);
+      break;
+    }
+    case T_HANDLE: {
+      size_t n;
+      const char *s = get_str8(L, d, &n);
+      const mp_handle_type *t = find_type(s, n);
+      if (!t) corrupt(L, "unknown handle type");
+      size_t pn = (size_t)get_u8(L, d);
+      if (pn > 32) corrupt(L, "bad handle");
+      need(L, d, pn);
+      t->decode(L, d->p, pn);
+      d->p += pn;
+      break;
+    }
+    default: corrupt(L, "unknown tag");
+  }
+  d->depth--;
+}
+
+void mp_decode(lua_State *L, const char *s, size_t n) {
+  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0 };
+  if (n < 2 || d.p[0] != FORMAT) corrupt(L, n < 2 ? "truncated data" : "not an encoded value");
+  d.p++;
+  if (d.p[0] == T_TABLE || d.p[0] == T_TABLE_MT || d.p[0] == T_LFUNC || d.p[0] == T_REF) {
+    lua_newtable(L);
+    d.refs = lua_gettop(L);
+  }
+  decode_value(L, &d);
+  if (d.p != d.end) corrupt(L, "trailing bytes");
+  if (d.refs) lua_remove(L, d.refs);
+}
+
+/* --------------------------------------------------------- handles */
+
+size_t mp_handle_encode(lua_State *L, int idx, unsigned char *payload) {
+  mp_handle *h = lua_touserdata(L, idx);
+  if (!h->off) luaL_error(L, "cannot send a closed %s", luaL_typename(L, idx));
+  mp_obj *o = MP_PTR(h->off);
+  __atomic_store_n(&o->pinned, 1, __ATOMIC_SEQ_CST);
+  memcpy(payload, &h->off, 8);
+  return 8;
+}
+
+uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n) {
+  uint64_t off;
+  if (n != 8 || !mp_arena_base()) corrupt(L, "bad handle");
+  memcpy(&off, payload, 8);
+  if (off < 64 || off % 16) corrupt(L, "bad handle");
+  return off;
+}
+
+/* ------------------------------------------------------------- Lua API */
+
+static int codec_encode(lua_State *L) {
+  luaL_checkany(L, 1);
+  const char *root = luaL_optstring(L, 2, "value");
+  mp_enc *e = mp_encode(L, 1, root);
+  mp_enc_push(L, e);
+  mp_enc_done(L, e);
+  return 1;
+}
+
+static int codec_decode(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  mp_decode(L, s, n);
+  return 1;
+}
+
+static int codec_register_metatable(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_argcheck(L, strlen(name) > 0 && strlen(name) <= 255, 1, "name must be 1 to 255 bytes");
+  lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
+  lua_getfield(L, -1, name);
+  if (!lua_isnil(L, -1) && !lua_rawequal(L, -1, 2))
+    return luaL_error(L, "a different metatable is already registered as '%s'", name);
+  lua_pop(L, 1);
+  lua_pushvalue(L, 2); lua_setfield(L, -2, name);  /* name -> mt */
+  lua_pushvalue(L, 2); lua_pushvalue(L, 1); lua_rawset(L, -3);  /* mt -> name */
+  lua_pushvalue(L, 2);
+  return 1;
+}
+
+int mp_codec_open(lua_State *L) {
+  luaL_newmetatable(L, ENCODER);
+  lua_pushcfunction(L, enc_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
+  lua_pop(L, 1);
+  static const luaL_Reg funcs[] = {
+    {"encode", codec_encode},
+    {"decode", codec_decode},
+    {"register_metatable", codec_register_metatable},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}

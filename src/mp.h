@@ -1,0 +1,124 @@
+/* mp.h: internal interfaces shared by the C files of multiprocessing.core.
+**
+** Concepts:
+** - The arena (arena.c) is one memfd mapped MAP_SHARED at the same address in
+**   every process of the program: it is created before the first fork, so all
+**   descendants inherit it. Shared objects live in it and are named by their
+**   offset, which is what a handle carries when it crosses a channel.
+** - Waits (wait.c) sleep on futexes in slices, so that a SIGINT seen by the
+**   Lua interpreter (which sets a hook) ends a blocking call promptly.
+** - The codec (codec.c) turns Lua values into bytes; shared types register how
+**   their handles are encoded (mp_handle_type).
+*/
+#ifndef MP_H
+#define MP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <pthread.h>
+#include <sys/types.h>
+
+#include "lua.h"
+#include "lauxlib.h"
+
+#pragma GCC visibility push(hidden)
+
+#define MP_VERSION "0.1.0"
+
+/* ---------------------------------------------------------------- arena */
+int mp_arena_ensure(lua_State *L);          /* creates the arena (raises on failure) */
+void *mp_arena_base(void);
+uint64_t mp_alloc(lua_State *L, size_t n);  /* raises "out of shared memory" */
+uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
+void mp_free(uint64_t off);
+size_t mp_arena_used(void);
+size_t mp_arena_blocks(void);
+void mp_arena_forked(void);                 /* note that a fork happened */
+uint32_t mp_arena_forks(void);
+#define MP_PTR(off) ((void *)((char *)mp_arena_base() + (off)))
+
+/* Shared objects: every object made by a shared type starts with this header. */
+typedef struct mp_obj {
+  uint32_t refs;      /* handles alive in the processes that counted them */
+  uint32_t forks;     /* arena fork count at creation: a later fork pins it */
+  uint32_t pinned;    /* 1 once encoded: it may be referenced by bytes in flight */
+  uint32_t type;      /* sanity tag of the type */
+} mp_obj;
+
+/* The userdata of a handle to a shared object. */
+typedef struct mp_handle {
+  uint64_t off;       /* 0 when closed */
+  pid_t pid;          /* process that counted this handle in refs */
+} mp_handle;
+
+uint64_t mp_obj_new(lua_State *L, size_t size, uint32_t type);
+void mp_obj_retain(uint64_t off);
+void mp_obj_release(uint64_t off, pid_t pid);  /* drops a handle's reference */
+#define MP_OBJ(h, T) ((T *)MP_PTR((h)->off))
+
+/* -------------------------------------------------------------- waiting */
+double mp_now(void);                              /* CLOCK_MONOTONIC seconds */
+double mp_deadline(lua_State *L, int idx);        /* optional timeout arg -> deadline; -1 forever */
+enum { MP_WOKE = 0, MP_TIMEOUT = 1, MP_INTERRUPTED = 2 };
+/* Waits while *addr == val, until deadline (<0: forever). */
+int mp_futex_wait(lua_State *L, uint32_t *addr, uint32_t val, double deadline);
+void mp_futex_wake(uint32_t *addr, int n);
+int mp_interrupted(lua_State *L);  /* a hook appeared since mp_wait_begin */
+/* Robust process-shared mutexes. */
+void mp_mutex_init(pthread_mutex_t *m, int recursive);
+enum { MP_LOCKED = 0, MP_LOCK_TIMEOUT = 1, MP_LOCK_INTERRUPTED = 2, MP_LOCK_OWNERDEAD = 3,
+       MP_LOCK_DEADLOCK = 4 };
+int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline);
+void mp_lock(pthread_mutex_t *m);   /* short internal critical sections */
+void mp_unlock(pthread_mutex_t *m);
+int mp_waitresult(lua_State *L, int r);   /* pushes nil, "timeout"/"interrupted" */
+
+/* ---------------------------------------------------------------- codec */
+typedef struct mp_buf {
+  char *p;
+  size_t n, cap;
+} mp_buf;
+void mp_buf_reserve(lua_State *L, mp_buf *b, size_t extra);
+void mp_buf_add(lua_State *L, mp_buf *b, const void *s, size_t n);
+void mp_buf_free(lua_State *L, mp_buf *b);
+
+/* A shared type: how its handles cross a channel. The payload is at most 32 bytes. */
+typedef struct mp_handle_type {
+  const char *name;                     /* e.g. "multiprocessing.Queue" (its metatable name) */
+  size_t (*encode)(lua_State *L, int idx, unsigned char *payload);
+  void (*decode)(lua_State *L, const unsigned char *payload, size_t n);  /* pushes the handle */
+} mp_handle_type;
+void mp_codec_register(const mp_handle_type *t);
+/* Arena objects have the same handle shape; these two serve any of them. */
+size_t mp_handle_encode(lua_State *L, int idx, unsigned char *payload);
+uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n);
+
+/* Encoding: mp_encode leaves the bytes in an encoder owned by the Lua state
+** (big strings are not copied but referenced, so the value at idx must stay
+** alive and unchanged until mp_enc_done). root names the value in errors. */
+typedef struct mp_enc mp_enc;
+mp_enc *mp_encode(lua_State *L, int idx, const char *root);
+size_t mp_enc_size(mp_enc *e);
+void mp_enc_copy(mp_enc *e, char *dst);     /* copies mp_enc_size bytes */
+void mp_enc_push(lua_State *L, mp_enc *e);  /* pushes the bytes as a string */
+void mp_enc_done(lua_State *L, mp_enc *e);
+/* Decodes one value from s[0..n), pushes it; raises on malformed input. */
+void mp_decode(lua_State *L, const char *s, size_t n);
+
+/* ---------------------------------------------------------------- misc */
+void mp_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);
+int mp_pusherrno(lua_State *L, const char *what);  /* nil, "what: strerror", "EXXX" */
+
+/* module openers, one per concept (core.c calls them in order) */
+int mp_codec_open(lua_State *L);
+int mp_arena_open(lua_State *L);
+int mp_process_open(lua_State *L);
+int mp_pipe_open(lua_State *L);
+int mp_queue_open(lua_State *L);
+int mp_sync_open(lua_State *L);
+int mp_shared_open(lua_State *L);
+int mp_pool_open(lua_State *L);
+
+#pragma GCC visibility pop
+
+#endif

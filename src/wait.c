@@ -1,0 +1,131 @@
+/* wait.c: clocks, futex waits in interruptible slices, robust shared mutexes. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <math.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mp.h"
+
+/* A blocking call sleeps at most this long at a time, then looks whether the
+** interpreter was interrupted (lua.c's SIGINT handler installs a hook). */
+#define SLICE 0.05
+
+double mp_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+double mp_deadline(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return -1;
+  lua_Number t = luaL_checknumber(L, idx);
+  luaL_argcheck(L, t == t, idx, "timeout is NaN");
+  if (t < 0) t = 0;
+  if (isinf(t)) return -1;
+  return mp_now() + t;
+}
+
+static double slice_until(double deadline, int *last) {
+  double now = mp_now(), until = now + SLICE;
+  *last = 0;
+  if (deadline >= 0 && deadline <= until) { until = deadline; *last = 1; }
+  return until - now;
+}
+
+static struct timespec to_ts(double d) {
+  struct timespec ts;
+  if (d < 0) d = 0;
+  ts.tv_sec = (time_t)d;
+  ts.tv_nsec = (long)((d - (double)ts.tv_sec) * 1e9);
+  return ts;
+}
+
+int mp_futex_wait(lua_State *L, uint32_t *addr, uint32_t val, double deadline) {
+  lua_Hook h0 = L ? lua_gethook(L) : NULL;
+  for (;;) {
+    if (__atomic_load_n(addr, __ATOMIC_SEQ_CST) != val) return MP_WOKE;
+    int last;
+    double d = slice_until(deadline, &last);
+    if (d <= 0) return MP_TIMEOUT;
+    struct timespec ts = to_ts(d);
+    long r = syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0);
+    if (r == 0) return MP_WOKE;
+    if (errno == EAGAIN) return MP_WOKE;
+    if (L && lua_gethook(L) != h0) return MP_INTERRUPTED;
+    if (errno == ETIMEDOUT && last) return MP_TIMEOUT;
+  }
+}
+
+void mp_futex_wake(uint32_t *addr, int n) {
+  syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+void mp_mutex_init(pthread_mutex_t *m, int recursive) {
+  pthread_mutexattr_t a;
+  pthread_mutexattr_init(&a);
+  pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+  pthread_mutexattr_settype(&a, recursive ? PTHREAD_MUTEX_RECURSIVE : PTHREAD_MUTEX_ERRORCHECK);
+  pthread_mutex_init(m, &a);
+  pthread_mutexattr_destroy(&a);
+}
+
+/* For the library's own short critical sections: an owner that died is
+** recovered silently (its section only moved plain data). */
+void mp_lock(pthread_mutex_t *m) {
+  if (pthread_mutex_lock(m) == EOWNERDEAD) pthread_mutex_consistent(m);
+}
+
+void mp_unlock(pthread_mutex_t *m) { pthread_mutex_unlock(m); }
+
+int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline) {
+  lua_Hook h0 = L ? lua_gethook(L) : NULL;
+  int r = pthread_mutex_trylock(m);
+  for (;;) {
+    if (r == 0) return MP_LOCKED;
+    if (r == EOWNERDEAD) { pthread_mutex_consistent(m); return MP_LOCK_OWNERDEAD; }
+    if (r == EDEADLK) return MP_LOCK_DEADLOCK;
+    if (r != EBUSY && r != ETIMEDOUT && r != EINTR) return MP_LOCK_DEADLOCK;
+    int last;
+    double d = slice_until(deadline, &last);
+    if (d <= 0) return MP_LOCK_TIMEOUT;
+    if (r == ETIMEDOUT && last) return MP_LOCK_TIMEOUT;
+    if (L && lua_gethook(L) != h0) return MP_LOCK_INTERRUPTED;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    struct timespec dt = to_ts(d);
+    ts.tv_sec += dt.tv_sec; ts.tv_nsec += dt.tv_nsec;
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    r = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+    if (r == ETIMEDOUT && !last) r = EBUSY;
+  }
+}
+
+int mp_waitresult(lua_State *L, int r) {
+  lua_pushnil(L);
+  lua_pushstring(L, r == MP_TIMEOUT ? "timeout" : "interrupted");
+  return 2;
+}
+
+int mp_pusherrno(lua_State *L, const char *what) {
+  int e = errno;
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: %s", what, strerror(e));
+  const char *name = strerrorname_np(e);
+  lua_pushstring(L, name ? name : "EIO");
+  return 3;
+}
+
+void mp_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta) {
+  luaL_newmetatable(L, name);
+  if (meta) luaL_setfuncs(L, meta, 0);
+  lua_newtable(L);
+  if (methods) luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}
