@@ -105,6 +105,12 @@ void mp_enc_done(lua_State *L, mp_enc *e);
 /* Decodes one value from s[0..n), pushes it; raises on malformed input. */
 void mp_decode(lua_State *L, const char *s, size_t n);
 
+/* ---------------------------------------------------------------- locks */
+/* Lock objects of sync.c, also used by Value/Array's get_lock and by Condition. */
+uint64_t mp_sync_newlock(lua_State *L, int recursive);  /* a new lock object (1 ref) */
+void mp_sync_pushlock(lua_State *L, uint64_t off);      /* pushes a Lock/RLock handle (retains) */
+pthread_mutex_t *mp_sync_mutex(uint64_t off);
+
 /* ---------------------------------------------------------------- misc */
 void mp_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);
 int mp_pusherrno(lua_State *L, const char *what);  /* nil, "what: strerror", "EXXX" */
