@@ -134,6 +134,7 @@ struct mp_enc {
 };
 
 #define ENCODER "multiprocessing.encoder"
+#define CACHED "multiprocessing.encoder.cached"  /* registry key of the reusable encoder */
 #define UV_CNAMES 1
 #define UV_MODS 2
 
@@ -498,16 +499,16 @@ static void encode_value(lua_State *L, mp_enc *e, int idx) {
 mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
   idx = lua_absindex(L, idx);
   mp_enc *e;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, ENCODER) == LUA_TUSERDATA &&
+  if (lua_getfield(L, LUA_REGISTRYINDEX, CACHED) == LUA_TUSERDATA &&
       !(e = lua_touserdata(L, -1))->busy) {
     /* the cached encoder */
   } else {
     lua_pop(L, 1);
     e = enc_new(L);  /* first use, or a nested encode (from a finalizer) */
     lua_pushvalue(L, -1);
-    if (lua_getfield(L, LUA_REGISTRYINDEX, ENCODER) == LUA_TNIL) {
+    if (lua_getfield(L, LUA_REGISTRYINDEX, CACHED) == LUA_TNIL) {
       lua_pop(L, 1);
-      lua_setfield(L, LUA_REGISTRYINDEX, ENCODER);
+      lua_setfield(L, LUA_REGISTRYINDEX, CACHED);
     } else {
       lua_pop(L, 2);
     }

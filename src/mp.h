@@ -54,6 +54,8 @@ typedef struct mp_handle {
 uint64_t mp_obj_new(lua_State *L, size_t size, uint32_t type);
 void mp_obj_retain(uint64_t off);
 void mp_obj_release(uint64_t off, pid_t pid);  /* drops a handle's reference */
+/* same, running dtor (frees what the object owns) before the object is freed */
+void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o));
 #define MP_OBJ(h, T) ((T *)MP_PTR((h)->off))
 
 /* -------------------------------------------------------------- waiting */
