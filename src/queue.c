@@ -189,6 +189,10 @@ static int decode_ext(lua_State *L) {
 }
 
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
+  return mp_queue_get_claim(L, q, buf, deadline, NULL);
+}
+
+int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim) {
   for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
     if (spin > 20) sched_yield();
   mp_lock(&q->lock);
@@ -200,6 +204,8 @@ int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
   uint64_t ext;
   size_t extn = 0;
   q_take(L, q, buf, &ext, &extn);
+  q->taken++;
+  if (claim) { claim->start = mp_now(); __atomic_store_n(&claim->seq, q->taken, __ATOMIC_SEQ_CST); }
   mp_unlock(&q->lock);
   if (!ext) { mp_decode(L, buf->p, buf->n); return MP_WOKE; }
   /* decode in place, then free the block even if decoding fails */
@@ -232,6 +238,14 @@ static qhandle *q_check(lua_State *L, int idx) {
 }
 
 #define QOF(qh) ((mp_queue *)MP_PTR((qh)->h.off))
+
+mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf) {
+  qhandle *qh = luaL_testudata(L, idx, QUEUE);
+  if (!qh) luaL_typeerror(L, idx, "Queue");
+  if (!qh->h.off) luaL_error(L, "attempt to use a closed Queue");
+  *buf = &qh->buf;
+  return QOF(qh);
+}
 
 static qhandle *q_push(lua_State *L, uint64_t off, const char *tname) {
   qhandle *qh = lua_newuserdatauv(L, sizeof(qhandle), 0);

@@ -16,6 +16,7 @@ typedef struct mp_queue {
   uint64_t head, tail, spare;  /* chunks */
   uint64_t count;              /* messages */
   uint64_t bytes;              /* their encoded size */
+  uint64_t taken;              /* messages ever taken: the number of the last one */
   int64_t maxsize;             /* 0: unbounded */
   uint64_t unfinished;         /* JoinableQueue: puts not yet task_done */
   uint32_t put_seq, get_seq, done_seq;
@@ -27,6 +28,12 @@ typedef struct mp_queue {
 /* Both return MP_WOKE (done), MP_TIMEOUT or MP_INTERRUPTED; get pushes the value. */
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline);
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
+/* Same; while the queue is locked, writes the number of the message taken (and
+** the time) to *claim, so that a reader killed right after taking it is known
+** to have it. */
+typedef struct mp_claim { uint64_t seq; double start; } mp_claim;
+int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim);
+mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf);  /* the queue of a handle */
 
 #pragma GCC visibility pop
 
