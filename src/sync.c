@@ -684,6 +684,7 @@ static int barrier_tostring(lua_State *L) {
 
 /* Barrier(parties [, action [, timeout]]) */
 static int sync_Barrier(lua_State *L) {
+  lua_settop(L, 3);
   lua_Integer n = luaL_checkinteger(L, 1);
   luaL_argcheck(L, n >= 1 && n <= INT_MAX, 1, "parties must be >= 1");
   if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
