@@ -24,7 +24,7 @@ enum {
 
 #define MAXDEPTH 200
 #define BIGSTR 65536      /* strings this long are referenced, not copied, while encoding */
-#define MAXTYPES 16
+#define MAXTYPES 32
 
 static const mp_handle_type *types[MAXTYPES];
 static int ntypes;
