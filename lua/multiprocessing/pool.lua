@@ -11,7 +11,12 @@ local progress = require "multiprocessing.progress"
 
 local encode, decode, now = core.encode, core.decode, core.now
 local pack, unpack, move = table.pack, table.unpack, table.move
-local traceback = debug.traceback
+-- the traceback of an error in a task, without the frames the worker
+-- inherited from the parent's stack at fork time
+local function traceback(msg)
+  local tb = debug.traceback(msg, 2)
+  return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
+end
 
 local SLICE = 0.05      -- seconds between health checks while waiting
 local AHEAD = 4         -- chunks in flight per worker for lazy inputs
@@ -170,7 +175,8 @@ local function on_result(self, msg)
       results[idx] = out[k]
     end
     if call.have then call.have[idx] = true end
-    if call.arrived then call.arrived[#call.arrived + 1] = idx end
+    if call.arrived then call.narrived = call.narrived + 1
+      call.arrived[call.narrived] = idx end
   end
   call.done = call.done + msg.n
   if msg.n > 0 and msg.busy then call.per_item = msg.busy / msg.n end
@@ -194,7 +200,8 @@ local function check_workers(self)
           fail(self, call, inf.i0 + k, ("%s: worker pid %d died (%s) while running %s"):format(
             call.kind, w.pid, exit_text(code), item_text(call, inf.i0, inf.n)))
           if call.have then call.have[inf.i0 + k] = true end
-          if call.arrived then call.arrived[#call.arrived + 1] = inf.i0 + k end
+          if call.arrived then call.narrived = call.narrived + 1
+            call.arrived[call.narrived] = inf.i0 + k end
         end
         call.done = call.done + inf.n
         settle(self, call)
@@ -217,7 +224,8 @@ local function check_workers(self)
           fail(self, call, inf.i0 + k, ("%s: task timed out after %gs (%s); worker pid %d was killed"):format(
             call.kind, limit, item_text(call, inf.i0, inf.n), w.pid))
           if call.have then call.have[inf.i0 + k] = true end
-          if call.arrived then call.arrived[#call.arrived + 1] = inf.i0 + k end
+          if call.arrived then call.narrived = call.narrived + 1
+            call.arrived[call.narrived] = inf.i0 + k end
         end
         call.done = call.done + inf.n
         settle(self, call)
@@ -467,7 +475,7 @@ end
 local function iterate(self, kind, f, iterable, opts, what)
   local call = new_call(self, kind, f, iterable, opts, what)
   call.window = self._n * AHEAD
-  if kind == "unordered" then call.arrived, call.next_arrived = {}, 1 else call.have = {} end
+  if kind == "unordered" then call.arrived, call.next_arrived, call.narrived = {}, 1, 0 else call.have = {} end
   feed(self, call)
   local yielded = 0
   local function step()
@@ -475,7 +483,7 @@ local function iterate(self, kind, f, iterable, opts, what)
       if call.abandoned then return nil end
       local idx
       if kind == "unordered" then
-        if call.next_arrived <= #call.arrived then
+        if call.next_arrived <= call.narrived then
           idx = call.arrived[call.next_arrived]
           call.arrived[call.next_arrived] = nil
           call.next_arrived = call.next_arrived + 1

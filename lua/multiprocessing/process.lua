@@ -39,13 +39,18 @@ function Process.__tostring(p)
   return ("<Process name='%s' pid=%s %s%s>"):format(p.name, tostring(p.pid), state, p.daemon and " daemon" or "")
 end
 
+local function traceback(msg)  -- without the parent's frames inherited at fork
+  local tb = debug.traceback(msg, 2)
+  return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
+end
+
 local function run_child(p)
   -- in the child: it becomes the current process, with no children of its own yet
   parent = { name = me.name, pid = me.pid }
   me = { name = p.name, pid = core.getpid(), daemon = p.daemon, ident = core.getpid() }
   children = {}
   local args = p.args
-  local res = table.pack(xpcall(p.target, debug.traceback, table.unpack(args, 1, args.n or #args)))
+  local res = table.pack(xpcall(p.target, traceback, table.unpack(args, 1, args.n or #args)))
   local ok = res[1]
   local code = 0
   if ok then
