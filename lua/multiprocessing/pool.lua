@@ -136,7 +136,9 @@ end
 
 local function fail(self, call, idx, text)
   if call.ready then return end
-  call.errors[idx] = text
+  local errs = call.errors
+  if not errs then errs = {} call.errors = errs end
+  errs[idx] = text
   if not call.err then
     call.err = text
     if call.kind ~= "imap" and call.kind ~= "unordered" then finish(self, call) end
@@ -188,7 +190,7 @@ local function check_workers(self)
   self._checked = t
   local st = self._st
   for i, w in pairs(self._workers) do
-    local code = core.reap(w.pid)
+    local code = w.code or core.reap(w.pid)
     local seq, since = st:claimed(i)
     if code ~= nil then
       local inf = seq ~= 0 and self._inflight[seq]
@@ -313,15 +315,48 @@ local function check_usable(self, what)
   if self._broken then error("the pool is broken: " .. self._broken, 3) end
 end
 
+-- A function is sent once per call as a shared blob. Encoding it again for
+-- every call keeps changed upvalues right; it is skipped when its upvalues are
+-- only values that cannot have changed unseen (same numbers, strings,
+-- booleans, C functions, the globals), as for most apply_async loops.
+local getupvalue, getinfo = debug.getupvalue, debug.getinfo
+local globals = _G
+
+local function plain_upvalues(f, saved)
+  local i = 1
+  while true do
+    local name, v = getupvalue(f, i)
+    if name == nil then return saved == nil or saved.n == i - 1 end
+    local t = type(v)
+    if (t == "table" and v ~= globals) or (t == "function" and getinfo(v, "S").what ~= "C")
+      or t == "userdata" or t == "thread" then return false end
+    if saved and saved[i] ~= v then return false end
+    i = i + 1
+  end
+end
+
 local function func_blob(self, f)
-  local s = encode(f, "function")
   local c = self._fcache[f]
+  if c and c.plain and plain_upvalues(f, c.ups) then return c.fid, c.blob end
+  local s = encode(f, "function")
   if c and c.s == s then return c.fid, c.blob end
   self._nfid = self._nfid + 1
   local blob = core.blob_new(s)
   self._blobs[#self._blobs + 1] = blob
-  self._fcache[f] = { s = s, fid = self._nfid, blob = blob }
-  return self._nfid, blob
+  c = { s = s, fid = self._nfid, blob = blob }
+  if plain_upvalues(f) then
+    local ups, i = {}, 1
+    while true do
+      local name, v = getupvalue(f, i)
+      if name == nil then break end
+      ups[i] = v
+      i = i + 1
+    end
+    ups.n = i - 1
+    c.plain, c.ups = true, ups
+  end
+  self._fcache[f] = c
+  return c.fid, blob
 end
 
 local function parse_opts(opts, what)
@@ -457,15 +492,26 @@ function Pool:starmap_async(f, list, opts)
 end
 
 function Pool:apply_async(f, args, opts)
+  check_usable(self, "apply_async")
+  if type(f) ~= "function" then error(("bad argument #1 to 'apply_async' (function expected, got %s)"):format(type(f)), 2) end
   if args ~= nil and type(args) ~= "table" then
     error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
   end
-  local call = new_call(self, "apply", f, { args or {} }, opts and { callback = opts.callback,
-    error_callback = opts.error_callback, timeout = opts.timeout } or nil, "apply_async")
-  call.multi = true
-  local r = async(self, call)
-  r._apply = true
-  return r
+  -- a lean call: one task, no feeding
+  local id = self._ncid + 1
+  self._ncid = id
+  local call = { id = id, kind = "apply", results = {}, done = 0, pending = 0, fed_all = true, total = 1,
+                 multi = true }
+  if opts ~= nil then
+    opts = parse_opts(opts, "apply_async")
+    call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
+  end
+  local ok, fid, blob = pcall(func_blob, self, f)
+  if not ok then error((tostring(fid):gsub("at function", "at the function")), 2) end
+  call.fid, call.blob = fid, blob
+  put_task(self, call, 1, { args or {} }, 1)
+  self._calls[id] = call
+  return setmetatable({ _pool = self, _call = call, _apply = true }, AsyncResult)
 end
 
 function Pool:apply(f, args, opts)
@@ -549,7 +595,11 @@ function Pool:join()
   if self._owner ~= core.getpid() then return end
   if self._state == "running" then error("cannot join a running pool (close or terminate it first)", 2) end
   while next(self._workers) do
-    local ok, err = pcall(pump, self, SLICE)
+    local _, w = next(self._workers)
+    local ok, err = pcall(function()
+      w.code = core.waitpid(w.pid, SLICE)
+      pump(self, 0)
+    end)
     if not ok then self:terminate() error(err, 0) end
     check_workers(self)
   end
