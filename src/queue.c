@@ -59,9 +59,12 @@ static void q_dtor(mp_obj *o) {  /* frees what the queue still holds */
 
 static uint64_t new_chunk(lua_State *L, mp_queue *q, uint32_t need) {
   uint64_t off;
-  if (q->spare && need <= CHUNK) { off = q->spare; q->spare = 0; }
+  if (q->spare && need <= ((chunk *)MP_PTR(q->spare))->cap) { off = q->spare; q->spare = 0; }
   else {
-    uint32_t cap = need > CHUNK ? need : CHUNK;
+    /* small first chunks: a queue that carries a few messages stays small */
+    if (q->chunkcap < 2048) q->chunkcap = 2048 - sizeof(chunk);
+    uint32_t cap = need > q->chunkcap ? need : q->chunkcap;
+    if (q->chunkcap < CHUNK) q->chunkcap = q->chunkcap * 2 + (uint32_t)sizeof(chunk) > CHUNK ? CHUNK : q->chunkcap * 2 + (uint32_t)sizeof(chunk);
     off = mp_alloc_try(sizeof(chunk) + cap);
     if (!off) { mp_unlock(&q->lock); luaL_error(L, "out of shared memory for the queue"); }
     ((chunk *)MP_PTR(off))->cap = cap;
@@ -116,7 +119,7 @@ static void q_take(lua_State *L, mp_queue *q, mp_buf *buf, uint64_t *ext, size_t
   while (c->rpos == c->wpos) {  /* drained chunks before the tail */
     uint64_t off = q->head;
     q->head = c->next;
-    if (!q->spare && c->cap == CHUNK) q->spare = off; else mp_free(off);
+    if (!q->spare && c->cap <= CHUNK) q->spare = off; else mp_free(off);
     c = MP_PTR(q->head);
   }
   char *p = c->data + c->rpos;

@@ -22,7 +22,8 @@ typedef struct mp_queue {
   uint32_t put_seq, get_seq, done_seq;
   uint32_t getters, putters;   /* processes sleeping in get / put */
   uint32_t joinable;
-  uint32_t nopace;             /* a pacing wait timed out: no pacing until the next get */
+  uint32_t nopace;
+  uint32_t chunkcap;           /* capacity of the next chunk: grows to CHUNK */             /* a pacing wait timed out: no pacing until the next get */
 } mp_queue;
 
 /* Both return MP_WOKE (done), MP_TIMEOUT or MP_INTERRUPTED; get pushes the value. */

@@ -53,13 +53,13 @@ local function run_child(p)
   local res = table.pack(xpcall(p.target, traceback, table.unpack(args, 1, args.n or #args)))
   local ok = res[1]
   local code = 0
-  if ok then
+  if ok and res.n > 1 then  -- nothing to send when the target returned nothing
     local sent, err = pcall(p._results.put, p._results, table.move(res, 2, res.n, 1, { n = res.n - 1 }))
     if not sent then
       io.stderr:write(("Process %s: cannot return its results: %s\n"):format(p.name, tostring(err)))
       code = 1
     end
-  else
+  elseif not ok then
     local msg = tostring(res[2])
     io.stderr:write(("Process %s (pid %d):\n%s\n"):format(p.name, core.getpid(), msg))
     pcall(p._results.put, p._results, { err = msg })
@@ -163,6 +163,7 @@ function methods.result(p)
   if code == nil then error("process " .. p.name .. " has not finished (join it first)", 2) end
   if not p._fetched then
     local r = p._results:get_nowait()
+    if r == nil and code == 0 then r = { n = 0 } end  -- it returned nothing
     p._fetched, p._result = true, r
   end
   local r = p._result
