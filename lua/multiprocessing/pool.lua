@@ -21,6 +21,7 @@ end
 local SLICE = 0.05      -- seconds between health checks while waiting
 local AHEAD = 4         -- chunks in flight per worker for lazy inputs
 local WINDOW_ITEMS = 1024 -- and at least this many items
+local PACK = 64          -- at most this many chunks of tiny tasks in one message
 local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is automatic
 
 local M = {}
@@ -39,29 +40,32 @@ local function worker_main(pool, i)
     local a = pool._initargs
     local ok, err = xpcall(pool._initializer, traceback, unpack(a, 1, a.n or #a))
     if not ok then
-      results:put { init_error = tostring(err), w = i, pid = me }
+      results:put { -2, i, me, tostring(err) }
       core._exit(1)
     end
   end
-  results:put { ready = i, pid = me }
+  results:put { -1, i, me }
   local funcs, nfuncs, done = {}, 0, 0
   local maxtasks = pool._maxtasks
   local idle_since = now()
   while true do
+    -- a task message: { seq, fid, blob, n, items, mode }; false asks the worker to stop
     local msg = st:get_task(tasks, i)
     local t0 = now()
-    if msg and msg.stop then break end
+    if msg == false then break end
     if msg then
-      local f = funcs[msg.fid]
+      local fid = msg[2]
+      local f = funcs[fid]
       if not f then
         if nfuncs >= 64 then funcs, nfuncs = {}, 0 end
-        f = decode(core.blob_get(msg.blob))
-        funcs[msg.fid], nfuncs = f, nfuncs + 1
+        f = decode(core.blob_get(msg[3]))
+        funcs[fid], nfuncs = f, nfuncs + 1
       end
       local t1 = now()
-      local items, out, errs = msg.items, {}, nil
-      local star, multi = msg.star, msg.multi
-      for k = 1, msg.n do
+      local n, items, mode = msg[4], msg[5], msg[6]
+      local out, errs = {}, nil
+      local star, multi = mode == 1, mode == 2
+      for k = 1, n do
         local a = items[k]
         local r
         if multi then
@@ -80,9 +84,10 @@ local function worker_main(pool, i)
         end
       end
       local t2 = now()
-      results:put { seq = msg.seq, i0 = msg.i0, n = msg.n, out = out, errs = errs, pid = me, busy = t2 - t1 }
+      -- a result message: { seq, out, errs, pid, busy }
+      results:put { msg[1], out, errs or false, me, t2 - t1 }
       local t3 = now()
-      st:done(i, msg.n, t2 - t1, t0 - idle_since, t3 - t2, t1 - t0)
+      st:done(i, n, t2 - t1, t0 - idle_since, t3 - t2, t1 - t0)
       done = done + 1
       if maxtasks and done >= maxtasks then core._exit(0) end
       idle_since = now()
@@ -153,26 +158,27 @@ local function settle(self, call)  -- after a chunk ends: is the call complete?
 end
 
 local function on_result(self, msg)
-  if msg.ready then
-    local w = self._workers[msg.ready]
-    if w and w.pid == msg.pid then w.ready = true end
+  local seq = msg[1]
+  if seq == -1 then  -- { -1, worker, pid }: a worker is ready
+    local w = self._workers[msg[2]]
+    if w and w.pid == msg[3] then w.ready = true end
+    return
+  elseif seq == -2 then  -- { -2, worker, pid, error }: its initializer failed
+    self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg[3], msg[4])
     return
   end
-  if msg.init_error then
-    self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg.pid, msg.init_error)
-    return
-  end
-  local inf = self._inflight[msg.seq]
+  local inf = self._inflight[seq]
   if not inf then return end  -- a call that already failed, or was abandoned
-  self._inflight[msg.seq] = nil
+  self._inflight[seq] = nil
   local call = inf.call
   call.pending = call.pending - 1
-  local out, errs, i0 = msg.out, msg.errs, msg.i0
+  local out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
+  local i0, n = inf.i0, inf.n
   local results = call.results
-  for k = 1, msg.n do
+  for k = 1, n do
     local idx = i0 + k - 1
     if errs and errs[k] then
-      fail(self, call, idx, ("%s failed on item %d (worker pid %d):\n%s"):format(call.kind, idx, msg.pid, errs[k]))
+      fail(self, call, idx, ("%s failed on item %d (worker pid %d):\n%s"):format(call.kind, idx, pid, errs[k]))
     else
       results[idx] = out[k]
     end
@@ -180,8 +186,8 @@ local function on_result(self, msg)
     if call.arrived then call.narrived = call.narrived + 1
       call.arrived[call.narrived] = idx end
   end
-  call.done = call.done + msg.n
-  if msg.n > 0 and msg.busy then call.per_item = msg.busy / msg.n end
+  call.done = call.done + n
+  if n > 0 then call.per_item = busy / n end
   settle(self, call)
 end
 
@@ -238,11 +244,10 @@ end
 
 local function put_task(self, call, i0, items, n)
   local seq = self._seq + 1
-  local msg = { seq = seq, fid = call.fid, blob = call.blob, i0 = i0, n = n, items = items,
-                star = call.star, multi = call.multi }
+  local msg = { seq, call.fid, call.blob, n, items, call.star and 1 or call.multi and 2 or 0 }
   local ok, err = pcall(self._tasks.put, self._tasks, msg)
   if not ok then
-    err = tostring(err):gsub("at task%.items%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - 1) end)
+    err = tostring(err):gsub("at value%[5%]%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - 1) end)
     error(err, 0)
   end
   self._seq = seq
@@ -251,7 +256,18 @@ local function put_task(self, call, i0, items, n)
 end
 
 local function chunk_size(self, call)
-  if call.chunksize then return call.chunksize end
+  local c = call.chunksize
+  if c then
+    -- An explicit chunksize is kept while tasks take long enough for it to
+    -- matter; tasks of microseconds travel several chunks to a message (each
+    -- item still gets its own result or error, in order).
+    local per = call.per_item
+    if per and not call.timeout then
+      local pack = math.floor(CHUNK_TIME / math.max(per * c, 1e-7))
+      if pack > 1 then return c * math.min(pack, PACK) end
+    end
+    return c
+  end
   if call.total then return math.max(1, math.ceil(call.total / (self._n * 4))) end
   if not call.per_item then return 1 end  -- lazy input: grow once timings come back
   return math.max(1, math.min(10000, math.floor(CHUNK_TIME / math.max(call.per_item, 1e-7))))
@@ -587,7 +603,7 @@ function Pool:close()
   self._state = "closing"
   for _ = 1, self._n do
     self._seq = self._seq + 1
-    self._tasks:put { stop = true }
+    self._tasks:put(false)
   end
 end
 
