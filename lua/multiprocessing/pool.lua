@@ -47,6 +47,17 @@ local function worker_main(pool, i)
   results:put { -1, i, me }
   local funcs, nfuncs, done = {}, 0, 0
   local maxtasks = pool._maxtasks
+  -- one protected call runs a whole message; after an error it resumes past the failed item
+  local F, ITEMS, OUT, N, CUR, MODE
+  local function run()
+    if MODE == 0 then
+      for k = CUR + 1, N do CUR = k OUT[k] = F(ITEMS[k]) end
+    elseif MODE == 1 then
+      for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = F(unpack(a, 1, a.n or #a)) end
+    else
+      for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = pack(F(unpack(a, 1, a.n or #a))) end
+    end
+  end
   local idle_since = now()
   while true do
     -- a task message: { seq, fid, blob, n, items, mode }; false asks the worker to stop
@@ -62,27 +73,18 @@ local function worker_main(pool, i)
         funcs[fid], nfuncs = f, nfuncs + 1
       end
       local t1 = now()
-      local n, items, mode = msg[4], msg[5], msg[6]
+      local n = msg[4]
+      F, ITEMS, N, MODE, CUR = f, msg[5], n, msg[6], 0
       local out, errs = {}, nil
-      local star, multi = mode == 1, mode == 2
-      for k = 1, n do
-        local a = items[k]
-        local r
-        if multi then
-          r = pack(xpcall(f, traceback, unpack(a, 1, a.n or #a)))
-          if r[1] then out[k] = move(r, 2, r.n, 1, { n = r.n - 1 }) else r = r[2] end
-          if out[k] then r = nil end
-        else
-          local ok
-          if star then ok, r = xpcall(f, traceback, unpack(a, 1, a.n or #a))
-          else ok, r = xpcall(f, traceback, a) end
-          if ok then out[k], r = r, nil end
-        end
-        if r ~= nil then
-          errs = errs or {}
-          errs[k] = tostring(r)
-        end
+      OUT = out
+      while true do
+        local ok, e = xpcall(run, traceback)
+        if ok then break end
+        errs = errs or {}
+        errs[CUR] = tostring(e)
+        out[CUR] = nil
       end
+      F, ITEMS, OUT = nil, nil, nil
       local t2 = now()
       -- a result message: { seq, out, errs, pid, busy }
       results:put { msg[1], out, errs or false, me, t2 - t1 }
@@ -157,6 +159,17 @@ local function settle(self, call)  -- after a chunk ends: is the call complete?
   end
 end
 
+-- records that items i0 .. i0+n-1 ended, for the iterators of imap and imap_unordered
+local function mark_done(call, i0, n)
+  if call.have then
+    call.have[i0] = n
+  elseif call.arrived then
+    local a = call.narrived
+    call.arrived[a + 1], call.arrived[a + 2] = i0, n
+    call.narrived = a + 2
+  end
+end
+
 local function on_result(self, msg)
   local seq = msg[1]
   if seq == -1 then  -- { -1, worker, pid }: a worker is ready
@@ -174,18 +187,13 @@ local function on_result(self, msg)
   call.pending = call.pending - 1
   local out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
   local i0, n = inf.i0, inf.n
-  local results = call.results
-  for k = 1, n do
-    local idx = i0 + k - 1
-    if errs and errs[k] then
-      fail(self, call, idx, ("%s failed on item %d (worker pid %d):\n%s"):format(call.kind, idx, pid, errs[k]))
-    else
-      results[idx] = out[k]
+  move(out, 1, n, i0, call.results)
+  if errs then
+    for k, e in pairs(errs) do
+      fail(self, call, i0 + k - 1, ("%s failed on item %d (worker pid %d):\n%s"):format(call.kind, i0 + k - 1, pid, e))
     end
-    if call.have then call.have[idx] = true end
-    if call.arrived then call.narrived = call.narrived + 1
-      call.arrived[call.narrived] = idx end
   end
+  mark_done(call, i0, n)
   call.done = call.done + n
   if n > 0 then call.per_item = busy / n end
   settle(self, call)
@@ -207,10 +215,8 @@ local function check_workers(self)
         for k = 0, inf.n - 1 do
           fail(self, call, inf.i0 + k, ("%s: worker pid %d died (%s) while running %s"):format(
             call.kind, w.pid, exit_text(code), item_text(call, inf.i0, inf.n)))
-          if call.have then call.have[inf.i0 + k] = true end
-          if call.arrived then call.narrived = call.narrived + 1
-            call.arrived[call.narrived] = inf.i0 + k end
         end
+        mark_done(call, inf.i0, inf.n)
         call.done = call.done + inf.n
         settle(self, call)
       end
@@ -231,10 +237,8 @@ local function check_workers(self)
         for k = 0, inf.n - 1 do
           fail(self, call, inf.i0 + k, ("%s: task timed out after %gs (%s); worker pid %d was killed"):format(
             call.kind, limit, item_text(call, inf.i0, inf.n), w.pid))
-          if call.have then call.have[inf.i0 + k] = true end
-          if call.arrived then call.narrived = call.narrived + 1
-            call.arrived[call.narrived] = inf.i0 + k end
         end
+        mark_done(call, inf.i0, inf.n)
         call.done = call.done + inf.n
         settle(self, call)
       end
@@ -540,25 +544,35 @@ local function iterate(self, kind, f, iterable, opts, what)
   if kind == "unordered" then call.arrived, call.next_arrived, call.narrived = {}, 1, 0 else call.have = {} end
   feed(self, call)
   local yielded = 0
+  local cur, last = 1, 0   -- the range of ended items being handed out
   local function step()
     while true do
       if call.abandoned then return nil end
       local idx
       if kind == "unordered" then
-        if call.next_arrived <= call.narrived then
-          idx = call.arrived[call.next_arrived]
-          call.arrived[call.next_arrived] = nil
-          call.next_arrived = call.next_arrived + 1
+        if cur <= last then
+          idx, cur = cur, cur + 1
+        elseif call.next_arrived <= call.narrived then
+          local a, j = call.arrived, call.next_arrived
+          idx, last = a[j], a[j] + a[j + 1] - 1
+          cur = idx + 1
+          a[j], a[j + 1] = nil, nil
+          call.next_arrived = j + 2
         end
-      elseif call.have[yielded + 1] then
+      elseif yielded < last then
         idx = yielded + 1
+      else
+        local n = call.have[yielded + 1]
+        if n then
+          call.have[yielded + 1] = nil
+          idx, last = yielded + 1, yielded + n
+        end
       end
       if idx then
         yielded = yielded + 1
         local e = call.errors[idx]
         local v = call.results[idx]
         call.results[idx], call.errors[idx] = nil, nil
-        if call.have then call.have[idx] = nil end
         call.consumed = yielded
         if e then
           call.abandoned = true
