@@ -54,8 +54,11 @@ local function worker_main(pool, i)
       for k = CUR + 1, N do CUR = k OUT[k] = F(ITEMS[k]) end
     elseif MODE == 1 then
       for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = F(unpack(a, 1, a.n or #a)) end
-    else
+    elseif MODE == 2 then
       for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = pack(F(unpack(a, 1, a.n or #a))) end
+    else  -- apply: ITEMS are the arguments of the one call
+      CUR = 1
+      OUT[1] = pack(F(unpack(ITEMS, 1, ITEMS.n or #ITEMS)))
     end
   end
   local idle_since = now()
@@ -128,21 +131,21 @@ local function run_callback(fn, arg)
 end
 
 local function finish(self, call)
-  if call.ready then return end
-  call.ready = true
-  self._calls[call.id] = nil
+  if call.finished then return end
+  call.finished = true
+  if call.id then self._calls[call.id] = nil end
   if call.bar then call.bar:close() end
   if call.err then
     if call.error_callback then run_callback(call.error_callback, call.err) end
   elseif call.callback then
     local v = call.results
-    if call.kind == "apply" then v = v[1] and v[1][1] end
+    if call.kind == "apply" then v = call.value[1] end
     run_callback(call.callback, v)
   end
 end
 
 local function fail(self, call, idx, text)
-  if call.ready then return end
+  if call.finished then return end
   local errs = call.errors
   if not errs then errs = {} call.errors = errs end
   errs[idx] = text
@@ -183,6 +186,17 @@ local function on_result(self, msg)
   local inf = self._inflight[seq]
   if not inf then return end  -- a call that already failed, or was abandoned
   self._inflight[seq] = nil
+  if inf.kind == "apply" then  -- an apply_async call is its own inflight record
+    if inf.finished then return end
+    local errs = msg[3]
+    if errs then
+      inf.err = ("apply failed (worker pid %d):\n%s"):format(msg[4], errs[1])
+    else
+      inf.value = msg[2][1]
+    end
+    finish(self, inf)
+    return
+  end
   local call = inf.call
   call.pending = call.pending - 1
   local out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
@@ -208,7 +222,11 @@ local function check_workers(self)
     local seq, since = st:claimed(i)
     if code ~= nil then
       local inf = seq ~= 0 and self._inflight[seq]
-      if inf then
+      if inf and inf.kind == "apply" then
+        self._inflight[seq] = nil
+        inf.err = inf.err or ("apply: worker pid %d died (%s) while running the task"):format(w.pid, exit_text(code))
+        finish(self, inf)
+      elseif inf then
         self._inflight[seq] = nil
         local call = inf.call
         call.pending = call.pending - 1
@@ -228,8 +246,15 @@ local function check_workers(self)
       if self._state == "running" and not self._broken then spawn(self, i) end
     elseif seq ~= 0 then
       local inf = self._inflight[seq]
-      local limit = inf and inf.call.timeout
-      if limit and t - since > limit then
+      local limit = inf and (inf.call or inf).timeout
+      if limit and inf.kind == "apply" then
+        if t - since > limit then
+          core.kill(w.pid, 9)
+          self._inflight[seq] = nil
+          inf.err = ("apply: task timed out after %gs; worker pid %d was killed"):format(limit, w.pid)
+          finish(self, inf)
+        end
+      elseif limit and t - since > limit then
         core.kill(w.pid, 9)
         self._inflight[seq] = nil
         local call = inf.call
@@ -248,8 +273,10 @@ end
 
 local function put_task(self, call, i0, items, n)
   local seq = self._seq + 1
-  local msg = { seq, call.fid, call.blob, n, items, call.star and 1 or call.multi and 2 or 0 }
+  local msg = self._msg
+  msg[1], msg[2], msg[3], msg[4], msg[5], msg[6] = seq, call.fid, call.blob, n, items, call.star and 1 or 0
   local ok, err = pcall(self._tasks.put, self._tasks, msg)
+  msg[5] = nil
   if not ok then
     err = tostring(err):gsub("at value%[5%]%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - 1) end)
     error(err, 0)
@@ -279,7 +306,7 @@ end
 
 -- Feeds the call's input: all of it, or up to the window for lazy calls.
 local function feed(self, call)
-  if call.fed_all or call.ready then return end
+  if call.fed_all or call.finished then return end
   while not call.fed_all do
     local k = chunk_size(self, call)
     if call.window and call.next_index - 1 - call.consumed >= math.max(call.window * k, WINDOW_ITEMS) then break end
@@ -424,7 +451,7 @@ end
 -- Waits for a call to be ready; returns false on timeout.
 local function wait_call(self, call, timeout)
   local deadline = timeout and now() + timeout
-  while not call.ready do
+  while not call.finished do
     local left = deadline and deadline - now()
     if left and left <= 0 then return false end
     local ok, err = pcall(pump, self, left or SLICE)
@@ -458,7 +485,7 @@ function M.Pool(opts)
   local self = setmetatable({
     _n = n, _tasks = core.Queue(), _results = core.Queue(), _st = core.PoolState(n),
     _workers = {}, _calls = {}, _inflight = {}, _seq = 0, _ncid = 0, _nfid = 0,
-    _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _state = "running",
+    _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _state = "running", _msg = {},
     _owner = core.getpid(), _checked = now(),
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
   }, Pool)
@@ -498,7 +525,8 @@ end
 
 local function async(self, call)
   feed(self, call)
-  return setmetatable({ _pool = self, _call = call }, AsyncResult)
+  call._pool = self
+  return setmetatable(call, AsyncResult)
 end
 
 function Pool:map_async(f, iterable, opts)
@@ -511,27 +539,31 @@ function Pool:starmap_async(f, list, opts)
   return async(self, call)
 end
 
+local NOARGS = {}
+
 function Pool:apply_async(f, args, opts)
   check_usable(self, "apply_async")
   if type(f) ~= "function" then error(("bad argument #1 to 'apply_async' (function expected, got %s)"):format(type(f)), 2) end
   if args ~= nil and type(args) ~= "table" then
     error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
   end
-  -- a lean call: one task, no feeding
-  local id = self._ncid + 1
-  self._ncid = id
-  local call = { id = id, kind = "apply", results = {}, done = 0, pending = 0, fed_all = true, total = 1,
-                 multi = true }
+  -- a lean call: the AsyncResult is its own record, its one task is sent at once
+  local call = setmetatable({ _pool = self, kind = "apply" }, AsyncResult)
   if opts ~= nil then
     opts = parse_opts(opts, "apply_async")
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
   end
   local ok, fid, blob = pcall(func_blob, self, f)
   if not ok then error((tostring(fid):gsub("at function", "at the function")), 2) end
-  call.fid, call.blob = fid, blob
-  put_task(self, call, 1, { args or {} }, 1)
-  self._calls[id] = call
-  return setmetatable({ _pool = self, _call = call, _apply = true }, AsyncResult)
+  local seq = self._seq + 1
+  local msg = self._msg
+  msg[1], msg[2], msg[3], msg[4], msg[5], msg[6] = seq, fid, blob, 1, args or NOARGS, 3
+  local sent, err = pcall(self._tasks.put, self._tasks, msg)
+  msg[5] = nil
+  if not sent then error((tostring(err):gsub("at value%[5%]", "at args")), 2) end
+  self._seq = seq
+  self._inflight[seq] = call
+  return call
 end
 
 function Pool:apply(f, args, opts)
@@ -583,7 +615,7 @@ local function iterate(self, kind, f, iterable, opts, what)
         return idx, v
       end
       if call.fed_all and yielded >= call.total then
-        call.ready = true
+        call.finished = true
         self._calls[call.id] = nil
         if call.bar then call.bar:close() end
         return nil
@@ -593,8 +625,8 @@ local function iterate(self, kind, f, iterable, opts, what)
     end
   end
   local closer = setmetatable({}, { __close = function()
-    if not call.ready then
-      call.abandoned, call.ready = true, true
+    if not call.finished then
+      call.abandoned, call.finished = true, true
       self._calls[call.id] = nil
       if call.bar then call.bar:close() end
     end
@@ -683,30 +715,30 @@ end
 
 ------------------------------------------------------------- AsyncResult
 
+-- An AsyncResult is the record of its call.
 function AsyncResult:ready()
-  local call = self._call
-  if not call.ready then pcall(pump, self._pool, 0) end
-  return call.ready
+  if not rawget(self, "finished") then pcall(pump, self._pool, 0) end
+  return rawget(self, "finished") == true
 end
 
 function AsyncResult:wait(timeout)
-  return wait_call(self._pool, self._call, timeout)
+  return wait_call(self._pool, self, timeout)
 end
 
 function AsyncResult:successful()
-  if not self:ready() then error("the result is not ready", 2) end
-  return not self._call.err
+  if not rawget(self, "finished") then pcall(pump, self._pool, 0) end
+  if not rawget(self, "finished") then error("the result is not ready", 2) end
+  return not self.err
 end
 
 function AsyncResult:get(timeout)
-  if not wait_call(self._pool, self._call, timeout) then return nil, "timeout" end
-  local call = self._call
-  if call.err then error(call.err, 2) end
-  if self._apply then
-    local r = call.results[1]
+  if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
+  if self.err then error(self.err, 2) end
+  if self.kind == "apply" then
+    local r = self.value
     return unpack(r, 1, r.n)
   end
-  return results_of(call)
+  return results_of(self)
 end
 
 return M
