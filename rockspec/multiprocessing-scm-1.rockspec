@@ -33,7 +33,6 @@ build = {
         "src/arena.c", "src/codec.c", "src/core.c", "src/pipe.c", "src/pool.c",
         "src/process.c", "src/queue.c", "src/shared.c", "src/sync.c", "src/wait.c",
       },
-      defines = { "_GNU_SOURCE" },
       incdirs = { "src" },
     },
   },
