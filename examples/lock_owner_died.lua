@@ -1,18 +1,18 @@
 -- lock_owner_died: a process dies holding a Lock; the next acquire gets it and is told.
+-- (Python's multiprocessing.Lock hangs forever here.)
 local mp = require "multiprocessing"
-local core = require "multiprocessing.core"
 
 local lock, held = mp.Lock(), mp.Event()
-local pid = core.fork()
-if pid == 0 then
+local p = mp.Process { target = function()
   lock:acquire()
   held:set()
-  core.sleep(60)   -- killed before it can release
-  core._exit(0)
-end
+  mp.sleep(60)   -- killed before it can release
+end }
+p:start()
 held:wait()
-core.kill(pid, 9)
-print("child exit code", core.waitpid(pid))   --> -9
+p:kill()
+p:join()
+print("child exit code", p.exitcode)          --> -9
 print("acquire", lock:acquire(5))             --> true   owner died
 lock:release()
 print("acquire", lock:acquire())              --> true

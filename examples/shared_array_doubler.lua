@@ -1,19 +1,20 @@
--- shared_array_doubler: one child per index doubles a shared Array in place.
+-- shared_array_doubler: one process per index doubles a shared Array in place
+-- (the tutorial's Array('d', numbers) example: the memory is shared, not copied).
 local mp = require "multiprocessing"
-local core = require "multiprocessing.core"
+
+local function doubler(index, arr)
+  arr[index] = arr[index] * 2
+end
 
 local arr = mp.Array("d", { 5, 10, 15, 20, 25 })
 print("before", table.concat(arr:totable(), " "))
 
-local pids = {}
-for i = 1, #arr do
-  local pid = core.fork()
-  if pid == 0 then
-    local ok = pcall(function() arr[i] = arr[i] * 2 end)
-    core._exit(ok and 0 or 1)
-  end
-  pids[i] = pid
+local procs = {}
+for index = 1, #arr do
+  local proc = mp.Process { target = doubler, args = { index, arr } }
+  procs[#procs + 1] = proc
+  proc:start()
 end
-for _, pid in ipairs(pids) do assert(core.waitpid(pid) == 0) end
+for _, proc in ipairs(procs) do proc:join() end
 
-print("after ", table.concat(arr:totable(), " "))
+print("after ", table.concat(arr:totable(), " "))  --> 10.0 20.0 30.0 40.0 50.0

@@ -1,6 +1,5 @@
 -- shared_value_lock: a Value and an Array updated by several processes under their locks.
 local mp = require "multiprocessing"
-local core = require "multiprocessing.core"
 
 local num = mp.Value("d", 0)
 local arr = mp.Array("i", { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 })
@@ -14,16 +13,15 @@ local function work()
   for i = 1, #arr do arr[i] = arr[i] + 1 end
 end
 
-local pids = {}
+local procs = {}
 for i = 1, 4 do
-  local pid = core.fork()
-  if pid == 0 then
-    local ok = pcall(work)
-    core._exit(ok and 0 or 1)
-  end
-  pids[i] = pid
+  procs[i] = mp.Process { target = work }
+  procs[i]:start()
 end
-for _, pid in ipairs(pids) do assert(core.waitpid(pid) == 0) end
+for _, p in ipairs(procs) do
+  p:join()
+  assert(p.exitcode == 0)
+end
 
 print(num.value)                            --> 2000.0
 print(table.concat(arr:totable(), " "))     --> 4 5 6 7 8 9 10 11 12 13
