@@ -161,6 +161,7 @@ static ssize_t fill(conn *c, size_t need) {
     if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
     int k = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
     int *fds = (int *)CMSG_DATA(h);
+    if (k <= 0) continue;
     if (c->qn + k > c->qcap) {
       int qcap = c->qn + k + 8;
       int *q = realloc(c->q, (size_t)qcap * sizeof(int));
@@ -224,6 +225,7 @@ static void consume(conn *c, size_t n) {
 }
 
 static void take_fds(conn *c, int *to, int n) {
+  if (n == 0) return;
   if (to) memcpy(to, c->q, (size_t)n * sizeof(int));
   c->qn -= n;
   memmove(c->q, c->q + n, (size_t)c->qn * sizeof(int));
