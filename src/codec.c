@@ -417,7 +417,9 @@ static void encode_userdata(lua_State *L, mp_enc *e, int idx) {
     enc_fail(L, e, what);
   }
   unsigned char payload[32];
+  e->busy = 0;  /* a callback that raises leaves the encoder reusable */
   size_t n = t->encode(L, idx, payload);
+  e->busy = 1;
   put_u8(L, e, T_HANDLE);
   put_str8(L, e, t->name, strlen(t->name));
   put_u8(L, e, (int)n);
@@ -537,6 +539,15 @@ void mp_enc_copy(mp_enc *e, char *dst) {
     from = e->segs[i].at;
   }
   memcpy(dst, e->out.p + from, e->out.n - from);
+}
+
+int mp_enc_piece(mp_enc *e, size_t i, const void **p, size_t *n) {
+  size_t k = i / 2;
+  if (k > e->nsegs || (k == e->nsegs && (i & 1))) return 0;
+  if (i & 1) { *p = e->segs[k].p; *n = e->segs[k].n; return 1; }
+  size_t from = k ? e->segs[k - 1].at : 0, to = k < e->nsegs ? e->segs[k].at : e->out.n;
+  *p = e->out.p + from; *n = to - from;
+  return 1;
 }
 
 void mp_enc_push(lua_State *L, mp_enc *e) {

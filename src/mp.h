@@ -102,6 +102,8 @@ typedef struct mp_enc mp_enc;
 mp_enc *mp_encode(lua_State *L, int idx, const char *root);
 size_t mp_enc_size(mp_enc *e);
 void mp_enc_copy(mp_enc *e, char *dst);     /* copies mp_enc_size bytes */
+/* The same bytes as pieces, for writev: piece i (from 0) in *p, *n (maybe 0); 0 past the end. */
+int mp_enc_piece(mp_enc *e, size_t i, const void **p, size_t *n);
 void mp_enc_push(lua_State *L, mp_enc *e);  /* pushes the bytes as a string */
 void mp_enc_done(lua_State *L, mp_enc *e);
 /* Decodes one value from s[0..n), pushes it; raises on malformed input. */
