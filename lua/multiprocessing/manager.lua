@@ -87,6 +87,15 @@ end
 
 local reply, reply_pid  -- this process's reply queue
 
+local function server_alive(pid)  -- a zombie counts as gone
+  if not core.kill(pid, 0) then return false end
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("l") or ""
+  f:close()
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
+end
+
 local function call(mgr, op, id, a, b)
   if reply_pid ~= core.getpid() then reply, reply_pid = core.Queue(), core.getpid() end
   mgr._requests:put { op, reply, id, a, b }
@@ -96,9 +105,7 @@ local function call(mgr, op, id, a, b)
     res, why = reply:get(1)
     if res ~= nil then break end
     if why == "interrupted" then error("interrupted!", 0) end
-    if mgr._pid_owner == core.getpid() and not mgr._proc:is_alive() then
-      error("the manager process is gone", 3)
-    end
+    if not server_alive(mgr._pid) then error("the manager process is gone", 3) end
   end
   if not res[1] then error(res[2], 3) end
   return res[2]
@@ -109,13 +116,13 @@ function M.Manager()
   local requests = core.Queue()
   local proc = process.Process { target = serve, args = { requests }, daemon = true, name = "Manager" }
   proc:start()
-  return setmetatable({ _requests = requests, _proc = proc, _pid_owner = core.getpid() }, Manager)
+  return setmetatable({ _requests = requests, _proc = proc, _pid = proc.pid, _pid_owner = core.getpid() }, Manager)
 end
 
 local function proxy(mgr, mt, kind, init)
   if init ~= nil and type(init) ~= "table" then error("bad argument #1 (table expected, got " .. type(init) .. ")", 3) end
   local id = call(mgr, "new", nil, kind, init)
-  return setmetatable({ _m = { _requests = mgr._requests }, _id = id }, mt)
+  return setmetatable({ _m = { _requests = mgr._requests, _pid = mgr._pid }, _id = id }, mt)
 end
 
 function Manager:dict(init) return proxy(self, DictProxy, "dict", init) end
