@@ -78,18 +78,36 @@ function H.cleanup()
   temps = {}
 end
 
+--- the error that fn(...) raises, as a string (raises itself if fn returns)
+function H.error_of(fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then error("expected an error, got none", 2) end
+  return tostring(err)
+end
+
+--- asserts that fn raises an error containing `text` (plain text, not a pattern)
+function H.raises(text, fn, ...)
+  local err = H.error_of(fn, ...)
+  if not err:find(text, 1, true) then
+    error(("expected an error containing %q, got %q"):format(text, err), 2)
+  end
+  return err
+end
+
 --- quotes s for sh
 function H.quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
---- the leak check every spec file runs around each test: no child left, no descriptor leaked
-function H.leak_check()
+--- the leak check every spec file runs around each test: no child left, no descriptor leaked.
+--- Call it as H.leak_check(before_each, after_each) (busted's hooks live in the spec's environment).
+function H.leak_check(before_each, after_each)
+  local assert = require "luassert"
   local fds
   before_each(function()
     fds = H.fd_count()
   end)
   after_each(function()
     -- a worker being reaped is given a moment; a left-behind one is not
-    local kids = H.eventually(function() return #H.children() == 0 end, 2)
+    H.eventually(function() return #H.children() == 0 end, 2)
     assert.are.same({}, H.children(), "child processes left behind")
     assert.equal(fds, H.fd_count(), "descriptors leaked")
     H.cleanup()
