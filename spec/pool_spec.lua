@@ -3,6 +3,13 @@ local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local H = require "helpers"
 
+-- Functions sent to workers must not reach globals through busted's sandbox environment: it would
+-- be sent by value with all of busted's state. These locals make them upvalues instead (the real
+-- _G is sent as "the receiver's globals").
+local _G, error, select, tostring, tonumber, type, pairs, ipairs, print =
+      _G, error, select, tostring, tonumber, type, pairs, ipairs, print
+local math, string, table, io, os, coroutine = math, string, table, io, os, coroutine
+
 local function double(x) return x * 2 end
 
 describe("Pool", function()
