@@ -19,7 +19,7 @@ local function count_primes(n)
 end
 
 local xs = {}
-for i = 1, 24 do xs[i] = 60000 + 4000 * i end
+for i = 1, 24 do xs[i] = 84000 + 6000 * i end
 
 local t0 = mp.now()
 local serial = {}
