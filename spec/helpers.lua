@@ -1,0 +1,117 @@
+-- helpers.lua: what the specs share: leak checks (children, descriptors), forking, polling, shell runs.
+local core = require "multiprocessing.core"
+
+local H = {}
+
+H.LUA = "lua5.4"
+-- the environment that lets a child interpreter find this checkout's modules
+H.ENV = ([[LUA_PATH='./lua/?.lua;./lua/?/init.lua;;' LUA_CPATH='./%s/?.so;;']]):format(os.getenv("MP_BUILD") or "build")
+
+local function slurp(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+H.slurp = slurp
+
+--- the pids of this process's children (read from /proc without forking), sorted
+function H.children(pid)
+  pid = pid or core.getpid()
+  local s = slurp(("/proc/%d/task/%d/children"):format(pid, pid)) or ""
+  local list = {}
+  for p in s:gmatch("%d+") do list[#list + 1] = tonumber(p) end
+  table.sort(list)
+  return list
+end
+
+--- the number of open descriptors of this process. os.execute rather than io.popen:
+--- system() opens nothing in the caller, so the count is exact.
+local tmp = os.tmpname()
+function H.fd_count()
+  assert(os.execute(("ls /proc/%d/fd > %s"):format(core.getpid(), tmp)))
+  local n = 0
+  for _ in io.lines(tmp) do n = n + 1 end
+  return n
+end
+
+--- true while pid exists and is not a zombie
+function H.alive(pid)
+  local s = slurp(("/proc/%d/stat"):format(pid))
+  if not s then return false end
+  local state = s:match("^%d+ %b() (%a)")
+  return state ~= "Z" and state ~= "X"
+end
+
+--- polls pred every 20 ms for up to `patience` seconds; returns its last value
+function H.eventually(pred, patience)
+  local deadline = core.now() + (patience or 5)
+  local v = pred()
+  while not v and core.now() < deadline do
+    core.sleep(0.02)
+    v = pred()
+  end
+  return v
+end
+
+--- runs fn in a forked child that always leaves with core._exit: 0 if fn returned, 1 if it raised
+function H.spawn(fn)
+  local pid = core.fork()
+  if pid == 0 then
+    local ok, err = pcall(fn)
+    if not ok then io.stderr:write("child: ", tostring(err), "\n") end
+    core._exit(ok and 0 or 1)
+  end
+  return pid
+end
+
+--- a fresh temporary file name (removed by H.cleanup)
+local temps = {}
+function H.tmpname()
+  local name = os.tmpname()
+  temps[#temps + 1] = name
+  return name
+end
+function H.cleanup()
+  for _, name in ipairs(temps) do os.remove(name) end
+  temps = {}
+end
+
+--- the error that fn(...) raises, as a string (raises itself if fn returns)
+function H.error_of(fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then error("expected an error, got none", 2) end
+  return tostring(err)
+end
+
+--- asserts that fn raises an error containing `text` (plain text, not a pattern)
+function H.raises(text, fn, ...)
+  local err = H.error_of(fn, ...)
+  if not err:find(text, 1, true) then
+    error(("expected an error containing %q, got %q"):format(text, err), 2)
+  end
+  return err
+end
+
+--- quotes s for sh
+function H.quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+--- the leak check every spec file runs around each test: no child left, no descriptor leaked.
+--- Call it as H.leak_check(before_each, after_each) (busted's hooks live in the spec's environment).
+function H.leak_check(before_each, after_each)
+  local assert = require "luassert"
+  local fds
+  before_each(function()
+    fds = H.fd_count()
+  end)
+  after_each(function()
+    -- a worker being reaped is given a moment; a left-behind one is not
+    H.eventually(function() return #H.children() == 0 end, 2)
+    assert.are.same({}, H.children(), "child processes left behind")
+    assert.equal(fds, H.fd_count(), "descriptors leaked")
+    H.cleanup()
+  end)
+end
+
+return H
