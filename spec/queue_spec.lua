@@ -68,8 +68,6 @@ describe("Queue", function()
   end)
 
   it("get(false) is get_nowait: nil, \"empty\"", function()
-    pending("BUG: src/queue.c queue_get always reports \"timeout\"; with block = false (deadline 0) it should "
-      .. "say \"empty\" like get_nowait (pass why = deadline == 0 and \"empty\" or \"timeout\" to q_doget)")
     local q = mp.Queue()
     assert.are.same({ nil, "empty" }, { q:get(false) })
     q:close()

@@ -835,9 +835,14 @@ static int codec_register_metatable(lua_State *L) {
   luaL_argcheck(L, strlen(name) > 0 && strlen(name) <= 255, 1, "name must be 1 to 255 bytes");
   lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
   lua_getfield(L, -1, name);
-  if (!lua_isnil(L, -1) && !lua_rawequal(L, -1, 2))
-    return luaL_error(L, "a different metatable is already registered as '%s'", name);
-  lua_pop(L, 1);
+  if (!lua_isnil(L, -1) && !lua_rawequal(L, -1, 2)) {
+    if (!lua_toboolean(L, 3))  /* the library's own modules replace theirs when reloaded */
+      return luaL_error(L, "a different metatable is already registered as '%s'", name);
+    lua_pushnil(L);
+    lua_rawset(L, -3);  /* forget old mt -> name */
+  } else {
+    lua_pop(L, 1);
+  }
   lua_pushvalue(L, 2); lua_setfield(L, -2, name);  /* name -> mt */
   lua_pushvalue(L, 2); lua_pushvalue(L, 1); lua_rawset(L, -3);  /* mt -> name */
   lua_pushvalue(L, 2);

@@ -308,7 +308,10 @@ static int q_doget(lua_State *L, double deadline, const char *why) {
   return 2;
 }
 
-static int queue_get(lua_State *L) { return q_doget(L, put_deadline(L, 2), "timeout"); }
+static int queue_get(lua_State *L) {
+  double deadline = put_deadline(L, 2);
+  return q_doget(L, deadline, deadline == 0 ? "empty" : "timeout");
+}
 static int queue_get_nowait(lua_State *L) { return q_doget(L, 0, "empty"); }
 
 static int queue_qsize(lua_State *L) {

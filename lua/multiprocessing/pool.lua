@@ -56,7 +56,7 @@ local function worker_main(pool, i)
       for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = F(unpack(a, 1, a.n or #a)) end
     elseif MODE == 2 then
       for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = pack(F(unpack(a, 1, a.n or #a))) end
-    else  -- apply: ITEMS are the arguments of the one call
+    elseif CUR == 0 then  -- apply: ITEMS are the arguments of the one call
       CUR = 1
       OUT[1] = pack(F(unpack(ITEMS, 1, ITEMS.n or #ITEMS)))
     end
@@ -90,7 +90,18 @@ local function worker_main(pool, i)
       F, ITEMS, OUT = nil, nil, nil
       local t2 = now()
       -- a result message: { seq, out, errs, pid, busy }
-      results:put { msg[1], out, errs or false, me, t2 - t1 }
+      local sent, why = pcall(results.put, results, { msg[1], out, errs or false, me, t2 - t1 })
+      if not sent then  -- a result that cannot be sent fails its item, not the worker
+        errs = errs or {}
+        for k = 1, n do
+          local ok = pcall(encode, out[k])
+          if not ok then
+            local e = tostring(why):gsub("at value%[2%]%[%d+%]", "at the result")
+            errs[k], out[k] = e, nil
+          end
+        end
+        results:put { msg[1], out, errs, me, t2 - t1 }
+      end
       local t3 = now()
       st:done(i, n, t2 - t1, t0 - idle_since, t3 - t2, t1 - t0)
       done = done + 1
@@ -190,7 +201,7 @@ local function on_result(self, msg)
     if inf.finished then return end
     local errs = msg[3]
     if errs then
-      inf.err = ("apply failed (worker pid %d):\n%s"):format(msg[4], errs[1])
+      inf.err = ("apply failed on item 1 (worker pid %d):\n%s"):format(msg[4], errs[1])
     else
       inf.value = msg[2][1]
     end
@@ -224,7 +235,7 @@ local function check_workers(self)
       local inf = seq ~= 0 and self._inflight[seq]
       if inf and inf.kind == "apply" then
         self._inflight[seq] = nil
-        inf.err = inf.err or ("apply: worker pid %d died (%s) while running the task"):format(w.pid, exit_text(code))
+        inf.err = inf.err or ("apply: worker pid %d died (%s) while running item 1"):format(w.pid, exit_text(code))
         finish(self, inf)
       elseif inf then
         self._inflight[seq] = nil
@@ -251,7 +262,7 @@ local function check_workers(self)
         if t - since > limit then
           core.kill(w.pid, 9)
           self._inflight[seq] = nil
-          inf.err = ("apply: task timed out after %gs; worker pid %d was killed"):format(limit, w.pid)
+          inf.err = ("apply: task timed out after %gs (item 1); worker pid %d was killed"):format(limit, w.pid)
           finish(self, inf)
         end
       elseif limit and t - since > limit then
@@ -307,6 +318,7 @@ end
 -- Feeds the call's input: all of it, or up to the window for lazy calls.
 local function feed(self, call)
   if call.fed_all or call.finished then return end
+  if call.seq_input and call.total == 0 then call.fed_all = true end
   while not call.fed_all do
     local k = chunk_size(self, call)
     if call.window and call.next_index - 1 - call.consumed >= math.max(call.window * k, WINDOW_ITEMS) then break end
@@ -355,11 +367,13 @@ local function pump(self, wait)
   end
 end
 
-local function check_usable(self, what)
-  if getmetatable(self) ~= Pool then error(("bad self to '%s' (Pool expected)"):format(what), 3) end
-  if self._owner ~= core.getpid() then error("a Pool can only be used by the process that made it", 3) end
-  if self._state ~= "running" then error(("cannot %s: the pool is %s"):format(what, self._state), 3) end
-  if self._broken then error("the pool is broken: " .. self._broken, 3) end
+-- lvl: the level of the user's call, seen from here
+local function check_usable(self, what, lvl)
+  lvl = lvl or 4
+  if getmetatable(self) ~= Pool then error(("bad self to '%s' (Pool expected)"):format(what), lvl) end
+  if self._owner ~= core.getpid() then error("a Pool can only be used by the process that made it", lvl) end
+  if self._state ~= "running" then error(("cannot %s: the pool is %s"):format(what, self._state), lvl) end
+  if self._broken then error("the pool is broken: " .. self._broken, lvl) end
 end
 
 -- A function is sent once per call as a shared blob. Encoding it again for
@@ -406,15 +420,16 @@ local function func_blob(self, f)
   return c.fid, blob
 end
 
-local function parse_opts(opts, what)
+local function parse_opts(opts, what, lvl)
+  lvl = lvl or 4
   if opts == nil then return {} end
-  if type(opts) == "number" then return { chunksize = opts } end
-  if type(opts) ~= "table" then error(("bad options to '%s' (number or table expected, got %s)"):format(what, type(opts)), 3) end
+  if type(opts) == "number" then opts = { chunksize = opts } end
+  if type(opts) ~= "table" then error(("bad options to '%s' (number or table expected, got %s)"):format(what, type(opts)), lvl) end
   if opts.chunksize ~= nil and (math.type(opts.chunksize) ~= "integer" or opts.chunksize < 1) then
-    error(("bad option chunksize to '%s' (positive integer expected)"):format(what), 3)
+    error(("bad option chunksize to '%s' (positive integer expected)"):format(what), lvl)
   end
   if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
-    error(("bad option timeout to '%s' (positive number expected)"):format(what), 3)
+    error(("bad option timeout to '%s' (positive number expected)"):format(what), lvl)
   end
   return opts
 end
@@ -435,7 +450,6 @@ local function new_call(self, kind, f, input, opts, what)
   call.fid, call.blob = fid, blob
   if type(input) == "table" then
     call.seq_input, call.total = input, (input.n or #input)
-    if call.total == 0 then call.fed_all = true end
   elseif type(input) == "function" then
     call.iter = input
   else
@@ -542,7 +556,7 @@ end
 local NOARGS = {}
 
 function Pool:apply_async(f, args, opts)
-  check_usable(self, "apply_async")
+  check_usable(self, "apply_async", 3)
   if type(f) ~= "function" then error(("bad argument #1 to 'apply_async' (function expected, got %s)"):format(type(f)), 2) end
   if args ~= nil and type(args) ~= "table" then
     error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
@@ -550,7 +564,7 @@ function Pool:apply_async(f, args, opts)
   -- a lean call: the AsyncResult is its own record, its one task is sent at once
   local call = setmetatable({ _pool = self, kind = "apply" }, AsyncResult)
   if opts ~= nil then
-    opts = parse_opts(opts, "apply_async")
+    opts = parse_opts(opts, "apply_async", 3)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
   end
   local ok, fid, blob = pcall(func_blob, self, f)
