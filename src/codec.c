@@ -180,7 +180,8 @@ struct mp_enc {
   frame path[MAXDEPTH + 2];
 };
 
-#define ENCODER "multiprocessing.encoder"
+#define ENCODER "multiprocessing.encoder"        /* the metatable */
+#define CACHED "multiprocessing.encoder.cached"  /* registry key of the reusable encoder */
 #define UV_CNAMES 1   /* C function -> "module\0field", built on first need */
 
 static int enc_gc(lua_State *L) {
@@ -389,6 +390,32 @@ static int writer(lua_State *L, const void *p, size_t n, void *ud) {
   return 0;
 }
 
+static inline void put_number(lua_State *L, mp_enc *e, int idx) {
+  reserve(L, &e->out, 9);
+  char *o = e->out.p + e->out.n;
+  if (lua_isinteger(L, idx)) {
+    lua_Integer v = lua_tointeger(L, idx);
+    if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[0] = T_INT8; memcpy(o + 1, &x, 1); e->out.n += 2; }
+    else if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[0] = T_INT16; memcpy(o + 1, &x, 2); e->out.n += 3; }
+    else if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[0] = T_INT32; memcpy(o + 1, &x, 4); e->out.n += 5; }
+    else { int64_t x = (int64_t)v; o[0] = T_INT64; memcpy(o + 1, &x, 8); e->out.n += 9; }
+  } else {
+    lua_Number v = lua_tonumber(L, idx);
+    o[0] = T_FLOAT;
+    memcpy(o + 1, &v, 8);
+    e->out.n += 9;
+  }
+}
+
+static void encode_string(lua_State *L, mp_enc *e, int idx);
+
+/* lua_next(t, k) for a key k that is absent: Lua accepts it only when k lies in
+** the array part of t (and raises otherwise), so this succeeds exactly when
+** keys 1..k-1 are all in the array part and lua_next may resume after them. */
+static int next_probe(lua_State *L) {
+  return lua_next(L, 1) ? 2 : 0;
+}
+
 static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   if (e->usemods && pmap_get(&e->mods, p) >= 0) {
     lua_pushvalue(L, idx);
@@ -417,9 +444,36 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   e->out.n += 9;
   uint32_t narr = 0, npairs = 0;
   frame *f = &e->path[e->depth];
+  /* A big array goes through lua_rawgeti, cheaper than lua_next, when 1..n lie
+  ** in the table's array part (then lua_next can resume at n + 1, see next_probe) */
+  lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
+  int fast = 0, more;
+  if (n >= 16 && n < (lua_Integer)UINT32_MAX && e->depth < MAXDEPTH) {
+    lua_pushcfunction(L, next_probe);
+    lua_pushvalue(L, idx);
+    lua_pushinteger(L, n + 1);
+    if (lua_pcall(L, 2, 2, 0) == LUA_OK) fast = 1;  /* the first other key and value */
+    else lua_pop(L, 1);
+  }
   e->depth++;
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
+  if (fast) {
+    f->kind = F_INDEX;
+    for (lua_Integer i = 1; i <= n; i++) {
+      f->i = i;
+      int t = lua_rawgeti(L, idx, i);
+      if (t == LUA_TNUMBER) put_number(L, e, -1);
+      else if (t == LUA_TSTRING) encode_string(L, e, -1);
+      else encode_value(L, e, -1);
+      lua_settop(L, -2);
+    }
+    narr = (uint32_t)n;
+    more = !lua_isnil(L, -2);
+    if (!more) lua_pop(L, 2);
+  } else {
+    lua_pushnil(L);
+    more = lua_next(L, idx);
+  }
+  while (more) {
     if (npairs == 0 && lua_isinteger(L, -2) && lua_tointeger(L, -2) == (lua_Integer)narr + 1) {
       f->kind = F_INDEX; f->i = (lua_Integer)narr + 1;
       narr++;
@@ -430,6 +484,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     }
     encode_value(L, e, -1);
     lua_pop(L, 1);
+    more = lua_next(L, idx);
   }
   e->depth--;
   memcpy(e->out.p + at + 1, &narr, 4);
@@ -437,10 +492,10 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   if (hasmt) {
     int top = lua_gettop(L);
     if (lua_type(L, top) == LUA_TSTRING) {
-      size_t n;
-      const char *name = lua_tolstring(L, top, &n);
+      size_t len;
+      const char *name = lua_tolstring(L, top, &len);
       put_u8(L, e, T_NAMEDMT);
-      put_str8(L, e, name, n);
+      put_str8(L, e, name, len);
     } else {
       e->path[e->depth].kind = F_METATABLE;
       e->depth++;
@@ -569,23 +624,7 @@ static void encode_value(lua_State *L, mp_enc *e, int idx) {
   switch (lua_type(L, idx)) {
     case LUA_TNIL: put_u8(L, e, T_NIL); break;
     case LUA_TBOOLEAN: put_u8(L, e, lua_toboolean(L, idx) ? T_TRUE : T_FALSE); break;
-    case LUA_TNUMBER: {
-      reserve(L, &e->out, 9);
-      char *o = e->out.p + e->out.n;
-      if (lua_isinteger(L, idx)) {
-        lua_Integer v = lua_tointeger(L, idx);
-        if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[0] = T_INT8; memcpy(o + 1, &x, 1); e->out.n += 2; }
-        else if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[0] = T_INT16; memcpy(o + 1, &x, 2); e->out.n += 3; }
-        else if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[0] = T_INT32; memcpy(o + 1, &x, 4); e->out.n += 5; }
-        else { int64_t x = (int64_t)v; o[0] = T_INT64; memcpy(o + 1, &x, 8); e->out.n += 9; }
-      } else {
-        lua_Number v = lua_tonumber(L, idx);
-        o[0] = T_FLOAT;
-        memcpy(o + 1, &v, 8);
-        e->out.n += 9;
-      }
-      break;
-    }
+    case LUA_TNUMBER: put_number(L, e, idx); break;
     case LUA_TSTRING: encode_string(L, e, idx); break;
     case LUA_TTABLE: {
       const void *p = lua_topointer(L, idx);
@@ -625,14 +664,14 @@ static void enc_reset(lua_State *L, mp_enc *e) {
 mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
   idx = lua_absindex(L, idx);
   mp_enc *e = NULL;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, ENCODER) == LUA_TUSERDATA) e = lua_touserdata(L, -1);
+  if (lua_getfield(L, LUA_REGISTRYINDEX, CACHED) == LUA_TUSERDATA) e = lua_touserdata(L, -1);
   if (!e || e->busy) {
     /* first use, a nested encode (from a finalizer), or an encode that raised an
     ** error outside enc_fail: this one becomes the cached encoder */
     lua_pop(L, 1);
     e = enc_new(L);
     lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, ENCODER);
+    lua_setfield(L, LUA_REGISTRYINDEX, CACHED);
   }
   e->busy = 1;
   e->root = root ? root : "value";
