@@ -23,18 +23,23 @@ local function row(name, seconds, ...)
   io.flush()
 end
 
-local ints = {}
-for i = 1, 1000000 do ints[i] = i end
-local records = {}
-for i = 1, 100000 do records[i] = { id = i, name = "item" .. i, tags = { "a", "b" }, score = i / 3 } end
-local big = ("0123456789abcdef"):rep(1 << 20)  -- 16 MiB
+-- each data set is made just before its rows and dropped after them
+local datasets = {
+  { "1M ints", function()
+    local t = {}
+    for i = 1, 1000000 do t[i] = i end
+    return t, #t
+  end },
+  { "100k records", function()
+    local t = {}
+    for i = 1, 100000 do t[i] = { id = i, name = "item" .. i, tags = { "a", "b" }, score = i / 3 } end
+    return t, #t
+  end },
+  { "16MiB string", function() return ("0123456789abcdef"):rep(1 << 20), 1 end },
+}
 
-for _, d in ipairs {
-  { "1M ints", ints, #ints },
-  { "100k records", records, #records },
-  { "16MiB string", big, 1 },
-} do
-  local name, value, n = d[1], d[2], d[3]
+for _, d in ipairs(datasets) do
+  local name, value, n = d[1], d[2]()
   local s = encode(value)
   local mb = ("%.3f"):format(#s / 1e6)
   row("codec encode " .. name, median(encode, value), n, "values", mb, "MB")

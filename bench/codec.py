@@ -20,14 +20,20 @@ def row(name, seconds, *rest):
 
 dumps = lambda v: pickle.dumps(v, protocol=5)
 loads = pickle.loads
-ints = list(range(1, 1000001))
-records = [{"id": i, "name": "item%d" % i, "tags": ["a", "b"], "score": i / 3} for i in range(1, 100001)]
-big = b"0123456789abcdef" * (1 << 20)
+# each data set is made just before its rows and dropped after them
+datasets = (
+    ("1M ints", lambda: list(range(1, 1000001))),
+    ("100k records", lambda: [{"id": i, "name": "item%d" % i, "tags": ["a", "b"], "score": i / 3}
+                              for i in range(1, 100001)]),
+    ("16MiB string", lambda: b"0123456789abcdef" * (1 << 20)),
+)
 
-for name, value, n in (("1M ints", ints, len(ints)), ("100k records", records, len(records)),
-                       ("16MiB string", big, 1)):
+for name, make in datasets:
+    value = make()
+    n = len(value) if isinstance(value, list) else 1
     s = dumps(value)
     mb = "%.3f" % (len(s) / 1e6)
     row("codec encode " + name, median(dumps, value), n, "values", mb, "MB")
     row("codec decode " + name, median(loads, s), n, "values", mb, "MB")
     row("codec roundtrip " + name, median(lambda v: loads(dumps(v)), value), n, "values", mb, "MB")
+    del value, s

@@ -132,8 +132,10 @@ static void pmap_free(pmap *m) {
   memset(m, 0, sizeof(*m));
 }
 
+/* A big map is kept only while big values keep coming: the memset that empties
+** it must stay small next to the work that filled it. */
 static void pmap_clear(pmap *m) {
-  if (m->cap > 65536) pmap_free(m);  /* a big map would cost a big memset per use */
+  if (m->cap > 65536 && m->n < m->cap / 8) pmap_free(m);
   else if (m->n) { memset(m->keys, 0, m->cap * sizeof(*m->keys)); m->n = 0; }
 }
 
@@ -175,6 +177,7 @@ struct mp_enc {
   pmap ups;      /* upvalue id -> function ordinal << 8 | upvalue number */
   pmap mods;     /* module tables (only when usemods) */
   int nrefs, busy, usemods, hascnames, hasanchors, depth, base;
+  int small;     /* encodes in a row that used little of a big buffer */
   const void *globals;
   const char *root;
   frame path[MAXDEPTH + 2];
@@ -457,14 +460,20 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   }
   e->depth++;
   if (fast) {
+    /* values are fetched 32 at a time, and popped together */
     f->kind = F_INDEX;
-    for (lua_Integer i = 1; i <= n; i++) {
-      f->i = i;
-      int t = lua_rawgeti(L, idx, i);
-      if (t == LUA_TNUMBER) put_number(L, e, -1);
-      else if (t == LUA_TSTRING) encode_string(L, e, -1);
-      else encode_value(L, e, -1);
-      lua_settop(L, -2);
+    luaL_checkstack(L, 40, "value nested too deeply");
+    for (lua_Integer i = 1; i <= n; i += 32) {
+      int batch = n - i + 1 < 32 ? (int)(n - i + 1) : 32;
+      unsigned char tt[32];
+      for (int j = 0; j < batch; j++) tt[j] = (unsigned char)lua_rawgeti(L, idx, i + j);
+      int base = lua_gettop(L) - batch;
+      for (int j = 0; j < batch; j++) {
+        if (tt[j] == LUA_TNUMBER) put_number(L, e, base + 1 + j);
+        else if (tt[j] == LUA_TSTRING) encode_string(L, e, base + 1 + j);
+        else { f->i = i + j; encode_value(L, e, base + 1 + j); }
+      }
+      lua_settop(L, base);
     }
     narr = (uint32_t)n;
     more = !lua_isnil(L, -2);
@@ -732,7 +741,12 @@ void mp_enc_done(lua_State *L, mp_enc *e) {
     lua_pushnil(L); lua_rawsetp(L, LUA_REGISTRYINDEX, e);
   }
   e->nsegs = 0;
-  if (e->out.cap > (1u << 20)) mp_buf_free(L, &e->out);  /* do not keep big buffers */
+  /* a big buffer is kept while big values keep coming, freed after 16 small ones */
+  if (e->out.cap > (1u << 20) && e->out.n < e->out.cap / 4) {
+    if (++e->small >= 16) { mp_buf_free(L, &e->out); e->small = 0; }
+  } else {
+    e->small = 0;
+  }
 }
 
 /* ------------------------------------------------------------ decoder */
@@ -861,8 +875,21 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
   int t = lua_gettop(L);
   remember(L, d, t, shared);
   d->depth++;
+  ptrdiff_t inl = d->depth <= MAXDEPTH ? 2 : PTRDIFF_MAX;  /* no inline values too deep */
   for (uint64_t i = 1; i <= narr; i++) {
-    decode_value(L, d);
+    /* small integers and short strings inline: arrays of them are common */
+    const unsigned char *p = d->p;
+    ptrdiff_t left = d->end - p;
+    if (left < inl) left = 0;
+    if (left >= 2 && p[0] == T_INT8) { lua_pushinteger(L, (int8_t)p[1]); d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t v; memcpy(&v, p + 1, 4); lua_pushinteger(L, v); d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
+    else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      lua_pushlstring(L, (const char *)p + 2, p[1]);
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+    }
     lua_rawseti(L, t, (lua_Integer)i);
   }
   for (uint32_t i = 0; i < npairs; i++) {
