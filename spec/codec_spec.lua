@@ -180,6 +180,47 @@ describe("codec", function()
       assert.are.equal(150, count)
     end)
 
+    it("round-trips arrays of every shape (array part, hash part, holes, mixed keys)", function()
+      local shapes = {}
+      local function add(name, t) shapes[#shapes + 1] = { name, t } end
+      for _, n in ipairs { 15, 16, 17, 31, 32, 33, 64, 100, 1000 } do
+        local grown = {}
+        for i = 1, n do grown[i] = i end
+        add("grown " .. n, grown)
+        local built = load("return {" .. ("1,"):rep(n) .. "}")()  -- an exact array part
+        add("constructor " .. n, built)
+        local backwards = {}
+        for i = n, 1, -1 do backwards[i] = "v" .. i end  -- integer keys in the hash part
+        add("backwards " .. n, backwards)
+        local mixed = { x = 1, y = { 2 } }
+        for i = 1, n do mixed[i] = i % 3 == 0 and { i } or i / 2 end
+        mixed[n + 2] = "after a hole"
+        add("mixed " .. n, mixed)
+        local holes = {}
+        for i = 1, n do holes[i] = i end
+        holes[n // 2] = nil
+        add("hole " .. n, holes)
+        local nested = setmetatable({}, { __index = function() return "meta" end })
+        for i = 1, n do nested[i] = { i, tostring(i) } end
+        add("nested " .. n, nested)
+      end
+      for _, case in ipairs(shapes) do
+        local r = rt(case[2])
+        assert.are.same(case[2], r, case[1])
+        local n1, n2 = 0, 0
+        for _ in pairs(case[2]) do n1 = n1 + 1 end
+        for _ in pairs(r) do n2 = n2 + 1 end
+        assert.are.equal(n1, n2, case[1])
+      end
+    end)
+
+    it("names the right index of a big array in errors", function()
+      local t = {}
+      for i = 1, 100 do t[i] = i end
+      t[77] = coroutine.create(print)
+      assert.are.equal("cannot send a thread (coroutine) at value[77]", send_error(t))
+    end)
+
     it("round-trips a large array and a large hash", function()
       local arr, hash = {}, {}
       for i = 1, 100000 do arr[i] = i * 3 - 50000; hash["k" .. i] = i / 7 end
@@ -368,6 +409,15 @@ describe("codec", function()
       local f = function() return 1 end
       for _ = 1, 100000 do local g = f; f = function() return g end end
       assert.matches("nested deeper than 200", send_error(f))
+    end)
+
+    it("keeps working when the core module is opened again", function()
+      local saved = package.loaded["multiprocessing.core"]
+      package.loaded["multiprocessing.core"] = nil
+      local again = require "multiprocessing.core"
+      package.loaded["multiprocessing.core"] = saved
+      assert.are.same({ 1, "two" }, again.decode(encode { 1, "two" }))
+      assert.are.same({ 3 }, decode(again.encode { 3 }))
     end)
 
     it("leaves the encoder usable after an error", function()
