@@ -318,15 +318,33 @@ describe("codec", function()
     end)
 
     it("sends a user module in package.loaded by name", function()
-      local mod = { answer = 42 }
+      local mod = { answer = 42, ask = function() return 42 end }
       package.loaded["spec.codec.usermod"] = mod
       local ok, r = pcall(rt, { m = mod, again = mod })
       package.loaded["spec.codec.usermod"] = nil
       assert.is_true(ok, r)
       assert.are.equal(mod, r.m)
       assert.are.equal(mod, r.again)
-      assert.are.same({ answer = 42 }, rt(mod))  -- no longer a module: by value
-      assert.are_not.equal(mod, rt(mod))
+      local copy = rt(mod)  -- no longer a module: by value
+      assert.are_not.equal(mod, copy)
+      assert.are.equal(42, copy.ask())
+    end)
+
+    it("sends a module by name even when its fields could not be sent by value", function()
+      assert.are.equal(io, rt(io))  -- io.stdout is a foreign userdata
+      local r = rt { 1, { x = io, y = os } }
+      assert.are.equal(io, r[2].x)
+      assert.are.equal(os, r[2].y)
+    end)
+
+    it("sends a table of data stored in package.loaded by value", function()
+      local config = { workers = 4 }
+      package.loaded["spec.codec.config"] = config
+      local ok, r = pcall(rt, config)
+      package.loaded["spec.codec.config"] = nil
+      assert.is_true(ok, r)
+      assert.are.same(config, r)
+      assert.are_not.equal(config, r)
     end)
 
     it("sends metatables by value", function()

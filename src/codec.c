@@ -1,5 +1,6 @@
 /* codec.c: the value codec, Lua values to bytes and back (see docs/codec.md). */
 #include <math.h>
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -178,6 +179,10 @@ struct mp_enc {
   pmap mods;     /* module tables (only when usemods) */
   int nrefs, busy, usemods, hascnames, hasanchors, depth, base;
   int small;     /* encodes in a row that used little of a big buffer */
+  int sawfunc;   /* a function was met: a module may have been sent as a table */
+  int canretry;  /* enc_fail may jump to retry (first pass, modules not looked up) */
+  int rootidx;   /* stack index of the value being encoded */
+  jmp_buf retry;
   const void *globals;
   const char *root;
   frame path[MAXDEPTH + 2];
@@ -270,7 +275,12 @@ static void push_path(lua_State *L, mp_enc *e) {
   luaL_pushresult(&b);
 }
 
+static int sent_a_module(lua_State *L, mp_enc *e);
+
 static int enc_fail(lua_State *L, mp_enc *e, const char *what) {
+  /* Only our own frames lie between here and mp_encode's setjmp (no Lua API
+  ** call is in progress), so jumping back is safe: mp_encode resets the stack. */
+  if (e->canretry && sent_a_module(L, e)) longjmp(e->retry, 1);
   e->busy = 0;  /* the error unwinds past mp_enc_done */
   push_path(L, e);
   return luaL_error(L, "cannot send %s at %s", what, lua_tostring(L, -1));
@@ -318,6 +328,18 @@ static int module_name(lua_State *L) {
   return 0;
 }
 
+/* Module tables are the tables of package.loaded that hold a function: those
+** travel by name. (A table of data only is sent by value, like any table.) */
+static int holds_function(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_type(L, -1) == LUA_TFUNCTION) { lua_pop(L, 2); return 1; }
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
 /* Fills e->mods with the module tables of package.loaded. */
 static void load_modules(lua_State *L, mp_enc *e) {
   pmap_clear(&e->mods);
@@ -325,7 +347,7 @@ static void load_modules(lua_State *L, mp_enc *e) {
   lua_pushnil(L);
   while (lua_next(L, -2)) {
     if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -2) <= 255 &&
-        pmap_get(&e->mods, lua_topointer(L, -1)) < 0)
+        pmap_get(&e->mods, lua_topointer(L, -1)) < 0 && holds_function(L, -1))
       pmap_put(L, &e->mods, lua_topointer(L, -1), 1);
     lua_pop(L, 1);
   }
@@ -333,17 +355,23 @@ static void load_modules(lua_State *L, mp_enc *e) {
 }
 
 /* Was a module table encoded as a plain table? Modules are rare in messages, so
-** the encoder does not look for them per table: it checks once at the end, and
-** encodes again with e->usemods set when one was sent. */
+** the encoder does not look for them per table: it checks at the end, only if
+** it met a function (a module holds one), and encodes again with e->usemods
+** set when a module was sent; enc_fail checks too (a module may hold what
+** cannot be sent by value, like io.stdout). */
 static int sent_a_module(lua_State *L, mp_enc *e) {
   if (!e->refs.n) return 0;
   int found = 0;
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_pushnil(L);
-  while (!found && lua_next(L, -2)) {
-    found = lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -2) <= 255 &&
-            pmap_get(&e->refs, lua_topointer(L, -1)) >= 0;
-    lua_pop(L, found ? 2 : 1);
+  while (lua_next(L, -2)) {  /* lua_topointer is NULL for non-objects: no type test first */
+    if (pmap_get(&e->refs, lua_topointer(L, -1)) >= 0 && lua_type(L, -1) == LUA_TTABLE &&
+        lua_type(L, -2) == LUA_TSTRING && lua_rawlen(L, -2) <= 255 && holds_function(L, -1)) {
+      found = 1;
+      lua_pop(L, 2);
+      break;
+    }
+    lua_pop(L, 1);
   }
   lua_pop(L, 1);
   return found;
@@ -645,6 +673,7 @@ static void encode_value(lua_State *L, mp_enc *e, int idx) {
     }
     case LUA_TFUNCTION: {
       const void *p = lua_topointer(L, idx);
+      e->sawfunc = 1;
       int64_t r = pmap_get(&e->refs, p);
       if (r >= 0) put_ref(L, e, r);
       else encode_function(L, e, lua_absindex(L, idx), p);
@@ -658,7 +687,7 @@ static void encode_value(lua_State *L, mp_enc *e, int idx) {
 }
 
 static void enc_reset(lua_State *L, mp_enc *e) {
-  e->out.n = 0; e->nsegs = 0; e->segbytes = 0; e->nrefs = 0; e->depth = 0;
+  e->out.n = 0; e->nsegs = 0; e->segbytes = 0; e->nrefs = 0; e->depth = 0; e->sawfunc = 0;
   pmap_clear(&e->refs); pmap_clear(&e->ups);
   if (e->hascnames) {
     e->hascnames = 0;
@@ -671,7 +700,7 @@ static void enc_reset(lua_State *L, mp_enc *e) {
 }
 
 mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
-  idx = lua_absindex(L, idx);
+  int absidx = lua_absindex(L, idx);
   mp_enc *e = NULL;
   if (lua_getfield(L, LUA_REGISTRYINDEX, CACHED) == LUA_TUSERDATA) e = lua_touserdata(L, -1);
   if (!e || e->busy) {
@@ -683,20 +712,29 @@ mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
     lua_setfield(L, LUA_REGISTRYINDEX, CACHED);
   }
   e->busy = 1;
+  e->rootidx = absidx;
   e->root = root ? root : "value";
   e->base = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
   e->globals = lua_topointer(L, -1);
   lua_pop(L, 1);
   e->usemods = 0;
+  if (setjmp(e->retry)) {  /* from enc_fail: a module was in the way */
+    lua_settop(L, e->base);
+    e->usemods = 1;
+    load_modules(L, e);
+  }
+  e->canretry = !e->usemods;
   for (;;) {
     enc_reset(L, e);
     put_u8(L, e, FORMAT);
-    encode_value(L, e, idx);
-    if (e->usemods || !sent_a_module(L, e)) break;
+    encode_value(L, e, e->rootidx);
+    if (e->usemods || !e->sawfunc || !sent_a_module(L, e)) break;
     e->usemods = 1;  /* a module was sent as a table: again, by name */
+    e->canretry = 0;
     load_modules(L, e);
   }
+  e->canretry = 0;
   return e;
 }
 
