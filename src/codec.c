@@ -182,6 +182,7 @@ struct mp_enc {
   int sawfunc;   /* a function was met: a module may have been sent as a table */
   int canretry;  /* enc_fail may jump to retry (first pass, modules not looked up) */
   int rootidx;   /* stack index of the value being encoded */
+  int stackdepth;  /* depth up to which the Lua stack has room (ensure_stack) */
   jmp_buf retry;
   const void *globals;
   const char *root;
@@ -287,6 +288,17 @@ static int enc_fail(lua_State *L, mp_enc *e, const char *what) {
 }
 
 static void encode_value(lua_State *L, mp_enc *e, int idx);
+
+/* Each level of nesting holds at most 8 stack slots while it encodes a child
+** (and leaf work needs at most 40 more): the room is made 16 levels at a time
+** rather than per table. */
+static inline void ensure_stack(lua_State *L, mp_enc *e) {
+  if (e->depth >= e->stackdepth) {
+    int need = e->base + 8 * (e->depth + 17) + 40 - lua_gettop(L);
+    if (need > 0) luaL_checkstack(L, need, "value nested too deeply");
+    e->stackdepth = e->depth + 16;
+  }
+}
 
 /* gives the next ordinal to the table or function p, whose tag is at out[at] */
 static void add_ref(lua_State *L, mp_enc *e, const void *p, size_t at) {
@@ -460,7 +472,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     }
     lua_pop(L, 1);
   }
-  luaL_checkstack(L, 8, "value nested too deeply");
+  ensure_stack(L, e);
   int hasmt = lua_getmetatable(L, idx);
   if (hasmt) {
     lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
@@ -476,15 +488,25 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   uint32_t narr = 0, npairs = 0;
   frame *f = &e->path[e->depth];
   /* A big array goes through lua_rawgeti, cheaper than lua_next, when 1..n lie
-  ** in the table's array part (then lua_next can resume at n + 1, see next_probe) */
-  lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
-  int fast = 0, more;
-  if (n >= 16 && n < (lua_Integer)UINT32_MAX && e->depth < MAXDEPTH) {
+  ** in the table's array part (then lua_next can resume at n + 1, see next_probe).
+  ** Only tables whose first key is 1 can be such arrays. */
+  int keytop = lua_gettop(L) + 1;  /* where lua_next leaves keys */
+  lua_pushnil(L);
+  int more = lua_next(L, idx), fast = 0;
+  lua_Integer n = 0;
+  if (more && e->depth < MAXDEPTH && lua_isinteger(L, -2) && lua_tointeger(L, -2) == 1 &&
+      (n = (lua_Integer)lua_rawlen(L, idx)) >= 16 && n < (lua_Integer)UINT32_MAX) {
+    lua_pop(L, 2);
     lua_pushcfunction(L, next_probe);
     lua_pushvalue(L, idx);
     lua_pushinteger(L, n + 1);
-    if (lua_pcall(L, 2, 2, 0) == LUA_OK) fast = 1;  /* the first other key and value */
-    else lua_pop(L, 1);
+    if (lua_pcall(L, 2, 2, 0) == LUA_OK) {
+      fast = 1;  /* the first other key and value are on the stack */
+    } else {
+      lua_pop(L, 1);
+      lua_pushnil(L);
+      more = lua_next(L, idx);
+    }
   }
   e->depth++;
   if (fast) {
@@ -506,16 +528,13 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     narr = (uint32_t)n;
     more = !lua_isnil(L, -2);
     if (!more) lua_pop(L, 2);
-  } else {
-    lua_pushnil(L);
-    more = lua_next(L, idx);
   }
   while (more) {
     if (npairs == 0 && lua_isinteger(L, -2) && lua_tointeger(L, -2) == (lua_Integer)narr + 1) {
       f->kind = F_INDEX; f->i = (lua_Integer)narr + 1;
       narr++;
     } else {
-      f->kind = F_KEY; f->idx = lua_gettop(L) - 1;
+      f->kind = F_KEY; f->idx = keytop;
       npairs++;
       encode_value(L, e, -2);
     }
@@ -556,7 +575,7 @@ static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
     lua_pop(L, 1);
     return;
   }
-  luaL_checkstack(L, 8, "value nested too deeply");
+  ensure_stack(L, e);
   int me = e->nrefs + 1;
   reserve(L, &e->out, 5);
   size_t at = e->out.n;
@@ -688,6 +707,7 @@ static void encode_value(lua_State *L, mp_enc *e, int idx) {
 
 static void enc_reset(lua_State *L, mp_enc *e) {
   e->out.n = 0; e->nsegs = 0; e->segbytes = 0; e->nrefs = 0; e->depth = 0; e->sawfunc = 0;
+  e->stackdepth = 0;
   pmap_clear(&e->refs); pmap_clear(&e->ups);
   if (e->hascnames) {
     e->hascnames = 0;
