@@ -815,7 +815,16 @@ typedef struct dec {
   uint32_t nrefs;   /* ordinals given so far */
   int depth;
   size_t budget;    /* table slots the input can still justify (each needs a byte) */
+  int base, stackdepth;  /* stack room: as in the encoder's ensure_stack */
 } dec;
+
+static inline void dec_ensure_stack(lua_State *L, dec *d) {
+  if (d->depth >= d->stackdepth) {
+    int need = d->base + 8 * (d->depth + 17) + 40 - lua_gettop(L);
+    if (need > 0) luaL_checkstack(L, need, "cannot decode: nesting too deep");
+    d->stackdepth = d->depth + 16;
+  }
+}
 
 static int corrupt(lua_State *L, const char *why) {
   return luaL_error(L, "cannot decode: %s", why);
@@ -880,7 +889,7 @@ static const char *reader(lua_State *L, void *ud, size_t *size) {
 }
 
 static void decode_function(lua_State *L, dec *d, int shared) {
-  luaL_checkstack(L, 8, "cannot decode: nesting too deep");
+  dec_ensure_stack(L, d);
   uint32_t len = get_u32(L, d);
   need(L, d, (size_t)len + 8);
   const unsigned char *dump = d->p;
@@ -922,7 +931,7 @@ static void decode_function(lua_State *L, dec *d, int shared) {
 }
 
 static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
-  luaL_checkstack(L, 8, "cannot decode: nesting too deep");
+  dec_ensure_stack(L, d);
   uint32_t narr = get_u32(L, d), npairs = get_u32(L, d);
   /* every slot needs at least one byte of input: a lying count fails here
   ** rather than preallocating more than the input can fill */
@@ -1057,10 +1066,11 @@ static void decode_value(lua_State *L, dec *d) {
 }
 
 void mp_decode(lua_State *L, const char *s, size_t n) {
-  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n };
+  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0 };
   if (n < 2 || d.p[0] != FORMAT) corrupt(L, n < 2 ? "truncated data" : "not an encoded value (or another format version)");
   d.p++;
   luaL_checkstack(L, 8, "cannot decode: stack overflow");
+  d.base = lua_gettop(L);
   int root = d.p[0] & ~SHARED;
   if (root == T_TABLE || root == T_TABLE_MT || root == T_LFUNC) {
     lua_pushnil(L);  /* the slot of the table of shared values */
