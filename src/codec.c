@@ -621,11 +621,11 @@ static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
 
 static void encode_userdata(lua_State *L, mp_enc *e, int idx) {
   const char *tname = NULL;
-  if (luaL_getmetafield(L, idx, "__name") != LUA_TNIL) {
-    tname = lua_tostring(L, -1);
-    lua_pop(L, 1);  /* the name stays alive in the metatable */
-  }
+  int nt = luaL_getmetafield(L, idx, "__name");
+  if (nt == LUA_TSTRING) tname = lua_tostring(L, -1);  /* stays alive in the metatable */
+  if (nt != LUA_TNIL) lua_pop(L, 1);
   const mp_handle_type *t = tname ? find_type(tname, strlen(tname)) : NULL;
+  if (t && !luaL_testudata(L, idx, t->name)) t = NULL;  /* a look-alike, not our type */
   if (!t) {
     char what[128];
     snprintf(what, sizeof what, "a userdata (%.80s)", tname ? tname : "no type name");
