@@ -141,7 +141,7 @@ static void pmap_clear(pmap *m) {
 }
 
 static int64_t pmap_get(const pmap *m, const void *k) {  /* -1 when absent */
-  if (!m->n) return -1;
+  if (!m->n || !k) return -1;  /* NULL marks empty slots: never a key */
   for (size_t i = phash(k) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
     if (m->keys[i] == k) return m->vals[i];
     if (!m->keys[i]) return -1;
