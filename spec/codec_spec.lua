@@ -366,9 +366,21 @@ describe("codec", function()
       local r = rt(setmetatable({ x = 3, y = 4 }, P))
       assert.are.equal(P, getmetatable(r))
       assert.are.equal(5, r:norm())
-      assert.has_error(function() mp.register_metatable("spec.codec.P", {}) end)
       assert.has_error(function() mp.register_metatable("", {}) end)
       assert.has_error(function() mp.register_metatable("x", 1) end)
+    end)
+
+    it("lets a name be registered again with a new table (a module loaded again)", function()
+      local old, new = { v = "old" }, { v = "new" }
+      mp.register_metatable("spec.codec.Re", old)
+      assert.are.equal(new, mp.register_metatable("spec.codec.Re", new))
+      assert.are.equal(new, getmetatable(rt(setmetatable({}, new))))
+      local r = rt(setmetatable({}, old))  -- the old table lost its name: by value
+      assert.are_not.equal(old, getmetatable(r))
+      assert.are.equal("old", getmetatable(r).v)
+      mp.register_metatable("spec.codec.Re2", new)  -- one name per table: the last one
+      local s = encode(setmetatable({}, new))
+      assert.is_truthy(s:find("spec.codec.Re2", 1, true))
     end)
 
     it("fails to decode a metatable name that is not registered here", function()

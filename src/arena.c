@@ -110,10 +110,11 @@ uint64_t mp_alloc_try(size_t want) {
       link = &b->next;
     }
   }
+  int fresh = 0;
   if (!off) {
     uint64_t align = n <= 4096 ? 32 : 4096;
     uint64_t start = (arena->top + align - 1) & ~(align - 1);
-    if (start + n <= arena->size) { off = start; arena->top = start + n; }
+    if (start + n <= arena->size) { off = start; arena->top = start + n; fresh = n >= 65536; }
   }
   if (off) {
     block *b = MP_PTR(off);
@@ -121,6 +122,8 @@ uint64_t mp_alloc_try(size_t want) {
     arena->used += n; arena->blocks++;
   }
   mp_unlock(&arena->lock);
+  /* fresh pages: one call to fault them all in is much cheaper than a fault per page */
+  if (fresh) madvise(MP_PTR(off), n, MADV_POPULATE_WRITE);
   return off ? off + sizeof(block) : 0;
 }
 
@@ -175,13 +178,17 @@ void mp_obj_retain(uint64_t off) {
 /* An object is freed when its last counted handle goes, unless it may still
 ** be reached another way: it was encoded (bytes may be in flight) or a fork
 ** happened since it was made (a child holds an uncounted copy of a handle). */
-void mp_obj_release(uint64_t off, pid_t pid) {
+void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o)) {
   if (!off || pid != getpid()) return;
   mp_obj *o = MP_PTR(off);
   if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) == 0 &&
-      !__atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST) && o->forks == mp_arena_forks())
+      !__atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST) && o->forks == mp_arena_forks()) {
+    if (dtor) dtor(o);
     mp_free(off);
+  }
 }
+
+void mp_obj_release(uint64_t off, pid_t pid) { mp_obj_release_with(off, pid, NULL); }
 
 /* ------------------------------------------------------------- Lua API */
 

@@ -31,7 +31,7 @@ enum {
 
 #define MAXDEPTH 200
 #define BIGSTR 65536      /* strings this long are referenced, not copied, while encoding */
-#define MAXTYPES 16
+#define MAXTYPES 32
 
 #if defined(__clang__)
 #define NO_COVERAGE __attribute__((no_sanitize("coverage")))  /* see dump_ok */
@@ -632,6 +632,8 @@ static void encode_userdata(lua_State *L, mp_enc *e, int idx) {
     enc_fail(L, e, what);
   }
   unsigned char payload[32];
+  /* a callback that raises leaves this encoder busy: the next mp_encode then
+  ** makes a new one and caches it instead (see mp_encode) */
   size_t n = t->encode(L, idx, payload);
   put_u8(L, e, T_HANDLE);
   put_str8(L, e, t->name, strlen(t->name));
@@ -770,6 +772,17 @@ void mp_enc_copy(mp_enc *e, char *dst) {
     from = e->segs[i].at;
   }
   memcpy(dst, e->out.p + from, e->out.n - from);
+}
+
+/* The pieces are the copied runs of e->out between the big strings (which stay
+** anchored until mp_enc_done). */
+int mp_enc_piece(mp_enc *e, size_t i, const void **p, size_t *n) {
+  size_t k = i / 2;
+  if (k > e->nsegs || (k == e->nsegs && (i & 1))) return 0;
+  if (i & 1) { *p = e->segs[k].p; *n = e->segs[k].n; return 1; }
+  size_t from = k ? e->segs[k - 1].at : 0, to = k < e->nsegs ? e->segs[k].at : e->out.n;
+  *p = e->out.p + from; *n = to - from;
+  return 1;
 }
 
 void mp_enc_push(lua_State *L, mp_enc *e) {
@@ -1118,17 +1131,32 @@ static int codec_decode(lua_State *L) {
   return 1;
 }
 
+/* register_metatable(name, mt): mt travels by name from now on. Registering
+** another table under a taken name replaces the old one (a module that is
+** loaded again registers its new metatable), which then travels by value. */
 static int codec_register_metatable(lua_State *L) {
-  const char *name = luaL_checkstring(L, 1);
+  size_t n;
+  luaL_checklstring(L, 1, &n);
   luaL_checktype(L, 2, LUA_TTABLE);
-  luaL_argcheck(L, strlen(name) > 0 && strlen(name) <= 255, 1, "name must be 1 to 255 bytes");
-  lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
-  lua_getfield(L, -1, name);
-  if (!lua_isnil(L, -1) && !lua_rawequal(L, -1, 2))
-    return luaL_error(L, "a different metatable is already registered as '%s'", name);
-  lua_pop(L, 1);
-  lua_pushvalue(L, 2); lua_setfield(L, -2, name);  /* name -> mt */
-  lua_pushvalue(L, 2); lua_pushvalue(L, 1); lua_rawset(L, -3);  /* mt -> name */
+  luaL_argcheck(L, n > 0 && n <= 255, 1, "name must be 1 to 255 bytes");
+  lua_settop(L, 2);
+  lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");  /* 3 */
+  lua_pushvalue(L, 1);
+  if (lua_rawget(L, 3) == LUA_TTABLE && !lua_rawequal(L, -1, 2)) {
+    lua_pushnil(L);
+    lua_rawset(L, 3);  /* the old table loses the name */
+  } else {
+    lua_pop(L, 1);
+  }
+  lua_pushvalue(L, 2);
+  if (lua_rawget(L, 3) == LUA_TSTRING && !lua_rawequal(L, -1, 1)) {
+    lua_pushnil(L);
+    lua_rawset(L, 3);  /* the table's old name goes: one name per table */
+  } else {
+    lua_pop(L, 1);
+  }
+  lua_pushvalue(L, 1); lua_pushvalue(L, 2); lua_rawset(L, 3);  /* name -> mt */
+  lua_pushvalue(L, 2); lua_pushvalue(L, 1); lua_rawset(L, 3);  /* mt -> name */
   lua_pushvalue(L, 2);
   return 1;
 }

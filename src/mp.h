@@ -54,6 +54,8 @@ typedef struct mp_handle {
 uint64_t mp_obj_new(lua_State *L, size_t size, uint32_t type);
 void mp_obj_retain(uint64_t off);
 void mp_obj_release(uint64_t off, pid_t pid);  /* drops a handle's reference */
+/* same, running dtor (frees what the object owns) before the object is freed */
+void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o));
 #define MP_OBJ(h, T) ((T *)MP_PTR((h)->off))
 
 /* -------------------------------------------------------------- waiting */
@@ -100,6 +102,8 @@ typedef struct mp_enc mp_enc;
 mp_enc *mp_encode(lua_State *L, int idx, const char *root);
 size_t mp_enc_size(mp_enc *e);
 void mp_enc_copy(mp_enc *e, char *dst);     /* copies mp_enc_size bytes */
+/* The same bytes as pieces, for writev: piece i (from 0) in *p, *n (maybe 0); 0 past the end. */
+int mp_enc_piece(mp_enc *e, size_t i, const void **p, size_t *n);
 void mp_enc_push(lua_State *L, mp_enc *e);  /* pushes the bytes as a string */
 void mp_enc_done(lua_State *L, mp_enc *e);
 /* Decodes one value from s[0..n), pushes it; raises on malformed input. */

@@ -1,7 +1,172 @@
-/* pool.c: placeholder until this part is written. */
+/* pool.c: the shared state of a Pool (one record per worker) and shared blobs. */
+#include <string.h>
+#include <unistd.h>
+
 #include "mp.h"
+#include "queue.h"
+
+#define POOLSTATE "multiprocessing.PoolState"
+#define BLOB "multiprocessing.Blob"
+
+/* What the parent needs to see of a worker without asking it: which task
+** message it holds (claimed, 0 when idle) since when, and its insights. */
+typedef struct wrec {
+  mp_claim claim;
+  uint64_t tasks, items;
+  double busy, idle, enc, dec;
+} wrec;
+
+typedef struct pstate {
+  mp_obj h;
+  uint32_t n, pad;
+  wrec w[];
+} pstate;
+
+static mp_handle *ps_check(lua_State *L) {
+  mp_handle *h = luaL_checkudata(L, 1, POOLSTATE);
+  if (!h->off) luaL_error(L, "attempt to use a closed PoolState");
+  return h;
+}
+
+static wrec *ps_rec(lua_State *L, mp_handle *h, int arg) {
+  pstate *ps = MP_PTR(h->off);
+  lua_Integer i = luaL_checkinteger(L, arg);
+  luaL_argcheck(L, i >= 1 && i <= (lua_Integer)ps->n, arg, "no such worker");
+  return &ps->w[i - 1];
+}
+
+static int ps_new(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 1 && n <= 4096, 1, "1 to 4096 workers");
+  mp_arena_ensure(L);
+  mp_handle *h = lua_newuserdatauv(L, sizeof(mp_handle), 0);
+  h->off = 0;
+  luaL_setmetatable(L, POOLSTATE);
+  uint64_t off = mp_obj_new(L, sizeof(pstate) + (size_t)n * sizeof(wrec), 0x50);
+  ((pstate *)MP_PTR(off))->n = (uint32_t)n;
+  h->off = off;
+  h->pid = getpid();
+  return 1;
+}
+
+/* st:get_task(queue, i [, timeout]) -> message | nil, "timeout"|"interrupted" */
+static int ps_get_task(lua_State *L) {
+  mp_handle *h = ps_check(L);
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 2, &buf);
+  wrec *w = ps_rec(L, h, 3);
+  double deadline = mp_deadline(L, 4);
+  int r = mp_queue_get_claim(L, q, buf, deadline, &w->claim);
+  if (r == MP_WOKE) return 1;
+  return mp_waitresult(L, r);
+}
+
+/* st:done(i, items, busy, idle, enc, dec): the worker finished its message */
+static int ps_done(lua_State *L) {
+  mp_handle *h = ps_check(L);
+  wrec *w = ps_rec(L, h, 2);
+  w->tasks++;
+  w->items += (uint64_t)luaL_optinteger(L, 3, 1);
+  w->busy += luaL_optnumber(L, 4, 0);
+  w->idle += luaL_optnumber(L, 5, 0);
+  w->enc += luaL_optnumber(L, 6, 0);
+  w->dec += luaL_optnumber(L, 7, 0);
+  __atomic_store_n(&w->claim.seq, 0, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
+/* st:claimed(i) -> message number, since (0 when idle) */
+static int ps_claimed(lua_State *L) {
+  mp_handle *h = ps_check(L);
+  wrec *w = ps_rec(L, h, 2);
+  lua_pushinteger(L, (lua_Integer)__atomic_load_n(&w->claim.seq, __ATOMIC_SEQ_CST));
+  lua_pushnumber(L, w->claim.start);
+  return 2;
+}
+
+static int ps_release(lua_State *L) {  /* a respawned worker starts with a clean claim */
+  mp_handle *h = ps_check(L);
+  wrec *w = ps_rec(L, h, 2);
+  __atomic_store_n(&w->claim.seq, 0, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
+static int ps_info(lua_State *L) {
+  mp_handle *h = ps_check(L);
+  wrec *w = ps_rec(L, h, 2);
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, (lua_Integer)w->tasks); lua_setfield(L, -2, "tasks");
+  lua_pushinteger(L, (lua_Integer)w->items); lua_setfield(L, -2, "items");
+  lua_pushnumber(L, w->busy); lua_setfield(L, -2, "busy_time");
+  lua_pushnumber(L, w->idle); lua_setfield(L, -2, "idle_time");
+  lua_pushnumber(L, w->enc); lua_setfield(L, -2, "encode_time");
+  lua_pushnumber(L, w->dec); lua_setfield(L, -2, "decode_time");
+  return 1;
+}
+
+static int ps_close(lua_State *L) {
+  mp_handle *h = luaL_checkudata(L, 1, POOLSTATE);
+  uint64_t off = h->off;
+  h->off = 0;
+  mp_obj_release(off, h->pid);
+  return 0;
+}
+
+static void ps_decode(lua_State *L, const unsigned char *payload, size_t n) {
+  uint64_t off = mp_handle_payload(L, payload, n);
+  if (((mp_obj *)MP_PTR(off))->type != 0x50) luaL_error(L, "cannot decode: bad PoolState handle");
+  mp_obj_retain(off);
+  mp_handle *h = lua_newuserdatauv(L, sizeof(mp_handle), 0);
+  h->off = off;
+  h->pid = getpid();
+  luaL_setmetatable(L, POOLSTATE);
+}
+
+/* ------------------------------------------------------------------ blobs */
+/* A Blob is immutable bytes in the arena, freed explicitly by its maker once
+** no reader can need it any more (the pool sends a function once per call
+** this way: each worker reads it once, on its first task of the call). */
+
+typedef struct blobhdr { uint64_t len; } blobhdr;
+
+static int blob_new(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  uint64_t off = mp_alloc(L, sizeof(blobhdr) + n);
+  ((blobhdr *)MP_PTR(off))->len = n;
+  memcpy((char *)MP_PTR(off) + sizeof(blobhdr), s, n);
+  lua_pushinteger(L, (lua_Integer)off);
+  return 1;
+}
+
+static int blob_get(lua_State *L) {
+  lua_Integer off = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, mp_arena_base() && off > 0 && off % 16 == 0, 1, "bad blob");
+  blobhdr *b = MP_PTR(off);
+  lua_pushlstring(L, (char *)b + sizeof(blobhdr), b->len);
+  return 1;
+}
+
+static int blob_free(lua_State *L) {
+  lua_Integer off = luaL_checkinteger(L, 1);
+  if (off > 0) mp_free((uint64_t)off);
+  return 0;
+}
+
+static const mp_handle_type t_ps = { POOLSTATE, mp_handle_encode, ps_decode };
 
 int mp_pool_open(lua_State *L) {
-  (void)L;
+  static const luaL_Reg methods[] = {
+    {"get_task", ps_get_task}, {"done", ps_done}, {"claimed", ps_claimed},
+    {"release", ps_release}, {"info", ps_info}, {"close", ps_close}, {NULL, NULL}
+  };
+  static const luaL_Reg meta[] = { {"__gc", ps_close}, {"__close", ps_close}, {NULL, NULL} };
+  mp_newclass(L, POOLSTATE, methods, meta);
+  mp_codec_register(&t_ps);
+  static const luaL_Reg funcs[] = {
+    {"PoolState", ps_new}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
   return 0;
 }

@@ -161,6 +161,11 @@ static int proc_signum(lua_State *L) {  /* core.signame(n) -> "SIGKILL" */
   return 1;
 }
 
+static int proc_isatty(lua_State *L) {
+  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+  return 1;
+}
+
 static int proc_now(lua_State *L) { lua_pushnumber(L, mp_now()); return 1; }
 
 static int proc_sleep(lua_State *L) {
@@ -178,7 +183,7 @@ int mp_process_open(lua_State *L) {
     {"fork", proc_fork}, {"_exit", proc_exit}, {"waitpid", proc_waitpid}, {"reap", proc_reap},
     {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
     {"cpu_count", proc_cpu_count}, {"sigint", proc_sigint}, {"signame", proc_signum},
-    {"now", proc_now}, {"sleep", proc_sleep},
+    {"now", proc_now}, {"sleep", proc_sleep}, {"isatty", proc_isatty},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -1,7 +1,794 @@
-/* sync.c: placeholder until this part is written. */
+/* sync.c: process-shared Lock, RLock, Semaphore, BoundedSemaphore, Event, Condition, Barrier. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <string.h>
+#include <unistd.h>
+
 #include "mp.h"
 
+/* Lock and RLock are robust process-shared pthread mutexes, so that a process
+** dying with one held does not block the others forever: the next acquirer
+** gets it and is told ("owner died"). Semaphore, Event, Condition and Barrier
+** keep their state in words of the object and sleep on them with futexes;
+** their fast paths are atomic operations that make no system call. */
+
+#define T_LOCK    0x4b434f4cu  /* "LOCK" */
+#define T_SEM     0x414d4553u  /* "SEMA" */
+#define T_EVENT   0x544e5645u  /* "EVNT" */
+#define T_COND    0x444e4f43u  /* "COND" */
+#define T_BARRIER 0x52524142u  /* "BARR" */
+
+#define LOCK      "multiprocessing.Lock"
+#define RLOCK     "multiprocessing.RLock"
+#define SEMAPHORE "multiprocessing.Semaphore"
+#define BSEMAPHORE "multiprocessing.BoundedSemaphore"
+#define EVENT     "multiprocessing.Event"
+#define CONDITION "multiprocessing.Condition"
+#define BARRIER   "multiprocessing.Barrier"
+
+#define SEM_MAX 0x7fffffffu
+
+typedef struct lock_obj {
+  mp_obj o;
+  pthread_mutex_t m;
+  uint32_t recursive;
+  uint32_t depth;       /* RLock recursion depth; written by the owner only */
+} lock_obj;
+
+typedef struct sem_obj {
+  mp_obj o;
+  uint32_t value;       /* the futex word */
+  uint32_t waiters;     /* sleepers: release makes a syscall only if some */
+  uint32_t max;         /* bound of a BoundedSemaphore */
+  uint32_t bounded;
+} sem_obj;
+
+typedef struct event_obj {
+  mp_obj o;
+  uint32_t word;        /* bit 0: the flag; above: a count of set() calls (futex word) */
+  uint32_t waiters;
+} event_obj;
+
+typedef struct cond_obj {
+  mp_obj o;
+  pthread_mutex_t m;    /* guards the counters below */
+  uint32_t seq;         /* bumped by each notify (futex word) */
+  uint32_t waiters;     /* processes inside wait() */
+  uint32_t signals;     /* wake-ups given by notify and not yet taken */
+} cond_obj;
+
+typedef struct cond_handle {
+  mp_handle h;
+  uint64_t lock;        /* the Condition's lock object, counted by this handle */
+} cond_handle;
+
+enum { B_FILLING = 0, B_DRAINING = 1, B_ACTION = 2, B_RESETTING = -1, B_BROKEN = -2 };
+
+typedef struct barrier_obj {
+  mp_obj o;
+  pthread_mutex_t m;
+  uint32_t seq;         /* bumped at each change of state (futex word) */
+  int32_t state;        /* Python's Barrier states, plus B_ACTION */
+  uint32_t count;       /* processes inside wait() */
+  uint32_t parties;
+  double timeout;       /* default timeout of wait(); <0 for none */
+} barrier_obj;
+
+/* ------------------------------------------------------------- helpers */
+
+/* The thread id owning a robust mutex is in its futex word (glibc keeps
+** it there for robust mutexes; the kernel clears it when the owner dies). */
+#define TID_MASK 0x3fffffff
+static pid_t cached_tid;
+static void forget_tid(void) { cached_tid = 0; }
+static pid_t self_tid(void) {
+  if (!cached_tid) cached_tid = gettid();
+  return cached_tid;
+}
+static int mutex_tid(pthread_mutex_t *m) {
+  return __atomic_load_n(&m->__data.__lock, __ATOMIC_ACQUIRE) & TID_MASK;
+}
+
+static void *checkopen(lua_State *L, int idx, const char *tname) {
+  mp_handle *h = luaL_checkudata(L, idx, tname);
+  if (!h->off) luaL_error(L, "attempt to use a closed %s", tname + sizeof("multiprocessing.") - 1);
+  return h;
+}
+
+static mp_handle *newhandle(lua_State *L, size_t size, const char *tname, int nuv) {
+  mp_handle *h = lua_newuserdatauv(L, size, nuv);
+  memset(h, 0, size);  /* closed until its object exists */
+  luaL_setmetatable(L, tname);
+  return h;
+}
+
+/* acquire([blocking=true [, timeout]]) or acquire(timeout): a deadline,
+** already past for a non-blocking call, <0 for none. */
+static double acquire_deadline(lua_State *L, int i) {
+  if (lua_type(L, i) == LUA_TNUMBER) return mp_deadline(L, i);
+  if (!lua_isnoneornil(L, i) && !lua_toboolean(L, i)) return 0;
+  return mp_deadline(L, i + 1);
+}
+
+static void pin(uint64_t off) {
+  mp_obj *o = MP_PTR(off);
+  __atomic_store_n(&o->pinned, 1, __ATOMIC_SEQ_CST);
+}
+
+static uint64_t checkpayload(lua_State *L, const unsigned char *p, uint32_t type) {
+  uint64_t off;
+  memcpy(&off, p, 8);
+  if (off < 64 || off % 16 || !mp_arena_base() || ((mp_obj *)MP_PTR(off))->type != type)
+    luaL_error(L, "cannot decode: bad handle");
+  return off;
+}
+
+static int handle_close(lua_State *L) {
+  mp_handle *h = lua_touserdata(L, 1);
+  if (h && h->off) { mp_obj_release(h->off, h->pid); h->off = 0; }
+  return 0;
+}
+
+/* ------------------------------------------------------- Lock, RLock */
+
+static const char *lock_tname(lock_obj *k) { return k->recursive ? RLOCK : LOCK; }
+static const char *lock_short(lock_obj *k) { return k->recursive ? "RLock" : "Lock"; }
+
+uint64_t mp_sync_newlock(lua_State *L, int recursive) {
+  uint64_t off = mp_obj_new(L, sizeof(lock_obj), T_LOCK);
+  lock_obj *k = MP_PTR(off);
+  mp_mutex_init(&k->m, recursive);
+  k->recursive = recursive != 0;
+  return off;
+}
+
+pthread_mutex_t *mp_sync_mutex(uint64_t off) { return &((lock_obj *)MP_PTR(off))->m; }
+
+void mp_sync_pushlock(lua_State *L, uint64_t off) {
+  lock_obj *k = MP_PTR(off);
+  mp_handle *h = newhandle(L, sizeof(mp_handle), lock_tname(k), 0);
+  mp_obj_retain(off);
+  h->off = off;
+  h->pid = getpid();
+}
+
+static lock_obj *tolock(lua_State *L, int idx) {
+  mp_handle *h = luaL_testudata(L, idx, LOCK);
+  if (!h) h = luaL_testudata(L, idx, RLOCK);
+  if (!h) luaL_typeerror(L, idx, "Lock or RLock");
+  if (!h->off) luaL_error(L, "attempt to use a closed %s", luaL_testudata(L, idx, LOCK) ? "Lock" : "RLock");
+  return MP_PTR(h->off);
+}
+
+/* Pushes the results of acquire: true [, "owner died"] | false | nil, "interrupted". */
+static int lock_take(lua_State *L, lock_obj *k, double deadline) {
+  switch (mp_mutex_lock(L, &k->m, deadline)) {
+    case MP_LOCKED:
+      k->depth++;
+      lua_pushboolean(L, 1);
+      return 1;
+    case MP_LOCK_OWNERDEAD:  /* the dead owner's depth went with it */
+      k->depth = 1;
+      lua_pushboolean(L, 1);
+      lua_pushliteral(L, "owner died");
+      return 2;
+    case MP_LOCK_TIMEOUT:
+      lua_pushboolean(L, 0);
+      return 1;
+    case MP_LOCK_INTERRUPTED:
+      return mp_waitresult(L, MP_INTERRUPTED);
+    default: {  /* a Lock taken again by its holder: it can only time out */
+      if (deadline < 0) return luaL_error(L, "deadlock: this process already holds the %s", lock_short(k));
+      uint32_t never = 0;
+      if (mp_futex_wait(L, &never, 0, deadline) == MP_INTERRUPTED) return mp_waitresult(L, MP_INTERRUPTED);
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+  }
+}
+
+static void lock_give(lua_State *L, lock_obj *k) {
+  int tid = mutex_tid(&k->m);
+  if (tid == 0) luaL_error(L, "release of an unlocked %s", lock_short(k));
+  if (tid != self_tid()) luaL_error(L, "cannot release: the %s is not held by this process", lock_short(k));
+  if (k->depth > 0) k->depth--;
+  pthread_mutex_unlock(&k->m);
+}
+
+static int lock_acquire(lua_State *L) {
+  lock_obj *k = tolock(L, 1);
+  return lock_take(L, k, acquire_deadline(L, 2));
+}
+
+static int lock_release(lua_State *L) {
+  lock_give(L, tolock(L, 1));
+  return 0;
+}
+
+static int lock_locked(lua_State *L) {
+  lua_pushboolean(L, mutex_tid(&tolock(L, 1)->m) != 0);
+  return 1;
+}
+
+/* RLock: is it held by this process, at which depth */
+static int lock_is_owned(lua_State *L) {
+  lock_obj *k = tolock(L, 1);
+  lua_pushboolean(L, mutex_tid(&k->m) == self_tid());
+  return 1;
+}
+
+static int lock_tostring(lua_State *L) {
+  mp_handle *h = lua_touserdata(L, 1);
+  const char *tname = luaL_testudata(L, 1, LOCK) ? LOCK : RLOCK;
+  const char *state = !h->off ? "closed" : mutex_tid(&((lock_obj *)MP_PTR(h->off))->m) ? "locked" : "unlocked";
+  lua_pushfstring(L, "%s (%s) %p", tname, state, (void *)h);
+  return 1;
+}
+
+static int new_lock(lua_State *L, int recursive) {
+  mp_handle *h = newhandle(L, sizeof(mp_handle), recursive ? RLOCK : LOCK, 0);
+  h->off = mp_sync_newlock(L, recursive);
+  h->pid = getpid();
+  return 1;
+}
+static int sync_Lock(lua_State *L) { return new_lock(L, 0); }
+static int sync_RLock(lua_State *L) { return new_lock(L, 1); }
+
+static void lock_decode(lua_State *L, const unsigned char *p, size_t n) {
+  uint64_t off = mp_handle_payload(L, p, n);
+  if (((mp_obj *)MP_PTR(off))->type != T_LOCK) luaL_error(L, "cannot decode: bad handle");
+  mp_sync_pushlock(L, off);
+}
+
+static const mp_handle_type lock_type = { LOCK, mp_handle_encode, lock_decode };
+static const mp_handle_type rlock_type = { RLOCK, mp_handle_encode, lock_decode };
+
+/* ------------------------------------------ Semaphore, BoundedSemaphore */
+
+static sem_obj *tosem(lua_State *L, int idx) {
+  mp_handle *h = luaL_testudata(L, idx, SEMAPHORE);
+  const char *what = "Semaphore";
+  if (!h) { h = luaL_testudata(L, idx, BSEMAPHORE); what = "BoundedSemaphore"; }
+  if (!h) luaL_typeerror(L, idx, "Semaphore or BoundedSemaphore");
+  if (!h->off) luaL_error(L, "attempt to use a closed %s", what);
+  return MP_PTR(h->off);
+}
+
+static int sem_trytake(sem_obj *s) {
+  uint32_t v = __atomic_load_n(&s->value, __ATOMIC_RELAXED);
+  while (v > 0)
+    if (__atomic_compare_exchange_n(&s->value, &v, v - 1, 1, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+      return 1;
+  return 0;
+}
+
+static int sem_acquire(lua_State *L) {
+  sem_obj *s = tosem(L, 1);
+  double deadline = acquire_deadline(L, 2);
+  for (;;) {
+    if (sem_trytake(s)) { lua_pushboolean(L, 1); return 1; }
+    __atomic_add_fetch(&s->waiters, 1, __ATOMIC_SEQ_CST);
+    int r = mp_futex_wait(L, &s->value, 0, deadline);
+    __atomic_sub_fetch(&s->waiters, 1, __ATOMIC_SEQ_CST);
+    if (r == MP_INTERRUPTED) return mp_waitresult(L, r);
+    if (r == MP_TIMEOUT) { lua_pushboolean(L, sem_trytake(s)); return 1; }
+  }
+}
+
+static int sem_release(lua_State *L) {
+  sem_obj *s = tosem(L, 1);
+  lua_Integer n = luaL_optinteger(L, 2, 1);
+  luaL_argcheck(L, n >= 1 && n <= SEM_MAX, 2, "must be a positive count");
+  uint32_t v = __atomic_load_n(&s->value, __ATOMIC_RELAXED);
+  for (;;) {
+    uint32_t lim = s->bounded ? s->max : SEM_MAX;
+    if ((uint64_t)v + (uint64_t)n > lim) {
+      if (s->bounded) return luaL_error(L, "BoundedSemaphore released too many times");
+      return luaL_error(L, "Semaphore value would exceed %d", (int)SEM_MAX);
+    }
+    if (__atomic_compare_exchange_n(&s->value, &v, v + (uint32_t)n, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+      break;
+  }
+  if (__atomic_load_n(&s->waiters, __ATOMIC_SEQ_CST)) mp_futex_wake(&s->value, (int)n);
+  return 0;
+}
+
+static int sem_get_value(lua_State *L) {
+  lua_pushinteger(L, __atomic_load_n(&tosem(L, 1)->value, __ATOMIC_RELAXED));
+  return 1;
+}
+
+static int sem_tostring(lua_State *L) {
+  mp_handle *h = lua_touserdata(L, 1);
+  const char *tname = luaL_testudata(L, 1, SEMAPHORE) ? SEMAPHORE : BSEMAPHORE;
+  if (!h->off) { lua_pushfstring(L, "%s (closed) %p", tname, (void *)h); return 1; }
+  sem_obj *s = MP_PTR(h->off);
+  if (s->bounded)
+    lua_pushfstring(L, "%s (value=%d, max=%d) %p", tname, (int)s->value, (int)s->max, (void *)h);
+  else
+    lua_pushfstring(L, "%s (value=%d) %p", tname, (int)s->value, (void *)h);
+  return 1;
+}
+
+static int new_sem(lua_State *L, int bounded) {
+  lua_Integer n = luaL_optinteger(L, 1, 1);
+  luaL_argcheck(L, n >= 0 && n <= SEM_MAX, 1, "initial value must be >= 0");
+  mp_handle *h = newhandle(L, sizeof(mp_handle), bounded ? BSEMAPHORE : SEMAPHORE, 0);
+  h->off = mp_obj_new(L, sizeof(sem_obj), T_SEM);
+  h->pid = getpid();
+  sem_obj *s = MP_PTR(h->off);
+  s->value = s->max = (uint32_t)n;
+  s->bounded = bounded;
+  return 1;
+}
+static int sync_Semaphore(lua_State *L) { return new_sem(L, 0); }
+static int sync_BoundedSemaphore(lua_State *L) { return new_sem(L, 1); }
+
+static void sem_decode(lua_State *L, const unsigned char *p, size_t n) {
+  uint64_t off = mp_handle_payload(L, p, n);
+  sem_obj *s = MP_PTR(off);
+  if (s->o.type != T_SEM) luaL_error(L, "cannot decode: bad handle");
+  mp_handle *h = newhandle(L, sizeof(mp_handle), s->bounded ? BSEMAPHORE : SEMAPHORE, 0);
+  mp_obj_retain(off);
+  h->off = off;
+  h->pid = getpid();
+}
+
+static const mp_handle_type sem_type = { SEMAPHORE, mp_handle_encode, sem_decode };
+static const mp_handle_type bsem_type = { BSEMAPHORE, mp_handle_encode, sem_decode };
+
+/* --------------------------------------------------------------- Event */
+
+static event_obj *toevent(lua_State *L, int idx) {
+  return MP_PTR(((mp_handle *)checkopen(L, idx, EVENT))->off);
+}
+
+static int event_set(lua_State *L) {
+  event_obj *e = toevent(L, 1);
+  uint32_t w = __atomic_load_n(&e->word, __ATOMIC_RELAXED);
+  do {
+    if (w & 1) return 0;
+  } while (!__atomic_compare_exchange_n(&e->word, &w, (w + 2) | 1, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+  if (__atomic_load_n(&e->waiters, __ATOMIC_SEQ_CST)) mp_futex_wake(&e->word, INT_MAX);
+  return 0;
+}
+
+static int event_clear(lua_State *L) {
+  __atomic_and_fetch(&toevent(L, 1)->word, ~1u, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
+static int event_is_set(lua_State *L) {
+  lua_pushboolean(L, __atomic_load_n(&toevent(L, 1)->word, __ATOMIC_ACQUIRE) & 1);
+  return 1;
+}
+
+/* Any change of the word seen while waiting means a set() happened: wait
+** returns true then even if the flag was cleared again (as Python does). */
+static int event_wait(lua_State *L) {
+  event_obj *e = toevent(L, 1);
+  double deadline = mp_deadline(L, 2);
+  uint32_t w = __atomic_load_n(&e->word, __ATOMIC_ACQUIRE);
+  if (w & 1) { lua_pushboolean(L, 1); return 1; }
+  __atomic_add_fetch(&e->waiters, 1, __ATOMIC_SEQ_CST);
+  int r;
+  for (;;) {
+    r = mp_futex_wait(L, &e->word, w, deadline);
+    if (__atomic_load_n(&e->word, __ATOMIC_ACQUIRE) != w) { r = MP_WOKE; break; }
+    if (r != MP_WOKE) break;
+  }
+  __atomic_sub_fetch(&e->waiters, 1, __ATOMIC_SEQ_CST);
+  if (r == MP_INTERRUPTED) return mp_waitresult(L, r);
+  lua_pushboolean(L, r == MP_WOKE);
+  return 1;
+}
+
+static int event_tostring(lua_State *L) {
+  mp_handle *h = lua_touserdata(L, 1);
+  const char *state = !h->off ? "closed" : (((event_obj *)MP_PTR(h->off))->word & 1) ? "set" : "unset";
+  lua_pushfstring(L, "%s (%s) %p", EVENT, state, (void *)h);
+  return 1;
+}
+
+static int sync_Event(lua_State *L) {
+  mp_handle *h = newhandle(L, sizeof(mp_handle), EVENT, 0);
+  h->off = mp_obj_new(L, sizeof(event_obj), T_EVENT);
+  h->pid = getpid();
+  return 1;
+}
+
+static void event_decode(lua_State *L, const unsigned char *p, size_t n) {
+  uint64_t off = mp_handle_payload(L, p, n);
+  if (((mp_obj *)MP_PTR(off))->type != T_EVENT) luaL_error(L, "cannot decode: bad handle");
+  mp_handle *h = newhandle(L, sizeof(mp_handle), EVENT, 0);
+  mp_obj_retain(off);
+  h->off = off;
+  h->pid = getpid();
+}
+
+static const mp_handle_type event_type = { EVENT, mp_handle_encode, event_decode };
+
+/* ----------------------------------------------------------- Condition */
+
+static cond_handle *tocond(lua_State *L, int idx) { return checkopen(L, idx, CONDITION); }
+
+static int cond_acquire(lua_State *L) {
+  cond_handle *c = tocond(L, 1);
+  return lock_take(L, MP_PTR(c->lock), acquire_deadline(L, 2));
+}
+
+static int cond_release(lua_State *L) {
+  lock_give(L, MP_PTR(tocond(L, 1)->lock));
+  return 0;
+}
+
+static int cond_wait(lua_State *L) {
+  cond_handle *ch = tocond(L, 1);
+  cond_obj *c = MP_PTR(ch->h.off);
+  lock_obj *k = MP_PTR(ch->lock);
+  double deadline = mp_deadline(L, 2);
+  if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot wait on an un-acquired lock");
+  mp_lock(&c->m);
+  c->waiters++;
+  uint32_t s = c->seq;
+  mp_unlock(&c->m);
+  uint32_t depth = k->depth ? k->depth : 1;  /* release every level of an RLock */
+  k->depth = 0;
+  for (uint32_t i = 0; i < depth; i++) pthread_mutex_unlock(&k->m);
+  int r, notified = 0;
+  for (;;) {
+    r = mp_futex_wait(L, &c->seq, s, deadline);
+    mp_lock(&c->m);
+    if (c->seq != s && c->signals > 0) { c->signals--; notified = 1; }
+    else if (r == MP_WOKE) s = c->seq;  /* the wake-ups were taken by others: sleep on */
+    if (notified || r != MP_WOKE) {
+      c->waiters--;
+      if (c->signals > c->waiters) c->signals = c->waiters;
+      mp_unlock(&c->m);
+      break;
+    }
+    mp_unlock(&c->m);
+  }
+  mp_mutex_lock(NULL, &k->m, -1);  /* retaken whatever happened, as Python does */
+  for (uint32_t i = 1; i < depth; i++) pthread_mutex_lock(&k->m);
+  k->depth = depth;
+  if (!notified && r == MP_INTERRUPTED) return mp_waitresult(L, r);
+  lua_pushboolean(L, notified);
+  return 1;
+}
+
+static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
+  cond_obj *c = MP_PTR(ch->h.off);
+  lock_obj *k = MP_PTR(ch->lock);
+  if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
+  mp_lock(&c->m);
+  uint32_t free = c->waiters - c->signals;
+  uint32_t give = n < (lua_Integer)free ? (uint32_t)n : free;
+  if (give) { c->signals += give; __atomic_add_fetch(&c->seq, 1, __ATOMIC_SEQ_CST); }
+  mp_unlock(&c->m);
+  /* everyone wakes: the ones notified are those that find a signal left */
+  if (give) mp_futex_wake(&c->seq, INT_MAX);
+  return 0;
+}
+
+static int cond_notify(lua_State *L) {
+  cond_handle *ch = tocond(L, 1);
+  lua_Integer n = luaL_optinteger(L, 2, 1);
+  luaL_argcheck(L, n >= 0, 2, "must be >= 0");
+  return cond_notify_n(L, ch, n);
+}
+
+static int cond_notify_all(lua_State *L) {
+  return cond_notify_n(L, tocond(L, 1), LUA_MAXINTEGER);
+}
+
+static int cond_close(lua_State *L) {
+  cond_handle *ch = lua_touserdata(L, 1);
+  if (ch) {  /* each part on its own: a failed constructor may leave only the lock */
+    if (ch->h.off) mp_obj_release(ch->h.off, ch->h.pid);
+    if (ch->lock) mp_obj_release(ch->lock, ch->h.pid);
+    ch->h.off = ch->lock = 0;
+  }
+  return 0;
+}
+
+static int cond_tostring(lua_State *L) {
+  cond_handle *ch = lua_touserdata(L, 1);
+  if (!ch->h.off) { lua_pushfstring(L, "%s (closed) %p", CONDITION, (void *)ch); return 1; }
+  lock_obj *k = MP_PTR(ch->lock);
+  lua_pushfstring(L, "%s (%s, %s) %p", CONDITION, lock_short(k),
+                  mutex_tid(&k->m) ? "locked" : "unlocked", (void *)ch);
+  return 1;
+}
+
+static cond_handle *push_cond(lua_State *L, uint64_t off, uint64_t lock) {
+  cond_handle *ch = (cond_handle *)newhandle(L, sizeof(cond_handle), CONDITION, 0);
+  ch->h.off = off;
+  ch->lock = lock;
+  ch->h.pid = getpid();
+  return ch;
+}
+
+/* Condition([lock]): a new RLock unless a Lock or RLock is given */
+static int sync_Condition(lua_State *L) {
+  uint64_t lock;
+  if (lua_isnoneornil(L, 1)) {
+    lua_settop(L, 0);
+    cond_handle *ch = push_cond(L, 0, 0);
+    ch->lock = mp_sync_newlock(L, 1);
+    ch->h.off = mp_obj_new(L, sizeof(cond_obj), T_COND);
+  } else {
+    mp_handle *h = luaL_testudata(L, 1, LOCK);
+    if (!h) h = luaL_testudata(L, 1, RLOCK);
+    if (!h) return luaL_typeerror(L, 1, "Lock or RLock");
+    if (!h->off) return luaL_argerror(L, 1, "the lock is closed");
+    lock = h->off;
+    cond_handle *ch = push_cond(L, 0, 0);
+    ch->h.off = mp_obj_new(L, sizeof(cond_obj), T_COND);
+    mp_obj_retain(lock);
+    ch->lock = lock;
+  }
+  mp_mutex_init(&((cond_obj *)MP_PTR(((mp_handle *)lua_touserdata(L, -1))->off))->m, 0);
+  return 1;
+}
+
+static size_t cond_encode(lua_State *L, int idx, unsigned char *payload) {
+  cond_handle *ch = lua_touserdata(L, idx);
+  if (!ch->h.off) luaL_error(L, "cannot send a closed Condition");
+  pin(ch->h.off);
+  pin(ch->lock);
+  memcpy(payload, &ch->h.off, 8);
+  memcpy(payload + 8, &ch->lock, 8);
+  return 16;
+}
+
+static void cond_decode(lua_State *L, const unsigned char *p, size_t n) {
+  if (n != 16) luaL_error(L, "cannot decode: bad handle");
+  uint64_t off = checkpayload(L, p, T_COND), lock = checkpayload(L, p + 8, T_LOCK);
+  mp_obj_retain(off);
+  mp_obj_retain(lock);
+  push_cond(L, off, lock);
+}
+
+static const mp_handle_type cond_type = { CONDITION, cond_encode, cond_decode };
+
+/* ------------------------------------------------------------- Barrier */
+
+static barrier_obj *tobarrier(lua_State *L, int idx) {
+  return MP_PTR(((mp_handle *)checkopen(L, idx, BARRIER))->off);
+}
+
+static void b_bump(barrier_obj *b) {
+  __atomic_add_fetch(&b->seq, 1, __ATOMIC_SEQ_CST);
+  mp_futex_wake(&b->seq, INT_MAX);
+}
+
+static void b_break(barrier_obj *b) { b->state = B_BROKEN; b_bump(b); }
+
+/* A process leaves wait(): the last one out ends a drain or a reset. */
+static void b_exit(barrier_obj *b) {
+  b->count--;
+  if (b->count == 0 && (b->state == B_RESETTING || b->state == B_DRAINING)) {
+    b->state = B_FILLING;
+    b_bump(b);
+  }
+}
+
+/* Sleeps until the state changes; the mutex is held before and after. */
+static int b_sleep(lua_State *L, barrier_obj *b, double deadline) {
+  uint32_t s = __atomic_load_n(&b->seq, __ATOMIC_SEQ_CST);
+  mp_unlock(&b->m);
+  int r = mp_futex_wait(L, &b->seq, s, deadline);
+  mp_lock(&b->m);
+  return r;
+}
+
+static int b_broken(lua_State *L) { return luaL_error(L, "broken barrier"); }
+
+static int barrier_wait(lua_State *L) {
+  barrier_obj *b = tobarrier(L, 1);
+  double deadline = !lua_isnoneornil(L, 2) ? mp_deadline(L, 2) : b->timeout < 0 ? -1 : mp_now() + b->timeout;
+  mp_lock(&b->m);
+  while (b->state == B_DRAINING || b->state == B_RESETTING || b->state == B_ACTION) {
+    int r = b_sleep(L, b, deadline);  /* the previous round is still leaving */
+    if (r == MP_TIMEOUT) { mp_unlock(&b->m); return b_broken(L); }
+    if (r == MP_INTERRUPTED) { mp_unlock(&b->m); return mp_waitresult(L, r); }
+  }
+  if (b->state != B_FILLING) { mp_unlock(&b->m); return b_broken(L); }
+  uint32_t index = b->count++;
+  if (b->count == b->parties) {  /* the last to arrive runs the action and lets all go */
+    if (lua_getiuservalue(L, 1, 1) != LUA_TNIL) {
+      b->state = B_ACTION;
+      mp_unlock(&b->m);
+      int st = lua_pcall(L, 0, 0, 0);
+      mp_lock(&b->m);
+      if (st != LUA_OK) { b_break(b); b_exit(b); mp_unlock(&b->m); return lua_error(L); }
+      if (b->state != B_ACTION) { b_exit(b); mp_unlock(&b->m); return b_broken(L); }
+    }
+    b->state = B_DRAINING;
+    b_bump(b);
+    b_exit(b);
+    mp_unlock(&b->m);
+    lua_pushinteger(L, index);
+    return 1;
+  }
+  int r = MP_WOKE;
+  while (b->state == B_FILLING || b->state == B_ACTION) {
+    r = b_sleep(L, b, deadline);
+    if (r != MP_WOKE && (b->state == B_FILLING || b->state == B_ACTION)) { b_break(b); break; }
+    r = MP_WOKE;
+  }
+  int passed = b->state == B_DRAINING;
+  b_exit(b);
+  mp_unlock(&b->m);
+  if (r == MP_INTERRUPTED) return mp_waitresult(L, r);
+  if (!passed) return b_broken(L);
+  lua_pushinteger(L, index);
+  return 1;
+}
+
+static int barrier_abort(lua_State *L) {
+  barrier_obj *b = tobarrier(L, 1);
+  mp_lock(&b->m);
+  b_break(b);
+  mp_unlock(&b->m);
+  return 0;
+}
+
+static int barrier_reset(lua_State *L) {
+  barrier_obj *b = tobarrier(L, 1);
+  mp_lock(&b->m);
+  if (b->count > 0) {
+    if (b->state == B_FILLING || b->state == B_ACTION || b->state == B_BROKEN) b->state = B_RESETTING;
+  } else {
+    b->state = B_FILLING;
+  }
+  b_bump(b);
+  mp_unlock(&b->m);
+  return 0;
+}
+
+static const luaL_Reg barrier_methods[] = {
+  {"wait", barrier_wait}, {"abort", barrier_abort}, {"reset", barrier_reset},
+  {"close", handle_close}, {NULL, NULL}
+};
+
+/* fields parties, n_waiting, broken; then the methods */
+static int barrier_index(lua_State *L) {
+  const char *k = lua_tostring(L, 2);
+  if (k && (!strcmp(k, "parties") || !strcmp(k, "n_waiting") || !strcmp(k, "broken"))) {
+    barrier_obj *b = tobarrier(L, 1);
+    int32_t state = __atomic_load_n(&b->state, __ATOMIC_ACQUIRE);
+    if (k[0] == 'p') lua_pushinteger(L, b->parties);
+    else if (k[0] == 'n') lua_pushinteger(L, state == B_FILLING ? __atomic_load_n(&b->count, __ATOMIC_ACQUIRE) : 0);
+    else lua_pushboolean(L, state == B_BROKEN);
+    return 1;
+  }
+  lua_pushvalue(L, 2);
+  lua_rawget(L, lua_upvalueindex(1));
+  return 1;
+}
+
+static int barrier_tostring(lua_State *L) {
+  mp_handle *h = lua_touserdata(L, 1);
+  if (!h->off) { lua_pushfstring(L, "%s (closed) %p", BARRIER, (void *)h); return 1; }
+  barrier_obj *b = MP_PTR(h->off);
+  if (b->state == B_BROKEN)
+    lua_pushfstring(L, "%s (parties=%d, broken) %p", BARRIER, (int)b->parties, (void *)h);
+  else
+    lua_pushfstring(L, "%s (parties=%d, waiting=%d) %p", BARRIER, (int)b->parties,
+                    b->state == B_FILLING ? (int)b->count : 0, (void *)h);
+  return 1;
+}
+
+/* Barrier(parties [, action [, timeout]]) */
+static int sync_Barrier(lua_State *L) {
+  lua_settop(L, 3);
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 1 && n <= INT_MAX, 1, "parties must be >= 1");
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
+  double timeout = -1;
+  if (!lua_isnoneornil(L, 3)) {
+    timeout = luaL_checknumber(L, 3);
+    luaL_argcheck(L, timeout == timeout, 3, "timeout is NaN");
+    if (timeout < 0) timeout = 0;
+  }
+  mp_handle *h = newhandle(L, sizeof(mp_handle), BARRIER, 1);
+  lua_pushvalue(L, 2);
+  lua_setiuservalue(L, -2, 1);
+  h->off = mp_obj_new(L, sizeof(barrier_obj), T_BARRIER);
+  h->pid = getpid();
+  barrier_obj *b = MP_PTR(h->off);
+  mp_mutex_init(&b->m, 0);
+  b->parties = (uint32_t)n;
+  b->timeout = timeout;
+  return 1;
+}
+
+static void barrier_decode(lua_State *L, const unsigned char *p, size_t n) {
+  uint64_t off = mp_handle_payload(L, p, n);
+  if (((mp_obj *)MP_PTR(off))->type != T_BARRIER) luaL_error(L, "cannot decode: bad handle");
+  mp_handle *h = newhandle(L, sizeof(mp_handle), BARRIER, 1);
+  mp_obj_retain(off);
+  h->off = off;
+  h->pid = getpid();
+}
+
+static const mp_handle_type barrier_type = { BARRIER, mp_handle_encode, barrier_decode };
+
+/* ------------------------------------------------------------- classes */
+
+static const luaL_Reg lock_methods[] = {
+  {"acquire", lock_acquire}, {"release", lock_release}, {"locked", lock_locked},
+  {"close", handle_close}, {NULL, NULL}
+};
+static const luaL_Reg rlock_methods[] = {
+  {"acquire", lock_acquire}, {"release", lock_release}, {"is_owned", lock_is_owned},
+  {"close", handle_close}, {NULL, NULL}
+};
+static const luaL_Reg lock_meta[] = {
+  {"__gc", handle_close}, {"__close", handle_close}, {"__tostring", lock_tostring}, {NULL, NULL}
+};
+static const luaL_Reg sem_methods[] = {
+  {"acquire", sem_acquire}, {"release", sem_release}, {"get_value", sem_get_value},
+  {"close", handle_close}, {NULL, NULL}
+};
+static const luaL_Reg sem_meta[] = {
+  {"__gc", handle_close}, {"__close", handle_close}, {"__tostring", sem_tostring}, {NULL, NULL}
+};
+static const luaL_Reg event_methods[] = {
+  {"set", event_set}, {"clear", event_clear}, {"is_set", event_is_set}, {"wait", event_wait},
+  {"close", handle_close}, {NULL, NULL}
+};
+static const luaL_Reg event_meta[] = {
+  {"__gc", handle_close}, {"__close", handle_close}, {"__tostring", event_tostring}, {NULL, NULL}
+};
+static const luaL_Reg cond_methods[] = {
+  {"acquire", cond_acquire}, {"release", cond_release}, {"wait", cond_wait},
+  {"notify", cond_notify}, {"notify_all", cond_notify_all}, {"close", cond_close}, {NULL, NULL}
+};
+static const luaL_Reg cond_meta[] = {
+  {"__gc", cond_close}, {"__close", cond_close}, {"__tostring", cond_tostring}, {NULL, NULL}
+};
+static const luaL_Reg barrier_meta[] = {
+  {"__gc", handle_close}, {"__close", handle_close}, {"__tostring", barrier_tostring}, {NULL, NULL}
+};
+
 int mp_sync_open(lua_State *L) {
-  (void)L;
+  static int atfork_set;
+  if (!atfork_set) { atfork_set = 1; pthread_atfork(NULL, NULL, forget_tid); }
+  static const struct { const char *name, *shortname; const luaL_Reg *methods, *meta; const mp_handle_type *type; } classes[] = {
+    {LOCK, "Lock", lock_methods, lock_meta, &lock_type},
+    {RLOCK, "RLock", rlock_methods, lock_meta, &rlock_type},
+    {SEMAPHORE, "Semaphore", sem_methods, sem_meta, &sem_type},
+    {BSEMAPHORE, "BoundedSemaphore", sem_methods, sem_meta, &bsem_type},
+    {EVENT, "Event", event_methods, event_meta, &event_type},
+    {CONDITION, "Condition", cond_methods, cond_meta, &cond_type},
+  };
+  /* core.sync_methods: the method tables, for the methods sync.lua adds */
+  lua_newtable(L);
+  for (size_t i = 0; i < sizeof classes / sizeof classes[0]; i++) {
+    mp_newclass(L, classes[i].name, classes[i].methods, classes[i].meta);
+    mp_codec_register(classes[i].type);
+    luaL_getmetatable(L, classes[i].name);
+    lua_getfield(L, -1, "__index");
+    lua_setfield(L, -3, classes[i].shortname);
+    lua_pop(L, 1);
+  }
+  lua_setfield(L, -2, "sync_methods");
+  luaL_newmetatable(L, BARRIER);
+  luaL_setfuncs(L, barrier_meta, 0);
+  luaL_newlib(L, barrier_methods);
+  lua_pushcclosure(L, barrier_index, 1);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  mp_codec_register(&barrier_type);
+  static const luaL_Reg funcs[] = {
+    {"Lock", sync_Lock}, {"RLock", sync_RLock}, {"Semaphore", sync_Semaphore},
+    {"BoundedSemaphore", sync_BoundedSemaphore}, {"Event", sync_Event},
+    {"Condition", sync_Condition}, {"Barrier", sync_Barrier}, {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
   return 0;
 }

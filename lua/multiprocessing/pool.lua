@@ -1,2 +1,744 @@
--- pool.lua: placeholder until this part is written.
-return {}
+-- pool.lua: Pool, its map family and AsyncResult (see docs/pool.md).
+--
+-- The parent puts task messages (a chunk of items, the call's function as a
+-- shared blob) on one shared queue; workers take them, recording which message
+-- they hold in the pool's shared state, and put results on a second queue.
+-- Everything the parent does happens when it talks to the pool (no threads):
+-- it reads results, checks its workers every SLICE seconds (death, timeouts),
+-- respawns them, feeds lazy inputs and runs callbacks.
+local core = require "multiprocessing.core"
+local progress = require "multiprocessing.progress"
+
+local encode, decode, now = core.encode, core.decode, core.now
+local pack, unpack, move = table.pack, table.unpack, table.move
+-- the traceback of an error in a task, without the frames the worker
+-- inherited from the parent's stack at fork time
+local function traceback(msg)
+  local tb = debug.traceback(msg, 2)
+  return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
+end
+
+local SLICE = 0.05      -- seconds between health checks while waiting
+local AHEAD = 4         -- chunks in flight per worker for lazy inputs
+local WINDOW_ITEMS = 1024 -- and at least this many items
+local PACK = 64          -- at most this many chunks of tiny tasks in one message
+local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is automatic
+
+local M = {}
+local Pool = { __name = "multiprocessing.Pool" }
+Pool.__index = Pool
+local AsyncResult = { __name = "multiprocessing.AsyncResult" }
+AsyncResult.__index = AsyncResult
+
+------------------------------------------------------------------ the worker
+
+local function worker_main(pool, i)
+  core.sigint("ignore")  -- Ctrl-C is the parent's to handle
+  local tasks, results, st = pool._tasks, pool._results, pool._st
+  local me = core.getpid()
+  if pool._initializer then
+    local a = pool._initargs
+    local ok, err = xpcall(pool._initializer, traceback, unpack(a, 1, a.n or #a))
+    if not ok then
+      results:put { -2, i, me, tostring(err) }
+      core._exit(1)
+    end
+  end
+  results:put { -1, i, me }
+  local funcs, nfuncs, done = {}, 0, 0
+  local maxtasks = pool._maxtasks
+  -- one protected call runs a whole message; after an error it resumes past the failed item
+  local F, ITEMS, OUT, N, CUR, MODE
+  local function run()
+    if MODE == 0 then
+      for k = CUR + 1, N do CUR = k OUT[k] = F(ITEMS[k]) end
+    elseif MODE == 1 then
+      for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = F(unpack(a, 1, a.n or #a)) end
+    elseif MODE == 2 then
+      for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = pack(F(unpack(a, 1, a.n or #a))) end
+    else  -- apply: ITEMS are the arguments of the one call
+      CUR = 1
+      OUT[1] = pack(F(unpack(ITEMS, 1, ITEMS.n or #ITEMS)))
+    end
+  end
+  local idle_since = now()
+  while true do
+    -- a task message: { seq, fid, blob, n, items, mode }; false asks the worker to stop
+    local msg = st:get_task(tasks, i)
+    local t0 = now()
+    if msg == false then break end
+    if msg then
+      local fid = msg[2]
+      local f = funcs[fid]
+      if not f then
+        if nfuncs >= 64 then funcs, nfuncs = {}, 0 end
+        f = decode(core.blob_get(msg[3]))
+        funcs[fid], nfuncs = f, nfuncs + 1
+      end
+      local t1 = now()
+      local n = msg[4]
+      F, ITEMS, N, MODE, CUR = f, msg[5], n, msg[6], 0
+      local out, errs = {}, nil
+      OUT = out
+      while true do
+        local ok, e = xpcall(run, traceback)
+        if ok then break end
+        errs = errs or {}
+        errs[CUR] = tostring(e)
+        out[CUR] = nil
+      end
+      F, ITEMS, OUT = nil, nil, nil
+      local t2 = now()
+      -- a result message: { seq, out, errs, pid, busy }
+      results:put { msg[1], out, errs or false, me, t2 - t1 }
+      local t3 = now()
+      st:done(i, n, t2 - t1, t0 - idle_since, t3 - t2, t1 - t0)
+      done = done + 1
+      if maxtasks and done >= maxtasks then core._exit(0) end
+      idle_since = now()
+    end
+  end
+  core._exit(0)
+end
+
+------------------------------------------------------------------ the parent
+
+local function spawn(self, i)
+  self._st:release(i)
+  local pid, err = core.fork(false)
+  if not pid then error("cannot start a pool worker: " .. tostring(err), 0) end
+  if pid == 0 then
+    local ok, e = pcall(worker_main, self, i)
+    io.stderr:write("pool worker ", i, ": ", tostring(ok and "returned" or e), "\n")
+    core._exit(1)
+  end
+  self._workers[i] = { pid = pid, ready = false }
+end
+
+local function exit_text(code)
+  if code < 0 then return "killed by " .. core.signame(-code) end
+  return "exit code " .. code
+end
+
+local function item_text(call, i0, n)
+  if n == 1 then return ("item %d"):format(i0) end
+  return ("items %d-%d"):format(i0, i0 + n - 1)
+end
+
+local function run_callback(fn, arg)
+  local ok, err = xpcall(fn, traceback, arg)
+  if not ok then io.stderr:write("multiprocessing: error in a pool callback: ", tostring(err), "\n") end
+end
+
+local function finish(self, call)
+  if call.finished then return end
+  call.finished = true
+  if call.id then self._calls[call.id] = nil end
+  if call.bar then call.bar:close() end
+  if call.err then
+    if call.error_callback then run_callback(call.error_callback, call.err) end
+  elseif call.callback then
+    local v = call.results
+    if call.kind == "apply" then v = call.value[1] end
+    run_callback(call.callback, v)
+  end
+end
+
+local function fail(self, call, idx, text)
+  if call.finished then return end
+  local errs = call.errors
+  if not errs then errs = {} call.errors = errs end
+  errs[idx] = text
+  if not call.err then
+    call.err = text
+    if call.kind ~= "imap" and call.kind ~= "unordered" then finish(self, call) end
+  end
+end
+
+local function settle(self, call)  -- after a chunk ends: is the call complete?
+  if call.bar then call.bar:update(call.done) end
+  if call.fed_all and call.pending == 0 and call.kind ~= "imap" and call.kind ~= "unordered" then
+    finish(self, call)
+  end
+end
+
+-- records that items i0 .. i0+n-1 ended, for the iterators of imap and imap_unordered
+local function mark_done(call, i0, n)
+  if call.have then
+    call.have[i0] = n
+  elseif call.arrived then
+    local a = call.narrived
+    call.arrived[a + 1], call.arrived[a + 2] = i0, n
+    call.narrived = a + 2
+  end
+end
+
+local function on_result(self, msg)
+  local seq = msg[1]
+  if seq == -1 then  -- { -1, worker, pid }: a worker is ready
+    local w = self._workers[msg[2]]
+    if w and w.pid == msg[3] then w.ready = true end
+    return
+  elseif seq == -2 then  -- { -2, worker, pid, error }: its initializer failed
+    self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg[3], msg[4])
+    return
+  end
+  local inf = self._inflight[seq]
+  if not inf then return end  -- a call that already failed, or was abandoned
+  self._inflight[seq] = nil
+  if inf.kind == "apply" then  -- an apply_async call is its own inflight record
+    if inf.finished then return end
+    local errs = msg[3]
+    if errs then
+      inf.err = ("apply failed (worker pid %d):\n%s"):format(msg[4], errs[1])
+    else
+      inf.value = msg[2][1]
+    end
+    finish(self, inf)
+    return
+  end
+  local call = inf.call
+  call.pending = call.pending - 1
+  local out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
+  local i0, n = inf.i0, inf.n
+  move(out, 1, n, i0, call.results)
+  if errs then
+    for k, e in pairs(errs) do
+      fail(self, call, i0 + k - 1, ("%s failed on item %d (worker pid %d):\n%s"):format(call.kind, i0 + k - 1, pid, e))
+    end
+  end
+  mark_done(call, i0, n)
+  call.done = call.done + n
+  if n > 0 then call.per_item = busy / n end
+  settle(self, call)
+end
+
+local function check_workers(self)
+  local t = now()
+  self._checked = t
+  local st = self._st
+  for i, w in pairs(self._workers) do
+    local code = w.code or core.reap(w.pid)
+    local seq, since = st:claimed(i)
+    if code ~= nil then
+      local inf = seq ~= 0 and self._inflight[seq]
+      if inf and inf.kind == "apply" then
+        self._inflight[seq] = nil
+        inf.err = inf.err or ("apply: worker pid %d died (%s) while running the task"):format(w.pid, exit_text(code))
+        finish(self, inf)
+      elseif inf then
+        self._inflight[seq] = nil
+        local call = inf.call
+        call.pending = call.pending - 1
+        for k = 0, inf.n - 1 do
+          fail(self, call, inf.i0 + k, ("%s: worker pid %d died (%s) while running %s"):format(
+            call.kind, w.pid, exit_text(code), item_text(call, inf.i0, inf.n)))
+        end
+        mark_done(call, inf.i0, inf.n)
+        call.done = call.done + inf.n
+        settle(self, call)
+      end
+      self._workers[i] = nil
+      if not w.ready and not self._broken and code ~= 0 then
+        -- it died before it was ready: it will be reported by its init_error, or here
+        self._broken = self._broken or ("a new worker (pid %d) died during start-up (%s)"):format(w.pid, exit_text(code))
+      end
+      if self._state == "running" and not self._broken then spawn(self, i) end
+    elseif seq ~= 0 then
+      local inf = self._inflight[seq]
+      local limit = inf and (inf.call or inf).timeout
+      if limit and inf.kind == "apply" then
+        if t - since > limit then
+          core.kill(w.pid, 9)
+          self._inflight[seq] = nil
+          inf.err = ("apply: task timed out after %gs; worker pid %d was killed"):format(limit, w.pid)
+          finish(self, inf)
+        end
+      elseif limit and t - since > limit then
+        core.kill(w.pid, 9)
+        self._inflight[seq] = nil
+        local call = inf.call
+        call.pending = call.pending - 1
+        for k = 0, inf.n - 1 do
+          fail(self, call, inf.i0 + k, ("%s: task timed out after %gs (%s); worker pid %d was killed"):format(
+            call.kind, limit, item_text(call, inf.i0, inf.n), w.pid))
+        end
+        mark_done(call, inf.i0, inf.n)
+        call.done = call.done + inf.n
+        settle(self, call)
+      end
+    end
+  end
+end
+
+local function put_task(self, call, i0, items, n)
+  local seq = self._seq + 1
+  local msg = self._msg
+  msg[1], msg[2], msg[3], msg[4], msg[5], msg[6] = seq, call.fid, call.blob, n, items, call.star and 1 or 0
+  local ok, err = pcall(self._tasks.put, self._tasks, msg)
+  msg[5] = nil
+  if not ok then
+    err = tostring(err):gsub("at value%[5%]%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - 1) end)
+    error(err, 0)
+  end
+  self._seq = seq
+  self._inflight[seq] = { call = call, i0 = i0, n = n }
+  call.pending = call.pending + 1
+end
+
+local function chunk_size(self, call)
+  local c = call.chunksize
+  if c then
+    -- An explicit chunksize is kept while tasks take long enough for it to
+    -- matter; tasks of microseconds travel several chunks to a message (each
+    -- item still gets its own result or error, in order).
+    local per = call.per_item
+    if per and not call.timeout then
+      local pack = math.floor(CHUNK_TIME / math.max(per * c, 1e-7))
+      if pack > 1 then return c * math.min(pack, PACK) end
+    end
+    return c
+  end
+  if call.total then return math.max(1, math.ceil(call.total / (self._n * 4))) end
+  if not call.per_item then return 1 end  -- lazy input: grow once timings come back
+  return math.max(1, math.min(10000, math.floor(CHUNK_TIME / math.max(call.per_item, 1e-7))))
+end
+
+-- Feeds the call's input: all of it, or up to the window for lazy calls.
+local function feed(self, call)
+  if call.fed_all or call.finished then return end
+  while not call.fed_all do
+    local k = chunk_size(self, call)
+    if call.window and call.next_index - 1 - call.consumed >= math.max(call.window * k, WINDOW_ITEMS) then break end
+    local i0 = call.next_index
+    local items, n
+    if call.seq_input then
+      local last = math.min(call.total, i0 + k - 1)
+      n = last - i0 + 1
+      items = move(call.seq_input, i0, last, 1, {})
+    else
+      items, n = {}, 0
+      local nextf = call.iter
+      while n < k do
+        local v = nextf()
+        if v == nil then call.exhausted = true break end
+        n = n + 1
+        items[n] = v
+      end
+    end
+    if n > 0 then
+      put_task(self, call, i0, items, n)
+      call.next_index = i0 + n
+    end
+    if (call.seq_input and call.next_index > call.total) or call.exhausted then
+      call.fed_all = true
+      call.total = call.next_index - 1
+      if call.bar then call.bar.total = call.total end
+    end
+  end
+  settle(self, call)
+end
+
+-- One turn of the engine: waits up to `wait` seconds for results.
+local function pump(self, wait)
+  local results = self._results
+  local deadline = now() + math.min(wait or SLICE, SLICE)
+  local msg, why = results:get(math.max(0, deadline - now()))
+  if msg == nil and why == "interrupted" then return end
+  while msg ~= nil do
+    on_result(self, msg)
+    msg = results:get_nowait()
+  end
+  if now() - self._checked >= SLICE or why == "timeout" then check_workers(self) end
+  for _, call in pairs(self._calls) do
+    if call.window then feed(self, call) end
+  end
+end
+
+local function check_usable(self, what)
+  if getmetatable(self) ~= Pool then error(("bad self to '%s' (Pool expected)"):format(what), 3) end
+  if self._owner ~= core.getpid() then error("a Pool can only be used by the process that made it", 3) end
+  if self._state ~= "running" then error(("cannot %s: the pool is %s"):format(what, self._state), 3) end
+  if self._broken then error("the pool is broken: " .. self._broken, 3) end
+end
+
+-- A function is sent once per call as a shared blob. Encoding it again for
+-- every call keeps changed upvalues right; it is skipped when its upvalues are
+-- only values that cannot have changed unseen (same numbers, strings,
+-- booleans, C functions, the globals), as for most apply_async loops.
+local getupvalue, getinfo = debug.getupvalue, debug.getinfo
+local globals = _G
+
+local function plain_upvalues(f, saved)
+  local i = 1
+  while true do
+    local name, v = getupvalue(f, i)
+    if name == nil then return saved == nil or saved.n == i - 1 end
+    local t = type(v)
+    if (t == "table" and v ~= globals) or (t == "function" and getinfo(v, "S").what ~= "C")
+      or t == "userdata" or t == "thread" then return false end
+    if saved and saved[i] ~= v then return false end
+    i = i + 1
+  end
+end
+
+local function func_blob(self, f)
+  local c = self._fcache[f]
+  if c and c.plain and plain_upvalues(f, c.ups) then return c.fid, c.blob end
+  local s = encode(f, "function")
+  if c and c.s == s then return c.fid, c.blob end
+  self._nfid = self._nfid + 1
+  local blob = core.blob_new(s)
+  self._blobs[#self._blobs + 1] = blob
+  c = { s = s, fid = self._nfid, blob = blob }
+  if plain_upvalues(f) then
+    local ups, i = {}, 1
+    while true do
+      local name, v = getupvalue(f, i)
+      if name == nil then break end
+      ups[i] = v
+      i = i + 1
+    end
+    ups.n = i - 1
+    c.plain, c.ups = true, ups
+  end
+  self._fcache[f] = c
+  return c.fid, blob
+end
+
+local function parse_opts(opts, what)
+  if opts == nil then return {} end
+  if type(opts) == "number" then return { chunksize = opts } end
+  if type(opts) ~= "table" then error(("bad options to '%s' (number or table expected, got %s)"):format(what, type(opts)), 3) end
+  if opts.chunksize ~= nil and (math.type(opts.chunksize) ~= "integer" or opts.chunksize < 1) then
+    error(("bad option chunksize to '%s' (positive integer expected)"):format(what), 3)
+  end
+  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
+    error(("bad option timeout to '%s' (positive number expected)"):format(what), 3)
+  end
+  return opts
+end
+
+local function new_call(self, kind, f, input, opts, what)
+  check_usable(self, what)
+  if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), 3) end
+  opts = parse_opts(opts, what)
+  self._ncid = self._ncid + 1
+  local call = {
+    id = self._ncid, kind = kind, results = {}, errors = {}, done = 0, pending = 0,
+    consumed = 0, next_index = 1,
+    chunksize = opts.chunksize, timeout = opts.timeout,
+    callback = opts.callback, error_callback = opts.error_callback,
+  }
+  local ok, fid, blob = pcall(func_blob, self, f)
+  if not ok then error((tostring(fid):gsub("at function", "at the function")), 3) end
+  call.fid, call.blob = fid, blob
+  if type(input) == "table" then
+    call.seq_input, call.total = input, (input.n or #input)
+    if call.total == 0 then call.fed_all = true end
+  elseif type(input) == "function" then
+    call.iter = input
+  else
+    error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(what, type(input)), 3)
+  end
+  if opts.progress then
+    call.bar = progress._bar { total = call.total, force = opts.progress == "force", desc = opts.desc }
+  end
+  self._calls[call.id] = call
+  return call
+end
+
+-- Waits for a call to be ready; returns false on timeout.
+local function wait_call(self, call, timeout)
+  local deadline = timeout and now() + timeout
+  while not call.finished do
+    local left = deadline and deadline - now()
+    if left and left <= 0 then return false end
+    local ok, err = pcall(pump, self, left or SLICE)
+    if not ok then self:terminate() error(err, 0) end
+  end
+  return true
+end
+
+local function results_of(call)
+  call.results.n = call.total
+  return call.results
+end
+
+--------------------------------------------------------------- public API
+
+function M.Pool(opts)
+  local n, init, initargs, maxtasks
+  if type(opts) == "table" then
+    n, init, initargs, maxtasks = opts.processes, opts.initializer, opts.initargs, opts.maxtasksperchild
+  elseif opts ~= nil and type(opts) ~= "number" then
+    error("bad argument #1 to 'Pool' (number or table expected, got " .. type(opts) .. ")", 2)
+  else
+    n = opts
+  end
+  n = n or core.cpu_count()
+  if math.type(n) ~= "integer" or n < 1 then error("bad argument #1 to 'Pool' (processes must be a positive integer)", 2) end
+  if init ~= nil and type(init) ~= "function" then error("bad argument #1 to 'Pool' (initializer must be a function)", 2) end
+  if maxtasks ~= nil and (math.type(maxtasks) ~= "integer" or maxtasks < 1) then
+    error("bad argument #1 to 'Pool' (maxtasksperchild must be a positive integer)", 2)
+  end
+  local self = setmetatable({
+    _n = n, _tasks = core.Queue(), _results = core.Queue(), _st = core.PoolState(n),
+    _workers = {}, _calls = {}, _inflight = {}, _seq = 0, _ncid = 0, _nfid = 0,
+    _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _state = "running", _msg = {},
+    _owner = core.getpid(), _checked = now(),
+    _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
+  }, Pool)
+  for i = 1, n do spawn(self, i) end
+  -- wait until every worker ran its initializer: a failing one fails the Pool
+  while true do
+    local all = true
+    for i = 1, n do if not (self._workers[i] and self._workers[i].ready) then all = false end end
+    if all then break end
+    local ok, err = pcall(pump, self, SLICE)
+    if not ok then self:terminate() error(err, 0) end
+    if self._broken then
+      local why = self._broken
+      self:terminate()
+      error("Pool initializer failed: " .. why:gsub("^the initializer failed in a new worker", "in worker"), 2)
+    end
+  end
+  return self
+end
+
+function Pool:map(f, iterable, opts)
+  local call = new_call(self, "map", f, iterable, opts, "map")
+  feed(self, call)
+  wait_call(self, call)
+  if call.err then error(call.err, 2) end
+  return results_of(call)
+end
+
+function Pool:starmap(f, list, opts)
+  local call = new_call(self, "starmap", f, list, opts, "starmap")
+  call.star = true
+  feed(self, call)
+  wait_call(self, call)
+  if call.err then error(call.err, 2) end
+  return results_of(call)
+end
+
+local function async(self, call)
+  feed(self, call)
+  call._pool = self
+  return setmetatable(call, AsyncResult)
+end
+
+function Pool:map_async(f, iterable, opts)
+  return async(self, new_call(self, "map", f, iterable, opts, "map_async"))
+end
+
+function Pool:starmap_async(f, list, opts)
+  local call = new_call(self, "starmap", f, list, opts, "starmap_async")
+  call.star = true
+  return async(self, call)
+end
+
+local NOARGS = {}
+
+function Pool:apply_async(f, args, opts)
+  check_usable(self, "apply_async")
+  if type(f) ~= "function" then error(("bad argument #1 to 'apply_async' (function expected, got %s)"):format(type(f)), 2) end
+  if args ~= nil and type(args) ~= "table" then
+    error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
+  end
+  -- a lean call: the AsyncResult is its own record, its one task is sent at once
+  local call = setmetatable({ _pool = self, kind = "apply" }, AsyncResult)
+  if opts ~= nil then
+    opts = parse_opts(opts, "apply_async")
+    call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
+  end
+  local ok, fid, blob = pcall(func_blob, self, f)
+  if not ok then error((tostring(fid):gsub("at function", "at the function")), 2) end
+  local seq = self._seq + 1
+  local msg = self._msg
+  msg[1], msg[2], msg[3], msg[4], msg[5], msg[6] = seq, fid, blob, 1, args or NOARGS, 3
+  local sent, err = pcall(self._tasks.put, self._tasks, msg)
+  msg[5] = nil
+  if not sent then error((tostring(err):gsub("at value%[5%]", "at args")), 2) end
+  self._seq = seq
+  self._inflight[seq] = call
+  return call
+end
+
+function Pool:apply(f, args, opts)
+  return self:apply_async(f, args, opts):get()
+end
+
+local function iterate(self, kind, f, iterable, opts, what)
+  local call = new_call(self, kind, f, iterable, opts, what)
+  call.window = self._n * AHEAD
+  if kind == "unordered" then call.arrived, call.next_arrived, call.narrived = {}, 1, 0 else call.have = {} end
+  feed(self, call)
+  local yielded = 0
+  local cur, last = 1, 0   -- the range of ended items being handed out
+  local function step()
+    while true do
+      if call.abandoned then return nil end
+      local idx
+      if kind == "unordered" then
+        if cur <= last then
+          idx, cur = cur, cur + 1
+        elseif call.next_arrived <= call.narrived then
+          local a, j = call.arrived, call.next_arrived
+          idx, last = a[j], a[j] + a[j + 1] - 1
+          cur = idx + 1
+          a[j], a[j + 1] = nil, nil
+          call.next_arrived = j + 2
+        end
+      elseif yielded < last then
+        idx = yielded + 1
+      else
+        local n = call.have[yielded + 1]
+        if n then
+          call.have[yielded + 1] = nil
+          idx, last = yielded + 1, yielded + n
+        end
+      end
+      if idx then
+        yielded = yielded + 1
+        local e = call.errors[idx]
+        local v = call.results[idx]
+        call.results[idx], call.errors[idx] = nil, nil
+        call.consumed = yielded
+        if e then
+          call.abandoned = true
+          self._calls[call.id] = nil
+          if call.bar then call.bar:close() end
+          error(e, 2)
+        end
+        return idx, v
+      end
+      if call.fed_all and yielded >= call.total then
+        call.finished = true
+        self._calls[call.id] = nil
+        if call.bar then call.bar:close() end
+        return nil
+      end
+      local ok, err = pcall(pump, self, SLICE)
+      if not ok then self:terminate() error(err, 0) end
+    end
+  end
+  local closer = setmetatable({}, { __close = function()
+    if not call.finished then
+      call.abandoned, call.finished = true, true
+      self._calls[call.id] = nil
+      if call.bar then call.bar:close() end
+    end
+  end })
+  return function()
+    local i, v = step()
+    if i == nil then return nil end
+    return i, v
+  end, nil, nil, closer
+end
+
+--- for i, v in pool:imap(f, iterable [, opts]): results in order, i is the item's index
+function Pool:imap(f, iterable, opts) return iterate(self, "imap", f, iterable, opts, "imap") end
+--- for i, v in pool:imap_unordered(f, iterable [, opts]): results as they come
+function Pool:imap_unordered(f, iterable, opts) return iterate(self, "unordered", f, iterable, opts, "imap_unordered") end
+
+function Pool:close()
+  if self._owner ~= core.getpid() then return end
+  if self._state ~= "running" then return end
+  self._state = "closing"
+  for _ = 1, self._n do
+    self._seq = self._seq + 1
+    self._tasks:put(false)
+  end
+end
+
+function Pool:join()
+  if self._owner ~= core.getpid() then return end
+  if self._state == "running" then error("cannot join a running pool (close or terminate it first)", 2) end
+  while next(self._workers) do
+    local _, w = next(self._workers)
+    local ok, err = pcall(function()
+      w.code = core.waitpid(w.pid, SLICE)
+      pump(self, 0)
+    end)
+    if not ok then self:terminate() error(err, 0) end
+    check_workers(self)
+  end
+  for _, call in pairs(self._calls) do
+    if call.pending > 0 then
+      call.err = call.err or "the pool was closed before the call finished"
+      finish(self, call)
+    end
+  end
+  self._state = "closed"
+  for _, b in ipairs(self._blobs) do core.blob_free(b) end
+  self._blobs = {}
+end
+
+function Pool:terminate()
+  if self._owner ~= core.getpid() or self._state == "terminated" then return end
+  self._state = "terminated"
+  for _, w in pairs(self._workers) do core.kill(w.pid, 9) end
+  for _, w in pairs(self._workers) do core.waitpid(w.pid) end
+  self._workers = {}
+  for _, call in pairs(self._calls) do
+    call.err = call.err or "the pool was terminated"
+    finish(self, call)
+  end
+  for _, b in ipairs(self._blobs) do core.blob_free(b) end
+  self._blobs = {}
+end
+
+--- pool:stats(): per worker insights, MPIRE style
+function Pool:stats()
+  local out = {}
+  for i = 1, self._n do
+    local info = self._st:info(i)
+    info.pid = self._workers[i] and self._workers[i].pid
+    out[i] = info
+  end
+  return out
+end
+
+Pool.__gc = function(self)
+  if rawget(self, "_owner") == core.getpid() and self._state ~= "terminated" then self:terminate() end
+end
+
+Pool.__close = function(self, err)
+  if err ~= nil then self:terminate() else self:close() self:join() end
+end
+
+Pool.__tostring = function(self)
+  return ("<Pool processes=%d state=%s>"):format(self._n, self._state)
+end
+
+------------------------------------------------------------- AsyncResult
+
+-- An AsyncResult is the record of its call.
+function AsyncResult:ready()
+  if not rawget(self, "finished") then pcall(pump, self._pool, 0) end
+  return rawget(self, "finished") == true
+end
+
+function AsyncResult:wait(timeout)
+  return wait_call(self._pool, self, timeout)
+end
+
+function AsyncResult:successful()
+  if not rawget(self, "finished") then pcall(pump, self._pool, 0) end
+  if not rawget(self, "finished") then error("the result is not ready", 2) end
+  return not self.err
+end
+
+function AsyncResult:get(timeout)
+  if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
+  if self.err then error(self.err, 2) end
+  if self.kind == "apply" then
+    local r = self.value
+    return unpack(r, 1, r.n)
+  end
+  return results_of(self)
+end
+
+return M

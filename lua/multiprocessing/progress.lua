@@ -1,2 +1,93 @@
--- progress.lua: placeholder until this part is written.
-return {}
+-- progress.lua: a tqdm-like progress bar on stderr, and mp.progress(iter [, total]).
+local core = require "multiprocessing.core"
+
+local now = core.now
+local M = {}
+
+local Bar = {}
+Bar.__index = Bar
+
+local REDRAW = 0.1  -- seconds between redraws: about ten a second at most
+
+local function hms(t)
+  if t ~= t or t == math.huge or t < 0 then return "?" end
+  t = math.floor(t + 0.5)
+  if t >= 3600 then return ("%d:%02d:%02d"):format(t // 3600, t % 3600 // 60, t % 60) end
+  return ("%02d:%02d"):format(t // 60, t % 60)
+end
+
+local function rate_text(r)
+  if r >= 1 or r == 0 then return ("%.2fit/s"):format(r) end
+  return ("%.2fs/it"):format(1 / r)
+end
+
+--- Renders the bar's line for `done` items at `t` seconds elapsed (no I/O: testable).
+function M.format(done, total, elapsed, desc, width)
+  width = width or 20
+  local rate = elapsed > 0 and done / elapsed or 0
+  local head = desc and (desc .. ": ") or ""
+  if total and total > 0 then
+    local frac = math.min(1, done / total)
+    local filled = math.floor(frac * width + 1e-9)
+    local eta = rate > 0 and (total - done) / rate or math.huge
+    return ("%s%3d%%|%s%s| %d/%d [%s<%s, %s]"):format(head, math.floor(frac * 100), ("#"):rep(filled),
+      (" "):rep(width - filled), done, total, hms(elapsed), hms(eta), rate_text(rate))
+  end
+  return ("%s%d [%s, %s]"):format(head, done, hms(elapsed), rate_text(rate))
+end
+
+--- progress.bar{total = n, desc = "...", force = bool, out = file}
+function M.bar(opts)
+  opts = opts or {}
+  local out = opts.out or io.stderr
+  local show = opts.force or (out == io.stderr and core.isatty(2))
+  local b = setmetatable({ total = opts.total, desc = opts.desc, out = out, show = show,
+                           start = now(), last = -math.huge, done = 0 }, Bar)
+  return b
+end
+
+function Bar:draw()
+  if not self.show then return end
+  self.out:write("\r", M.format(self.done, self.total, now() - self.start, self.desc), "\27[K")
+  self.out:flush()
+end
+
+function Bar:update(done)
+  self.done = done
+  local t = now()
+  if t - self.last >= REDRAW then
+    self.last = t
+    self:draw()
+  end
+end
+
+function Bar:close()
+  if self.closed then return end
+  self.closed = true
+  if self.show then self:draw() self.out:write("\n") self.out:flush() end
+end
+Bar.__close = Bar.close
+
+--- for v in mp.progress(iter_or_table [, total]) do ... end
+function M.progress(iter, total, opts)
+  opts = opts or {}
+  if type(iter) == "table" then
+    local t, i = iter, 0
+    total = total or #t
+    iter = function() i = i + 1 return t[i] end
+  elseif type(iter) ~= "function" then
+    error("bad argument #1 to 'progress' (table or iterator function expected, got " .. type(iter) .. ")", 2)
+  end
+  local bar = M.bar { total = total, desc = opts.desc, force = opts.force, out = opts.out }
+  local n = 0
+  return function(...)
+    local v = table.pack(iter(...))
+    if v[1] == nil then bar:close() return nil end
+    n = n + 1
+    bar:update(n)
+    return table.unpack(v, 1, v.n)
+  end, nil, nil, bar
+end
+
+-- names starting with "_" are for the library's own use (init.lua does not export them)
+return { progress = M.progress, _bar = M.bar, _format = M.format }

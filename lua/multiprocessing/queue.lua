@@ -1,2 +1,8 @@
--- queue.lua: placeholder until this part is written.
-return {}
+-- queue.lua: the queues are in C (src/queue.c); this names them.
+local core = require "multiprocessing.core"
+
+return {
+  Queue = core.Queue,
+  SimpleQueue = core.SimpleQueue,
+  JoinableQueue = core.JoinableQueue,
+}

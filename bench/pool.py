@@ -1,0 +1,55 @@
+# bench/pool.py: the same work as bench/pool.lua, with Python's multiprocessing.Pool (fork).
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+
+def median(f, reps):
+    return statistics.median(f() for _ in range(reps))
+
+
+def timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def double(x):
+    return x * 2
+
+
+def burn(n):
+    x = 0
+    for i in range(1, n + 1):
+        x = (x + i * i) % 1000003
+    return x
+
+
+N = 200000
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    xs = list(range(1, N + 1))
+    with mp.Pool(2) as pool:
+        print("pool: map x*2 over 200,000\t%.6f\t%d\titem" % (median(lambda: timed(lambda: pool.map(double, xs)), 5), N))
+        print("pool: imap chunksize=1 over 200,000\t%.6f\t%d\titem"
+              % (median(lambda: timed(lambda: sum(pool.imap(double, xs, chunksize=1))), 3), N))
+    with mp.Pool(2) as pool:
+        def run():
+            rs = [pool.apply_async(double, (i,)) for i in xs]
+            assert sum(r.get() for r in rs) == N * (N + 1)
+        t = timed(run)
+        print("pool: 200,000 apply_async + get\t%.6f\t%d\ttask" % (t, N))
+        print("# python apply_async: peak RSS %.1f MiB" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    items = [3000000] * 16
+    with mp.Pool(2) as pool:
+        print("pool: cpu-bound 16 x 3M-iteration loop, Pool(2)\t%.6f\t16\titem"
+              % median(lambda: timed(lambda: pool.map(burn, items, 1)), 1))
+
+    def start():
+        pool = mp.Pool(2)
+        pool.map(double, [1, 2], 1)
+        pool.close()
+        pool.join()
+    print("pool: Pool(2) + 1 task per worker + close/join\t%.6f\t1\tpool" % median(lambda: timed(start), 9))

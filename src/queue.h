@@ -1,0 +1,41 @@
+/* queue.h: the shared queue, for the C parts that move messages (Queue, Pool). */
+#ifndef MP_QUEUE_H
+#define MP_QUEUE_H
+
+#include "mp.h"
+
+#pragma GCC visibility push(hidden)
+
+/* A queue is a list of chunks in the arena holding length-prefixed messages;
+** a big message gets a block of its own that the reader decodes in place.
+** put never blocks unless maxsize is set; sleepers wait on sequence counters
+** and are woken only when someone sleeps, so no system call is made otherwise. */
+typedef struct mp_queue {
+  mp_obj h;
+  pthread_mutex_t lock;
+  uint64_t head, tail, spare;  /* chunks */
+  uint64_t count;              /* messages */
+  uint64_t bytes;              /* their encoded size */
+  uint64_t taken;              /* messages ever taken: the number of the last one */
+  int64_t maxsize;             /* 0: unbounded */
+  uint64_t unfinished;         /* JoinableQueue: puts not yet task_done */
+  uint32_t put_seq, get_seq, done_seq;
+  uint32_t getters, putters;   /* processes sleeping in get / put */
+  uint32_t joinable;
+  uint32_t nopace;
+  uint32_t chunkcap;           /* capacity of the next chunk: grows to CHUNK */             /* a pacing wait timed out: no pacing until the next get */
+} mp_queue;
+
+/* Both return MP_WOKE (done), MP_TIMEOUT or MP_INTERRUPTED; get pushes the value. */
+int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline);
+int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
+/* Same; while the queue is locked, writes the number of the message taken (and
+** the time) to *claim, so that a reader killed right after taking it is known
+** to have it. */
+typedef struct mp_claim { uint64_t seq; double start; } mp_claim;
+int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim);
+mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf);  /* the queue of a handle */
+
+#pragma GCC visibility pop
+
+#endif
