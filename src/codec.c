@@ -1,30 +1,43 @@
 /* codec.c: the value codec, Lua values to bytes and back (see docs/codec.md). */
 #include <math.h>
+#include <setjmp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "mp.h"
 
 /* ------------------------------------------------------------- format */
-#define FORMAT 0xB1   /* first byte of every encoding */
+#define FORMAT 0xB2   /* first byte of every encoding (the format version) */
 enum {
   T_NIL, T_FALSE, T_TRUE, T_INT8, T_INT16, T_INT32, T_INT64, T_FLOAT,
   T_STR8, T_STR32, T_STR64,
   T_TABLE,     /* u32 narr, u32 npairs, narr values, npairs key/value */
   T_TABLE_MT,  /* same, then the metatable value */
-  T_REF,       /* u32 index of a table or function seen before */
-  T_LFUNC,     /* u32 dump size, dump, u8 nups, per upvalue: 0 value | 1 u32 func, u8 n */
-  T_CFUNC,     /* str8 "module.name" */
+  T_REF,       /* u32 ordinal of a table or Lua function seen before */
+  T_LFUNC,     /* u32 dump size, dump, u64 checksum of the dump, u8 nups,
+                  per upvalue: 0 value | 1 u32 function ordinal, u8 upvalue number */
+  T_CFUNC,     /* str8 module name, str8 field name */
   T_MODULE,    /* str8 module name */
   T_GLOBALS,   /* the receiver's global table */
   T_NAMEDMT,   /* str8 name given to register_metatable */
   T_HANDLE,    /* str8 type name, u8 payload size, payload */
   T_LIMIT
 };
+/* Tables and Lua functions get ordinals 1, 2... in the order they start. The
+** encoder sets SHARED on the tag of those that are referenced again (by T_REF
+** or by a shared upvalue), so that the decoder remembers only those. */
+#define SHARED 0x80
 
 #define MAXDEPTH 200
 #define BIGSTR 65536      /* strings this long are referenced, not copied, while encoding */
 #define MAXTYPES 32
+
+#if defined(__clang__)
+#define NO_COVERAGE __attribute__((no_sanitize("coverage")))  /* see dump_ok */
+#else
+#define NO_COVERAGE
+#endif
 
 static const mp_handle_type *types[MAXTYPES];
 static int ntypes;
@@ -38,6 +51,34 @@ static const mp_handle_type *find_type(const char *name, size_t n) {
   for (int i = 0; i < ntypes; i++)
     if (strlen(types[i]->name) == n && memcmp(types[i]->name, name, n) == 0) return types[i];
   return NULL;
+}
+
+/* A checksum of function dumps: lua_load trusts bytecode, so a damaged dump
+** must never reach it. This guards against corruption, not against a hostile
+** sender (see docs/codec.md). */
+static uint64_t checksum(const unsigned char *p, size_t n) {
+  uint64_t h = 0x9e3779b97f4a7c15ULL ^ n, w;
+  for (; n >= 8; p += 8, n -= 8) {
+    memcpy(&w, p, 8);
+    h = (h ^ w) * 0xff51afd7ed558ccdULL;
+    h ^= h >> 31;
+  }
+  w = 0;
+  memcpy(&w, p, n);
+  h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
+  h ^= h >> 29; h *= 0xff51afd7ed558ccdULL; h ^= h >> 32;
+  return h;
+}
+
+/* Compared byte by byte, without coverage: a fuzzer that watches comparisons
+** must not learn the expected checksum and feed forged bytecode to lua_load. */
+static NO_COVERAGE int dump_ok(const unsigned char *p, size_t n, const unsigned char *sum) {
+  uint64_t h = checksum(p, n);
+  unsigned char hb[8];
+  unsigned diff = 0;
+  memcpy(hb, &h, 8);
+  for (int i = 0; i < 8; i++) diff |= (unsigned)(hb[i] ^ sum[i]);
+  return diff == 0;
 }
 
 /* ------------------------------------------------------------ buffers */
@@ -56,8 +97,12 @@ void mp_buf_reserve(lua_State *L, mp_buf *b, size_t extra) {
   b->p = p; b->cap = cap;
 }
 
+static inline void reserve(lua_State *L, mp_buf *b, size_t extra) {
+  if (b->cap - b->n < extra) mp_buf_reserve(L, b, extra);
+}
+
 void mp_buf_add(lua_State *L, mp_buf *b, const void *s, size_t n) {
-  mp_buf_reserve(L, b, n);
+  reserve(L, b, n);
   memcpy(b->p + b->n, s, n);
   b->n += n;
 }
@@ -73,7 +118,7 @@ void mp_buf_free(lua_State *L, mp_buf *b) {
 
 typedef struct pmap {
   const void **keys;
-  int *vals;
+  int64_t *vals;
   size_t cap, n;
 } pmap;
 
@@ -83,24 +128,27 @@ static size_t phash(const void *p) {
   return (size_t)x;
 }
 
-static void pmap_clear(pmap *m) {
-  if (m->n) { memset(m->keys, 0, m->cap * sizeof(*m->keys)); m->n = 0; }
-}
-
 static void pmap_free(pmap *m) {
   free(m->keys); free(m->vals);
   memset(m, 0, sizeof(*m));
 }
 
-static int pmap_get(const pmap *m, const void *k) {  /* -1 when absent */
-  if (!m->n) return -1;
+/* A big map is kept only while big values keep coming: the memset that empties
+** it must stay small next to the work that filled it. */
+static void pmap_clear(pmap *m) {
+  if (m->cap > 65536 && m->n < m->cap / 8) pmap_free(m);
+  else if (m->n) { memset(m->keys, 0, m->cap * sizeof(*m->keys)); m->n = 0; }
+}
+
+static int64_t pmap_get(const pmap *m, const void *k) {  /* -1 when absent */
+  if (!m->n || !k) return -1;  /* NULL marks empty slots: never a key */
   for (size_t i = phash(k) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
     if (m->keys[i] == k) return m->vals[i];
     if (!m->keys[i]) return -1;
   }
 }
 
-static void pmap_put(lua_State *L, pmap *m, const void *k, int v) {
+static void pmap_put(lua_State *L, pmap *m, const void *k, int64_t v) {
   if ((m->n + 1) * 2 > m->cap) {
     pmap old = *m;
     size_t cap = old.cap ? old.cap * 2 : 64;
@@ -124,46 +172,59 @@ typedef struct seg { size_t at; const char *p; size_t n; } seg;
 
 struct mp_enc {
   mp_buf out;
-  seg *segs; size_t nsegs, capsegs, segbytes;
-  pmap refs;     /* table/function -> ref index */
-  pmap ups;      /* upvalue id -> func ref << 8 | upvalue number */
-  pmap mods;     /* module table -> 1 (names in uservalue 2) */
-  int nrefs, busy, modsready, depth, base;
+  seg *segs; size_t nsegs, capsegs, segbytes;  /* big strings, kept alive by the anchor table */
+  size_t *refpos; size_t caprefpos;  /* output offset of the tag of each ordinal */
+  pmap refs;     /* table/function -> ordinal */
+  pmap ups;      /* upvalue id -> function ordinal << 8 | upvalue number */
+  pmap mods;     /* module tables (only when usemods) */
+  int nrefs, busy, usemods, hascnames, hasanchors, depth, base;
+  int small;     /* encodes in a row that used little of a big buffer */
+  int sawfunc;   /* a function was met: a module may have been sent as a table */
+  int canretry;  /* enc_fail may jump to retry (first pass, modules not looked up) */
+  int rootidx;   /* stack index of the value being encoded */
+  int stackdepth;  /* depth up to which the Lua stack has room (ensure_stack) */
+  jmp_buf retry;
+  const void *globals;
   const char *root;
   frame path[MAXDEPTH + 2];
 };
 
-#define ENCODER "multiprocessing.encoder"
+#define ENCODER "multiprocessing.encoder"        /* the metatable */
 #define CACHED "multiprocessing.encoder.cached"  /* registry key of the reusable encoder */
-#define UV_CNAMES 1
-#define UV_MODS 2
+#define UV_CNAMES 1   /* C function -> "module\0field", built on first need */
 
 static int enc_gc(lua_State *L) {
   mp_enc *e = luaL_checkudata(L, 1, ENCODER);
   mp_buf_free(L, &e->out);
   free(e->segs); e->segs = NULL; e->nsegs = e->capsegs = 0;
+  free(e->refpos); e->refpos = NULL; e->caprefpos = 0;
   pmap_free(&e->refs); pmap_free(&e->ups); pmap_free(&e->mods);
   return 0;
 }
 
 static mp_enc *enc_new(lua_State *L) {
-  mp_enc *e = lua_newuserdatauv(L, sizeof(mp_enc), 2);
+  mp_enc *e = lua_newuserdatauv(L, sizeof(mp_enc), 1);
   memset(e, 0, sizeof(*e));
   luaL_setmetatable(L, ENCODER);
   return e;
 }
 
-static void put_u8(lua_State *L, mp_enc *e, int c) {
-  mp_buf_reserve(L, &e->out, 1);
+static inline void put_u8(lua_State *L, mp_enc *e, int c) {
+  reserve(L, &e->out, 1);
   e->out.p[e->out.n++] = (char)c;
 }
 
-static void put_raw(lua_State *L, mp_enc *e, const void *p, size_t n) { mp_buf_add(L, &e->out, p, n); }
-static void put_u32(lua_State *L, mp_enc *e, uint32_t v) { put_raw(L, e, &v, 4); }
+static inline void put_raw(lua_State *L, mp_enc *e, const void *p, size_t n) {
+  reserve(L, &e->out, n);
+  memcpy(e->out.p + e->out.n, p, n);
+  e->out.n += n;
+}
 
 static void put_str8(lua_State *L, mp_enc *e, const char *s, size_t n) {
-  put_u8(L, e, (int)n);
-  put_raw(L, e, s, n);
+  reserve(L, &e->out, n + 1);
+  e->out.p[e->out.n] = (char)n;
+  memcpy(e->out.p + e->out.n + 1, s, n);
+  e->out.n += n + 1;
 }
 
 /* the path of the value being encoded, for error messages */
@@ -185,7 +246,7 @@ static void push_path(lua_State *L, mp_enc *e) {
         break;
       case F_UPVALUE:
         luaL_addstring(&b, "<upvalue ");
-        luaL_addstring(&b, f->name ? f->name : "?");
+        luaL_addstring(&b, f->name && *f->name ? f->name : "?");
         luaL_addstring(&b, ">");
         break;
       case F_METATABLE: luaL_addstring(&b, "<metatable>"); break;
@@ -215,7 +276,12 @@ static void push_path(lua_State *L, mp_enc *e) {
   luaL_pushresult(&b);
 }
 
+static int sent_a_module(lua_State *L, mp_enc *e);
+
 static int enc_fail(lua_State *L, mp_enc *e, const char *what) {
+  /* Only our own frames lie between here and mp_encode's setjmp (no Lua API
+  ** call is in progress), so jumping back is safe: mp_encode resets the stack. */
+  if (e->canretry && sent_a_module(L, e)) longjmp(e->retry, 1);
   e->busy = 0;  /* the error unwinds past mp_enc_done */
   push_path(L, e);
   return luaL_error(L, "cannot send %s at %s", what, lua_tostring(L, -1));
@@ -223,48 +289,125 @@ static int enc_fail(lua_State *L, mp_enc *e, const char *what) {
 
 static void encode_value(lua_State *L, mp_enc *e, int idx);
 
-static int add_ref(lua_State *L, mp_enc *e, int idx) {
-  pmap_put(L, &e->refs, lua_topointer(L, idx), ++e->nrefs);
-  return e->nrefs;
+/* Each level of nesting holds at most 8 stack slots while it encodes a child
+** (and leaf work needs at most 40 more): the room is made 16 levels at a time
+** rather than per table. */
+static inline void ensure_stack(lua_State *L, mp_enc *e) {
+  if (e->depth >= e->stackdepth) {
+    int need = e->base + 8 * (e->depth + 17) + 40 - lua_gettop(L);
+    if (need > 0) luaL_checkstack(L, need, "value nested too deeply");
+    e->stackdepth = e->depth + 16;
+  }
 }
 
-/* Fills e->mods and uservalue UV_MODS (table -> name) from package.loaded. */
-static void load_modules(lua_State *L, mp_enc *e) {
-  e->modsready = 1;
-  pmap_clear(&e->mods);
-  lua_newtable(L);
+/* gives the next ordinal to the table or function p, whose tag is at out[at] */
+static void add_ref(lua_State *L, mp_enc *e, const void *p, size_t at) {
+  int r = ++e->nrefs;
+  if ((size_t)r >= e->caprefpos) {
+    size_t cap = e->caprefpos ? e->caprefpos * 2 : 64;
+    size_t *np = realloc(e->refpos, cap * sizeof(size_t));
+    if (!np) luaL_error(L, "not enough memory");
+    e->refpos = np; e->caprefpos = cap;
+  }
+  e->refpos[r] = at;
+  pmap_put(L, &e->refs, p, r);
+}
+
+static void put_ref(lua_State *L, mp_enc *e, int64_t r) {
+  e->out.p[e->refpos[r]] |= (char)SHARED;
+  reserve(L, &e->out, 5);
+  uint32_t v = (uint32_t)r;
+  e->out.p[e->out.n] = T_REF;
+  memcpy(e->out.p + e->out.n + 1, &v, 4);
+  e->out.n += 5;
+}
+
+/* Does the table at the top of the stack have a name in package.loaded that
+** fits a str8? Pushes that name (the first one lua_next finds) or nothing. */
+static int module_name(lua_State *L) {
+  const void *p = lua_topointer(L, -1);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_pushnil(L);
   while (lua_next(L, -2)) {
-    if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE &&
-        pmap_get(&e->mods, lua_topointer(L, -1)) < 0) {
-      pmap_put(L, &e->mods, lua_topointer(L, -1), 1);
-      lua_pushvalue(L, -2);
-      lua_rawset(L, -5);
-    } else {
+    if (lua_topointer(L, -1) == p && lua_type(L, -2) == LUA_TSTRING && lua_rawlen(L, -2) <= 255) {
       lua_pop(L, 1);
+      lua_remove(L, -2);
+      return 1;
     }
+    lua_pop(L, 1);
   }
   lua_pop(L, 1);
-  lua_setiuservalue(L, e->base, UV_MODS);
+  return 0;
 }
 
-/* Pushes the "module.name" of C function at idx, or nil. */
-static void cfunc_name(lua_State *L, mp_enc *e, int idx) {
-  if (lua_getiuservalue(L, e->base, UV_CNAMES) != LUA_TTABLE) {
+/* Module tables are the tables of package.loaded that hold a function: those
+** travel by name. (A table of data only is sent by value, like any table.) */
+static int holds_function(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_type(L, -1) == LUA_TFUNCTION) { lua_pop(L, 2); return 1; }
     lua_pop(L, 1);
+  }
+  return 0;
+}
+
+/* Fills e->mods with the module tables of package.loaded. */
+static void load_modules(lua_State *L, mp_enc *e) {
+  pmap_clear(&e->mods);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -2) <= 255 &&
+        pmap_get(&e->mods, lua_topointer(L, -1)) < 0 && holds_function(L, -1))
+      pmap_put(L, &e->mods, lua_topointer(L, -1), 1);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+/* Was a module table encoded as a plain table? Modules are rare in messages, so
+** the encoder does not look for them per table: it checks at the end, only if
+** it met a function (a module holds one), and encodes again with e->usemods
+** set when a module was sent; enc_fail checks too (a module may hold what
+** cannot be sent by value, like io.stdout). */
+static int sent_a_module(lua_State *L, mp_enc *e) {
+  if (!e->refs.n) return 0;
+  int found = 0;
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {  /* lua_topointer is NULL for non-objects: no type test first */
+    if (pmap_get(&e->refs, lua_topointer(L, -1)) >= 0 && lua_type(L, -1) == LUA_TTABLE &&
+        lua_type(L, -2) == LUA_TSTRING && lua_rawlen(L, -2) <= 255 && holds_function(L, -1)) {
+      found = 1;
+      lua_pop(L, 2);
+      break;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return found;
+}
+
+/* Pushes the "module\0field" name of the C function at idx, or nil. */
+static void cfunc_name(lua_State *L, mp_enc *e, int idx) {
+  if (!e->hascnames) {
+    e->hascnames = 1;
     lua_newtable(L);
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
     lua_pushnil(L);
-    while (lua_next(L, -2)) {
-      if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE) {
+    while (lua_next(L, -2)) {  /* names, loaded, modname, module */
+      if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -2) <= 255) {
         lua_pushnil(L);
-        while (lua_next(L, -2)) {
-          if (lua_type(L, -2) == LUA_TSTRING && lua_tocfunction(L, -1)) {
+        while (lua_next(L, -2)) {  /* names, loaded, modname, module, key, value */
+          if (lua_type(L, -2) == LUA_TSTRING && lua_rawlen(L, -2) <= 255 && lua_tocfunction(L, -1)) {
             lua_pushvalue(L, -1);
             if (lua_rawget(L, -7) == LUA_TNIL) {
               lua_pop(L, 1);
-              lua_pushfstring(L, "%s.%s", lua_tostring(L, -4), lua_tostring(L, -2));
+              lua_pushvalue(L, -4);
+              lua_pushlstring(L, "", 1);
+              lua_pushvalue(L, -4);
+              lua_concat(L, 3);      /* names, loaded, modname, module, key, value, name */
               lua_rawset(L, -7);
             } else {
               lua_pop(L, 2);
@@ -277,39 +420,59 @@ static void cfunc_name(lua_State *L, mp_enc *e, int idx) {
       lua_pop(L, 1);
     }
     lua_pop(L, 1);
-    lua_pushvalue(L, -1);
     lua_setiuservalue(L, e->base, UV_CNAMES);
   }
+  lua_getiuservalue(L, e->base, UV_CNAMES);
   lua_pushvalue(L, idx);
   lua_rawget(L, -2);
   lua_remove(L, -2);
 }
-
-static void encode_function(lua_State *L, mp_enc *e, int idx);
 
 static int writer(lua_State *L, const void *p, size_t n, void *ud) {
   mp_buf_add(L, &((mp_enc *)ud)->out, p, n);
   return 0;
 }
 
-static void encode_table(lua_State *L, mp_enc *e, int idx) {
-  const void *p = lua_topointer(L, idx);
-  if (!e->modsready) load_modules(L, e);
-  if (pmap_get(&e->mods, p) >= 0) {
-    lua_getiuservalue(L, e->base, UV_MODS);
+static inline void put_number(lua_State *L, mp_enc *e, int idx) {
+  reserve(L, &e->out, 9);
+  char *o = e->out.p + e->out.n;
+  if (lua_isinteger(L, idx)) {
+    lua_Integer v = lua_tointeger(L, idx);
+    if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[0] = T_INT8; memcpy(o + 1, &x, 1); e->out.n += 2; }
+    else if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[0] = T_INT16; memcpy(o + 1, &x, 2); e->out.n += 3; }
+    else if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[0] = T_INT32; memcpy(o + 1, &x, 4); e->out.n += 5; }
+    else { int64_t x = (int64_t)v; o[0] = T_INT64; memcpy(o + 1, &x, 8); e->out.n += 9; }
+  } else {
+    lua_Number v = lua_tonumber(L, idx);
+    o[0] = T_FLOAT;
+    memcpy(o + 1, &v, 8);
+    e->out.n += 9;
+  }
+}
+
+static void encode_string(lua_State *L, mp_enc *e, int idx);
+
+/* lua_next(t, k) for a key k that is absent: Lua accepts it only when k lies in
+** the array part of t (and raises otherwise), so this succeeds exactly when
+** keys 1..k-1 are all in the array part and lua_next may resume after them. */
+static int next_probe(lua_State *L) {
+  return lua_next(L, 1) ? 2 : 0;
+}
+
+static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
+  if (e->usemods && pmap_get(&e->mods, p) >= 0) {
     lua_pushvalue(L, idx);
-    lua_rawget(L, -2);
-    size_t n;
-    const char *name = lua_tolstring(L, -1, &n);
-    if (n <= 255) {
+    if (module_name(L)) {
+      size_t n;
+      const char *name = lua_tolstring(L, -1, &n);
       put_u8(L, e, T_MODULE);
       put_str8(L, e, name, n);
       lua_pop(L, 2);
       return;
     }
-    lua_pop(L, 2);
+    lua_pop(L, 1);
   }
-  add_ref(L, e, idx);
+  ensure_stack(L, e);
   int hasmt = lua_getmetatable(L, idx);
   if (hasmt) {
     lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
@@ -317,37 +480,78 @@ static void encode_table(lua_State *L, mp_enc *e, int idx) {
     lua_rawget(L, -2);
     lua_replace(L, -2);  /* mt, name-or-nil */
   }
-  put_u8(L, e, hasmt ? T_TABLE_MT : T_TABLE);
+  reserve(L, &e->out, 9);
   size_t at = e->out.n;
-  put_u32(L, e, 0); put_u32(L, e, 0);
+  add_ref(L, e, p, at);
+  e->out.p[at] = (char)(hasmt ? T_TABLE_MT : T_TABLE);
+  e->out.n += 9;
   uint32_t narr = 0, npairs = 0;
   frame *f = &e->path[e->depth];
-  e->depth++;
+  /* A big array goes through lua_rawgeti, cheaper than lua_next, when 1..n lie
+  ** in the table's array part (then lua_next can resume at n + 1, see next_probe).
+  ** Only tables whose first key is 1 can be such arrays. */
+  int keytop = lua_gettop(L) + 1;  /* where lua_next leaves keys */
   lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    int isarr = 0;
-    if (npairs == 0 && lua_isinteger(L, -2) && lua_tointeger(L, -2) == (lua_Integer)narr + 1) isarr = 1;
-    if (isarr) {
+  int more = lua_next(L, idx), fast = 0;
+  lua_Integer n = 0;
+  if (more && e->depth < MAXDEPTH && lua_isinteger(L, -2) && lua_tointeger(L, -2) == 1 &&
+      (n = (lua_Integer)lua_rawlen(L, idx)) >= 16 && n < (lua_Integer)UINT32_MAX) {
+    lua_pop(L, 2);
+    lua_pushcfunction(L, next_probe);
+    lua_pushvalue(L, idx);
+    lua_pushinteger(L, n + 1);
+    if (lua_pcall(L, 2, 2, 0) == LUA_OK) {
+      fast = 1;  /* the first other key and value are on the stack */
+    } else {
+      lua_pop(L, 1);
+      lua_pushnil(L);
+      more = lua_next(L, idx);
+    }
+  }
+  e->depth++;
+  if (fast) {
+    /* values are fetched 32 at a time, and popped together */
+    f->kind = F_INDEX;
+    luaL_checkstack(L, 40, "value nested too deeply");
+    for (lua_Integer i = 1; i <= n; i += 32) {
+      int batch = n - i + 1 < 32 ? (int)(n - i + 1) : 32;
+      unsigned char tt[32];
+      for (int j = 0; j < batch; j++) tt[j] = (unsigned char)lua_rawgeti(L, idx, i + j);
+      int base = lua_gettop(L) - batch;
+      for (int j = 0; j < batch; j++) {
+        if (tt[j] == LUA_TNUMBER) put_number(L, e, base + 1 + j);
+        else if (tt[j] == LUA_TSTRING) encode_string(L, e, base + 1 + j);
+        else { f->i = i + j; encode_value(L, e, base + 1 + j); }
+      }
+      lua_settop(L, base);
+    }
+    narr = (uint32_t)n;
+    more = !lua_isnil(L, -2);
+    if (!more) lua_pop(L, 2);
+  }
+  while (more) {
+    if (npairs == 0 && lua_isinteger(L, -2) && lua_tointeger(L, -2) == (lua_Integer)narr + 1) {
       f->kind = F_INDEX; f->i = (lua_Integer)narr + 1;
       narr++;
     } else {
-      f->kind = F_KEY; f->idx = lua_gettop(L) - 1;
+      f->kind = F_KEY; f->idx = keytop;
       npairs++;
       encode_value(L, e, -2);
     }
     encode_value(L, e, -1);
     lua_pop(L, 1);
+    more = lua_next(L, idx);
   }
   e->depth--;
-  memcpy(e->out.p + at, &narr, 4);
-  memcpy(e->out.p + at + 4, &npairs, 4);
+  memcpy(e->out.p + at + 1, &narr, 4);
+  memcpy(e->out.p + at + 5, &npairs, 4);
   if (hasmt) {
     int top = lua_gettop(L);
-    if (lua_isstring(L, top)) {
-      size_t n;
-      const char *name = lua_tolstring(L, top, &n);
+    if (lua_type(L, top) == LUA_TSTRING) {
+      size_t len;
+      const char *name = lua_tolstring(L, top, &len);
       put_u8(L, e, T_NAMEDMT);
-      put_str8(L, e, name, n);
+      put_str8(L, e, name, len);
     } else {
       e->path[e->depth].kind = F_METATABLE;
       e->depth++;
@@ -358,40 +562,52 @@ static void encode_table(lua_State *L, mp_enc *e, int idx) {
   }
 }
 
-static void encode_function(lua_State *L, mp_enc *e, int idx) {
+static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
   if (lua_iscfunction(L, idx)) {
     cfunc_name(L, e, idx);
     size_t n;
     const char *name = lua_tolstring(L, -1, &n);
     if (!name) { lua_pop(L, 1); enc_fail(L, e, "a C function with no name (not found in package.loaded)"); }
+    size_t m = strlen(name);  /* the module name ends at the \0 */
     put_u8(L, e, T_CFUNC);
-    put_str8(L, e, name, n > 255 ? 255 : n);
+    put_str8(L, e, name, m);
+    put_str8(L, e, name + m + 1, n - m - 1);
     lua_pop(L, 1);
     return;
   }
-  int me = add_ref(L, e, idx);
-  put_u8(L, e, T_LFUNC);
+  ensure_stack(L, e);
+  int me = e->nrefs + 1;
+  reserve(L, &e->out, 5);
   size_t at = e->out.n;
-  put_u32(L, e, 0);
+  add_ref(L, e, p, at);
+  e->out.p[at] = T_LFUNC;
+  e->out.n += 5;
   lua_pushvalue(L, idx);
   lua_dump(L, writer, e, 0);
   lua_pop(L, 1);
-  uint32_t dlen = (uint32_t)(e->out.n - at - 4);
-  memcpy(e->out.p + at, &dlen, 4);
+  size_t dlen = e->out.n - at - 5;
+  if (dlen > UINT32_MAX) enc_fail(L, e, "a function too big");
+  uint32_t d32 = (uint32_t)dlen;
+  memcpy(e->out.p + at + 1, &d32, 4);
+  uint64_t sum = checksum((const unsigned char *)e->out.p + at + 5, dlen);
+  put_raw(L, e, &sum, 8);
   lua_Debug ar;
   lua_pushvalue(L, idx);
   lua_getinfo(L, ">u", &ar);
   put_u8(L, e, ar.nups);
   for (int i = 1; i <= ar.nups; i++) {
     void *id = lua_upvalueid(L, idx, i);
-    int seen = pmap_get(&e->ups, id);
+    int64_t seen = pmap_get(&e->ups, id);
     if (seen >= 0) {
+      int64_t r = seen >> 8;
+      e->out.p[e->refpos[r]] |= (char)SHARED;
+      uint32_t r32 = (uint32_t)r;
       put_u8(L, e, 1);
-      put_u32(L, e, (uint32_t)(seen >> 8));
-      put_u8(L, e, seen & 0xff);
+      put_raw(L, e, &r32, 4);
+      put_u8(L, e, (int)(seen & 0xff));
       continue;
     }
-    pmap_put(L, &e->ups, id, (me << 8) | i);
+    pmap_put(L, &e->ups, id, ((int64_t)me << 8) | i);
     put_u8(L, e, 0);
     const char *name = lua_getupvalue(L, idx, i);
     frame *f = &e->path[e->depth];
@@ -405,125 +621,142 @@ static void encode_function(lua_State *L, mp_enc *e, int idx) {
 
 static void encode_userdata(lua_State *L, mp_enc *e, int idx) {
   const char *tname = NULL;
-  if (lua_getmetatable(L, idx)) {
-    lua_getfield(L, -1, "__name");
-    tname = lua_tostring(L, -1);
-    lua_pop(L, 2);  /* the name stays alive in the metatable */
-  }
+  int nt = luaL_getmetafield(L, idx, "__name");
+  if (nt == LUA_TSTRING) tname = lua_tostring(L, -1);  /* stays alive in the metatable */
+  if (nt != LUA_TNIL) lua_pop(L, 1);
   const mp_handle_type *t = tname ? find_type(tname, strlen(tname)) : NULL;
+  if (t && !luaL_testudata(L, idx, t->name)) t = NULL;  /* a look-alike, not our type */
   if (!t) {
     char what[128];
     snprintf(what, sizeof what, "a userdata (%.80s)", tname ? tname : "no type name");
     enc_fail(L, e, what);
   }
   unsigned char payload[32];
-  e->busy = 0;  /* a callback that raises leaves the encoder reusable */
+  /* a callback that raises leaves this encoder busy: the next mp_encode then
+  ** makes a new one and caches it instead (see mp_encode) */
   size_t n = t->encode(L, idx, payload);
-  e->busy = 1;
   put_u8(L, e, T_HANDLE);
   put_str8(L, e, t->name, strlen(t->name));
   put_u8(L, e, (int)n);
   put_raw(L, e, payload, n);
 }
 
+static void encode_string(lua_State *L, mp_enc *e, int idx) {
+  size_t n;
+  const char *s = lua_tolstring(L, idx, &n);
+  if (n <= 255) {
+    reserve(L, &e->out, n + 2);
+    char *o = e->out.p + e->out.n;
+    o[0] = T_STR8;
+    o[1] = (char)n;
+    memcpy(o + 2, s, n);
+    e->out.n += n + 2;
+    return;
+  }
+  if (n <= UINT32_MAX) { uint32_t n32 = (uint32_t)n; put_u8(L, e, T_STR32); put_raw(L, e, &n32, 4); }
+  else { uint64_t n64 = n; put_u8(L, e, T_STR64); put_raw(L, e, &n64, 8); }
+  if (n < BIGSTR) { put_raw(L, e, s, n); return; }
+  /* a big string: referenced, and anchored in registry[e] so that it lives */
+  if (e->nsegs == e->capsegs) {
+    size_t cap = e->capsegs ? e->capsegs * 2 : 8;
+    seg *ns = realloc(e->segs, cap * sizeof(seg));
+    if (!ns) luaL_error(L, "not enough memory");
+    e->segs = ns; e->capsegs = cap;
+  }
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, e) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    e->hasanchors = 1;
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, e);
+  }
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, -2, (lua_Integer)e->nsegs + 1);
+  lua_pop(L, 1);
+  e->segs[e->nsegs++] = (seg){ e->out.n, s, n };
+  e->segbytes += n;
+}
+
 static void encode_value(lua_State *L, mp_enc *e, int idx) {
-  idx = lua_absindex(L, idx);
   if (e->depth > MAXDEPTH) enc_fail(L, e, "a value nested deeper than 200 levels");
   switch (lua_type(L, idx)) {
     case LUA_TNIL: put_u8(L, e, T_NIL); break;
     case LUA_TBOOLEAN: put_u8(L, e, lua_toboolean(L, idx) ? T_TRUE : T_FALSE); break;
-    case LUA_TNUMBER:
-      if (lua_isinteger(L, idx)) {
-        lua_Integer v = lua_tointeger(L, idx);
-        mp_buf_reserve(L, &e->out, 9);
-        char *p = e->out.p + e->out.n;
-        if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; p[0] = T_INT8; memcpy(p + 1, &x, 1); e->out.n += 2; }
-        else if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; p[0] = T_INT16; memcpy(p + 1, &x, 2); e->out.n += 3; }
-        else if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; p[0] = T_INT32; memcpy(p + 1, &x, 4); e->out.n += 5; }
-        else { int64_t x = (int64_t)v; p[0] = T_INT64; memcpy(p + 1, &x, 8); e->out.n += 9; }
-      } else {
-        lua_Number v = lua_tonumber(L, idx);
-        mp_buf_reserve(L, &e->out, 9);
-        e->out.p[e->out.n] = T_FLOAT;
-        memcpy(e->out.p + e->out.n + 1, &v, 8);
-        e->out.n += 9;
-      }
-      break;
-    case LUA_TSTRING: {
-      size_t n;
-      const char *s = lua_tolstring(L, idx, &n);
-      if (n <= 255) {
-        mp_buf_reserve(L, &e->out, n + 2);
-        e->out.p[e->out.n] = T_STR8;
-        e->out.p[e->out.n + 1] = (char)n;
-        memcpy(e->out.p + e->out.n + 2, s, n);
-        e->out.n += n + 2;
-        break;
-      }
-      if (n <= UINT32_MAX) { put_u8(L, e, T_STR32); put_u32(L, e, (uint32_t)n); }
-      else { uint64_t n64 = n; put_u8(L, e, T_STR64); put_raw(L, e, &n64, 8); }
-      if (n < BIGSTR) { put_raw(L, e, s, n); break; }
-      if (e->nsegs == e->capsegs) {
-        size_t cap = e->capsegs ? e->capsegs * 2 : 8;
-        seg *ns = realloc(e->segs, cap * sizeof(seg));
-        if (!ns) luaL_error(L, "not enough memory");
-        e->segs = ns; e->capsegs = cap;
-      }
-      e->segs[e->nsegs++] = (seg){ e->out.n, s, n };
-      e->segbytes += n;
-      break;
-    }
+    case LUA_TNUMBER: put_number(L, e, idx); break;
+    case LUA_TSTRING: encode_string(L, e, idx); break;
     case LUA_TTABLE: {
-      int r = pmap_get(&e->refs, lua_topointer(L, idx));
-      if (r >= 0) { put_u8(L, e, T_REF); put_u32(L, e, (uint32_t)r); break; }
-      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-      int isg = lua_rawequal(L, -1, idx);
-      lua_pop(L, 1);
-      if (isg) { put_u8(L, e, T_GLOBALS); break; }
-      luaL_checkstack(L, 8, "value nested too deeply");
-      encode_table(L, e, idx);
+      const void *p = lua_topointer(L, idx);
+      int64_t r = pmap_get(&e->refs, p);
+      if (r >= 0) put_ref(L, e, r);
+      else if (p == e->globals) put_u8(L, e, T_GLOBALS);
+      else encode_table(L, e, lua_absindex(L, idx), p);
       break;
     }
     case LUA_TFUNCTION: {
-      int r = pmap_get(&e->refs, lua_topointer(L, idx));
-      if (r >= 0) { put_u8(L, e, T_REF); put_u32(L, e, (uint32_t)r); break; }
-      luaL_checkstack(L, 8, "value nested too deeply");
-      encode_function(L, e, idx);
+      const void *p = lua_topointer(L, idx);
+      e->sawfunc = 1;
+      int64_t r = pmap_get(&e->refs, p);
+      if (r >= 0) put_ref(L, e, r);
+      else encode_function(L, e, lua_absindex(L, idx), p);
       break;
     }
-    case LUA_TUSERDATA: encode_userdata(L, e, idx); break;
+    case LUA_TUSERDATA: encode_userdata(L, e, lua_absindex(L, idx)); break;
     case LUA_TTHREAD: enc_fail(L, e, "a thread (coroutine)"); break;
     case LUA_TLIGHTUSERDATA: enc_fail(L, e, "a light userdata"); break;
     default: enc_fail(L, e, luaL_typename(L, idx)); break;
   }
 }
 
+static void enc_reset(lua_State *L, mp_enc *e) {
+  e->out.n = 0; e->nsegs = 0; e->segbytes = 0; e->nrefs = 0; e->depth = 0; e->sawfunc = 0;
+  e->stackdepth = 0;
+  pmap_clear(&e->refs); pmap_clear(&e->ups);
+  if (e->hascnames) {
+    e->hascnames = 0;
+    lua_pushnil(L); lua_setiuservalue(L, e->base, UV_CNAMES);
+  }
+  if (e->hasanchors) {
+    e->hasanchors = 0;
+    lua_pushnil(L); lua_rawsetp(L, LUA_REGISTRYINDEX, e);
+  }
+}
+
 mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
-  idx = lua_absindex(L, idx);
-  mp_enc *e;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, CACHED) == LUA_TUSERDATA &&
-      !(e = lua_touserdata(L, -1))->busy) {
-    /* the cached encoder */
-  } else {
+  int absidx = lua_absindex(L, idx);
+  mp_enc *e = NULL;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, CACHED) == LUA_TUSERDATA) e = lua_touserdata(L, -1);
+  if (!e || e->busy) {
+    /* first use, a nested encode (from a finalizer), or an encode that raised an
+    ** error outside enc_fail: this one becomes the cached encoder */
     lua_pop(L, 1);
-    e = enc_new(L);  /* first use, or a nested encode (from a finalizer) */
+    e = enc_new(L);
     lua_pushvalue(L, -1);
-    if (lua_getfield(L, LUA_REGISTRYINDEX, CACHED) == LUA_TNIL) {
-      lua_pop(L, 1);
-      lua_setfield(L, LUA_REGISTRYINDEX, CACHED);
-    } else {
-      lua_pop(L, 2);
-    }
+    lua_setfield(L, LUA_REGISTRYINDEX, CACHED);
   }
   e->busy = 1;
-  e->out.n = 0; e->nsegs = 0; e->segbytes = 0; e->nrefs = 0; e->depth = 0;
-  e->modsready = 0;
-  pmap_clear(&e->refs); pmap_clear(&e->ups);
+  e->rootidx = absidx;
   e->root = root ? root : "value";
   e->base = lua_gettop(L);
-  lua_pushnil(L); lua_setiuservalue(L, e->base, UV_CNAMES);
-  put_u8(L, e, FORMAT);
-  encode_value(L, e, idx);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  e->globals = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  e->usemods = 0;
+  if (setjmp(e->retry)) {  /* from enc_fail: a module was in the way */
+    lua_settop(L, e->base);
+    e->usemods = 1;
+    load_modules(L, e);
+  }
+  e->canretry = !e->usemods;
+  for (;;) {
+    enc_reset(L, e);
+    put_u8(L, e, FORMAT);
+    encode_value(L, e, e->rootidx);
+    if (e->usemods || !e->sawfunc || !sent_a_module(L, e)) break;
+    e->usemods = 1;  /* a module was sent as a table: again, by name */
+    e->canretry = 0;
+    load_modules(L, e);
+  }
+  e->canretry = 0;
   return e;
 }
 
@@ -541,6 +774,8 @@ void mp_enc_copy(mp_enc *e, char *dst) {
   memcpy(dst, e->out.p + from, e->out.n - from);
 }
 
+/* The pieces are the copied runs of e->out between the big strings (which stay
+** anchored until mp_enc_done). */
 int mp_enc_piece(mp_enc *e, size_t i, const void **p, size_t *n) {
   size_t k = i / 2;
   if (k > e->nsegs || (k == e->nsegs && (i & 1))) return 0;
@@ -552,38 +787,63 @@ int mp_enc_piece(mp_enc *e, size_t i, const void **p, size_t *n) {
 
 void mp_enc_push(lua_State *L, mp_enc *e) {
   if (!e->nsegs) { lua_pushlstring(L, e->out.p, e->out.n); return; }
-  /* one copy of each big string: lua_concat builds the result in place */
-  luaL_checkstack(L, (int)(2 * e->nsegs + 2), "too many strings");
+  /* one copy of everything: lua_concat of the pieces and the big strings themselves */
+  luaL_checkstack(L, (int)(2 * e->nsegs + 3), "too many strings");
+  int anchors = lua_gettop(L) + 1;
+  int ok = lua_rawgetp(L, LUA_REGISTRYINDEX, e) == LUA_TTABLE;
   size_t from = 0;
   for (size_t i = 0; i < e->nsegs; i++) {
     lua_pushlstring(L, e->out.p + from, e->segs[i].at - from);
-    lua_pushlstring(L, e->segs[i].p, e->segs[i].n);
+    if (!ok || lua_rawgeti(L, anchors, (lua_Integer)i + 1) != LUA_TSTRING) {
+      if (ok) lua_pop(L, 1);
+      lua_pushlstring(L, e->segs[i].p, e->segs[i].n);
+    }
     from = e->segs[i].at;
   }
   lua_pushlstring(L, e->out.p + from, e->out.n - from);
   lua_concat(L, (int)(2 * e->nsegs + 1));
+  lua_remove(L, anchors);
 }
 
 void mp_enc_done(lua_State *L, mp_enc *e) {
-  (void)L;
   e->busy = 0;
+  if (e->hasanchors) {  /* let big strings go */
+    e->hasanchors = 0;
+    lua_pushnil(L); lua_rawsetp(L, LUA_REGISTRYINDEX, e);
+  }
   e->nsegs = 0;
-  if (e->out.cap > (1u << 20)) mp_buf_free(L, &e->out);  /* do not keep big buffers */
+  /* a big buffer is kept while big values keep coming, freed after 16 small ones */
+  if (e->out.cap > (1u << 20) && e->out.n < e->out.cap / 4) {
+    if (++e->small >= 16) { mp_buf_free(L, &e->out); e->small = 0; }
+  } else {
+    e->small = 0;
+  }
 }
 
 /* ------------------------------------------------------------ decoder */
 
 typedef struct dec {
   const unsigned char *p, *end;
-  int refs;      /* stack index of the refs table, 0 until needed */
-  int nrefs, depth;
+  int refs;         /* stack slot of the table of shared values (nil until one comes), or 0 */
+  uint32_t nrefs;   /* ordinals given so far */
+  int depth;
+  size_t budget;    /* table slots the input can still justify (each needs a byte) */
+  int base, stackdepth;  /* stack room: as in the encoder's ensure_stack */
 } dec;
+
+static inline void dec_ensure_stack(lua_State *L, dec *d) {
+  if (d->depth >= d->stackdepth) {
+    int need = d->base + 8 * (d->depth + 17) + 40 - lua_gettop(L);
+    if (need > 0) luaL_checkstack(L, need, "cannot decode: nesting too deep");
+    d->stackdepth = d->depth + 16;
+  }
+}
 
 static int corrupt(lua_State *L, const char *why) {
   return luaL_error(L, "cannot decode: %s", why);
 }
 
-static void need(lua_State *L, dec *d, size_t n) {
+static inline void need(lua_State *L, dec *d, size_t n) {
   if ((size_t)(d->end - d->p) < n) corrupt(L, "truncated data");
 }
 
@@ -606,15 +866,19 @@ static const char *get_str8(lua_State *L, dec *d, size_t *n) {
   return s;
 }
 
-static void new_ref(lua_State *L, dec *d, int idx) {
-  if (!d->refs) corrupt(L, "misplaced reference");
+/* gives the next ordinal to the value at idx, remembered when shared */
+static void remember(lua_State *L, dec *d, int idx, int shared) {
+  if (!d->refs) corrupt(L, "misplaced value");
+  d->nrefs++;
+  if (!shared) return;
+  if (lua_type(L, d->refs) != LUA_TTABLE) { lua_newtable(L); lua_replace(L, d->refs); }
   lua_pushvalue(L, idx);
-  lua_rawseti(L, d->refs, ++d->nrefs);
+  lua_rawseti(L, d->refs, (lua_Integer)d->nrefs);
 }
 
 static void decode_value(lua_State *L, dec *d);
 
-/* pushes package.loaded[mod] (requiring it if needed); name is "mod" */
+/* pushes package.loaded[name], requiring it if needed */
 static void push_module(lua_State *L, const char *name, size_t n) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_pushlstring(L, name, n);
@@ -637,20 +901,24 @@ static const char *reader(lua_State *L, void *ud, size_t *size) {
   return *size ? r->p : NULL;
 }
 
-static void decode_function(lua_State *L, dec *d) {
+static void decode_function(lua_State *L, dec *d, int shared) {
+  dec_ensure_stack(L, d);
   uint32_t len = get_u32(L, d);
-  need(L, d, len);
-  rd r = { (const char *)d->p, len };
-  d->p += len;
+  need(L, d, (size_t)len + 8);
+  const unsigned char *dump = d->p;
+  d->p += (size_t)len + 8;
+  if (!dump_ok(dump, len, dump + len)) corrupt(L, "bad function (checksum mismatch)");
+  rd r = { (const char *)dump, len };
   if (lua_load(L, reader, &r, "=(sent function)", "b") != LUA_OK)
     luaL_error(L, "cannot decode: bad function (%s)", lua_tostring(L, -1));
   int f = lua_gettop(L);
-  new_ref(L, d, f);
+  remember(L, d, f, shared);
   lua_Debug ar;
   lua_pushvalue(L, f);
   lua_getinfo(L, ">u", &ar);
   int nups = get_u8(L, d);
   if (nups != ar.nups) corrupt(L, "upvalue count mismatch");
+  d->depth++;
   for (int i = 1; i <= nups; i++) {
     int kind = get_u8(L, d);
     if (kind == 0) {
@@ -659,10 +927,10 @@ static void decode_function(lua_State *L, dec *d) {
     } else if (kind == 1) {
       uint32_t j = get_u32(L, d);
       int n = get_u8(L, d);
-      if (j < 1 || (int)j > d->nrefs) corrupt(L, "bad upvalue reference");
+      if (j < 1 || j > d->nrefs || lua_type(L, d->refs) != LUA_TTABLE) corrupt(L, "bad upvalue reference");
       lua_rawgeti(L, d->refs, (lua_Integer)j);
-      lua_Debug ar2;
       if (lua_type(L, -1) != LUA_TFUNCTION || lua_iscfunction(L, -1)) corrupt(L, "bad upvalue reference");
+      lua_Debug ar2;
       lua_pushvalue(L, -1);
       lua_getinfo(L, ">u", &ar2);
       if (n < 1 || n > ar2.nups) corrupt(L, "bad upvalue reference");
@@ -672,23 +940,43 @@ static void decode_function(lua_State *L, dec *d) {
       corrupt(L, "bad upvalue tag");
     }
   }
+  d->depth--;
 }
 
-static void decode_table(lua_State *L, dec *d, int withmt) {
+static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
+  dec_ensure_stack(L, d);
   uint32_t narr = get_u32(L, d), npairs = get_u32(L, d);
-  size_t left = (size_t)(d->end - d->p);
-  if (narr > left || npairs > left / 2) corrupt(L, "truncated data");
-  lua_createtable(L, (int)narr, (int)npairs);
+  /* every slot needs at least one byte of input: a lying count fails here
+  ** rather than preallocating more than the input can fill */
+  uint64_t cost = (uint64_t)narr + 2 * (uint64_t)npairs;
+  if (cost > d->budget) corrupt(L, "truncated data");
+  d->budget -= (size_t)cost;
+  lua_createtable(L, (int)(narr < (1u << 30) ? narr : (1u << 30)), (int)(npairs < (1u << 30) ? npairs : (1u << 30)));
   int t = lua_gettop(L);
-  new_ref(L, d, t);
-  for (uint32_t i = 1; i <= narr; i++) {
-    decode_value(L, d);
-    lua_rawseti(L, t, i);
+  remember(L, d, t, shared);
+  d->depth++;
+  ptrdiff_t inl = d->depth <= MAXDEPTH ? 2 : PTRDIFF_MAX;  /* no inline values too deep */
+  for (uint64_t i = 1; i <= narr; i++) {
+    /* small integers and short strings inline: arrays of them are common */
+    const unsigned char *p = d->p;
+    ptrdiff_t left = d->end - p;
+    if (left < inl) left = 0;
+    if (left >= 2 && p[0] == T_INT8) { lua_pushinteger(L, (int8_t)p[1]); d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t v; memcpy(&v, p + 1, 4); lua_pushinteger(L, v); d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
+    else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      lua_pushlstring(L, (const char *)p + 2, p[1]);
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+    }
+    lua_rawseti(L, t, (lua_Integer)i);
   }
   for (uint32_t i = 0; i < npairs; i++) {
     decode_value(L, d);
-    if (lua_isnil(L, -1)) corrupt(L, "nil table key");
-    if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1)) corrupt(L, "NaN table key");
+    int kt = lua_type(L, -1);
+    if (kt == LUA_TNIL) corrupt(L, "nil table key");
+    if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
     decode_value(L, d);
     lua_rawset(L, t);
   }
@@ -697,12 +985,13 @@ static void decode_table(lua_State *L, dec *d, int withmt) {
     if (!lua_istable(L, -1)) corrupt(L, "metatable is not a table");
     lua_setmetatable(L, t);
   }
+  d->depth--;
 }
 
 static void decode_value(lua_State *L, dec *d) {
-  if (++d->depth > MAXDEPTH + 2) corrupt(L, "nesting too deep");
-  luaL_checkstack(L, 8, "cannot decode: nesting too deep");
-  int tag = get_u8(L, d);
+  if (d->depth > MAXDEPTH) corrupt(L, "nesting too deep");
+  if (d->p >= d->end) corrupt(L, "truncated data");
+  int tag = *d->p++;
   switch (tag) {
     case T_NIL: lua_pushnil(L); break;
     case T_FALSE: lua_pushboolean(L, 0); break;
@@ -712,37 +1001,48 @@ static void decode_value(lua_State *L, dec *d) {
     case T_INT32: { int32_t v; need(L, d, 4); memcpy(&v, d->p, 4); d->p += 4; lua_pushinteger(L, v); break; }
     case T_INT64: { int64_t v; need(L, d, 8); memcpy(&v, d->p, 8); d->p += 8; lua_pushinteger(L, (lua_Integer)v); break; }
     case T_FLOAT: { double v; need(L, d, 8); memcpy(&v, d->p, 8); d->p += 8; lua_pushnumber(L, v); break; }
-    case T_STR8: case T_STR32: case T_STR64: {
-      uint64_t n;
-      if (tag == T_STR8) n = (uint64_t)get_u8(L, d);
-      else if (tag == T_STR32) n = get_u32(L, d);
-      else { need(L, d, 8); memcpy(&n, d->p, 8); d->p += 8; }
+    case T_STR8: {
+      need(L, d, 1);
+      size_t n = *d->p++;
       need(L, d, n);
+      lua_pushlstring(L, (const char *)d->p, n);
+      d->p += n;
+      break;
+    }
+    case T_STR32: case T_STR64: {
+      uint64_t n;
+      if (tag == T_STR32) n = get_u32(L, d);
+      else { need(L, d, 8); memcpy(&n, d->p, 8); d->p += 8; }
+      if ((uint64_t)(d->end - d->p) < n) corrupt(L, "truncated data");
       lua_pushlstring(L, (const char *)d->p, (size_t)n);
       d->p += n;
       break;
     }
-    case T_TABLE: case T_TABLE_MT: decode_table(L, d, tag == T_TABLE_MT); break;
+    case T_TABLE: case T_TABLE_MT: case T_TABLE | SHARED: case T_TABLE_MT | SHARED:
+      decode_table(L, d, (tag & ~SHARED) == T_TABLE_MT, tag & SHARED);
+      break;
+    case T_LFUNC: case T_LFUNC | SHARED: decode_function(L, d, tag & SHARED); break;
     case T_REF: {
       uint32_t j = get_u32(L, d);
-      if (!d->refs || j < 1 || (int)j > d->nrefs) corrupt(L, "bad reference");
-      lua_rawgeti(L, d->refs, (lua_Integer)j);
+      if (j < 1 || j > d->nrefs || lua_type(L, d->refs) != LUA_TTABLE) corrupt(L, "bad reference");
+      if (lua_rawgeti(L, d->refs, (lua_Integer)j) == LUA_TNIL) corrupt(L, "bad reference");
       break;
     }
-    case T_LFUNC: decode_function(L, d); break;
     case T_CFUNC: {
-      size_t n;
-      const char *s = get_str8(L, d, &n);
-      size_t dot = n;
-      while (dot > 0 && s[dot - 1] != '.') dot--;
-      if (dot == 0) corrupt(L, "bad C function name");
-      push_module(L, s, dot - 1);
-      if (!lua_istable(L, -1)) corrupt(L, "bad C function name");
-      lua_pushlstring(L, s + dot, n - dot);
+      size_t m, n;
+      const char *mod = get_str8(L, d, &m);
+      const char *name = get_str8(L, d, &n);
+      push_module(L, mod, m);
+      if (!lua_istable(L, -1))
+        luaL_error(L, "cannot decode: module '%s' is not a table here", lua_pushlstring(L, mod, m));
+      lua_pushlstring(L, name, n);
       lua_rawget(L, -2);
       lua_remove(L, -2);
-      if (!lua_iscfunction(L, -1))
-        luaL_error(L, "cannot decode: no C function '%s' here", lua_pushlstring(L, s, n));
+      if (!lua_iscfunction(L, -1)) {
+        lua_pushlstring(L, mod, m);
+        lua_pushlstring(L, name, n);
+        luaL_error(L, "cannot decode: no C function '%s.%s' here", lua_tostring(L, -2), lua_tostring(L, -1));
+      }
       break;
     }
     case T_MODULE: {
@@ -776,15 +1076,17 @@ static void decode_value(lua_State *L, dec *d) {
     }
     default: corrupt(L, "unknown tag");
   }
-  d->depth--;
 }
 
 void mp_decode(lua_State *L, const char *s, size_t n) {
-  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0 };
-  if (n < 2 || d.p[0] != FORMAT) corrupt(L, n < 2 ? "truncated data" : "not an encoded value");
+  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0 };
+  if (n < 2 || d.p[0] != FORMAT) corrupt(L, n < 2 ? "truncated data" : "not an encoded value (or another format version)");
   d.p++;
-  if (d.p[0] == T_TABLE || d.p[0] == T_TABLE_MT || d.p[0] == T_LFUNC || d.p[0] == T_REF) {
-    lua_newtable(L);
+  luaL_checkstack(L, 8, "cannot decode: stack overflow");
+  d.base = lua_gettop(L);
+  int root = d.p[0] & ~SHARED;
+  if (root == T_TABLE || root == T_TABLE_MT || root == T_LFUNC) {
+    lua_pushnil(L);  /* the slot of the table of shared values */
     d.refs = lua_gettop(L);
   }
   decode_value(L, &d);
@@ -829,22 +1131,32 @@ static int codec_decode(lua_State *L) {
   return 1;
 }
 
+/* register_metatable(name, mt): mt travels by name from now on. Registering
+** another table under a taken name replaces the old one (a module that is
+** loaded again registers its new metatable), which then travels by value. */
 static int codec_register_metatable(lua_State *L) {
-  const char *name = luaL_checkstring(L, 1);
+  size_t n;
+  luaL_checklstring(L, 1, &n);
   luaL_checktype(L, 2, LUA_TTABLE);
-  luaL_argcheck(L, strlen(name) > 0 && strlen(name) <= 255, 1, "name must be 1 to 255 bytes");
-  lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
-  lua_getfield(L, -1, name);
-  if (!lua_isnil(L, -1) && !lua_rawequal(L, -1, 2)) {
-    if (!lua_toboolean(L, 3))  /* the library's own modules replace theirs when reloaded */
-      return luaL_error(L, "a different metatable is already registered as '%s'", name);
+  luaL_argcheck(L, n > 0 && n <= 255, 1, "name must be 1 to 255 bytes");
+  lua_settop(L, 2);
+  lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");  /* 3 */
+  lua_pushvalue(L, 1);
+  if (lua_rawget(L, 3) == LUA_TTABLE && !lua_rawequal(L, -1, 2)) {
     lua_pushnil(L);
-    lua_rawset(L, -3);  /* forget old mt -> name */
+    lua_rawset(L, 3);  /* the old table loses the name */
   } else {
     lua_pop(L, 1);
   }
-  lua_pushvalue(L, 2); lua_setfield(L, -2, name);  /* name -> mt */
-  lua_pushvalue(L, 2); lua_pushvalue(L, 1); lua_rawset(L, -3);  /* mt -> name */
+  lua_pushvalue(L, 2);
+  if (lua_rawget(L, 3) == LUA_TSTRING && !lua_rawequal(L, -1, 1)) {
+    lua_pushnil(L);
+    lua_rawset(L, 3);  /* the table's old name goes: one name per table */
+  } else {
+    lua_pop(L, 1);
+  }
+  lua_pushvalue(L, 1); lua_pushvalue(L, 2); lua_rawset(L, 3);  /* name -> mt */
+  lua_pushvalue(L, 2); lua_pushvalue(L, 1); lua_rawset(L, 3);  /* mt -> name */
   lua_pushvalue(L, 2);
   return 1;
 }

@@ -187,7 +187,7 @@ function list_methods.totable(p) return op(p, "copy") end
 function list_methods.clear(p) op(p, "clear") end
 
 -- proxies travel by value with their metatable registered by name
-core.register_metatable(DictProxy.__name, DictProxy, true)
-core.register_metatable(ListProxy.__name, ListProxy, true)
+core.register_metatable(DictProxy.__name, DictProxy)
+core.register_metatable(ListProxy.__name, ListProxy)
 
 return M
