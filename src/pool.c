@@ -153,6 +153,44 @@ static int blob_free(lua_State *L) {
   return 0;
 }
 
+/* core.slice(t, i, j) -> a new table holding t[i..j], sized once (table.move into {}
+** grows the table step by step, which costs more than the copy) */
+static int pool_slice(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_Integer i = luaL_checkinteger(L, 2), j = luaL_checkinteger(L, 3);
+  lua_Integer n = j >= i ? j - i + 1 : 0;
+  luaL_argcheck(L, n <= 0x7fffffff, 3, "slice too long");
+  lua_createtable(L, (int)n + 1, 0);  /* one spare slot: the codec's array fast path wants it */
+  for (lua_Integer k = 0; k < n; k++) {
+    lua_rawgeti(L, 1, i + k);
+    lua_rawseti(L, -2, k + 1);
+  }
+  return 1;
+}
+
+/* core.place(src, n, dst, at): dst[at .. at+n-1] = src[1 .. n], raw (table.move
+** goes through metamethod checks for every item) */
+static int pool_place(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  lua_Integer at = luaL_checkinteger(L, 4);
+  for (lua_Integer k = 1; k <= n; k++) {
+    lua_rawgeti(L, 1, k);
+    lua_rawseti(L, 3, at + k - 1);
+  }
+  return 0;
+}
+
+/* core.newtable(narr [, nhash]) -> a table with room for narr items */
+static int pool_newtable(lua_State *L) {
+  lua_Integer a = luaL_optinteger(L, 1, 0), h = luaL_optinteger(L, 2, 0);
+  luaL_argcheck(L, a >= 0 && a <= 0x7fffffff, 1, "bad size");
+  luaL_argcheck(L, h >= 0 && h <= 0x7fffffff, 2, "bad size");
+  lua_createtable(L, (int)a, (int)h);
+  return 1;
+}
+
 static const mp_handle_type t_ps = { POOLSTATE, mp_handle_encode, ps_decode };
 
 int mp_pool_open(lua_State *L) {
@@ -164,7 +202,7 @@ int mp_pool_open(lua_State *L) {
   mp_newclass(L, POOLSTATE, methods, meta);
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
-    {"PoolState", ps_new}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
+    {"PoolState", ps_new}, {"slice", pool_slice}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

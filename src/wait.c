@@ -86,6 +86,12 @@ void mp_unlock(pthread_mutex_t *m) { pthread_mutex_unlock(m); }
 int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline) {
   lua_Hook h0 = L ? lua_gethook(L) : NULL;
   int r = pthread_mutex_trylock(m);
+  /* a short spin first: critical sections are usually a few instructions long,
+  ** and sleeping in the kernel costs far more than waiting them out */
+  for (int spin = 0; r == EBUSY && spin < 100 && deadline != 0; spin++) {
+    __builtin_ia32_pause();
+    r = pthread_mutex_trylock(m);
+  }
   for (;;) {
     if (r == 0) return MP_LOCKED;
     if (r == EOWNERDEAD) { pthread_mutex_consistent(m); return MP_LOCK_OWNERDEAD; }

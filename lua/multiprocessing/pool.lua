@@ -9,8 +9,9 @@
 local core = require "multiprocessing.core"
 local progress = require "multiprocessing.progress"
 
-local encode, decode, now = core.encode, core.decode, core.now
+local encode, decode, now, slice, place = core.encode, core.decode, core.now, core.slice, core.place
 local pack, unpack, move = table.pack, table.unpack, table.move
+local newtable = core.newtable
 -- the traceback of an error in a task, without the frames the worker
 -- inherited from the parent's stack at fork time
 local function traceback(msg)
@@ -78,7 +79,7 @@ local function worker_main(pool, i)
       local t1 = now()
       local n = msg[4]
       F, ITEMS, N, MODE, CUR = f, msg[5], n, msg[6], 0
-      local out, errs = {}, nil
+      local out, errs = newtable(n + 1), nil  -- a spare slot keeps the codec on its array fast path
       OUT = out
       while true do
         local ok, e = xpcall(run, traceback)
@@ -212,7 +213,7 @@ local function on_result(self, msg)
   call.pending = call.pending - 1
   local out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
   local i0, n = inf.i0, inf.n
-  move(out, 1, n, i0, call.results)
+  place(out, n, call.results, i0)
   if errs then
     for k, e in pairs(errs) do
       fail(self, call, i0 + k - 1, ("%s failed on item %d (worker pid %d):\n%s"):format(call.kind, i0 + k - 1, pid, e))
@@ -327,7 +328,7 @@ local function feed(self, call)
     if call.seq_input then
       local last = math.min(call.total, i0 + k - 1)
       n = last - i0 + 1
-      items = move(call.seq_input, i0, last, 1, {})
+      items = slice(call.seq_input, i0, last)
     else
       items, n = {}, 0
       local nextf = call.iter
@@ -450,6 +451,7 @@ local function new_call(self, kind, f, input, opts, what)
   call.fid, call.blob = fid, blob
   if type(input) == "table" then
     call.seq_input, call.total = input, (input.n or #input)
+    if kind ~= "imap" and kind ~= "unordered" then call.results = core.newtable(call.total) end
   elseif type(input) == "function" then
     call.iter = input
   else
