@@ -30,6 +30,12 @@ N = 200000
 
 if __name__ == "__main__":
     mp.set_start_method("fork")
+    def start():
+        pool = mp.Pool(2)
+        pool.map(double, [1, 2], 1)
+        pool.close()
+        pool.join()
+    print("pool: Pool(2) + 1 task per worker + close/join\t%.6f\t1\tpool" % median(lambda: timed(start), 9))
     xs = list(range(1, N + 1))
     with mp.Pool(2) as pool:
         print("pool: map x*2 over 200,000\t%.6f\t%d\titem" % (median(lambda: timed(lambda: pool.map(double, xs)), 5), N))
@@ -47,9 +53,4 @@ if __name__ == "__main__":
         print("pool: cpu-bound 16 x 3M-iteration loop, Pool(2)\t%.6f\t16\titem"
               % median(lambda: timed(lambda: pool.map(burn, items, 1)), 1))
 
-    def start():
-        pool = mp.Pool(2)
-        pool.map(double, [1, 2], 1)
-        pool.close()
-        pool.join()
-    print("pool: Pool(2) + 1 task per worker + close/join\t%.6f\t1\tpool" % median(lambda: timed(start), 9))
+
