@@ -2,25 +2,8 @@
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 
--- Runs fn in a forked child that always leaves with core._exit: 0 if fn returned, 1 if it raised.
-local function spawn(fn)
-  local pid = core.fork()
-  if pid == 0 then
-    local ok, err = pcall(fn)
-    if not ok then io.stderr:write("child: ", tostring(err), "\n") end
-    core._exit(ok and 0 or 1)
-  end
-  return pid
-end
-
-local function children()
-  local me = core.getpid()
-  local f = io.open("/proc/" .. me .. "/task/" .. me .. "/children")
-  if not f then return "" end
-  local s = f:read("a")
-  f:close()
-  return (s:gsub("%s+$", ""))
-end
+local H = require "helpers"
+local spawn = H.spawn
 
 local ranges = {  -- typecode, smallest, largest
   { "b", -128, 127 }, { "B", 0, 255 }, { "h", -32768, 32767 }, { "H", 0, 65535 },
@@ -31,7 +14,7 @@ local ranges = {  -- typecode, smallest, largest
 
 describe("shared", function()
   after_each(function()
-    assert.equal("", children())
+    assert.same({}, H.children())
   end)
 
   describe("Value", function()
