@@ -49,15 +49,21 @@ static int ps_new(lua_State *L) {
   return 1;
 }
 
-/* st:get_task(queue, i [, timeout]) -> message | nil, "timeout"|"interrupted" */
+/* st:get_task(queue, i [, timeout [, maxk [, keep]]]) -> message... | nil, "timeout"|"interrupted"
+** Takes up to maxk messages while more than keep stay queued; the worker's
+** claim covers them all until st:done has been called for each. */
 static int ps_get_task(lua_State *L) {
   mp_handle *h = ps_check(L);
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 2, &buf);
   wrec *w = ps_rec(L, h, 3);
   double deadline = mp_deadline(L, 4);
-  int r = mp_queue_get_claim(L, q, buf, deadline, &w->claim);
-  if (r == MP_WOKE) return 1;
+  int maxk = (int)luaL_optinteger(L, 5, 1);
+  lua_Integer keep = luaL_optinteger(L, 6, 0);
+  luaL_argcheck(L, maxk >= 1 && maxk <= 256, 5, "1 to 256 messages");
+  int n;
+  int r = mp_queue_get_many(L, q, buf, deadline, &w->claim, maxk, keep < 0 ? 0 : (uint64_t)keep, &n);
+  if (r == MP_WOKE) return n;
   return mp_waitresult(L, r);
 }
 
@@ -71,17 +77,25 @@ static int ps_done(lua_State *L) {
   w->idle += luaL_optnumber(L, 5, 0);
   w->enc += luaL_optnumber(L, 6, 0);
   w->dec += luaL_optnumber(L, 7, 0);
-  __atomic_store_n(&w->claim.seq, 0, __ATOMIC_SEQ_CST);
+  if (w->claim.first < w->claim.seq) {  /* the next message of its batch starts now */
+    w->claim.start = mp_now();
+    __atomic_add_fetch(&w->claim.first, 1, __ATOMIC_SEQ_CST);
+  } else {
+    __atomic_store_n(&w->claim.seq, 0, __ATOMIC_SEQ_CST);
+  }
   return 0;
 }
 
-/* st:claimed(i) -> message number, since (0 when idle) */
+/* st:claimed(i) -> last message number (0 when idle), since, first message number:
+** the worker holds messages first .. last and runs `first` since `since` */
 static int ps_claimed(lua_State *L) {
   mp_handle *h = ps_check(L);
   wrec *w = ps_rec(L, h, 2);
-  lua_pushinteger(L, (lua_Integer)__atomic_load_n(&w->claim.seq, __ATOMIC_SEQ_CST));
+  uint64_t seq = __atomic_load_n(&w->claim.seq, __ATOMIC_SEQ_CST);
+  lua_pushinteger(L, (lua_Integer)seq);
   lua_pushnumber(L, w->claim.start);
-  return 2;
+  lua_pushinteger(L, (lua_Integer)(seq ? w->claim.first : 0));
+  return 3;
 }
 
 static int ps_release(lua_State *L) {  /* a respawned worker starts with a clean claim */

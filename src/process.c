@@ -96,7 +96,11 @@ static int proc_waitpid(lua_State *L) {
       untrack(pid);
       return mp_pusherrno(L, "waitpid");
     }
-    if (fd < 0) fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    static int nopidfd;  /* the kernel (or valgrind) has no pidfd_open: poll the status */
+    if (fd < 0 && !nopidfd) {
+      fd = (int)syscall(SYS_pidfd_open, pid, 0);
+      if (fd < 0 && errno == ENOSYS) nopidfd = 1;
+    }
     double now = mp_now();
     if (deadline >= 0 && now >= deadline) { if (fd >= 0) close(fd); return mp_waitresult(L, MP_TIMEOUT); }
     if (lua_gethook(L) != h0) { if (fd >= 0) close(fd); return mp_waitresult(L, MP_INTERRUPTED); }

@@ -133,11 +133,11 @@ static void q_take(lua_State *L, mp_queue *q, mp_buf *buf, uint64_t *ext, size_t
     *extn = (size_t)n64;
     q->bytes -= n64;
     c->rpos += 24;
-  } else {
-    buf->n = 0;
-    mp_buf_reserve(L, buf, len);  /* small: cannot fail in practice */
-    memcpy(buf->p, p + 4, len);
-    buf->n = len;
+  } else {  /* appended to buf as [u32 len][bytes] */
+    mp_buf_reserve(L, buf, 4 + (size_t)len);  /* small: cannot fail in practice */
+    memcpy(buf->p + buf->n, &len, 4);
+    memcpy(buf->p + buf->n + 4, p + 4, len);
+    buf->n += 4 + (size_t)len;
     q->bytes -= len;
     c->rpos += (4 + len + 7) & ~7u;
   }
@@ -195,7 +195,23 @@ int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
   return mp_queue_get_claim(L, q, buf, deadline, NULL);
 }
 
+/* Is the next message one with a block of its own? (queue locked, not empty) */
+static int q_next_is_ext(mp_queue *q) {
+  chunk *c = MP_PTR(q->head);
+  while (c->rpos == c->wpos && c->next) c = MP_PTR(c->next);
+  uint32_t len;
+  memcpy(&len, c->data + c->rpos, 4);
+  return len == EXTERNAL;
+}
+
 int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim) {
+  int n;
+  return mp_queue_get_many(L, q, buf, deadline, claim, 1, 0, &n);
+}
+
+int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
+                      int maxk, uint64_t keep, int *count) {
+  *count = 0;
   for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
     if (spin > 20) sched_yield();
   mp_lock(&q->lock);
@@ -206,18 +222,43 @@ int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, 
   }
   uint64_t ext;
   size_t extn = 0;
+  buf->n = 0;
   q_take(L, q, buf, &ext, &extn);
   q->taken++;
-  if (claim) { claim->start = mp_now(); __atomic_store_n(&claim->seq, q->taken, __ATOMIC_SEQ_CST); }
+  int k = 1;
+  /* more small messages while others are left for the other readers */
+  while (!ext && k < maxk && q->count > keep && !q_next_is_ext(q)) {
+    uint64_t e2;
+    size_t n2;
+    q_take(L, q, buf, &e2, &n2);
+    q->taken++;
+    k++;
+  }
+  if (claim) {
+    claim->start = mp_now();
+    claim->first = q->taken - (uint64_t)k + 1;
+    __atomic_store_n(&claim->seq, q->taken, __ATOMIC_SEQ_CST);
+  }
   mp_unlock(&q->lock);
-  if (!ext) { mp_decode(L, buf->p, buf->n); return MP_WOKE; }
-  /* decode in place, then free the block even if decoding fails */
-  lua_pushcfunction(L, decode_ext);
-  extmsg m = { ext, extn };
-  lua_pushlightuserdata(L, &m);
-  int st = lua_pcall(L, 1, 1, 0);
-  mp_free(ext);
-  if (st != LUA_OK) lua_error(L);
+  if (ext) {  /* decode in place, then free the block even if decoding fails */
+    lua_pushcfunction(L, decode_ext);
+    extmsg m = { ext, extn };
+    lua_pushlightuserdata(L, &m);
+    int st = lua_pcall(L, 1, 1, 0);
+    mp_free(ext);
+    if (st != LUA_OK) lua_error(L);
+    *count = 1;
+    return MP_WOKE;
+  }
+  luaL_checkstack(L, k, "too many messages");
+  size_t at = 0;
+  for (int i = 0; i < k; i++) {
+    uint32_t len;
+    memcpy(&len, buf->p + at, 4);
+    mp_decode(L, buf->p + at + 4, len);
+    at += 4 + (size_t)len;
+  }
+  *count = k;
   return MP_WOKE;
 }
 

@@ -32,8 +32,12 @@ int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
 /* Same; while the queue is locked, writes the number of the message taken (and
 ** the time) to *claim, so that a reader killed right after taking it is known
 ** to have it. */
-typedef struct mp_claim { uint64_t seq; double start; } mp_claim;
+typedef struct mp_claim { uint64_t seq; double start; uint64_t first; } mp_claim;
 int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim);
+/* Takes up to maxk small messages at once, while more than `keep` stay queued; pushes
+** *count values. The claim covers messages claim->first .. claim->seq. */
+int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
+                      int maxk, uint64_t keep, int *count);
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf);  /* the queue of a handle */
 
 #pragma GCC visibility pop

@@ -23,6 +23,7 @@ local SLICE = 0.05      -- seconds between health checks while waiting
 local AHEAD = 4         -- chunks in flight per worker for lazy inputs
 local WINDOW_ITEMS = 1024 -- and at least this many items
 local PACK = 64          -- at most this many chunks of tiny tasks in one message
+local TINY, TAKE = 1e-4, 16 -- a worker takes up to TAKE messages at once after one shorter than TINY
 local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is automatic
 
 local M = {}
@@ -62,50 +63,63 @@ local function worker_main(pool, i)
       OUT[1] = pack(F(unpack(ITEMS, 1, ITEMS.n or #ITEMS)))
     end
   end
-  local idle_since = now()
-  while true do
-    -- a task message: { seq, fid, blob, n, items, mode }; false asks the worker to stop
-    local msg = st:get_task(tasks, i)
-    local t0 = now()
-    if msg == false then break end
-    if msg then
-      local fid = msg[2]
-      local f = funcs[fid]
-      if not f then
-        if nfuncs >= 64 then funcs, nfuncs = {}, 0 end
-        f = decode(core.blob_get(msg[3]))
-        funcs[fid], nfuncs = f, nfuncs + 1
-      end
-      local t1 = now()
-      local n = msg[4]
-      F, ITEMS, N, MODE, CUR = f, msg[5], n, msg[6], 0
-      local out, errs = newtable(n + 1), nil  -- a spare slot keeps the codec on its array fast path
-      OUT = out
-      while true do
-        local ok, e = xpcall(run, traceback)
-        if ok then break end
-        errs = errs or {}
-        errs[CUR] = tostring(e)
-        out[CUR] = nil
-      end
-      F, ITEMS, OUT = nil, nil, nil
-      local t2 = now()
-      -- a result message: { seq, out, errs, pid, busy }
-      local sent, why = pcall(results.put, results, { msg[1], out, errs or false, me, t2 - t1 })
-      if not sent then  -- a result that cannot be sent fails its item, not the worker
-        errs = errs or {}
-        for k = 1, n do
-          local ok = pcall(encode, out[k])
-          if not ok then
-            local e = tostring(why):gsub("at value%[2%]%[%d+%]", "at the result")
-            errs[k], out[k] = e, nil
-          end
+  local function handle(msg, t0, idle)
+    local fid = msg[2]
+    local f = funcs[fid]
+    if not f then
+      if nfuncs >= 64 then funcs, nfuncs = {}, 0 end
+      f = decode(core.blob_get(msg[3]))
+      funcs[fid], nfuncs = f, nfuncs + 1
+    end
+    local t1 = now()
+    local n = msg[4]
+    F, ITEMS, N, MODE, CUR = f, msg[5], n, msg[6], 0
+    local out, errs = newtable(n + 1), nil  -- a spare slot keeps the codec on its array fast path
+    OUT = out
+    while true do
+      local ok, e = xpcall(run, traceback)
+      if ok then break end
+      errs = errs or {}
+      errs[CUR] = tostring(e)
+      out[CUR] = nil
+    end
+    F, ITEMS, OUT = nil, nil, nil
+    local t2 = now()
+    -- a result message: { seq, out, errs, pid, busy }
+    local sent, why = pcall(results.put, results, { msg[1], out, errs or false, me, t2 - t1 })
+    if not sent then  -- a result that cannot be sent fails its item, not the worker
+      errs = errs or {}
+      for k = 1, n do
+        local ok = pcall(encode, out[k])
+        if not ok then
+          local e = tostring(why):gsub("at value%[2%]%[%d+%]", "at the result")
+          errs[k], out[k] = e, nil
         end
-        results:put { msg[1], out, errs, me, t2 - t1 }
       end
-      local t3 = now()
-      st:done(i, n, t2 - t1, t0 - idle_since, t3 - t2, t1 - t0)
-      done = done + 1
+      results:put { msg[1], out, errs, me, t2 - t1 }
+    end
+    local t3 = now()
+    st:done(i, n, t2 - t1, idle, t3 - t2, t1 - t0)
+    return t2 - t1
+  end
+  -- Messages are taken one at a time, or several at once while the last one took
+  -- under TINY seconds and enough are queued for the other workers (see get_task).
+  local idle_since, busy, nw = now(), math.huge, pool._n
+  while true do
+    local want = busy < TINY and TAKE or 1
+    if maxtasks then want = math.min(want, maxtasks - done) end
+    -- a task message: { seq, fid, blob, n, items, mode }; false asks the worker to stop
+    local batch = pack(st:get_task(tasks, i, nil, want, nw))
+    local t0 = now()
+    if batch[1] == false then break end
+    if batch[1] ~= nil then
+      local idle = t0 - idle_since
+      for b = 1, batch.n do
+        local msg = batch[b]
+        busy = handle(msg, t0, idle)
+        t0, idle = now(), 0
+      end
+      done = done + batch.n
       if maxtasks and done >= maxtasks then core._exit(0) end
       idle_since = now()
     end
@@ -225,30 +239,39 @@ local function on_result(self, msg)
   settle(self, call)
 end
 
+-- Fails task message seq, unless its result came: why(call, i0, n) says why.
+local function lose(self, seq, why)
+  local inf = self._inflight[seq]
+  if not inf then return end
+  self._inflight[seq] = nil
+  if inf.kind == "apply" then  -- an apply_async call is its own record
+    inf.err = inf.err or why(inf, 1, 1)
+    finish(self, inf)
+    return
+  end
+  local call = inf.call
+  call.pending = call.pending - 1
+  local text = why(call, inf.i0, inf.n)
+  for k = 0, inf.n - 1 do fail(self, call, inf.i0 + k, text) end
+  mark_done(call, inf.i0, inf.n)
+  call.done = call.done + inf.n
+  settle(self, call)
+end
+
 local function check_workers(self)
   local t = now()
   self._checked = t
   local st = self._st
   for i, w in pairs(self._workers) do
     local code = w.code or core.reap(w.pid)
-    local seq, since = st:claimed(i)
+    local last, since, first = st:claimed(i)
     if code ~= nil then
-      local inf = seq ~= 0 and self._inflight[seq]
-      if inf and inf.kind == "apply" then
-        self._inflight[seq] = nil
-        inf.err = inf.err or ("apply: worker pid %d died (%s) while running item 1"):format(w.pid, exit_text(code))
-        finish(self, inf)
-      elseif inf then
-        self._inflight[seq] = nil
-        local call = inf.call
-        call.pending = call.pending - 1
-        for k = 0, inf.n - 1 do
-          fail(self, call, inf.i0 + k, ("%s: worker pid %d died (%s) while running %s"):format(
-            call.kind, w.pid, exit_text(code), item_text(call, inf.i0, inf.n)))
-        end
-        mark_done(call, inf.i0, inf.n)
-        call.done = call.done + inf.n
-        settle(self, call)
+      -- it held messages first .. last: the first was running, the others waiting
+      for seq = first, last do
+        lose(self, seq, function(call, i0, n)
+          return ("%s: worker pid %d died (%s) %s %s"):format(call.kind, w.pid, exit_text(code),
+            seq == first and "while running" or "before running", item_text(call, i0, n))
+        end)
       end
       self._workers[i] = nil
       if not w.ready and not self._broken and code ~= 0 then
@@ -256,28 +279,15 @@ local function check_workers(self)
         self._broken = self._broken or ("a new worker (pid %d) died during start-up (%s)"):format(w.pid, exit_text(code))
       end
       if self._state == "running" and not self._broken then spawn(self, i) end
-    elseif seq ~= 0 then
-      local inf = self._inflight[seq]
+    elseif last ~= 0 then
+      local inf = self._inflight[first]
       local limit = inf and (inf.call or inf).timeout
-      if limit and inf.kind == "apply" then
-        if t - since > limit then
-          core.kill(w.pid, 9)
-          self._inflight[seq] = nil
-          inf.err = ("apply: task timed out after %gs (item 1); worker pid %d was killed"):format(limit, w.pid)
-          finish(self, inf)
-        end
-      elseif limit and t - since > limit then
-        core.kill(w.pid, 9)
-        self._inflight[seq] = nil
-        local call = inf.call
-        call.pending = call.pending - 1
-        for k = 0, inf.n - 1 do
-          fail(self, call, inf.i0 + k, ("%s: task timed out after %gs (%s); worker pid %d was killed"):format(
-            call.kind, limit, item_text(call, inf.i0, inf.n), w.pid))
-        end
-        mark_done(call, inf.i0, inf.n)
-        call.done = call.done + inf.n
-        settle(self, call)
+      if limit and t - since > limit then
+        core.kill(w.pid, 9)  -- reaped, and its other messages lost, on a next check
+        lose(self, first, function(call, i0, n)
+          return ("%s: task timed out after %gs (%s); worker pid %d was killed"):format(
+            call.kind, limit, item_text(call, i0, n), w.pid)
+        end)
       end
     end
   end
