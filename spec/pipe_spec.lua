@@ -404,6 +404,8 @@ describe("Pipe", function()
     end)
 
     it("a send interrupted mid-message breaks the connection", function()
+      -- the 16 MiB send must still be under way 0.2 s in: not so under valgrind
+      if os.getenv("MP_VALGRIND") then pending("needs real speed: skipped under valgrind") return end
       local a, b = mp.Pipe()
       local pid = spawn(function()
         local me = core.getpid()
