@@ -10,7 +10,7 @@ local core = require "multiprocessing.core"
 local progress = require "multiprocessing.progress"
 
 local encode, decode, now, slice, place = core.encode, core.decode, core.now, core.slice, core.place
-local pack, unpack, move = table.pack, table.unpack, table.move
+local pack, unpack = table.pack, table.unpack
 local newtable = core.newtable
 -- the traceback of an error in a task, without the frames the worker
 -- inherited from the parent's stack at fork time
