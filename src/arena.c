@@ -154,6 +154,8 @@ void mp_free(uint64_t off) {
 }
 
 size_t mp_arena_used(void) { return arena ? arena->used : 0; }
+/* the part of the arena handed out so far: a valid object lies below it */
+size_t mp_arena_top(void) { return arena ? arena->top : 0; }
 size_t mp_arena_blocks(void) { return arena ? arena->blocks : 0; }
 void mp_arena_forked(void) { if (arena) __atomic_add_fetch(&arena->forks, 1, __ATOMIC_SEQ_CST); }
 uint32_t mp_arena_forks(void) { return arena ? __atomic_load_n(&arena->forks, __ATOMIC_SEQ_CST) : 0; }

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "mp.h"
 
@@ -1109,8 +1110,21 @@ uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n)
   uint64_t off;
   if (n != 8 || !mp_arena_base()) corrupt(L, "bad handle");
   memcpy(&off, payload, 8);
-  if (off < 64 || off % 16) corrupt(L, "bad handle");
+  if (off < 64 || off % 16 || off + sizeof(mp_obj) > mp_arena_top()) corrupt(L, "bad handle");
   return off;
+}
+
+mp_handle *mp_handle_attach(lua_State *L, const unsigned char *payload, size_t n, uint32_t type,
+                            const char *tname, size_t size, int nuv) {
+  uint64_t off = mp_handle_payload(L, payload, n);
+  if (((mp_obj *)MP_PTR(off))->type != type) luaL_error(L, "cannot decode: bad %s handle", tname);
+  mp_handle *h = lua_newuserdatauv(L, size, nuv);
+  memset(h, 0, size);
+  luaL_setmetatable(L, tname);
+  mp_obj_retain(off);
+  h->off = off;
+  h->pid = getpid();
+  return h;
 }
 
 /* ------------------------------------------------------------- Lua API */

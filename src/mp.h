@@ -32,6 +32,7 @@ uint64_t mp_alloc(lua_State *L, size_t n);  /* raises "out of shared memory" */
 uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
 void mp_free(uint64_t off);
 size_t mp_arena_used(void);
+size_t mp_arena_top(void);
 size_t mp_arena_blocks(void);
 void mp_arena_forked(void);                 /* note that a fork happened */
 uint32_t mp_arena_forks(void);
@@ -94,6 +95,11 @@ void mp_codec_register(const mp_handle_type *t);
 /* Arena objects have the same handle shape; these two serve any of them. */
 size_t mp_handle_encode(lua_State *L, int idx, unsigned char *payload);
 uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n);
+/* For a decode callback: pushes a new handle (a userdata of `size` bytes with `nuv`
+** user values and the metatable tname) to the object the payload names, which must
+** be of `type`, and counts its reference. */
+mp_handle *mp_handle_attach(lua_State *L, const unsigned char *payload, size_t n, uint32_t type,
+                            const char *tname, size_t size, int nuv);
 
 /* Encoding: mp_encode leaves the bytes in an encoder owned by the Lua state
 ** (big strings are not copied but referenced, so the value at idx must stay

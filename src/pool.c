@@ -127,13 +127,7 @@ static int ps_close(lua_State *L) {
 }
 
 static void ps_decode(lua_State *L, const unsigned char *payload, size_t n) {
-  uint64_t off = mp_handle_payload(L, payload, n);
-  if (((mp_obj *)MP_PTR(off))->type != 0x50) luaL_error(L, "cannot decode: bad PoolState handle");
-  mp_obj_retain(off);
-  mp_handle *h = lua_newuserdatauv(L, sizeof(mp_handle), 0);
-  h->off = off;
-  h->pid = getpid();
-  luaL_setmetatable(L, POOLSTATE);
+  mp_handle_attach(L, payload, n, 0x50, POOLSTATE, sizeof(mp_handle), 0);
 }
 
 /* ------------------------------------------------------------------ blobs */

@@ -440,11 +440,7 @@ static int queue_eq(lua_State *L) {
 /* ------------------------------------------------------------- the codec */
 
 static void queue_decode(lua_State *L, const unsigned char *payload, size_t n, const char *tname) {
-  uint64_t off = mp_handle_payload(L, payload, n);
-  mp_obj *o = MP_PTR(off);
-  if (o->type != 0x51) luaL_error(L, "cannot decode: bad Queue handle");
-  mp_obj_retain(off);
-  q_push(L, off, tname);
+  mp_handle_attach(L, payload, n, 0x51, tname, sizeof(qhandle), 0);
 }
 static void dec_q(lua_State *L, const unsigned char *p, size_t n) { queue_decode(L, p, n, QUEUE); }
 static void dec_s(lua_State *L, const unsigned char *p, size_t n) { queue_decode(L, p, n, SIMPLEQUEUE); }

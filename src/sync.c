@@ -399,12 +399,7 @@ static int sync_Event(lua_State *L) {
 }
 
 static void event_decode(lua_State *L, const unsigned char *p, size_t n) {
-  uint64_t off = mp_handle_payload(L, p, n);
-  if (((mp_obj *)MP_PTR(off))->type != T_EVENT) luaL_error(L, "cannot decode: bad handle");
-  mp_handle *h = newhandle(L, sizeof(mp_handle), EVENT, 0);
-  mp_obj_retain(off);
-  h->off = off;
-  h->pid = getpid();
+  mp_handle_attach(L, p, n, T_EVENT, EVENT, sizeof(mp_handle), 0);
 }
 
 static const mp_handle_type event_type = { EVENT, mp_handle_encode, event_decode };
@@ -707,12 +702,7 @@ static int sync_Barrier(lua_State *L) {
 }
 
 static void barrier_decode(lua_State *L, const unsigned char *p, size_t n) {
-  uint64_t off = mp_handle_payload(L, p, n);
-  if (((mp_obj *)MP_PTR(off))->type != T_BARRIER) luaL_error(L, "cannot decode: bad handle");
-  mp_handle *h = newhandle(L, sizeof(mp_handle), BARRIER, 1);
-  mp_obj_retain(off);
-  h->off = off;
-  h->pid = getpid();
+  mp_handle_attach(L, p, n, T_BARRIER, BARRIER, sizeof(mp_handle), 1);
 }
 
 static const mp_handle_type barrier_type = { BARRIER, mp_handle_encode, barrier_decode };

@@ -151,13 +151,18 @@ Manager.__gc = Manager.shutdown
 
 local function op(p, name, a, b) return call(p._m, name, p._id, a, b) end
 
-DictProxy.__index = function(p, k)
-  local m = dict_methods[k]
-  if m then return m end
-  return op(p, "get", k)
+-- p[k] is a method, or the server's value for k
+local function indexer(methods)
+  return function(p, k)
+    local m = methods[k]
+    if m then return m end
+    return op(p, "get", k)
+  end
 end
-DictProxy.__newindex = function(p, k, v) op(p, "set", k, v) end
-DictProxy.__len = function(p) return op(p, "len") end
+local function newindex(p, k, v) op(p, "set", k, v) end
+local function len(p) return op(p, "len") end
+
+DictProxy.__index, DictProxy.__newindex, DictProxy.__len = indexer(dict_methods), newindex, len
 DictProxy.__pairs = function(p) return next, op(p, "copy"), nil end
 DictProxy.__tostring = function(p) return ("<DictProxy %d of a Manager>"):format(p._id) end
 
@@ -170,13 +175,7 @@ function dict_methods.update_with(p, k, f) return op(p, "update_with", k, f) end
 function dict_methods.keys(p) local t, ks = op(p, "copy"), {} for k in pairs(t) do ks[#ks + 1] = k end return ks end
 function dict_methods.values(p) local t, vs = op(p, "copy"), {} for _, v in pairs(t) do vs[#vs + 1] = v end return vs end
 
-ListProxy.__index = function(p, k)
-  local m = list_methods[k]
-  if m then return m end
-  return op(p, "get", k)
-end
-ListProxy.__newindex = function(p, k, v) op(p, "set", k, v) end
-ListProxy.__len = function(p) return op(p, "len") end
+ListProxy.__index, ListProxy.__newindex, ListProxy.__len = indexer(list_methods), newindex, len
 ListProxy.__tostring = function(p) return ("<ListProxy %d of a Manager>"):format(p._id) end
 
 function list_methods.append(p, v) op(p, "append", v) end
