@@ -179,6 +179,7 @@ struct mp_enc {
   pmap ups;      /* upvalue id -> function ordinal << 8 | upvalue number */
   pmap mods;     /* module tables (only when usemods) */
   int nrefs, busy, usemods, hascnames, hasanchors, depth, base;
+  lua_Integer range_i0, range_n;  /* mp_encode_range: the root is root[i0 .. i0+n-1] */
   int small;     /* encodes in a row that used little of a big buffer */
   int sawfunc;   /* a function was met: a module may have been sent as a table */
   int canretry;  /* enc_fail may jump to retry (first pass, modules not looked up) */
@@ -722,7 +723,42 @@ static void enc_reset(lua_State *L, mp_enc *e) {
   }
 }
 
+/* The root of an mp_encode_range: the array t[i0 .. i0+n-1], encoded as a table
+** would be (it takes an ordinal, as every table does) without being copied first. */
+static void encode_range(lua_State *L, mp_enc *e) {
+  ensure_stack(L, e);
+  reserve(L, &e->out, 9);
+  size_t at = e->out.n;
+  add_ref(L, e, (const void *)e, at);  /* no real table has the encoder's address */
+  uint32_t narr = (uint32_t)e->range_n, npairs = 0;
+  e->out.p[at] = (char)T_TABLE;
+  memcpy(e->out.p + at + 1, &narr, 4);
+  memcpy(e->out.p + at + 5, &npairs, 4);
+  e->out.n += 9;
+  frame *f = &e->path[e->depth];
+  f->kind = F_INDEX;
+  e->depth++;
+  for (lua_Integer k = 0; k < e->range_n; k++) {
+    f->i = e->range_i0 + k;  /* errors name the index in the whole table */
+    lua_rawgeti(L, e->rootidx, e->range_i0 + k);
+    encode_value(L, e, lua_gettop(L));
+    lua_pop(L, 1);
+  }
+  e->depth--;
+}
+
+static mp_enc *encode_top(lua_State *L, int idx, const char *root, lua_Integer i0, lua_Integer n);
+
 mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
+  return encode_top(L, idx, root, 0, -1);
+}
+
+mp_enc *mp_encode_range(lua_State *L, int idx, lua_Integer i0, lua_Integer n, const char *root) {
+  if (n < 0 || n > (lua_Integer)UINT32_MAX) luaL_error(L, "bad range to encode");
+  return encode_top(L, idx, root, i0, n);
+}
+
+static mp_enc *encode_top(lua_State *L, int idx, const char *root, lua_Integer i0, lua_Integer n) {
   int absidx = lua_absindex(L, idx);
   mp_enc *e = NULL;
   if (lua_getfield(L, LUA_REGISTRYINDEX, CACHED) == LUA_TUSERDATA) e = lua_touserdata(L, -1);
@@ -736,6 +772,8 @@ mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
   }
   e->busy = 1;
   e->rootidx = absidx;
+  e->range_i0 = i0;
+  e->range_n = n;
   e->root = root ? root : "value";
   e->base = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
@@ -751,7 +789,8 @@ mp_enc *mp_encode(lua_State *L, int idx, const char *root) {
   for (;;) {
     enc_reset(L, e);
     put_u8(L, e, FORMAT);
-    encode_value(L, e, e->rootidx);
+    if (e->range_n >= 0) encode_range(L, e);
+    else encode_value(L, e, e->rootidx);
     if (e->usemods || !e->sawfunc || !sent_a_module(L, e)) break;
     e->usemods = 1;  /* a module was sent as a table: again, by name */
     e->canretry = 0;

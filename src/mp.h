@@ -106,6 +106,8 @@ mp_handle *mp_handle_attach(lua_State *L, const unsigned char *payload, size_t n
 ** alive and unchanged until mp_enc_done). root names the value in errors. */
 typedef struct mp_enc mp_enc;
 mp_enc *mp_encode(lua_State *L, int idx, const char *root);
+/* Same for the array t[i0 .. i0+n-1] of the table at idx, as if it were a table. */
+mp_enc *mp_encode_range(lua_State *L, int idx, lua_Integer i0, lua_Integer n, const char *root);
 size_t mp_enc_size(mp_enc *e);
 void mp_enc_copy(mp_enc *e, char *dst);     /* copies mp_enc_size bytes */
 /* The same bytes as pieces, for writev: piece i (from 0) in *p, *n (maybe 0); 0 past the end. */

@@ -6,6 +6,16 @@
 #include "queue.h"
 
 #define POOLSTATE "multiprocessing.PoolState"
+#define TASKMAGIC 0x4b534154u  /* "TASK": not the codec's first byte */
+
+/* A task message: this header, then the codec's bytes of its items (a range of
+** the caller's table, encoded in place) or of the arguments of an apply. */
+typedef struct taskhdr {
+  uint32_t magic, fid;
+  uint64_t seq;
+  int64_t blob;
+  uint32_t n, mode;
+} taskhdr;
 #define BLOB "multiprocessing.Blob"
 
 /* What the parent needs to see of a worker without asking it: which task
@@ -49,6 +59,40 @@ static int ps_new(lua_State *L) {
   return 1;
 }
 
+/* core.put_task(queue, seq, fid, blob, mode, src, i0, n): sends src[i0 .. i0+n-1]
+** as the items of task message seq, or src itself (the arguments of an apply)
+** when i0 is 0. Unsendable items raise the codec's error, naming args[i]. */
+static int pool_put_task(lua_State *L) {
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 1, &buf);
+  taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)luaL_checkinteger(L, 2),
+                luaL_checkinteger(L, 4), 0, (uint32_t)luaL_checkinteger(L, 5) };
+  luaL_checktype(L, 6, LUA_TTABLE);
+  lua_Integer i0 = luaL_checkinteger(L, 7), n = luaL_checkinteger(L, 8);
+  luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 8, "bad count");
+  h.n = (uint32_t)n;
+  mp_enc *e = i0 > 0 ? mp_encode_range(L, 6, i0, n, "args") : mp_encode(L, 6, "args");
+  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+  mp_enc_done(L, e);
+  lua_pushboolean(L, r == MP_WOKE);
+  return 1;
+}
+
+/* pushes a task message as the table { seq, fid, blob, n, items, mode }, or the
+** plain value of another message (false: stop) */
+static void task_decode(lua_State *L, const char *s, size_t n) {
+  taskhdr h;
+  if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != TASKMAGIC)) { mp_decode(L, s, n); return; }
+  lua_createtable(L, 6, 0);
+  lua_pushinteger(L, (lua_Integer)h.seq); lua_rawseti(L, -2, 1);
+  lua_pushinteger(L, (lua_Integer)h.fid); lua_rawseti(L, -2, 2);
+  lua_pushinteger(L, (lua_Integer)h.blob); lua_rawseti(L, -2, 3);
+  lua_pushinteger(L, (lua_Integer)h.n); lua_rawseti(L, -2, 4);
+  mp_decode(L, s + sizeof h, n - sizeof h);
+  lua_rawseti(L, -2, 5);
+  lua_pushinteger(L, (lua_Integer)h.mode); lua_rawseti(L, -2, 6);
+}
+
 /* st:get_task(queue, i [, timeout [, maxk [, keep]]]) -> message... | nil, "timeout"|"interrupted"
 ** Takes up to maxk messages while more than keep stay queued; the worker's
 ** claim covers them all until st:done has been called for each. */
@@ -62,7 +106,8 @@ static int ps_get_task(lua_State *L) {
   lua_Integer keep = luaL_optinteger(L, 6, 0);
   luaL_argcheck(L, maxk >= 1 && maxk <= 256, 5, "1 to 256 messages");
   int n;
-  int r = mp_queue_get_many(L, q, buf, deadline, &w->claim, maxk, keep < 0 ? 0 : (uint64_t)keep, &n);
+  int r = mp_queue_get_many(L, q, buf, deadline, &w->claim, maxk, keep < 0 ? 0 : (uint64_t)keep, &n,
+                            task_decode);
   if (r == MP_WOKE) return n;
   return mp_waitresult(L, r);
 }
@@ -210,7 +255,7 @@ int mp_pool_open(lua_State *L) {
   mp_newclass(L, POOLSTATE, methods, meta);
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
-    {"PoolState", ps_new}, {"slice", pool_slice}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
+    {"PoolState", ps_new}, {"slice", pool_slice}, {"put_task", pool_put_task}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -78,8 +78,8 @@ static uint64_t new_chunk(lua_State *L, mp_queue *q, uint32_t need) {
 }
 
 /* Appends the encoded message (queue locked). */
-static void q_append(lua_State *L, mp_queue *q, mp_enc *e) {
-  size_t n = mp_enc_size(e);
+static void q_append(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e) {
+  size_t n = plen + mp_enc_size(e);
   uint64_t ext = 0;
   uint32_t rec;
   if (n >= BIGMSG) {  /* copied outside the chunk, so a reader can decode it in place */
@@ -98,11 +98,13 @@ static void q_append(lua_State *L, mp_queue *q, mp_enc *e) {
     memcpy(p, &len, 4);
     memcpy(p + 8, &ext, 8);
     memcpy(p + 16, &n64, 8);
-    mp_enc_copy(e, MP_PTR(ext));
+    memcpy(MP_PTR(ext), pre, plen);
+    mp_enc_copy(e, (char *)MP_PTR(ext) + plen);
   } else {
     uint32_t len = (uint32_t)n;
     memcpy(p, &len, 4);
-    mp_enc_copy(e, p + 4);
+    memcpy(p + 4, pre, plen);
+    mp_enc_copy(e, p + 4 + plen);
   }
   c->wpos += rec;
   q->count++;
@@ -163,6 +165,10 @@ static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t *sleepers, 
 /* ------------------------------------------------------------ internal API */
 
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline) {
+  return mp_queue_put_prefixed(L, q, NULL, 0, e, deadline);
+}
+
+int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
   mp_lock(&q->lock);
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
     if (deadline >= 0 && mp_now() >= deadline) { mp_unlock(&q->lock); return MP_TIMEOUT; }
@@ -178,16 +184,16 @@ int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline) {
     if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return r; }
     if (r == MP_TIMEOUT) q->nopace = 1;
   }
-  q_append(L, q, e);
+  q_append(L, q, pre, plen, e);
   mp_unlock(&q->lock);
   return MP_WOKE;
 }
 
-typedef struct extmsg { uint64_t off; size_t n; } extmsg;
+typedef struct extmsg { uint64_t off; size_t n; mp_decoder decode; } extmsg;
 
 static int decode_ext(lua_State *L) {
   extmsg *m = lua_touserdata(L, 1);
-  mp_decode(L, MP_PTR(m->off), m->n);
+  m->decode(L, MP_PTR(m->off), m->n);
   return 1;
 }
 
@@ -206,12 +212,13 @@ static int q_next_is_ext(mp_queue *q) {
 
 int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim) {
   int n;
-  return mp_queue_get_many(L, q, buf, deadline, claim, 1, 0, &n);
+  return mp_queue_get_many(L, q, buf, deadline, claim, 1, 0, &n, NULL);
 }
 
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
-                      int maxk, uint64_t keep, int *count) {
+                      int maxk, uint64_t keep, int *count, mp_decoder decode) {
   *count = 0;
+  if (!decode) decode = mp_decode;
   for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
     if (spin > 20) sched_yield();
   mp_lock(&q->lock);
@@ -242,7 +249,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
   mp_unlock(&q->lock);
   if (ext) {  /* decode in place, then free the block even if decoding fails */
     lua_pushcfunction(L, decode_ext);
-    extmsg m = { ext, extn };
+    extmsg m = { ext, extn, decode };
     lua_pushlightuserdata(L, &m);
     int st = lua_pcall(L, 1, 1, 0);
     mp_free(ext);
@@ -255,7 +262,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
   for (int i = 0; i < k; i++) {
     uint32_t len;
     memcpy(&len, buf->p + at, 4);
-    mp_decode(L, buf->p + at + 4, len);
+    decode(L, buf->p + at + 4, len);
     at += 4 + (size_t)len;
   }
   *count = k;

@@ -28,6 +28,9 @@ typedef struct mp_queue {
 
 /* Both return MP_WOKE (done), MP_TIMEOUT or MP_INTERRUPTED; get pushes the value. */
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline);
+/* put, with plen bytes of pre before the encoding (for a reader with its own decoder) */
+int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline);
+typedef void (*mp_decoder)(lua_State *L, const char *s, size_t n);  /* pushes one value */
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
 /* Same; while the queue is locked, writes the number of the message taken (and
 ** the time) to *claim, so that a reader killed right after taking it is known
@@ -37,7 +40,7 @@ int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, 
 /* Takes up to maxk small messages at once, while more than `keep` stay queued; pushes
 ** *count values. The claim covers messages claim->first .. claim->seq. */
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
-                      int maxk, uint64_t keep, int *count);
+                      int maxk, uint64_t keep, int *count, mp_decoder decode);
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf);  /* the queue of a handle */
 
 #pragma GCC visibility pop

@@ -9,7 +9,7 @@
 local core = require "multiprocessing.core"
 local progress = require "multiprocessing.progress"
 
-local encode, decode, now, slice, place = core.encode, core.decode, core.now, core.slice, core.place
+local encode, decode, now, place, put_raw = core.encode, core.decode, core.now, core.place, core.put_task
 local pack, unpack = table.pack, table.unpack
 local newtable = core.newtable
 -- the traceback of an error in a task, without the frames the worker
@@ -293,14 +293,15 @@ local function check_workers(self)
   end
 end
 
-local function put_task(self, call, i0, items, n)
+-- sends items i0 .. i0+n-1 of the call: src[j0 .. j0+n-1] (the input itself, or a chunk
+-- read from an iterator, then j0 is 1)
+local function put_task(self, call, i0, src, j0, n)
   local seq = self._seq + 1
-  local msg = self._msg
-  msg[1], msg[2], msg[3], msg[4], msg[5], msg[6] = seq, call.fid, call.blob, n, items, call.star and 1 or 0
-  local ok, err = pcall(self._tasks.put, self._tasks, msg)
-  msg[5] = nil
+  local ok, err = pcall(put_raw, self._tasks, seq, call.fid, call.blob, call.star and 1 or 0, src, j0, n)
   if not ok then
-    err = tostring(err):gsub("at value%[5%]%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - 1) end)
+    if j0 ~= i0 then  -- name the item by its place in the whole input
+      err = tostring(err):gsub("at args%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - j0) end)
+    end
     error(err, 0)
   end
   self._seq = seq
@@ -336,9 +337,7 @@ local function feed(self, call)
     local i0 = call.next_index
     local items, n
     if call.seq_input then
-      local last = math.min(call.total, i0 + k - 1)
-      n = last - i0 + 1
-      items = slice(call.seq_input, i0, last)
+      n = math.min(call.total, i0 + k - 1) - i0 + 1
     else
       items, n = {}, 0
       local nextf = call.iter
@@ -350,7 +349,7 @@ local function feed(self, call)
       end
     end
     if n > 0 then
-      put_task(self, call, i0, items, n)
+      if items then put_task(self, call, i0, items, 1, n) else put_task(self, call, i0, call.seq_input, i0, n) end
       call.next_index = i0 + n
     end
     if (call.seq_input and call.next_index > call.total) or call.exhausted then
@@ -511,7 +510,7 @@ function M.Pool(opts)
   local self = setmetatable({
     _n = n, _tasks = core.Queue(), _results = core.Queue(), _st = core.PoolState(n),
     _workers = {}, _calls = {}, _inflight = {}, _seq = 0, _ncid = 0, _nfid = 0,
-    _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _state = "running", _msg = {},
+    _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _state = "running",
     _owner = core.getpid(), _checked = now(),
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
   }, Pool)
@@ -582,11 +581,8 @@ function Pool:apply_async(f, args, opts)
   local ok, fid, blob = pcall(func_blob, self, f)
   if not ok then error((tostring(fid):gsub("at function", "at the function")), 2) end
   local seq = self._seq + 1
-  local msg = self._msg
-  msg[1], msg[2], msg[3], msg[4], msg[5], msg[6] = seq, fid, blob, 1, args or NOARGS, 3
-  local sent, err = pcall(self._tasks.put, self._tasks, msg)
-  msg[5] = nil
-  if not sent then error((tostring(err):gsub("at value%[5%]", "at args")), 2) end
+  local sent, err = pcall(put_raw, self._tasks, seq, fid, blob, 3, args or NOARGS, 0, 1)
+  if not sent then error(err, 2) end
   self._seq = seq
   self._inflight[seq] = call
   return call
