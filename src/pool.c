@@ -206,21 +206,6 @@ static int blob_free(lua_State *L) {
   return 0;
 }
 
-/* core.slice(t, i, j) -> a new table holding t[i..j], sized once (table.move into {}
-** grows the table step by step, which costs more than the copy) */
-static int pool_slice(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  lua_Integer i = luaL_checkinteger(L, 2), j = luaL_checkinteger(L, 3);
-  lua_Integer n = j >= i ? j - i + 1 : 0;
-  luaL_argcheck(L, n <= 0x7fffffff, 3, "slice too long");
-  lua_createtable(L, (int)n + 1, 0);  /* one spare slot: the codec's array fast path wants it */
-  for (lua_Integer k = 0; k < n; k++) {
-    lua_rawgeti(L, 1, i + k);
-    lua_rawseti(L, -2, k + 1);
-  }
-  return 1;
-}
-
 /* core.place(src, n, dst, at): dst[at .. at+n-1] = src[1 .. n], raw (table.move
 ** goes through metamethod checks for every item) */
 static int pool_place(lua_State *L) {
@@ -255,7 +240,7 @@ int mp_pool_open(lua_State *L) {
   mp_newclass(L, POOLSTATE, methods, meta);
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
-    {"PoolState", ps_new}, {"slice", pool_slice}, {"put_task", pool_put_task}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
+    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
