@@ -98,12 +98,12 @@ static void q_append(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp
     memcpy(p, &len, 4);
     memcpy(p + 8, &ext, 8);
     memcpy(p + 16, &n64, 8);
-    memcpy(MP_PTR(ext), pre, plen);
+    if (plen) memcpy(MP_PTR(ext), pre, plen);
     mp_enc_copy(e, (char *)MP_PTR(ext) + plen);
   } else {
     uint32_t len = (uint32_t)n;
     memcpy(p, &len, 4);
-    memcpy(p + 4, pre, plen);
+    if (plen) memcpy(p + 4, pre, plen);
     mp_enc_copy(e, p + 4 + plen);
   }
   c->wpos += rec;
