@@ -28,6 +28,7 @@ build = {
     ["multiprocessing.shared"] = "lua/multiprocessing/shared.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
+    ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
     ["multiprocessing.core"] = {
       sources = {
         "src/arena.c", "src/codec.c", "src/core.c", "src/pipe.c", "src/pool.c",
