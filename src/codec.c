@@ -869,6 +869,8 @@ typedef struct dec {
   int depth;
   size_t budget;    /* table slots the input can still justify (each needs a byte) */
   int base, stackdepth;  /* stack room: as in the encoder's ensure_stack */
+  int into;              /* mp_decode_into: stack slot of the table the root array fills */
+  lua_Integer into_at;   /* ... from this index on */
 } dec;
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
@@ -991,8 +993,18 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
   uint64_t cost = (uint64_t)narr + 2 * (uint64_t)npairs;
   if (cost > d->budget) corrupt(L, "truncated data");
   d->budget -= (size_t)cost;
-  lua_createtable(L, (int)(narr < (1u << 30) ? narr : (1u << 30)), (int)(npairs < (1u << 30) ? npairs : (1u << 30)));
-  int t = lua_gettop(L);
+  int t;
+  lua_Integer at = 0;  /* array item i goes to t[at + i] */
+  if (d->into) {  /* the root array of mp_decode_into: straight into the caller's table */
+    if (npairs || withmt) corrupt(L, "not an array");
+    t = d->into;
+    at = d->into_at - 1;
+    d->into = 0;
+    lua_pushvalue(L, t);
+  } else {
+    lua_createtable(L, (int)(narr < (1u << 30) ? narr : (1u << 30)), (int)(npairs < (1u << 30) ? npairs : (1u << 30)));
+    t = lua_gettop(L);
+  }
   remember(L, d, t, shared);
   d->depth++;
   ptrdiff_t inl = d->depth <= MAXDEPTH ? 2 : PTRDIFF_MAX;  /* no inline values too deep */
@@ -1010,7 +1022,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     } else {
       decode_value(L, d);
     }
-    lua_rawseti(L, t, (lua_Integer)i);
+    lua_rawseti(L, t, at + (lua_Integer)i);
   }
   for (uint32_t i = 0; i < npairs; i++) {
     decode_value(L, d);
@@ -1119,7 +1131,16 @@ static void decode_value(lua_State *L, dec *d) {
 }
 
 void mp_decode(lua_State *L, const char *s, size_t n) {
-  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0 };
+  mp_decode_into(L, s, n, 0, 0);
+}
+
+void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at) {
+  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0, 0, 0 };
+  if (tidx) {
+    d.into = lua_absindex(L, tidx);
+    d.into_at = at;
+    if (n < 2 || (s[1] & ~SHARED) != T_TABLE) corrupt(L, "not an array");
+  }
   if (n < 2 || d.p[0] != FORMAT) corrupt(L, n < 2 ? "truncated data" : "not an encoded value (or another format version)");
   d.p++;
   luaL_checkstack(L, 8, "cannot decode: stack overflow");

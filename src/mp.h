@@ -116,6 +116,9 @@ void mp_enc_push(lua_State *L, mp_enc *e);  /* pushes the bytes as a string */
 void mp_enc_done(lua_State *L, mp_enc *e);
 /* Decodes one value from s[0..n), pushes it; raises on malformed input. */
 void mp_decode(lua_State *L, const char *s, size_t n);
+/* Same for an encoded array (a table with no other keys and no metatable), whose
+** items go to t[at], t[at+1]... of the table at tidx, which is what it pushes. */
+void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at);
 
 /* ---------------------------------------------------------------- locks */
 /* Lock objects of sync.c, also used by Value/Array's get_lock and by Condition. */

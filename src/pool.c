@@ -93,6 +93,80 @@ static void task_decode(lua_State *L, const char *s, size_t n) {
   lua_pushinteger(L, (lua_Integer)h.mode); lua_rawseti(L, -2, 6);
 }
 
+/* ---------------------------------------------------------------- results */
+/* A result message: this header, then the codec's bytes of the results as an
+** array. The parent decodes them straight into the call's result table. */
+#define RESULTMAGIC 0x544c5352u  /* "RSLT" */
+typedef struct resulthdr {
+  uint32_t magic, pid;
+  uint64_t seq;
+  uint32_t n, pad;
+  double busy;
+} resulthdr;
+
+/* core.put_result(queue, seq, pid, busy, out, n): raises the codec's error
+** (at result[i]) when a result cannot be sent */
+static int pool_put_result(lua_State *L) {
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 1, &buf);
+  resulthdr h = { RESULTMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)luaL_checkinteger(L, 2), 0, 0,
+                  luaL_checknumber(L, 4) };
+  luaL_checktype(L, 5, LUA_TTABLE);
+  lua_Integer n = luaL_checkinteger(L, 6);
+  luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 6, "bad count");
+  h.n = (uint32_t)n;
+  mp_enc *e = mp_encode_range(L, 5, 1, n, "result");
+  mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+  mp_enc_done(L, e);
+  return 0;
+}
+
+static const char inflight_key = 'i';  /* registry key: take_result's inflight table, for result_decode */
+
+/* Pushes { seq, out, false, pid, busy }, where out is true when the results went
+** straight to inflight[seq].call.results from inflight[seq].i0 on; other
+** messages are decoded as they are. */
+static void result_decode(lua_State *L, const char *s, size_t n) {
+  resulthdr h;
+  if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
+  int top = lua_gettop(L);
+  int placed = 0;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);  /* (decoding may run in a frame of its own) */
+  if (lua_type(L, -1) == LUA_TTABLE && lua_rawgeti(L, -1, (lua_Integer)h.seq) == LUA_TTABLE &&
+      lua_getfield(L, -1, "call") == LUA_TTABLE && lua_getfield(L, -1, "results") == LUA_TTABLE &&
+      lua_getfield(L, -3, "i0") == LUA_TNUMBER && lua_isinteger(L, -1)) {
+    lua_Integer at = lua_tointeger(L, -1);
+    mp_decode_into(L, s + sizeof h, n - sizeof h, top + 4, at);
+    placed = 1;
+  }
+  lua_settop(L, top);
+  lua_createtable(L, 5, 0);
+  lua_pushinteger(L, (lua_Integer)h.seq); lua_rawseti(L, -2, 1);
+  if (placed) lua_pushboolean(L, 1); else mp_decode(L, s + sizeof h, n - sizeof h);
+  lua_rawseti(L, -2, 2);
+  lua_pushboolean(L, 0); lua_rawseti(L, -2, 3);
+  lua_pushinteger(L, h.pid); lua_rawseti(L, -2, 4);
+  lua_pushnumber(L, h.busy); lua_rawseti(L, -2, 5);
+}
+
+/* core.take_result(queue, timeout, inflight) -> message | nil, "timeout"|"interrupted" */
+static int pool_take_result(lua_State *L) {
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 1, &buf);
+  double deadline = mp_deadline(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  lua_pushvalue(L, 3);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  int n;
+  int r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);  /* (an error leaves it until the next call) */
+  if (r == MP_WOKE) return 1;
+  lua_pushnil(L);
+  lua_pushstring(L, r == MP_TIMEOUT ? "timeout" : "interrupted");
+  return 2;
+}
+
 /* st:get_task(queue, i [, timeout [, maxk [, keep]]]) -> message... | nil, "timeout"|"interrupted"
 ** Takes up to maxk messages while more than keep stay queued; the worker's
 ** claim covers them all until st:done has been called for each. */
@@ -240,7 +314,7 @@ int mp_pool_open(lua_State *L) {
   mp_newclass(L, POOLSTATE, methods, meta);
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
-    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
+    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"take_result", pool_take_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -9,7 +9,8 @@
 local core = require "multiprocessing.core"
 local progress = require "multiprocessing.progress"
 
-local encode, decode, now, place, put_raw = core.encode, core.decode, core.now, core.place, core.put_task
+local encode, decode, now, place = core.encode, core.decode, core.now, core.place
+local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
 local pack, unpack = table.pack, table.unpack
 local newtable = core.newtable
 -- the traceback of an error in a task, without the frames the worker
@@ -86,14 +87,18 @@ local function worker_main(pool, i)
     F, ITEMS, OUT = nil, nil, nil
     local t2 = now()
     -- a result message: { seq, out, errs, pid, busy }
-    local sent, why = pcall(results.put, results, { msg[1], out, errs or false, me, t2 - t1 })
+    local sent, why = true, nil
+    if errs then
+      sent, why = pcall(results.put, results, { msg[1], out, errs, me, t2 - t1 })
+    else  -- the common case: a header and the results as one array
+      sent, why = pcall(put_result, results, msg[1], me, t2 - t1, out, n)
+    end
     if not sent then  -- a result that cannot be sent fails its item, not the worker
       errs = errs or {}
       for k = 1, n do
-        local ok = pcall(encode, out[k])
-        if not ok then
-          local e = tostring(why):gsub("at value%[2%]%[%d+%]", "at the result")
-          errs[k], out[k] = e, nil
+        if not pcall(encode, out[k]) then
+          errs[k], out[k] = tostring(why):gsub("at value%[2%]%[%d+%]", "at the result")
+            :gsub("at result%[%d+%]", "at the result"), nil
         end
       end
       results:put { msg[1], out, errs, me, t2 - t1 }
@@ -227,7 +232,7 @@ local function on_result(self, msg)
   call.pending = call.pending - 1
   local out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
   local i0, n = inf.i0, inf.n
-  place(out, n, call.results, i0)
+  if out ~= true then place(out, n, call.results, i0) end  -- true: take_result placed them
   if errs then
     for k, e in pairs(errs) do
       fail(self, call, i0 + k - 1, ("%s failed on item %d (worker pid %d):\n%s"):format(call.kind, i0 + k - 1, pid, e))
@@ -365,11 +370,12 @@ end
 local function pump(self, wait)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
-  local msg, why = results:get(math.max(0, deadline - now()))
+  local inflight = self._inflight
+  local msg, why = take_result(results, math.max(0, deadline - now()), inflight)
   if msg == nil and why == "interrupted" then return end
   while msg ~= nil do
     on_result(self, msg)
-    msg = results:get_nowait()
+    msg = take_result(results, 0, inflight)
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self) end
   for _, call in pairs(self._calls) do
