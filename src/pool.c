@@ -153,7 +153,8 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
 static int pool_take_result(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
-  double deadline = mp_deadline(L, 2);
+  /* a timeout of 0 is a poll: exactly 0, so that the queue does not spin */
+  double deadline = lua_type(L, 2) == LUA_TNUMBER && lua_tonumber(L, 2) <= 0 ? 0 : mp_deadline(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   lua_pushvalue(L, 3);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
