@@ -139,7 +139,12 @@ static int proc_kill(lua_State *L) {
   return 1;
 }
 
-static int proc_getpid(lua_State *L) { lua_pushinteger(L, getpid()); return 1; }
+/* getpid() is a system call; the pool checks its owner on every call. The
+** cached value is renewed in every child by a fork handler, whoever forks. */
+static pid_t mypid;
+static void renew_pid(void) { mypid = getpid(); }
+
+static int proc_getpid(lua_State *L) { lua_pushinteger(L, mypid ? mypid : getpid()); return 1; }
 static int proc_getppid(lua_State *L) { lua_pushinteger(L, getppid()); return 1; }
 
 static int proc_cpu_count(lua_State *L) {
@@ -183,6 +188,10 @@ static int proc_sleep(lua_State *L) {
 }
 
 int mp_process_open(lua_State *L) {
+  if (!mypid) {
+    mypid = getpid();
+    pthread_atfork(NULL, NULL, renew_pid);
+  }
   static const luaL_Reg funcs[] = {
     {"fork", proc_fork}, {"_exit", proc_exit}, {"waitpid", proc_waitpid}, {"reap", proc_reap},
     {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
