@@ -25,6 +25,7 @@ local AHEAD = 4         -- chunks in flight per worker for lazy inputs
 local WINDOW_ITEMS = 1024 -- and at least this many items
 local PACK = 64          -- at most this many chunks of tiny tasks in one message
 local TINY, TAKE = 1e-4, 16 -- a worker takes up to TAKE messages at once after one shorter than TINY
+local GC_STEP = 32 * 1024   -- kilobytes a worker allocates between its full collections
 local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is automatic
 
 local M = {}
@@ -110,6 +111,11 @@ local function worker_main(pool, i)
   -- Messages are taken one at a time, or several at once while the last one took
   -- under TINY seconds and enough are queued for the other workers (see get_task).
   local idle_since, busy, nw = now(), math.huge, pool._n
+  -- The worker's heap is the parent's, shared copy-on-write: a collection cycle
+  -- would write to every page of it (and copy them all) to mark what it inherited.
+  -- So the collector waits until the worker itself has allocated GC_STEP kilobytes.
+  collectgarbage("stop")
+  local gc_base = collectgarbage("count")
   while true do
     local want = busy < TINY and TAKE or 1
     if maxtasks then want = math.min(want, maxtasks - done) end
@@ -126,6 +132,10 @@ local function worker_main(pool, i)
       end
       done = done + batch.n
       if maxtasks and done >= maxtasks then core._exit(0) end
+      if collectgarbage("count") - gc_base > GC_STEP then
+        collectgarbage()
+        gc_base = collectgarbage("count")
+      end
       idle_since = now()
     end
   end
