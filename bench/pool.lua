@@ -3,14 +3,8 @@
 -- and "#" lines with notes (memory, speedups, seed timings).
 local mp = require "multiprocessing"
 
-local function median(f, reps)
-  local ts = {}
-  for i = 1, reps do ts[i] = f() end
-  table.sort(ts)
-  return ts[(reps + 1) // 2]
-end
-
-local function timed(f) local t0 = mp.now() f() return mp.now() - t0 end
+local lib = dofile("bench/lib.lua")
+local median, timed = lib.median, lib.timed
 
 local function peak_kib()
   for line in io.lines("/proc/self/status") do

@@ -3,12 +3,8 @@
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 
-local function median(f, reps)
-  local ts = {}
-  for i = 1, reps do ts[i] = f() end
-  table.sort(ts)
-  return ts[(reps + 1) // 2]
-end
+local lib = dofile("bench/lib.lua")
+local median = lib.median
 
 local function transfer(n, item)
   local q = mp.Queue()

@@ -26,7 +26,7 @@ if #wanted == 0 then
   local p = assert(io.popen("ls -1 bench/*.lua 2>/dev/null"))
   for path in p:lines() do
     local name = path:match("^bench/([%w_%-]+)%.lua$")
-    if name and name ~= "run" then wanted[#wanted + 1] = name end
+    if name and name ~= "run" and name ~= "lib" then wanted[#wanted + 1] = name end
   end
   p:close()
   table.sort(wanted)

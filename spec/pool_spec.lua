@@ -199,6 +199,16 @@ describe("Pool", function()
       assert.matches("args%[3%]", err)
     end)
 
+    it("names an unsendable item of an iterator by its place in the whole input", function()
+      local pool <close> = mp.Pool(2)
+      local co = coroutine.create(print)
+      local i = 0
+      local input = function() i = i + 1 if i == 5 then return co elseif i <= 6 then return i end end
+      local ok, err = pcall(pool.map, pool, double, input, 2)  -- item 5 is the 1st of the 3rd chunk
+      assert.is_false(ok)
+      assert.matches("cannot send a thread %(coroutine%) at args%[5%]", err)
+    end)
+
     it("stays usable after an argument could not be sent", function()
       local pool <close> = mp.Pool(2)
       assert.has_error(function() pool:map(double, { 1, 2, coroutine.create(print) }) end)

@@ -151,14 +151,13 @@ static void q_take(lua_State *L, mp_queue *q, mp_buf *buf, uint64_t *ext, size_t
 }
 
 /* Waits (queue locked on entry and exit) until cond holds; returns MP_WOKE or why not. */
-static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t *sleepers, int forget, double deadline) {
+static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t *sleepers, double deadline) {
   uint32_t s = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
   (*sleepers)++;
   mp_unlock(&q->lock);
   int r = mp_futex_wait(L, seq, s, deadline);
   mp_lock(&q->lock);
   (*sleepers)--;
-  (void)forget;
   return r;
 }
 
@@ -172,7 +171,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   mp_lock(&q->lock);
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
     if (deadline >= 0 && mp_now() >= deadline) { mp_unlock(&q->lock); return MP_TIMEOUT; }
-    int r = q_wait(L, q, &q->get_seq, &q->putters, 0, deadline);
+    int r = q_wait(L, q, &q->get_seq, &q->putters, deadline);
     if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return r; }
   }
   /* Pacing: a writer far ahead of its readers would touch fresh pages for
@@ -180,7 +179,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   ** progress, wait for them a little. Never blocks for long: a reader that
   ** does not take a message within PACE_WAIT turns pacing off until it does. */
   while (q->bytes > PACE_BYTES && !q->nopace) {
-    int r = q_wait(L, q, &q->get_seq, &q->putters, 0, mp_now() + PACE_WAIT);
+    int r = q_wait(L, q, &q->get_seq, &q->putters, mp_now() + PACE_WAIT);
     if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return r; }
     if (r == MP_TIMEOUT) q->nopace = 1;
   }
@@ -198,7 +197,8 @@ static int decode_ext(lua_State *L) {
 }
 
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
-  return mp_queue_get_claim(L, q, buf, deadline, NULL);
+  int n;
+  return mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL);
 }
 
 /* Is the next message one with a block of its own? (queue locked, not empty) */
@@ -210,11 +210,6 @@ static int q_next_is_ext(mp_queue *q) {
   return len == EXTERNAL;
 }
 
-int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim) {
-  int n;
-  return mp_queue_get_many(L, q, buf, deadline, claim, 1, 0, &n, NULL);
-}
-
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
                       int maxk, uint64_t keep, int *count, mp_decoder decode) {
   *count = 0;
@@ -224,7 +219,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
   mp_lock(&q->lock);
   while (q->count == 0) {
     if (deadline >= 0 && mp_now() >= deadline) { mp_unlock(&q->lock); return MP_TIMEOUT; }
-    int r = q_wait(L, q, &q->put_seq, &q->getters, 0, deadline);
+    int r = q_wait(L, q, &q->put_seq, &q->getters, deadline);
     if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return r; }
   }
   uint64_t ext;
@@ -409,7 +404,7 @@ static int queue_join(lua_State *L) {
   mp_lock(&q->lock);
   while (q->unfinished > 0) {
     if (deadline >= 0 && mp_now() >= deadline) { mp_unlock(&q->lock); return mp_waitresult(L, MP_TIMEOUT); }
-    int r = q_wait(L, q, &q->done_seq, &dummy, 0, deadline);
+    int r = q_wait(L, q, &q->done_seq, &dummy, deadline);
     if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return mp_waitresult(L, r); }
   }
   mp_unlock(&q->lock);

@@ -32,11 +32,10 @@ int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline);
 int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline);
 typedef void (*mp_decoder)(lua_State *L, const char *s, size_t n);  /* pushes one value */
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
-/* Same; while the queue is locked, writes the number of the message taken (and
-** the time) to *claim, so that a reader killed right after taking it is known
-** to have it. */
+/* A reader's claim: while the queue is locked, get_many writes the numbers of
+** the messages it takes (and the time), so that a reader killed right after
+** taking them is known to have them. */
 typedef struct mp_claim { uint64_t seq; double start; uint64_t first; } mp_claim;
-int mp_queue_get_claim(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim);
 /* Takes up to maxk small messages at once, while more than `keep` stay queued; pushes
 ** *count values. The claim covers messages claim->first .. claim->seq. */
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,

@@ -161,7 +161,7 @@ local function exit_text(code)
   return "exit code " .. code
 end
 
-local function item_text(call, i0, n)
+local function item_text(i0, n)
   if n == 1 then return ("item %d"):format(i0) end
   return ("items %d-%d"):format(i0, i0 + n - 1)
 end
@@ -285,7 +285,7 @@ local function check_workers(self)
       for seq = first, last do
         lose(self, seq, function(call, i0, n)
           return ("%s: worker pid %d died (%s) %s %s"):format(call.kind, w.pid, exit_text(code),
-            seq == first and "while running" or "before running", item_text(call, i0, n))
+            seq == first and "while running" or "before running", item_text(i0, n))
         end)
       end
       self._workers[i] = nil
@@ -301,7 +301,7 @@ local function check_workers(self)
         core.kill(w.pid, 9)  -- reaped, and its other messages lost, on a next check
         lose(self, first, function(call, i0, n)
           return ("%s: task timed out after %gs (%s); worker pid %d was killed"):format(
-            call.kind, limit, item_text(call, i0, n), w.pid)
+            call.kind, limit, item_text(i0, n), w.pid)
         end)
       end
     end
