@@ -130,9 +130,21 @@ uint64_t mp_alloc_try(size_t want) {
 uint64_t mp_alloc(lua_State *L, size_t n) {
   mp_arena_ensure(L);
   uint64_t off = mp_alloc_try(n);
-  if (!off) luaL_error(L, "out of shared memory (%zu bytes wanted; set LUA_MP_ARENA_SIZE)", n);
+  if (!off) mp_oom_error(L, n);
   return off;
 }
+
+int mp_oom_error(lua_State *L, size_t want) {
+  return luaL_error(L, "out of shared memory: %I bytes wanted, arena limit %I bytes (%I in use; set LUA_MP_ARENA_SIZE)",
+                    (lua_Integer)want, (lua_Integer)(arena ? arena->size : 0), (lua_Integer)mp_arena_used());
+}
+
+/* ------------------------------------------------- processes (stubs for now) */
+
+uint64_t mp_proc_prefork(lua_State *L) { (void)L; return 0; }
+void mp_proc_child(uint64_t token) { (void)token; }
+void mp_proc_parent(uint64_t token, pid_t pid) { (void)token; (void)pid; }
+void mp_proc_reaped(pid_t pid) { (void)pid; }
 
 void mp_free(uint64_t off) {
   if (!off) return;

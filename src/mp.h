@@ -28,13 +28,27 @@
 /* ---------------------------------------------------------------- arena */
 int mp_arena_ensure(lua_State *L);          /* creates the arena (raises on failure) */
 void *mp_arena_base(void);
-uint64_t mp_alloc(lua_State *L, size_t n);  /* raises "out of shared memory" */
+uint64_t mp_alloc(lua_State *L, size_t n);  /* raises mp_oom_error */
+/* Raises "out of shared memory: N bytes wanted, arena limit L bytes (U in use;
+** set LUA_MP_ARENA_SIZE)": every path that runs out of arena says it this way. */
+int mp_oom_error(lua_State *L, size_t want);
 uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
 void mp_free(uint64_t off);
 size_t mp_arena_used(void);
 size_t mp_arena_top(void);
 size_t mp_arena_blocks(void);
 void mp_arena_forked(void);                 /* note that a fork happened */
+/* The lifetime of the processes that share the arena (for objects a fork may
+** have copied, and blocks a dead process held). process.c calls these around
+** every fork and every reap:
+**   t = mp_proc_prefork(L)          in the parent, before fork() (may raise)
+**   mp_proc_child(t)                in the child, first thing after fork()
+**   mp_proc_parent(t, pid)          in the parent after fork(); pid < 0: it failed
+**   mp_proc_reaped(pid)             in the parent, once the child's status was read */
+uint64_t mp_proc_prefork(lua_State *L);
+void mp_proc_child(uint64_t token);
+void mp_proc_parent(uint64_t token, pid_t pid);
+void mp_proc_reaped(pid_t pid);
 uint32_t mp_arena_forks(void);
 #define MP_PTR(off) ((void *)((char *)mp_arena_base() + (off)))
 

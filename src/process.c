@@ -27,6 +27,7 @@ static void track(pid_t pid, int daemon) {
 }
 
 static void untrack(pid_t pid) {
+  mp_proc_reaped(pid);
   for (int i = 0; i < nkids; i++)
     if (kids[i].pid == pid) { kids[i] = kids[--nkids]; return; }
 }
@@ -56,10 +57,13 @@ static int proc_fork(lua_State *L) {
   if (!atexit_set) { atexit_set = 1; mainpid = getpid(); atexit(at_exit); }
   pid_t parent = getpid();
   fflush(NULL);  /* or buffered output would be printed by both processes */
+  uint64_t token = mp_proc_prefork(L);
   mp_arena_forked();
   pid_t pid = fork();
+  if (pid != 0) mp_proc_parent(token, pid);
   if (pid < 0) return mp_pusherrno(L, "fork");
   if (pid == 0) {
+    mp_proc_child(token);
     nkids = 0;
     mainpid = getpid();
     if (deathsig > 0) {

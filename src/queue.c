@@ -66,7 +66,7 @@ static uint64_t new_chunk(lua_State *L, mp_queue *q, uint32_t need) {
     uint32_t cap = need > q->chunkcap ? need : q->chunkcap;
     if (q->chunkcap < CHUNK) q->chunkcap = q->chunkcap * 2 + (uint32_t)sizeof(chunk) > CHUNK ? CHUNK : q->chunkcap * 2 + (uint32_t)sizeof(chunk);
     off = mp_alloc_try(sizeof(chunk) + cap);
-    if (!off) { mp_unlock(&q->lock); luaL_error(L, "out of shared memory for the queue"); }
+    if (!off) { mp_unlock(&q->lock); mp_oom_error(L, sizeof(chunk) + cap); }
     ((chunk *)MP_PTR(off))->cap = cap;
   }
   chunk *c = MP_PTR(off);
@@ -84,7 +84,7 @@ static void q_append(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp
   uint32_t rec;
   if (n >= BIGMSG) {  /* copied outside the chunk, so a reader can decode it in place */
     ext = mp_alloc_try(n);
-    if (!ext) { mp_unlock(&q->lock); luaL_error(L, "out of shared memory for a %zu-byte message", n); }
+    if (!ext) { mp_unlock(&q->lock); mp_oom_error(L, n); }
     rec = 24;
   } else {
     rec = (uint32_t)((4 + n + 7) & ~(size_t)7);
