@@ -27,6 +27,9 @@ local PACK = 64          -- at most this many chunks of tiny tasks in one messag
 local TINY, TAKE = 1e-4, 16 -- a worker takes up to TAKE messages at once after one shorter than TINY
 local GC_STEP = 32 * 1024   -- kilobytes a worker allocates between its full collections
 local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is automatic
+local BLOB_CACHE = 16    -- function blobs kept for reuse once no message needs them
+-- what unfinished calls fail with when their pool stops
+local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
 local M = {}
 local Pool = { __name = "multiprocessing.Pool" }
@@ -34,7 +37,41 @@ Pool.__index = Pool
 local AsyncResult = { __name = "multiprocessing.AsyncResult" }
 AsyncResult.__index = AsyncResult
 
+-- Pools this process made: a worker whose task made one collects garbage after
+-- it, so that a pool the task did not close is terminated (its collector is
+-- otherwise stopped, see worker_main).
+local made = 0
+
 ------------------------------------------------------------------ the worker
+
+-- A result message could not be put (why): its results that cannot be sent,
+-- then (out of shared memory) its biggest results, fail their items instead,
+-- so that the message still arrives and the worker lives on.
+local function send_failed(results, seq, out, errs, n, me, busy, why)
+  errs = errs or {}
+  local sizes = {}
+  for k = 1, n do
+    if out[k] ~= nil then
+      local ok, s = pcall(encode, out[k])
+      if ok then sizes[k] = #s else errs[k], out[k] = (tostring(s):gsub("at value", "at the result")), nil end
+    end
+  end
+  while true do
+    local sent, e = pcall(results.put, results, { seq, out, errs, me, busy })
+    if sent then return end
+    why = tostring(e)
+    local big, at = -1, nil
+    for k, size in pairs(sizes) do
+      if out[k] ~= nil and size > big then big, at = size, k end
+    end
+    if not at then  -- only errors left, and still no room: say so in the fewest bytes
+      for k = 1, n do errs[k] = errs[k] and why end
+      results:put { seq, {}, errs, me, busy }
+      return
+    end
+    errs[at], out[at] = why, nil
+  end
+end
 
 local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
@@ -51,6 +88,7 @@ local function worker_main(pool, i)
   results:put { -1, i, me }
   local funcs, nfuncs, done = {}, 0, 0
   local maxtasks = pool._maxtasks
+  local made0 = made
   -- one protected call runs a whole message; after an error it resumes past the failed item
   local F, ITEMS, OUT, N, CUR, MODE
   local function run()
@@ -94,16 +132,7 @@ local function worker_main(pool, i)
     else  -- the common case: a header and the results as one array
       sent, why = pcall(put_result, results, msg[1], me, t2 - t1, out, n)
     end
-    if not sent then  -- a result that cannot be sent fails its item, not the worker
-      errs = errs or {}
-      for k = 1, n do
-        if not pcall(encode, out[k]) then
-          errs[k], out[k] = tostring(why):gsub("at value%[2%]%[%d+%]", "at the result")
-            :gsub("at result%[%d+%]", "at the result"), nil
-        end
-      end
-      results:put { msg[1], out, errs, me, t2 - t1 }
-    end
+    if not sent then send_failed(results, msg[1], out, errs, n, me, t2 - t1, why) end
     local t3 = now()
     st:done(i, n, t2 - t1, idle, t3 - t2, t1 - t0)
     return t2 - t1
@@ -132,7 +161,8 @@ local function worker_main(pool, i)
       end
       done = done + batch.n
       if maxtasks and done >= maxtasks then core._exit(0) end
-      if collectgarbage("count") - gc_base > GC_STEP then
+      if made ~= made0 or collectgarbage("count") - gc_base > GC_STEP then
+        made0 = made  -- a pool the task made and dropped is terminated now
         collectgarbage()
         gc_base = collectgarbage("count")
       end
@@ -143,10 +173,21 @@ local function worker_main(pool, i)
 end
 
 ------------------------------------------------------------------ the parent
+--
+-- The life of a call. A call's input is fed as task messages (all at once, or
+-- a window ahead of an imap loop); self._inflight maps each message number to
+-- what it carries until its result comes or it is lost (lose). A call whose
+-- input cannot be read or sent, or that its pool stops before it was fed, is
+-- cut: its next item fails with the reason and ends it, so an imap loop first
+-- yields what came before (as Python's does) and no call ever waits on a
+-- message that was not sent. When no worker is left to deliver (terminate,
+-- join, a broken pool), every message still in flight is lost (abort_all).
 
+-- Workers are daemons: the exit handler kills them instead of waiting for them
+-- (they wait for work, so a waiting exit would hang forever).
 local function spawn(self, i)
   self._st:release(i)
-  local pid, err = core.fork(false)
+  local pid, err = core.fork(true)
   if not pid then error("cannot start a pool worker: " .. tostring(err), 0) end
   if pid == 0 then
     local ok, e = pcall(worker_main, self, i)
@@ -157,6 +198,7 @@ local function spawn(self, i)
 end
 
 local function exit_text(code)
+  if not code then return "its exit status was lost" end
   if code < 0 then return "killed by " .. core.signame(-code) end
   return "exit code " .. code
 end
@@ -169,6 +211,35 @@ end
 local function run_callback(fn, arg)
   local ok, err = xpcall(fn, traceback, arg)
   if not ok then io.stderr:write("multiprocessing: error in a pool callback: ", tostring(err), "\n") end
+end
+
+-- Function blobs: { fid, off, refs, cached }. refs counts the messages in flight
+-- that carry it (plus one while a call may still send more); a blob is freed
+-- when it is neither needed nor among the BLOB_CACHE newest.
+local function blob_drop(self, b)
+  b.freed = true
+  self._blobs[b] = nil
+  if self._bytext[b.s] == b then self._bytext[b.s] = nil end
+  core.blob_free(b.off)
+end
+
+local function unref(self, b)
+  local r = b.refs - 1
+  b.refs = r
+  if r == 0 and not b.cached then blob_drop(self, b) end
+end
+
+local function free_blobs(self)
+  for b in pairs(self._blobs) do b.freed = true core.blob_free(b.off) end
+  self._blobs, self._ring, self._bytext = {}, {}, {}
+end
+
+-- the call will send no more messages: it lets go of its blob
+local function fed(self, call)
+  if call.feeding then
+    call.feeding = false
+    unref(self, call.brec)
+  end
 end
 
 local function finish(self, call)
@@ -185,6 +256,8 @@ local function finish(self, call)
   end
 end
 
+local function lazy(call) return call.kind == "imap" or call.kind == "unordered" end
+
 local function fail(self, call, idx, text)
   if call.finished then return end
   local errs = call.errors
@@ -192,13 +265,13 @@ local function fail(self, call, idx, text)
   errs[idx] = text
   if not call.err then
     call.err = text
-    if call.kind ~= "imap" and call.kind ~= "unordered" then finish(self, call) end
+    if not lazy(call) then finish(self, call) end
   end
 end
 
 local function settle(self, call)  -- after a chunk ends: is the call complete?
   if call.bar then call.bar:update(call.done) end
-  if call.fed_all and call.pending == 0 and call.kind ~= "imap" and call.kind ~= "unordered" then
+  if call.fed_all and call.pending == 0 and not lazy(call) then
     finish(self, call)
   end
 end
@@ -214,6 +287,30 @@ local function mark_done(call, i0, n)
   end
 end
 
+-- Ends the call's input at its next item, which fails with `text`.
+local function cut(self, call, text)
+  if call.fed_all then return end
+  local i = call.next_index
+  call.next_index = i + 1
+  call.fed_all = true
+  call.total = i
+  if call.bar then call.bar.total = i end
+  fed(self, call)
+  fail(self, call, i, text)
+  mark_done(call, i, 1)
+  call.done = call.done + 1
+  settle(self, call)
+end
+
+-- the loop of an imap call was left: its results are dropped as they come
+local function abandon(self, call)
+  if call.finished then return end
+  call.abandoned, call.finished = true, true
+  self._calls[call.id] = nil
+  fed(self, call)
+  if call.bar then call.bar:close() end
+end
+
 local function on_result(self, msg)
   local seq = msg[1]
   if seq == -1 then  -- { -1, worker, pid }: a worker is ready
@@ -225,9 +322,10 @@ local function on_result(self, msg)
     return
   end
   local inf = self._inflight[seq]
-  if not inf then return end  -- a call that already failed, or was abandoned
+  if not inf then return end  -- a message already lost
   self._inflight[seq] = nil
   if inf.kind == "apply" then  -- an apply_async call is its own inflight record
+    unref(self, inf.brec)
     if inf.finished then return end
     local errs = msg[3]
     if errs then
@@ -239,6 +337,7 @@ local function on_result(self, msg)
     return
   end
   local call = inf.call
+  unref(self, call.brec)
   call.pending = call.pending - 1
   local out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
   local i0, n = inf.i0, inf.n
@@ -260,11 +359,13 @@ local function lose(self, seq, why)
   if not inf then return end
   self._inflight[seq] = nil
   if inf.kind == "apply" then  -- an apply_async call is its own record
+    unref(self, inf.brec)
     inf.err = inf.err or why(inf, 1, 1)
     finish(self, inf)
     return
   end
   local call = inf.call
+  unref(self, call.brec)
   call.pending = call.pending - 1
   local text = why(call, inf.i0, inf.n)
   for k = 0, inf.n - 1 do fail(self, call, inf.i0 + k, text) end
@@ -273,12 +374,99 @@ local function lose(self, seq, why)
   settle(self, call)
 end
 
-local function check_workers(self)
+-- Nobody is left to deliver: every message in flight is lost, every call that
+-- may still send is cut, every call fails with `text`.
+local function abort_all(self, text)
+  local why = function() return text end
+  local seqs = {}
+  for seq in pairs(self._inflight) do seqs[#seqs + 1] = seq end
+  table.sort(seqs)  -- a call's first failed item is its first in order
+  for _, seq in ipairs(seqs) do lose(self, seq, why) end
+  for _, call in pairs(self._calls) do
+    if not call.fed_all then cut(self, call, text) end
+  end
+  for _, call in pairs(self._calls) do
+    if not lazy(call) and not call.finished then
+      call.err = call.err or text
+      finish(self, call)
+    end
+  end
+end
+
+-- is there work a worker must still take or finish (closing pools keep workers for it)?
+local function work_left(self)
+  if next(self._inflight) then return true end
+  for _, call in pairs(self._calls) do
+    if not call.fed_all then return true end
+  end
+  return false
+end
+
+-- A closing pool asks its workers to leave once its work is done: one stop
+-- message each, at the end of the queue.
+local function stop_workers(self)
+  if self._stopping or work_left(self) then return end
+  self._stopping = true
+  for _ in pairs(self._workers) do
+    self._seq = self._seq + 1
+    self._tasks:put(false)
+  end
+end
+
+-- Messages in flight that are not queued, that no live worker claims and whose
+-- result has not come are lost (a take and its claim are one atomic step in
+-- the queue; this only guards the engine against waiting for them forever).
+-- Seen at two checks in a row, they fail.
+local function find_lost(self)
+  local st, claims = self._st, {}
+  if self._tasks:qsize() ~= 0 then self._suspects = nil return end
+  for i in pairs(self._workers) do
+    local last, _, first = st:claimed(i)
+    if last ~= 0 then claims[#claims + 1], claims[#claims + 2] = first, last end
+  end
+  local inflight, results = self._inflight, self._results
+  local msg = take_result(results, 0, inflight)  -- results that came meanwhile
+  while msg ~= nil do
+    on_result(self, msg)
+    msg = take_result(results, 0, inflight)
+  end
+  local prev, suspects, lost = self._suspects, {}, nil
+  for seq in pairs(inflight) do
+    local held = false
+    for k = 1, #claims, 2 do
+      if seq >= claims[k] and seq <= claims[k + 1] then held = true break end
+    end
+    if not held then
+      suspects[seq] = true
+      if prev and prev[seq] then lost = lost or {} lost[#lost + 1] = seq end
+    end
+  end
+  self._suspects = suspects
+  if lost then
+    table.sort(lost)
+    for _, seq in ipairs(lost) do
+      lose(self, seq, function(call, i0, n)
+        return ("%s: the task message of %s was lost (no worker holds it)"):format(call.kind, item_text(i0, n))
+      end)
+    end
+  end
+end
+
+-- Reaps dead workers (failing what they held), enforces timeouts, replaces
+-- workers while there is work for them, and fails what nobody can deliver.
+-- idle: the engine waited a whole slice for nothing.
+local function check_workers(self, idle)
   local t = now()
   self._checked = t
   local st = self._st
+  local respawn
   for i, w in pairs(self._workers) do
-    local code = w.code or core.reap(w.pid)
+    local code = w.code
+    if code == nil then
+      local why
+      code, why = core.reap(w.pid)
+      if code == nil and why then code = false end  -- reaped elsewhere: the status is gone
+    end
     local last, since, first = st:claimed(i)
     if code ~= nil then
       -- it held messages first .. last: the first was running, the others waiting
@@ -291,9 +479,10 @@ local function check_workers(self)
       self._workers[i] = nil
       if not w.ready and not self._broken and code ~= 0 then
         -- it died before it was ready: it will be reported by its init_error, or here
-        self._broken = self._broken or ("a new worker (pid %d) died during start-up (%s)"):format(w.pid, exit_text(code))
+        self._broken = ("a new worker (pid %d) died during start-up (%s)"):format(w.pid, exit_text(code))
       end
-      if self._state == "running" and not self._broken then spawn(self, i) end
+      respawn = respawn or {}
+      respawn[#respawn + 1] = i
     elseif last ~= 0 then
       local inf = self._inflight[first]
       local limit = inf and (inf.call or inf).timeout
@@ -306,22 +495,40 @@ local function check_workers(self)
       end
     end
   end
+  if respawn and not self._broken then
+    -- a closing pool replaces workers (maxtasksperchild, deaths) until its work is done
+    local state = self._state
+    if state == "running" or (state == "closing" and not self._stopping and work_left(self)) then
+      for _, i in ipairs(respawn) do spawn(self, i) end
+    end
+  end
+  if not next(self._workers) then
+    if work_left(self) then
+      abort_all(self, self._broken and "the pool is broken: " .. self._broken or CLOSED)
+    end
+  elseif idle and next(self._inflight) then
+    find_lost(self)
+  end
 end
 
 -- sends items i0 .. i0+n-1 of the call: src[j0 .. j0+n-1] (the input itself, or a chunk
--- read from an iterator, then j0 is 1)
+-- read from an iterator, then j0 is 1); returns false and the error if it cannot
 local function put_task(self, call, i0, src, j0, n)
   local seq = self._seq + 1
-  local ok, err = pcall(put_raw, self._tasks, seq, call.fid, call.blob, call.star and 1 or 0, src, j0, n)
+  local b = call.brec
+  local ok, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n)
   if not ok then
+    err = tostring(err)
     if j0 ~= i0 then  -- name the item by its place in the whole input
-      err = tostring(err):gsub("at args%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - j0) end)
+      err = err:gsub("at args%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - j0) end)
     end
-    error(err, 0)
+    return false, err
   end
   self._seq = seq
   self._inflight[seq] = { call = call, i0 = i0, n = n }
+  b.refs = b.refs + 1
   call.pending = call.pending + 1
+  return true
 end
 
 local function chunk_size(self, call)
@@ -342,7 +549,30 @@ local function chunk_size(self, call)
   return math.max(1, math.min(10000, math.floor(CHUNK_TIME / math.max(call.per_item, 1e-7))))
 end
 
--- Feeds the call's input: all of it, or up to the window for lazy calls.
+-- reads up to k items of an iterator into items; returns the count and whether it ended
+local function read_chunk(nextf, items, k)
+  local n = 0
+  while n < k do
+    local v = nextf()
+    if v == nil then return n, true end
+    n = n + 1
+    items[n] = v
+  end
+  return n, false
+end
+
+-- Sends a chunk that could not be sent whole one item at a time, so that the
+-- items before the one that fails still run (imap yields them first).
+local function put_each(self, call, i0, src, j0, n)
+  for k = 0, n - 1 do
+    local ok, err = put_task(self, call, i0 + k, src, j0 + k, 1)
+    if not ok then return k, err end
+  end
+  return n
+end
+
+-- Feeds the call's input: all of it, or up to the window for lazy calls. An
+-- input that cannot be read or sent cuts the call there.
 local function feed(self, call)
   if call.fed_all or call.finished then return end
   if call.seq_input and call.total == 0 then call.fed_all = true end
@@ -350,29 +580,38 @@ local function feed(self, call)
     local k = chunk_size(self, call)
     if call.window and call.next_index - 1 - call.consumed >= math.max(call.window * k, WINDOW_ITEMS) then break end
     local i0 = call.next_index
-    local items, n
-    if call.seq_input then
+    local src, j0, n, failure = call.seq_input, i0, nil, nil
+    if src then
       n = math.min(call.total, i0 + k - 1) - i0 + 1
     else
-      items, n = {}, 0
-      local nextf = call.iter
-      while n < k do
-        local v = nextf()
-        if v == nil then call.exhausted = true break end
-        n = n + 1
-        items[n] = v
+      src, j0 = {}, 1
+      local ok, got, ended = pcall(read_chunk, call.iter, src, k)
+      if ok then
+        n, call.exhausted = got, ended
+      else
+        n = #src
+        failure = ("%s: the input iterator raised at item %d: %s"):format(call.kind, i0 + n, tostring(got))
       end
     end
     if n > 0 then
-      if items then put_task(self, call, i0, items, 1, n) else put_task(self, call, i0, call.seq_input, i0, n) end
+      local ok, err = put_task(self, call, i0, src, j0, n)
+      if not ok then
+        local sent = 0
+        if n > 1 and lazy(call) then sent, err = put_each(self, call, i0, src, j0, n) end
+        call.next_index = i0 + sent
+        cut(self, call, err)
+        break
+      end
       call.next_index = i0 + n
     end
+    if failure then cut(self, call, failure) break end
     if (call.seq_input and call.next_index > call.total) or call.exhausted then
       call.fed_all = true
       call.total = call.next_index - 1
       if call.bar then call.bar.total = call.total end
     end
   end
+  if call.fed_all then fed(self, call) end
   settle(self, call)
 end
 
@@ -387,9 +626,23 @@ local function pump(self, wait)
     on_result(self, msg)
     msg = take_result(results, 0, inflight)
   end
-  if now() - self._checked >= SLICE or why == "timeout" then check_workers(self) end
+  if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
   for _, call in pairs(self._calls) do
-    if call.window then feed(self, call) end
+    if call.window then
+      if call.dropped then abandon(self, call) else feed(self, call) end
+    end
+  end
+  if self._state == "closing" and not self._stopping then stop_workers(self) end
+end
+
+-- The engine, from a public method: an error (Ctrl-C's "interrupted!") terminates the
+-- pool, and is raised without the place in this file where it landed.
+local function engine(self, wait)
+  local ok, err = pcall(pump, self, wait)
+  if not ok then
+    self:terminate()
+    if type(err) == "string" then err = err:gsub("^[^\n]-multiprocessing/pool%.lua:%d+: ", "") end
+    error(err, 0)
   end
 end
 
@@ -422,15 +675,43 @@ local function plain_upvalues(f, saved)
   end
 end
 
+-- puts b among the BLOB_CACHE newest blobs; the oldest leaves, and is freed unless needed
+local function cache_blob(self, b)
+  b.cached = true
+  local ring, k = self._ring, self._ringk % BLOB_CACHE + 1
+  self._ringk = k
+  local old = ring[k]
+  ring[k] = b
+  if old and not old.freed then
+    old.cached = false
+    if old.refs == 0 then blob_drop(self, old) end
+  end
+end
+
+-- the blob of encoded function s: the same bytes share one blob (a closure
+-- made anew in an apply_async loop), which workers then decode only once
+local function text_blob(self, s)
+  local b = self._bytext[s]
+  if b then
+    if not b.cached then cache_blob(self, b) end  -- needed again: back among the newest
+    return b
+  end
+  self._nfid = self._nfid + 1
+  b = { fid = self._nfid, off = core.blob_new(s), refs = 0, s = s }
+  self._blobs[b] = true
+  self._bytext[s] = b
+  cache_blob(self, b)
+  return b
+end
+
+-- the blob record of f (see blob_drop)
 local function func_blob(self, f)
   local c = self._fcache[f]
-  if c and c.plain and plain_upvalues(f, c.ups) then return c.fid, c.blob end
+  if c and not c.b.freed and c.plain and plain_upvalues(f, c.ups) then return c.b end
   local s = encode(f, "function")
-  if c and c.s == s then return c.fid, c.blob end
-  self._nfid = self._nfid + 1
-  local blob = core.blob_new(s)
-  self._blobs[#self._blobs + 1] = blob
-  c = { s = s, fid = self._nfid, blob = blob }
+  if c and c.s == s and not c.b.freed then return c.b end
+  local b = text_blob(self, s)
+  c = { s = s, b = b }
   if plain_upvalues(f) then
     local ups, i = {}, 1
     while true do
@@ -443,7 +724,7 @@ local function func_blob(self, f)
     c.plain, c.ups = true, ups
   end
   self._fcache[f] = c
-  return c.fid, blob
+  return b
 end
 
 local function parse_opts(opts, what, lvl)
@@ -464,27 +745,29 @@ local function new_call(self, kind, f, input, opts, what)
   check_usable(self, what)
   if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), 3) end
   opts = parse_opts(opts, what)
-  self._ncid = self._ncid + 1
   local call = {
-    id = self._ncid, kind = kind, results = {}, errors = {}, done = 0, pending = 0,
+    kind = kind, results = {}, errors = {}, done = 0, pending = 0,
     consumed = 0, next_index = 1,
     chunksize = opts.chunksize, timeout = opts.timeout,
     callback = opts.callback, error_callback = opts.error_callback,
   }
-  local ok, fid, blob = pcall(func_blob, self, f)
-  if not ok then error((tostring(fid):gsub("at function", "at the function")), 3) end
-  call.fid, call.blob = fid, blob
   if type(input) == "table" then
     call.seq_input, call.total = input, (input.n or #input)
-    if kind ~= "imap" and kind ~= "unordered" then call.results = core.newtable(call.total) end
+    if not lazy(call) then call.results = core.newtable(call.total) end
   elseif type(input) == "function" then
     call.iter = input
   else
     error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(what, type(input)), 3)
   end
+  local ok, b = pcall(func_blob, self, f)
+  if not ok then error((tostring(b):gsub("at function", "at the function")), 3) end
+  b.refs = b.refs + 1  -- until the call is fed
+  call.brec, call.feeding = b, true
   if opts.progress then
     call.bar = progress._bar { total = call.total, force = opts.progress == "force", desc = opts.desc }
   end
+  self._ncid = self._ncid + 1
+  call.id = self._ncid
   self._calls[call.id] = call
   return call
 end
@@ -495,8 +778,7 @@ local function wait_call(self, call, timeout)
   while not call.finished do
     local left = deadline and deadline - now()
     if left and left <= 0 then return false end
-    local ok, err = pcall(pump, self, left or SLICE)
-    if not ok then self:terminate() error(err, 0) end
+    engine(self, left or SLICE)
   end
   return true
 end
@@ -526,18 +808,18 @@ function M.Pool(opts)
   local self = setmetatable({
     _n = n, _tasks = core.Queue(), _results = core.Queue(), _st = core.PoolState(n),
     _workers = {}, _calls = {}, _inflight = {}, _seq = 0, _ncid = 0, _nfid = 0,
-    _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _state = "running",
+    _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _ring = {}, _ringk = 0, _bytext = {}, _state = "running",
     _owner = core.getpid(), _checked = now(),
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
   }, Pool)
+  made = made + 1
   for i = 1, n do spawn(self, i) end
   -- wait until every worker ran its initializer: a failing one fails the Pool
   while true do
     local all = true
     for i = 1, n do if not (self._workers[i] and self._workers[i].ready) then all = false end end
     if all then break end
-    local ok, err = pcall(pump, self, SLICE)
-    if not ok then self:terminate() error(err, 0) end
+    engine(self, SLICE)
     if self._broken then
       local why = self._broken
       self:terminate()
@@ -594,12 +876,14 @@ function Pool:apply_async(f, args, opts)
     opts = parse_opts(opts, "apply_async", 3)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
   end
-  local ok, fid, blob = pcall(func_blob, self, f)
-  if not ok then error((tostring(fid):gsub("at function", "at the function")), 2) end
+  local ok, b = pcall(func_blob, self, f)
+  if not ok then error((tostring(b):gsub("at function", "at the function")), 2) end
   local seq = self._seq + 1
-  local sent, err = pcall(put_raw, self._tasks, seq, fid, blob, 3, args or NOARGS, 0, 1)
+  local sent, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, 3, args or NOARGS, 0, 1)
   if not sent then error(err, 2) end
   self._seq = seq
+  b.refs = b.refs + 1
+  call.brec = b
   self._inflight[seq] = call
   return call
 end
@@ -608,6 +892,15 @@ function Pool:apply(f, args, opts)
   return self:apply_async(f, args, opts):get()
 end
 
+-- The closing value of an imap loop. It is also an upvalue of the loop's
+-- function, so when nothing can continue the loop any more it is collected
+-- and the engine abandons the call (a loop left without closing it).
+local Closer = {
+  __close = function(c) abandon(c.pool, c.call) end,
+  __gc = function(c) c.call.dropped = true end,
+}
+Closer.__index = Closer
+
 local function iterate(self, kind, f, iterable, opts, what)
   local call = new_call(self, kind, f, iterable, opts, what)
   call.window = self._n * AHEAD
@@ -615,6 +908,7 @@ local function iterate(self, kind, f, iterable, opts, what)
   feed(self, call)
   local yielded = 0
   local cur, last = 1, 0   -- the range of ended items being handed out
+  local closer = setmetatable({ pool = self, call = call }, Closer)
   local function step()
     while true do
       if call.abandoned then return nil end
@@ -645,9 +939,7 @@ local function iterate(self, kind, f, iterable, opts, what)
         call.results[idx], call.errors[idx] = nil, nil
         call.consumed = yielded
         if e then
-          call.abandoned = true
-          self._calls[call.id] = nil
-          if call.bar then call.bar:close() end
+          abandon(self, closer.call)  -- (closer is an upvalue: it lives as long as the loop)
           error(e, 2)
         end
         return idx, v
@@ -658,22 +950,16 @@ local function iterate(self, kind, f, iterable, opts, what)
         if call.bar then call.bar:close() end
         return nil
       end
-      local ok, err = pcall(pump, self, SLICE)
-      if not ok then self:terminate() error(err, 0) end
+      local state = self._state
+      if state == "terminated" or state == "closed" then  -- (they cut every call: not reached)
+        abandon(self, call)
+        error(("%s: the pool is %s"):format(kind, state), 2)
+      end
+      engine(self, SLICE)
     end
   end
-  local closer = setmetatable({}, { __close = function()
-    if not call.finished then
-      call.abandoned, call.finished = true, true
-      self._calls[call.id] = nil
-      if call.bar then call.bar:close() end
-    end
-  end })
-  return function()
-    local i, v = step()
-    if i == nil then return nil end
-    return i, v
-  end, nil, nil, closer
+  progress._closers[step] = closer
+  return step, nil, nil, closer
 end
 
 --- for i, v in pool:imap(f, iterable [, opts]): results in order, i is the item's index
@@ -685,33 +971,24 @@ function Pool:close()
   if self._owner ~= core.getpid() then return end
   if self._state ~= "running" then return end
   self._state = "closing"
-  for _ = 1, self._n do
-    self._seq = self._seq + 1
-    self._tasks:put(false)
-  end
+  stop_workers(self)  -- now, or once the queued work is done
 end
 
 function Pool:join()
   if self._owner ~= core.getpid() then return end
   if self._state == "running" then error("cannot join a running pool (close or terminate it first)", 2) end
+  if self._state ~= "closing" then return end
+  -- lazily fed calls read no more input; what was sent is delivered
+  for _, call in pairs(self._calls) do
+    if not call.fed_all then cut(self, call, CLOSED) end
+  end
   while next(self._workers) do
-    local _, w = next(self._workers)
-    local ok, err = pcall(function()
-      w.code = core.waitpid(w.pid, SLICE)
-      pump(self, 0)
-    end)
-    if not ok then self:terminate() error(err, 0) end
+    engine(self, SLICE)
     check_workers(self)
   end
-  for _, call in pairs(self._calls) do
-    if call.pending > 0 then
-      call.err = call.err or "the pool was closed before the call finished"
-      finish(self, call)
-    end
-  end
+  abort_all(self, CLOSED)
   self._state = "closed"
-  for _, b in ipairs(self._blobs) do core.blob_free(b) end
-  self._blobs = {}
+  free_blobs(self)
 end
 
 function Pool:terminate()
@@ -720,12 +997,8 @@ function Pool:terminate()
   for _, w in pairs(self._workers) do core.kill(w.pid, 9) end
   for _, w in pairs(self._workers) do core.waitpid(w.pid) end
   self._workers = {}
-  for _, call in pairs(self._calls) do
-    call.err = call.err or "the pool was terminated"
-    finish(self, call)
-  end
-  for _, b in ipairs(self._blobs) do core.blob_free(b) end
-  self._blobs = {}
+  abort_all(self, TERMINATED)
+  free_blobs(self)
 end
 
 --- pool:stats(): per worker insights, MPIRE style
@@ -754,9 +1027,16 @@ end
 ------------------------------------------------------------- AsyncResult
 
 -- An AsyncResult is the record of its call.
+local function poll(call)
+  local pool = call._pool
+  if not rawget(call, "finished") and (pool._state == "running" or pool._state == "closing") then
+    engine(pool, 0)
+  end
+  return rawget(call, "finished") == true
+end
+
 function AsyncResult:ready()
-  if not rawget(self, "finished") then pcall(pump, self._pool, 0) end
-  return rawget(self, "finished") == true
+  return poll(self)
 end
 
 function AsyncResult:wait(timeout)
@@ -764,8 +1044,7 @@ function AsyncResult:wait(timeout)
 end
 
 function AsyncResult:successful()
-  if not rawget(self, "finished") then pcall(pump, self._pool, 0) end
-  if not rawget(self, "finished") then error("the result is not ready", 2) end
+  if not poll(self) then error("the result is not ready", 2) end
   return not self.err
 end
 

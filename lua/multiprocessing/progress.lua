@@ -68,26 +68,47 @@ function Bar:close()
 end
 Bar.__close = Bar.close
 
+-- Iterators that hold resources (imap's) register their closing value here,
+-- keyed by the iterator function: a wrapper receives only that function (in
+-- mp.progress(pool:imap(f, xs)) the call's other values are cut off), and must
+-- close what it wraps when it is closed itself.
+local closers = setmetatable({}, { __mode = "k" })
+
+local function close_value(c)
+  local mt = getmetatable(c)
+  local close = mt and mt.__close
+  if close then close(c) end
+end
+
 --- for v in mp.progress(iter_or_table [, total]) do ... end
 function M.progress(iter, total, opts)
   opts = opts or {}
+  local inner
   if type(iter) == "table" then
     local t, i = iter, 0
     total = total or #t
     iter = function() i = i + 1 return t[i] end
-  elseif type(iter) ~= "function" then
+  elseif type(iter) == "function" then
+    inner = closers[iter]
+  else
     error("bad argument #1 to 'progress' (table or iterator function expected, got " .. type(iter) .. ")", 2)
   end
   local bar = M.bar { total = total, desc = opts.desc, force = opts.force, out = opts.out }
+  local closer = bar
+  if inner then  -- closing the wrapper closes the bar and what it wraps
+    closer = setmetatable({}, { __close = function() bar:close() close_value(inner) end })
+  end
   local n = 0
-  return function(...)
+  local function step(...)
     local v = table.pack(iter(...))
     if v[1] == nil then bar:close() return nil end
     n = n + 1
     bar:update(n)
     return table.unpack(v, 1, v.n)
-  end, nil, nil, bar
+  end
+  if inner then closers[step] = closer end
+  return step, nil, nil, closer
 end
 
 -- names starting with "_" are for the library's own use (init.lua does not export them)
-return { progress = M.progress, _bar = M.bar, _format = M.format }
+return { progress = M.progress, _bar = M.bar, _format = M.format, _closers = closers }

@@ -1,0 +1,466 @@
+-- Specs of Pool when things stop: exits with a pool open, terminate and Ctrl-C with calls pending,
+-- close/join with work queued, failed inputs, wrappers that close, nested pools, bounded memory,
+-- arena exhaustion, work nobody can deliver. Every case that could hang runs bounded: in a child
+-- interpreter under `timeout`, or in a forked child that is killed when it overruns.
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local H = require "helpers"
+
+-- (see pool_spec.lua: functions sent to workers must not reach busted's sandbox)
+local _G, error, select, tostring, tonumber, type, pairs, ipairs, print =
+      _G, error, select, tostring, tonumber, type, pairs, ipairs, print
+local math, string, table, io, os, coroutine = math, string, table, io, os, coroutine
+
+local function double(x) return x * 2 end
+local function identity(x) return x end
+
+local PATIENCE = 20  -- seconds a bounded case may take before it counts as a hang
+
+-- assert for forked children: a plain error with the message (luassert's are tables)
+local function check(cond, msg)
+  if not cond then error(tostring(msg or "check failed"), 2) end
+  return cond
+end
+
+-- runs fn in a forked child (it always leaves with core._exit); fails if fn raised, or if it
+-- did not finish within PATIENCE seconds (then it is killed: a hang)
+local function bounded(fn)
+  local pid = H.spawn(fn)
+  local code = core.waitpid(pid, PATIENCE)
+  if code == nil then
+    core.kill(pid, 9)
+    core.waitpid(pid)
+    error("hung: still running after " .. PATIENCE .. " s", 2)
+  end
+  assert.equal(0, code, "the bounded case failed (its error is on stderr)")
+end
+
+-- runs a Lua script in a child interpreter under `timeout`, with stdin from `input` when given
+-- (args: the interpreter's arguments instead of the script's name); returns its exit status and
+-- its output (stdout and stderr)
+local function run(script, input, args, env)
+  local src, out, inp = H.tmpname(), H.tmpname(), H.tmpname()
+  local f = assert(io.open(src, "w")) f:write(script or "") f:close()
+  f = assert(io.open(inp, "w")) f:write(input or "") f:close()
+  local cmd = ("%s %s timeout -s KILL %d %s %s < %s > %s 2>&1"):format(
+    H.ENV, env or "", PATIENCE, H.LUA, args or src, inp, out)
+  local _, _, status = os.execute(cmd)
+  return status, H.slurp(out)
+end
+
+-- the pids written by a child script, one line
+local function pids_in(text)
+  local list = {}
+  for p in (text or ""):match("pids: ([%d ]+)"):gmatch("%d+") do list[#list + 1] = tonumber(p) end
+  return list
+end
+
+local function none_alive(pids)
+  return H.eventually(function()
+    for _, p in ipairs(pids) do if H.alive(p) then return false end end
+    return true
+  end, 5)
+end
+
+-- a line of Lua that prints the pool's worker pids
+local PRINT_PIDS = 'local t = {} for i, w in ipairs(pool:stats()) do t[i] = w.pid end '
+  .. 'io.write("pids: ", table.concat(t, " "), "\\n") io.stdout:flush()'
+
+describe("Pool stops", function()
+  H.leak_check(before_each, after_each)
+
+  describe("exiting with a pool open", function()
+    for _, exit in ipairs { "os.exit(0)", "os.exit(0, false)", "os.exit(0, true)", "" } do
+      it(("ends the program at once (%s) and takes the workers with it"):format(exit == "" and "the script's end" or exit), function()
+        local status, out = run(([[
+          local mp = require "multiprocessing"
+          pool = mp.Pool(2)
+          pool:map(function(x) return x end, { 1, 2 })
+          %s
+          %s
+        ]]):format(PRINT_PIDS, exit))
+        assert.equal(0, status, out)
+        local pids = pids_in(out)
+        assert.equal(2, #pids)
+        assert.is_true(none_alive(pids))
+      end)
+    end
+
+    it("at the lua5.4 -i prompt (os.exit typed there)", function()
+      local status, out = run(nil, table.concat({
+        'mp = require "multiprocessing"', 'pool = mp.Pool(2)', PRINT_PIDS, 'os.exit(3)' }, "\n") .. "\n", "-i")
+      assert.equal(3, status, out)
+      assert.is_true(none_alive(pids_in(out)))
+    end)
+
+    it("in a Process that made a pool and calls os.exit", function()
+      local status, out = run([[
+        local mp = require "multiprocessing"
+        local p = mp.Process { target = function()
+          local pool = mp.Pool(2)
+          pool:map(function(x) return x end, { 1 })
+          os.exit(0)
+        end }
+        p:start()
+        assert(p:join(), "the process did not end")
+        print("exitcode", p.exitcode)
+      ]])
+      assert.equal(0, status, out)
+      assert.matches("exitcode\t0", out)
+    end)
+
+    it("in a pool task that made a pool and calls os.exit (the task fails, nothing hangs)", function()
+      local status, out = run([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool(1)
+        print(pcall(pool.apply, pool, function()
+          local inner = mp.Pool(2)
+          inner:map(function(x) return x end, { 1 })
+          os.exit(5)
+        end))
+        print("next", pool:apply(function() return 42 end))
+      ]])
+      assert.equal(0, status, out)
+      assert.matches("died %(exit code 5%)", out)
+      assert.matches("next\t42", out)
+    end)
+  end)
+
+  describe("terminate", function()
+    it("fails pending apply_async calls: get raises, ready is true, error_callback runs", function()
+      bounded(function()
+        local pool = mp.Pool(2)
+        local got = {}
+        local rs = {}
+        for i = 1, 4 do
+          rs[i] = pool:apply_async(function() mp.sleep(30) end, nil, { error_callback = function(e) got[i] = e end })
+        end
+        local m = pool:map_async(function() mp.sleep(30) end, { 1 })
+        pool:terminate()
+        for i = 1, 4 do
+          check(rs[i]:ready() == true, "not ready")
+          check(rs[i]:successful() == false)
+          local ok, err = pcall(rs[i].get, rs[i])
+          check(not ok and err == "the pool was terminated", err)
+          check(got[i] == "the pool was terminated", got[i])
+        end
+        check(select(2, pcall(m.get, m)) == "the pool was terminated")
+      end)
+    end)
+
+    it("fails an imap loop at its first missing item, after the items that came", function()
+      bounded(function()
+        local pool = mp.Pool(2)
+        local it = pool:imap(function(x) if x > 2 then mp.sleep(30) end return x end, { 1, 2, 3, 4 }, 1)
+        check(it() == 1 and select(2, it()) == 2)
+        pool:terminate()
+        local ok, err = pcall(it)
+        check(not ok and err:find("the pool was terminated", 1, true), err)
+      end)
+    end)
+
+    it("on Ctrl-C: pending apply_async calls fail and their error_callback runs", function()
+      local marker = H.tmpname()
+      os.remove(marker)
+      local src, out = H.tmpname(), H.tmpname()
+      local f = assert(io.open(src, "w"))
+      f:write(([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool(2)
+        local got
+        local r1 = pool:apply_async(function() mp.sleep(30) end, nil, { error_callback = function(e) got = e end })
+        local r2 = pool:apply_async(function() local g = io.open(%q, "w") g:close() mp.sleep(30) end)
+        print("get:", pcall(r2.get, r2))
+        print("ready:", r1:ready(), "callback:", got)
+        print("r1:", pcall(r1.get, r1))
+      ]]):format(marker))
+      f:close()
+      local pidf = H.tmpname()
+      check(os.execute(("%s setsid sh -c 'echo $$ > %s; exec %s %s' < /dev/null > %s 2>&1 &")
+        :format(H.ENV, pidf, H.LUA, src, out)))
+      local pid = H.eventually(function() local s = H.slurp(pidf) return s and tonumber(s:match("%d+")) end, 5)
+      check(pid, "the script did not start")
+      assert.is_true(H.eventually(function() return H.slurp(marker) ~= nil end, 10), "the task did not start")
+      check(os.execute("kill -INT -" .. pid))
+      local ended = H.eventually(function() return not H.alive(pid) end, PATIENCE)
+      if not ended then os.execute("kill -KILL -" .. pid) end
+      assert.is_true(ended, "the script hung after Ctrl-C")
+      local text = H.slurp(out)
+      assert.matches("get:\tfalse\tinterrupted!", text)
+      assert.matches("ready:\ttrue\tcallback:\tthe pool was terminated", text)
+      assert.matches("r1:\tfalse\tthe pool was terminated", text)
+    end)
+  end)
+
+  describe("close and join", function()
+    it("maxtasksperchild: workers that leave after close are replaced until the work is done", function()
+      bounded(function()
+        local pool = mp.Pool { processes = 3, maxtasksperchild = 1 }
+        local rs = {}
+        for i = 1, 6 do rs[i] = pool:apply_async(function() mp.sleep(0.05) return i end) end
+        pool:close()
+        pool:join()
+        for i = 1, 6 do
+          check(rs[i]:ready(), "result " .. i .. " did not arrive")
+          check(rs[i]:get() == i)
+        end
+      end)
+    end)
+
+    it("a worker killed after close is replaced until the work is done", function()
+      local marker = H.tmpname()
+      os.remove(marker)
+      bounded(function()
+        local pool = mp.Pool(1)
+        local victim = pool:stats()[1].pid
+        local rs = {}
+        for i = 1, 3 do
+          rs[i] = pool:apply_async(function()
+            if i == 1 then local g = io.open(marker, "w") g:close() end
+            mp.sleep(0.2)
+            return i
+          end)
+        end
+        pool:close()
+        check(H.eventually(function() return H.slurp(marker) ~= nil end, 10), "the task did not start")
+        core.kill(victim, 9)
+        pool:join()
+        local ok, err = pcall(rs[1].get, rs[1])
+        check(not ok and err:find("died %(killed by SIGKILL%)"), err)
+        check(rs[2]:get() == 2 and rs[3]:get() == 3)
+      end)
+    end)
+
+    it("an imap with a lazily fed input continued after close() and join() raises", function()
+      bounded(function()
+        local pool = mp.Pool(2)
+        local n = 0
+        local it = pool:imap(identity, function() n = n + 1 return n end, 1)
+        check(it() == 1 and it() == 2)
+        pool:close()
+        pool:join()
+        local ok, err = pcall(function() for _ in it do end end)
+        check(not ok and err:find("the pool was closed before the call finished", 1, true), err)
+      end)
+    end)
+
+    it("an imap continued after close() alone completes", function()
+      bounded(function()
+        local pool = mp.Pool(2)
+        local n = 0
+        local it = pool:imap(identity, function() n = n + 1 if n <= 3000 then return n end end, 1)
+        check(it() == 1)
+        pool:close()
+        local count = 1
+        for i, v in it do assert(i == v) count = count + 1 end
+        check(count == 3000, count)
+        pool:join()
+      end)
+    end)
+
+    it("pending calls fail when the pool broke and no worker is left", function()
+      bounded(function()
+        local flag = os.tmpname()
+        os.remove(flag)
+        -- replacements fail their initializer once the flag exists
+        local pool = mp.Pool { processes = 1, initializer = function()
+          local f = io.open(flag) if f then f:close() error("no more workers") end
+        end }
+        local f = io.open(flag, "w") f:close()
+        local r1 = pool:apply_async(function() os.exit(1) end)
+        local r2 = pool:apply_async(function() return 2 end)
+        local ok, err = pcall(r2.get, r2)
+        os.remove(flag)
+        check(not ok and err:find("the pool is broken", 1, true), err)
+        check(not pcall(r1.get, r1))
+        pool:terminate()
+      end)
+    end)
+
+    it("a task message nobody holds fails its call instead of hanging", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        local r1 = pool:apply_async(function() mp.sleep(0.3) return 1 end)
+        local r2 = pool:apply_async(function() return 2 end)
+        -- lose r2's message as a take killed before its claim would: out of the queue, held by nobody
+        check(H.eventually(function() return pool._tasks:qsize() == 1 and pool._st:claimed(1) ~= 0 end, 5))
+        pcall(pool._tasks.get, pool._tasks, 1)
+        check(r1:get() == 1)
+        local ok, err = pcall(r2.get, r2)
+        check(not ok and err:find("apply: the task message of item 1 was lost", 1, true), err)
+        check(pool:apply(function() return 3 end) == 3)
+        pool:terminate()
+      end)
+    end)
+  end)
+
+  describe("a failed imap input", function()
+    it("an iterator that raises past the first window: the items before it first, then its error", function()
+      local pool <close> = mp.Pool(2)
+      local before = pool:stats()
+      local n, last = 0, 0
+      local err = H.error_of(function()
+        for i, v in pool:imap(identity, function()
+          n = n + 1
+          if n == 2000 then error("no more input") end
+          return n
+        end, 1) do
+          assert.equal(last + 1, i)
+          assert.equal(i, v)
+          last = i
+        end
+      end)
+      assert.equal(1999, last)
+      assert.matches("imap: the input iterator raised at item 2000: .*no more input", err)
+      assert.not_matches("pool%.lua", err)
+      -- the pool is untouched: same workers, and the next calls do not see the old error
+      assert.are.same({ 2, 4, 6, n = 3 }, pool:map(double, { 1, 2, 3 }))
+      assert.are.same({ 2, 4, n = 2 }, pool:map(double, { 1, 2 }))
+      for i, w in ipairs(pool:stats()) do assert.equal(before[i].pid, w.pid) end
+      assert.matches("state=running", tostring(pool))
+    end)
+
+    it("an unsendable item past the first window: the items before it first, then its error", function()
+      local pool <close> = mp.Pool(2)
+      for _, kind in ipairs { "imap", "imap_unordered" } do
+        local n, count = 0, 0
+        local err = H.error_of(function()
+          for _ in pool[kind](pool, identity, function()
+            n = n + 1
+            if n == 1500 then return coroutine.create(print) end
+            if n <= 3000 then return n end
+          end, 7) do count = count + 1 end
+        end)
+        assert.matches("cannot send a thread %(coroutine%) at args%[1500%]", err)
+        if kind == "imap" then assert.equal(1499, count) end
+        assert.are.same({ 2, n = 1 }, pool:map(double, { 1 }))
+      end
+    end)
+
+    it("in the first window too, and in map with an iterator input", function()
+      local pool <close> = mp.Pool(2)
+      local n, got = 0, {}
+      local err = H.error_of(function()
+        for i, v in pool:imap(identity, function() n = n + 1 if n == 3 then error("third") end return n end, 1) do
+          got[i] = v
+        end
+      end)
+      assert.are.same({ 1, 2 }, got)
+      assert.matches("imap: the input iterator raised at item 3: .*third", err)
+      n = 0
+      H.raises("map: the input iterator raised at item 5", pool.map, pool, identity, function()
+        n = n + 1 if n == 5 then error("fifth") end return n
+      end)
+      assert.are.same({ 2, n = 1 }, pool:map(double, { 1 }))
+    end)
+  end)
+
+  describe("a wrapped imap", function()
+    it("mp.progress closes the imap it wraps: after a break its input is no longer read", function()
+      local pool <close> = mp.Pool(2)
+      local asked = 0
+      local function naturals() asked = asked + 1 return asked end
+      for i in mp.progress(pool:imap(double, naturals, 1)) do
+        if i == 5 then break end
+      end
+      local after = asked
+      for _ = 1, 5 do pool:map(double, { 1, 2, 3, 4 }, 1) end
+      assert.equal(after, asked)
+    end)
+
+    it("the wrapper's closing value closes the imap (and nested wrappers too)", function()
+      local pool <close> = mp.Pool(2)
+      local asked = 0
+      local f, _, _, closer = mp.progress(mp.progress(pool:imap(double, function() asked = asked + 1 return asked end, 1)))
+      assert.are.same({ 1, 2 }, { f() })
+      getmetatable(closer).__close(closer)
+      assert.is_nil(f())
+      local after = asked
+      pool:map(double, { 1, 2 })
+      assert.equal(after, asked)
+    end)
+
+    it("an imap loop that nobody can continue is abandoned once collected", function()
+      local pool <close> = mp.Pool(2)
+      local asked = 0
+      do
+        local f = pool:imap(double, function() asked = asked + 1 return asked end, 1)
+        f()
+      end
+      collectgarbage() collectgarbage()
+      pool:map(double, { 1 })
+      local after = asked
+      pool:map(double, { 1, 2 })
+      assert.equal(after, asked)
+    end)
+  end)
+
+  describe("nothing piles up", function()
+    it("a pool made and not closed inside a task is collected after the task", function()
+      local pool <close> = mp.Pool(2)
+      pool:map(function()
+        local inner = mp.Pool(2)
+        inner:map(function(x) return x end, { 1 })
+      end, { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20 }, 1)
+      assert.is_true(H.eventually(function()
+        for _, w in ipairs(pool:stats()) do
+          if #H.children(w.pid) > 0 then return false end
+        end
+        return true
+      end, 10), "nested pools' workers left behind")
+    end)
+
+    it("a long-lived pool keeps a bounded number of function blobs", function()
+      local pool <close> = mp.Pool(2)
+      local function call(i)
+        local big = ("x"):rep(8192) .. i  -- each call's function is a new 8 KiB blob
+        return pool:apply_async(function() return #big end)
+      end
+      for i = 1, 40 do call(i):get() end
+      local used = core.arena_stats().used
+      local rs = {}
+      for i = 1, 400 do rs[#rs + 1] = call(i) if i % 50 == 0 then for _, r in ipairs(rs) do r:get() end rs = {} end end
+      for i = 1, 200 do assert.equal(8192 + #tostring(i), pool:apply(function() return #(("x"):rep(8192) .. i) end)) end
+      local grown = core.arena_stats().used - used
+      assert.is_true(grown < 1024 * 1024, ("the arena grew by %d bytes"):format(grown))
+    end)
+
+    it("apply_async loops reuse the function's blob", function()
+      local pool <close> = mp.Pool(2)
+      local k = 3
+      local rs = {}
+      for i = 1, 200 do rs[i] = pool:apply_async(function(x) return x * k end, { i }) end
+      for i = 1, 200 do assert.equal(3 * i, rs[i]:get()) end
+      assert.equal(1, pool._nfid)
+    end)
+  end)
+
+  describe("out of shared memory", function()
+    it("a result too big for the arena fails its item, not the worker; a task too big fails its call", function()
+      local status, out = run([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool(2)
+        local pids = {}
+        for i, w in ipairs(pool:stats()) do pids[i] = w.pid end
+        local ok, err = pcall(pool.map, pool, function(x)
+          if x == 2 then return ("x"):rep(100 * 1024 * 1024) end
+          return x
+        end, { 1, 2, 3 }, 3)
+        print("result:", ok, err)
+        ok, err = pcall(pool.map, pool, function(s) return #s end, { "a", ("y"):rep(100 * 1024 * 1024), "b" })
+        print("task:", ok, err)
+        print("after:", table.concat(pool:map(function(x) return x * 2 end, { 1, 2, 3 }), ","))
+        local same = true
+        for i, w in ipairs(pool:stats()) do same = same and w.pid == pids[i] end
+        print("same workers:", same)
+        pool:close() pool:join()
+      ]], nil, nil, "LUA_MP_ARENA_SIZE=" .. 64 * 1024 * 1024)
+      assert.equal(0, status, out)
+      assert.matches("result:\tfalse\tmap failed on item 2 %(worker pid %d+%):\nout of shared memory: %d+ bytes wanted", out)
+      assert.matches("task:\tfalse\t[^\n]*out of shared memory: %d+ bytes wanted", out)
+      assert.matches("after:\t2,4,6", out)
+      assert.matches("same workers:\ttrue", out)
+      assert.not_matches("died", out)
+    end)
+  end)
+end)
