@@ -374,6 +374,16 @@ local function lose(self, seq, why)
   settle(self, call)
 end
 
+-- handles the results that came (never waits)
+local function drain(self)
+  local inflight, results = self._inflight, self._results
+  local msg = take_result(results, 0, inflight)
+  while msg ~= nil do
+    on_result(self, msg)
+    msg = take_result(results, 0, inflight)
+  end
+end
+
 -- Nobody is left to deliver: every message in flight is lost, every call that
 -- may still send is cut, every call fails with `text`.
 local function abort_all(self, text)
@@ -418,21 +428,16 @@ end
 -- the queue; this only guards the engine against waiting for them forever).
 -- Seen at two checks in a row, they fail.
 local function find_lost(self)
-  local st, claims = self._st, {}
+  local st, claims, top = self._st, {}, self._seq  -- (a callback below may send more)
   if self._tasks:qsize() ~= 0 then self._suspects = nil return end
   for i in pairs(self._workers) do
     local last, _, first = st:claimed(i)
     if last ~= 0 then claims[#claims + 1], claims[#claims + 2] = first, last end
   end
-  local inflight, results = self._inflight, self._results
-  local msg = take_result(results, 0, inflight)  -- results that came meanwhile
-  while msg ~= nil do
-    on_result(self, msg)
-    msg = take_result(results, 0, inflight)
-  end
+  drain(self)  -- results that came meanwhile
   local prev, suspects, lost = self._suspects, {}, nil
-  for seq in pairs(inflight) do
-    local held = false
+  for seq in pairs(self._inflight) do
+    local held = seq > top
     for k = 1, #claims, 2 do
       if seq >= claims[k] and seq <= claims[k + 1] then held = true break end
     end
@@ -469,6 +474,7 @@ local function check_workers(self, idle)
     end
     local last, since, first = st:claimed(i)
     if code ~= nil then
+      drain(self)  -- what it sent before it died (its results, its "ready") counts
       -- it held messages first .. last: the first was running, the others waiting
       for seq = first, last do
         lose(self, seq, function(call, i0, n)
