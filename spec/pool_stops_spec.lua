@@ -48,6 +48,29 @@ local function run(script, input, args, env)
   return status, H.slurp(out)
 end
 
+-- Runs `script` (after `local mp = require "multiprocessing"`) in a child interpreter in a
+-- session of its own; once a task calls started(), sends SIGINT to the session (Ctrl-C);
+-- returns the output. A script still running PATIENCE seconds later is killed: a hang.
+local function interrupted(script)
+  local marker, src, out, pidf = H.tmpname(), H.tmpname(), H.tmpname(), H.tmpname()
+  os.remove(marker)
+  local f = assert(io.open(src, "w"))
+  f:write(('local mp = require "multiprocessing"\n'
+    .. 'local function started() local g = io.open(%q, "w") g:close() end\n'):format(marker), script)
+  f:close()
+  assert(os.execute(("%s setsid sh -c 'echo $$ > %s; exec %s %s' < /dev/null > %s 2>&1 &")
+    :format(H.ENV, pidf, H.LUA, src, out)))
+  local pid = H.eventually(function() local s = H.slurp(pidf) return s and tonumber(s:match("%d+")) end, 5)
+  assert(pid, "the script did not start")
+  local began = H.eventually(function() return H.slurp(marker) ~= nil end, 10)
+  if began then assert(os.execute("kill -INT -" .. pid)) end
+  local ended = H.eventually(function() return not H.alive(pid) end, PATIENCE)
+  if not ended then os.execute("kill -KILL -" .. pid) end
+  assert(began, "the task did not start: " .. tostring(H.slurp(out)))
+  assert(ended, "the script hung after Ctrl-C: " .. tostring(H.slurp(out)))
+  return H.slurp(out)
+end
+
 -- the pids written by a child script, one line
 local function pids_in(text)
   local list = {}
@@ -160,35 +183,29 @@ describe("Pool stops", function()
     end)
 
     it("on Ctrl-C: pending apply_async calls fail and their error_callback runs", function()
-      local marker = H.tmpname()
-      os.remove(marker)
-      local src, out = H.tmpname(), H.tmpname()
-      local f = assert(io.open(src, "w"))
-      f:write(([[
-        local mp = require "multiprocessing"
+      local text = interrupted([[
         local pool = mp.Pool(2)
         local got
         local r1 = pool:apply_async(function() mp.sleep(30) end, nil, { error_callback = function(e) got = e end })
-        local r2 = pool:apply_async(function() local g = io.open(%q, "w") g:close() mp.sleep(30) end)
+        local r2 = pool:apply_async(function() started() mp.sleep(30) end)
         print("get:", pcall(r2.get, r2))
         print("ready:", r1:ready(), "callback:", got)
         print("r1:", pcall(r1.get, r1))
-      ]]):format(marker))
-      f:close()
-      local pidf = H.tmpname()
-      check(os.execute(("%s setsid sh -c 'echo $$ > %s; exec %s %s' < /dev/null > %s 2>&1 &")
-        :format(H.ENV, pidf, H.LUA, src, out)))
-      local pid = H.eventually(function() local s = H.slurp(pidf) return s and tonumber(s:match("%d+")) end, 5)
-      check(pid, "the script did not start")
-      assert.is_true(H.eventually(function() return H.slurp(marker) ~= nil end, 10), "the task did not start")
-      check(os.execute("kill -INT -" .. pid))
-      local ended = H.eventually(function() return not H.alive(pid) end, PATIENCE)
-      if not ended then os.execute("kill -KILL -" .. pid) end
-      assert.is_true(ended, "the script hung after Ctrl-C")
-      local text = H.slurp(out)
+      ]])
       assert.matches("get:\tfalse\tinterrupted!", text)
       assert.matches("ready:\ttrue\tcallback:\tthe pool was terminated", text)
       assert.matches("r1:\tfalse\tthe pool was terminated", text)
+    end)
+
+    it("on Ctrl-C in a loop polling ready(): it raises and the pool is terminated", function()
+      local text = interrupted([[
+        local pool = mp.Pool(1)
+        local r = pool:apply_async(function() started() mp.sleep(30) end)
+        print("ready:", pcall(function() while not r:ready() do end end))
+        print("pool:", pool, pcall(r.get, r))
+      ]])
+      assert.matches("ready:\tfalse\tinterrupted!", text)
+      assert.matches("pool:\t<Pool processes=1 state=terminated>\tfalse\tthe pool was terminated", text)
     end)
   end)
 

@@ -905,7 +905,6 @@ local Closer = {
   __close = function(c) abandon(c.pool, c.call) end,
   __gc = function(c) c.call.dropped = true end,
 }
-Closer.__index = Closer
 
 local function iterate(self, kind, f, iterable, opts, what)
   local call = new_call(self, kind, f, iterable, opts, what)
