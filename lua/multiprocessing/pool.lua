@@ -28,6 +28,7 @@ local TINY, TAKE = 1e-4, 16 -- a worker takes up to TAKE messages at once after 
 local GC_STEP = 32 * 1024   -- kilobytes a worker allocates between its full collections
 local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is automatic
 local BLOB_CACHE = 16    -- function blobs kept for reuse once no message needs them
+local LOST_AFTER = 1     -- seconds a message may be out of the queue, unclaimed and unanswered
 -- what unfinished calls fail with when their pool stops
 local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
@@ -423,30 +424,33 @@ local function stop_workers(self)
   end
 end
 
--- Messages in flight that are not queued, that no live worker claims and whose
--- result has not come are lost (a take and its claim are one atomic step in
--- the queue; this only guards the engine against waiting for them forever).
--- Seen at two checks in a row, they fail.
-local function find_lost(self)
-  local st, claims, top = self._st, {}, self._seq  -- (a callback below may send more)
-  if self._tasks:qsize() ~= 0 then self._suspects = nil return end
+-- Messages in flight that have left the queue, that no live worker claims and
+-- whose result has not come are lost (a take and its claim are one atomic step
+-- in the queue; this guards the engine against waiting for them forever). The
+-- queue numbers messages as they are put, and so do we: messages 1 .. _seq -
+-- qsize have been taken. One still unheld LOST_AFTER seconds later fails.
+local function find_lost(self, t)
+  self._lostcheck = t
+  local st, claims = self._st, {}
+  local taken = self._seq - self._tasks:qsize()
   for i in pairs(self._workers) do
     local last, _, first = st:claimed(i)
     if last ~= 0 then claims[#claims + 1], claims[#claims + 2] = first, last end
   end
-  drain(self)  -- results that came meanwhile
+  drain(self)  -- results that came meanwhile (and their callbacks, which may send more)
   local prev, suspects, lost = self._suspects, {}, nil
   for seq in pairs(self._inflight) do
-    local held = seq > top
+    local held = seq > taken
     for k = 1, #claims, 2 do
       if seq >= claims[k] and seq <= claims[k + 1] then held = true break end
     end
     if not held then
-      suspects[seq] = true
-      if prev and prev[seq] then lost = lost or {} lost[#lost + 1] = seq end
+      local since = prev and prev[seq] or t
+      suspects[seq] = since
+      if t - since >= LOST_AFTER then lost = lost or {} lost[#lost + 1] = seq end
     end
   end
-  self._suspects = suspects
+  self._suspects = next(suspects) and suspects or nil
   if lost then
     table.sort(lost)
     for _, seq in ipairs(lost) do
@@ -512,8 +516,8 @@ local function check_workers(self, idle)
     if work_left(self) then
       abort_all(self, self._broken and "the pool is broken: " .. self._broken or CLOSED)
     end
-  elseif idle and next(self._inflight) then
-    find_lost(self)
+  elseif next(self._inflight) and (idle or self._suspects or t - self._lostcheck >= LOST_AFTER / 2) then
+    find_lost(self, t)
   end
 end
 
@@ -815,7 +819,7 @@ function M.Pool(opts)
     _n = n, _tasks = core.Queue(), _results = core.Queue(), _st = core.PoolState(n),
     _workers = {}, _calls = {}, _inflight = {}, _seq = 0, _ncid = 0, _nfid = 0,
     _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _ring = {}, _ringk = 0, _bytext = {}, _state = "running",
-    _owner = core.getpid(), _checked = now(),
+    _owner = core.getpid(), _checked = now(), _lostcheck = now(),
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
   }, Pool)
   made = made + 1
