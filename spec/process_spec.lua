@@ -6,12 +6,30 @@ local H = require "helpers"
 -- targets must not reach globals through busted's sandbox (see pool_spec.lua)
 local error, select, tostring, os, io = error, select, tostring, os, io
 
-local function run_script(script)
+-- runs a Lua script in a new interpreter, under a hard timeout; returns ok, output
+local function run_script(script, limit)
   local src, out = H.tmpname(), H.tmpname()
   local f = assert(io.open(src, "w")) f:write(script) f:close()
-  local ok = os.execute(("%s %s %s > %s 2>&1"):format(H.ENV, H.LUA, src, out))
+  local ok = os.execute(("%s timeout -s KILL %d %s %s > %s 2>&1"):format(H.ENV, limit or 60, H.LUA, src, out))
   return ok, H.slurp(out)
 end
+
+-- the state letter of a process ("S", "T", "Z"...), nil if gone
+local function pstate(pid)
+  local s = H.slurp(("/proc/%d/stat"):format(pid))
+  return s and s:match("^%d+ %b() (%a)")
+end
+
+-- a script's first lines: the library, and the state of a process
+local PRELUDE = [[
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local function state(pid)
+  local f = io.open(("/proc/%d/stat"):format(pid)) if not f then return nil end
+  local s = f:read("a") f:close()
+  return s:match("^%d+ %b() (%a)")
+end
+]]
 
 describe("Process", function()
   H.leak_check(before_each, after_each)
@@ -146,6 +164,63 @@ describe("Process", function()
     assert.equal(2, #kids)
     for _, p in ipairs(ps) do p:join() end
     assert.equal(0, #mp.active_children())
+  end)
+
+  it("keeps the exit status when a Ctrl-C lands as join returns", function()
+    -- The parent is stopped inside join, its child ends, and a SIGINT arrives as it
+    -- resumes: the wait reaps the child and returns, and lua.c's hook throws the
+    -- result away. A later join must still find the status (not ECHILD).
+    local ok, out = run_script(PRELUDE .. [[
+      local me = core.getpid()
+      local go = mp.Event()
+      local p = mp.Process { target = function() go:wait(30) end }:start()
+      local helper = core.fork()
+      if helper == 0 then
+        while state(me) ~= "S" do core.sleep(0.01) end  -- asleep in join
+        core.kill(me, 19)
+        go:set()
+        while state(p.pid) ~= "Z" do core.sleep(0.01) end
+        core.kill(me, 2)
+        core.kill(me, 18)
+        core._exit(0)
+      end
+      local ok, err = pcall(p.join, p)
+      print("first", ok, err)
+      print("second", pcall(p.join, p))
+      print("exitcode", p.exitcode, p:is_alive())
+      print("helper", core.waitpid(helper))
+    ]])
+    assert.is_true(ok, out)
+    assert.matches("first\tfalse\t[^\n]*interrupted!", out)
+    assert.matches("second\ttrue\ttrue", out)
+    assert.matches("exitcode\t0\tfalse", out)
+    assert.matches("helper\t0", out)
+  end)
+
+  it("reaps children that ended at the next start (no zombies pile up)", function()
+    local ps = {}
+    for i = 1, 100 do ps[i] = mp.Process { target = function() return i end }:start() end
+    for i = 1, 100 do
+      assert.is_true(H.eventually(function() return not H.alive(ps[i].pid) end, 10))
+    end
+    local go = mp.Event()
+    local last = mp.Process { target = function() go:wait(30) end }:start()
+    assert.same({ last.pid }, H.children())  -- the 100 ended ones were reaped
+    for i = 1, 100 do
+      assert.equal(0, ps[i].exitcode)
+      assert.is_true(ps[i]:join())
+      assert.equal(i, ps[i]:result())
+    end
+    go:set()
+    last:join()
+  end)
+
+  it("active_children() reaps the children that ended", function()
+    local p = mp.Process { target = function() end }:start()
+    assert.is_true(H.eventually(function() return not H.alive(p.pid) end, 10))
+    assert.same({}, mp.active_children())
+    assert.same({}, H.children())
+    assert.equal(0, p.exitcode)
   end)
 
   it("cpu_count() is a positive integer", function()
