@@ -246,6 +246,47 @@ describe("Process", function()
       assert.is_true(H.eventually(function() return not H.alive(pid) end, 5))
     end)
 
+    it("a Ctrl-C ends the wait for non-daemon children at exit", function()
+      -- a stopped child would be waited for forever; the Ctrl-C must end that wait
+      local marker = H.tmpname()
+      os.remove(marker)
+      local ok, out = run_script(PRELUDE .. ([[
+        local me = core.getpid()
+        local p = mp.Process { target = function() mp.sleep(60) end }:start()
+        print("child", p.pid)
+        local helper = core.fork()
+        if helper == 0 then
+          while not io.open(%q) do core.sleep(0.01) end
+          while state(me) ~= "S" do core.sleep(0.01) end  -- asleep in the exit handler
+          core.kill(p.pid, 19)
+          core.kill(me, 2)
+          core._exit(0)
+        end
+        io.open(%q, "w"):close()
+        os.exit(0)
+      ]]):format(marker, marker), 30)
+      assert.is_true(ok, out)
+      local pid = tonumber(out:match("child%s+(%d+)"))
+      assert.is_true(H.eventually(function() return not H.alive(pid) end, 10), "the stopped child survived")
+    end)
+
+    it("a Process whose target calls os.exit waits for its own children, kills its daemons", function()
+      local ok, out = run_script(PRELUDE .. [[
+        local p = mp.Process { target = function()
+          local d = mp.Process { daemon = true, target = function() mp.sleep(60) end }:start()
+          local n = mp.Process { target = function() mp.sleep(0.1) io.stdout:write("grandchild done\n") end }:start()
+          io.stdout:write("daemon ", d.pid, "\n")
+          os.exit(3)
+        end }:start()
+        print("join", p:join(), p.exitcode)
+      ]], 30)
+      assert.is_true(ok, out)
+      assert.matches("grandchild done", out)
+      assert.matches("join\ttrue\t3", out)
+      local pid = tonumber(out:match("daemon (%d+)"))
+      assert.is_true(H.eventually(function() return not H.alive(pid) end, 10), "the daemon survived")
+    end)
+
     it("children die with a parent killed by SIGKILL", function()
       local pidfile = H.tmpname()
       os.remove(pidfile)
