@@ -65,6 +65,20 @@ typedef struct cond_handle {
 
 enum { B_FILLING = 0, B_DRAINING = 1, B_ACTION = 2, B_RESETTING = -1, B_BROKEN = -2 };
 
+/* A Barrier notices a party that dies inside wait(), as a Lock notices a dead
+** holder: the process that arrives i-th in a round holds slot i's robust mutex
+** until it leaves, so the kernel marks the slot when it dies (even before it is
+** reaped). The last to arrive checks every slot before it lets the others go, a
+** sleeper checks the next slot at each slice (a ring: some live sleeper sees any
+** death), and processes waiting for a round to drain check them all. A dead
+** party breaks a round in progress (waiters raise "broken barrier (pid N died
+** while waiting)") and is counted out of a round that is draining. */
+typedef struct b_slot {
+  pthread_mutex_t m;    /* held by the party in the slot */
+  pid_t pid;            /* that party; 0 when free */
+  uint32_t pad;
+} b_slot;
+
 typedef struct barrier_obj {
   mp_obj o;
   pthread_mutex_t m;
@@ -73,6 +87,9 @@ typedef struct barrier_obj {
   uint32_t count;       /* processes inside wait() */
   uint32_t parties;
   double timeout;       /* default timeout of wait(); <0 for none */
+  pid_t dead;           /* a party that died in wait() and broke it; 0 after reset */
+  uint32_t pad;
+  b_slot slot[];        /* parties slots */
 } barrier_obj;
 
 /* ------------------------------------------------------------- helpers */
@@ -570,16 +587,58 @@ static void b_exit(barrier_obj *b) {
   }
 }
 
-/* Sleeps until the state changes; the mutex is held before and after. */
-static int b_sleep(lua_State *L, barrier_obj *b, double deadline) {
-  uint32_t s = __atomic_load_n(&b->seq, __ATOMIC_SEQ_CST);
-  mp_unlock(&b->m);
-  int r = mp_futex_wait(L, &b->seq, s, deadline);
-  mp_lock(&b->m);
-  return r;
+#define NOSLOT UINT32_MAX
+#define B_SLICE 0.05  /* how often a sleeper looks for dead parties */
+
+static void b_take(barrier_obj *b, uint32_t i) {
+  b_slot *s = &b->slot[i];
+  if (pthread_mutex_trylock(&s->m) == EOWNERDEAD) pthread_mutex_consistent(&s->m);
+  s->pid = getpid();
 }
 
-static int b_broken(lua_State *L) { return luaL_error(L, "broken barrier"); }
+static void b_leave(barrier_obj *b, uint32_t i) {
+  b->slot[i].pid = 0;
+  pthread_mutex_unlock(&b->slot[i].m);
+  b_exit(b);
+}
+
+/* Is the party in slot i dead? Then it is counted out (and breaks a round in
+** progress); its pid is returned. The mutex b->m is held. */
+static pid_t b_gone(barrier_obj *b, uint32_t i) {
+  b_slot *s = &b->slot[i];
+  pid_t pid = s->pid;
+  if (!pid) return 0;
+  int r = pthread_mutex_trylock(&s->m);
+  if (r == EBUSY) return 0;  /* alive */
+  if (r == EOWNERDEAD) pthread_mutex_consistent(&s->m);
+  if (r != 0 && r != EOWNERDEAD) return 0;
+  s->pid = 0;
+  pthread_mutex_unlock(&s->m);
+  if (b->state == B_FILLING || b->state == B_ACTION) { b->dead = pid; b_break(b); }
+  b_exit(b);
+  return pid;
+}
+
+static void b_gone_all(barrier_obj *b, uint32_t me) {
+  for (uint32_t i = 0; i < b->parties; i++) if (i != me) b_gone(b, i);
+}
+
+/* Sleeps until the state changes, a slice passes or the deadline; the mutex is
+** held before and after. MP_WOKE unless the deadline passed or interrupted. */
+static int b_sleep(lua_State *L, barrier_obj *b, double deadline) {
+  uint32_t s = __atomic_load_n(&b->seq, __ATOMIC_SEQ_CST);
+  double until = mp_now() + B_SLICE;
+  int last = deadline >= 0 && deadline <= until;
+  mp_unlock(&b->m);
+  int r = mp_futex_wait(L, &b->seq, s, last ? deadline : until);
+  mp_lock(&b->m);
+  return r == MP_TIMEOUT && !last ? MP_WOKE : r;
+}
+
+static int b_broken(lua_State *L, pid_t dead) {
+  if (dead) return luaL_error(L, "broken barrier (pid %d died while waiting)", (int)dead);
+  return luaL_error(L, "broken barrier");
+}
 
 static int barrier_wait(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
@@ -587,23 +646,27 @@ static int barrier_wait(lua_State *L) {
   mp_lock(&b->m);
   while (b->state == B_DRAINING || b->state == B_RESETTING || b->state == B_ACTION) {
     int r = b_sleep(L, b, deadline);  /* the previous round is still leaving */
-    if (r == MP_TIMEOUT) { mp_unlock(&b->m); return b_broken(L); }
+    b_gone_all(b, NOSLOT);            /* and may wait for a dead party */
+    if (r == MP_TIMEOUT) { mp_unlock(&b->m); return b_broken(L, 0); }
     if (r == MP_INTERRUPTED) { mp_unlock(&b->m); return mp_waitresult(L, r); }
   }
-  if (b->state != B_FILLING) { mp_unlock(&b->m); return b_broken(L); }
+  if (b->state != B_FILLING) { pid_t d = b->dead; mp_unlock(&b->m); return b_broken(L, d); }
   uint32_t index = b->count++;
+  b_take(b, index);
   if (b->count == b->parties) {  /* the last to arrive runs the action and lets all go */
+    b_gone_all(b, index);        /* unless a party died: then the round is broken */
+    if (b->state != B_FILLING) { pid_t d = b->dead; b_leave(b, index); mp_unlock(&b->m); return b_broken(L, d); }
     if (lua_getiuservalue(L, 1, 1) != LUA_TNIL) {
       b->state = B_ACTION;
       mp_unlock(&b->m);
       int st = lua_pcall(L, 0, 0, 0);
       mp_lock(&b->m);
-      if (st != LUA_OK) { b_break(b); b_exit(b); mp_unlock(&b->m); return lua_error(L); }
-      if (b->state != B_ACTION) { b_exit(b); mp_unlock(&b->m); return b_broken(L); }
+      if (st != LUA_OK) { b_break(b); b_leave(b, index); mp_unlock(&b->m); return lua_error(L); }
+      if (b->state != B_ACTION) { pid_t d = b->dead; b_leave(b, index); mp_unlock(&b->m); return b_broken(L, d); }
     }
     b->state = B_DRAINING;
     b_bump(b);
-    b_exit(b);
+    b_leave(b, index);
     mp_unlock(&b->m);
     lua_pushinteger(L, index);
     return 1;
@@ -611,14 +674,17 @@ static int barrier_wait(lua_State *L) {
   int r = MP_WOKE;
   while (b->state == B_FILLING || b->state == B_ACTION) {
     r = b_sleep(L, b, deadline);
+    if (b->state == B_FILLING || b->state == B_ACTION)  /* the next party in the ring */
+      b_gone(b, index + 1 < b->count ? index + 1 : 0);
     if (r != MP_WOKE && (b->state == B_FILLING || b->state == B_ACTION)) { b_break(b); break; }
     r = MP_WOKE;
   }
   int passed = b->state == B_DRAINING;
-  b_exit(b);
+  pid_t dead = b->dead;
+  b_leave(b, index);
   mp_unlock(&b->m);
   if (r == MP_INTERRUPTED) return mp_waitresult(L, r);
-  if (!passed) return b_broken(L);
+  if (!passed) return b_broken(L, dead);
   lua_pushinteger(L, index);
   return 1;
 }
@@ -626,6 +692,7 @@ static int barrier_wait(lua_State *L) {
 static int barrier_abort(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
   mp_lock(&b->m);
+  b->dead = 0;
   b_break(b);
   mp_unlock(&b->m);
   return 0;
@@ -634,6 +701,8 @@ static int barrier_abort(lua_State *L) {
 static int barrier_reset(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
   mp_lock(&b->m);
+  b_gone_all(b, NOSLOT);  /* the dead would never leave */
+  b->dead = 0;
   if (b->count > 0) {
     if (b->state == B_FILLING || b->state == B_ACTION || b->state == B_BROKEN) b->state = B_RESETTING;
   } else {
@@ -692,10 +761,11 @@ static int sync_Barrier(lua_State *L) {
   mp_handle *h = newhandle(L, sizeof(mp_handle), BARRIER, 1);
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, -2, 1);
-  h->off = mp_obj_new(L, sizeof(barrier_obj), T_BARRIER);
+  h->off = mp_obj_new(L, sizeof(barrier_obj) + (size_t)n * sizeof(b_slot), T_BARRIER);
   h->pid = getpid();
   barrier_obj *b = MP_PTR(h->off);
   mp_mutex_init(&b->m, 0);
+  for (lua_Integer i = 0; i < n; i++) mp_mutex_init(&b->slot[i].m, 0);
   b->parties = (uint32_t)n;
   b->timeout = timeout;
   return 1;
