@@ -305,5 +305,41 @@ describe("Process", function()
         assert.is_true(H.eventually(function() return not H.alive(tonumber(p)) end, 5), "child " .. p .. " survived")
       end
     end)
+
+    for _, sig in ipairs { 9, 15, 1 } do
+      it(("all descendants die with a parent killed by %s, stopped ones too"):format(core.signame(sig)), function()
+        local pidfile = H.tmpname()
+        os.remove(pidfile)
+        local parent = H.spawn(function()
+          local c = mp.Process { target = function()
+            local g = mp.Process { target = function() mp.sleep(60) end }:start()
+            local f = io.open(pidfile .. ".g", "w") f:write(g.pid) f:close()
+            mp.sleep(60)
+          end }:start()
+          -- stopped once it runs (stopped before its first instruction, it could not
+          -- yet have asked for PR_SET_PDEATHSIG: see docs/process.md)
+          local running = mp.Event()
+          local d = mp.Process { daemon = true, target = function() running:set() mp.sleep(60) end }:start()
+          assert(running:wait(30))
+          core.kill(d.pid, 19)
+          while not H.slurp(pidfile .. ".g") do mp.sleep(0.01) end
+          local f = io.open(pidfile .. ".tmp", "w")
+          f:write(c.pid, " ", d.pid, " ", H.slurp(pidfile .. ".g")) f:close()
+          os.rename(pidfile .. ".tmp", pidfile)
+          mp.sleep(60)
+        end)
+        local s = H.eventually(function() return H.slurp(pidfile) end, 10)
+        os.remove(pidfile .. ".g")
+        assert.is_string(s)
+        core.kill(parent, sig)
+        assert.equal(-sig, core.waitpid(parent, 20))
+        local n = 0
+        for p in s:gmatch("%d+") do
+          n = n + 1
+          assert.is_true(H.eventually(function() return not H.alive(tonumber(p)) end, 10), "descendant " .. p .. " survived")
+        end
+        assert.equal(3, n)
+      end)
+    end
   end)
 end)
