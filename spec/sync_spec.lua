@@ -408,6 +408,44 @@ describe("sync", function()
       assert.equal(3, woken.value)
     end)
 
+    it("gives no wake-up to a waiter that was killed; notify wakes exactly n", function()
+      local c, woken, ready = mp.Condition(), mp.Value("i", 0), mp.Semaphore(0)
+      local function waiter(limit)
+        return spawn(function()
+          c:acquire()
+          ready:release()
+          if c:wait(limit) then
+            local g <close> = woken:get_lock():hold()
+            woken.value = woken.value + 1
+          end
+          c:release()
+        end)
+      end
+      local victim = waiter(60)
+      assert.is_true(ready:acquire(10))
+      c:acquire() c:release()  -- it holds no lock: it is inside wait
+      core.kill(victim, 9)
+      assert.equal(-9, core.waitpid(victim))
+      c:acquire() c:notify() c:release()  -- nobody alive to wake: no wake-up is kept
+      local pids = { waiter(30), waiter(30) }
+      for _ = 1, 2 do assert.is_true(ready:acquire(10)) end
+      c:acquire() c:notify() c:release()
+      assert.is_true(H.eventually(function() return woken.value >= 1 end, 10))
+      core.sleep(0.3)
+      assert.equal(1, woken.value)  -- one notify, one process woken
+      c:acquire() c:notify() c:release()
+      for _, pid in ipairs(pids) do assert.equal(0, core.waitpid(pid, 20)) end
+      assert.equal(2, woken.value)
+    end)
+
+    it("takes more waiters than the slots in the object", function()
+      local c, woken = mp.Condition(), mp.Value("i", 0)
+      local pids = waiters(c, 12, woken)
+      c:acquire(); c:notify(5); c:release()
+      for _, pid in ipairs(pids) do assert.equal(0, core.waitpid(pid)) end
+      assert.equal(5, woken.value)
+    end)
+
     it("wait_for returns the predicate's result", function()
       local c = mp.Condition()
       c:acquire()
@@ -510,8 +548,9 @@ describe("sync", function()
       local pid = spawn(function() b:wait(30) end)
       assert.is_true(H.eventually(function() return b.n_waiting == 1 end, 10))
       core.kill(pid, 9)
+      assert.is_true(H.eventually(function() return not H.alive(pid) end, 10))  -- a zombie now
       local dead = ("broken barrier (pid %d died while waiting)"):format(pid)
-      H.raises(dead, b.wait, b, 10)  -- not reaped yet: a zombie is dead too
+      H.raises(dead, b.wait, b, 10)  -- not reaped yet: dead all the same
       assert.equal(-9, core.waitpid(pid))
       assert.is_true(b.broken)
       H.raises(dead, b.wait, b, 10)

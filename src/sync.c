@@ -50,12 +50,35 @@ typedef struct event_obj {
   uint32_t waiters;
 } event_obj;
 
+/* A Condition keeps one slot per process inside wait(): notify marks the oldest
+** waiting slots and wakes each on its own word, so exactly the processes
+** notified return true. A waiter holds its slot's robust mutex, so a waiter that
+** died is seen (like a Lock's dead holder) and never takes a wake-up. Slots live
+** in the object, then in blocks chained from it as more processes wait at once. */
+#define C_SLOTS 8       /* slots in the object */
+#define C_BLOCK 32      /* slots in each further block */
+
+typedef struct c_slot {
+  pthread_mutex_t m;    /* held by the waiter in the slot */
+  pid_t pid;            /* the waiter; 0 when free */
+  uint32_t ticket;      /* arrival order: notify wakes the oldest first */
+  uint32_t woken;       /* set by notify (the waiter's futex word) */
+  uint32_t pad;
+} c_slot;
+
+typedef struct c_block {
+  uint64_t next;        /* the next block, 0 at the end */
+  uint64_t n;
+  c_slot s[];
+} c_block;
+
 typedef struct cond_obj {
   mp_obj o;
-  pthread_mutex_t m;    /* guards the counters below */
-  uint32_t seq;         /* bumped by each notify (futex word) */
-  uint32_t waiters;     /* processes inside wait() */
-  uint32_t signals;     /* wake-ups given by notify and not yet taken */
+  pthread_mutex_t m;    /* guards the slots */
+  uint32_t ticket;      /* the next arrival's */
+  uint32_t pad;
+  uint64_t more;        /* the first block of further slots, 0 if none */
+  c_slot s[C_SLOTS];
 } cond_obj;
 
 typedef struct cond_handle {
@@ -435,6 +458,66 @@ static int cond_release(lua_State *L) {
   return 0;
 }
 
+/* The slots of c, a run at a time: c_first, then c_step until it returns 0. */
+typedef struct c_run { c_slot *s; uint64_t n, next; } c_run;
+static c_run c_first(cond_obj *c) { return (c_run){ c->s, C_SLOTS, c->more }; }
+static int c_step(c_run *r) {
+  if (!r->next) return 0;
+  c_block *b = MP_PTR(r->next);
+  *r = (c_run){ b->s, b->n, b->next };
+  return 1;
+}
+
+/* A free slot for this process (c->m held); NULL when the arena is full. */
+static c_slot *c_claim(cond_obj *c) {
+  c_slot *sl = NULL;
+  c_run r = c_first(c);
+  do {
+    for (uint64_t i = 0; i < r.n && !sl; i++) if (!r.s[i].pid) sl = &r.s[i];
+  } while (!sl && c_step(&r));
+  if (!sl) {
+    size_t size = sizeof(c_block) + C_BLOCK * sizeof(c_slot);
+    uint64_t off = mp_alloc_try(size);
+    if (!off) return NULL;
+    c_block *b = MP_PTR(off);
+    memset(b, 0, size);
+    b->n = C_BLOCK;
+    for (int i = 0; i < C_BLOCK; i++) mp_mutex_init(&b->s[i].m, 0);
+    b->next = c->more;
+    c->more = off;
+    sl = &b->s[0];
+  }
+  if (pthread_mutex_trylock(&sl->m) == EOWNERDEAD) pthread_mutex_consistent(&sl->m);
+  sl->pid = getpid();
+  sl->ticket = c->ticket++;
+  __atomic_store_n(&sl->woken, 0, __ATOMIC_SEQ_CST);
+  return sl;
+}
+
+static void c_free(c_slot *sl) {
+  sl->pid = 0;
+  pthread_mutex_unlock(&sl->m);
+}
+
+/* Is the waiter in sl alive? A dead one's slot is freed (c->m held). */
+static int c_alive(c_slot *sl) {
+  int r = pthread_mutex_trylock(&sl->m);
+  if (r == EBUSY) return 1;
+  if (r == EOWNERDEAD) pthread_mutex_consistent(&sl->m);
+  if (r != 0 && r != EOWNERDEAD) return 1;
+  c_free(sl);
+  return 0;
+}
+
+static void c_blocks_free(mp_obj *o) {
+  uint64_t off = ((cond_obj *)o)->more;
+  while (off) {
+    uint64_t next = ((c_block *)MP_PTR(off))->next;
+    mp_free(off);
+    off = next;
+  }
+}
+
 static int cond_wait(lua_State *L) {
   cond_handle *ch = tocond(L, 1);
   cond_obj *c = MP_PTR(ch->h.off);
@@ -442,26 +525,19 @@ static int cond_wait(lua_State *L) {
   double deadline = mp_deadline(L, 2);
   if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot wait on an un-acquired lock");
   mp_lock(&c->m);
-  c->waiters++;
-  uint32_t s = c->seq;
+  c_slot *sl = c_claim(c);
   mp_unlock(&c->m);
+  if (!sl) return mp_oom_error(L, sizeof(c_block) + C_BLOCK * sizeof(c_slot));
   uint32_t depth = k->depth ? k->depth : 1;  /* release every level of an RLock */
   k->depth = 0;
   for (uint32_t i = 0; i < depth; i++) pthread_mutex_unlock(&k->m);
-  int r, notified = 0;
-  for (;;) {
-    r = mp_futex_wait(L, &c->seq, s, deadline);
-    mp_lock(&c->m);
-    if (c->seq != s && c->signals > 0) { c->signals--; notified = 1; }
-    else if (r == MP_WOKE) s = c->seq;  /* the wake-ups were taken by others: sleep on */
-    if (notified || r != MP_WOKE) {
-      c->waiters--;
-      if (c->signals > c->waiters) c->signals = c->waiters;
-      mp_unlock(&c->m);
-      break;
-    }
-    mp_unlock(&c->m);
-  }
+  int r;
+  do r = mp_futex_wait(L, &sl->woken, 0, deadline);
+  while (r == MP_WOKE && !__atomic_load_n(&sl->woken, __ATOMIC_SEQ_CST));
+  mp_lock(&c->m);
+  int notified = sl->woken != 0;  /* a notify that came with the timeout counts */
+  c_free(sl);
+  mp_unlock(&c->m);
   mp_mutex_lock(NULL, &k->m, -1);  /* retaken whatever happened, as Python does */
   for (uint32_t i = 1; i < depth; i++) pthread_mutex_lock(&k->m);
   k->depth = depth;
@@ -470,17 +546,28 @@ static int cond_wait(lua_State *L) {
   return 1;
 }
 
+/* Wakes the n oldest live waiters not yet notified. */
 static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
   cond_obj *c = MP_PTR(ch->h.off);
   lock_obj *k = MP_PTR(ch->lock);
   if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
   mp_lock(&c->m);
-  uint32_t free = c->waiters - c->signals;
-  uint32_t give = n < (lua_Integer)free ? (uint32_t)n : free;
-  if (give) { c->signals += give; __atomic_add_fetch(&c->seq, 1, __ATOMIC_SEQ_CST); }
+  while (n > 0) {
+    c_slot *oldest = NULL;
+    c_run r = c_first(c);
+    do {
+      for (uint64_t i = 0; i < r.n; i++) {
+        c_slot *sl = &r.s[i];
+        if (sl->pid && !sl->woken && (!oldest || (int32_t)(sl->ticket - oldest->ticket) < 0)) oldest = sl;
+      }
+    } while (c_step(&r));
+    if (!oldest) break;
+    if (!c_alive(oldest)) continue;  /* a dead waiter takes no wake-up */
+    __atomic_store_n(&oldest->woken, 1, __ATOMIC_SEQ_CST);
+    mp_futex_wake(&oldest->woken, 1);
+    n--;
+  }
   mp_unlock(&c->m);
-  /* everyone wakes: the ones notified are those that find a signal left */
-  if (give) mp_futex_wake(&c->seq, INT_MAX);
   return 0;
 }
 
@@ -498,7 +585,7 @@ static int cond_notify_all(lua_State *L) {
 static int cond_close(lua_State *L) {
   cond_handle *ch = lua_touserdata(L, 1);
   if (ch) {  /* each part on its own: a failed constructor may leave only the lock */
-    if (ch->h.off) mp_obj_release(ch->h.off, ch->h.pid);
+    if (ch->h.off) mp_obj_release_with(ch->h.off, ch->h.pid, c_blocks_free);
     if (ch->lock) mp_obj_release(ch->lock, ch->h.pid);
     ch->h.off = ch->lock = 0;
   }
