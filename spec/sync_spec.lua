@@ -374,20 +374,24 @@ describe("sync", function()
       assert.equal(0, core.waitpid(pid))
     end)
 
+    -- a process that waits on c up to limit seconds, counts in woken if notified;
+    -- ready is released once it holds the lock (so it waits once the lock is free)
+    local function waiter(c, woken, ready, limit)
+      return spawn(function()
+        c:acquire()
+        ready:release()
+        if c:wait(limit) then
+          local g <close> = woken:get_lock():hold()
+          woken.value = woken.value + 1
+        end
+        c:release()
+      end)
+    end
+
     local function waiters(c, n, woken)
       local ready = mp.Semaphore(0)
       local pids = {}
-      for i = 1, n do
-        pids[i] = spawn(function()
-          c:acquire()
-          ready:release()
-          if c:wait(0.5) then
-            local g <close> = woken:get_lock():hold()
-            woken.value = woken.value + 1
-          end
-          c:release()
-        end)
-      end
+      for i = 1, n do pids[i] = waiter(c, woken, ready, 0.5) end
       for _ = 1, n do assert(ready:acquire(5)) end
       return pids
     end
@@ -410,24 +414,13 @@ describe("sync", function()
 
     it("gives no wake-up to a waiter that was killed; notify wakes exactly n", function()
       local c, woken, ready = mp.Condition(), mp.Value("i", 0), mp.Semaphore(0)
-      local function waiter(limit)
-        return spawn(function()
-          c:acquire()
-          ready:release()
-          if c:wait(limit) then
-            local g <close> = woken:get_lock():hold()
-            woken.value = woken.value + 1
-          end
-          c:release()
-        end)
-      end
-      local victim = waiter(60)
+      local victim = waiter(c, woken, ready, 60)
       assert.is_true(ready:acquire(10))
       c:acquire() c:release()  -- it holds no lock: it is inside wait
       core.kill(victim, 9)
       assert.equal(-9, core.waitpid(victim))
       c:acquire() c:notify() c:release()  -- nobody alive to wake: no wake-up is kept
-      local pids = { waiter(30), waiter(30) }
+      local pids = { waiter(c, woken, ready, 30), waiter(c, woken, ready, 30) }
       for _ = 1, 2 do assert.is_true(ready:acquire(10)) end
       c:acquire() c:notify() c:release()
       assert.is_true(H.eventually(function() return woken.value >= 1 end, 10))
