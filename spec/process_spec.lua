@@ -252,7 +252,9 @@ describe("Process", function()
       os.remove(marker)
       local ok, out = run_script(PRELUDE .. ([[
         local me = core.getpid()
-        local p = mp.Process { target = function() mp.sleep(60) end }:start()
+        local running = mp.Event()  -- (stopped before it runs, it could not yet ask for PDEATHSIG)
+        local p = mp.Process { target = function() running:set() mp.sleep(60) end }:start()
+        assert(running:wait(30))
         print("child", p.pid)
         local helper = core.fork()
         if helper == 0 then

@@ -104,7 +104,12 @@ static void wait_kids(void) {
   sigprocmask(SIG_BLOCK, &set, &mask);
   for (;;) {
     int left = 0;
-    for (int i = 0; i < nkids; i++) if (collect(&kids[i]) == 0) left++;
+    for (int i = 0; i < nkids;) {
+      int r = collect(&kids[i]);
+      if (r < 0) { drop(&kids[i]); continue; }  /* reaped by another: gone */
+      if (r == 0) left++;
+      i++;
+    }
     if (!left) break;
     struct timespec ts = { 0, 100 * 1000 * 1000 };  /* and a look now and then, whatever */
     if (sigtimedwait(&set, NULL, &ts) == SIGINT) break;
