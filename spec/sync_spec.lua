@@ -414,12 +414,16 @@ describe("sync", function()
 
     it("gives no wake-up to a waiter that was killed; notify wakes exactly n", function()
       local c, woken, ready = mp.Condition(), mp.Value("i", 0), mp.Semaphore(0)
-      local victim = waiter(c, woken, ready, 60)
-      assert.is_true(ready:acquire(10))
-      c:acquire() c:release()  -- it holds no lock: it is inside wait
-      core.kill(victim, 9)
-      assert.equal(-9, core.waitpid(victim))
+      local function killed_waiter()
+        local victim = waiter(c, woken, ready, 60)
+        assert.is_true(ready:acquire(10))
+        c:acquire() c:release()  -- it holds no lock: it is inside wait
+        core.kill(victim, 9)
+        assert.equal(-9, core.waitpid(victim))
+      end
+      killed_waiter()
       c:acquire() c:notify() c:release()  -- nobody alive to wake: no wake-up is kept
+      killed_waiter()  -- the oldest waiter at the next notify: it must not take it
       local pids = { waiter(c, woken, ready, 30), waiter(c, woken, ready, 30) }
       for _ = 1, 2 do assert.is_true(ready:acquire(10)) end
       c:acquire() c:notify() c:release()

@@ -628,7 +628,9 @@ static int sync_Condition(lua_State *L) {
     mp_obj_retain(lock);
     ch->lock = lock;
   }
-  mp_mutex_init(&((cond_obj *)MP_PTR(((mp_handle *)lua_touserdata(L, -1))->off))->m, 0);
+  cond_obj *c = MP_PTR(((mp_handle *)lua_touserdata(L, -1))->off);
+  mp_mutex_init(&c->m, 0);
+  for (int i = 0; i < C_SLOTS; i++) mp_mutex_init(&c->s[i].m, 0);
   return 1;
 }
 
