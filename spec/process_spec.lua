@@ -127,6 +127,9 @@ describe("Process", function()
     p:start()
     H.raises("cannot start a process twice", p.start, p)
     p:join()
+    -- the core never waits for "any child": it would steal the status of others' children
+    H.raises("pid must be positive", core.waitpid, -1)
+    H.raises("pid must be positive", core.reap, 0)
   end)
 
   it("has a readable tostring", function()

@@ -189,6 +189,7 @@ static int collect_other(pid_t pid, int *status) {
 /* core.waitpid(pid [, timeout [, keep]]) -> exitcode | nil, "timeout"|"interrupted" | nil, msg, code */
 static int proc_waitpid(lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  luaL_argcheck(L, pid > 0, 1, "pid must be positive");  /* never waitpid(-1): it would steal others' children */
   double deadline = mp_deadline(L, 2);
   int keep = lua_toboolean(L, 3);
   lua_Hook h0 = lua_gethook(L);
@@ -228,6 +229,7 @@ static int proc_waitpid(lua_State *L) {
 /* core.reap(pid [, keep]) -> exitcode, or nil while it runs (never blocks) */
 static int proc_reap(lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  luaL_argcheck(L, pid > 0, 1, "pid must be positive");  /* never waitpid(-1): it would steal others' children */
   int keep = lua_toboolean(L, 2);
   lua_Hook h0 = lua_gethook(L);
   int status = 0;
