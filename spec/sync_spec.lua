@@ -575,6 +575,20 @@ describe("sync", function()
       assert.equal(0, code)
     end)
 
+    it("counts out a party killed after it was let through, before it left", function()
+      local b = mp.Barrier(2)
+      local victim = spawn(function() b:wait(30) end)
+      assert.is_true(H.eventually(function() return b.n_waiting == 1 end, 10))
+      core.kill(victim, 19)  -- stopped in wait: let through, it cannot leave
+      assert.equal(1, b:wait(10))
+      core.kill(victim, 9)
+      assert.is_true(H.eventually(function() return not H.alive(victim) end, 10))
+      local other = spawn(function() assert(b:wait(10)) end)  -- the next round
+      assert.is_number(b:wait(10))
+      assert.equal(0, core.waitpid(other))
+      assert.equal(-9, core.waitpid(victim))
+    end)
+
     it("raises the action's error and breaks", function()
       local b = mp.Barrier(1, function() error("action failed") end)
       assert.has_error(function() b:wait() end)
