@@ -263,7 +263,10 @@ static int proc_kill(lua_State *L) {
 /* getpid() is a system call; the pool checks its owner on every call. The
 ** cached value is renewed in every child by a fork handler, whoever forks. */
 static pid_t mypid;
-static void renew_pid(void) { mypid = getpid(); }
+static void renew_pid(void) {
+  mypid = getpid();
+  nkids = 0;  /* whoever forked: the parent's children are not ours */
+}
 
 static int proc_getpid(lua_State *L) { lua_pushinteger(L, mypid ? mypid : getpid()); return 1; }
 static int proc_getppid(lua_State *L) { lua_pushinteger(L, getppid()); return 1; }
