@@ -546,12 +546,27 @@ static int cond_wait(lua_State *L) {
   return 1;
 }
 
-/* Wakes the n oldest live waiters not yet notified. */
+static void c_wake(c_slot *sl) {
+  __atomic_store_n(&sl->woken, 1, __ATOMIC_SEQ_CST);
+  mp_futex_wake(&sl->woken, 1);
+}
+
+/* Wakes the n oldest live waiters not yet notified (all of them for notify_all). */
 static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
   cond_obj *c = MP_PTR(ch->h.off);
   lock_obj *k = MP_PTR(ch->lock);
   if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
   mp_lock(&c->m);
+  if (n == LUA_MAXINTEGER) {  /* notify_all: in one pass, no order to keep */
+    c_run r = c_first(c);
+    do {
+      for (uint64_t i = 0; i < r.n; i++) {
+        c_slot *sl = &r.s[i];
+        if (sl->pid && !sl->woken && c_alive(sl)) c_wake(sl);
+      }
+    } while (c_step(&r));
+    n = 0;
+  }
   while (n > 0) {
     c_slot *oldest = NULL;
     c_run r = c_first(c);
@@ -563,8 +578,7 @@ static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
     } while (c_step(&r));
     if (!oldest) break;
     if (!c_alive(oldest)) continue;  /* a dead waiter takes no wake-up */
-    __atomic_store_n(&oldest->woken, 1, __ATOMIC_SEQ_CST);
-    mp_futex_wake(&oldest->woken, 1);
+    c_wake(oldest);
     n--;
   }
   mp_unlock(&c->m);
