@@ -193,11 +193,9 @@ function M.current_process() return me end
 function M.parent_process() return parent end
 
 function M.active_children()
-  cleanup()
+  cleanup()  -- what is left in children runs
   local list = {}
-  for pid, p in pairs(children) do
-    if p.exitcode == nil then list[#list + 1] = p end
-  end
+  for _, p in pairs(children) do list[#list + 1] = p end
   table.sort(list, function(a, b) return a.pid < b.pid end)
   return list
 end
