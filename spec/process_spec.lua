@@ -6,12 +6,30 @@ local H = require "helpers"
 -- targets must not reach globals through busted's sandbox (see pool_spec.lua)
 local error, select, tostring, os, io = error, select, tostring, os, io
 
-local function run_script(script)
+-- runs a Lua script in a new interpreter, under a hard timeout; returns ok, output
+local function run_script(script, limit)
   local src, out = H.tmpname(), H.tmpname()
   local f = assert(io.open(src, "w")) f:write(script) f:close()
-  local ok = os.execute(("%s %s %s > %s 2>&1"):format(H.ENV, H.LUA, src, out))
+  local ok = os.execute(("%s timeout -s KILL %d %s %s > %s 2>&1"):format(H.ENV, limit or 60, H.LUA, src, out))
   return ok, H.slurp(out)
 end
+
+-- the state letter of a process ("S", "T", "Z"...), nil if gone
+local function pstate(pid)
+  local s = H.slurp(("/proc/%d/stat"):format(pid))
+  return s and s:match("^%d+ %b() (%a)")
+end
+
+-- a script's first lines: the library, and the state of a process
+local PRELUDE = [[
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local function state(pid)
+  local f = io.open(("/proc/%d/stat"):format(pid)) if not f then return nil end
+  local s = f:read("a") f:close()
+  return s:match("^%d+ %b() (%a)")
+end
+]]
 
 describe("Process", function()
   H.leak_check(before_each, after_each)
@@ -109,6 +127,9 @@ describe("Process", function()
     p:start()
     H.raises("cannot start a process twice", p.start, p)
     p:join()
+    -- the core never waits for "any child": it would steal the status of others' children
+    H.raises("pid must be positive", core.waitpid, -1)
+    H.raises("pid must be positive", core.reap, 0)
   end)
 
   it("has a readable tostring", function()
@@ -148,6 +169,63 @@ describe("Process", function()
     assert.equal(0, #mp.active_children())
   end)
 
+  it("keeps the exit status when a Ctrl-C lands as join returns", function()
+    -- The parent is stopped inside join, its child ends, and a SIGINT arrives as it
+    -- resumes: the wait reaps the child and returns, and lua.c's hook throws the
+    -- result away. A later join must still find the status (not ECHILD).
+    local ok, out = run_script(PRELUDE .. [[
+      local me = core.getpid()
+      local go = mp.Event()
+      local p = mp.Process { target = function() go:wait(30) end }:start()
+      local helper = core.fork()
+      if helper == 0 then
+        while state(me) ~= "S" do core.sleep(0.01) end  -- asleep in join
+        core.kill(me, 19)
+        go:set()
+        while state(p.pid) ~= "Z" do core.sleep(0.01) end
+        core.kill(me, 2)
+        core.kill(me, 18)
+        core._exit(0)
+      end
+      local ok, err = pcall(p.join, p)
+      print("first", ok, err)
+      print("second", pcall(p.join, p))
+      print("exitcode", p.exitcode, p:is_alive())
+      print("helper", core.waitpid(helper))
+    ]])
+    assert.is_true(ok, out)
+    assert.matches("first\tfalse\t[^\n]*interrupted!", out)
+    assert.matches("second\ttrue\ttrue", out)
+    assert.matches("exitcode\t0\tfalse", out)
+    assert.matches("helper\t0", out)
+  end)
+
+  it("reaps children that ended at the next start (no zombies pile up)", function()
+    local ps, n = {}, os.getenv("MP_VALGRIND") and 10 or 100
+    for i = 1, n do ps[i] = mp.Process { target = function() return i end }:start() end
+    for i = 1, n do
+      assert.is_true(H.eventually(function() return not H.alive(ps[i].pid) end, 60))
+    end
+    local go = mp.Event()
+    local last = mp.Process { target = function() go:wait(30) end }:start()
+    assert.same({ last.pid }, H.children())  -- the 100 ended ones were reaped
+    for i = 1, n do
+      assert.equal(0, ps[i].exitcode)
+      assert.is_true(ps[i]:join())
+      assert.equal(i, ps[i]:result())
+    end
+    go:set()
+    last:join()
+  end)
+
+  it("active_children() reaps the children that ended", function()
+    local p = mp.Process { target = function() end }:start()
+    assert.is_true(H.eventually(function() return not H.alive(p.pid) end, 60))
+    assert.same({}, mp.active_children())
+    assert.same({}, H.children())
+    assert.equal(0, p.exitcode)
+  end)
+
   it("cpu_count() is a positive integer", function()
     assert.equal("integer", math.type(mp.cpu_count()))
     assert.is_true(mp.cpu_count() >= 1)
@@ -171,6 +249,49 @@ describe("Process", function()
       assert.is_true(H.eventually(function() return not H.alive(pid) end, 5))
     end)
 
+    it("a Ctrl-C ends the wait for non-daemon children at exit", function()
+      -- a stopped child would be waited for forever; the Ctrl-C must end that wait
+      local marker = H.tmpname()
+      os.remove(marker)
+      local ok, out = run_script(PRELUDE .. ([[
+        local me = core.getpid()
+        local running = mp.Event()  -- (stopped before it runs, it could not yet ask for PDEATHSIG)
+        local p = mp.Process { target = function() running:set() mp.sleep(60) end }:start()
+        assert(running:wait(30))
+        print("child", p.pid)
+        local helper = core.fork()
+        if helper == 0 then
+          while not io.open(%q) do core.sleep(0.01) end
+          while state(me) ~= "S" do core.sleep(0.01) end  -- asleep in the exit handler
+          core.kill(p.pid, 19)
+          core.kill(me, 2)
+          core._exit(0)
+        end
+        io.open(%q, "w"):close()
+        os.exit(0)
+      ]]):format(marker, marker), 30)
+      assert.is_true(ok, out)
+      local pid = tonumber(out:match("child%s+(%d+)"))
+      assert.is_true(H.eventually(function() return not H.alive(pid) end, 30), "the stopped child survived")
+    end)
+
+    it("a Process whose target calls os.exit waits for its own children, kills its daemons", function()
+      local ok, out = run_script(PRELUDE .. [[
+        local p = mp.Process { target = function()
+          local d = mp.Process { daemon = true, target = function() mp.sleep(60) end }:start()
+          local n = mp.Process { target = function() mp.sleep(0.1) io.stdout:write("grandchild done\n") end }:start()
+          io.stdout:write("daemon ", d.pid, "\n")
+          os.exit(3)
+        end }:start()
+        print("join", p:join(), p.exitcode)
+      ]], 30)
+      assert.is_true(ok, out)
+      assert.matches("grandchild done", out)
+      assert.matches("join\ttrue\t3", out)
+      local pid = tonumber(out:match("daemon (%d+)"))
+      assert.is_true(H.eventually(function() return not H.alive(pid) end, 30), "the daemon survived")
+    end)
+
     it("children die with a parent killed by SIGKILL", function()
       local pidfile = H.tmpname()
       os.remove(pidfile)
@@ -189,5 +310,42 @@ describe("Process", function()
         assert.is_true(H.eventually(function() return not H.alive(tonumber(p)) end, 5), "child " .. p .. " survived")
       end
     end)
+
+    for _, sig in ipairs { 9, 15, 1 } do
+      it(("all descendants die with a parent killed by %s, stopped ones too"):format(core.signame(sig)), function()
+        local pidfile = H.tmpname()
+        os.remove(pidfile)
+        local parent = H.spawn(function()
+          local c = mp.Process { target = function()
+            local g = mp.Process { target = function() mp.sleep(60) end }:start()
+            local f = io.open(pidfile .. ".gtmp", "w") f:write(g.pid) f:close()
+            os.rename(pidfile .. ".gtmp", pidfile .. ".g")
+            mp.sleep(60)
+          end }:start()
+          -- stopped once it runs (stopped before its first instruction, it could not
+          -- yet have asked for PR_SET_PDEATHSIG: see docs/process.md)
+          local running = mp.Event()
+          local d = mp.Process { daemon = true, target = function() running:set() mp.sleep(60) end }:start()
+          assert(running:wait(30))
+          core.kill(d.pid, 19)
+          while not H.slurp(pidfile .. ".g") do mp.sleep(0.01) end
+          local f = io.open(pidfile .. ".tmp", "w")
+          f:write(c.pid, " ", d.pid, " ", H.slurp(pidfile .. ".g")) f:close()
+          os.rename(pidfile .. ".tmp", pidfile)
+          mp.sleep(60)
+        end)
+        local s = H.eventually(function() return H.slurp(pidfile) end, 60)
+        os.remove(pidfile .. ".g")
+        assert.is_string(s)
+        core.kill(parent, sig)
+        assert.equal(-sig, core.waitpid(parent, 120))  -- (valgrind checks for leaks as it dies)
+        local n = 0
+        for p in s:gmatch("%d+") do
+          n = n + 1
+          assert.is_true(H.eventually(function() return not H.alive(tonumber(p)) end, 30), "descendant " .. p .. " survived")
+        end
+        assert.equal(3, n)
+      end)
+    end
   end)
 end)

@@ -374,20 +374,24 @@ describe("sync", function()
       assert.equal(0, core.waitpid(pid))
     end)
 
+    -- a process that waits on c up to limit seconds, counts in woken if notified;
+    -- ready is released once it holds the lock (so it waits once the lock is free)
+    local function waiter(c, woken, ready, limit)
+      return spawn(function()
+        c:acquire()
+        ready:release()
+        if c:wait(limit) then
+          local g <close> = woken:get_lock():hold()
+          woken.value = woken.value + 1
+        end
+        c:release()
+      end)
+    end
+
     local function waiters(c, n, woken)
       local ready = mp.Semaphore(0)
       local pids = {}
-      for i = 1, n do
-        pids[i] = spawn(function()
-          c:acquire()
-          ready:release()
-          if c:wait(0.5) then
-            local g <close> = woken:get_lock():hold()
-            woken.value = woken.value + 1
-          end
-          c:release()
-        end)
-      end
+      for i = 1, n do pids[i] = waiter(c, woken, ready, 0.5) end
       for _ = 1, n do assert(ready:acquire(5)) end
       return pids
     end
@@ -406,6 +410,37 @@ describe("sync", function()
       c:acquire(); c:notify_all(); c:release()
       for _, pid in ipairs(pids) do assert.equal(0, core.waitpid(pid)) end
       assert.equal(3, woken.value)
+    end)
+
+    it("gives no wake-up to a waiter that was killed; notify wakes exactly n", function()
+      local c, woken, ready = mp.Condition(), mp.Value("i", 0), mp.Semaphore(0)
+      local function killed_waiter()
+        local victim = waiter(c, woken, ready, 60)
+        assert.is_true(ready:acquire(10))
+        c:acquire() c:release()  -- it holds no lock: it is inside wait
+        core.kill(victim, 9)
+        assert.equal(-9, core.waitpid(victim))
+      end
+      killed_waiter()
+      c:acquire() c:notify() c:release()  -- nobody alive to wake: no wake-up is kept
+      killed_waiter()  -- the oldest waiter at the next notify: it must not take it
+      local pids = { waiter(c, woken, ready, 30), waiter(c, woken, ready, 30) }
+      for _ = 1, 2 do assert.is_true(ready:acquire(10)) end
+      c:acquire() c:notify() c:release()
+      assert.is_true(H.eventually(function() return woken.value >= 1 end, 10))
+      core.sleep(0.3)
+      assert.equal(1, woken.value)  -- one notify, one process woken
+      c:acquire() c:notify() c:release()
+      for _, pid in ipairs(pids) do assert.equal(0, core.waitpid(pid, 20)) end
+      assert.equal(2, woken.value)
+    end)
+
+    it("takes more waiters than the slots in the object", function()
+      local c, woken = mp.Condition(), mp.Value("i", 0)
+      local pids = waiters(c, 12, woken)
+      c:acquire(); c:notify(5); c:release()
+      for _, pid in ipairs(pids) do assert.equal(0, core.waitpid(pid)) end
+      assert.equal(5, woken.value)
     end)
 
     it("wait_for returns the predicate's result", function()
@@ -503,6 +538,55 @@ describe("sync", function()
       b:reset()
       assert.equal(0, core.waitpid(pid))
       assert.is_false(b.broken)
+    end)
+
+    it("does not count a party killed while waiting: the round breaks, naming it", function()
+      local b = mp.Barrier(2)
+      local pid = spawn(function() b:wait(30) end)
+      assert.is_true(H.eventually(function() return b.n_waiting == 1 end, 10))
+      core.kill(pid, 9)
+      assert.is_true(H.eventually(function() return not H.alive(pid) end, 10))  -- a zombie now
+      local dead = ("broken barrier (pid %d died while waiting)"):format(pid)
+      H.raises(dead, b.wait, b, 10)  -- not reaped yet: dead all the same
+      assert.equal(-9, core.waitpid(pid))
+      assert.is_true(b.broken)
+      H.raises(dead, b.wait, b, 10)
+      b:reset()
+      local p2 = spawn(function() assert(b:wait(10) == 0) end)
+      assert.is_true(H.eventually(function() return b.n_waiting == 1 end, 10))
+      assert.equal(1, b:wait(10))
+      assert.equal(0, core.waitpid(p2))
+    end)
+
+    it("wakes a sleeping party when another one is killed", function()
+      local b = mp.Barrier(3)
+      local victim = spawn(function() b:wait(60) end)
+      assert.is_true(H.eventually(function() return b.n_waiting == 1 end, 10))
+      local text = ("broken barrier (pid %d died while waiting)"):format(victim)
+      local other = spawn(function()
+        local ok, err = pcall(b.wait, b, 60)
+        assert(not ok and err:find(text, 1, true), tostring(err))
+      end)
+      assert.is_true(H.eventually(function() return b.n_waiting == 2 end, 10))
+      core.kill(victim, 9)
+      local code = core.waitpid(other, 20)
+      if code == nil then core.kill(other, 9) core.waitpid(other) end
+      assert.equal(-9, core.waitpid(victim))
+      assert.equal(0, code)
+    end)
+
+    it("counts out a party killed after it was let through, before it left", function()
+      local b = mp.Barrier(2)
+      local victim = spawn(function() b:wait(30) end)
+      assert.is_true(H.eventually(function() return b.n_waiting == 1 end, 10))
+      core.kill(victim, 19)  -- stopped in wait: let through, it cannot leave
+      assert.equal(1, b:wait(10))
+      core.kill(victim, 9)
+      assert.is_true(H.eventually(function() return not H.alive(victim) end, 10))
+      local other = spawn(function() assert(b:wait(10)) end)  -- the next round
+      assert.is_number(b:wait(10))
+      assert.equal(0, core.waitpid(other))
+      assert.equal(-9, core.waitpid(victim))
     end)
 
     it("raises the action's error and breaks", function()

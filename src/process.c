@@ -10,36 +10,119 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "mp.h"
 
-/* Children this process started and has not reaped, for the exit handler:
-** daemons are killed, the others waited for (as Python does at exit). */
-#define MAXKIDS 4096
-static struct kid { pid_t pid; int daemon; } kids[MAXKIDS];
-static int nkids;
+/* The children this process started (core.fork), by pid.
+**
+** A child is tracked from fork until its owner has its exit status. Whoever
+** reads the status first (core.reap, core.waitpid, the exit handler, a wait
+** that is then interrupted) keeps it here, so a later wait for that pid returns
+** it instead of ECHILD. This matters because a Ctrl-C can land between the
+** kernel's answer and Lua: lua.c's SIGINT handler sets a hook that fires when
+** our C function returns, and the results it pushed are thrown away.
+**
+** core.reap and core.waitpid drop the status once returned, unless the caller
+** passes keep (Process does, and calls core.forget once the status is stored in
+** the object) or the interpreter was interrupted meanwhile (the result is about
+** to be lost, so it is kept for the next ask). mp_proc_reaped is called exactly
+** once per child, when its status is read.
+**
+** At exit (at_exit) daemons are killed and the others waited for, as Python
+** does; a Ctrl-C ends that wait (see at_exit). */
+typedef struct kid {
+  pid_t pid;
+  int daemon;
+  int done;     /* reaped: status holds its wait status */
+  int status;
+} kid;
+static kid *kids;
+static int nkids, capkids;
 static int atexit_set;
-static pid_t mainpid;  /* the process that registered the exit handler */
+static pid_t mainpid;  /* the process whose kids these are */
 
-static void track(pid_t pid, int daemon) {
-  if (nkids < MAXKIDS) kids[nkids++] = (struct kid){ pid, daemon };
+static kid *findkid(pid_t pid) {
+  for (int i = nkids - 1; i >= 0; i--)  /* recent children first */
+    if (kids[i].pid == pid) return &kids[i];
+  return NULL;
 }
 
-static void untrack(pid_t pid) {
-  mp_proc_reaped(pid);
-  for (int i = 0; i < nkids; i++)
-    if (kids[i].pid == pid) { kids[i] = kids[--nkids]; return; }
+/* room for one more child, made before fork (so a child is never untracked) */
+static int kids_reserve(void) {
+  if (nkids < capkids) return 1;
+  int cap = capkids ? capkids * 2 : 16;
+  kid *k = realloc(kids, (size_t)cap * sizeof *k);
+  if (!k) return 0;
+  kids = k, capkids = cap;
+  return 1;
+}
+
+static void track(pid_t pid, int daemon) {
+  kid *k = findkid(pid);  /* a pid seen before was reaped: its old record is stale */
+  if (!k) k = &kids[nkids++];
+  *k = (kid){ pid, daemon, 0, 0 };
+}
+
+static void drop(kid *k) { *k = kids[--nkids]; }
+
+/* Reads the status of k if it ended: 1 done, 0 running, -1 error (errno set;
+** ECHILD: someone else reaped it, it is gone). */
+static int collect(kid *k) {
+  if (k->done) return 1;
+  int status;
+  pid_t r;
+  do r = waitpid(k->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
+  if (r == 0) return 0;
+  if (r < 0) {
+    int e = errno;
+    if (e == ECHILD) mp_proc_reaped(k->pid);  /* gone, status lost to another reaper */
+    errno = e;
+    return -1;
+  }
+  k->done = 1, k->status = status;
+  mp_proc_reaped(k->pid);
+  return 1;
+}
+
+/* ------------------------------------------------------------- at exit */
+
+/* Waits for every tracked child to end. It never waits on anything but our
+** children, and ends on Ctrl-C: a SIGINT that the program handles (lua.c's
+** handler, still installed when a script calls os.exit) ends the wait; under the
+** default action the signal kills us as usual; an ignored SIGINT stays ignored.
+** Children left then die with us (PR_SET_PDEATHSIG). */
+static void wait_kids(void) {
+  struct sigaction old;
+  sigaction(SIGINT, NULL, &old);
+  int trap = old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN;
+  sigset_t set, mask;
+  sigemptyset(&set);
+  sigaddset(&set, SIGCHLD);  /* blocked, so it is queued even where ignored */
+  if (trap) sigaddset(&set, SIGINT);
+  sigprocmask(SIG_BLOCK, &set, &mask);
+  for (;;) {
+    int left = 0;
+    for (int i = 0; i < nkids;) {
+      int r = collect(&kids[i]);
+      if (r < 0) { drop(&kids[i]); continue; }  /* reaped by another: gone */
+      if (r == 0) left++;
+      i++;
+    }
+    if (!left) break;
+    struct timespec ts = { 0, 100 * 1000 * 1000 };  /* and a look now and then, whatever */
+    if (sigtimedwait(&set, NULL, &ts) == SIGINT) break;
+  }
+  sigprocmask(SIG_SETMASK, &mask, NULL);
 }
 
 static void at_exit(void) {
   if (getpid() != mainpid) return;
-  for (int i = 0; i < nkids; i++) if (kids[i].daemon) kill(kids[i].pid, SIGKILL);
-  for (int i = 0; i < nkids; i++) {
-    fflush(NULL);
-    while (waitpid(kids[i].pid, NULL, 0) < 0 && errno == EINTR) {}
-  }
-  nkids = 0;
+  fflush(NULL);
+  for (int i = 0; i < nkids; i++)
+    if (kids[i].daemon && !kids[i].done) kill(kids[i].pid, SIGKILL);
+  wait_kids();
 }
 
 /* exit code in Python's convention: the status, or -signal */
@@ -55,6 +138,7 @@ static int proc_fork(lua_State *L) {
   int deathsig = luaL_optinteger(L, 2, SIGKILL);
   mp_arena_ensure(L);  /* every descendant shares the arena */
   if (!atexit_set) { atexit_set = 1; mainpid = getpid(); atexit(at_exit); }
+  if (!kids_reserve()) { errno = ENOMEM; return mp_pusherrno(L, "fork"); }
   pid_t parent = getpid();
   fflush(NULL);  /* or buffered output would be printed by both processes */
   uint64_t token = mp_proc_prefork(L);
@@ -86,20 +170,35 @@ static int proc_exit(lua_State *L) {
   return 0;
 }
 
-/* core.waitpid(pid [, timeout]) -> exitcode | nil, "timeout"|"interrupted" */
+/* Pushes the exit code of k (done); drops it unless kept or interrupted (the
+** hook set since h0 will throw the result away on return: the next ask gets it). */
+static int push_status(lua_State *L, kid *k, int keep, lua_Hook h0) {
+  int code = exitcode(k->status);
+  if (!keep && lua_gethook(L) == h0) drop(k);
+  lua_pushinteger(L, code);
+  return 1;
+}
+
+/* A pid we did not start (or already forgot): plain waitpid. 1 done, 0 running, -1 error. */
+static int collect_other(pid_t pid, int *status) {
+  pid_t r;
+  do r = waitpid(pid, status, WNOHANG); while (r < 0 && errno == EINTR);
+  return r == pid ? 1 : r == 0 ? 0 : -1;
+}
+
+/* core.waitpid(pid [, timeout [, keep]]) -> exitcode | nil, "timeout"|"interrupted" | nil, msg, code */
 static int proc_waitpid(lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  luaL_argcheck(L, pid > 0, 1, "pid must be positive");  /* never waitpid(-1): it would steal others' children */
   double deadline = mp_deadline(L, 2);
+  int keep = lua_toboolean(L, 3);
   lua_Hook h0 = lua_gethook(L);
-  int status, fd = -1;
+  int status = 0, fd = -1, r;
+  kid *k;
   for (;;) {
-    pid_t r = waitpid(pid, &status, WNOHANG);
-    if (r == pid) break;
-    if (r < 0 && errno != EINTR) {
-      if (fd >= 0) close(fd);
-      untrack(pid);
-      return mp_pusherrno(L, "waitpid");
-    }
+    k = findkid(pid);
+    r = k ? collect(k) : collect_other(pid, &status);
+    if (r != 0) break;
     static int nopidfd;  /* the kernel (or valgrind) has no pidfd_open: poll the status */
     if (fd < 0 && !nopidfd) {
       fd = (int)syscall(SYS_pidfd_open, pid, 0);
@@ -117,23 +216,41 @@ static int proc_waitpid(lua_State *L) {
       usleep((useconds_t)(slice * 1e6 / 10));  /* no pidfd: poll the status */
     }
   }
-  if (fd >= 0) close(fd);
-  untrack(pid);
+  if (fd >= 0) { int e = errno; close(fd); errno = e; }
+  if (r < 0) {
+    if (k) drop(k);
+    return mp_pusherrno(L, "waitpid");
+  }
+  if (k) return push_status(L, k, keep, h0);
   lua_pushinteger(L, exitcode(status));
   return 1;
 }
 
-/* core.reap(pid) -> exitcode, or nil while it runs (never blocks) */
+/* core.reap(pid [, keep]) -> exitcode, or nil while it runs (never blocks) */
 static int proc_reap(lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
-  int status;
-  pid_t r = waitpid(pid, &status, WNOHANG);
-  if (r == pid) { untrack(pid); lua_pushinteger(L, exitcode(status)); return 1; }
-  if (r < 0 && errno == ECHILD) { untrack(pid); return mp_pusherrno(L, "waitpid"); }
-  lua_pushnil(L);
+  luaL_argcheck(L, pid > 0, 1, "pid must be positive");  /* never waitpid(-1): it would steal others' children */
+  int keep = lua_toboolean(L, 2);
+  lua_Hook h0 = lua_gethook(L);
+  int status = 0;
+  kid *k = findkid(pid);
+  int r = k ? collect(k) : collect_other(pid, &status);
+  if (r == 0) { lua_pushnil(L); return 1; }
+  if (r < 0) {
+    if (k) drop(k);
+    return mp_pusherrno(L, "waitpid");
+  }
+  if (k) return push_status(L, k, keep, h0);
+  lua_pushinteger(L, exitcode(status));
   return 1;
 }
 
+/* core.forget(pid): the owner has the status it kept; a running child stays tracked */
+static int proc_forget(lua_State *L) {
+  kid *k = findkid((pid_t)luaL_checkinteger(L, 1));
+  if (k && k->done) drop(k);
+  return 0;
+}
 static int proc_kill(lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
   int sig = (int)luaL_optinteger(L, 2, SIGTERM);
@@ -146,7 +263,10 @@ static int proc_kill(lua_State *L) {
 /* getpid() is a system call; the pool checks its owner on every call. The
 ** cached value is renewed in every child by a fork handler, whoever forks. */
 static pid_t mypid;
-static void renew_pid(void) { mypid = getpid(); }
+static void renew_pid(void) {
+  mypid = getpid();
+  nkids = 0;  /* whoever forked: the parent's children are not ours */
+}
 
 static int proc_getpid(lua_State *L) { lua_pushinteger(L, mypid ? mypid : getpid()); return 1; }
 static int proc_getppid(lua_State *L) { lua_pushinteger(L, getppid()); return 1; }
@@ -167,10 +287,32 @@ static int proc_sigint(lua_State *L) {
   return 0;
 }
 
-static int proc_signum(lua_State *L) {  /* core.signame(n) -> "SIGKILL" */
+/* Signal names, without sigabbrev_np (glibc 2.32+ only). */
+static const struct { int n; const char *name; } signames[] = {
+  {SIGHUP, "SIGHUP"}, {SIGINT, "SIGINT"}, {SIGQUIT, "SIGQUIT"}, {SIGILL, "SIGILL"},
+  {SIGTRAP, "SIGTRAP"}, {SIGABRT, "SIGABRT"}, {SIGBUS, "SIGBUS"}, {SIGFPE, "SIGFPE"},
+  {SIGKILL, "SIGKILL"}, {SIGUSR1, "SIGUSR1"}, {SIGSEGV, "SIGSEGV"}, {SIGUSR2, "SIGUSR2"},
+  {SIGPIPE, "SIGPIPE"}, {SIGALRM, "SIGALRM"}, {SIGTERM, "SIGTERM"}, {SIGCHLD, "SIGCHLD"},
+  {SIGCONT, "SIGCONT"}, {SIGSTOP, "SIGSTOP"}, {SIGTSTP, "SIGTSTP"}, {SIGTTIN, "SIGTTIN"},
+  {SIGTTOU, "SIGTTOU"}, {SIGURG, "SIGURG"}, {SIGXCPU, "SIGXCPU"}, {SIGXFSZ, "SIGXFSZ"},
+  {SIGVTALRM, "SIGVTALRM"}, {SIGPROF, "SIGPROF"}, {SIGWINCH, "SIGWINCH"}, {SIGIO, "SIGIO"},
+  {SIGSYS, "SIGSYS"},
+#ifdef SIGSTKFLT
+  {SIGSTKFLT, "SIGSTKFLT"},
+#endif
+#ifdef SIGPWR
+  {SIGPWR, "SIGPWR"},
+#endif
+};
+
+static int proc_signame(lua_State *L) {  /* core.signame(n) -> "SIGKILL" */
   int n = (int)luaL_checkinteger(L, 1);
-  const char *s = sigabbrev_np(n);
-  if (s) lua_pushfstring(L, "SIG%s", s); else lua_pushfstring(L, "signal %d", n);
+  for (size_t i = 0; i < sizeof signames / sizeof signames[0]; i++)
+    if (signames[i].n == n) { lua_pushstring(L, signames[i].name); return 1; }
+#ifdef SIGRTMIN
+  if (n >= SIGRTMIN && n <= SIGRTMAX) { lua_pushfstring(L, "SIGRTMIN+%d", n - SIGRTMIN); return 1; }
+#endif
+  lua_pushfstring(L, "signal %d", n);
   return 1;
 }
 
@@ -198,8 +340,8 @@ int mp_process_open(lua_State *L) {
   }
   static const luaL_Reg funcs[] = {
     {"fork", proc_fork}, {"_exit", proc_exit}, {"waitpid", proc_waitpid}, {"reap", proc_reap},
-    {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
-    {"cpu_count", proc_cpu_count}, {"sigint", proc_sigint}, {"signame", proc_signum},
+    {"forget", proc_forget}, {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
+    {"cpu_count", proc_cpu_count}, {"sigint", proc_sigint}, {"signame", proc_signame},
     {"now", proc_now}, {"sleep", proc_sleep}, {"isatty", proc_isatty},
     {NULL, NULL}
   };

@@ -50,12 +50,35 @@ typedef struct event_obj {
   uint32_t waiters;
 } event_obj;
 
+/* A Condition keeps one slot per process inside wait(): notify marks the oldest
+** waiting slots and wakes each on its own word, so exactly the processes
+** notified return true. A waiter holds its slot's robust mutex, so a waiter that
+** died is seen (like a Lock's dead holder) and never takes a wake-up. Slots live
+** in the object, then in blocks chained from it as more processes wait at once. */
+#define C_SLOTS 8       /* slots in the object */
+#define C_BLOCK 32      /* slots in each further block */
+
+typedef struct c_slot {
+  pthread_mutex_t m;    /* held by the waiter in the slot */
+  pid_t pid;            /* the waiter; 0 when free */
+  uint32_t ticket;      /* arrival order: notify wakes the oldest first */
+  uint32_t woken;       /* set by notify (the waiter's futex word) */
+  uint32_t pad;
+} c_slot;
+
+typedef struct c_block {
+  uint64_t next;        /* the next block, 0 at the end */
+  uint64_t n;
+  c_slot s[];
+} c_block;
+
 typedef struct cond_obj {
   mp_obj o;
-  pthread_mutex_t m;    /* guards the counters below */
-  uint32_t seq;         /* bumped by each notify (futex word) */
-  uint32_t waiters;     /* processes inside wait() */
-  uint32_t signals;     /* wake-ups given by notify and not yet taken */
+  pthread_mutex_t m;    /* guards the slots */
+  uint32_t ticket;      /* the next arrival's */
+  uint32_t pad;
+  uint64_t more;        /* the first block of further slots, 0 if none */
+  c_slot s[C_SLOTS];
 } cond_obj;
 
 typedef struct cond_handle {
@@ -65,6 +88,20 @@ typedef struct cond_handle {
 
 enum { B_FILLING = 0, B_DRAINING = 1, B_ACTION = 2, B_RESETTING = -1, B_BROKEN = -2 };
 
+/* A Barrier notices a party that dies inside wait(), as a Lock notices a dead
+** holder: the process that arrives i-th in a round holds slot i's robust mutex
+** until it leaves, so the kernel marks the slot when it dies (even before it is
+** reaped). The last to arrive checks every slot before it lets the others go, a
+** sleeper checks the next slot at each slice (a ring: some live sleeper sees any
+** death), and processes waiting for a round to drain check them all. A dead
+** party breaks a round in progress (waiters raise "broken barrier (pid N died
+** while waiting)") and is counted out of a round that is draining. */
+typedef struct b_slot {
+  pthread_mutex_t m;    /* held by the party in the slot */
+  pid_t pid;            /* that party; 0 when free */
+  uint32_t pad;
+} b_slot;
+
 typedef struct barrier_obj {
   mp_obj o;
   pthread_mutex_t m;
@@ -73,6 +110,9 @@ typedef struct barrier_obj {
   uint32_t count;       /* processes inside wait() */
   uint32_t parties;
   double timeout;       /* default timeout of wait(); <0 for none */
+  pid_t dead;           /* a party that died in wait() and broke it; 0 after reset */
+  uint32_t pad;
+  b_slot slot[];        /* parties slots */
 } barrier_obj;
 
 /* ------------------------------------------------------------- helpers */
@@ -418,6 +458,66 @@ static int cond_release(lua_State *L) {
   return 0;
 }
 
+/* The slots of c, a run at a time: c_first, then c_step until it returns 0. */
+typedef struct c_run { c_slot *s; uint64_t n, next; } c_run;
+static c_run c_first(cond_obj *c) { return (c_run){ c->s, C_SLOTS, c->more }; }
+static int c_step(c_run *r) {
+  if (!r->next) return 0;
+  c_block *b = MP_PTR(r->next);
+  *r = (c_run){ b->s, b->n, b->next };
+  return 1;
+}
+
+/* A free slot for this process (c->m held); NULL when the arena is full. */
+static c_slot *c_claim(cond_obj *c) {
+  c_slot *sl = NULL;
+  c_run r = c_first(c);
+  do {
+    for (uint64_t i = 0; i < r.n && !sl; i++) if (!r.s[i].pid) sl = &r.s[i];
+  } while (!sl && c_step(&r));
+  if (!sl) {
+    size_t size = sizeof(c_block) + C_BLOCK * sizeof(c_slot);
+    uint64_t off = mp_alloc_try(size);
+    if (!off) return NULL;
+    c_block *b = MP_PTR(off);
+    memset(b, 0, size);
+    b->n = C_BLOCK;
+    for (int i = 0; i < C_BLOCK; i++) mp_mutex_init(&b->s[i].m, 0);
+    b->next = c->more;
+    c->more = off;
+    sl = &b->s[0];
+  }
+  if (pthread_mutex_trylock(&sl->m) == EOWNERDEAD) pthread_mutex_consistent(&sl->m);
+  sl->pid = getpid();
+  sl->ticket = c->ticket++;
+  __atomic_store_n(&sl->woken, 0, __ATOMIC_SEQ_CST);
+  return sl;
+}
+
+static void c_free(c_slot *sl) {
+  sl->pid = 0;
+  pthread_mutex_unlock(&sl->m);
+}
+
+/* Is the waiter in sl alive? A dead one's slot is freed (c->m held). */
+static int c_alive(c_slot *sl) {
+  int r = pthread_mutex_trylock(&sl->m);
+  if (r == EBUSY) return 1;
+  if (r == EOWNERDEAD) pthread_mutex_consistent(&sl->m);
+  if (r != 0 && r != EOWNERDEAD) return 1;
+  c_free(sl);
+  return 0;
+}
+
+static void c_blocks_free(mp_obj *o) {
+  uint64_t off = ((cond_obj *)o)->more;
+  while (off) {
+    uint64_t next = ((c_block *)MP_PTR(off))->next;
+    mp_free(off);
+    off = next;
+  }
+}
+
 static int cond_wait(lua_State *L) {
   cond_handle *ch = tocond(L, 1);
   cond_obj *c = MP_PTR(ch->h.off);
@@ -425,26 +525,19 @@ static int cond_wait(lua_State *L) {
   double deadline = mp_deadline(L, 2);
   if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot wait on an un-acquired lock");
   mp_lock(&c->m);
-  c->waiters++;
-  uint32_t s = c->seq;
+  c_slot *sl = c_claim(c);
   mp_unlock(&c->m);
+  if (!sl) return mp_oom_error(L, sizeof(c_block) + C_BLOCK * sizeof(c_slot));
   uint32_t depth = k->depth ? k->depth : 1;  /* release every level of an RLock */
   k->depth = 0;
   for (uint32_t i = 0; i < depth; i++) pthread_mutex_unlock(&k->m);
-  int r, notified = 0;
-  for (;;) {
-    r = mp_futex_wait(L, &c->seq, s, deadline);
-    mp_lock(&c->m);
-    if (c->seq != s && c->signals > 0) { c->signals--; notified = 1; }
-    else if (r == MP_WOKE) s = c->seq;  /* the wake-ups were taken by others: sleep on */
-    if (notified || r != MP_WOKE) {
-      c->waiters--;
-      if (c->signals > c->waiters) c->signals = c->waiters;
-      mp_unlock(&c->m);
-      break;
-    }
-    mp_unlock(&c->m);
-  }
+  int r;
+  do r = mp_futex_wait(L, &sl->woken, 0, deadline);
+  while (r == MP_WOKE && !__atomic_load_n(&sl->woken, __ATOMIC_SEQ_CST));
+  mp_lock(&c->m);
+  int notified = sl->woken != 0;  /* a notify that came with the timeout counts */
+  c_free(sl);
+  mp_unlock(&c->m);
   mp_mutex_lock(NULL, &k->m, -1);  /* retaken whatever happened, as Python does */
   for (uint32_t i = 1; i < depth; i++) pthread_mutex_lock(&k->m);
   k->depth = depth;
@@ -453,17 +546,42 @@ static int cond_wait(lua_State *L) {
   return 1;
 }
 
+static void c_wake(c_slot *sl) {
+  __atomic_store_n(&sl->woken, 1, __ATOMIC_SEQ_CST);
+  mp_futex_wake(&sl->woken, 1);
+}
+
+/* Wakes the n oldest live waiters not yet notified (all of them for notify_all). */
 static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
   cond_obj *c = MP_PTR(ch->h.off);
   lock_obj *k = MP_PTR(ch->lock);
   if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
   mp_lock(&c->m);
-  uint32_t free = c->waiters - c->signals;
-  uint32_t give = n < (lua_Integer)free ? (uint32_t)n : free;
-  if (give) { c->signals += give; __atomic_add_fetch(&c->seq, 1, __ATOMIC_SEQ_CST); }
+  if (n == LUA_MAXINTEGER) {  /* notify_all: in one pass, no order to keep */
+    c_run r = c_first(c);
+    do {
+      for (uint64_t i = 0; i < r.n; i++) {
+        c_slot *sl = &r.s[i];
+        if (sl->pid && !sl->woken && c_alive(sl)) c_wake(sl);
+      }
+    } while (c_step(&r));
+    n = 0;
+  }
+  while (n > 0) {
+    c_slot *oldest = NULL;
+    c_run r = c_first(c);
+    do {
+      for (uint64_t i = 0; i < r.n; i++) {
+        c_slot *sl = &r.s[i];
+        if (sl->pid && !sl->woken && (!oldest || (int32_t)(sl->ticket - oldest->ticket) < 0)) oldest = sl;
+      }
+    } while (c_step(&r));
+    if (!oldest) break;
+    if (!c_alive(oldest)) continue;  /* a dead waiter takes no wake-up */
+    c_wake(oldest);
+    n--;
+  }
   mp_unlock(&c->m);
-  /* everyone wakes: the ones notified are those that find a signal left */
-  if (give) mp_futex_wake(&c->seq, INT_MAX);
   return 0;
 }
 
@@ -481,7 +599,7 @@ static int cond_notify_all(lua_State *L) {
 static int cond_close(lua_State *L) {
   cond_handle *ch = lua_touserdata(L, 1);
   if (ch) {  /* each part on its own: a failed constructor may leave only the lock */
-    if (ch->h.off) mp_obj_release(ch->h.off, ch->h.pid);
+    if (ch->h.off) mp_obj_release_with(ch->h.off, ch->h.pid, c_blocks_free);
     if (ch->lock) mp_obj_release(ch->lock, ch->h.pid);
     ch->h.off = ch->lock = 0;
   }
@@ -524,7 +642,9 @@ static int sync_Condition(lua_State *L) {
     mp_obj_retain(lock);
     ch->lock = lock;
   }
-  mp_mutex_init(&((cond_obj *)MP_PTR(((mp_handle *)lua_touserdata(L, -1))->off))->m, 0);
+  cond_obj *c = MP_PTR(((mp_handle *)lua_touserdata(L, -1))->off);
+  mp_mutex_init(&c->m, 0);
+  for (int i = 0; i < C_SLOTS; i++) mp_mutex_init(&c->s[i].m, 0);
   return 1;
 }
 
@@ -570,16 +690,58 @@ static void b_exit(barrier_obj *b) {
   }
 }
 
-/* Sleeps until the state changes; the mutex is held before and after. */
-static int b_sleep(lua_State *L, barrier_obj *b, double deadline) {
-  uint32_t s = __atomic_load_n(&b->seq, __ATOMIC_SEQ_CST);
-  mp_unlock(&b->m);
-  int r = mp_futex_wait(L, &b->seq, s, deadline);
-  mp_lock(&b->m);
-  return r;
+#define NOSLOT UINT32_MAX
+#define B_SLICE 0.05  /* how often a sleeper looks for dead parties */
+
+static void b_take(barrier_obj *b, uint32_t i) {
+  b_slot *s = &b->slot[i];
+  if (pthread_mutex_trylock(&s->m) == EOWNERDEAD) pthread_mutex_consistent(&s->m);
+  s->pid = getpid();
 }
 
-static int b_broken(lua_State *L) { return luaL_error(L, "broken barrier"); }
+static void b_leave(barrier_obj *b, uint32_t i) {
+  b->slot[i].pid = 0;
+  pthread_mutex_unlock(&b->slot[i].m);
+  b_exit(b);
+}
+
+/* Is the party in slot i dead? Then it is counted out (and breaks a round in
+** progress); its pid is returned. The mutex b->m is held. */
+static pid_t b_gone(barrier_obj *b, uint32_t i) {
+  b_slot *s = &b->slot[i];
+  pid_t pid = s->pid;
+  if (!pid) return 0;
+  int r = pthread_mutex_trylock(&s->m);
+  if (r == EBUSY) return 0;  /* alive */
+  if (r == EOWNERDEAD) pthread_mutex_consistent(&s->m);
+  if (r != 0 && r != EOWNERDEAD) return 0;
+  s->pid = 0;
+  pthread_mutex_unlock(&s->m);
+  if (b->state == B_FILLING || b->state == B_ACTION) { b->dead = pid; b_break(b); }
+  b_exit(b);
+  return pid;
+}
+
+static void b_gone_all(barrier_obj *b, uint32_t me) {
+  for (uint32_t i = 0; i < b->parties; i++) if (i != me) b_gone(b, i);
+}
+
+/* Sleeps until the state changes, a slice passes or the deadline; the mutex is
+** held before and after. MP_WOKE unless the deadline passed or interrupted. */
+static int b_sleep(lua_State *L, barrier_obj *b, double deadline) {
+  uint32_t s = __atomic_load_n(&b->seq, __ATOMIC_SEQ_CST);
+  double until = mp_now() + B_SLICE;
+  int last = deadline >= 0 && deadline <= until;
+  mp_unlock(&b->m);
+  int r = mp_futex_wait(L, &b->seq, s, last ? deadline : until);
+  mp_lock(&b->m);
+  return r == MP_TIMEOUT && !last ? MP_WOKE : r;
+}
+
+static int b_broken(lua_State *L, pid_t dead) {
+  if (dead) return luaL_error(L, "broken barrier (pid %d died while waiting)", (int)dead);
+  return luaL_error(L, "broken barrier");
+}
 
 static int barrier_wait(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
@@ -587,23 +749,27 @@ static int barrier_wait(lua_State *L) {
   mp_lock(&b->m);
   while (b->state == B_DRAINING || b->state == B_RESETTING || b->state == B_ACTION) {
     int r = b_sleep(L, b, deadline);  /* the previous round is still leaving */
-    if (r == MP_TIMEOUT) { mp_unlock(&b->m); return b_broken(L); }
+    b_gone_all(b, NOSLOT);            /* and may wait for a dead party */
+    if (r == MP_TIMEOUT) { mp_unlock(&b->m); return b_broken(L, 0); }
     if (r == MP_INTERRUPTED) { mp_unlock(&b->m); return mp_waitresult(L, r); }
   }
-  if (b->state != B_FILLING) { mp_unlock(&b->m); return b_broken(L); }
+  if (b->state != B_FILLING) { pid_t d = b->dead; mp_unlock(&b->m); return b_broken(L, d); }
   uint32_t index = b->count++;
+  b_take(b, index);
   if (b->count == b->parties) {  /* the last to arrive runs the action and lets all go */
+    b_gone_all(b, index);        /* unless a party died: then the round is broken */
+    if (b->state != B_FILLING) { pid_t d = b->dead; b_leave(b, index); mp_unlock(&b->m); return b_broken(L, d); }
     if (lua_getiuservalue(L, 1, 1) != LUA_TNIL) {
       b->state = B_ACTION;
       mp_unlock(&b->m);
       int st = lua_pcall(L, 0, 0, 0);
       mp_lock(&b->m);
-      if (st != LUA_OK) { b_break(b); b_exit(b); mp_unlock(&b->m); return lua_error(L); }
-      if (b->state != B_ACTION) { b_exit(b); mp_unlock(&b->m); return b_broken(L); }
+      if (st != LUA_OK) { b_break(b); b_leave(b, index); mp_unlock(&b->m); return lua_error(L); }
+      if (b->state != B_ACTION) { pid_t d = b->dead; b_leave(b, index); mp_unlock(&b->m); return b_broken(L, d); }
     }
     b->state = B_DRAINING;
     b_bump(b);
-    b_exit(b);
+    b_leave(b, index);
     mp_unlock(&b->m);
     lua_pushinteger(L, index);
     return 1;
@@ -611,14 +777,17 @@ static int barrier_wait(lua_State *L) {
   int r = MP_WOKE;
   while (b->state == B_FILLING || b->state == B_ACTION) {
     r = b_sleep(L, b, deadline);
+    if (b->state == B_FILLING || b->state == B_ACTION)  /* the next party in the ring */
+      b_gone(b, index + 1 < b->count ? index + 1 : 0);
     if (r != MP_WOKE && (b->state == B_FILLING || b->state == B_ACTION)) { b_break(b); break; }
     r = MP_WOKE;
   }
   int passed = b->state == B_DRAINING;
-  b_exit(b);
+  pid_t dead = b->dead;
+  b_leave(b, index);
   mp_unlock(&b->m);
   if (r == MP_INTERRUPTED) return mp_waitresult(L, r);
-  if (!passed) return b_broken(L);
+  if (!passed) return b_broken(L, dead);
   lua_pushinteger(L, index);
   return 1;
 }
@@ -626,6 +795,7 @@ static int barrier_wait(lua_State *L) {
 static int barrier_abort(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
   mp_lock(&b->m);
+  b->dead = 0;
   b_break(b);
   mp_unlock(&b->m);
   return 0;
@@ -634,6 +804,8 @@ static int barrier_abort(lua_State *L) {
 static int barrier_reset(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
   mp_lock(&b->m);
+  b_gone_all(b, NOSLOT);  /* the dead would never leave */
+  b->dead = 0;
   if (b->count > 0) {
     if (b->state == B_FILLING || b->state == B_ACTION || b->state == B_BROKEN) b->state = B_RESETTING;
   } else {
@@ -692,10 +864,11 @@ static int sync_Barrier(lua_State *L) {
   mp_handle *h = newhandle(L, sizeof(mp_handle), BARRIER, 1);
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, -2, 1);
-  h->off = mp_obj_new(L, sizeof(barrier_obj), T_BARRIER);
+  h->off = mp_obj_new(L, sizeof(barrier_obj) + (size_t)n * sizeof(b_slot), T_BARRIER);
   h->pid = getpid();
   barrier_obj *b = MP_PTR(h->off);
   mp_mutex_init(&b->m, 0);
+  for (lua_Integer i = 0; i < n; i++) mp_mutex_init(&b->slot[i].m, 0);
   b->parties = (uint32_t)n;
   b->timeout = timeout;
   return 1;

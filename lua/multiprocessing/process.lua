@@ -10,24 +10,37 @@ local counter = 0
 local me = { name = "MainProcess", pid = core.getpid(), daemon = false, ident = core.getpid() }
 local parent = nil
 local children = {}   -- pid -> Process, started here and not yet reaped
+local children_pid = core.getpid()  -- whose they are: a forked copy starts with none
 
-local function reaped(p, code)
-  if code ~= nil then
-    rawset(p, "_exitcode", code)
-    children[p.pid] = nil
+-- The exit status of a child is kept by the core from the moment it is read
+-- until the Process has stored it (core.forget): a Ctrl-C landing as a wait
+-- returns cannot lose it (see src/process.c).
+local function settle(p, code)
+  rawset(p, "_exitcode", code)
+  children[p.pid] = nil
+  core.forget(p.pid)
+end
+
+-- the exit code, reaping the child if it ended; nil while it runs
+local function poll(p)
+  local code = rawget(p, "_exitcode")
+  if code == nil and p.pid and p._pid_owner == core.getpid() then
+    code = core.reap(p.pid, true)
+    if code ~= nil then settle(p, code) end
   end
+  return code
+end
+
+-- Python's _cleanup: children that ended are reaped (their status kept in their
+-- Process) at each start and in active_children, so unjoined ones leave no zombies.
+local function cleanup()
+  if children_pid ~= core.getpid() then children, children_pid = {}, core.getpid() end
+  for _, p in pairs(children) do poll(p) end
 end
 
 -- exitcode is read live: nil while the process runs
 function Process.__index(p, k)
-  if k == "exitcode" then
-    local code = rawget(p, "_exitcode")
-    if code == nil and p.pid and p._pid_owner == core.getpid() then
-      code = core.reap(p.pid)
-      reaped(p, code)
-    end
-    return code
-  end
+  if k == "exitcode" then return poll(p) end
   return methods[k]
 end
 
@@ -48,7 +61,7 @@ local function run_child(p)
   -- in the child: it becomes the current process, with no children of its own yet
   parent = { name = me.name, pid = me.pid }
   me = { name = p.name, pid = core.getpid(), daemon = p.daemon, ident = core.getpid() }
-  children = {}
+  children, children_pid = {}, core.getpid()
   local args = p.args
   local res = table.pack(xpcall(p.target, traceback, table.unpack(args, 1, args.n or #args)))
   local ok = res[1]
@@ -100,6 +113,7 @@ end
 function methods.start(p)
   check(p, "start")
   if p.pid then error("cannot start a process twice", 2) end
+  cleanup()
   p._results = core.Queue()
   local pid, err = core.fork(p.daemon)
   if not pid then error("cannot start process: " .. tostring(err), 2) end
@@ -124,12 +138,12 @@ end
 function methods.join(p, timeout)
   check_started(p, "join")
   if rawget(p, "_exitcode") ~= nil then return true end
-  local code, why = core.waitpid(p.pid, timeout)
+  local code, why = core.waitpid(p.pid, timeout, true)
   if code == nil then
     if why == "timeout" or why == "interrupted" then return nil, why end
     error("join: " .. tostring(why), 2)
   end
-  reaped(p, code)
+  settle(p, code)
   return true
 end
 
@@ -179,10 +193,9 @@ function M.current_process() return me end
 function M.parent_process() return parent end
 
 function M.active_children()
+  cleanup()  -- what is left in children runs
   local list = {}
-  for pid, p in pairs(children) do
-    if p.exitcode == nil then list[#list + 1] = p end
-  end
+  for _, p in pairs(children) do list[#list + 1] = p end
   table.sort(list, function(a, b) return a.pid < b.pid end)
   return list
 end
