@@ -312,14 +312,18 @@ function L.victim(opts)
     L.write(v.script, PRELUDE .. opts.code)
     script = L.quote(v.script)
   end
-  local cmd = ("exec %s %s setsid %s %s %s %s > %s 2> %s"):format(
-    L.ENV, opts.env or "", L.LUA, opts.args or "", script, opts.script_args or "", v.out, v.err)
-  if opts.cmd then
-    cmd = ("exec %s %s setsid %s > %s 2> %s"):format(L.ENV, opts.env or "", opts.cmd, v.out, v.err)
+  local input = "/dev/null"
+  if opts.stdin then  -- a fifo, so that closing our end is not pclose (which would wait for it)
+    v.fifo = L.tmpname("in")
+    assert(os.execute("mkfifo " .. v.fifo))
+    input = v.fifo
   end
+  local cmd = ("exec env %s %s setsid %s %s %s %s < %s > %s 2> %s"):format(
+    L.ENV, opts.env or "", opts.cmd or L.LUA, opts.args or "", script, opts.script_args or "", input, v.out, v.err)
   local before = {}
   for _, p in ipairs((L.children())) do before[p] = true end
-  v.pipe = io.popen(cmd, "w")
+  v.pipe = io.popen(cmd, "r")
+  if v.fifo then v.input = assert(io.open(v.fifo, "w")) end
   -- the victim is the one new child (popen's sh execs setsid, which execs lua in place)
   local pid = L.eventually(function()
     for _, p in ipairs((L.children())) do
@@ -380,10 +384,15 @@ function Victim:wait_exit(secs)
   return self.code, now() - t0
 end
 
---- sends text to its stdin
+--- sends text to its stdin (opts.stdin)
 function Victim:send(text)
-  self.pipe:write(text)
-  self.pipe:flush()
+  self.input:write(text)
+  self.input:flush()
+end
+
+--- closes its stdin: the end of its input
+function Victim:close_input()
+  if self.input then self.input:close() self.input = nil end
 end
 
 function Victim:signal(sig) return core.kill(self.pid, sig) end
@@ -400,6 +409,8 @@ function Victim:cleanup()
     local code = core.waitpid(self.pid, 5)
     if type(code) == "number" then self.code = code end
   end
+  self:close_input()
+  if self.fifo then os.remove(self.fifo) end
   if self.pipe then pcall(self.pipe.close, self.pipe) end  -- reaped already: pclose returns at once
 end
 

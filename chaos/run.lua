@@ -145,7 +145,8 @@ for i, c in ipairs(selected) do
   if how == "exit" and (code == 124 or code == 137) then
     why = ("hung: killed by the hard timeout (%d s)"):format(limit)
   elseif not result then
-    why = ("ended without a result (%s %s)"):format(tostring(how), tostring(code))
+    why = ("ended without a result (%s %s%s)"):format(tostring(how), tostring(code),
+      code == 141 and ": SIGPIPE, a victim's input closed under it" or "")
   elseif result ~= "pass" then
     why = result:gsub("^fail%s*", "")
     -- the rest of a multi-line reason
