@@ -425,18 +425,26 @@ end
 
 -- A call that has no timeout of its own (an imap loop, join) is bounded by a watchdog: a forked
 -- child that sends this process SIGINT after secs seconds, which lua.c turns into an
--- "interrupted!" error, so the case can report the hang itself (if even that does not end the
--- call, the runner's hard timeout does).
+-- "interrupted!" error, so the case can report the hang itself. A call that ignores Ctrl-C
+-- while it waits for a stopped process (a lock holder) is freed two seconds later: the watchdog
+-- continues every stopped process of the session. (If even that does not end the call, the
+-- runner's hard timeout does.)
 local Watchdog = {}
 Watchdog.__index = Watchdog
 L.watchdogs = {}
 
 function L.watchdog(secs)
   local parent = core.getpid()
+  local sid = L.stat(parent).sid
   local pid = core.fork()
   if pid == 0 then
     core.sleep(secs)
     core.kill(parent, 2)
+    core.sleep(2)
+    for _, p in ipairs((L.session(sid))) do
+      local st = L.stat(p)
+      if st and st.state == "T" then core.kill(p, 18) end
+    end
     core._exit(0)
   end
   local w = setmetatable({ pid = pid, t0 = now(), secs = secs }, Watchdog)
@@ -449,9 +457,9 @@ function Watchdog:disarm()
   if self.disarmed then return self.fired end
   self.disarmed = true
   L.watchdogs[self.pid] = nil
+  self.fired = now() - self.t0 >= self.secs
   core.kill(self.pid, 9)
-  local code = core.waitpid(self.pid, 5)
-  self.fired = code == 0
+  core.waitpid(self.pid, 5)
   return self.fired
 end
 
