@@ -64,9 +64,29 @@ local function check_results(res, n, what)
   end
 end
 
+-- when each worker was first seen: the rounds strike workers that are past their start-up (a
+-- worker killed while it starts is pool_kill_starting_worker's matter)
+local first_seen = {}
+local function established()
+  local t, out = now(), {}
+  for _, pid in ipairs(L.workers()) do
+    first_seen[pid] = first_seen[pid] or t
+    if t - first_seen[pid] >= 0.05 then out[#out + 1] = pid end
+  end
+  return out
+end
+
 -- faults: "kill" (SIGKILL), "stopkill" (SIGSTOP, a pause, SIGKILL)
+-- lets the pool replace its dead (it does while it pumps) until n workers are established
+local function settle(pool, n)
+  L.eventually(function()
+    pool:map(task, { 1 })
+    return #established() >= n
+  end, 1)
+end
+
 local function strike(fault, killed)
-  local ws = L.workers()
+  local ws = established()
   if #ws == 0 then return nil end
   local pid = L.pick(ws)
   if fault == "stopkill" then
@@ -86,10 +106,14 @@ local function map_rounds(fault, default_rounds, weights, chunks)
     local pool <close> = mp.Pool(2)
     local xs = inputs(N)
     local took = timings(pool, xs)
+    established()
+    sleep(0.1)
     L.fig("rounds", 0) L.fig("kills", 0) L.fig("results", 0) L.fig("errors", 0)
     for round = 1, L.rounds(default_rounds) do
+      settle(pool, 2)
       local w = L.pick(weights)
-      local r = pool:map_async(weighted(w), xs, L.pick(chunks) or nil)
+      local mok, r = pcall(pool.map_async, pool, weighted(w), xs, L.pick(chunks) or nil)
+      L.check(mok, "round %d: map_async raised after the kills of earlier rounds: %s", round, tostring(r):sub(1, 300))
       sleep(L.uniform(0, took[w]))
       local killed = {}
       local t_fault = strike(fault, killed)
@@ -120,6 +144,7 @@ local function imap_rounds(kind)
     local xs = inputs(N)
     L.fig("rounds", 0) L.fig("kills", 0) L.fig("results", 0) L.fig("errors", 0)
     for round = 1, L.rounds(25) do
+      settle(pool, 2)
       local at, got, killed, t_fault = math.random(1, N), 0, {}, nil
       local wd = L.watchdog(BOUND)
       local ok, err = pcall(function()
@@ -154,6 +179,33 @@ return {
   -- the tiniest tasks one at a time: workers spend most of their time taking messages, where
   -- a kill between the take and the claim loses messages (issue 7, item 1)
   { name = "pool_stopkill_tiny", timeout = 90, run = map_rounds("stopkill", 80, { 40 }, { 1, 2 }) },
+  -- a worker killed while it starts (a replacement, before it said it was ready): the pool
+  -- must go on (a starting worker that is killed is not an initializer that fails)
+  { name = "pool_kill_starting_worker", timeout = 60, run = function()
+    local pool <close> = mp.Pool(2)
+    L.fig("rounds", 0) L.fig("kills", 0)
+    for round = 1, L.rounds(8) do
+      local old = L.workers()
+      local known = {}
+      for _, p in ipairs(old) do known[p] = true end
+      kill(L.pick(old), SIGKILL)
+      L.add("kills")
+      -- the engine notices and forks a replacement while it pumps: kill that one as it starts
+      local r = pool:map_async(function(x) L.core.sleep(0.02) return x * 2 end, inputs(20), 1)
+      local fresh = L.eventually(function()
+        r:wait(0.002)
+        for _, p in ipairs(L.workers()) do if not known[p] then return p end end
+      end, L.BOUND)
+      L.check(fresh, "round %d: no replacement worker within %d s of a kill", round, L.BOUND)
+      kill(fresh, SIGKILL)
+      L.add("kills")
+      pcall(r.get, r, BOUND)
+      local ok, res = pcall(pool.map, pool, task, inputs(200))
+      L.check(ok, "round %d: after a worker was killed during its start-up: %s", round, tostring(res):sub(1, 300))
+      check_results(res, 200, ("round %d"):format(round))
+      L.round_done()
+    end
+  end },
   { name = "pool_kill_imap", timeout = 90, run = imap_rounds("imap") },
   { name = "pool_kill_imap_unordered", timeout = 90, run = imap_rounds("imap_unordered") },
 
@@ -162,6 +214,7 @@ return {
     local pool <close> = mp.Pool(2)
     L.fig("rounds", 0) L.fig("kills", 0) L.fig("results", 0) L.fig("errors", 0)
     for round = 1, L.rounds(25) do
+      settle(pool, 2)
       local rs = {}
       local f = weighted(L.pick(WEIGHTS))
       for i = 1, 300 do rs[i] = pool:apply_async(f, { i }) end
@@ -216,11 +269,12 @@ return {
 
   -- a worker stopped while its task has a timeout: the call fails with the timeout, in time
   { name = "pool_stop_task_timeout", timeout = 60, run = function()
-    local pool <close> = mp.Pool(2)
     L.fig("rounds", 0) L.fig("stops", 0)
-    local started = mp.Queue()
     for round = 1, L.rounds(6) do
-      -- four tasks of 0.2 s for two workers; each says who runs it, and one that does is stopped
+      -- a fresh pool: four tasks of 0.2 s for two workers; each says who runs it, and one
+      -- that does is stopped
+      local pool <close> = mp.Pool(2)
+      local started = mp.Queue()
       local r = pool:map_async(function(x)
         started:put(L.core.getpid())
         local t = os.clock() while os.clock() - t < 0.2 do end
@@ -238,7 +292,8 @@ return {
       L.check(tostring(res):find("timed out", 1, true), "round %d: the error is not the timeout: %s", round, tostring(res):sub(1, 300))
       L.notice("notice_ms", t0)
       kill(pid, SIGCONT)  -- (it was killed by then; harmless)
-      while started:get_nowait() do end
+      pool:terminate()
+      started:close()
       L.round_done()
     end
   end },
