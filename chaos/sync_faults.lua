@@ -98,6 +98,58 @@ return {
     end
   end },
 
+  -- a Manager's server killed at a random instant while requests stream to it: the next
+  -- operation raises "the manager process is gone" in time, never hangs
+  { name = "manager_server_killed", timeout = 60, run = function()
+    L.fig("rounds", 0)
+    for round = 1, L.rounds(4) do
+      local before = {}
+      for _, p in ipairs((L.children())) do before[p] = true end
+      local m = mp.Manager()
+      local server
+      for _, p in ipairs((L.children())) do if not before[p] then server = p end end
+      L.check(server, "round %d: cannot find the manager's server process", round)
+      local d = m:dict()
+      d.n = 0
+      local killer = mp.Process { target = function() core.sleep(L.uniform(0.01, 0.1)) core.kill(server, 9) end }:start()
+      local wd = L.watchdog(L.BOUND + 10)
+      local t_end, ok, err, ops = nil, true, nil, 0
+      ok, err = pcall(function()
+        while true do
+          d:update_with("n", function(x) return x + 1 end)
+          ops = ops + 1
+          if not L.alive(server) and not t_end then t_end = now() end
+        end
+      end)
+      local fired = wd:disarm()
+      L.check(not fired and not L.interrupted(err), "round %d: a request to a killed manager hung", round)
+      L.check(tostring(err):find("gone", 1, true), "round %d: a request to a killed manager raised: %s", round, tostring(err):sub(1, 200))
+      if t_end then L.max("notice_ms", math.floor((now() - t_end) * 1000 + 0.5)) end
+      L.add("ops", ops)
+      reap(killer)
+      pcall(m.shutdown, m)
+      L.round_done()
+    end
+  end },
+
+  -- a Process killed at a random instant while it sends back a big result: join ends, and
+  -- result() gives the value or says it was killed
+  { name = "process_killed_returning", timeout = 60, run = function()
+    L.fig("rounds", 0)
+    for round = 1, L.rounds(6) do
+      local pr = mp.Process { target = function() local t = {} for i = 1, 1000000 do t[i] = i end return t end }:start()
+      sleep(L.uniform(0, 0.12))
+      pr:kill()
+      L.check(pr:join(L.BOUND), "round %d: join did not end within %d s of a kill", round, L.BOUND)
+      local ok, r = pcall(pr.result, pr)
+      L.check(ok and type(r) == "table" and #r == 1000000 or tostring(r):find("SIGKILL", 1, true),
+        "round %d: result() of a killed process: %s", round, tostring(r):sub(1, 200))
+      L.fig("last", ok and "value" or "killed")
+      pr:close()
+      L.round_done()
+    end
+  end },
+
   -- a Pipe's sender killed in the middle of a 64 MiB message: recv ends (value or closed), in time
   { name = "pipe_sender_killed", timeout = 60, run = function()
     L.fig("rounds", 0)
