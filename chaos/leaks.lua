@@ -90,9 +90,9 @@ return {
     L.fig("arena_live_pool", ("%d->%d"):format(before.arena, during.arena))
     p:close()
     p:join()
-    L.check_resources(start, L.resources())
     L.check(during.arena == before.arena, "a live pool's arena use grew from %d to %d bytes over %d calls",
       before.arena, during.arena, n)
+    L.check_resources(start, L.resources())
   end },
 
   { name = "leak_processes", timeout = 120, run = loop(500, function(i)
