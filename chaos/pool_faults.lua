@@ -30,23 +30,9 @@ local function weighted(w)
   end
 end
 
--- how long a map of N tasks of each weight takes here, so that faults land inside calls
-local function timings(pool, xs)
-  local t = {}
-  for _, w in ipairs(WEIGHTS) do
-    local f = weighted(w)
-    pool:map(f, xs)
-    local t0 = now()
-    pool:map(f, xs)
-    t[w] = math.max(0.003, now() - t0)
-  end
-  return t
-end
-
 local CHUNKS = { false, 1, 7, 50 }  -- false: automatic
 
 local function chunk() local c = L.pick(CHUNKS) return c or nil end
-
 -- the dead worker a call's error must name (any of them: several may have died)
 local function names_dead(err, killed)
   err = tostring(err)
@@ -76,7 +62,6 @@ local function established()
   return out
 end
 
--- faults: "kill" (SIGKILL), "stopkill" (SIGSTOP, a pause, SIGKILL)
 -- lets the pool replace its dead (it does while it pumps) until n workers are established
 local function settle(pool, n)
   L.eventually(function()
@@ -85,10 +70,20 @@ local function settle(pool, n)
   end, 1)
 end
 
+-- faults: "kill" (SIGKILL), "stopkill" (SIGSTOP, a pause, SIGKILL), "mixed" (either),
+-- "stopcont" (SIGSTOP for 50-300 ms, then SIGCONT: nothing may fail)
 local function strike(fault, killed)
   local ws = established()
   if #ws == 0 then return nil end
   local pid = L.pick(ws)
+  if fault == "mixed" then fault = L.pick { "kill", "stopkill" } end
+  if fault == "stopcont" then
+    kill(pid, SIGSTOP)
+    L.add("stops")
+    sleep(L.uniform(0.05, 0.3))
+    kill(pid, SIGCONT)
+    return now()
+  end
   if fault == "stopkill" then
     kill(pid, SIGSTOP)
     sleep(L.uniform(0, 0.03))
@@ -99,32 +94,71 @@ local function strike(fault, killed)
   return now()
 end
 
--- map_async of N small tasks; a worker struck at a random instant; get(BOUND) must end
-local function map_rounds(fault, default_rounds, weights, chunks)
-  weights, chunks = weights or WEIGHTS, chunks or CHUNKS
+-- The calls the map rounds make: N small tasks of a weight and a chunksize ...
+local function small_calls(weights, chunks)
+  local xs, out = inputs(N), {}
+  for _, w in ipairs(weights or WEIGHTS) do
+    for _, c in ipairs(chunks or CHUNKS) do
+      out[#out + 1] = { f = weighted(w), xs = xs, opts = c or nil, n = N, want = function(i) return i * 2 end }
+    end
+  end
+  return out
+end
+
+-- ... or 1,000 items of 20 KB, one per message (a timeout keeps chunks from being grouped) and
+-- trivial tasks: workers take 16 messages at once, copying 320 KB under the queue's lock, so a
+-- kill lands between the take and the claim often (issue 7, item 1)
+local function big_item_calls()
+  local xs = {}
+  for i = 1, 1000 do xs[i] = string.rep(string.char(97 + i % 26), 20000) end
+  -- (the workers are stopped while the parent feeds the call, so that faults land while they take)
+  return { { f = function(x) return #x end, xs = xs, opts = { chunksize = 1, timeout = 60 }, n = 1000,
+    want = function() return 20000 end, prefeed = true } }
+end
+
+-- map_async of a call; a worker struck at a random instant within its measured duration;
+-- get(BOUND) must end with every result right, or an error naming the dead worker
+local function map_rounds(fault, default_rounds, make_calls)
   return function()
     local pool <close> = mp.Pool(2)
-    local xs = inputs(N)
-    local took = timings(pool, xs)
+    local calls = (make_calls or small_calls)()
+    -- starts a call; with prefeed, its workers are stopped while the parent feeds it
+    local function start(c)
+      local ws = c.prefeed and L.workers() or {}
+      for _, p in ipairs(ws) do kill(p, SIGSTOP) end
+      local ok, r = pcall(pool.map_async, pool, c.f, c.xs, c.opts)
+      for _, p in ipairs(ws) do kill(p, SIGCONT) end
+      return ok, r
+    end
+    for _, c in ipairs(calls) do  -- how long each takes here, so that faults land inside calls
+      pool:map(c.f, c.xs, c.opts)
+      local _, r = start(c)
+      local t0 = now()
+      r:get()
+      c.took = math.max(0.003, now() - t0)
+    end
     established()
     sleep(0.1)
-    L.fig("rounds", 0) L.fig("kills", 0) L.fig("results", 0) L.fig("errors", 0)
+    L.fig("rounds", 0) L.fig(fault == "stopcont" and "stops" or "kills", 0) L.fig("results", 0) L.fig("errors", 0)
     for round = 1, L.rounds(default_rounds) do
       settle(pool, 2)
-      local w = L.pick(weights)
-      local mok, r = pcall(pool.map_async, pool, weighted(w), xs, L.pick(chunks) or nil)
+      local c = L.pick(calls)
+      local mok, r = start(c)
       L.check(mok, "round %d: map_async raised after the kills of earlier rounds: %s", round, tostring(r):sub(1, 300))
-      sleep(L.uniform(0, took[w]))
+      sleep(L.uniform(0, c.took))
       local killed = {}
       local t_fault = strike(fault, killed)
       local ok, res, why = pcall(r.get, r, BOUND)
       if ok and res == nil then
         L.fail("round %d: map_async(...):get(%d) timed out at %s/%d results after a %s (%s)", round, BOUND,
-          tostring(rawget(r, "done")), N, fault, why)
+          tostring(rawget(r, "done")), c.n, fault, why)
       elseif ok then
-        check_results(res, N, ("round %d"):format(round))
-        L.add("results", N)
+        for i = 1, c.n do
+          if res[i] ~= c.want(i) then L.fail("round %d: result %d is %s, expected %s", round, i, tostring(res[i]), tostring(c.want(i))) end
+        end
+        L.add("results", c.n)
       else
+        L.check(fault ~= "stopcont", "round %d: a worker stopped and continued failed the call: %s", round, tostring(res):sub(1, 300))
         L.check(names_dead(res, killed), "round %d: the error does not name the dead worker: %s", round, tostring(res):sub(1, 300))
         L.add("errors")
         L.add("results", tonumber(rawget(r, "done")) or 0)
@@ -133,7 +167,7 @@ local function map_rounds(fault, default_rounds, weights, chunks)
       L.round_done()
     end
     -- the pool still works
-    check_results(pool:map(task, xs), N, "after the rounds")
+    check_results(pool:map(task, inputs(N)), N, "after the rounds")
   end
 end
 
@@ -178,7 +212,8 @@ return {
   { name = "pool_stopkill_map", timeout = 90, run = map_rounds("stopkill", 40) },
   -- the tiniest tasks one at a time: workers spend most of their time taking messages, where
   -- a kill between the take and the claim loses messages (issue 7, item 1)
-  { name = "pool_stopkill_tiny", timeout = 90, run = map_rounds("stopkill", 80, { 40 }, { 1, 2 }) },
+  { name = "pool_stopkill_tiny", timeout = 90, run = map_rounds("stopkill", 80, function() return small_calls({ 40 }, { 1, 2 }) end) },
+  { name = "pool_kill_big_items", timeout = 90, run = map_rounds("mixed", 80, big_item_calls) },
   -- a worker killed while it starts (a replacement, before it said it was ready): the pool
   -- must go on (a starting worker that is killed is not an initializer that fails)
   { name = "pool_kill_starting_worker", timeout = 60, run = function()
@@ -242,30 +277,7 @@ return {
   end },
 
   -- a worker stopped for a while, then continued: the call completes, all results right
-  { name = "pool_stop_cont", timeout = 90, run = function()
-    local pool <close> = mp.Pool(2)
-    local xs = inputs(N)
-    local took = timings(pool, xs)
-    L.fig("rounds", 0) L.fig("stops", 0) L.fig("results", 0)
-    for round = 1, L.rounds(20) do
-      local w = L.pick(WEIGHTS)
-      local r = pool:map_async(weighted(w), xs, chunk())
-      sleep(L.uniform(0, took[w]))
-      local ws = L.workers()
-      local pid = L.pick(ws)
-      kill(pid, SIGSTOP)
-      L.add("stops")
-      sleep(L.uniform(0.05, 0.3))
-      kill(pid, SIGCONT)
-      local ok, res, why = pcall(r.get, r, BOUND)
-      L.check(ok, "round %d: a stopped and continued worker failed the call: %s", round, tostring(res):sub(1, 300))
-      L.check(res ~= nil, "round %d: get(%d) timed out after SIGSTOP/SIGCONT (%s, %s/%d results)", round, BOUND,
-        tostring(why), tostring(rawget(r, "done")), N)
-      check_results(res, N, ("round %d"):format(round))
-      L.add("results", N)
-      L.round_done()
-    end
-  end },
+  { name = "pool_stop_cont", timeout = 90, run = map_rounds("stopcont", 20) },
 
   -- a worker stopped while its task has a timeout: the call fails with the timeout, in time
   { name = "pool_stop_task_timeout", timeout = 60, run = function()
