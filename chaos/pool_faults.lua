@@ -310,6 +310,36 @@ return {
     end
   end },
 
+  -- item 5 in the pool: a worker stopped at a random instant while tasks return 16 MiB results
+  -- (maybe inside its put, holding the results queue's lock): the call must still end, with its
+  -- results or the task timeout, never wait on the stopped worker
+  { name = "pool_stop_big_result", timeout = 60, run = function()
+    L.fig("rounds", 0) L.fig("stops", 0)
+    for round = 1, L.rounds(5) do
+      local pool <close> = mp.Pool(2)
+      pool:map(task, { 1, 2 })
+      local r = pool:map_async(function(x) return string.rep("r", 16 << 20) end, inputs(8), { chunksize = 1, timeout = 1 })
+      sleep(L.uniform(0, 0.08))
+      local pid = L.pick(L.workers())
+      kill(pid, SIGSTOP)
+      L.add("stops")
+      local t0 = now()
+      local wd = L.watchdog(BOUND + 2)
+      local ok, res, why = pcall(r.get, r, BOUND)
+      local fired = wd:disarm()
+      local dt = now() - t0
+      L.check(not fired and not (not ok and L.interrupted(res)), "round %d: get(%d) hung %.1f s on a worker stopped while tasks return 16 MiB (the watchdog ended it)", round, BOUND, dt)
+      L.check(not (ok and res == nil), "round %d: get(%d) timed out (%s): the stopped worker's task timeout never fired", round, BOUND, tostring(why))
+      L.check(ok or tostring(res):find("timed out", 1, true), "round %d: the error is not the task timeout: %s", round, tostring(res):sub(1, 300))
+      L.fig("last", ok and "results" or "timed_out")
+      L.max("notice_ms", math.floor(dt * 1000 + 0.5))
+      kill(pid, SIGKILL)
+      kill(pid, SIGCONT)
+      pool:terminate()
+      L.round_done()
+    end
+  end },
+
   -- a task that calls os.exit, one that raises: the call fails naming it, the pool goes on
   { name = "pool_task_exits", timeout = 60, run = function()
     local pool <close> = mp.Pool(2)
