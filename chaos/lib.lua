@@ -48,10 +48,6 @@ function L.emit()
   io.stdout:write("CHAOS-FIG ", table.concat(parts, " "), "\n")
   io.stdout:flush()
 end
-function L.log(fmt, ...)
-  io.stdout:write("  ", fmt:format(...), "\n")
-  io.stdout:flush()
-end
 
 ------------------------------------------------------------------ rounds, randomness, checks
 
@@ -80,12 +76,6 @@ function L.check(cond, fmt, ...)
   return cond
 end
 
---- runs fn(...) and returns ok, err-as-text, seconds taken
-function L.timed(fn, ...)
-  local t0 = now()
-  local res = table.pack(pcall(fn, ...))
-  return res, now() - t0
-end
 
 ------------------------------------------------------------------ /proc
 
@@ -473,14 +463,6 @@ function L.workers()
     if not L.watchdogs[p] then out[#out + 1] = p end
   end
   return out
-end
-
------------------------------------------------------------------- small task helpers
-
---- busy-waits for secs of CPU time (a task that takes a while without sleeping)
-function L.spin(secs)
-  local t = os.clock()
-  while os.clock() - t < secs do end
 end
 
 return L
