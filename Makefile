@@ -27,7 +27,7 @@ SPECS      ?= spec
 BUSTED_RUN  = $(BUSTED) --lua=$(LUA) -o spec/summary.lua
 ASAN_FLAGS  = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test deps install uninstall clean bench asan valgrind fuzz demo examples
+.PHONY: all test deps install uninstall clean bench asan valgrind fuzz demo examples chaos
 
 all: $(SO)
 
@@ -76,6 +76,14 @@ valgrind: deps
 	@$(MAKE) --no-print-directory all
 	MP_BUILD=$(BUILD) MP_VALGRIND=1 LUA_MP_ARENA_SIZE=1073741824 valgrind -q --error-exitcode=99 --trace-children=no \
 	  --suppressions=scripts/valgrind.supp $(LUA) scripts/busted.lua -o spec/summary.lua $(SPECS)
+
+# The fault suite (docs/chaos.md): every case in its own session under a hard timeout.
+# CASE=name runs one case (or a family, or names by prefix); CHAOS_SEED replays a run;
+# CHAOS_ROUNDS multiplies the rounds.
+chaos: deps
+	@$(MAKE) --no-print-directory all
+	MP_BUILD=$(BUILD) CASE="$(CASE)" LUA_PATH="./?.lua;./lua/?.lua;./lua/?/init.lua;;" LUA_CPATH="./$(BUILD)/?.so;;" \
+	  $(LUA) chaos/run.lua
 
 fuzz: deps
 	@sh scripts/fuzz.sh

@@ -1,0 +1,140 @@
+-- chaos/leaks.lua: leak loops (issue 7, "Shared memory that is never given back"): make and drop
+-- many objects, some calls failing, some processes killed; descriptors, mappings, zombies and
+-- arena use must come back to their start, RSS within a generous bound.
+local L = require "chaos.lib"
+local mp = require "multiprocessing"
+local core = L.core
+
+local function square(x) return x * x end
+
+-- measures around body(n): a warm-up round first, so that what is made once (the arena, caches)
+-- is in the starting figures
+local function loop(count, body, rss_mb)
+  return function()
+    local n = L.rounds(count)
+    body(1)
+    local before = L.resources()
+    local t0 = L.now()
+    for i = 1, n do
+      body(i)
+      if i % 100 == 0 then L.fig("done", i) L.emit() end
+    end
+    L.fig("done", n)
+    L.fig("secs", ("%.1f"):format(L.now() - t0))
+    L.check_resources(before, L.resources(), rss_mb)
+  end
+end
+
+local MB = 1 << 20
+
+return {
+  { name = "leak_pools", timeout = 120, run = loop(300, function()
+    local p = mp.Pool(2)
+    p:map(square, { 1, 2, 3, 4 })
+    p:close()
+    p:join()
+  end) },
+
+  { name = "leak_queues", timeout = 60, run = loop(2000, function(i)
+    local q = (i % 3 == 0 and mp.JoinableQueue or i % 3 == 1 and mp.Queue or mp.SimpleQueue)()
+    q:put({ i, "x" })
+    if i % 5 == 0 then q:put(string.rep("q", 40000)) end  -- a block of its own
+    q:get()
+    q:close()
+  end) },
+
+  { name = "leak_pipes", timeout = 60, run = loop(2000, function(i)
+    local a, b = mp.Pipe(i % 2 == 0)
+    if i % 2 == 0 then b:send({ i }) a:recv() else b:send_bytes("x") a:recv_bytes() end
+    a:close() b:close()
+  end) },
+
+  { name = "leak_locks", timeout = 60, run = loop(2000, function(i)
+    local l, r, s, e, c, b = mp.Lock(), mp.RLock(), mp.Semaphore(2), mp.Event(), mp.Condition(), mp.Barrier(1)
+    local v, a = mp.Value("i", i), mp.Array("d", 8)
+    l:acquire() l:release() r:acquire() r:release() s:acquire() s:release() e:set()
+    c:acquire() c:notify() c:release() b:wait() v.value = 1 a[1] = 2
+    for _, o in ipairs { l, r, s, e, c, b, v, a } do o:close() end
+  end) },
+
+  -- one pool, many calls of every kind, some failing, some abandoned: arena use back to its
+  -- start while the pool lives, and again once it is joined
+  { name = "leak_pool_calls", timeout = 120, run = function()
+    local start = L.resources()
+    local p = mp.Pool(2)
+    local xs = {}
+    for i = 1, 20 do xs[i] = i end
+    local kinds = {
+      function() p:map(square, xs) end,
+      function() p:map(square, xs, 1) end,
+      function() for _ in p:imap(square, xs) do end end,
+      function() for _ in p:imap_unordered(square, xs, 3) do end end,
+      function() for i in p:imap(square, xs, 1) do if i == 3 then break end end end,
+      function() p:starmap(function(a, b) return a + b end, { { 1, 2 }, { 3, 4 } }) end,
+      function() p:apply(square, { 3 }) end,
+      function() p:apply_async(square, { 3 }):get() end,
+      function() p:map_async(square, xs):get() end,
+      function() pcall(p.map, p, function(x) if x == 7 then error("chaos") end return x end, xs) end,
+      function() pcall(p.apply, p, error, { "chaos" }) end,
+      function() p:map(function(x) return string.rep("r", 50000) end, { 1, 2 }) end,
+    }
+    for k = 1, #kinds do kinds[k]() end  -- warm up every kind once
+    local before = L.resources()
+    local n = L.rounds(4000)
+    for i = 1, n do
+      kinds[i % #kinds + 1]()
+      if i % 500 == 0 then L.fig("calls", i) L.emit() end
+    end
+    L.fig("calls", n)
+    local during = L.resources()
+    L.fig("arena_live_pool", ("%d->%d"):format(before.arena, during.arena))
+    p:close()
+    p:join()
+    L.check(during.arena == before.arena, "a live pool's arena use grew from %d to %d bytes over %d calls",
+      before.arena, during.arena, n)
+    L.check_resources(start, L.resources())
+  end },
+
+  { name = "leak_processes", timeout = 120, run = loop(500, function(i)
+    local pr = mp.Process { target = function(x) return x + 1 end, args = { i } }:start()
+    pr:join()
+    if i % 2 == 0 then pr:result() end
+    pr:close()
+  end) },
+
+  -- a Queue made before a fork, freed after it
+  { name = "leak_made_before_fork", timeout = 60, run = loop(200, function(i)
+    local q = mp.Queue()
+    q:put(i)
+    local pr = mp.Process { target = function() q:put(i + 1) end }:start()
+    pr:join()
+    pr:close()
+    q:get() q:get()
+    q:close()
+  end) },
+
+  -- a put killed in the middle of a 64 MiB message, a get killed likewise: nothing stays
+  { name = "leak_killed_big_messages", timeout = 90, run = function()
+    local big = string.rep("k", 64 * MB)
+    local before = L.resources()
+    L.fig("kills", 0)
+    for round = 1, L.rounds(6) do
+      local q = mp.Queue()
+      local putter = round % 2 == 1
+      if not putter then q:put(big) end
+      local pr = mp.Process { target = function()
+        if putter then q:put(big) else q:get() end
+        core.sleep(60)
+      end }:start()
+      L.sleep(L.uniform(0, 0.04))
+      pr:kill()
+      L.add("kills")
+      L.check(pr:join(L.BOUND), "a killed process was not reaped")
+      pr:close()
+      while q:get_nowait() ~= nil do end
+      q:close()
+      L.emit()
+    end
+    L.check_resources(before, L.resources())
+  end },
+}
