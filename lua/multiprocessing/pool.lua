@@ -29,6 +29,7 @@ local GC_STEP = 32 * 1024   -- kilobytes a worker allocates between its full col
 local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is automatic
 local BLOB_CACHE = 16    -- function blobs kept for reuse once no message needs them
 local LOST_AFTER = 1     -- seconds a message may be out of the queue, unclaimed and unanswered
+local START_TRIES = 3   -- new workers dying in a row during start-up that break the pool
 -- what unfinished calls fail with when their pool stops
 local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
@@ -316,7 +317,7 @@ local function on_result(self, msg)
   local seq = msg[1]
   if seq == -1 then  -- { -1, worker, pid }: a worker is ready
     local w = self._workers[msg[2]]
-    if w and w.pid == msg[3] then w.ready = true end
+    if w and w.pid == msg[3] then w.ready, self._startfails = true, 0 end
     return
   elseif seq == -2 then  -- { -2, worker, pid, error }: its initializer failed
     self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg[3], msg[4])
@@ -487,9 +488,16 @@ local function check_workers(self, idle)
         end)
       end
       self._workers[i] = nil
-      if not w.ready and not self._broken and code ~= 0 then
-        -- it died before it was ready: it will be reported by its init_error, or here
-        self._broken = ("a new worker (pid %d) died during start-up (%s)"):format(w.pid, exit_text(code))
+      if not w.ready and code ~= 0 then
+        -- it died before it was ready. One death is a death (a kill from outside): it is
+        -- replaced. START_TRIES in a row, with no worker ready between, is a start-up
+        -- that cannot succeed (an initializer that exits): the pool breaks instead of
+        -- respawning forever. An initializer that raises breaks it at once (on_result).
+        self._startfails = self._startfails + 1
+        if self._startfails >= START_TRIES and not self._broken then
+          self._broken = ("%d new workers in a row died during start-up, the last (pid %d) %s"):format(
+            self._startfails, w.pid, exit_text(code))
+        end
       end
       respawn = respawn or {}
       respawn[#respawn + 1] = i
@@ -819,7 +827,7 @@ function M.Pool(opts)
     _n = n, _tasks = core.Queue(), _results = core.Queue(), _st = core.PoolState(n),
     _workers = {}, _calls = {}, _inflight = {}, _seq = 0, _ncid = 0, _nfid = 0,
     _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _ring = {}, _ringk = 0, _bytext = {}, _state = "running",
-    _owner = core.getpid(), _checked = now(), _lostcheck = now(),
+    _owner = core.getpid(), _checked = now(), _lostcheck = now(), _startfails = 0,
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
   }, Pool)
   made = made + 1
