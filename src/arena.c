@@ -55,7 +55,7 @@
 #define JMAX 16
 
 enum { B_USED = 0, B_FREE = 1, B_DEFERRED = 2 };                    /* block states */
-enum { P_FREE = 0, P_RESERVED = 1, P_LIVE = 2, P_BROKEN = 3 };       /* process entries */
+enum { P_FREE = 0, P_USED = 1, P_BROKEN = 2 };                      /* process entries */
 
 typedef struct jent { uint64_t off, val; } jent;
 
@@ -90,7 +90,7 @@ typedef struct block {
 typedef struct proc_entry {
   pthread_mutex_t alive;
   uint64_t word;   /* serial << 32 | state */
-  uint64_t ids;    /* pid << 32 | parent entry index + 1 */
+  uint64_t ids;    /* parent entry index + 1 */
   uint64_t link;   /* parent's serial << 32 | next free entry (index + 1) */
 } proc_entry;
 
@@ -106,21 +106,25 @@ void *mp_arena_base(void) { return arena; }
 
 /* ------------------------------------------------------- journal, lock */
 
-static void jreplay(void) {
+static uint32_t jcount;  /* entries written by this process (the lock holder) */
+
+static void jreplay(void) {  /* applies a committed journal, again if need be */
   if (__atomic_load_n(&arena->jvalid, __ATOMIC_ACQUIRE)) {
-    for (uint64_t i = 0; i < arena->jn; i++) *(uint64_t *)((char *)arena + arena->j[i].off) = arena->j[i].val;
+    uint64_t n = arena->jn;
+    for (uint64_t i = 0; i < n; i++) *(uint64_t *)((char *)arena + arena->j[i].off) = arena->j[i].val;
     __atomic_store_n(&arena->jvalid, 0, __ATOMIC_RELEASE);
   }
-  arena->jn = 0;
 }
 
-static void jset(uint64_t *p, uint64_t v) {
-  jent *e = &arena->j[arena->jn++];
-  e->off = OFF(p);
-  e->val = v;
+static inline void jset(uint64_t *p, uint64_t v) {
+  arena->j[jcount].off = OFF(p);
+  arena->j[jcount].val = v;
+  jcount++;
 }
 
 static void jcommit(void) {  /* the commit point is the store of jvalid */
+  arena->jn = jcount;
+  jcount = 0;
   __atomic_store_n(&arena->jvalid, 1, __ATOMIC_RELEASE);
   jreplay();
 }
@@ -171,7 +175,7 @@ int mp_arena_ensure(lua_State *L) {
   proc_entry *me = ENTRY(0);
   mp_mutex_init(&me->alive, 0);
   pthread_mutex_lock(&me->alive);
-  me->word = P_LIVE;
+  me->word = P_USED;
   a->prochwm = 1;
   myslot = 1;
   return 0;
@@ -354,6 +358,11 @@ uint32_t mp_arena_forks(void) { return arena ? __atomic_load_n(&arena->forks, __
 
 /* ------------------------------------------------------------ processes */
 
+/* An entry is used from the parent's prefork until the process is known dead.
+** Its mutex tells the state: held (alive), owner died (dead), free (not
+** started yet: it lives while its parent does; an unstarted child whose parent
+** died finds its entry gone when it starts, and leaves). */
+
 static void entry_free(uint32_t i) {  /* arena locked */
   proc_entry *e = ENTRY(i);
   jset(&e->link, arena->procfree);
@@ -362,43 +371,55 @@ static void entry_free(uint32_t i) {  /* arena locked */
   jcommit();
 }
 
-/* Is the process of entry i dead? If so its mutex is left unlocked and
-** consistent for the next occupant (arena locked). */
-static int entry_dead(uint32_t i) {
+/* Is the process of used entry i alive? A dead one's entry is freed, its mutex
+** left unlocked and consistent for the next occupant (arena locked). */
+static int entry_alive(uint32_t i) {
+  if (i + 1 == myslot) return 1;
   proc_entry *e = ENTRY(i);
   int r = pthread_mutex_trylock(&e->alive);
-  if (r == EBUSY) return 0;
+  if (r == EBUSY) return 1;
   if (r == EOWNERDEAD) pthread_mutex_consistent(&e->alive);
-  if (r == 0 || r == EOWNERDEAD) { pthread_mutex_unlock(&e->alive); return 1; }
-  return 0;  /* not recoverable: treat as alive */
+  else if (r != 0) return 1;  /* not recoverable: count it alive */
+  int alive = 0;
+  if (r == 0) {  /* not started: alive while its parent is */
+    uint32_t pi = (uint32_t)e->ids - 1;
+    proc_entry *pe = ENTRY(pi);
+    alive = pe->word == (e->link & ~(uint64_t)0xffffffff) + P_USED && entry_alive(pi);
+  }
+  if (!alive) entry_free(i);  /* while we hold its mutex: a child starting now sees it */
+  pthread_mutex_unlock(&e->alive);
+  return alive;
 }
 
-/* The highest fork serial of a live process; frees the entries of dead ones
-** (arena locked). *died tells whether any was found. */
+/* The highest fork serial of a live process (arena locked). *died tells
+** whether a dead one was found (and its entry freed). */
 static uint32_t live_max_serial(int *died) {
   uint32_t max = 0;
   for (uint32_t i = 0; i < arena->prochwm; i++) {
-    proc_entry *e = ENTRY(i);
-    uint32_t st = (uint32_t)e->word, serial = (uint32_t)(e->word >> 32);
-    if (st == P_FREE || st == P_BROKEN) continue;
-    if (st == P_LIVE && i + 1 != myslot && entry_dead(i)) { entry_free(i); *died = 1; continue; }
-    if (st == P_RESERVED) {  /* not started yet: alive while its parent is */
-      uint32_t pi = (uint32_t)e->ids - 1, pserial = (uint32_t)(e->link >> 32);
-      proc_entry *pe = ENTRY(pi);
-      int gone = (uint32_t)pe->word == P_FREE || (uint32_t)(pe->word >> 32) != pserial ||
-                 (pi + 1 != myslot && (uint32_t)pe->word == P_LIVE && entry_dead(pi));
-      if (gone) { entry_free(i); *died = 1; continue; }  /* its child, if any, will leave */
-    }
-    if (serial > max) max = serial;
+    uint64_t w = ENTRY(i)->word;
+    if ((uint32_t)w != P_USED) continue;
+    if (!entry_alive(i)) { *died = 1; continue; }
+    if ((uint32_t)(w >> 32) > max) max = (uint32_t)(w >> 32);
   }
   return max;
 }
 
+/* The children this process started and has not reaped: pid -> token. */
+static struct kid { pid_t pid; uint64_t token; } *kids;
+static size_t nkids, capkids;
+
 uint64_t mp_proc_prefork(lua_State *L) {
   if (!arena || !myslot) return 0;
+  if (nkids == capkids) {  /* room first: the parent hook cannot fail */
+    size_t cap = capkids ? capkids * 2 : 16;
+    struct kid *k = realloc(kids, cap * sizeof *k);
+    if (!k) return luaL_error(L, "cannot start a process: out of memory");
+    kids = k;
+    capkids = cap;
+  }
   arena_lock();
-  uint32_t i;
   if (!arena->procfree && arena->prochwm == MAXPROCS) { int d = 0; live_max_serial(&d); }
+  uint32_t i;
   if (arena->procfree) {
     i = (uint32_t)arena->procfree - 1;
     jset(&arena->procfree, (uint32_t)ENTRY(i)->link);
@@ -411,59 +432,69 @@ uint64_t mp_proc_prefork(lua_State *L) {
     return luaL_error(L, "cannot start a process: %d processes already share the arena", MAXPROCS);
   }
   proc_entry *e = ENTRY(i), *me = ENTRY(myslot - 1);
-  uint32_t serial = __atomic_add_fetch(&arena->forks, 1, __ATOMIC_SEQ_CST);
+  uint64_t serial = __atomic_add_fetch(&arena->forks, 1, __ATOMIC_SEQ_CST);
   jset(&e->ids, myslot);
-  jset(&e->link, (me->word >> 32) << 32);
-  jset(&e->word, (uint64_t)serial << 32 | P_RESERVED);
+  jset(&e->link, me->word & ~(uint64_t)0xffffffff);  /* the parent's serial, to know it again */
+  jset(&e->word, serial << 32 | P_USED);
   jcommit();
   arena_unlock();
-  return (uint64_t)serial << 32 | (i + 1);
+  return serial << 32 | (i + 1);
 }
 
 void mp_proc_child(uint64_t token) {
   locked_here = 0;
-  if (!token) { myslot = 0; return; }
-  uint32_t i = (uint32_t)token - 1;
-  proc_entry *e = ENTRY(i);
-  int r = pthread_mutex_lock(&e->alive);
-  if (r == EOWNERDEAD) pthread_mutex_consistent(&e->alive);
-  arena_lock();
-  int ok = e->word == ((token >> 32) << 32 | P_RESERVED);
-  if (ok) { jset(&e->word, (token >> 32) << 32 | P_LIVE); jcommit(); }
-  arena_unlock();
-  /* our parent died before we could say we live: what it held may be gone */
+  free(kids);  /* the parent's children are not ours */
+  kids = NULL;
+  nkids = capkids = 0;
+  myslot = 0;
+  if (!token) return;
+  proc_entry *e = ENTRY((uint32_t)token - 1);
+  int ok;
+  if (pthread_mutex_lock(&e->alive) == EOWNERDEAD) {
+    /* a previous occupant died unseen, or a checker died holding it: ask under the lock */
+    pthread_mutex_consistent(&e->alive);
+    arena_lock();
+    ok = e->word == ((token & ~(uint64_t)0xffffffff) | P_USED);
+    arena_unlock();
+  } else {  /* whoever held it finished what it wrote before letting go */
+    ok = __atomic_load_n(&e->word, __ATOMIC_ACQUIRE) == ((token & ~(uint64_t)0xffffffff) | P_USED);
+  }
+  /* our parent died before we could hold our entry: what it held may be gone */
   if (!ok) _exit(1);
-  myslot = i + 1;
+  myslot = (uint32_t)token;
 }
 
 void mp_proc_parent(uint64_t token, pid_t pid) {
   if (!token) return;
+  if (pid >= 0) { kids[nkids++] = (struct kid){ pid, token }; return; }
   uint32_t i = (uint32_t)token - 1;
-  proc_entry *e = ENTRY(i);
-  arena_lock();
-  if ((e->word >> 32) == (token >> 32) && (uint32_t)e->word != P_FREE) {
-    if (pid < 0) entry_free(i);
-    else { jset(&e->ids, (uint64_t)(uint32_t)pid << 32 | myslot); jcommit(); }
-  }
+  arena_lock();  /* the fork failed: the entry goes */
+  if ((ENTRY(i)->word >> 32) == (token >> 32)) entry_free(i);
   arena_unlock();
 }
 
 void mp_proc_reaped(pid_t pid) {
-  if (!arena || !myslot) return;
-  uint64_t ids = (uint64_t)(uint32_t)pid << 32 | myslot;
-  int found = 0;
+  size_t k = 0;
+  while (k < nkids && kids[k].pid != pid) k++;
+  if (k == nkids) return;
+  uint64_t token = kids[k].token;
+  kids[k] = kids[--nkids];
+  uint32_t i = (uint32_t)token - 1;
+  proc_entry *e = ENTRY(i);
   arena_lock();
-  for (uint32_t i = 0; i < arena->prochwm; i++) {
-    proc_entry *e = ENTRY(i);
-    uint32_t st = (uint32_t)e->word;
-    if (e->ids != ids || (st != P_LIVE && st != P_RESERVED)) continue;
-    if (entry_dead(i)) entry_free(i);
-    else { jset(&e->word, P_BROKEN); jcommit(); }  /* a mutex nobody can take again */
-    found = 1;
-    break;
+  if (e->word == ((token & ~(uint64_t)0xffffffff) | P_USED)) {
+    int r = pthread_mutex_trylock(&e->alive);
+    if (r == EOWNERDEAD) pthread_mutex_consistent(&e->alive);
+    if (r == 0 || r == EOWNERDEAD) {
+      entry_free(i);
+      pthread_mutex_unlock(&e->alive);
+    } else {  /* a mutex nobody can take again: never reused */
+      jset(&e->word, P_BROKEN);
+      jcommit();
+    }
   }
   arena_unlock();
-  if (found) sweep();
+  sweep();
 }
 
 /* ------------------------------------------------------- shared objects */
@@ -571,7 +602,7 @@ static int arena_stats(lua_State *L) {
     arena_lock();
     for (uint32_t i = 0; i < arena->prochwm; i++) {
       uint32_t st = (uint32_t)ENTRY(i)->word;
-      n += st == P_LIVE || st == P_RESERVED;
+      n += st == P_USED;
     }
     arena_unlock();
   }
