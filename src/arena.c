@@ -37,6 +37,7 @@
 ** in all of them (a deferred object keeps its destructor in its block header). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -108,10 +109,15 @@ void *mp_arena_base(void) { return arena; }
 
 static uint32_t jcount;  /* entries written by this process (the lock holder) */
 
+static uint32_t fault;  /* test hook (core._arena_fault): die at this store */
+
 static void jreplay(void) {  /* applies a committed journal, again if need be */
   if (__atomic_load_n(&arena->jvalid, __ATOMIC_ACQUIRE)) {
     uint64_t n = arena->jn;
-    for (uint64_t i = 0; i < n; i++) *(uint64_t *)((char *)arena + arena->j[i].off) = arena->j[i].val;
+    for (uint64_t i = 0; i < n; i++) {
+      if (fault && --fault == 0) raise(SIGKILL);
+      *(uint64_t *)((char *)arena + arena->j[i].off) = arena->j[i].val;
+    }
     __atomic_store_n(&arena->jvalid, 0, __ATOMIC_RELEASE);
   }
 }
@@ -125,6 +131,7 @@ static inline void jset(uint64_t *p, uint64_t v) {
 static void jcommit(void) {  /* the commit point is the store of jvalid */
   arena->jn = jcount;
   jcount = 0;
+  if (fault && --fault == 0) raise(SIGKILL);  /* (a kill before the commit point) */
   __atomic_store_n(&arena->jvalid, 1, __ATOMIC_RELEASE);
   jreplay();
 }
@@ -588,7 +595,7 @@ void mp_obj_release(uint64_t off, pid_t pid) { mp_obj_release_with(off, pid, NUL
 
 /* ------------------------------------------------------------- Lua API */
 
-/* core.arena_stats() -> { used, blocks, size, top, deferred, processes } */
+/* core.arena_stats() -> { used, blocks, size, top, deferred, processes }, after a sweep */
 static int arena_stats(lua_State *L) {
   sweep();
   lua_createtable(L, 0, 6);
@@ -600,18 +607,65 @@ static int arena_stats(lua_State *L) {
   int n = 0;
   if (arena) {
     arena_lock();
-    for (uint32_t i = 0; i < arena->prochwm; i++) {
-      uint32_t st = (uint32_t)ENTRY(i)->word;
-      n += st == P_USED;
-    }
+    for (uint32_t i = 0; i < arena->prochwm; i++) n += (uint32_t)ENTRY(i)->word == P_USED && entry_alive(i);
     arena_unlock();
   }
   lua_pushinteger(L, n); lua_setfield(L, -2, "processes");
   return 1;
 }
 
+/* core.arena_check() -> true: walks every block and list, raises at the first
+** broken rule (for tests: it holds the arena lock for the whole walk) */
+static const char *check(void) {
+  uint64_t used = 0, blocks = 0, nfree = 0, off = arena->start, top = arena->top;
+  while (off < top) {
+    block *b = BLK(off);
+    if ((uint32_t)b->tag != BLOCK_MAGIC || b->tag >> 32 > B_DEFERRED) return "a block header is damaged";
+    if (b->size < sizeof(block) || b->size % 32 || off + b->size > top) return "a block size is wrong";
+    if (b->tag != TAG(B_FREE)) { used += b->size; blocks++; } else nfree++;
+    off += b->size;
+  }
+  if (used != arena->used || blocks != arena->blocks) return "the statistics do not match the blocks";
+  uint64_t listed = 0;
+  for (int c = 0; c <= NCLASS; c++) {
+    for (uint64_t o = c < NCLASS ? arena->freelist[c] : arena->large; o; o = BLK(o)->next) {
+      if (o < arena->start || o >= top || o % 32 || BLK(o)->tag != TAG(B_FREE)) return "a free list holds a block that is not free";
+      if (c < NCLASS && BLK(o)->size != class_size(c)) return "a free list holds a block of another class";
+      if (++listed > nfree) return "a free list is longer than the free blocks (a cycle?)";
+    }
+  }
+  uint64_t nd = 0;
+  for (uint64_t o = arena->deferred; o; o = BLK(o)->next) {
+    if (o < arena->start || o >= top || BLK(o)->tag != TAG(B_DEFERRED)) return "the deferred list holds a block that is not deferred";
+    if (++nd > blocks) return "the deferred list is too long (a cycle?)";
+  }
+  if (nd != arena->ndeferred) return "the deferred count is wrong";
+  if (arena->jvalid || arena->compacting) return "a change was left half done";
+  return NULL;
+}
+
+static int arena_check(lua_State *L) {
+  if (!arena) { lua_pushboolean(L, 1); return 1; }
+  arena_lock();
+  const char *why = check();
+  arena_unlock();
+  if (why) return luaL_error(L, "arena damaged: %s", why);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core._arena_fault(n): this process kills itself (SIGKILL) at the n-th store
+** of the allocator's journal it applies from now on (for tests of kills) */
+static int arena_fault(lua_State *L) {
+  fault = (uint32_t)luaL_checkinteger(L, 1);
+  return 0;
+}
+
 int mp_arena_open(lua_State *L) {
-  lua_pushcfunction(L, arena_stats);
-  lua_setfield(L, -2, "arena_stats");
+  static const luaL_Reg funcs[] = {
+    {"arena_stats", arena_stats}, {"arena_check", arena_check}, {"_arena_fault", arena_fault},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
   return 0;
 }
