@@ -168,6 +168,18 @@ describe("arena", function()
       end
       assert_back(s0, "arena use after blobs")
     end)
+    it("uses the space of a freed big block again", function()
+      local q = mp.Queue()
+      q:put(string.rep("w", 8 * MiB))
+      assert.equal(8 * MiB, #q:get())
+      local top = core.arena_stats().top
+      for _ = 1, 50 do
+        q:put(string.rep("w", 8 * MiB))
+        assert.equal(8 * MiB, #q:get())
+      end
+      assert.equal(top, core.arena_stats().top)
+      q:close()
+    end)
   end)
 
   describe("running out", function()

@@ -219,7 +219,46 @@ static void give_back(uint64_t off, uint64_t size) {  /* a free range's whole pa
 
 /* ------------------------------------------------------------ allocation */
 
-/* One attempt (arena locked): a block of exactly n bytes, or 0. */
+/* First fit among the free blocks of other sizes (arena locked, journal open):
+** the block's offset and its size in *n (the whole block if the rest is too small). */
+static uint64_t from_large(uint64_t *n) {
+  for (uint64_t *link = &arena->large; *link; link = &BLK(*link)->next) {
+    block *b = BLK(*link);
+    if (b->size < *n) continue;
+    uint64_t off = *link;
+    jset(link, b->next);
+    if (b->size - *n >= 64) {  /* split: the tail goes back */
+      uint64_t t = off + *n, ts = b->size - *n;
+      jset(&BLK(t)->size, ts);
+      jset(&BLK(t)->tag, TAG(B_FREE));
+      uint64_t *tl = list_of(ts);
+      jset(&BLK(t)->next, tl == link ? b->next : *tl);
+      jset(tl, t);
+    } else {
+      *n = b->size;
+    }
+    return off;
+  }
+  return 0;
+}
+
+/* Fresh space at the top (arena locked, journal open), or 0. */
+static uint64_t from_top(uint64_t n, int *fresh) {
+  uint64_t align = n >= POPULATE ? PAGE : 32;
+  uint64_t top = arena->top, at = (top + align - 1) & ~(align - 1);
+  if (at + n > arena->size) return 0;
+  if (at > top) {  /* the gap becomes a free filler block, found again by compact */
+    jset(&BLK(top)->size, at - top);
+    jset(&BLK(top)->tag, TAG(B_FREE));
+  }
+  jset(&arena->top, at + n);
+  *fresh = n >= POPULATE;
+  return at;
+}
+
+/* One attempt (arena locked): a block of n bytes (or a little more), or 0.
+** Small: its class's list, else fresh space, else a piece of a free block.
+** Large: a free block first, so that freed address space is used again. */
 static uint64_t alloc_locked(uint64_t n, int *fresh) {
   uint64_t off = 0;
   if (n <= MAXSMALL) {
@@ -227,42 +266,13 @@ static uint64_t alloc_locked(uint64_t n, int *fresh) {
     if (*head) {
       off = *head;
       jset(head, BLK(off)->next);
-      goto found;
+    } else if (!(off = from_top(n, fresh))) {
+      off = from_large(&n);
     }
+  } else if (!(off = from_large(&n))) {
+    off = from_top(n, fresh);
   }
-  /* fresh space at the top */
-  uint64_t align = n >= POPULATE ? PAGE : 32;
-  uint64_t top = arena->top, at = (top + align - 1) & ~(align - 1);
-  if (at + n <= arena->size) {
-    if (at > top) {  /* the gap becomes a free filler block, found again by compact */
-      jset(&BLK(top)->size, at - top);
-      jset(&BLK(top)->tag, TAG(B_FREE));
-    }
-    jset(&arena->top, at + n);
-    off = at;
-    *fresh = n >= POPULATE;
-    goto found;
-  }
-  /* first fit among the free blocks of other sizes */
-  for (uint64_t *link = &arena->large; *link; link = &BLK(*link)->next) {
-    block *b = BLK(*link);
-    if (b->size < n) continue;
-    off = *link;
-    jset(link, b->next);
-    if (b->size - n >= 64) {  /* split: the tail goes back */
-      uint64_t t = off + n, ts = b->size - n;
-      jset(&BLK(t)->size, ts);
-      jset(&BLK(t)->tag, TAG(B_FREE));
-      uint64_t *tl = list_of(ts);
-      jset(&BLK(t)->next, tl == link ? b->next : *tl);
-      jset(tl, t);
-    } else {
-      n = b->size;
-    }
-    goto found;
-  }
-  return 0;
-found:
+  if (!off) return 0;
   jset(&BLK(off)->size, n);
   jset(&BLK(off)->tag, TAG(B_USED));
   jset(&arena->used, arena->used + n);
