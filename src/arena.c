@@ -54,6 +54,7 @@
 #define BLOCK_MAGIC 0x424cU
 #define MAXPROCS 16384
 #define JMAX 16
+#define HOLDS 3
 
 enum { B_USED = 0, B_FREE = 1, B_DEFERRED = 2 };                    /* block states */
 enum { P_FREE = 0, P_USED = 1, P_BROKEN = 2 };                      /* process entries */
@@ -93,6 +94,8 @@ typedef struct proc_entry {
   uint64_t word;   /* serial << 32 | state */
   uint64_t ids;    /* parent entry index + 1 */
   uint64_t link;   /* parent's serial << 32 | next free entry (index + 1) */
+  uint64_t held[HOLDS];  /* blocks in the process's hands (payload offsets), freed if it dies */
+  uint64_t pad;
 } proc_entry;
 
 static arena_hdr *arena;
@@ -137,6 +140,7 @@ static void jcommit(void) {  /* the commit point is the store of jvalid */
 }
 
 static void compact(void);
+static uint64_t *held_slot(uint64_t off);
 
 static void arena_lock(void) {
   int r = pthread_mutex_lock(&arena->lock);
@@ -259,7 +263,7 @@ static uint64_t from_top(uint64_t n, int *fresh) {
 /* One attempt (arena locked): a block of n bytes (or a little more), or 0.
 ** Small: its class's list, else fresh space, else a piece of a free block.
 ** Large: a free block first, so that freed address space is used again. */
-static uint64_t alloc_locked(uint64_t n, int *fresh) {
+static uint64_t alloc_locked(uint64_t n, int *fresh, uint64_t *hold) {
   uint64_t off = 0;
   if (n <= MAXSMALL) {
     uint64_t *head = &arena->freelist[size_class(n)];
@@ -277,14 +281,15 @@ static uint64_t alloc_locked(uint64_t n, int *fresh) {
   jset(&BLK(off)->tag, TAG(B_USED));
   jset(&arena->used, arena->used + n);
   jset(&arena->blocks, arena->blocks + 1);
+  if (hold) jset(hold, off + sizeof(block));
   jcommit();
   return off;
 }
 
-static uint64_t alloc_once(uint64_t n) {
+static uint64_t alloc_once(uint64_t n, int hold) {
   int fresh = 0;
   arena_lock();
-  uint64_t off = alloc_locked(n, &fresh);
+  uint64_t off = alloc_locked(n, &fresh, hold ? held_slot(0) : NULL);
   arena_unlock();
   /* fresh pages: one call to fault them all in is much cheaper than a fault per page */
   if (fresh) madvise(BLK(off), n, MADV_POPULATE_WRITE);
@@ -293,20 +298,23 @@ static uint64_t alloc_once(uint64_t n) {
 
 static void sweep(void);
 
-uint64_t mp_alloc_try(size_t want) {
+static uint64_t alloc(size_t want, int hold) {
   if (!arena || want > arena->size - arena->start) return 0;
   uint64_t n = (uint64_t)want + sizeof(block);
   n = n <= MAXSMALL ? class_size(size_class(n)) : (n + PAGE - 1) & ~(PAGE - 1);
-  uint64_t off = alloc_once(n);
+  uint64_t off = alloc_once(n, hold);
   if (!off) {  /* full: free what can be, coalesce, try again */
     sweep();
     arena_lock();
     compact();
     arena_unlock();
-    off = alloc_once(n);
+    off = alloc_once(n, hold);
   }
   return off ? off + sizeof(block) : 0;
 }
+
+uint64_t mp_alloc_try(size_t want) { return alloc(want, 0); }
+uint64_t mp_alloc_held(size_t want) { return alloc(want, 1); }
 
 uint64_t mp_alloc(lua_State *L, size_t n) {
   mp_arena_ensure(L);
@@ -320,22 +328,46 @@ int mp_oom_error(lua_State *L, size_t want) {
                     (lua_Integer)want, (lua_Integer)(arena ? arena->size : 0), (lua_Integer)mp_arena_used());
 }
 
-void mp_free(uint64_t off) {
-  if (!off) return;
-  off -= sizeof(block);
+/* Frees the block at off and empties *hold in the same step (arena locked). */
+static void free_locked(uint64_t off, uint64_t *hold) {
   block *b = BLK(off);
-  if (b->tag != TAG(B_USED)) abort();  /* double free: a bug of ours */
-  /* still ours alone: its pages can go before anyone can take it again */
-  if (b->size > MAXSMALL) give_back(off, b->size);
-  arena_lock();
   uint64_t *head = list_of(b->size);
   jset(&b->next, *head);
   jset(&b->tag, TAG(B_FREE));
   jset(head, off);
   jset(&arena->used, arena->used - b->size);
   jset(&arena->blocks, arena->blocks - 1);
+  if (hold) jset(hold, 0);
   jcommit();
+}
+
+/* this process's hold slot for the block at payload offset off, or NULL */
+static uint64_t *held_slot(uint64_t off) {
+  if (!myslot) return NULL;
+  uint64_t *h = ENTRY(myslot - 1)->held;
+  for (int k = 0; k < HOLDS; k++) if (__atomic_load_n(&h[k], __ATOMIC_RELAXED) == off) return &h[k];
+  return NULL;
+}
+
+void mp_free(uint64_t off) {
+  if (!off) return;
+  block *b = BLK(off - sizeof(block));
+  if (b->tag != TAG(B_USED)) abort();  /* double free: a bug of ours */
+  /* still ours alone: its pages can go before anyone can take it again */
+  if (b->size > MAXSMALL) give_back(off - sizeof(block), b->size);
+  arena_lock();
+  free_locked(off - sizeof(block), held_slot(off));
   arena_unlock();
+}
+
+void mp_hold(uint64_t off) {
+  uint64_t *h = held_slot(0);  /* a free slot; none: a kill from here on leaks the block */
+  if (h) __atomic_store_n(h, off, __ATOMIC_SEQ_CST);
+}
+
+void mp_unhold(uint64_t off) {
+  uint64_t *h = off ? held_slot(off) : NULL;
+  if (h) __atomic_store_n(h, 0, __ATOMIC_SEQ_CST);
 }
 
 /* Coalesces runs of free blocks, rebuilds the free lists from the block
@@ -380,8 +412,19 @@ uint32_t mp_arena_forks(void) { return arena ? __atomic_load_n(&arena->forks, __
 ** started yet: it lives while its parent does; an unstarted child whose parent
 ** died finds its entry gone when it starts, and leaves). */
 
-static void entry_free(uint32_t i) {  /* arena locked */
+static void entry_free(uint32_t i) {  /* arena locked; the process is dead */
   proc_entry *e = ENTRY(i);
+  for (int k = 0; k < HOLDS; k++) {  /* what it held goes with it */
+    uint64_t h = e->held[k];
+    if (!h) continue;
+    block *b = BLK(h - sizeof(block));
+    if (h >= arena->start + sizeof(block) && h < arena->top && h % 32 == 0 && b->tag == TAG(B_USED)) {
+      if (b->size > MAXSMALL) give_back(h - sizeof(block), b->size);
+      free_locked(h - sizeof(block), &e->held[k]);
+    } else {
+      e->held[k] = 0;
+    }
+  }
   jset(&e->link, arena->procfree);
   jset(&e->word, P_FREE);
   jset(&arena->procfree, i + 1);
@@ -671,9 +714,22 @@ static int arena_fault(lua_State *L) {
   return 0;
 }
 
+/* core._arena_hold(n) -> offset: n bytes held by this process (see mp_alloc_held),
+** for tests; core.blob_free(offset) frees them */
+static int arena_hold(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 0, 1, "negative size");
+  mp_arena_ensure(L);
+  uint64_t off = mp_alloc_held((size_t)n);
+  if (!off) return mp_oom_error(L, (size_t)n);
+  lua_pushinteger(L, (lua_Integer)off);
+  return 1;
+}
+
 int mp_arena_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"arena_stats", arena_stats}, {"arena_check", arena_check}, {"_arena_fault", arena_fault},
+    {"_arena_hold", arena_hold},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
