@@ -1,7 +1,7 @@
 /* arena.c: the shared-memory arena, its allocator, and the table of the
 ** processes that share it (which tells when a forked copy of a handle is gone).
 **
-** Layout: the header (allocator state, a redo journal), the process table
+** Layout: the header (allocator state, an undo journal), the process table
 ** (MAXPROCS entries, reserved address space: pages are touched only as entries
 ** are used), then blocks from `start` up to the bump pointer `top`. Blocks lie
 ** end to end: each starts with a 32-byte header whose size leads to the next
@@ -13,13 +13,14 @@
 ** given back to the kernel when freed. When an allocation fails, deferred
 ** objects are swept and the free blocks are coalesced (compact) before giving up.
 **
-** Kills: every change of allocator state under the lock is first written to a
-** redo journal (offset, value) in the arena, then marked valid, then applied.
-** A process killed while it holds the lock leaves either nothing applied
-** (journal not yet valid) or a valid journal that the next locker replays
-** (EOWNERDEAD): the allocator never sees half a change. The only losses are
-** blocks the dead process held (it cannot give them back): one it had just
-** allocated, or deferred objects it had taken off the list to free (sweep).
+** Kills: every store that changes allocator state under the lock is logged
+** first (offset, old value) in an undo journal in the arena, and the change
+** ends by emptying the journal. A process killed while it holds the lock leaves
+** an unfinished change, which the next locker (EOWNERDEAD) undoes: the
+** allocator never sees half a change. The only losses are blocks the dead
+** process held and could not give back: one it was freeing (the free is undone),
+** one it had been given (unless it was held: mp_alloc_held, freed when the
+** process is found dead), or deferred objects it had taken off the list (sweep).
 **
 ** Objects a fork may have copied: a fork copies every handle of the parent
 ** without counting it, so an object whose count reaches 0 may still be used by
@@ -75,7 +76,7 @@ typedef struct arena_hdr {
   uint64_t prochwm;           /* entries ever used */
   uint32_t forks;             /* fork serial */
   uint32_t compacting;        /* a compaction was under way (rerun it) */
-  uint64_t jvalid, jn;        /* the redo journal */
+  uint64_t jn, pad;           /* the undo journal: entries of an unfinished change */
   jent j[JMAX];
 } arena_hdr;
 
@@ -83,10 +84,11 @@ typedef struct block {
   uint64_t size;   /* whole block, header included (a multiple of 32) */
   uint64_t tag;    /* BLOCK_MAGIC | state << 32 */
   uint64_t next;   /* list link (free or deferred) */
-  uint64_t aux;    /* deferred: its destructor */
+  uint64_t aux;    /* deferred: its destructor; in use: HELD if it may be in a hold slot */
 } block;           /* 32 bytes: keeps payloads 16-aligned */
 
 #define TAG(st) ((uint64_t)BLOCK_MAGIC | (uint64_t)(st) << 32)
+#define HELD 0x48454c44ULL
 
 /* An entry of the process table: `alive` is held by the process all its life. */
 typedef struct proc_entry {
@@ -110,33 +112,31 @@ void *mp_arena_base(void) { return arena; }
 
 /* ------------------------------------------------------- journal, lock */
 
-static uint32_t jcount;  /* entries written by this process (the lock holder) */
+static uint32_t jcount;  /* entries of the open change (this process holds the lock) */
+static uint32_t fault;   /* test hook (core._arena_fault): die at this store */
 
-static uint32_t fault;  /* test hook (core._arena_fault): die at this store */
-
-static void jreplay(void) {  /* applies a committed journal, again if need be */
-  if (__atomic_load_n(&arena->jvalid, __ATOMIC_ACQUIRE)) {
-    uint64_t n = arena->jn;
-    for (uint64_t i = 0; i < n; i++) {
-      if (fault && --fault == 0) raise(SIGKILL);
-      *(uint64_t *)((char *)arena + arena->j[i].off) = arena->j[i].val;
-    }
-    __atomic_store_n(&arena->jvalid, 0, __ATOMIC_RELEASE);
-  }
+/* Undoes an unfinished change of a process that died holding the lock. */
+static void jundo(void) {
+  char *base = (char *)arena;
+  for (uint64_t i = arena->jn; i-- > 0;) *(uint64_t *)(base + arena->j[i].off) = arena->j[i].val;
+  __atomic_store_n(&arena->jn, 0, __ATOMIC_RELEASE);
 }
 
+/* *p = v, its old value logged first: a kill after the log entry is undone */
 static inline void jset(uint64_t *p, uint64_t v) {
-  arena->j[jcount].off = OFF(p);
-  arena->j[jcount].val = v;
-  jcount++;
+  jent *e = &arena->j[jcount++];
+  e->off = (uint64_t)((char *)p - (char *)arena);
+  e->val = *p;
+  arena->jn = jcount;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);  /* the log before the store, in program order */
+  if (__builtin_expect(fault != 0, 0) && --fault == 0) raise(SIGKILL);
+  *p = v;
 }
 
-static void jcommit(void) {  /* the commit point is the store of jvalid */
-  arena->jn = jcount;
+static inline void jcommit(void) {  /* the commit point: the log is emptied */
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  arena->jn = 0;
   jcount = 0;
-  if (fault && --fault == 0) raise(SIGKILL);  /* (a kill before the commit point) */
-  __atomic_store_n(&arena->jvalid, 1, __ATOMIC_RELEASE);
-  jreplay();
 }
 
 static void compact(void);
@@ -144,8 +144,8 @@ static uint64_t *held_slot(uint64_t off);
 
 static void arena_lock(void) {
   int r = pthread_mutex_lock(&arena->lock);
-  if (r == EOWNERDEAD) {  /* its holder died: finish what it committed */
-    jreplay();
+  if (r == EOWNERDEAD) {  /* its holder died: undo what it left unfinished */
+    jundo();
     if (arena->compacting) compact();
     pthread_mutex_consistent(&arena->lock);
   }
@@ -207,7 +207,7 @@ static inline uint64_t class_size(int c) {
 }
 
 /* the list a free block of this size belongs on */
-static uint64_t *list_of(uint64_t size) {
+static inline uint64_t *list_of(uint64_t size) {
   if (size <= MAXSMALL) {
     int c = size_class(size);
     if (class_size(c) == size) return &arena->freelist[c];
@@ -281,7 +281,10 @@ static uint64_t alloc_locked(uint64_t n, int *fresh, uint64_t *hold) {
   jset(&BLK(off)->tag, TAG(B_USED));
   jset(&arena->used, arena->used + n);
   jset(&arena->blocks, arena->blocks + 1);
-  if (hold) jset(hold, off + sizeof(block));
+  if (hold) {
+    jset(hold, off + sizeof(block));
+    jset(&BLK(off)->aux, HELD);
+  }
   jcommit();
   return off;
 }
@@ -329,7 +332,7 @@ int mp_oom_error(lua_State *L, size_t want) {
 }
 
 /* Frees the block at off and empties *hold in the same step (arena locked). */
-static void free_locked(uint64_t off, uint64_t *hold) {
+static inline void free_locked(uint64_t off, uint64_t *hold) {
   block *b = BLK(off);
   uint64_t *head = list_of(b->size);
   jset(&b->next, *head);
@@ -355,14 +358,17 @@ void mp_free(uint64_t off) {
   if (b->tag != TAG(B_USED)) abort();  /* double free: a bug of ours */
   /* still ours alone: its pages can go before anyone can take it again */
   if (b->size > MAXSMALL) give_back(off - sizeof(block), b->size);
+  uint64_t *hold = b->aux == HELD ? held_slot(off) : NULL;
   arena_lock();
-  free_locked(off - sizeof(block), held_slot(off));
+  free_locked(off - sizeof(block), hold);
   arena_unlock();
 }
 
 void mp_hold(uint64_t off) {
   uint64_t *h = held_slot(0);  /* a free slot; none: a kill from here on leaks the block */
-  if (h) __atomic_store_n(h, off, __ATOMIC_SEQ_CST);
+  if (!h) return;
+  BLK(off - sizeof(block))->aux = HELD;
+  __atomic_store_n(h, off, __ATOMIC_SEQ_CST);
 }
 
 void mp_unhold(uint64_t off) {
@@ -693,7 +699,7 @@ static const char *check(void) {
     if (++nd > blocks) return "the deferred list is too long (a cycle?)";
   }
   if (nd != arena->ndeferred) return "the deferred count is wrong";
-  if (arena->jvalid || arena->compacting) return "a change was left half done";
+  if (arena->jn || arena->compacting) return "a change was left half done";
   return NULL;
 }
 
