@@ -8,8 +8,9 @@ local H = require "helpers"
 local string, collectgarbage = string, collectgarbage
 
 local MiB = 1 << 20
--- forks are slow under valgrind: fewer rounds there (a leak shows in any number of them)
-local SLOWER = os.getenv("MP_VALGRIND") and 10 or 1
+-- a fork takes over a second under valgrind: a few rounds there (a leak shows in any number)
+local VALGRIND = os.getenv("MP_VALGRIND") ~= nil
+local function rounds(n, under_valgrind) return VALGRIND and under_valgrind or n end
 
 -- the arena's use once every unreachable handle was collected (arena_stats sweeps first)
 local function settle()
@@ -55,13 +56,13 @@ describe("arena", function()
       assert_back(s0, ("arena use after %d Processes (%s)"):format(n, close and "closed" or "collected"))
     end
 
-    it("after 500 Processes started, joined and closed", function() processes(500 // SLOWER, true) end)
+    it("after 500 Processes started, joined and closed", function() processes(rounds(500, 5), true) end)
 
-    it("after 500 Processes that were only collected", function() processes(500 // SLOWER, false) end)
+    it("after 500 Processes that were only collected", function() processes(rounds(500, 5), false) end)
 
     it("after 100 Pools made, used and joined", function()
       local s0 = settle()
-      for i = 1, 100 // SLOWER do
+      for i = 1, rounds(100, 2) do
         local pool = mp.Pool(2)
         local r = pool:map(function(x) return x * 2 end, { i, i + 1, i + 2 })
         assert.are.same({ 2 * i, 2 * i + 2, 2 * i + 4 }, { r[1], r[2], r[3] })
@@ -250,7 +251,7 @@ describe("arena", function()
     it("at any store of an allocation or a free leaves the allocator whole", function()
       local s0 = settle()
       local lost = 0
-      for n = 1, 40 do
+      for n = 1, 40, rounds(1, 9) do
         local pid = H.spawn(function()
           core._arena_fault(n)
           for i = 1, 8 do
@@ -272,7 +273,7 @@ describe("arena", function()
 
     it("while forking leaves no process entry behind", function()
       local s0 = settle()
-      for n = 1, 6 do
+      for n = 1, 6, rounds(1, 5) do
         local pid = H.spawn(function()
           core._arena_fault(n)
           local child = core.fork()
@@ -289,8 +290,8 @@ describe("arena", function()
 
     it("at random instants keeps the allocator whole", function()
       local s0 = settle()
-      local rounds = 30 // SLOWER
-      for r = 1, rounds do
+      local kills = rounds(30, 3)
+      for r = 1, kills do
         local pid = H.spawn(function()
           local i = 0
           while true do
@@ -307,7 +308,7 @@ describe("arena", function()
       end
       local s = settle()
       -- a dead process can only have lost what it held: a blob and a queue per round
-      assert.is_true(s.blocks - s0.blocks <= 2 * rounds)
+      assert.is_true(s.blocks - s0.blocks <= 2 * kills)
     end)
   end)
 end)
