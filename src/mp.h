@@ -67,8 +67,8 @@ uint32_t mp_arena_forks(void);
 /* Shared objects: every object made by a shared type starts with this header. */
 typedef struct mp_obj {
   uint32_t refs;      /* handles alive in the processes that counted them */
-  uint32_t forks;     /* arena fork count at creation: a later fork pins it */
-  uint32_t pinned;    /* 1 once encoded: it may be referenced by bytes in flight */
+  uint32_t forks;     /* arena fork count at creation: a live later fork defers its free */
+  uint32_t pinned;    /* 1 once encoded: it may be referenced by bytes in flight (kept for good) */
   uint32_t type;      /* sanity tag of the type */
 } mp_obj;
 
