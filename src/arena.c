@@ -97,7 +97,7 @@ typedef struct proc_entry {
   uint64_t ids;    /* parent entry index + 1 */
   uint64_t link;   /* parent's serial << 32 | next free entry (index + 1) */
   uint64_t held[HOLDS];  /* blocks in the process's hands (payload offsets), freed if it dies */
-  uint64_t pad;
+  uint64_t started;      /* the serial of the occupant once it holds `alive` */
 } proc_entry;
 
 static arena_hdr *arena;
@@ -187,6 +187,7 @@ int mp_arena_ensure(lua_State *L) {
   mp_mutex_init(&me->alive, 0);
   pthread_mutex_lock(&me->alive);
   me->word = P_USED;
+  me->started = 0;
   a->prochwm = 1;
   myslot = 1;
   return 0;
@@ -414,9 +415,11 @@ uint32_t mp_arena_forks(void) { return arena ? __atomic_load_n(&arena->forks, __
 /* ------------------------------------------------------------ processes */
 
 /* An entry is used from the parent's prefork until the process is known dead.
-** Its mutex tells the state: held (alive), owner died (dead), free (not
-** started yet: it lives while its parent does; an unstarted child whose parent
-** died finds its entry gone when it starts, and leaves). */
+** Its mutex held: the process is alive. Not held (free, or its last holder
+** died): if the process had started (`started` is its serial) it is dead; if
+** not, it lives while its parent does (an unstarted child whose parent died
+** finds its entry gone when it starts, and leaves). `started` matters because
+** the last holder may be a checker killed while it held the mutex. */
 
 static void entry_free(uint32_t i) {  /* arena locked; the process is dead */
   proc_entry *e = ENTRY(i);
@@ -447,7 +450,7 @@ static int entry_alive(uint32_t i) {
   if (r == EOWNERDEAD) pthread_mutex_consistent(&e->alive);
   else if (r != 0) return 1;  /* not recoverable: count it alive */
   int alive = 0;
-  if (r == 0) {  /* not started: alive while its parent is */
+  if (e->started != e->word >> 32) {  /* not started: alive while its parent is */
     uint32_t pi = (uint32_t)e->ids - 1;
     proc_entry *pe = ENTRY(pi);
     alive = pe->word == (e->link & ~(uint64_t)0xffffffff) + P_USED && entry_alive(pi);
@@ -527,6 +530,7 @@ void mp_proc_child(uint64_t token) {
   }
   /* our parent died before we could hold our entry: what it held may be gone */
   if (!ok) _exit(1);
+  __atomic_store_n(&e->started, token >> 32, __ATOMIC_SEQ_CST);
   myslot = (uint32_t)token;
 }
 
