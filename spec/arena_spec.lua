@@ -310,5 +310,37 @@ describe("arena", function()
       -- a dead process can only have lost what it held: a blob and a queue per round
       assert.is_true(s.blocks - s0.blocks <= 2 * kills)
     end)
+
+    it("among others allocating and forking, never tells a live child its parent died", function()
+      local s0 = settle()
+      local kills = 0
+      for r = 1, rounds(100, 2) do
+        local pids = {}
+        for k = 1, 4 do
+          pids[k] = H.spawn(function()
+            for i = 1, math.huge do
+              local b = core.blob_new(string.rep("c", (i * 7919 + k) % 400000))
+              local q = core.Queue()
+              if i % 3 == 0 then  -- children that start while others check the table
+                local c = core.fork()
+                if c == 0 then core._exit(0) end
+                core.waitpid(c)
+              end
+              q:close()
+              core.blob_free(b)
+            end
+          end)
+        end
+        core.sleep((r % 10) * 0.001)
+        for k = 1, 4 do core.kill(pids[k], 9) end
+        -- -9 each: none left early because its entry looked dead before it started
+        for k = 1, 4 do assert.equal(-9, core.waitpid(pids[k], 10)) end
+        kills = kills + 4
+        assert.is_true(core.arena_check())
+      end
+      local s = settle()
+      assert.is_true(s.blocks - s0.blocks <= 2 * kills)
+      assert.equal(s0.processes, s.processes)
+    end)
   end)
 end)
