@@ -1,6 +1,44 @@
-/* arena.c: the shared-memory arena and its allocator. */
+/* arena.c: the shared-memory arena, its allocator, and the table of the
+** processes that share it (which tells when a forked copy of a handle is gone).
+**
+** Layout: the header (allocator state, an undo journal), the process table
+** (MAXPROCS entries, reserved address space: pages are touched only as entries
+** are used), then blocks from `start` up to the bump pointer `top`. Blocks lie
+** end to end: each starts with a 32-byte header whose size leads to the next
+** (alignment gaps are free "filler" blocks), so the heap can be walked.
+**
+** Size classes: 32-byte steps up to 256 bytes, then eight classes per power of
+** two up to MAXSMALL (at most 12.5% rounding); bigger blocks are "large": page
+** rounded, first fit from one list of free blocks of any size, their pages
+** given back to the kernel when freed. When an allocation fails, deferred
+** objects are swept and the free blocks are coalesced (compact) before giving up.
+**
+** Kills: every store that changes allocator state under the lock is logged
+** first (offset, old value) in an undo journal in the arena, and the change
+** ends by emptying the journal. A process killed while it holds the lock leaves
+** an unfinished change, which the next locker (EOWNERDEAD) undoes: the
+** allocator never sees half a change. The only losses are blocks the dead
+** process held and could not give back: one it was freeing (the free is undone),
+** one it had been given (unless it was held: mp_alloc_held, freed when the
+** process is found dead), or deferred objects it had taken off the list (sweep).
+**
+** Objects a fork may have copied: a fork copies every handle of the parent
+** without counting it, so an object whose count reaches 0 may still be used by
+** a process forked after the object was made. Every fork through core.fork
+** reserves an entry in the process table before fork() (mp_proc_prefork) with
+** a fork serial; the child holds a robust mutex of its entry for its whole life
+** (mp_proc_child), so its death is seen by anyone (EOWNERDEAD), even when it
+** was an orphan reaped by init; its parent frees the entry when it reaps it.
+** A released object that a live process with a later serial may hold goes on
+** a deferred list, freed by a sweep once no such process is alive (on reap,
+** when a dead entry is found, and before reporting that the arena is full).
+** Objects that were encoded (pinned) may be named by bytes in flight anywhere
+** (a queue, a pipe, a Lua string): they are never freed. All processes that
+** share the arena are forks of one image, so a destructor's address is valid
+** in all of them (a deferred object keeps its destructor in its block header). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -8,38 +46,118 @@
 
 #include "mp.h"
 
-/* Size classes are powers of two from 2^MINSHIFT to 2^MAXSHIFT bytes (header
-** included); bigger blocks are "large": rounded to LARGE_ROUND, kept on a
-** first-fit list, and their pages are given back to the kernel when freed. */
-#define MINSHIFT 5
-#define MAXSHIFT 21
-#define NCLASS (MAXSHIFT - MINSHIFT + 1)
-#define LARGE_ROUND ((uint64_t)1 << 20)
+#define MAXSMALL ((uint64_t)1 << 21)
+#define NCLASS 112                 /* size_class(MAXSMALL) + 1 */
+#define PAGE ((uint64_t)4096)
+#define POPULATE ((uint64_t)65536)  /* fresh blocks this big are faulted in at once, page aligned */
 #define DEFAULT_SIZE ((uint64_t)64 << 30)
-#define MAGIC 0x6c75614d50617261ULL
+#define MAGIC 0x6c75614d50617262ULL
 #define BLOCK_MAGIC 0x424cU
+#define MAXPROCS 16384
+#define JMAX 16
+#define HOLDS 3
+
+enum { B_USED = 0, B_FREE = 1, B_DEFERRED = 2 };                    /* block states */
+enum { P_FREE = 0, P_USED = 1, P_BROKEN = 2 };                      /* process entries */
+
+typedef struct jent { uint64_t off, val; } jent;
 
 typedef struct arena_hdr {
   uint64_t magic, size;
   pthread_mutex_t lock;
-  uint64_t top;               /* bump pointer */
+  uint64_t start, top;        /* first block; bump pointer */
   uint64_t freelist[NCLASS];  /* small blocks by class */
-  uint64_t large;             /* free large blocks */
+  uint64_t large;             /* free blocks of other sizes, first fit */
   uint64_t used, blocks;      /* statistics */
-  uint32_t forks;
+  uint64_t deferred;          /* released objects a live fork may still use */
+  uint64_t ndeferred;
+  uint64_t procs;             /* offset of the process table */
+  uint64_t procfree;          /* free entries: index + 1, linked */
+  uint64_t prochwm;           /* entries ever used */
+  uint32_t forks;             /* fork serial */
+  uint32_t compacting;        /* a compaction was under way (rerun it) */
+  uint64_t jn, pad;           /* the undo journal: entries of an unfinished change */
+  jent j[JMAX];
 } arena_hdr;
 
 typedef struct block {
-  uint64_t size;   /* whole block, header included */
-  uint32_t magic;
-  uint32_t free;
-  uint64_t next;   /* free list link (only while free) */
-  uint64_t pad;
+  uint64_t size;   /* whole block, header included (a multiple of 32) */
+  uint64_t tag;    /* BLOCK_MAGIC | state << 32 */
+  uint64_t next;   /* list link (free or deferred) */
+  uint64_t aux;    /* deferred: its destructor; in use: HELD if it may be in a hold slot */
 } block;           /* 32 bytes: keeps payloads 16-aligned */
 
+#define TAG(st) ((uint64_t)BLOCK_MAGIC | (uint64_t)(st) << 32)
+#define HELD 0x48454c44ULL
+
+/* An entry of the process table: `alive` is held by the process all its life. */
+typedef struct proc_entry {
+  pthread_mutex_t alive;
+  uint64_t word;   /* serial << 32 | state */
+  uint64_t ids;    /* parent entry index + 1 */
+  uint64_t link;   /* parent's serial << 32 | next free entry (index + 1) */
+  uint64_t held[HOLDS];  /* blocks in the process's hands (payload offsets), freed if it dies */
+  uint64_t started;      /* the serial of the occupant once it holds `alive` */
+} proc_entry;
+
 static arena_hdr *arena;
+static uint32_t myslot;    /* this process's entry, index + 1 */
+static int locked_here;    /* this process holds the arena lock */
+
+#define OFF(p) ((uint64_t)((char *)(p) - (char *)arena))
+#define BLK(off) ((block *)((char *)arena + (off)))
+#define ENTRY(i) (&((proc_entry *)((char *)arena + arena->procs))[i])
 
 void *mp_arena_base(void) { return arena; }
+
+/* ------------------------------------------------------- journal, lock */
+
+static uint32_t jcount;  /* entries of the open change (this process holds the lock) */
+static uint32_t fault;   /* test hook (core._arena_fault): die at this store */
+
+/* Undoes an unfinished change of a process that died holding the lock. */
+static void jundo(void) {
+  char *base = (char *)arena;
+  for (uint64_t i = arena->jn; i-- > 0;) *(uint64_t *)(base + arena->j[i].off) = arena->j[i].val;
+  __atomic_store_n(&arena->jn, 0, __ATOMIC_RELEASE);
+}
+
+/* *p = v, its old value logged first: a kill after the log entry is undone */
+static inline void jset(uint64_t *p, uint64_t v) {
+  jent *e = &arena->j[jcount++];
+  e->off = (uint64_t)((char *)p - (char *)arena);
+  e->val = *p;
+  arena->jn = jcount;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);  /* the log before the store, in program order */
+  if (__builtin_expect(fault != 0, 0) && --fault == 0) raise(SIGKILL);
+  *p = v;
+}
+
+static inline void jcommit(void) {  /* the commit point: the log is emptied */
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  arena->jn = 0;
+  jcount = 0;
+}
+
+static void compact(void);
+static uint64_t *held_slot(uint64_t off);
+
+static void arena_lock(void) {
+  int r = pthread_mutex_lock(&arena->lock);
+  if (r == EOWNERDEAD) {  /* its holder died: undo what it left unfinished */
+    jundo();
+    if (arena->compacting) compact();
+    pthread_mutex_consistent(&arena->lock);
+  }
+  locked_here = 1;
+}
+
+static void arena_unlock(void) {
+  locked_here = 0;
+  pthread_mutex_unlock(&arena->lock);
+}
+
+/* ---------------------------------------------------------- creation */
 
 int mp_arena_ensure(lua_State *L) {
   if (arena) return 0;
@@ -61,71 +179,146 @@ int mp_arena_ensure(lua_State *L) {
   a->magic = MAGIC;
   a->size = size;
   mp_mutex_init(&a->lock, 0);
-  a->top = (sizeof(arena_hdr) + 63) & ~(uint64_t)63;
+  a->procs = (sizeof(arena_hdr) + 63) & ~(uint64_t)63;
+  a->start = a->top = (a->procs + MAXPROCS * sizeof(proc_entry) + PAGE - 1) & ~(PAGE - 1);
   arena = a;
+  /* this process is entry 0, serial 0: it never holds back a free */
+  proc_entry *me = ENTRY(0);
+  mp_mutex_init(&me->alive, 0);
+  pthread_mutex_lock(&me->alive);
+  me->word = P_USED;
+  me->started = 0;
+  a->prochwm = 1;
+  myslot = 1;
   return 0;
 }
 
-static int size_class(uint64_t n) {
-  int c = 0;
-  uint64_t s = (uint64_t)1 << MINSHIFT;
-  while (s < n) { s <<= 1; c++; }
-  return c;
+/* ------------------------------------------------------- size classes */
+
+static inline int size_class(uint64_t n) {  /* 1 <= n <= MAXSMALL */
+  if (n <= 256) return (int)((n + 31) >> 5) - 1;
+  int p = 63 - __builtin_clzll(n - 1);  /* 2^p < n <= 2^(p+1) */
+  return 8 + (p - 8) * 8 + (int)(((n - 1) >> (p - 3)) & 7);
 }
 
-static void give_back(block *b) {  /* return a large block's pages to the kernel */
-  uintptr_t start = ((uintptr_t)b + sizeof(block) + 4095) & ~(uintptr_t)4095;
-  uintptr_t end = ((uintptr_t)b + b->size) & ~(uintptr_t)4095;
-  if (end > start) madvise((void *)start, end - start, MADV_REMOVE);
+static inline uint64_t class_size(int c) {
+  if (c < 8) return (uint64_t)(c + 1) << 5;
+  int p = 8 + (c - 8) / 8, k = (c - 8) % 8;
+  return ((uint64_t)1 << p) + ((uint64_t)(k + 1) << (p - 3));
 }
 
-uint64_t mp_alloc_try(size_t want) {
-  if (!arena || want > arena->size) return 0;
-  uint64_t n = (uint64_t)want + sizeof(block), off = 0;
-  mp_lock(&arena->lock);
-  if (n <= ((uint64_t)1 << MAXSHIFT)) {
-    int c = size_class(n);
-    n = (uint64_t)1 << (c + MINSHIFT);
-    if (arena->freelist[c]) {
-      off = arena->freelist[c];
-      arena->freelist[c] = ((block *)MP_PTR(off))->next;
-    }
-  } else {
-    n = (n + LARGE_ROUND - 1) & ~(LARGE_ROUND - 1);
-    uint64_t *link = &arena->large;
-    while (*link) {
-      block *b = MP_PTR(*link);
-      if (b->size >= n) {
-        off = *link;
-        *link = b->next;
-        if (b->size - n >= LARGE_ROUND) {  /* split: the tail goes back on the list */
-          block *t = MP_PTR(off + n);
-          t->size = b->size - n; t->magic = BLOCK_MAGIC; t->free = 1;
-          t->next = arena->large; arena->large = off + n;
-        } else {
-          n = b->size;
-        }
-        break;
-      }
-      link = &b->next;
-    }
+/* the list a free block of this size belongs on */
+static inline uint64_t *list_of(uint64_t size) {
+  if (size <= MAXSMALL) {
+    int c = size_class(size);
+    if (class_size(c) == size) return &arena->freelist[c];
   }
+  return &arena->large;
+}
+
+static void give_back(uint64_t off, uint64_t size) {  /* a free range's whole pages to the kernel */
+  uint64_t start = (off + sizeof(block) + PAGE - 1) & ~(PAGE - 1);
+  uint64_t end = (off + size) & ~(PAGE - 1);
+  if (end > start) madvise((char *)arena + start, end - start, MADV_REMOVE);
+}
+
+/* ------------------------------------------------------------ allocation */
+
+/* First fit among the free blocks of other sizes (arena locked, journal open):
+** the block's offset and its size in *n (the whole block if the rest is too small). */
+static uint64_t from_large(uint64_t *n) {
+  for (uint64_t *link = &arena->large; *link; link = &BLK(*link)->next) {
+    block *b = BLK(*link);
+    if (b->size < *n) continue;
+    uint64_t off = *link;
+    jset(link, b->next);
+    if (b->size - *n >= 64) {  /* split: the tail goes back */
+      uint64_t t = off + *n, ts = b->size - *n;
+      jset(&BLK(t)->size, ts);
+      jset(&BLK(t)->tag, TAG(B_FREE));
+      uint64_t *tl = list_of(ts);
+      jset(&BLK(t)->next, tl == link ? b->next : *tl);
+      jset(tl, t);
+    } else {
+      *n = b->size;
+    }
+    return off;
+  }
+  return 0;
+}
+
+/* Fresh space at the top (arena locked, journal open), or 0. */
+static uint64_t from_top(uint64_t n, int *fresh) {
+  uint64_t align = n >= POPULATE ? PAGE : 32;
+  uint64_t top = arena->top, at = (top + align - 1) & ~(align - 1);
+  if (at + n > arena->size) return 0;
+  if (at > top) {  /* the gap becomes a free filler block, found again by compact */
+    jset(&BLK(top)->size, at - top);
+    jset(&BLK(top)->tag, TAG(B_FREE));
+  }
+  jset(&arena->top, at + n);
+  *fresh = n >= POPULATE;
+  return at;
+}
+
+/* One attempt (arena locked): a block of n bytes (or a little more), or 0.
+** Small: its class's list, else fresh space, else a piece of a free block.
+** Large: a free block first, so that freed address space is used again. */
+static uint64_t alloc_locked(uint64_t n, int *fresh, uint64_t *hold) {
+  uint64_t off = 0;
+  if (n <= MAXSMALL) {
+    uint64_t *head = &arena->freelist[size_class(n)];
+    if (*head) {
+      off = *head;
+      jset(head, BLK(off)->next);
+    } else if (!(off = from_top(n, fresh))) {
+      off = from_large(&n);
+    }
+  } else if (!(off = from_large(&n))) {
+    off = from_top(n, fresh);
+  }
+  if (!off) return 0;
+  jset(&BLK(off)->size, n);
+  jset(&BLK(off)->tag, TAG(B_USED));
+  jset(&arena->used, arena->used + n);
+  jset(&arena->blocks, arena->blocks + 1);
+  if (hold) {
+    jset(hold, off + sizeof(block));
+    jset(&BLK(off)->aux, HELD);
+  }
+  jcommit();
+  return off;
+}
+
+static uint64_t alloc_once(uint64_t n, int hold) {
   int fresh = 0;
-  if (!off) {
-    uint64_t align = n <= 4096 ? 32 : 4096;
-    uint64_t start = (arena->top + align - 1) & ~(align - 1);
-    if (start + n <= arena->size) { off = start; arena->top = start + n; fresh = n >= 65536; }
-  }
-  if (off) {
-    block *b = MP_PTR(off);
-    b->size = n; b->magic = BLOCK_MAGIC; b->free = 0;
-    arena->used += n; arena->blocks++;
-  }
-  mp_unlock(&arena->lock);
+  arena_lock();
+  uint64_t off = alloc_locked(n, &fresh, hold ? held_slot(0) : NULL);
+  arena_unlock();
   /* fresh pages: one call to fault them all in is much cheaper than a fault per page */
-  if (fresh) madvise(MP_PTR(off), n, MADV_POPULATE_WRITE);
+  if (fresh) madvise(BLK(off), n, MADV_POPULATE_WRITE);
+  return off;
+}
+
+static void sweep(void);
+
+static uint64_t alloc(size_t want, int hold) {
+  if (!arena || want > arena->size - arena->start) return 0;
+  uint64_t n = (uint64_t)want + sizeof(block);
+  n = n <= MAXSMALL ? class_size(size_class(n)) : (n + PAGE - 1) & ~(PAGE - 1);
+  uint64_t off = alloc_once(n, hold);
+  if (!off) {  /* full: free what can be, coalesce, try again */
+    sweep();
+    arena_lock();
+    compact();
+    arena_unlock();
+    off = alloc_once(n, hold);
+  }
   return off ? off + sizeof(block) : 0;
 }
+
+uint64_t mp_alloc_try(size_t want) { return alloc(want, 0); }
+uint64_t mp_alloc_held(size_t want) { return alloc(want, 1); }
 
 uint64_t mp_alloc(lua_State *L, size_t n) {
   mp_arena_ensure(L);
@@ -139,30 +332,77 @@ int mp_oom_error(lua_State *L, size_t want) {
                     (lua_Integer)want, (lua_Integer)(arena ? arena->size : 0), (lua_Integer)mp_arena_used());
 }
 
-/* ------------------------------------------------- processes (stubs for now) */
+/* Frees the block at off and empties *hold in the same step (arena locked). */
+static inline void free_locked(uint64_t off, uint64_t *hold) {
+  block *b = BLK(off);
+  uint64_t *head = list_of(b->size);
+  jset(&b->next, *head);
+  jset(&b->tag, TAG(B_FREE));
+  jset(head, off);
+  jset(&arena->used, arena->used - b->size);
+  jset(&arena->blocks, arena->blocks - 1);
+  if (hold) jset(hold, 0);
+  jcommit();
+}
 
-uint64_t mp_proc_prefork(lua_State *L) { (void)L; return 0; }
-void mp_proc_child(uint64_t token) { (void)token; }
-void mp_proc_parent(uint64_t token, pid_t pid) { (void)token; (void)pid; }
-void mp_proc_reaped(pid_t pid) { (void)pid; }
+/* this process's hold slot for the block at payload offset off, or NULL */
+static uint64_t *held_slot(uint64_t off) {
+  if (!myslot) return NULL;
+  uint64_t *h = ENTRY(myslot - 1)->held;
+  for (int k = 0; k < HOLDS; k++) if (__atomic_load_n(&h[k], __ATOMIC_RELAXED) == off) return &h[k];
+  return NULL;
+}
 
 void mp_free(uint64_t off) {
   if (!off) return;
-  block *b = MP_PTR(off - sizeof(block));
-  if (b->magic != BLOCK_MAGIC || b->free) abort();  /* double free: a bug of ours */
-  mp_lock(&arena->lock);
-  b->free = 1;
-  arena->used -= b->size; arena->blocks--;
-  if (b->size <= ((uint64_t)1 << MAXSHIFT)) {
-    int c = size_class(b->size);
-    b->next = arena->freelist[c];
-    arena->freelist[c] = off - sizeof(block);
-  } else {
-    give_back(b);
-    b->next = arena->large;
-    arena->large = off - sizeof(block);
+  block *b = BLK(off - sizeof(block));
+  if (b->tag != TAG(B_USED)) abort();  /* double free: a bug of ours */
+  /* still ours alone: its pages can go before anyone can take it again */
+  if (b->size > MAXSMALL) give_back(off - sizeof(block), b->size);
+  uint64_t *hold = b->aux == HELD ? held_slot(off) : NULL;
+  arena_lock();
+  free_locked(off - sizeof(block), hold);
+  arena_unlock();
+}
+
+void mp_hold(uint64_t off) {
+  uint64_t *h = held_slot(0);  /* a free slot; none: a kill from here on leaks the block */
+  if (!h) return;
+  BLK(off - sizeof(block))->aux = HELD;
+  __atomic_store_n(h, off, __ATOMIC_SEQ_CST);
+}
+
+void mp_unhold(uint64_t off) {
+  uint64_t *h = off ? held_slot(off) : NULL;
+  if (h) __atomic_store_n(h, 0, __ATOMIC_SEQ_CST);
+}
+
+/* Coalesces runs of free blocks, rebuilds the free lists from the block
+** headers alone and lowers top over a free end (arena locked). Every step is
+** a single store that leaves the heap walkable, and the lists are rebuilt
+** from scratch: a compaction cut short by a kill is simply run again. */
+static void compact(void) {
+  __atomic_store_n(&arena->compacting, 1, __ATOMIC_RELEASE);
+  for (int c = 0; c < NCLASS; c++) arena->freelist[c] = 0;
+  arena->large = 0;
+  uint64_t off = arena->start, top = arena->top;
+  while (off < top) {
+    block *b = BLK(off);
+    if (b->tag == TAG(B_FREE)) {
+      while (off + b->size < top && BLK(off + b->size)->tag == TAG(B_FREE))
+        b->size += BLK(off + b->size)->size;
+      if (off + b->size == top) {  /* the free end goes back to the kernel */
+        give_back(off, b->size);
+        __atomic_store_n(&arena->top, off, __ATOMIC_RELEASE);
+        break;
+      }
+      uint64_t *head = list_of(b->size);
+      b->next = *head;
+      *head = off;
+    }
+    off += b->size;
   }
-  mp_unlock(&arena->lock);
+  __atomic_store_n(&arena->compacting, 0, __ATOMIC_RELEASE);
 }
 
 size_t mp_arena_used(void) { return arena ? arena->used : 0; }
@@ -171,6 +411,161 @@ size_t mp_arena_top(void) { return arena ? arena->top : 0; }
 size_t mp_arena_blocks(void) { return arena ? arena->blocks : 0; }
 void mp_arena_forked(void) { if (arena) __atomic_add_fetch(&arena->forks, 1, __ATOMIC_SEQ_CST); }
 uint32_t mp_arena_forks(void) { return arena ? __atomic_load_n(&arena->forks, __ATOMIC_SEQ_CST) : 0; }
+
+/* ------------------------------------------------------------ processes */
+
+/* An entry is used from the parent's prefork until the process is known dead.
+** Its mutex held: the process is alive. Not held (free, or its last holder
+** died): if the process had started (`started` is its serial) it is dead; if
+** not, it lives while its parent does (an unstarted child whose parent died
+** finds its entry gone when it starts, and leaves). `started` matters because
+** the last holder may be a checker killed while it held the mutex. */
+
+static void entry_free(uint32_t i) {  /* arena locked; the process is dead */
+  proc_entry *e = ENTRY(i);
+  for (int k = 0; k < HOLDS; k++) {  /* what it held goes with it */
+    uint64_t h = e->held[k];
+    if (!h) continue;
+    block *b = BLK(h - sizeof(block));
+    if (h >= arena->start + sizeof(block) && h < arena->top && h % 32 == 0 && b->tag == TAG(B_USED)) {
+      if (b->size > MAXSMALL) give_back(h - sizeof(block), b->size);
+      free_locked(h - sizeof(block), &e->held[k]);
+    } else {
+      e->held[k] = 0;
+    }
+  }
+  jset(&e->link, arena->procfree);
+  jset(&e->word, P_FREE);
+  jset(&arena->procfree, i + 1);
+  jcommit();
+}
+
+/* Is the process of used entry i alive? A dead one's entry is freed, its mutex
+** left unlocked and consistent for the next occupant (arena locked). */
+static int entry_alive(uint32_t i) {
+  if (i + 1 == myslot) return 1;
+  proc_entry *e = ENTRY(i);
+  int r = pthread_mutex_trylock(&e->alive);
+  if (r == EBUSY) return 1;
+  if (r == EOWNERDEAD) pthread_mutex_consistent(&e->alive);
+  else if (r != 0) return 1;  /* not recoverable: count it alive */
+  int alive = 0;
+  if (e->started != e->word >> 32) {  /* not started: alive while its parent is */
+    uint32_t pi = (uint32_t)e->ids - 1;
+    proc_entry *pe = ENTRY(pi);
+    alive = pe->word == (e->link & ~(uint64_t)0xffffffff) + P_USED && entry_alive(pi);
+  }
+  if (!alive) entry_free(i);  /* while we hold its mutex: a child starting now sees it */
+  pthread_mutex_unlock(&e->alive);
+  return alive;
+}
+
+/* The highest fork serial of a live process (arena locked). *died tells
+** whether a dead one was found (and its entry freed). */
+static uint32_t live_max_serial(int *died) {
+  uint32_t max = 0;
+  for (uint32_t i = 0; i < arena->prochwm; i++) {
+    uint64_t w = ENTRY(i)->word;
+    if ((uint32_t)w != P_USED) continue;
+    if (!entry_alive(i)) { *died = 1; continue; }
+    if ((uint32_t)(w >> 32) > max) max = (uint32_t)(w >> 32);
+  }
+  return max;
+}
+
+/* The children this process started and has not reaped: pid -> token. */
+static struct kid { pid_t pid; uint64_t token; } *kids;
+static size_t nkids, capkids;
+
+uint64_t mp_proc_prefork(lua_State *L) {
+  if (!arena || !myslot) return 0;
+  if (nkids == capkids) {  /* room first: the parent hook cannot fail */
+    size_t cap = capkids ? capkids * 2 : 16;
+    struct kid *k = realloc(kids, cap * sizeof *k);
+    if (!k) return luaL_error(L, "cannot start a process: out of memory");
+    kids = k;
+    capkids = cap;
+  }
+  arena_lock();
+  if (!arena->procfree && arena->prochwm == MAXPROCS) { int d = 0; live_max_serial(&d); }
+  uint32_t i;
+  if (arena->procfree) {
+    i = (uint32_t)arena->procfree - 1;
+    jset(&arena->procfree, (uint32_t)ENTRY(i)->link);
+  } else if (arena->prochwm < MAXPROCS) {
+    i = (uint32_t)arena->prochwm;
+    mp_mutex_init(&ENTRY(i)->alive, 0);
+    jset(&arena->prochwm, i + 1);
+  } else {
+    arena_unlock();
+    return luaL_error(L, "cannot start a process: %d processes already share the arena", MAXPROCS);
+  }
+  proc_entry *e = ENTRY(i), *me = ENTRY(myslot - 1);
+  uint64_t serial = __atomic_add_fetch(&arena->forks, 1, __ATOMIC_SEQ_CST);
+  jset(&e->ids, myslot);
+  jset(&e->link, me->word & ~(uint64_t)0xffffffff);  /* the parent's serial, to know it again */
+  jset(&e->word, serial << 32 | P_USED);
+  jcommit();
+  arena_unlock();
+  return serial << 32 | (i + 1);
+}
+
+void mp_proc_child(uint64_t token) {
+  locked_here = 0;
+  free(kids);  /* the parent's children are not ours */
+  kids = NULL;
+  nkids = capkids = 0;
+  myslot = 0;
+  if (!token) return;
+  proc_entry *e = ENTRY((uint32_t)token - 1);
+  int ok;
+  if (pthread_mutex_lock(&e->alive) == EOWNERDEAD) {
+    /* a previous occupant died unseen, or a checker died holding it: ask under the lock */
+    pthread_mutex_consistent(&e->alive);
+    arena_lock();
+    ok = e->word == ((token & ~(uint64_t)0xffffffff) | P_USED);
+    arena_unlock();
+  } else {  /* whoever held it finished what it wrote before letting go */
+    ok = __atomic_load_n(&e->word, __ATOMIC_ACQUIRE) == ((token & ~(uint64_t)0xffffffff) | P_USED);
+  }
+  /* our parent died before we could hold our entry: what it held may be gone */
+  if (!ok) _exit(1);
+  __atomic_store_n(&e->started, token >> 32, __ATOMIC_SEQ_CST);
+  myslot = (uint32_t)token;
+}
+
+void mp_proc_parent(uint64_t token, pid_t pid) {
+  if (!token) return;
+  if (pid >= 0) { kids[nkids++] = (struct kid){ pid, token }; return; }
+  uint32_t i = (uint32_t)token - 1;
+  arena_lock();  /* the fork failed: the entry goes */
+  if ((ENTRY(i)->word >> 32) == (token >> 32)) entry_free(i);
+  arena_unlock();
+}
+
+void mp_proc_reaped(pid_t pid) {
+  size_t k = 0;
+  while (k < nkids && kids[k].pid != pid) k++;
+  if (k == nkids) return;
+  uint64_t token = kids[k].token;
+  kids[k] = kids[--nkids];
+  uint32_t i = (uint32_t)token - 1;
+  proc_entry *e = ENTRY(i);
+  arena_lock();
+  if (e->word == ((token & ~(uint64_t)0xffffffff) | P_USED)) {
+    int r = pthread_mutex_trylock(&e->alive);
+    if (r == EOWNERDEAD) pthread_mutex_consistent(&e->alive);
+    if (r == 0 || r == EOWNERDEAD) {
+      entry_free(i);
+      pthread_mutex_unlock(&e->alive);
+    } else {  /* a mutex nobody can take again: never reused */
+      jset(&e->word, P_BROKEN);
+      jcommit();
+    }
+  }
+  arena_unlock();
+  sweep();
+}
 
 /* ------------------------------------------------------- shared objects */
 
@@ -189,33 +584,164 @@ void mp_obj_retain(uint64_t off) {
   __atomic_add_fetch(&o->refs, 1, __ATOMIC_SEQ_CST);
 }
 
+typedef void (*dtor_fn)(mp_obj *o);
+
+static void obj_free(uint64_t off, dtor_fn dtor) {
+  if (dtor) dtor(MP_PTR(off));
+  mp_free(off);
+}
+
+/* Frees the deferred objects that no live process can reach any more. Each is
+** taken off the list under the lock and freed outside it (its destructor
+** frees blocks); a kill between the two leaks that object. */
+static void sweep(void) {
+  if (!arena || !__atomic_load_n(&arena->ndeferred, __ATOMIC_ACQUIRE) || locked_here) return;
+  for (;;) {
+    uint64_t take[32];
+    dtor_fn fns[32];
+    int n = 0, died = 0;
+    arena_lock();
+    uint32_t max = live_max_serial(&died);
+    uint64_t *link = &arena->deferred;
+    while (*link && n < 32) {
+      block *b = BLK(*link);
+      mp_obj *o = (mp_obj *)(b + 1);
+      int pinned = __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST);
+      if (pinned || (__atomic_load_n(&o->refs, __ATOMIC_SEQ_CST) == 0 && o->forks >= max)) {
+        uint64_t off = *link;
+        jset(link, b->next);
+        jset(&b->tag, TAG(B_USED));
+        jset(&arena->ndeferred, arena->ndeferred - 1);
+        jcommit();
+        if (!pinned) { take[n] = off + sizeof(block); fns[n] = (dtor_fn)(uintptr_t)b->aux; n++; }
+        continue;  /* a pinned one is off the list, and kept for good */
+      }
+      link = &b->next;
+    }
+    int more = *link != 0 && n == 32;
+    arena_unlock();
+    for (int k = 0; k < n; k++) obj_free(take[k], fns[k]);
+    if (!more) return;
+  }
+}
+
 /* An object is freed when its last counted handle goes, unless it may still
-** be reached another way: it was encoded (bytes may be in flight) or a fork
-** happened since it was made (a child holds an uncounted copy of a handle). */
+** be reached another way: it was encoded (bytes may be in flight: kept for
+** good), or a live process forked after it was made holds an uncounted copy
+** of a handle (deferred until no such process lives). */
 void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o)) {
   if (!off || pid != getpid()) return;
   mp_obj *o = MP_PTR(off);
-  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) == 0 &&
-      !__atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST) && o->forks == mp_arena_forks()) {
-    if (dtor) dtor(o);
-    mp_free(off);
+  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
+    return;
+  if (o->forks == mp_arena_forks()) { obj_free(off, dtor); return; }
+  int died = 0, now = 0;
+  block *b = BLK(off - sizeof(block));
+  arena_lock();
+  if (b->tag == TAG(B_USED)) {  /* (a deferred one is on the list already) */
+    if (live_max_serial(&died) <= o->forks) now = 1;
+    else {
+      jset(&b->aux, (uint64_t)(uintptr_t)dtor);
+      jset(&b->next, arena->deferred);
+      jset(&b->tag, TAG(B_DEFERRED));
+      jset(&arena->deferred, off - sizeof(block));
+      jset(&arena->ndeferred, arena->ndeferred + 1);
+      jcommit();
+    }
   }
+  arena_unlock();
+  if (now) obj_free(off, dtor);
+  if (died) sweep();
 }
 
 void mp_obj_release(uint64_t off, pid_t pid) { mp_obj_release_with(off, pid, NULL); }
 
 /* ------------------------------------------------------------- Lua API */
 
+/* core.arena_stats() -> { used, blocks, size, top, deferred, processes }, after a sweep */
 static int arena_stats(lua_State *L) {
-  lua_createtable(L, 0, 3);
+  sweep();
+  lua_createtable(L, 0, 6);
   lua_pushinteger(L, (lua_Integer)mp_arena_used()); lua_setfield(L, -2, "used");
   lua_pushinteger(L, (lua_Integer)mp_arena_blocks()); lua_setfield(L, -2, "blocks");
   lua_pushinteger(L, arena ? (lua_Integer)arena->size : 0); lua_setfield(L, -2, "size");
+  lua_pushinteger(L, arena ? (lua_Integer)(arena->top - arena->start) : 0); lua_setfield(L, -2, "top");
+  lua_pushinteger(L, arena ? (lua_Integer)arena->ndeferred : 0); lua_setfield(L, -2, "deferred");
+  int n = 0;
+  if (arena) {
+    arena_lock();
+    for (uint32_t i = 0; i < arena->prochwm; i++) n += (uint32_t)ENTRY(i)->word == P_USED && entry_alive(i);
+    arena_unlock();
+  }
+  lua_pushinteger(L, n); lua_setfield(L, -2, "processes");
+  return 1;
+}
+
+/* core.arena_check() -> true: walks every block and list, raises at the first
+** broken rule (for tests: it holds the arena lock for the whole walk) */
+static const char *check(void) {
+  uint64_t used = 0, blocks = 0, nfree = 0, off = arena->start, top = arena->top;
+  while (off < top) {
+    block *b = BLK(off);
+    if ((uint32_t)b->tag != BLOCK_MAGIC || b->tag >> 32 > B_DEFERRED) return "a block header is damaged";
+    if (b->size < sizeof(block) || b->size % 32 || off + b->size > top) return "a block size is wrong";
+    if (b->tag != TAG(B_FREE)) { used += b->size; blocks++; } else nfree++;
+    off += b->size;
+  }
+  if (used != arena->used || blocks != arena->blocks) return "the statistics do not match the blocks";
+  uint64_t listed = 0;
+  for (int c = 0; c <= NCLASS; c++) {
+    for (uint64_t o = c < NCLASS ? arena->freelist[c] : arena->large; o; o = BLK(o)->next) {
+      if (o < arena->start || o >= top || o % 32 || BLK(o)->tag != TAG(B_FREE)) return "a free list holds a block that is not free";
+      if (c < NCLASS && BLK(o)->size != class_size(c)) return "a free list holds a block of another class";
+      if (++listed > nfree) return "a free list is longer than the free blocks (a cycle?)";
+    }
+  }
+  uint64_t nd = 0;
+  for (uint64_t o = arena->deferred; o; o = BLK(o)->next) {
+    if (o < arena->start || o >= top || BLK(o)->tag != TAG(B_DEFERRED)) return "the deferred list holds a block that is not deferred";
+    if (++nd > blocks) return "the deferred list is too long (a cycle?)";
+  }
+  if (nd != arena->ndeferred) return "the deferred count is wrong";
+  if (arena->jn || arena->compacting) return "a change was left half done";
+  return NULL;
+}
+
+static int arena_check(lua_State *L) {
+  if (!arena) { lua_pushboolean(L, 1); return 1; }
+  arena_lock();
+  const char *why = check();
+  arena_unlock();
+  if (why) return luaL_error(L, "arena damaged: %s", why);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core._arena_fault(n): this process kills itself (SIGKILL) at the n-th store
+** of the allocator's journal it applies from now on (for tests of kills) */
+static int arena_fault(lua_State *L) {
+  fault = (uint32_t)luaL_checkinteger(L, 1);
+  return 0;
+}
+
+/* core._arena_hold(n) -> offset: n bytes held by this process (see mp_alloc_held),
+** for tests; core.blob_free(offset) frees them */
+static int arena_hold(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 0, 1, "negative size");
+  mp_arena_ensure(L);
+  uint64_t off = mp_alloc_held((size_t)n);
+  if (!off) return mp_oom_error(L, (size_t)n);
+  lua_pushinteger(L, (lua_Integer)off);
   return 1;
 }
 
 int mp_arena_open(lua_State *L) {
-  lua_pushcfunction(L, arena_stats);
-  lua_setfield(L, -2, "arena_stats");
+  static const luaL_Reg funcs[] = {
+    {"arena_stats", arena_stats}, {"arena_check", arena_check}, {"_arena_fault", arena_fault},
+    {"_arena_hold", arena_hold},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
   return 0;
 }

@@ -34,6 +34,18 @@ uint64_t mp_alloc(lua_State *L, size_t n);  /* raises mp_oom_error */
 int mp_oom_error(lua_State *L, size_t want);
 uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
 void mp_free(uint64_t off);
+/* Blocks in hand: a block that this process holds outside every shared structure
+** (a big message being copied in, or taken out and being decoded) can be recorded
+** in its process entry (3 at a time), so that it is freed if the process dies:
+**   off = mp_alloc_held(n)   allocates it and holds it in one step (0 on failure)
+**   mp_unhold(off)           just before publishing it in a structure
+**   mp_hold(off)             just after taking it out of one
+**   mp_free(off)             frees it and lets it go in one step
+** A kill between mp_unhold and the publication (or the take and mp_hold) leaks
+** the block; one anywhere else does not. */
+uint64_t mp_alloc_held(size_t n);
+void mp_hold(uint64_t off);
+void mp_unhold(uint64_t off);
 size_t mp_arena_used(void);
 size_t mp_arena_top(void);
 size_t mp_arena_blocks(void);
@@ -55,8 +67,8 @@ uint32_t mp_arena_forks(void);
 /* Shared objects: every object made by a shared type starts with this header. */
 typedef struct mp_obj {
   uint32_t refs;      /* handles alive in the processes that counted them */
-  uint32_t forks;     /* arena fork count at creation: a later fork pins it */
-  uint32_t pinned;    /* 1 once encoded: it may be referenced by bytes in flight */
+  uint32_t forks;     /* arena fork count at creation: a live later fork defers its free */
+  uint32_t pinned;    /* 1 once encoded: it may be referenced by bytes in flight (kept for good) */
   uint32_t type;      /* sanity tag of the type */
 } mp_obj;
 
