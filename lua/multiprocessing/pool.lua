@@ -279,8 +279,11 @@ local function check_workers(self)
   local st = self._st
   for i, w in pairs(self._workers) do
     local code = w.code or core.reap(w.pid)
-    local last, since, first = st:claimed(i)
-    if code ~= nil then
+    -- (for a dead worker, claimed first completes a take it left half done)
+    local last, since, first = st:claimed(i, code ~= nil and self._tasks or nil)
+    if last == nil then
+      w.code = code  -- the task queue's lock is held (by a stopped process?): settle it later
+    elseif code ~= nil then
       -- it held messages first .. last: the first was running, the others waiting
       for seq = first, last do
         lose(self, seq, function(call, i0, n)
