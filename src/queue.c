@@ -166,7 +166,7 @@ static void q_dtor(mp_obj *o) {  /* frees what the queue still holds (no process
     chunk *ch = CH(c);
     for (uint32_t r = ch->rpos; r < ch->wpos;) {
       uint32_t t = tag_of(ch->data + r);
-      if (IS_BIG(t) && t != BIG_TAKEN) mp_free(((bigrec *)(ch->data + r))->off);
+      if (IS_BIG(t) && t != BIG_TAKEN) mp_free(((bigrec *)(ch->data + r))->off);  /* (0: none) */
       r += rec_size(t);
     }
     uint64_t next = ch->next;
@@ -375,18 +375,32 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
     q_unlock(q);
     return MP_WOKE;
   }
-  /* Big: reserve a record that names us, copy with the lock released, publish. */
-  uint64_t ext = mp_alloc_try(n);
-  if (!ext) { q_unlock(q); return mp_oom_error(L, n); }
+  /* Big: reserve a record that names us; allocate, copy with the lock released; publish. */
   bigrec *b = (bigrec *)p;
   b->pid = (uint32_t)me;
-  b->off = ext;
+  b->off = 0;
   b->n = n;
   b->tag = BIG_WRITING;
-  q_commit_append(q, c, rec);  /* (a kill between mp_alloc_try and here leaks the block) */
+  q_commit_append(q, c, rec);
   q->count++;
   q->bytes += n;
   q_unlock(q);
+  uint64_t ext = mp_alloc_try(n);
+  if (!ext) {  /* the reservation goes (if we cannot lock, it is settled once we exit) */
+    if (q_lock(L, q, -1) == MP_WOKE) {
+      uint32_t k = 0;
+      lg32(q, &k, &b->tag, BIG_TAKEN);
+      if (q->joinable && q->unfinished) lg(q, &k, &q->unfinished, q->unfinished - 1);
+      log_commit(q, k);
+      q->count--;
+      q->bytes -= n;
+      q_tidy(q);
+      q_wake_putters(q);
+      q_unlock(q);
+    }
+    return mp_oom_error(L, n);
+  }
+  __atomic_store_n(&b->off, ext, __ATOMIC_RELEASE);  /* (a kill just before leaks the block) */
   if (plen) memcpy(MP_PTR(ext), pre, plen);
   mp_enc_copy(e, (char *)MP_PTR(ext) + plen);
   ORDER();
