@@ -101,6 +101,7 @@ int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline);
 void mp_lock(pthread_mutex_t *m);   /* short internal critical sections */
 void mp_unlock(pthread_mutex_t *m);
 int mp_waitresult(lua_State *L, int r);   /* pushes nil, "timeout"/"interrupted" */
+int mp_pid_gone(pid_t pid);  /* 1 once process pid has exited (a zombie too): one check, in wait.c */
 
 /* ---------------------------------------------------------------- codec */
 typedef struct mp_buf {

@@ -206,11 +206,24 @@ static int ps_done(lua_State *L) {
   return 0;
 }
 
-/* st:claimed(i) -> last message number (0 when idle), since, first message number:
-** the worker holds messages first .. last and runs `first` since `since` */
+/* st:claimed(i [, tasks]) -> last message number (0 when idle), since, first message number:
+** the worker holds messages first .. last and runs `first` since `since`. Given the
+** task queue, a take that a dead worker left half done is completed first (with its
+** claim), so that the claim of a worker known to be dead is final; then nil, "busy"
+** when the queue's lock could not be had (its holder is stopped: ask again later). */
 static int ps_claimed(lua_State *L) {
   mp_handle *h = ps_check(L);
   wrec *w = ps_rec(L, h, 2);
+  if (!lua_isnoneornil(L, 3)) {
+    mp_buf *buf;
+    mp_queue *q = mp_queue_check(L, 3, &buf);
+    int r = mp_queue_settle(L, q, 0);
+    if (r != MP_WOKE) {
+      lua_pushnil(L);
+      lua_pushstring(L, r == MP_TIMEOUT ? "busy" : "interrupted");
+      return 2;
+    }
+  }
   uint64_t seq = __atomic_load_n(&w->claim.seq, __ATOMIC_SEQ_CST);
   lua_pushinteger(L, (lua_Integer)seq);
   lua_pushnumber(L, w->claim.start);

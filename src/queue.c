@@ -12,17 +12,143 @@
 #define SIMPLEQUEUE "multiprocessing.SimpleQueue"
 #define JOINABLEQUEUE "multiprocessing.JoinableQueue"
 #define CHUNK (64 * 1024 - 64)   /* data bytes of a chunk of small messages */
-#define EXTERNAL 0xffffffffu      /* record length marking a message in its own block */
 #define BIGMSG (32 * 1024)        /* messages this long get their own block */
 #define SPIN 200                  /* polls of an empty queue before sleeping */
 #define PACE_BYTES (8u << 20)     /* a put beyond this many queued bytes lets readers catch up */
 #define PACE_WAIT 0.002
+#define GRACE 0.05                /* a lock wait lasts at least this long, even for a poll */
+#define RECHECK 0.1               /* a reader waiting behind others' records looks whether they died */
+
+/* Records, 8-aligned in a chunk, start with a 32-bit tag.
+** - A small message: tag = its length (< BIGMSG), then its bytes. A reader that
+**   takes it out of order (behind a record still being written or read) sets
+**   TAKEN_BIT instead of moving the chunk's read position.
+** - A big message: a bigrec, whose block holds the bytes, and whose tag is its
+**   state. Only the process named by pid moves it out of WRITING (publish) or
+**   READING/CLAIMED (done), with one store and without the lock; a reader that
+**   finds that process gone settles the record under the lock:
+**     WRITING  -> TAKEN, block freed   (the put never happened)
+**     READING  -> READY                (a plain get died: the message is offered again)
+**     CLAIMED  -> TAKEN, block freed   (a claimed take died: its claim reports it)
+** The read position of a chunk moves past taken records only; records are
+** never moved, so a record's address stays valid while its owner works on it. */
+#define TAKEN_BIT 0x80000000u
+#define BIG_WRITING 0xfffffff1u
+#define BIG_READY 0xfffffff2u
+#define BIG_READING 0xfffffff3u
+#define BIG_CLAIMED 0xfffffff4u
+#define BIG_TAKEN 0xfffffff5u
+#define IS_BIG(t) ((t) >= BIG_WRITING)
+#define IS_GONE(t) ((t) == BIG_TAKEN || (!IS_BIG(t) && ((t) & TAKEN_BIT)))  /* taken for good */
+#define IS_OPEN(t) ((t) == BIG_READY || !((t) & TAKEN_BIT))                  /* a reader may take it */
+
+typedef struct bigrec { uint32_t tag, pid; uint64_t off, n; } bigrec;
+#define BIGREC ((uint32_t)sizeof(bigrec))
 
 typedef struct chunk {
   uint64_t next;
-  uint32_t cap, wpos, rpos, pad;
+  uint32_t wpos, rpos;  /* one aligned word: a drained chunk is reset with one store */
+  uint32_t cap, pad;
   char data[];
 } chunk;
+
+static inline void reset_word(chunk *c) {  /* wpos = rpos = 0 */
+  __atomic_store_n((uint64_t *)(void *)&c->wpos, 0, __ATOMIC_RELEASE);
+}
+
+#define CH(off) ((chunk *)MP_PTR(off))
+#define OFF(p) ((uint64_t)((char *)(p) - (char *)mp_arena_base()))
+/* a compiler barrier: a kill sees this process's stores in program order */
+#define ORDER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+static inline uint32_t tag_of(const char *rec) { return __atomic_load_n((const uint32_t *)rec, __ATOMIC_ACQUIRE); }
+static inline uint32_t rec_size(uint32_t t) { return IS_BIG(t) ? BIGREC : (((t & ~TAKEN_BIT) + 4 + 7) & ~7u); }
+
+/* ------------------------------------------------------------ the redo log */
+
+static inline void lg(mp_queue *q, uint32_t *k, void *word, uint64_t val) {
+  q->log.w[*k].at = OFF(word);
+  q->log.w[*k].val = val;
+  (*k)++;
+}
+static inline void lg32(mp_queue *q, uint32_t *k, uint32_t *word, uint32_t val) {
+  q->log.w[*k].at = OFF(word) | 1;
+  q->log.w[*k].val = val;
+  (*k)++;
+}
+static inline void lgd(mp_queue *q, uint32_t *k, double *word, double val) {
+  uint64_t v;
+  memcpy(&v, &val, 8);
+  lg(q, k, word, v);
+}
+
+static void log_apply(mp_queue *q) {
+  uint32_t n = q->log.n;
+  for (uint32_t i = 0; i < n && i < MP_QLOG; i++) {
+    uint64_t at = q->log.w[i].at, v = q->log.w[i].val;
+    if (at & 1) __atomic_store_n((uint32_t *)MP_PTR(at & ~(uint64_t)1), (uint32_t)v, __ATOMIC_RELEASE);
+    else __atomic_store_n((uint64_t *)MP_PTR(at), v, __ATOMIC_RELEASE);
+  }
+  ORDER();
+  __atomic_store_n(&q->log.n, 0, __ATOMIC_RELEASE);
+  ORDER();
+}
+
+/* The k entries written since the last commit take effect: one store commits them. */
+static void log_commit(mp_queue *q, uint32_t k) {
+  ORDER();
+  __atomic_store_n(&q->log.n, k, __ATOMIC_RELEASE);
+  ORDER();
+  log_apply(q);
+}
+
+/* What count, bytes and tail must be, from the chunks themselves. */
+static void q_recount(mp_queue *q) {
+  uint64_t count = 0, bytes = 0, tail = 0;
+  for (uint64_t off = q->head; off; off = CH(off)->next) {
+    chunk *c = CH(off);
+    tail = off;
+    for (uint32_t r = c->rpos; r < c->wpos;) {
+      const char *p = c->data + r;
+      uint32_t t = tag_of(p);
+      if (t == BIG_WRITING || t == BIG_READY) { count++; bytes += ((const bigrec *)p)->n; }
+      else if (!IS_BIG(t) && !(t & TAKEN_BIT)) { count++; bytes += t; }
+      r += rec_size(t);
+    }
+  }
+  q->count = count;
+  q->bytes = bytes;
+  q->tail = tail;
+}
+
+/* The lock's owner died: finish its change, if it committed one, and recount. */
+static void q_repair(mp_queue *q) {
+  if (q->log.n) log_apply(q);
+  q_recount(q);
+}
+
+/* Locks q: MP_WOKE (locked), MP_TIMEOUT or MP_INTERRUPTED (not locked). The
+** wait lasts at least GRACE, so that a poll is not failed by a short section. */
+static int q_lock(lua_State *L, mp_queue *q, double deadline) {
+  int r = pthread_mutex_trylock(&q->lock);
+  if (r == 0) return MP_WOKE;
+  if (r != EOWNERDEAD) {
+    if (deadline >= 0) {
+      double soon = mp_now() + GRACE;
+      if (deadline < soon) deadline = soon;
+    }
+    r = mp_mutex_lock(L, &q->lock, deadline);
+    if (r == MP_LOCKED) return MP_WOKE;
+    if (r == MP_LOCK_TIMEOUT) return MP_TIMEOUT;
+    if (r != MP_LOCK_OWNERDEAD) return MP_INTERRUPTED;  /* (or held by us: a bug) */
+  } else {
+    pthread_mutex_consistent(&q->lock);
+  }
+  q_repair(q);
+  return MP_WOKE;
+}
+
+static inline void q_unlock(mp_queue *q) { pthread_mutex_unlock(&q->lock); }
 
 /* ------------------------------------------------------- the shared part */
 
@@ -32,22 +158,16 @@ static void q_init(mp_queue *q, int64_t maxsize, int joinable) {
   q->joinable = (uint32_t)joinable;
 }
 
-static void q_dtor(mp_obj *o) {  /* frees what the queue still holds */
+static void q_dtor(mp_obj *o) {  /* frees what the queue still holds (no process uses it) */
   mp_queue *q = (mp_queue *)o;
+  if (q->log.n) log_apply(q);
   uint64_t c = q->head;
   while (c) {
-    chunk *ch = MP_PTR(c);
+    chunk *ch = CH(c);
     for (uint32_t r = ch->rpos; r < ch->wpos;) {
-      uint32_t len;
-      memcpy(&len, ch->data + r, 4);
-      if (len == EXTERNAL) {
-        uint64_t off;
-        memcpy(&off, ch->data + r + 8, 8);
-        mp_free(off);
-        r += 24;
-      } else {
-        r += (4 + len + 7) & ~7u;
-      }
+      uint32_t t = tag_of(ch->data + r);
+      if (IS_BIG(t) && t != BIG_TAKEN) mp_free(((bigrec *)(ch->data + r))->off);  /* (0: none) */
+      r += rec_size(t);
     }
     uint64_t next = ch->next;
     mp_free(c);
@@ -57,108 +177,157 @@ static void q_dtor(mp_obj *o) {  /* frees what the queue still holds */
   q->head = q->tail = q->spare = 0;
 }
 
-static uint64_t new_chunk(lua_State *L, mp_queue *q, uint32_t need) {
-  uint64_t off;
-  if (q->spare && need <= ((chunk *)MP_PTR(q->spare))->cap) { off = q->spare; q->spare = 0; }
-  else {
+/* A chunk at the tail with room for rec bytes (queue locked), or NULL when the
+** arena is full. A new chunk is linked empty, with one store (or a logged pair
+** when it is the spare): a kill can leak it only between its allocation and
+** that store. */
+static chunk *q_room(mp_queue *q, uint32_t rec) {
+  chunk *c = q->tail ? CH(q->tail) : NULL;
+  if (c && c->cap - c->wpos >= rec) return c;
+  uint64_t *link = c ? &c->next : &q->head, off;
+  if (q->spare && rec <= CH(q->spare)->cap) {
+    off = q->spare;
+    c = CH(off);
+    c->next = 0; c->wpos = c->rpos = 0;
+    uint32_t k = 0;
+    lg(q, &k, &q->spare, 0);
+    lg(q, &k, link, off);
+    log_commit(q, k);
+  } else {
     /* small first chunks: a queue that carries a few messages stays small */
     if (q->chunkcap < 2048) q->chunkcap = 2048 - sizeof(chunk);
-    uint32_t cap = need > q->chunkcap ? need : q->chunkcap;
+    uint32_t cap = rec > q->chunkcap ? rec : q->chunkcap;
     if (q->chunkcap < CHUNK) q->chunkcap = q->chunkcap * 2 + (uint32_t)sizeof(chunk) > CHUNK ? CHUNK : q->chunkcap * 2 + (uint32_t)sizeof(chunk);
     off = mp_alloc_try(sizeof(chunk) + cap);
-    if (!off) { mp_unlock(&q->lock); mp_oom_error(L, sizeof(chunk) + cap); }
-    ((chunk *)MP_PTR(off))->cap = cap;
+    if (!off) return NULL;
+    c = CH(off);
+    c->cap = cap; c->next = 0; c->wpos = c->rpos = 0;
+    ORDER();
+    __atomic_store_n(link, off, __ATOMIC_RELEASE);
   }
-  chunk *c = MP_PTR(off);
-  c->next = 0; c->wpos = c->rpos = 0;
-  if (q->tail) ((chunk *)MP_PTR(q->tail))->next = off;
-  else q->head = off;
   q->tail = off;
-  return off;
+  return c;
 }
 
-/* Appends the encoded message (queue locked). */
-static void q_append(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e) {
-  size_t n = plen + mp_enc_size(e);
-  uint64_t ext = 0;
-  uint32_t rec;
-  if (n >= BIGMSG) {  /* copied outside the chunk, so a reader can decode it in place */
-    ext = mp_alloc_try(n);
-    if (!ext) { mp_unlock(&q->lock); mp_oom_error(L, n); }
-    rec = 24;
+/* Makes the record that was written at c->wpos part of the queue (locked):
+** one store, or a logged pair for a JoinableQueue. */
+static void q_commit_append(mp_queue *q, chunk *c, uint32_t rec) {
+  if (q->joinable) {
+    uint32_t k = 0;
+    lg32(q, &k, &c->wpos, c->wpos + rec);
+    lg(q, &k, &q->unfinished, q->unfinished + 1);
+    log_commit(q, k);
   } else {
-    rec = (uint32_t)((4 + n + 7) & ~(size_t)7);
+    ORDER();
+    __atomic_store_n(&c->wpos, c->wpos + rec, __ATOMIC_RELEASE);
+    ORDER();
   }
-  chunk *c = q->tail ? MP_PTR(q->tail) : NULL;
-  if (!c || c->cap - c->wpos < rec) c = MP_PTR(new_chunk(L, q, rec));
-  char *p = c->data + c->wpos;
-  if (ext) {
-    uint32_t len = EXTERNAL;
-    uint64_t n64 = n;
-    memcpy(p, &len, 4);
-    memcpy(p + 8, &ext, 8);
-    memcpy(p + 16, &n64, 8);
-    if (plen) memcpy(MP_PTR(ext), pre, plen);
-    mp_enc_copy(e, (char *)MP_PTR(ext) + plen);
-  } else {
-    uint32_t len = (uint32_t)n;
-    memcpy(p, &len, 4);
-    if (plen) memcpy(p + 4, pre, plen);
-    mp_enc_copy(e, p + 4 + plen);
-  }
-  c->wpos += rec;
-  q->count++;
-  q->bytes += n;
-  if (q->joinable) q->unfinished++;
+}
+
+static void q_wake_getters(mp_queue *q) {
   __atomic_add_fetch(&q->put_seq, 1, __ATOMIC_SEQ_CST);
-  if (q->getters) mp_futex_wake(&q->put_seq, 1);
+  if (__atomic_load_n(&q->getters, __ATOMIC_SEQ_CST)) mp_futex_wake(&q->put_seq, 1);
 }
 
-/* Takes the first message (queue locked, not empty). Small messages are copied
-** into buf; a big one is returned as its block (*ext), which the caller frees. */
-static void q_take(lua_State *L, mp_queue *q, mp_buf *buf, uint64_t *ext, size_t *extn) {
-  chunk *c = MP_PTR(q->head);
-  while (c->rpos == c->wpos) {  /* drained chunks before the tail */
-    uint64_t off = q->head;
-    q->head = c->next;
-    if (!q->spare && c->cap <= CHUNK) q->spare = off; else mp_free(off);
-    c = MP_PTR(q->head);
-  }
-  char *p = c->data + c->rpos;
-  uint32_t len;
-  memcpy(&len, p, 4);
-  *ext = 0;
-  if (len == EXTERNAL) {
-    uint64_t n64;
-    memcpy(ext, p + 8, 8);
-    memcpy(&n64, p + 16, 8);
-    *extn = (size_t)n64;
-    q->bytes -= n64;
-    c->rpos += 24;
-  } else {  /* appended to buf as [u32 len][bytes] */
-    mp_buf_reserve(L, buf, 4 + (size_t)len);  /* small: cannot fail in practice */
-    memcpy(buf->p + buf->n, &len, 4);
-    memcpy(buf->p + buf->n + 4, p + 4, len);
-    buf->n += 4 + (size_t)len;
-    q->bytes -= len;
-    c->rpos += (4 + len + 7) & ~7u;
-  }
-  if (c->rpos == c->wpos && q->head == q->tail) c->rpos = c->wpos = 0;  /* reuse in place */
-  q->count--;
-  q->nopace = 0;
+static void q_wake_putters(mp_queue *q) {
   __atomic_add_fetch(&q->get_seq, 1, __ATOMIC_SEQ_CST);
-  if (q->putters) mp_futex_wake(&q->get_seq, 1);
+  if (__atomic_load_n(&q->putters, __ATOMIC_SEQ_CST)) mp_futex_wake(&q->get_seq, 1);
 }
 
-/* Waits (queue locked on entry and exit) until cond holds; returns MP_WOKE or why not. */
-static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t *sleepers, double deadline) {
-  uint32_t s = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
-  (*sleepers)++;
-  mp_unlock(&q->lock);
-  int r = mp_futex_wait(L, seq, s, deadline);
-  mp_lock(&q->lock);
-  (*sleepers)--;
-  return r;
+/* Moves the head past taken records, and drops drained chunks (queue locked). */
+static void q_tidy(mp_queue *q) {
+  while (q->head) {
+    chunk *c = CH(q->head);
+    uint32_t r = c->rpos;
+    while (r < c->wpos) {
+      uint32_t t = tag_of(c->data + r);
+      if (!IS_GONE(t)) break;
+      r += rec_size(t);
+    }
+    if (r < c->wpos) {
+      if (r != c->rpos) __atomic_store_n(&c->rpos, r, __ATOMIC_RELEASE);
+      return;
+    }
+    uint32_t k = 0;
+    if (q->head == q->tail) {  /* drained: reuse it in place */
+      if (r) reset_word(c);
+      return;
+    }
+    uint64_t off = q->head;
+    int keep = !q->spare && c->cap <= CHUNK;
+    lg(q, &k, &q->head, c->next);
+    if (keep) lg(q, &k, &q->spare, off);
+    log_commit(q, k);
+    if (!keep) mp_free(off);  /* (a kill right here leaks this chunk) */
+  }
+}
+
+/* The first record a reader may take (queue locked): 1 and its place, or 0.
+** *busy counts the records that others are writing or reading. */
+static int q_find(mp_queue *q, chunk **pc, uint32_t *pr, int *busy) {
+  *busy = 0;
+  for (uint64_t off = q->head; off; off = CH(off)->next) {
+    chunk *c = CH(off);
+    for (uint32_t r = c->rpos; r < c->wpos;) {
+      uint32_t t = tag_of(c->data + r);
+      if (IS_OPEN(t)) { *pc = c; *pr = r; return 1; }
+      if (t == BIG_WRITING || t == BIG_READING || t == BIG_CLAIMED) (*busy)++;
+      r += rec_size(t);
+    }
+  }
+  return 0;
+}
+
+/* Settles the big records whose writer or reader is gone (queue locked, see
+** the states above); returns how many. */
+static int q_settle_dead(mp_queue *q) {
+  int n = 0;
+  for (uint64_t off = q->head; off; off = CH(off)->next) {
+    chunk *c = CH(off);
+    for (uint32_t r = c->rpos; r < c->wpos;) {
+      bigrec *b = (bigrec *)(c->data + r);
+      uint32_t t = tag_of(c->data + r), k = 0;
+      r += rec_size(t);
+      if ((t != BIG_WRITING && t != BIG_READING && t != BIG_CLAIMED) || !mp_pid_gone((pid_t)b->pid)) continue;
+      n++;
+      if (t == BIG_READING) {  /* offered again */
+        lg32(q, &k, &b->tag, BIG_READY);
+        log_commit(q, k);
+        q->count++;
+        q->bytes += b->n;
+        continue;
+      }
+      uint64_t block = b->off;
+      lg32(q, &k, &b->tag, BIG_TAKEN);
+      if (t == BIG_WRITING && q->joinable && q->unfinished) lg(q, &k, &q->unfinished, q->unfinished - 1);
+      log_commit(q, k);
+      mp_free(block);  /* (a kill right here leaks this block) */
+      if (t == BIG_WRITING) {
+        q->count--;
+        q->bytes -= b->n;
+        if (q->joinable && !q->unfinished) {
+          __atomic_add_fetch(&q->done_seq, 1, __ATOMIC_SEQ_CST);
+          mp_futex_wake(&q->done_seq, 0x7fffffff);
+        }
+      }
+    }
+  }
+  if (n) { q_tidy(q); q_wake_getters(q); q_wake_putters(q); }
+  return n;
+}
+
+/* Sleeps while *seq == s (queue locked on entry), until `until`; then locks
+** again, waiting no later than deadline. MP_WOKE: locked again (*slept says
+** whether the sleep timed out); otherwise MP_TIMEOUT or MP_INTERRUPTED, not locked. */
+static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t s, uint32_t *sleepers,
+                  double until, double deadline, int *slept) {
+  __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+  q_unlock(q);
+  int r = mp_futex_wait(L, seq, s, until);
+  __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+  if (slept) *slept = r == MP_TIMEOUT;
+  if (r == MP_INTERRUPTED) return r;
+  return q_lock(L, q, deadline);
 }
 
 /* ------------------------------------------------------------ internal API */
@@ -168,23 +337,75 @@ int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline) {
 }
 
 int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
-  mp_lock(&q->lock);
+  size_t n = plen + mp_enc_size(e);
+  int big = n >= BIGMSG;
+  pid_t me = big ? getpid() : 0;
+  int r = q_lock(L, q, deadline);
+  if (r != MP_WOKE) return r;
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
-    if (deadline >= 0 && mp_now() >= deadline) { mp_unlock(&q->lock); return MP_TIMEOUT; }
-    int r = q_wait(L, q, &q->get_seq, &q->putters, deadline);
-    if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return r; }
+    uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
+    if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return MP_TIMEOUT; }
+    r = q_wait(L, q, &q->get_seq, s, &q->putters, deadline, deadline, NULL);
+    if (r != MP_WOKE) return r;
   }
   /* Pacing: a writer far ahead of its readers would touch fresh pages for
   ** every message, which costs far more than the copy; while readers make
   ** progress, wait for them a little. Never blocks for long: a reader that
   ** does not take a message within PACE_WAIT turns pacing off until it does. */
   while (q->bytes > PACE_BYTES && !q->nopace) {
-    int r = q_wait(L, q, &q->get_seq, &q->putters, mp_now() + PACE_WAIT);
-    if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return r; }
-    if (r == MP_TIMEOUT) q->nopace = 1;
+    int slept;
+    uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
+    r = q_wait(L, q, &q->get_seq, s, &q->putters, mp_now() + PACE_WAIT, deadline, &slept);
+    if (r != MP_WOKE) return r;
+    if (slept) q->nopace = 1;
   }
-  q_append(L, q, pre, plen, e);
-  mp_unlock(&q->lock);
+  uint32_t rec = big ? BIGREC : (uint32_t)((4 + n + 7) & ~(size_t)7);
+  chunk *c = q_room(q, rec);
+  if (!c) { q_unlock(q); return mp_oom_error(L, sizeof(chunk) + rec); }
+  char *p = c->data + c->wpos;
+  if (!big) {  /* copied under the lock: a few instructions */
+    uint32_t len = (uint32_t)n;
+    memcpy(p, &len, 4);
+    if (plen) memcpy(p + 4, pre, plen);
+    mp_enc_copy(e, p + 4 + plen);
+    q_commit_append(q, c, rec);
+    q->count++;
+    q->bytes += n;
+    q_wake_getters(q);
+    q_unlock(q);
+    return MP_WOKE;
+  }
+  /* Big: reserve a record that names us; allocate, copy with the lock released; publish. */
+  bigrec *b = (bigrec *)p;
+  b->pid = (uint32_t)me;
+  b->off = 0;
+  b->n = n;
+  b->tag = BIG_WRITING;
+  q_commit_append(q, c, rec);
+  q->count++;
+  q->bytes += n;
+  q_unlock(q);
+  uint64_t ext = mp_alloc_try(n);
+  if (!ext) {  /* the reservation goes (if we cannot lock, it is settled once we exit) */
+    if (q_lock(L, q, -1) == MP_WOKE) {
+      uint32_t k = 0;
+      lg32(q, &k, &b->tag, BIG_TAKEN);
+      if (q->joinable && q->unfinished) lg(q, &k, &q->unfinished, q->unfinished - 1);
+      log_commit(q, k);
+      q->count--;
+      q->bytes -= n;
+      q_tidy(q);
+      q_wake_putters(q);
+      q_unlock(q);
+    }
+    return mp_oom_error(L, n);
+  }
+  __atomic_store_n(&b->off, ext, __ATOMIC_RELEASE);  /* (a kill just before leaks the block) */
+  if (plen) memcpy(MP_PTR(ext), pre, plen);
+  mp_enc_copy(e, (char *)MP_PTR(ext) + plen);
+  ORDER();
+  __atomic_store_n(&b->tag, BIG_READY, __ATOMIC_SEQ_CST);  /* published */
+  q_wake_getters(q);
   return MP_WOKE;
 }
 
@@ -201,13 +422,18 @@ int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
   return mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL);
 }
 
-/* Is the next message one with a block of its own? (queue locked, not empty) */
-static int q_next_is_ext(mp_queue *q) {
-  chunk *c = MP_PTR(q->head);
-  while (c->rpos == c->wpos && c->next) c = MP_PTR(c->next);
-  uint32_t len;
-  memcpy(&len, c->data + c->rpos, 4);
-  return len == EXTERNAL;
+int mp_queue_settle(lua_State *L, mp_queue *q, double deadline) {
+  int r = q_lock(L, q, deadline);
+  if (r == MP_WOKE) q_unlock(q);
+  return r;
+}
+
+/* adds the claim of messages taken+1 .. taken+n to a logged change */
+static void lg_claim(mp_queue *q, uint32_t *k, mp_claim *claim, uint64_t n) {
+  lg(q, k, &q->taken, q->taken + n);
+  lgd(q, k, &claim->start, mp_now());
+  lg(q, k, &claim->first, q->taken + 1);
+  lg(q, k, &claim->seq, q->taken + n);
 }
 
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
@@ -216,51 +442,118 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
   if (!decode) decode = mp_decode;
   for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
     if (spin > 20) sched_yield();
-  mp_lock(&q->lock);
-  while (q->count == 0) {
-    if (deadline >= 0 && mp_now() >= deadline) { mp_unlock(&q->lock); return MP_TIMEOUT; }
-    int r = q_wait(L, q, &q->put_seq, &q->getters, deadline);
-    if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return r; }
-  }
-  uint64_t ext;
-  size_t extn = 0;
   buf->n = 0;
-  q_take(L, q, buf, &ext, &extn);
-  q->taken++;
-  int k = 1;
-  /* more small messages while others are left for the other readers */
-  while (!ext && k < maxk && q->count > keep && !q_next_is_ext(q)) {
-    uint64_t e2;
-    size_t n2;
-    q_take(L, q, buf, &e2, &n2);
-    q->taken++;
-    k++;
+  if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
+  int r = q_lock(L, q, deadline);
+  if (r != MP_WOKE) return r;
+  chunk *c;
+  uint32_t at;
+  for (;;) {
+    uint32_t s = __atomic_load_n(&q->put_seq, __ATOMIC_SEQ_CST);  /* before looking: publish needs no lock */
+    int busy = 0;
+    if (q->head) {
+      c = CH(q->head);  /* the common case: the first record is there to take */
+      if (c->rpos < c->wpos && IS_OPEN(tag_of(c->data + c->rpos))) { at = c->rpos; break; }
+      q_tidy(q);
+      if (q_find(q, &c, &at, &busy)) break;
+    }
+    if (busy && q_settle_dead(q)) continue;
+    double now = -1;
+    if (deadline >= 0 && (now = mp_now()) >= deadline) { q_unlock(q); return MP_TIMEOUT; }
+    double until = deadline;
+    if (busy) {  /* nobody wakes us if they die: look again now and then */
+      double again = (now >= 0 ? now : mp_now()) + RECHECK;
+      if (until < 0 || until > again) until = again;
+    }
+    r = q_wait(L, q, &q->put_seq, s, &q->getters, until, deadline, NULL);
+    if (r != MP_WOKE) return r;
   }
-  if (claim) {
-    claim->start = mp_now();
-    claim->first = q->taken - (uint64_t)k + 1;
-    __atomic_store_n(&claim->seq, q->taken, __ATOMIC_SEQ_CST);
-  }
-  mp_unlock(&q->lock);
-  if (ext) {  /* decode in place, then free the block even if decoding fails */
+  char *p = c->data + at;
+  uint32_t t = tag_of(p), k = 0;
+  if (t == BIG_READY) {  /* decoded in place, outside the lock */
+    bigrec *b = (bigrec *)p;
+    struct { uint32_t tag, pid; } w = { claim ? BIG_CLAIMED : BIG_READING, (uint32_t)getpid() };
+    uint64_t word;
+    memcpy(&word, &w, 8);
+    if (claim) {
+      lg(q, &k, b, word);  /* tag and pid: one word */
+      lg_claim(q, &k, claim, 1);
+      log_commit(q, k);
+    } else {
+      __atomic_store_n((uint64_t *)(void *)b, word, __ATOMIC_RELEASE);
+    }
+    q->count--;
+    q->bytes -= b->n;
+    q->nopace = 0;
+    q_wake_putters(q);
+    q_unlock(q);
     lua_pushcfunction(L, decode_ext);
-    extmsg m = { ext, extn, decode };
+    extmsg m = { b->off, (size_t)b->n, decode };
     lua_pushlightuserdata(L, &m);
     int st = lua_pcall(L, 1, 1, 0);
-    mp_free(ext);
+    /* done, whatever the decoding did: taken first, then freed (so a kill
+    ** between the two leaks the block rather than offering freed memory) */
+    uint64_t block = b->off;
+    __atomic_store_n(&b->tag, BIG_TAKEN, __ATOMIC_SEQ_CST);
+    ORDER();
+    mp_free(block);
     if (st != LUA_OK) lua_error(L);
     *count = 1;
     return MP_WOKE;
   }
-  luaL_checkstack(L, k, "too many messages");
-  size_t at = 0;
-  for (int i = 0; i < k; i++) {
-    uint32_t len;
-    memcpy(&len, buf->p + at, 4);
-    decode(L, buf->p + at + 4, len);
-    at += 4 + (size_t)len;
+  /* small messages: copied into buf as [u32 len][bytes]... */
+  int n = 0;
+  uint64_t bytes = 0;
+  if (c == CH(q->head) && at == c->rpos) {  /* in order: a batch, then the read position moves */
+    uint32_t r2 = at;
+    do {
+      uint32_t len = t;
+      memcpy(buf->p + buf->n, &len, 4);
+      memcpy(buf->p + buf->n + 4, p + 4, len);
+      buf->n += 4 + (size_t)len;
+      bytes += len;
+      n++;
+      r2 += rec_size(t);
+      if (r2 >= c->wpos || n >= maxk || q->count - (uint64_t)n <= keep) break;
+      p = c->data + r2;
+      t = tag_of(p);
+    } while (!IS_BIG(t) && !(t & TAKEN_BIT) && buf->n + 4 + t <= buf->cap);
+    while (r2 < c->wpos && IS_GONE(tag_of(c->data + r2))) r2 += rec_size(tag_of(c->data + r2));
+    int reset = r2 == c->wpos && q->head == q->tail;  /* drained: reuse in place */
+    if (claim) {
+      if (reset) lg(q, &k, &c->wpos, 0); else lg32(q, &k, &c->rpos, r2);
+    } else {  /* no claim: one store is the whole change */
+      ORDER();
+      if (reset) reset_word(c); else __atomic_store_n(&c->rpos, r2, __ATOMIC_RELEASE);
+      ORDER();
+    }
+  } else {  /* behind a record still in work: this one only, marked taken */
+    memcpy(buf->p, &t, 4);
+    memcpy(buf->p + 4, p + 4, t);
+    buf->n = 4 + (size_t)t;
+    bytes = t;
+    n = 1;
+    if (claim) lg32(q, &k, (uint32_t *)p, t | TAKEN_BIT);
+    else __atomic_store_n((uint32_t *)p, t | TAKEN_BIT, __ATOMIC_RELEASE);
   }
-  *count = k;
+  if (claim) {
+    lg_claim(q, &k, claim, (uint64_t)n);
+    log_commit(q, k);
+  }
+  q->count -= (uint64_t)n;
+  q->bytes -= bytes;
+  q->nopace = 0;
+  q_wake_putters(q);
+  q_unlock(q);
+  luaL_checkstack(L, n, "too many messages");
+  size_t pos = 0;
+  for (int i = 0; i < n; i++) {
+    uint32_t len;
+    memcpy(&len, buf->p + pos, 4);
+    decode(L, buf->p + pos + 4, len);
+    pos += 4 + (size_t)len;
+  }
+  *count = n;
   return MP_WOKE;
 }
 
@@ -382,32 +675,37 @@ static int queue_maxsize(lua_State *L) {
   return 1;
 }
 
+/* task_done() -> nothing | nil, "interrupted" (while waiting for the queue's lock) */
 static int queue_task_done(lua_State *L) {
   qhandle *qh = q_check(L, 1);
   mp_queue *q = QOF(qh);
-  mp_lock(&q->lock);
-  if (q->unfinished == 0) { mp_unlock(&q->lock); return luaL_error(L, "task_done() called too many times"); }
-  if (--q->unfinished == 0) {
+  int r = q_lock(L, q, -1);
+  if (r != MP_WOKE) return mp_waitresult(L, r);
+  if (q->unfinished == 0) { q_unlock(q); return luaL_error(L, "task_done() called too many times"); }
+  __atomic_store_n(&q->unfinished, q->unfinished - 1, __ATOMIC_RELEASE);  /* one store */
+  if (q->unfinished == 0) {
     __atomic_add_fetch(&q->done_seq, 1, __ATOMIC_SEQ_CST);
     mp_futex_wake(&q->done_seq, 0x7fffffff);
   }
-  mp_unlock(&q->lock);
+  q_unlock(q);
   return 0;
 }
 
-/* join([timeout]) -> true | nil, "timeout" */
+/* join([timeout]) -> true | nil, "timeout" | nil, "interrupted" */
 static int queue_join(lua_State *L) {
   qhandle *qh = q_check(L, 1);
   mp_queue *q = QOF(qh);
   double deadline = mp_deadline(L, 2);
-  uint32_t dummy = 0;
-  mp_lock(&q->lock);
+  uint32_t sleepers = 0;  /* task_done always wakes */
+  int r = q_lock(L, q, deadline);
+  if (r != MP_WOKE) return mp_waitresult(L, r);
   while (q->unfinished > 0) {
-    if (deadline >= 0 && mp_now() >= deadline) { mp_unlock(&q->lock); return mp_waitresult(L, MP_TIMEOUT); }
-    int r = q_wait(L, q, &q->done_seq, &dummy, deadline);
-    if (r == MP_INTERRUPTED) { mp_unlock(&q->lock); return mp_waitresult(L, r); }
+    uint32_t s = __atomic_load_n(&q->done_seq, __ATOMIC_SEQ_CST);
+    if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return mp_waitresult(L, MP_TIMEOUT); }
+    r = q_wait(L, q, &q->done_seq, s, &sleepers, deadline, deadline, NULL);
+    if (r != MP_WOKE) return mp_waitresult(L, r);
   }
-  mp_unlock(&q->lock);
+  q_unlock(q);
   lua_pushboolean(L, 1);
   return 1;
 }

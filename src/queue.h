@@ -6,40 +6,64 @@
 
 #pragma GCC visibility push(hidden)
 
-/* A queue is a list of chunks in the arena holding length-prefixed messages;
-** a big message gets a block of its own that the reader decodes in place.
-** put never blocks unless maxsize is set; sleepers wait on sequence counters
-** and are woken only when someone sleeps, so no system call is made otherwise. */
+/* A queue is a list of chunks in the arena holding records: a small message is
+** copied into its record; a big one gets a block of its own, reserved under the
+** lock, copied with the lock released and published with one store; a reader
+** decodes it in place, also outside the lock. put never blocks unless maxsize
+** is set; sleepers wait on sequence counters and are woken only when someone
+** sleeps, so no system call is made otherwise.
+**
+** Kills. Every change made under the lock survives a SIGKILL at any instruction:
+** a change of more than one word is first written to the queue's redo log (the
+** words to store and their values), committed by storing the log's length, then
+** applied; whoever next takes the lock and finds its owner dead applies a
+** committed log again (the stores are idempotent) and recounts what is derived
+** (count, bytes, tail). A take and the claim of its taker are one logged change.
+** Records that a process left half written or half read are settled by a reader
+** that finds their process gone (see queue.c and docs/queue.md). */
+#define MP_QLOG 8
+typedef struct mp_qlog {
+  uint32_t n, pad;                          /* entries to apply; 0: nothing pending */
+  struct { uint64_t at, val; } w[MP_QLOG];  /* arena offset (| 1: a 32-bit word), value */
+} mp_qlog;
+
 typedef struct mp_queue {
   mp_obj h;
   pthread_mutex_t lock;
-  uint64_t head, tail, spare;  /* chunks */
-  uint64_t count;              /* messages */
-  uint64_t bytes;              /* their encoded size */
-  uint64_t taken;              /* messages ever taken: the number of the last one */
+  mp_qlog log;
+  uint64_t head, tail, spare;  /* chunks (tail: derived from head) */
+  uint64_t count;              /* messages that a reader may still take (derived) */
+  uint64_t bytes;              /* their encoded size (derived) */
+  uint64_t taken;              /* messages taken with a claim: the number of the last one */
   int64_t maxsize;             /* 0: unbounded */
   uint64_t unfinished;         /* JoinableQueue: puts not yet task_done */
   uint32_t put_seq, get_seq, done_seq;
-  uint32_t getters, putters;   /* processes sleeping in get / put */
+  uint32_t getters, putters;   /* processes sleeping in get / put (atomic) */
   uint32_t joinable;
-  uint32_t nopace;
-  uint32_t chunkcap;           /* capacity of the next chunk: grows to CHUNK */             /* a pacing wait timed out: no pacing until the next get */
+  uint32_t nopace;             /* a pacing wait timed out: no pacing until the next get */
+  uint32_t chunkcap;           /* capacity of the next chunk: grows to CHUNK */
 } mp_queue;
 
-/* Both return MP_WOKE (done), MP_TIMEOUT or MP_INTERRUPTED; get pushes the value. */
+/* All return MP_WOKE (done), MP_TIMEOUT or MP_INTERRUPTED; get pushes the value.
+** A deadline bounds the wait for the queue's lock too, and Ctrl-C ends it. */
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline);
 /* put, with plen bytes of pre before the encoding (for a reader with its own decoder) */
 int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline);
 typedef void (*mp_decoder)(lua_State *L, const char *s, size_t n);  /* pushes one value */
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
-/* A reader's claim: while the queue is locked, get_many writes the numbers of
-** the messages it takes (and the time), so that a reader killed right after
-** taking them is known to have them. */
+/* A reader's claim, in the arena: get_many writes the numbers of the messages
+** it takes (and the time) in the same logged change that takes them, so a
+** reader killed at any instant is known to hold exactly what it took. Message
+** numbers count claimed takes (1, 2, ...): on a queue read only by claimed
+** takes and written by one producer, they are its put order. */
 typedef struct mp_claim { uint64_t seq; double start; uint64_t first; } mp_claim;
 /* Takes up to maxk small messages at once, while more than `keep` stay queued; pushes
 ** *count values. The claim covers messages claim->first .. claim->seq. */
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
                       int maxk, uint64_t keep, int *count, mp_decoder decode);
+/* Takes and releases the lock: a change that a dead process left half done is
+** completed (with its claim) before this returns MP_WOKE. */
+int mp_queue_settle(lua_State *L, mp_queue *q, double deadline);
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf);  /* the queue of a handle */
 
 #pragma GCC visibility pop

@@ -3,7 +3,10 @@
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <fcntl.h>
 #include <math.h>
+#include <poll.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -14,6 +17,15 @@
 /* A blocking call sleeps at most this long at a time, then looks whether the
 ** interpreter was interrupted (lua.c's SIGINT handler installs a hook). */
 #define SLICE 0.05
+
+/* a hint to the CPU inside a spin loop */
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__) || defined(__arm__)
+#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define cpu_relax() __asm__ __volatile__("" ::: "memory")
+#endif
 
 double mp_now(void) {
   struct timespec ts;
@@ -89,7 +101,7 @@ int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline) {
   /* a short spin first: critical sections are usually a few instructions long,
   ** and sleeping in the kernel costs far more than waiting them out */
   for (int spin = 0; r == EBUSY && spin < 100 && deadline != 0; spin++) {
-    __builtin_ia32_pause();
+    cpu_relax();
     r = pthread_mutex_trylock(m);
   }
   for (;;) {
@@ -110,6 +122,35 @@ int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline) {
     r = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
     if (r == ETIMEDOUT && !last) r = EBUSY;
   }
+}
+
+/* Has process pid ended? A zombie has (its parent has not read its status yet).
+** pidfd_open finds it even then: its descriptor polls readable once the process
+** has exited. Without pidfd_open (Linux < 5.3), /proc/<pid>/stat says Z or X.
+** When it cannot tell (no /proc), the answer is no: nothing is taken from a
+** process that may be alive. */
+int mp_pid_gone(pid_t pid) {
+  if (pid <= 0) return 0;
+#ifdef SYS_pidfd_open
+  int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+  if (fd >= 0) {
+    struct pollfd p = { fd, POLLIN, 0 };
+    int r = poll(&p, 1, 0);
+    close(fd);
+    return r > 0;
+  }
+  if (errno == ESRCH) return 1;
+#endif
+  char path[40], st[256];
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  int f = open(path, O_RDONLY | O_CLOEXEC);
+  if (f < 0) return errno == ENOENT || errno == ESRCH;
+  ssize_t n = read(f, st, sizeof st - 1);
+  close(f);
+  if (n <= 0) return 0;
+  st[n] = 0;
+  const char *e = strrchr(st, ')');  /* the name may hold anything, even ')' */
+  return e && e[1] == ' ' && (e[2] == 'Z' || e[2] == 'X');
 }
 
 int mp_waitresult(lua_State *L, int r) {

@@ -477,8 +477,11 @@ local function check_workers(self, idle)
       code, why = core.reap(w.pid)
       if code == nil and why then code = false end  -- reaped elsewhere: the status is gone
     end
-    local last, since, first = st:claimed(i)
-    if code ~= nil then
+    -- (for a dead worker, claimed first completes a take it left half done)
+    local last, since, first = st:claimed(i, code ~= nil and self._tasks or nil)
+    if last == nil then
+      w.code = code  -- the task queue's lock is held (by a stopped process?): settle it later
+    elseif code ~= nil then
       drain(self)  -- what it sent before it died (its results, its "ready") counts
       -- it held messages first .. last: the first was running, the others waiting
       for seq = first, last do
