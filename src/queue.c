@@ -385,7 +385,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   q->count++;
   q->bytes += n;
   q_unlock(q);
-  uint64_t ext = mp_alloc_try(n);
+  uint64_t ext = mp_alloc_held(n);  /* ours until published: freed if we die copying */
   if (!ext) {  /* the reservation goes (if we cannot lock, it is settled once we exit) */
     if (q_lock(L, q, -1) == MP_WOKE) {
       uint32_t k = 0;
@@ -400,9 +400,14 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
     }
     return mp_oom_error(L, n);
   }
-  __atomic_store_n(&b->off, ext, __ATOMIC_RELEASE);  /* (a kill just before leaks the block) */
   if (plen) memcpy(MP_PTR(ext), pre, plen);
   mp_enc_copy(e, (char *)MP_PTR(ext) + plen);
+  /* The block passes from this process's hold to the record: a kill before
+  ** mp_unhold frees it with the process (the record, WRITING with no block, is
+  ** settled); after the store of b->off, the record's settling frees it; only
+  ** a kill between the two leaks it. */
+  mp_unhold(ext);
+  __atomic_store_n(&b->off, ext, __ATOMIC_RELEASE);
   ORDER();
   __atomic_store_n(&b->tag, BIG_READY, __ATOMIC_SEQ_CST);  /* published */
   q_wake_getters(q);

@@ -994,6 +994,19 @@ function Pool:close()
   stop_workers(self)  -- now, or once the queued work is done
 end
 
+-- Once its workers are gone, a pool needs its queues and shared state no more:
+-- they go back to the arena now, not when the Pool is collected (stats() keeps
+-- working on a copy).
+local function release_shared(self)
+  if self._final_stats then return end
+  local final = {}
+  for i = 1, self._n do final[i] = self._st:info(i) end
+  self._final_stats = final
+  self._tasks:close()
+  self._results:close()
+  self._st:close()
+end
+
 function Pool:join()
   if self._owner ~= core.getpid() then return end
   if self._state == "running" then error("cannot join a running pool (close or terminate it first)", 2) end
@@ -1009,6 +1022,7 @@ function Pool:join()
   abort_all(self, CLOSED)
   self._state = "closed"
   free_blobs(self)
+  release_shared(self)
 end
 
 function Pool:terminate()
@@ -1019,13 +1033,15 @@ function Pool:terminate()
   self._workers = {}
   abort_all(self, TERMINATED)
   free_blobs(self)
+  release_shared(self)
 end
 
 --- pool:stats(): per worker insights, MPIRE style
 function Pool:stats()
   local out = {}
   for i = 1, self._n do
-    local info = self._st:info(i)
+    local info = self._final_stats and {} or self._st:info(i)
+    if self._final_stats then for k, v in pairs(self._final_stats[i]) do info[k] = v end end
     info.pid = self._workers[i] and self._workers[i].pid
     out[i] = info
   end
