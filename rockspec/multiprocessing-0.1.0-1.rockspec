@@ -1,0 +1,45 @@
+rockspec_format = "3.0"
+package = "multiprocessing"
+version = "0.1.0-1"  -- 0.1.0 is MP_VERSION in src/mp.h (the module's _VERSION); spec/build_spec.lua checks both
+source = {
+  url = "git+https://github.com/lua-multiprocessing/lua-multiprocessing.git",
+  tag = "v0.1.0",
+}
+description = {
+  summary = "Process-based parallelism for Lua 5.4: Pool, Process, Queue, Pipe, locks, shared memory",
+  detailed = [[
+    Python's multiprocessing for Lua 5.4 on Linux: fork-based Pool with map/imap/imap_unordered/
+    starmap/apply_async, Process, Queue, Pipe, Lock, Event, Condition, Barrier, Value and Array,
+    with a value codec that sends closures with their upvalues.
+  ]],
+  homepage = "https://github.com/lua-multiprocessing/lua-multiprocessing",
+  license = "MIT",
+}
+supported_platforms = { "linux" }
+dependencies = {
+  "lua >= 5.4, < 5.5",
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["multiprocessing"] = "lua/multiprocessing/init.lua",
+    ["multiprocessing.process"] = "lua/multiprocessing/process.lua",
+    ["multiprocessing.pipe"] = "lua/multiprocessing/pipe.lua",
+    ["multiprocessing.queue"] = "lua/multiprocessing/queue.lua",
+    ["multiprocessing.sync"] = "lua/multiprocessing/sync.lua",
+    ["multiprocessing.shared"] = "lua/multiprocessing/shared.lua",
+    ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
+    ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
+    ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
+    ["multiprocessing.core"] = {
+      sources = {
+        "src/arena.c", "src/codec.c", "src/core.c", "src/pipe.c", "src/pool.c",
+        "src/process.c", "src/queue.c", "src/shared.c", "src/sync.c", "src/wait.c",
+      },
+      incdirs = { "src" },
+    },
+  },
+}
+test = {
+  type = "busted",
+}
