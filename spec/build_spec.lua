@@ -22,6 +22,8 @@ local function rockspec(path)
 end
 
 describe("packaging", function()
+  H.leak_check(before_each, after_each)
+
   it("defines the version once, in src/mp.h, and exports it as _VERSION", function()
     local v = slurp("src/mp.h"):match('#define MP_VERSION "([^"]+)"')
     assert.equal(mp._VERSION, v)
@@ -74,6 +76,8 @@ describe("packaging", function()
 end)
 
 describe("README", function()
+  H.leak_check(before_each, after_each)
+
   local readme = slurp("README.md")
 
   it("links every page of docs/", function()
@@ -95,7 +99,9 @@ describe("README", function()
     local cpath = readme:match('export LUA_CPATH="([^"]+)"')
     assert.is_string(lpath)
     assert.is_string(cpath)
-    local here = assert(io.popen("pwd")):read("l")
+    local pwd = assert(io.popen("pwd"))
+    local here = pwd:read("l")
+    pwd:close()
     lpath = lpath:gsub("/path/to/lua%-multiprocessing", here)
     cpath = cpath:gsub("/path/to/lua%-multiprocessing/build/", here .. "/" .. (os.getenv("MP_BUILD") or "build") .. "/")
     local cmd = ("cd /tmp && LUA_PATH=%s LUA_CPATH=%s %s -e 'print(require(\"multiprocessing\")._VERSION)' 2>&1")
@@ -108,6 +114,8 @@ describe("README", function()
 end)
 
 describe("sources", function()
+  H.leak_check(before_each, after_each)
+
   it("read no glibc-private fields (they build with any libc, for any CPU)", function()
     for _, f in ipairs(ls("src/*.c src/*.h")) do
       assert.is_nil(slurp(f):find("__data", 1, true), f .. " reads a glibc-private field")
