@@ -114,4 +114,22 @@ function H.leak_check(before_each, after_each)
   end)
 end
 
+--- sends io.stderr (where the library reports, in this process and in the children it
+--- forks) to a temporary file until the returned function is called, which gives back
+--- what was written. Pass that function to finally() too, so a failing spec restores
+--- stderr. A spec that expects a report checks its text instead of letting it print.
+function H.capture_stderr()
+  local saved, f, text = io.stderr, io.tmpfile(), nil
+  io.stderr = f
+  return function()
+    if not text then
+      io.stderr = saved
+      f:seek("set")
+      text = f:read("a")
+      f:close()
+    end
+    return text
+  end
+end
+
 return H

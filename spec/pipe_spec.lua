@@ -1,5 +1,6 @@
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
+local H = require "helpers"
 
 -- Runs body in a forked child, which always leaves with core._exit; returns
 -- the child's pid. The child exits 0 when body returns without error.
@@ -131,11 +132,47 @@ describe("Pipe", function()
       assert.equal("\0binary\255", b:recv_bytes())
     end)
 
-    it("recv of a bytes message returns the string; recv_bytes of a value returns its encoding", function()
-      a:send_bytes("raw")
-      assert.equal("raw", b:recv())
+    it("recv_bytes of a value returns its encoding", function()
       a:send({ 1, 2 })
       assert.same({ 1, 2 }, mp.decode(b:recv_bytes()))
+    end)
+
+    it("relays a value as Python does: b:send_bytes(b:recv_bytes()), then a:recv() gives the value", function()
+      a:send({ 1, "two", { three = 3 } })
+      b:send_bytes(b:recv_bytes())
+      assert.same({ 1, "two", { three = 3 } }, a:recv())
+      a:send_bytes(mp.encode("hi"))
+      assert.equal("hi", b:recv())
+    end)
+
+    it("recv of bytes that are not an encoding raises and consumes the message", function()
+      a:send_bytes("raw")
+      a:send("next")
+      assert.has_error(function() b:recv() end)
+      assert.equal("next", b:recv())
+    end)
+
+    it("send_bytes sends the slice (offset, size) of its string, as Python's", function()
+      a:send_bytes("0123456789", 2)
+      a:send_bytes("0123456789", 2, 3)
+      a:send_bytes("0123456789", 10)
+      a:send_bytes("0123456789", 0, 0)
+      a:send_bytes("0123456789", 4, 6)
+      assert.equal("23456789", b:recv_bytes(1))
+      assert.equal("234", b:recv_bytes(1))
+      assert.equal("", b:recv_bytes(1))
+      assert.equal("", b:recv_bytes(1))
+      assert.equal("456789", b:recv_bytes(1))
+    end)
+
+    it("send_bytes rejects bad ranges, sending nothing", function()
+      H.raises("offset is negative", a.send_bytes, a, "abc", -1)
+      H.raises("offset is past the end", a.send_bytes, a, "abc", 4)
+      H.raises("size is negative", a.send_bytes, a, "abc", 0, -1)
+      H.raises("offset + size is past the end", a.send_bytes, a, "abc", 1, 3)
+      H.raises("offset + size is past the end", a.send_bytes, a, "abc", 3, 1)
+      H.raises("number has no integer representation", a.send_bytes, a, "abc", 1.5)
+      assert.same({ nil, "timeout" }, { b:recv_bytes(0) })
     end)
 
     it("raises the codec's message for an unsendable value and stays usable", function()

@@ -468,9 +468,12 @@ describe("Pool", function()
 
     it("survives a callback that raises (the error is reported on stderr)", function()
       local pool <close> = mp.Pool(1)
+      local stderr = H.capture_stderr()
+      finally(stderr)
       local r = pool:apply_async(function() return 1 end, nil, { callback = function() error("cb boom") end })
       assert.equal(1, r:get())
       assert.equal(2, pool:apply(function() return 2 end))
+      assert.matches("error in a pool callback: .-cb boom\nstack traceback:", stderr())
     end)
   end)
 

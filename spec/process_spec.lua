@@ -64,8 +64,11 @@ describe("Process", function()
   end)
 
   it("reports exit code 1 when the target raises, with the error from result()", function()
+    local stderr = H.capture_stderr()
+    finally(stderr)
     local p = mp.Process { target = function() error("child failed") end, name = "Failing" }
     p:start() p:join()
+    assert.matches("^Process Failing %(pid " .. p.pid .. "%):\n.-child failed\nstack traceback:", stderr())
     assert.equal(1, p.exitcode)
     local err = H.error_of(p.result, p)
     assert.matches("child failed", err)

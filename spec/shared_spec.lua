@@ -147,6 +147,14 @@ describe("shared", function()
       l:release()
     end)
 
+    it("gives the very lock it was made with (== holds), for Value and Array, Lock and RLock", function()
+      local l, r = mp.Lock(), mp.RLock()
+      assert.equal(l, mp.Value("i", 5, { lock = l }):get_lock())
+      assert.equal(r, mp.Value("d", 5, { lock = r }):get_lock())
+      assert.equal(l, mp.Array("i", 2, { lock = l }):get_lock())
+      assert.equal(r, mp.Array("i", { 1, 2 }, { lock = r }):get_lock())
+    end)
+
     it("rejects a lock option that is not a lock", function()
       assert.has_error(function() mp.Value("i", 0, { lock = 1 }) end)
       assert.has_error(function() mp.Array("i", 1, { lock = {} }) end)
@@ -290,6 +298,49 @@ describe("shared", function()
       local v = mp.decode(mp.encode(mp.Value("i", 3, { lock = false })))
       assert.equal(3, v.value)
       assert.has_error(function() v:get_lock() end)
+    end)
+
+    -- Bytes that name no Value or Array must fail to decode with an error, never a
+    -- signal: each case decodes in a child, so a crash fails the spec, not the run.
+    local function decode_error(bytes)
+      local pid = spawn(function()
+        local ok, err = pcall(mp.decode, bytes)
+        assert(not ok, "decoded")
+        assert(tostring(err):find("cannot decode", 1, true), tostring(err))
+      end)
+      return core.waitpid(pid)
+    end
+    -- v's encoding with its payload (the object's offset, the lock's offset) replaced
+    local function forged(v, off, lock) return mp.encode(v):sub(1, -17) .. string.pack("<i8<i8", off, lock) end
+    local function offsets(v) return string.unpack("<i8<i8", mp.encode(v), -16) end
+    local function offset8(h) return (string.unpack("<i8", mp.encode(h), -8)) end
+
+    it("fail to decode an offset beyond the arena (fuzz crasher: was a Bus error)", function()
+      local s = mp.encode(mp.Value("i", 1))
+      assert.equal(0, decode_error(s:sub(1, -17) .. string.pack("<i8", 1 << 40) .. string.rep("\0", 8)))
+      local v = mp.Value("i", 1)
+      local off, lock = offsets(v)
+      assert.equal(0, decode_error(forged(v, off, 1 << 40)))
+      assert.equal(0, decode_error(forged(v, 1 << 40, lock)))
+      assert.equal(0, decode_error(forged(v, off + 8, lock)))
+    end)
+
+    it("fail to decode an offset that names another kind of object", function()
+      local v, a, ev, l = mp.Value("i", 1), mp.Array("i", 3), mp.Event(), mp.Lock()
+      local off, lock = offsets(v)
+      assert.equal(0, decode_error(forged(v, offset8(l), lock)))    -- a Lock as the Value
+      assert.equal(0, decode_error(forged(v, off, offset8(ev))))    -- an Event as its lock
+      assert.equal(0, decode_error(forged(v, off, off)))            -- the Value as its lock
+      assert.equal(0, decode_error(forged(v, (offsets(a)), lock)))  -- an Array sent as a Value
+      assert.equal(0, decode_error(forged(a, off, lock)))           -- a Value sent as an Array
+      assert.is_true(mp.decode(forged(v, off, offset8(l))):get_lock() ~= nil)  -- a Lock is fine
+    end)
+
+    it("fail to decode an object whose elements would reach past the arena's top", function()
+      -- an Array whose elements look like the header of an Array of 2^40 doubles
+      local fake = mp.Array("I", { 1, 0, 1, 0x44524853, string.byte("d"), 0, 0, 256 }, { lock = false })
+      local off = offsets(fake)
+      assert.equal(0, decode_error(forged(fake, off + 32, 0)))
     end)
 
     it("cannot be sent once closed", function()

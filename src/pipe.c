@@ -2,7 +2,13 @@
 **
 ** A message is a frame: an 8-byte header, then the payload. The header is a
 ** native u64: payload length (low 48 bits), number of descriptors passed with
-** the frame (bits 48-55), kind (bits 56-63: a codec value or raw bytes).
+** the frame (bits 48-55), kind (bits 56-63: K_VALUE from send, K_BYTES from
+** send_bytes, which never passes descriptors). As in Python's Connection, where
+** send is send_bytes of the pickle and recv is the unpickling of recv_bytes,
+** the payload of either kind is the same thing to the receiver: recv decodes it
+** with the codec, recv_bytes returns it raw. So a relay works:
+** b:send_bytes(b:recv_bytes()) passes a value on, and the far end's recv gives
+** the value back (its Connections excepted: recv_bytes closes their descriptors).
 ** Descriptors (Connections inside a value) ride as SCM_RIGHTS on the first
 ** sendmsg of their frame, so they arrive with its header; the receiver queues
 ** them in order and each frame takes its count from the queue.
@@ -244,9 +250,8 @@ static int decode_frame(lua_State *L) {
   return 1;
 }
 
-/* Reads one frame (any kind) and pushes it decoded (a value, or the string for
-** a bytes frame; raw = push the payload as a string whatever the kind).
-** Returns the number of results. */
+/* Reads one frame (any kind) and pushes its payload decoded, or as a string if
+** raw. Returns the number of results. */
 static int recv_frame(lua_State *L, conn *c, int raw, double deadline) {
   lua_Hook h0 = lua_gethook(L);
   int err = 0, kind, nfds;
@@ -260,7 +265,7 @@ static int recv_frame(lua_State *L, conn *c, int raw, double deadline) {
   }
   if (r != IO_OK) return pushfail(L, r, err, "recv");
   const char *p = c->buf + c->r + 8;
-  if (raw || kind == K_BYTES) {
+  if (raw) {
     lua_pushlstring(L, p, len);  /* on a memory error the frame is kept for a retry */
     for (int i = 0; i < nfds; i++) close(c->q[i]);  /* Connections in raw bytes are lost */
     take_fds(c, NULL, nfds);
@@ -447,11 +452,20 @@ static int conn_send(lua_State *L) {
   return sent_result(L, r, err, "send");
 }
 
-/* conn:send_bytes(s) -> true | nil, "closed"|"interrupted" */
+/* conn:send_bytes(s [, offset = 0 [, size = #s - offset]]) -> true | nil, "closed"|"interrupted"
+** Sends s:sub(offset + 1, offset + size): Python's offset, the bytes skipped. */
 static int conn_send_bytes(lua_State *L) {
   conn *c = checkmode(L, "send_bytes", C_WRITE);
-  size_t n;
-  const char *s = luaL_checklstring(L, 2, &n);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  lua_Integer off = luaL_optinteger(L, 3, 0);
+  luaL_argcheck(L, off >= 0, 3, "offset is negative");
+  luaL_argcheck(L, (lua_Unsigned)off <= len, 3, "offset is past the end of the string");
+  lua_Integer size = luaL_optinteger(L, 4, (lua_Integer)(len - (size_t)off));
+  luaL_argcheck(L, size >= 0, 4, "size is negative");
+  luaL_argcheck(L, (lua_Unsigned)size <= len - (size_t)off, 4, "offset + size is past the end of the string");
+  size_t n = (size_t)size;
+  s += off;
   if (n > MAXLEN) return luaL_error(L, "send_bytes: message too large");
   uint64_t h = (uint64_t)n | ((uint64_t)K_BYTES << 56);
   struct iovec iov[2] = { { &h, 8 }, { (void *)s, n } };

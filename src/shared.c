@@ -13,6 +13,7 @@
 ** relaxed atomic loads and stores: no torn values, ordering comes from the lock. */
 
 #define T_SHARED 0x44524853u  /* "SHRD" */
+#define T_LOCK   0x4b434f4cu  /* "LOCK": sync.c's lock objects (its T_LOCK), which a lock offset must name */
 #define VALUE "multiprocessing.Value"
 #define ARRAY "multiprocessing.Array"
 #define TYPECODES "b B h H i I l L q Q f d"
@@ -193,8 +194,10 @@ static void attach(shared_handle *a, uint64_t off) {
   a->tc = (int)o->tc;
 }
 
-/* {lock = true|false|Lock|RLock}, at idx: sets a->lock */
+/* {lock = true|false|Lock|RLock}, at idx: sets a->lock. A lock that was given is
+** kept as the handle's user value (at top), so get_lock returns that very object. */
 static void takelock(lua_State *L, shared_handle *a, int idx) {
+  int self = lua_gettop(L);  /* a, just made */
   int mode = 1;  /* a new RLock */
   if (!lua_isnoneornil(L, idx)) {
     luaL_checktype(L, idx, LUA_TTABLE);
@@ -208,6 +211,8 @@ static void takelock(lua_State *L, shared_handle *a, int idx) {
       mp_obj_retain(h->off);
       a->lock = h->off;
       mode = 2;
+      lua_pushvalue(L, -1);
+      lua_setiuservalue(L, self, 1);
     }
     lua_pop(L, 1);
   }
@@ -250,22 +255,37 @@ static size_t shared_encode(lua_State *L, int idx, unsigned char *payload) {
   return 16;
 }
 
-static void shared_decode(lua_State *L, const unsigned char *p, size_t n) {
-  uint64_t off, lock;
-  if (n != 16 || !mp_arena_base()) luaL_error(L, "cannot decode: bad handle");
-  memcpy(&off, p, 8);
+/* The payload names two objects: both offsets go through the codec's checked
+** path (mp_handle_payload: aligned, below the arena's top), then their types
+** are checked, and the elements must lie below the top too, so no bytes can
+** make a handle that reaches outside the arena or into another kind of object. */
+static void decode_as(lua_State *L, const unsigned char *p, size_t n, int isvalue) {
+  const char *tname = isvalue ? VALUE : ARRAY;
+  if (n != 16) luaL_error(L, "cannot decode: bad %s handle", tname);
+  uint64_t off = mp_handle_payload(L, p, 8), lock;
   memcpy(&lock, p + 8, 8);
-  if (off < 64 || off % 16 || ((mp_obj *)MP_PTR(off))->type != T_SHARED ||
-      (lock && (lock < 64 || lock % 16)))
-    luaL_error(L, "cannot decode: bad handle");
-  shared_handle *a = newshared(L, ((shared_obj *)MP_PTR(off))->isvalue);
-  mp_obj_retain(off);
+  if (lock) {
+    lock = mp_handle_payload(L, p + 8, 8);
+    if (((mp_obj *)MP_PTR(lock))->type != T_LOCK)
+      luaL_error(L, "cannot decode: bad %s handle (its lock is not a lock)", tname);
+  }
+  size_t top = mp_arena_top();
+  shared_obj *o = MP_PTR(off);
+  size_t es;
+  if (off + sizeof(shared_obj) > top || o->o.type != T_SHARED || o->isvalue != (uint32_t)isvalue ||
+      !(es = tc_size((int)o->tc)) || (isvalue && o->n != 1) ||
+      o->n > (top - off - sizeof(shared_obj)) / es || o->n > (uint64_t)LUA_MAXINTEGER)
+    luaL_error(L, "cannot decode: bad %s handle", tname);
+  shared_handle *a = (shared_handle *)mp_handle_attach(L, p, 8, T_SHARED, tname, sizeof(shared_handle), 1);
   attach(a, off);
   if (lock) { mp_obj_retain(lock); a->lock = lock; }
 }
 
-static const mp_handle_type value_type = { VALUE, shared_encode, shared_decode };
-static const mp_handle_type array_type = { ARRAY, shared_encode, shared_decode };
+static void value_decode(lua_State *L, const unsigned char *p, size_t n) { decode_as(L, p, n, 1); }
+static void array_decode(lua_State *L, const unsigned char *p, size_t n) { decode_as(L, p, n, 0); }
+
+static const mp_handle_type value_type = { VALUE, shared_encode, value_decode };
+static const mp_handle_type array_type = { ARRAY, shared_encode, array_decode };
 
 /* ---------------------------------------------------------------- Value */
 

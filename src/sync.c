@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
+#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -34,6 +35,7 @@ typedef struct lock_obj {
   pthread_mutex_t m;
   uint32_t recursive;
   uint32_t depth;       /* RLock recursion depth; written by the owner only */
+  pid_t owner;          /* the holder's thread id, 0 when free; written by the owner only */
 } lock_obj;
 
 typedef struct sem_obj {
@@ -117,17 +119,23 @@ typedef struct barrier_obj {
 
 /* ------------------------------------------------------------- helpers */
 
-/* The thread id owning a robust mutex is in its futex word (glibc keeps
-** it there for robust mutexes; the kernel clears it when the owner dies). */
-#define TID_MASK 0x3fffffff
+/* Who holds a Lock: the holder writes its thread id in the lock object once it
+** has the mutex and clears it before letting go (POSIX says nothing public about
+** a mutex's owner; glibc keeps it in private fields). A holder that died leaves
+** its id behind until the next acquire recovers the lock ("owner died"); it no
+** longer counts once the kernel says it is gone (a dead holder not yet reaped
+** still counts, as a pid that was reused would). */
 static pid_t cached_tid;
 static void forget_tid(void) { cached_tid = 0; }
 static pid_t self_tid(void) {
   if (!cached_tid) cached_tid = gettid();
   return cached_tid;
 }
-static int mutex_tid(pthread_mutex_t *m) {
-  return __atomic_load_n(&m->__data.__lock, __ATOMIC_ACQUIRE) & TID_MASK;
+static void set_owner(lock_obj *k, pid_t tid) { __atomic_store_n(&k->owner, tid, __ATOMIC_RELEASE); }
+static pid_t lock_holder(lock_obj *k) {
+  pid_t tid = __atomic_load_n(&k->owner, __ATOMIC_ACQUIRE);
+  if (tid && tid != self_tid() && kill(tid, 0) != 0 && errno == ESRCH) return 0;
+  return tid;
 }
 
 static void *checkopen(lua_State *L, int idx, const char *tname) {
@@ -206,10 +214,12 @@ static int lock_take(lua_State *L, lock_obj *k, double deadline) {
   switch (mp_mutex_lock(L, &k->m, deadline)) {
     case MP_LOCKED:
       k->depth++;
+      set_owner(k, self_tid());
       lua_pushboolean(L, 1);
       return 1;
     case MP_LOCK_OWNERDEAD:  /* the dead owner's depth went with it */
       k->depth = 1;
+      set_owner(k, self_tid());
       lua_pushboolean(L, 1);
       lua_pushliteral(L, "owner died");
       return 2;
@@ -229,10 +239,11 @@ static int lock_take(lua_State *L, lock_obj *k, double deadline) {
 }
 
 static void lock_give(lua_State *L, lock_obj *k) {
-  int tid = mutex_tid(&k->m);
+  pid_t tid = lock_holder(k);
   if (tid == 0) luaL_error(L, "release of an unlocked %s", lock_short(k));
   if (tid != self_tid()) luaL_error(L, "cannot release: the %s is not held by this process", lock_short(k));
   if (k->depth > 0) k->depth--;
+  if (k->depth == 0) set_owner(k, 0);
   pthread_mutex_unlock(&k->m);
 }
 
@@ -247,21 +258,21 @@ static int lock_release(lua_State *L) {
 }
 
 static int lock_locked(lua_State *L) {
-  lua_pushboolean(L, mutex_tid(&tolock(L, 1)->m) != 0);
+  lua_pushboolean(L, lock_holder(tolock(L, 1)) != 0);
   return 1;
 }
 
 /* RLock: is it held by this process, at which depth */
 static int lock_is_owned(lua_State *L) {
   lock_obj *k = tolock(L, 1);
-  lua_pushboolean(L, mutex_tid(&k->m) == self_tid());
+  lua_pushboolean(L, lock_holder(k) == self_tid());
   return 1;
 }
 
 static int lock_tostring(lua_State *L) {
   mp_handle *h = lua_touserdata(L, 1);
   const char *tname = luaL_testudata(L, 1, LOCK) ? LOCK : RLOCK;
-  const char *state = !h->off ? "closed" : mutex_tid(&((lock_obj *)MP_PTR(h->off))->m) ? "locked" : "unlocked";
+  const char *state = !h->off ? "closed" : lock_holder(MP_PTR(h->off)) ? "locked" : "unlocked";
   lua_pushfstring(L, "%s (%s) %p", tname, state, (void *)h);
   return 1;
 }
@@ -523,13 +534,14 @@ static int cond_wait(lua_State *L) {
   cond_obj *c = MP_PTR(ch->h.off);
   lock_obj *k = MP_PTR(ch->lock);
   double deadline = mp_deadline(L, 2);
-  if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot wait on an un-acquired lock");
+  if (lock_holder(k) != self_tid()) return luaL_error(L, "cannot wait on an un-acquired lock");
   mp_lock(&c->m);
   c_slot *sl = c_claim(c);
   mp_unlock(&c->m);
   if (!sl) return mp_oom_error(L, sizeof(c_block) + C_BLOCK * sizeof(c_slot));
   uint32_t depth = k->depth ? k->depth : 1;  /* release every level of an RLock */
   k->depth = 0;
+  set_owner(k, 0);
   for (uint32_t i = 0; i < depth; i++) pthread_mutex_unlock(&k->m);
   int r;
   do r = mp_futex_wait(L, &sl->woken, 0, deadline);
@@ -541,6 +553,7 @@ static int cond_wait(lua_State *L) {
   mp_mutex_lock(NULL, &k->m, -1);  /* retaken whatever happened, as Python does */
   for (uint32_t i = 1; i < depth; i++) pthread_mutex_lock(&k->m);
   k->depth = depth;
+  set_owner(k, self_tid());
   if (!notified && r == MP_INTERRUPTED) return mp_waitresult(L, r);
   lua_pushboolean(L, notified);
   return 1;
@@ -555,7 +568,7 @@ static void c_wake(c_slot *sl) {
 static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
   cond_obj *c = MP_PTR(ch->h.off);
   lock_obj *k = MP_PTR(ch->lock);
-  if (mutex_tid(&k->m) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
+  if (lock_holder(k) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
   mp_lock(&c->m);
   if (n == LUA_MAXINTEGER) {  /* notify_all: in one pass, no order to keep */
     c_run r = c_first(c);
@@ -611,7 +624,7 @@ static int cond_tostring(lua_State *L) {
   if (!ch->h.off) { lua_pushfstring(L, "%s (closed) %p", CONDITION, (void *)ch); return 1; }
   lock_obj *k = MP_PTR(ch->lock);
   lua_pushfstring(L, "%s (%s, %s) %p", CONDITION, lock_short(k),
-                  mutex_tid(&k->m) ? "locked" : "unlocked", (void *)ch);
+                  lock_holder(k) ? "locked" : "unlocked", (void *)ch);
   return 1;
 }
 

@@ -1,8 +1,9 @@
 rockspec_format = "3.0"
 package = "multiprocessing"
-version = "scm-1"
+version = "0.1.0-1"  -- 0.1.0 is MP_VERSION in src/mp.h (the module's _VERSION); spec/build_spec.lua checks both
 source = {
-  url = "git+https://example.invalid/lua-multiprocessing.git",
+  url = "git+https://github.com/lua-multiprocessing/lua-multiprocessing.git",
+  tag = "v0.1.0",
 }
 description = {
   summary = "Process-based parallelism for Lua 5.4: Pool, Process, Queue, Pipe, locks, shared memory",
@@ -11,6 +12,7 @@ description = {
     starmap/apply_async, Process, Queue, Pipe, Lock, Event, Condition, Barrier, Value and Array,
     with a value codec that sends closures with their upvalues.
   ]],
+  homepage = "https://github.com/lua-multiprocessing/lua-multiprocessing",
   license = "MIT",
 }
 supported_platforms = { "linux" }
