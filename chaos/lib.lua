@@ -343,14 +343,15 @@ function Victim:errors() return slurp(self.err) or "" end
 --- waits until its output has a line matching pattern: the captures (or true), or fails
 function Victim:wait_for(pattern, secs, what)
   local caps
-  local ok = L.eventually(function()
+  local function scan()
     for line in self:output():gmatch("[^\n]+") do
       local c = table.pack(line:match(pattern))
       if c[1] ~= nil then caps = c return true end
     end
-    if self:exited() then return true end
     return false
-  end, secs or 10)
+  end
+  -- (a victim that prints and exits between a scan and the exit check is scanned once more)
+  local ok = L.eventually(function() return scan() or (self:exited() and (scan() or true)) end, secs or 10)
   if not ok or not caps then
     L.fail("%s: victim never printed %q (%s)%s%s", what or "victim", pattern,
       self.code and ("it exited: " .. tostring(self.code)) or "still running",
