@@ -1026,7 +1026,8 @@ local function submit(self, f, args, opts, what)
 end
 
 function Pool:apply_async(f, args, opts)
-  return submit(self, f, args, opts, "apply_async")
+  local call = submit(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
+  return call
 end
 
 function Pool:apply(f, args, opts)
