@@ -82,6 +82,8 @@ local function send_failed(results, seq, out, errs, n, me, busy, why)
   end
 end
 
+local function blob_decode(off) return decode(core.blob_get(off)) end
+
 local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
   process._become("PoolWorker-" .. i, true)
@@ -120,12 +122,11 @@ local function worker_main(pool, i)
   local function handle(msg, t0, idle)
     local fid = msg[2]
     local f = funcs[fid]
-    local t1 = now()
     local n = msg[4]
     local out, errs = newtable(n + 1), nil  -- a spare slot keeps the codec on its array fast path
     if not f then
       if nfuncs >= 64 then funcs, nfuncs = {}, 0 end
-      local ok, g = pcall(decode, core.blob_get(msg[3]))
+      local ok, g = pcall(blob_decode, msg[3])
       if ok then
         f = g
         funcs[fid], nfuncs = f, nfuncs + 1
@@ -136,6 +137,7 @@ local function worker_main(pool, i)
         f = nil
       end
     end
+    local t1 = now()
     F, ITEMS, N, MODE, CUR = f, msg[5], n, msg[6], 0
     OUT = out
     while f do
