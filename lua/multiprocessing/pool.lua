@@ -819,7 +819,9 @@ end
 -- After a function failed to encode: the path to a Pool it reaches through its
 -- upvalues and tables, if any (a Pool holds a value the codec refuses, _nosend).
 local function find_pool(f)
-  local seen, budget = {}, 100000
+  -- the globals and modules travel by name (docs/codec.md): a Pool in them is not sent
+  local seen, budget = { [globals] = true }, 100000
+  for _, m in pairs(package.loaded) do seen[m] = true end
   local function walk(v, path)
     budget = budget - 1
     if budget < 0 or seen[v] then return nil end
