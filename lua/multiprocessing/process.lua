@@ -105,7 +105,7 @@ local function capture(v)
   end
   return e
 end
-M._TaskError, M._capture, M._value_text = TaskError, capture, value_text
+M._TaskError, M._capture = TaskError, capture
 M.TaskError = TaskError
 
 -- in a freshly forked child (a Process, a pool worker): it becomes the current
