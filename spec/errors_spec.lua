@@ -205,6 +205,8 @@ describe("errors", function()
       H.raises("cannot send a Pool (at the function<upvalue pool>)", pool.map, pool, function(x) return pool end, { 1 })
       local holder = { p = pool }
       H.raises("cannot send a Pool (at the function<upvalue holder>.p)", pool.apply, pool, function() return holder end)
+      H.raises("cannot send a Pool at args[2] (a Pool can only be used", pool.map, pool, double, { 1, pool })
+      H.raises("cannot send a Pool at args[2].p (a Pool can only be used", pool.apply, pool, print, { 1, holder })
       assert.equal(1, #pool:map(double, { 1 }))
     end)
 

@@ -24,7 +24,9 @@ local function clean(err)
   if type(err) ~= "string" then return err end
   local n
   repeat err, n = err:gsub("^[^\n]-multiprocessing/pool%.lua:%d+: ", "") until n == 0
-  return err
+  -- a Pool met in arguments: its guard (see find_pool) is what the codec refused
+  return (err:gsub("cannot send a thread %(coroutine%) at ([^\n]-)%._nosend$",
+    "cannot send a Pool at %1 (a Pool can only be used by the process that made it)"))
 end
 
 local SLICE = 0.05      -- seconds between health checks while waiting
@@ -579,7 +581,7 @@ local function put_task(self, call, i0, src, j0, n)
   local b = call.brec
   local ok, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n)
   if not ok then
-    err = tostring(err)
+    err = clean(tostring(err))
     if j0 ~= i0 then  -- name the item by its place in the whole input
       err = err:gsub("at args%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - j0) end)
     end
