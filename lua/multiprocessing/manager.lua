@@ -96,9 +96,28 @@ local function server_alive(pid)  -- a zombie counts as gone
   return stat:match("^%d+ %b() (%a)") ~= "Z"
 end
 
-local function call(mgr, op, id, a, b)
+-- what the arguments of an operation are, for the codec's "at value[4]" and "at value[5]"
+local function arg_names(op, p, a)
+  local who = p and tostring(p) or "the manager"
+  if op == "set" then
+    local k = type(a) == "string" and ("%q"):format(a) or tostring(a)
+    return "the key set in " .. who, who .. "[" .. k .. "]"
+  elseif op == "new" then
+    return "the kind", "the table given to the new " .. tostring(a)
+  end
+  return ("the first argument of %s on %s"):format(op, who), ("the second argument of %s on %s"):format(op, who)
+end
+
+local function call(mgr, op, id, a, b, p)
   if reply_pid ~= core.getpid() then reply, reply_pid = core.Queue(), core.getpid() end
-  mgr._requests:put { op, reply, id, a, b }
+  local sent, err = pcall(mgr._requests.put, mgr._requests, { op, reply, id, a, b })
+  if not sent then  -- name the user's value, not our request's layout
+    local n4, n5 = arg_names(op, p, a)
+    err = tostring(err):gsub("^[^\n]-manager%.lua:%d+: ", "")
+      :gsub("at value%[4%]", function() return "at " .. n4 end)
+      :gsub("at value%[5%]", function() return "at " .. n5 end)
+    error(err, 3)
+  end
   local res
   while true do
     local why
@@ -149,7 +168,7 @@ Manager.__gc = Manager.shutdown
 
 --------------------------------------------------------------- the proxies
 
-local function op(p, name, a, b) return call(p._m, name, p._id, a, b) end
+local function op(p, name, a, b) return call(p._m, name, p._id, a, b, p) end
 
 -- p[k] is a method, or the server's value for k
 local function indexer(methods)

@@ -8,16 +8,25 @@
 -- respawns them, feeds lazy inputs and runs callbacks.
 local core = require "multiprocessing.core"
 local progress = require "multiprocessing.progress"
+local process = require "multiprocessing.process"
 
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
 local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
 local pack, unpack = table.pack, table.unpack
 local newtable = core.newtable
--- the traceback of an error in a task, without the frames the worker
--- inherited from the parent's stack at fork time
-local function traceback(msg)
-  local tb = debug.traceback(msg, 2)
-  return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
+-- the xpcall handler of tasks: the raised value, intact, in a TaskError with
+-- the traceback (without the frames the worker inherited at fork time)
+local capture, TaskError = process._capture, process._TaskError
+
+-- an error raised here, as the user should read it: without the places in
+-- this file that it went through
+local function clean(err)
+  if type(err) ~= "string" then return err end
+  local n
+  repeat err, n = err:gsub("^[^\n]-multiprocessing/pool%.lua:%d+: ", "") until n == 0
+  -- a Pool met in arguments: its guard (see find_pool) is what the codec refused
+  return (err:gsub("cannot send a thread %(coroutine%) at ([^\n]-)%._nosend$",
+    "cannot send a Pool at %1 (a Pool can only be used by the process that made it)"))
 end
 
 local SLICE = 0.05      -- seconds between health checks while waiting
@@ -75,15 +84,22 @@ local function send_failed(results, seq, out, errs, n, me, busy, why)
   end
 end
 
+local function blob_decode(off) return decode(core.blob_get(off)) end
+
 local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
+  process._become("PoolWorker-" .. i, true)
   local tasks, results, st = pool._tasks, pool._results, pool._st
   local me = core.getpid()
   if pool._initializer then
     local a = pool._initargs
-    local ok, err = xpcall(pool._initializer, traceback, unpack(a, 1, a.n or #a))
+    local ok, err = xpcall(pool._initializer, capture, unpack(a, 1, a.n or #a))
     if not ok then
-      results:put { -2, i, me, tostring(err) }
+      err.call = "Pool initializer"
+      if not pcall(results.put, results, { -2, i, me, err }) then
+        err.value = err.message
+        results:put { -2, i, me, err }
+      end
       core._exit(1)
     end
   end
@@ -108,21 +124,35 @@ local function worker_main(pool, i)
   local function handle(msg, t0, idle)
     local fid = msg[2]
     local f = funcs[fid]
+    local n = msg[4]
+    local out, errs = newtable(n + 1), nil  -- a spare slot keeps the codec on its array fast path
     if not f then
       if nfuncs >= 64 then funcs, nfuncs = {}, 0 end
-      f = decode(core.blob_get(msg[3]))
-      funcs[fid], nfuncs = f, nfuncs + 1
+      local ok, g = pcall(blob_decode, msg[3])
+      if ok then
+        f = g
+        funcs[fid], nfuncs = f, nfuncs + 1
+      else  -- (a C function registered after the pool started...): every item fails with the reason
+        local why = "the task function cannot be received by the worker: " .. tostring(g)
+        errs = {}
+        for k = 1, n do errs[k] = why end
+        f = nil
+      end
     end
     local t1 = now()
-    local n = msg[4]
     F, ITEMS, N, MODE, CUR = f, msg[5], n, msg[6], 0
-    local out, errs = newtable(n + 1), nil  -- a spare slot keeps the codec on its array fast path
     OUT = out
-    while true do
-      local ok, e = xpcall(run, traceback)
+    while f do
+      local ok, e = xpcall(run, capture)
       if ok then break end
       errs = errs or {}
-      errs[CUR] = tostring(e)
+      if MODE ~= 0 and MODE ~= 3 and type(ITEMS[CUR]) ~= "table" then  -- (only on the error path)
+        e.value = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(type(ITEMS[CUR]))
+        e.message, e.traceback = e.value, nil
+      else  -- the user's frames only
+        e.traceback = e.traceback:gsub("\n[^\n]*multiprocessing/pool%.lua:[^\n]*", "")
+      end
+      errs[CUR] = e
       out[CUR] = nil
     end
     F, ITEMS, OUT = nil, nil, nil
@@ -211,7 +241,7 @@ local function item_text(i0, n)
 end
 
 local function run_callback(fn, arg)
-  local ok, err = xpcall(fn, traceback, arg)
+  local ok, err = xpcall(fn, capture, arg)
   if not ok then io.stderr:write("multiprocessing: error in a pool callback: ", tostring(err), "\n") end
 end
 
@@ -313,6 +343,16 @@ local function abandon(self, call)
   if call.bar then call.bar:close() end
 end
 
+-- the error of item `item` of a call of this kind, as the worker pid sent it:
+-- a TaskError (the task raised), or a text (its result or function could not travel)
+local function task_error(e, kind, item, pid)
+  if getmetatable(e) ~= TaskError then
+    e = setmetatable({ value = e, message = e, pid = pid }, TaskError)
+  end
+  e.call, e.item, e.pid = kind, item, pid
+  return e
+end
+
 local function on_result(self, msg)
   local seq = msg[1]
   if seq == -1 then  -- { -1, worker, pid }: a worker is ready
@@ -320,7 +360,9 @@ local function on_result(self, msg)
     if w and w.pid == msg[3] then w.ready, self._startfails = true, 0 end
     return
   elseif seq == -2 then  -- { -2, worker, pid, error }: its initializer failed
-    self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg[3], msg[4])
+    local e = msg[4]
+    self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg[3], e.message .. "\n" .. e.traceback)
+    self._initerror = e
     return
   end
   local inf = self._inflight[seq]
@@ -331,7 +373,7 @@ local function on_result(self, msg)
     if inf.finished then return end
     local errs = msg[3]
     if errs then
-      inf.err = ("apply failed on item 1 (worker pid %d):\n%s"):format(msg[4], errs[1])
+      inf.err = task_error(errs[1], "apply", 1, msg[4])
     else
       inf.value = msg[2][1]
     end
@@ -346,7 +388,7 @@ local function on_result(self, msg)
   if out ~= true then place(out, n, call.results, i0) end  -- true: take_result placed them
   if errs then
     for k, e in pairs(errs) do
-      fail(self, call, i0 + k - 1, ("%s failed on item %d (worker pid %d):\n%s"):format(call.kind, i0 + k - 1, pid, e))
+      fail(self, call, i0 + k - 1, task_error(e, call.kind, i0 + k - 1, pid))
     end
   end
   mark_done(call, i0, n)
@@ -539,7 +581,7 @@ local function put_task(self, call, i0, src, j0, n)
   local b = call.brec
   local ok, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n)
   if not ok then
-    err = tostring(err)
+    err = clean(tostring(err))
     if j0 ~= i0 then  -- name the item by its place in the whole input
       err = err:gsub("at args%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - j0) end)
     end
@@ -611,7 +653,7 @@ local function feed(self, call)
         n, call.exhausted = got, ended
       else
         n = #src
-        failure = ("%s: the input iterator raised at item %d: %s"):format(call.kind, i0 + n, tostring(got))
+        failure = ("%s: the input iterator raised at item %d: %s"):format(call.kind, i0 + n, tostring(clean(got)))
       end
     end
     if n > 0 then
@@ -748,24 +790,87 @@ local function func_blob(self, f)
   return b
 end
 
+local OPTIONS = { chunksize = "number", progress = "any", desc = "any", timeout = "number",
+  callback = "function", error_callback = "function" }
+
+local function key_text(k)
+  return type(k) == "string" and k or "[" .. tostring(k) .. "]"
+end
+
 local function parse_opts(opts, what, lvl)
   lvl = lvl or 4
   if opts == nil then return {} end
   if type(opts) == "number" then opts = { chunksize = opts } end
   if type(opts) ~= "table" then error(("bad options to '%s' (number or table expected, got %s)"):format(what, type(opts)), lvl) end
+  for k, v in pairs(opts) do
+    local want = OPTIONS[k]
+    if not want then error(("bad options to '%s' (unknown option %s)"):format(what, key_text(k)), lvl) end
+    if want ~= "any" and type(v) ~= want then
+      error(("bad option %s to '%s' (%s expected, got %s)"):format(k, what, want, type(v)), lvl)
+    end
+  end
   if opts.chunksize ~= nil and (math.type(opts.chunksize) ~= "integer" or opts.chunksize < 1) then
     error(("bad option chunksize to '%s' (positive integer expected)"):format(what), lvl)
   end
-  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
+  if opts.timeout ~= nil and not (opts.timeout > 0) then  -- (not NaN either)
     error(("bad option timeout to '%s' (positive number expected)"):format(what), lvl)
   end
   return opts
 end
 
-local function new_call(self, kind, f, input, opts, what)
-  check_usable(self, what)
-  if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), 3) end
-  opts = parse_opts(opts, what)
+-- After a function failed to encode: the path to a Pool it reaches through its
+-- upvalues and tables, if any (a Pool holds a value the codec refuses, _nosend).
+local function find_pool(f)
+  -- the globals and modules travel by name (docs/codec.md): a Pool in them is not sent
+  local seen, budget = { [globals] = true }, 100000
+  for _, m in pairs(package.loaded) do seen[m] = true end
+  local function walk(v, path)
+    budget = budget - 1
+    if budget < 0 or seen[v] then return nil end
+    seen[v] = true
+    if type(v) == "function" then
+      for i = 1, math.huge do
+        local name, u = getupvalue(v, i)
+        if name == nil then break end
+        local t = type(u)
+        if t == "table" or t == "function" then
+          local found = walk(u, ("%s<upvalue %s>"):format(path, name))
+          if found then return found end
+        end
+      end
+    elseif getmetatable(v) == Pool then
+      return path
+    else
+      for k, u in next, v do
+        local t = type(u)
+        if t == "table" or t == "function" then
+          local found = walk(u, path .. (type(k) == "string" and k:match("^[%a_][%w_]*$") and "." .. k or "[" .. tostring(k) .. "]"))
+          if found then return found end
+        end
+      end
+    end
+  end
+  return walk(f, "at the function")
+end
+
+-- the error of a function that cannot be sent, as the user should read it
+local function func_error(self, f, err)
+  err = clean(tostring(err)):gsub("at function", "at the function")
+  local where = find_pool(f)
+  if where then return ("cannot send a Pool (%s): a Pool can only be used by the process that made it"):format(where) end
+  return err
+end
+
+local ipairs_iter = ipairs({})
+
+local function new_call(self, kind, f, input, opts, what, lvl)
+  lvl = lvl or 3  -- the user's call, seen from here
+  check_usable(self, what, lvl + 1)
+  if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), lvl) end
+  if input == ipairs_iter or input == next then
+    error(("bad argument #2 to '%s' (pass the table itself, not ipairs(t) or pairs(t))"):format(what), lvl)
+  end
+  opts = parse_opts(opts, what, lvl + 1)
   local call = {
     kind = kind, results = {}, errors = {}, done = 0, pending = 0,
     consumed = 0, next_index = 1,
@@ -774,14 +879,17 @@ local function new_call(self, kind, f, input, opts, what)
   }
   if type(input) == "table" then
     call.seq_input, call.total = input, (input.n or #input)
+    if call.total == 0 and next(input) ~= nil and input.n == nil then
+      error(("bad argument #2 to '%s' (the table has no sequence part: its items must be at 1, 2, ... or counted by n)"):format(what), lvl)
+    end
     if not lazy(call) then call.results = core.newtable(call.total) end
   elseif type(input) == "function" then
     call.iter = input
   else
-    error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(what, type(input)), 3)
+    error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(what, type(input)), lvl)
   end
   local ok, b = pcall(func_blob, self, f)
-  if not ok then error((tostring(b):gsub("at function", "at the function")), 3) end
+  if not ok then error(func_error(self, f, b), lvl) end
   b.refs = b.refs + 1  -- until the call is fed
   call.brec, call.feeding = b, true
   if opts.progress then
@@ -811,10 +919,20 @@ end
 
 --------------------------------------------------------------- public API
 
+-- a value the codec cannot send, held by every Pool
+local NOSEND = coroutine.create(function() end)
+local POOL_OPTIONS = { processes = true, initializer = true, initargs = true, maxtasksperchild = true }
+
 function M.Pool(opts)
   local n, init, initargs, maxtasks
   if type(opts) == "table" then
+    for k in pairs(opts) do
+      if not POOL_OPTIONS[k] then error(("bad argument #1 to 'Pool' (unknown option %s)"):format(key_text(k)), 2) end
+    end
     n, init, initargs, maxtasks = opts.processes, opts.initializer, opts.initargs, opts.maxtasksperchild
+    if initargs ~= nil and type(initargs) ~= "table" then
+      error("bad argument #1 to 'Pool' (initargs must be a table, got " .. type(initargs) .. ")", 2)
+    end
   elseif opts ~= nil and type(opts) ~= "number" then
     error("bad argument #1 to 'Pool' (number or table expected, got " .. type(opts) .. ")", 2)
   else
@@ -832,6 +950,7 @@ function M.Pool(opts)
     _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _ring = {}, _ringk = 0, _bytext = {}, _state = "running",
     _owner = core.getpid(), _checked = now(), _lostcheck = now(), _startfails = 0,
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
+    _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
   }, Pool)
   made = made + 1
   for i = 1, n do spawn(self, i) end
@@ -843,7 +962,9 @@ function M.Pool(opts)
     engine(self, SLICE)
     if self._broken then
       local why = self._broken
+      local e = self._initerror
       self:terminate()
+      if e then error(e, 2) end
       error("Pool initializer failed: " .. why:gsub("^the initializer failed in a new worker", "in worker"), 2)
     end
   end
@@ -885,23 +1006,24 @@ end
 
 local NOARGS = {}
 
-function Pool:apply_async(f, args, opts)
-  check_usable(self, "apply_async", 3)
-  if type(f) ~= "function" then error(("bad argument #1 to 'apply_async' (function expected, got %s)"):format(type(f)), 2) end
+-- what: the user's method (apply or apply_async); errors at level 3 from here
+local function submit(self, f, args, opts, what)
+  check_usable(self, what, 4)
+  if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), 3) end
   if args ~= nil and type(args) ~= "table" then
-    error("bad argument #2 to 'apply_async' (table of arguments expected, got " .. type(args) .. ")", 2)
+    error(("bad argument #2 to '%s' (table of arguments expected, got %s)"):format(what, type(args)), 3)
   end
   -- a lean call: the AsyncResult is its own record, its one task is sent at once
   local call = setmetatable({ _pool = self, kind = "apply" }, AsyncResult)
   if opts ~= nil then
-    opts = parse_opts(opts, "apply_async", 3)
+    opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
   end
   local ok, b = pcall(func_blob, self, f)
-  if not ok then error((tostring(b):gsub("at function", "at the function")), 2) end
+  if not ok then error(func_error(self, f, b), 3) end
   local seq = self._seq + 1
   local sent, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, 3, args or NOARGS, 0, 1)
-  if not sent then error(err, 2) end
+  if not sent then error(clean(tostring(err)), 3) end
   self._seq = seq
   b.refs = b.refs + 1
   call.brec = b
@@ -909,8 +1031,17 @@ function Pool:apply_async(f, args, opts)
   return call
 end
 
+function Pool:apply_async(f, args, opts)
+  local call = submit(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
+  return call
+end
+
 function Pool:apply(f, args, opts)
-  return self:apply_async(f, args, opts):get()
+  local call = submit(self, f, args, opts, "apply")
+  wait_call(self, call)
+  if call.err then error(call.err, 2) end
+  local r = call.value
+  return unpack(r, 1, r.n)
 end
 
 -- The closing value of an imap loop. It is also an upvalue of the loop's
@@ -922,7 +1053,7 @@ local Closer = {
 }
 
 local function iterate(self, kind, f, iterable, opts, what)
-  local call = new_call(self, kind, f, iterable, opts, what)
+  local call = new_call(self, kind, f, iterable, opts, what)  -- (Pool:imap's is a tail call)
   call.window = self._n * AHEAD
   if kind == "unordered" then call.arrived, call.next_arrived, call.narrived = {}, 1, 0 else call.have = {} end
   feed(self, call)
@@ -1038,6 +1169,7 @@ end
 
 --- pool:stats(): per worker insights, MPIRE style
 function Pool:stats()
+  if getmetatable(self) ~= Pool then error("bad self to 'stats' (Pool expected, got " .. type(self) .. ")", 2) end
   local out = {}
   for i = 1, self._n do
     local info = self._final_stats and {} or self._st:info(i)

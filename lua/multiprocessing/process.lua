@@ -52,18 +52,82 @@ function Process.__tostring(p)
   return ("<Process name='%s' pid=%s %s%s>"):format(p.name, tostring(p.pid), state, p.daemon and " daemon" or "")
 end
 
-local function traceback(msg)  -- without the parent's frames inherited at fork
-  local tb = debug.traceback(msg, 2)
-  return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
+------------------------------------------------------------- TaskError
+-- The error of a task, a Process target or a Pool initializer that raised: the
+-- raised value intact (`value`), its text (`message`), the `traceback`, the
+-- worker's `pid`, the `call` (map, apply, Process, Pool initializer...) and the
+-- `item`. Registered by name, so it travels through the codec; tostring gives
+-- the text errors had before, and string methods and `..` work on that text.
+local TaskError = core.register_metatable("multiprocessing.TaskError", { __name = "multiprocessing.TaskError" })
+
+local function error_text(e)
+  local head
+  if e.item then
+    head = ("%s failed on item %d (worker pid %s):\n"):format(e.call, e.item, tostring(e.pid))
+  elseif e.call == "Pool initializer" then
+    head = ("Pool initializer failed: in worker (pid %s):\n"):format(tostring(e.pid))
+  else
+    head = ""
+  end
+  return head .. tostring(e.message) .. (e.traceback and "\n" .. e.traceback or "")
 end
+TaskError.__tostring = error_text
+TaskError.__concat = function(a, b)
+  return (getmetatable(a) == TaskError and error_text(a) or a) .. (getmetatable(b) == TaskError and error_text(b) or b)
+end
+TaskError.__index = function(e, k)  -- e:match(...), e:find(...): on the text
+  local f = string[k]
+  if f then return function(self, ...) return f(error_text(self), ...) end end
+end
+
+-- what a raised value says: lua.c's wording for values without a text
+local function value_text(v)
+  local t = type(v)
+  if t == "string" or t == "number" then return tostring(v) end
+  local mt = getmetatable(v)
+  if type(mt) == "table" and mt.__tostring then
+    local ok, s = pcall(tostring, v)
+    if ok and type(s) == "string" then return s end
+  end
+  return ("(error object is a %s value)"):format(t)
+end
+
+-- An xpcall handler (in a child or a worker): the raised value made a TaskError,
+-- with the traceback, without the parent's frames inherited at fork. A value that
+-- cannot be sent is replaced by its text (the codec's reason said).
+local function capture(v)
+  local tb = debug.traceback(nil, 2):gsub("\n%s*%[C%]: in function 'xpcall'.*$", "")
+  local e = setmetatable({ value = v, message = value_text(v), traceback = tb, pid = core.getpid() }, TaskError)
+  local t = type(v)
+  if t ~= "string" and t ~= "number" and t ~= "nil" and t ~= "boolean" then
+    local ok, why = pcall(core.encode, v)
+    if not ok then e.value = e.message .. " (the raised value cannot be sent: " .. tostring(why) .. ")" end
+  end
+  return e
+end
+M._TaskError, M._capture = TaskError, capture
+M.TaskError = TaskError
+
+-- in a freshly forked child (a Process, a pool worker): it becomes the current
+-- process, its parent the one that forked it, and it has no children yet
+local function become(name, daemon)
+  parent = { name = me.name, pid = me.pid }
+  me = { name = name, pid = core.getpid(), daemon = daemon, ident = core.getpid() }
+  children, children_pid = {}, core.getpid()
+end
+M._become = become
 
 local function run_child(p)
   -- in the child: it becomes the current process, with no children of its own yet
-  parent = { name = me.name, pid = me.pid }
-  me = { name = p.name, pid = core.getpid(), daemon = p.daemon, ident = core.getpid() }
-  children, children_pid = {}, core.getpid()
-  local args = p.args
-  local res = table.pack(xpcall(p.target, traceback, table.unpack(args, 1, args.n or #args)))
+  become(p.name, p.daemon)
+  local res
+  local run = rawget(p, "run")
+  if run then  -- a subclass-style override: run(self), as Python calls it
+    res = table.pack(xpcall(run, capture, p))
+  else
+    local args = p.args
+    res = table.pack(xpcall(p.target, capture, table.unpack(args, 1, args.n or #args)))
+  end
   local ok = res[1]
   local code = 0
   if ok and res.n > 1 then  -- nothing to send when the target returned nothing
@@ -73,20 +137,34 @@ local function run_child(p)
       code = 1
     end
   elseif not ok then
-    local msg = tostring(res[2])
-    io.stderr:write(("Process %s (pid %d):\n%s\n"):format(p.name, core.getpid(), msg))
-    pcall(p._results.put, p._results, { err = msg })
+    local e = res[2]
+    e.call, e.name = "Process", p.name
+    io.stderr:write(("Process %s (pid %d):\n%s\n"):format(p.name, core.getpid(), tostring(e)))
+    if not pcall(p._results.put, p._results, { err = e }) then
+      e.value = e.message  -- (what the encoder cannot send, the parent gets as text)
+      pcall(p._results.put, p._results, { err = e })
+    end
     code = 1
   end
   core._exit(code)
 end
 
---- Process{target = f, args = {...}, name = "Test", daemon = false}
+local OPTIONS = { target = true, args = true, name = true, daemon = true, run = true }
+
+--- Process{target = f, args = {...}, name = "Test", daemon = false [, run = function(self) end]}
 function M.Process(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'Process' (table expected, got " .. type(opts) .. ")", 2) end
+  for k in pairs(opts) do
+    if not OPTIONS[k] and k ~= 1 then
+      error(("bad argument #1 to 'Process' (unknown option %s)"):format(type(k) == "string" and k or "[" .. tostring(k) .. "]"), 2)
+    end
+  end
   local target = opts.target or opts[1]
   if target ~= nil and type(target) ~= "function" and not (getmetatable(target) or {}).__call then
     error("bad argument #1 to 'Process' (target must be callable, got " .. type(target) .. ")", 2)
+  end
+  if opts.run ~= nil and type(opts.run) ~= "function" then
+    error("bad argument #1 to 'Process' (run must be a function, got " .. type(opts.run) .. ")", 2)
   end
   local args = opts.args or {}
   if type(args) ~= "table" then error("bad argument #1 to 'Process' (args must be a table)", 2) end
@@ -95,17 +173,20 @@ function M.Process(opts)
   return setmetatable({
     target = target or function() end,
     args = args,
+    run = opts.run,
     name = opts.name or ("Process-" .. counter),
     daemon = not not opts.daemon,
   }, Process)
 end
 
-local function check(p, fname)
-  if getmetatable(p) ~= Process then error(("bad self to '%s' (Process expected)"):format(fname), 3) end
+local function check(p, fname, lvl)
+  lvl = lvl or 3
+  if getmetatable(p) ~= Process then error(("bad self to '%s' (Process expected)"):format(fname), lvl) end
+  if rawget(p, "_closed") then error(("cannot %s: the process object is closed"):format(fname), lvl) end
 end
 
 local function check_started(p, fname)
-  check(p, fname)
+  check(p, fname, 4)
   if not p.pid then error(("cannot %s a process that was not started"):format(fname), 3) end
   if p._pid_owner ~= core.getpid() then error(("can only %s a child process"):format(fname), 3) end
 end
@@ -124,12 +205,14 @@ function methods.start(p)
   end
   p.pid, p.ident, p._pid_owner = pid, pid, core.getpid()
   p.sentinel = pid
+  p.target, p.args, p.run = nil, nil, nil  -- the child has them: let them be collected (as Python does)
   children[pid] = p
   return p
 end
 
 methods.run = function(p)  -- what the child does; may be called directly, as in Python
   check(p, "run")
+  if p.pid then error("cannot run a process that was started (its target was let go)", 2) end
   local args = p.args
   return p.target(table.unpack(args, 1, args.n or #args))
 end
@@ -165,9 +248,11 @@ function methods.kill(p)
 end
 
 function methods.close(p)
-  check(p, "close")
+  if getmetatable(p) ~= Process then error("bad self to 'close' (Process expected)", 2) end
+  if rawget(p, "_closed") then return end
   if p.pid and p.exitcode == nil then error("cannot close a process while it is still running", 2) end
   if p._results then p._results:close() end
+  p._closed = true
 end
 
 --- result(): the target's return values, or its error with the child's traceback
