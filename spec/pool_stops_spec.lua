@@ -14,7 +14,7 @@ local math, string, table, io, os, coroutine = math, string, table, io, os, coro
 local function double(x) return x * 2 end
 local function identity(x) return x end
 
-local PATIENCE = 20  -- seconds a bounded case may take before it counts as a hang
+local PATIENCE = os.getenv("MP_VALGRIND") and 120 or 20  -- seconds a bounded case may take before it counts as a hang (forks take seconds under valgrind)
 
 -- assert for forked children: a plain error with the message (luassert's are tables)
 local function check(cond, msg)
