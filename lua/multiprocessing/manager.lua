@@ -78,14 +78,18 @@ local function serve(requests)
     else
       res = table.pack(pcall(f, objs, req[3], req[4], req[5]))
     end
+    res.seq = req[6]  -- the caller matches it: a reply to a call it gave up on is dropped
     local ok, err = pcall(req[2].put, req[2], res)
-    if not ok then req[2]:put { false, tostring(err) } end
+    if not ok then req[2]:put { false, tostring(err), seq = req[6] } end
   end
 end
 
 ------------------------------------------------------------------ the client
 
-local reply, reply_pid  -- this process's reply queue
+-- This process's reply queue, and the number of its last request: a call left by Ctrl-C
+-- (or an error) leaves its reply to come later, so each reply carries the number of the
+-- request it answers and a call takes only its own.
+local reply, reply_pid, reqno = nil, nil, 0
 
 local function server_alive(pid)  -- a zombie counts as gone
   if not core.kill(pid, 0) then return false end
@@ -97,15 +101,18 @@ local function server_alive(pid)  -- a zombie counts as gone
 end
 
 local function call(mgr, op, id, a, b)
-  if reply_pid ~= core.getpid() then reply, reply_pid = core.Queue(), core.getpid() end
-  mgr._requests:put { op, reply, id, a, b }
+  if reply_pid ~= core.getpid() then reply, reply_pid, reqno = core.Queue(), core.getpid(), 0 end
+  reqno = reqno + 1
+  local no = reqno
+  mgr._requests:put { op, reply, id, a, b, no }
   local res
   while true do
     local why
     res, why = reply:get(1)
-    if res ~= nil then break end
-    if why == "interrupted" then error("interrupted!", 0) end
-    if not server_alive(mgr._pid) then error("the manager process is gone", 3) end
+    if res ~= nil then
+      if res.seq == no then break end  -- else: the late reply of an abandoned call
+    elseif why == "interrupted" then error("interrupted!", 0)
+    elseif not server_alive(mgr._pid) then error("the manager process is gone", 3) end
   end
   if not res[1] then error(res[2], 3) end
   return res[2]

@@ -756,7 +756,7 @@ local function parse_opts(opts, what, lvl)
   if opts.chunksize ~= nil and (math.type(opts.chunksize) ~= "integer" or opts.chunksize < 1) then
     error(("bad option chunksize to '%s' (positive integer expected)"):format(what), lvl)
   end
-  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
+  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or not (opts.timeout > 0)) then
     error(("bad option timeout to '%s' (positive number expected)"):format(what), lvl)
   end
   return opts
@@ -1075,7 +1075,17 @@ function AsyncResult:ready()
   return poll(self)
 end
 
+-- A timeout as the core's waits take it: nil (forever) or a number, never NaN (no deadline
+-- would ever pass: the wait would never end).
+local function check_timeout(timeout, what)
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout) then
+    error(("bad argument #1 to '%s' (%s)"):format(what,
+      type(timeout) == "number" and "timeout is NaN" or "number expected, got " .. type(timeout)), 3)
+  end
+end
+
 function AsyncResult:wait(timeout)
+  check_timeout(timeout, "wait")
   return wait_call(self._pool, self, timeout)
 end
 
@@ -1085,6 +1095,7 @@ function AsyncResult:successful()
 end
 
 function AsyncResult:get(timeout)
+  check_timeout(timeout, "get")
   if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
   if self.err then error(self.err, 2) end
   if self.kind == "apply" then

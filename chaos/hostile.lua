@@ -1,0 +1,74 @@
+-- chaos/hostile.lua: faults the issue implies that the other families do not strike: a call
+-- left by Ctrl-C whose answer comes later, waits given a timeout no clock ever reaches.
+local L = require "chaos.lib"
+local mp = require "multiprocessing"
+local core = L.core
+local now = L.now
+
+-- a Process that sends this process SIGINT (a Ctrl-C that reaches it alone) after `after` s
+local function interrupt_in(after)
+  local me = core.getpid()
+  return mp.Process { target = function() core.sleep(after) core.kill(me, 2) end }:start()
+end
+
+return {
+  -- a Manager call left by Ctrl-C while the server works on it: its answer comes later, and
+  -- must never be taken as the answer of a later call (it was: every later call of the
+  -- process got the answer of the call before it). One Ctrl-C per process: lua.c restores
+  -- SIGINT's default action after one; the later calls of the rounds check what follows it.
+  { name = "manager_interrupted_call", timeout = 90, run = function()
+    L.fig("rounds", 0)
+    local m <close> = mp.Manager()
+    local d = m:dict()
+    d.a = "A1"
+    local pr = interrupt_in(L.uniform(0.05, 0.25))
+    local ok, err = pcall(d.update_with, d, "slow", function()
+      local t = os.clock() while os.clock() - t < 0.5 do end
+      return "S1"
+    end)
+    pr:join(L.BOUND) pr:close()
+    L.check(not ok and L.interrupted(err), "the slow call was not interrupted: %s %s", tostring(ok), tostring(err))
+    L.add("interrupted")
+    for round = 1, L.rounds(6) do
+      local t0 = now()
+      local a, missing, slow = d.a, d.missing, d:get("slow")
+      L.check(a == "A1", "round %d: d.a after an interrupted call gave %s (the late answer of another call)", round, tostring(a))
+      L.check(missing == nil, "round %d: d.missing gave %s", round, tostring(missing))
+      L.check(slow == "S1", "round %d: d.slow gave %s: the interrupted update did not land", round, tostring(slow))
+      L.max("notice_ms", math.floor((now() - t0) * 1000 + 0.5))
+      L.round_done()
+    end
+  end },
+
+  -- a NaN timeout: no deadline ever passes. Every wait must refuse it (or return): never wait forever
+  { name = "timeout_nan", timeout = 60, run = function()
+    local nan = 0 / 0
+    local pool <close> = mp.Pool(1)
+    local r = pool:apply_async(function() core.sleep(30) end)
+    local a, b = mp.Pipe()
+    local calls = {
+      ["AsyncResult:get"] = function() return r:get(nan) end,
+      ["AsyncResult:wait"] = function() return r:wait(nan) end,
+      ["Queue:get"] = function() return mp.Queue():get(nan) end,
+      ["JoinableQueue:join"] = function() local q = mp.JoinableQueue() q:put(1) return q:join(nan) end,
+      ["Event:wait"] = function() return mp.Event():wait(nan) end,
+      ["Semaphore:acquire"] = function() return mp.Semaphore(0):acquire(nan) end,
+      ["Barrier:wait"] = function() return mp.Barrier(2):wait(nan) end,
+      ["Connection:recv"] = function() return a:recv(nan) end,
+    }
+    for what, f in pairs(calls) do
+      local w = L.watchdog(L.BOUND)
+      local t0 = now()
+      local ok, err = pcall(f)
+      local fired = w:disarm()
+      L.check(not fired and not L.interrupted(err), "%s(NaN) waited forever", what)
+      L.check(not ok and tostring(err):find("NaN", 1, true), "%s(NaN) returned %s, %s", what, tostring(ok), tostring(err))
+      L.max("notice_ms", math.floor((now() - t0) * 1000 + 0.5))
+      L.add("calls")
+    end
+    local ok, err = pcall(pool.map, pool, function(x) return x end, { 1 }, { timeout = nan })
+    L.check(not ok and tostring(err):find("timeout", 1, true), "map{timeout = NaN}: %s %s", tostring(ok), tostring(err))
+    a:close() b:close()
+    pool:terminate()
+  end },
+}
