@@ -40,6 +40,37 @@ return {
     end
   end },
 
+  -- a callback that ends its pool (terminate, or close + join) while the engine delivers
+  -- results: the engine went on reading the queues the callback had closed, and every call
+  -- raised "attempt to use a closed Queue" instead of its own outcome
+  { name = "pool_callback_ends_pool", timeout = 60, run = function()
+    L.fig("rounds", 0)
+    for round = 1, L.rounds(6) do
+      local how = round % 3
+      local p = mp.Pool(2)
+      local function stop() if how == 0 then p:terminate() else p:close() p:join() end end
+      local ran = 0
+      local function cb() ran = ran + 1 if how ~= 2 then stop() end end  -- 2: stopped from inside join
+      local bad = p:apply_async(function() error("boom") end, {}, { error_callback = cb })
+      local good = p:map_async(function(x) return x end, { 1, 2, 3 }, { callback = cb })
+      local w = L.watchdog(L.BOUND * 2)
+      local ok, err = pcall(bad.get, bad, L.BOUND)
+      L.check(not ok and tostring(err):find("boom", 1, true), "round %d: the failed call raised %s", round, tostring(err))
+      if how == 2 then  -- the callbacks run inside join
+        for _ = 1, 3 do p:apply_async(function() core.sleep(0.02) return 1 end, {}, { callback = function() ran = ran + 1 stop() end }) end
+        p:close()
+        local jok, jerr = pcall(p.join, p)
+        L.check(jok, "round %d: join with a callback that ends the pool raised %s", round, tostring(jerr))
+      end
+      local gok, gerr = pcall(good.get, good, L.BOUND)
+      L.check(not w:disarm(), "round %d: a call waited forever", round)
+      L.check(gok or tostring(gerr):find("terminated", 1, true), "round %d: the other call raised %s", round, tostring(gerr))
+      L.check(ran >= 1, "round %d: no callback ran", round)
+      p:terminate()
+      L.round_done()
+    end
+  end },
+
   -- a NaN timeout: no deadline ever passes. Every wait must refuse it (or return): never wait forever
   { name = "timeout_nan", timeout = 60, run = function()
     local nan = 0 / 0

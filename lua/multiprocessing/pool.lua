@@ -244,18 +244,24 @@ local function fed(self, call)
   end
 end
 
+-- A call's callback runs at once, or, when the call finishes inside a turn of the engine,
+-- after the turn (engine): a callback may use, close, join or terminate the pool, which the
+-- turn must not find changed under it (it went on reading the queues terminate had closed).
 local function finish(self, call)
   if call.finished then return end
   call.finished = true
   if call.id then self._calls[call.id] = nil end
   if call.bar then call.bar:close() end
+  local fn, v
   if call.err then
-    if call.error_callback then run_callback(call.error_callback, call.err) end
+    fn, v = call.error_callback, call.err
   elseif call.callback then
-    local v = call.results
+    fn, v = call.callback, call.results
     if call.kind == "apply" then v = call.value[1] end
-    run_callback(call.callback, v)
   end
+  if not fn then return end
+  local later = self._later
+  if later then later[#later + 1] = { fn, v } else run_callback(fn, v) end
 end
 
 local function lazy(call) return call.kind == "imap" or call.kind == "unordered" end
@@ -659,9 +665,14 @@ end
 -- The engine, from a public method: an error (Ctrl-C's "interrupted!") terminates the
 -- pool, and is raised without the place in this file where it landed.
 local function engine(self, wait)
+  local outer = self._later
+  local later = {}
+  self._later = later
   local ok, err = pcall(pump, self, wait)
+  self._later = outer
+  if not ok then self:terminate() end
+  for i = 1, #later do run_callback(later[i][1], later[i][2]) end
   if not ok then
-    self:terminate()
     if type(err) == "string" then err = err:gsub("^[^\n]-multiprocessing/pool%.lua:%d+: ", "") end
     error(err, 0)
   end
