@@ -71,6 +71,33 @@ return {
     end
   end },
 
+  -- a worker stopped (SIGSTOP) in its initializer while Pool() waits for them all to be ready:
+  -- Pool() waited forever (only Ctrl-C ended it). It must return with the others working.
+  { name = "pool_start_stopped_worker", timeout = 60, run = function()
+    L.fig("rounds", 0)
+    for round = 1, L.rounds(4) do
+      local flag = mp.Value("i", 0)
+      local w = L.watchdog(L.BOUND * 2)
+      local t0 = now()
+      local ok, p = pcall(mp.Pool, { processes = 2, initializer = function()
+        local l = flag:get_lock()
+        l:acquire() local first = flag.value == 0 flag.value = flag.value + 1 l:release()
+        if first then core.kill(core.getpid(), 19) end  -- SIGSTOP
+      end })
+      L.check(not w:disarm() and ok, "round %d: Pool() with a stopped starting worker: %s", round, ok and "waited forever" or tostring(p))
+      L.max("notice_ms", math.floor((now() - t0) * 1000 + 0.5))
+      local r = p:map_async(function(x) return x * 2 end, { 1, 2, 3, 4 })
+      local res = r:get(L.BOUND * 2)
+      L.check(res and res[4] == 8, "round %d: map with one worker stopped gave %s", round, tostring(res))
+      for _, pid in ipairs(L.workers()) do core.kill(pid, 18) end  -- SIGCONT
+      res = p:map(function(x) return x + 1 end, { 1, 2, 3 })
+      L.check(res[3] == 4, "round %d: map after SIGCONT went wrong", round)
+      p:close() p:join()
+      flag:close()
+      L.round_done()
+    end
+  end },
+
   -- a NaN timeout: no deadline ever passes. Every wait must refuse it (or return): never wait forever
   { name = "timeout_nan", timeout = 60, run = function()
     local nan = 0 / 0

@@ -822,6 +822,14 @@ end
 
 --------------------------------------------------------------- public API
 
+local function stopped(pid)  -- by a signal (T) or a tracer (t)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  local st = f and f:read("l") or ""
+  if f then f:close() end
+  local state = st:match("^%d+ %b() (%a)")
+  return state == "T" or state == "t"
+end
+
 function M.Pool(opts)
   local n, init, initargs, maxtasks
   if type(opts) == "table" then
@@ -846,10 +854,15 @@ function M.Pool(opts)
   }, Pool)
   made = made + 1
   for i = 1, n do spawn(self, i) end
-  -- wait until every worker ran its initializer: a failing one fails the Pool
+  -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
+  -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end
+  -- that wait; the pool starts with the others, and the stopped one joins them if continued.
   while true do
     local all = true
-    for i = 1, n do if not (self._workers[i] and self._workers[i].ready) then all = false end end
+    for i = 1, n do
+      local w = self._workers[i]
+      if not (w and (w.ready or stopped(w.pid))) then all = false end
+    end
     if all then break end
     engine(self, SLICE)
     if self._broken then
