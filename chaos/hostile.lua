@@ -3,7 +3,7 @@
 local L = require "chaos.lib"
 local mp = require "multiprocessing"
 local core = L.core
-local now = L.now
+local now, sleep = L.now, L.sleep
 
 -- a Process that sends this process SIGINT (a Ctrl-C that reaches it alone) after `after` s
 local function interrupt_in(after)
@@ -55,12 +55,27 @@ return {
       local good = p:map_async(function(x) return x end, { 1, 2, 3 }, { callback = cb })
       local w = L.watchdog(L.BOUND * 2)
       local ok, err = pcall(bad.get, bad, L.BOUND)
-      L.check(not ok and tostring(err):find("boom", 1, true), "round %d: the failed call raised %s", round, tostring(err))
+      -- (terminated: the other call's callback may have ended the pool first)
+      L.check(not ok and (tostring(err):find("boom", 1, true) or how ~= 2 and tostring(err):find("terminated", 1, true)),
+        "round %d: the failed call raised %s", round, tostring(err))
       if how == 2 then  -- the callbacks run inside join
         for _ = 1, 3 do p:apply_async(function() core.sleep(0.02) return 1 end, {}, { callback = function() ran = ran + 1 stop() end }) end
         p:close()
         local jok, jerr = pcall(p.join, p)
         L.check(jok, "round %d: join with a callback that ends the pool raised %s", round, tostring(jerr))
+      end
+      if how == 0 then  -- a worker killed as join waits: its call's error_callback ends the pool
+        local p2 = mp.Pool(2)
+        local dying = p2:apply_async(function() core.sleep(30) end, {}, { error_callback = function() ran = ran + 1 p2:terminate() end })
+        p2:apply_async(function() core.sleep(30) end)
+        p2:close()
+        sleep(0.1)
+        for _, wk in pairs(p2._workers) do core.kill(wk.pid, 9) end
+        local jok, jerr = pcall(p2.join, p2)
+        L.check(jok, "round %d: join, a worker killed, its error_callback terminating the pool, raised %s", round, tostring(jerr))
+        L.check(dying:ready(), "round %d: the dead worker's call is not ready after join", round)
+        local _, merr = pcall(p2.map, p2, print, { 1 })
+        L.check(tostring(merr):find("terminated", 1, true), "round %d: a pool terminated by a callback inside join says: %s", round, tostring(merr))
       end
       local gok, gerr = pcall(good.get, good, L.BOUND)
       L.check(not w:disarm(), "round %d: a call waited forever", round)

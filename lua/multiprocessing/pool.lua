@@ -662,13 +662,14 @@ local function pump(self, wait)
   if self._state == "closing" and not self._stopping then stop_workers(self) end
 end
 
--- The engine, from a public method: an error (Ctrl-C's "interrupted!") terminates the
--- pool, and is raised without the place in this file where it landed.
-local function engine(self, wait)
+-- The engine, from a public method: a turn (pump, or `work`), then the callbacks of the
+-- calls it finished. An error (Ctrl-C's "interrupted!") terminates the pool, and is raised
+-- without the place in this file where it landed.
+local function engine(self, wait, work)
   local outer = self._later
   local later = {}
   self._later = later
-  local ok, err = pcall(pump, self, wait)
+  local ok, err = pcall(work or pump, self, wait)
   self._later = outer
   if not ok then self:terminate() end
   for i = 1, #later do run_callback(later[i][1], later[i][2]) end
@@ -1031,18 +1032,24 @@ local function release_shared(self)
   self._st:close()
 end
 
+local function cut_unfed(self)
+  for _, call in pairs(self._calls) do
+    if not call.fed_all then cut(self, call, CLOSED) end
+  end
+end
+local function check_now(self) check_workers(self) end
+
 function Pool:join()
   if self._owner ~= core.getpid() then return end
   if self._state == "running" then error("cannot join a running pool (close or terminate it first)", 2) end
   if self._state ~= "closing" then return end
   -- lazily fed calls read no more input; what was sent is delivered
-  for _, call in pairs(self._calls) do
-    if not call.fed_all then cut(self, call, CLOSED) end
-  end
-  while next(self._workers) do
+  engine(self, 0, cut_unfed)
+  while next(self._workers) and self._state == "closing" do
     engine(self, SLICE)
-    check_workers(self)
+    engine(self, 0, check_now)
   end
+  if self._state ~= "closing" then return end  -- a callback terminated or joined it
   abort_all(self, CLOSED)
   self._state = "closed"
   free_blobs(self)
