@@ -18,9 +18,10 @@
 ** ends by emptying the journal. A process killed while it holds the lock leaves
 ** an unfinished change, which the next locker (EOWNERDEAD) undoes: the
 ** allocator never sees half a change. The only losses are blocks the dead
-** process held and could not give back: one it was freeing (the free is undone),
-** one it had been given (unless it was held: mp_alloc_held, freed when the
-** process is found dead), or deferred objects it had taken off the list (sweep).
+** process held and could not give back: one it had been given (unless it was
+** held: mp_alloc_held, freed when the process is found dead), or deferred
+** objects it had taken off the list (sweep). One it was freeing is held by
+** mp_free first, so it goes with the process (the undone free included).
 **
 ** Objects a fork may have copied: a fork copies every handle of the parent
 ** without counting it, so an object whose count reaches 0 may still be used by
@@ -357,9 +358,13 @@ void mp_free(uint64_t off) {
   if (!off) return;
   block *b = BLK(off - sizeof(block));
   if (b->tag != TAG(B_USED)) abort();  /* double free: a bug of ours */
+  /* ours alone from here: held, so that a kill inside the free (giving its pages
+  ** back, waiting for the lock: long for a big block or a busy arena) frees it
+  ** with the process instead of leaking it; free_locked lets go of it */
+  uint64_t *hold = b->aux == HELD ? held_slot(off) : NULL;
+  if (!hold) { mp_hold(off); hold = held_slot(off); }
   /* still ours alone: its pages can go before anyone can take it again */
   if (b->size > MAXSMALL) give_back(off - sizeof(block), b->size);
-  uint64_t *hold = b->aux == HELD ? held_slot(off) : NULL;
   arena_lock();
   free_locked(off - sizeof(block), hold);
   arena_unlock();
