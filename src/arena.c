@@ -293,11 +293,15 @@ static uint64_t alloc_locked(uint64_t n, int *fresh, uint64_t *hold) {
 
 static uint64_t alloc_once(uint64_t n, int hold) {
   int fresh = 0;
+  /* a big block is held while its fresh pages are faulted in (a long time, for a
+  ** kill to land in and leak it), and let go of just before it is returned */
+  int brief = !hold && n >= POPULATE;
   arena_lock();
-  uint64_t off = alloc_locked(n, &fresh, hold ? held_slot(0) : NULL);
+  uint64_t off = alloc_locked(n, &fresh, hold || brief ? held_slot(0) : NULL);
   arena_unlock();
   /* fresh pages: one call to fault them all in is much cheaper than a fault per page */
   if (fresh) madvise(BLK(off), n, MADV_POPULATE_WRITE);
+  if (brief && off) mp_unhold(off + sizeof(block));
   return off;
 }
 
