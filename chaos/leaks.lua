@@ -137,4 +137,27 @@ return {
     end
     L.check_resources(before, L.resources())
   end },
+
+  -- Managers shut down, or dropped to the collector, some with their server killed: each
+  -- shutdown sent a queue for its answer, pinned for good (2.6 KB a Manager)
+  { name = "leak_managers", timeout = 90, run = loop(40, function(i)
+    local m = mp.Manager()
+    local d, l = m:dict(), m:list()
+    d.x = i
+    l:append(d.x)
+    if i % 4 == 0 then m._proc:kill() end
+    if i % 2 == 0 then m:shutdown() end
+  end) },
+
+  -- Processes and pool workers that use a Manager: each makes a reply queue of its own, sent
+  -- with every request (so pinned), never given back (known: chaos/known_failures)
+  { name = "leak_manager_users", timeout = 90, run = function()
+    local m <close> = mp.Manager()
+    local d = m:dict()
+    loop(40, function(i)
+      local pr = mp.Process { target = function() d[i] = i end }:start()
+      pr:join()
+      pr:close()
+    end)()
+  end },
 }

@@ -281,6 +281,26 @@ describe("arena", function()
       end
     end)
 
+    it("inside a free loses nothing: the block being freed is held, so it goes with the process", function()
+      local s0 = settle()
+      for _, size in ipairs { 100, 3 * MiB } do
+        for n = 1, 6 do   -- every store of the free's change
+          local pid = H.spawn(function()
+            local b = core.blob_new(string.rep("f", size))
+            core._arena_fault(n)
+            core.blob_free(b)
+            core._exit(0)   -- (a free with fewer stores than n)
+          end)
+          local code = core.waitpid(pid, 10)
+          assert.is_true(code == -9 or code == 0)
+          assert.is_true(core.arena_check())
+          local s = settle()
+          assert.equal(s0.blocks, s.blocks, ("a kill at store %d of a free of %d bytes kept its block"):format(n, size))
+          assert.equal(s0.used, s.used)
+        end
+      end
+    end)
+
     it("while forking leaves no process entry behind", function()
       local s0 = settle()
       for n = 1, 6, rounds(1, 5) do

@@ -18,9 +18,10 @@
 ** ends by emptying the journal. A process killed while it holds the lock leaves
 ** an unfinished change, which the next locker (EOWNERDEAD) undoes: the
 ** allocator never sees half a change. The only losses are blocks the dead
-** process held and could not give back: one it was freeing (the free is undone),
-** one it had been given (unless it was held: mp_alloc_held, freed when the
-** process is found dead), or deferred objects it had taken off the list (sweep).
+** process held and could not give back: one it had been given (unless it was
+** held: mp_alloc_held, freed when the process is found dead), or deferred
+** objects it had taken off the list (sweep). One it was freeing is held by
+** mp_free first, so it goes with the process (the undone free included).
 **
 ** Objects a fork may have copied: a fork copies every handle of the parent
 ** without counting it, so an object whose count reaches 0 may still be used by
@@ -292,11 +293,15 @@ static uint64_t alloc_locked(uint64_t n, int *fresh, uint64_t *hold) {
 
 static uint64_t alloc_once(uint64_t n, int hold) {
   int fresh = 0;
+  /* a big block is held while its fresh pages are faulted in (a long time, for a
+  ** kill to land in and leak it), and let go of just before it is returned */
+  int brief = !hold && n >= POPULATE;
   arena_lock();
-  uint64_t off = alloc_locked(n, &fresh, hold ? held_slot(0) : NULL);
+  uint64_t off = alloc_locked(n, &fresh, hold || brief ? held_slot(0) : NULL);
   arena_unlock();
   /* fresh pages: one call to fault them all in is much cheaper than a fault per page */
   if (fresh) madvise(BLK(off), n, MADV_POPULATE_WRITE);
+  if (brief && off) mp_unhold(off + sizeof(block));
   return off;
 }
 
@@ -357,9 +362,13 @@ void mp_free(uint64_t off) {
   if (!off) return;
   block *b = BLK(off - sizeof(block));
   if (b->tag != TAG(B_USED)) abort();  /* double free: a bug of ours */
+  /* ours alone from here: held, so that a kill inside the free (giving its pages
+  ** back, waiting for the lock: long for a big block or a busy arena) frees it
+  ** with the process instead of leaking it; free_locked lets go of it */
+  uint64_t *hold = b->aux == HELD ? held_slot(off) : NULL;
+  if (!hold) { mp_hold(off); hold = held_slot(off); }
   /* still ours alone: its pages can go before anyone can take it again */
   if (b->size > MAXSMALL) give_back(off - sizeof(block), b->size);
-  uint64_t *hold = b->aux == HELD ? held_slot(off) : NULL;
   arena_lock();
   free_locked(off - sizeof(block), hold);
   arena_unlock();

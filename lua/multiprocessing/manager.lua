@@ -78,14 +78,18 @@ local function serve(requests)
     else
       res = table.pack(pcall(f, objs, req[3], req[4], req[5]))
     end
+    res.seq = req[6]  -- the caller matches it: a reply to a call it gave up on is dropped
     local ok, err = pcall(req[2].put, req[2], res)
-    if not ok then req[2]:put { false, tostring(err) } end
+    if not ok then req[2]:put { false, tostring(err), seq = req[6] } end
   end
 end
 
 ------------------------------------------------------------------ the client
 
-local reply, reply_pid  -- this process's reply queue
+-- This process's reply queue, and the number of its last request: a call left by Ctrl-C
+-- (or an error) leaves its reply to come later, so each reply carries the number of the
+-- request it answers and a call takes only its own.
+local reply, reply_pid, reqno = nil, nil, 0
 
 local function server_alive(pid)  -- a zombie counts as gone
   if not core.kill(pid, 0) then return false end
@@ -109,8 +113,10 @@ local function arg_names(op, p, a)
 end
 
 local function call(mgr, op, id, a, b, p)
-  if reply_pid ~= core.getpid() then reply, reply_pid = core.Queue(), core.getpid() end
-  local sent, err = pcall(mgr._requests.put, mgr._requests, { op, reply, id, a, b })
+  if reply_pid ~= core.getpid() then reply, reply_pid, reqno = core.Queue(), core.getpid(), 0 end
+  reqno = reqno + 1
+  local no = reqno
+  local sent, err = pcall(mgr._requests.put, mgr._requests, { op, reply, id, a, b, no })
   if not sent then  -- name the user's value, not our request's layout
     local n4, n5 = arg_names(op, p, a)
     err = tostring(err):gsub("^[^\n]-manager%.lua:%d+: ", "")
@@ -122,9 +128,10 @@ local function call(mgr, op, id, a, b, p)
   while true do
     local why
     res, why = reply:get(1)
-    if res ~= nil then break end
-    if why == "interrupted" then error("interrupted!", 0) end
-    if not server_alive(mgr._pid) then error("the manager process is gone", 3) end
+    if res ~= nil then
+      if res.seq == no then break end  -- else: the late reply of an abandoned call
+    elseif why == "interrupted" then error("interrupted!", 0)
+    elseif not server_alive(mgr._pid) then error("the manager process is gone", 3) end
   end
   if not res[1] then error(res[2], 3) end
   return res[2]
@@ -157,9 +164,9 @@ function Manager:shutdown()
   if self._pid_owner ~= core.getpid() or self._stopped then return end
   self._stopped = true
   if self._proc:is_alive() then
-    local q = core.Queue()
-    self._requests:put { "stop", q }
-    q:get(2)
+    -- the server's exit is the answer: a queue sent for an answer would be pinned (kept for
+    -- good, docs/arena.md), one per Manager
+    self._requests:put { "stop" }
     if not self._proc:join(2) then self._proc:kill() self._proc:join() end
   end
 end

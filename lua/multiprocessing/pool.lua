@@ -274,18 +274,24 @@ local function fed(self, call)
   end
 end
 
+-- A call's callback runs at once, or, when the call finishes inside a turn of the engine,
+-- after the turn (engine): a callback may use, close, join or terminate the pool, which the
+-- turn must not find changed under it (it went on reading the queues terminate had closed).
 local function finish(self, call)
   if call.finished then return end
   call.finished = true
   if call.id then self._calls[call.id] = nil end
   if call.bar then call.bar:close() end
+  local fn, v
   if call.err then
-    if call.error_callback then run_callback(call.error_callback, call.err) end
+    fn, v = call.error_callback, call.err
   elseif call.callback then
-    local v = call.results
+    fn, v = call.callback, call.results
     if call.kind == "apply" then v = call.value[1] end
-    run_callback(call.callback, v)
   end
+  if not fn then return end
+  local later = self._later
+  if later then later[#later + 1] = { fn, v } else run_callback(fn, v) end
 end
 
 local function lazy(call) return call.kind == "imap" or call.kind == "unordered" end
@@ -698,12 +704,18 @@ local function pump(self, wait)
   if self._state == "closing" and not self._stopping then stop_workers(self) end
 end
 
--- The engine, from a public method: an error (Ctrl-C's "interrupted!") terminates the
--- pool, and is raised without the place in this file where it landed.
-local function engine(self, wait)
-  local ok, err = pcall(pump, self, wait)
+-- The engine, from a public method: a turn (pump, or `work`), then the callbacks of the
+-- calls it finished. An error (Ctrl-C's "interrupted!") terminates the pool, and is raised
+-- without the place in this file where it landed.
+local function engine(self, wait, work)
+  local outer = self._later
+  local later = {}
+  self._later = later
+  local ok, err = pcall(work or pump, self, wait)
+  self._later = outer
+  if not ok then self:terminate() end
+  for i = 1, #later do run_callback(later[i][1], later[i][2]) end
   if not ok then
-    self:terminate()
     if type(err) == "string" then err = err:gsub("^[^\n]-multiprocessing/pool%.lua:%d+: ", "") end
     error(err, 0)
   end
@@ -812,7 +824,7 @@ local function parse_opts(opts, what, lvl)
   if opts.chunksize ~= nil and (math.type(opts.chunksize) ~= "integer" or opts.chunksize < 1) then
     error(("bad option chunksize to '%s' (positive integer expected)"):format(what), lvl)
   end
-  if opts.timeout ~= nil and not (opts.timeout > 0) then  -- (not NaN either)
+  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or not (opts.timeout > 0)) then
     error(("bad option timeout to '%s' (positive number expected)"):format(what), lvl)
   end
   return opts
@@ -923,6 +935,14 @@ end
 local NOSEND = coroutine.create(function() end)
 local POOL_OPTIONS = { processes = true, initializer = true, initargs = true, maxtasksperchild = true }
 
+local function stopped(pid)  -- by a signal (T) or a tracer (t)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  local st = f and f:read("l") or ""
+  if f then f:close() end
+  local state = st:match("^%d+ %b() (%a)")
+  return state == "T" or state == "t"
+end
+
 function M.Pool(opts)
   local n, init, initargs, maxtasks
   if type(opts) == "table" then
@@ -954,10 +974,15 @@ function M.Pool(opts)
   }, Pool)
   made = made + 1
   for i = 1, n do spawn(self, i) end
-  -- wait until every worker ran its initializer: a failing one fails the Pool
+  -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
+  -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end
+  -- that wait; the pool starts with the others, and the stopped one joins them if continued.
   while true do
     local all = true
-    for i = 1, n do if not (self._workers[i] and self._workers[i].ready) then all = false end end
+    for i = 1, n do
+      local w = self._workers[i]
+      if not (w and (w.ready or stopped(w.pid))) then all = false end
+    end
     if all then break end
     engine(self, SLICE)
     if self._broken then
@@ -1138,18 +1163,24 @@ local function release_shared(self)
   self._st:close()
 end
 
+local function cut_unfed(self)
+  for _, call in pairs(self._calls) do
+    if not call.fed_all then cut(self, call, CLOSED) end
+  end
+end
+local function check_now(self) check_workers(self) end
+
 function Pool:join()
   if self._owner ~= core.getpid() then return end
   if self._state == "running" then error("cannot join a running pool (close or terminate it first)", 2) end
   if self._state ~= "closing" then return end
   -- lazily fed calls read no more input; what was sent is delivered
-  for _, call in pairs(self._calls) do
-    if not call.fed_all then cut(self, call, CLOSED) end
-  end
-  while next(self._workers) do
+  engine(self, 0, cut_unfed)
+  while next(self._workers) and self._state == "closing" do
     engine(self, SLICE)
-    check_workers(self)
+    engine(self, 0, check_now)
   end
+  if self._state ~= "closing" then return end  -- a callback terminated or joined it
   abort_all(self, CLOSED)
   self._state = "closed"
   free_blobs(self)
@@ -1207,7 +1238,17 @@ function AsyncResult:ready()
   return poll(self)
 end
 
+-- A timeout as the core's waits take it: nil (forever) or a number, never NaN (no deadline
+-- would ever pass: the wait would never end).
+local function check_timeout(timeout, what)
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout) then
+    error(("bad argument #1 to '%s' (%s)"):format(what,
+      type(timeout) == "number" and "timeout is NaN" or "number expected, got " .. type(timeout)), 3)
+  end
+end
+
 function AsyncResult:wait(timeout)
+  check_timeout(timeout, "wait")
   return wait_call(self._pool, self, timeout)
 end
 
@@ -1217,6 +1258,7 @@ function AsyncResult:successful()
 end
 
 function AsyncResult:get(timeout)
+  check_timeout(timeout, "get")
   if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
   if self.err then error(self.err, 2) end
   if self.kind == "apply" then
