@@ -603,6 +603,12 @@ describe("Pool", function()
     it("reports per worker tasks, items, busy, idle, encode and decode time and pid", function()
       local pool <close> = mp.Pool(2)
       pool:map(function(x) mp.sleep(0.01) return x end, { 1, 2, 3, 4 }, 1)
+      -- a worker counts a message just after it sent its results: the last count may lag a little
+      H.eventually(function()
+        local n = 0
+        for _, w in ipairs(pool:stats()) do n = n + w.tasks end
+        return n == 4
+      end)
       local st = pool:stats()
       assert.equal(2, #st)
       local tasks, items = 0, 0
