@@ -143,6 +143,11 @@ void mp_enc_push(lua_State *L, mp_enc *e);  /* pushes the bytes as a string */
 void mp_enc_done(lua_State *L, mp_enc *e);
 /* Decodes one value from s[0..n), pushes it; raises on malformed input. */
 void mp_decode(lua_State *L, const char *s, size_t n);
+/* Same, in a mode: MP_DECODE_ALL (as mp_decode) or MP_DECODE_DATA, which takes
+** plain data only and raises on functions, modules, the globals, metatables sent
+** by value and handles: safe for bytes from anywhere (docs/codec.md, Trust). */
+enum { MP_DECODE_ALL = 0, MP_DECODE_DATA = 1 };
+void mp_decode_mode(lua_State *L, const char *s, size_t n, int mode);
 /* Same for an encoded array (a table with no other keys and no metatable), whose
 ** items go to t[at], t[at+1]... of the table at tidx, which is what it pushes. */
 void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at);

@@ -164,14 +164,6 @@ static void pin(uint64_t off) {
   __atomic_store_n(&o->pinned, 1, __ATOMIC_SEQ_CST);
 }
 
-static uint64_t checkpayload(lua_State *L, const unsigned char *p, uint32_t type) {
-  uint64_t off;
-  memcpy(&off, p, 8);
-  if (off < 64 || off % 16 || !mp_arena_base() || ((mp_obj *)MP_PTR(off))->type != type)
-    luaL_error(L, "cannot decode: bad handle");
-  return off;
-}
-
 static int handle_close(lua_State *L) {
   mp_handle *h = lua_touserdata(L, 1);
   if (h && h->off) { mp_obj_release(h->off, h->pid); h->off = 0; }
@@ -671,12 +663,19 @@ static size_t cond_encode(lua_State *L, int idx, unsigned char *payload) {
   return 16;
 }
 
+/* Both offsets go through the codec's checked path (mp_handle_payload: aligned,
+** below the arena's top), each object's type is checked and each must lie below
+** the top whole, before anything is counted. */
 static void cond_decode(lua_State *L, const unsigned char *p, size_t n) {
-  if (n != 16) luaL_error(L, "cannot decode: bad handle");
-  uint64_t off = checkpayload(L, p, T_COND), lock = checkpayload(L, p + 8, T_LOCK);
-  mp_obj_retain(off);
+  if (n != 16) luaL_error(L, "cannot decode: bad %s handle", CONDITION);
+  uint64_t off = mp_handle_payload(L, p, 8), lock = mp_handle_payload(L, p + 8, 8);
+  size_t top = mp_arena_top();
+  if (top - off < sizeof(cond_obj) || top - lock < sizeof(lock_obj) ||  /* both are below top */
+      ((mp_obj *)MP_PTR(lock))->type != T_LOCK)
+    luaL_error(L, "cannot decode: bad %s handle", CONDITION);
+  cond_handle *ch = (cond_handle *)mp_handle_attach(L, p, 8, T_COND, CONDITION, sizeof(cond_handle), 0);
   mp_obj_retain(lock);
-  push_cond(L, off, lock);
+  ch->lock = lock;
 }
 
 static const mp_handle_type cond_type = { CONDITION, cond_encode, cond_decode };
