@@ -229,7 +229,7 @@ struct mp_enc {
 #define UV_CNAMES 1   /* C function -> "module\0field", built on first need */
 
 static int enc_gc(lua_State *L) {
-  mp_enc *e = luaL_checkudata(L, 1, ENCODER);
+  mp_enc *e = mp_toself(L, 1, MP_CLASSES(ENCODER));
   mp_buf_free(L, &e->out);
   free(e->segs); e->segs = NULL; e->nsegs = e->capsegs = 0;
   free(e->refpos); e->refpos = NULL; e->caprefpos = 0;
@@ -1248,6 +1248,50 @@ mp_handle *mp_handle_attach(lua_State *L, const unsigned char *payload, size_t n
   mp_obj_retain(off);
   h->off = off;
   h->pid = getpid();
+  return h;
+}
+
+/* ------------------------------------------------------- self checks */
+
+/* the index in names of the class of the userdata at idx; raises a type error
+** naming the classes (without "multiprocessing.") when it is none of them */
+static int self_class(lua_State *L, int idx, const char *const *names) {
+  if (lua_touserdata(L, idx) && lua_getmetatable(L, idx)) {
+    for (int i = 0; names[i]; i++) {
+      luaL_getmetatable(L, names[i]);
+      int eq = lua_rawequal(L, -1, -2);
+      lua_pop(L, 1);
+      if (eq) { lua_pop(L, 1); return i; }
+    }
+    lua_pop(L, 1);
+  }
+  const char *got = luaL_getmetafield(L, idx, "__name") == LUA_TSTRING ? lua_tostring(L, -1)
+                    : lua_type(L, idx) == LUA_TLIGHTUSERDATA ? "light userdata" : luaL_typename(L, idx);
+  luaL_Buffer b;  /* as luaL_typeerror, which would see the pushed values at a missing idx */
+  luaL_buffinit(L, &b);
+  for (int i = 0; names[i]; i++) {
+    const char *dot = strrchr(names[i], '.');
+    if (i) luaL_addstring(&b, " or ");
+    luaL_addstring(&b, dot ? dot + 1 : names[i]);
+  }
+  luaL_addstring(&b, " expected, got ");
+  luaL_addstring(&b, got);
+  luaL_pushresult(&b);
+  return luaL_argerror(L, idx, lua_tostring(L, -1));
+}
+
+void *mp_toself(lua_State *L, int idx, const char *const *names) {
+  self_class(L, idx, names);
+  return lua_touserdata(L, idx);
+}
+
+mp_handle *mp_checkopen(lua_State *L, int idx, const char *const *names) {
+  int i = self_class(L, idx, names);
+  mp_handle *h = lua_touserdata(L, idx);
+  if (!h->off) {
+    const char *dot = strrchr(names[i], '.');
+    luaL_error(L, "attempt to use a closed %s", dot ? dot + 1 : names[i]);
+  }
   return h;
 }
 

@@ -158,6 +158,21 @@ uint64_t mp_sync_newlock(lua_State *L, int recursive);  /* a new lock object (1 
 void mp_sync_pushlock(lua_State *L, uint64_t off);      /* pushes a Lock/RLock handle (retains) */
 pthread_mutex_t *mp_sync_mutex(uint64_t off);
 
+/* ---------------------------------------------------------- self checks */
+/* Every method of every class, close, __gc, __close and __tostring included,
+** finds its self through one of these (liolib's tolstream): a method called with
+** another self (io.stdout, another class's object, a table, nil) raises
+** "bad argument #1 to 'close' (Lock or RLock expected, got FILE*)" before it
+** touches anything. names: the classes' metatable names, as MP_CLASSES(A, B).
+**   mp_toself(L, i, names)     the userdata, closed or not (close, __gc, __tostring)
+**   mp_checkopen(L, i, names)  the mp_handle, raising "attempt to use a closed X"
+**                              when it is closed (off == 0)
+** Classes whose userdata is not an mp_handle (Connection) check their own
+** closed state after mp_toself. */
+#define MP_CLASSES(...) ((const char *const[]){ __VA_ARGS__, NULL })
+void *mp_toself(lua_State *L, int idx, const char *const *names);
+mp_handle *mp_checkopen(lua_State *L, int idx, const char *const *names);
+
 /* ---------------------------------------------------------------- misc */
 void mp_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);
 int mp_pusherrno(lua_State *L, const char *what);  /* nil, "what: strerror", "EXXX" */
