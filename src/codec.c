@@ -1253,12 +1253,22 @@ mp_handle *mp_handle_attach(lua_State *L, const unsigned char *payload, size_t n
 
 /* ------------------------------------------------------- self checks */
 
+/* pushes the metatable of class name: the registry keeps it under the name's
+** address too, which is cheaper to look up than the name (hot methods check) */
+static void push_class(lua_State *L, const char *name) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, name) != LUA_TNIL) return;
+  lua_pop(L, 1);
+  if (luaL_getmetatable(L, name) == LUA_TNIL) return;  /* no such class (yet): not cached */
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, name);
+}
+
 /* the index in names of the class of the userdata at idx; raises a type error
 ** naming the classes (without "multiprocessing.") when it is none of them */
 static int self_class(lua_State *L, int idx, const char *const *names) {
   if (lua_touserdata(L, idx) && lua_getmetatable(L, idx)) {
     for (int i = 0; names[i]; i++) {
-      luaL_getmetatable(L, names[i]);
+      push_class(L, names[i]);
       int eq = lua_rawequal(L, -1, -2);
       lua_pop(L, 1);
       if (eq) { lua_pop(L, 1); return i; }
