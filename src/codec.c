@@ -1238,6 +1238,13 @@ uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n)
   return off;
 }
 
+uint64_t mp_handle_object(lua_State *L, const unsigned char *payload, size_t n, uint32_t type,
+                          size_t objsize) {
+  uint64_t off = mp_handle_payload(L, payload, n);
+  if (mp_arena_top() - off < objsize || ((mp_obj *)MP_PTR(off))->type != type) corrupt(L, "bad handle");
+  return off;
+}
+
 mp_handle *mp_handle_attach(lua_State *L, const unsigned char *payload, size_t n, uint32_t type,
                             const char *tname, size_t size, int nuv) {
   uint64_t off = mp_handle_payload(L, payload, n);

@@ -122,6 +122,11 @@ void mp_codec_register(const mp_handle_type *t);
 /* Arena objects have the same handle shape; these two serve any of them. */
 size_t mp_handle_encode(lua_State *L, int idx, unsigned char *payload);
 uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n);
+/* Same, and the object must be of `type` and lie whole (objsize bytes) below the
+** arena's top: the offset of an object whose handle is made by other means (a
+** Condition's lock, a Lock whose class depends on the object). */
+uint64_t mp_handle_object(lua_State *L, const unsigned char *payload, size_t n, uint32_t type,
+                          size_t objsize);
 /* For a decode callback: pushes a new handle (a userdata of `size` bytes with `nuv`
 ** user values and the metatable tname) to the object the payload names, which must
 ** be of `type`, and counts its reference. */

@@ -281,9 +281,7 @@ static int sync_Lock(lua_State *L) { return new_lock(L, 0); }
 static int sync_RLock(lua_State *L) { return new_lock(L, 1); }
 
 static void lock_decode(lua_State *L, const unsigned char *p, size_t n) {
-  uint64_t off = mp_handle_payload(L, p, n);
-  if (((mp_obj *)MP_PTR(off))->type != T_LOCK) luaL_error(L, "cannot decode: bad handle");
-  mp_sync_pushlock(L, off);
+  mp_sync_pushlock(L, mp_handle_object(L, p, n, T_LOCK, sizeof(lock_obj)));
 }
 
 static const mp_handle_type lock_type = { LOCK, mp_handle_encode, lock_decode };
@@ -366,9 +364,8 @@ static int sync_Semaphore(lua_State *L) { return new_sem(L, 0); }
 static int sync_BoundedSemaphore(lua_State *L) { return new_sem(L, 1); }
 
 static void sem_decode(lua_State *L, const unsigned char *p, size_t n) {
-  uint64_t off = mp_handle_payload(L, p, n);
+  uint64_t off = mp_handle_object(L, p, n, T_SEM, sizeof(sem_obj));
   sem_obj *s = MP_PTR(off);
-  if (s->o.type != T_SEM) luaL_error(L, "cannot decode: bad handle");
   mp_handle *h = newhandle(L, sizeof(mp_handle), s->bounded ? BSEMAPHORE : SEMAPHORE, 0);
   mp_obj_retain(off);
   h->off = off;
@@ -658,16 +655,12 @@ static size_t cond_encode(lua_State *L, int idx, unsigned char *payload) {
   return 16;
 }
 
-/* Both offsets go through the codec's checked path (mp_handle_payload: aligned,
-** below the arena's top), each object's type is checked and each must lie below
-** the top whole, before anything is counted. */
+/* Both offsets go through the codec's checked path (mp_handle_object: aligned,
+** of the right type, whole below the arena's top) before anything is counted. */
 static void cond_decode(lua_State *L, const unsigned char *p, size_t n) {
   if (n != 16) luaL_error(L, "cannot decode: bad %s handle", CONDITION);
-  uint64_t off = mp_handle_payload(L, p, 8), lock = mp_handle_payload(L, p + 8, 8);
-  size_t top = mp_arena_top();
-  if (top - off < sizeof(cond_obj) || top - lock < sizeof(lock_obj) ||  /* both are below top */
-      ((mp_obj *)MP_PTR(lock))->type != T_LOCK)
-    luaL_error(L, "cannot decode: bad %s handle", CONDITION);
+  mp_handle_object(L, p, 8, T_COND, sizeof(cond_obj));
+  uint64_t lock = mp_handle_object(L, p + 8, 8, T_LOCK, sizeof(lock_obj));
   cond_handle *ch = (cond_handle *)mp_handle_attach(L, p, 8, T_COND, CONDITION, sizeof(cond_handle), 0);
   mp_obj_retain(lock);
   ch->lock = lock;
