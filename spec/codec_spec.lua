@@ -630,6 +630,12 @@ describe("data-only decoding (mp.decode(s, 'data'))", function()
     refused(setmetatable({}, {}), "a metatable sent by value")
     local v = decode(encode(setmetatable({ x = 1 }, Point)), "data")
     assert.equal(Point, getmetatable(v))
+    -- a bare name (the encoder sends one only as a metatable) would hand out the receiver's table
+    local bare = "\xB2\x12" .. string.char(#"spec.Point") .. "spec.Point"
+    assert.equal(Point, decode(bare))
+    local ok, err = pcall(decode, bare, "data")
+    assert.is_false(ok)
+    assert.matches("a registered metatable as a value refused in data%-only mode %(at byte 1%)", err)
   end)
 
   it("refuses handles of shared objects", function()

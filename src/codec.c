@@ -906,6 +906,7 @@ typedef struct dec {
   lua_Integer into_at;   /* ... from this index on */
   const unsigned char *start;  /* the first byte, for the place named in refusals */
   int data;              /* MP_DECODE_DATA: plain data only (see refuse) */
+  int inmt;              /* data-only: a metatable's name is being decoded */
 } dec;
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
@@ -1077,7 +1078,9 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
   }
   if (withmt) {
     if (d->data && (d->p >= d->end || *d->p != T_NAMEDMT)) { d->p++; refuse(L, d, "a metatable sent by value"); }
+    d->inmt = 1;
     decode_value(L, d);
+    d->inmt = 0;
     if (!lua_istable(L, -1)) corrupt(L, "metatable is not a table");
     lua_setmetatable(L, t);
   }
@@ -1156,6 +1159,8 @@ static void decode_value(lua_State *L, dec *d) {
       if (d->data) refuse(L, d, "the global table");
       lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS); break;
     case T_NAMEDMT: {
+      if (d->data && !d->inmt) refuse(L, d, "a registered metatable as a value");
+      d->inmt = 0;
       size_t n;
       const char *s = get_str8(L, d, &n);
       lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
@@ -1198,7 +1203,7 @@ void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer
 
 static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at, int mode) {
   dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0, 0, 0,
-            (const unsigned char *)s, mode == MP_DECODE_DATA };
+            (const unsigned char *)s, mode == MP_DECODE_DATA, 0 };
   if (tidx) {
     d.into = lua_absindex(L, tidx);
     d.into_at = at;
