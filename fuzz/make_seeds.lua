@@ -1,7 +1,12 @@
--- Writes encodings of varied values into the directory given as argument: the
--- seed corpus of the fuzz target (run by scripts/fuzz.sh with the normal build).
-local dir = assert(arg[1], "usage: make_seeds.lua DIR")
+-- The fuzz target's shared objects and seed corpus. fuzz/codec_fuzz.c runs this
+-- inside the target, before fuzzing, with the seed directory as argument (or ""):
+-- it returns the live objects (the target keeps them for the whole run, so the
+-- handles in the seeds name real objects of every type) and writes encodings of
+-- varied values there, handles and functions included (functions carry a keyed
+-- checksum that only this process and its descendants accept).
+local dir = ...
 local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
 
 local Point = mp.register_metatable("Point", { __name = "Point" })
 local shared = { "shared" }
@@ -10,6 +15,14 @@ local up = 1
 local function inc() up = up + 1; return up end
 local function get() return up end
 local function fact(n) if n <= 1 then return 1 end return n * fact(n - 1) end
+
+local lock = mp.Lock()
+local objects = {
+  mp.Queue(), mp.SimpleQueue(), mp.JoinableQueue(), lock, mp.RLock(), mp.Semaphore(2),
+  mp.BoundedSemaphore(3), mp.Event(), mp.Condition(), mp.Condition(lock), mp.Barrier(2),
+  mp.Value("i", 7), mp.Value("d", 1.5, { lock = false }), mp.Array("i", { 1, 2, 3 }),
+  mp.Array("b", 100), core.PoolState(2),
+}
 
 local values = {
   nil, true, false, 0, 1, -1, 127, 128, -129, 32767, 40000, 2^31, math.maxinteger, math.mininteger,
@@ -29,19 +42,24 @@ local values = {
 local deep = {}
 do local t = deep; for _ = 1, 150 do t[1] = {}; t = t[1] end end
 values[#values + 1] = deep
+for _, o in ipairs(objects) do values[#values + 1] = o end
+values[#values + 1] = objects
+values[#values + 1] = { q = objects[1], lock = lock, again = lock, f = function() return objects[12].value end }
 
-local n = 0
-for i = 1, #values + 1 do  -- values has holes (nil is one of them)
-  local ok, s = pcall(mp.encode, values[i])
-  if ok then
-    n = n + 1
-    local f = assert(io.open(("%s/seed-%03d"):format(dir, i), "wb"))
-    f:write(s)
-    f:close()
+if dir ~= nil and dir ~= "" then
+  local n = 0
+  for i = 1, #values + 1 do  -- values has holes (nil is one of them)
+    local ok, s = pcall(mp.encode, values[i])
+    if ok then
+      n = n + 1
+      local f = assert(io.open(("%s/seed-%03d"):format(dir, i), "wb"))
+      f:write(s)
+      f:close()
+    end
   end
+  local f = assert(io.open(dir .. "/seed-all", "wb"))
+  f:write(mp.encode(values))
+  f:close()
+  io.stderr:write(("wrote %d seeds to %s\n"):format(n + 1, dir))
 end
-local all = mp.encode(values)
-local f = assert(io.open(dir .. "/seed-all", "wb"))
-f:write(all)
-f:close()
-print(("wrote %d seeds to %s"):format(n + 1, dir))
+return objects

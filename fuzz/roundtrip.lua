@@ -32,6 +32,11 @@ function alike(a, b, seen)
     if mtype(a) == "float" then return pack("<d", a) == pack("<d", b) end
     return a == b
   end
+  if ta == "userdata" then  -- handles: two handles to one object encode alike
+    local oka, ea = pcall(core.encode, a)
+    local okb, eb = pcall(core.encode, b)
+    return oka and okb and ea == eb
+  end
   if ta ~= "table" and ta ~= "function" then return rawequal(a, b) end
   if seen[a] ~= nil then return rawequal(seen[a], b) end
   if rawequal(a, b) then return true end  -- modules, globals, registered metatables

@@ -1,6 +1,7 @@
 -- Regression inputs of the decoder: every file in fuzz/crashers/ (inputs that
 -- once crashed or misbehaved, found by the fuzzer or by review) must decode to
--- a value or fail with a Lua error, and a value must survive a round trip.
+-- a value or fail with a Lua error, in both modes, and a value must survive a
+-- round trip.
 local mp = require "multiprocessing"
 
 local function files(dir)
@@ -40,6 +41,9 @@ describe("codec regressions", function()
         assert.is_string(v)
         assert.matches("cannot decode", v)
       end
+      -- the data-only mode: a value, or an error (a refusal or bad input)
+      local okd, d = pcall(mp.decode, s, "data")
+      if not okd then assert.matches("cannot decode", d) end
     end)
   end
 end)

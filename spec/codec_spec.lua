@@ -554,3 +554,142 @@ describe("codec", function()
     end)
   end)
 end)
+
+-- A decode that may crash runs in a forked child: a signal fails the spec, not the run.
+local H = require "helpers"
+local function in_child(fn) return core.waitpid(H.spawn(fn)) end
+
+describe("Condition handles", function()
+  -- c's encoding with its payload (the Condition's offset, its lock's offset) replaced
+  local function forged(c, off, lock) return encode(c):sub(1, -17) .. string.pack("<i8<i8", off, lock) end
+  local function offsets(c) return string.unpack("<i8<i8", encode(c), -16) end
+  local function offset8(h) return (string.unpack("<i8", encode(h), -8)) end
+  local function decode_error(bytes)
+    return in_child(function()
+      local ok, err = pcall(decode, bytes)
+      assert(not ok, "decoded")
+      assert(tostring(err):find("cannot decode", 1, true), tostring(err))
+    end)
+  end
+
+  it("decode as they were sent", function()
+    local c = mp.Condition()
+    local d = decode(encode(c))
+    assert.is_true(d:acquire())
+    d:release()
+  end)
+
+  it("fail to decode offsets beyond the arena or unaligned", function()
+    local c = mp.Condition()
+    local off, lock = offsets(c)
+    assert.equal(0, decode_error(forged(c, 1 << 40, lock)))
+    assert.equal(0, decode_error(forged(c, off, 1 << 40)))
+    assert.equal(0, decode_error(forged(c, off, lock + 8)))
+    assert.equal(0, decode_error(forged(c, off + 8, lock)))
+    assert.equal(0, decode_error(forged(c, off, -16)))
+  end)
+
+  it("fail to decode a lock offset that names another kind of object", function()
+    local c, ev, v = mp.Condition(), mp.Event(), mp.Value("i", 1)
+    local off, lock = offsets(c)
+    assert.equal(0, decode_error(forged(c, off, offset8(ev))))   -- an Event as the lock
+    assert.equal(0, decode_error(forged(c, off, off)))           -- the Condition as its lock
+    assert.equal(0, decode_error(forged(c, off, (offsets(v)))))  -- a Value as its lock
+    assert.equal(0, decode_error(forged(c, lock, lock)))         -- a Lock as the Condition
+    assert.is_true(decode(forged(c, off, offset8(mp.Lock()))):acquire())  -- another Lock is fine
+  end)
+end)
+
+describe("data-only decoding (mp.decode(s, 'data'))", function()
+  local function refused(v, what)
+    local ok, err = pcall(decode, encode(v), "data")
+    assert.is_false(ok)
+    assert.matches(what .. " refused in data%-only mode %(at byte %d+%)", err)
+  end
+
+  it("takes plain data: nil, booleans, numbers, strings, tables, cycles", function()
+    local t = { 1, 2.5, "x", true, { a = { b = "c" } }, [false] = 0 / 0 }
+    t.self = t
+    local v = decode(encode(t), "data")
+    assert.equal(2.5, v[2])
+    assert.equal("c", v[5].a.b)
+    assert.equal(v, v.self)
+    assert.equal(7, decode(encode(7), "data"))
+    assert.is_nil(decode(encode(nil), "data"))
+  end)
+
+  it("refuses Lua functions, C functions, modules and the globals", function()
+    refused({ 1, { f = function() return 1 end } }, "a Lua function")
+    refused({ string.rep }, "a C function")
+    refused({ m = string }, "a module")
+    refused(_G, "the global table")
+  end)
+
+  it("refuses metatables sent by value (a __gc would run sender code) but takes registered ones", function()
+    refused(setmetatable({}, { __gc = function() end }), "a metatable sent by value")
+    refused(setmetatable({}, {}), "a metatable sent by value")
+    local v = decode(encode(setmetatable({ x = 1 }, Point)), "data")
+    assert.equal(Point, getmetatable(v))
+    -- a bare name (the encoder sends one only as a metatable) would hand out the receiver's table
+    local bare = "\xB2\x12" .. string.char(#"spec.Point") .. "spec.Point"
+    assert.equal(Point, decode(bare))
+    local ok, err = pcall(decode, bare, "data")
+    assert.is_false(ok)
+    assert.matches("a registered metatable as a value refused in data%-only mode %(at byte 1%)", err)
+  end)
+
+  it("refuses handles of shared objects", function()
+    refused({ q = mp.Queue() }, "a shared object's handle")
+    refused(mp.Lock(), "a shared object's handle")
+    refused(mp.Value("i", 1), "a shared object's handle")
+  end)
+
+  it("names the byte where it refused", function()
+    local s = encode({ 1, 2, print })
+    local at = tonumber(select(2, pcall(decode, s, "data")):match("at byte (%d+)"))
+    assert.equal(s:byte(at + 1) & 0x7f, s:byte(at + 1))  -- a tag byte
+    assert.equal(#s - 2 - #"print" - #"_G" - 1, at)       -- the C function's tag: then its two names
+  end)
+
+  it("rejects an unknown mode", function()
+    assert.has_error(function() decode(encode(1), "everything") end)
+  end)
+end)
+
+describe("function checksums", function()
+  it("refuse edited bytecode before loading it", function()
+    local s = encode(function() return 42 end)
+    assert.equal(42, decode(s)())
+    for i = 12, #s - 12, 7 do  -- any byte of the dump
+      local bad = s:sub(1, i - 1) .. string.char((s:byte(i) + 1) % 256) .. s:sub(i + 1)
+      local ok, err = pcall(decode, bad)
+      assert.is_false(ok)
+      assert.matches("cannot decode", err)
+    end
+  end)
+
+  it("refuse functions encoded by another program (a key made at start, inherited by children)", function()
+    local s = encode(function() return 42 end)
+    -- a child of this program accepts the bytes
+    assert.equal(0, in_child(function() assert(decode(s)() == 42) end))
+    -- another run of the interpreter does not, and its bytes are refused here
+    local tmp = os.tmpname()
+    local f = assert(io.open(tmp, "wb")); f:write(s); f:close()
+    local cmd = ([[LUA_PATH='./lua/?.lua;./lua/?/init.lua;;' LUA_CPATH='./%s/?.so;;' lua5.4 -e '
+      local mp = require "multiprocessing"
+      local f = io.open(%q, "rb"); local s = f:read("a"); f:close()
+      local ok, err = pcall(mp.decode, s)
+      io.write(ok and "decoded" or err, "\n")
+      f = io.open(%q, "wb"); f:write(mp.encode(function() return 7 end)); f:close()']]):format(
+      os.getenv("MP_BUILD") or "build", tmp, tmp)
+    local p = assert(io.popen(cmd))
+    local out = p:read("a")
+    p:close()
+    assert.matches("checksum mismatch", out)
+    f = assert(io.open(tmp, "rb")); local theirs = f:read("a"); f:close()
+    os.remove(tmp)
+    local ok, err = pcall(decode, theirs)
+    assert.is_false(ok)
+    assert.matches("checksum mismatch", err)
+  end)
+end)

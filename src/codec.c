@@ -4,6 +4,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "mp.h"
@@ -54,21 +56,52 @@ static const mp_handle_type *find_type(const char *name, size_t n) {
   return NULL;
 }
 
-/* A checksum of function dumps: lua_load trusts bytecode, so a damaged dump
-** must never reach it. This guards against corruption, not against a hostile
-** sender (see docs/codec.md). */
-static uint64_t checksum(const unsigned char *p, size_t n) {
-  uint64_t h = 0x9e3779b97f4a7c15ULL ^ n, w;
-  for (; n >= 8; p += 8, n -= 8) {
-    memcpy(&w, p, 8);
-    h = (h ^ w) * 0xff51afd7ed558ccdULL;
-    h ^= h >> 31;
+/* A keyed checksum of function dumps (SipHash-2-4): lua_load trusts bytecode,
+** so a dump must never reach it unless this program family made it. The key is
+** drawn from getrandom once per program, when the module is first loaded, and
+** every forked descendant inherits it: bytes made elsewhere (another run, another
+** program, a hand edit) fail the check before lua_load (see docs/codec.md). */
+static uint64_t sipkey[2];
+static int sipkeyed;
+
+static void make_key(void) {
+  if (sipkeyed) return;
+  unsigned char k[16];
+  size_t got = 0;
+  while (got < sizeof k) {
+    ssize_t r = getrandom(k + got, sizeof k - got, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) abort();  /* no entropy source: nothing safe to fall back on */
+    got += (size_t)r;
   }
-  w = 0;
-  memcpy(&w, p, n);
-  h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
-  h ^= h >> 29; h *= 0xff51afd7ed558ccdULL; h ^= h >> 32;
-  return h;
+  memcpy(sipkey, k, 16);
+  sipkeyed = 1;
+}
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND do { \
+    v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32); \
+    v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2; \
+    v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0; \
+    v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32); \
+  } while (0)
+
+static uint64_t checksum(const unsigned char *p, size_t n) {
+  uint64_t k0 = sipkey[0], k1 = sipkey[1];
+  uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
+  uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
+  uint64_t b = (uint64_t)n << 56, m;
+  for (; n >= 8; p += 8, n -= 8) {
+    memcpy(&m, p, 8);  /* little-endian hosts; the key is never shared across hosts */
+    v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+  }
+  m = 0;
+  memcpy(&m, p, n);
+  b |= m;
+  v3 ^= b; SIPROUND; SIPROUND; v0 ^= b;
+  v2 ^= 0xff;
+  SIPROUND; SIPROUND; SIPROUND; SIPROUND;
+  return v0 ^ v1 ^ v2 ^ v3;
 }
 
 /* Compared byte by byte, without coverage: a fuzzer that watches comparisons
@@ -196,7 +229,7 @@ struct mp_enc {
 #define UV_CNAMES 1   /* C function -> "module\0field", built on first need */
 
 static int enc_gc(lua_State *L) {
-  mp_enc *e = luaL_checkudata(L, 1, ENCODER);
+  mp_enc *e = mp_toself(L, 1, MP_CLASSES(ENCODER));
   mp_buf_free(L, &e->out);
   free(e->segs); e->segs = NULL; e->nsegs = e->capsegs = 0;
   free(e->refpos); e->refpos = NULL; e->caprefpos = 0;
@@ -871,6 +904,9 @@ typedef struct dec {
   int base, stackdepth;  /* stack room: as in the encoder's ensure_stack */
   int into;              /* mp_decode_into: stack slot of the table the root array fills */
   lua_Integer into_at;   /* ... from this index on */
+  const unsigned char *start;  /* the first byte, for the place named in refusals */
+  int data;              /* MP_DECODE_DATA: plain data only (see refuse) */
+  int inmt;              /* data-only: a metatable's name is being decoded */
 } dec;
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
@@ -883,6 +919,14 @@ static inline void dec_ensure_stack(lua_State *L, dec *d) {
 
 static int corrupt(lua_State *L, const char *why) {
   return luaL_error(L, "cannot decode: %s", why);
+}
+
+/* Data-only decoding (mp.decode(s, "data")) refuses whatever could run code or
+** reach beyond the value: functions, C functions and modules (require), the
+** globals, metatables sent by value (a __gc), and handles. at: the tag's byte. */
+static int refuse(lua_State *L, dec *d, const char *what) {
+  return luaL_error(L, "cannot decode: %s refused in data-only mode (at byte %d)", what,
+                    (int)(d->p - 1 - d->start));
 }
 
 static inline void need(lua_State *L, dec *d, size_t n) {
@@ -1033,7 +1077,10 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     lua_rawset(L, t);
   }
   if (withmt) {
+    if (d->data && (d->p >= d->end || *d->p != T_NAMEDMT)) { d->p++; refuse(L, d, "a metatable sent by value"); }
+    d->inmt = 1;
     decode_value(L, d);
+    d->inmt = 0;
     if (!lua_istable(L, -1)) corrupt(L, "metatable is not a table");
     lua_setmetatable(L, t);
   }
@@ -1073,7 +1120,10 @@ static void decode_value(lua_State *L, dec *d) {
     case T_TABLE: case T_TABLE_MT: case T_TABLE | SHARED: case T_TABLE_MT | SHARED:
       decode_table(L, d, (tag & ~SHARED) == T_TABLE_MT, tag & SHARED);
       break;
-    case T_LFUNC: case T_LFUNC | SHARED: decode_function(L, d, tag & SHARED); break;
+    case T_LFUNC: case T_LFUNC | SHARED:
+      if (d->data) refuse(L, d, "a Lua function");
+      decode_function(L, d, tag & SHARED);
+      break;
     case T_REF: {
       uint32_t j = get_u32(L, d);
       if (j < 1 || j > d->nrefs || lua_type(L, d->refs) != LUA_TTABLE) corrupt(L, "bad reference");
@@ -1081,6 +1131,7 @@ static void decode_value(lua_State *L, dec *d) {
       break;
     }
     case T_CFUNC: {
+      if (d->data) refuse(L, d, "a C function");
       size_t m, n;
       const char *mod = get_str8(L, d, &m);
       const char *name = get_str8(L, d, &n);
@@ -1098,13 +1149,18 @@ static void decode_value(lua_State *L, dec *d) {
       break;
     }
     case T_MODULE: {
+      if (d->data) refuse(L, d, "a module");
       size_t n;
       const char *s = get_str8(L, d, &n);
       push_module(L, s, n);
       break;
     }
-    case T_GLOBALS: lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS); break;
+    case T_GLOBALS:
+      if (d->data) refuse(L, d, "the global table");
+      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS); break;
     case T_NAMEDMT: {
+      if (d->data && !d->inmt) refuse(L, d, "a registered metatable as a value");
+      d->inmt = 0;
       size_t n;
       const char *s = get_str8(L, d, &n);
       lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
@@ -1115,6 +1171,7 @@ static void decode_value(lua_State *L, dec *d) {
       break;
     }
     case T_HANDLE: {
+      if (d->data) refuse(L, d, "a shared object's handle");
       size_t n;
       const char *s = get_str8(L, d, &n);
       const mp_handle_type *t = find_type(s, n);
@@ -1130,12 +1187,23 @@ static void decode_value(lua_State *L, dec *d) {
   }
 }
 
+static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at, int mode);
+
 void mp_decode(lua_State *L, const char *s, size_t n) {
-  mp_decode_into(L, s, n, 0, 0);
+  decode_root(L, s, n, 0, 0, 0);
+}
+
+void mp_decode_mode(lua_State *L, const char *s, size_t n, int mode) {
+  decode_root(L, s, n, 0, 0, mode);
 }
 
 void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at) {
-  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0, 0, 0 };
+  decode_root(L, s, n, tidx, at, 0);
+}
+
+static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at, int mode) {
+  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0, 0, 0,
+            (const unsigned char *)s, mode == MP_DECODE_DATA, 0 };
   if (tidx) {
     d.into = lua_absindex(L, tidx);
     d.into_at = at;
@@ -1170,7 +1238,15 @@ uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n)
   uint64_t off;
   if (n != 8 || !mp_arena_base()) corrupt(L, "bad handle");
   memcpy(&off, payload, 8);
-  if (off < 64 || off % 16 || off + sizeof(mp_obj) > mp_arena_top()) corrupt(L, "bad handle");
+  size_t top = mp_arena_top();  /* no off + size here: a huge off would wrap past the check */
+  if (off < 64 || off % 16 || off > top || top - off < sizeof(mp_obj)) corrupt(L, "bad handle");
+  return off;
+}
+
+uint64_t mp_handle_object(lua_State *L, const unsigned char *payload, size_t n, uint32_t type,
+                          size_t objsize) {
+  uint64_t off = mp_handle_payload(L, payload, n);
+  if (mp_arena_top() - off < objsize || ((mp_obj *)MP_PTR(off))->type != type) corrupt(L, "bad handle");
   return off;
 }
 
@@ -1184,6 +1260,60 @@ mp_handle *mp_handle_attach(lua_State *L, const unsigned char *payload, size_t n
   mp_obj_retain(off);
   h->off = off;
   h->pid = getpid();
+  return h;
+}
+
+/* ------------------------------------------------------- self checks */
+
+/* pushes the metatable of class name: the registry keeps it under the name's
+** address too, which is cheaper to look up than the name (hot methods check) */
+static void push_class(lua_State *L, const char *name) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, name) != LUA_TNIL) return;
+  lua_pop(L, 1);
+  if (luaL_getmetatable(L, name) == LUA_TNIL) return;  /* no such class (yet): not cached */
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, name);
+}
+
+/* the index in names of the class of the userdata at idx; raises a type error
+** naming the classes (without "multiprocessing.") when it is none of them */
+static int self_class(lua_State *L, int idx, const char *const *names) {
+  if (lua_touserdata(L, idx) && lua_getmetatable(L, idx)) {
+    for (int i = 0; names[i]; i++) {
+      push_class(L, names[i]);
+      int eq = lua_rawequal(L, -1, -2);
+      lua_pop(L, 1);
+      if (eq) { lua_pop(L, 1); return i; }
+    }
+    lua_pop(L, 1);
+  }
+  const char *got = luaL_getmetafield(L, idx, "__name") == LUA_TSTRING ? lua_tostring(L, -1)
+                    : lua_type(L, idx) == LUA_TLIGHTUSERDATA ? "light userdata" : luaL_typename(L, idx);
+  luaL_Buffer b;  /* as luaL_typeerror, which would see the pushed values at a missing idx */
+  luaL_buffinit(L, &b);
+  for (int i = 0; names[i]; i++) {
+    const char *dot = strrchr(names[i], '.');
+    if (i) luaL_addstring(&b, " or ");
+    luaL_addstring(&b, dot ? dot + 1 : names[i]);
+  }
+  luaL_addstring(&b, " expected, got ");
+  luaL_addstring(&b, got);
+  luaL_pushresult(&b);
+  return luaL_argerror(L, idx, lua_tostring(L, -1));
+}
+
+void *mp_toself(lua_State *L, int idx, const char *const *names) {
+  self_class(L, idx, names);
+  return lua_touserdata(L, idx);
+}
+
+mp_handle *mp_checkopen(lua_State *L, int idx, const char *const *names) {
+  int i = self_class(L, idx, names);
+  mp_handle *h = lua_touserdata(L, idx);
+  if (!h->off) {
+    const char *dot = strrchr(names[i], '.');
+    luaL_error(L, "attempt to use a closed %s", dot ? dot + 1 : names[i]);
+  }
   return h;
 }
 
@@ -1201,7 +1331,10 @@ static int codec_encode(lua_State *L) {
 static int codec_decode(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  mp_decode(L, s, n);
+  static const char *const modes[] = { "all", "data", NULL };
+  int mode = luaL_checkoption(L, 2, "all", modes) == 1 ? MP_DECODE_DATA : MP_DECODE_ALL;
+  lua_settop(L, 1);
+  mp_decode_mode(L, s, n, mode);
   return 1;
 }
 
@@ -1236,6 +1369,7 @@ static int codec_register_metatable(lua_State *L) {
 }
 
 int mp_codec_open(lua_State *L) {
+  make_key();
   luaL_newmetatable(L, ENCODER);
   lua_pushcfunction(L, enc_gc);
   lua_setfield(L, -2, "__gc");

@@ -122,6 +122,11 @@ void mp_codec_register(const mp_handle_type *t);
 /* Arena objects have the same handle shape; these two serve any of them. */
 size_t mp_handle_encode(lua_State *L, int idx, unsigned char *payload);
 uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n);
+/* Same, and the object must be of `type` and lie whole (objsize bytes) below the
+** arena's top: the offset of an object whose handle is made by other means (a
+** Condition's lock, a Lock whose class depends on the object). */
+uint64_t mp_handle_object(lua_State *L, const unsigned char *payload, size_t n, uint32_t type,
+                          size_t objsize);
 /* For a decode callback: pushes a new handle (a userdata of `size` bytes with `nuv`
 ** user values and the metatable tname) to the object the payload names, which must
 ** be of `type`, and counts its reference. */
@@ -143,6 +148,11 @@ void mp_enc_push(lua_State *L, mp_enc *e);  /* pushes the bytes as a string */
 void mp_enc_done(lua_State *L, mp_enc *e);
 /* Decodes one value from s[0..n), pushes it; raises on malformed input. */
 void mp_decode(lua_State *L, const char *s, size_t n);
+/* Same, in a mode: MP_DECODE_ALL (as mp_decode) or MP_DECODE_DATA, which takes
+** plain data only and raises on functions, modules, the globals, metatables sent
+** by value and handles: safe for bytes from anywhere (docs/codec.md, Trust). */
+enum { MP_DECODE_ALL = 0, MP_DECODE_DATA = 1 };
+void mp_decode_mode(lua_State *L, const char *s, size_t n, int mode);
 /* Same for an encoded array (a table with no other keys and no metatable), whose
 ** items go to t[at], t[at+1]... of the table at tidx, which is what it pushes. */
 void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at);
@@ -152,6 +162,21 @@ void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer
 uint64_t mp_sync_newlock(lua_State *L, int recursive);  /* a new lock object (1 ref) */
 void mp_sync_pushlock(lua_State *L, uint64_t off);      /* pushes a Lock/RLock handle (retains) */
 pthread_mutex_t *mp_sync_mutex(uint64_t off);
+
+/* ---------------------------------------------------------- self checks */
+/* Every method of every class, close, __gc, __close and __tostring included,
+** finds its self through one of these (liolib's tolstream): a method called with
+** another self (io.stdout, another class's object, a table, nil) raises
+** "bad argument #1 to 'close' (Lock or RLock expected, got FILE*)" before it
+** touches anything. names: the classes' metatable names, as MP_CLASSES(A, B).
+**   mp_toself(L, i, names)     the userdata, closed or not (close, __gc, __tostring)
+**   mp_checkopen(L, i, names)  the mp_handle, raising "attempt to use a closed X"
+**                              when it is closed (off == 0)
+** Classes whose userdata is not an mp_handle (Connection) check their own
+** closed state after mp_toself. */
+#define MP_CLASSES(...) ((const char *const[]){ __VA_ARGS__, NULL })
+void *mp_toself(lua_State *L, int idx, const char *const *names);
+mp_handle *mp_checkopen(lua_State *L, int idx, const char *const *names);
 
 /* ---------------------------------------------------------------- misc */
 void mp_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);

@@ -101,7 +101,7 @@ static void free_buffers(conn *c) {
 }
 
 static conn *checkconn(lua_State *L, int idx) {
-  conn *c = luaL_checkudata(L, idx, CONN);
+  conn *c = mp_toself(L, idx, MP_CLASSES(CONN));
   if (c->fd < 0) luaL_error(L, "attempt to use a closed Connection");
   return c;
 }
@@ -477,7 +477,7 @@ static int conn_send_bytes(lua_State *L) {
 /* ------------------------------------------------------------ the rest */
 
 static int conn_close(lua_State *L) {
-  conn *c = luaL_checkudata(L, 1, CONN);
+  conn *c = mp_toself(L, 1, MP_CLASSES(CONN));
   if (c->fd >= 0) {
     close(c->fd);  /* this process's copy, whoever created it */
     c->fd = -1;
@@ -494,7 +494,7 @@ static int conn_fileno(lua_State *L) {
 }
 
 static int conn_index(lua_State *L) {
-  conn *c = luaL_checkudata(L, 1, CONN);
+  conn *c = mp_toself(L, 1, MP_CLASSES(CONN));
   const char *k = lua_tostring(L, 2);
   if (k && strcmp(k, "closed") == 0) { lua_pushboolean(L, c->fd < 0); return 1; }
   if (k && strcmp(k, "readable") == 0) { lua_pushboolean(L, (c->mode & C_READ) != 0); return 1; }
@@ -505,7 +505,7 @@ static int conn_index(lua_State *L) {
 }
 
 static int conn_tostring(lua_State *L) {
-  conn *c = luaL_checkudata(L, 1, CONN);
+  conn *c = mp_toself(L, 1, MP_CLASSES(CONN));
   const char *m = c->mode == (C_READ | C_WRITE) ? "duplex" : c->mode == C_READ ? "read" : "write";
   if (c->fd < 0) lua_pushfstring(L, "Connection (closed)");
   else lua_pushfstring(L, "Connection (fd %d, %s)", c->fd, m);

@@ -32,11 +32,7 @@ typedef struct pstate {
   wrec w[];
 } pstate;
 
-static mp_handle *ps_check(lua_State *L) {
-  mp_handle *h = luaL_checkudata(L, 1, POOLSTATE);
-  if (!h->off) luaL_error(L, "attempt to use a closed PoolState");
-  return h;
-}
+static mp_handle *ps_check(lua_State *L) { return mp_checkopen(L, 1, MP_CLASSES(POOLSTATE)); }
 
 static wrec *ps_rec(lua_State *L, mp_handle *h, int arg) {
   pstate *ps = MP_PTR(h->off);
@@ -252,10 +248,10 @@ static int ps_info(lua_State *L) {
 }
 
 static int ps_close(lua_State *L) {
-  mp_handle *h = luaL_checkudata(L, 1, POOLSTATE);
+  mp_handle *h = mp_toself(L, 1, MP_CLASSES(POOLSTATE));
   uint64_t off = h->off;
   h->off = 0;
-  mp_obj_release(off, h->pid);
+  if (off) mp_obj_release(off, h->pid);
   return 0;
 }
 

@@ -569,24 +569,14 @@ typedef struct qhandle {
   mp_buf buf;  /* receive buffer, local to this process */
 } qhandle;
 
-/* methods carry the three queue metatables as upvalues, for a cheap check */
-static qhandle *q_check(lua_State *L, int idx) {
-  qhandle *qh = lua_touserdata(L, idx);
-  if (!qh || !lua_getmetatable(L, idx)) luaL_typeerror(L, idx, "Queue");
-  int ok = lua_rawequal(L, -1, lua_upvalueindex(1)) || lua_rawequal(L, -1, lua_upvalueindex(2)) ||
-           lua_rawequal(L, -1, lua_upvalueindex(3));
-  lua_pop(L, 1);
-  if (!ok) luaL_typeerror(L, idx, "Queue");
-  if (!qh->h.off) luaL_error(L, "attempt to use a closed Queue");
-  return qh;
-}
+/* every method, close and __gc included, checks its self (mp.h's self checks) */
+#define QUEUES MP_CLASSES(QUEUE, JOINABLEQUEUE, SIMPLEQUEUE)
+static qhandle *q_check(lua_State *L, int idx) { return (qhandle *)mp_checkopen(L, idx, QUEUES); }
 
 #define QOF(qh) ((mp_queue *)MP_PTR((qh)->h.off))
 
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf) {
-  qhandle *qh = luaL_testudata(L, idx, QUEUE);
-  if (!qh) luaL_typeerror(L, idx, "Queue");
-  if (!qh->h.off) luaL_error(L, "attempt to use a closed Queue");
+  qhandle *qh = (qhandle *)mp_checkopen(L, idx, MP_CLASSES(QUEUE));
   *buf = &qh->buf;
   return QOF(qh);
 }
@@ -716,18 +706,18 @@ static int queue_join(lua_State *L) {
 }
 
 static int queue_close(lua_State *L) {
-  qhandle *qh = lua_touserdata(L, 1);
-  if (qh && qh->h.off) {
+  qhandle *qh = mp_toself(L, 1, QUEUES);
+  if (qh->h.off) {
     uint64_t off = qh->h.off;
     qh->h.off = 0;
     mp_obj_release_with(off, qh->h.pid, q_dtor);
   }
-  if (qh) mp_buf_free(L, &qh->buf);
+  mp_buf_free(L, &qh->buf);
   return 0;
 }
 
 static int queue_tostring(lua_State *L) {
-  qhandle *qh = lua_touserdata(L, 1);
+  qhandle *qh = mp_toself(L, 1, QUEUES);
   lua_getmetatable(L, 1);
   lua_getfield(L, -1, "__name");
   const char *name = lua_tostring(L, -1);
@@ -736,8 +726,13 @@ static int queue_tostring(lua_State *L) {
   return 1;
 }
 
+/* Lua calls __eq for io.stdout == q too: a side that is no queue is unequal */
 static int queue_eq(lua_State *L) {
-  qhandle *a = lua_touserdata(L, 1), *b = lua_touserdata(L, 2);
+  qhandle *a = NULL, *b = NULL;
+  for (int i = 0; QUEUES[i]; i++) {
+    if (!a) a = luaL_testudata(L, 1, QUEUES[i]);
+    if (!b) b = luaL_testudata(L, 2, QUEUES[i]);
+  }
   lua_pushboolean(L, a && b && a->h.off && a->h.off == b->h.off);
   return 1;
 }
@@ -776,8 +771,7 @@ int mp_queue_open(lua_State *L) {
   for (int i = 0; i < 3; i++) {
     luaL_getmetatable(L, names[i]);
     lua_newtable(L);
-    for (int k = 0; k < 3; k++) luaL_getmetatable(L, names[k]);
-    luaL_setfuncs(L, common, 3);
+    luaL_setfuncs(L, common, 0);
     lua_pushvalue(L, -1);
     lua_setfield(L, -3, "__index");
     if (i != 2) {  /* only a JoinableQueue counts tasks */

@@ -147,16 +147,18 @@ static void store_elem(int tc, char *p, lua_Integer i, elem e) {
 
 /* -------------------------------------------------------------- handles */
 
+/* every method, close and __gc included, checks its self (mp.h's self checks) */
+#define SHAREDS MP_CLASSES(VALUE, ARRAY)
 static shared_handle *checkshared(lua_State *L, int idx) {
-  shared_handle *a = luaL_testudata(L, idx, ARRAY);
-  const char *what = "Array";
-  if (!a) { a = luaL_testudata(L, idx, VALUE); what = "Value"; }
-  if (!a) luaL_typeerror(L, idx, "Value or Array");
-  if (!a->h.off) luaL_error(L, "attempt to use a closed %s", what);
-  return a;
+  return (shared_handle *)mp_checkopen(L, idx, SHAREDS);
+}
+static shared_handle *checkarray(lua_State *L, int idx) {
+  return (shared_handle *)mp_checkopen(L, idx, MP_CLASSES(ARRAY));
 }
 
-/* The handle's own metatable is upvalue 2 of __index/__newindex: a cheap check. */
+/* The handle's own metatable is upvalue 2 of __index/__newindex: the same check
+** as mp_checkopen's (the metatable's identity), without the registry look-up,
+** for v.value and a[i]. */
 static shared_handle *fastcheck(lua_State *L, const char *what) {
   shared_handle *a = lua_touserdata(L, 1);
   if (!a || !lua_getmetatable(L, 1) || !lua_rawequal(L, -1, lua_upvalueindex(2)))
@@ -167,8 +169,8 @@ static shared_handle *fastcheck(lua_State *L, const char *what) {
 }
 
 static int shared_close(lua_State *L) {
-  shared_handle *a = lua_touserdata(L, 1);
-  if (a) {  /* each part on its own: a failed constructor may leave only the lock */
+  shared_handle *a = mp_toself(L, 1, SHAREDS);
+  {  /* each part on its own: a failed constructor may leave only the lock */
     if (a->h.off) mp_obj_release(a->h.off, a->h.pid);
     if (a->lock) mp_obj_release(a->lock, a->h.pid);
     a->h.off = a->lock = 0;
@@ -324,7 +326,7 @@ static int value_newindex(lua_State *L) {
 }
 
 static int value_tostring(lua_State *L) {
-  shared_handle *a = lua_touserdata(L, 1);
+  shared_handle *a = mp_toself(L, 1, MP_CLASSES(VALUE));
   if (!a->h.off) { lua_pushfstring(L, "%s (closed) %p", VALUE, (void *)a); return 1; }
   push_elem(L, a->tc, a->data, 0);
   lua_pushfstring(L, "%s('%c', %s) %p", VALUE, a->tc, lua_tostring(L, -1), (void *)a);
@@ -389,14 +391,13 @@ static int array_newindex(lua_State *L) {
 }
 
 static int array_len(lua_State *L) {
-  shared_handle *a = luaL_checkudata(L, 1, ARRAY);
-  if (!a->h.off) return luaL_error(L, "attempt to use a closed Array");
+  shared_handle *a = checkarray(L, 1);
   lua_pushinteger(L, a->n);
   return 1;
 }
 
 static int array_totable(lua_State *L) {
-  shared_handle *a = checkshared(L, 1);
+  shared_handle *a = checkarray(L, 1);
   lua_createtable(L, a->n > INT32_MAX ? 0 : (int)a->n, 0);
   for (lua_Integer i = 0; i < a->n; i++) {
     push_elem(L, a->tc, a->data, i);
@@ -406,7 +407,7 @@ static int array_totable(lua_State *L) {
 }
 
 static int array_fill(lua_State *L) {
-  shared_handle *a = checkshared(L, 1);
+  shared_handle *a = checkarray(L, 1);
   elem e = check_elem(L, a->tc, 2);
   for (lua_Integer i = 0; i < a->n; i++) store_elem(a->tc, a->data, i, e);
   return 0;
@@ -414,7 +415,7 @@ static int array_fill(lua_State *L) {
 
 /* arr:slice([i=1 [, j=#arr]]) -> table, indexes as string.sub takes them */
 static int array_slice(lua_State *L) {
-  shared_handle *a = checkshared(L, 1);
+  shared_handle *a = checkarray(L, 1);
   lua_Integer n = a->n;
   lua_Integer i = luaL_optinteger(L, 2, 1), j = luaL_optinteger(L, 3, n);
   if (i < 0) i = i < -n ? 1 : n + i + 1;
@@ -430,7 +431,7 @@ static int array_slice(lua_State *L) {
 }
 
 static int array_tostring(lua_State *L) {
-  shared_handle *a = lua_touserdata(L, 1);
+  shared_handle *a = mp_toself(L, 1, MP_CLASSES(ARRAY));
   if (!a->h.off) lua_pushfstring(L, "%s (closed) %p", ARRAY, (void *)a);
   else lua_pushfstring(L, "%s('%c', %I) %p", ARRAY, a->tc, a->n, (void *)a);
   return 1;

@@ -138,11 +138,12 @@ static pid_t lock_holder(lock_obj *k) {
   return tid;
 }
 
-static void *checkopen(lua_State *L, int idx, const char *tname) {
-  mp_handle *h = luaL_checkudata(L, idx, tname);
-  if (!h->off) luaL_error(L, "attempt to use a closed %s", tname + sizeof("multiprocessing.") - 1);
-  return h;
-}
+/* the classes of each kind of self (mp.h's self checks) */
+#define LOCKS    MP_CLASSES(LOCK, RLOCK)
+#define SEMS     MP_CLASSES(SEMAPHORE, BSEMAPHORE)
+#define EVENTS   MP_CLASSES(EVENT)
+#define CONDS    MP_CLASSES(CONDITION)
+#define BARRIERS MP_CLASSES(BARRIER)
 
 static mp_handle *newhandle(lua_State *L, size_t size, const char *tname, int nuv) {
   mp_handle *h = lua_newuserdatauv(L, size, nuv);
@@ -164,19 +165,16 @@ static void pin(uint64_t off) {
   __atomic_store_n(&o->pinned, 1, __ATOMIC_SEQ_CST);
 }
 
-static uint64_t checkpayload(lua_State *L, const unsigned char *p, uint32_t type) {
-  uint64_t off;
-  memcpy(&off, p, 8);
-  if (off < 64 || off % 16 || !mp_arena_base() || ((mp_obj *)MP_PTR(off))->type != type)
-    luaL_error(L, "cannot decode: bad handle");
-  return off;
-}
-
-static int handle_close(lua_State *L) {
-  mp_handle *h = lua_touserdata(L, 1);
-  if (h && h->off) { mp_obj_release(h->off, h->pid); h->off = 0; }
+/* close of the classes whose object owns nothing outside itself */
+static int close_handle(lua_State *L, const char *const *names) {
+  mp_handle *h = mp_toself(L, 1, names);
+  if (h->off) { mp_obj_release(h->off, h->pid); h->off = 0; }
   return 0;
 }
+static int lock_close(lua_State *L) { return close_handle(L, LOCKS); }
+static int sem_close(lua_State *L) { return close_handle(L, SEMS); }
+static int event_close(lua_State *L) { return close_handle(L, EVENTS); }
+static int barrier_close(lua_State *L) { return close_handle(L, BARRIERS); }
 
 /* ------------------------------------------------------- Lock, RLock */
 
@@ -202,11 +200,7 @@ void mp_sync_pushlock(lua_State *L, uint64_t off) {
 }
 
 static lock_obj *tolock(lua_State *L, int idx) {
-  mp_handle *h = luaL_testudata(L, idx, LOCK);
-  if (!h) h = luaL_testudata(L, idx, RLOCK);
-  if (!h) luaL_typeerror(L, idx, "Lock or RLock");
-  if (!h->off) luaL_error(L, "attempt to use a closed %s", luaL_testudata(L, idx, LOCK) ? "Lock" : "RLock");
-  return MP_PTR(h->off);
+  return MP_PTR(mp_checkopen(L, idx, LOCKS)->off);
 }
 
 /* Pushes the results of acquire: true [, "owner died"] | false | nil, "interrupted". */
@@ -258,19 +252,19 @@ static int lock_release(lua_State *L) {
 }
 
 static int lock_locked(lua_State *L) {
-  lua_pushboolean(L, lock_holder(tolock(L, 1)) != 0);
+  lua_pushboolean(L, lock_holder(MP_PTR(mp_checkopen(L, 1, MP_CLASSES(LOCK))->off)) != 0);
   return 1;
 }
 
 /* RLock: is it held by this process, at which depth */
 static int lock_is_owned(lua_State *L) {
-  lock_obj *k = tolock(L, 1);
+  lock_obj *k = MP_PTR(mp_checkopen(L, 1, MP_CLASSES(RLOCK))->off);
   lua_pushboolean(L, lock_holder(k) == self_tid());
   return 1;
 }
 
 static int lock_tostring(lua_State *L) {
-  mp_handle *h = lua_touserdata(L, 1);
+  mp_handle *h = mp_toself(L, 1, LOCKS);
   const char *tname = luaL_testudata(L, 1, LOCK) ? LOCK : RLOCK;
   const char *state = !h->off ? "closed" : lock_holder(MP_PTR(h->off)) ? "locked" : "unlocked";
   lua_pushfstring(L, "%s (%s) %p", tname, state, (void *)h);
@@ -287,9 +281,7 @@ static int sync_Lock(lua_State *L) { return new_lock(L, 0); }
 static int sync_RLock(lua_State *L) { return new_lock(L, 1); }
 
 static void lock_decode(lua_State *L, const unsigned char *p, size_t n) {
-  uint64_t off = mp_handle_payload(L, p, n);
-  if (((mp_obj *)MP_PTR(off))->type != T_LOCK) luaL_error(L, "cannot decode: bad handle");
-  mp_sync_pushlock(L, off);
+  mp_sync_pushlock(L, mp_handle_object(L, p, n, T_LOCK, sizeof(lock_obj)));
 }
 
 static const mp_handle_type lock_type = { LOCK, mp_handle_encode, lock_decode };
@@ -298,12 +290,7 @@ static const mp_handle_type rlock_type = { RLOCK, mp_handle_encode, lock_decode 
 /* ------------------------------------------ Semaphore, BoundedSemaphore */
 
 static sem_obj *tosem(lua_State *L, int idx) {
-  mp_handle *h = luaL_testudata(L, idx, SEMAPHORE);
-  const char *what = "Semaphore";
-  if (!h) { h = luaL_testudata(L, idx, BSEMAPHORE); what = "BoundedSemaphore"; }
-  if (!h) luaL_typeerror(L, idx, "Semaphore or BoundedSemaphore");
-  if (!h->off) luaL_error(L, "attempt to use a closed %s", what);
-  return MP_PTR(h->off);
+  return MP_PTR(mp_checkopen(L, idx, SEMS)->off);
 }
 
 static int sem_trytake(sem_obj *s) {
@@ -351,7 +338,7 @@ static int sem_get_value(lua_State *L) {
 }
 
 static int sem_tostring(lua_State *L) {
-  mp_handle *h = lua_touserdata(L, 1);
+  mp_handle *h = mp_toself(L, 1, SEMS);
   const char *tname = luaL_testudata(L, 1, SEMAPHORE) ? SEMAPHORE : BSEMAPHORE;
   if (!h->off) { lua_pushfstring(L, "%s (closed) %p", tname, (void *)h); return 1; }
   sem_obj *s = MP_PTR(h->off);
@@ -377,9 +364,8 @@ static int sync_Semaphore(lua_State *L) { return new_sem(L, 0); }
 static int sync_BoundedSemaphore(lua_State *L) { return new_sem(L, 1); }
 
 static void sem_decode(lua_State *L, const unsigned char *p, size_t n) {
-  uint64_t off = mp_handle_payload(L, p, n);
+  uint64_t off = mp_handle_object(L, p, n, T_SEM, sizeof(sem_obj));
   sem_obj *s = MP_PTR(off);
-  if (s->o.type != T_SEM) luaL_error(L, "cannot decode: bad handle");
   mp_handle *h = newhandle(L, sizeof(mp_handle), s->bounded ? BSEMAPHORE : SEMAPHORE, 0);
   mp_obj_retain(off);
   h->off = off;
@@ -392,7 +378,7 @@ static const mp_handle_type bsem_type = { BSEMAPHORE, mp_handle_encode, sem_deco
 /* --------------------------------------------------------------- Event */
 
 static event_obj *toevent(lua_State *L, int idx) {
-  return MP_PTR(((mp_handle *)checkopen(L, idx, EVENT))->off);
+  return MP_PTR(mp_checkopen(L, idx, EVENTS)->off);
 }
 
 static int event_set(lua_State *L) {
@@ -436,7 +422,7 @@ static int event_wait(lua_State *L) {
 }
 
 static int event_tostring(lua_State *L) {
-  mp_handle *h = lua_touserdata(L, 1);
+  mp_handle *h = mp_toself(L, 1, EVENTS);
   const char *state = !h->off ? "closed" : (((event_obj *)MP_PTR(h->off))->word & 1) ? "set" : "unset";
   lua_pushfstring(L, "%s (%s) %p", EVENT, state, (void *)h);
   return 1;
@@ -457,7 +443,7 @@ static const mp_handle_type event_type = { EVENT, mp_handle_encode, event_decode
 
 /* ----------------------------------------------------------- Condition */
 
-static cond_handle *tocond(lua_State *L, int idx) { return checkopen(L, idx, CONDITION); }
+static cond_handle *tocond(lua_State *L, int idx) { return (cond_handle *)mp_checkopen(L, idx, CONDS); }
 
 static int cond_acquire(lua_State *L) {
   cond_handle *c = tocond(L, 1);
@@ -610,8 +596,8 @@ static int cond_notify_all(lua_State *L) {
 }
 
 static int cond_close(lua_State *L) {
-  cond_handle *ch = lua_touserdata(L, 1);
-  if (ch) {  /* each part on its own: a failed constructor may leave only the lock */
+  cond_handle *ch = mp_toself(L, 1, CONDS);
+  {  /* each part on its own: a failed constructor may leave only the lock */
     if (ch->h.off) mp_obj_release_with(ch->h.off, ch->h.pid, c_blocks_free);
     if (ch->lock) mp_obj_release(ch->lock, ch->h.pid);
     ch->h.off = ch->lock = 0;
@@ -620,7 +606,7 @@ static int cond_close(lua_State *L) {
 }
 
 static int cond_tostring(lua_State *L) {
-  cond_handle *ch = lua_touserdata(L, 1);
+  cond_handle *ch = mp_toself(L, 1, CONDS);
   if (!ch->h.off) { lua_pushfstring(L, "%s (closed) %p", CONDITION, (void *)ch); return 1; }
   lock_obj *k = MP_PTR(ch->lock);
   lua_pushfstring(L, "%s (%s, %s) %p", CONDITION, lock_short(k),
@@ -645,9 +631,7 @@ static int sync_Condition(lua_State *L) {
     ch->lock = mp_sync_newlock(L, 1);
     ch->h.off = mp_obj_new(L, sizeof(cond_obj), T_COND);
   } else {
-    mp_handle *h = luaL_testudata(L, 1, LOCK);
-    if (!h) h = luaL_testudata(L, 1, RLOCK);
-    if (!h) return luaL_typeerror(L, 1, "Lock or RLock");
+    mp_handle *h = mp_toself(L, 1, LOCKS);
     if (!h->off) return luaL_argerror(L, 1, "the lock is closed");
     lock = h->off;
     cond_handle *ch = push_cond(L, 0, 0);
@@ -671,12 +655,15 @@ static size_t cond_encode(lua_State *L, int idx, unsigned char *payload) {
   return 16;
 }
 
+/* Both offsets go through the codec's checked path (mp_handle_object: aligned,
+** of the right type, whole below the arena's top) before anything is counted. */
 static void cond_decode(lua_State *L, const unsigned char *p, size_t n) {
-  if (n != 16) luaL_error(L, "cannot decode: bad handle");
-  uint64_t off = checkpayload(L, p, T_COND), lock = checkpayload(L, p + 8, T_LOCK);
-  mp_obj_retain(off);
+  if (n != 16) luaL_error(L, "cannot decode: bad %s handle", CONDITION);
+  mp_handle_object(L, p, 8, T_COND, sizeof(cond_obj));
+  uint64_t lock = mp_handle_object(L, p + 8, 8, T_LOCK, sizeof(lock_obj));
+  cond_handle *ch = (cond_handle *)mp_handle_attach(L, p, 8, T_COND, CONDITION, sizeof(cond_handle), 0);
   mp_obj_retain(lock);
-  push_cond(L, off, lock);
+  ch->lock = lock;
 }
 
 static const mp_handle_type cond_type = { CONDITION, cond_encode, cond_decode };
@@ -684,7 +671,7 @@ static const mp_handle_type cond_type = { CONDITION, cond_encode, cond_decode };
 /* ------------------------------------------------------------- Barrier */
 
 static barrier_obj *tobarrier(lua_State *L, int idx) {
-  return MP_PTR(((mp_handle *)checkopen(L, idx, BARRIER))->off);
+  return MP_PTR(mp_checkopen(L, idx, BARRIERS)->off);
 }
 
 static void b_bump(barrier_obj *b) {
@@ -831,7 +818,7 @@ static int barrier_reset(lua_State *L) {
 
 static const luaL_Reg barrier_methods[] = {
   {"wait", barrier_wait}, {"abort", barrier_abort}, {"reset", barrier_reset},
-  {"close", handle_close}, {NULL, NULL}
+  {"close", barrier_close}, {NULL, NULL}
 };
 
 /* fields parties, n_waiting, broken; then the methods */
@@ -851,7 +838,7 @@ static int barrier_index(lua_State *L) {
 }
 
 static int barrier_tostring(lua_State *L) {
-  mp_handle *h = lua_touserdata(L, 1);
+  mp_handle *h = mp_toself(L, 1, BARRIERS);
   if (!h->off) { lua_pushfstring(L, "%s (closed) %p", BARRIER, (void *)h); return 1; }
   barrier_obj *b = MP_PTR(h->off);
   if (b->state == B_BROKEN)
@@ -897,28 +884,28 @@ static const mp_handle_type barrier_type = { BARRIER, mp_handle_encode, barrier_
 
 static const luaL_Reg lock_methods[] = {
   {"acquire", lock_acquire}, {"release", lock_release}, {"locked", lock_locked},
-  {"close", handle_close}, {NULL, NULL}
+  {"close", lock_close}, {NULL, NULL}
 };
 static const luaL_Reg rlock_methods[] = {
   {"acquire", lock_acquire}, {"release", lock_release}, {"is_owned", lock_is_owned},
-  {"close", handle_close}, {NULL, NULL}
+  {"close", lock_close}, {NULL, NULL}
 };
 static const luaL_Reg lock_meta[] = {
-  {"__gc", handle_close}, {"__close", handle_close}, {"__tostring", lock_tostring}, {NULL, NULL}
+  {"__gc", lock_close}, {"__close", lock_close}, {"__tostring", lock_tostring}, {NULL, NULL}
 };
 static const luaL_Reg sem_methods[] = {
   {"acquire", sem_acquire}, {"release", sem_release}, {"get_value", sem_get_value},
-  {"close", handle_close}, {NULL, NULL}
+  {"close", sem_close}, {NULL, NULL}
 };
 static const luaL_Reg sem_meta[] = {
-  {"__gc", handle_close}, {"__close", handle_close}, {"__tostring", sem_tostring}, {NULL, NULL}
+  {"__gc", sem_close}, {"__close", sem_close}, {"__tostring", sem_tostring}, {NULL, NULL}
 };
 static const luaL_Reg event_methods[] = {
   {"set", event_set}, {"clear", event_clear}, {"is_set", event_is_set}, {"wait", event_wait},
-  {"close", handle_close}, {NULL, NULL}
+  {"close", event_close}, {NULL, NULL}
 };
 static const luaL_Reg event_meta[] = {
-  {"__gc", handle_close}, {"__close", handle_close}, {"__tostring", event_tostring}, {NULL, NULL}
+  {"__gc", event_close}, {"__close", event_close}, {"__tostring", event_tostring}, {NULL, NULL}
 };
 static const luaL_Reg cond_methods[] = {
   {"acquire", cond_acquire}, {"release", cond_release}, {"wait", cond_wait},
@@ -928,7 +915,7 @@ static const luaL_Reg cond_meta[] = {
   {"__gc", cond_close}, {"__close", cond_close}, {"__tostring", cond_tostring}, {NULL, NULL}
 };
 static const luaL_Reg barrier_meta[] = {
-  {"__gc", handle_close}, {"__close", handle_close}, {"__tostring", barrier_tostring}, {NULL, NULL}
+  {"__gc", barrier_close}, {"__close", barrier_close}, {"__tostring", barrier_tostring}, {NULL, NULL}
 };
 
 int mp_sync_open(lua_State *L) {
