@@ -1169,6 +1169,17 @@ local function cut_unfed(self)
   end
 end
 local function check_now(self) check_workers(self) end
+local function interrupted() error("interrupted!", 0) end
+
+-- Waits up to SLICE for one worker to exit, keeping its status for check_workers.
+local function wait_exit(self)
+  local _, w = next(self._workers)
+  if w.code ~= nil then return end
+  local code, why = core.waitpid(w.pid, SLICE)
+  if code ~= nil then w.code = code
+  elseif why == "interrupted" then engine(self, 0, interrupted)  -- terminates, raises
+  elseif why ~= "timeout" then w.code = false end  -- reaped elsewhere: the status is gone
+end
 
 function Pool:join()
   if self._owner ~= core.getpid() then return end
@@ -1177,7 +1188,13 @@ function Pool:join()
   -- lazily fed calls read no more input; what was sent is delivered
   engine(self, 0, cut_unfed)
   while next(self._workers) and self._state == "closing" do
-    engine(self, SLICE)
+    if self._stopping then
+      -- the stop messages are out: a worker's exit, not a result, ends this wait
+      wait_exit(self)
+      engine(self, 0)
+    else
+      engine(self, SLICE)
+    end
     engine(self, 0, check_now)
   end
   if self._state ~= "closing" then return end  -- a callback terminated or joined it
