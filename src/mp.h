@@ -93,6 +93,10 @@ enum { MP_WOKE = 0, MP_TIMEOUT = 1, MP_INTERRUPTED = 2 };
 int mp_futex_wait(lua_State *L, uint32_t *addr, uint32_t val, double deadline);
 void mp_futex_wake(uint32_t *addr, int n);
 int mp_interrupted(lua_State *L);  /* a hook appeared since mp_wait_begin */
+/* Is a Ctrl-C pending? True when the hook changed since h0 (captured when the wait
+** began), or when the hook is lua.c's SIGINT hook (all four events, count 1): a
+** signal that landed between two waits of one call, after h0 was taken, is seen. */
+int mp_hook_pending(lua_State *L, lua_Hook h0);
 /* Robust process-shared mutexes. */
 void mp_mutex_init(pthread_mutex_t *m, int recursive);
 enum { MP_LOCKED = 0, MP_LOCK_TIMEOUT = 1, MP_LOCK_INTERRUPTED = 2, MP_LOCK_OWNERDEAD = 3,

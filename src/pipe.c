@@ -191,7 +191,7 @@ static int await(lua_State *L, conn *c, size_t need, double deadline, lua_Hook h
     if (errno == EINTR) continue;
     if (errno == ECONNRESET) return IO_CLOSED;
     if (errno != EAGAIN && errno != EWOULDBLOCK) { *err = errno; return IO_ERROR; }
-    if (lua_gethook(L) != h0) return IO_INTERRUPTED;
+    if (mp_hook_pending(L, h0)) return IO_INTERRUPTED;
     int ms = slice_ms(deadline);
     if (ms < 0) return IO_TIMEOUT;
     struct pollfd p = { c->fd, POLLIN, 0 };
@@ -332,7 +332,7 @@ static int conn_poll(lua_State *L) {
     if (r > 0) { lua_pushboolean(L, 1); return 1; }
     if (r < 0 && errno != EINTR) return mp_pusherrno(L, "poll");
     if (ms < 0) { lua_pushboolean(L, 0); return 1; }
-    if (lua_gethook(L) != h0) return pushfail(L, IO_INTERRUPTED, 0, "poll");
+    if (mp_hook_pending(L, h0)) return pushfail(L, IO_INTERRUPTED, 0, "poll");
   }
 }
 
@@ -375,7 +375,7 @@ static int write_frame(lua_State *L, conn *c, struct iovec *iov, int niov,
     int r;
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      if (lua_gethook(L) == h0) {
+      if (!mp_hook_pending(L, h0)) {
         struct pollfd p = { c->fd, POLLOUT, 0 };
         poll(&p, 1, SLICE_MS);
         continue;

@@ -174,7 +174,7 @@ static int proc_exit(lua_State *L) {
 ** hook set since h0 will throw the result away on return: the next ask gets it). */
 static int push_status(lua_State *L, kid *k, int keep, lua_Hook h0) {
   int code = exitcode(k->status);
-  if (!keep && lua_gethook(L) == h0) drop(k);
+  if (!keep && !mp_hook_pending(L, h0)) drop(k);
   lua_pushinteger(L, code);
   return 1;
 }
@@ -206,7 +206,7 @@ static int proc_waitpid(lua_State *L) {
     }
     double now = mp_now();
     if (deadline >= 0 && now >= deadline) { if (fd >= 0) close(fd); return mp_waitresult(L, MP_TIMEOUT); }
-    if (lua_gethook(L) != h0) { if (fd >= 0) close(fd); return mp_waitresult(L, MP_INTERRUPTED); }
+    if (mp_hook_pending(L, h0)) { if (fd >= 0) close(fd); return mp_waitresult(L, MP_INTERRUPTED); }
     double slice = 0.05;
     if (deadline >= 0 && deadline - now < slice) slice = deadline - now;
     if (fd >= 0) {

@@ -27,6 +27,13 @@
 #define cpu_relax() __asm__ __volatile__("" ::: "memory")
 #endif
 
+int mp_hook_pending(lua_State *L, lua_Hook h0) {
+  lua_Hook h = lua_gethook(L);
+  if (h != h0) return 1;
+  return h && lua_gethookmask(L) == (LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT) &&
+         lua_gethookcount(L) == 1;
+}
+
 double mp_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -68,7 +75,7 @@ int mp_futex_wait(lua_State *L, uint32_t *addr, uint32_t val, double deadline) {
     long r = syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0);
     if (r == 0) return MP_WOKE;
     if (errno == EAGAIN) return MP_WOKE;
-    if (L && lua_gethook(L) != h0) return MP_INTERRUPTED;
+    if (L && mp_hook_pending(L, h0)) return MP_INTERRUPTED;
     if (errno == ETIMEDOUT && last) return MP_TIMEOUT;
   }
 }
@@ -113,7 +120,7 @@ int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline) {
     double d = slice_until(deadline, &last);
     if (d <= 0) return MP_LOCK_TIMEOUT;
     if (r == ETIMEDOUT && last) return MP_LOCK_TIMEOUT;
-    if (L && lua_gethook(L) != h0) return MP_LOCK_INTERRUPTED;
+    if (L && mp_hook_pending(L, h0)) return MP_LOCK_INTERRUPTED;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     struct timespec dt = to_ts(d);
