@@ -351,4 +351,12 @@ describe("Process", function()
       end)
     end
   end)
+
+  it("join names its own argument when the timeout is not a number", function()
+    local p = mp.Process { target = function() end }:start()
+    local err = H.error_of(p.join, p, 0 / 0)
+    assert.matches("bad argument #1 to 'join' %(number expected, got NaN%)", err)
+    assert.not_matches("process%.lua", err)
+    assert.is_true(p:join(10))
+  end)
 end)

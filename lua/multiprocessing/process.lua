@@ -220,6 +220,10 @@ end
 --- join([timeout]): waits for the process; returns true, or nil, "timeout"
 function methods.join(p, timeout)
   check_started(p, "join")
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout) then
+    error(("bad argument #1 to 'join' (number expected, got %s)"):format(
+      type(timeout) == "number" and "NaN" or type(timeout)), 2)
+  end
   if rawget(p, "_exitcode") ~= nil then return true end
   local code, why = core.waitpid(p.pid, timeout, true)
   if code == nil then
