@@ -301,4 +301,29 @@ describe("errors", function()
       p:close()
     end)
   end)
+
+  describe("OS failures", function()
+    local core = require "multiprocessing.core"
+
+    it("return nil, the call's text and the errno's name from our own table", function()
+      local v, msg, code = core.kill(2 ^ 22 + 12345, 0)  -- above any pid_max: nobody has it
+      assert.is_nil(v)
+      assert.equal("kill: No such process", msg)
+      assert.equal("ESRCH", code)
+      v, msg, code = core.waitpid(1)  -- init is not our child
+      assert.is_nil(v)
+      assert.equal("waitpid: No child processes", msg)
+      assert.equal("ECHILD", code)
+    end)
+
+    it("need no glibc 2.32 name functions, so the module loads on older C libraries", function()
+      local so = (os.getenv("MP_BUILD") or "build") .. "/multiprocessing/core.so"
+      local f = assert(io.popen("nm -D --undefined-only " .. H.quote(so) .. " 2>&1"))
+      local syms = f:read("a")
+      f:close()
+      assert.truthy(syms:find("strerror", 1, true), "nm listed nothing: " .. syms)
+      assert.is_nil(syms:find("strerrorname_np", 1, true))
+      assert.is_nil(syms:find("sigabbrev_np", 1, true))
+    end)
+  end)
 end)

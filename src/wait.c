@@ -166,12 +166,70 @@ int mp_waitresult(lua_State *L, int r) {
   return 2;
 }
 
+/* Errno names, without strerrorname_np (glibc 2.32+ only): the module loads on
+** older C libraries. EWOULDBLOCK and ENOTSUP are EAGAIN and EOPNOTSUPP on Linux. */
+static const struct { int n; const char *name; } errnames[] = {
+  {EPERM, "EPERM"}, {ENOENT, "ENOENT"}, {ESRCH, "ESRCH"}, {EINTR, "EINTR"},
+  {EIO, "EIO"}, {ENXIO, "ENXIO"}, {E2BIG, "E2BIG"}, {ENOEXEC, "ENOEXEC"},
+  {EBADF, "EBADF"}, {ECHILD, "ECHILD"}, {EAGAIN, "EAGAIN"}, {ENOMEM, "ENOMEM"},
+  {EACCES, "EACCES"}, {EFAULT, "EFAULT"}, {EBUSY, "EBUSY"}, {EEXIST, "EEXIST"},
+  {EXDEV, "EXDEV"}, {ENODEV, "ENODEV"}, {ENOTDIR, "ENOTDIR"}, {EISDIR, "EISDIR"},
+  {EINVAL, "EINVAL"}, {ENFILE, "ENFILE"}, {EMFILE, "EMFILE"}, {ENOTTY, "ENOTTY"},
+  {ETXTBSY, "ETXTBSY"}, {EFBIG, "EFBIG"}, {ENOSPC, "ENOSPC"}, {ESPIPE, "ESPIPE"},
+  {EROFS, "EROFS"}, {EMLINK, "EMLINK"}, {EPIPE, "EPIPE"}, {EDOM, "EDOM"},
+  {ERANGE, "ERANGE"}, {EDEADLK, "EDEADLK"}, {ENAMETOOLONG, "ENAMETOOLONG"}, {ENOLCK, "ENOLCK"},
+  {ENOSYS, "ENOSYS"}, {ENOTEMPTY, "ENOTEMPTY"}, {ELOOP, "ELOOP"}, {ENOMSG, "ENOMSG"},
+  {EIDRM, "EIDRM"}, {EOVERFLOW, "EOVERFLOW"}, {EILSEQ, "EILSEQ"}, {ENOTSOCK, "ENOTSOCK"},
+  {EDESTADDRREQ, "EDESTADDRREQ"}, {EMSGSIZE, "EMSGSIZE"}, {EPROTOTYPE, "EPROTOTYPE"}, {ENOPROTOOPT, "ENOPROTOOPT"},
+  {EPROTONOSUPPORT, "EPROTONOSUPPORT"}, {EOPNOTSUPP, "EOPNOTSUPP"}, {EAFNOSUPPORT, "EAFNOSUPPORT"}, {EADDRINUSE, "EADDRINUSE"},
+  {EADDRNOTAVAIL, "EADDRNOTAVAIL"}, {ENETDOWN, "ENETDOWN"}, {ENETUNREACH, "ENETUNREACH"}, {ECONNABORTED, "ECONNABORTED"},
+  {ECONNRESET, "ECONNRESET"}, {ENOBUFS, "ENOBUFS"}, {EISCONN, "EISCONN"}, {ENOTCONN, "ENOTCONN"},
+  {ETIMEDOUT, "ETIMEDOUT"}, {ECONNREFUSED, "ECONNREFUSED"}, {EHOSTUNREACH, "EHOSTUNREACH"}, {EALREADY, "EALREADY"},
+  {EINPROGRESS, "EINPROGRESS"}, {ECANCELED, "ECANCELED"}, {EOWNERDEAD, "EOWNERDEAD"}, {ENOTRECOVERABLE, "ENOTRECOVERABLE"},
+  {EDQUOT, "EDQUOT"}, {ESTALE, "ESTALE"}, {EPROTO, "EPROTO"}, {EBADMSG, "EBADMSG"},
+  {ENOLINK, "ENOLINK"},
+#ifdef ENODATA
+  {ENODATA, "ENODATA"},
+#endif
+#ifdef ETIME
+  {ETIME, "ETIME"},
+#endif
+#ifdef ENOSR
+  {ENOSR, "ENOSR"},
+#endif
+#ifdef ENOSTR
+  {ENOSTR, "ENOSTR"},
+#endif
+#ifdef ESHUTDOWN
+  {ESHUTDOWN, "ESHUTDOWN"},
+#endif
+#ifdef ETOOMANYREFS
+  {ETOOMANYREFS, "ETOOMANYREFS"},
+#endif
+#ifdef EHOSTDOWN
+  {EHOSTDOWN, "EHOSTDOWN"},
+#endif
+#ifdef EUSERS
+  {EUSERS, "EUSERS"},
+#endif
+#ifdef ENOMEDIUM
+  {ENOMEDIUM, "ENOMEDIUM"},
+#endif
+#ifdef EMEDIUMTYPE
+  {EMEDIUMTYPE, "EMEDIUMTYPE"},
+#endif
+#ifdef ERFKILL
+  {ERFKILL, "ERFKILL"},
+#endif
+};
+
 int mp_pusherrno(lua_State *L, const char *what) {
   int e = errno;
   lua_pushnil(L);
   lua_pushfstring(L, "%s: %s", what, strerror(e));
-  const char *name = strerrorname_np(e);
-  lua_pushstring(L, name ? name : "EIO");
+  for (size_t i = 0; i < sizeof errnames / sizeof errnames[0]; i++)
+    if (errnames[i].n == e) { lua_pushstring(L, errnames[i].name); return 3; }
+  lua_pushfstring(L, "errno %d", e);  /* one this table lacks: its number, never another's name */
   return 3;
 }
 
