@@ -141,3 +141,42 @@ describe("every method checks its self", function()
     collectgarbage()  -- the other ends of the Pipes
   end)
 end)
+
+describe("core functions that take an offset", function()
+  H.leak_check(before_each, after_each)
+
+  -- in a child: any offset must raise, never crash; 0 when all did
+  local function hostile(f)
+    return core.waitpid(H.spawn(function()
+      local q = mp.Queue()  -- the arena exists and holds objects of other types
+      local good = core.blob_new("abc")
+      assert(core.blob_get(good) == "abc")
+      local top = core.arena_stats().top or 1 << 20
+      local offs = { 0, -16, 1, 15, 16, 48, 64, good + 8, good + 16, good - 16, 1 << 40, -(1 << 62),
+                     math.maxinteger, math.mininteger, top, top - 16, top + 16 }
+      local bad = {}
+      for _, off in ipairs(offs) do
+        if off ~= good then
+          local ok = pcall(f, off)
+          if ok then bad[#bad + 1] = tostring(off) end
+        end
+      end
+      for _, v in ipairs { "x", {}, 1.5, io.stdout } do
+        if pcall(f, v) then bad[#bad + 1] = tostring(v) end
+      end
+      if not pcall(f) then else bad[#bad + 1] = "no value" end
+      core.blob_free(good)
+      if pcall(core.blob_get, good) then bad[#bad + 1] = "a freed blob" end
+      q:close()
+      assert(#bad == 0, "accepted: " .. table.concat(bad, ", "))
+    end))
+  end
+
+  it("core.blob_get raises on an offset that names no blob, never crashes", function()
+    assert.equal(0, hostile(core.blob_get))
+  end)
+
+  it("core.blob_free raises on an offset that names no blob, never frees it", function()
+    assert.equal(0, hostile(core.blob_free))
+  end)
+end)

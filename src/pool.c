@@ -264,29 +264,51 @@ static void ps_decode(lua_State *L, const unsigned char *payload, size_t n) {
 ** no reader can need it any more (the pool sends a function once per call
 ** this way: each worker reads it once, on its first task of the call). */
 
-typedef struct blobhdr { uint64_t len; } blobhdr;
+/* A blob starts with an object header tagged T_BLOB (its refs are unused: the
+** maker frees it), so that an offset from anywhere goes through the codec's
+** checked handle path (mp_handle_object) before anything is read: a bad offset
+** raises, it never reads outside the arena. A freed blob loses its tag. */
+#define T_BLOB 0x424f4c42u  /* "BLOB" */
+typedef struct blobhdr { mp_obj h; uint64_t len, pad; } blobhdr;
 
+/* the blob at argument arg: in the arena, tagged, its bytes below the arena's top */
+static blobhdr *blob_check(lua_State *L, int arg) {
+  lua_Integer off = luaL_checkinteger(L, arg);
+  luaL_argcheck(L, mp_arena_base() != NULL, arg, "not a blob (no shared memory yet)");
+  unsigned char payload[8];
+  memcpy(payload, &off, 8);
+  uint64_t o = mp_handle_object(L, payload, 8, T_BLOB, sizeof(blobhdr));
+  blobhdr *b = MP_PTR(o);
+  luaL_argcheck(L, mp_arena_top() - o - sizeof(blobhdr) >= b->len, arg, "not a blob (bad length)");
+  return b;
+}
+
+/* core.blob_new(s) -> offset */
 static int blob_new(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
   uint64_t off = mp_alloc(L, sizeof(blobhdr) + n);
-  ((blobhdr *)MP_PTR(off))->len = n;
-  memcpy((char *)MP_PTR(off) + sizeof(blobhdr), s, n);
+  blobhdr *b = MP_PTR(off);
+  memset(b, 0, sizeof *b);
+  b->h.type = T_BLOB;
+  b->len = n;
+  memcpy((char *)b + sizeof(blobhdr), s, n);
   lua_pushinteger(L, (lua_Integer)off);
   return 1;
 }
 
+/* core.blob_get(offset) -> the bytes; raises on an offset that names no blob */
 static int blob_get(lua_State *L) {
-  lua_Integer off = luaL_checkinteger(L, 1);
-  luaL_argcheck(L, mp_arena_base() && off > 0 && off % 16 == 0, 1, "bad blob");
-  blobhdr *b = MP_PTR(off);
+  blobhdr *b = blob_check(L, 1);
   lua_pushlstring(L, (char *)b + sizeof(blobhdr), b->len);
   return 1;
 }
 
+/* core.blob_free(offset): once no reader can need it */
 static int blob_free(lua_State *L) {
-  lua_Integer off = luaL_checkinteger(L, 1);
-  if (off > 0) mp_free((uint64_t)off);
+  blobhdr *b = blob_check(L, 1);
+  b->h.type = 0;
+  mp_free((uint64_t)((char *)b - (char *)mp_arena_base()));
   return 0;
 }
 
