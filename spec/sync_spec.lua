@@ -188,11 +188,17 @@ describe("sync", function()
       assert.is_false(l:locked())
     end)
 
-    it("raises 'timeout' when the lock cannot be had in time", function()
-      local l = mp.Lock()
+    it("returns nil, 'timeout' when the lock cannot be had in time (README, Conventions)", function()
+      local l, s = mp.Lock(), mp.Semaphore(0)
       l:acquire()
-      assert.has_error(function() local g <close> = l:hold(0.02) end, "timeout")
+      do
+        local g <close>, why = l:hold(0.02)  -- a nil guard is a valid to-be-closed value
+        assert.is_nil(g)
+        assert.equal("timeout", why)
+      end
+      assert.is_true(l:locked())  -- still held by us: the failed hold released nothing
       l:release()
+      assert.same({ nil, "timeout" }, { s:hold(0) })
     end)
 
     it("works for RLock, Semaphore, BoundedSemaphore and Condition", function()

@@ -6,6 +6,7 @@ local now = core.now
 
 -- lock:hold([timeout]) acquires and returns a guard that releases at __close:
 --   local guard <close> = lock:hold()
+-- or nil, "timeout" | nil, "interrupted" (a nil guard is fine for <close>)
 local guard_mt = {
   __name = "multiprocessing.guard",
   __close = function(g)
@@ -17,9 +18,7 @@ guard_mt.__index = { release = guard_mt.__close }
 
 local function hold(self, timeout)
   local ok, why = self:acquire(true, timeout)
-  if not ok then
-    error(why == "interrupted" and "interrupted" or "timeout", 2)
-  end
+  if not ok then return nil, why or "timeout" end  -- acquire's false: the timeout passed
   return setmetatable({ self }, guard_mt), why
 end
 
