@@ -118,11 +118,16 @@ describe("Pipe", function()
       for i = 1, 100 do assert.equal(i, b:recv()) end
     end)
 
-    it("recv_value returns true, v or false, reason", function()
+    it("recv_value returns true, v or nil, reason (README, Conventions)", function()
       a:send(nil)
       local ok, v = b:recv_value()
       assert.is_true(ok); assert.is_nil(v)
-      assert.same({ false, "timeout" }, { b:recv_value(0) })
+      a:send(false)
+      assert.same({ true, false }, { b:recv_value() })
+      local r = table.pack(b:recv_value(0))
+      assert.equal(2, r.n)
+      assert.is_nil(r[1])
+      assert.equal("timeout", r[2])
     end)
 
     it("send_bytes and recv_bytes carry raw strings", function()

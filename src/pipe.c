@@ -300,16 +300,14 @@ static int conn_recv(lua_State *L) {
   return recv_frame(L, c, 0, deadline);
 }
 
-/* conn:recv_value([timeout]) -> true, value | false, "timeout"|"closed"|"interrupted" */
+/* conn:recv_value([timeout]) -> true, value | nil, "timeout"|"closed"|"interrupted" | nil, msg, code
+** (the library's convention: nil, reason for an expected outcome) */
 static int conn_recv_value(lua_State *L) {
   conn *c = checkreader(L, "recv_value");
   double deadline = mp_deadline(L, 2);
-  int top = lua_gettop(L);
   int n = recv_frame(L, c, 0, deadline);
   if (n == 1) { lua_pushboolean(L, 1); lua_insert(L, -2); return 2; }
-  lua_pushboolean(L, 0);
-  lua_replace(L, top + 1);
-  return n;
+  return n;  /* recv's nil, reason */
 }
 
 /* conn:recv_bytes([timeout]) -> string | nil, "timeout"|"closed"|"interrupted" */

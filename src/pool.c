@@ -55,8 +55,8 @@ static int ps_new(lua_State *L) {
   return 1;
 }
 
-/* core.put_task(queue, seq, fid, blob, mode, src, i0, n): sends src[i0 .. i0+n-1]
-** as the items of task message seq, or src itself (the arguments of an apply)
+/* core.put_task(queue, seq, fid, blob, mode, src, i0, n) -> true | nil, "interrupted":
+** sends src[i0 .. i0+n-1] as the items of task message seq, or src itself (the arguments of an apply)
 ** when i0 is 0. Unsendable items raise the codec's error, naming args[i]. */
 static int pool_put_task(lua_State *L) {
   mp_buf *buf;
@@ -70,7 +70,8 @@ static int pool_put_task(lua_State *L) {
   mp_enc *e = i0 > 0 ? mp_encode_range(L, 6, i0, n, "args") : mp_encode(L, 6, "args");
   int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
   mp_enc_done(L, e);
-  lua_pushboolean(L, r == MP_WOKE);
+  if (r != MP_WOKE) return mp_waitresult(L, r);  /* nil, "interrupted" (it waits without a deadline) */
+  lua_pushboolean(L, 1);
   return 1;
 }
 
