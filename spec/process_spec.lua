@@ -135,6 +135,23 @@ describe("Process", function()
     H.raises("pid must be positive", core.reap, 0)
   end)
 
+  it("a status another wait took makes exitcode, is_alive, join and kill raise, never 'running' forever", function()
+    local p = mp.Process { name = "Taken", target = function() end }
+    p:start()
+    assert.equal(0, core.waitpid(p.pid))  -- the status goes to another wait: core.reap gets nil, msg, code
+    local text = ("the exit status of process Taken (pid %d) was taken by another wait"):format(p.pid)
+    H.raises("cannot read exitcode: " .. text, function() return p.exitcode end)
+    H.raises("cannot is_alive: " .. text, p.is_alive, p)
+    H.raises("cannot join: " .. text, p.join, p)
+    H.raises("cannot kill: " .. text, p.kill, p)  -- (its pid may be another process's by now)
+    H.raises("cannot get the result of: " .. text, p.result, p)
+    assert.matches("status lost", tostring(p), nil, true)
+    local e = H.error_of(p.join, p)
+    assert.is_nil(e:find("process.lua", 1, true))
+    assert.same({}, mp.active_children())  -- not ours to wait for any more
+    p:close()
+  end)
+
   it("has a readable tostring", function()
     local p = mp.Process { name = "T" }
     assert.matches("<Process name='T' pid=nil initial>", tostring(p), nil, true)

@@ -21,34 +21,55 @@ local function settle(p, code)
   core.forget(p.pid)
 end
 
--- the exit code, reaping the child if it ended; nil while it runs
+-- the exit code, reaping the child if it ended; nil while it runs. core.reap
+-- returns nil alone while the child runs, and nil, message, code when its status
+-- cannot be had (another wait took it: SIGCHLD ignored, a core.waitpid of the
+-- pid): poll returns nil, message then, never a "still running" that would last.
 local function poll(p)
   local code = rawget(p, "_exitcode")
   if code == nil and p.pid and p._pid_owner == core.getpid() then
-    code = core.reap(p.pid, true)
-    if code ~= nil then settle(p, code) end
+    local why
+    code, why = core.reap(p.pid, true)
+    if code ~= nil then settle(p, code)
+    elseif why then return nil, why end
   end
   return code
 end
 
+-- the error of a call (exitcode, is_alive, join...) on a child whose status is gone
+local function lost(p, fname, why, lvl)
+  error(("cannot %s: the exit status of process %s (pid %d) was taken by another wait (%s)"):format(
+    fname, p.name, p.pid, tostring(why)), lvl + 1)
+end
+
 -- Python's _cleanup: children that ended are reaped (their status kept in their
 -- Process) at each start and in active_children, so unjoined ones leave no zombies.
+-- One whose status another wait took is not ours to wait for any more.
 local function cleanup()
   if children_pid ~= core.getpid() then children, children_pid = {}, core.getpid() end
-  for _, p in pairs(children) do poll(p) end
+  for pid, p in pairs(children) do
+    local _, why = poll(p)
+    if why then children[pid] = nil end
+  end
 end
 
 -- exitcode is read live: nil while the process runs
 function Process.__index(p, k)
-  if k == "exitcode" then return poll(p) end
+  if k == "exitcode" then
+    local code, why = poll(p)
+    if why then lost(p, "read exitcode", why, 2) end
+    return code
+  end
   return methods[k]
 end
 
 function Process.__tostring(p)
   local state
+  local code, why = poll(p)
   if not p.pid then state = "initial"
-  elseif p.exitcode == nil then state = "started"
-  else state = "stopped exitcode=" .. tostring(p.exitcode) end
+  elseif why then state = "status lost"
+  elseif code == nil then state = "started"
+  else state = "stopped exitcode=" .. tostring(code) end
   return ("<Process name='%s' pid=%s %s%s>"):format(p.name, tostring(p.pid), state, p.daemon and " daemon" or "")
 end
 
@@ -228,7 +249,7 @@ function methods.join(p, timeout)
   local code, why = core.waitpid(p.pid, timeout, true)
   if code == nil then
     if why == "timeout" or why == "interrupted" then return nil, why end
-    error("join: " .. tostring(why), 2)
+    lost(p, "join", why, 2)
   end
   settle(p, code)
   return true
@@ -238,23 +259,33 @@ function methods.is_alive(p)
   check(p, "is_alive")
   if not p.pid then return false end
   if p.pid == core.getpid() then return true end
-  return p.exitcode == nil
+  local code, why = poll(p)
+  if why then lost(p, "is_alive", why, 2) end
+  return code == nil
+end
+
+-- (a child whose status is gone may have a recycled pid: it is never signalled)
+local function signal(p, fname, sig)
+  local code, why = poll(p)
+  if why then lost(p, fname, why, 3) end
+  if code == nil then core.kill(p.pid, sig) end
 end
 
 function methods.terminate(p)
   check_started(p, "terminate")
-  if p.exitcode == nil then core.kill(p.pid, 15) end
+  signal(p, "terminate", 15)
 end
 
 function methods.kill(p)
   check_started(p, "kill")
-  if p.exitcode == nil then core.kill(p.pid, 9) end
+  signal(p, "kill", 9)
 end
 
 function methods.close(p)
   if getmetatable(p) ~= Process then error("bad self to 'close' (Process expected)", 2) end
   if rawget(p, "_closed") then return end
-  if p.pid and p.exitcode == nil then error("cannot close a process while it is still running", 2) end
+  local code, why = poll(p)  -- (one whose status is gone can be closed: nothing is left to wait for)
+  if p.pid and code == nil and not why then error("cannot close a process while it is still running", 2) end
   if p._results then p._results:close() end
   p._closed = true
 end
@@ -262,7 +293,8 @@ end
 --- result(): the target's return values, or its error with the child's traceback
 function methods.result(p)
   check_started(p, "get the result of")
-  local code = p.exitcode
+  local code, why = poll(p)
+  if why then lost(p, "get the result of", why, 2) end
   if code == nil then error("process " .. p.name .. " has not finished (join it first)", 2) end
   if not p._fetched then
     local r = p._results:get_nowait()
