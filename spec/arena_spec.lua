@@ -139,7 +139,7 @@ describe("arena", function()
       local pid = H.spawn(function()
         core._arena_hold(16 * MiB)              -- a big message being copied, say
         core._arena_hold(100)
-        core.blob_free(core._arena_hold(1000))  -- freed: let go of as well
+        core.blob_free(core._blob_hold(1000))   -- freed: let go of as well
         ready:set()
         core.sleep(30)
       end)

@@ -179,4 +179,23 @@ describe("core functions that take an offset", function()
   it("core.blob_free raises on an offset that names no blob, never frees it", function()
     assert.equal(0, hostile(core.blob_free))
   end)
+
+  it("core.blob_free takes only a blob its process made: not bytes that look like one, not another's", function()
+    assert.equal(0, core.waitpid(H.spawn(function()
+      -- a blob whose bytes hold a blob header (tag "BLOB", length 0) at its first 16-aligned byte
+      local fake = core.blob_new(string.pack("<I4I4I4I4I8I8", 0, 0, 0, 0x424f4c42, 0, 0))
+      local inner = fake + 32
+      assert(core.blob_get(inner) == "")  -- in bounds: reading it is harmless
+      local ok, err = pcall(core.blob_free, inner)
+      assert(not ok and err:find("not a blob this process made", 1, true), err)
+      local theirs = core.blob_new("parent's")
+      assert(core.waitpid(H.spawn(function()
+        assert(core.blob_get(theirs) == "parent's")  -- a child reads it, never frees it
+        assert(not pcall(core.blob_free, theirs))
+      end)) == 0)
+      core.blob_free(theirs)
+      assert(not pcall(core.blob_free, theirs))  -- twice
+      core.blob_free(fake)
+    end)))
+  end)
 end)

@@ -326,4 +326,72 @@ describe("errors", function()
       assert.is_nil(syms:find("sigabbrev_np", 1, true))
     end)
   end)
+
+  describe("error texts of the Lua layer name the user's call, never our files", function()
+    local function clean(e)
+      assert.is_nil(e:find("multiprocessing/[%w_]+%.lua:%d+:"), "an internal position: " .. e)
+      return e
+    end
+
+    it("Process methods with a wrong self say which call and what they got", function()
+      local p = mp.Process { target = function() end }
+      for _, m in ipairs { "start", "join", "is_alive", "terminate", "kill", "result", "run", "close" } do
+        clean(H.raises(("bad argument #1 to '%s' (Process expected, got nil)"):format(m), p[m]))
+        clean(H.raises(("bad argument #1 to '%s' (Process expected, got table)"):format(m), p[m], {}))
+      end
+    end)
+
+    it("Process rejects a bad args.n instead of failing in the child", function()
+      clean(H.raises("bad argument #1 to 'Process' (args.n must be a non-negative integer, got string)",
+        mp.Process, { target = print, args = { n = "x" } }))
+      clean(H.raises("args.n must be a non-negative integer, got float", mp.Process, { args = { n = 1.5 } }))
+      clean(H.raises("args.n must be a non-negative integer", mp.Process, { args = { n = -1 } }))
+    end)
+
+    it("Pipe takes a boolean or nothing", function()
+      clean(H.raises("bad argument #1 to 'Pipe' (boolean expected, got number)", mp.Pipe, 1))
+      clean(H.raises("bad argument #1 to 'Pipe' (boolean expected, got string)", mp.Pipe, "false"))
+    end)
+
+    it("hold: a wrong self or timeout, and the core's own errors, without sync.lua's position", function()
+      local l, hold = mp.Lock(), mp.Lock().hold
+      local kinds = "Lock, RLock, Semaphore, BoundedSemaphore or Condition expected"
+      clean(H.raises("bad argument #1 to 'hold' (" .. kinds .. ", got nil)", hold))
+      clean(H.raises("bad argument #1 to 'hold' (" .. kinds .. ", got table)", hold, {}))
+      clean(H.raises("bad argument #1 to 'hold' (" .. kinds .. ", got Event)", hold, mp.Event()))
+      clean(H.raises("bad argument #1 to 'hold' (number expected, got string)", hold, l, "x"))
+      clean(H.raises("bad argument #1 to 'hold' (timeout is NaN)", hold, l, 0 / 0))
+      local g <close> = l:hold()
+      clean(H.raises("deadlock: this process already holds the Lock", hold, l))
+      local closed = mp.Lock()
+      closed:close()
+      clean(H.raises("attempt to use a closed Lock", hold, closed))
+    end)
+
+    it("wait_for: a wrong self, predicate or timeout, and a missing lock, without sync.lua's position", function()
+      local c = mp.Condition()
+      local wait_for = c.wait_for
+      local no = function() return false end
+      clean(H.raises("bad argument #1 to 'wait_for' (Condition expected, got nil)", wait_for, nil, no))
+      clean(H.raises("bad argument #1 to 'wait_for' (Condition expected, got Lock)", wait_for, mp.Lock(), no))
+      clean(H.raises("bad argument #1 to 'wait_for' (function expected, got nil)", wait_for, c))
+      clean(H.raises("bad argument #1 to 'wait_for' (function expected, got number)", wait_for, c, 1))
+      clean(H.raises("bad argument #2 to 'wait_for' (number expected, got string)", wait_for, c, no, "x"))
+      clean(H.raises("bad argument #2 to 'wait_for' (timeout is NaN)", wait_for, c, no, 0 / 0))
+      clean(H.raises("cannot wait on an un-acquired lock", wait_for, c, no, 0.01))
+      local callable = setmetatable({}, { __call = function() return "yes" end })
+      assert.equal("yes", c:wait_for(callable))
+    end)
+
+    it("progress checks its total and options (unknown keys raise)", function()
+      local progress = mp.progress
+      clean(H.raises("bad argument #2 to 'progress' (non-negative number expected, got string)", progress, { 1 }, "x"))
+      clean(H.raises("bad argument #2 to 'progress' (non-negative number expected, got -1)", progress, { 1 }, -1))
+      clean(H.raises("bad argument #3 to 'progress' (table expected, got number)", progress, { 1 }, nil, 5))
+      clean(H.raises("bad argument #3 to 'progress' (unknown option desk)", progress, { 1 }, nil, { desk = "x" }))
+      clean(H.raises("bad argument #3 to 'progress' (desc must be a string, got number)", progress, { 1 }, nil, { desc = 1 }))
+      clean(H.raises("bad argument #3 to 'progress' (out must be an open file, got number)", progress, { 1 }, nil,
+        { out = 1, force = true }))
+    end)
+  end)
 end)

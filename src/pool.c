@@ -268,9 +268,25 @@ static void ps_decode(lua_State *L, const unsigned char *payload, size_t n) {
 /* A blob starts with an object header tagged T_BLOB (its refs are unused: the
 ** maker frees it), so that an offset from anywhere goes through the codec's
 ** checked handle path (mp_handle_object) before anything is read: a bad offset
-** raises, it never reads outside the arena. A freed blob loses its tag. */
+** raises, it never reads outside the arena. A freed blob loses its tag. Only its
+** maker frees it: each process keeps the offsets of the blobs it made and has
+** not freed (reset in a forked child), and blob_free takes no other, so that no
+** offset (a stale one, one inside a blob's bytes that look like a header) can
+** reach the allocator's free. */
 #define T_BLOB 0x424f4c42u  /* "BLOB" */
 typedef struct blobhdr { mp_obj h; uint64_t len, pad; } blobhdr;
+
+static const char blobs_key = 'b';  /* registry: { [offset] = true } of this process's blobs */
+static pid_t blobs_pid;
+
+static void push_blobs(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &blobs_key) == LUA_TTABLE && blobs_pid == getpid()) return;
+  lua_pop(L, 1);
+  lua_newtable(L);  /* (in a forked child: the parent's blobs are not its own) */
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &blobs_key);
+  blobs_pid = getpid();
+}
 
 /* the blob at argument arg: in the arena, tagged, its bytes below the arena's top */
 static blobhdr *blob_check(lua_State *L, int arg) {
@@ -284,17 +300,38 @@ static blobhdr *blob_check(lua_State *L, int arg) {
   return b;
 }
 
-/* core.blob_new(s) -> offset */
-static int blob_new(lua_State *L) {
-  size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
-  uint64_t off = mp_alloc(L, sizeof(blobhdr) + n);
+/* a new blob of n bytes (uninitialised), recorded as this process's */
+static blobhdr *blob_make(lua_State *L, size_t n, int held) {
+  mp_arena_ensure(L);
+  uint64_t off = held ? mp_alloc_held(sizeof(blobhdr) + n) : mp_alloc(L, sizeof(blobhdr) + n);
+  if (!off) mp_oom_error(L, sizeof(blobhdr) + n);
   blobhdr *b = MP_PTR(off);
   memset(b, 0, sizeof *b);
   b->h.type = T_BLOB;
   b->len = n;
-  memcpy((char *)b + sizeof(blobhdr), s, n);
+  push_blobs(L);
+  lua_pushboolean(L, 1);
+  lua_rawseti(L, -2, (lua_Integer)off);
+  lua_pop(L, 1);
   lua_pushinteger(L, (lua_Integer)off);
+  return b;
+}
+
+/* core.blob_new(s) -> offset */
+static int blob_new(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  blobhdr *b = blob_make(L, n, 0);
+  memcpy((char *)b + sizeof(blobhdr), s, n);
+  return 1;
+}
+
+/* core._blob_hold(n) -> offset: for tests, a blob of n bytes held by this process
+** (freed if it dies with it, see mp_alloc_held) until core.blob_free */
+static int blob_hold(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 1, "0 to 2^31 - 1 bytes");
+  blob_make(L, (size_t)n, 1);
   return 1;
 }
 
@@ -305,11 +342,19 @@ static int blob_get(lua_State *L) {
   return 1;
 }
 
-/* core.blob_free(offset): once no reader can need it */
+/* core.blob_free(offset): by its maker, once no reader can need it; raises on any
+** other offset (a freed one, another process's, one that names no blob) */
 static int blob_free(lua_State *L) {
+  lua_Integer off = luaL_checkinteger(L, 1);
+  push_blobs(L);
+  luaL_argcheck(L, lua_rawgeti(L, -1, off) == LUA_TBOOLEAN, 1,
+                "not a blob this process made and has not freed");
+  lua_pop(L, 1);
   blobhdr *b = blob_check(L, 1);
+  lua_pushnil(L);
+  lua_rawseti(L, -2, off);
   b->h.type = 0;
-  mp_free((uint64_t)((char *)b - (char *)mp_arena_base()));
+  mp_free((uint64_t)off);
   return 0;
 }
 
@@ -347,7 +392,7 @@ int mp_pool_open(lua_State *L) {
   mp_newclass(L, POOLSTATE, methods, meta);
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
-    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"take_result", pool_take_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free},
+    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"take_result", pool_take_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

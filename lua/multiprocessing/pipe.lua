@@ -7,7 +7,10 @@ local M = {}
 -- One-way (duplex = false): a is the read end, b the write end.
 function M.Pipe(duplex)
   if duplex == nil then duplex = true end
-  return core.pipe(duplex and true or false)
+  if type(duplex) ~= "boolean" then
+    error("bad argument #1 to 'Pipe' (boolean expected, got " .. type(duplex) .. ")", 2)
+  end
+  return core.pipe(duplex)
 end
 
 return M

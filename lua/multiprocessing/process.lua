@@ -189,6 +189,11 @@ function M.Process(opts)
   end
   local args = opts.args or {}
   if type(args) ~= "table" then error("bad argument #1 to 'Process' (args must be a table)", 2) end
+  local n = rawget(args, "n")
+  if n ~= nil and (math.type(n) ~= "integer" or n < 0) then
+    error("bad argument #1 to 'Process' (args.n must be a non-negative integer, got " ..
+      (math.type(n) or type(n)) .. ")", 2)
+  end
   counter = counter + 1
   if opts.name ~= nil and type(opts.name) ~= "string" then error("bad argument #1 to 'Process' (name must be a string)", 2) end
   return setmetatable({
@@ -200,9 +205,16 @@ function M.Process(opts)
   }, Process)
 end
 
+-- the method's name for a wrong self (Lua's and the core's wording), from the verb of the others
+local CALL = { ["get the result of"] = "result" }
+local function bad_self(p, fname, lvl)
+  error(("bad argument #1 to '%s' (Process expected, got %s)"):format(CALL[fname] or fname,
+    type(p) == "table" and (getmetatable(p) or {}).__name or type(p)), lvl + 1)
+end
+
 local function check(p, fname, lvl)
   lvl = lvl or 3
-  if getmetatable(p) ~= Process then error(("bad self to '%s' (Process expected)"):format(fname), lvl) end
+  if getmetatable(p) ~= Process then bad_self(p, fname, lvl) end
   if rawget(p, "_closed") then error(("cannot %s: the process object is closed"):format(fname), lvl) end
 end
 
@@ -282,7 +294,7 @@ function methods.kill(p)
 end
 
 function methods.close(p)
-  if getmetatable(p) ~= Process then error("bad self to 'close' (Process expected)", 2) end
+  if getmetatable(p) ~= Process then bad_self(p, "close", 2) end
   if rawget(p, "_closed") then return end
   local code, why = poll(p)  -- (one whose status is gone can be closed: nothing is left to wait for)
   if p.pid and code == nil and not why then error("cannot close a process while it is still running", 2) end

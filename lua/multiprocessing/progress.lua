@@ -81,8 +81,27 @@ local function close_value(c)
 end
 
 --- for v in mp.progress(iter_or_table [, total]) do ... end
+local PROGRESS_OPTIONS = { desc = true, force = true, out = true }
+
 function M.progress(iter, total, opts)
+  if total ~= nil and (type(total) ~= "number" or not (total >= 0)) then
+    error("bad argument #2 to 'progress' (non-negative number expected, got " ..
+      (type(total) == "number" and tostring(total) or type(total)) .. ")", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("bad argument #3 to 'progress' (table expected, got " .. type(opts) .. ")", 2)
+  end
   opts = opts or {}
+  for k in pairs(opts) do
+    if not PROGRESS_OPTIONS[k] then error(("bad argument #3 to 'progress' (unknown option %s)"):format(tostring(k)), 2) end
+  end
+  if opts.desc ~= nil and type(opts.desc) ~= "string" then
+    error("bad argument #3 to 'progress' (desc must be a string, got " .. type(opts.desc) .. ")", 2)
+  end
+  local out = opts.out
+  if out ~= nil and io.type(out) ~= "file" and not (type(out) == "table" and type(out.write) == "function") then
+    error("bad argument #3 to 'progress' (out must be an open file, got " .. (io.type(out) or type(out)) .. ")", 2)
+  end
   local inner
   if type(iter) == "table" then
     local t, i = iter, 0
