@@ -80,9 +80,9 @@ local function close_value(c)
   if close then close(c) end
 end
 
---- for v in mp.progress(iter_or_table [, total]) do ... end
 local PROGRESS_OPTIONS = { desc = true, force = true, out = true }
 
+--- for v in mp.progress(iter_or_table [, total [, {desc =, force =, out =}]]) do ... end
 function M.progress(iter, total, opts)
   if total ~= nil and (type(total) ~= "number" or not (total >= 0)) then
     error("bad argument #2 to 'progress' (non-negative number expected, got " ..
