@@ -1409,6 +1409,17 @@ static int codec_encode(lua_State *L) {
   return 1;
 }
 
+/* core._encode_unowned(v), for tests: the bytes of v with its handles neither
+** pinned nor counted, as the bytes of a message whose references are gone */
+static int codec_encode_unowned(lua_State *L) {
+  luaL_checkany(L, 1);
+  mp_enc *e = mp_encode(L, 1, "value");
+  mp_enc_push(L, e);
+  mp_enc_unsent(e);
+  mp_enc_done(L, e);
+  return 1;
+}
+
 static int codec_decode(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
@@ -1460,6 +1471,7 @@ int mp_codec_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"encode", codec_encode},
     {"decode", codec_decode},
+    {"_encode_unowned", codec_encode_unowned},
     {"register_metatable", codec_register_metatable},
     {NULL, NULL}
   };

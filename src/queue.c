@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -60,6 +61,14 @@ typedef struct bigrec { uint32_t tag, pid; uint64_t off, n; } bigrec;
 #define BIGREC ((uint32_t)sizeof(bigrec))
 #define OWNS ((uint64_t)1 << 63)  /* in bigrec.n: the block starts with an msgown */
 typedef struct msgown { uint32_t n, counted; mp_sent h[]; } msgown;
+
+/* core._queue_fault(where, n), for tests: this process SIGKILLs itself in its
+** n-th put ("put": after counting the first reference) or get ("get": after
+** decoding, before the message is taken) of a message that carries handles */
+static int put_fault, get_fault;
+static void fault_here(int *n) {
+  if (*n && --*n == 0) kill(getpid(), SIGKILL);
+}
 
 static inline uint64_t big_len(const bigrec *b) { return b->n & ~OWNS; }
 static inline size_t own_size(size_t n) { return n ? 8 + n * sizeof(mp_sent) : 0; }
@@ -463,6 +472,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
       mp_obj_count(mo->h[i].off);
       __atomic_store_n(&mo->counted, i + 1, __ATOMIC_SEQ_CST);
       ORDER();
+      if (i == 0) fault_here(&put_fault);
     }
     mp_enc_own(e);
   }
@@ -566,7 +576,10 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
     extmsg m = { block + own_size(mo ? mo->n : 0), (size_t)big_len(b), decode };
     lua_pushlightuserdata(L, &m);
     int st = lua_pcall(L, 1, 1, 0);
-    if (mo) mp_obj_adopt(prev);
+    if (mo) {
+      mp_obj_adopt(prev);
+      fault_here(&get_fault);
+    }
     /* done, whatever the decoding did: taken first, then freed (so a kill
     ** between the two leaks the block rather than offering freed memory) */
     __atomic_store_n(&b->tag, BIG_TAKEN, __ATOMIC_SEQ_CST);
@@ -792,6 +805,14 @@ static int queue_close(lua_State *L) {
   return 0;
 }
 
+static int queue_fault(lua_State *L) {
+  static const char *const where[] = { "put", "get", NULL };
+  int w = luaL_checkoption(L, 1, NULL, where);
+  int n = (int)luaL_checkinteger(L, 2);
+  if (w == 0) put_fault = n; else get_fault = n;
+  return 0;
+}
+
 static int queue_tostring(lua_State *L) {
   qhandle *qh = mp_toself(L, 1, QUEUES);
   lua_getmetatable(L, 1);
@@ -866,6 +887,7 @@ int mp_queue_open(lua_State *L) {
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
+    {"_queue_fault", queue_fault},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
