@@ -1282,6 +1282,7 @@ static size_t handle_encode(lua_State *L, mp_enc *e, const mp_handle_type *t, in
   size_t n = t->encode(L, idx, payload);  /* (C only: nothing nests in here) */
   int k = ncaptured;
   ncaptured = saved;
+  if (k == 0) return n;  /* (a Connection names no object) */
   if (e->nsent + (size_t)k > e->capsent) {
     size_t cap = e->capsent ? e->capsent * 2 : 8;
     mp_sent *ns = realloc(e->sent, cap * sizeof(mp_sent));
