@@ -47,18 +47,20 @@ describe("a shared object sent through a queue", function()
     assert_back(s0, "arena use after 2,000 queues sent and dropped")
   end)
 
-  it("of every shared kind is freed, each kind counted (Lock, Semaphore, Event, Barrier, Value, Array, queues)", function()
+  it("of every shared kind is freed, each kind counted (Lock, Semaphore, Event, Barrier, Condition, Value, Array, queues)", function()
     local s0 = settle()
     carrier = mp.Queue()
     for _ = 1, 50 do
       local objs = { mp.Lock(), mp.RLock(), mp.Semaphore(2), mp.Event(), mp.Barrier(1), mp.Value("i", 7),
-                     mp.Array("d", 4), mp.JoinableQueue(), mp.SimpleQueue() }
+                     mp.Array("d", 4), mp.JoinableQueue(), mp.SimpleQueue(), mp.Condition(),
+                     mp.Condition(mp.RLock()) }
       carrier:put(objs)
       for _, o in ipairs(objs) do o:close() end
       local got = carrier:get()
       assert.equal(7, got[6].value)
       got[4]:set()
       assert.is_true(got[4]:is_set())
+      got[10]:acquire() got[10]:notify() got[10]:release()
     end
     carrier:close()
     assert_back(s0, "arena use after objects of every kind were sent and dropped")
