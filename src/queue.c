@@ -379,9 +379,38 @@ int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline) {
   return mp_queue_put_prefixed(L, q, NULL, 0, e, deadline);
 }
 
-static int put_failed(mp_enc *e, int r) {
+static int put_failed(mp_enc *e, uint64_t built, int r) {
   mp_enc_unsent(e);  /* nothing went out: its handles are not pinned */
+  if (built) mp_free(built);  /* (held: a kill before this frees it too) */
   return r;
+}
+
+/* The block of a message with handles: its msgown (nothing counted yet), then
+** pre and the encoding. Held by this process (0 when the arena is full). */
+static uint64_t build_owned(mp_enc *e, const mp_sent *hl, size_t nh, const void *pre, size_t plen,
+                            size_t n) {
+  size_t skip = own_size(nh);
+  uint64_t ext = mp_alloc_held(skip + n);
+  if (!ext) return 0;
+  msgown *mo = MP_PTR(ext);
+  mo->n = (uint32_t)nh;
+  mo->counted = 0;
+  memcpy(mo->h, hl, nh * sizeof(mp_sent));
+  if (plen) memcpy((char *)MP_PTR(ext) + skip, pre, plen);
+  mp_enc_copy(e, (char *)MP_PTR(ext) + skip + plen);
+  return ext;
+}
+
+/* Counts the references of the message whose block is ext, once it is in a
+** WRITING record: `counted` follows each, so a settler releases those. */
+static void count_owned(uint64_t ext) {
+  msgown *mo = MP_PTR(ext);
+  for (uint32_t i = 0; i < mo->n; i++) {
+    mp_obj_count(mo->h[i].off);
+    __atomic_store_n(&mo->counted, i + 1, __ATOMIC_SEQ_CST);
+    ORDER();
+    if (i == 0) fault_here(&put_fault);
+  }
 }
 
 int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
@@ -390,13 +419,20 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   size_t n = plen + mp_enc_size(e);
   int big = n >= BIGMSG || nh;
   pid_t me = big ? getpid() : 0;
+  /* A short message with handles is built in its block first, and goes in
+  ** whole under the lock: a reader never waits for it to be published. */
+  uint64_t built = 0;
+  if (nh && n < BIGMSG && !(built = build_owned(e, hl, nh, pre, plen, n))) {
+    mp_enc_unsent(e);
+    return mp_oom_error(L, own_size(nh) + n);
+  }
   int r = q_lock(L, q, deadline);
-  if (r != MP_WOKE) return put_failed(e, r);
+  if (r != MP_WOKE) return put_failed(e, built, r);
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
     uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
-    if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return put_failed(e, MP_TIMEOUT); }
+    if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return put_failed(e, built, MP_TIMEOUT); }
     r = q_wait(L, q, &q->get_seq, s, &q->putters, deadline, deadline, NULL);
-    if (r != MP_WOKE) return put_failed(e, r);
+    if (r != MP_WOKE) return put_failed(e, built, r);
   }
   /* Pacing: a writer far ahead of its readers would touch fresh pages for
   ** every message, which costs far more than the copy; while readers make
@@ -406,13 +442,30 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
     int slept;
     uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
     r = q_wait(L, q, &q->get_seq, s, &q->putters, mp_now() + PACE_WAIT, deadline, &slept);
-    if (r != MP_WOKE) return put_failed(e, r);
+    if (r != MP_WOKE) return put_failed(e, built, r);
     if (slept) q->nopace = 1;
   }
   uint32_t rec = big ? BIGREC : (uint32_t)((4 + n + 7) & ~(size_t)7);
   chunk *c = q_room(q, rec);
-  if (!c) { q_unlock(q); return mp_oom_error(L, sizeof(chunk) + rec); }
+  if (!c) { q_unlock(q); put_failed(e, built, 0); return mp_oom_error(L, sizeof(chunk) + rec); }
   char *p = c->data + c->wpos;
+  if (built) {  /* in WRITING while its references are counted, READY before the lock goes */
+    bigrec *b = (bigrec *)p;
+    b->pid = (uint32_t)me;
+    b->off = built;
+    b->n = n | OWNS;
+    b->tag = BIG_WRITING;
+    mp_unhold(built);  /* (a kill from here to the append leaks the block) */
+    q_commit_append(q, c, rec);
+    q->count++;
+    q->bytes += n;
+    count_owned(built);
+    mp_enc_own(e);
+    __atomic_store_n(&b->tag, BIG_READY, __ATOMIC_SEQ_CST);
+    q_wake_getters(q);
+    q_unlock(q);
+    return MP_WOKE;
+  }
   if (!big) {  /* copied under the lock: a few instructions */
     uint32_t len = (uint32_t)n;
     memcpy(p, &len, 4);
@@ -467,13 +520,8 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   mp_unhold(ext);
   __atomic_store_n(&b->off, ext, __ATOMIC_RELEASE);
   ORDER();
-  if (mo) {  /* the message's references: counted follows each, so a settler releases those */
-    for (uint32_t i = 0; i < mo->n; i++) {
-      mp_obj_count(mo->h[i].off);
-      __atomic_store_n(&mo->counted, i + 1, __ATOMIC_SEQ_CST);
-      ORDER();
-      if (i == 0) fault_here(&put_fault);
-    }
+  if (mo) {  /* the message's references */
+    count_owned(ext);
     mp_enc_own(e);
   }
   __atomic_store_n(&b->tag, BIG_READY, __ATOMIC_SEQ_CST);  /* published */
