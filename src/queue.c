@@ -38,8 +38,10 @@
 ** Handles. A message that carries handles owns a reference to each object
 ** they name (docs/arena.md): it always takes the big path, and its block starts
 ** with an msgown (the objects, and how many of them it counted so far) before
-** the bytes; OWNS is set in its record's n. The put lists them, publishes the
-** block in the WRITING record, then counts each (counted follows one by one);
+** the bytes; OWNS is set in its record's n. The put lists them, and counts
+** each (counted follows one by one) while its record is WRITING with the block
+** in it: under the lock for a short one, built before the lock is taken and
+** READY before it is let go; after the copy for a big one;
 ** the reader decodes with the list as its adopt set (a decoded handle takes the
 ** message's reference instead of counting one), stores TAKEN, then releases
 ** the entries no handle took (a decode that failed half way). Whoever settles
