@@ -33,8 +33,10 @@
 ** A released object that a live process with a later serial may hold goes on
 ** a deferred list, freed by a sweep once no such process is alive (on reap,
 ** when a dead entry is found, and before reporting that the arena is full).
-** Objects that were encoded (pinned) may be named by bytes in flight anywhere
-** (a queue, a pipe, a Lua string): they are never freed. All processes that
+** A message in a queue owns a reference to each object its handles name (the
+** put counts them, the get hands them to the decoded handles, a dropped message
+** releases them: queue.c); objects named by bytes nobody owns (a pipe, a Lua
+** string from core.encode) are pinned instead: they are never freed. All processes that
 ** share the arena are forks of one image, so a destructor's address is valid
 ** in all of them (a deferred object keeps its destructor in its block header). */
 #define _GNU_SOURCE
@@ -588,9 +590,37 @@ uint64_t mp_obj_new(lua_State *L, size_t size, uint32_t type) {
   return off;
 }
 
+/* The message whose handles are being decoded (see mp_obj_adopt): a retain of
+** one of its objects takes the message's reference instead of counting one. */
+static mp_adopt *adopting;
+
+mp_adopt *mp_obj_adopt(mp_adopt *a) {
+  mp_adopt *prev = adopting;
+  adopting = a;
+  return prev;
+}
+
 void mp_obj_retain(uint64_t off) {
+  mp_adopt *a = adopting;
+  if (a)
+    for (uint32_t i = 0; i < a->n; i++)
+      if (a->offs[i] == off) { a->offs[i] = 0; return; }
   mp_obj *o = MP_PTR(off);
   __atomic_add_fetch(&o->refs, 1, __ATOMIC_SEQ_CST);
+}
+
+void mp_obj_count(uint64_t off) {
+  __atomic_add_fetch(&((mp_obj *)MP_PTR(off))->refs, 1, __ATOMIC_SEQ_CST);
+}
+
+int mp_obj_alive(uint64_t off) {
+  if (!arena || off < arena->start + sizeof(block) || off >= arena->top) return 0;
+  block *b = BLK(off - sizeof(block));
+  uint64_t tag = __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE);
+  if (tag != TAG(B_USED) && tag != TAG(B_DEFERRED)) return 0;
+  if (b->size < sizeof(block) + sizeof(mp_obj) || b->size > arena->top - (off - sizeof(block))) return 0;
+  mp_obj *o = MP_PTR(off);
+  return __atomic_load_n(&o->refs, __ATOMIC_SEQ_CST) > 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST);
 }
 
 typedef void (*dtor_fn)(mp_obj *o);

@@ -222,6 +222,7 @@ struct mp_enc {
   const void *globals;
   const char *root;
   frame path[MAXDEPTH + 2];
+  mp_sent *sent; size_t nsent, capsent;  /* objects named by the handles met (mp_enc_handles) */
 };
 
 #define ENCODER "multiprocessing.encoder"        /* the metatable */
@@ -234,6 +235,7 @@ static int enc_gc(lua_State *L) {
   free(e->segs); e->segs = NULL; e->nsegs = e->capsegs = 0;
   free(e->refpos); e->refpos = NULL; e->caprefpos = 0;
   pmap_free(&e->refs); pmap_free(&e->ups); pmap_free(&e->mods);
+  free(e->sent); e->sent = NULL; e->nsent = e->capsent = 0;
   return 0;
 }
 
@@ -654,6 +656,10 @@ static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
   }
 }
 
+static size_t handle_encode(lua_State *L, mp_enc *e, const mp_handle_type *t, int idx,
+                            unsigned char *payload);
+static void enc_pin(mp_enc *e);
+
 static void encode_userdata(lua_State *L, mp_enc *e, int idx) {
   const char *tname = NULL;
   int nt = luaL_getmetafield(L, idx, "__name");
@@ -669,7 +675,7 @@ static void encode_userdata(lua_State *L, mp_enc *e, int idx) {
   unsigned char payload[32];
   /* a callback that raises leaves this encoder busy: the next mp_encode then
   ** makes a new one and caches it instead (see mp_encode) */
-  size_t n = t->encode(L, idx, payload);
+  size_t n = handle_encode(L, e, t, idx, payload);
   put_u8(L, e, T_HANDLE);
   put_str8(L, e, t->name, strlen(t->name));
   put_u8(L, e, (int)n);
@@ -745,6 +751,7 @@ static void encode_value(lua_State *L, mp_enc *e, int idx) {
 static void enc_reset(lua_State *L, mp_enc *e) {
   e->out.n = 0; e->nsegs = 0; e->segbytes = 0; e->nrefs = 0; e->depth = 0; e->sawfunc = 0;
   e->stackdepth = 0;
+  e->nsent = 0;  /* (bytes that were never sent: nothing to pin) */
   pmap_clear(&e->refs); pmap_clear(&e->ups);
   if (e->hascnames) {
     e->hascnames = 0;
@@ -880,6 +887,7 @@ void mp_enc_push(lua_State *L, mp_enc *e) {
 
 void mp_enc_done(lua_State *L, mp_enc *e) {
   e->busy = 0;
+  if (e->nsent) enc_pin(e);
   if (e->hasanchors) {  /* let big strings go */
     e->hasanchors = 0;
     lua_pushnil(L); lua_rawsetp(L, LUA_REGISTRYINDEX, e);
@@ -1225,11 +1233,83 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
 
 /* --------------------------------------------------------- handles */
 
+/* Who owns the objects a handle names once its bytes are out (docs/arena.md):
+** a type's encode callback reports each object (mp_obj_sent), and the encoder
+** lists it; the caller that sends the bytes then either counts a reference for
+** each entry, owned by its message (a queue: mp_enc_own), or leaves them to
+** mp_enc_done, which pins them (core.encode's strings, pipe frames: bytes that
+** may be decoded any number of times, or never scanned). An object reported
+** outside an encoder's handle is pinned at once. */
+#define CAPTURE 4
+static mp_sent captured[CAPTURE];
+static int ncaptured = -1;  /* -1: no handle is being encoded */
+
+static struct { uint32_t type; mp_dtor dtor; } dtors[16];
+static int ndtors;
+
+void mp_obj_set_dtor(uint32_t type, mp_dtor dtor) {
+  for (int i = 0; i < ndtors; i++) if (dtors[i].type == type) { dtors[i].dtor = dtor; return; }
+  if (ndtors < 16) { dtors[ndtors].type = type; dtors[ndtors].dtor = dtor; ndtors++; }
+}
+
+static mp_dtor dtor_of(uint32_t type) {
+  for (int i = 0; i < ndtors; i++) if (dtors[i].type == type) return dtors[i].dtor;
+  return NULL;
+}
+
+static void pin(uint64_t off) {
+  __atomic_store_n(&((mp_obj *)MP_PTR(off))->pinned, 1, __ATOMIC_SEQ_CST);
+}
+
+void mp_obj_sent(uint64_t off, mp_dtor dtor) {
+  if (ncaptured < 0 || ncaptured >= CAPTURE) { pin(off); return; }
+  captured[ncaptured].off = off;
+  captured[ncaptured].dtor = dtor;
+  ncaptured++;
+}
+
+static void enc_pin(mp_enc *e) {
+  for (size_t i = 0; i < e->nsent; i++) pin(e->sent[i].off);
+  e->nsent = 0;
+}
+
+/* t->encode, listing the objects it reports in e->sent (a callback that raises
+** leaves them unlisted: the bytes are never sent) */
+static size_t handle_encode(lua_State *L, mp_enc *e, const mp_handle_type *t, int idx,
+                            unsigned char *payload) {
+  int saved = ncaptured;
+  ncaptured = 0;
+  size_t n = t->encode(L, idx, payload);  /* (C only: nothing nests in here) */
+  int k = ncaptured;
+  ncaptured = saved;
+  if (k == 0) return n;  /* (a Connection names no object) */
+  if (e->nsent + (size_t)k > e->capsent) {
+    size_t cap = e->capsent ? e->capsent * 2 : 8;
+    mp_sent *ns = realloc(e->sent, cap * sizeof(mp_sent));
+    if (!ns) {
+      for (int i = 0; i < k; i++) pin(captured[i].off);
+      luaL_error(L, "not enough memory");
+    }
+    e->sent = ns; e->capsent = cap;
+  }
+  memcpy(e->sent + e->nsent, captured, (size_t)k * sizeof(mp_sent));
+  e->nsent += (size_t)k;
+  return n;
+}
+
+size_t mp_enc_handles(mp_enc *e, const mp_sent **list) {
+  *list = e->sent;
+  return e->nsent;
+}
+
+void mp_enc_own(mp_enc *e) { e->nsent = 0; }
+void mp_enc_unsent(mp_enc *e) { e->nsent = 0; }
+
 size_t mp_handle_encode(lua_State *L, int idx, unsigned char *payload) {
   mp_handle *h = lua_touserdata(L, idx);
   if (!h->off) luaL_error(L, "cannot send a closed %s", luaL_typename(L, idx));
   mp_obj *o = MP_PTR(h->off);
-  __atomic_store_n(&o->pinned, 1, __ATOMIC_SEQ_CST);
+  mp_obj_sent(h->off, dtor_of(o->type));
   memcpy(payload, &h->off, 8);
   return 8;
 }
@@ -1240,6 +1320,8 @@ uint64_t mp_handle_payload(lua_State *L, const unsigned char *payload, size_t n)
   memcpy(&off, payload, 8);
   size_t top = mp_arena_top();  /* no off + size here: a huge off would wrap past the check */
   if (off < 64 || off % 16 || off > top || top - off < sizeof(mp_obj)) corrupt(L, "bad handle");
+  /* bytes that outlived what they name (only bytes nobody owned can: see docs/arena.md) */
+  if (!mp_obj_alive(off)) corrupt(L, "the shared object this handle names was freed");
   return off;
 }
 
@@ -1328,6 +1410,17 @@ static int codec_encode(lua_State *L) {
   return 1;
 }
 
+/* core._encode_unowned(v), for tests: the bytes of v with its handles neither
+** pinned nor counted, as the bytes of a message whose references are gone */
+static int codec_encode_unowned(lua_State *L) {
+  luaL_checkany(L, 1);
+  mp_enc *e = mp_encode(L, 1, "value");
+  mp_enc_push(L, e);
+  mp_enc_unsent(e);
+  mp_enc_done(L, e);
+  return 1;
+}
+
 static int codec_decode(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
@@ -1379,6 +1472,7 @@ int mp_codec_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"encode", codec_encode},
     {"decode", codec_decode},
+    {"_encode_unowned", codec_encode_unowned},
     {"register_metatable", codec_register_metatable},
     {NULL, NULL}
   };

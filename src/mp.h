@@ -85,6 +85,26 @@ void mp_obj_release(uint64_t off, pid_t pid);  /* drops a handle's reference */
 void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o));
 #define MP_OBJ(h, T) ((T *)MP_PTR((h)->off))
 
+/* Messages own their handles (docs/arena.md): a queue's message counts one
+** reference for each object its handles name (mp_obj_count, by the put), hands
+** it to the handle decoded from it (mp_obj_adopt: while a is set, mp_obj_retain
+** of an object listed in a->offs clears that entry instead of counting), and a
+** message dropped unread releases the references of the entries left. */
+typedef struct mp_adopt { uint64_t *offs; uint32_t n; } mp_adopt;
+mp_adopt *mp_obj_adopt(mp_adopt *a);   /* sets a (NULL: none), returns the previous one */
+void mp_obj_count(uint64_t off);       /* counts a reference, never adopting */
+/* 1 when off is the start of an object that something still owns (a counted
+** handle or message, or pinned): what a decoded handle may name */
+int mp_obj_alive(uint64_t off);
+/* An object named by a handle being encoded (mp_handle_encode, and the encode
+** callbacks of types whose payload names other objects): the encoder lists it
+** with the destructor a release needs (NULL: none); outside an encoder's
+** handle it is pinned. */
+typedef void (*mp_dtor)(mp_obj *o);
+typedef struct mp_sent { uint64_t off; mp_dtor dtor; } mp_sent;
+void mp_obj_sent(uint64_t off, mp_dtor dtor);
+void mp_obj_set_dtor(uint32_t type, mp_dtor dtor);  /* the destructor mp_handle_encode lists */
+
 /* -------------------------------------------------------------- waiting */
 double mp_now(void);                              /* CLOCK_MONOTONIC seconds */
 double mp_deadline(lua_State *L, int idx);        /* optional timeout arg -> deadline; -1 forever */
@@ -150,6 +170,14 @@ void mp_enc_copy(mp_enc *e, char *dst);     /* copies mp_enc_size bytes */
 int mp_enc_piece(mp_enc *e, size_t i, const void **p, size_t *n);
 void mp_enc_push(lua_State *L, mp_enc *e);  /* pushes the bytes as a string */
 void mp_enc_done(lua_State *L, mp_enc *e);
+/* The objects the encoding's handles name, one entry per handle met. Whoever
+** sends the bytes decides who owns them: mp_enc_own (the caller counted a
+** reference for each entry: its message owns them), mp_enc_unsent (the bytes
+** went nowhere), or else mp_enc_done pins them (kept for good: the bytes may be
+** decoded any number of times, as core.encode's strings and pipe frames). */
+size_t mp_enc_handles(mp_enc *e, const mp_sent **list);
+void mp_enc_own(mp_enc *e);
+void mp_enc_unsent(mp_enc *e);
 /* Decodes one value from s[0..n), pushes it; raises on malformed input. */
 void mp_decode(lua_State *L, const char *s, size_t n);
 /* Same, in a mode: MP_DECODE_ALL (as mp_decode) or MP_DECODE_DATA, which takes

@@ -425,7 +425,9 @@ static int conn_send(lua_State *L) {
   if (st != LUA_OK) return lua_error(L);
   mp_enc *e = lua_touserdata(L, -1);  /* the encoder (at -2) stays referenced until done */
   size_t size = mp_enc_size(e);
-  if (size > MAXLEN) { mp_enc_done(L, e); return luaL_error(L, "send: message too large"); }
+  /* the frame's handles are pinned by mp_enc_done once it is out: a pipe's unread bytes
+  ** cannot be scanned when its last end closes (docs/arena.md); a frame never sent pins nothing */
+  if (size > MAXLEN) { mp_enc_unsent(e); mp_enc_done(L, e); return luaL_error(L, "send: message too large"); }
   struct iovec small[NIOV], *iov = small;
   size_t np = 0;
   const void *p;
@@ -433,7 +435,7 @@ static int conn_send(lua_State *L) {
   while (mp_enc_piece(e, np, &p, &n)) np++;
   if (np + 1 > NIOV) {
     iov = malloc((np + 1) * sizeof(*iov));
-    if (!iov) { mp_enc_done(L, e); return luaL_error(L, "send: not enough memory"); }
+    if (!iov) { mp_enc_unsent(e); mp_enc_done(L, e); return luaL_error(L, "send: not enough memory"); }
   }
   for (size_t i = 0; i < np; i++) {
     mp_enc_piece(e, i, &p, &n);

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -31,7 +33,22 @@
 **     READING  -> READY                (a plain get died: the message is offered again)
 **     CLAIMED  -> TAKEN, block freed   (a claimed take died: its claim reports it)
 ** The read position of a chunk moves past taken records only; records are
-** never moved, so a record's address stays valid while its owner works on it. */
+** never moved, so a record's address stays valid while its owner works on it.
+**
+** Handles. A message that carries handles owns a reference to each object
+** they name (docs/arena.md): it always takes the big path, and its block starts
+** with an msgown (the objects, and how many of them it counted so far) before
+** the bytes; OWNS is set in its record's n. The put lists them, and counts
+** each (counted follows one by one) while its record is WRITING with the block
+** in it: under the lock for a short one, built before the lock is taken and
+** READY before it is let go; after the copy for a big one;
+** the reader decodes with the list as its adopt set (a decoded handle takes the
+** message's reference instead of counting one), stores TAKEN, then releases
+** the entries no handle took (a decode that failed half way). Whoever settles
+** or destroys a record that still holds its block releases its counted
+** entries: a writer that died (WRITING), a claimed reader that died (CLAIMED),
+** a queue destroyed with messages in it. A plain reader that died while
+** decoding left nothing counted in its handles: the message is offered again. */
 #define TAKEN_BIT 0x80000000u
 #define BIG_WRITING 0xfffffff1u
 #define BIG_READY 0xfffffff2u
@@ -44,6 +61,34 @@
 
 typedef struct bigrec { uint32_t tag, pid; uint64_t off, n; } bigrec;
 #define BIGREC ((uint32_t)sizeof(bigrec))
+#define OWNS ((uint64_t)1 << 63)  /* in bigrec.n: the block starts with an msgown */
+typedef struct msgown { uint32_t n, counted; mp_sent h[]; } msgown;
+
+/* core._queue_fault(where, n), for tests: this process SIGKILLs itself in its
+** n-th put ("put": after counting the first reference) or get ("get": after
+** decoding, before the message is taken) of a message that carries handles */
+static int put_fault, get_fault;
+static void fault_here(int *n) {
+  if (*n && --*n == 0) kill(getpid(), SIGKILL);
+}
+
+static inline uint64_t big_len(const bigrec *b) { return b->n & ~OWNS; }
+static inline size_t own_size(size_t n) { return n ? 8 + n * sizeof(mp_sent) : 0; }
+
+/* releases the references a message counted (its record is already TAKEN or
+** its queue gone, so this happens once; a kill half way leaks the rest) */
+static void own_release(msgown *m) {
+  uint32_t k = __atomic_load_n(&m->counted, __ATOMIC_ACQUIRE);
+  pid_t me = getpid();
+  for (uint32_t i = 0; i < k && i < m->n; i++) mp_obj_release_with(m->h[i].off, me, m->h[i].dtor);
+}
+
+/* frees the block of a big record that will not be read: its references first */
+static void big_drop(const bigrec *b, uint64_t block) {
+  if (!block) return;
+  if (b->n & OWNS) own_release(MP_PTR(block));
+  mp_free(block);
+}
 
 typedef struct chunk {
   uint64_t next;
@@ -111,7 +156,7 @@ static void q_recount(mp_queue *q) {
     for (uint32_t r = c->rpos; r < c->wpos;) {
       const char *p = c->data + r;
       uint32_t t = tag_of(p);
-      if (t == BIG_WRITING || t == BIG_READY) { count++; bytes += ((const bigrec *)p)->n; }
+      if (t == BIG_WRITING || t == BIG_READY) { count++; bytes += big_len((const bigrec *)p); }
       else if (!IS_BIG(t) && !(t & TAKEN_BIT)) { count++; bytes += t; }
       r += rec_size(t);
     }
@@ -166,7 +211,7 @@ static void q_dtor(mp_obj *o) {  /* frees what the queue still holds (no process
     chunk *ch = CH(c);
     for (uint32_t r = ch->rpos; r < ch->wpos;) {
       uint32_t t = tag_of(ch->data + r);
-      if (IS_BIG(t) && t != BIG_TAKEN) mp_free(((bigrec *)(ch->data + r))->off);  /* (0: none) */
+      if (IS_BIG(t) && t != BIG_TAKEN) big_drop((bigrec *)(ch->data + r), ((bigrec *)(ch->data + r))->off);
       r += rec_size(t);
     }
     uint64_t next = ch->next;
@@ -294,17 +339,17 @@ static int q_settle_dead(mp_queue *q) {
         lg32(q, &k, &b->tag, BIG_READY);
         log_commit(q, k);
         q->count++;
-        q->bytes += b->n;
+        q->bytes += big_len(b);
         continue;
       }
       uint64_t block = b->off;
       lg32(q, &k, &b->tag, BIG_TAKEN);
       if (t == BIG_WRITING && q->joinable && q->unfinished) lg(q, &k, &q->unfinished, q->unfinished - 1);
       log_commit(q, k);
-      mp_free(block);  /* (a kill right here leaks this block) */
+      big_drop(b, block);  /* (a kill right here leaks this block and its references) */
       if (t == BIG_WRITING) {
         q->count--;
-        q->bytes -= b->n;
+        q->bytes -= big_len(b);
         if (q->joinable && !q->unfinished) {
           __atomic_add_fetch(&q->done_seq, 1, __ATOMIC_SEQ_CST);
           mp_futex_wake(&q->done_seq, 0x7fffffff);
@@ -336,17 +381,60 @@ int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline) {
   return mp_queue_put_prefixed(L, q, NULL, 0, e, deadline);
 }
 
+static int put_failed(mp_enc *e, uint64_t built, int r) {
+  mp_enc_unsent(e);  /* nothing went out: its handles are not pinned */
+  if (built) mp_free(built);  /* (held: a kill before this frees it too) */
+  return r;
+}
+
+/* The block of a message with handles: its msgown (nothing counted yet), then
+** pre and the encoding. Held by this process (0 when the arena is full). */
+static uint64_t build_owned(mp_enc *e, const mp_sent *hl, size_t nh, const void *pre, size_t plen,
+                            size_t n) {
+  size_t skip = own_size(nh);
+  uint64_t ext = mp_alloc_held(skip + n);
+  if (!ext) return 0;
+  msgown *mo = MP_PTR(ext);
+  mo->n = (uint32_t)nh;
+  mo->counted = 0;
+  memcpy(mo->h, hl, nh * sizeof(mp_sent));
+  if (plen) memcpy((char *)MP_PTR(ext) + skip, pre, plen);
+  mp_enc_copy(e, (char *)MP_PTR(ext) + skip + plen);
+  return ext;
+}
+
+/* Counts the references of the message whose block is ext, once it is in a
+** WRITING record: `counted` follows each, so a settler releases those. */
+static void count_owned(uint64_t ext) {
+  msgown *mo = MP_PTR(ext);
+  for (uint32_t i = 0; i < mo->n; i++) {
+    mp_obj_count(mo->h[i].off);
+    __atomic_store_n(&mo->counted, i + 1, __ATOMIC_SEQ_CST);
+    ORDER();
+    if (i == 0) fault_here(&put_fault);
+  }
+}
+
 int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
+  const mp_sent *hl;
+  size_t nh = mp_enc_handles(e, &hl);
   size_t n = plen + mp_enc_size(e);
-  int big = n >= BIGMSG;
+  int big = n >= BIGMSG || nh;
   pid_t me = big ? getpid() : 0;
+  /* A short message with handles is built in its block first, and goes in
+  ** whole under the lock: a reader never waits for it to be published. */
+  uint64_t built = 0;
+  if (nh && n < BIGMSG && !(built = build_owned(e, hl, nh, pre, plen, n))) {
+    mp_enc_unsent(e);
+    return mp_oom_error(L, own_size(nh) + n);
+  }
   int r = q_lock(L, q, deadline);
-  if (r != MP_WOKE) return r;
+  if (r != MP_WOKE) return put_failed(e, built, r);
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
     uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
-    if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return MP_TIMEOUT; }
+    if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return put_failed(e, built, MP_TIMEOUT); }
     r = q_wait(L, q, &q->get_seq, s, &q->putters, deadline, deadline, NULL);
-    if (r != MP_WOKE) return r;
+    if (r != MP_WOKE) return put_failed(e, built, r);
   }
   /* Pacing: a writer far ahead of its readers would touch fresh pages for
   ** every message, which costs far more than the copy; while readers make
@@ -356,13 +444,30 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
     int slept;
     uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
     r = q_wait(L, q, &q->get_seq, s, &q->putters, mp_now() + PACE_WAIT, deadline, &slept);
-    if (r != MP_WOKE) return r;
+    if (r != MP_WOKE) return put_failed(e, built, r);
     if (slept) q->nopace = 1;
   }
   uint32_t rec = big ? BIGREC : (uint32_t)((4 + n + 7) & ~(size_t)7);
   chunk *c = q_room(q, rec);
-  if (!c) { q_unlock(q); return mp_oom_error(L, sizeof(chunk) + rec); }
+  if (!c) { q_unlock(q); put_failed(e, built, 0); return mp_oom_error(L, sizeof(chunk) + rec); }
   char *p = c->data + c->wpos;
+  if (built) {  /* in WRITING while its references are counted, READY before the lock goes */
+    bigrec *b = (bigrec *)p;
+    b->pid = (uint32_t)me;
+    b->off = built;
+    b->n = n | OWNS;
+    b->tag = BIG_WRITING;
+    mp_unhold(built);  /* (a kill from here to the append leaks the block) */
+    q_commit_append(q, c, rec);
+    q->count++;
+    q->bytes += n;
+    count_owned(built);
+    mp_enc_own(e);
+    __atomic_store_n(&b->tag, BIG_READY, __ATOMIC_SEQ_CST);
+    q_wake_getters(q);
+    q_unlock(q);
+    return MP_WOKE;
+  }
   if (!big) {  /* copied under the lock: a few instructions */
     uint32_t len = (uint32_t)n;
     memcpy(p, &len, 4);
@@ -379,13 +484,14 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   bigrec *b = (bigrec *)p;
   b->pid = (uint32_t)me;
   b->off = 0;
-  b->n = n;
+  b->n = n | (nh ? OWNS : 0);
   b->tag = BIG_WRITING;
   q_commit_append(q, c, rec);
   q->count++;
   q->bytes += n;
   q_unlock(q);
-  uint64_t ext = mp_alloc_held(n);  /* ours until published: freed if we die copying */
+  size_t skip = own_size(nh);
+  uint64_t ext = mp_alloc_held(skip + n);  /* ours until published: freed if we die copying */
   if (!ext) {  /* the reservation goes (if we cannot lock, it is settled once we exit) */
     if (q_lock(L, q, -1) == MP_WOKE) {
       uint32_t k = 0;
@@ -398,10 +504,17 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
       q_wake_putters(q);
       q_unlock(q);
     }
-    return mp_oom_error(L, n);
+    mp_enc_unsent(e);
+    return mp_oom_error(L, skip + n);
   }
-  if (plen) memcpy(MP_PTR(ext), pre, plen);
-  mp_enc_copy(e, (char *)MP_PTR(ext) + plen);
+  msgown *mo = nh ? MP_PTR(ext) : NULL;
+  if (mo) {
+    mo->n = (uint32_t)nh;
+    mo->counted = 0;
+    memcpy(mo->h, hl, nh * sizeof(mp_sent));
+  }
+  if (plen) memcpy((char *)MP_PTR(ext) + skip, pre, plen);
+  mp_enc_copy(e, (char *)MP_PTR(ext) + skip + plen);
   /* The block passes from this process's hold to the record: a kill before
   ** mp_unhold frees it with the process (the record, WRITING with no block, is
   ** settled); after the store of b->off, the record's settling frees it; only
@@ -409,6 +522,10 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   mp_unhold(ext);
   __atomic_store_n(&b->off, ext, __ATOMIC_RELEASE);
   ORDER();
+  if (mo) {  /* the message's references */
+    count_owned(ext);
+    mp_enc_own(e);
+  }
   __atomic_store_n(&b->tag, BIG_READY, __ATOMIC_SEQ_CST);  /* published */
   q_wake_getters(q);
   return MP_WOKE;
@@ -488,19 +605,41 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
       __atomic_store_n((uint64_t *)(void *)b, word, __ATOMIC_RELEASE);
     }
     q->count--;
-    q->bytes -= b->n;
+    q->bytes -= big_len(b);
     q->nopace = 0;
     q_wake_putters(q);
     q_unlock(q);
+    uint64_t block = b->off;
+    msgown *mo = b->n & OWNS ? MP_PTR(block) : NULL;
+    uint64_t few[8], *offs = NULL;
+    mp_adopt ad = { NULL, 0 }, *prev = NULL;
+    if (mo) {  /* the decoded handles take the message's references */
+      offs = mo->n <= 8 ? few : malloc(mo->n * sizeof(uint64_t));
+      if (offs) {  /* (without memory, they count their own and the message's all go) */
+        for (uint32_t i = 0; i < mo->n; i++) offs[i] = mo->h[i].off;
+        ad.offs = offs;
+        ad.n = mo->n;
+      }
+      prev = mp_obj_adopt(&ad);
+    }
     lua_pushcfunction(L, decode_ext);
-    extmsg m = { b->off, (size_t)b->n, decode };
+    extmsg m = { block + own_size(mo ? mo->n : 0), (size_t)big_len(b), decode };
     lua_pushlightuserdata(L, &m);
     int st = lua_pcall(L, 1, 1, 0);
+    if (mo) {
+      mp_obj_adopt(prev);
+      fault_here(&get_fault);
+    }
     /* done, whatever the decoding did: taken first, then freed (so a kill
     ** between the two leaks the block rather than offering freed memory) */
-    uint64_t block = b->off;
     __atomic_store_n(&b->tag, BIG_TAKEN, __ATOMIC_SEQ_CST);
     ORDER();
+    if (mo) {  /* what no handle took (a decoding that failed half way) */
+      pid_t me = getpid();
+      for (uint32_t i = 0; i < mo->n; i++)
+        if (!offs || offs[i]) mp_obj_release_with(mo->h[i].off, me, mo->h[i].dtor);
+      if (offs != few) free(offs);
+    }
     mp_free(block);
     if (st != LUA_OK) lua_error(L);
     *count = 1;
@@ -716,6 +855,14 @@ static int queue_close(lua_State *L) {
   return 0;
 }
 
+static int queue_fault(lua_State *L) {
+  static const char *const where[] = { "put", "get", NULL };
+  int w = luaL_checkoption(L, 1, NULL, where);
+  int n = (int)luaL_checkinteger(L, 2);
+  if (w == 0) put_fault = n; else get_fault = n;
+  return 0;
+}
+
 static int queue_tostring(lua_State *L) {
   qhandle *qh = mp_toself(L, 1, QUEUES);
   lua_getmetatable(L, 1);
@@ -784,11 +931,13 @@ int mp_queue_open(lua_State *L) {
     }
     lua_pop(L, 2);
   }
+  mp_obj_set_dtor(0x51, q_dtor);  /* what a message's release of a queue needs */
   mp_codec_register(&t_queue);
   mp_codec_register(&t_simple);
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
+    {"_queue_fault", queue_fault},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -250,8 +250,8 @@ static int get_lock(lua_State *L) {
 static size_t shared_encode(lua_State *L, int idx, unsigned char *payload) {
   shared_handle *a = lua_touserdata(L, idx);
   if (!a->h.off) luaL_error(L, "cannot send a closed %s", luaL_testudata(L, idx, VALUE) ? "Value" : "Array");
-  __atomic_store_n(&((mp_obj *)MP_PTR(a->h.off))->pinned, 1, __ATOMIC_SEQ_CST);
-  if (a->lock) __atomic_store_n(&((mp_obj *)MP_PTR(a->lock))->pinned, 1, __ATOMIC_SEQ_CST);
+  mp_obj_sent(a->h.off, NULL);  /* both objects are owned by the message (or pinned) */
+  if (a->lock) mp_obj_sent(a->lock, NULL);
   memcpy(payload, &a->h.off, 8);
   memcpy(payload + 8, &a->lock, 8);
   return 16;

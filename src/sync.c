@@ -160,9 +160,12 @@ static double acquire_deadline(lua_State *L, int i) {
   return mp_deadline(L, i + 1);
 }
 
+/* an object a Condition's handle names, listed by the encoder: owned by a queue's
+** message, or pinned (docs/arena.md, "Messages own their handles") */
+static void c_blocks_free(mp_obj *o);
 static void pin(uint64_t off) {
   mp_obj *o = MP_PTR(off);
-  __atomic_store_n(&o->pinned, 1, __ATOMIC_SEQ_CST);
+  mp_obj_sent(off, o->type == T_COND ? c_blocks_free : NULL);
 }
 
 /* close of the classes whose object owns nothing outside itself */

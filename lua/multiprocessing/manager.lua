@@ -2,8 +2,12 @@
 --
 -- Proxies are plain tables with a registered metatable, so they travel through
 -- the codec to any process (started before or after them). Each operation is
--- one request on the manager's queue, answered on the caller's own reply queue:
--- operations are atomic, and the objects live as long as the manager.
+-- one request on the manager's queue, answered on a reply queue the call makes
+-- and sends with it: operations are atomic, and the objects live as long as the
+-- manager. The request message owns its reply queue until the server takes it
+-- (docs/arena.md), the server closes its handle once it answered, and the call
+-- closes its own: a reply queue lives as long as its call, whatever process made
+-- it, and goes with a request that nobody read.
 local core = require "multiprocessing.core"
 local process = require "multiprocessing.process"
 
@@ -66,7 +70,7 @@ local function serve(requests)
     local req = requests:get()
     local op = req[1]
     if op == "stop" then
-      if req[2] then req[2]:put { true } end
+      if req[2] then req[2]:put { true } req[2]:close() end
       return
     end
     local f = ops[op]
@@ -78,18 +82,19 @@ local function serve(requests)
     else
       res = table.pack(pcall(f, objs, req[3], req[4], req[5]))
     end
-    res.seq = req[6]  -- the caller matches it: a reply to a call it gave up on is dropped
-    local ok, err = pcall(req[2].put, req[2], res)
-    if not ok then req[2]:put { false, tostring(err), seq = req[6] } end
+    res.seq = req[6]  -- the caller matches it
+    local reply = req[2]
+    local ok, err = pcall(reply.put, reply, res)
+    if not ok then reply:put { false, tostring(err), seq = req[6] } end
+    reply:close()  -- the call holds the other handle: the queue goes with the call
   end
 end
 
 ------------------------------------------------------------------ the client
 
--- This process's reply queue, and the number of its last request: a call left by Ctrl-C
--- (or an error) leaves its reply to come later, so each reply carries the number of the
--- request it answers and a call takes only its own.
-local reply, reply_pid, reqno = nil, nil, 0
+-- The number of this process's last request (each reply carries the number of the request
+-- it answers).
+local reqno = 0
 
 local function server_alive(pid)  -- a zombie counts as gone
   if not core.kill(pid, 0) then return false end
@@ -113,7 +118,9 @@ local function arg_names(op, p, a)
 end
 
 local function call(mgr, op, id, a, b, p)
-  if reply_pid ~= core.getpid() then reply, reply_pid, reqno = core.Queue(), core.getpid(), 0 end
+  -- a queue of its own, closed however the call ends (a process that exits at once, as a
+  -- Process does, would never close one kept for its life)
+  local reply <close> = core.Queue()
   reqno = reqno + 1
   local no = reqno
   local sent, err = pcall(mgr._requests.put, mgr._requests, { op, reply, id, a, b, no })
@@ -164,8 +171,7 @@ function Manager:shutdown()
   if self._pid_owner ~= core.getpid() or self._stopped then return end
   self._stopped = true
   if self._proc:is_alive() then
-    -- the server's exit is the answer: a queue sent for an answer would be pinned (kept for
-    -- good, docs/arena.md), one per Manager
+    -- the server's exit is the answer
     self._requests:put { "stop" }
     if not self._proc:join(2) then self._proc:kill() self._proc:join() end
   end

@@ -1,0 +1,251 @@
+-- Specs of message ownership (docs/arena.md, "Messages own their handles"): a shared object sent
+-- through a queue is owned by the message until a get hands it to the decoded handle, and is
+-- freed when its last handle and its last message are gone, whoever was killed on the way.
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local H = require "helpers"
+
+local collectgarbage = collectgarbage
+
+local function settle()
+  collectgarbage()
+  collectgarbage()
+  return core.arena_stats()
+end
+
+-- arena use comes back to s0 (a killed process may take a moment to be seen)
+local function assert_back(s0, what)
+  local s = H.eventually(function()
+    local s = settle()
+    return s.used == s0.used and s.blocks == s0.blocks and s.deferred == s0.deferred and s
+  end, 10) or settle()
+  assert.are.same({ used = s0.used, blocks = s0.blocks, deferred = s0.deferred },
+    { used = s.used, blocks = s.blocks, deferred = s.deferred }, what)
+  assert.is_true(core.arena_check())
+end
+
+describe("a shared object sent through a queue", function()
+  -- each spec makes its carrier after taking s0 and closes it before the check: a queue's own
+  -- chunks grow with use, and go with it
+  local carrier
+  before_each(function() carrier = nil end)
+  after_each(function() if carrier then carrier:close() end end)
+
+  it("is freed once its handles and its messages are gone: 2,000 queues sent and dropped", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    for i = 1, 2000 do
+      local q = mp.Queue()
+      q:put(i)
+      carrier:put { q, i }
+      q:close()                   -- the message alone holds it now
+      local m = carrier:get()
+      assert.equal(i, m[1]:get())  -- and hands it to the decoded handle
+      if i % 2 == 0 then m[1]:close() end  -- (the others are collected)
+    end
+    carrier:close()
+    assert_back(s0, "arena use after 2,000 queues sent and dropped")
+  end)
+
+  it("of every shared kind is freed, each kind counted (Lock, Semaphore, Event, Barrier, Condition, Value, Array, queues)", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    for _ = 1, 50 do
+      local objs = { mp.Lock(), mp.RLock(), mp.Semaphore(2), mp.Event(), mp.Barrier(1), mp.Value("i", 7),
+                     mp.Array("d", 4), mp.JoinableQueue(), mp.SimpleQueue(), mp.Condition(),
+                     mp.Condition(mp.RLock()) }
+      carrier:put(objs)
+      for _, o in ipairs(objs) do o:close() end
+      local got = carrier:get()
+      assert.equal(7, got[6].value)
+      got[4]:set()
+      assert.is_true(got[4]:is_set())
+      got[10]:acquire() got[10]:notify() got[10]:release()
+    end
+    carrier:close()
+    assert_back(s0, "arena use after objects of every kind were sent and dropped")
+  end)
+
+  it("that stays in a queue which is closed is freed with that queue", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    for i = 1, 200 do
+      local q, inner = mp.Queue(), mp.Queue()
+      inner:put(string.rep("x", i))
+      q:put { inner, mp.Lock(), mp.Value("i", i) }
+      q:put { inner }            -- twice in the queue: two references
+      q:put(string.rep("big", 20000))
+      inner:close()
+      q:close()
+    end
+    carrier:close()
+    assert_back(s0, "arena use after queues closed with handle-carrying messages in them")
+  end)
+
+  it("counts each of its handles when it appears twice in one message", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    local q = mp.Queue()
+    carrier:put { q, q, { q } }
+    q:close()
+    local m = carrier:get()
+    m[1]:close() m[2]:close()
+    m[3][1]:put("still here")          -- the third handle still holds it
+    assert.equal("still here", m[3][1]:get())
+    m = nil
+    carrier:close()
+    assert_back(s0, "arena use after a queue sent three times in one message")
+  end)
+
+  it("relayed: decoded, put again and dropped at every step, arrives whole", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    local a, b, c = mp.Queue(), mp.Queue(), mp.Queue()
+    local q = mp.Queue()
+    q:put("payload")
+    a:put { q }
+    q:close()
+    for _ = 1, 3 do
+      local m = a:get()
+      b:put(m)                  -- the same decoded object, sent again
+      m[1]:close()
+      m = b:get()
+      c:put(m[1])
+      m[1]:close()
+      a:put { c:get() }
+    end
+    local last = a:get()[1]
+    assert.equal("payload", last:get())
+    last:close()
+    a:close() b:close() c:close()
+    carrier:close()
+    assert_back(s0, "arena use after a relay")
+  end)
+
+  it("sent to a child, which uses it and exits, is freed", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    local pids = {}
+    for k = 1, 5 do
+      local q = mp.Queue()
+      carrier:put { q }
+      q:close()
+      pids[k] = H.spawn(function()
+        local m = carrier:get(20)
+        m[1]:put(k)
+        m[1]:close()
+      end)
+    end
+    for k = 1, 5 do assert.equal(0, core.waitpid(pids[k], 20)) end
+    carrier:close()
+    assert_back(s0, "arena use after queues sent to children")
+  end)
+
+  it("is not pinned by a put that timed out on a full queue", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    local full = mp.Queue(1)
+    full:put(0)
+    local q = mp.Queue()
+    assert.same({ nil, "full" }, { full:put({ q }, 0.01) })
+    q:close()
+    full:close()
+    carrier:close()
+    assert_back(s0, "arena use after a put that timed out")
+  end)
+end)
+
+describe("a message carrying handles, when a process is killed", function()
+  local carrier
+  before_each(function() carrier = nil end)
+  after_each(function() if carrier then carrier:close() end end)
+
+  it("in a get, after decoding and before taking it: the message is offered again", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    local q = mp.Queue()
+    q:put("inside")
+    carrier:put { q }
+    q:close()
+    local pid = H.spawn(function()
+      core._queue_fault("get", 1)
+      carrier:get(20)
+    end)
+    assert.equal(-9, core.waitpid(pid, 20))
+    local m = carrier:get(20)                 -- offered again, its reference intact
+    assert.is_table(m)
+    assert.equal("inside", m[1]:get(5))
+    m = nil
+    carrier:close()
+    assert_back(s0, "arena use after a reader was killed in a get")
+  end)
+
+  it("in a put, after counting a reference: the message is dropped and its references released", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    local q, lock = mp.Queue(), mp.Lock()
+    local pid = H.spawn(function()
+      core._queue_fault("put", 1)
+      carrier:put { q, lock }        -- (built first, counted under the queue's lock)
+    end)
+    assert.equal(-9, core.waitpid(pid, 20))
+    assert.is_nil(carrier:get_nowait())
+    pid = H.spawn(function()
+      core._queue_fault("put", 1)
+      carrier:put { q, lock, string.rep("b", 100000) }  -- (a big one: counted after its copy)
+    end)
+    assert.equal(-9, core.waitpid(pid, 20))
+    assert.is_nil(carrier:get_nowait())  -- the half-put message is settled
+    assert.equal(0, carrier:qsize())
+    q:close() lock:close()
+    carrier:close()
+    assert_back(s0, "arena use after a writer was killed in a put")
+  end)
+
+  it("in a Pool task that carries a queue: the task's references are released", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    local p = mp.Pool(1)
+    local q = mp.Queue()
+    -- (the worker closes its handle: one that a process still holds when it exits is not
+    -- given back, docs/arena.md)
+    assert.is_true(p:apply(function(qq) qq:put("from the worker") qq:close() return true end, { q }))
+    assert.equal("from the worker", q:get(5))
+    q:close()
+    p:close() p:join()
+    p = nil
+    carrier:close()
+    assert_back(s0, "arena use after a Pool task that carried a queue")
+  end)
+end)
+
+describe("bytes that name a freed object", function()
+  it("raise when decoded, and never reach the freed memory", function()
+    local q = mp.Queue()
+    local s = core._encode_unowned { q }  -- as the bytes of a message whose references are gone
+    q:close()
+    settle()
+    H.raises("cannot decode: the shared object this handle names was freed", core.decode, s)
+    local l = mp.Lock()
+    local sl = core._encode_unowned(l)
+    l:close()
+    settle()
+    H.raises("was freed", core.decode, sl)
+    local v = mp.Value("i", 1)
+    local sv = core._encode_unowned(v)
+    v:close()
+    settle()
+    H.raises("was freed", core.decode, sv)
+  end)
+
+  it("from core.encode are pinned: they decode any number of times, after every handle is gone", function()
+    local q = mp.Queue()
+    local s = core.encode(q)
+    q:close()
+    settle()
+    local a, b = core.decode(s), core.decode(s)
+    a:put("one")
+    assert.equal("one", b:get())
+    a:close() b:close()
+  end)
+end)
