@@ -242,6 +242,8 @@ struct mp_enc {
   int shipped;   /* globals were sent with a function */
   struct gname { size_t off; size_t len; } *gn;  /* names read by functions, offsets in out */
   size_t ngn, capgn;
+  size_t *later; size_t nlater, caplater;  /* where ENV_LATER was written */
+  int gwrites;   /* scan_proto: the function writes globals */
   uint32_t kpos[256];  /* scan_proto: offsets of the first constants of a prototype */
   int nrefs, busy, usemods, hascnames, hasanchors, depth, base;
   lua_Integer range_i0, range_n;  /* mp_encode_range: the root is root[i0 .. i0+n-1] */
@@ -268,6 +270,7 @@ static int enc_gc(lua_State *L) {
   pmap_free(&e->refs); pmap_free(&e->ups); pmap_free(&e->mods);
   pmap_free(&e->names); pmap_free(&e->envs);
   free(e->gn); e->gn = NULL; e->ngn = e->capgn = 0;
+  free(e->later); e->later = NULL; e->nlater = e->caplater = 0;
   return 0;
 }
 
@@ -646,7 +649,9 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
 ** the sender's current values of those that are not library (see LIBGLOBALS),
 ** with UP_ENV. A value that cannot be sent is skipped. */
 #define LIBGLOBALS "multiprocessing.libglobals"  /* registry: name -> library value */
-#define OP_GETTABUP 11        /* Lua 5.4's opcode number; checked by scan_works */
+#define OP_GETTABUP 11        /* Lua 5.4's opcode numbers; checked by scan_works */
+#define OP_SETTABUP 15
+#define ENV_LATER 0xffffffffu  /* UP_ENV: the message's environment of the globals, if any (see encode_env) */
 #define DUMP_HEADER 32        /* a 5.4 dump's header and its upvalue count byte */
 
 /* The environment made on arrival is an empty table P whose metatable has
@@ -763,6 +768,7 @@ static void scan_proto(lua_State *L, mp_enc *e, dscan *s, const unsigned char *o
     for (size_t i = 0; i < ncode; i++) {
       uint32_t ins;
       memcpy(&ins, code + 4 * i, 4);
+      if ((ins & 0x7f) == OP_SETTABUP && BIT(mine, (ins >> 7) & 0xff)) e->gwrites = 1;
       if ((ins & 0x7f) != OP_GETTABUP) continue;
       unsigned b = (ins >> 16) & 0xff, c = ins >> 24;
       if (!BIT(mine, b) || c >= nk || BIT(seen, c)) continue;
@@ -797,7 +803,7 @@ static void scan_proto(lua_State *L, mp_enc *e, dscan *s, const unsigned char *o
 
 /* Adds to e->gn the globals read by the function whose dump is out[at .. at+n),
 ** upvalue up (from 0) being its _ENV. Returns 0 when the dump was not understood. */
-static int scan_dump(lua_State *L, mp_enc *e, size_t at, size_t n, int up) {
+static int scan_dump(lua_State *L, mp_enc *e, size_t at, size_t n, int up, int *writes) {
   const unsigned char *p = (const unsigned char *)e->out.p + at;
   if (n < DUMP_HEADER || memcmp(p, LUA_SIGNATURE, 4) != 0 || p[4] != 0x54 || p[5] != 0 ||
       p[12] != 4 || p[13] != 8 || p[14] != 8)
@@ -806,8 +812,10 @@ static int scan_dump(lua_State *L, mp_enc *e, size_t at, size_t n, int up) {
   env[up >> 3] = (unsigned char)(1 << (up & 7));
   dscan s = { p + DUMP_HEADER, p + n, 0 };
   size_t g0 = e->ngn;
+  e->gwrites = 0;
   scan_proto(L, e, &s, (const unsigned char *)e->out.p, env, 1, 0);
   if (s.bad) { e->ngn = g0; return 0; }
+  *writes = e->gwrites;
   return 1;
 }
 
@@ -828,7 +836,8 @@ static int check_scan(lua_State *L, mp_enc *e) {
   size_t at = e->out.n, g0 = e->ngn;
   lua_dump(L, dump_writer, &e->out, 0);
   lua_pop(L, 1);
-  int ok = scan_dump(L, e, at, e->out.n - at, 1) && e->ngn == g0 + 1 && e->gn[g0].len == 15 &&
+  int writes;
+  int ok = scan_dump(L, e, at, e->out.n - at, 1, &writes) && e->ngn == g0 + 1 && e->gn[g0].len == 15 &&
            memcmp(e->out.p + e->gn[g0].off, "mp_probe_global", 15) == 0;
   e->out.n = at;
   e->ngn = g0;
@@ -874,6 +883,7 @@ static int ship_pair(lua_State *L, mp_enc *e, int nameidx, int vidx) {
   lua_pop(L, 1);
   if (canretry && sent_a_module(L, e)) longjmp(e->retry, 1);  /* from here, as enc_fail would */
   e->out.n = n0; e->nsegs = nsegs; e->segbytes = segbytes; e->ngn = ngn;
+  while (e->nlater && e->later[e->nlater - 1] >= n0) e->nlater--;
   if (e->nrefs > nrefs) {
     pmap_drop_above(L, &e->refs, nrefs, 0);
     pmap_drop_above(L, &e->ups, nrefs, 8);
@@ -922,7 +932,8 @@ static void encode_env(lua_State *L, mp_enc *e, size_t dump, size_t dlen, int up
   }
   /* the globals: the names it reads, less those of the library */
   size_t g0 = e->ngn;
-  if ((scan_works == 1 || (scan_works < 0 && check_scan(L, e))) && scan_dump(L, e, dump, dlen, up - 1)) {
+  int writes = 0;
+  if ((scan_works == 1 || (scan_works < 0 && check_scan(L, e))) && scan_dump(L, e, dump, dlen, up - 1, &writes)) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
     lua_getfield(L, LUA_REGISTRYINDEX, LIBGLOBALS);
     int G = env + 1, lib = env + 2;
@@ -971,17 +982,30 @@ static void encode_env(lua_State *L, mp_enc *e, size_t dump, size_t dlen, int up
         return;
       }
       e->out.n = hdr;  /* nothing could be sent */
-      if (isnew) { pmap_drop_above(L, &e->envs, nenvs - 1, 0); e->nenvs = nenvs - 1; }
-    } else if (named) {
-      e->ngn = g0;
-      lua_settop(L, env);
-      if (num < 0) { num = ++e->nenvs; pmap_put(L, &e->envs, p, num); put_u8(L, e, UP_ENV); put_u32(L, e, 0); }
-      else { put_u8(L, e, UP_ENV); put_u32(L, e, (uint32_t)num); }
-      put_u32(L, e, 0);
-      e->shipped = 1;
-      return;
+      if (isnew) { pmap_drop_above(L, &e->envs, nenvs - 1, 0); e->nenvs = nenvs - 1; num = -1; }
     }
     lua_settop(L, env);
+    e->ngn = g0;
+    if (named || writes) {
+      /* It reads names that another function of the message sent (named: the
+      ** environment exists), or it writes globals: if the message has an
+      ** environment, it shares it, so that its writes reach the names sent
+      ** (which its globals would hide from the others). Not known yet: ENV_LATER,
+      ** patched at the end of the encoding (see encode_top). */
+      put_u8(L, e, UP_ENV);
+      if (num < 0) {
+        if (e->nlater == e->caplater) {
+          size_t cap = e->caplater ? e->caplater * 2 : 16;
+          size_t *nl = realloc(e->later, cap * sizeof(size_t));
+          if (!nl) luaL_error(L, "not enough memory");
+          e->later = nl; e->caplater = cap;
+        }
+        e->later[e->nlater++] = e->out.n;
+      }
+      put_u32(L, e, num < 0 ? ENV_LATER : (uint32_t)num);
+      put_u32(L, e, 0);
+      return;
+    }
   }
   e->ngn = g0;
   put_u8(L, e, UP_VALUE);
@@ -1148,7 +1172,7 @@ static void enc_reset(lua_State *L, mp_enc *e) {
   pmap_clear(&e->refs); pmap_clear(&e->ups);
   if (e->nnames) { pmap_clear(&e->names); e->nnames = 0; }
   if (e->nenvs) { pmap_clear(&e->envs); e->nenvs = 0; }
-  e->ngn = 0; e->shipped = 0;
+  e->ngn = 0; e->shipped = 0; e->nlater = 0;
   if (e->hascnames) {
     e->hascnames = 0;
     lua_pushnil(L); lua_setiuservalue(L, e->base, UV_CNAMES);
@@ -1233,6 +1257,13 @@ static mp_enc *encode_top(lua_State *L, int idx, const char *root, lua_Integer i
     load_modules(L, e);
   }
   e->canretry = 0;
+  if (e->nlater) {  /* functions that write globals: the environment of the globals, if one came */
+    int64_t num = pmap_get(&e->envs, e->globals);
+    if (num >= 0) {
+      uint32_t n32 = (uint32_t)num;
+      for (size_t i = 0; i < e->nlater; i++) memcpy(e->out.p + e->later[i], &n32, 4);
+    }
+  }
   return e;
 }
 
@@ -1311,6 +1342,7 @@ typedef struct dec {
   int data;              /* MP_DECODE_DATA: plain data only (see refuse) */
   int inmt;              /* data-only: a metatable's name is being decoded */
   uint32_t nenvs;        /* environments made so far (UP_ENV), kept at refs[-1], refs[-2]... */
+  int later;             /* refs[0] lists function, upvalue, environment number to set at the end */
 } dec;
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
@@ -1404,7 +1436,23 @@ static void decode_env(lua_State *L, dec *d, int f, int i) {
   uint32_t j = get_u32(L, d), npairs = get_u32(L, d);
   if (npairs > (size_t)(d->end - d->p) / 2) corrupt(L, "truncated data");
   if (!is_env_name(L, f, i)) corrupt(L, "environment for an upvalue that is not _ENV");
+  if (j == ENV_LATER) {  /* no environment came: the globals */
+    if (npairs) corrupt(L, "bad environment number");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    lua_setupvalue(L, f, i);
+    return;
+  }
   if (lua_type(L, d->refs) != LUA_TTABLE) { lua_newtable(L); lua_replace(L, d->refs); }
+  if (j > d->nenvs && !npairs) {  /* made later in the message: set at the end (decode_root) */
+    if (lua_rawgeti(L, d->refs, 0) != LUA_TTABLE) { lua_pop(L, 1); lua_newtable(L); lua_pushvalue(L, -1); lua_rawseti(L, d->refs, 0); }
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+    lua_pushvalue(L, f); lua_rawseti(L, -2, n + 1);
+    lua_pushinteger(L, i); lua_rawseti(L, -2, n + 2);
+    lua_pushinteger(L, j); lua_rawseti(L, -2, n + 3);
+    lua_pop(L, 1);
+    d->later = 1;
+    return;
+  }
   if (j == 0) {
     push_env(L);
     lua_pushvalue(L, -1);
@@ -1645,9 +1693,26 @@ void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer
   decode_root(L, s, n, tidx, at, 0);
 }
 
+/* the environments that came after the functions that use them (decode_env) */
+static void set_later_envs(lua_State *L, dec *d) {
+  lua_rawgeti(L, d->refs, 0);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+  for (lua_Integer k = 1; k + 2 <= n; k += 3) {
+    lua_rawgeti(L, -1, k);
+    lua_Integer i = (lua_rawgeti(L, -2, k + 1), lua_tointeger(L, -1));
+    lua_Integer j = (lua_rawgeti(L, -3, k + 2), lua_tointeger(L, -1));
+    lua_pop(L, 2);
+    if (j > (lua_Integer)d->nenvs) corrupt(L, "bad environment number");
+    lua_rawgeti(L, d->refs, -j);
+    lua_setupvalue(L, -2, (int)i);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
 static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at, int mode) {
   dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0, 0, 0,
-            (const unsigned char *)s, mode == MP_DECODE_DATA, 0, 0 };
+            (const unsigned char *)s, mode == MP_DECODE_DATA, 0, 0, 0 };
   if (tidx) {
     d.into = lua_absindex(L, tidx);
     d.into_at = at;
@@ -1664,6 +1729,7 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
   }
   decode_value(L, &d);
   if (d.p != d.end) corrupt(L, "trailing bytes");
+  if (d.later) set_later_envs(L, &d);
   if (d.refs) lua_remove(L, d.refs);
 }
 
@@ -1763,14 +1829,26 @@ mp_handle *mp_checkopen(lua_State *L, int idx, const char *const *names) {
 
 /* ------------------------------------------------------------- Lua API */
 
-static int codec_encode(lua_State *L) {
+static int encode_to_string(lua_State *L) {
   luaL_checkany(L, 1);
   const char *root = luaL_optstring(L, 2, "value");
   mp_enc *e = mp_encode(L, 1, root);
   mp_enc_push(L, e);
+  int shipped = e->shipped;
   mp_enc_done(L, e);
-  if (!e->shipped) return 1;
-  lua_pushboolean(L, 1);  /* globals were sent: the pool does not reuse these bytes */
+  return shipped;
+}
+
+static int codec_encode(lua_State *L) {
+  encode_to_string(L);
+  return 1;
+}
+
+/* core.encode_function(f, root) -> bytes, carries: carries is true when globals
+** were sent with a function (the pool then does not reuse the bytes: they may
+** change unseen). mp.encode keeps one result, for decode(encode(v)). */
+static int codec_encode_function(lua_State *L) {
+  lua_pushboolean(L, encode_to_string(L));
   return 2;
 }
 
@@ -1850,6 +1928,7 @@ int mp_codec_open(lua_State *L) {
     {"encode", codec_encode},
     {"decode", codec_decode},
     {"register_metatable", codec_register_metatable},
+    {"encode_function", codec_encode_function},
     {"_env_newindex", env_newindex},  /* named, so that an environment can travel as a value */
     {NULL, NULL}
   };

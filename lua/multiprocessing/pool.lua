@@ -783,7 +783,7 @@ end
 local function func_blob(self, f)
   local c = self._fcache[f]
   if c and not c.b.freed and c.plain and plain_upvalues(f, c.ups) then return c.b end
-  local s, globals = encode(f, "function")  -- globals: it carries globals, which may change unseen
+  local s, globals = core.encode_function(f, "function")  -- globals: it carries some, which may change unseen
   if c and c.s == s and not c.b.freed then return c.b end
   local b = text_blob(self, s)
   c = { s = s, b = b }
