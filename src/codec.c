@@ -1041,11 +1041,19 @@ static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
   memcpy(e->out.p + at + 1, &d32, 4);
   uint64_t sum = checksum((const unsigned char *)e->out.p + at + 5, dlen);
   put_raw(L, e, &sum, 8);
-  lua_Debug ar;
-  lua_pushvalue(L, idx);
-  lua_getinfo(L, ">u", &ar);
-  put_u8(L, e, ar.nups);
-  for (int i = 1; i <= ar.nups; i++) {
+  /* the upvalue count is the dump's byte after its header (a Lua closure has
+  ** as many as its prototype): cheaper than lua_getinfo */
+  int nups;
+  if (dlen >= DUMP_HEADER) {
+    nups = (unsigned char)e->out.p[at + 5 + DUMP_HEADER - 1];
+  } else {
+    lua_Debug ar;
+    lua_pushvalue(L, idx);
+    lua_getinfo(L, ">u", &ar);
+    nups = ar.nups;
+  }
+  put_u8(L, e, nups);
+  for (int i = 1; i <= nups; i++) {
     void *id = lua_upvalueid(L, idx, i);
     int64_t seen = pmap_get(&e->ups, id);
     if (seen > 0) {
@@ -1487,11 +1495,18 @@ static void decode_function(lua_State *L, dec *d, int shared) {
     luaL_error(L, "cannot decode: bad function (%s)", lua_tostring(L, -1));
   int f = lua_gettop(L);
   remember(L, d, f, shared);
-  lua_Debug ar;
-  lua_pushvalue(L, f);
-  lua_getinfo(L, ">u", &ar);
-  int nups = get_u8(L, d);
-  if (nups != ar.nups) corrupt(L, "upvalue count mismatch");
+  /* the closure lua_load made has the upvalue count of the dump's byte after
+  ** its header (lundump.c); the checksum says the dump is one of ours */
+  int nups = get_u8(L, d), has;
+  if (len >= DUMP_HEADER) {
+    has = dump[DUMP_HEADER - 1];
+  } else {
+    lua_Debug ar;
+    lua_pushvalue(L, f);
+    lua_getinfo(L, ">u", &ar);
+    has = ar.nups;
+  }
+  if (nups != has) corrupt(L, "upvalue count mismatch");
   d->depth++;
   for (int i = 1; i <= nups; i++) {
     int kind = get_u8(L, d);
