@@ -734,6 +734,20 @@ describe("globals sent with functions", function()
     assert.is_true(#encode(ok) < #encode(f) + 40)
   end)
 
+  it("sends library values under other names by name, and library names given other values", function()
+    _G.REPL_str, _G.REPL_sqrt = string, math.sqrt
+    local real_type = type
+    local f = global_fn "function() return REPL_str, REPL_sqrt, type end"
+    _G.type = function() return "mine" end
+    local ok, s = pcall(encode, f)
+    _G.type = real_type
+    assert.is_true(ok, s)
+    local a, b, c = decode(s)()
+    assert.are.equal(string, a)
+    assert.are.equal(math.sqrt, b)
+    assert.are.equal("mine", c())
+  end)
+
   it("skips globals whose values cannot be sent", function()
     _G.REPL_CO, _G.REPL_X = coroutine.create(print), 3
     local s, carries = core.encode_function(global_fn "function() return REPL_CO, REPL_X end")

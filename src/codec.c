@@ -244,7 +244,7 @@ struct mp_enc {
   size_t ngn, capgn;
   size_t *later; size_t nlater, caplater;  /* where ENV_LATER was written */
   int gwrites;   /* scan_proto: the function writes globals */
-  uint32_t kpos[256];  /* scan_proto: offsets of the first constants of a prototype */
+  size_t kpos[256];  /* scan_proto: offsets in out of the first constants of a prototype */
   int nrefs, busy, usemods, hascnames, hasanchors, depth, base;
   lua_Integer range_i0, range_n;  /* mp_encode_range: the root is root[i0 .. i0+n-1] */
   int small;     /* encodes in a row that used little of a big buffer */
@@ -661,7 +661,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
 ** than with the plain globals; a function with nothing to send keeps them. */
 static int env_newindex(lua_State *L) {
   lua_settop(L, 3);
-  if (lua_getmetatable(L, 1) && lua_getfield(L, 4, "__index") == LUA_TTABLE) {
+  if (lua_getmetatable(L, 1) && (lua_pushliteral(L, "__index"), lua_rawget(L, 4)) == LUA_TTABLE) {
     lua_pushvalue(L, 2);
     if (lua_rawget(L, 5) != LUA_TNIL) {
       lua_pushvalue(L, 2);
@@ -676,13 +676,15 @@ static int env_newindex(lua_State *L) {
   return 0;
 }
 
-/* is the table at idx an environment made by a decoder? */
+/* is the table at idx an environment made by a decoder (its __newindex is
+** env_newindex and its __index a table)? */
 static int is_made_env(lua_State *L, int idx) {
   if (!lua_getmetatable(L, idx)) return 0;
   lua_pushliteral(L, "__newindex");
   lua_rawget(L, -2);
-  int yes = lua_tocfunction(L, -1) == env_newindex;
-  lua_pop(L, 2);
+  lua_pushliteral(L, "__index");
+  int yes = lua_rawget(L, -3) == LUA_TTABLE && lua_tocfunction(L, -2) == env_newindex;
+  lua_pop(L, 3);
   return yes;
 }
 
@@ -746,7 +748,7 @@ static void scan_proto(lua_State *L, mp_enc *e, dscan *s, const unsigned char *o
   s->p += ncode * 4;
   size_t nk = ds_size(s);
   for (size_t i = 0; i < nk && !s->bad; i++) {
-    if (i < 256) e->kpos[i] = (uint32_t)(s->p - out);
+    if (i < 256) e->kpos[i] = (size_t)(s->p - out);
     if (s->p >= s->end) { s->bad = 1; break; }
     switch (*s->p++) {
       case 0: case 1: case 17: break;            /* nil, false, true */
@@ -915,7 +917,8 @@ static void encode_env(lua_State *L, mp_enc *e, size_t dump, size_t dlen, int up
     put_u32(L, e, 0);
     uint32_t npairs = 0;
     lua_getmetatable(L, env);
-    lua_getfield(L, -1, "__index");
+    lua_pushliteral(L, "__index");
+    lua_rawget(L, -2);  /* a table: is_made_env */
     int sent = lua_gettop(L);
     lua_pushnil(L);
     while (lua_next(L, sent)) {
@@ -1470,7 +1473,8 @@ static void decode_env(lua_State *L, dec *d, int f, int i) {
     lua_rawgeti(L, d->refs, -(lua_Integer)j);
   }
   lua_getmetatable(L, -1);
-  lua_getfield(L, -1, "__index");
+  lua_pushliteral(L, "__index");
+  lua_rawget(L, -2);
   lua_remove(L, -2);  /* P, S */
   for (uint32_t k = 0; k < npairs; k++) {
     size_t n;
