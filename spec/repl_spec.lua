@@ -102,6 +102,21 @@ describe("Pool and the sender's globals", function()
     assert.is_nil(rawget(_G, "REPL_SEEN"))  -- the parent is untouched
   end)
 
+  it("sends a script's global functions defined before require with the globals they read", function()
+    local p = io.popen(H.ENV .. [[ timeout 60 lua5.4 - 2>&1 <<'LUA'
+function helper() return K end
+local mp = require "multiprocessing"
+K = 5
+local pool = mp.Pool(1)
+K = 6
+print("R", pool:apply(function() return helper() end), pool:apply(function() return print == _G.print end))
+pool:close() pool:join()
+LUA]])
+    local out = p:read("a")
+    p:close()
+    assert.matches("R\t6\ttrue", out)
+  end)
+
   it("works at a real lua5.4 -i prompt", function()
     local p = io.popen(H.ENV .. [[ timeout 60 lua5.4 -i 2>&1 <<'LUA'
 mp = require "multiprocessing"; pool = mp.Pool(2)

@@ -1920,17 +1920,18 @@ int mp_codec_open(lua_State *L) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
   lua_pop(L, 1);
   if (luaL_getsubtable(L, LUA_REGISTRYINDEX, LIBGLOBALS) == 0) {
-    /* The library, as globals, when this module is first loaded: the functions,
-    ** and the modules under their own names. Those stay the receiver's own (a
-    ** worker that patched print keeps its print); what differs goes with a
-    ** function that reads it. */
+    /* The library, as globals, when this module is first loaded: the C
+    ** functions, and the modules under their own names. Those stay the
+    ** receiver's own (a worker that patched print keeps its print); what differs
+    ** goes with a function that reads it, as do Lua functions (a script's, whose
+    ** globals may have changed since). */
     int lib = lua_gettop(L);
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
     lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
     lua_pushnil(L);
     while (lua_next(L, -2)) {
       int t = lua_type(L, -1);
-      int keep = lua_type(L, -2) == LUA_TSTRING && t == LUA_TFUNCTION;
+      int keep = lua_type(L, -2) == LUA_TSTRING && lua_iscfunction(L, -1);
       if (!keep && lua_type(L, -2) == LUA_TSTRING && t == LUA_TTABLE) {
         lua_pushvalue(L, -2);
         lua_rawget(L, lib + 1);
