@@ -39,6 +39,16 @@ local values = {
   _G, { env = _G },
   { id = 1, name = "item1", tags = { "a", "b" }, score = 1 / 3 },
 }
+-- functions that carry globals (UP_ENV in docs/codec.md): the globals exist only
+-- while the seeds are encoded, so that a decoded copy reading the globals of this
+-- process finds none (the round trip then sends on exactly what came)
+local seed_globals = { "SEED_K", "SEED_T", "SEED_fib", "SEED_even", "SEED_odd" }
+local function carry(x) return x + SEED_K + #SEED_T end
+local function writer(v) SEED_K = v end
+values[#values + 1] = carry
+values[#values + 1] = { carry, writer, function() return SEED_fib end }
+values[#values + 1] = { writer, carry }
+values[#values + 1] = function(n) return SEED_even(n) end
 local deep = {}
 do local t = deep; for _ = 1, 150 do t[1] = {}; t = t[1] end end
 values[#values + 1] = deep
@@ -47,6 +57,10 @@ values[#values + 1] = objects
 values[#values + 1] = { q = objects[1], lock = lock, again = lock, f = function() return objects[12].value end }
 
 if dir ~= nil and dir ~= "" then
+  SEED_K, SEED_T = 7, { 1, 2, shared }
+  function SEED_fib(n) if n < 2 then return n end return SEED_fib(n - 1) + SEED_fib(n - 2) end
+  function SEED_even(n) if n == 0 then return true end return SEED_odd(n - 1) end
+  function SEED_odd(n) if n == 0 then return false end return SEED_even(n - 1) end
   local n = 0
   for i = 1, #values + 1 do  -- values has holes (nil is one of them)
     local ok, s = pcall(mp.encode, values[i])
@@ -61,5 +75,6 @@ if dir ~= nil and dir ~= "" then
   f:write(mp.encode(values))
   f:close()
   io.stderr:write(("wrote %d seeds to %s\n"):format(n + 1, dir))
+  for _, name in ipairs(seed_globals) do _G[name] = nil end
 end
 return objects

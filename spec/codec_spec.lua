@@ -693,3 +693,141 @@ describe("function checksums", function()
     assert.matches("checksum mismatch", err)
   end)
 end)
+
+describe("globals sent with functions", function()
+  local function clear()
+    for k in pairs(_G) do
+      if type(k) == "string" and k:match("^REPL_") then rawset(_G, k, nil) end
+    end
+  end
+  before_each(clear)
+  after_each(clear)
+  local function env_of(f)
+    for i = 1, 255 do
+      local name, v = debug.getupvalue(f, i)
+      if name == "_ENV" then return v end
+      if not name then return nil end
+    end
+  end
+
+  it("sends the non-library globals a function reads, as they are when encoded", function()
+    _G.REPL_X = 5
+    local f = global_fn "function(a) return a + REPL_X, math.pi, function() return REPL_Y end end"
+    _G.REPL_Y = "inner"  -- read by a nested function only
+    local s, carries = core.encode_function(f)
+    assert.is_true(carries)
+    _G.REPL_X, _G.REPL_Y = 6, nil
+    local n, pi, inner = decode(s)(1)
+    assert.are.equal(6, n)  -- the sender's value at encoding wins
+    assert.are.equal(math.pi, pi)
+    assert.are.equal("inner", inner())
+  end)
+
+  it("sends nothing with a function that reads library globals only, or none", function()
+    local f = global_fn "function(x) return math.floor(x) + select('#', x), string.format('%d', 1), print, _G end"
+    assert.is_false(select(2, core.encode_function(f)))
+    assert.are.equal(_G, env_of(rt(f)))  -- the receiver's globals, exactly as before
+    assert.is_false(select(2, core.encode_function(function(x) return x end)))
+    _G.REPL_X = 1
+    local ok = global_fn "function() return REPL_X end"
+    assert.are_not.equal(_G, env_of(rt(ok)))
+    assert.is_true(#encode(ok) < #encode(f) + 40)
+  end)
+
+  it("sends library values under other names by name, and library names given other values", function()
+    _G.REPL_str, _G.REPL_sqrt = string, math.sqrt
+    local real_type = type
+    local f = global_fn "function() return REPL_str, REPL_sqrt, type end"
+    _G.type = function() return "mine" end
+    local ok, s = pcall(encode, f)
+    _G.type = real_type
+    assert.is_true(ok, s)
+    local a, b, c = decode(s)()
+    assert.are.equal(string, a)
+    assert.are.equal(math.sqrt, b)
+    assert.are.equal("mine", c())
+  end)
+
+  it("skips globals whose values cannot be sent", function()
+    _G.REPL_CO, _G.REPL_X = coroutine.create(print), 3
+    local s, carries = core.encode_function(global_fn "function() return REPL_CO, REPL_X end")
+    assert.is_true(carries)
+    _G.REPL_CO = nil
+    assert.are.same({ nil, 3 }, { decode(s)() })
+    _G.REPL_X = nil
+    _G.REPL_CO = coroutine.create(print)
+    assert.is_false(select(2, core.encode_function(global_fn "function() return REPL_CO end")))
+  end)
+
+  it("reads the receiver's globals for the rest, and writes there (reading its own writes)", function()
+    _G.REPL_X = 1
+    local f = decode(encode(global_fn "function(v) REPL_W = REPL_X + v; REPL_X = v; return REPL_X, REPL_Z end"))
+    _G.REPL_Z, _G.REPL_X = "here", 100
+    local x, z = f(7)
+    assert.are.same({ 7, "here" }, { x, z })
+    assert.are.equal(8, _G.REPL_W)
+    assert.are.equal(7, _G.REPL_X)
+  end)
+
+  it("gives the functions of one message one environment, writers included", function()
+    _G.REPL_X = 1
+    local set, get = global_fn "function(v) REPL_X = v end", global_fn "function() return REPL_X end"
+    local a, b, c = rt { set = set, get = get, 1 }, rt { get, set }, rt { { set }, get }
+    for _, pair in ipairs { { a.set, a.get }, { b[2], b[1] }, { c[1][1], c[2] } } do
+      local s, g = pair[1], pair[2]
+      assert.are.equal(env_of(s), env_of(g))
+      s(42)
+      assert.are.equal(42, g())
+    end
+    -- a writer alone keeps the receiver's globals
+    assert.are.equal(_G, env_of(rt(set)))
+    assert.is_false(select(2, core.encode_function(set)))
+  end)
+
+  it("sends a recursive global function and a cycle of them", function()
+    rawset(_G, "REPL_fib", global_fn "function(n) if n < 2 then return n end return REPL_fib(n - 1) + REPL_fib(n - 2) end")
+    rawset(_G, "REPL_a", global_fn "function(n) if n == 0 then return 'a' end return REPL_b(n - 1) end")
+    rawset(_G, "REPL_b", global_fn "function(n) if n == 0 then return 'b' end return REPL_a(n - 1) end")
+    local fib, a = rt(_G.REPL_fib), rt(_G.REPL_a)
+    clear()
+    assert.are.equal(6765, fib(20))
+    assert.are.same({ "b", "a" }, { a(5), a(4) })
+  end)
+
+  it("sends a received function on with the globals it came with", function()
+    _G.REPL_X = "first"
+    local f = rt(global_fn "function() return REPL_X end")
+    _G.REPL_X = "second"
+    local s, carries = core.encode_function(f)
+    assert.is_true(carries)
+    assert.are.equal("first", decode(s)())
+  end)
+
+  it("rejects malformed environments without crashing", function()
+    _G.REPL_X = 1
+    local s = encode(global_fn "function() return REPL_X end")
+    local tail = "\2\0\0\0\0\1\0\0\0\6REPL_X\3\1"
+    assert.are.equal(tail, s:sub(-#tail))
+    local head = s:sub(1, -#tail - 1)
+    assert.has_error(function() decode(head .. "\2\5\0\0\0\1\0\0\0\6REPL_X\3\1") end,
+      "cannot decode: bad environment number")
+    assert.has_error(function() decode(head .. "\2\0\0\0\0\xff\xff\xff\xff\6REPL_X\3\1") end,
+      "cannot decode: truncated data")
+    local g = encode(assert(load("local a = ... return function() return a + REPL_X end", "=spec", "t", _G))(5))
+    local at = g:find("\2\0\3\5\2", 1, true)
+    assert.is_truthy(at)
+    assert.has_error(function() decode(g:sub(1, at) .. "\2\0\0\0\0\0\0\0\0" .. g:sub(at + 4)) end,
+      "cannot decode: environment for an upvalue that is not _ENV")
+    for i = 0, #s - 1 do
+      local ok, err = pcall(decode, s:sub(1, i))
+      assert.is_false(ok)
+      assert.matches("cannot decode", err)
+    end
+    local m = encode { global_fn "function() return REPL_X end", global_fn "function(v) REPL_X = v end" }
+    for i = #m - 40, #m do
+      for _, x in ipairs { 0x01, 0x02, 0x80, 0xff } do
+        pcall(decode, m:sub(1, i - 1) .. string.char(m:byte(i) ~ x) .. m:sub(i + 1))
+      end
+    end
+  end)
+end)

@@ -19,7 +19,9 @@ enum {
   T_TABLE_MT,  /* same, then the metatable value */
   T_REF,       /* u32 ordinal of a table or Lua function seen before */
   T_LFUNC,     /* u32 dump size, dump, u64 checksum of the dump, u8 nups,
-                  per upvalue: 0 value | 1 u32 function ordinal, u8 upvalue number */
+                  per upvalue: 0 value | 1 u32 function ordinal, u8 upvalue number
+                  | 2 u32 environment number (0: a new one), u32 npairs, npairs
+                  (str8 name, value): the globals sent with it (see UP_ENV) */
   T_CFUNC,     /* str8 module name, str8 field name */
   T_MODULE,    /* str8 module name */
   T_GLOBALS,   /* the receiver's global table */
@@ -31,6 +33,15 @@ enum {
 ** encoder sets SHARED on the tag of those that are referenced again (by T_REF
 ** or by a shared upvalue), so that the decoder remembers only those. */
 #define SHARED 0x80
+
+/* How an upvalue travels (after T_LFUNC). UP_ENV is an _ENV that is the
+** sender's globals (or an environment made by a decoder, see env_newindex): it
+** arrives as an environment that reads the globals sent with the function first
+** and the receiver's globals after, and writes to the receiver's globals. The
+** functions of one message that share an environment on the sender share one on
+** arrival: environments are numbered in order of their first use, and the next
+** functions name theirs by number, adding the names not sent yet. */
+enum { UP_VALUE, UP_SHARED, UP_ENV };
 
 #define MAXDEPTH 200
 #define BIGSTR 65536      /* strings this long are referenced, not copied, while encoding */
@@ -198,6 +209,19 @@ static void pmap_put(lua_State *L, pmap *m, const void *k, int64_t v) {
   m->keys[i] = k; m->vals[i] = v; m->n++;
 }
 
+/* drops the entries whose value >> shift is above max (an encode that is undone) */
+static void pmap_drop_above(lua_State *L, pmap *m, int64_t max, int shift) {
+  if (!m->n) return;
+  pmap old = *m;
+  m->keys = calloc(old.cap, sizeof(*m->keys));
+  m->vals = malloc(old.cap * sizeof(*m->vals));
+  if (!m->keys || !m->vals) { free(m->keys); free(m->vals); *m = old; luaL_error(L, "not enough memory"); }
+  m->n = 0;
+  for (size_t i = 0; i < old.cap; i++)
+    if (old.keys[i] && (old.vals[i] >> shift) <= max) pmap_put(L, m, old.keys[i], old.vals[i]);
+  free(old.keys); free(old.vals);
+}
+
 /* ------------------------------------------------------------ encoder */
 
 enum { F_KEY, F_INDEX, F_UPVALUE, F_METATABLE };
@@ -211,6 +235,16 @@ struct mp_enc {
   pmap refs;     /* table/function -> ordinal */
   pmap ups;      /* upvalue id -> function ordinal << 8 | upvalue number */
   pmap mods;     /* module tables (only when usemods) */
+  pmap names;    /* names of globals sent in this message -> order sent */
+  pmap envs;     /* environment (the globals, or a decoded one) -> its number */
+  int nnames, nenvs;
+  int trial;     /* > 0 while a global's value is being tried (see ship_pair) */
+  int shipped;   /* globals were sent with a function */
+  struct gname { size_t off; size_t len; } *gn;  /* names read by functions, offsets in out */
+  size_t ngn, capgn;
+  size_t *later; size_t nlater, caplater;  /* where ENV_LATER was written */
+  int gwrites;   /* scan_proto: the function writes globals */
+  size_t kpos[256];  /* scan_proto: offsets in out of the first constants of a prototype */
   int nrefs, busy, usemods, hascnames, hasanchors, depth, base;
   lua_Integer range_i0, range_n;  /* mp_encode_range: the root is root[i0 .. i0+n-1] */
   int small;     /* encodes in a row that used little of a big buffer */
@@ -236,6 +270,9 @@ static int enc_gc(lua_State *L) {
   free(e->refpos); e->refpos = NULL; e->caprefpos = 0;
   pmap_free(&e->refs); pmap_free(&e->ups); pmap_free(&e->mods);
   free(e->sent); e->sent = NULL; e->nsent = e->capsent = 0;
+  pmap_free(&e->names); pmap_free(&e->envs);
+  free(e->gn); e->gn = NULL; e->ngn = e->capgn = 0;
+  free(e->later); e->later = NULL; e->nlater = e->caplater = 0;
   return 0;
 }
 
@@ -315,7 +352,13 @@ static void push_path(lua_State *L, mp_enc *e) {
 
 static int sent_a_module(lua_State *L, mp_enc *e);
 
+static char trial_failed;  /* the error value of a global that cannot be sent (see ship_pair) */
+
 static int enc_fail(lua_State *L, mp_enc *e, const char *what) {
+  if (e->trial) {  /* a global's value: ship_pair skips it, without a message */
+    lua_pushlightuserdata(L, &trial_failed);
+    return lua_error(L);
+  }
   /* Only our own frames lie between here and mp_encode's setjmp (no Lua API
   ** call is in progress), so jumping back is safe: mp_encode resets the stack. */
   if (e->canretry && sent_a_module(L, e)) longjmp(e->retry, 1);
@@ -599,6 +642,381 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   }
 }
 
+/* ------------------------------------------- globals sent with functions */
+
+/* A function whose _ENV is the sender's global table reads globals that the
+** receiver may not have (a REPL's, or a script's set after the workers were
+** forked). The encoder finds the names it reads (GETTABUP on its _ENV with a
+** constant name, in it and its nested functions, found in its dump) and sends
+** the sender's current values of those that are not library (see LIBGLOBALS),
+** with UP_ENV. A value that cannot be sent is skipped. */
+#define LIBGLOBALS "multiprocessing.libglobals"  /* registry: name -> library value */
+#define OP_GETTABUP 11        /* Lua 5.4's opcode numbers; checked by scan_works */
+#define OP_SETTABUP 15
+#define ENV_LATER 0xffffffffu  /* UP_ENV: the message's environment of the globals, if any (see encode_env) */
+#define DUMP_HEADER 32        /* a 5.4 dump's header and its upvalue count byte */
+
+/* The environment made on arrival is an empty table P whose metatable has
+** __index = S, the sent values, whose own metatable has __index = the globals,
+** and __newindex = env_newindex: a write goes to the globals, and to S when S has
+** the name (so the function reads what it wrote). Reads cost two table hops more
+** than with the plain globals; a function with nothing to send keeps them. */
+static int env_newindex(lua_State *L) {
+  lua_settop(L, 3);
+  if (lua_getmetatable(L, 1) && (lua_pushliteral(L, "__index"), lua_rawget(L, 4)) == LUA_TTABLE) {
+    lua_pushvalue(L, 2);
+    if (lua_rawget(L, 5) != LUA_TNIL) {
+      lua_pushvalue(L, 2);
+      lua_pushvalue(L, 3);
+      lua_rawset(L, 5);
+    }
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 3);
+  lua_settable(L, -3);
+  return 0;
+}
+
+/* is the table at idx an environment made by a decoder (its __newindex is
+** env_newindex and its __index a table)? */
+static int is_made_env(lua_State *L, int idx) {
+  if (!lua_getmetatable(L, idx)) return 0;
+  lua_pushliteral(L, "__newindex");
+  lua_rawget(L, -2);
+  lua_pushliteral(L, "__index");
+  int yes = lua_rawget(L, -3) == LUA_TTABLE && lua_tocfunction(L, -2) == env_newindex;
+  lua_pop(L, 3);
+  return yes;
+}
+
+/* pushes a new environment (P) */
+static void push_env(lua_State *L) {
+  lua_newtable(L);                       /* S */
+  lua_createtable(L, 0, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  lua_setfield(L, -2, "__index");
+  lua_setmetatable(L, -2);
+  lua_newtable(L);                       /* S, P */
+  lua_createtable(L, 0, 2);
+  lua_pushvalue(L, -3);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, env_newindex);
+  lua_setfield(L, -2, "__newindex");
+  lua_setmetatable(L, -2);
+  lua_remove(L, -2);
+}
+
+/* Reading a dump (ldump.c of 5.4): sizes are varints, most significant group
+** first, the last byte marked with 0x80. Our own dumps only; any surprise
+** stops the scan, and the function is then sent as before (no globals). */
+typedef struct dscan { const unsigned char *p, *end; int bad; } dscan;
+
+static size_t ds_size(dscan *s) {
+  size_t x = 0;
+  int b;
+  do {
+    if (s->p >= s->end || x >> (sizeof(size_t) * 8 - 8)) { s->bad = 1; s->p = s->end; return 0; }
+    b = *s->p++;
+    x = (x << 7) | (size_t)(b & 0x7f);
+  } while (!(b & 0x80));
+  return x;
+}
+
+static void ds_skip(dscan *s, size_t n) {
+  if ((size_t)(s->end - s->p) < n) { s->bad = 1; s->p = s->end; }
+  else s->p += n;
+}
+
+static void ds_string(dscan *s) {
+  size_t n = ds_size(s);
+  if (n) ds_skip(s, n - 1);
+}
+
+#define BIT(m, i) (((m)[(i) >> 3] >> ((i) & 7)) & 1)
+
+/* Scans one prototype: env marks its upvalues that are the _ENV being sent
+** (for the top function: given; for a nested one: those that are its parent's).
+** Adds to e->gn the names read as globals. out: the start of e->out. */
+static void scan_proto(lua_State *L, mp_enc *e, dscan *s, const unsigned char *out,
+                       const unsigned char *env, int top, int depth) {
+  if (depth > 250) { s->bad = 1; return; }
+  ds_string(s);                        /* source */
+  ds_size(s); ds_size(s);              /* lines */
+  ds_skip(s, 3);                       /* params, vararg, stack size */
+  size_t ncode = ds_size(s);
+  const unsigned char *code = s->p;
+  if (s->bad || ncode > (size_t)(s->end - s->p) / 4) { s->bad = 1; return; }
+  s->p += ncode * 4;
+  size_t nk = ds_size(s);
+  for (size_t i = 0; i < nk && !s->bad; i++) {
+    if (i < 256) e->kpos[i] = (size_t)(s->p - out);
+    if (s->p >= s->end) { s->bad = 1; break; }
+    switch (*s->p++) {
+      case 0: case 1: case 17: break;            /* nil, false, true */
+      case 3: case 19: ds_skip(s, 8); break;     /* integer, float */
+      case 4: case 20: ds_string(s); break;      /* short, long string */
+      default: s->bad = 1;
+    }
+  }
+  size_t nup = ds_size(s);
+  unsigned char mine[32] = { 0 };
+  int any = 0;
+  if (s->bad || nup > 256 || (size_t)(s->end - s->p) / 3 < nup) { s->bad = 1; return; }
+  for (size_t j = 0; j < nup; j++, s->p += 3) {
+    int on = top ? BIT(env, j) : !s->p[0] && BIT(env, s->p[1]);
+    if (on) { mine[j >> 3] |= (unsigned char)(1 << (j & 7)); any = 1; }
+  }
+  if (any) {
+    unsigned char seen[32] = { 0 };
+    for (size_t i = 0; i < ncode; i++) {
+      uint32_t ins;
+      memcpy(&ins, code + 4 * i, 4);
+      if ((ins & 0x7f) == OP_SETTABUP && BIT(mine, (ins >> 7) & 0xff)) e->gwrites = 1;
+      if ((ins & 0x7f) != OP_GETTABUP) continue;
+      unsigned b = (ins >> 16) & 0xff, c = ins >> 24;
+      if (!BIT(mine, b) || c >= nk || BIT(seen, c)) continue;
+      seen[c >> 3] |= (unsigned char)(1 << (c & 7));
+      dscan k = { out + e->kpos[c], s->end, 0 };
+      if (*k.p++ != 4) continue;                 /* not a short string */
+      size_t n = ds_size(&k);
+      if (k.bad || n < 2 || n - 1 > 255 || (size_t)(k.end - k.p) < n - 1) continue;
+      if (e->ngn == e->capgn) {
+        size_t cap = e->capgn ? e->capgn * 2 : 32;
+        struct gname *ng = realloc(e->gn, cap * sizeof(*ng));
+        if (!ng) luaL_error(L, "not enough memory");
+        e->gn = ng; e->capgn = cap;
+      }
+      e->gn[e->ngn].off = (size_t)(k.p - out);
+      e->gn[e->ngn].len = n - 1;
+      e->ngn++;
+    }
+  }
+  size_t np = ds_size(s);
+  for (size_t i = 0; i < np && !s->bad; i++) scan_proto(L, e, s, out, mine, 0, depth + 1);
+  if (top || s->bad) return;           /* the rest of the top function is its debug info */
+  size_t n = ds_size(s);               /* debug info: line info, absolute lines, locals, upvalue names */
+  ds_skip(s, n);
+  n = ds_size(s);
+  for (size_t i = 0; i < n && !s->bad; i++) { ds_size(s); ds_size(s); }
+  n = ds_size(s);
+  for (size_t i = 0; i < n && !s->bad; i++) { ds_string(s); ds_size(s); ds_size(s); }
+  n = ds_size(s);
+  for (size_t i = 0; i < n && !s->bad; i++) ds_string(s);
+}
+
+/* Adds to e->gn the globals read by the function whose dump is out[at .. at+n),
+** upvalue up (from 0) being its _ENV. Returns 0 when the dump was not understood. */
+static int scan_dump(lua_State *L, mp_enc *e, size_t at, size_t n, int up, int *writes) {
+  const unsigned char *p = (const unsigned char *)e->out.p + at;
+  if (n < DUMP_HEADER || memcmp(p, LUA_SIGNATURE, 4) != 0 || p[4] != 0x54 || p[5] != 0 ||
+      p[12] != 4 || p[13] != 8 || p[14] != 8)
+    return 0;
+  unsigned char env[32] = { 0 };
+  env[up >> 3] = (unsigned char)(1 << (up & 7));
+  dscan s = { p + DUMP_HEADER, p + n, 0 };
+  size_t g0 = e->ngn;
+  e->gwrites = 0;
+  scan_proto(L, e, &s, (const unsigned char *)e->out.p, env, 1, 0);
+  if (s.bad) { e->ngn = g0; return 0; }
+  *writes = e->gwrites;
+  return 1;
+}
+
+/* Whether scan_dump understands this Lua's dumps: checked once per program on a
+** function that reads one global. -1: not yet known. */
+static int scan_works = -1;
+
+static int dump_writer(lua_State *L, const void *p, size_t n, void *ud) {
+  mp_buf_add(L, ud, p, n);
+  return 0;
+}
+
+static int check_scan(lua_State *L, mp_enc *e) {
+  static const char probe[] = "local a = ... return function() return a, mp_probe_global end";
+  scan_works = 0;
+  if (luaL_loadbuffer(L, probe, sizeof probe - 1, "=probe") != LUA_OK) { lua_pop(L, 1); return 0; }
+  lua_call(L, 0, 1);
+  size_t at = e->out.n, g0 = e->ngn;
+  lua_dump(L, dump_writer, &e->out, 0);
+  lua_pop(L, 1);
+  int writes;
+  int ok = scan_dump(L, e, at, e->out.n - at, 1, &writes) && e->ngn == g0 + 1 && e->gn[g0].len == 15 &&
+           memcmp(e->out.p + e->gn[g0].off, "mp_probe_global", 15) == 0;
+  e->out.n = at;
+  e->ngn = g0;
+  return scan_works = ok;
+}
+
+static int trial_encode(lua_State *L) {
+  mp_enc *e = lua_touserdata(L, 1);
+  e->base = 1;  /* the encoder, where cfunc_name finds its user value */
+  e->stackdepth = 0;
+  encode_value(L, e, 2);
+  return 0;
+}
+
+/* Encodes the name at nameidx and the value at vidx, or nothing when the value
+** cannot be sent (the encoding is then undone). Returns 1 when sent. */
+static int ship_pair(lua_State *L, mp_enc *e, int nameidx, int vidx) {
+  size_t n0 = e->out.n, nsegs = e->nsegs, segbytes = e->segbytes, ngn = e->ngn;
+  int nrefs = e->nrefs, nnames = e->nnames, nenvs = e->nenvs, depth = e->depth;
+  int base = e->base, stackdepth = e->stackdepth, canretry = e->canretry;
+  size_t len;
+  const char *name = lua_tolstring(L, nameidx, &len);
+  put_str8(L, e, name, len);
+  frame *f = &e->path[e->depth];
+  f->kind = F_UPVALUE; f->name = "_ENV";
+  e->depth++;
+  e->trial++;
+  e->canretry = 0;
+  lua_pushcfunction(L, trial_encode);
+  lua_pushvalue(L, e->base);
+  lua_pushvalue(L, vidx);
+  int st = lua_pcall(L, 2, 0, 0);
+  e->trial--;
+  e->base = base; e->stackdepth = stackdepth; e->canretry = canretry; e->depth = depth;
+  e->busy = 1;
+  if (st == LUA_OK) return 1;
+  /* unsendable: a thread, a userdata, a closed handle, too deep... Anything
+  ** else (no memory, an interrupt) goes on up. */
+  if (!(st == LUA_ERRRUN && (lua_touserdata(L, -1) == &trial_failed ||
+                             (lua_type(L, -1) == LUA_TSTRING && (strncmp(lua_tostring(L, -1), "cannot send", 11) == 0 ||
+                                                                     strstr(lua_tostring(L, -1), "stack overflow"))))))
+    lua_error(L);
+  lua_pop(L, 1);
+  if (canretry && sent_a_module(L, e)) longjmp(e->retry, 1);  /* from here, as enc_fail would */
+  e->out.n = n0; e->nsegs = nsegs; e->segbytes = segbytes; e->ngn = ngn;
+  while (e->nlater && e->later[e->nlater - 1] >= n0) e->nlater--;
+  if (e->nrefs > nrefs) {
+    pmap_drop_above(L, &e->refs, nrefs, 0);
+    pmap_drop_above(L, &e->ups, nrefs, 8);
+    e->nrefs = nrefs;
+  }
+  if (e->nnames > nnames) { pmap_drop_above(L, &e->names, nnames, 0); e->nnames = nnames; }
+  if (e->nenvs > nenvs) { pmap_drop_above(L, &e->envs, nenvs, 0); e->nenvs = nenvs; }
+  return 0;
+}
+
+static void put_u32(lua_State *L, mp_enc *e, uint32_t v) { put_raw(L, e, &v, 4); }
+
+/* The upvalue at the top of the stack is the _ENV of the function at fidx, the
+** globals or a decoded environment; the function's dump is out[dump .. dump+dlen).
+** up: the upvalue's number (from 1). */
+static void encode_env(lua_State *L, mp_enc *e, size_t dump, size_t dlen, int up) {
+  int env = lua_gettop(L);
+  const void *p = lua_topointer(L, env);
+  int64_t num = pmap_get(&e->envs, p);
+  if (p != e->globals) {  /* a decoded environment: its sent values go on with it */
+    if (num >= 0) {
+      put_u8(L, e, UP_ENV); put_u32(L, e, (uint32_t)num); put_u32(L, e, 0);
+      return;
+    }
+    pmap_put(L, &e->envs, p, ++e->nenvs);
+    e->shipped = 1;
+    put_u8(L, e, UP_ENV); put_u32(L, e, 0);
+    size_t at = e->out.n;
+    put_u32(L, e, 0);
+    uint32_t npairs = 0;
+    lua_getmetatable(L, env);
+    lua_pushliteral(L, "__index");
+    lua_rawget(L, -2);  /* a table: is_made_env */
+    int sent = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, sent)) {
+      if (lua_type(L, -2) == LUA_TSTRING && lua_rawlen(L, -2) <= 255) {
+        lua_pushvalue(L, -2);  /* a copy: lua_tolstring must not touch lua_next's key */
+        npairs += (uint32_t)ship_pair(L, e, lua_gettop(L), lua_gettop(L) - 1);
+        lua_pop(L, 1);
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+    memcpy(e->out.p + at, &npairs, 4);
+    return;
+  }
+  /* the globals: the names it reads, less those of the library */
+  size_t g0 = e->ngn;
+  int writes = 0;
+  if ((scan_works == 1 || (scan_works < 0 && check_scan(L, e))) && scan_dump(L, e, dump, dlen, up - 1, &writes)) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    lua_getfield(L, LUA_REGISTRYINDEX, LIBGLOBALS);
+    int G = env + 1, lib = env + 2;
+    size_t g1 = g0;  /* the names worth sending move to gn[g0 .. g1) */
+    int named = 0;   /* some names were sent by another function of the message */
+    for (size_t g = g0; g < e->ngn; g++) {
+      lua_pushlstring(L, e->out.p + e->gn[g].off, e->gn[g].len);
+      if (pmap_get(&e->names, lua_topointer(L, -1)) >= 0) { named = 1; lua_pop(L, 1); continue; }
+      lua_pushvalue(L, -1);
+      int t = lua_rawget(L, G);
+      int keep = t != LUA_TNIL && lua_topointer(L, -1) != e->globals;
+      if (keep && (t == LUA_TTABLE || t == LUA_TFUNCTION)) {
+        lua_pushvalue(L, -2);
+        lua_rawget(L, lib);
+        keep = !lua_rawequal(L, -1, -2);
+        lua_pop(L, 1);
+      }
+      lua_pop(L, 2);
+      if (keep) e->gn[g1++] = e->gn[g];
+    }
+    e->ngn = g1;
+    if (g1 > g0) {
+      int isnew = num < 0;
+      if (isnew) { num = ++e->nenvs; pmap_put(L, &e->envs, p, num); }
+      int nenvs = e->nenvs;
+      size_t hdr = e->out.n;
+      put_u8(L, e, UP_ENV); put_u32(L, e, isnew ? 0 : (uint32_t)num);
+      size_t at = e->out.n;
+      put_u32(L, e, 0);
+      uint32_t npairs = 0;
+      for (size_t g = g0; g < g1; g++) {
+        lua_pushlstring(L, e->out.p + e->gn[g].off, e->gn[g].len);
+        const void *name = lua_topointer(L, -1);
+        if (pmap_get(&e->names, name) >= 0) { named = 1; lua_pop(L, 1); continue; }  /* sent meanwhile */
+        lua_pushvalue(L, -1);
+        lua_rawget(L, G);
+        pmap_put(L, &e->names, name, ++e->nnames);
+        npairs += (uint32_t)ship_pair(L, e, lua_gettop(L) - 1, lua_gettop(L));
+        lua_pop(L, 2);
+      }
+      if (npairs || named) {
+        memcpy(e->out.p + at, &npairs, 4);
+        e->shipped = 1;
+        e->ngn = g0;
+        lua_settop(L, env);
+        return;
+      }
+      e->out.n = hdr;  /* nothing could be sent */
+      if (isnew) { pmap_drop_above(L, &e->envs, nenvs - 1, 0); e->nenvs = nenvs - 1; num = -1; }
+    }
+    lua_settop(L, env);
+    e->ngn = g0;
+    if (named || writes) {
+      /* It reads names that another function of the message sent (named: the
+      ** environment exists), or it writes globals: if the message has an
+      ** environment, it shares it, so that its writes reach the names sent
+      ** (which its globals would hide from the others). Not known yet: ENV_LATER,
+      ** patched at the end of the encoding (see encode_top). */
+      put_u8(L, e, UP_ENV);
+      if (num < 0) {
+        if (e->nlater == e->caplater) {
+          size_t cap = e->caplater ? e->caplater * 2 : 16;
+          size_t *nl = realloc(e->later, cap * sizeof(size_t));
+          if (!nl) luaL_error(L, "not enough memory");
+          e->later = nl; e->caplater = cap;
+        }
+        e->later[e->nlater++] = e->out.n;
+      }
+      put_u32(L, e, num < 0 ? ENV_LATER : (uint32_t)num);
+      put_u32(L, e, 0);
+      return;
+    }
+  }
+  e->ngn = g0;
+  put_u8(L, e, UP_VALUE);
+  put_u8(L, e, T_GLOBALS);
+}
+
 static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
   if (lua_iscfunction(L, idx)) {
     cfunc_name(L, e, idx);
@@ -628,25 +1046,42 @@ static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
   memcpy(e->out.p + at + 1, &d32, 4);
   uint64_t sum = checksum((const unsigned char *)e->out.p + at + 5, dlen);
   put_raw(L, e, &sum, 8);
-  lua_Debug ar;
-  lua_pushvalue(L, idx);
-  lua_getinfo(L, ">u", &ar);
-  put_u8(L, e, ar.nups);
-  for (int i = 1; i <= ar.nups; i++) {
+  /* the upvalue count is the dump's byte after its header (a Lua closure has
+  ** as many as its prototype): cheaper than lua_getinfo */
+  int nups;
+  if (dlen >= DUMP_HEADER) {
+    nups = (unsigned char)e->out.p[at + 5 + DUMP_HEADER - 1];
+  } else {
+    lua_Debug ar;
+    lua_pushvalue(L, idx);
+    lua_getinfo(L, ">u", &ar);
+    nups = ar.nups;
+  }
+  put_u8(L, e, nups);
+  for (int i = 1; i <= nups; i++) {
     void *id = lua_upvalueid(L, idx, i);
     int64_t seen = pmap_get(&e->ups, id);
-    if (seen >= 0) {
+    if (seen > 0) {
       int64_t r = seen >> 8;
       e->out.p[e->refpos[r]] |= (char)SHARED;
       uint32_t r32 = (uint32_t)r;
-      put_u8(L, e, 1);
+      put_u8(L, e, UP_SHARED);
       put_raw(L, e, &r32, 4);
       put_u8(L, e, (int)(seen & 0xff));
       continue;
     }
-    pmap_put(L, &e->ups, id, ((int64_t)me << 8) | i);
-    put_u8(L, e, 0);
     const char *name = lua_getupvalue(L, idx, i);
+    /* an _ENV that is an environment (0 in e->ups) is never UP_SHARED: each
+    ** function sends the globals it reads */
+    if (name && name[0] == '_' && strcmp(name, "_ENV") == 0 && lua_type(L, -1) == LUA_TTABLE &&
+        (lua_topointer(L, -1) == e->globals || is_made_env(L, -1))) {
+      if (seen < 0) pmap_put(L, &e->ups, id, 0);
+      encode_env(L, e, at + 5, dlen, i);
+      lua_pop(L, 1);
+      continue;
+    }
+    if (seen < 0) pmap_put(L, &e->ups, id, ((int64_t)me << 8) | i);
+    put_u8(L, e, UP_VALUE);
     frame *f = &e->path[e->depth];
     f->kind = F_UPVALUE; f->name = name;
     e->depth++;
@@ -753,6 +1188,9 @@ static void enc_reset(lua_State *L, mp_enc *e) {
   e->stackdepth = 0;
   e->nsent = 0;  /* (bytes that were never sent: nothing to pin) */
   pmap_clear(&e->refs); pmap_clear(&e->ups);
+  if (e->nnames) { pmap_clear(&e->names); e->nnames = 0; }
+  if (e->nenvs) { pmap_clear(&e->envs); e->nenvs = 0; }
+  e->ngn = 0; e->shipped = 0; e->nlater = 0;
   if (e->hascnames) {
     e->hascnames = 0;
     lua_pushnil(L); lua_setiuservalue(L, e->base, UV_CNAMES);
@@ -837,6 +1275,13 @@ static mp_enc *encode_top(lua_State *L, int idx, const char *root, lua_Integer i
     load_modules(L, e);
   }
   e->canretry = 0;
+  if (e->nlater) {  /* functions that write globals: the environment of the globals, if one came */
+    int64_t num = pmap_get(&e->envs, e->globals);
+    if (num >= 0) {
+      uint32_t n32 = (uint32_t)num;
+      for (size_t i = 0; i < e->nlater; i++) memcpy(e->out.p + e->later[i], &n32, 4);
+    }
+  }
   return e;
 }
 
@@ -915,6 +1360,8 @@ typedef struct dec {
   const unsigned char *start;  /* the first byte, for the place named in refusals */
   int data;              /* MP_DECODE_DATA: plain data only (see refuse) */
   int inmt;              /* data-only: a metatable's name is being decoded */
+  uint32_t nenvs;        /* environments made so far (UP_ENV), kept at refs[-1], refs[-2]... */
+  int later;             /* refs[0] lists function, upvalue, environment number to set at the end */
 } dec;
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
@@ -995,6 +1442,59 @@ static const char *reader(lua_State *L, void *ud, size_t *size) {
   return *size ? r->p : NULL;
 }
 
+/* is upvalue n of the function at idx named _ENV? */
+static int is_env_name(lua_State *L, int idx, int n) {
+  const char *name = lua_getupvalue(L, idx, n);
+  if (name) lua_pop(L, 1);
+  return name && strcmp(name, "_ENV") == 0;
+}
+
+/* UP_ENV: upvalue i (an _ENV) of the function at f gets environment number j,
+** or a new one (j = 0), after the pairs sent are added to its values */
+static void decode_env(lua_State *L, dec *d, int f, int i) {
+  uint32_t j = get_u32(L, d), npairs = get_u32(L, d);
+  if (npairs > (size_t)(d->end - d->p) / 2) corrupt(L, "truncated data");
+  if (!is_env_name(L, f, i)) corrupt(L, "environment for an upvalue that is not _ENV");
+  if (j == ENV_LATER) {  /* no environment came: the globals */
+    if (npairs) corrupt(L, "bad environment number");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    lua_setupvalue(L, f, i);
+    return;
+  }
+  if (lua_type(L, d->refs) != LUA_TTABLE) { lua_newtable(L); lua_replace(L, d->refs); }
+  if (j > d->nenvs && !npairs) {  /* made later in the message: set at the end (decode_root) */
+    if (lua_rawgeti(L, d->refs, 0) != LUA_TTABLE) { lua_pop(L, 1); lua_newtable(L); lua_pushvalue(L, -1); lua_rawseti(L, d->refs, 0); }
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+    lua_pushvalue(L, f); lua_rawseti(L, -2, n + 1);
+    lua_pushinteger(L, i); lua_rawseti(L, -2, n + 2);
+    lua_pushinteger(L, j); lua_rawseti(L, -2, n + 3);
+    lua_pop(L, 1);
+    d->later = 1;
+    return;
+  }
+  if (j == 0) {
+    push_env(L);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, d->refs, -(lua_Integer)++d->nenvs);
+  } else {
+    if (j > d->nenvs) corrupt(L, "bad environment number");
+    lua_rawgeti(L, d->refs, -(lua_Integer)j);
+  }
+  lua_getmetatable(L, -1);
+  lua_pushliteral(L, "__index");
+  lua_rawget(L, -2);
+  lua_remove(L, -2);  /* P, S */
+  for (uint32_t k = 0; k < npairs; k++) {
+    size_t n;
+    const char *name = get_str8(L, d, &n);
+    lua_pushlstring(L, name, n);
+    decode_value(L, d);
+    lua_rawset(L, -3);
+  }
+  lua_pop(L, 1);
+  lua_setupvalue(L, f, i);
+}
+
 static void decode_function(lua_State *L, dec *d, int shared) {
   dec_ensure_stack(L, d);
   uint32_t len = get_u32(L, d);
@@ -1007,18 +1507,25 @@ static void decode_function(lua_State *L, dec *d, int shared) {
     luaL_error(L, "cannot decode: bad function (%s)", lua_tostring(L, -1));
   int f = lua_gettop(L);
   remember(L, d, f, shared);
-  lua_Debug ar;
-  lua_pushvalue(L, f);
-  lua_getinfo(L, ">u", &ar);
-  int nups = get_u8(L, d);
-  if (nups != ar.nups) corrupt(L, "upvalue count mismatch");
+  /* the closure lua_load made has the upvalue count of the dump's byte after
+  ** its header (lundump.c); the checksum says the dump is one of ours */
+  int nups = get_u8(L, d), has;
+  if (len >= DUMP_HEADER) {
+    has = dump[DUMP_HEADER - 1];
+  } else {
+    lua_Debug ar;
+    lua_pushvalue(L, f);
+    lua_getinfo(L, ">u", &ar);
+    has = ar.nups;
+  }
+  if (nups != has) corrupt(L, "upvalue count mismatch");
   d->depth++;
   for (int i = 1; i <= nups; i++) {
     int kind = get_u8(L, d);
-    if (kind == 0) {
+    if (kind == UP_VALUE) {
       decode_value(L, d);
       lua_setupvalue(L, f, i);
-    } else if (kind == 1) {
+    } else if (kind == UP_SHARED) {
       uint32_t j = get_u32(L, d);
       int n = get_u8(L, d);
       if (j < 1 || j > d->nrefs || lua_type(L, d->refs) != LUA_TTABLE) corrupt(L, "bad upvalue reference");
@@ -1028,8 +1535,12 @@ static void decode_function(lua_State *L, dec *d, int shared) {
       lua_pushvalue(L, -1);
       lua_getinfo(L, ">u", &ar2);
       if (n < 1 || n > ar2.nups) corrupt(L, "bad upvalue reference");
+      /* an environment stays an _ENV's (the encoder never shares one) */
+      if (d->nenvs && is_env_name(L, -1, n) != is_env_name(L, f, i)) corrupt(L, "bad upvalue reference");
       lua_upvaluejoin(L, f, i, -1, n);
       lua_pop(L, 1);
+    } else if (kind == UP_ENV) {
+      decode_env(L, d, f, i);
     } else {
       corrupt(L, "bad upvalue tag");
     }
@@ -1209,9 +1720,26 @@ void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer
   decode_root(L, s, n, tidx, at, 0);
 }
 
+/* the environments that came after the functions that use them (decode_env) */
+static void set_later_envs(lua_State *L, dec *d) {
+  lua_rawgeti(L, d->refs, 0);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+  for (lua_Integer k = 1; k + 2 <= n; k += 3) {
+    lua_rawgeti(L, -1, k);
+    lua_Integer i = (lua_rawgeti(L, -2, k + 1), lua_tointeger(L, -1));
+    lua_Integer j = (lua_rawgeti(L, -3, k + 2), lua_tointeger(L, -1));
+    lua_pop(L, 2);
+    if (j > (lua_Integer)d->nenvs) corrupt(L, "bad environment number");
+    lua_rawgeti(L, d->refs, -j);
+    lua_setupvalue(L, -2, (int)i);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
 static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at, int mode) {
   dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0, 0, 0,
-            (const unsigned char *)s, mode == MP_DECODE_DATA, 0 };
+            (const unsigned char *)s, mode == MP_DECODE_DATA, 0, 0, 0 };
   if (tidx) {
     d.into = lua_absindex(L, tidx);
     d.into_at = at;
@@ -1228,6 +1756,7 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
   }
   decode_value(L, &d);
   if (d.p != d.end) corrupt(L, "trailing bytes");
+  if (d.later) set_later_envs(L, &d);
   if (d.refs) lua_remove(L, d.refs);
 }
 
@@ -1401,12 +1930,18 @@ mp_handle *mp_checkopen(lua_State *L, int idx, const char *const *names) {
 
 /* ------------------------------------------------------------- Lua API */
 
-static int codec_encode(lua_State *L) {
+static int encode_to_string(lua_State *L) {
   luaL_checkany(L, 1);
   const char *root = luaL_optstring(L, 2, "value");
   mp_enc *e = mp_encode(L, 1, root);
   mp_enc_push(L, e);
+  int shipped = e->shipped;
   mp_enc_done(L, e);
+  return shipped;
+}
+
+static int codec_encode(lua_State *L) {
+  encode_to_string(L);
   return 1;
 }
 
@@ -1419,6 +1954,14 @@ static int codec_encode_unowned(lua_State *L) {
   mp_enc_unsent(e);
   mp_enc_done(L, e);
   return 1;
+}
+
+/* core.encode_function(f, root) -> bytes, carries: carries is true when globals
+** were sent with a function (the pool then does not reuse the bytes: they may
+** change unseen). mp.encode keeps one result, for decode(encode(v)). */
+static int codec_encode_function(lua_State *L) {
+  lua_pushboolean(L, encode_to_string(L));
+  return 2;
 }
 
 static int codec_decode(lua_State *L) {
@@ -1469,11 +2012,38 @@ int mp_codec_open(lua_State *L) {
   lua_pop(L, 1);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
   lua_pop(L, 1);
+  if (luaL_getsubtable(L, LUA_REGISTRYINDEX, LIBGLOBALS) == 0) {
+    /* The library, as globals, when this module is first loaded: the C
+    ** functions, and the modules under their own names. Those stay the
+    ** receiver's own (a worker that patched print keeps its print); what differs
+    ** goes with a function that reads it, as do Lua functions (a script's, whose
+    ** globals may have changed since). */
+    int lib = lua_gettop(L);
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      int t = lua_type(L, -1);
+      int keep = lua_type(L, -2) == LUA_TSTRING && lua_iscfunction(L, -1);
+      if (!keep && lua_type(L, -2) == LUA_TSTRING && t == LUA_TTABLE) {
+        lua_pushvalue(L, -2);
+        lua_rawget(L, lib + 1);
+        keep = lua_rawequal(L, -1, -2);
+        lua_pop(L, 1);
+      }
+      if (keep) { lua_pushvalue(L, -2); lua_pushvalue(L, -2); lua_rawset(L, lib); }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+  }
+  lua_pop(L, 1);
   static const luaL_Reg funcs[] = {
     {"encode", codec_encode},
     {"decode", codec_decode},
     {"_encode_unowned", codec_encode_unowned},
     {"register_metatable", codec_register_metatable},
+    {"encode_function", codec_encode_function},
+    {"_env_newindex", env_newindex},  /* named, so that an environment can travel as a value */
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -783,11 +783,11 @@ end
 local function func_blob(self, f)
   local c = self._fcache[f]
   if c and not c.b.freed and c.plain and plain_upvalues(f, c.ups) then return c.b end
-  local s = encode(f, "function")
+  local s, globals = core.encode_function(f, "function")  -- globals: it carries some, which may change unseen
   if c and c.s == s and not c.b.freed then return c.b end
   local b = text_blob(self, s)
   c = { s = s, b = b }
-  if plain_upvalues(f) then
+  if not globals and plain_upvalues(f) then
     local ups, i = {}, 1
     while true do
       local name, v = getupvalue(f, i)
