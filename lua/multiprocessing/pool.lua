@@ -373,7 +373,7 @@ local function fail(self, call, idx, text)
 end
 
 local function settle(self, call)  -- after a chunk ends: is the call complete?
-  if call.bar then call.bar:update(call.done) end
+  if call.bar then call.bar:update(call.ndone) end
   if call.fed_all and call.pending == 0 and not lazy(call) then
     finish(self, call)
   end
@@ -401,7 +401,7 @@ local function cut(self, call, text)
   fed(self, call)
   fail(self, call, i, text)
   mark_done(call, i, 1)
-  call.done = call.done + 1
+  call.ndone = call.ndone + 1
   settle(self, call)
 end
 
@@ -485,7 +485,7 @@ local function on_result(self, seq, out, pid, busy)
     end
   end
   mark_done(call, i0, n)
-  call.done = call.done + n
+  call.ndone = call.ndone + n
   if n > 0 then call.per_item = busy / n end
   settle(self, call)
 end
@@ -509,7 +509,7 @@ local function lose(self, seq, why)
   local text = why(call, inf.i0, inf.n)
   for k = 0, inf.n - 1 do fail(self, call, inf.i0 + k, text) end
   mark_done(call, inf.i0, inf.n)
-  call.done = call.done + inf.n
+  call.ndone = call.ndone + inf.n
   settle(self, call)
 end
 
@@ -974,7 +974,7 @@ local function new_call(self, kind, f, input, opts, what, lvl)
   end
   opts = parse_opts(opts, what, lvl + 1)
   local call = {
-    kind = kind, results = {}, errors = {}, done = 0, pending = 0,
+    kind = kind, results = {}, errors = {}, ndone = 0, pending = 0,
     consumed = 0, next_index = 1,
     chunksize = opts.chunksize, timeout = opts.timeout,
     callback = opts.callback, error_callback = opts.error_callback,
