@@ -16,8 +16,8 @@ local function double(x) return x * 2 end
 -- a task that waits until the test opens its gate (a Queue), then returns what it was given
 local function gated(gate, v) gate:get() return v end
 
-local function mark(path, text)
-  local f = assert(io.open(path, "w"))
+local function mark(path, text)  -- (runs in workers: no busted's assert, nothing of its _ENV)
+  local f = io.open(path, "w")
   f:write(text)
   f:close()
 end
