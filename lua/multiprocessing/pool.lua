@@ -1378,20 +1378,25 @@ local function values_of(call)
   return results_of(call)
 end
 
+-- waits for a Future as result() and exception() do: false on timeout; raises, at the
+-- user's call, when it was cancelled
+local function await(self, timeout, what)
+  check_timeout(timeout, what, 1, 4)
+  if not wait_call(self._pool, self, timeout) then return false end
+  if self._cancelled then error(CANCELLED, 3) end
+  return true
+end
+
 --- f:result([timeout]) -> f's values; raises its error; nil, "timeout"
 function Future:result(timeout)
-  check_timeout(timeout, "result")
-  if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
-  if self._cancelled then error(CANCELLED, 2) end
+  if not await(self, timeout, "result") then return nil, "timeout" end
   if self.err then error(self.err, 2) end
   return values_of(self)
 end
 
 --- f:exception([timeout]) -> the error (a TaskError or a text), or nil when f succeeded; nil, "timeout"
 function Future:exception(timeout)
-  check_timeout(timeout, "exception")
-  if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
-  if self._cancelled then error(CANCELLED, 2) end
+  if not await(self, timeout, "exception") then return nil, "timeout" end
   return self.err or nil
 end
 
