@@ -55,11 +55,22 @@ Future.__index = Future
 local AsyncResult = setmetatable({ __name = "multiprocessing.AsyncResult", kind = "apply" }, { __index = Future })
 AsyncResult.__index = AsyncResult
 -- The fields a record may lack, so that looking one up stops at its class (a lean
--- record has only _pool, finished, n, and flag for a Future; lean records are many).
+-- record has only finished, n, brec, and flag for a Future; lean records are many).
+local DEFAULTS = { "call", "err", "callback", "error_callback", "timeout", "id", "bar", "_cbs", "flag", "_cancelled" }
 for _, class in ipairs { Future, AsyncResult } do
-  for _, k in ipairs { "call", "err", "callback", "error_callback", "timeout", "id", "bar", "_cbs", "flag", "_cancelled" } do
-    class[k] = false
-  end
+  class.__future = class
+  for _, k in ipairs(DEFAULTS) do class[k] = false end
+end
+
+-- A pool's own class of lean records: a flat copy of base (its methods and defaults, so
+-- that every look-up ends in one step) with _pool, so that a lean record need not hold its
+-- pool (its four fields fit the smallest hash part).
+local function pool_class(pool, base)
+  local c = {}
+  for k, v in pairs(Future) do c[k] = v end
+  if base ~= Future then for k, v in pairs(base) do c[k] = v end end
+  c._pool, c.__index, c.__future = pool, c, base
+  return c
 end
 local CANCELLED = "the future was cancelled"
 
@@ -426,10 +437,11 @@ end
 
 -- a lean call's message ended (its result came, or it was lost): its blob and its
 -- cancel word are let go (the worker is done with the word, or dead)
-local function lean_end(self, seq, rec)
-  local lb = self._lb
-  unref(self, lb[seq])
-  lb[seq] = nil
+local function lean_end(self, rec)
+  local b = rec.brec  -- (unref, inlined: this runs for every result)
+  local r = b.refs - 1
+  b.refs = r
+  if r == 0 and not b.cached then blob_drop(self, b) end
   local flag = rec.flag
   if flag then
     local n = self._nfree + 1
@@ -462,7 +474,7 @@ local function on_result(self, seq, out, pid, busy)
   self._inflight[seq] = nil
   local call = inf.call
   if not call then  -- a lean call is its own inflight record; its values came to [1 .. n]
-    lean_end(self, seq, inf)
+    lean_end(self, inf)
     if inf.finished then return end  -- (cancelled, or its pool stopped)
     if errs then
       local _, e = next(errs)
@@ -497,7 +509,7 @@ local function lose(self, seq, why)
   self._inflight[seq] = nil
   local call = inf.call
   if not call then  -- a lean call is its own record
-    lean_end(self, seq, inf)
+    lean_end(self, inf)
     if not inf.finished then
       inf.err = inf.err or why(inf, 1, 1)
       finish(self, inf)
@@ -1058,11 +1070,12 @@ function M.Pool(opts)
     _n = n, _tasks = core.Queue(), _results = core.Queue(), _st = core.PoolState(n),
     _workers = {}, _calls = {}, _inflight = {}, _seq = 0, _ncid = 0, _nfid = 0,
     _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _ring = {}, _ringk = 0, _bytext = {}, _state = "running",
-    _lb = {}, _slabs = {}, _free = {}, _nfree = 0,  -- lean calls' blobs by message; cancel words
+    _slabs = {}, _free = {}, _nfree = 0,  -- Futures' cancel words
     _owner = core.getpid(), _checked = now(), _lostcheck = now(), _startfails = 0,
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
   }, Pool)
+  self._A, self._F = pool_class(self, AsyncResult), pool_class(self, Future)
   made = made + 1
   for i = 1, n do spawn(self, i) end
   -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
@@ -1130,7 +1143,7 @@ local function submit(self, f, args, opts, what)
     error(("bad argument #2 to '%s' (table of arguments expected, got %s)"):format(what, type(args)), 3)
   end
   -- a lean call: the AsyncResult is its own record, its one task is sent at once
-  local call = setmetatable({ false, _pool = self, finished = false, n = false }, AsyncResult)
+  local call = setmetatable({ false, finished = false, n = false, brec = false }, self._A)
   if opts ~= nil then
     opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
@@ -1142,7 +1155,7 @@ local function submit(self, f, args, opts, what)
   if not sent then error(clean(tostring(err)), 3) end
   self._seq = seq
   b.refs = b.refs + 1
-  self._lb[seq] = b
+  call.brec = b
   self._inflight[seq] = call
   return call
 end
@@ -1175,8 +1188,7 @@ function Pool:submit(f, ...)
   end
   self._seq = seq
   b.refs = b.refs + 1
-  self._lb[seq] = b
-  local fut = setmetatable({ false, _pool = self, finished = false, n = false, flag = flag }, Future)
+  local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, self._F)
   self._inflight[seq] = fut
   return fut
 end
@@ -1418,7 +1430,8 @@ end
 function Future:cancel()
   if self.finished then return self._cancelled end
   local flag = self.flag
-  if not flag or not flag_cas(flag, 0, 2) then return false end  -- a worker started it
+  if not flag or self._pool._owner ~= core.getpid() then return false end  -- (a forked copy cannot)
+  if not flag_cas(flag, 0, 2) then return false end  -- a worker started it
   -- its message stays in flight until a worker skips it (or it is lost): its word stays in use
   self._cancelled, self.err = true, CANCELLED
   finish(self._pool, self)
@@ -1438,7 +1451,7 @@ end
 
 Future.__tostring = function(self)
   local state = self._cancelled and "cancelled" or self.finished and (self.err and "raised" or "finished") or "pending"
-  return ("<%s %s>"):format(getmetatable(self) == Future and "Future" or "AsyncResult", state)
+  return ("<%s %s>"):format(getmetatable(self).__future == Future and "Future" or "AsyncResult", state)
 end
 AsyncResult.__tostring = Future.__tostring
 
@@ -1474,7 +1487,7 @@ local function future_list(fs, what)
   for i = 1, fs.n or #fs do
     local f = fs[i]
     local mt = getmetatable(f)
-    if mt ~= Future and mt ~= AsyncResult then
+    if type(mt) ~= "table" or (rawget(mt, "__future") ~= Future and rawget(mt, "__future") ~= AsyncResult) then
       error(("bad argument #1 to '%s' (item %d is not a Future, got %s)"):format(what, i, type(f)), 3)
     end
     if not seen[f] then
