@@ -1401,6 +1401,8 @@ end
 
 --- f:result([timeout]) -> f's values; raises its error; nil, "timeout"
 function Future:result(timeout)
+  local n = self.n
+  if n and timeout == nil then return unpack(self, 1, n) end  -- (a lean call that succeeded)
   if not await(self, timeout, "result") then return nil, "timeout" end
   if self.err then error(self.err, 2) end
   return values_of(self)
@@ -1470,6 +1472,8 @@ function AsyncResult:successful()
 end
 
 function AsyncResult:get(timeout)
+  local n = self.n
+  if n and timeout == nil then return unpack(self, 1, n) end  -- (a lean call that succeeded)
   check_timeout(timeout, "get")
   if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
   if self.err then error(self.err, 2) end
