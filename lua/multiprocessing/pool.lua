@@ -1136,7 +1136,7 @@ end
 local NOARGS = {}
 
 -- what: the user's method (apply or apply_async); errors at level 3 from here
-local function submit(self, f, args, opts, what)
+local function send_apply(self, f, args, opts, what)
   check_usable(self, what, 4)
   if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), 3) end
   if args ~= nil and type(args) ~= "table" then
@@ -1161,12 +1161,12 @@ local function submit(self, f, args, opts, what)
 end
 
 function Pool:apply_async(f, args, opts)
-  local call = submit(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
+  local call = send_apply(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
   return call
 end
 
 function Pool:apply(f, args, opts)
-  local call = submit(self, f, args, opts, "apply")
+  local call = send_apply(self, f, args, opts, "apply")
   wait_call(self, call)
   if call.err then error(call.err, 2) end
   return unpack(call, 1, call.n)
