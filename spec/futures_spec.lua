@@ -186,6 +186,25 @@ describe("Futures", function()
     end)
   end)
 
+  describe("shared memory", function()
+    it("cancel words and function blobs go back to the arena with the pool (join, terminate)", function()
+      for _, stop in ipairs { "join", "terminate" } do
+        local before = core.arena_stats().used
+        local pool = mp.Pool(2)
+        for _ = 1, 3 do
+          local fs = {}
+          for i = 1, 2000 do fs[i] = pool:submit(function(x) return x + 1 end, i) end  -- (new closures: new blobs)
+          for i = 1, 2000, 3 do fs[i]:cancel() end
+          mp.wait(fs)
+        end
+        local pending = pool:submit(double, 1)
+        if stop == "join" then pool:close() pool:join() else pool:terminate() end
+        assert.is_true(pending:done())
+        assert.equal(before, core.arena_stats().used, stop)
+      end
+    end)
+  end)
+
   describe("add_done_callback", function()
     it("runs at once when done, else when it finishes, in this process, with the future", function()
       local pool <close> = mp.Pool(1)
