@@ -48,6 +48,15 @@ if __name__ == "__main__":
         t = timed(run)
         print("pool: 200,000 apply_async + get\t%.6f\t%d\ttask" % (t, N))
         print("# python apply_async: peak RSS %.1f MiB" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    # concurrent.futures: submit + result, with as_completed (bench/pool.lua does the same)
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as ex:
+        ex.submit(double, 1).result()
+        M = 20000
+        def run_futures():
+            fs = [ex.submit(double, i) for i in range(1, M + 1)]
+            assert sum(f.result() for f in as_completed(fs)) == M * (M + 1)
+        print("pool: 20,000 submit + as_completed/result\t%.6f\t%d\ttask" % (timed(run_futures), M))
     items = [3000000] * 16
     with mp.Pool(2) as pool:
         print("pool: cpu-bound 16 x 3M-iteration loop, Pool(2)\t%.6f\t16\titem"

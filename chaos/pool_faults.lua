@@ -151,7 +151,7 @@ local function map_rounds(fault, default_rounds, make_calls)
       local ok, res, why = pcall(r.get, r, BOUND)
       if ok and res == nil then
         L.fail("round %d: map_async(...):get(%d) timed out at %s/%d results after a %s (%s)", round, BOUND,
-          tostring(rawget(r, "done")), c.n, fault, why)
+          tostring(rawget(r, "ndone")), c.n, fault, why)
       elseif ok then
         for i = 1, c.n do
           if res[i] ~= c.want(i) then L.fail("round %d: result %d is %s, expected %s", round, i, tostring(res[i]), tostring(c.want(i))) end
@@ -161,7 +161,7 @@ local function map_rounds(fault, default_rounds, make_calls)
         L.check(fault ~= "stopcont", "round %d: a worker stopped and continued failed the call: %s", round, tostring(res):sub(1, 300))
         L.check(names_dead(res, killed), "round %d: the error does not name the dead worker: %s", round, tostring(res):sub(1, 300))
         L.add("errors")
-        L.add("results", tonumber(rawget(r, "done")) or 0)
+        L.add("results", tonumber(rawget(r, "ndone")) or 0)
         if t_fault then L.notice("notice_ms", t_fault) end
       end
       L.round_done()
@@ -274,6 +274,60 @@ return {
       L.round_done()
     end
     L.check(pool:apply(task, { 5 }) == 10, "the pool does not work after the rounds")
+  end },
+
+  -- futures under kills: 300 submits, a random third cancelled while workers take them, a
+  -- worker struck at a random instant; as_completed must end within BOUND with each future
+  -- cancelled (and cancel() said so), right, or failed naming the dead worker
+  { name = "pool_kill_futures", timeout = 90, run = function()
+    local pool <close> = mp.Pool(2)
+    L.fig("rounds", 0) L.fig("kills", 0) L.fig("results", 0) L.fig("errors", 0) L.fig("cancelled", 0)
+    for round = 1, L.rounds(25) do
+      settle(pool, 2)
+      local fs, want = {}, {}
+      local f = weighted(L.pick(WEIGHTS))
+      for i = 1, 300 do
+        fs[i] = pool:submit(f, i)
+        want[fs[i]] = i * 2
+      end
+      local cancelled = {}
+      local killed, t_fault = {}, nil
+      local strike_at = math.random(1, 300)
+      for i = 300, 1, -1 do
+        if math.random(3) == 1 and fs[i]:cancel() then cancelled[fs[i]] = true end
+        if i == strike_at then t_fault = strike(L.pick { "kill", "stopkill" }, killed) end
+      end
+      local n = 0
+      local ok, err = pcall(function()
+        for fut in mp.as_completed(fs, BOUND) do
+          n = n + 1
+          if cancelled[fut] then
+            L.check(fut:cancelled(), "round %d: a future whose cancel() succeeded is not cancelled", round)
+            L.add("cancelled")
+          else
+            L.check(not fut:cancelled(), "round %d: a future was cancelled though cancel() said no", round)
+            local e = fut:exception()
+            if e == nil then
+              L.check(fut:result() == want[fut], "round %d: future of %d gave %s", round, want[fut] // 2, tostring(fut:result()))
+              L.add("results")
+            else
+              L.check(names_dead(e, killed), "round %d: the future's error does not name the dead worker: %s",
+                round, tostring(e):sub(1, 300))
+              L.add("errors")
+              if t_fault then L.notice("notice_ms", t_fault) end
+            end
+          end
+        end
+      end)
+      if not ok then
+        if type(err) == "table" then error(err, 0) end
+        L.fail("round %d: as_completed after a kill: %s (%d of 300 came)", round, tostring(err):sub(1, 300), n)
+      end
+      L.check(n == 300, "round %d: as_completed yielded %d of 300 futures", round, n)
+      L.round_done()
+    end
+    L.check(pool:submit(task, 5):result(BOUND) == 10, "the pool does not work after the rounds")
+    L.fig("cancel_slabs", #pool._slabs)
   end },
 
   -- a worker stopped for a while, then continued: the call completes, all results right

@@ -9,13 +9,23 @@
 #define TASKMAGIC 0x4b534154u  /* "TASK": not the codec's first byte */
 
 /* A task message: this header, then the codec's bytes of its items (a range of
-** the caller's table, encoded in place) or of the arguments of an apply. */
+** the caller's table, encoded in place) or of the arguments of an apply. flag is
+** the arena offset of the message's cancel word (a Future's, see FLAG_*), or 0. */
 typedef struct taskhdr {
   uint32_t magic, fid;
   uint64_t seq;
   int64_t blob;
   uint32_t n, mode;
+  uint64_t flag;
 } taskhdr;
+
+/* A Future's cancel word, one uint32 in the arena: QUEUED when its message is
+** sent; the worker that is about to run it swaps QUEUED for RUNNING, the parent
+** that cancels it swaps QUEUED for CANCELLED. Exactly one swap succeeds, so a
+** message is either run or skipped (the worker then sends an empty result), and
+** the parent knows which. The word is the parent's again once the message's
+** result came or it was lost (its worker is dead). */
+enum { FLAG_QUEUED = 0, FLAG_RUNNING = 1, FLAG_CANCELLED = 2 };
 #define BLOB "multiprocessing.Blob"
 
 /* What the parent needs to see of a worker without asking it: which task
@@ -55,6 +65,12 @@ static int ps_new(lua_State *L) {
   return 1;
 }
 
+static uint32_t *flag_at(lua_State *L, int arg) {
+  lua_Integer off = luaL_checkinteger(L, arg);
+  luaL_argcheck(L, mp_arena_base() && off > 0 && off % 4 == 0 && (uint64_t)off + 4 <= mp_arena_top(), arg, "bad flag");
+  return MP_PTR(off);
+}
+
 /* core.put_task(queue, seq, fid, blob, mode, src, i0, n) -> true | nil, "interrupted":
 ** sends src[i0 .. i0+n-1] as the items of task message seq, or src itself (the arguments of an apply)
 ** when i0 is 0. Unsendable items raise the codec's error, naming args[i]. */
@@ -62,7 +78,7 @@ static int pool_put_task(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
   taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)luaL_checkinteger(L, 2),
-                luaL_checkinteger(L, 4), 0, (uint32_t)luaL_checkinteger(L, 5) };
+                luaL_checkinteger(L, 4), 0, (uint32_t)luaL_checkinteger(L, 5), 0 };
   luaL_checktype(L, 6, LUA_TTABLE);
   lua_Integer i0 = luaL_checkinteger(L, 7), n = luaL_checkinteger(L, 8);
   luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 8, "bad count");
@@ -75,12 +91,59 @@ static int pool_put_task(lua_State *L) {
   return 1;
 }
 
-/* pushes a task message as the table { seq, fid, blob, n, items, mode }, or the
-** plain value of another message (false: stop) */
+/* core.put_call(queue, seq, fid, blob, flag, ...): sends the arguments ... as one
+** call message (mode 4: its n is the number of arguments, its items the arguments),
+** with cancel word flag (0: none), which is set to QUEUED first. Unsendable arguments
+** raise the codec's error, naming args[i]. */
+static int pool_put_call(lua_State *L) {
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 1, &buf);
+  taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)luaL_checkinteger(L, 2),
+                luaL_checkinteger(L, 4), 0, 4, 0 };
+  lua_Integer flag = luaL_checkinteger(L, 5);
+  if (flag) {
+    __atomic_store_n(flag_at(L, 5), FLAG_QUEUED, __ATOMIC_SEQ_CST);
+    h.flag = (uint64_t)flag;
+  }
+  int top = lua_gettop(L), nargs = top - 5;
+  h.n = (uint32_t)nargs;
+  lua_createtable(L, nargs, 0);
+  for (int k = 1; k <= nargs; k++) {
+    lua_pushvalue(L, 5 + k);
+    lua_rawseti(L, -2, k);
+  }
+  mp_enc *e = mp_encode_range(L, top + 1, 1, nargs, "args");
+  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+  mp_enc_done(L, e);
+  lua_pushboolean(L, r == MP_WOKE);
+  return 1;
+}
+
+/* core.flag_cas(flag, from, to) -> true, or false and the word's value */
+static int pool_flag_cas(lua_State *L) {
+  uint32_t *w = flag_at(L, 1);
+  uint32_t from = (uint32_t)luaL_checkinteger(L, 2), to = (uint32_t)luaL_checkinteger(L, 3);
+  if (__atomic_compare_exchange_n(w, &from, to, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_pushinteger(L, from);
+  return 2;
+}
+
+/* core.flag_get(flag) -> the word's value */
+static int pool_flag_get(lua_State *L) {
+  lua_pushinteger(L, __atomic_load_n(flag_at(L, 1), __ATOMIC_SEQ_CST));
+  return 1;
+}
+
+/* pushes a task message as the table { seq, fid, blob, n, items, mode [, flag] },
+** or the plain value of another message (false: stop) */
 static void task_decode(lua_State *L, const char *s, size_t n) {
   taskhdr h;
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != TASKMAGIC)) { mp_decode(L, s, n); return; }
-  lua_createtable(L, 6, 0);
+  lua_createtable(L, 7, 0);
   lua_pushinteger(L, (lua_Integer)h.seq); lua_rawseti(L, -2, 1);
   lua_pushinteger(L, (lua_Integer)h.fid); lua_rawseti(L, -2, 2);
   lua_pushinteger(L, (lua_Integer)h.blob); lua_rawseti(L, -2, 3);
@@ -88,6 +151,7 @@ static void task_decode(lua_State *L, const char *s, size_t n) {
   mp_decode(L, s + sizeof h, n - sizeof h);
   lua_rawseti(L, -2, 5);
   lua_pushinteger(L, (lua_Integer)h.mode); lua_rawseti(L, -2, 6);
+  if (h.flag) { lua_pushinteger(L, (lua_Integer)h.flag); lua_rawseti(L, -2, 7); }
 }
 
 /* ---------------------------------------------------------------- results */
@@ -120,33 +184,50 @@ static int pool_put_result(lua_State *L) {
 
 static const char inflight_key = 'i';  /* registry key: take_result's inflight table, for result_decode */
 
-/* Pushes { seq, out, false, pid, busy }, where out is true when the results went
-** straight to inflight[seq].call.results from inflight[seq].i0 on; other
-** messages are decoded as they are. */
+/* the header of the result message take_result is taking (result_decode fills it) */
+typedef struct rinfo { int valid; resulthdr h; } rinfo;
+static rinfo *taking;
+
+/* Pushes true when the results went straight where they belong, else the decoded
+** results array; other messages are decoded as they are. Where results belong:
+** inflight[seq].call.results from inflight[seq].i0 on (a chunk of a map call),
+** or the record inflight[seq] itself, at 1 .. n with its field n set (a lean call:
+** apply_async, submit; nothing is decoded once it is finished: cancelled). */
 static void result_decode(lua_State *L, const char *s, size_t n) {
   resulthdr h;
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
   int top = lua_gettop(L);
   int placed = 0;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);  /* (decoding may run in a frame of its own) */
-  if (lua_type(L, -1) == LUA_TTABLE && lua_rawgeti(L, -1, (lua_Integer)h.seq) == LUA_TTABLE &&
-      lua_getfield(L, -1, "call") == LUA_TTABLE && lua_getfield(L, -1, "results") == LUA_TTABLE &&
-      lua_getfield(L, -3, "i0") == LUA_TNUMBER && lua_isinteger(L, -1)) {
-    lua_Integer at = lua_tointeger(L, -1);
-    mp_decode_into(L, s + sizeof h, n - sizeof h, top + 4, at);
-    placed = 1;
+  if (lua_type(L, -1) == LUA_TTABLE && lua_rawgeti(L, -1, (lua_Integer)h.seq) == LUA_TTABLE) {
+    int rec = top + 2;
+    lua_pushliteral(L, "call");
+    if (lua_rawget(L, rec) == LUA_TTABLE) {
+      if (lua_getfield(L, -1, "results") == LUA_TTABLE && lua_getfield(L, rec, "i0") == LUA_TNUMBER &&
+          lua_isinteger(L, -1)) {
+        lua_Integer at = lua_tointeger(L, -1);
+        mp_decode_into(L, s + sizeof h, n - sizeof h, top + 4, at);
+        placed = 1;
+      }
+    } else {
+      lua_pushliteral(L, "finished");
+      if (lua_rawget(L, rec) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+        mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
+        lua_pushliteral(L, "n");
+        lua_pushinteger(L, (lua_Integer)h.n);
+        lua_rawset(L, rec);
+      }
+      placed = 1;
+    }
   }
   lua_settop(L, top);
-  lua_createtable(L, 5, 0);
-  lua_pushinteger(L, (lua_Integer)h.seq); lua_rawseti(L, -2, 1);
   if (placed) lua_pushboolean(L, 1); else mp_decode(L, s + sizeof h, n - sizeof h);
-  lua_rawseti(L, -2, 2);
-  lua_pushboolean(L, 0); lua_rawseti(L, -2, 3);
-  lua_pushinteger(L, h.pid); lua_rawseti(L, -2, 4);
-  lua_pushnumber(L, h.busy); lua_rawseti(L, -2, 5);
+  if (taking) { taking->valid = 1; taking->h = h; }
 }
 
-/* core.take_result(queue, timeout, inflight) -> message | nil, "timeout"|"interrupted" */
+/* core.take_result(queue, timeout, inflight) -> seq, out, pid, busy for a result
+** message (out: true when its results were placed, see result_decode), or the value
+** of another message, or nil, "timeout"|"interrupted" */
 static int pool_take_result(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -156,10 +237,20 @@ static int pool_take_result(lua_State *L) {
   lua_pushvalue(L, 3);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
   int n;
+  rinfo info = { 0 }, *outer = taking;
+  taking = &info;  /* (only result_decode, called below, reads it) */
   int r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
+  taking = outer;
   lua_pushnil(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);  /* (an error leaves it until the next call) */
-  if (r == MP_WOKE) return 1;
+  if (r == MP_WOKE) {
+    if (!info.valid) return 1;
+    lua_pushinteger(L, (lua_Integer)info.h.seq);
+    lua_insert(L, -2);
+    lua_pushinteger(L, info.h.pid);
+    lua_pushnumber(L, info.h.busy);
+    return 4;
+  }
   lua_pushnil(L);
   lua_pushstring(L, r == MP_TIMEOUT ? "timeout" : "interrupted");
   return 2;
@@ -383,6 +474,17 @@ static int pool_newtable(lua_State *L) {
 
 static const mp_handle_type t_ps = { POOLSTATE, mp_handle_encode, ps_decode };
 
+/* core.flags_new(n) -> blob, base: n zeroed cancel words in a blob (free it with
+** blob_free); base is the offset of the first word */
+static int pool_flags_new(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 1 && n <= 1 << 20, 1, "1 to 2^20 words");
+  blobhdr *b = blob_make(L, (size_t)n * sizeof(uint32_t), 0);
+  memset((char *)b + sizeof *b, 0, (size_t)n * sizeof(uint32_t));
+  lua_pushinteger(L, (lua_Integer)((char *)b + sizeof *b - (char *)MP_PTR(0)));
+  return 2;
+}
+
 int mp_pool_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"get_task", ps_get_task}, {"done", ps_done}, {"claimed", ps_claimed},
@@ -393,6 +495,7 @@ int mp_pool_open(lua_State *L) {
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
     {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"take_result", pool_take_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
+    {"put_call", pool_put_call}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

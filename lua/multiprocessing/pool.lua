@@ -12,6 +12,7 @@ local process = require "multiprocessing.process"
 
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
 local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
+local put_call, flag_cas, flag_get = core.put_call, core.flag_cas, core.flag_get
 local pack, unpack = table.pack, table.unpack
 local newtable = core.newtable
 -- the xpcall handler of tasks: the raised value, intact, in a TaskError with
@@ -45,8 +46,33 @@ local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed befor
 local M = {}
 local Pool = { __name = "multiprocessing.Pool" }
 Pool.__index = Pool
-local AsyncResult = { __name = "multiprocessing.AsyncResult" }
+-- A call's record is what the user holds: a Future (submit) or an AsyncResult (the
+-- _async methods), which is a Future too (see the end of this file). A lean record
+-- (apply_async, submit: one task message) is its own entry in the pool's inflight
+-- table and receives the task's values at [1 .. n]; a map call's record keeps results.
+local Future = { __name = "multiprocessing.Future", kind = "submit" }
+Future.__index = Future
+local AsyncResult = setmetatable({ __name = "multiprocessing.AsyncResult", kind = "apply" }, { __index = Future })
 AsyncResult.__index = AsyncResult
+-- The fields a record may lack, so that looking one up stops at its class (a lean
+-- record has only finished, n, brec, and flag for a Future; lean records are many).
+local DEFAULTS = { "call", "err", "callback", "error_callback", "timeout", "id", "bar", "_cbs", "flag", "_cancelled" }
+for _, class in ipairs { Future, AsyncResult } do
+  class.__future = class
+  for _, k in ipairs(DEFAULTS) do class[k] = false end
+end
+
+-- A pool's own class of lean records: a flat copy of base (its methods and defaults, so
+-- that every look-up ends in one step) with _pool, so that a lean record need not hold its
+-- pool (its four fields fit the smallest hash part).
+local function pool_class(pool, base)
+  local c = {}
+  for k, v in pairs(Future) do c[k] = v end
+  if base ~= Future then for k, v in pairs(base) do c[k] = v end end
+  c._pool, c.__index, c.__future = pool, c, base
+  return c
+end
+local CANCELLED = "the future was cancelled"
 
 -- Pools this process made: a worker whose task made one collects garbage after
 -- it, so that a pool the task did not close is terminated (its collector is
@@ -116,16 +142,27 @@ local function worker_main(pool, i)
       for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = F(unpack(a, 1, a.n or #a)) end
     elseif MODE == 2 then
       for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = pack(F(unpack(a, 1, a.n or #a))) end
-    elseif CUR == 0 then  -- apply: ITEMS are the arguments of the one call
+    elseif CUR == 0 then  -- apply, submit: ITEMS are the arguments of the one call, OUT all its values
       CUR = 1
-      OUT[1] = pack(F(unpack(ITEMS, 1, ITEMS.n or #ITEMS)))
+      if MODE == 4 then OUT = pack(F(unpack(ITEMS, 1, N)))
+      else OUT = pack(F(unpack(ITEMS, 1, ITEMS.n or #ITEMS))) end
     end
   end
+  local SKIPPED = {}
   local function handle(msg, t0, idle)
+    local flag = msg[7]
+    if flag and not flag_cas(flag, 0, 1) then  -- its Future was cancelled: skipped, said so
+      put_result(results, msg[1], me, 0, SKIPPED, 0)
+      st:done(i, 0, 0, idle, 0, 0)
+      return 0
+    end
     local fid = msg[2]
     local f = funcs[fid]
-    local n = msg[4]
-    local out, errs = newtable(n + 1), nil  -- a spare slot keeps the codec on its array fast path
+    local n, mode = msg[4], msg[6]
+    local nargs = n  -- (submit's message: its n counts the arguments of its one call)
+    if mode == 4 then n = 1 end
+    -- (a spare slot keeps the codec on its array fast path; an apply packs its own)
+    local out, errs = mode < 3 and newtable(n + 1) or nil, nil
     if not f then
       if nfuncs >= 64 then funcs, nfuncs = {}, 0 end
       local ok, g = pcall(blob_decode, msg[3])
@@ -140,20 +177,25 @@ local function worker_main(pool, i)
       end
     end
     local t1 = now()
-    F, ITEMS, N, MODE, CUR = f, msg[5], n, msg[6], 0
+    F, ITEMS, N, MODE, CUR = f, msg[5], nargs, mode, 0
     OUT = out
     while f do
       local ok, e = xpcall(run, capture)
       if ok then break end
       errs = errs or {}
-      if MODE ~= 0 and MODE ~= 3 and type(ITEMS[CUR]) ~= "table" then  -- (only on the error path)
+      if (MODE == 1 or MODE == 2) and type(ITEMS[CUR]) ~= "table" then  -- (only on the error path)
         e.value = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(type(ITEMS[CUR]))
         e.message, e.traceback = e.value, nil
       else  -- the user's frames only
         e.traceback = e.traceback:gsub("\n[^\n]*multiprocessing/pool%.lua:[^\n]*", "")
       end
       errs[CUR] = e
-      out[CUR] = nil
+      if out then out[CUR] = nil end
+    end
+    local items = n
+    if mode >= 3 then  -- an apply's result message carries its values: { v1, ..., vn }
+      out = OUT or {}
+      if not errs then n = out.n end
     end
     F, ITEMS, OUT = nil, nil, nil
     local t2 = now()
@@ -166,7 +208,7 @@ local function worker_main(pool, i)
     end
     if not sent then send_failed(results, msg[1], out, errs, n, me, t2 - t1, why) end
     local t3 = now()
-    st:done(i, n, t2 - t1, idle, t3 - t2, t1 - t0)
+    st:done(i, items, t2 - t1, idle, t3 - t2, t1 - t0)
     return t2 - t1
   end
   -- Messages are taken one at a time, or several at once while the last one took
@@ -264,6 +306,26 @@ end
 local function free_blobs(self)
   for b in pairs(self._blobs) do b.freed = true core.blob_free(b.off) end
   self._blobs, self._ring, self._bytext = {}, {}, {}
+  -- the Futures' cancel words (no message needs them: every one ended)
+  for _, off in ipairs(self._slabs) do core.blob_free(off) end
+  self._slabs, self._free, self._nfree = {}, {}, 0
+end
+
+-- Cancel words of Futures: slabs of FLAG_SLAB words in the arena, each word in use from
+-- its Future's submit until its message ended (lean_end), then reused.
+local FLAG_SLAB = 1024
+local function take_flag(self)
+  local n = self._nfree
+  local free = self._free
+  if n == 0 then
+    local blob, base = core.flags_new(FLAG_SLAB)
+    local slabs = self._slabs
+    slabs[#slabs + 1] = blob
+    for k = 1, FLAG_SLAB do free[k] = base + 4 * (FLAG_SLAB - k) end
+    n = FLAG_SLAB
+  end
+  self._nfree = n - 1
+  return free[n]
 end
 
 -- the call will send no more messages: it lets go of its blob
@@ -277,21 +339,35 @@ end
 -- A call's callback runs at once, or, when the call finishes inside a turn of the engine,
 -- after the turn (engine): a callback may use, close, join or terminate the pool, which the
 -- turn must not find changed under it (it went on reading the queues terminate had closed).
+-- The done callbacks of a Future (add_done_callback) follow the same rule; the waiters of
+-- as_completed and wait (tables) get the record appended at once.
 local function finish(self, call)
   if call.finished then return end
   call.finished = true
   if call.id then self._calls[call.id] = nil end
   if call.bar then call.bar:close() end
   local fn, v
-  if call.err then
+  if call._cancelled then  -- (no callback: Python's cancelled futures run done callbacks only)
+  elseif call.err then
     fn, v = call.error_callback, call.err
   elseif call.callback then
     fn, v = call.callback, call.results
-    if call.kind == "apply" then v = call.value[1] end
+    if call.n ~= nil then v = call[1] end  -- a lean call: its first value
   end
-  if not fn then return end
   local later = self._later
-  if later then later[#later + 1] = { fn, v } else run_callback(fn, v) end
+  if fn then
+    if later then later[#later + 1] = { fn, v } else run_callback(fn, v) end
+  end
+  local cbs = call._cbs
+  if cbs then
+    call._cbs = false
+    for k = 1, #cbs do
+      local cb = cbs[k]
+      if type(cb) == "table" then cb[#cb + 1] = call  -- a waiter
+      elseif later then later[#later + 1] = { cb, call }
+      else run_callback(cb, call) end
+    end
+  end
 end
 
 local function lazy(call) return call.kind == "imap" or call.kind == "unordered" end
@@ -308,7 +384,7 @@ local function fail(self, call, idx, text)
 end
 
 local function settle(self, call)  -- after a chunk ends: is the call complete?
-  if call.bar then call.bar:update(call.done) end
+  if call.bar then call.bar:update(call.ndone) end
   if call.fed_all and call.pending == 0 and not lazy(call) then
     finish(self, call)
   end
@@ -336,7 +412,7 @@ local function cut(self, call, text)
   fed(self, call)
   fail(self, call, i, text)
   mark_done(call, i, 1)
-  call.done = call.done + 1
+  call.ndone = call.ndone + 1
   settle(self, call)
 end
 
@@ -359,37 +435,60 @@ local function task_error(e, kind, item, pid)
   return e
 end
 
-local function on_result(self, msg)
-  local seq = msg[1]
-  if seq == -1 then  -- { -1, worker, pid }: a worker is ready
-    local w = self._workers[msg[2]]
-    if w and w.pid == msg[3] then w.ready, self._startfails = true, 0 end
-    return
-  elseif seq == -2 then  -- { -2, worker, pid, error }: its initializer failed
-    local e = msg[4]
-    self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg[3], e.message .. "\n" .. e.traceback)
-    self._initerror = e
-    return
+-- a lean call's message ended (its result came, or it was lost): its blob and its
+-- cancel word are let go (the worker is done with the word, or dead)
+local function lean_end(self, rec)
+  local b = rec.brec  -- (unref, inlined: this runs for every result)
+  local r = b.refs - 1
+  b.refs = r
+  if r == 0 and not b.cached then blob_drop(self, b) end
+  local flag = rec.flag
+  if flag then
+    local n = self._nfree + 1
+    self._free[n], self._nfree = flag, n
+  end
+end
+
+-- A result message: seq, out, pid, busy as take_result returns them (out is true when
+-- the results were placed), or a table (other messages, and results with errors:
+-- { seq, out, errs, pid, busy }).
+local function on_result(self, seq, out, pid, busy)
+  local errs
+  if type(seq) == "table" then
+    local msg = seq
+    seq = msg[1]
+    if seq == -1 then  -- { -1, worker, pid }: a worker is ready
+      local w = self._workers[msg[2]]
+      if w and w.pid == msg[3] then w.ready, self._startfails = true, 0 end
+      return
+    elseif seq == -2 then  -- { -2, worker, pid, error }: its initializer failed
+      local e = msg[4]
+      self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg[3], e.message .. "\n" .. e.traceback)
+      self._initerror = e
+      return
+    end
+    out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
   end
   local inf = self._inflight[seq]
   if not inf then return end  -- a message already lost
   self._inflight[seq] = nil
-  if inf.kind == "apply" then  -- an apply_async call is its own inflight record
-    unref(self, inf.brec)
-    if inf.finished then return end
-    local errs = msg[3]
+  local call = inf.call
+  if not call then  -- a lean call is its own inflight record; its values came to [1 .. n]
+    lean_end(self, inf)
+    if inf.finished then return end  -- (cancelled, or its pool stopped)
     if errs then
-      inf.err = task_error(errs[1], "apply", 1, msg[4])
-    else
-      inf.value = msg[2][1]
+      local _, e = next(errs)
+      inf.err = task_error(e, inf.kind, 1, pid)
+    elseif out ~= true then
+      local n = out.n or #out
+      place(out, n, inf, 1)
+      inf.n = n
     end
     finish(self, inf)
     return
   end
-  local call = inf.call
   unref(self, call.brec)
   call.pending = call.pending - 1
-  local out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
   local i0, n = inf.i0, inf.n
   if out ~= true then place(out, n, call.results, i0) end  -- true: take_result placed them
   if errs then
@@ -398,7 +497,7 @@ local function on_result(self, msg)
     end
   end
   mark_done(call, i0, n)
-  call.done = call.done + n
+  call.ndone = call.ndone + n
   if n > 0 then call.per_item = busy / n end
   settle(self, call)
 end
@@ -408,29 +507,31 @@ local function lose(self, seq, why)
   local inf = self._inflight[seq]
   if not inf then return end
   self._inflight[seq] = nil
-  if inf.kind == "apply" then  -- an apply_async call is its own record
-    unref(self, inf.brec)
-    inf.err = inf.err or why(inf, 1, 1)
-    finish(self, inf)
+  local call = inf.call
+  if not call then  -- a lean call is its own record
+    lean_end(self, inf)
+    if not inf.finished then
+      inf.err = inf.err or why(inf, 1, 1)
+      finish(self, inf)
+    end
     return
   end
-  local call = inf.call
   unref(self, call.brec)
   call.pending = call.pending - 1
   local text = why(call, inf.i0, inf.n)
   for k = 0, inf.n - 1 do fail(self, call, inf.i0 + k, text) end
   mark_done(call, inf.i0, inf.n)
-  call.done = call.done + inf.n
+  call.ndone = call.ndone + inf.n
   settle(self, call)
 end
 
 -- handles the results that came (never waits)
 local function drain(self)
   local inflight, results = self._inflight, self._results
-  local msg = take_result(results, 0, inflight)
-  while msg ~= nil do
-    on_result(self, msg)
-    msg = take_result(results, 0, inflight)
+  local seq, out, pid, busy = take_result(results, 0, inflight)
+  while seq ~= nil do
+    on_result(self, seq, out, pid, busy)
+    seq, out, pid, busy = take_result(results, 0, inflight)
   end
 end
 
@@ -689,11 +790,12 @@ local function pump(self, wait)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
   local inflight = self._inflight
-  local msg, why = take_result(results, math.max(0, deadline - now()), inflight)
-  if msg == nil and why == "interrupted" then return end
-  while msg ~= nil do
-    on_result(self, msg)
-    msg = take_result(results, 0, inflight)
+  local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight)
+  local why = seq == nil and out
+  if why == "interrupted" then return end
+  while seq ~= nil do
+    on_result(self, seq, out, pid, busy)
+    seq, out, pid, busy = take_result(results, 0, inflight)
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
   for _, call in pairs(self._calls) do
@@ -884,7 +986,7 @@ local function new_call(self, kind, f, input, opts, what, lvl)
   end
   opts = parse_opts(opts, what, lvl + 1)
   local call = {
-    kind = kind, results = {}, errors = {}, done = 0, pending = 0,
+    kind = kind, results = {}, errors = {}, ndone = 0, pending = 0,
     consumed = 0, next_index = 1,
     chunksize = opts.chunksize, timeout = opts.timeout,
     callback = opts.callback, error_callback = opts.error_callback,
@@ -968,10 +1070,12 @@ function M.Pool(opts)
     _n = n, _tasks = core.Queue(), _results = core.Queue(), _st = core.PoolState(n),
     _workers = {}, _calls = {}, _inflight = {}, _seq = 0, _ncid = 0, _nfid = 0,
     _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _ring = {}, _ringk = 0, _bytext = {}, _state = "running",
+    _slabs = {}, _free = {}, _nfree = 0,  -- Futures' cancel words
     _owner = core.getpid(), _checked = now(), _lostcheck = now(), _startfails = 0,
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
   }, Pool)
+  self._A, self._F = pool_class(self, AsyncResult), pool_class(self, Future)
   made = made + 1
   for i = 1, n do spawn(self, i) end
   -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
@@ -1032,14 +1136,14 @@ end
 local NOARGS = {}
 
 -- what: the user's method (apply or apply_async); errors at level 3 from here
-local function submit(self, f, args, opts, what)
+local function send_apply(self, f, args, opts, what)
   check_usable(self, what, 4)
   if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), 3) end
   if args ~= nil and type(args) ~= "table" then
     error(("bad argument #2 to '%s' (table of arguments expected, got %s)"):format(what, type(args)), 3)
   end
   -- a lean call: the AsyncResult is its own record, its one task is sent at once
-  local call = setmetatable({ _pool = self, kind = "apply" }, AsyncResult)
+  local call = setmetatable({ false, finished = false, n = false, brec = false }, self._A)
   if opts ~= nil then
     opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
@@ -1057,16 +1161,36 @@ local function submit(self, f, args, opts, what)
 end
 
 function Pool:apply_async(f, args, opts)
-  local call = submit(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
+  local call = send_apply(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
   return call
 end
 
 function Pool:apply(f, args, opts)
-  local call = submit(self, f, args, opts, "apply")
+  local call = send_apply(self, f, args, opts, "apply")
   wait_call(self, call)
   if call.err then error(call.err, 2) end
-  local r = call.value
-  return unpack(r, 1, r.n)
+  return unpack(call, 1, call.n)
+end
+
+--- pool:submit(f, ...) -> Future: runs f(...) in a worker (concurrent.futures' submit)
+function Pool:submit(f, ...)
+  check_usable(self, "submit", 3)
+  if type(f) ~= "function" then error(("bad argument #1 to 'submit' (function expected, got %s)"):format(type(f)), 2) end
+  local ok, b = pcall(func_blob, self, f)
+  if not ok then error(func_error(self, f, b), 2) end
+  local flag = take_flag(self)
+  local seq = self._seq + 1
+  local sent, err = pcall(put_call, self._tasks, seq, b.fid, b.off, flag, ...)
+  if not sent then
+    local n = self._nfree + 1
+    self._free[n], self._nfree = flag, n
+    error(clean(tostring(err)), 2)
+  end
+  self._seq = seq
+  b.refs = b.refs + 1
+  local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, self._F)
+  self._inflight[seq] = fut
+  return fut
 end
 
 -- The closing value of an imap loop. It is also an upvalue of the loop's
@@ -1240,9 +1364,9 @@ Pool.__tostring = function(self)
   return ("<Pool processes=%d state=%s>"):format(self._n, self._state)
 end
 
-------------------------------------------------------------- AsyncResult
+------------------------------------------------------ Future, AsyncResult
 
--- An AsyncResult is the record of its call.
+-- A record's state, delivering what came first (as AsyncResult:ready always did).
 local function poll(call)
   local pool = call._pool
   if not rawget(call, "finished") and (pool._state == "running" or pool._state == "closing") then
@@ -1251,17 +1375,90 @@ local function poll(call)
   return rawget(call, "finished") == true
 end
 
-function AsyncResult:ready()
-  return poll(self)
-end
-
 -- A timeout as the core's waits take it: nil (forever) or a number, never NaN (no deadline
 -- would ever pass: the wait would never end).
-local function check_timeout(timeout, what)
+local function check_timeout(timeout, what, arg, lvl)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout) then
-    error(("bad argument #1 to '%s' (%s)"):format(what,
-      type(timeout) == "number" and "timeout is NaN" or "number expected, got " .. type(timeout)), 3)
+    error(("bad argument #%d to '%s' (%s)"):format(arg or 1, what,
+      type(timeout) == "number" and "timeout is NaN" or "number expected, got " .. type(timeout)), lvl or 3)
   end
+end
+
+-- all the values of a record that succeeded: a lean call's, or a map call's results table
+local function values_of(call)
+  if call.n ~= nil then return unpack(call, 1, call.n) end
+  return results_of(call)
+end
+
+-- waits for a Future as result() and exception() do: false on timeout; raises, at the
+-- user's call, when it was cancelled
+local function await(self, timeout, what)
+  check_timeout(timeout, what, 1, 4)
+  if not wait_call(self._pool, self, timeout) then return false end
+  if self._cancelled then error(CANCELLED, 3) end
+  return true
+end
+
+--- f:result([timeout]) -> f's values; raises its error; nil, "timeout"
+function Future:result(timeout)
+  local n = self.n
+  if n and timeout == nil then return unpack(self, 1, n) end  -- (a lean call that succeeded)
+  if not await(self, timeout, "result") then return nil, "timeout" end
+  if self.err then error(self.err, 2) end
+  return values_of(self)
+end
+
+--- f:exception([timeout]) -> the error (a TaskError or a text), or nil when f succeeded; nil, "timeout"
+function Future:exception(timeout)
+  if not await(self, timeout, "exception") then return nil, "timeout" end
+  return self.err or nil
+end
+
+--- f:done() -> whether f finished (a result, an error, or cancelled)
+function Future:done() return poll(self) end
+
+--- f:cancelled() -> whether cancel() succeeded
+function Future:cancelled() return self._cancelled end
+
+--- f:running() -> whether a worker runs it now (a record that cannot be cancelled counts as
+--- running until it is done: apply_async and map_async results)
+function Future:running()
+  if poll(self) then return false end
+  local flag = self.flag
+  return not flag or flag_get(flag) == 1
+end
+
+--- f:cancel() -> true when f will not run (it was still queued, or already cancelled)
+function Future:cancel()
+  if self.finished then return self._cancelled end
+  local flag = self.flag
+  if not flag or self._pool._owner ~= core.getpid() then return false end  -- (a forked copy cannot)
+  if not flag_cas(flag, 0, 2) then return false end  -- a worker started it
+  -- its message stays in flight until a worker skips it (or it is lost): its word stays in use
+  self._cancelled, self.err = true, CANCELLED
+  finish(self._pool, self)
+  return true
+end
+
+--- f:add_done_callback(fn): fn(f) once f is done, in this process (at once if it is)
+function Future:add_done_callback(fn)
+  if type(fn) ~= "function" then
+    error(("bad argument #1 to 'add_done_callback' (function expected, got %s)"):format(type(fn)), 2)
+  end
+  if self.finished then run_callback(fn, self) return end
+  local cbs = self._cbs
+  if not cbs then cbs = {} self._cbs = cbs end
+  cbs[#cbs + 1] = fn
+end
+
+Future.__tostring = function(self)
+  local state = self._cancelled and "cancelled" or self.finished and (self.err and "raised" or "finished") or "pending"
+  return ("<%s %s>"):format(getmetatable(self).__future == Future and "Future" or "AsyncResult", state)
+end
+AsyncResult.__tostring = Future.__tostring
+
+function AsyncResult:ready()
+  return poll(self)
 end
 
 function AsyncResult:wait(timeout)
@@ -1275,14 +1472,166 @@ function AsyncResult:successful()
 end
 
 function AsyncResult:get(timeout)
+  local n = self.n
+  if n and timeout == nil then return unpack(self, 1, n) end  -- (a lean call that succeeded)
   check_timeout(timeout, "get")
   if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
   if self.err then error(self.err, 2) end
-  if self.kind == "apply" then
-    local r = self.value
-    return unpack(r, 1, r.n)
+  return values_of(self)
+end
+
+------------------------------------------------------ as_completed, wait
+
+-- the futures of a sequence, checked, each once, in order; and the pools they belong to
+local function future_list(fs, what)
+  if type(fs) ~= "table" then
+    error(("bad argument #1 to '%s' (table of futures expected, got %s)"):format(what, type(fs)), 3)
   end
-  return results_of(self)
+  local list, seen, pools = {}, {}, {}
+  for i = 1, fs.n or #fs do
+    local f = fs[i]
+    local mt = getmetatable(f)
+    if type(mt) ~= "table" or (rawget(mt, "__future") ~= Future and rawget(mt, "__future") ~= AsyncResult) then
+      error(("bad argument #1 to '%s' (item %d is not a Future, got %s)"):format(what, i, type(f)), 3)
+    end
+    if not seen[f] then
+      seen[f] = true
+      list[#list + 1] = f
+      pools[f._pool] = true
+    end
+  end
+  if #list == 0 and next(fs) ~= nil and fs.n == nil then
+    error(("bad argument #1 to '%s' (the table has no sequence part: pass a list of futures)"):format(what), 3)
+  end
+  return list, pools
+end
+
+-- A waiter: a list that receives the futures of `list` as they finish, the finished ones
+-- first. Each unfinished future holds it (in its done callbacks) until unwatch.
+local function watch(list, pools)
+  for pool in pairs(pools) do
+    local st = pool._state
+    if st == "running" or st == "closing" then engine(pool, 0) end  -- what came is delivered
+  end
+  local w = {}
+  for _, f in ipairs(list) do
+    if f.finished then
+      w[#w + 1] = f
+    else
+      local cbs = f._cbs
+      if not cbs then cbs = {} f._cbs = cbs end
+      cbs[#cbs + 1] = w
+    end
+  end
+  return w
+end
+
+local function unwatch(list, w)
+  for _, f in ipairs(list) do
+    local cbs = f._cbs
+    if cbs then
+      for k = #cbs, 1, -1 do
+        if cbs[k] == w then table.remove(cbs, k) end
+      end
+    end
+  end
+end
+
+-- one turn of the engines of these pools, up to `wait` seconds in all
+local function turn(pools, wait)
+  local live = {}
+  for pool in pairs(pools) do
+    local st = pool._state
+    if st == "running" or st == "closing" then live[#live + 1] = pool end
+  end
+  if #live == 0 then core.sleep(math.min(wait, SLICE)) return end  -- (unreached: stopped pools finish their calls)
+  for _, pool in ipairs(live) do engine(pool, wait / #live) end
+end
+
+local function deadline_of(timeout) return timeout and now() + math.max(timeout, 0) end
+
+--- for f in mp.as_completed(futures [, timeout]): the futures as they finish (the finished
+--- ones first); raises when timeout seconds (counted from the call) pass before the last
+function M.as_completed(fs, timeout)
+  local list, pools = future_list(fs, "as_completed")
+  check_timeout(timeout, "as_completed", 2)
+  local deadline = deadline_of(timeout)
+  local w = watch(list, pools)
+  local k, total = 0, #list
+  local function step()
+    while true do
+      if k < #w then
+        k = k + 1
+        local f = w[k]
+        w[k] = false  -- (the loop holds what it yielded, not the waiter)
+        return f
+      end
+      if k >= total then return nil end
+      local left = deadline and deadline - now()
+      if left and left <= 0 then
+        unwatch(list, w)
+        error(("as_completed: %d (of %d) futures unfinished after %gs"):format(total - k, total, timeout), 2)
+      end
+      turn(pools, left and math.min(left, SLICE) or SLICE)
+    end
+  end
+  -- break out of the loop: the unfinished futures let go of the waiter
+  local closer = setmetatable({}, { __close = function() unwatch(list, w) end })
+  return step, nil, nil, closer
+end
+
+M.FIRST_COMPLETED, M.FIRST_EXCEPTION, M.ALL_COMPLETED = "FIRST_COMPLETED", "FIRST_EXCEPTION", "ALL_COMPLETED"
+local RETURN_WHEN = { FIRST_COMPLETED = true, FIRST_EXCEPTION = true, ALL_COMPLETED = true }
+local WAIT_OPTIONS = { timeout = true, return_when = true }
+
+--- mp.wait(futures [, {timeout = s, return_when = ...}]) -> done, not_done (lists, in the
+--- order of futures); a number in place of the options is the timeout
+function M.wait(fs, opts)
+  local list, pools = future_list(fs, "wait")
+  local timeout, when = nil, "ALL_COMPLETED"
+  if type(opts) == "number" then
+    timeout = opts
+  elseif type(opts) == "table" then
+    for k in pairs(opts) do
+      if not WAIT_OPTIONS[k] then error(("bad argument #2 to 'wait' (unknown option %s)"):format(key_text(k)), 2) end
+    end
+    timeout, when = opts.timeout, opts.return_when or when
+  elseif opts ~= nil then
+    error(("bad argument #2 to 'wait' (table or number expected, got %s)"):format(type(opts)), 2)
+  end
+  check_timeout(timeout, "wait", 2)
+  if not RETURN_WHEN[when] then
+    error(("bad argument #2 to 'wait' (return_when must be FIRST_COMPLETED, FIRST_EXCEPTION or ALL_COMPLETED, got %s)")
+      :format(tostring(when)), 2)
+  end
+  local deadline = deadline_of(timeout)
+  local w = watch(list, pools)
+  local scanned, total = 0, #list
+  local function satisfied()
+    if #w >= total then return true end
+    if when == "FIRST_COMPLETED" then return #w > 0 end
+    if when == "FIRST_EXCEPTION" then
+      for k = scanned + 1, #w do
+        if w[k].err and not w[k]._cancelled then return true end
+      end
+      scanned = #w
+    end
+    return false
+  end
+  local ok, err = pcall(function()
+    while not satisfied() do
+      local left = deadline and deadline - now()
+      if left and left <= 0 then break end
+      turn(pools, left and math.min(left, SLICE) or SLICE)
+    end
+  end)
+  unwatch(list, w)
+  if not ok then error(err, 0) end  -- (Ctrl-C: interrupted!)
+  local done, not_done = {}, {}
+  for _, f in ipairs(list) do
+    if f.finished then done[#done + 1] = f else not_done[#not_done + 1] = f end
+  end
+  return done, not_done
 end
 
 return M
