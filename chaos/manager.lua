@@ -1,0 +1,98 @@
+-- chaos/manager.lua: a Manager's clients killed holding or waiting on its Lock, and the manager
+-- killed while clients call it: the others must go on (a dead holder's lock released), and every
+-- call to a dead manager must raise within the bound, never hang.
+local L = require "chaos.lib"
+local mp = require "multiprocessing"
+local core = L.core
+local now, sleep = L.now, L.sleep
+
+local function reap(pr)
+  L.check(pr:join(L.BOUND * 2), "a killed process was not reaped within %d s", L.BOUND * 2)
+  pr:close()
+end
+
+return {
+  -- a client killed (or gone with _exit) while it holds a manager Lock or RLock (two levels), or
+  -- while it waits for one: the parent's acquire succeeds within the bound, with "owner died"
+  -- when the dead one held it; a killed waiter never takes the lock from a live one
+  { name = "manager_lock_holder_killed", timeout = 90, run = function()
+    L.fig("rounds", 0)
+    local m <close> = mp.Manager()
+    for round = 1, L.rounds(4) do
+      for _, kind in ipairs { "Lock", "RLock" } do
+        local lock = m[kind](m)
+        local placed = m:Event()
+        local how = L.pick { "kill", "exit", "kill_waiting" }
+        if how == "kill_waiting" then lock:acquire() end
+        local pr = mp.Process { target = function()
+          if how == "kill_waiting" then placed:set() lock:acquire() return end
+          lock:acquire()
+          if kind == "RLock" then lock:acquire() end
+          placed:set()
+          if how == "exit" then core._exit(0) end
+          sleep(60)
+        end }:start()
+        L.check(placed:wait(L.BOUND * 2), "round %d: the client never got in place", round)
+        sleep(L.uniform(0.02, 0.15))
+        if how ~= "exit" then pr:kill() end
+        reap(pr)
+        local w = L.watchdog(L.BOUND * 4)
+        local t0 = now()
+        if how == "kill_waiting" then lock:release() end
+        local ok, why = lock:acquire(L.BOUND * 2)
+        local dt = now() - t0
+        local fired = w:disarm()
+        L.check(not fired, "round %d (%s, %s): the acquire hung", round, kind, how)
+        L.check(ok == true, "round %d (%s, %s): the acquire gave %s, %s after %.1f s", round, kind, how,
+          tostring(ok), tostring(why), dt)
+        L.check((why == "owner died") == (how ~= "kill_waiting"), "round %d (%s, %s): the acquire said %s",
+          round, kind, how, tostring(why))
+        L.max("notice_ms", math.floor(dt * 1000 + 0.5))
+        lock:release()
+        L.check(not lock:locked(), "round %d (%s, %s): still locked after release", round, kind, how)
+        L.add("acquired")
+      end
+      L.round_done()
+    end
+  end },
+
+  -- the manager killed at a random instant while three clients call it (dict sets and gets,
+  -- list appends, a Lock's acquire and release, an Event's wait): each client's calls raise
+  -- "the manager process is gone" within the bound; none hangs
+  { name = "manager_killed_during_calls", timeout = 120, run = function()
+    L.fig("rounds", 0)
+    for round = 1, L.rounds(3) do
+      local m = mp.Manager()
+      local d, l, lock, ev = m:dict(), m:list(), m:Lock(), m:Event()
+      local res = mp.Queue()
+      local function client(n)
+        local ok, err = pcall(function()
+          local i = 0
+          while true do
+            i = i + 1
+            if n == 1 then d[i] = i assert(d[i] == i)
+            elseif n == 2 then l:append(i) lock:acquire() lock:release()
+            else ev:wait(0.05) end
+          end
+        end)
+        res:put { n, tostring(err), now() }
+      end
+      local prs = {}
+      for n = 1, 3 do prs[n] = mp.Process { target = client, args = { n } }:start() end
+      sleep(L.uniform(0.1, 0.4))
+      local t_kill = now()
+      m._proc:kill()
+      local w = L.watchdog(L.BOUND * 4)
+      for _ = 1, 3 do
+        local r = res:get(L.BOUND * 3)
+        L.check(r, "round %d: a client's call to the killed manager hung", round)
+        L.check(r[2]:find("the manager process is gone", 1, true), "round %d: client %d raised: %s", round, r[1], r[2]:sub(1, 200))
+        L.max("notice_ms", math.floor((r[3] - t_kill) * 1000 + 0.5))
+      end
+      L.check(not w:disarm(), "round %d: the clients did not all stop", round)
+      for _, pr in ipairs(prs) do reap(pr) end
+      pcall(m.shutdown, m)
+      L.round_done()
+    end
+  end },
+}
