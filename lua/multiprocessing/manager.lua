@@ -531,12 +531,13 @@ end)
 
 -- p:name(...) calls method name of the object on the server and returns its results
 local callers = setmetatable({}, { __mode = "v" })
-local UserProxy = class("UserProxy", "object", {}, function(_, k)
+local UserProxy
+UserProxy = class("UserProxy", "object", {}, function(_, k)
   if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
   local f = callers[k]
   if not f then
     f = function(p, ...)
-      if getmetatable(p) ~= callers.mt then
+      if getmetatable(p) ~= UserProxy then
         error(("bad self for method %s (call it as proxy:%s(...))"):format(k, k), 2)
       end
       local r = op(p, "callmethod", k, table.pack(...), k)
@@ -546,7 +547,6 @@ local UserProxy = class("UserProxy", "object", {}, function(_, k)
   end
   return f
 end)
-callers.mt = UserProxy
 UserProxy.__tostring = function(p) return ("<%s proxy %d of a Manager>"):format(p._type, p._id) end
 
 -------------------------------------------------------------------- the Manager's makers
