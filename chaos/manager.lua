@@ -12,6 +12,31 @@ local function reap(pr)
 end
 
 return {
+  -- Ctrl-C (SIGINT to the case alone) while it waits for a manager Lock another process holds:
+  -- the wait is withdrawn on the server, so the lock is free once the holder releases it (it
+  -- was not: the server granted it to the interrupted caller, which never knew it held it).
+  -- One Ctrl-C per process: lua.c restores SIGINT's default action after one.
+  { name = "manager_lock_wait_interrupted", timeout = 60, run = function()
+    L.fig("rounds", 0)
+    local m <close> = mp.Manager()
+    local lock, placed = m:Lock(), m:Event()
+    local holder = mp.Process { target = function() lock:acquire() placed:set() sleep(0.6) lock:release() end }:start()
+    L.check(placed:wait(L.BOUND * 2), "the holder never took the lock")
+    local me = core.getpid()
+    local intr = mp.Process { target = function() core.sleep(L.uniform(0.05, 0.3)) core.kill(me, 2) end }:start()
+    local ok, err = pcall(lock.acquire, lock, L.BOUND * 4)
+    L.check(not ok and L.interrupted(err), "the wait was not interrupted: %s %s", tostring(ok), tostring(err))
+    reap(intr)
+    reap(holder)
+    local t0 = now()
+    local free = L.eventually(function() return not lock:locked() end, L.BOUND)
+    L.check(free, "the lock stayed held after its holder released it: granted to the interrupted wait")
+    L.check(lock:acquire(L.BOUND), "the lock could not be taken again")
+    lock:release()
+    L.max("notice_ms", math.floor((now() - t0) * 1000 + 0.5))
+    L.round_done()
+  end },
+
   -- a client killed (or gone with _exit) while it holds a manager Lock or RLock (two levels), or
   -- while it waits for one: the parent's acquire succeeds within the bound, with "owner died"
   -- when the dead one held it; a killed waiter never takes the lock from a live one

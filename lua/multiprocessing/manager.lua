@@ -445,7 +445,8 @@ local function wait_op(p, name, a, meth)
   a.pid = a.pid or core.getpid()
   local ok, r = try(p, name, a)
   if not ok then
-    if r == "interrupted!" then pcall(send, p, "cancel", { pid = a.pid, seq = reqno }, nil, "cancel") end
+    -- (lua.c's Ctrl-C hook may have raised it, with the place where it struck)
+    if type(r) == "string" and r:find("interrupted!$") then pcall(send, p, "cancel", { pid = a.pid, seq = reqno }, nil, "cancel") end
     fail(p, r, meth, nil, 3)
   end
   return r
