@@ -380,6 +380,25 @@ describe("Manager proxies", function()
   end)
 
   describe("faults", function()
+    it("errors point at the user's call, not the library", function()
+      local d, ns, v, l = m:dict(), m:Namespace(), m:Value("i"), m:list()
+      -- (no tail calls: a tail call leaves no place of its caller, in Lua's own errors too)
+      local e = H.raises("manager_proxies_spec.lua:", function() local t = l:totable() .. 1 return t end)
+      m._proc:kill()
+      m._proc:join()
+      for _, f in ipairs {
+        function() local x = d.x return x end, function() local x = d:totable() return x end,
+        function() local x = ns.x return x end, function() local x = v.value return x end,
+        function() l:append(1) end, function() local x = m:list() return x end,
+      } do
+        e = H.raises("manager_proxies_spec.lua:", f)
+        assert.truthy(e:find("the manager process is gone", 1, true), e)
+        assert.is_nil(e:find("manager.lua", 1, true), e)
+      end
+      H.raises("Namespace.x: the manager process is gone", function() return ns.x end)
+      H.raises("Value.value: the manager process is gone", function() return v.value end)
+    end)
+
     it("a killed manager makes a waiting acquire raise, never hang", function()
       local lk = m:Lock()
       lk:acquire()

@@ -66,14 +66,7 @@ end
 -- request it answers and a call takes only its own.
 local reply, reply_pid, reqno = nil, nil, 0
 
-local function server_alive(pid)  -- a zombie counts as gone
-  if not core.kill(pid, 0) then return false end
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local stat = f:read("l") or ""
-  f:close()
-  return stat:match("^%d+ %b() (%a)") ~= "Z"
-end
+local server_alive = S.pid_alive  -- a zombie counts as gone
 
 -- what the arguments of an operation are, for the codec's "at value[4]" and "at value[5]"
 local function arg_names(op, p, a)
@@ -144,6 +137,8 @@ end
 -- the user's call: dict['x'], dict['x']:update_with(), list:pop()
 local function describe(p, meth, key)
   local who = short(p)
+  if meth:sub(1, 1) == "." then return who .. meth end  -- a field: Value.value, Barrier.broken
+  if who == "Namespace" and (meth == "get" or meth == "set") then return who .. "." .. tostring(key) end
   if meth == "get" or meth == "set" then return ("%s[%s]"):format(who, fmtkey(key)) end
   if key ~= nil then return ("%s[%s]:%s()"):format(who, fmtkey(key), meth) end
   return ("%s:%s()"):format(who, meth)
@@ -167,18 +162,31 @@ local function try(p, name, a, b)
   return pcall(call, p._m, name, p._id, a, b, p)
 end
 
--- raises err from operation meth on p at `level` (the user's call), naming the call
-local function fail(p, err, meth, key, level)
+-- the level, for error() called here, of the first Lua function outside this file: the
+-- user's call (tail calls and metamethods make a fixed level wrong)
+local THIS = debug.getinfo(1, "S").source
+local function user_level()
+  local l = 3
+  while true do
+    local info = debug.getinfo(l, "S")
+    if not info then return 1 end
+    if info.source ~= THIS and info.what ~= "C" then return l - 1 end
+    l = l + 1
+  end
+end
+
+-- raises err from operation meth on p at the user's call, naming the call
+local function fail(p, err, meth, key)
   if type(err) ~= "string" then error(err, 0) end  -- the user's own error value, intact
   err = err:gsub("^[^\n]-manager%.lua:%d+: ", "")
   if err == "interrupted!" then error(err, 0) end
-  error(describe(p, meth, key) .. ": " .. err, level + 1)
+  error(describe(p, meth, key) .. ": " .. err, user_level())
 end
 
 -- one operation, from a method or metamethod called by the user
 local function op(p, name, a, b, meth, key)
   local ok, r = try(p, name, a, b)
-  if not ok then fail(p, r, meth or name, key, 3) end
+  if not ok then fail(p, r, meth or name, key) end
   return r
 end
 
@@ -189,12 +197,12 @@ local function send(p, name, a, b, meth, key)
   local m = p._m
   if in_server(m) then
     local ok, r = local_call(name, p._id, a, b)
-    if not ok then fail(p, r, meth, key, 3) end
+    if not ok then fail(p, r, meth, key) end
     return
   end
   local t = core.now()
   if t - (checked[m._pid] or 0) > 0.1 then
-    if not server_alive(m._pid) then fail(p, "the manager process is gone", meth, key, 3) end
+    if not server_alive(m._pid) then fail(p, "the manager process is gone", meth, key) end
     checked[m._pid] = t
   end
   local sent, err = pcall(m._requests.put, m._requests, { name, false, p._id, a, b })
@@ -203,13 +211,13 @@ local function send(p, name, a, b, meth, key)
     err = tostring(err):gsub("^[^\n]-manager%.lua:%d+: ", "")
       :gsub("at value%[4%]", function() return "at " .. n4 end)
       :gsub("at value%[5%]", function() return "at " .. n5 end)
-    fail(p, err, meth, key, 3)
+    fail(p, err, meth, key)
   end
 end
 
 local function bad_key(p, k)
-  if k == nil then fail(p, "a key cannot be nil", "set", k, 3) end
-  if k ~= k then fail(p, "a key cannot be NaN", "set", k, 3) end
+  if k == nil then fail(p, "a key cannot be nil", "set", k) end
+  if k ~= k then fail(p, "a key cannot be NaN", "set", k) end
 end
 
 -- a new proxy of class mt for object id of manager mgr (fields: extra ones, e.g. _kind)
@@ -260,11 +268,15 @@ end
 -------------------------------------------------------------------- dict
 
 DictProxy.__short = "dict"
-DictProxy.__index = function(p, k)
-  local f = dict_methods[k]
-  if f then return f end
-  return op(p, "get", k, nil, "get", k)
+-- p[k]: a method, or the server's value for k
+local function index_with(methods)
+  return function(p, k)
+    local f = methods[k]
+    if f then return f end
+    return op(p, "get", k, nil, "get", k)
+  end
 end
+DictProxy.__index = index_with(dict_methods)
 DictProxy.__newindex = function(p, k, v)
   bad_key(p, k)
   send(p, "set", k, v, "set", k)
@@ -307,11 +319,7 @@ function dict_methods.items(p) return op(p, "items", nil, nil, "items") end
 -------------------------------------------------------------------- list
 
 ListProxy.__short = "list"
-ListProxy.__index = function(p, k)
-  local f = list_methods[k]
-  if f then return f end
-  return op(p, "get", k, nil, "get", k)
-end
+ListProxy.__index = index_with(list_methods)
 ListProxy.__newindex = function(p, k, v) op(p, "set", k, v, "set", k) end
 ListProxy.__len = function(p) return op(p, "len", nil, nil, "len") end
 ListProxy.__pairs = function(p) return ipairs_copy(op(p, "copy", nil, nil, "pairs")) end
@@ -398,11 +406,11 @@ end
 
 local value_methods = {}
 local ValueProxy = class("ValueProxy", "Value", value_methods, function(p, k)
-  if k == "value" then return op(p, "get", 1, nil, "value") end
+  if k == "value" then return op(p, "get", 1, nil, ".value") end
 end)
 ValueProxy.__newindex = function(p, k, v)
   if k ~= "value" then error(("Value: no field %s to set (only .value)"):format(tostring(k)), 2) end
-  op(p, "set", 1, coerce(p._tc, v, "Value.value", 2), "value")
+  op(p, "set", 1, coerce(p._tc, v, "Value.value", 2), ".value")
 end
 ValueProxy.__tostring = function(p)
   local ok, v = try(p, "get", 1)
@@ -447,7 +455,7 @@ local function wait_op(p, name, a, meth)
   if not ok then
     -- (lua.c's Ctrl-C hook may have raised it, with the place where it struck)
     if type(r) == "string" and r:find("interrupted!$") then pcall(send, p, "cancel", { pid = a.pid, seq = reqno }, nil, "cancel") end
-    fail(p, r, meth, nil, 3)
+    fail(p, r, meth, nil)
   end
   return r
 end
@@ -466,7 +474,7 @@ function lock_methods.acquire(p, blocking, timeout)
 end
 function lock_methods.release(p, n)
   local ok, r = try(p, "release", { pid = core.getpid(), n = n })
-  if not ok then fail(p, r, "release", nil, 2) end
+  if not ok then fail(p, r, "release", nil) end
 end
 function lock_methods.hold(p, timeout)
   local ok, why = p:acquire(true, timeout)
@@ -522,7 +530,7 @@ function barrier_methods.abort(p) op(p, "abort", nil, nil, "abort") end
 function barrier_methods.reset(p) op(p, "reset", nil, nil, "reset") end
 local BarrierProxy = class("BarrierProxy", "Barrier", barrier_methods, function(p, k)
   if k == "parties" or k == "n_waiting" or k == "broken" then
-    local v = op(p, "sync_state", {}, nil, k)[k]
+    local v = op(p, "sync_state", {}, nil, "." .. k)[k]
     if k == "broken" then return v ~= false end
     return v
   end
@@ -558,13 +566,15 @@ local function mcall(mgr, name, a, b, what)
   if not ok then
     if type(r) ~= "string" then error(r, 0) end
     r = r:gsub("^[^\n]-manager%.lua:%d+: ", "")
-    error(what .. ": " .. r, 3)
+    error(what .. ": " .. r, user_level())
   end
   return r
 end
 
 local function proxy(mgr, mt, kind, init)
-  if init ~= nil and type(init) ~= "table" then error("bad argument #1 (table expected, got " .. type(init) .. ")", 3) end
+  if init ~= nil and type(init) ~= "table" then
+    error(("bad argument #1 to '%s' (table expected, got %s)"):format(kind, type(init)), user_level())
+  end
   if init ~= nil and getmetatable(init) then init = totable_of(init) end
   return mk(mgr, mt, mcall(mgr, "new", kind, init, kind .. "()"))
 end
@@ -607,7 +617,7 @@ function Manager:RLock() return mk(self, LockProxy, mcall(self, "new_lock", "RLo
 local function semaphore(self, kind, value)
   if value == nil then value = 1 end
   if math.type(value) ~= "integer" or value < 0 then
-    error(("bad argument #1 to '%s' (an integer >= 0 expected, got %s)"):format(kind, tostring(value)), 3)
+    error(("bad argument #1 to '%s' (an integer >= 0 expected, got %s)"):format(kind, tostring(value)), user_level())
   end
   return mk(self, LockProxy, mcall(self, "new_semaphore", kind, value, kind .. "()"), { _kind = kind })
 end
