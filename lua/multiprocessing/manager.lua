@@ -247,7 +247,8 @@ end
 
 local function totable_of(x)
   local mt = getmetatable(x)
-  if mt and mt.__short and x.totable then return x:totable() end
+  local kind = mt and mt.__short
+  if kind == "list" or kind == "Array" or kind == "dict" then return x:totable() end
   if type(x) ~= "table" then error(("attempt to concatenate a %s value"):format(type(x)), 3) end
   return x
 end
