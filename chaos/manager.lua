@@ -120,4 +120,43 @@ return {
       L.round_done()
     end
   end },
+
+  -- clients killed at random instants in the middle of their requests (small and 100 KB values,
+  -- calls that wait for an answer and sends that do not, a Lock taken and given back): the
+  -- manager goes on serving the parent, its lock is free again, and no answer is mixed up
+  { name = "manager_client_killed", timeout = 120, run = function()
+    L.fig("rounds", 0)
+    local m <close> = mp.Manager()
+    local d, l, lock = m:dict(), m:list(), m:Lock()
+    local big = ("x"):rep(100000)
+    for round = 1, L.rounds(4) do
+      local prs = {}
+      for n = 1, 3 do
+        prs[n] = mp.Process { target = function()
+          for i = 1, 1e9 do
+            if n == 1 then d[i % 50] = big assert(#d:get(i % 50) == #big)
+            elseif n == 2 then l:append(i) d:update_with("n", function(v) return (v or 0) + 1 end)
+            else lock:acquire() d.held = i lock:release() end
+          end
+        end }:start()
+      end
+      sleep(L.uniform(0.1, 0.5))
+      for _, pr in ipairs(prs) do pr:kill() end
+      for _, pr in ipairs(prs) do reap(pr) end
+      local w = L.watchdog(L.BOUND * 4)
+      local t0 = now()
+      d.check = round
+      local ok = d.check == round and d:get("missing", "none") == "none"
+      local got = lock:acquire(L.BOUND * 2)
+      if got then lock:release() end
+      local fired = w:disarm()
+      L.check(not fired, "round %d: the manager stopped serving after its clients were killed", round)
+      L.check(ok, "round %d: the manager gave wrong answers after its clients were killed", round)
+      L.check(got, "round %d: the Lock stayed held by a killed client", round)
+      L.max("notice_ms", math.floor((now() - t0) * 1000 + 0.5))
+      L.add("appends", #l)
+      l:clear()
+      L.round_done()
+    end
+  end },
 }
