@@ -53,6 +53,7 @@ install: all
 	install -d $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_CMOD)/multiprocessing/core.so
 	install -m 644 lua/multiprocessing/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/
+	install -d $(DESTDIR)$(LUA_LMOD)/multiprocessing/managers && install -m 644 lua/multiprocessing/managers/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/managers/
 
 uninstall:
 	rm -rf $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing

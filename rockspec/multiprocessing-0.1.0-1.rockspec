@@ -31,6 +31,7 @@ build = {
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
     ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
+    ["multiprocessing.managers.server"] = "lua/multiprocessing/managers/server.lua",
     ["multiprocessing.core"] = {
       sources = {
         "src/arena.c", "src/codec.c", "src/core.c", "src/pipe.c", "src/pool.c",

@@ -1,15 +1,21 @@
--- manager.lua: Manager, a server process holding dicts and lists that every process can use.
+-- manager.lua: Manager, a server process holding objects (dicts, lists, locks...) that every process can use.
 --
 -- Proxies are plain tables with a registered metatable, so they travel through
 -- the codec to any process (started before or after them). Each operation is
 -- one request on the manager's queue, answered on a reply queue the call makes
 -- and sends with it: operations are atomic, and the objects live as long as the
 -- manager. The request message owns its reply queue until the server takes it
--- (docs/arena.md), the server closes its handle once it answered, and the call
--- closes its own: a reply queue lives as long as its call, whatever process made
--- it, and goes with a request that nobody read.
+-- (docs/arena.md), the server closes its handle once it answered (a deferred answer:
+-- once a waiter is answered or dropped), and the call closes its own: a reply queue
+-- lives as long as its call, whatever process made it, and goes with a request that
+-- nobody read.
+-- Operations that cannot fail on the server (a dict's d[k] = v, a list's append, a set's
+-- add) are sent without waiting for an answer: the manager's queue is one FIFO, so every later
+-- request, of this process or of any process it tells, is served after them.
+-- What the server holds and does is in managers/server.lua; the proxies are below.
 local core = require "multiprocessing.core"
 local process = require "multiprocessing.process"
+local S = require "multiprocessing.managers.server"
 
 local M = {}
 
@@ -21,72 +27,41 @@ local dict_methods, list_methods = {}, {}
 
 ------------------------------------------------------------------ the server
 
-local ops = {}
-function ops.new(objs, _, kind, init)
-  local id = #objs + 1
-  objs[id] = { kind = kind, data = init or {} }
-  return id
-end
-function ops.get(objs, id, k) return objs[id].data[k] end
-function ops.set(objs, id, k, v)
-  local o = objs[id]
-  if o.kind == "list" then
-    local n = #o.data
-    if math.type(k) ~= "integer" or k < 1 or k > n + 1 then
-      error(("list index %s out of range (length %d)"):format(tostring(k), n), 0)
-    end
-  end
-  o.data[k] = v
-end
-function ops.len(objs, id) local d = objs[id].data if objs[id].kind == "list" then return #d end
-  local n = 0 for _ in pairs(d) do n = n + 1 end return n end
-function ops.copy(objs, id) return objs[id].data end
-function ops.pop(objs, id, k, default)
-  local o = objs[id]
-  if o.kind == "list" then
-    if #o.data == 0 then error("pop from an empty list", 0) end
-    return table.remove(o.data, k)
-  end
-  local v = o.data[k]
-  if v == nil then return default end
-  o.data[k] = nil
-  return v
-end
-function ops.append(objs, id, v) local d = objs[id].data d[#d + 1] = v end
-function ops.insert(objs, id, i, v) table.insert(objs[id].data, i, v) end
-function ops.update(objs, id, t) local d = objs[id].data for k, v in pairs(t) do d[k] = v end end
-function ops.extend(objs, id, t) local d = objs[id].data for i = 1, #t do d[#d + 1] = t[i] end end
-function ops.clear(objs, id) objs[id].data = {} end
--- f(old) -> new, atomically (f travels as a closure)
-function ops.update_with(objs, id, k, f)
-  local d = objs[id].data
-  d[k] = f(d[k])
-  return d[k]
-end
+local ops = S.ops
 
 local function serve(requests)
   local objs = {}
+  S.start(objs)
+  local now = core.now
   while true do
-    local req = requests:get()
-    local op = req[1]
-    if op == "stop" then
-      if req[2] then req[2]:put { true } req[2]:close() end
-      return
+    -- while a process holds a lock or waits, wake for the next deadline or look-out
+    local req
+    if S.active then req = requests:get(math.max(0, S.next_tick - now())) else req = requests:get() end
+    if type(req) == "table" then
+      local op = req[1]
+      if op == "stop" then
+        if req[2] then req[2]:put { true } req[2]:close() end
+        return
+      end
+      local f = ops[op]
+      local res
+      if not f then
+        res = { false, "unknown manager operation " .. tostring(op) }
+      elseif req[3] ~= nil and not objs[req[3]] and op ~= "new" then
+        res = { false, "the manager has no object " .. tostring(req[3]) }
+      else
+        S.req = req
+        res = table.pack(pcall(f, objs, req[3], req[4], req[5]))
+      end
+      -- no reply queue: a request sent without waiting; S.DEFER: a waiter answers later
+      if req[2] and res[2] ~= S.DEFER then
+        res.seq = req[6]  -- the caller matches it: a reply to a call it gave up on is dropped
+        local ok, err = pcall(req[2].put, req[2], res)
+        if not ok then req[2]:put { false, tostring(err), seq = req[6] } end
+        req[2]:close()  -- the call holds the other handle: the queue goes with the call
+      end
     end
-    local f = ops[op]
-    local res
-    if not f then
-      res = { false, "unknown manager operation " .. tostring(op) }
-    elseif req[3] ~= nil and not objs[req[3]] and op ~= "new" then
-      res = { false, "the manager has no object " .. tostring(req[3]) }
-    else
-      res = table.pack(pcall(f, objs, req[3], req[4], req[5]))
-    end
-    res.seq = req[6]  -- the caller matches it
-    local reply = req[2]
-    local ok, err = pcall(reply.put, reply, res)
-    if not ok then reply:put { false, tostring(err), seq = req[6] } end
-    reply:close()  -- the call holds the other handle: the queue goes with the call
+    if S.active and now() >= S.next_tick then S.tick() end
   end
 end
 
@@ -96,14 +71,7 @@ end
 -- it answers).
 local reqno = 0
 
-local function server_alive(pid)  -- a zombie counts as gone
-  if not core.kill(pid, 0) then return false end
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local stat = f:read("l") or ""
-  f:close()
-  return stat:match("^%d+ %b() (%a)") ~= "Z"
-end
+local server_alive = S.pid_alive  -- a zombie counts as gone
 
 -- what the arguments of an operation are, for the codec's "at value[4]" and "at value[5]"
 local function arg_names(op, p, a)
@@ -134,7 +102,7 @@ local function call(mgr, op, id, a, b, p)
   local res
   while true do
     local why
-    res, why = reply:get(1)
+    res, why = reply:get(0.25)  -- a manager that died is noticed within a second
     if res ~= nil then
       if res.seq == no then break end  -- else: the late reply of an abandoned call
     elseif why == "interrupted" then error("interrupted!", 0)
@@ -152,21 +120,6 @@ function M.Manager()
   return setmetatable({ _requests = requests, _proc = proc, _pid = proc.pid, _pid_owner = core.getpid() }, Manager)
 end
 
-local function proxy(mgr, mt, kind, init)
-  if init ~= nil and type(init) ~= "table" then error("bad argument #1 (table expected, got " .. type(init) .. ")", 3) end
-  local id = call(mgr, "new", nil, kind, init)
-  return setmetatable({ _m = { _requests = mgr._requests, _pid = mgr._pid }, _id = id }, mt)
-end
-
-function Manager:dict(init) return proxy(self, DictProxy, "dict", init) end
-function Manager:list(init) return proxy(self, ListProxy, "list", init) end
--- Our queues, locks and shared values already work across processes.
-function Manager:Queue(...) return core.Queue(...) end
-function Manager:Value(...) return require("multiprocessing.shared").Value(...) end
-function Manager:Array(...) return require("multiprocessing.shared").Array(...) end
-function Manager:Lock() return require("multiprocessing.sync").Lock() end
-function Manager:Event() return require("multiprocessing.sync").Event() end
-
 function Manager:shutdown()
   if self._pid_owner ~= core.getpid() or self._stopped then return end
   self._stopped = true
@@ -181,41 +134,554 @@ Manager.__gc = Manager.shutdown
 
 --------------------------------------------------------------- the proxies
 
-local function op(p, name, a, b) return call(p._m, name, p._id, a, b, p) end
+-- the name of a proxy in errors: dict, list, set, Namespace, Value, Array, Lock..., or a registered type
+local function short(p) return rawget(p, "_kind") or rawget(p, "_type") or getmetatable(p).__short end
+local function fmtkey(k)
+  if type(k) == "string" then return ("'%s'"):format(k) end
+  return tostring(k)
+end
+-- the user's call: dict['x'], dict['x']:update_with(), list:pop()
+local function describe(p, meth, key)
+  local who = short(p)
+  if meth:sub(1, 1) == "." then return who .. meth end  -- a field: Value.value, Barrier.broken
+  if who == "Namespace" and (meth == "get" or meth == "set") then return who .. "." .. tostring(key) end
+  if meth == "get" or meth == "set" then return ("%s[%s]"):format(who, fmtkey(key)) end
+  if key ~= nil then return ("%s[%s]:%s()"):format(who, fmtkey(key), meth) end
+  return ("%s:%s()"):format(who, meth)
+end
 
--- p[k] is a method, or the server's value for k
-local function indexer(methods)
-  return function(p, k)
-    local m = methods[k]
-    if m then return m end
-    return op(p, "get", k)
+-- an operation inside the server itself (a proxy stored in a manager object, used by a function
+-- that runs there: update_with, sort's cmp, a registered type's method): served directly
+local function local_call(name, id, a, b)
+  local saved = S.req
+  S.req = {}  -- no reply queue: an operation that would wait raises
+  local res = table.pack(pcall(S.ops[name], S.objs, id, a, b))
+  S.req = saved
+  return res[1], res[2]
+end
+
+local function in_server(m) return S.pid and S.pid == m._pid and core.getpid() == S.pid end
+
+-- ok, result or error: one operation on the server
+local function try(p, name, a, b)
+  if in_server(p._m) then return local_call(name, p._id, a, b) end
+  return pcall(call, p._m, name, p._id, a, b, p)
+end
+
+-- the level, for error() called here, of the first Lua function outside this file: the
+-- user's call (tail calls and metamethods make a fixed level wrong)
+local THIS = debug.getinfo(1, "S").source
+local function user_level()
+  local l = 3
+  while true do
+    local info = debug.getinfo(l, "S")
+    if not info then return 1 end
+    if info.source ~= THIS and info.what ~= "C" then return l - 1 end
+    l = l + 1
   end
 end
-local function newindex(p, k, v) op(p, "set", k, v) end
-local function len(p) return op(p, "len") end
 
-DictProxy.__index, DictProxy.__newindex, DictProxy.__len = indexer(dict_methods), newindex, len
-DictProxy.__pairs = function(p) return next, op(p, "copy"), nil end
+-- raises err from operation meth on p at the user's call, naming the call
+local function fail(p, err, meth, key)
+  if type(err) ~= "string" then error(err, 0) end  -- the user's own error value, intact
+  err = err:gsub("^[^\n]-manager%.lua:%d+: ", "")
+  if err == "interrupted!" then error(err, 0) end
+  error(describe(p, meth, key) .. ": " .. err, user_level())
+end
+
+-- one operation, from a method or metamethod called by the user
+local function op(p, name, a, b, meth, key)
+  local ok, r = try(p, name, a, b)
+  if not ok then fail(p, r, meth or name, key) end
+  return r
+end
+
+-- an operation that cannot fail on the server, sent without waiting for its answer. The
+-- manager's death is looked for at most every 0.1 s here (a full look reads /proc).
+local checked = {}  -- manager pid -> when it was last seen alive
+local function send(p, name, a, b, meth, key)
+  local m = p._m
+  if in_server(m) then
+    local ok, r = local_call(name, p._id, a, b)
+    if not ok then fail(p, r, meth, key) end
+    return
+  end
+  local t = core.now()
+  if t - (checked[m._pid] or 0) > 0.1 then
+    if not server_alive(m._pid) then fail(p, "the manager process is gone", meth, key) end
+    checked[m._pid] = t
+  end
+  local sent, err = pcall(m._requests.put, m._requests, { name, false, p._id, a, b })
+  if not sent then  -- name the user's value, not our request's layout
+    local n4, n5 = arg_names(name, p, a)
+    err = tostring(err):gsub("^[^\n]-manager%.lua:%d+: ", "")
+      :gsub("at value%[4%]", function() return "at " .. n4 end)
+      :gsub("at value%[5%]", function() return "at " .. n5 end)
+    fail(p, err, meth, key)
+  end
+end
+
+local function bad_key(p, k)
+  if k == nil then fail(p, "a key cannot be nil", "set", k) end
+  if k ~= k then fail(p, "a key cannot be NaN", "set", k) end
+end
+
+-- a new proxy of class mt for object id of manager mgr (fields: extra ones, e.g. _kind)
+local function mk(mgr, mt, id, fields)
+  local p = fields or {}
+  p._m, p._id = { _requests = mgr._requests, _pid = mgr._pid }, id
+  return setmetatable(p, mt)
+end
+
+-- a class of proxies: methods, and what p[k] is when k is no method (nil: nothing)
+local function class(name, short_name, methods, get)
+  local mt = { __name = "multiprocessing." .. name, __short = short_name }
+  mt.__index = function(p, k)
+    local f = methods[k]
+    if f ~= nil then return f end
+    if get then return get(p, k) end
+  end
+  mt.__tostring = function(p) return ("<%s %d of a Manager>"):format(name, p._id) end
+  core.register_metatable(mt.__name, mt)
+  return mt
+end
+
+-- iterators over a copy: pairs(proxy) makes one request
+local function ipairs_copy(t)
+  return function(c, i) i = i + 1 local v = c[i] if v ~= nil then return i, v end end, t, 0
+end
+
+local function totable_of(x)
+  local mt = getmetatable(x)
+  local kind = mt and mt.__short
+  if kind == "list" or kind == "Array" or kind == "dict" then return x:totable() end
+  if type(x) ~= "table" then error(("attempt to concatenate a %s value"):format(type(x)), 3) end
+  return x
+end
+-- l .. t, t .. l, l .. l2: a plain table
+local function concat(a, b)
+  local r, ta, tb = {}, totable_of(a), totable_of(b)
+  for i = 1, #ta do r[i] = ta[i] end
+  for i = 1, #tb do r[#r + 1] = tb[i] end
+  return r
+end
+
+local function check_index(p, i, what)
+  if math.type(i) ~= "integer" then
+    error(("%s: an integer index is required, got %s"):format(describe(p, what), type(i) == "number" and tostring(i) or type(i)), 3)
+  end
+end
+
+-------------------------------------------------------------------- dict
+
+DictProxy.__short = "dict"
+-- p[k]: a method, or the server's value for k
+local function index_with(methods)
+  return function(p, k)
+    local f = methods[k]
+    if f then return f end
+    return op(p, "get", k, nil, "get", k)
+  end
+end
+DictProxy.__index = index_with(dict_methods)
+DictProxy.__newindex = function(p, k, v)
+  bad_key(p, k)
+  send(p, "set", k, v, "set", k)
+end
+DictProxy.__len = function(p) return op(p, "len", nil, nil, "len") end
+DictProxy.__pairs = function(p) return next, op(p, "copy", nil, nil, "pairs"), nil end
 DictProxy.__tostring = function(p) return ("<DictProxy %d of a Manager>"):format(p._id) end
 
-function dict_methods.get(p, k, default) local v = op(p, "get", k) if v == nil then return default end return v end
-function dict_methods.totable(p) return op(p, "copy") end
-function dict_methods.pop(p, k, default) return op(p, "pop", k, default) end
-function dict_methods.update(p, t) op(p, "update", t) end
-function dict_methods.clear(p) op(p, "clear") end
-function dict_methods.update_with(p, k, f) return op(p, "update_with", k, f) end
-function dict_methods.keys(p) local t, ks = op(p, "copy"), {} for k in pairs(t) do ks[#ks + 1] = k end return ks end
-function dict_methods.values(p) local t, vs = op(p, "copy"), {} for _, v in pairs(t) do vs[#vs + 1] = v end return vs end
+function dict_methods.get(p, k, default)
+  local v = op(p, "get", k, nil, "get", k)
+  if v == nil then return default end
+  return v
+end
+function dict_methods.set(p, k, v) bad_key(p, k) send(p, "set", k, v, "set", k) end
+function dict_methods.totable(p) return op(p, "copy", nil, nil, "totable") end
+function dict_methods.pop(p, k, default) return op(p, "pop", k, default, "pop", k) end
+function dict_methods.popitem(p)
+  local kv = op(p, "popitem", nil, nil, "popitem")
+  return kv[1], kv[2]
+end
+function dict_methods.setdefault(p, k, default) bad_key(p, k) return op(p, "setdefault", k, default, "setdefault", k) end
+function dict_methods.fromkeys(p, keys, v)
+  if type(keys) ~= "table" then error(("%s: bad argument #1 (table expected, got %s)"):format(describe(p, "fromkeys"), type(keys)), 2) end
+  if v == nil then v = true end
+  op(p, "fromkeys", keys, v, "fromkeys")
+  return p
+end
+function dict_methods.update(p, t)
+  if type(t) ~= "table" then error(("%s: bad argument #1 (table expected, got %s)"):format(describe(p, "update"), type(t)), 2) end
+  if getmetatable(t) == DictProxy then t = t:totable() end
+  op(p, "update", t, nil, "update")
+end
+function dict_methods.clear(p) op(p, "clear", nil, nil, "clear") end
+function dict_methods.update_with(p, k, f) bad_key(p, k) return op(p, "update_with", k, f, "update_with", k) end
+function dict_methods.has(p, k) return op(p, "contains", k, nil, "has", k) end
+function dict_methods.keys(p) return op(p, "keys", nil, nil, "keys") end
+function dict_methods.values(p) return op(p, "values", nil, nil, "values") end
+function dict_methods.items(p) return op(p, "items", nil, nil, "items") end
 
-ListProxy.__index, ListProxy.__newindex, ListProxy.__len = indexer(list_methods), newindex, len
+-------------------------------------------------------------------- list
+
+ListProxy.__short = "list"
+ListProxy.__index = index_with(list_methods)
+ListProxy.__newindex = function(p, k, v) op(p, "set", k, v, "set", k) end
+ListProxy.__len = function(p) return op(p, "len", nil, nil, "len") end
+ListProxy.__pairs = function(p) return ipairs_copy(op(p, "copy", nil, nil, "pairs")) end
+ListProxy.__concat = concat
 ListProxy.__tostring = function(p) return ("<ListProxy %d of a Manager>"):format(p._id) end
 
-function list_methods.append(p, v) op(p, "append", v) end
-function list_methods.extend(p, t) op(p, "extend", t) end
-function list_methods.insert(p, i, v) op(p, "insert", i, v) end
-function list_methods.pop(p, i) return op(p, "pop", i) end
-function list_methods.totable(p) return op(p, "copy") end
-function list_methods.clear(p) op(p, "clear") end
+function list_methods.append(p, v) send(p, "append", v, nil, "append") end
+function list_methods.extend(p, t)
+  if type(t) ~= "table" then error(("%s: bad argument #1 (table expected, got %s)"):format(describe(p, "extend"), type(t)), 2) end
+  if getmetatable(t) then t = totable_of(t) end
+  op(p, "extend", t, nil, "extend")
+end
+function list_methods.insert(p, i, v) check_index(p, i, "insert") op(p, "insert", i, v, "insert") end
+function list_methods.pop(p, i)
+  if i ~= nil then check_index(p, i, "pop") end
+  return op(p, "pop", i, nil, "pop")
+end
+function list_methods.totable(p) return op(p, "copy", nil, nil, "totable") end
+function list_methods.clear(p) op(p, "clear", nil, nil, "clear") end
+function list_methods.slice(p, i, j) return op(p, "slice", i, j, "slice") end
+function list_methods.count(p, v) return op(p, "count", v, nil, "count") end
+function list_methods.index(p, v, i, j) return op(p, "index", v, { i, j }, "index") end
+function list_methods.contains(p, v) return op(p, "contains", v, nil, "contains") end
+function list_methods.remove(p, v) op(p, "remove", v, nil, "remove") end
+function list_methods.reverse(p) op(p, "reverse", nil, nil, "reverse") end
+function list_methods.sort(p, cmp)
+  if cmp ~= nil and type(cmp) ~= "function" then
+    error(("%s: bad argument #1 (function expected, got %s)"):format(describe(p, "sort"), type(cmp)), 2)
+  end
+  op(p, "sort", cmp, nil, "sort")
+end
+
+-------------------------------------------------------------------- set
+
+local set_methods = {}
+local SetProxy = class("SetProxy", "set", set_methods)
+SetProxy.__len = function(p) return op(p, "len", nil, nil, "len") end
+SetProxy.__pairs = function(p) return next, op(p, "copy", nil, nil, "pairs"), nil end
+function set_methods.add(p, v) bad_key(p, v) send(p, "add", v, nil, "add") end
+function set_methods.discard(p, v) op(p, "discard", v, nil, "discard") end
+function set_methods.remove(p, v) op(p, "remove", v, nil, "remove") end
+function set_methods.contains(p, v) return op(p, "contains", v, nil, "contains") end
+function set_methods.pop(p) return op(p, "pop", nil, nil, "pop") end
+function set_methods.clear(p) op(p, "clear", nil, nil, "clear") end
+function set_methods.update(p, t) op(p, "update", t, nil, "update") end
+function set_methods.totable(p) return op(p, "copy", nil, nil, "totable") end
+function set_methods.values(p) return op(p, "keys", nil, nil, "values") end
+
+-------------------------------------------------------------------- Namespace
+
+local NamespaceProxy = class("NamespaceProxy", "Namespace", {}, function(p, k) return op(p, "get", k, nil, "get", k) end)
+NamespaceProxy.__newindex = function(p, k, v) bad_key(p, k) send(p, "set", k, v, "set", k) end
+NamespaceProxy.__pairs = function(p) return next, op(p, "copy", nil, nil, "pairs"), nil end
+NamespaceProxy.__tostring = function(p)
+  local ok, t = try(p, "copy")
+  if not ok then return ("<NamespaceProxy %d of a gone Manager>"):format(p._id) end
+  local parts = {}
+  for k, v in pairs(t) do parts[#parts + 1] = ("%s=%s"):format(tostring(k), type(v) == "string" and ("%q"):format(v) or tostring(v)) end
+  table.sort(parts)
+  return "Namespace(" .. table.concat(parts, ", ") .. ")"
+end
+
+-------------------------------------------------------------------- Value and Array
+
+local INT_CODES = "bBhHiIlLqQ"
+local function check_typecode(tc, level)
+  if type(tc) ~= "string" or #tc ~= 1 or not (INT_CODES .. "fdcu"):find(tc, 1, true) then
+    error(("bad typecode %s (one of b B h H i I l L q Q f d c u)"):format(tostring(tc)), level + 1)
+  end
+end
+-- v as typecode tc stores it; raises at level naming who
+local function coerce(tc, v, who, level)
+  if INT_CODES:find(tc, 1, true) then
+    local i = math.tointeger(v)
+    if i then return i end
+    error(("%s: an integer is required (typecode '%s'), got %s"):format(who, tc, type(v) == "number" and tostring(v) or type(v)), level + 1)
+  elseif tc == "f" or tc == "d" then
+    if type(v) == "number" then return v + 0.0 end
+    error(("%s: a number is required (typecode '%s'), got %s"):format(who, tc, type(v)), level + 1)
+  end
+  if type(v) == "string" then return v end
+  error(("%s: a string is required (typecode '%s'), got %s"):format(who, tc, type(v)), level + 1)
+end
+
+local value_methods = {}
+local ValueProxy = class("ValueProxy", "Value", value_methods, function(p, k)
+  if k == "value" then return op(p, "get", 1, nil, ".value") end
+end)
+ValueProxy.__newindex = function(p, k, v)
+  if k ~= "value" then error(("Value: no field %s to set (only .value)"):format(tostring(k)), 2) end
+  op(p, "set", 1, coerce(p._tc, v, "Value.value", 2), ".value")
+end
+ValueProxy.__tostring = function(p)
+  local ok, v = try(p, "get", 1)
+  return ("<ValueProxy('%s', %s) of a Manager>"):format(p._tc, ok and tostring(v) or "?")
+end
+function value_methods.get(p) return op(p, "get", 1, nil, "get") end
+function value_methods.set(p, v) op(p, "set", 1, coerce(p._tc, v, "Value:set()", 2), "set") end
+
+local array_methods = {}
+local ArrayProxy = class("ArrayProxy", "Array", array_methods, function(p, k) return op(p, "get", k, nil, "get", k) end)
+ArrayProxy.__newindex = function(p, k, v)
+  op(p, "set", k, coerce(p._tc, v, describe(p, "set", k), 2), "set", k)
+end
+ArrayProxy.__len = function(p) return op(p, "len", nil, nil, "len") end
+ArrayProxy.__pairs = function(p) return ipairs_copy(op(p, "copy", nil, nil, "pairs")) end
+ArrayProxy.__concat = concat
+function array_methods.totable(p) return op(p, "copy", nil, nil, "totable") end
+function array_methods.slice(p, i, j) return op(p, "slice", i, j, "slice") end
+function array_methods.count(p, v) return op(p, "count", v, nil, "count") end
+function array_methods.index(p, v, i, j) return op(p, "index", v, { i, j }, "index") end
+function array_methods.contains(p, v) return op(p, "contains", v, nil, "contains") end
+
+-------------------------------------------------------------------- synchronization
+
+-- timeout as the sync module takes it: nil forever, negative 0
+local function timeout_of(p, meth, t, level)
+  if t == nil then return nil end
+  if type(t) ~= "number" or t ~= t then
+    error(("%s: bad timeout (number expected, got %s)"):format(describe(p, meth), t ~= t and "nan" or type(t)), level + 1)
+  end
+  return t < 0 and 0 or t
+end
+local function blocking_args(p, meth, blocking, timeout)
+  if type(blocking) == "number" then blocking, timeout = true, blocking end
+  return { pid = core.getpid(), blocking = blocking ~= false, timeout = timeout_of(p, meth, timeout, 3) }
+end
+
+-- an operation that may wait on the server: interrupted (Ctrl-C), it is cancelled there
+local function wait_op(p, name, a, meth)
+  a.pid = a.pid or core.getpid()
+  local ok, r = try(p, name, a)
+  if not ok then
+    -- (lua.c's Ctrl-C hook may have raised it, with the place where it struck)
+    if type(r) == "string" and r:find("interrupted!$") then pcall(send, p, "cancel", { pid = a.pid, seq = reqno }, nil, "cancel") end
+    fail(p, r, meth, nil)
+  end
+  return r
+end
+
+local function guard(lock, ...)
+  return setmetatable({ release = function(g)
+    if not g.done then g.done = true lock:release() end
+  end }, { __close = function(g) g:release() end }), ...
+end
+
+local lock_methods = {}
+function lock_methods.acquire(p, blocking, timeout)
+  local r = wait_op(p, "acquire", blocking_args(p, "acquire", blocking, timeout), "acquire")
+  if r == "owner died" then return true, r end
+  return r
+end
+function lock_methods.release(p, n)
+  local ok, r = try(p, "release", { pid = core.getpid(), n = n })
+  if not ok then fail(p, r, "release", nil) end
+end
+function lock_methods.hold(p, timeout)
+  local ok, why = p:acquire(true, timeout)
+  if not ok then error(describe(p, "hold") .. ": timeout", 2) end
+  return guard(p, why)
+end
+function lock_methods.locked(p) return op(p, "sync_state", { pid = core.getpid() }, nil, "locked").locked end
+function lock_methods.is_owned(p) return op(p, "sync_state", { pid = core.getpid() }, nil, "is_owned").owned end
+function lock_methods.get_value(p) return op(p, "sync_state", {}, nil, "get_value").value end
+local LockProxy = class("LockProxy", "Lock", lock_methods)
+LockProxy.__tostring = function(p)
+  local ok, st = try(p, "sync_state", { pid = core.getpid() })
+  if not ok then return ("<%s proxy of a gone Manager>"):format(p._kind) end
+  if st.value then return ("<%s proxy (value %d) of a Manager>"):format(p._kind, st.value) end
+  return ("<%s proxy (%s) of a Manager>"):format(p._kind,
+    st.locked and ("locked by pid %d"):format(st.owner) or "unlocked")
+end
+
+local cond_methods = setmetatable({}, { __index = lock_methods })
+function cond_methods.wait(p, timeout)
+  return wait_op(p, "wait", { timeout = timeout_of(p, "wait", timeout, 2) }, "wait")
+end
+function cond_methods.wait_for(p, predicate, timeout)
+  timeout = timeout_of(p, "wait_for", timeout, 2)
+  local deadline = timeout and core.now() + timeout
+  local r = predicate()
+  while not r do
+    local left = deadline and deadline - core.now()
+    if left and left <= 0 then break end
+    p:wait(left)
+    r = predicate()
+  end
+  return r
+end
+function cond_methods.notify(p, n) op(p, "notify", { pid = core.getpid(), n = n or 1 }, nil, "notify") end
+function cond_methods.notify_all(p) op(p, "notify", { pid = core.getpid(), n = math.huge }, nil, "notify_all") end
+local ConditionProxy = class("ConditionProxy", "Condition", cond_methods)
+
+local event_methods = {}
+function event_methods.set(p) op(p, "event_set", nil, nil, "set") end
+function event_methods.clear(p) op(p, "event_clear", nil, nil, "clear") end
+function event_methods.is_set(p) return op(p, "sync_state", {}, nil, "is_set").set end
+function event_methods.wait(p, timeout)
+  return wait_op(p, "wait", { timeout = timeout_of(p, "wait", timeout, 2) }, "wait")
+end
+local EventProxy = class("EventProxy", "Event", event_methods)
+
+local barrier_methods = {}
+function barrier_methods.wait(p, timeout)
+  return wait_op(p, "wait", { timeout = timeout_of(p, "wait", timeout, 2) }, "wait")
+end
+function barrier_methods.abort(p) op(p, "abort", nil, nil, "abort") end
+function barrier_methods.reset(p) op(p, "reset", nil, nil, "reset") end
+local BarrierProxy = class("BarrierProxy", "Barrier", barrier_methods, function(p, k)
+  if k == "parties" or k == "n_waiting" or k == "broken" then
+    local v = op(p, "sync_state", {}, nil, "." .. k)[k]
+    if k == "broken" then return v ~= false end
+    return v
+  end
+end)
+
+-------------------------------------------------------------------- registered types
+
+-- p:name(...) calls method name of the object on the server and returns its results
+local callers = setmetatable({}, { __mode = "v" })
+local UserProxy
+UserProxy = class("UserProxy", "object", {}, function(_, k)
+  if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
+  local f = callers[k]
+  if not f then
+    f = function(p, ...)
+      if getmetatable(p) ~= UserProxy then
+        error(("bad self for method %s (call it as proxy:%s(...))"):format(k, k), 2)
+      end
+      local r = op(p, "callmethod", k, table.pack(...), k)
+      return table.unpack(r, 1, r.n)
+    end
+    callers[k] = f
+  end
+  return f
+end)
+UserProxy.__tostring = function(p) return ("<%s proxy %d of a Manager>"):format(p._type, p._id) end
+
+-------------------------------------------------------------------- the Manager's makers
+
+-- an operation of the manager itself (making an object), naming the user's call `what`
+local function mcall(mgr, name, a, b, what)
+  local ok, r = pcall(call, mgr, name, nil, a, b)
+  if not ok then
+    if type(r) ~= "string" then error(r, 0) end
+    r = r:gsub("^[^\n]-manager%.lua:%d+: ", "")
+    error(what .. ": " .. r, user_level())
+  end
+  return r
+end
+
+local function proxy(mgr, mt, kind, init)
+  if init ~= nil and type(init) ~= "table" then
+    error(("bad argument #1 to '%s' (table expected, got %s)"):format(kind, type(init)), user_level())
+  end
+  if init ~= nil and getmetatable(init) then init = totable_of(init) end
+  return mk(mgr, mt, mcall(mgr, "new", kind, init, kind .. "()"))
+end
+
+function Manager:dict(init) return proxy(self, DictProxy, "dict", init) end
+function Manager:list(init) return proxy(self, ListProxy, "list", init) end
+function Manager:Namespace(init) return proxy(self, NamespaceProxy, "Namespace", init) end
+function Manager:set(init)
+  if init ~= nil and type(init) ~= "table" then error("bad argument #1 to 'set' (table expected, got " .. type(init) .. ")", 2) end
+  local s = {}
+  for _, v in ipairs(init or {}) do s[v] = true end
+  return mk(self, SetProxy, mcall(self, "new", "set", s, "set()"))
+end
+
+function Manager:Value(typecode, value)
+  check_typecode(typecode, 2)
+  if value == nil then value = ("fd"):find(typecode, 1, true) and 0.0 or ("cu"):find(typecode, 1, true) and "" or 0 end
+  value = coerce(typecode, value, "Value()", 2)
+  return mk(self, ValueProxy, mcall(self, "new", "Value", { value }, "Value()"), { _tc = typecode })
+end
+
+function Manager:Array(typecode, init)
+  check_typecode(typecode, 2)
+  local data = {}
+  if math.type(init) == "integer" and init >= 0 then
+    local zero = ("fd"):find(typecode, 1, true) and 0.0 or ("cu"):find(typecode, 1, true) and "\0" or 0
+    for i = 1, init do data[i] = zero end
+  elseif type(init) == "table" then
+    init = totable_of(init)
+    for i = 1, #init do data[i] = coerce(typecode, init[i], ("Array(): item %d"):format(i), 2) end
+  else
+    error("bad argument #2 to 'Array' (a size >= 0 or a table expected, got " .. (type(init) == "number" and tostring(init) or type(init)) .. ")", 2)
+  end
+  return mk(self, ArrayProxy, mcall(self, "new", "Array", data, "Array()"), { _tc = typecode })
+end
+
+function Manager:Lock() return mk(self, LockProxy, mcall(self, "new_lock", "Lock", nil, "Lock()"), { _kind = "Lock" }) end
+function Manager:RLock() return mk(self, LockProxy, mcall(self, "new_lock", "RLock", nil, "RLock()"), { _kind = "RLock" }) end
+
+local function semaphore(self, kind, value)
+  if value == nil then value = 1 end
+  if math.type(value) ~= "integer" or value < 0 then
+    error(("bad argument #1 to '%s' (an integer >= 0 expected, got %s)"):format(kind, tostring(value)), user_level())
+  end
+  return mk(self, LockProxy, mcall(self, "new_semaphore", kind, value, kind .. "()"), { _kind = kind })
+end
+function Manager:Semaphore(value) return semaphore(self, "Semaphore", value) end
+function Manager:BoundedSemaphore(value) return semaphore(self, "BoundedSemaphore", value) end
+
+function Manager:Condition(lock)
+  local lock_id
+  if lock ~= nil then
+    if getmetatable(lock) ~= LockProxy or (lock._kind ~= "Lock" and lock._kind ~= "RLock") or lock._m._pid ~= self._pid then
+      error("bad argument #1 to 'Condition' (a Lock or RLock of this manager expected)", 2)
+    end
+    lock_id = lock._id
+  end
+  return mk(self, ConditionProxy, mcall(self, "new_condition", lock_id, nil, "Condition()"))
+end
+
+function Manager:Event() return mk(self, EventProxy, mcall(self, "new_event", nil, nil, "Event()")) end
+
+function Manager:Barrier(parties, action, timeout)
+  if math.type(parties) ~= "integer" or parties < 1 then
+    error("bad argument #1 to 'Barrier' (an integer >= 1 expected, got " .. tostring(parties) .. ")", 2)
+  end
+  if action ~= nil and type(action) ~= "function" then
+    error("bad argument #2 to 'Barrier' (function expected, got " .. type(action) .. ")", 2)
+  end
+  if timeout ~= nil and type(timeout) ~= "number" then
+    error("bad argument #3 to 'Barrier' (number expected, got " .. type(timeout) .. ")", 2)
+  end
+  return mk(self, BarrierProxy, mcall(self, "new_barrier", parties, { action = action, timeout = timeout }, "Barrier()"))
+end
+
+-- Our queues are already shared between processes: the manager's are those.
+function Manager:Queue(...) return core.Queue(...) end
+function Manager:JoinableQueue(...) return core.JoinableQueue(...) end
+
+--- manager:register(typename, constructor [, {exposed = {names}}]): manager:<typename>(...) then
+--- makes constructor(...) on the server and returns a proxy whose methods run there
+function Manager:register(typename, ctor, opts)
+  if type(typename) ~= "string" or not typename:match("^[%a_][%w_]*$") then
+    error("bad argument #1 to 'register' (a name expected, got " .. tostring(typename) .. ")", 2)
+  end
+  if Manager[typename] ~= nil then
+    error(("bad argument #1 to 'register' (%s is a method of Manager)"):format(typename), 2)
+  end
+  if type(ctor) ~= "function" then
+    error("bad argument #2 to 'register' (function expected, got " .. type(ctor) .. ")", 2)
+  end
+  local exposed = opts and opts.exposed
+  if exposed ~= nil and type(exposed) ~= "table" then
+    error("bad argument #3 to 'register' (exposed: a list of method names expected)", 2)
+  end
+  mcall(self, "register", typename, { ctor = ctor, exposed = exposed }, "register()")
+  rawset(self, typename, function(mgr, ...)
+    return mk(mgr, UserProxy, mcall(mgr, "new_user", typename, table.pack(...), typename .. "()"), { _type = typename })
+  end)
+end
 
 -- proxies travel by value with their metatable registered by name
 core.register_metatable(DictProxy.__name, DictProxy)
