@@ -335,16 +335,18 @@ static int proc_now(lua_State *L) { lua_pushnumber(L, mp_now()); return 1; }
 #define SENTINEL "multiprocessing.Sentinel"
 typedef struct sentinel { int fd; } sentinel;
 
-/* core.sentinel(pid) -> Sentinel | nil, message, code */
+/* core.sentinel(pid [, ended]) -> Sentinel | nil, message, code
+** ended: the caller has the exit status already (the pid may be reused). */
 static int proc_sentinel(lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
   luaL_argcheck(L, pid > 0, 1, "pid must be positive");
+  int ended = lua_toboolean(L, 2);
   sentinel *s = lua_newuserdatauv(L, sizeof *s, 0);  /* closed until it owns the fd */
   s->fd = -1;
   luaL_setmetatable(L, SENTINEL);
   kid *k = findkid(pid);
   int fd;
-  if (k && k->done) {
+  if (ended || (k && k->done)) {
     fd = eventfd(1, EFD_CLOEXEC);
     if (fd < 0) return mp_pusherrno(L, "eventfd");
   } else {

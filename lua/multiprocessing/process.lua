@@ -38,9 +38,26 @@ local function cleanup()
   for _, p in pairs(children) do poll(p) end
 end
 
+-- The sentinel: a descriptor readable once the process has ended (a pidfd, see
+-- src/process.c), made on first use and owned by the object (close or GC closes it).
+local function sentinel(p)
+  if rawget(p, "_closed") then error("cannot get the sentinel: the process object is closed", 3) end
+  if not p.pid then error("cannot get the sentinel of a process that was not started", 3) end
+  if p._pid_owner ~= core.getpid() then error("can only get the sentinel of a child process", 3) end
+  local s = rawget(p, "_sentinel")
+  if not s then
+    local err
+    s, err = core.sentinel(p.pid, poll(p) ~= nil)
+    if not s then error("cannot get the sentinel: " .. tostring(err), 3) end
+    rawset(p, "_sentinel", s)
+  end
+  return s:fileno()
+end
+
 -- exitcode is read live: nil while the process runs
 function Process.__index(p, k)
   if k == "exitcode" then return poll(p) end
+  if k == "sentinel" then return sentinel(p) end
   return methods[k]
 end
 
@@ -204,7 +221,6 @@ function methods.start(p)
     core._exit(ok and 0 or 1)
   end
   p.pid, p.ident, p._pid_owner = pid, pid, core.getpid()
-  p.sentinel = pid
   p.target, p.args, p.run = nil, nil, nil  -- the child has them: let them be collected (as Python does)
   children[pid] = p
   return p
@@ -256,6 +272,7 @@ function methods.close(p)
   if rawget(p, "_closed") then return end
   if p.pid and p.exitcode == nil then error("cannot close a process while it is still running", 2) end
   if p._results then p._results:close() end
+  if rawget(p, "_sentinel") then p._sentinel:close() end
   p._closed = true
 end
 
