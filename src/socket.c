@@ -167,22 +167,29 @@ static int bind_listen(const struct sockaddr *sa, socklen_t len, int backlog, in
   return fd;
 }
 
-/* core.listen(kind, a, b [, backlog]) -> Listener | nil, message, code */
-static int sock_listen(lua_State *L) {
+/* The arguments kind, a, b (at 1, 2, 3) of listen and connect: returns tcp;
+** a Unix address goes to *a, a TCP one to *host, *port (at least minport). */
+static int check_address(lua_State *L, addr *a, const char **host, lua_Integer *port, lua_Integer minport) {
   static const char *const kinds[] = { "unix", "tcp", NULL };
   int tcp = luaL_checkoption(L, 1, NULL, kinds) == 1;
-  lua_Integer backlog = luaL_optinteger(L, 4, BACKLOG);
-  luaL_argcheck(L, backlog > 0 && backlog <= INT_MAX, 4, "backlog must be positive");
+  if (tcp) {
+    *host = luaL_checkstring(L, 2);
+    *port = luaL_checkinteger(L, 3);
+    luaL_argcheck(L, *port >= minport && *port <= 65535, 3, "port out of range");
+  } else {
+    unix_addr(L, 2, a);
+  }
+  return tcp;
+}
+
+/* core.listen(kind, a, b [, backlog]) -> Listener | nil, message, code */
+static int sock_listen(lua_State *L) {
   addr a;
   const char *host = NULL;
   lua_Integer port = 0;
-  if (tcp) {
-    host = luaL_checkstring(L, 2);
-    port = luaL_checkinteger(L, 3);
-    luaL_argcheck(L, port >= 0 && port <= 65535, 3, "port out of range (0-65535)");
-  } else {
-    unix_addr(L, 2, &a);
-  }
+  int tcp = check_address(L, &a, &host, &port, 0);
+  lua_Integer backlog = luaL_optinteger(L, 4, BACKLOG);
+  luaL_argcheck(L, backlog > 0 && backlog <= INT_MAX, 4, "backlog must be positive");
   listener *l = lua_newuserdatauv(L, sizeof(listener), 0);  /* closed until it owns the fd */
   memset(l, 0, sizeof *l);
   l->fd = -1;
@@ -330,18 +337,10 @@ static int try_connect(lua_State *L, const struct sockaddr *sa, socklen_t len, d
 ** retry: a refused or missing address is tried again until the deadline (a
 ** Client started before its Listener). A full backlog (EAGAIN) is always waited out. */
 static int sock_connect(lua_State *L) {
-  static const char *const kinds[] = { "unix", "tcp", NULL };
-  int tcp = luaL_checkoption(L, 1, NULL, kinds) == 1;
   addr a;
   const char *host = NULL;
   lua_Integer port = 0;
-  if (tcp) {
-    host = luaL_checkstring(L, 2);
-    port = luaL_checkinteger(L, 3);
-    luaL_argcheck(L, port > 0 && port <= 65535, 3, "port out of range (1-65535)");
-  } else {
-    unix_addr(L, 2, &a);
-  }
+  int tcp = check_address(L, &a, &host, &port, 1);
   double deadline = mp_deadline(L, 4);
   int retry = lua_toboolean(L, 5) && deadline >= 0;
   lua_settop(L, 5);

@@ -140,7 +140,7 @@ local Listener = { __name = "multiprocessing.connection.Listener" }
 local lmethods = {}
 Listener.__index = lmethods
 Listener.__tostring = function(l)
-  return ("Listener(%s%s)"):format(show(l.address), l._l.closed and ", closed" or "")
+  return ("Listener(%s%s)"):format(show(l.address), rawget(l, "_closed") and ", closed" or "")
 end
 
 local function check_listener(l, fname)
@@ -215,6 +215,7 @@ end
 function lmethods.close(self)
   check_listener(self, "close")
   self._l:close()
+  self._closed = true
 end
 Listener.__close = lmethods.close
 
@@ -278,7 +279,8 @@ local function waitable(o, i)
   local name = type(mt) == "table" and rawget(mt, "__name")
   if name == "multiprocessing.Connection" then
     if o.closed then error(("wait: object #%d is a closed Connection"):format(i), 3) end
-    return o:fileno(), nil, o.readable and o:poll(0)
+    if not o.readable then error(("wait: object #%d is a write-only Connection"):format(i), 3) end
+    return o:fileno(), nil, o:poll(0)
   elseif name == "multiprocessing.Process" then
     return o.sentinel
   elseif name and QUEUES[name] then
