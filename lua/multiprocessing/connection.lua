@@ -270,9 +270,10 @@ end
 local QUEUES = { ["multiprocessing.Queue"] = true, ["multiprocessing.SimpleQueue"] = true,
                  ["multiprocessing.JoinableQueue"] = true }
 
--- How object #i is waited on: fd (a descriptor that polls readable when it is
--- ready, or may be), and ready (a function telling whether it is ready now, for
--- objects without a descriptor, or with data already buffered).
+-- How object #i is waited on: fd, a descriptor that polls readable when it is
+-- ready, or may be; ready, a function telling whether it is ready now (alone:
+-- looked at between short polls; with fd: asked when fd wakes, and once at the
+-- start); now, true when it is known ready already (a Connection's buffer).
 local function waitable(o, i)
   if math.type(o) == "integer" then return o end
   local mt = getmetatable(o)
@@ -281,11 +282,10 @@ local function waitable(o, i)
     if o.closed then error(("wait: object #%d is a closed Connection"):format(i), 3) end
     if not o.readable then error(("wait: object #%d is a write-only Connection"):format(i), 3) end
     return o:fileno(), nil, o:poll(0)
-  elseif name == "multiprocessing.Process" then
-    return o.sentinel
   elseif name and QUEUES[name] then
     return nil, function() return not o:empty() end
   end
+  -- the protocol (Listener and Process implement it too)
   local okf, fdf = pcall(function() return o._wait_fd end)
   local okr, rdf = pcall(function() return o._wait_ready end)
   fdf, rdf = okf and fdf or nil, okr and rdf or nil
@@ -311,34 +311,42 @@ function M.wait(objects, timeout)
   end
   local deadline = timeout and timeout ~= math.huge and core.now() + math.max(timeout, 0) or nil
   local n = #objects
-  local fds, fdobj = {}, {}          -- descriptors to poll, and whose they are
-  local checks, hit = {}, {}         -- objects checked by a call; ready object indexes
+  local fds, fdobj = {}, {}       -- descriptors to poll, and whose they are
+  local confirm = {}              -- object index -> its ready function
+  local pollers = {}              -- indexes of objects without a descriptor
+  local hit = {}                  -- indexes of the ready objects
   for i = 1, n do
     local fd, ready, now = waitable(objects[i], i)
     if fd then fds[#fds + 1], fdobj[#fds + 1] = fd, i end
-    if ready then checks[#checks + 1] = { i, ready } end
+    if ready then
+      confirm[i] = ready
+      if not fd then pollers[#pollers + 1] = i end
+      if ready() then now = true end
+    end
     if now then hit[i] = true end
   end
   local step = POLL_MIN
   while true do
-    local any = next(hit) ~= nil
-    for _, ch in ipairs(checks) do
-      if ch[2]() then hit[ch[1]] = true; any = true end
-    end
     local wait_for
-    if any then wait_for = 0
+    if next(hit) ~= nil then wait_for = 0
     elseif deadline then
       wait_for = math.max(deadline - core.now(), 0)
-      if #checks > 0 then wait_for = math.min(wait_for, step) end
+      if #pollers > 0 then wait_for = math.min(wait_for, step) end
     else
-      wait_for = #checks > 0 and step or nil
+      wait_for = #pollers > 0 and step or nil
     end
     local r, why = core.poll_fds(fds, wait_for)
     if not r then
       if why == "interrupted" then return nil, "interrupted" end
       error("wait: " .. tostring(why), 2)
     end
-    for _, k in ipairs(r) do hit[fdobj[k]] = true end
+    for _, k in ipairs(r) do
+      local i = fdobj[k]
+      if not hit[i] and (not confirm[i] or confirm[i]()) then hit[i] = true end
+    end
+    for _, i in ipairs(pollers) do
+      if not hit[i] and confirm[i]() then hit[i] = true end
+    end
     if next(hit) ~= nil or (deadline and core.now() >= deadline) then break end
     step = math.min(step * 2, POLL_MAX)
   end

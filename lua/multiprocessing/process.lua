@@ -40,19 +40,26 @@ end
 
 -- The sentinel: a descriptor readable once the process has ended (a pidfd, see
 -- src/process.c), made on first use and owned by the object (close or GC closes it).
-local function sentinel(p)
+-- soft: nil instead of an error when the kernel has no pidfd_open (Linux < 5.3, valgrind).
+local function sentinel(p, soft)
   if rawget(p, "_closed") then error("cannot get the sentinel: the process object is closed", 3) end
   if not p.pid then error("cannot get the sentinel of a process that was not started", 3) end
   if p._pid_owner ~= core.getpid() then error("can only get the sentinel of a child process", 3) end
   local s = rawget(p, "_sentinel")
   if not s then
-    local err
-    s, err = core.sentinel(p.pid, poll(p) ~= nil)
+    local err, code
+    s, err, code = core.sentinel(p.pid, poll(p) ~= nil)
+    if not s and soft and code == "ENOSYS" then return nil end
     if not s then error("cannot get the sentinel: " .. tostring(err), 3) end
     rawset(p, "_sentinel", s)
   end
   return s:fileno()
 end
+
+-- mp.connection.wait's protocol (docs/connection.md): the sentinel wakes the wait,
+-- the exit code confirms (and reaps); without pidfds, the exit code is polled
+function methods._wait_fd(p) return sentinel(p, true) end
+function methods._wait_ready(p) return p.exitcode ~= nil end
 
 -- exitcode is read live: nil while the process runs
 function Process.__index(p, k)
