@@ -6,6 +6,7 @@
 #   DESTDIR     staging root for packagers        (empty)
 #   LUA_CMOD    install dir of C modules          ($(PREFIX)/lib/x86_64-linux-gnu/lua/5.4 style: $(PREFIX)/lib/lua/5.4)
 #   LUA_LMOD    install dir of Lua modules        ($(PREFIX)/share/lua/5.4)
+#   LIBS        libraries the core links          (-lcrypto: OpenSSL's, for Listener/Client's HMAC)
 LUA        ?= lua5.4
 LUA_INCDIR ?= /usr/include/lua5.4
 BUSTED     ?= busted
@@ -19,6 +20,7 @@ CFLAGS     ?= $(OPT) -g
 WARN        = -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 ALL_CFLAGS  = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR)
 LDFLAGS    ?=
+LIBS       ?= -lcrypto
 SRC        := $(wildcard src/*.c)
 HDR        := $(wildcard src/*.h)
 BUILD      ?= build
@@ -33,7 +35,7 @@ all: $(SO)
 
 $(SO): $(SRC) $(HDR) Makefile
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS)
+	$(CC) $(ALL_CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIBS)
 
 deps:
 	@sh scripts/deps.sh
@@ -69,11 +71,18 @@ clean:
 # Debian's luaconf.h includes the host's lua5.4-deb-multiarch.h (it only names the
 # multiarch triplet); the Lua headers are otherwise the same for every architecture,
 # so the aarch64 one is written here rather than installing arm64 packages.
+# OpenSSL's headers are the host's too (linked one by one, without the rest of
+# /usr/include): its two per-architecture headers only say which features were
+# built and that longs are 64-bit, the same on aarch64. No arm64 libcrypto is
+# installed, so the object is linked without -lcrypto (a shared object may leave
+# symbols to the loader): this build checks that the sources compile.
 cross: deps
 	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || MP_NEED_EXTRA=gcc-aarch64-linux-gnu sh scripts/deps.sh
-	@mkdir -p build/cross/include
+	@mkdir -p build/cross/include/openssl
 	@printf '#define DEB_HOST_MULTIARCH "aarch64-linux-gnu"\n' > build/cross/include/lua5.4-deb-multiarch.h
-	@$(MAKE) --no-print-directory all BUILD=build/cross CC=aarch64-linux-gnu-gcc CFLAGS="$(CFLAGS) -Ibuild/cross/include"
+	@for f in /usr/include/openssl/*.h /usr/include/$$($(CC) -print-multiarch 2>/dev/null)/openssl/*.h; do \
+	  [ ! -e "$$f" ] || ln -sf "$$f" build/cross/include/openssl/; done
+	@$(MAKE) --no-print-directory all BUILD=build/cross CC=aarch64-linux-gnu-gcc LIBS= CFLAGS="$(CFLAGS) -Ibuild/cross/include"
 
 bench: deps
 	@$(MAKE) --no-print-directory all

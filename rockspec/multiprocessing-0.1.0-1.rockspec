@@ -19,6 +19,9 @@ supported_platforms = { "linux" }
 dependencies = {
   "lua >= 5.4, < 5.5",
 }
+external_dependencies = {
+  OPENSSL = { header = "openssl/hmac.h", library = "crypto" },
+}
 build = {
   type = "builtin",
   modules = {
@@ -32,12 +35,15 @@ build = {
     ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
     ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
     ["multiprocessing.managers.server"] = "lua/multiprocessing/managers/server.lua",
+    ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
     ["multiprocessing.core"] = {
       sources = {
         "src/arena.c", "src/codec.c", "src/core.c", "src/pipe.c", "src/pool.c",
-        "src/process.c", "src/queue.c", "src/shared.c", "src/sync.c", "src/wait.c",
+        "src/process.c", "src/queue.c", "src/shared.c", "src/socket.c", "src/sync.c", "src/wait.c",
       },
-      incdirs = { "src" },
+      incdirs = { "src", "$(OPENSSL_INCDIR)" },
+      libdirs = { "$(OPENSSL_LIBDIR)" },
+      libraries = { "crypto" },  -- OpenSSL's libcrypto (Debian: libssl-dev), for Listener/Client's HMAC
     },
   },
 }

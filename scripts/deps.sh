@@ -3,6 +3,7 @@
 need=""
 command -v lua5.4 >/dev/null 2>&1 || need="$need lua5.4"
 [ -f /usr/include/lua5.4/lua.h ] || need="$need liblua5.4-dev"
+[ -f /usr/include/openssl/hmac.h ] || need="$need libssl-dev"
 command -v busted >/dev/null 2>&1 || need="$need lua-busted"
 command -v cc >/dev/null 2>&1 || need="$need gcc libc6-dev"
 command -v make >/dev/null 2>&1 || need="$need make"

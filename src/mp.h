@@ -223,6 +223,12 @@ int mp_queue_open(lua_State *L);
 int mp_sync_open(lua_State *L);
 int mp_shared_open(lua_State *L);
 int mp_pool_open(lua_State *L);
+int mp_socket_open(lua_State *L);
+
+/* Connections over a socket (pipe.c, for socket.c): pushes a closed duplex
+** Connection, which mp_conn_setfd then gives its descriptor. */
+void *mp_conn_new(lua_State *L, int nofds);
+void mp_conn_setfd(void *conn, int fd);
 
 #pragma GCC visibility pop
 

@@ -25,6 +25,11 @@
 ** Each process closes its own copy (close, __gc), which is right and needed:
 ** the peer sees EOF only when every copy is closed. Bytes read ahead before a
 ** fork belong to the process that read them: the other copy refuses to read.
+**
+** Connections made by Listener and Client (socket.c) are the same objects over
+** a connected stream socket: a Unix one carries descriptors like a Pipe, a TCP
+** one cannot (C_NOFDS: sending a Connection raises). Their peer may be another
+** program: C_DATA makes recv decode in the codec's data-only mode.
 */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -49,12 +54,14 @@
 
 enum { K_VALUE = 1, K_BYTES = 2 };
 enum { C_READ = 1, C_WRITE = 2 };
+enum { C_DATA = 1, C_NOFDS = 2 };  /* conn.flags */
 enum { IO_OK = 0, IO_TIMEOUT, IO_INTERRUPTED, IO_CLOSED, IO_ERROR };
 
 typedef struct conn {
   int fd;                 /* -1 when closed */
   int mode;               /* C_READ | C_WRITE */
   int busy;               /* decoding from buf: no re-entrant recv */
+  int flags;              /* C_DATA | C_NOFDS */
   pid_t pid;              /* creating process (documentation, tostring) */
   pid_t bufpid;           /* process that read the buffered bytes */
   const char *broken;     /* why the connection cannot be used, or NULL */
@@ -245,8 +252,9 @@ static fdsource *cur_source;
 static int decode_frame(lua_State *L) {
   const char *p = lua_touserdata(L, 1);
   size_t n = (size_t)lua_tointeger(L, 2);
+  int mode = (int)lua_tointeger(L, 3);
   lua_settop(L, 0);
-  mp_decode(L, p, n);
+  mp_decode_mode(L, p, n, mode);
   return 1;
 }
 
@@ -283,7 +291,8 @@ static int recv_frame(lua_State *L, conn *c, int raw, double deadline) {
   lua_pushcfunction(L, decode_frame);
   lua_pushlightuserdata(L, (void *)p);
   lua_pushinteger(L, (lua_Integer)len);
-  int st = lua_pcall(L, 2, 1, 0);
+  lua_pushinteger(L, c->flags & C_DATA ? MP_DECODE_DATA : MP_DECODE_ALL);
+  int st = lua_pcall(L, 3, 1, 0);
   c->busy = 0;
   cur_source = saved;
   for (int i = 0; i < src.n; i++) if (src.fds[i] >= 0) close(src.fds[i]);
@@ -400,7 +409,7 @@ static int sent_result(lua_State *L, int r, int err, const char *what) {
 }
 
 /* The Connections met while encoding a value for conn:send. */
-typedef struct fdsink { int fds[MAXFDS]; int n; } fdsink;
+typedef struct fdsink { int fds[MAXFDS]; int n; int nofds; } fdsink;
 static fdsink *cur_sink;
 
 static int encode_frame(lua_State *L) {
@@ -416,6 +425,7 @@ static int conn_send(lua_State *L) {
   lua_settop(L, 2);
   fdsink sink;
   sink.n = 0;
+  sink.nofds = (c->flags & C_NOFDS) != 0;
   fdsink *saved = cur_sink;
   cur_sink = &sink;
   lua_pushcfunction(L, encode_frame);
@@ -499,6 +509,7 @@ static int conn_index(lua_State *L) {
   if (k && strcmp(k, "closed") == 0) { lua_pushboolean(L, c->fd < 0); return 1; }
   if (k && strcmp(k, "readable") == 0) { lua_pushboolean(L, (c->mode & C_READ) != 0); return 1; }
   if (k && strcmp(k, "writable") == 0) { lua_pushboolean(L, (c->mode & C_WRITE) != 0); return 1; }
+  if (k && strcmp(k, "trust") == 0) { lua_pushstring(L, c->flags & C_DATA ? "data" : "all"); return 1; }
   lua_pushvalue(L, 2);
   lua_rawget(L, lua_upvalueindex(1));
   return 1;
@@ -525,6 +536,50 @@ static int pipe_new(lua_State *L) {
   return 2;
 }
 
+/* ------------------------------------------------------------ sockets */
+
+/* For socket.c: a duplex Connection, closed until mp_conn_setfd gives it its
+** descriptor (made first, so that an error between the two leaks nothing).
+** nofds: a TCP socket, which cannot carry descriptors. */
+void *mp_conn_new(lua_State *L, int nofds) {
+  conn *c = newconn(L, C_READ | C_WRITE);
+  if (nofds) c->flags |= C_NOFDS;
+  return c;
+}
+
+void mp_conn_setfd(void *c, int fd) { ((conn *)c)->fd = fd; }
+
+/* core.conn_trust(conn, "data"|"all"): how recv decodes (docs/codec.md, Trust) */
+static int conn_trust(lua_State *L) {
+  conn *c = checkconn(L, 1);
+  static const char *const modes[] = { "all", "data", NULL };
+  if (luaL_checkoption(L, 2, NULL, modes) == 1) c->flags |= C_DATA;
+  else c->flags &= ~C_DATA;
+  return 0;
+}
+
+/* core.conn_recv_limited(conn, maxlen, timeout) -> string | nil, word
+** recv_bytes that refuses a message longer than maxlen (before reading it): for
+** the authentication handshake, where the peer is not trusted yet. Too long:
+** nil, "too long" and the connection is broken. */
+static int conn_recv_limited(lua_State *L) {
+  conn *c = checkreader(L, "recv");
+  lua_Integer max = luaL_checkinteger(L, 2);
+  double deadline = mp_deadline(L, 3);
+  lua_Hook h0 = lua_gethook(L);
+  int err = 0, kind, nfds;
+  size_t len;
+  int r = read_header(L, c, deadline, h0, &err, &kind, &len, &nfds);
+  if (r != IO_OK) return pushfail(L, r, err, "recv");
+  if (kind != K_BYTES || len > (size_t)max) {
+    c->broken = "the peer sent an unexpected message during authentication";
+    lua_pushnil(L);
+    lua_pushstring(L, kind != K_BYTES ? "unexpected" : "too long");
+    return 2;
+  }
+  return recv_frame(L, c, 1, deadline);
+}
+
 /* ------------------------------------------------------------ codec */
 
 static int running(lua_State *L, lua_CFunction f) {
@@ -541,6 +596,9 @@ static size_t conn_encode(lua_State *L, int idx, unsigned char *payload) {
     luaL_error(L, "cannot send a Connection this way: a Connection can only be sent through a Pipe "
                "(or passed to a Process at start)");
   if (c->fd < 0) luaL_error(L, "cannot send a closed Connection");
+  if (cur_sink->nofds)
+    luaL_error(L, "cannot send a Connection over a TCP Connection (descriptors travel only over "
+               "Unix sockets: a Pipe, or a Listener/Client with a Unix address)");
   if (cur_sink->n >= MAXFDS) luaL_error(L, "cannot send more than %d Connections in one message", MAXFDS);
   payload[0] = (unsigned char)cur_sink->n;
   payload[1] = (unsigned char)c->mode;
@@ -584,5 +642,9 @@ int mp_pipe_open(lua_State *L) {
   mp_codec_register(&conn_type);
   lua_pushcfunction(L, pipe_new);
   lua_setfield(L, -2, "pipe");
+  lua_pushcfunction(L, conn_trust);
+  lua_setfield(L, -2, "conn_trust");
+  lua_pushcfunction(L, conn_recv_limited);
+  lua_setfield(L, -2, "conn_recv_limited");
   return 0;
 }

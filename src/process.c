@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -323,6 +324,53 @@ static int proc_isatty(lua_State *L) {
 
 static int proc_now(lua_State *L) { lua_pushnumber(L, mp_now()); return 1; }
 
+/* ------------------------------------------------------------- sentinel */
+
+/* Process.sentinel: a descriptor readable once the process has ended (for
+** mp.connection.wait and any poll loop). A pidfd while the child is not reaped
+** (a zombie is still its pid, so no other process can have it); once its
+** status was read, the pid may be reused already, so an eventfd that is
+** readable from the start stands for it. The userdata owns the descriptor:
+** close, __gc and __close close it, in each process its own copy. */
+#define SENTINEL "multiprocessing.Sentinel"
+typedef struct sentinel { int fd; } sentinel;
+
+/* core.sentinel(pid [, ended]) -> Sentinel | nil, message, code
+** ended: the caller has the exit status already (the pid may be reused). */
+static int proc_sentinel(lua_State *L) {
+  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  luaL_argcheck(L, pid > 0, 1, "pid must be positive");
+  int ended = lua_toboolean(L, 2);
+  sentinel *s = lua_newuserdatauv(L, sizeof *s, 0);  /* closed until it owns the fd */
+  s->fd = -1;
+  luaL_setmetatable(L, SENTINEL);
+  kid *k = findkid(pid);
+  int fd;
+  if (ended || (k && k->done)) {
+    fd = eventfd(1, EFD_CLOEXEC);
+    if (fd < 0) return mp_pusherrno(L, "eventfd");
+  } else {
+    fd = (int)syscall(SYS_pidfd_open, pid, 0);  /* O_CLOEXEC is implied */
+    if (fd < 0 && errno == ESRCH) fd = eventfd(1, EFD_CLOEXEC);  /* gone */
+    if (fd < 0) return mp_pusherrno(L, "pidfd_open");
+  }
+  s->fd = fd;
+  return 1;
+}
+
+static int sentinel_close(lua_State *L) {
+  sentinel *s = mp_toself(L, 1, MP_CLASSES(SENTINEL));
+  if (s->fd >= 0) { close(s->fd); s->fd = -1; }
+  return 0;
+}
+
+static int sentinel_fileno(lua_State *L) {
+  sentinel *s = mp_toself(L, 1, MP_CLASSES(SENTINEL));
+  if (s->fd < 0) return luaL_error(L, "attempt to use a closed Sentinel");
+  lua_pushinteger(L, s->fd);
+  return 1;
+}
+
 static int proc_sleep(lua_State *L) {
   double d = luaL_checknumber(L, 1);
   double deadline = mp_now() + (d > 0 ? d : 0);
@@ -343,8 +391,12 @@ int mp_process_open(lua_State *L) {
     {"forget", proc_forget}, {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
     {"cpu_count", proc_cpu_count}, {"sigint", proc_sigint}, {"signame", proc_signame},
     {"now", proc_now}, {"sleep", proc_sleep}, {"isatty", proc_isatty},
+    {"sentinel", proc_sentinel},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
+  static const luaL_Reg smethods[] = { {"fileno", sentinel_fileno}, {"close", sentinel_close}, {NULL, NULL} };
+  static const luaL_Reg smeta[] = { {"__gc", sentinel_close}, {"__close", sentinel_close}, {NULL, NULL} };
+  mp_newclass(L, SENTINEL, smethods, smeta);
   return 0;
 }

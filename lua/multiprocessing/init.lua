@@ -15,4 +15,6 @@ for _, part in ipairs { "process", "pipe", "queue", "sync", "shared", "pool", "p
   end
 end
 
+M.connection = require "multiprocessing.connection"  -- Listener, Client, wait: as Python's, not at the top
+
 return M

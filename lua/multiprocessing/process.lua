@@ -53,6 +53,29 @@ local function cleanup()
   end
 end
 
+-- The sentinel: a descriptor readable once the process has ended (a pidfd, see
+-- src/process.c), made on first use and owned by the object (close or GC closes it).
+-- soft: nil instead of an error when the kernel has no pidfd_open (Linux < 5.3, valgrind).
+local function sentinel(p, soft)
+  if rawget(p, "_closed") then error("cannot get the sentinel: the process object is closed", 3) end
+  if not p.pid then error("cannot get the sentinel of a process that was not started", 3) end
+  if p._pid_owner ~= core.getpid() then error("can only get the sentinel of a child process", 3) end
+  local s = rawget(p, "_sentinel")
+  if not s then
+    local err, code
+    s, err, code = core.sentinel(p.pid, poll(p) ~= nil)
+    if not s and soft and code == "ENOSYS" then return nil end
+    if not s then error("cannot get the sentinel: " .. tostring(err), 3) end
+    rawset(p, "_sentinel", s)
+  end
+  return s:fileno()
+end
+
+-- mp.connection.wait's protocol (docs/connection.md): the sentinel wakes the wait,
+-- the exit code confirms (and reaps); without pidfds, the exit code is polled
+function methods._wait_fd(p) return sentinel(p, true) end
+function methods._wait_ready(p) return p.exitcode ~= nil end
+
 -- exitcode is read live: nil while the process runs
 function Process.__index(p, k)
   if k == "exitcode" then
@@ -60,6 +83,7 @@ function Process.__index(p, k)
     if why then lost(p, "read exitcode", why, 2) end
     return code
   end
+  if k == "sentinel" then return sentinel(p) end
   return methods[k]
 end
 
@@ -237,7 +261,6 @@ function methods.start(p)
     core._exit(ok and 0 or 1)
   end
   p.pid, p.ident, p._pid_owner = pid, pid, core.getpid()
-  p.sentinel = pid
   p.target, p.args, p.run = nil, nil, nil  -- the child has them: let them be collected (as Python does)
   children[pid] = p
   return p
@@ -299,6 +322,7 @@ function methods.close(p)
   local code, why = poll(p)  -- (one whose status is gone can be closed: nothing is left to wait for)
   if p.pid and code == nil and not why then error("cannot close a process while it is still running", 2) end
   if p._results then p._results:close() end
+  if rawget(p, "_sentinel") then p._sentinel:close() end
   p._closed = true
 end
 
