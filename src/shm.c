@@ -41,14 +41,14 @@
 ** grandchild (double fork, so it is nobody's zombie) in a session of its own (so
 ** Ctrl-C and a kill of the process group spare it), holding a pidfd of its creator
 ** and one end of a SOCK_SEQPACKET socket, with every other descriptor closed. The
-** creator sends it REGISTER (name, device, inode) right after shm_open and
-** UNREGISTER from unlink(); when the pidfd polls readable (the creator is gone),
+** creator sends it REGISTER (name, device, inode) as it makes a segment (see
+** create_segment: no instant is left unregistered) and UNREGISTER from unlink();
+** when the pidfd polls readable (the creator is gone),
 ** the tracker reads what is left on the socket, unlinks every name still
 ** registered whose inode is still the one registered (a segment another process
 ** unlinked and made again under that name is left alone), and exits. The tracker
-** runs no Lua and allocates nothing but its table of names (mmap). A kill of the
-** creator between shm_open and the REGISTER send (a few instructions) leaks the
-** segment; a tracker killed by someone leaves its segments to their creator. */
+** runs no Lua and allocates nothing but its table of names (mmap). A tracker
+** killed by someone leaves its segments to their creator. */
 
 #define SHM "multiprocessing.SharedMemory"
 #define VIEW "multiprocessing.SharedMemoryView"
@@ -172,15 +172,17 @@ static int unlink_named(const char *name) {
 static trk_msg *tab;
 static size_t ntab, captab;
 
+/* Entries are keyed by name: a REGISTER of a name already there sets its inode
+** (0: not known yet, the name is ours by construction), an UNREGISTER drops it. */
 static void trk_apply(const trk_msg *m) {
   size_t i;
   for (i = 0; i < ntab; i++)
-    if (tab[i].ino == m->ino && tab[i].dev == m->dev && strcmp(tab[i].name, m->name) == 0) break;
+    if (strcmp(tab[i].name, m->name) == 0) break;
   if (m->op == TRK_UNREGISTER) {
     if (i < ntab) tab[i] = tab[--ntab];
     return;
   }
-  if (i < ntab) return;
+  if (i < ntab) { tab[i] = *m; return; }
   if (ntab == captab) {
     size_t cap = captab ? captab * 2 : 64;
     void *p = tab ? mremap(tab, captab * sizeof *tab, cap * sizeof *tab, MREMAP_MAYMOVE)
@@ -207,6 +209,7 @@ static int trk_drain(int sock) {  /* 0 at the end of the socket */
 
 static void trk_unlink_all(void) {
   for (size_t i = 0; i < ntab; i++) {
+    if (!tab[i].ino) { unlink_named(tab[i].name); continue; }  /* a temporary name of ours */
     int fd = open_named(tab[i].name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW, 0);
     if (fd < 0) continue;  /* unlinked already */
     struct stat st;
@@ -304,13 +307,13 @@ static int tracker_send1(const trk_msg *m) {
 
 /* Sends one message to this process's tracker (started if needed, and again
 ** if it was killed): 0, or -1 with errno. */
-static int tracker_send(int op, const shm_handle *s) {
+static int tracker_send(int op, const char *name, uint64_t dev, uint64_t ino) {
   trk_msg m;
   memset(&m, 0, sizeof m);
   m.op = (uint32_t)op;
-  m.dev = s->dev;
-  m.ino = s->ino;
-  strcpy(m.name, s->name);
+  m.dev = dev;
+  m.ino = ino;
+  strcpy(m.name, name);
   if (trk_pid != getpid()) {
     if (op == TRK_UNREGISTER) return 0;  /* it was never registered by us */
     if (tracker_start() < 0) return -1;
@@ -359,6 +362,98 @@ static int os_error(lua_State *L, const shm_handle *s, const char *what) {
   return mp_pusherrno(L, buf);
 }
 
+/* A random name of ours: lmp_<pid>_<8 hex digits>, or lmp_tmp_... */
+static void random_name(char *out, const char *kind, int salt) {
+  uint32_t r = 0;
+  if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r) r = (uint32_t)(mp_now() * 1e9) ^ (uint32_t)salt;
+  snprintf(out, NAME_LEN + 1, "lmp_%s%d_%08x", kind, (int)getpid(), r);
+}
+
+static const char *create_failed;
+
+static int dev_shm_path(char *out, size_t n, const char *name) {
+  return snprintf(out, n, "/dev/shm/%s", name) < (int)n ? 0 : -1;
+}
+
+/* Makes the segment s->name (named) or a new random name (s->name is set),
+** sized, registered with the tracker when track: its descriptor, or -1 with errno
+** and create_failed. The segment is made under a random name of ours, registered
+** first (inode 0: the tracker unlinks it by name), sized, then (named) linked to
+** its name, which fails if the name exists: no instant of a kill leaves it
+** behind, and no attacher ever sees it empty. */
+static int create_segment(shm_handle *s, int named, size_t size, mode_t mode, int track) {
+  char tmp[NAME_LEN + 1];
+  char *fresh = named ? tmp : s->name;
+  int fd = -1, e;
+  create_failed = "cannot create";
+  if (track && trk_pid != getpid() && tracker_start() < 0) { create_failed = "cannot start its tracker"; return -1; }
+  for (int tries = 0; fd < 0 && tries < 100; tries++) {  /* as Python: random until one is free */
+    random_name(fresh, named ? "tmp_" : "", tries);
+    if (track && tracker_send(TRK_REGISTER, fresh, 0, 0) < 0) { create_failed = "cannot start its tracker"; return -1; }
+    fd = open_named(fresh, O_RDWR | O_CLOEXEC | O_CREAT | O_EXCL, mode);
+    if (fd < 0) {
+      e = errno;
+      if (track) tracker_send(TRK_UNREGISTER, fresh, 0, 0);
+      errno = e;
+      if (e != EEXIST) return -1;
+    }
+  }
+  if (fd < 0) return -1;
+  struct stat st;
+  const char *failed = NULL;
+  if (fstat(fd, &st) < 0) failed = "fstat";
+  else if (ftruncate(fd, (off_t)size) < 0) failed = "cannot set its size";
+  else {
+    s->dev = (uint64_t)st.st_dev;
+    s->ino = (uint64_t)st.st_ino;
+    if (track && tracker_send(TRK_REGISTER, s->name, s->dev, s->ino) < 0) failed = "cannot start its tracker";
+    else if (named) {
+      char from[NAME_LEN + 16], to[NAME_LEN + 16];
+      dev_shm_path(from, sizeof from, tmp);
+      dev_shm_path(to, sizeof to, s->name);
+      if (link(from, to) < 0) failed = "cannot create";  /* EEXIST: the name is taken */
+      else {
+        unlink_named(tmp);
+        if (track) tracker_send(TRK_UNREGISTER, tmp, 0, 0);
+      }
+    }
+  }
+  if (failed) {
+    e = errno;
+    close(fd);
+    unlink_named(fresh);
+    if (track) {
+      tracker_send(TRK_UNREGISTER, fresh, 0, 0);
+      if (named) tracker_send(TRK_UNREGISTER, s->name, 0, 0);
+    }
+    errno = e;
+    create_failed = failed;
+    return -1;
+  }
+  if (track) s->tracked_by = getpid();
+  return fd;
+}
+
+/* Maps size bytes of fd into s and closes fd: 1 (s at the top), or nil, message, code. */
+static int map_segment(lua_State *L, shm_handle *s, int fd, size_t size, int made) {
+  install_guard();
+  void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  int e = errno;
+  close(fd);
+  if (p == MAP_FAILED) {
+    if (made) {  /* made by this call: nothing may be left */
+      unlink_named(s->name);
+      if (s->tracked_by) tracker_send(TRK_UNREGISTER, s->name, 0, 0);
+      s->tracked_by = 0;
+    }
+    errno = e;
+    return os_error(L, s, "cannot map it");
+  }
+  s->base = p;
+  s->size = size;
+  return 1;
+}
+
 /* mp.SharedMemory{name = , create = false, size = , track = true, mode = 0600}
 ** or mp.SharedMemory(name) -> handle, or nil, message, code on an OS failure */
 static int shm_new(lua_State *L) {
@@ -403,62 +498,28 @@ static int shm_new(lua_State *L) {
   memset(s, 0, sizeof *s);
   luaL_setmetatable(L, SHM);
   s->pid = getpid();
-  int fd = -1;
-  if (name) {
-    setname(L, s, name, namelen);
-    fd = open_named(s->name, O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0), (mode_t)mode);
-    if (fd < 0) return os_error(L, s, create ? "cannot create" : "cannot attach");
-  } else {
-    for (int tries = 0; fd < 0 && tries < 100; tries++) {  /* as Python: random until one is free */
-      uint32_t r = 0;
-      if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r) r = (uint32_t)(mp_now() * 1e9) ^ (uint32_t)tries;
-      snprintf(s->name, sizeof s->name, "lmp_%d_%08x", (int)s->pid, r);
-      fd = open_named(s->name, O_RDWR | O_CLOEXEC | O_CREAT | O_EXCL, (mode_t)mode);
-      if (fd < 0 && errno != EEXIST) break;
-    }
-    if (fd < 0) return os_error(L, s, "cannot create");
+  if (name) setname(L, s, name, namelen);
+  if (create) {
+    int fd = create_segment(s, name != NULL, (size_t)size, (mode_t)mode, track);
+    if (fd < 0) return os_error(L, s, create_failed);
+    return map_segment(L, s, fd, (size_t)size, 1);
   }
+  int fd = open_named(s->name, O_RDWR | O_CLOEXEC, 0);
+  if (fd < 0) return os_error(L, s, "cannot attach");
   struct stat st;
   if (fstat(fd, &st) < 0) { int e = errno; close(fd); errno = e; return os_error(L, s, "fstat"); }
   s->dev = (uint64_t)st.st_dev;
   s->ino = (uint64_t)st.st_ino;
-  const char *failed = NULL;
-  if (create) {
-    if (track) {
-      if (tracker_send(TRK_REGISTER, s) < 0) failed = "cannot start its tracker";
-      else s->tracked_by = s->pid;
-    }
-    if (!failed && ftruncate(fd, (off_t)size) < 0) failed = "cannot set its size";
-  } else {
-    if (st.st_size == 0) { close(fd); errno = EINVAL; return os_error(L, s, "is empty (size 0)"); }
-    if (hassize && (uint64_t)size > (uint64_t)st.st_size) {
-      close(fd);
-      lua_pushnil(L);
-      lua_pushfstring(L, "SharedMemory '%s': has %I bytes, fewer than size = %I", s->name,
-                      (lua_Integer)st.st_size, size);
-      lua_pushliteral(L, "EINVAL");
-      return 3;
-    }
-    if (!hassize) size = (lua_Integer)st.st_size;
+  if (st.st_size == 0) { close(fd); errno = EINVAL; return os_error(L, s, "is empty (size 0)"); }
+  if (hassize && (uint64_t)size > (uint64_t)st.st_size) {
+    close(fd);
+    lua_pushnil(L);
+    lua_pushfstring(L, "SharedMemory '%s': has %I bytes, fewer than size = %I", s->name,
+                    (lua_Integer)st.st_size, size);
+    lua_pushliteral(L, "EINVAL");
+    return 3;
   }
-  if (!failed) {
-    install_guard();
-    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) failed = "cannot map it";
-    else { s->base = p; s->size = (size_t)size; }
-  }
-  int e = errno;
-  close(fd);
-  if (failed) {
-    if (create) {
-      unlink_named(s->name);
-      if (s->tracked_by) tracker_send(TRK_UNREGISTER, s);
-      s->tracked_by = 0;
-    }
-    errno = e;
-    return os_error(L, s, failed);
-  }
-  return 1;
+  return map_segment(L, s, fd, hassize ? (size_t)size : (size_t)st.st_size, 0);
 }
 
 /* shm:unlink() -> true, or nil, message, code (ENOENT: unlinked already) */
@@ -466,7 +527,7 @@ static int shm_unlink_m(lua_State *L) {
   shm_handle *s = toshm(L, 1);
   if (!s->name[0]) return luaL_error(L, "attempt to unlink a SharedMemory that has no name");
   if (unlink_named(s->name) < 0) return os_error(L, s, "cannot unlink");
-  if (s->tracked_by == getpid()) tracker_send(TRK_UNREGISTER, s);
+  if (s->tracked_by == getpid()) tracker_send(TRK_UNREGISTER, s->name, 0, 0);
   s->tracked_by = 0;
   lua_pushboolean(L, 1);
   return 1;
