@@ -380,9 +380,28 @@ static int dev_shm_path(char *out, size_t n, const char *name) {
 ** and create_failed. The segment is made under a random name of ours, registered
 ** first (inode 0: the tracker unlinks it by name), sized, then (named) linked to
 ** its name, which fails if the name exists: no instant of a kill leaves it
-** behind, and no attacher ever sees it empty. */
+** behind, and no attacher ever sees it empty. Untracked, a named segment is
+** made under its name directly. */
 static int create_segment(shm_handle *s, int named, size_t size, mode_t mode, int track) {
   char tmp[NAME_LEN + 1];
+  if (!track && named) {
+    /* untracked: made under its own name at once, as Python does (a temporary name
+    ** that nobody tracks could be left behind by a kill, where the user cannot see it) */
+    int fd = open_named(s->name, O_RDWR | O_CLOEXEC | O_CREAT | O_EXCL, mode);
+    struct stat st;
+    if (fd < 0) { create_failed = "cannot create"; return -1; }
+    if (fstat(fd, &st) < 0 || ftruncate(fd, (off_t)size) < 0) {
+      int e = errno;
+      close(fd);
+      unlink_named(s->name);
+      errno = e;
+      create_failed = "cannot set its size";
+      return -1;
+    }
+    s->dev = (uint64_t)st.st_dev;
+    s->ino = (uint64_t)st.st_ino;
+    return fd;
+  }
   char *fresh = named ? tmp : s->name;
   int fd = -1, e;
   create_failed = "cannot create";
