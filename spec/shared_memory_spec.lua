@@ -367,3 +367,116 @@ describe("SharedMemory", function()
     end)
   end)
 end)
+
+describe("ShareableList", function()
+  H.leak_check(before_each, after_each)
+  after_each(function()
+    for _, name in ipairs(made) do os.remove("/dev/shm/" .. name) end
+    made = {}
+    collectgarbage()
+  end)
+
+  local function newlist(values, opts)
+    local sl = assert(mp.ShareableList(values, opts))
+    made[#made + 1] = sl.name
+    return sl
+  end
+
+  it("holds numbers, strings, booleans and nil, read and written by index from 1", function()
+    local sl = newlist { n = 6, 1, 2.5, "hello", true, nil, "\xff" }
+    assert.equal(6, #sl)
+    assert.equal(1, sl[1])
+    assert.is_true(math.type(sl[1]) == "integer")
+    assert.equal(2.5, sl[2])
+    assert.equal("hello", sl[3])
+    assert.is_true(sl[4])
+    assert.is_nil(sl[5])
+    assert.equal("\xff", sl[-1])
+    assert.equal("qd8sxxxxxxx?xxxxxx?x8s", sl.format)
+    sl[1] = "eight ch"   -- a number's 8 bytes hold a string of up to 8
+    sl[5] = false
+    sl[3] = "hi"
+    assert.same({ n = 6, "eight ch", 2.5, "hi", true, false, "\xff" }, sl:totable())
+    assert.equal(3, sl:index("hi"))
+    assert.is_nil(sl:index("nope"))
+    assert.equal(1, sl:count(2.5))
+    assert.matches("^multiprocessing%.ShareableList%('lmp_%d+_%x+', 6 items%)$", tostring(sl))
+    sl:unlink()
+  end)
+
+  it("is attached by name, here and in an unrelated process", function()
+    local sl = newlist({ 10, "x" }, { name = "lmp_spec_sl_" .. core.getpid() })
+    local other = assert(mp.ShareableList(sl.name))
+    other[1] = 11
+    assert.equal(11, sl[1])
+    local out = run(([[
+      local sl = assert(mp.ShareableList(%q))
+      sl[2] = "far away"
+      io.write(#sl, " ", sl[1])
+    ]]):format(sl.name))
+    assert.equal("2 11", out)
+    assert.equal("far away", sl[2])
+    other:close()
+    sl:unlink()
+  end)
+
+  it("checks indexes, capacities and values", function()
+    local sl = newlist { 1, "ab" }
+    H.raises("ShareableList: a string of 9 bytes does not fit the 8 bytes of item 2", function() sl[2] = "abcdefghi" end)
+    H.raises("ShareableList: index 3 out of range (size 2)", function() sl[3] = 1 end)
+    H.raises("ShareableList: index 0 out of range", function() return sl[0] end)
+    H.raises("ShareableList: index must be an integer, got 1.5", function() return sl[1.5] end)
+    H.raises("cannot set field 'x'", function() sl.x = 1 end)
+    H.raises("cannot store a table at item 1", mp.ShareableList, { {} })
+    H.raises("cannot store a table at item 1", function() sl[1] = {} end)
+    H.raises("table or string expected, got number", mp.ShareableList, 1)
+    H.raises("string or table expected, got number", mp.ShareableList, {}, 1)
+    H.raises("ShareableList expected", sl.totable, {})
+    assert.equal(1, sl[1])
+    sl:unlink()
+  end)
+
+  it("refuses to attach to a segment that holds no list", function()
+    local s = new { create = true, size = 64 }
+    s:write(1, string.pack("=i8", 1000))
+    H.raises("does not hold a ShareableList", mp.ShareableList, s.name)
+    s:unlink()
+    local none, msg, code = mp.ShareableList("lmp_no_such_list_" .. core.getpid())
+    assert.is_nil(none)
+    assert.equal("ENOENT", code)
+  end)
+
+  it("closes with <close>; an empty list works", function()
+    local name
+    do
+      local sl <close> = newlist {}
+      name = sl.name
+      assert.equal(0, #sl)
+      assert.same({ n = 0 }, sl:totable())
+    end
+    local again = assert(mp.ShareableList(name))
+    assert.equal(0, #again)
+    again:close()
+    assert.is_true(again:unlink())
+  end)
+
+  local has_python = os.execute("python3 -c 'import multiprocessing.shared_memory' >/dev/null 2>&1")
+  it("has Python's layout: python3 reads and writes a list made here" .. (has_python and "" or " (no python3: not run)"), function()
+    if not has_python then return end
+    local sl = newlist { n = 5, 7, 1.5, "héllo", false, nil }
+    local p = io.popen(("python3 -c %s 2>/dev/null"):format(H.quote(([[
+from multiprocessing import shared_memory as m
+sl = m.ShareableList(name=%q)
+print(list(sl), sl.format)
+sl[0] = 8; sl[2] = 'bye'; sl[4] = True
+sl.shm.close()
+]]):format(sl.name))))
+    local out = p:read("a")
+    p:close()
+    assert.equal("[7, 1.5, 'héllo', False, None] qd8sxxxxxxx?xxxxxx?x\n", out)
+    assert.same({ n = 5, 8, 1.5, "bye", false, true }, sl:totable())
+    sl:close()  -- Python before 3.13 unlinks what it attached to when it exits: the name may be gone
+    sl.shm:unlink()
+  end)
+end)
+
