@@ -300,6 +300,55 @@ describe("SharedMemory", function()
     end)
   end)
 
+  describe("hostile arguments", function()
+    it("every method with every kind of argument raises or works, never crashes", function()
+      -- in a child, so that a crash fails this spec instead of ending the run
+      local pid = H.spawn(function()
+        local values = { nil, true, 0, 1, -1, 2, 7, 8, 9, 4096, 4097, math.maxinteger, math.mininteger,
+          1.5, -0.0, 1 / 0, 0 / 0, 2 ^ 63, "", "x", "d", "c", "u", "12", ("y"):rep(5000), {}, { 1, 2 },
+          { n = -1 }, io.stdout, print, coroutine.create(print) }
+        local s = mp.SharedMemory { create = true, size = 4096 }
+        s:unlink()
+        local objs = { s, s:view("d"), s:view("c"), s:view("u", 1, 3), s:view("B", 4097) }
+        local calls = 0
+        for _, o in ipairs(objs) do
+          local mt = getmetatable(o)
+          local fns = {}
+          for k, f in pairs(mt.__index == nil and {} or (type(mt.__index) == "table" and mt.__index or {})) do fns[k] = f end
+          for _, k in ipairs { "read", "write", "view", "totable", "slice", "fill", "set", "close", "unlink" } do
+            local ok, f = pcall(function() return o[k] end)
+            if ok and type(f) == "function" then fns[k] = f end
+          end
+          for _, k in ipairs { "__len", "__tostring", "__index", "__newindex", "__gc", "__close" } do
+            if mt[k] then fns[k] = mt[k] end
+          end
+          for k, f in pairs(fns) do
+            if k ~= "close" and k ~= "unlink" and k ~= "__gc" and k ~= "__close" then
+              for i = 1, #values + 1 do
+                for j = 1, #values + 1, 3 do
+                  calls = calls + 1
+                  local ok, err = pcall(f, o, values[i], values[j])
+                  if not ok then assert(type(err) == "string", k) end
+                  pcall(f, values[i], values[j])          -- a wrong self
+                end
+              end
+            end
+          end
+        end
+        for _, o in ipairs(objs) do
+          local mt = getmetatable(o)
+          for _, k in ipairs { "__len", "__tostring", "__index", "__newindex", "__gc", "__close" } do
+            if mt[k] then for i = 1, #values do pcall(mt[k], values[i], 1, 1) end end
+          end
+        end
+        s:close()
+        for _, o in ipairs(objs) do pcall(tostring, o) pcall(function() return o[1] end) end
+        assert(calls > 1000)
+      end)
+      assert.equal(0, core.waitpid(pid, 120))
+    end)
+  end)
+
   describe("the tracker", function()
     it("unlinks a tracked segment when its creator is killed", function()
       local out = run([[
