@@ -23,6 +23,11 @@ end
 
 -- every segment a spec made, unlinked after it (a failing spec leaves nothing in /dev/shm)
 local made = {}
+local function remove_made()
+  for _, name in ipairs(made) do os.remove("/dev/shm/" .. name) end
+  made = {}
+  collectgarbage()
+end
 local function new(opts)
   local s = assert(mp.SharedMemory(opts))
   made[#made + 1] = s.name
@@ -35,11 +40,7 @@ describe("SharedMemory", function()
     new { create = true, size = 1 }:unlink()
   end)
   H.leak_check(before_each, after_each)
-  after_each(function()
-    for _, name in ipairs(made) do os.remove("/dev/shm/" .. name) end
-    made = {}
-    collectgarbage()
-  end)
+  after_each(remove_made)
 
   describe("creating and attaching", function()
     it("creates a segment with a generated name, zeroed, that another handle attaches by name", function()
@@ -419,11 +420,7 @@ end)
 
 describe("ShareableList", function()
   H.leak_check(before_each, after_each)
-  after_each(function()
-    for _, name in ipairs(made) do os.remove("/dev/shm/" .. name) end
-    made = {}
-    collectgarbage()
-  end)
+  after_each(remove_made)
 
   local function newlist(values, opts)
     local sl = assert(mp.ShareableList(values, opts))

@@ -181,6 +181,8 @@ mp_elem mp_elem_check(lua_State *L, int tc, int idx);  /* raises on a bad value 
 /* the elements of a table (or a string for 'c' and 'u') at idx, all checked;
 ** pushes a userdata holding them, *n of them */
 mp_elem *mp_elems_check(lua_State *L, int tc, int idx, lua_Integer *n);
+/* the optional (i = 1, j = n) at idx, idx + 1 as string.sub takes them, clamped to 1..n */
+void mp_slice_range(lua_State *L, int idx, lua_Integer n, lua_Integer *i, lua_Integer *j);
 
 /* ---------------------------------------------------------- self checks */
 /* Every method of every class, close, __gc, __close and __tostring included,

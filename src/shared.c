@@ -570,15 +570,21 @@ static int array_fill(lua_State *L) {
   return 0;
 }
 
-/* arr:slice([i=1 [, j=#arr]]) -> table, indexes as string.sub takes them */
-static int array_slice(lua_State *L) {
-  shared_handle *a = checkarray(L, 1);
-  lua_Integer n = a->n;
-  lua_Integer i = luaL_optinteger(L, 2, 1), j = luaL_optinteger(L, 3, n);
+void mp_slice_range(lua_State *L, int idx, lua_Integer n, lua_Integer *pi, lua_Integer *pj) {
+  lua_Integer i = luaL_optinteger(L, idx, 1), j = luaL_optinteger(L, idx + 1, n);
   if (i < 0) i = i < -n ? 1 : n + i + 1;
   else if (i == 0) i = 1;
   if (j < 0) j = j < -n ? 0 : n + j + 1;
   else if (j > n) j = n;
+  *pi = i;
+  *pj = j;
+}
+
+/* arr:slice([i=1 [, j=#arr]]) -> table, indexes as string.sub takes them */
+static int array_slice(lua_State *L) {
+  shared_handle *a = checkarray(L, 1);
+  lua_Integer i, j;
+  mp_slice_range(L, 2, a->n, &i, &j);
   lua_createtable(L, i <= j && j - i < INT32_MAX ? (int)(j - i + 1) : 0, 0);
   for (lua_Integer k = i; k <= j; k++) {
     push_elem(L, a->tc, a->data, k - 1);

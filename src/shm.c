@@ -723,12 +723,8 @@ static int view_totable(lua_State *L) {
 /* v:slice([i = 1 [, j = #v]]), indexes as string.sub takes them */
 static int view_slice(lua_State *L) {
   view_t *v = checkview(L);
-  lua_Integer n = v->n;
-  lua_Integer i = luaL_optinteger(L, 2, 1), j = luaL_optinteger(L, 3, n);
-  if (i < 0) i = i < -n ? 1 : n + i + 1;
-  else if (i == 0) i = 1;
-  if (j < 0) j = j < -n ? 0 : n + j + 1;
-  else if (j > n) j = n;
+  lua_Integer i, j;
+  mp_slice_range(L, 2, v->n, &i, &j);
   return view_push_range(L, v, i, j);
 }
 
