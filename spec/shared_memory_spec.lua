@@ -297,6 +297,7 @@ describe("SharedMemory", function()
       local v = s:view("B")
       H.raises("SharedMemoryView expected", v.totable, s)
       H.raises("SharedMemoryView expected", getmetatable(v).__len, s)
+      H.raises("cannot send a userdata (multiprocessing.SharedMemory)", mp.encode, { s })  -- send its name
       s:unlink()
     end)
   end)
