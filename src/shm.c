@@ -245,6 +245,9 @@ static void tracker_main(int sock, int pidfd, pid_t creator) {
   signal(SIGTERM, SIG_DFL);
   signal(SIGBUS, SIG_DFL);
   prctl(PR_SET_NAME, "lua-mp-shm-trk", 0, 0, 0);
+  /* a host that closed its stdio may have given us 0..2: move them above, stdio gets /dev/null */
+  if (sock < 3) { int fd = fcntl(sock, F_DUPFD_CLOEXEC, 3); close(sock); sock = fd; }
+  if (pidfd >= 0 && pidfd < 3) { int fd = fcntl(pidfd, F_DUPFD_CLOEXEC, 3); close(pidfd); pidfd = fd; }
   int null = open("/dev/null", O_RDWR);
   if (null >= 0) {
     dup2(null, 0); dup2(null, 1); dup2(null, 2);
