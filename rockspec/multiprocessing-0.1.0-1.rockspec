@@ -31,6 +31,7 @@ build = {
     ["multiprocessing.queue"] = "lua/multiprocessing/queue.lua",
     ["multiprocessing.sync"] = "lua/multiprocessing/sync.lua",
     ["multiprocessing.shared"] = "lua/multiprocessing/shared.lua",
+    ["multiprocessing.shared_memory"] = "lua/multiprocessing/shared_memory.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
     ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
@@ -39,7 +40,7 @@ build = {
     ["multiprocessing.core"] = {
       sources = {
         "src/arena.c", "src/codec.c", "src/core.c", "src/pipe.c", "src/pool.c",
-        "src/process.c", "src/queue.c", "src/shared.c", "src/socket.c", "src/sync.c", "src/wait.c",
+        "src/process.c", "src/queue.c", "src/shared.c", "src/shm.c", "src/socket.c", "src/sync.c", "src/wait.c",
       },
       incdirs = { "src", "$(OPENSSL_INCDIR)" },
       libdirs = { "$(OPENSSL_LIBDIR)" },

@@ -195,6 +195,23 @@ uint64_t mp_sync_newlock(lua_State *L, int recursive);  /* a new lock object (1 
 void mp_sync_pushlock(lua_State *L, uint64_t off);      /* pushes a Lock/RLock handle (retains) */
 pthread_mutex_t *mp_sync_mutex(uint64_t off);
 
+/* ------------------------------------------------------- typed elements */
+/* The typecodes of Value and Array (shared.c), also those of SharedMemory's
+** views (shm.c). Loads and stores touch memory only (no Lua call), so that a
+** caller can guard them against SIGBUS; checks and pushes are Lua's side. */
+typedef union mp_elem { int64_t i; uint64_t u; double d; } mp_elem;
+size_t mp_tc_size(int tc);                         /* bytes per element; 0: not a typecode */
+int mp_checktypecode(lua_State *L, int idx);       /* raises "unknown typecode ..." */
+mp_elem mp_elem_load(int tc, const char *p, lua_Integer i);
+void mp_elem_store(int tc, char *p, lua_Integer i, mp_elem e);
+void mp_elem_push(lua_State *L, int tc, mp_elem e);
+mp_elem mp_elem_check(lua_State *L, int tc, int idx);  /* raises on a bad value */
+/* the elements of a table (or a string for 'c' and 'u') at idx, all checked;
+** pushes a userdata holding them, *n of them */
+mp_elem *mp_elems_check(lua_State *L, int tc, int idx, lua_Integer *n);
+/* the optional (i = 1, j = n) at idx, idx + 1 as string.sub takes them, clamped to 1..n */
+void mp_slice_range(lua_State *L, int idx, lua_Integer n, lua_Integer *i, lua_Integer *j);
+
 /* ---------------------------------------------------------- self checks */
 /* Every method of every class, close, __gc, __close and __tostring included,
 ** finds its self through one of these (liolib's tolstream): a method called with
@@ -222,6 +239,7 @@ int mp_pipe_open(lua_State *L);
 int mp_queue_open(lua_State *L);
 int mp_sync_open(lua_State *L);
 int mp_shared_open(lua_State *L);
+int mp_shm_open(lua_State *L);
 int mp_pool_open(lua_State *L);
 int mp_socket_open(lua_State *L);
 
