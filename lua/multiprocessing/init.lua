@@ -9,7 +9,7 @@ local M = {
 }
 
 -- The parts of the Lua layer each return a table of public names.
-for _, part in ipairs { "process", "pipe", "queue", "sync", "shared", "shared_memory", "pool", "progress", "manager" } do
+for _, part in ipairs { "process", "pipe", "queue", "sync", "shared", "shared_memory", "pool", "progress", "manager", "parallel" } do
   for k, v in pairs(require("multiprocessing." .. part)) do
     if not k:find("^_") then M[k] = v end
   end
