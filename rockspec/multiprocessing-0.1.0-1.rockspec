@@ -35,6 +35,7 @@ build = {
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
     ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
+    ["multiprocessing.parallel"] = "lua/multiprocessing/parallel.lua",
     ["multiprocessing.managers.server"] = "lua/multiprocessing/managers/server.lua",
     ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
     ["multiprocessing.core"] = {
