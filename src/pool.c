@@ -399,6 +399,7 @@ static blobhdr *blob_make(lua_State *L, size_t n, int held) {
   blobhdr *b = MP_PTR(off);
   memset(b, 0, sizeof *b);
   b->h.type = T_BLOB;
+  b->h.refs = 1;  /* its maker's, until blob_free: a live object to the handle checks */
   b->len = n;
   push_blobs(L);
   lua_pushboolean(L, 1);
