@@ -5,7 +5,9 @@ local H = require "helpers"
 
 local delayed = mp.delayed
 local core = require "multiprocessing.core"
-local getpid = function() return require("multiprocessing.core").getpid() end
+-- task functions read no globals: a spec file's functions have busted's environment as
+-- their _ENV, which the codec would send by value
+local getpid = function() return core.getpid() end
 
 local function squares(n)
   local t = {}
@@ -59,7 +61,7 @@ describe("Parallel", function()
       local n = #sizes
       if n >= 20000 then return nil end
       sizes[n + 1] = true
-      return delayed(function() return require("multiprocessing.core").getpid() end)()
+      return delayed(getpid)()
     end)
     -- count how many tasks each distinct batch (run in one worker, back to back) held: with
     -- batch_size 1 every task would be its own message; automatic batching groups them
@@ -81,7 +83,8 @@ describe("Parallel", function()
 
   it("yields results as they come with generator_unordered", function()
     local tasks = {}
-    for i = 1, 6 do tasks[i] = delayed(function(x) mp.sleep(x == 1 and 0.3 or 0) return x end)(i) end
+    local sleep = mp.sleep
+    for i = 1, 6 do tasks[i] = delayed(function(x) sleep(x == 1 and 0.3 or 0) return x end)(i) end
     local order = {}
     for i, v in mp.Parallel { n_jobs = 2, batch_size = 1, return_as = "generator_unordered" } (tasks) do
       assert.equal(i, v)
@@ -106,7 +109,8 @@ describe("Parallel", function()
 
   it("raises the task's error as a TaskError naming the task", function()
     local tasks = squares(40)
-    tasks[17] = delayed(function() error({ code = 7 }) end)()
+    local raise = error
+    tasks[17] = delayed(function() raise({ code = 7 }) end)()
     for _, n_jobs in ipairs { 1, 2 } do
       local ok, e = pcall(mp.Parallel { n_jobs = n_jobs }, tasks)
       assert.is_false(ok)
@@ -138,7 +142,7 @@ describe("Parallel", function()
 
   it("reports a worker that died", function()
     local tasks = squares(4)
-    tasks[2] = delayed(function() require("multiprocessing.core")._exit(3) end)()
+    tasks[2] = delayed(function() core._exit(3) end)()
     local e = H.error_of(mp.Parallel { n_jobs = 2, batch_size = 1 }, tasks)
     assert.matches("died", e)
     assert.matches("exit code 3", e)

@@ -1463,7 +1463,8 @@ end
 
 function AsyncResult:wait(timeout)
   check_timeout(timeout, "wait")
-  return wait_call(self._pool, self, timeout)
+  if wait_call(self._pool, self, timeout) then return true end
+  return nil, "timeout"
 end
 
 function AsyncResult:successful()
