@@ -30,6 +30,7 @@ describe("Parallel", function()
   end)
 
   it("passes every argument, nils included, and keeps holes for nil results", function()
+    local select = select
     local f = function(a, b, c) return select("#", a, b, c) == 3 and (c or "none") or nil end
     local r = mp.Parallel { n_jobs = 2 } { delayed(f)(1, nil, 3), delayed(f)(nil, nil, nil), delayed(function() end)() }
     assert.equal(3, r.n)
