@@ -19,6 +19,7 @@ CFLAGS     ?= $(OPT) -g
 WARN        = -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 ALL_CFLAGS  = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR)
 LDFLAGS    ?=
+LIBS        = -lhiredis -lcrypto
 SRC        := $(wildcard src/*.c)
 HDR        := $(wildcard src/*.h)
 BUILD      ?= build
@@ -33,7 +34,7 @@ all: $(SO)
 
 $(SO): $(SRC) $(HDR) Makefile
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS)
+	$(CC) $(ALL_CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIBS)
 
 deps:
 	@sh scripts/deps.sh
