@@ -109,7 +109,7 @@ static int conn_fault(lua_State *L, mp_redis *r) {
   const char *why = (r->c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == ETIMEDOUT))
                         ? "timed out waiting for Redis" : r->c->errstr[0] ? r->c->errstr : "connection lost";
   lua_pushnil(L);
-  lua_pushfstring(L, "Redis: %s", why);
+  lua_pushstring(L, why);
   redisFree(r->c);
   r->c = NULL;
   return 2;

@@ -328,6 +328,16 @@ local function sequence_of(v, fname)
   error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(fname, type(v)), 4)
 end
 
+local function abandon(self, c)
+  if c.done then return end
+  c.done = true
+  self._calls[c.id] = nil
+  local ids = { "XDEL", self._keys.tasks }
+  for _, id in pairs(c.taskids) do ids[#ids + 1] = id end
+  if #ids > 2 and self._r then self._r:call(unpack(ids)) end
+  if c.bar then c.bar:close() end
+end
+
 local function start_call(self, kind, fname, f, input, opts, lazy)
   check_running(self, fname)
   if type(f) ~= "function" and not (getmetatable(f) or {}).__call then
@@ -368,8 +378,8 @@ local function start_call(self, kind, fname, f, input, opts, lazy)
   if lazy then c.window = math.max(4 * workers(self) * cs, 1024) end
   feed(self, c, c.window)
   if c.input_done and c.nchunks == 0 then finish(self, c) end
-  if c.input_err and c.fed == 0 and not lazy then
-    self._calls[c.id] = nil
+  if c.input_err and not lazy then   -- nothing of a failed call is left to run
+    abandon(self, c)
     error(c.input_err, 3)
   end
   return c
@@ -425,16 +435,6 @@ function Pool:starmap(f, xs, opts)
 end
 function Pool:apply(f, args, opts)
   return self:apply_async(f, args, opts):get()
-end
-
-local function abandon(self, c)
-  if c.done then return end
-  c.done = true
-  self._calls[c.id] = nil
-  local ids = { "XDEL", self._keys.tasks }
-  for _, id in pairs(c.taskids) do ids[#ids + 1] = id end
-  if #ids > 2 and self._r then self._r:call(unpack(ids)) end
-  if c.bar then c.bar:close() end
 end
 
 local function iterate(self, kind, fname, f, xs, opts)
