@@ -4,6 +4,8 @@
 **   r:call(arg...)       one command; its reply as Lua values (see push_reply), or nil, message
 **   r:pipeline(cmds)     many commands, sent at once: { reply1, reply2, ... } (an error reply is
 **                        { err = text } in its place), or nil, message on a connection fault
+**   r:send(arg...)       a command sent without waiting for its reply; r:replies() -> the
+**                        replies of the sent commands, in order (other calls read them first)
 **   r:settimeout(s)      the longest a command may wait for its reply (seconds)
 **   r:close()            also __gc and __close
 ** core.hmac_sha256(key, data) -> 32 bytes; core.hmac_equal(a, b) compares in constant time;
@@ -36,6 +38,7 @@
 typedef struct mp_redis {
   redisContext *c;
   pid_t owner;   /* a forked copy never uses (or closes) its parent's socket */
+  int pending;   /* commands sent by r:send whose replies were not read yet */
 } mp_redis;
 
 static mp_redis *toredis(lua_State *L) {
@@ -59,8 +62,11 @@ static int redis_connect(lua_State *L) {
   double t = luaL_optnumber(L, 3, 5.0);
   luaL_argcheck(L, port > 0 && port < 65536, 2, "port out of range");
   luaL_argcheck(L, t > 0 && t == t, 3, "timeout must be a positive number");
-  mp_redis *r = lua_newuserdatauv(L, sizeof *r, 0);
+  mp_redis *r = lua_newuserdatauv(L, sizeof *r, 1);
   r->c = NULL;
+  r->pending = 0;
+  lua_newtable(L);
+  lua_setiuservalue(L, -2, 1);  /* replies of sent commands, read but not yet taken */
   r->owner = getpid();
   luaL_setmetatable(L, REDIS_CLASS);
   struct timeval tv = to_tv(t);
@@ -134,8 +140,57 @@ static int collect(lua_State *L, int idx, int from, int to, const char **argv, s
   return n;
 }
 
+/* reads the replies of the commands r:send sent into the user value (the userdata at
+** index 1): a command's reply must not be taken for an earlier one's. 0 on a fault. */
+static int drain(lua_State *L, mp_redis *r) {
+  if (!r->pending) return 1;
+  lua_getiuservalue(L, 1, 1);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+  while (r->pending > 0) {
+    void *v = NULL;
+    if (redisGetReply(r->c, &v) != REDIS_OK || !v) { lua_pop(L, 1); return 0; }
+    r->pending--;
+    push_reply(L, v, 0);
+    freeReplyObject(v);
+    lua_rawseti(L, -2, ++n);
+  }
+  lua_pop(L, 1);
+  return 1;
+}
+
+/* r:send(arg...): one command sent without waiting for its reply (r:replies() gives the
+** replies later, in order; any other call reads them first) */
+static int redis_send(lua_State *L) {
+  mp_redis *r = toredis(L);
+  int top = lua_gettop(L);
+  luaL_argcheck(L, top >= 2, 2, "a command expected");
+  static const char *argv[MAXARGS];
+  static size_t lens[MAXARGS];
+  int n = collect(L, 0, 2, top, argv, lens, 0);
+  if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
+  int done = 0;
+  do {
+    if (redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
+  } while (!done);
+  r->pending++;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* r:replies() -> the replies of the commands sent with r:send, in order (a list) */
+static int redis_replies(lua_State *L) {
+  mp_redis *r = toredis(L);
+  lua_settop(L, 1);
+  if (!drain(L, r)) return conn_fault(L, r);
+  lua_getiuservalue(L, 1, 1);
+  lua_newtable(L);
+  lua_setiuservalue(L, 1, 1);
+  return 1;
+}
+
 static int redis_call(lua_State *L) {
   mp_redis *r = toredis(L);
+  if (!drain(L, r)) return conn_fault(L, r);
   int top = lua_gettop(L);
   luaL_argcheck(L, top >= 2, 2, "a command expected");
   static const char *argv[MAXARGS];
@@ -157,6 +212,7 @@ static int redis_call(lua_State *L) {
 /* r:pipeline({ {cmd...}, {cmd...} }) */
 static int redis_pipeline(lua_State *L) {
   mp_redis *r = toredis(L);
+  if (!drain(L, r)) return conn_fault(L, r);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer ncmd = luaL_len(L, 2);
   static const char *argv[MAXARGS];
@@ -286,7 +342,7 @@ static int read_key_file(lua_State *L) {
 
 int mp_redis_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"call", redis_call}, {"pipeline", redis_pipeline}, {"settimeout", redis_settimeout},
+    {"call", redis_call}, {"pipeline", redis_pipeline}, {"send", redis_send}, {"replies", redis_replies}, {"settimeout", redis_settimeout},
     {"close", redis_close}, {NULL, NULL}};
   static const luaL_Reg meta[] = {
     {"__gc", redis_close}, {"__close", redis_close}, {"__tostring", redis_tostring}, {NULL, NULL}};

@@ -98,7 +98,7 @@ function M.Pool(opts)
   return setmetatable({
     _r = r, _u = u, _key = key, _keys = keys, _id = id, _res = keys.res(id), _last = "0-0",
     _lease = lease, _owner = core.getpid(), _calls = {}, _ncall = 0, _state = "running",
-    _hint = opts.processes, _bad = 0,
+    _hint = opts.processes, _bad = 0, _sent = {}, _sent_lo = 1, _sent_hi = 1, _nsent = 0,
   }, Pool)
 end
 
@@ -124,7 +124,7 @@ local function workers(self)
   if self._hint then return self._hint end
   local n, cursor = 0, "0"
   repeat
-    local rep = self._r:call("SCAN", cursor, "MATCH", self._keys.worker("*"), "COUNT", 1000)
+    local rep = rcall(self, "SCAN", cursor, "MATCH", self._keys.worker("*"), "COUNT", 1000)
     if not rep then break end
     cursor = rep[1]
     n = n + rep[2].n
@@ -133,29 +133,91 @@ local function workers(self)
 end
 
 -------------------------------------------------------------------- sending
+-- Task messages are sent without waiting for Redis's answer (the entry's id); the answers
+-- are read with the next command, in order, and matched to their chunks here.
+local function settle(self)
+  local q = self._sent
+  if self._nsent == 0 then return end
+  local reps, why = self._r:replies()
+  if not reps then redis_fault(self, "Pool", why) end
+  for k = 1, #reps do
+    local s = q[self._sent_lo]
+    q[self._sent_lo] = nil
+    self._sent_lo = self._sent_lo + 1
+    self._nsent = self._nsent - 1
+    local c, j, id = s[1], s[2], reps[k]
+    if type(id) == "string" then
+      if not c.got[j] and not c.done then c.taskids[j] = id
+      elseif c.done and self._r then self._r:send("XDEL", self._keys.tasks, id) self._nsent = self._nsent + 1
+        q[self._sent_hi] = { c, false } self._sent_hi = self._sent_hi + 1 end
+    elseif j and not c.got[j] then
+      -- Redis refused the entry (out of memory, a read-only replica...): the chunk fails
+      local info = c.chunkinfo[j]
+      c.got[j] = true
+      c.nreceived = c.nreceived + 1
+      for n = info.first, info.first + info.count - 1 do
+        c.errs = c.errs or {}
+        c.errs[n] = ("%s: Redis at %s refused a task: %s"):format(c.kind, self._u.url, type(id) == "table" and id.err or "no answer")
+        if not c.first_err or n < c.first_err then c.first_err = n end
+        c.order[#c.order + 1] = n
+      end
+    end
+  end
+end
+
+-- r:call, then the answers of the sends before it
+local function rcall(self, ...)
+  local a, b = self._r:call(...)
+  if self._nsent > 0 then pcall(settle, self) end  -- a fault shows in a, b already
+  return a, b
+end
+
 local function send_chunks(self, c, chunks)
-  local cmds = {}
   local stream = self._keys.tasks
+  local r = self._r
   for _, ch in ipairs(chunks) do
     local m = core.encode { c = self._id, k = c.id, j = ch.j, i = ch.first, kind = c.kind, f = c.fbytes, a = ch.items, t = c.timeout }
-    cmds[#cmds + 1] = { "XADD", stream, "*", "m", m, "s", S.sign(self._key, stream, m) }
-  end
-  local reps, why = self._r:pipeline(cmds)
-  if not reps then redis_fault(self, c.kind, why) end
-  for k, ch in ipairs(chunks) do
-    local id = reps[k]
-    if type(id) ~= "string" then redis_fault(self, c.kind, type(id) == "table" and id.err or "XADD failed") end
-    c.taskids[ch.j] = id
+    local ok, why = r:send("XADD", stream, "*", "m", m, "s", S.sign(self._key, stream, m))
+    if not ok then redis_fault(self, c.kind, why) end
+    self._sent[self._sent_hi] = { c, ch.j }
+    self._sent_hi = self._sent_hi + 1
+    self._nsent = self._nsent + 1
   end
 end
 
 -- reads up to `limit` more items of the call's input into chunks and sends them
+-- the next chunk of a sequence, taken at once: no call per item
+local function take_slice(c, items)
+  local first = c.fed + 1
+  local n = math.min(c.chunksize, c.seqn - c.fed)
+  table.move(c.seq, first, first + n - 1, 1, items)
+  for k = 1, n do
+    local v = items[k]
+    local tv = type(v)
+    if c.kind == "starmap" and tv ~= "table" then
+      c.input_done = true
+      c.input_err = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(tv)
+      n = k - 1
+      break
+    end
+    if tv == "table" or tv == "function" or tv == "userdata" then  -- plain values cross as they are
+      local good, why = pcall(portable, v, ("args[%d]"):format(c.fed + k), {})
+      if not good then c.input_done = true c.input_err = why n = k - 1 break end
+    end
+  end
+  for k = n + 1, #items do items[k] = nil end
+  items.n = n
+  c.fed = c.fed + n
+  if c.fed >= c.seqn then c.input_done = true end
+end
+
 local function feed(self, c, limit)
   local batch = {}
   while not c.input_done and (limit == nil or c.fed < limit) do
     local items = { n = 0 }
     local first = c.fed + 1
-    for _ = 1, c.chunksize do
+    if c.seq then take_slice(c, items) end
+    for _ = 1, c.seq and 0 or c.chunksize do
       local ok, more, v = pcall(c.next_item)
       if not ok then
         c.input_done = true
@@ -168,8 +230,11 @@ local function feed(self, c, limit)
         c.input_err = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(type(v))
         break
       end
-      local good, why = pcall(portable, v, ("args[%d]"):format(c.fed + 1), {})
-      if not good then c.input_done = true c.input_err = why break end
+      local tv = type(v)
+      if tv == "table" or tv == "function" or tv == "userdata" then  -- plain values cross as they are
+        local good, why = pcall(portable, v, ("args[%d]"):format(c.fed + 1), {})
+        if not good then c.input_done = true c.input_err = why break end
+      end
       c.fed = c.fed + 1
       items.n = items.n + 1
       items[items.n] = v
@@ -266,7 +331,7 @@ local function pump(self, fname, wait)
   args[#args + 1] = "STREAMS"
   args[#args + 1] = self._res
   args[#args + 1] = self._last
-  local rep, why = self._r:call(unpack(args))
+  local rep, why = rcall(self, unpack(args))
   if rep == nil then redis_fault(self, fname, why) end
   if rep then
     local ids = { "XDEL", self._res }
@@ -281,7 +346,7 @@ local function pump(self, fname, wait)
         if ok and type(msg) == "table" then deliver(self, msg) else self._bad = self._bad + 1 end
       end
     end
-    if #ids > 2 then self._r:call(unpack(ids)) end
+    if #ids > 2 then rcall(self, unpack(ids)) end
   end
   -- lazy inputs: keep the window full
   for _, c in pairs(self._calls) do
@@ -332,9 +397,10 @@ local function abandon(self, c)
   if c.done then return end
   c.done = true
   self._calls[c.id] = nil
+  if self._r then pcall(settle, self) end   -- the ids of its entries still on their way
   local ids = { "XDEL", self._keys.tasks }
   for _, id in pairs(c.taskids) do ids[#ids + 1] = id end
-  if #ids > 2 and self._r then self._r:call(unpack(ids)) end
+  if #ids > 2 and self._r then pcall(rcall, self, unpack(ids)) end
   if c.bar then c.bar:close() end
 end
 
@@ -361,13 +427,14 @@ local function start_call(self, kind, fname, f, input, opts, lazy)
   local good, fbytes = pcall(core.encode, f)
   if not good then error(("%s: %s"):format(fname, tostring(fbytes)), 3) end
   local next_item, n = sequence_of(input, fname)
+  local seq = type(input) == "table" and input or nil
   if not cs then
     if n then cs = math.max(1, math.min(MAX_CHUNK, math.ceil(n / (4 * workers(self))))) else cs = ITER_CHUNK end
   end
   self._ncall = self._ncall + 1
   local c = {
     id = self._ncall, kind = kind, fname = fname, fbytes = fbytes, timeout = opts.timeout,
-    next_item = next_item, chunksize = cs, fed = 0, nchunks = 0, nreceived = 0, ndone = 0,
+    next_item = next_item, seq = seq, seqn = seq and n, chunksize = cs, fed = 0, nchunks = 0, nreceived = 0, ndone = 0,
     chunkinfo = {}, got = {}, taskids = {}, results = {}, arrived = {}, order = {},
     callback = opts.callback, error_callback = opts.error_callback,
   }
