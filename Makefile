@@ -20,7 +20,7 @@ CFLAGS     ?= $(OPT) -g
 WARN        = -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 ALL_CFLAGS  = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR)
 LDFLAGS    ?=
-LIBS       ?= -lcrypto
+LIBS       ?= -lhiredis -lcrypto
 SRC        := $(wildcard src/*.c)
 HDR        := $(wildcard src/*.h)
 BUILD      ?= build
@@ -40,7 +40,8 @@ $(SO): $(SRC) $(HDR) Makefile
 deps:
 	@sh scripts/deps.sh
 
-test: deps
+test:
+	@MP_FOR_TESTS=1 sh scripts/deps.sh
 	@$(MAKE) --no-print-directory all
 	MP_BUILD=$(BUILD) $(BUSTED_RUN) $(SPECS)
 
@@ -55,10 +56,12 @@ install: all
 	install -d $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_CMOD)/multiprocessing/core.so
 	install -m 644 lua/multiprocessing/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 755 bin/mp-worker $(DESTDIR)$(PREFIX)/bin/mp-worker
 	install -d $(DESTDIR)$(LUA_LMOD)/multiprocessing/managers && install -m 644 lua/multiprocessing/managers/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/managers/
 
 uninstall:
-	rm -rf $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing
+	rm -rf $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing $(DESTDIR)$(PREFIX)/bin/mp-worker
 
 # also what `luarocks make` leaves in the checkout: objects next to the sources, multiprocessing/core.so
 clean:
@@ -80,6 +83,7 @@ cross: deps
 	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || MP_NEED_EXTRA=gcc-aarch64-linux-gnu sh scripts/deps.sh
 	@mkdir -p build/cross/include/openssl
 	@printf '#define DEB_HOST_MULTIARCH "aarch64-linux-gnu"\n' > build/cross/include/lua5.4-deb-multiarch.h
+	@ln -sfn /usr/include/hiredis build/cross/include/hiredis
 	@for f in /usr/include/openssl/*.h /usr/include/$$($(CC) -print-multiarch 2>/dev/null)/openssl/*.h; do \
 	  [ ! -e "$$f" ] || ln -sf "$$f" build/cross/include/openssl/; done
 	@$(MAKE) --no-print-directory all BUILD=build/cross CC=aarch64-linux-gnu-gcc LIBS= CFLAGS="$(CFLAGS) -Ibuild/cross/include"

@@ -21,9 +21,11 @@ dependencies = {
 }
 external_dependencies = {
   OPENSSL = { header = "openssl/hmac.h", library = "crypto" },
+  HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
 }
 build = {
   type = "builtin",
+  install = { bin = { ["mp-worker"] = "bin/mp-worker" } },
   modules = {
     ["multiprocessing"] = "lua/multiprocessing/init.lua",
     ["multiprocessing.process"] = "lua/multiprocessing/process.lua",
@@ -38,14 +40,19 @@ build = {
     ["multiprocessing.parallel"] = "lua/multiprocessing/parallel.lua",
     ["multiprocessing.managers.server"] = "lua/multiprocessing/managers/server.lua",
     ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
+    ["multiprocessing.stream"] = "lua/multiprocessing/stream.lua",
+    ["multiprocessing.stream_pool"] = "lua/multiprocessing/stream_pool.lua",
+    ["multiprocessing.stream_worker"] = "lua/multiprocessing/stream_worker.lua",
     ["multiprocessing.core"] = {
       sources = {
         "src/arena.c", "src/codec.c", "src/core.c", "src/pipe.c", "src/pool.c",
-        "src/process.c", "src/queue.c", "src/shared.c", "src/shm.c", "src/socket.c", "src/sync.c", "src/wait.c",
+        "src/process.c", "src/queue.c", "src/redis.c", "src/shared.c", "src/shm.c", "src/socket.c", "src/sync.c", "src/wait.c",
       },
-      incdirs = { "src", "$(OPENSSL_INCDIR)" },
-      libdirs = { "$(OPENSSL_LIBDIR)" },
-      libraries = { "crypto" },  -- OpenSSL's libcrypto (Debian: libssl-dev), for Listener/Client's HMAC
+      incdirs = { "src", "$(OPENSSL_INCDIR)", "$(HIREDIS_INCDIR)" },
+      libdirs = { "$(OPENSSL_LIBDIR)", "$(HIREDIS_LIBDIR)" },
+      -- OpenSSL's libcrypto (Debian: libssl-dev), for the HMACs of Listener/Client and the
+      -- Pool on Redis; hiredis (Debian: libhiredis-dev), its Redis client
+      libraries = { "crypto", "hiredis" },
     },
   },
 }

@@ -4,6 +4,9 @@ need=""
 command -v lua5.4 >/dev/null 2>&1 || need="$need lua5.4"
 [ -f /usr/include/lua5.4/lua.h ] || need="$need liblua5.4-dev"
 [ -f /usr/include/openssl/hmac.h ] || need="$need libssl-dev"
+[ -f /usr/include/hiredis/hiredis.h ] || need="$need libhiredis-dev"
+# the specs of the Pool on Redis Streams start a redis-server of their own
+[ -n "$MP_FOR_TESTS" ] && { command -v redis-server >/dev/null 2>&1 || need="$need redis-server"; }
 command -v busted >/dev/null 2>&1 || need="$need lua-busted"
 command -v cc >/dev/null 2>&1 || need="$need gcc libc6-dev"
 command -v make >/dev/null 2>&1 || need="$need make"

@@ -31,7 +31,7 @@ mkdir -p "$OUT/seeds" fuzz/crashers
 for mode in $FUZZ_MODES; do mkdir -p "$OUT/corpus-$mode"; done
 echo "building $OUT/codec_fuzz"
 "$CLANG" -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I/usr/include/lua5.4 -Isrc -o "$OUT/codec_fuzz" fuzz/codec_fuzz.c src/*.c -llua5.4 -lm
+  -I/usr/include/lua5.4 -Isrc -o "$OUT/codec_fuzz" fuzz/codec_fuzz.c src/*.c -llua5.4 -lm -lhiredis -lcrypto
 
 # each run writes its seeds at start (before libFuzzer reads the corpora): its
 # own key signs their functions

@@ -182,8 +182,10 @@ void mp_enc_unsent(mp_enc *e);
 void mp_decode(lua_State *L, const char *s, size_t n);
 /* Same, in a mode: MP_DECODE_ALL (as mp_decode) or MP_DECODE_DATA, which takes
 ** plain data only and raises on functions, modules, the globals, metatables sent
-** by value and handles: safe for bytes from anywhere (docs/codec.md, Trust). */
-enum { MP_DECODE_ALL = 0, MP_DECODE_DATA = 1 };
+** by value and handles: safe for bytes from anywhere (docs/codec.md, Trust).
+** MP_DECODE_SIGNED: bytes another program made and signed with a key both share
+** (the Pool on Redis): functions are loaded without our checksum, handles refused. */
+enum { MP_DECODE_ALL = 0, MP_DECODE_DATA = 1, MP_DECODE_SIGNED = 2 };
 void mp_decode_mode(lua_State *L, const char *s, size_t n, int mode);
 /* Same for an encoded array (a table with no other keys and no metatable), whose
 ** items go to t[at], t[at+1]... of the table at tidx, which is what it pushes. */
@@ -242,6 +244,7 @@ int mp_shared_open(lua_State *L);
 int mp_shm_open(lua_State *L);
 int mp_pool_open(lua_State *L);
 int mp_socket_open(lua_State *L);
+int mp_redis_open(lua_State *L);
 
 /* Connections over a socket (pipe.c, for socket.c): pushes a closed duplex
 ** Connection, which mp_conn_setfd then gives its descriptor. */

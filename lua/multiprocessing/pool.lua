@@ -1046,6 +1046,8 @@ local function stopped(pid)  -- by a signal (T) or a tracer (t)
 end
 
 function M.Pool(opts)
+  -- the same Pool over Redis Streams (docs/distributed.md)
+  if type(opts) == "table" and opts.backend ~= nil then return require("multiprocessing.stream_pool").Pool(opts) end
   local n, init, initargs, maxtasks
   if type(opts) == "table" then
     for k in pairs(opts) do

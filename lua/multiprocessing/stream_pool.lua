@@ -1,0 +1,616 @@
+-- stream_pool.lua: mp.Pool{backend = "redis://...", key_file = PATH}, the Pool's methods over
+-- Redis Streams: tasks go to a stream read by a consumer group of mp-workers on any number of
+-- machines, results come back on a stream of this client's own. The protocol is in stream.lua;
+-- docs/distributed.md tells the whole story.
+local core = require "multiprocessing.core"
+local S = require "multiprocessing.stream"
+local process = require "multiprocessing.process"
+local progress = require "multiprocessing.progress"
+
+local pack, unpack = table.pack, table.unpack
+local now = core.now
+
+local M = {}
+
+local rcall   -- r:call, then the answers of the sends before it (below)
+
+local MAX_CHUNK = 10000
+local ITER_CHUNK = 16       -- items per task for an input read from an iterator function
+local XADD_BATCH = 256      -- task messages sent in one round trip
+local READ_COUNT = 512
+
+-------------------------------------------------------------------- what may cross machines
+-- Handles name shared memory of this machine: they cannot cross. Found here, before any byte
+-- leaves, with the path to the value (the codec refuses coroutines and foreign userdata itself).
+local function portable(v, path, seen)
+  local t = type(v)
+  if t == "userdata" then
+    local mt = getmetatable(v)
+    local name = type(mt) == "table" and mt.__name
+    if type(name) == "string" and name:find("^multiprocessing%.") then
+      error(("cannot send a %s to another machine (at %s): shared objects live in one machine's memory")
+        :format(name:gsub("^multiprocessing%.", ""), path), 0)
+    end
+  elseif t == "table" then
+    if seen[v] then return end
+    seen[v] = true
+    local mt = getmetatable(v)
+    if type(mt) == "table" and mt.__name == "multiprocessing.Pool" then
+      error(("cannot send a Pool (at %s): a Pool can only be used by the process that made it"):format(path), 0)
+    end
+    for k, x in next, v do
+      portable(k, path .. "<key>", seen)
+      portable(x, ("%s[%s]"):format(path, type(k) == "string" and ("%q"):format(k) or tostring(k)), seen)
+    end
+  elseif t == "function" then
+    if seen[v] then return end
+    seen[v] = true
+    for i = 1, math.huge do
+      local name, x = debug.getupvalue(v, i)
+      if not name then break end
+      if name ~= "_ENV" then portable(x, ("%s<upvalue %s>"):format(path, name), seen) end
+    end
+  end
+end
+
+-------------------------------------------------------------------- the Pool
+local Pool = { __name = "multiprocessing.StreamPool" }
+Pool.__index = Pool
+M.StreamPool = Pool
+
+local AsyncResult = { __name = "multiprocessing.StreamAsyncResult" }
+AsyncResult.__index = AsyncResult
+
+local function lease_loop(u, lease)
+  local r
+  while true do
+    if not r then
+      local ok, c = pcall(S.connect, u, "Pool")
+      if ok then r = c end
+    end
+    if r and not r:call("SET", lease, "1", "PX", S.LEASE_TTL) then r = nil end
+    core.sleep(S.LEASE_EVERY)
+  end
+end
+
+local OPTIONS = { backend = true, key_file = true, processes = true, timeout = true }
+
+function M.Pool(opts)
+  for k in pairs(opts) do
+    if not OPTIONS[k] then error(("bad argument #1 to 'Pool' (unknown option %s)"):format(tostring(k)), 3) end
+  end
+  local u = S.parse_url(opts.backend, "Pool")
+  local key = S.read_key(opts.key_file, "Pool")
+  if opts.processes ~= nil and (math.type(opts.processes) ~= "integer" or opts.processes < 1) then
+    error("bad argument #1 to 'Pool' (processes must be a positive integer)", 3)
+  end
+  local t = opts.timeout
+  if t ~= nil and (type(t) ~= "number" or not (t > 0)) then
+    error("bad argument #1 to 'Pool' (timeout must be a positive number)", 3)
+  end
+  local keys = S.keys(u.ns)
+  local r = S.connect(u, "Pool", t)
+  r:settimeout((t or 10) + S.BLOCK_MS / 1000)
+  local ok, err = S.ensure_group(r, keys)
+  if not ok then r:close() error(("Pool: Redis at %s: %s"):format(u.url, tostring(err)), 0) end
+  local id = S.me() .. ":" .. (core.random_bytes(6):gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+  r:call("SET", keys.client(id), "1", "PX", S.LEASE_TTL)
+  local lease = process.Process { target = lease_loop, args = { u, keys.client(id) }, daemon = true, name = "Pool-lease" }
+  lease:start()
+  return setmetatable({
+    _r = r, _u = u, _key = key, _keys = keys, _id = id, _res = keys.res(id), _last = "0-0",
+    _lease = lease, _owner = core.getpid(), _calls = {}, _ncall = 0, _state = "running",
+    _hint = opts.processes, _bad = 0, _sent = {}, _sent_lo = 1, _sent_hi = 1, _nsent = 0,
+  }, Pool)
+end
+
+local function check(self, fname)
+  if getmetatable(self) ~= Pool then error(("bad self to '%s' (Pool expected)"):format(fname), 3) end
+  if self._owner ~= core.getpid() then error(("cannot %s: a Pool can only be used by the process that made it"):format(fname), 3) end
+end
+
+local function check_running(self, fname)
+  check(self, fname)
+  if self._state ~= "running" then error(("cannot %s: the pool is %s"):format(fname, self._state == "closed" and "closed" or "terminated"), 3) end
+end
+
+-- a Redis fault fails every pending call and raises for the one that met it
+local function redis_fault(self, fname, why)
+  local text = ("%s: Redis at %s: %s"):format(fname, self._u.url, tostring(why))
+  for _, c in pairs(self._calls) do if not c.done then c.err = c.err or text c.done = true end end
+  error(text, 0)
+end
+
+-- the number of workers heard from (heartbeat keys), for automatic chunks
+local function workers(self)
+  if self._hint then return self._hint end
+  local n, cursor = 0, "0"
+  repeat
+    local rep = rcall(self, "SCAN", cursor, "MATCH", self._keys.worker("*"), "COUNT", 1000)
+    if not rep then break end
+    cursor = rep[1]
+    n = n + rep[2].n
+  until cursor == "0"
+  return math.max(n, 1)
+end
+
+-------------------------------------------------------------------- sending
+-- Task messages are sent without waiting for Redis's answer (the entry's id); the answers
+-- are read with the next command, in order, and matched to their chunks here.
+local function settle(self)
+  local q = self._sent
+  if self._nsent == 0 then return end
+  local reps, why = self._r:replies()
+  if not reps then redis_fault(self, "Pool", why) end
+  for k = 1, #reps do
+    local s = q[self._sent_lo]
+    q[self._sent_lo] = nil
+    self._sent_lo = self._sent_lo + 1
+    self._nsent = self._nsent - 1
+    local c, j, id = s[1], s[2], reps[k]
+    if type(id) == "string" then
+      if not c.got[j] and not c.done then c.taskids[j] = id
+      elseif c.done and self._r then self._r:send("XDEL", self._keys.tasks, id) self._nsent = self._nsent + 1
+        q[self._sent_hi] = { c, false } self._sent_hi = self._sent_hi + 1 end
+    elseif j and not c.got[j] then
+      -- Redis refused the entry (out of memory, a read-only replica...): the chunk fails
+      local info = c.chunkinfo[j]
+      c.got[j] = true
+      c.nreceived = c.nreceived + 1
+      for n = info.first, info.first + info.count - 1 do
+        c.errs = c.errs or {}
+        c.errs[n] = ("%s: Redis at %s refused a task: %s"):format(c.kind, self._u.url, type(id) == "table" and id.err or "no answer")
+        if not c.first_err or n < c.first_err then c.first_err = n end
+        c.order[#c.order + 1] = n
+      end
+    end
+  end
+end
+
+function rcall(self, ...)
+  local a, b = self._r:call(...)
+  if self._nsent > 0 then pcall(settle, self) end  -- a fault shows in a, b already
+  return a, b
+end
+
+local function send_chunks(self, c, chunks)
+  local stream = self._keys.tasks
+  local r = self._r
+  for _, ch in ipairs(chunks) do
+    local m = core.encode { c = self._id, k = c.id, j = ch.j, i = ch.first, kind = c.kind, f = c.fbytes, a = ch.items, t = c.timeout }
+    local ok, why = r:send("XADD", stream, "*", "m", m, "s", S.sign(self._key, stream, m))
+    if not ok then redis_fault(self, c.kind, why) end
+    self._sent[self._sent_hi] = { c, ch.j }
+    self._sent_hi = self._sent_hi + 1
+    self._nsent = self._nsent + 1
+  end
+end
+
+-- reads up to `limit` more items of the call's input into chunks and sends them
+-- the next chunk of a sequence, taken at once: no call per item
+local function take_slice(c, items)
+  local first = c.fed + 1
+  local n = math.min(c.chunksize, c.seqn - c.fed)
+  table.move(c.seq, first, first + n - 1, 1, items)
+  for k = 1, n do
+    local v = items[k]
+    local tv = type(v)
+    if c.kind == "starmap" and tv ~= "table" then
+      c.input_done = true
+      c.input_err = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(tv)
+      n = k - 1
+      break
+    end
+    if tv == "table" or tv == "function" or tv == "userdata" then  -- plain values cross as they are
+      local good, why = pcall(portable, v, ("args[%d]"):format(c.fed + k), {})
+      if not good then c.input_done = true c.input_err = why n = k - 1 break end
+    end
+  end
+  for k = n + 1, #items do items[k] = nil end
+  items.n = n
+  c.fed = c.fed + n
+  if c.fed >= c.seqn then c.input_done = true end
+end
+
+local function feed(self, c, limit)
+  local batch = {}
+  while not c.input_done and (limit == nil or c.fed < limit) do
+    local items = { n = 0 }
+    local first = c.fed + 1
+    if c.seq then take_slice(c, items) end
+    for _ = 1, c.seq and 0 or c.chunksize do
+      local ok, more, v = pcall(c.next_item)
+      if not ok then
+        c.input_done = true
+        c.input_err = ("%s: the input iterator raised at item %d: %s"):format(c.kind, c.fed + 1, tostring(more))
+        break
+      end
+      if not more then c.input_done = true break end
+      if c.kind == "starmap" and type(v) ~= "table" then
+        c.input_done = true
+        c.input_err = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(type(v))
+        break
+      end
+      local tv = type(v)
+      if tv == "table" or tv == "function" or tv == "userdata" then  -- plain values cross as they are
+        local good, why = pcall(portable, v, ("args[%d]"):format(c.fed + 1), {})
+        if not good then c.input_done = true c.input_err = why break end
+      end
+      c.fed = c.fed + 1
+      items.n = items.n + 1
+      items[items.n] = v
+    end
+    if items.n > 0 then
+      c.nchunks = c.nchunks + 1
+      batch[#batch + 1] = { j = c.nchunks, first = first, items = items }
+      c.chunkinfo[c.nchunks] = { first = first, count = items.n }
+      if #batch >= XADD_BATCH then send_chunks(self, c, batch) batch = {} end
+    end
+  end
+  if #batch > 0 then send_chunks(self, c, batch) end
+  if c.input_done then c.total = c.fed end
+end
+
+-------------------------------------------------------------------- receiving
+local function item_error(c, n, err)
+  c.errs = c.errs or {}
+  c.errs[n] = err
+  if not c.first_err or n < c.first_err then c.first_err = n end
+end
+
+local function finish(self, c)
+  if c.done then return end
+  if c.input_err and not c.first_err then c.err = c.input_err end
+  if c.first_err and c.kind ~= "imap" and c.kind ~= "unordered" then c.err = c.errs[c.first_err] end
+  c.done = true
+  self._calls[c.id] = nil
+  if c.bar then c.bar:close() end
+  self._cbq = self._cbq or {}
+  self._cbq[#self._cbq + 1] = c
+end
+
+local function deliver(self, msg)
+  local c = self._calls[msg.k]
+  if not c or c.got[msg.j] then return end       -- a call abandoned, or a duplicate
+  local info = c.chunkinfo[msg.j]
+  if not info then return end
+  c.got[msg.j] = true
+  c.taskids[msg.j] = nil
+  c.nreceived = c.nreceived + 1
+  local v = msg.v or { n = 0 }
+  for k = 1, v.n or 0 do
+    local n = info.first + k - 1
+    c.results[n] = v[k]
+    c.arrived[n] = true
+    c.order[#c.order + 1] = n
+  end
+  c.ndone = c.ndone + (v.n or 0)
+  if msg.e then
+    local n = info.first + msg.e.n - 1
+    item_error(c, n, msg.e.err)
+    c.order[#c.order + 1] = n
+  end
+  if msg.fault then
+    for n = info.first + (v.n or 0), info.first + info.count - 1 do
+      if not (c.errs and c.errs[n]) then item_error(c, n, msg.fault) c.order[#c.order + 1] = n end
+    end
+  end
+  if c.bar then c.bar:update(c.ndone) end
+  if c.input_done and c.nreceived == c.nchunks then finish(self, c) end
+end
+
+local function results_of(c)
+  local out = {}
+  for i = 1, c.total or c.fed do out[i] = c.results[i] end
+  out.n = c.total or c.fed
+  return out
+end
+
+local function run_callbacks(self)
+  local q = self._cbq
+  if not q or #q == 0 then return end
+  self._cbq = {}
+  for _, c in ipairs(q) do
+    local f, arg
+    if c.err then f, arg = c.error_callback, c.err
+    elseif c.callback then
+      f = c.callback
+      if c.kind == "apply" then arg = c.results[1] and c.results[1][1] else arg = results_of(c) end
+    end
+    if f then
+      local ok, e = pcall(f, arg)
+      if not ok then io.stderr:write("Pool: a callback raised: ", tostring(e), "\n") end
+    end
+  end
+end
+
+-- one read of the result stream, waiting at most `wait` seconds (0: a poll)
+local function pump(self, fname, wait)
+  local ms = math.max(0, math.min(S.BLOCK_MS, math.floor((wait or 0) * 1000)))
+  local args = { "XREAD", "COUNT", READ_COUNT }
+  if ms > 0 then args[#args + 1] = "BLOCK" args[#args + 1] = ms end
+  args[#args + 1] = "STREAMS"
+  args[#args + 1] = self._res
+  args[#args + 1] = self._last
+  local rep, why = rcall(self, unpack(args))
+  if rep == nil then redis_fault(self, fname, why) end
+  if rep then
+    local ids = { "XDEL", self._res }
+    for _, stream in ipairs(rep) do
+      for _, e in ipairs(stream[2]) do
+        local id, fields = e[1], e[2]
+        self._last = id
+        ids[#ids + 1] = id
+        local m = S.verify(self._key, self._res, fields)
+        local ok, msg = false, nil
+        if m then ok, msg = pcall(core.decode, m, "signed") end
+        if ok and type(msg) == "table" then deliver(self, msg) else self._bad = self._bad + 1 end
+      end
+    end
+    if #ids > 2 then rcall(self, unpack(ids)) end
+  end
+  -- lazy inputs: keep the window full
+  for _, c in pairs(self._calls) do
+    if not c.input_done and c.window and c.fed - c.ndone < c.window then feed(self, c, c.ndone + c.window) end
+    if c.input_done and c.nreceived == c.nchunks then finish(self, c) end
+  end
+end
+
+-- waits until pred() or the deadline; false on timeout
+local function wait_until(self, fname, pred, timeout)
+  local deadline = timeout and now() + timeout
+  while not pred() do
+    local left = deadline and deadline - now() or S.BLOCK_MS / 1000
+    if left <= 0 then return false end
+    pump(self, fname, left)
+    run_callbacks(self)
+  end
+  run_callbacks(self)
+  return true
+end
+
+-------------------------------------------------------------------- calls
+local CALL_OPTIONS = { chunksize = true, progress = true, desc = true, timeout = true, callback = true, error_callback = true }
+
+local function sequence_of(v, fname)
+  if type(v) == "table" then
+    local n = v.n or #v
+    if n == 0 and next(v) ~= nil then
+      error(("bad argument #2 to '%s' (the table has no sequence part; pass a list)"):format(fname), 4)
+    end
+    local i = 0
+    return function()
+      if i >= n then return nil end
+      i = i + 1
+      return true, v[i]
+    end, n
+  elseif type(v) == "function" then
+    return function()
+      local x = v()
+      if x == nil then return nil end
+      return true, x
+    end, nil
+  end
+  error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(fname, type(v)), 4)
+end
+
+local function abandon(self, c)
+  if c.done then return end
+  c.done = true
+  self._calls[c.id] = nil
+  if self._r then pcall(settle, self) end   -- the ids of its entries still on their way
+  local ids = { "XDEL", self._keys.tasks }
+  for _, id in pairs(c.taskids) do ids[#ids + 1] = id end
+  if #ids > 2 and self._r then pcall(rcall, self, unpack(ids)) end
+  if c.bar then c.bar:close() end
+end
+
+local function start_call(self, kind, fname, f, input, opts, lazy)
+  check_running(self, fname)
+  if type(f) ~= "function" and not (getmetatable(f) or {}).__call then
+    error(("bad argument #1 to '%s' (function expected, got %s)"):format(fname, type(f)), 3)
+  end
+  if type(opts) == "number" then opts = { chunksize = opts } end
+  opts = opts or {}
+  if type(opts) ~= "table" then error(("bad argument #3 to '%s' (options table expected)"):format(fname), 3) end
+  for k in pairs(opts) do
+    if not CALL_OPTIONS[k] then error(("bad options to '%s' (unknown option %s)"):format(fname, tostring(k)), 3) end
+  end
+  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or not (opts.timeout > 0)) then
+    error(("bad options to '%s' (timeout must be a positive number)"):format(fname), 3)
+  end
+  local cs = opts.chunksize
+  if cs ~= nil and (math.type(cs) ~= "integer" or cs < 1) then
+    error(("bad options to '%s' (chunksize must be a positive integer)"):format(fname), 3)
+  end
+  local ok, why = pcall(portable, f, "the function", {})
+  if not ok then error(("%s: %s"):format(fname, why), 3) end
+  local good, fbytes = pcall(core.encode, f)
+  if not good then error(("%s: %s"):format(fname, tostring(fbytes)), 3) end
+  local next_item, n = sequence_of(input, fname)
+  local seq = type(input) == "table" and input or nil
+  if not cs then
+    if n then cs = math.max(1, math.min(MAX_CHUNK, math.ceil(n / (4 * workers(self))))) else cs = ITER_CHUNK end
+  end
+  self._ncall = self._ncall + 1
+  local c = {
+    id = self._ncall, kind = kind, fname = fname, fbytes = fbytes, timeout = opts.timeout,
+    next_item = next_item, seq = seq, seqn = seq and n, chunksize = cs, fed = 0, nchunks = 0, nreceived = 0, ndone = 0,
+    chunkinfo = {}, got = {}, taskids = {}, results = {}, arrived = {}, order = {},
+    callback = opts.callback, error_callback = opts.error_callback,
+  }
+  if opts.progress then
+    c.bar = progress._bar { total = n, desc = opts.desc, force = opts.progress == "force" }
+  end
+  self._calls[c.id] = c
+  if lazy then c.window = math.max(4 * workers(self) * cs, 1024) end
+  feed(self, c, c.window)
+  if c.input_done and c.nchunks == 0 then finish(self, c) end
+  if c.input_err and not lazy then   -- nothing of a failed call is left to run
+    abandon(self, c)
+    error(c.input_err, 3)
+  end
+  return c
+end
+
+local function new_result(self, c)
+  return setmetatable({ _pool = self, _c = c }, AsyncResult)
+end
+
+function Pool:map_async(f, xs, opts) return new_result(self, start_call(self, "map", "map_async", f, xs, opts)) end
+function Pool:starmap_async(f, xs, opts) return new_result(self, start_call(self, "starmap", "starmap_async", f, xs, opts)) end
+function Pool:apply_async(f, args, opts)
+  if args ~= nil and type(args) ~= "table" then error(("bad argument #2 to 'apply_async' (table expected, got %s)"):format(type(args)), 2) end
+  local a = args or {}
+  return new_result(self, start_call(self, "apply", "apply_async", f, { n = 1, pack(unpack(a, 1, a.n or #a)) }, opts))
+end
+
+function AsyncResult:wait(timeout)
+  local c = self._c
+  return wait_until(self._pool, c.fname, function() return c.done end, timeout)
+end
+function AsyncResult:ready()
+  local c = self._c
+  if not c.done and self._pool._state ~= "terminated" then pump(self._pool, c.fname, 0) run_callbacks(self._pool) end
+  return c.done
+end
+function AsyncResult:successful()
+  if not self:ready() then error("the result is not ready", 2) end
+  return not self._c.err
+end
+function AsyncResult:get(timeout)
+  local c = self._c
+  if not wait_until(self._pool, c.fname, function() return c.done end, timeout) then return nil, "timeout" end
+  if c.err then error(c.err, 2) end
+  if c.kind == "apply" then
+    local r = c.results[1]
+    return unpack(r, 1, r.n)
+  end
+  return results_of(c)
+end
+
+function Pool:map(f, xs, opts)
+  local c = start_call(self, "map", "map", f, xs, opts)
+  wait_until(self, "map", function() return c.done end)
+  if c.err then error(c.err, 2) end
+  return results_of(c)
+end
+function Pool:starmap(f, xs, opts)
+  local c = start_call(self, "starmap", "starmap", f, xs, opts)
+  wait_until(self, "starmap", function() return c.done end)
+  if c.err then error(c.err, 2) end
+  return results_of(c)
+end
+function Pool:apply(f, args, opts)
+  return self:apply_async(f, args, opts):get()
+end
+
+local function iterate(self, kind, fname, f, xs, opts)
+  local c = start_call(self, kind, fname, f, xs, opts, true)
+  local nexti, pos = 1, 1
+  local function step()
+    while true do
+      if kind == "imap" then
+        if c.errs and c.errs[nexti] then abandon(self, c) error(c.errs[nexti], 0) end
+        if c.arrived[nexti] then
+          local i = nexti
+          nexti = nexti + 1
+          local v = c.results[i]
+          c.results[i] = nil
+          return i, v
+        end
+        if c.input_done and nexti > c.fed then
+          if c.input_err then abandon(self, c) error(c.input_err, 0) end
+          return nil
+        end
+      else
+        if pos <= #c.order then
+          local i = c.order[pos]
+          pos = pos + 1
+          if c.errs and c.errs[i] then abandon(self, c) error(c.errs[i], 0) end
+          local v = c.results[i]
+          c.results[i] = nil
+          return i, v
+        end
+        if c.input_done and pos > c.fed then
+          if c.input_err then abandon(self, c) error(c.input_err, 0) end
+          return nil
+        end
+      end
+      if self._state == "terminated" then error(fname .. ": the pool was terminated", 0) end
+      local ok, e = pcall(pump, self, fname, S.BLOCK_MS / 1000)
+      if not ok then abandon(self, c) error(e, 0) end
+      run_callbacks(self)
+    end
+  end
+  local closer = setmetatable({}, { __close = function() abandon(self, c) end })
+  return step, nil, nil, closer
+end
+
+function Pool:imap(f, xs, opts) return iterate(self, "imap", "imap", f, xs, opts) end
+function Pool:imap_unordered(f, xs, opts) return iterate(self, "unordered", "imap_unordered", f, xs, opts) end
+
+-------------------------------------------------------------------- ending
+local function release(self)
+  if self._released then return end
+  self._released = true
+  if self._lease then
+    pcall(self._lease.kill, self._lease)
+    pcall(self._lease.join, self._lease)
+    pcall(self._lease.close, self._lease)
+  end
+  if self._r then
+    pcall(self._r.pipeline, self._r, { { "DEL", self._keys.client(self._id) }, { "DEL", self._res } })
+    self._r:close()
+  end
+end
+
+function Pool:close()
+  check(self, "close")
+  if self._state == "running" then self._state = "closed" end
+end
+
+function Pool:join()
+  check(self, "join")
+  if self._state == "running" then error("cannot join: close or terminate the pool first", 2) end
+  if self._state == "closed" then
+    wait_until(self, "join", function() return next(self._calls) == nil end)
+  end
+  release(self)
+end
+
+function Pool:terminate()
+  check(self, "terminate")
+  if self._released then self._state = "terminated" return end
+  self._state = "terminated"
+  for _, c in pairs(self._calls) do
+    abandon(self, c)
+    c.err = c.err or (c.fname .. ": the pool was terminated")
+  end
+  release(self)
+end
+
+function Pool:__close()
+  if self._owner ~= core.getpid() or self._released then return end
+  if self._state == "running" then self._state = "closed" end
+  local ok = pcall(self.join, self)
+  if not ok then self:terminate() end
+end
+
+function Pool:__gc()
+  if self._owner == core.getpid() and not self._released then pcall(self.terminate, self) end
+end
+
+function Pool:__tostring()
+  return ("<Pool backend=%s state=%s>"):format(self._u.url, self._state)
+end
+
+-- what the pool counted: messages dropped for a bad signature, calls pending
+function Pool:stats()
+  check(self, "stats")
+  local n = 0
+  for _ in pairs(self._calls) do n = n + 1 end
+  return { bad_messages = self._bad, pending_calls = n, client = self._id }
+end
+
+return M

@@ -1,0 +1,305 @@
+-- Specs of the Pool on Redis Streams, against a real redis-server and real mp-worker processes.
+-- MP_REDIS_URL names a server to use (.ci/run starts one); without it a server is started
+-- here on a free loopback port, with persistence off. Every spec uses its own namespace.
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local S = require "multiprocessing.stream"
+local H = require "helpers"
+
+local function sh(cmd) return os.execute(cmd) end
+
+-- A task function with the real global table as its _ENV: functions written in a spec file
+-- see busted's environment, a table the codec would send by value (with modules, such as
+-- spec/helpers, that a worker on another machine does not have). The chunk gets `...`.
+local function task(src, ...) return assert(load(src, "=task"))(...) end
+
+local function free_port()
+  for _ = 1, 50 do
+    local p = 20000 + math.random(0, 30000)
+    local r = core.redis_connect("127.0.0.1", p, 0.2)
+    if not r then return p end
+    r:close()
+  end
+  error("no free port")
+end
+
+-- a redis-server of our own; returns its URL and a function that stops it
+local function start_redis()
+  local port = free_port()
+  local pidfile = os.tmpname()
+  assert(sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --pidfile %s --logfile /dev/null")
+    :format(port, pidfile)))
+  assert(H.eventually(function()
+    local r = core.redis_connect("127.0.0.1", port, 0.2)
+    if r then r:close() return true end
+  end, 10), "redis-server did not start")
+  local function stop()
+    local f = io.open(pidfile)
+    local pid = f and tonumber(f:read("a"))
+    if f then f:close() end
+    if pid then core.kill(pid, 9) end
+    os.remove(pidfile)
+  end
+  return ("redis://127.0.0.1:%d"):format(port), stop, port
+end
+
+local have_redis = os.getenv("MP_REDIS_URL") or sh("command -v redis-server >/dev/null 2>&1")
+local describe_redis = have_redis and describe or function(name) pending(name .. ": no redis-server (install it or set MP_REDIS_URL)") end
+
+describe_redis("Pool on Redis Streams", function()
+  local base, stop_redis
+  local keyfile
+  local workers = {}   -- pid files of the mp-workers this file started
+
+  setup(function()
+    math.randomseed(core.getpid() + math.floor(core.now() * 1000))
+    base = os.getenv("MP_REDIS_URL")
+    if not base then base, stop_redis = start_redis() end
+    keyfile = os.tmpname()
+    assert(sh("head -c 32 /dev/urandom > " .. keyfile .. " && chmod 600 " .. keyfile))
+  end)
+
+  teardown(function()
+    os.remove(keyfile)
+    if stop_redis then stop_redis() end
+  end)
+
+  local ns
+  local function url() return base .. "?namespace=" .. ns end
+
+  -- starts an mp-worker with n consumers (a process outside this one's children)
+  local function start_worker(n, extra)
+    local pidfile = os.tmpname()
+    assert(sh(("%s %s bin/mp-worker %s --processes %d --key-file %s --quiet %s </dev/null >/dev/null 2>&1 & echo $! > %s")
+      :format(H.ENV, H.LUA, H.quote(url()), n, keyfile, extra or "", pidfile)))
+    local pid
+    assert(H.eventually(function()
+      local f = io.open(pidfile)
+      pid = f and tonumber(f:read("a"))
+      if f then f:close() end
+      return pid
+    end, 5))
+    os.remove(pidfile)
+    workers[#workers + 1] = pid
+    return pid
+  end
+
+  local function redis()
+    local u = S.parse_url(url(), "spec")
+    return S.connect(u, "spec")
+  end
+
+  before_each(function()
+    ns = ("t%d_%d"):format(core.getpid(), math.random(1, 1e9))
+  end)
+
+  after_each(function()
+    for _, pid in ipairs(workers) do core.kill(pid, 15) end
+    for _, pid in ipairs(workers) do H.eventually(function() return not H.alive(pid) end, 5) end
+    workers = {}
+  end)
+
+  local function pool()
+    return mp.Pool { backend = url(), key_file = keyfile }
+  end
+
+  it("gives the same results as a local pool, for every method", function()
+    start_worker(2)
+    local p <close> = pool()
+    local xs = {}
+    for i = 1, 1000 do xs[i] = i end
+    local double = task "return function(x) return x * 2 end"
+    local local_pool <close> = mp.Pool(2)
+    assert.same(local_pool:map(double, xs), p:map(double, xs))
+    assert.same({ 3, 7, n = 2 }, p:starmap(task "return function(a, b) return a + b end", { { 1, 2 }, { 3, 4 } }))
+    assert.same({ 3, "two", nil, n = 3 }, table.pack(p:apply(task 'return function(a, b) return a + b, "two", nil end', { 1, 2 })))
+    local got = {}
+    for i, v in p:imap(double, xs, 7) do got[#got + 1] = i assert.equal(2 * i, v) end
+    assert.equal(1000, #got)
+    assert.equal(1000, got[1000])
+    local sum = 0
+    for _, v in p:imap_unordered(double, xs) do sum = sum + v end
+    assert.equal(1001000, sum)
+    local cb
+    local r = p:map_async(double, { 1, 2 }, { callback = function(v) cb = v end })
+    assert.same({ 2, 4, n = 2 }, r:get(30))
+    assert.same({ 2, 4, n = 2 }, cb)
+    local plus = task("local up = ... return function(x) return x + up end", 10)
+    assert.same({ 11, n = 1 }, p:map(plus, { 1 }))   -- upvalues travel
+  end)
+
+  it("reads a lazy input and names the item and the worker of a failure", function()
+    start_worker(2)
+    local p <close> = pool()
+    local i = 0
+    local n = 0
+    for _, v in p:imap(task "return function(x) return -x end", function() i = i + 1 if i <= 3000 then return i end end) do
+      n = n + 1
+      assert.equal(-n, v)
+    end
+    assert.equal(3000, n)
+    local ok, e = pcall(p.map, p, task "return function(x) if x == 5 then error({ code = x }) end return x end", { 1, 2, 3, 4, 5, 6 })
+    assert.is_false(ok)
+    assert.equal(mp.TaskError, getmetatable(e))
+    assert.same({ code = 5 }, e.value)
+    assert.equal(5, e.item)
+    assert.matches("^[^:]+:%d+$", e.pid)   -- host:pid
+  end)
+
+  it("refuses at submission what cannot cross machines, with the path to the value", function()
+    local p <close> = pool()
+    local q = mp.Queue()
+    H.raises("cannot send a Queue to another machine (at args[2])", p.map, p, task "return function(x) return x end", { 1, q })
+    local l = mp.Lock()
+    H.raises("map: cannot send a Lock to another machine (at the function<upvalue l>)", p.map, p,
+      function() local _ = l end, { 1 })
+    q:close()
+    -- nothing of the failed calls was left in the stream
+    local r = redis()
+    assert.equal(0, r:call("XLEN", S.keys(ns).tasks))
+    r:close()
+  end)
+
+  it("runs a task again when the worker holding it is killed, and the caller sees each result once", function()
+    start_worker(2)
+    local p <close> = pool()
+    local marks = H.tmpname()
+    local r = p:map_async(task([[
+      local marks = ...
+      return function(x)
+        local f = io.open(marks, "a")
+        f:write(x, " ", require("multiprocessing.core").getpid(), "\n")
+        f:close()
+        if x == 3 then require("multiprocessing.core").sleep(1.5) end
+        return x * 10
+      end]], marks), { 1, 2, 3, 4, 5, 6 }, 1)
+    -- find the consumer that runs item 3 and kill it mid-task
+    local victim
+    assert(H.eventually(function()
+      for line in io.lines(marks) do
+        local x, pid = line:match("^(%d+) (%d+)$")
+        if x == "3" then victim = tonumber(pid) end
+      end
+      return victim
+    end, 20))
+    core.kill(victim, 9)
+    local out = r:get(30)
+    assert.same({ 10, 20, 30, 40, 50, 60, n = 6 }, out)
+    local runs = 0
+    for line in io.lines(marks) do if line:match("^3 ") then runs = runs + 1 end end
+    assert.equal(2, runs)
+  end)
+
+  it("fails a task that kills every worker it lands on after 3 deliveries, naming the item", function()
+    start_worker(2)
+    local p <close> = pool()
+    local ok, e = pcall(p.map, p, task [[return function(x)
+      if x == 2 then require("multiprocessing.core")._exit(7) end
+      return x
+    end]], { 1, 2, 3 }, 1)
+    assert.is_false(ok)
+    assert.matches("item 2 was delivered 3 times", tostring(e))
+    -- the pool and the workers go on
+    assert.same({ 1, n = 1 }, p:map(task "return function(x) return x end", { 1 }))
+  end)
+
+  it("never runs a forged, tampered or wrongly keyed task", function()
+    start_worker(1)
+    local p <close> = pool()   -- a live client, so that only the signature stops the tasks
+    local sentinel = H.tmpname()
+    os.remove(sentinel)
+    local keys = S.keys(ns)
+    local msg = core.encode { c = p._id, k = 1, j = 1, i = 1, kind = "map", a = { n = 1, 1 },
+      f = core.encode(task("local s = ... return function() io.open(s, 'w'):close() end", sentinel)) }
+    local r = redis()
+    local good = S.sign(p._key, keys.tasks, msg)
+    local other = core.random_bytes(32)
+    assert(r:call("XADD", keys.tasks, "*", "m", msg))                                       -- unsigned
+    assert(r:call("XADD", keys.tasks, "*", "m", msg, "s", core.random_bytes(32)))           -- forged
+    assert(r:call("XADD", keys.tasks, "*", "m", msg .. "x", "s", good))                     -- tampered
+    assert(r:call("XADD", keys.tasks, "*", "m", msg, "s", S.sign(other, keys.tasks, msg))) -- wrong key
+    assert(H.eventually(function() return tonumber(r:call("GET", keys.bad)) == 4 end, 20))
+    -- a real call still runs after them (the worker lives), and the sentinel never appears
+    assert.same({ 1, n = 1 }, p:map(task "return function(x) return x end", { 1 }))
+    assert.is_nil(io.open(sentinel))
+    r:close()
+  end)
+
+  it("kills an overdue task with timeout and says so", function()
+    start_worker(1)
+    local p <close> = pool()
+    local e = H.error_of(p.map, p, task 'return function(x) require("multiprocessing.core").sleep(x) return x end', { 30 }, { timeout = 0.5 })
+    assert.matches("task timed out after 0.5s %(item 1%)", e)
+    assert.same({ 0, n = 1 }, p:map(task "return function(x) return x end", { 0 }))
+  end)
+
+  it("drops the tasks of a client that died once its lease lapses", function()
+    start_worker(1)
+    local marks = H.tmpname()
+    local script = H.tmpname()
+    local f = io.open(script, "w")
+    f:write(([[
+      local mp = require "multiprocessing"
+      local p = mp.Pool { backend = %q, key_file = %q }
+      p:map_async(function(x)
+        local f = io.open(%q, "a") f:write(x, "\n") f:close()
+        require("multiprocessing.core").sleep(0.25)
+      end, (function() local t = {} for i = 1, 200 do t[i] = i end return t end)(), 1)
+      require("multiprocessing.core").kill(require("multiprocessing.core").getpid(), 9)
+    ]]):format(url(), keyfile, marks))
+    f:close()
+    sh(("%s %s %s >/dev/null 2>&1"):format(H.ENV, H.LUA, script))
+    local function count()
+      local n = 0
+      local g = io.open(marks)
+      if g then for _ in g:lines() do n = n + 1 end g:close() end
+      return n
+    end
+    -- the lease lapses after 5 s; then the rest is dropped quickly and the stream empties
+    local r = redis()
+    assert(H.eventually(function() return r:call("XLEN", S.keys(ns).tasks) == 0 end, 40))
+    assert.is_true(count() < 100, "the dead client's tasks kept running: " .. count())
+    r:close()
+  end)
+
+  it("refuses to start without a good key", function()
+    H.raises("key_file must be a path", mp.Pool, { backend = url() })
+    local loose = H.tmpname()
+    assert(sh("head -c 32 /dev/urandom > " .. loose .. " && chmod 644 " .. loose))
+    H.raises("others may read or write it", mp.Pool, { backend = url(), key_file = loose })
+    local short = H.tmpname()
+    assert(sh("head -c 8 /dev/urandom > " .. short .. " && chmod 600 " .. short))
+    H.raises("fewer than 32 bytes", mp.Pool, { backend = url(), key_file = short })
+    H.raises("No such file", mp.Pool, { backend = url(), key_file = "/nonexistent/key" })
+    H.raises("unknown option", mp.Pool, { backend = url(), key_file = keyfile, procesess = 2 })
+    H.raises("backend must be redis://", mp.Pool, { backend = "http://x", key_file = keyfile })
+  end)
+
+  it("says clearly when Redis cannot be reached, or goes away during a call", function()
+    local port = free_port()
+    H.raises("cannot reach Redis at redis://127.0.0.1:" .. port, mp.Pool,
+      { backend = "redis://127.0.0.1:" .. port, key_file = keyfile, timeout = 1 })
+    if os.getenv("MP_REDIS_URL") and not sh("command -v redis-server >/dev/null 2>&1") then return end
+    local own, stop = start_redis()
+    local p = mp.Pool { backend = own, key_file = keyfile }
+    local r = p:map_async(task "return function(x) return x end", { 1 })
+    stop()
+    local t0 = core.now()
+    local e = H.error_of(r.get, r, 30)
+    assert.matches("Redis at " .. own:gsub("%p", "%%%0"), e)
+    assert.is_true(core.now() - t0 < 25)
+    p:terminate()
+  end)
+
+  it("terminates: pending calls fail, its tasks and keys are gone", function()
+    local p = pool()
+    local r = p:map_async(task "return function(x) return x end", { 1, 2, 3 }, 1)   -- no worker: they stay queued
+    local rr = redis()
+    assert.equal(3, rr:call("XLEN", S.keys(ns).tasks))
+    p:terminate()
+    assert.equal(0, rr:call("XLEN", S.keys(ns).tasks))
+    assert.equal(0, rr:call("EXISTS", S.keys(ns).client(p._id)))
+    H.raises("the pool was terminated", r.get, r, 1)
+    rr:close()
+  end)
+end)

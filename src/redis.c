@@ -1,0 +1,355 @@
+/* redis.c: a blocking Redis connection (hiredis) and the HMAC that signs what crosses it.
+**
+** core.redis_connect(host, port, timeout [, unix_path]) -> Redis, or nil, message
+**   r:call(arg...)       one command; its reply as Lua values (see push_reply), or nil, message
+**   r:pipeline(cmds)     many commands, sent at once: { reply1, reply2, ... } (an error reply is
+**                        { err = text } in its place), or nil, message on a connection fault
+**   r:send(arg...)       a command sent without waiting for its reply; r:replies() -> the
+**                        replies of the sent commands, in order (other calls read them first)
+**   r:settimeout(s)      the longest a command may wait for its reply (seconds)
+**   r:close()            also __gc and __close
+** core.hmac_sha256(key, data) -> 32 bytes; core.hmac_equal(a, b) compares in constant time;
+** core.random_bytes(n).
+**
+** A connection fault (refused, reset, timed out) closes the connection: every later call
+** answers nil, "closed". Replies: status and bulk strings are strings, integers are integers,
+** a nil bulk is false (so that an array keeps its length), arrays and maps are tables with n. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/time.h>
+
+#include <hiredis/hiredis.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include <unistd.h>
+
+#include "mp.h"
+
+#define REDIS_CLASS "multiprocessing.Redis"
+#define MAXARGS 4096
+#define MAXDEPTH 16
+
+typedef struct mp_redis {
+  redisContext *c;
+  pid_t owner;   /* a forked copy never uses (or closes) its parent's socket */
+  int pending;   /* commands sent by r:send whose replies were not read yet */
+} mp_redis;
+
+static mp_redis *toredis(lua_State *L) {
+  mp_redis *r = luaL_checkudata(L, 1, REDIS_CLASS);
+  if (!r->c) luaL_error(L, "attempt to use a closed Redis connection");
+  if (r->owner != getpid()) luaL_error(L, "a Redis connection can only be used by the process that made it");
+  return r;
+}
+
+static struct timeval to_tv(double s) {
+  struct timeval tv;
+  if (s < 0) s = 0;
+  tv.tv_sec = (time_t)s;
+  tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
+  return tv;
+}
+
+static int redis_connect(lua_State *L) {
+  const char *host = luaL_checkstring(L, 1);
+  lua_Integer port = luaL_checkinteger(L, 2);
+  double t = luaL_optnumber(L, 3, 5.0);
+  luaL_argcheck(L, port > 0 && port < 65536, 2, "port out of range");
+  luaL_argcheck(L, t > 0 && t == t, 3, "timeout must be a positive number");
+  mp_redis *r = lua_newuserdatauv(L, sizeof *r, 1);
+  r->c = NULL;
+  r->pending = 0;
+  lua_newtable(L);
+  lua_setiuservalue(L, -2, 1);  /* replies of sent commands, read but not yet taken */
+  r->owner = getpid();
+  luaL_setmetatable(L, REDIS_CLASS);
+  struct timeval tv = to_tv(t);
+  redisContext *c = lua_isstring(L, 4) ? redisConnectUnixWithTimeout(lua_tostring(L, 4), tv)
+                                       : redisConnectWithTimeout(host, (int)port, tv);
+  if (!c) { lua_pushnil(L); lua_pushliteral(L, "cannot allocate a Redis context"); return 2; }
+  if (c->err) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot connect to %s:%d: %s", host, (int)port, c->errstr);
+    redisFree(c);
+    return 2;
+  }
+  redisSetTimeout(c, tv);
+  r->c = c;
+  return 1;
+}
+
+static void push_reply(lua_State *L, redisReply *y, int depth) {
+  luaL_checkstack(L, 4, "Redis reply too deep");
+  switch (y->type) {
+    case REDIS_REPLY_STRING: case REDIS_REPLY_STATUS:
+      lua_pushlstring(L, y->str, y->len); break;
+    case REDIS_REPLY_INTEGER: lua_pushinteger(L, (lua_Integer)y->integer); break;
+    case REDIS_REPLY_NIL: lua_pushboolean(L, 0); break;
+    case REDIS_REPLY_ERROR:
+      lua_createtable(L, 0, 1);
+      lua_pushlstring(L, y->str, y->len);
+      lua_setfield(L, -2, "err");
+      break;
+    case REDIS_REPLY_ARRAY:  /* RESP2: hiredis 0.14 (Debian 12) has no RESP3 types */
+      if (depth >= MAXDEPTH) { lua_pushboolean(L, 0); break; }
+      lua_createtable(L, (int)y->elements, 1);
+      for (size_t i = 0; i < y->elements; i++) {
+        push_reply(L, y->element[i], depth + 1);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+      }
+      lua_pushinteger(L, (lua_Integer)y->elements);
+      lua_setfield(L, -2, "n");
+      break;
+    default: lua_pushboolean(L, 0);
+  }
+}
+
+/* the fault that ended the connection: it is closed, and the caller gets nil, message */
+static int conn_fault(lua_State *L, mp_redis *r) {
+  const char *why = (r->c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == ETIMEDOUT))
+                        ? "timed out waiting for Redis" : r->c->errstr[0] ? r->c->errstr : "connection lost";
+  lua_pushnil(L);
+  lua_pushstring(L, why);
+  redisFree(r->c);
+  r->c = NULL;
+  return 2;
+}
+
+/* argv from the stack (slots from..to) or from the table at idx (items from..to). The
+** strings stay referenced by the stack or the table while the command is sent; a number on
+** the stack becomes a string in place, the pipeline turns a table's numbers first. */
+static int collect(lua_State *L, int idx, int from, int to, const char **argv, size_t *lens, int table) {
+  int n = 0;
+  for (int i = from; i <= to; i++) {
+    if (n >= MAXARGS) return luaL_error(L, "too many arguments for one Redis command");
+    if (table) lua_rawgeti(L, idx, i);
+    int at = table ? -1 : i;
+    int t = lua_type(L, at);
+    if (t != LUA_TSTRING && t != LUA_TNUMBER)
+      return luaL_error(L, "bad Redis argument #%d (string or number expected, got %s)", i, luaL_typename(L, at));
+    argv[n] = lua_tolstring(L, at, &lens[n]);
+    if (table) lua_pop(L, 1);
+    n++;
+  }
+  return n;
+}
+
+/* reads the replies of the commands r:send sent into the user value (the userdata at
+** index 1): a command's reply must not be taken for an earlier one's. 0 on a fault. */
+static int drain(lua_State *L, mp_redis *r) {
+  if (!r->pending) return 1;
+  lua_getiuservalue(L, 1, 1);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+  while (r->pending > 0) {
+    void *v = NULL;
+    if (redisGetReply(r->c, &v) != REDIS_OK || !v) { lua_pop(L, 1); return 0; }
+    r->pending--;
+    push_reply(L, v, 0);
+    freeReplyObject(v);
+    lua_rawseti(L, -2, ++n);
+  }
+  lua_pop(L, 1);
+  return 1;
+}
+
+/* r:send(arg...): one command sent without waiting for its reply (r:replies() gives the
+** replies later, in order; any other call reads them first) */
+static int redis_send(lua_State *L) {
+  mp_redis *r = toredis(L);
+  int top = lua_gettop(L);
+  luaL_argcheck(L, top >= 2, 2, "a command expected");
+  static const char *argv[MAXARGS];
+  static size_t lens[MAXARGS];
+  int n = collect(L, 0, 2, top, argv, lens, 0);
+  if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
+  int done = 0;
+  do {
+    if (redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
+  } while (!done);
+  r->pending++;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* r:replies() -> the replies of the commands sent with r:send, in order (a list) */
+static int redis_replies(lua_State *L) {
+  mp_redis *r = toredis(L);
+  lua_settop(L, 1);
+  if (!drain(L, r)) return conn_fault(L, r);
+  lua_getiuservalue(L, 1, 1);
+  lua_newtable(L);
+  lua_setiuservalue(L, 1, 1);
+  return 1;
+}
+
+static int redis_call(lua_State *L) {
+  mp_redis *r = toredis(L);
+  if (!drain(L, r)) return conn_fault(L, r);
+  int top = lua_gettop(L);
+  luaL_argcheck(L, top >= 2, 2, "a command expected");
+  static const char *argv[MAXARGS];
+  static size_t lens[MAXARGS];
+  int n = collect(L, 0, 2, top, argv, lens, 0);
+  redisReply *y = redisCommandArgv(r->c, n, argv, lens);
+  if (!y) return conn_fault(L, r);
+  if (y->type == REDIS_REPLY_ERROR) {
+    lua_pushnil(L);
+    lua_pushlstring(L, y->str, y->len);
+    freeReplyObject(y);
+    return 2;
+  }
+  push_reply(L, y, 0);
+  freeReplyObject(y);
+  return 1;
+}
+
+/* r:pipeline({ {cmd...}, {cmd...} }) */
+static int redis_pipeline(lua_State *L) {
+  mp_redis *r = toredis(L);
+  if (!drain(L, r)) return conn_fault(L, r);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer ncmd = luaL_len(L, 2);
+  static const char *argv[MAXARGS];
+  static size_t lens[MAXARGS];
+  for (lua_Integer k = 1; k <= ncmd; k++) {
+    if (lua_rawgeti(L, 2, k) != LUA_TTABLE) return luaL_error(L, "bad Redis command #%d in pipeline (table expected)", (int)k);
+    int cmd = lua_gettop(L);
+    lua_Integer len = luaL_len(L, cmd);
+    if (len < 1 || len > MAXARGS) return luaL_error(L, "bad Redis command #%d in pipeline (1 to %d arguments)", (int)k, MAXARGS);
+    /* numbers are turned into strings in the table itself, so the pointers stay valid */
+    for (lua_Integer i = 1; i <= len; i++) {
+      int t = lua_rawgeti(L, cmd, i);
+      if (t == LUA_TNUMBER) { lua_tostring(L, -1); lua_rawseti(L, cmd, i); }
+      else if (t != LUA_TSTRING) return luaL_error(L, "bad Redis argument #%d of command #%d (string or number expected, got %s)", (int)i, (int)k, luaL_typename(L, -1));
+      else lua_pop(L, 1);
+    }
+    int n = collect(L, cmd, 1, (int)len, argv, lens, 1);
+    if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
+    lua_pop(L, 1);
+  }
+  lua_createtable(L, (int)ncmd, 1);
+  for (lua_Integer k = 1; k <= ncmd; k++) {
+    void *v = NULL;
+    if (redisGetReply(r->c, &v) != REDIS_OK || !v) return conn_fault(L, r);
+    push_reply(L, v, 0);
+    freeReplyObject(v);
+    lua_rawseti(L, -2, k);
+  }
+  lua_pushinteger(L, ncmd);
+  lua_setfield(L, -2, "n");
+  return 1;
+}
+
+static int redis_settimeout(lua_State *L) {
+  mp_redis *r = toredis(L);
+  double t = luaL_checknumber(L, 2);
+  luaL_argcheck(L, t > 0 && t == t, 2, "timeout must be a positive number");
+  if (redisSetTimeout(r->c, to_tv(t)) != REDIS_OK) return conn_fault(L, r);
+  lua_settop(L, 1);
+  return 1;
+}
+
+static int redis_close(lua_State *L) {
+  mp_redis *r = luaL_checkudata(L, 1, REDIS_CLASS);
+  if (r->c) {
+    if (r->owner == getpid()) redisFree(r->c);
+    /* a forked copy lets the parent's socket be: its descriptor is closed, the context's
+    ** memory is the copy's own and small; nothing is written to the peer */
+    else { close(r->c->fd); r->c->fd = -1; redisFree(r->c); }
+    r->c = NULL;
+  }
+  return 0;
+}
+
+static int redis_tostring(lua_State *L) {
+  mp_redis *r = luaL_checkudata(L, 1, REDIS_CLASS);
+  if (!r->c) lua_pushliteral(L, "Redis (closed)");
+  else lua_pushfstring(L, "Redis (%s:%d)", r->c->tcp.host ? r->c->tcp.host : "unix", r->c->tcp.port);
+  return 1;
+}
+
+/* ------------------------------------------------------------------ signing */
+
+static int hmac_sha256(lua_State *L) {
+  size_t kl, dl;
+  const char *key = luaL_checklstring(L, 1, &kl);
+  const char *data = luaL_checklstring(L, 2, &dl);
+  luaL_argcheck(L, kl >= 32, 1, "the key must hold at least 32 bytes");
+  unsigned char out[EVP_MAX_MD_SIZE];
+  unsigned int ol = 0;
+  if (!HMAC(EVP_sha256(), key, (int)kl, (const unsigned char *)data, dl, out, &ol))
+    return luaL_error(L, "HMAC-SHA256 failed");
+  lua_pushlstring(L, (const char *)out, ol);
+  return 1;
+}
+
+static int hmac_equal(lua_State *L) {
+  size_t al, bl;
+  const char *a = luaL_checklstring(L, 1, &al);
+  const char *b = luaL_checklstring(L, 2, &bl);
+  lua_pushboolean(L, al == bl && CRYPTO_memcmp(a, b, al) == 0);
+  return 1;
+}
+
+static int random_bytes(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 0 && n <= 4096, 1, "0 to 4096 bytes");
+  unsigned char buf[4096];
+  size_t got = 0;
+  while (got < (size_t)n) {
+    ssize_t k = getrandom(buf + got, (size_t)n - got, 0);
+    if (k < 0) { if (errno == EINTR) continue; return luaL_error(L, "getrandom: %s", strerror(errno)); }
+    got += (size_t)k;
+  }
+  lua_pushlstring(L, (const char *)buf, (size_t)n);
+  return 1;
+}
+
+/* core.read_key_file(path) -> bytes, or nil, why: a regular file of 32 to 4096 bytes that
+** only its owner may read or write (a key others can read lets them run code on workers) */
+static int read_key_file(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) { lua_pushnil(L); lua_pushstring(L, strerror(errno)); return 2; }
+  struct stat st;
+  const char *why = NULL;
+  if (fstat(fd, &st) != 0) why = strerror(errno);
+  else if (!S_ISREG(st.st_mode)) why = "not a regular file";
+  else if (st.st_mode & 077) why = "others may read or write it (chmod 600 it)";
+  else if (st.st_size < 32) why = "it holds fewer than 32 bytes (make one with: head -c 32 /dev/urandom > FILE)";
+  else if (st.st_size > 4096) why = "it holds more than 4096 bytes";
+  if (why) { close(fd); lua_pushnil(L); lua_pushstring(L, why); return 2; }
+  char buf[4096];
+  size_t got = 0;
+  while (got < (size_t)st.st_size) {
+    ssize_t k = read(fd, buf + got, (size_t)st.st_size - got);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) break;
+    got += (size_t)k;
+  }
+  close(fd);
+  if (got < 32) { lua_pushnil(L); lua_pushliteral(L, "cannot read it whole"); return 2; }
+  lua_pushlstring(L, buf, got);
+  explicit_bzero(buf, sizeof buf);
+  return 1;
+}
+
+int mp_redis_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"call", redis_call}, {"pipeline", redis_pipeline}, {"send", redis_send}, {"replies", redis_replies}, {"settimeout", redis_settimeout},
+    {"close", redis_close}, {NULL, NULL}};
+  static const luaL_Reg meta[] = {
+    {"__gc", redis_close}, {"__close", redis_close}, {"__tostring", redis_tostring}, {NULL, NULL}};
+  mp_newclass(L, REDIS_CLASS, methods, meta);
+  static const luaL_Reg fns[] = {
+    {"redis_connect", redis_connect}, {"hmac_sha256", hmac_sha256}, {"hmac_equal", hmac_equal},
+    {"random_bytes", random_bytes}, {"read_key_file", read_key_file}, {NULL, NULL}};
+  luaL_setfuncs(L, fns, 0);
+  return 0;
+}
