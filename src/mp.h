@@ -33,6 +33,12 @@ uint64_t mp_alloc(lua_State *L, size_t n);  /* raises mp_oom_error */
 ** set LUA_MP_ARENA_SIZE)": every path that runs out of arena says it this way. */
 int mp_oom_error(lua_State *L, size_t want);
 uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
+/* The Lua call about to allocate with mp_alloc_try/mp_alloc_held, and its
+** deadline (< 0: none): a wait for the allocator's lock behind a stopped holder
+** ends there, or on Ctrl-C; the allocation then fails and mp_oom_error says why
+** ("put timed out: the shared memory allocator is held by stopped process N").
+** mp_alloc sets it itself (no deadline). */
+void mp_alloc_context(lua_State *L, double deadline);
 void mp_free(uint64_t off);
 /* Blocks in hand: a block that this process holds outside every shared structure
 ** (a big message being copied in, or taken out and being decoded) can be recorded
@@ -104,6 +110,17 @@ enum { MP_LOCKED = 0, MP_LOCK_TIMEOUT = 1, MP_LOCK_INTERRUPTED = 2, MP_LOCK_OWNE
 int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline);
 void mp_lock(pthread_mutex_t *m);   /* short internal critical sections */
 void mp_unlock(pthread_mutex_t *m);
+/* Same, with ways out (wait.c): MP_LOCKED, MP_LOCK_OWNERDEAD (locked; the caller
+** repairs what the dead holder left, then calls pthread_mutex_consistent), or,
+** without the lock, MP_LOCK_INTERRUPTED (Ctrl-C, seen through L) or
+** MP_LOCK_TIMEOUT (the deadline passed and the holder is stopped), the holder's
+** pid in *holder. A holder that runs is waited for past the deadline: its
+** sections are short. deadline < 0 and L NULL: it waits for a stopped holder. */
+int mp_ilock(lua_State *L, pthread_mutex_t *m, double deadline, pid_t *holder);
+pid_t mp_mutex_holder(pthread_mutex_t *m);  /* its holder's pid, 0 if unknown */
+int mp_pid_stopped(pid_t pid);              /* 1 if the process is stopped (SIGSTOP, a tracer) */
+/* The name of the Lua call in progress (the C function at level 0, e.g. "put"), for errors. */
+const char *mp_callname(lua_State *L);
 int mp_waitresult(lua_State *L, int r);   /* pushes nil, "timeout"/"interrupted" */
 int mp_pid_gone(pid_t pid);  /* 1 once process pid has exited (a zombie too): one check, in wait.c */
 

@@ -340,6 +340,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   size_t n = plen + mp_enc_size(e);
   int big = n >= BIGMSG;
   pid_t me = big ? getpid() : 0;
+  mp_alloc_context(L, deadline);  /* the allocator's lock wait ends at our deadline, or on Ctrl-C */
   int r = q_lock(L, q, deadline);
   if (r != MP_WOKE) return r;
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
