@@ -79,6 +79,8 @@ typedef struct arena_hdr {
   uint32_t compacting;        /* a compaction was under way (rerun it) */
   uint64_t pending;           /* blocks freed while the lock was held by a stopped process */
   uint64_t draining;          /* the pending block being freed (see drain) */
+  pid_t holder;               /* the lock's holder (0 when free), for waiters to name */
+  uint32_t pad2;
   uint64_t jn, pad;           /* the undo journal: entries of an unfinished change */
   jent j[JMAX];
 } arena_hdr;
@@ -105,7 +107,8 @@ typedef struct proc_entry {
 
 static arena_hdr *arena;
 static uint32_t myslot;    /* this process's entry, index + 1 */
-static int locked_here;    /* this process holds the arena lock */
+static pid_t mypid;        /* getpid(), renewed in every child by a fork handler */
+#define locked_here (arena->holder == mypid)  /* this process holds the arena lock */
 
 #define OFF(p) ((uint64_t)((char *)(p) - (char *)arena))
 #define BLK(off) ((block *)((char *)arena + (off)))
@@ -182,7 +185,7 @@ static void undrain(void) {
 ** MP_LOCK_INTERRUPTED, *who the holder). The fast path is one trylock. */
 static int arena_lock_slow(lua_State *L, double deadline, int r, int *why, pid_t *who) {
   pid_t h = 0;
-  int k = r == EOWNERDEAD ? MP_LOCK_OWNERDEAD : mp_ilock(L, &arena->lock, deadline, &h);
+  int k = r == EOWNERDEAD ? MP_LOCK_OWNERDEAD : mp_ilock(L, &arena->lock, &arena->holder, deadline, &h);
   if (k == MP_LOCK_TIMEOUT || k == MP_LOCK_INTERRUPTED) {
     if (why) *why = k;
     if (who) *who = h;
@@ -201,7 +204,7 @@ static int arena_lock_slow(lua_State *L, double deadline, int r, int *why, pid_t
 static inline int arena_lock_until(lua_State *L, double deadline, int *why, pid_t *who) {
   int r = pthread_mutex_trylock(&arena->lock);
   if (__builtin_expect(r != 0, 0) && !arena_lock_slow(L, deadline, r, why, who)) return 0;
-  locked_here = 1;
+  arena->holder = mypid;
   return 1;
 }
 
@@ -210,7 +213,7 @@ static void arena_lock(void) { arena_lock_until(NULL, -1, NULL, NULL); }
 
 static void arena_unlock(void) {
   if (__builtin_expect(__atomic_load_n(&arena->pending, __ATOMIC_RELAXED) != 0, 0)) drain();
-  locked_here = 0;
+  arena->holder = 0;
   pthread_mutex_unlock(&arena->lock);
 }
 
@@ -251,6 +254,7 @@ int mp_arena_ensure(lua_State *L) {
   a->procs = (sizeof(arena_hdr) + 63) & ~(uint64_t)63;
   a->start = a->top = (a->procs + MAXPROCS * sizeof(proc_entry) + PAGE - 1) & ~(PAGE - 1);
   arena = a;
+  mypid = getpid();
   /* this process is entry 0, serial 0: it never holds back a free */
   proc_entry *me = ENTRY(0);
   mp_mutex_init(&me->alive, 0);
@@ -413,10 +417,11 @@ static int lockfail_error(lua_State *L) {
   if (why == MP_LOCK_TIMEOUT)
     return luaL_error(L, "%s timed out: the shared memory allocator is held by %sprocess %d", mp_callname(L),
                       stopped, (int)who);
+  mp_take_interrupt(L);
   if (who)
-    return luaL_error(L, "%s interrupted while waiting for the shared memory allocator (held by %sprocess %d)",
+    return luaL_error(L, "interrupted! (%s waited for the shared memory allocator, held by %sprocess %d)",
                       mp_callname(L), stopped, (int)who);
-  return luaL_error(L, "%s interrupted while waiting for the shared memory allocator", mp_callname(L));
+  return luaL_error(L, "interrupted! (%s waited for the shared memory allocator)", mp_callname(L));
 }
 
 int mp_oom_error(lua_State *L, size_t want) {
@@ -595,9 +600,10 @@ uint64_t mp_proc_prefork(lua_State *L) {
   int why;
   pid_t who;
   if (!arena_lock_until(L, -1, &why, &who)) {  /* Ctrl-C (no deadline) */
-    if (who) return luaL_error(L, "cannot start a process: interrupted while waiting for the shared memory allocator (held by %sprocess %d)",
+    mp_take_interrupt(L);
+    if (who) return luaL_error(L, "interrupted! (cannot start a process: the shared memory allocator is held by %sprocess %d)",
                                mp_pid_stopped(who) ? "stopped " : "", (int)who);
-    return luaL_error(L, "cannot start a process: interrupted while waiting for the shared memory allocator");
+    return luaL_error(L, "interrupted! (cannot start a process: waited for the shared memory allocator)");
   }
   if (!arena->procfree && arena->prochwm == MAXPROCS) { int d = 0; live_max_serial(&d); }
   uint32_t i;
@@ -623,7 +629,7 @@ uint64_t mp_proc_prefork(lua_State *L) {
 }
 
 void mp_proc_child(uint64_t token) {
-  locked_here = 0;
+  mypid = getpid();
   free(kids);  /* the parent's children are not ours */
   kids = NULL;
   nkids = capkids = 0;
@@ -861,7 +867,11 @@ static int arena_hold(lua_State *L) {
   return 1;
 }
 
+static void renew_pid(void) { mypid = getpid(); }
+
 int mp_arena_open(lua_State *L) {
+  static int atfork_set;
+  if (!atfork_set) { atfork_set = 1; pthread_atfork(NULL, NULL, renew_pid); }
   static const luaL_Reg funcs[] = {
     {"arena_stats", arena_stats}, {"arena_check", arena_check}, {"_arena_fault", arena_fault},
     {"_arena_hold", arena_hold},

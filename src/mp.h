@@ -115,12 +115,17 @@ void mp_unlock(pthread_mutex_t *m);
 ** without the lock, MP_LOCK_INTERRUPTED (Ctrl-C, seen through L) or
 ** MP_LOCK_TIMEOUT (the deadline passed and the holder is stopped), the holder's
 ** pid in *holder. A holder that runs is waited for past the deadline: its
-** sections are short. deadline < 0 and L NULL: it waits for a stopped holder. */
-int mp_ilock(lua_State *L, pthread_mutex_t *m, double deadline, pid_t *holder);
-pid_t mp_mutex_holder(pthread_mutex_t *m);  /* its holder's pid, 0 if unknown */
+** sections are short. deadline < 0 and L NULL: it waits for a stopped holder.
+** owner: where each holder of m writes its pid (0 when free; NULL: unknown). */
+int mp_ilock(lua_State *L, pthread_mutex_t *m, const pid_t *owner, double deadline, pid_t *holder);
 int mp_pid_stopped(pid_t pid);              /* 1 if the process is stopped (SIGSTOP, a tracer) */
 /* The name of the Lua call in progress (the C function at level 0, e.g. "put"), for errors. */
 const char *mp_callname(lua_State *L);
+/* A call that raises for a Ctrl-C (instead of returning nil, "interrupted")
+** takes lua.c's SIGINT hook off first, as lua.c's own handler does: the
+** interrupt is its error, and no second "interrupted!" follows it out of the
+** caller's pcall. Another hook is left alone. */
+void mp_take_interrupt(lua_State *L);
 int mp_waitresult(lua_State *L, int r);   /* pushes nil, "timeout"/"interrupted" */
 int mp_pid_gone(pid_t pid);  /* 1 once process pid has exited (a zombie too): one check, in wait.c */
 

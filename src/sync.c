@@ -78,7 +78,7 @@ typedef struct cond_obj {
   mp_obj o;
   pthread_mutex_t m;    /* guards the slots */
   uint32_t ticket;      /* the next arrival's */
-  uint32_t pad;
+  pid_t holder;         /* the holder of m (0 when free), for waiters to name */
   uint64_t more;        /* the first block of further slots, 0 if none */
   c_slot s[C_SLOTS];
 } cond_obj;
@@ -113,7 +113,7 @@ typedef struct barrier_obj {
   uint32_t parties;
   double timeout;       /* default timeout of wait(); <0 for none */
   pid_t dead;           /* a party that died in wait() and broke it; 0 after reset */
-  uint32_t pad;
+  pid_t holder;         /* the holder of m (0 when free), for waiters to name */
   b_slot slot[];        /* parties slots */
 } barrier_obj;
 
@@ -142,11 +142,17 @@ static pid_t lock_holder(lock_obj *k) {
 ** MP_LOCKED, or MP_LOCK_TIMEOUT / MP_LOCK_INTERRUPTED without it (*who: the
 ** holder). A holder that died is recovered silently (its section moved plain
 ** data, each store leaving the object usable). */
-static int ilock(lua_State *L, pthread_mutex_t *m, double deadline, pid_t *who) {
-  int r = mp_ilock(L, m, deadline, who);
+static int ilock(lua_State *L, pthread_mutex_t *m, pid_t *holder, double deadline, pid_t *who) {
+  int r = mp_ilock(L, m, holder, deadline, who);
   if (r == MP_LOCK_OWNERDEAD) { pthread_mutex_consistent(m); r = MP_LOCKED; }
   if (r == MP_LOCK_DEADLOCK) r = MP_LOCK_INTERRUPTED;  /* (not reached: no section calls out) */
+  if (r == MP_LOCKED) __atomic_store_n(holder, self_tid(), __ATOMIC_RELAXED);
   return r;
+}
+
+static void iunlock(pthread_mutex_t *m, pid_t *holder) {
+  __atomic_store_n(holder, 0, __ATOMIC_RELAXED);
+  pthread_mutex_unlock(m);
 }
 
 /* Raises for a wait on an internal lock that was given up: "wait timed out:
@@ -156,7 +162,8 @@ static int ilock_error(lua_State *L, int r, const char *what, pid_t who) {
   if (r == MP_LOCK_TIMEOUT)
     return luaL_error(L, "%s timed out: the %s is held by %sprocess %d (inside one of its calls)",
                       mp_callname(L), what, stopped, (int)who);
-  return luaL_error(L, "%s interrupted while the %s was held by %sprocess %d (inside one of its calls)",
+  mp_take_interrupt(L);
+  return luaL_error(L, "interrupted! (%s waited while the %s was held by %sprocess %d, inside one of its calls)",
                     mp_callname(L), what, stopped, (int)who);
 }
 
@@ -544,13 +551,13 @@ static int cond_wait(lua_State *L) {
   double deadline = mp_deadline(L, 2);
   if (lock_holder(k) != self_tid()) return luaL_error(L, "cannot wait on an un-acquired lock");
   pid_t who = 0;
-  int lr = ilock(L, &c->m, deadline, &who);
+  int lr = ilock(L, &c->m, &c->holder, deadline, &who);
   if (lr == MP_LOCK_INTERRUPTED) return mp_waitresult(L, MP_INTERRUPTED);
   if (lr != MP_LOCKED) return ilock_error(L, lr, "Condition", who);
   mp_alloc_context(L, deadline);  /* more slots: the allocator's wait ends as ours does */
   c_slot *sl = c_claim(c);
   mp_alloc_context(NULL, -1);
-  mp_unlock(&c->m);
+  iunlock(&c->m, &c->holder);
   if (!sl) return mp_oom_error(L, sizeof(c_block) + C_BLOCK * sizeof(c_slot));
   uint32_t depth = k->depth ? k->depth : 1;  /* release every level of an RLock */
   k->depth = 0;
@@ -560,10 +567,10 @@ static int cond_wait(lua_State *L) {
   do r = mp_futex_wait(L, &sl->woken, 0, deadline);
   while (r == MP_WOKE && !__atomic_load_n(&sl->woken, __ATOMIC_SEQ_CST));
   int notified;
-  if (ilock(NULL, &c->m, 0, NULL) == MP_LOCKED) {  /* (a stopped holder is not waited for) */
+  if (ilock(NULL, &c->m, &c->holder, 0, NULL) == MP_LOCKED) {  /* (a stopped holder is not waited for) */
     notified = sl->woken != 0;  /* a notify that came with the timeout counts */
     c_free(sl);
-    mp_unlock(&c->m);
+    iunlock(&c->m, &c->holder);
   } else {  /* its holder is stopped: the slot is let go without the lock (see c_wake) */
     notified = __atomic_exchange_n(&sl->woken, 1, __ATOMIC_SEQ_CST) != 0;
     pthread_mutex_unlock(&sl->m);
@@ -594,7 +601,7 @@ static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
   lock_obj *k = MP_PTR(ch->lock);
   if (lock_holder(k) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
   pid_t who = 0;
-  int lr = ilock(L, &c->m, -1, &who);  /* no timeout: only Ctrl-C ends the wait */
+  int lr = ilock(L, &c->m, &c->holder, -1, &who);  /* no timeout: only Ctrl-C ends the wait */
   if (lr != MP_LOCKED) return ilock_error(L, lr, "Condition", who);
   if (n == LUA_MAXINTEGER) {  /* notify_all: in one pass, no order to keep */
     c_run r = c_first(c);
@@ -619,7 +626,7 @@ static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
     if (!c_alive(oldest)) continue;  /* a dead waiter takes no wake-up */
     if (c_wake(oldest)) n--;
   }
-  mp_unlock(&c->m);
+  iunlock(&c->m, &c->holder);
   return 0;
 }
 
@@ -787,10 +794,10 @@ static int b_sleep(lua_State *L, barrier_obj *b, double deadline, int *lr, pid_t
   uint32_t s = __atomic_load_n(&b->seq, __ATOMIC_SEQ_CST);
   double until = mp_now() + B_SLICE;
   int last = deadline >= 0 && deadline <= until;
-  mp_unlock(&b->m);
+  iunlock(&b->m, &b->holder);
   int r = mp_futex_wait(L, &b->seq, s, last ? deadline : until);
   /* interrupted already: a stopped holder is not waited for */
-  *lr = r == MP_INTERRUPTED ? ilock(NULL, &b->m, 0, who) : ilock(L, &b->m, deadline, who);
+  *lr = r == MP_INTERRUPTED ? ilock(NULL, &b->m, &b->holder, 0, who) : ilock(L, &b->m, &b->holder, deadline, who);
   if (*lr != MP_LOCKED) {
     if (r == MP_INTERRUPTED) *lr = MP_LOCK_INTERRUPTED;
     return B_UNLOCKED;
@@ -813,38 +820,38 @@ static int barrier_wait(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
   double deadline = !lua_isnoneornil(L, 2) ? mp_deadline(L, 2) : b->timeout < 0 ? -1 : mp_now() + b->timeout;
   pid_t who = 0;
-  int lr = ilock(L, &b->m, deadline, &who);
+  int lr = ilock(L, &b->m, &b->holder, deadline, &who);
   if (lr != MP_LOCKED) return b_lost(L, lr, who);
   while (b->state == B_DRAINING || b->state == B_RESETTING || b->state == B_ACTION) {
     int r = b_sleep(L, b, deadline, &lr, &who);  /* the previous round is still leaving */
     if (r == B_UNLOCKED) return b_lost(L, lr, who);
     b_gone_all(b, NOSLOT);            /* and may wait for a dead party */
-    if (r == MP_TIMEOUT) { mp_unlock(&b->m); return b_broken(L, 0); }
-    if (r == MP_INTERRUPTED) { mp_unlock(&b->m); return mp_waitresult(L, r); }
+    if (r == MP_TIMEOUT) { iunlock(&b->m, &b->holder); return b_broken(L, 0); }
+    if (r == MP_INTERRUPTED) { iunlock(&b->m, &b->holder); return mp_waitresult(L, r); }
   }
-  if (b->state != B_FILLING) { pid_t d = b->dead; mp_unlock(&b->m); return b_broken(L, d); }
+  if (b->state != B_FILLING) { pid_t d = b->dead; iunlock(&b->m, &b->holder); return b_broken(L, d); }
   uint32_t index = b->count++;
   b_take(b, index);
   if (b->count == b->parties) {  /* the last to arrive runs the action and lets all go */
     b_gone_all(b, index);        /* unless a party died: then the round is broken */
-    if (b->state != B_FILLING) { pid_t d = b->dead; b_leave(b, index); mp_unlock(&b->m); return b_broken(L, d); }
+    if (b->state != B_FILLING) { pid_t d = b->dead; b_leave(b, index); iunlock(&b->m, &b->holder); return b_broken(L, d); }
     if (lua_getiuservalue(L, 1, 1) != LUA_TNIL) {
       b->state = B_ACTION;
-      mp_unlock(&b->m);
+      iunlock(&b->m, &b->holder);
       int st = lua_pcall(L, 0, 0, 0);
-      lr = ilock(L, &b->m, deadline, &who);
+      lr = ilock(L, &b->m, &b->holder, deadline, &who);
       if (lr != MP_LOCKED) {  /* the others see this party leave: the round breaks */
         b_abandon(b, index);
         if (st != LUA_OK) return lua_error(L);
         return b_lost(L, lr, who);
       }
-      if (st != LUA_OK) { b_break(b); b_leave(b, index); mp_unlock(&b->m); return lua_error(L); }
-      if (b->state != B_ACTION) { pid_t d = b->dead; b_leave(b, index); mp_unlock(&b->m); return b_broken(L, d); }
+      if (st != LUA_OK) { b_break(b); b_leave(b, index); iunlock(&b->m, &b->holder); return lua_error(L); }
+      if (b->state != B_ACTION) { pid_t d = b->dead; b_leave(b, index); iunlock(&b->m, &b->holder); return b_broken(L, d); }
     }
     b->state = B_DRAINING;
     b_bump(b);
     b_leave(b, index);
-    mp_unlock(&b->m);
+    iunlock(&b->m, &b->holder);
     lua_pushinteger(L, index);
     return 1;
   }
@@ -863,7 +870,7 @@ static int barrier_wait(lua_State *L) {
   int passed = b->state == B_DRAINING;
   pid_t dead = b->dead;
   b_leave(b, index);
-  mp_unlock(&b->m);
+  iunlock(&b->m, &b->holder);
   if (r == MP_INTERRUPTED) return mp_waitresult(L, r);
   if (!passed) return b_broken(L, dead);
   lua_pushinteger(L, index);
@@ -873,7 +880,7 @@ static int barrier_wait(lua_State *L) {
 /* the Barrier's lock for abort and reset: no timeout, only Ctrl-C ends the wait */
 static void b_lock(lua_State *L, barrier_obj *b) {
   pid_t who = 0;
-  int lr = ilock(L, &b->m, -1, &who);
+  int lr = ilock(L, &b->m, &b->holder, -1, &who);
   if (lr != MP_LOCKED) ilock_error(L, lr, "Barrier", who);
 }
 
@@ -882,7 +889,7 @@ static int barrier_abort(lua_State *L) {
   b_lock(L, b);
   b->dead = 0;
   b_break(b);
-  mp_unlock(&b->m);
+  iunlock(&b->m, &b->holder);
   return 0;
 }
 
@@ -897,7 +904,7 @@ static int barrier_reset(lua_State *L) {
     b->state = B_FILLING;
   }
   b_bump(b);
-  mp_unlock(&b->m);
+  iunlock(&b->m, &b->holder);
   return 0;
 }
 
@@ -970,11 +977,12 @@ static const mp_handle_type barrier_type = { BARRIER, mp_handle_encode, barrier_
 ** of a process stopped inside one of the object's sections. */
 static int sync_stop(lua_State *L) {
   pthread_mutex_t *m;
-  if (luaL_testudata(L, 1, BARRIER)) m = &tobarrier(L, 1)->m;
-  else m = &((cond_obj *)MP_PTR(tocond(L, 1)->h.off))->m;
-  mp_lock(m);
+  pid_t *holder;
+  if (luaL_testudata(L, 1, BARRIER)) { barrier_obj *b = tobarrier(L, 1); m = &b->m; holder = &b->holder; }
+  else { cond_obj *c = MP_PTR(tocond(L, 1)->h.off); m = &c->m; holder = &c->holder; }
+  ilock(NULL, m, holder, -1, NULL);
   raise(SIGSTOP);
-  mp_unlock(m);
+  iunlock(m, holder);
   return 0;
 }
 

@@ -100,17 +100,6 @@ void mp_lock(pthread_mutex_t *m) {
   if (pthread_mutex_lock(m) == EOWNERDEAD) pthread_mutex_consistent(m);
 }
 
-/* The thread holding m (a process id: our processes have one thread each), 0
-** when not known. glibc keeps it in the mutex; no other field is read. */
-pid_t mp_mutex_holder(pthread_mutex_t *m) {
-#ifdef __GLIBC__
-  return (pid_t)__atomic_load_n(&m->__data.__owner, __ATOMIC_RELAXED);
-#else
-  (void)m;
-  return 0;
-#endif
-}
-
 /* Is process pid stopped (SIGSTOP, job control, a tracer)? /proc/<pid>/stat
 ** says T or t. When it cannot tell, the answer is no: a holder is waited for. */
 int mp_pid_stopped(pid_t pid) {
@@ -132,8 +121,10 @@ int mp_pid_stopped(pid_t pid) {
 ** whatever the deadline (a preempted holder on a busy machine is no fault).
 ** The wait ends without the lock only on Ctrl-C (L) or, once the deadline
 ** passed, when the holder is stopped: a stopped process can be continued but
-** not robbed. The fast path is one trylock. */
-int mp_ilock(lua_State *L, pthread_mutex_t *m, double deadline, pid_t *holder) {
+** not robbed. The holder writes its pid at *owner once it has the lock and
+** clears it before letting go (POSIX tells no mutex's owner). The fast path
+** is one trylock. */
+int mp_ilock(lua_State *L, pthread_mutex_t *m, const pid_t *owner, double deadline, pid_t *holder) {
   int r = pthread_mutex_trylock(m);
   if (__builtin_expect(r == 0, 1)) return MP_LOCKED;
   lua_Hook h0 = L ? lua_gethook(L) : NULL;
@@ -146,12 +137,12 @@ int mp_ilock(lua_State *L, pthread_mutex_t *m, double deadline, pid_t *holder) {
     if (r == EOWNERDEAD) return MP_LOCK_OWNERDEAD;  /* the caller repairs, then makes it consistent */
     if (r != EBUSY && r != ETIMEDOUT && r != EINTR) return MP_LOCK_DEADLOCK;
     if (L && mp_hook_pending(L, h0)) {
-      if (holder) *holder = mp_mutex_holder(m);
+      if (holder) *holder = owner ? __atomic_load_n(owner, __ATOMIC_RELAXED) : 0;
       return MP_LOCK_INTERRUPTED;
     }
     double until = mp_now() + SLICE;
     if (deadline >= 0 && mp_now() >= deadline) {
-      pid_t h = mp_mutex_holder(m);
+      pid_t h = owner ? __atomic_load_n(owner, __ATOMIC_RELAXED) : 0;
       if (h && mp_pid_stopped(h)) {
         if (holder) *holder = h;
         return MP_LOCK_TIMEOUT;
@@ -226,6 +217,10 @@ int mp_pid_gone(pid_t pid) {
   st[n] = 0;
   const char *e = strrchr(st, ')');  /* the name may hold anything, even ')' */
   return e && e[1] == ' ' && (e[2] == 'Z' || e[2] == 'X');
+}
+
+void mp_take_interrupt(lua_State *L) {
+  if (L && lua_gethook(L) && mp_hook_pending(L, lua_gethook(L))) lua_sethook(L, NULL, 0, 0);
 }
 
 const char *mp_callname(lua_State *L) {
