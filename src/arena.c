@@ -148,7 +148,7 @@ static inline void jcommit(void) {  /* the commit point: the log is emptied */
 
 static void compact(void);
 static uint64_t *held_slot(uint64_t off);
-static void free_locked(uint64_t off, uint64_t *hold);
+static inline void free_locked(uint64_t off, uint64_t *hold) __attribute__((always_inline));
 
 /* Waits on the lock. Its holder is in a section of a few microseconds, unless
 ** it was stopped (SIGSTOP, a debugger) in one: a stopped process cannot be
@@ -219,15 +219,11 @@ static void arena_unlock(void) {
 
 /* The allocating call (mp_alloc_context) and why the last allocation failed
 ** other than for want of space (0: it did not). */
-static lua_State *ctx_L;
-static double ctx_deadline = -1;
+mp_allocctx mp_alloc_ctx = { NULL, -1 };
+#define ctx_L mp_alloc_ctx.L
+#define ctx_deadline mp_alloc_ctx.deadline
 static int fail_why;
 static pid_t fail_pid;
-
-void mp_alloc_context(lua_State *L, double deadline) {
-  ctx_L = L;
-  ctx_deadline = deadline;
-}
 
 /* ---------------------------------------------------------- creation */
 

@@ -38,7 +38,12 @@ uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
 ** ends there, or on Ctrl-C; the allocation then fails and mp_oom_error says why
 ** ("put timed out: the shared memory allocator is held by stopped process N").
 ** mp_alloc sets it itself (no deadline). */
-void mp_alloc_context(lua_State *L, double deadline);
+typedef struct mp_allocctx { lua_State *L; double deadline; } mp_allocctx;
+extern mp_allocctx mp_alloc_ctx;
+static inline void mp_alloc_context(lua_State *L, double deadline) {
+  mp_alloc_ctx.L = L;
+  mp_alloc_ctx.deadline = deadline;
+}
 void mp_free(uint64_t off);
 /* Blocks in hand: a block that this process holds outside every shared structure
 ** (a big message being copied in, or taken out and being decoded) can be recorded
