@@ -490,4 +490,30 @@ describe("arena", function()
       assert(ok, out)
     end)
   end)
+
+  describe("a child stopped as it registers in the process table", function()
+    it("dies with its parent all the same (it asked for its death signal first)", function()
+      local q = core.Queue()
+      q:put(0) q:get()
+      local middle = H.spawn(function()
+        core._fork_stop()                 -- the child stops itself (SIGSTOP) as it registers
+        local child = core.fork()
+        if child == 0 then core._exit(0) end
+        q:put(child)
+        core.sleep(60)
+      end)
+      local child = q:get(20)
+      local stopped = child and H.eventually(function()
+        local st = H.slurp(("/proc/%d/stat"):format(child)) or ""
+        return st:match("^%d+ %b() (%a)") == "T"
+      end, 20)
+      core.kill(middle, 9)
+      assert.equal(-9, core.waitpid(middle, 20))
+      local gone = child and H.eventually(function() return not H.alive(child) end, 10)
+      if child and not gone then core.kill(child, 9) end
+      q:close()
+      assert(stopped, "the child never stopped")
+      assert(gone, "the stopped child outlived its parent")
+    end)
+  end)
 end)
