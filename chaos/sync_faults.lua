@@ -172,4 +172,60 @@ return {
       L.round_done()
     end
   end },
+  -- a process stopped inside an internal section (the allocator's lock, a Barrier's or a
+  -- Condition's own lock): another process's calls end at their timeout naming it, and Ctrl-C
+  -- (SIGINT to the victim's group) ends the calls without one; after SIGCONT all goes on
+  { name = "stopped_internal_holder", timeout = 90, run = function()
+    L.fig("rounds", 0)
+    local CALLS = {  -- what stops, the call with a timeout, the call without one
+      { "arena", "local q = mp.Queue() local big = string.rep('x', 100000)", "q:put(big, 0.3)", "mp.Queue()" },
+      { "barrier", "local b = mp.Barrier(2)", "b:wait(0.3)", "b:wait()" },
+      { "condition", "local c = mp.Condition() c:acquire()", "c:wait(0.3)", "c:notify()" },
+    }
+    local STOP = {
+      arena = "core._arena_fault(1, 'stop') core.blob_free(core.blob_new('h'))",
+      barrier = "core._sync_stop(b)",
+      condition = "core._sync_stop(c)",
+    }
+    for round = 1, L.rounds(2) do
+      for _, c in ipairs(CALLS) do
+        local kind, setup, timed, untimed = c[1], c[2], c[3], c[4]
+        local v = L.victim { code = ([[
+%s
+local holder = core.fork()
+if holder == 0 then %s core._exit(0) end
+repeat core.sleep(0.01)
+until io.open(("/proc/%%d/stat"):format(holder)):read("a"):match("^%%d+ %%b() (%%a)") == "T"
+local t0 = core.now()
+local ok, e = pcall(function() return %s end)
+io.stdout:write(("TIMED %%.3f %%s %%s\n"):format(core.now() - t0, tostring(ok), (tostring(e):gsub("%%s+", " "))))
+ready()
+ok, e = pcall(function() local r1, r2 = %s return r2 end)
+io.stdout:write(("CAUGHT %%.6f %%s %%s\n"):format(core.now(), tostring(ok), (tostring(e):gsub("%%s+", " "))))
+core.kill(holder, 18)
+io.stdout:write(("HOLDER %%s\n"):format(tostring(core.waitpid(holder, 10))))
+]]):format(setup, STOP[kind], timed, untimed) }
+        local dt, tok, terr = v:wait_for("^TIMED (%S+) (%S+) (.*)$", L.BOUND + 5, kind .. " timed call")
+        L.check(tok == "false" and terr:find("held by stopped process", 1, true),
+          "round %d: %s: %s behind a stopped holder gave %s %s", round, kind, timed, tok, terr:sub(1, 200))
+        L.check(tonumber(dt) <= 0.3 + L.BOUND, "round %d: %s: %s took %s s", round, kind, timed, dt)
+        L.max("timed_late_ms", math.floor((tonumber(dt) - 0.3) * 1000 + 0.5))
+        v:wait_for("^READY$", 15, "start-up")
+        sleep(L.uniform(0.1, 0.3))  -- well inside the call
+        local t_sig = now()
+        v:signal_group(2)
+        local at, ok, err = v:wait_for("^CAUGHT (%S+) (%S+) (.*)$", L.BOUND + 1, kind .. " Ctrl-C")
+        local ms = math.floor((tonumber(at) - t_sig) * 1000 + 0.5)
+        L.max("notice_ms", ms)
+        L.check(L.interrupted(err), "round %d: %s: %s behind a stopped holder was not interrupted: %s %s", round, kind,
+          untimed, ok, err:sub(1, 200))
+        L.check(ms <= L.BOUND * 1000, "round %d: %s: %s ended %d ms after Ctrl-C", round, kind, untimed, ms)
+        local code = v:wait_exit(L.BOUND + 10)
+        L.check(code ~= nil, "round %d: %s: the victim did not exit after the holder went on", round, kind)
+        L.add("calls", 2)
+        v:cleanup()
+      end
+      L.round_done()
+    end
+  end },
 }

@@ -373,4 +373,147 @@ describe("arena", function()
       assert.is_true(s.blocks - s0.blocks <= 2 * kills)
     end)
   end)
+
+  describe("a process stopped under the arena lock", function()
+    local SIGCONT, SIGKILL = 18, 9
+
+    -- Runs check in a forked child once another child has stopped itself (SIGSTOP) holding
+    -- the arena's lock in the middle of a change, then continues that one. Both are forked
+    -- first: a fork needs the allocator too. check is bounded by 20 s: a hang is a failure,
+    -- not a stuck suite. Returns the holder's pid.
+    -- wait: the holder is continued only after `wait` seconds, and the check must still be
+    -- waiting then (a call without a timeout), or only once the check is done (wait nil)
+    local function behind_stopped_holder(check, wait)
+      local go = core.Queue()
+      go:put(0) go:get()   -- its chunk exists: the put below allocates nothing
+      local checker = H.spawn(function()
+        local holder = go:get(20)
+        check(holder)
+      end)
+      local holder = H.spawn(function()
+        core._arena_fault(1, "stop")
+        core.blob_free(core.blob_new("held"))
+      end)
+      local stopped = H.eventually(function()
+        local st = H.slurp(("/proc/%d/stat"):format(holder)) or ""
+        return st:match("^%d+ %b() (%a)") == "T"
+      end, 20)
+      if stopped then go:put(holder) end
+      local early
+      if wait then
+        core.sleep(wait)
+        early = core.reap(checker, true)   -- it must still be waiting
+        core.kill(holder, SIGCONT)
+      end
+      local code = core.waitpid(checker, 20)
+      core.kill(holder, SIGCONT)   -- first: reaping needs the allocator too
+      if code == nil then core.kill(checker, SIGKILL) core.waitpid(checker) end
+      assert.equal(0, core.waitpid(holder, 20))
+      go:close()
+      assert(stopped, "the holder never stopped")
+      assert(code ~= nil, "hung behind the stopped holder: killed after 20 s")
+      assert.equal(0, code, "the check failed (see its message above)")
+      assert.is_nil(early, "the call did not wait for the stopped holder")
+      assert.is_true(core.arena_check())
+      return holder
+    end
+
+    it("ends a put(v, timeout) that must allocate at its timeout, naming the stopped process", function()
+      local q1, q2 = mp.Queue(), mp.Queue()
+      behind_stopped_holder(function(holder)
+        local want = ("held by stopped process %d"):format(holder)
+        -- a big message (a block of its own), then a queue's first chunk (under the queue's lock)
+        for _, put in ipairs { function() return q1:put(string.rep("x", 100000), 0.2) end,
+                               function() return q2:put("small", 0.2) end } do
+          local ok, err = pcall(put)
+          assert(not ok, "the put succeeded behind a stopped allocator")
+          assert(tostring(err):find("timed out: the shared memory allocator is " .. want, 1, true), err)
+        end
+      end)
+      -- nothing half done: both queues work, the failed big put left no record
+      assert.is_true(q1:put("a") and q2:put("b"))
+      assert.equal("a", q1:get(5))
+      assert.equal("b", q2:get(5))
+      assert.is_true(q1:empty())
+      q1:close() q2:close()
+    end)
+
+    it("does not hold up a get or a free: they free once the holder goes on", function()
+      local s0 = settle()
+      local q = mp.Queue()
+      q:put(0) q:get()
+      local base = settle()
+      q:put(string.rep("g", 200000))   -- a block of its own, freed by its get
+      local b = core.blob_new(string.rep("b", 5000))
+      behind_stopped_holder(function()
+        assert.equal(200000, #q:get(5))
+        core.blob_free(b)
+      end)
+      -- the holder's unlock freed what was left pending: what the child took and freed
+      local s = H.eventually(function() local s = settle() return s.used == base.used and s end, 10) or settle()
+      assert.equal(base.used, s.used)
+      q:close()
+      assert_back(s0, "the frees made while the allocator was stopped")
+    end)
+
+    it("lets a call without a timeout wait until the holder goes on", function()
+      behind_stopped_holder(function()
+        local q = core.Queue()   -- Queue() has no timeout: it waits for the allocator
+        assert.is_true(q:put("made") and q:get(5) == "made")
+        q:close()
+      end, 0.5)
+    end)
+
+    it("Ctrl-C ends a call without a timeout that waits for it", function()
+      local ok, out = run_script("timeout -k 5 30 env", [[
+        local mp = require "multiprocessing"
+        local core = require "multiprocessing.core"
+        local q = mp.Queue()
+        local me = core.getpid()
+        local ctrl_c = core.fork()   -- forked first: a fork needs the allocator too
+        if ctrl_c == 0 then core.sleep(1.5) core.kill(me, 2) core._exit(0) end
+        local holder = core.fork()
+        if holder == 0 then core._arena_fault(1, "stop") core.blob_free(core.blob_new("x")) core._exit(0) end
+        repeat core.sleep(0.01)
+        until io.open(("/proc/%d/stat"):format(holder)):read("a"):match("^%d+ %b() (%a)") == "T"
+        local r = { pcall(function() return mp.Queue() end) }
+        print("Queue", r[1], r[2])
+        print("state", io.open(("/proc/%d/stat"):format(holder)):read("a"):match("^%d+ %b() (%a)"))
+        core.kill(holder, 18)
+        print("holder", core.waitpid(holder, 10), core.waitpid(ctrl_c, 10))
+        print("check", core.arena_check(), q:put(1), q:get(1))
+      ]])
+      assert(out:find("Queue\tfalse\t[^\n]*interrupted[^\n]*held by stopped process"), out)
+      assert(out:find("state\tT"), out)
+      assert(out:find("holder\t0\t0"), out)
+      assert(out:find("check\ttrue\ttrue\t1"), out)
+      assert(ok, out)
+    end)
+  end)
+
+  describe("a child stopped as it registers in the process table", function()
+    it("dies with its parent all the same (it asked for its death signal first)", function()
+      local q = core.Queue()
+      q:put(0) q:get()
+      local middle = H.spawn(function()
+        core._fork_stop()                 -- the child stops itself (SIGSTOP) as it registers
+        local child = core.fork()
+        if child == 0 then core._exit(0) end
+        q:put(child)
+        core.sleep(60)
+      end)
+      local child = q:get(20)
+      local stopped = child and H.eventually(function()
+        local st = H.slurp(("/proc/%d/stat"):format(child)) or ""
+        return st:match("^%d+ %b() (%a)") == "T"
+      end, 20)
+      core.kill(middle, 9)
+      assert.equal(-9, core.waitpid(middle, 20))
+      local gone = child and H.eventually(function() return not H.alive(child) end, 10)
+      if child and not gone then core.kill(child, 9) end
+      q:close()
+      assert(stopped, "the child never stopped")
+      assert(gone, "the stopped child outlived its parent")
+    end)
+  end)
 end)

@@ -664,4 +664,94 @@ describe("sync", function()
       assert.has_error(function() mp.encode(l) end)
     end)
   end)
+
+  describe("a process stopped inside a Barrier's or a Condition's own section", function()
+    local SIGCONT, SIGKILL = 18, 9
+
+    -- Runs check(holder) in a forked child while another child is stopped (SIGSTOP) holding
+    -- obj's internal lock (core._sync_stop), then continues it. check is bounded by 20 s.
+    local function behind_stopped(obj, check)
+      local go = mp.Queue()
+      go:put(0) go:get()
+      local checker = spawn(function() check(go:get(20)) end)
+      local holder = spawn(function() core._sync_stop(obj) end)
+      local stopped = H.eventually(function()
+        local st = H.slurp(("/proc/%d/stat"):format(holder)) or ""
+        return st:match("^%d+ %b() (%a)") == "T"
+      end, 20)
+      if stopped then go:put(holder) end
+      local code = core.waitpid(checker, 20)
+      core.kill(holder, SIGCONT)
+      if code == nil then core.kill(checker, SIGKILL) core.waitpid(checker) end
+      assert.equal(0, core.waitpid(holder, 20))
+      go:close()
+      assert(stopped, "the holder never stopped")
+      assert(code ~= nil, "hung behind the stopped holder: killed after 20 s")
+      assert.equal(0, code, "the check failed (see its message above)")
+    end
+
+    it("Barrier:wait(timeout) raises at its timeout, naming the stopped process", function()
+      local b = mp.Barrier(2)
+      behind_stopped(b, function(holder)
+        local ok, err = pcall(function() return b:wait(0.2) end)
+        assert(not ok, "wait passed")
+        assert(tostring(err):find(("wait timed out: the Barrier is held by stopped process %d"):format(holder), 1, true), err)
+      end)
+      local pid = spawn(function() assert(b:wait(10)) end)   -- whole after
+      assert.is_number(b:wait(10))
+      assert.equal(0, core.waitpid(pid))
+    end)
+
+    it("a party that waited in a Barrier and gave up behind it breaks the round, not passing", function()
+      local b = mp.Barrier(2)
+      local first = spawn(function()
+        local ok, err = pcall(function() return b:wait(1) end)
+        assert(not ok and tostring(err):find("held by stopped process", 1, true), tostring(err))
+      end)
+      assert.is_true(H.eventually(function() return b.n_waiting == 1 end, 10))
+      behind_stopped(b, function()   -- until the first party gave up
+        assert(H.eventually(function() return not H.alive(first) end, 15), "the party did not give up")
+      end)
+      assert.equal(0, core.waitpid(first, 20))
+      -- the next arrival finds the party gone: the round is broken, nobody passes
+      H.raises("broken barrier", b.wait, b, 10)
+      b:reset()
+      local pid = spawn(function() assert(b:wait(10)) end)
+      assert.is_number(b:wait(10))
+      assert.equal(0, core.waitpid(pid))
+    end)
+
+    it("Condition:wait(timeout) raises at its timeout, naming the stopped process", function()
+      local c = mp.Condition()
+      behind_stopped(c, function(holder)
+        c:acquire()
+        local ok, err = pcall(function() return c:wait(0.2) end)
+        assert(not ok, "wait returned")
+        assert(tostring(err):find(("wait timed out: the Condition is held by stopped process %d"):format(holder), 1, true), err)
+      end)
+      c:close()
+    end)
+
+    it("a Condition waiter notified while the Condition is held by a stopped process returns true", function()
+      local c = mp.Condition()
+      local woke = mp.Value("i", 0)
+      local waiter = spawn(function()
+        c:acquire()
+        woke.value = 1
+        local r = c:wait(30)
+        c:release()
+        woke.value = r and 2 or 3
+      end)
+      assert.is_true(H.eventually(function() return woke.value == 1 end, 10))
+      core.sleep(0.1)
+      c:acquire() c:notify() c:release()   -- the waiter wakes, then finds the Condition held
+      behind_stopped(c, function()
+        local t0 = core.now()
+        while woke.value == 1 and core.now() - t0 < 10 do core.sleep(0.01) end
+        assert(woke.value == 2, "the notified waiter did not return true behind the stopped holder")
+      end)
+      assert.equal(0, core.waitpid(waiter, 20))
+      c:close() woke:close()
+    end)
+  end)
 end)

@@ -60,7 +60,7 @@
 #define JMAX 16
 #define HOLDS 3
 
-enum { B_USED = 0, B_FREE = 1, B_DEFERRED = 2 };                    /* block states */
+enum { B_USED = 0, B_FREE = 1, B_DEFERRED = 2, B_PENDING = 3 };     /* block states */
 enum { P_FREE = 0, P_USED = 1, P_BROKEN = 2 };                      /* process entries */
 
 typedef struct jent { uint64_t off, val; } jent;
@@ -79,6 +79,10 @@ typedef struct arena_hdr {
   uint64_t prochwm;           /* entries ever used */
   uint32_t forks;             /* fork serial */
   uint32_t compacting;        /* a compaction was under way (rerun it) */
+  uint64_t pending;           /* blocks freed while the lock was held by a stopped process */
+  uint64_t draining;          /* the pending block being freed (see drain) */
+  pid_t holder;               /* the lock's holder (0 when free), for waiters to name */
+  uint32_t pad2;
   uint64_t jn, pad;           /* the undo journal: entries of an unfinished change */
   jent j[JMAX];
 } arena_hdr;
@@ -105,7 +109,8 @@ typedef struct proc_entry {
 
 static arena_hdr *arena;
 static uint32_t myslot;    /* this process's entry, index + 1 */
-static int locked_here;    /* this process holds the arena lock */
+static pid_t mypid;        /* getpid(), renewed in every child by a fork handler */
+#define locked_here (arena->holder == mypid)  /* this process holds the arena lock */
 
 #define OFF(p) ((uint64_t)((char *)(p) - (char *)arena))
 #define BLK(off) ((block *)((char *)arena + (off)))
@@ -117,6 +122,7 @@ void *mp_arena_base(void) { return arena; }
 
 static uint32_t jcount;  /* entries of the open change (this process holds the lock) */
 static uint32_t fault;   /* test hook (core._arena_fault): die at this store */
+static int fault_sig = SIGKILL;  /* (or stop there: SIGSTOP) */
 
 /* Undoes an unfinished change of a process that died holding the lock. */
 static void jundo(void) {
@@ -132,7 +138,7 @@ static inline void jset(uint64_t *p, uint64_t v) {
   e->val = *p;
   arena->jn = jcount;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);  /* the log before the store, in program order */
-  if (__builtin_expect(fault != 0, 0) && --fault == 0) raise(SIGKILL);
+  if (__builtin_expect(fault != 0, 0) && --fault == 0) raise(fault_sig);
   *p = v;
 }
 
@@ -144,21 +150,82 @@ static inline void jcommit(void) {  /* the commit point: the log is emptied */
 
 static void compact(void);
 static uint64_t *held_slot(uint64_t off);
+static inline void free_locked(uint64_t off, uint64_t *hold) __attribute__((always_inline));
 
-static void arena_lock(void) {
-  int r = pthread_mutex_lock(&arena->lock);
-  if (r == EOWNERDEAD) {  /* its holder died: undo what it left unfinished */
+/* Waits on the lock. Its holder is in a section of a few microseconds, unless
+** it was stopped (SIGSTOP, a debugger) in one: a stopped process cannot be
+** robbed, so the wait has ways out instead (mp_ilock): Ctrl-C, and the
+** deadline of the Lua call allocating (mp_alloc_context), which ends it once
+** the holder is stopped. A free never waits for a stopped holder: it leaves its
+** block on the pending stack, which the next unlock drains (mp_free).
+**
+** The pending stack: pushed without the lock (a CAS on `pending`), popped only
+** by the lock's holder, so a pop cannot be confused by a push (no ABA). A pop
+** names its block in `draining` first, and the free that follows clears it in
+** the same journaled change: a holder killed in between leaves `draining` set
+** to a block that is no longer on the stack, which the next locker frees. */
+static void drain(void) {
+  uint64_t h;
+  while ((h = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE)) != 0) {
+    __atomic_store_n(&arena->draining, h, __ATOMIC_SEQ_CST);
+    if (!__atomic_compare_exchange_n(&arena->pending, &h, BLK(h)->next, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+      continue;  /* a block was pushed meanwhile */
+    free_locked(h, &arena->draining);
+  }
+}
+
+/* after a holder's death: the block it was draining, if it left the stack */
+static void undrain(void) {
+  uint64_t d = arena->draining;
+  if (!d) return;
+  for (uint64_t o = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE); o; o = BLK(o)->next)
+    if (o == d) { arena->draining = 0; return; }  /* still stacked: drained as any other */
+  free_locked(d, &arena->draining);
+}
+
+/* 1 locked; 0 not (the wait was given up: *why is MP_LOCK_TIMEOUT or
+** MP_LOCK_INTERRUPTED, *who the holder). The fast path is one trylock. */
+static int arena_lock_slow(lua_State *L, double deadline, int r, int *why, pid_t *who) {
+  pid_t h = 0;
+  int k = r == EOWNERDEAD ? MP_LOCK_OWNERDEAD : mp_ilock(L, &arena->lock, &arena->holder, deadline, &h);
+  if (k == MP_LOCK_TIMEOUT || k == MP_LOCK_INTERRUPTED) {
+    if (why) *why = k;
+    if (who) *who = h;
+    return 0;
+  }
+  if (k == MP_LOCK_DEADLOCK) abort();  /* held by this process, or unrecoverable: a bug of ours */
+  if (k == MP_LOCK_OWNERDEAD) {  /* its holder died: undo what it left unfinished */
     jundo();
     if (arena->compacting) compact();
+    undrain();
     pthread_mutex_consistent(&arena->lock);
   }
-  locked_here = 1;
+  return 1;
 }
 
+static inline int arena_lock_until(lua_State *L, double deadline, int *why, pid_t *who) {
+  int r = pthread_mutex_trylock(&arena->lock);
+  if (__builtin_expect(r != 0, 0) && !arena_lock_slow(L, deadline, r, why, who)) return 0;
+  arena->holder = mypid;
+  return 1;
+}
+
+/* for the callers that cannot give up: waits as long as it takes */
+static void arena_lock(void) { arena_lock_until(NULL, -1, NULL, NULL); }
+
 static void arena_unlock(void) {
-  locked_here = 0;
+  if (__builtin_expect(__atomic_load_n(&arena->pending, __ATOMIC_RELAXED) != 0, 0)) drain();
+  arena->holder = 0;
   pthread_mutex_unlock(&arena->lock);
 }
+
+/* The allocating call (mp_alloc_context) and why the last allocation failed
+** other than for want of space (0: it did not). */
+mp_allocctx mp_alloc_ctx = { NULL, -1 };
+#define ctx_L mp_alloc_ctx.L
+#define ctx_deadline mp_alloc_ctx.deadline
+static int fail_why;
+static pid_t fail_pid;
 
 /* ---------------------------------------------------------- creation */
 
@@ -185,6 +252,7 @@ int mp_arena_ensure(lua_State *L) {
   a->procs = (sizeof(arena_hdr) + 63) & ~(uint64_t)63;
   a->start = a->top = (a->procs + MAXPROCS * sizeof(proc_entry) + PAGE - 1) & ~(PAGE - 1);
   arena = a;
+  mypid = getpid();
   /* this process is entry 0, serial 0: it never holds back a free */
   proc_entry *me = ENTRY(0);
   mp_mutex_init(&me->alive, 0);
@@ -298,7 +366,7 @@ static uint64_t alloc_once(uint64_t n, int hold) {
   /* a big block is held while its fresh pages are faulted in (a long time, for a
   ** kill to land in and leak it), and let go of just before it is returned */
   int brief = !hold && n >= POPULATE;
-  arena_lock();
+  if (!arena_lock_until(ctx_L, ctx_deadline, &fail_why, &fail_pid)) return 0;
   uint64_t off = alloc_locked(n, &fresh, hold || brief ? held_slot(0) : NULL);
   arena_unlock();
   /* fresh pages: one call to fault them all in is much cheaper than a fault per page */
@@ -310,13 +378,14 @@ static uint64_t alloc_once(uint64_t n, int hold) {
 static void sweep(void);
 
 static uint64_t alloc(size_t want, int hold) {
+  fail_why = 0;
   if (!arena || want > arena->size - arena->start) return 0;
   uint64_t n = (uint64_t)want + sizeof(block);
   n = n <= MAXSMALL ? class_size(size_class(n)) : (n + PAGE - 1) & ~(PAGE - 1);
   uint64_t off = alloc_once(n, hold);
-  if (!off) {  /* full: free what can be, coalesce, try again */
+  if (!off && !fail_why) {  /* full: free what can be, coalesce, try again */
     sweep();
-    arena_lock();
+    if (!arena_lock_until(ctx_L, ctx_deadline, &fail_why, &fail_pid)) return 0;
     compact();
     arena_unlock();
     off = alloc_once(n, hold);
@@ -329,12 +398,32 @@ uint64_t mp_alloc_held(size_t want) { return alloc(want, 1); }
 
 uint64_t mp_alloc(lua_State *L, size_t n) {
   mp_arena_ensure(L);
+  mp_alloc_context(L, -1);  /* a call without a timeout: only Ctrl-C ends its wait */
   uint64_t off = mp_alloc_try(n);
+  mp_alloc_context(NULL, -1);
   if (!off) mp_oom_error(L, n);
   return off;
 }
 
+/* The lock's wait was given up: "put timed out: the shared memory allocator is
+** held by stopped process 1234" (the call named as the user made it). */
+static int lockfail_error(lua_State *L) {
+  int why = fail_why;
+  pid_t who = fail_pid;
+  fail_why = 0;
+  const char *stopped = mp_pid_stopped(who) ? "stopped " : "";
+  if (why == MP_LOCK_TIMEOUT)
+    return luaL_error(L, "%s timed out: the shared memory allocator is held by %sprocess %d", mp_callname(L),
+                      stopped, (int)who);
+  mp_take_interrupt(L);
+  if (who)
+    return luaL_error(L, "interrupted! (%s waited for the shared memory allocator, held by %sprocess %d)",
+                      mp_callname(L), stopped, (int)who);
+  return luaL_error(L, "interrupted! (%s waited for the shared memory allocator)", mp_callname(L));
+}
+
 int mp_oom_error(lua_State *L, size_t want) {
+  if (fail_why) return lockfail_error(L);
   return luaL_error(L, "out of shared memory: %I bytes wanted, arena limit %I bytes (%I in use; set LUA_MP_ARENA_SIZE)",
                     (lua_Integer)want, (lua_Integer)(arena ? arena->size : 0), (lua_Integer)mp_arena_used());
 }
@@ -371,7 +460,16 @@ void mp_free(uint64_t off) {
   if (!hold) { mp_hold(off); hold = held_slot(off); }
   /* still ours alone: its pages can go before anyone can take it again */
   if (b->size > MAXSMALL) give_back(off - sizeof(block), b->size);
-  arena_lock();
+  if (!arena_lock_until(NULL, 0, NULL, NULL)) {
+    /* the lock's holder is stopped: the block goes on the pending stack, freed
+    ** by the next unlock (a kill between the two stores below leaks it) */
+    __atomic_store_n(&b->tag, TAG(B_PENDING), __ATOMIC_SEQ_CST);  /* no longer freed from a hold */
+    uint64_t bo = off - sizeof(block), head = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE);
+    do b->next = head;
+    while (!__atomic_compare_exchange_n(&arena->pending, &head, bo, 1, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE));
+    if (hold) __atomic_store_n(hold, 0, __ATOMIC_SEQ_CST);
+    return;
+  }
   free_locked(off - sizeof(block), hold);
   arena_unlock();
 }
@@ -497,7 +595,14 @@ uint64_t mp_proc_prefork(lua_State *L) {
     kids = k;
     capkids = cap;
   }
-  arena_lock();
+  int why;
+  pid_t who;
+  if (!arena_lock_until(L, -1, &why, &who)) {  /* Ctrl-C (no deadline) */
+    mp_take_interrupt(L);
+    if (who) return luaL_error(L, "interrupted! (cannot start a process: the shared memory allocator is held by %sprocess %d)",
+                               mp_pid_stopped(who) ? "stopped " : "", (int)who);
+    return luaL_error(L, "interrupted! (cannot start a process: waited for the shared memory allocator)");
+  }
   if (!arena->procfree && arena->prochwm == MAXPROCS) { int d = 0; live_max_serial(&d); }
   uint32_t i;
   if (arena->procfree) {
@@ -522,7 +627,7 @@ uint64_t mp_proc_prefork(lua_State *L) {
 }
 
 void mp_proc_child(uint64_t token) {
-  locked_here = 0;
+  mypid = getpid();
   free(kids);  /* the parent's children are not ours */
   kids = NULL;
   nkids = capkids = 0;
@@ -562,7 +667,9 @@ void mp_proc_reaped(pid_t pid) {
   kids[k] = kids[--nkids];
   uint32_t i = (uint32_t)token - 1;
   proc_entry *e = ENTRY(i);
-  arena_lock();
+  /* a stopped holder is not waited for: the entry of a dead process is freed
+  ** by whoever next finds it (entry_alive) */
+  if (!arena_lock_until(NULL, 0, NULL, NULL)) return;
   if (e->word == ((token & ~(uint64_t)0xffffffff) | P_USED)) {
     int r = pthread_mutex_trylock(&e->alive);
     if (r == EOWNERDEAD) pthread_mutex_consistent(&e->alive);
@@ -708,7 +815,7 @@ static int arena_stats(lua_State *L) {
   lua_pushinteger(L, arena ? (lua_Integer)arena->ndeferred : 0); lua_setfield(L, -2, "deferred");
   int n = 0;
   if (arena) {
-    arena_lock();
+    if (!arena_lock_until(L, -1, &fail_why, &fail_pid)) return lockfail_error(L);
     for (uint32_t i = 0; i < arena->prochwm; i++) n += (uint32_t)ENTRY(i)->word == P_USED && entry_alive(i);
     arena_unlock();
   }
@@ -722,7 +829,7 @@ static const char *check(void) {
   uint64_t used = 0, blocks = 0, nfree = 0, off = arena->start, top = arena->top;
   while (off < top) {
     block *b = BLK(off);
-    if ((uint32_t)b->tag != BLOCK_MAGIC || b->tag >> 32 > B_DEFERRED) return "a block header is damaged";
+    if ((uint32_t)b->tag != BLOCK_MAGIC || b->tag >> 32 > B_PENDING) return "a block header is damaged";
     if (b->size < sizeof(block) || b->size % 32 || off + b->size > top) return "a block size is wrong";
     if (b->tag != TAG(B_FREE)) { used += b->size; blocks++; } else nfree++;
     off += b->size;
@@ -742,13 +849,18 @@ static const char *check(void) {
     if (++nd > blocks) return "the deferred list is too long (a cycle?)";
   }
   if (nd != arena->ndeferred) return "the deferred count is wrong";
-  if (arena->jn || arena->compacting) return "a change was left half done";
+  uint64_t np = 0;
+  for (uint64_t o = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE); o; o = BLK(o)->next) {
+    if (o < arena->start || o >= top || BLK(o)->tag != TAG(B_PENDING)) return "the pending stack holds a block that is not pending";
+    if (++np > blocks) return "the pending stack is too long (a cycle?)";
+  }
+  if (arena->jn || arena->compacting || arena->draining) return "a change was left half done";
   return NULL;
 }
 
 static int arena_check(lua_State *L) {
   if (!arena) { lua_pushboolean(L, 1); return 1; }
-  arena_lock();
+  if (!arena_lock_until(L, -1, &fail_why, &fail_pid)) return lockfail_error(L);
   const char *why = check();
   arena_unlock();
   if (why) return luaL_error(L, "arena damaged: %s", why);
@@ -756,10 +868,14 @@ static int arena_check(lua_State *L) {
   return 1;
 }
 
-/* core._arena_fault(n): this process kills itself (SIGKILL) at the n-th store
-** of the allocator's journal it applies from now on (for tests of kills) */
+/* core._arena_fault(n [, "stop"]): this process kills itself (SIGKILL) at the
+** n-th store of the allocator's journal it applies from now on, or stops
+** itself there (SIGSTOP: it goes on when continued), holding the lock (for
+** tests of kills and stops) */
 static int arena_fault(lua_State *L) {
   fault = (uint32_t)luaL_checkinteger(L, 1);
+  static const char *const how[] = { "kill", "stop", NULL };
+  fault_sig = luaL_checkoption(L, 2, "kill", how) ? SIGSTOP : SIGKILL;
   return 0;
 }
 
@@ -769,13 +885,19 @@ static int arena_hold(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
   luaL_argcheck(L, n >= 0, 1, "negative size");
   mp_arena_ensure(L);
+  mp_alloc_context(L, -1);
   uint64_t off = mp_alloc_held((size_t)n);
+  mp_alloc_context(NULL, -1);
   if (!off) return mp_oom_error(L, (size_t)n);
   lua_pushinteger(L, (lua_Integer)off);
   return 1;
 }
 
+static void renew_pid(void) { mypid = getpid(); }
+
 int mp_arena_open(lua_State *L) {
+  static int atfork_set;
+  if (!atfork_set) { atfork_set = 1; pthread_atfork(NULL, NULL, renew_pid); }
   static const luaL_Reg funcs[] = {
     {"arena_stats", arena_stats}, {"arena_check", arena_check}, {"_arena_fault", arena_fault},
     {"_arena_hold", arena_hold},

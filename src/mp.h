@@ -33,6 +33,17 @@ uint64_t mp_alloc(lua_State *L, size_t n);  /* raises mp_oom_error */
 ** set LUA_MP_ARENA_SIZE)": every path that runs out of arena says it this way. */
 int mp_oom_error(lua_State *L, size_t want);
 uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
+/* The Lua call about to allocate with mp_alloc_try/mp_alloc_held, and its
+** deadline (< 0: none): a wait for the allocator's lock behind a stopped holder
+** ends there, or on Ctrl-C; the allocation then fails and mp_oom_error says why
+** ("put timed out: the shared memory allocator is held by stopped process N").
+** mp_alloc sets it itself (no deadline). */
+typedef struct mp_allocctx { lua_State *L; double deadline; } mp_allocctx;
+extern mp_allocctx mp_alloc_ctx;
+static inline void mp_alloc_context(lua_State *L, double deadline) {
+  mp_alloc_ctx.L = L;
+  mp_alloc_ctx.deadline = deadline;
+}
 void mp_free(uint64_t off);
 /* Blocks in hand: a block that this process holds outside every shared structure
 ** (a big message being copied in, or taken out and being decoded) can be recorded
@@ -124,6 +135,22 @@ enum { MP_LOCKED = 0, MP_LOCK_TIMEOUT = 1, MP_LOCK_INTERRUPTED = 2, MP_LOCK_OWNE
 int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline);
 void mp_lock(pthread_mutex_t *m);   /* short internal critical sections */
 void mp_unlock(pthread_mutex_t *m);
+/* Same, with ways out (wait.c): MP_LOCKED, MP_LOCK_OWNERDEAD (locked; the caller
+** repairs what the dead holder left, then calls pthread_mutex_consistent), or,
+** without the lock, MP_LOCK_INTERRUPTED (Ctrl-C, seen through L) or
+** MP_LOCK_TIMEOUT (the deadline passed and the holder is stopped), the holder's
+** pid in *holder. A holder that runs is waited for past the deadline: its
+** sections are short. deadline < 0 and L NULL: it waits for a stopped holder.
+** owner: where each holder of m writes its pid (0 when free; NULL: unknown). */
+int mp_ilock(lua_State *L, pthread_mutex_t *m, const pid_t *owner, double deadline, pid_t *holder);
+int mp_pid_stopped(pid_t pid);              /* 1 if the process is stopped (SIGSTOP, a tracer) */
+/* The name of the Lua call in progress (the C function at level 0, e.g. "put"), for errors. */
+const char *mp_callname(lua_State *L);
+/* A call that raises for a Ctrl-C (instead of returning nil, "interrupted")
+** takes lua.c's SIGINT hook off first, as lua.c's own handler does: the
+** interrupt is its error, and no second "interrupted!" follows it out of the
+** caller's pcall. Another hook is left alone. */
+void mp_take_interrupt(lua_State *L);
 int mp_waitresult(lua_State *L, int r);   /* pushes nil, "timeout"/"interrupted" */
 int mp_pid_gone(pid_t pid);  /* 1 once process pid has exited (a zombie too): one check, in wait.c */
 

@@ -133,7 +133,19 @@ static int exitcode(int status) {
   return -1;
 }
 
-/* core.fork([daemon [, pdeathsig]]) -> pid in the parent, 0 in the child */
+static int fork_stop;  /* test hook (core._fork_stop): the next child stops as it registers */
+
+/* core.fork([daemon [, pdeathsig]]) -> pid in the parent, 0 in the child
+**
+** The child asks for its parent-death signal first of all, then checks that
+** the parent it was forked by is still its parent (getppid: one that died
+** before the ask was made left it with another), and only then does anything
+** that may take time: registering in the arena's table locks its entry, and
+** may wait for the allocator's lock. A child stopped (SIGSTOP) at any of its
+** instructions after the first thus dies with its parent, stopped or not; a
+** child stopped before its first instruction cannot have asked yet, and is
+** left stopped if its parent dies then (if it is continued, the check ends
+** it). */
 static int proc_fork(lua_State *L) {
   int daemon = lua_toboolean(L, 1);
   int deathsig = luaL_optinteger(L, 2, SIGKILL);
@@ -148,19 +160,28 @@ static int proc_fork(lua_State *L) {
   if (pid != 0) mp_proc_parent(token, pid);
   if (pid < 0) return mp_pusherrno(L, "fork");
   if (pid == 0) {
-    mp_proc_child(token);
-    nkids = 0;
-    mainpid = getpid();
     if (deathsig > 0) {
       prctl(PR_SET_PDEATHSIG, deathsig);
       if (getppid() != parent) _exit(1);  /* the parent died before we could ask */
     }
+    if (fork_stop) { fork_stop = 0; raise(SIGSTOP); }
+    mp_proc_child(token);
+    nkids = 0;
+    mainpid = getpid();
     lua_pushinteger(L, 0);
     return 1;
   }
+  fork_stop = 0;
   track(pid, daemon);
   lua_pushinteger(L, pid);
   return 1;
+}
+
+/* core._fork_stop(): for tests, the child of the next core.fork stops itself
+** (SIGSTOP) as it registers in the arena's table (see proc_fork) */
+static int proc_fork_stop(lua_State *L) {
+  fork_stop = 1;
+  return 0;
 }
 
 /* core._exit([code]): leaves at once, after flushing stdio; no finalizers run */
@@ -390,7 +411,7 @@ int mp_process_open(lua_State *L) {
     {"fork", proc_fork}, {"_exit", proc_exit}, {"waitpid", proc_waitpid}, {"reap", proc_reap},
     {"forget", proc_forget}, {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
     {"cpu_count", proc_cpu_count}, {"sigint", proc_sigint}, {"signame", proc_signame},
-    {"now", proc_now}, {"sleep", proc_sleep}, {"isatty", proc_isatty},
+    {"now", proc_now}, {"sleep", proc_sleep}, {"isatty", proc_isatty}, {"_fork_stop", proc_fork_stop},
     {"sentinel", proc_sentinel},
     {NULL, NULL}
   };

@@ -421,6 +421,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   size_t n = plen + mp_enc_size(e);
   int big = n >= BIGMSG || nh;
   pid_t me = big ? getpid() : 0;
+  mp_alloc_context(L, deadline);  /* the allocator's lock wait ends at our deadline, or on Ctrl-C */
   /* A short message with handles is built in its block first, and goes in
   ** whole under the lock: a reader never waits for it to be published. */
   uint64_t built = 0;

@@ -78,7 +78,7 @@ typedef struct cond_obj {
   mp_obj o;
   pthread_mutex_t m;    /* guards the slots */
   uint32_t ticket;      /* the next arrival's */
-  uint32_t pad;
+  pid_t holder;         /* the holder of m (0 when free), for waiters to name */
   uint64_t more;        /* the first block of further slots, 0 if none */
   c_slot s[C_SLOTS];
 } cond_obj;
@@ -101,7 +101,7 @@ enum { B_FILLING = 0, B_DRAINING = 1, B_ACTION = 2, B_RESETTING = -1, B_BROKEN =
 typedef struct b_slot {
   pthread_mutex_t m;    /* held by the party in the slot */
   pid_t pid;            /* that party; 0 when free */
-  uint32_t pad;
+  uint32_t left;        /* it left without the Barrier's lock (b_abandon), alive */
 } b_slot;
 
 typedef struct barrier_obj {
@@ -113,7 +113,7 @@ typedef struct barrier_obj {
   uint32_t parties;
   double timeout;       /* default timeout of wait(); <0 for none */
   pid_t dead;           /* a party that died in wait() and broke it; 0 after reset */
-  uint32_t pad;
+  pid_t holder;         /* the holder of m (0 when free), for waiters to name */
   b_slot slot[];        /* parties slots */
 } barrier_obj;
 
@@ -136,6 +136,35 @@ static pid_t lock_holder(lock_obj *k) {
   pid_t tid = __atomic_load_n(&k->owner, __ATOMIC_ACQUIRE);
   if (tid && tid != self_tid() && kill(tid, 0) != 0 && errno == ESRCH) return 0;
   return tid;
+}
+
+/* The internal lock of a Barrier or Condition (short sections, mp_ilock):
+** MP_LOCKED, or MP_LOCK_TIMEOUT / MP_LOCK_INTERRUPTED without it (*who: the
+** holder). A holder that died is recovered silently (its section moved plain
+** data, each store leaving the object usable). */
+static int ilock(lua_State *L, pthread_mutex_t *m, pid_t *holder, double deadline, pid_t *who) {
+  int r = mp_ilock(L, m, holder, deadline, who);
+  if (r == MP_LOCK_OWNERDEAD) { pthread_mutex_consistent(m); r = MP_LOCKED; }
+  if (r == MP_LOCK_DEADLOCK) r = MP_LOCK_INTERRUPTED;  /* (not reached: no section calls out) */
+  if (r == MP_LOCKED) __atomic_store_n(holder, self_tid(), __ATOMIC_RELAXED);
+  return r;
+}
+
+static void iunlock(pthread_mutex_t *m, pid_t *holder) {
+  __atomic_store_n(holder, 0, __ATOMIC_RELAXED);
+  pthread_mutex_unlock(m);
+}
+
+/* Raises for a wait on an internal lock that was given up: "wait timed out:
+** the Barrier is held by stopped process 1234 (inside one of its calls)". */
+static int ilock_error(lua_State *L, int r, const char *what, pid_t who) {
+  const char *stopped = mp_pid_stopped(who) ? "stopped " : "";
+  if (r == MP_LOCK_TIMEOUT)
+    return luaL_error(L, "%s timed out: the %s is held by %sprocess %d (inside one of its calls)",
+                      mp_callname(L), what, stopped, (int)who);
+  mp_take_interrupt(L);
+  return luaL_error(L, "interrupted! (%s waited while the %s was held by %sprocess %d, inside one of its calls)",
+                    mp_callname(L), what, stopped, (int)who);
 }
 
 /* the classes of each kind of self (mp.h's self checks) */
@@ -524,9 +553,14 @@ static int cond_wait(lua_State *L) {
   lock_obj *k = MP_PTR(ch->lock);
   double deadline = mp_deadline(L, 2);
   if (lock_holder(k) != self_tid()) return luaL_error(L, "cannot wait on an un-acquired lock");
-  mp_lock(&c->m);
+  pid_t who = 0;
+  int lr = ilock(L, &c->m, &c->holder, deadline, &who);
+  if (lr == MP_LOCK_INTERRUPTED) return mp_waitresult(L, MP_INTERRUPTED);
+  if (lr != MP_LOCKED) return ilock_error(L, lr, "Condition", who);
+  mp_alloc_context(L, deadline);  /* more slots: the allocator's wait ends as ours does */
   c_slot *sl = c_claim(c);
-  mp_unlock(&c->m);
+  mp_alloc_context(NULL, -1);
+  iunlock(&c->m, &c->holder);
   if (!sl) return mp_oom_error(L, sizeof(c_block) + C_BLOCK * sizeof(c_slot));
   uint32_t depth = k->depth ? k->depth : 1;  /* release every level of an RLock */
   k->depth = 0;
@@ -535,10 +569,17 @@ static int cond_wait(lua_State *L) {
   int r;
   do r = mp_futex_wait(L, &sl->woken, 0, deadline);
   while (r == MP_WOKE && !__atomic_load_n(&sl->woken, __ATOMIC_SEQ_CST));
-  mp_lock(&c->m);
-  int notified = sl->woken != 0;  /* a notify that came with the timeout counts */
-  c_free(sl);
-  mp_unlock(&c->m);
+  int notified;
+  if (ilock(NULL, &c->m, &c->holder, 0, NULL) == MP_LOCKED) {  /* (a stopped holder is not waited for) */
+    notified = sl->woken != 0;  /* a notify that came with the timeout counts */
+    c_free(sl);
+    iunlock(&c->m, &c->holder);
+  } else {  /* its holder is stopped: the slot is let go without the lock (see c_wake) */
+    notified = __atomic_exchange_n(&sl->woken, 1, __ATOMIC_SEQ_CST) != 0;
+    pthread_mutex_unlock(&sl->m);
+    pid_t mine = getpid();
+    __atomic_compare_exchange_n(&sl->pid, &mine, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  }
   mp_mutex_lock(NULL, &k->m, -1);  /* retaken whatever happened, as Python does */
   for (uint32_t i = 1; i < depth; i++) pthread_mutex_lock(&k->m);
   k->depth = depth;
@@ -548,9 +589,13 @@ static int cond_wait(lua_State *L) {
   return 1;
 }
 
-static void c_wake(c_slot *sl) {
-  __atomic_store_n(&sl->woken, 1, __ATOMIC_SEQ_CST);
+/* 1 if it woke sl's waiter; 0 if that waiter had let its slot go on its own
+** (cond_wait, when the Condition's lock is held by a stopped process) */
+static int c_wake(c_slot *sl) {
+  uint32_t zero = 0;
+  if (!__atomic_compare_exchange_n(&sl->woken, &zero, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return 0;
   mp_futex_wake(&sl->woken, 1);
+  return 1;
 }
 
 /* Wakes the n oldest live waiters not yet notified (all of them for notify_all). */
@@ -558,7 +603,9 @@ static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
   cond_obj *c = MP_PTR(ch->h.off);
   lock_obj *k = MP_PTR(ch->lock);
   if (lock_holder(k) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
-  mp_lock(&c->m);
+  pid_t who = 0;
+  int lr = ilock(L, &c->m, &c->holder, -1, &who);  /* no timeout: only Ctrl-C ends the wait */
+  if (lr != MP_LOCKED) return ilock_error(L, lr, "Condition", who);
   if (n == LUA_MAXINTEGER) {  /* notify_all: in one pass, no order to keep */
     c_run r = c_first(c);
     do {
@@ -580,10 +627,9 @@ static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
     } while (c_step(&r));
     if (!oldest) break;
     if (!c_alive(oldest)) continue;  /* a dead waiter takes no wake-up */
-    c_wake(oldest);
-    n--;
+    if (c_wake(oldest)) n--;
   }
-  mp_unlock(&c->m);
+  iunlock(&c->m, &c->holder);
   return 0;
 }
 
@@ -699,7 +745,16 @@ static void b_exit(barrier_obj *b) {
 static void b_take(barrier_obj *b, uint32_t i) {
   b_slot *s = &b->slot[i];
   if (pthread_mutex_trylock(&s->m) == EOWNERDEAD) pthread_mutex_consistent(&s->m);
+  s->left = 0;
   s->pid = getpid();
+}
+
+/* A party leaves wait() without the Barrier's lock (held by a stopped
+** process): it lets go of its slot's mutex, so the next process that looks at
+** the slot (b_gone) counts it out and breaks the round, as for a death. */
+static void b_abandon(barrier_obj *b, uint32_t i) {
+  __atomic_store_n(&b->slot[i].left, 1, __ATOMIC_SEQ_CST);
+  pthread_mutex_unlock(&b->slot[i].m);
 }
 
 static void b_leave(barrier_obj *b, uint32_t i) {
@@ -720,7 +775,10 @@ static pid_t b_gone(barrier_obj *b, uint32_t i) {
   if (r != 0 && r != EOWNERDEAD) return 0;
   s->pid = 0;
   pthread_mutex_unlock(&s->m);
-  if (b->state == B_FILLING || b->state == B_ACTION) { b->dead = pid; b_break(b); }
+  if (b->state == B_FILLING || b->state == B_ACTION) {
+    if (!s->left) b->dead = pid;  /* (one that left is no death to report) */
+    b_break(b);
+  }
   b_exit(b);
   return pid;
 }
@@ -729,16 +787,31 @@ static void b_gone_all(barrier_obj *b, uint32_t me) {
   for (uint32_t i = 0; i < b->parties; i++) if (i != me) b_gone(b, i);
 }
 
+#define B_UNLOCKED 10  /* b_sleep: the mutex could not be taken again */
+
 /* Sleeps until the state changes, a slice passes or the deadline; the mutex is
-** held before and after. MP_WOKE unless the deadline passed or interrupted. */
-static int b_sleep(lua_State *L, barrier_obj *b, double deadline) {
+** held before, and after unless B_UNLOCKED is returned (its holder is stopped
+** and the deadline passed, or Ctrl-C: *lr says which, *who the holder).
+** Otherwise MP_WOKE unless the deadline passed or interrupted. */
+static int b_sleep(lua_State *L, barrier_obj *b, double deadline, int *lr, pid_t *who) {
   uint32_t s = __atomic_load_n(&b->seq, __ATOMIC_SEQ_CST);
   double until = mp_now() + B_SLICE;
   int last = deadline >= 0 && deadline <= until;
-  mp_unlock(&b->m);
+  iunlock(&b->m, &b->holder);
   int r = mp_futex_wait(L, &b->seq, s, last ? deadline : until);
-  mp_lock(&b->m);
+  /* interrupted already: a stopped holder is not waited for */
+  *lr = r == MP_INTERRUPTED ? ilock(NULL, &b->m, &b->holder, 0, who) : ilock(L, &b->m, &b->holder, deadline, who);
+  if (*lr != MP_LOCKED) {
+    if (r == MP_INTERRUPTED) *lr = MP_LOCK_INTERRUPTED;
+    return B_UNLOCKED;
+  }
   return r == MP_TIMEOUT && !last ? MP_WOKE : r;
+}
+
+/* the outcome of a wait that could not take the Barrier's lock again */
+static int b_lost(lua_State *L, int lr, pid_t who) {
+  if (lr == MP_LOCK_INTERRUPTED) return mp_waitresult(L, MP_INTERRUPTED);
+  return ilock_error(L, lr, "Barrier", who);
 }
 
 static int b_broken(lua_State *L, pid_t dead) {
@@ -749,37 +822,49 @@ static int b_broken(lua_State *L, pid_t dead) {
 static int barrier_wait(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
   double deadline = !lua_isnoneornil(L, 2) ? mp_deadline(L, 2) : b->timeout < 0 ? -1 : mp_now() + b->timeout;
-  mp_lock(&b->m);
+  pid_t who = 0;
+  int lr = ilock(L, &b->m, &b->holder, deadline, &who);
+  if (lr != MP_LOCKED) return b_lost(L, lr, who);
   while (b->state == B_DRAINING || b->state == B_RESETTING || b->state == B_ACTION) {
-    int r = b_sleep(L, b, deadline);  /* the previous round is still leaving */
+    int r = b_sleep(L, b, deadline, &lr, &who);  /* the previous round is still leaving */
+    if (r == B_UNLOCKED) return b_lost(L, lr, who);
     b_gone_all(b, NOSLOT);            /* and may wait for a dead party */
-    if (r == MP_TIMEOUT) { mp_unlock(&b->m); return b_broken(L, 0); }
-    if (r == MP_INTERRUPTED) { mp_unlock(&b->m); return mp_waitresult(L, r); }
+    if (r == MP_TIMEOUT) { iunlock(&b->m, &b->holder); return b_broken(L, 0); }
+    if (r == MP_INTERRUPTED) { iunlock(&b->m, &b->holder); return mp_waitresult(L, r); }
   }
-  if (b->state != B_FILLING) { pid_t d = b->dead; mp_unlock(&b->m); return b_broken(L, d); }
+  if (b->state != B_FILLING) { pid_t d = b->dead; iunlock(&b->m, &b->holder); return b_broken(L, d); }
   uint32_t index = b->count++;
   b_take(b, index);
   if (b->count == b->parties) {  /* the last to arrive runs the action and lets all go */
     b_gone_all(b, index);        /* unless a party died: then the round is broken */
-    if (b->state != B_FILLING) { pid_t d = b->dead; b_leave(b, index); mp_unlock(&b->m); return b_broken(L, d); }
+    if (b->state != B_FILLING) { pid_t d = b->dead; b_leave(b, index); iunlock(&b->m, &b->holder); return b_broken(L, d); }
     if (lua_getiuservalue(L, 1, 1) != LUA_TNIL) {
       b->state = B_ACTION;
-      mp_unlock(&b->m);
+      iunlock(&b->m, &b->holder);
       int st = lua_pcall(L, 0, 0, 0);
-      mp_lock(&b->m);
-      if (st != LUA_OK) { b_break(b); b_leave(b, index); mp_unlock(&b->m); return lua_error(L); }
-      if (b->state != B_ACTION) { pid_t d = b->dead; b_leave(b, index); mp_unlock(&b->m); return b_broken(L, d); }
+      lr = ilock(L, &b->m, &b->holder, deadline, &who);
+      if (lr != MP_LOCKED) {  /* the others see this party leave: the round breaks */
+        b_abandon(b, index);
+        if (st != LUA_OK) return lua_error(L);
+        return b_lost(L, lr, who);
+      }
+      if (st != LUA_OK) { b_break(b); b_leave(b, index); iunlock(&b->m, &b->holder); return lua_error(L); }
+      if (b->state != B_ACTION) { pid_t d = b->dead; b_leave(b, index); iunlock(&b->m, &b->holder); return b_broken(L, d); }
     }
     b->state = B_DRAINING;
     b_bump(b);
     b_leave(b, index);
-    mp_unlock(&b->m);
+    iunlock(&b->m, &b->holder);
     lua_pushinteger(L, index);
     return 1;
   }
   int r = MP_WOKE;
   while (b->state == B_FILLING || b->state == B_ACTION) {
-    r = b_sleep(L, b, deadline);
+    r = b_sleep(L, b, deadline, &lr, &who);
+    if (r == B_UNLOCKED) {  /* the others see this party leave: the round breaks */
+      b_abandon(b, index);
+      return b_lost(L, lr, who);
+    }
     if (b->state == B_FILLING || b->state == B_ACTION)  /* the next party in the ring */
       b_gone(b, index + 1 < b->count ? index + 1 : 0);
     if (r != MP_WOKE && (b->state == B_FILLING || b->state == B_ACTION)) { b_break(b); break; }
@@ -788,25 +873,32 @@ static int barrier_wait(lua_State *L) {
   int passed = b->state == B_DRAINING;
   pid_t dead = b->dead;
   b_leave(b, index);
-  mp_unlock(&b->m);
+  iunlock(&b->m, &b->holder);
   if (r == MP_INTERRUPTED) return mp_waitresult(L, r);
   if (!passed) return b_broken(L, dead);
   lua_pushinteger(L, index);
   return 1;
 }
 
+/* the Barrier's lock for abort and reset: no timeout, only Ctrl-C ends the wait */
+static void b_lock(lua_State *L, barrier_obj *b) {
+  pid_t who = 0;
+  int lr = ilock(L, &b->m, &b->holder, -1, &who);
+  if (lr != MP_LOCKED) ilock_error(L, lr, "Barrier", who);
+}
+
 static int barrier_abort(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
-  mp_lock(&b->m);
+  b_lock(L, b);
   b->dead = 0;
   b_break(b);
-  mp_unlock(&b->m);
+  iunlock(&b->m, &b->holder);
   return 0;
 }
 
 static int barrier_reset(lua_State *L) {
   barrier_obj *b = tobarrier(L, 1);
-  mp_lock(&b->m);
+  b_lock(L, b);
   b_gone_all(b, NOSLOT);  /* the dead would never leave */
   b->dead = 0;
   if (b->count > 0) {
@@ -815,7 +907,7 @@ static int barrier_reset(lua_State *L) {
     b->state = B_FILLING;
   }
   b_bump(b);
-  mp_unlock(&b->m);
+  iunlock(&b->m, &b->holder);
   return 0;
 }
 
@@ -882,6 +974,20 @@ static void barrier_decode(lua_State *L, const unsigned char *p, size_t n) {
 }
 
 static const mp_handle_type barrier_type = { BARRIER, mp_handle_encode, barrier_decode };
+
+/* core._sync_stop(barrier_or_condition): takes the object's internal lock,
+** stops this process (SIGSTOP) and lets the lock go once continued: for tests
+** of a process stopped inside one of the object's sections. */
+static int sync_stop(lua_State *L) {
+  pthread_mutex_t *m;
+  pid_t *holder;
+  if (luaL_testudata(L, 1, BARRIER)) { barrier_obj *b = tobarrier(L, 1); m = &b->m; holder = &b->holder; }
+  else { cond_obj *c = MP_PTR(tocond(L, 1)->h.off); m = &c->m; holder = &c->holder; }
+  ilock(NULL, m, holder, -1, NULL);
+  raise(SIGSTOP);
+  iunlock(m, holder);
+  return 0;
+}
 
 /* ------------------------------------------------------------- classes */
 
@@ -953,7 +1059,7 @@ int mp_sync_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Lock", sync_Lock}, {"RLock", sync_RLock}, {"Semaphore", sync_Semaphore},
     {"BoundedSemaphore", sync_BoundedSemaphore}, {"Event", sync_Event},
-    {"Condition", sync_Condition}, {"Barrier", sync_Barrier}, {NULL, NULL}
+    {"Condition", sync_Condition}, {"Barrier", sync_Barrier}, {"_sync_stop", sync_stop}, {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
   return 0;

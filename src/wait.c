@@ -100,6 +100,65 @@ void mp_lock(pthread_mutex_t *m) {
   if (pthread_mutex_lock(m) == EOWNERDEAD) pthread_mutex_consistent(m);
 }
 
+/* Is process pid stopped (SIGSTOP, job control, a tracer)? /proc/<pid>/stat
+** says T or t. When it cannot tell, the answer is no: a holder is waited for. */
+int mp_pid_stopped(pid_t pid) {
+  if (pid <= 0) return 0;
+  char path[40], st[256];
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  int f = open(path, O_RDONLY | O_CLOEXEC);
+  if (f < 0) return 0;
+  ssize_t n = read(f, st, sizeof st - 1);
+  close(f);
+  if (n <= 0) return 0;
+  st[n] = 0;
+  const char *e = strrchr(st, ')');
+  return e && e[1] == ' ' && (e[2] == 'T' || e[2] == 't');
+}
+
+/* An internal lock (the arena's, a Barrier's or a Condition's own): its
+** sections are a few instructions long, so a holder that runs is waited for,
+** whatever the deadline (a preempted holder on a busy machine is no fault).
+** The wait ends without the lock only on Ctrl-C (L) or, once the deadline
+** passed, when the holder is stopped: a stopped process can be continued but
+** not robbed. The holder writes its pid at *owner once it has the lock and
+** clears it before letting go (POSIX tells no mutex's owner). The fast path
+** is one trylock. */
+int mp_ilock(lua_State *L, pthread_mutex_t *m, const pid_t *owner, double deadline, pid_t *holder) {
+  int r = pthread_mutex_trylock(m);
+  if (__builtin_expect(r == 0, 1)) return MP_LOCKED;
+  lua_Hook h0 = L ? lua_gethook(L) : NULL;
+  for (int spin = 0; r == EBUSY && spin < 100; spin++) {
+    cpu_relax();
+    r = pthread_mutex_trylock(m);
+  }
+  for (;;) {
+    if (r == 0) return MP_LOCKED;
+    if (r == EOWNERDEAD) return MP_LOCK_OWNERDEAD;  /* the caller repairs, then makes it consistent */
+    if (r != EBUSY && r != ETIMEDOUT && r != EINTR) return MP_LOCK_DEADLOCK;
+    if (L && mp_hook_pending(L, h0)) {
+      if (holder) *holder = owner ? __atomic_load_n(owner, __ATOMIC_RELAXED) : 0;
+      return MP_LOCK_INTERRUPTED;
+    }
+    double until = mp_now() + SLICE;
+    if (deadline >= 0 && mp_now() >= deadline) {
+      pid_t h = owner ? __atomic_load_n(owner, __ATOMIC_RELAXED) : 0;
+      if (h && mp_pid_stopped(h)) {
+        if (holder) *holder = h;
+        return MP_LOCK_TIMEOUT;
+      }
+    } else if (deadline >= 0 && deadline < until) {
+      until = deadline;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    struct timespec dt = to_ts(until - mp_now());
+    ts.tv_sec += dt.tv_sec; ts.tv_nsec += dt.tv_nsec;
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    r = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+  }
+}
+
 void mp_unlock(pthread_mutex_t *m) { pthread_mutex_unlock(m); }
 
 int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline) {
@@ -158,6 +217,16 @@ int mp_pid_gone(pid_t pid) {
   st[n] = 0;
   const char *e = strrchr(st, ')');  /* the name may hold anything, even ')' */
   return e && e[1] == ' ' && (e[2] == 'Z' || e[2] == 'X');
+}
+
+void mp_take_interrupt(lua_State *L) {
+  if (L && lua_gethook(L) && mp_hook_pending(L, lua_gethook(L))) lua_sethook(L, NULL, 0, 0);
+}
+
+const char *mp_callname(lua_State *L) {
+  lua_Debug ar;
+  if (L && lua_getstack(L, 0, &ar) && lua_getinfo(L, "n", &ar) && ar.name) return ar.name;
+  return "the call";
 }
 
 int mp_waitresult(lua_State *L, int r) {
