@@ -1,4 +1,4 @@
-/* redis.c: a blocking Redis connection (hiredis) and the HMAC that signs what crosses it.
+/* redis.c: a blocking Redis connection (hiredis), and the key file that signs what crosses it.
 **
 ** core.redis_connect(host, port, timeout [, unix_path]) -> Redis, or nil, message
 **   r:call(arg...)       one command; its reply as Lua values (see push_reply), or nil, message
@@ -8,8 +8,8 @@
 **                        replies of the sent commands, in order (other calls read them first)
 **   r:settimeout(s)      the longest a command may wait for its reply (seconds)
 **   r:close()            also __gc and __close
-** core.hmac_sha256(key, data) -> 32 bytes; core.hmac_equal(a, b) compares in constant time;
-** core.random_bytes(n).
+** core.read_key_file(path) -> the shared key. (The HMAC itself, core.hmac_sha256, and
+** core.compare_digest are socket.c's.)
 **
 ** A connection fault (refused, reset, timed out) closes the connection: every later call
 ** answers nil, "closed". Replies: status and bulk strings are strings, integers are integers,
@@ -19,13 +19,9 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/time.h>
 
 #include <hiredis/hiredis.h>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
 
 #include <unistd.h>
 
@@ -274,43 +270,6 @@ static int redis_tostring(lua_State *L) {
   return 1;
 }
 
-/* ------------------------------------------------------------------ signing */
-
-static int hmac_sha256(lua_State *L) {
-  size_t kl, dl;
-  const char *key = luaL_checklstring(L, 1, &kl);
-  const char *data = luaL_checklstring(L, 2, &dl);
-  luaL_argcheck(L, kl >= 32, 1, "the key must hold at least 32 bytes");
-  unsigned char out[EVP_MAX_MD_SIZE];
-  unsigned int ol = 0;
-  if (!HMAC(EVP_sha256(), key, (int)kl, (const unsigned char *)data, dl, out, &ol))
-    return luaL_error(L, "HMAC-SHA256 failed");
-  lua_pushlstring(L, (const char *)out, ol);
-  return 1;
-}
-
-static int hmac_equal(lua_State *L) {
-  size_t al, bl;
-  const char *a = luaL_checklstring(L, 1, &al);
-  const char *b = luaL_checklstring(L, 2, &bl);
-  lua_pushboolean(L, al == bl && CRYPTO_memcmp(a, b, al) == 0);
-  return 1;
-}
-
-static int random_bytes(lua_State *L) {
-  lua_Integer n = luaL_checkinteger(L, 1);
-  luaL_argcheck(L, n >= 0 && n <= 4096, 1, "0 to 4096 bytes");
-  unsigned char buf[4096];
-  size_t got = 0;
-  while (got < (size_t)n) {
-    ssize_t k = getrandom(buf + got, (size_t)n - got, 0);
-    if (k < 0) { if (errno == EINTR) continue; return luaL_error(L, "getrandom: %s", strerror(errno)); }
-    got += (size_t)k;
-  }
-  lua_pushlstring(L, (const char *)buf, (size_t)n);
-  return 1;
-}
-
 /* core.read_key_file(path) -> bytes, or nil, why: a regular file of 32 to 4096 bytes that
 ** only its owner may read or write (a key others can read lets them run code on workers) */
 static int read_key_file(lua_State *L) {
@@ -348,8 +307,7 @@ int mp_redis_open(lua_State *L) {
     {"__gc", redis_close}, {"__close", redis_close}, {"__tostring", redis_tostring}, {NULL, NULL}};
   mp_newclass(L, REDIS_CLASS, methods, meta);
   static const luaL_Reg fns[] = {
-    {"redis_connect", redis_connect}, {"hmac_sha256", hmac_sha256}, {"hmac_equal", hmac_equal},
-    {"random_bytes", random_bytes}, {"read_key_file", read_key_file}, {NULL, NULL}};
+    {"redis_connect", redis_connect}, {"read_key_file", read_key_file}, {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
   return 0;
 }

@@ -62,7 +62,7 @@ function M.verify(key, stream, fields)
     if fields[i] == "m" then m = fields[i + 1] elseif fields[i] == "s" then s = fields[i + 1] end
   end
   if type(m) ~= "string" or type(s) ~= "string" then return nil end
-  if not core.hmac_equal(core.hmac_sha256(key, stream .. "\n" .. m), s) then return nil end
+  if not core.compare_digest(core.hmac_sha256(key, stream .. "\n" .. m), s) then return nil end
   return m
 end
 

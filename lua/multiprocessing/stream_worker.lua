@@ -218,7 +218,7 @@ function M.run(opts)
     local h = r:call("HGETALL", keys.running(s.name))
     local f = {}
     for i = 1, (h and h.n or 0) - 1, 2 do f[h[i]] = h[i + 1] end
-    if f.m and f.s and core.hmac_equal(S.sign(key, keys.running(s.name), f.m), f.s) then
+    if f.m and f.s and core.compare_digest(S.sign(key, keys.running(s.name), f.m), f.s) then
       local good, t = pcall(core.decode, f.m, "signed")
       if good and type(t) == "table" then
         local text = ("%s: task timed out after %gs (item %d); worker %s was killed"):format(t.kind, t.t, t.i, s.name)
