@@ -284,7 +284,7 @@ static int lock_release(lua_State *L) {
 }
 
 static int lock_locked(lua_State *L) {
-  lua_pushboolean(L, lock_holder(MP_PTR(mp_checkopen(L, 1, MP_CLASSES(LOCK))->off)) != 0);
+  lua_pushboolean(L, lock_holder(MP_PTR(mp_checkopen(L, 1, LOCKS)->off)) != 0);
   return 1;
 }
 
@@ -298,8 +298,11 @@ static int lock_is_owned(lua_State *L) {
 static int lock_tostring(lua_State *L) {
   mp_handle *h = mp_toself(L, 1, LOCKS);
   const char *tname = luaL_testudata(L, 1, LOCK) ? LOCK : RLOCK;
-  const char *state = !h->off ? "closed" : lock_holder(MP_PTR(h->off)) ? "locked" : "unlocked";
-  lua_pushfstring(L, "%s (%s) %p", tname, state, (void *)h);
+  pid_t holder = h->off ? lock_holder(MP_PTR(h->off)) : 0;
+  if (holder)  /* the owner, as Python 3.13's repr shows it: a thread id, the process's pid when single-threaded */
+    lua_pushfstring(L, "%s (locked by %d) %p", tname, (int)holder, (void *)h);
+  else
+    lua_pushfstring(L, "%s (%s) %p", tname, h->off ? "unlocked" : "closed", (void *)h);
   return 1;
 }
 
@@ -996,7 +999,7 @@ static const luaL_Reg lock_methods[] = {
   {"close", lock_close}, {NULL, NULL}
 };
 static const luaL_Reg rlock_methods[] = {
-  {"acquire", lock_acquire}, {"release", lock_release}, {"is_owned", lock_is_owned},
+  {"acquire", lock_acquire}, {"release", lock_release}, {"is_owned", lock_is_owned}, {"locked", lock_locked},
   {"close", lock_close}, {NULL, NULL}
 };
 static const luaL_Reg lock_meta[] = {

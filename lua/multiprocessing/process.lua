@@ -316,6 +316,12 @@ function methods.kill(p)
   signal(p, "kill", 9)
 end
 
+-- as Python 3.14's: SIGINT, so that the child's Lua raises "interrupted!" where it is
+function methods.interrupt(p)
+  check_started(p, "interrupt")
+  signal(p, "interrupt", 2)
+end
+
 function methods.close(p)
   if getmetatable(p) ~= Process then bad_self(p, "close", 2) end
   if rawget(p, "_closed") then return end
@@ -346,8 +352,35 @@ function methods.result(p)
   error(("process %s (pid %d) exited with code %d before returning"):format(p.name, p.pid, code), 2)
 end
 
-function M.current_process() return me end
-function M.parent_process() return parent end
+-- What current_process() and parent_process() return: a name and a pid, with is_alive() and,
+-- for the parent, join([timeout]) (as Python's _ParentProcess: it waits for the parent's end).
+local Info = { __name = "multiprocessing.ProcessInfo" }
+Info.__index = Info
+Info.__tostring = function(i) return ("<Process name='%s' pid=%d %s>"):format(i.name, i.pid, i:is_alive() and "started" or "stopped") end
+
+function Info:is_alive()
+  if self.pid == core.getpid() then return true end
+  -- our parent while it lives; once it is gone we are re-parented, whatever reuses its pid
+  return core.getppid() == self.pid
+end
+
+function Info:join(timeout)
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout) then
+    error(("bad argument #1 to 'join' (number expected, got %s)"):format(timeout ~= timeout and "NaN" or type(timeout)), 2)
+  end
+  if self.pid == core.getpid() then error("cannot join the current process", 2) end
+  local deadline = timeout and core.now() + timeout
+  while self:is_alive() do
+    local left = deadline and deadline - core.now()
+    if left and left <= 0 then return nil, "timeout" end
+    local ok, why = core.sleep(left and math.min(left, 0.05) or 0.05)
+    if not ok then return nil, why end
+  end
+  return true
+end
+
+function M.current_process() return setmetatable(me, Info) end
+function M.parent_process() return parent and setmetatable(parent, Info) end
 
 function M.active_children()
   cleanup()  -- what is left in children runs
