@@ -429,4 +429,17 @@ describe("Process", function()
     assert.is_true(p:join(20))
     q:close()
   end)
+
+  it("active_children() lists pool workers too, until the pool is joined", function()
+    local pool = mp.Pool(2)
+    local names = {}
+    for _, c in ipairs(mp.active_children()) do
+      if c.name:find("^PoolWorker%-") then names[#names + 1] = c.name assert.is_true(c:is_alive()) end
+    end
+    table.sort(names)
+    assert.same({ "PoolWorker-1", "PoolWorker-2" }, names)
+    pool:close()
+    pool:join()
+    for _, c in ipairs(mp.active_children()) do assert.not_matches("^PoolWorker", c.name) end
+  end)
 end)

@@ -1079,6 +1079,7 @@ function M.Pool(opts)
   }, Pool)
   self._A, self._F = pool_class(self, AsyncResult), pool_class(self, Future)
   made = made + 1
+  process._pools[self] = true  -- for active_children(), which lists pool workers too
   for i = 1, n do spawn(self, i) end
   -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
   -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end

@@ -354,6 +354,14 @@ end
 
 -- What current_process() and parent_process() return: a name and a pid, with is_alive() and,
 -- for the parent, join([timeout]) (as Python's _ParentProcess: it waits for the parent's end).
+local function running(pid)  -- a child that has not ended (a zombie has)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  local st = f and f:read("l") or ""
+  if f then f:close() end
+  local state = st:match("^%d+ %b() (%a)")
+  return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
 local Info = { __name = "multiprocessing.ProcessInfo" }
 Info.__index = Info
 Info.__tostring = function(i) return ("<Process name='%s' pid=%d %s>"):format(i.name, i.pid, i:is_alive() and "started" or "stopped") end
@@ -361,7 +369,8 @@ Info.__tostring = function(i) return ("<Process name='%s' pid=%d %s>"):format(i.
 function Info:is_alive()
   if self.pid == core.getpid() then return true end
   -- our parent while it lives; once it is gone we are re-parented, whatever reuses its pid
-  return core.getppid() == self.pid
+  if parent and self.pid == parent.pid then return core.getppid() == self.pid end
+  return running(self.pid)  -- a pool worker
 end
 
 function Info:join(timeout)
@@ -382,10 +391,23 @@ end
 function M.current_process() return setmetatable(me, Info) end
 function M.parent_process() return parent and setmetatable(parent, Info) end
 
+-- the pools this process made (pool.lua registers them): their workers are children too
+M._pools = setmetatable({}, { __mode = "k" })
+
 function M.active_children()
   cleanup()  -- what is left in children runs
   local list = {}
   for _, p in pairs(children) do list[#list + 1] = p end
+  -- pool workers, as Python lists them: described (name, pid, daemon, is_alive), not Processes
+  for pool in pairs(M._pools) do
+    if pool._owner == core.getpid() then
+      for i, w in pairs(pool._workers) do
+        if w.code == nil and running(w.pid) then
+          list[#list + 1] = setmetatable({ name = "PoolWorker-" .. i, pid = w.pid, daemon = true, ident = w.pid }, Info)
+        end
+      end
+    end
+  end
   table.sort(list, function(a, b) return a.pid < b.pid end)
   return list
 end
