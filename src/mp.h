@@ -119,7 +119,7 @@ void mp_obj_set_dtor(uint32_t type, mp_dtor dtor);  /* the destructor mp_handle_
 /* -------------------------------------------------------------- waiting */
 double mp_now(void);                              /* CLOCK_MONOTONIC seconds */
 double mp_deadline(lua_State *L, int idx);        /* optional timeout arg -> deadline; -1 forever */
-enum { MP_WOKE = 0, MP_TIMEOUT = 1, MP_INTERRUPTED = 2 };
+enum { MP_WOKE = 0, MP_TIMEOUT = 1, MP_INTERRUPTED = 2, MP_SHUTDOWN = 3 };  /* SHUTDOWN: a queue shut down */
 /* Waits while *addr == val, until deadline (<0: forever). */
 int mp_futex_wait(lua_State *L, uint32_t *addr, uint32_t val, double deadline);
 void mp_futex_wake(uint32_t *addr, int n);

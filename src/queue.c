@@ -431,8 +431,10 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   }
   int r = q_lock(L, q, deadline);
   if (r != MP_WOKE) return put_failed(e, built, r);
+  if (q->shut) { q_unlock(q); return put_failed(e, built, MP_SHUTDOWN); }
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
     uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
+    if (q->shut) { q_unlock(q); return put_failed(e, built, MP_SHUTDOWN); }
     if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return put_failed(e, built, MP_TIMEOUT); }
     r = q_wait(L, q, &q->get_seq, s, &q->putters, deadline, deadline, NULL);
     if (r != MP_WOKE) return put_failed(e, built, r);
@@ -574,6 +576,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
   for (;;) {
     uint32_t s = __atomic_load_n(&q->put_seq, __ATOMIC_SEQ_CST);  /* before looking: publish needs no lock */
     int busy = 0;
+    if (q->shut == SHUT_NOW) { q_unlock(q); return MP_SHUTDOWN; }
     if (q->head) {
       c = CH(q->head);  /* the common case: the first record is there to take */
       if (c->rpos < c->wpos && IS_OPEN(tag_of(c->data + c->rpos))) { at = c->rpos; break; }
@@ -581,6 +584,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
       if (q_find(q, &c, &at, &busy)) break;
     }
     if (busy && q_settle_dead(q)) continue;
+    if (q->shut && !busy) { q_unlock(q); return MP_SHUTDOWN; }  /* drained: nothing more will come */
     double now = -1;
     if (deadline >= 0 && (now = mp_now()) >= deadline) { q_unlock(q); return MP_TIMEOUT; }
     double until = deadline;
@@ -760,8 +764,35 @@ static int q_doput(lua_State *L, double deadline) {
   mp_enc_done(L, e);
   if (r == MP_WOKE) { lua_pushboolean(L, 1); return 1; }
   lua_pushnil(L);
-  lua_pushstring(L, r == MP_TIMEOUT ? "full" : "interrupted");
+  lua_pushstring(L, r == MP_TIMEOUT ? "full" : r == MP_SHUTDOWN ? "shutdown" : "interrupted");
   return 2;
+}
+
+/* q:shutdown([immediate]): puts end with nil, "shutdown" from now on; gets take what is
+** left, then return nil, "shutdown" (immediate: at once, and join() returns). Every
+** process waiting on the queue is woken. */
+static int queue_shutdown(lua_State *L) {
+  qhandle *qh = q_check(L, 1);
+  int now = lua_toboolean(L, 2);
+  mp_queue *q = QOF(qh);
+  int r = q_lock(L, q, -1);
+  if (r != MP_WOKE) return mp_waitresult(L, r);
+  if (q->shut != SHUT_NOW) q->shut = now ? SHUT_NOW : SHUT_DRAIN;
+  if (now) q->unfinished = 0;
+  __atomic_add_fetch(&q->put_seq, 1, __ATOMIC_SEQ_CST);
+  __atomic_add_fetch(&q->get_seq, 1, __ATOMIC_SEQ_CST);
+  __atomic_add_fetch(&q->done_seq, 1, __ATOMIC_SEQ_CST);
+  q_unlock(q);
+  mp_futex_wake(&q->put_seq, INT32_MAX);
+  mp_futex_wake(&q->get_seq, INT32_MAX);
+  mp_futex_wake(&q->done_seq, INT32_MAX);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int queue_is_shutdown(lua_State *L) {
+  lua_pushboolean(L, QOF(q_check(L, 1))->shut != SHUT_NONE);
+  return 1;
 }
 
 static int queue_put(lua_State *L) { return q_doput(L, put_deadline(L, 3)); }
@@ -775,7 +806,7 @@ static int q_doget(lua_State *L, double deadline, const char *why) {
     return 1;
   }
   lua_pushnil(L);
-  lua_pushstring(L, r == MP_TIMEOUT ? why : "interrupted");
+  lua_pushstring(L, r == MP_TIMEOUT ? why : r == MP_SHUTDOWN ? "shutdown" : "interrupted");
   return 2;
 }
 
@@ -904,6 +935,7 @@ int mp_queue_open(lua_State *L) {
     {"get_nowait", queue_get_nowait}, {"qsize", queue_qsize}, {"empty", queue_empty},
     {"full", queue_full}, {"maxsize", queue_maxsize}, {"close", queue_close},
     {"task_done", queue_task_done}, {"join", queue_join},
+    {"shutdown", queue_shutdown}, {"is_shutdown", queue_is_shutdown},
     {NULL, NULL}
   };
   static const luaL_Reg meta[] = {

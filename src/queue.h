@@ -42,9 +42,14 @@ typedef struct mp_queue {
   uint32_t joinable;
   uint32_t nopace;             /* a pacing wait timed out: no pacing until the next get */
   uint32_t chunkcap;           /* capacity of the next chunk: grows to CHUNK */
+  uint32_t shut;               /* Queue:shutdown(): SHUT_DRAIN, or SHUT_NOW (immediate) */
 } mp_queue;
 
-/* All return MP_WOKE (done), MP_TIMEOUT or MP_INTERRUPTED; get pushes the value.
+/* Queue:shutdown (Python 3.13's): puts end with MP_SHUTDOWN at once; gets take what is
+** left, then end with MP_SHUTDOWN (SHUT_DRAIN), or end at once (SHUT_NOW). */
+enum { SHUT_NONE = 0, SHUT_DRAIN = 1, SHUT_NOW = 2 };
+
+/* All return MP_WOKE (done), MP_TIMEOUT, MP_INTERRUPTED or MP_SHUTDOWN; get pushes the value.
 ** A deadline bounds the wait for the queue's lock too, and Ctrl-C ends it. */
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline);
 /* put, with plen bytes of pre before the encoding (for a reader with its own decoder) */

@@ -231,7 +231,7 @@ const char *mp_callname(lua_State *L) {
 
 int mp_waitresult(lua_State *L, int r) {
   lua_pushnil(L);
-  lua_pushstring(L, r == MP_TIMEOUT ? "timeout" : "interrupted");
+  lua_pushstring(L, r == MP_TIMEOUT ? "timeout" : r == MP_SHUTDOWN ? "shutdown" : "interrupted");
   return 2;
 }
 
