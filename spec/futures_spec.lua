@@ -22,27 +22,7 @@ local function mark(path, text)  -- (runs in workers: no busted's assert, nothin
   f:close()
 end
 
--- runs a script in a child interpreter in its own session; once a task calls started(), sends
--- SIGINT to the session (Ctrl-C); returns the output. A hang is killed after PATIENCE seconds.
-local function interrupted(script)
-  local marker, src, out, pidf = H.tmpname(), H.tmpname(), H.tmpname(), H.tmpname()
-  os.remove(marker)
-  local f = assert(io.open(src, "w"))
-  f:write(('local mp = require "multiprocessing"\n'
-    .. 'local function started() local g = io.open(%q, "w") g:close() end\n'):format(marker), script)
-  f:close()
-  assert(os.execute(("%s setsid sh -c 'echo $$ > %s; exec %s %s' < /dev/null > %s 2>&1 &")
-    :format(H.ENV, pidf, H.LUA, src, out)))
-  local pid = H.eventually(function() local s = H.slurp(pidf) return s and tonumber(s:match("%d+")) end, 5)
-  assert(pid, "the script did not start")
-  local began = H.eventually(function() return H.slurp(marker) ~= nil end, PATIENCE)
-  if began then assert(os.execute("kill -INT -" .. pid)) end
-  local ended = H.eventually(function() return not H.alive(pid) end, PATIENCE)
-  if not ended then os.execute("kill -KILL -" .. pid) end
-  assert(began, "the task did not start: " .. tostring(H.slurp(out)))
-  assert(ended, "the script hung after Ctrl-C: " .. tostring(H.slurp(out)))
-  return H.slurp(out)
-end
+local interrupted = H.interrupted
 
 describe("Futures", function()
   H.leak_check(before_each, after_each)

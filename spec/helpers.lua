@@ -132,4 +132,29 @@ function H.capture_stderr()
   end
 end
 
+--- Runs `script` (after `local mp = require "multiprocessing"`) in a child interpreter in a
+--- session of its own; once a task calls started(), sends SIGINT to the session (Ctrl-C);
+--- returns the output. A script still running `patience` seconds (default 20, 120 under
+--- valgrind) later is killed and the spec fails: a hang.
+function H.interrupted(script, patience)
+  patience = patience or (os.getenv("MP_VALGRIND") and 120 or 20)
+  local marker, src, out, pidf = H.tmpname(), H.tmpname(), H.tmpname(), H.tmpname()
+  os.remove(marker)
+  local f = assert(io.open(src, "w"))
+  f:write(('local mp = require "multiprocessing"\n'
+    .. 'local function started() local g = io.open(%q, "w") g:close() end\n'):format(marker), script)
+  f:close()
+  assert(os.execute(("%s setsid sh -c 'echo $$ > %s; exec %s %s' < /dev/null > %s 2>&1 &")
+    :format(H.ENV, pidf, H.LUA, src, out)))
+  local pid = H.eventually(function() local s = H.slurp(pidf) return s and tonumber(s:match("%d+")) end, 5)
+  assert(pid, "the script did not start")
+  local began = H.eventually(function() return H.slurp(marker) ~= nil end, patience)
+  if began then assert(os.execute("kill -INT -" .. pid)) end
+  local ended = H.eventually(function() return not H.alive(pid) end, patience)
+  if not ended then os.execute("kill -KILL -" .. pid) end
+  assert(began, "the task did not start: " .. tostring(H.slurp(out)))
+  assert(ended, "the script hung after Ctrl-C: " .. tostring(H.slurp(out)))
+  return H.slurp(out)
+end
+
 return H

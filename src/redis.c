@@ -136,6 +136,16 @@ static int collect(lua_State *L, int idx, int from, int to, const char **argv, s
   return n;
 }
 
+/* argv and lengths for n arguments, in a userdata pushed on the stack (no static buffer:
+** two Lua states on two host threads may send at once) */
+static int argbuf(lua_State *L, int n, const char ***argv, size_t **lens) {
+  if (n > MAXARGS) return luaL_error(L, "too many arguments for one Redis command");
+  void *b = lua_newuserdatauv(L, (size_t)n * (sizeof(char *) + sizeof(size_t)), 0);
+  *argv = b;
+  *lens = (size_t *)((char *)b + (size_t)n * sizeof(char *));
+  return n;
+}
+
 /* reads the replies of the commands r:send sent into the user value (the userdata at
 ** index 1): a command's reply must not be taken for an earlier one's. 0 on a fault. */
 static int drain(lua_State *L, mp_redis *r) {
@@ -160,8 +170,9 @@ static int redis_send(lua_State *L) {
   mp_redis *r = toredis(L);
   int top = lua_gettop(L);
   luaL_argcheck(L, top >= 2, 2, "a command expected");
-  static const char *argv[MAXARGS];
-  static size_t lens[MAXARGS];
+  const char **argv = NULL;
+  size_t *lens = NULL;
+  argbuf(L, top - 1, &argv, &lens);
   int n = collect(L, 0, 2, top, argv, lens, 0);
   if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
   int done = 0;
@@ -189,8 +200,9 @@ static int redis_call(lua_State *L) {
   if (!drain(L, r)) return conn_fault(L, r);
   int top = lua_gettop(L);
   luaL_argcheck(L, top >= 2, 2, "a command expected");
-  static const char *argv[MAXARGS];
-  static size_t lens[MAXARGS];
+  const char **argv = NULL;
+  size_t *lens = NULL;
+  argbuf(L, top - 1, &argv, &lens);
   int n = collect(L, 0, 2, top, argv, lens, 0);
   redisReply *y = redisCommandArgv(r->c, n, argv, lens);
   if (!y) return conn_fault(L, r);
@@ -211,8 +223,6 @@ static int redis_pipeline(lua_State *L) {
   if (!drain(L, r)) return conn_fault(L, r);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer ncmd = luaL_len(L, 2);
-  static const char *argv[MAXARGS];
-  static size_t lens[MAXARGS];
   for (lua_Integer k = 1; k <= ncmd; k++) {
     if (lua_rawgeti(L, 2, k) != LUA_TTABLE) return luaL_error(L, "bad Redis command #%d in pipeline (table expected)", (int)k);
     int cmd = lua_gettop(L);
@@ -225,9 +235,12 @@ static int redis_pipeline(lua_State *L) {
       else if (t != LUA_TSTRING) return luaL_error(L, "bad Redis argument #%d of command #%d (string or number expected, got %s)", (int)i, (int)k, luaL_typename(L, -1));
       else lua_pop(L, 1);
     }
+    const char **argv = NULL;
+    size_t *lens = NULL;
+    argbuf(L, (int)len, &argv, &lens);
     int n = collect(L, cmd, 1, (int)len, argv, lens, 1);
     if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
-    lua_pop(L, 1);
+    lua_pop(L, 2);  /* the buffer and the command */
   }
   lua_createtable(L, (int)ncmd, 1);
   for (lua_Integer k = 1; k <= ncmd; k++) {
