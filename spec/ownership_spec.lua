@@ -219,6 +219,106 @@ describe("a message carrying handles, when a process is killed", function()
   end)
 end)
 
+-- A process that ends without running its finalizers (_exit, a kill) still gives back what it
+-- held: its references are in its ledger in the arena (docs/arena.md, "Ledgers"), released when
+-- it is found dead.
+describe("a process that ends holding handles", function()
+  local carrier
+  before_each(function() carrier = nil end)
+  after_each(function() if carrier then carrier:close() end end)
+
+  it("received through a queue, and leaves with _exit: they are released", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    for k = 1, 5 do
+      local q, v = mp.Queue(), mp.Value("i", k)
+      q:put(k)
+      carrier:put { q, v, mp.JoinableQueue() }
+      q:close() v:close()
+      local pid = H.spawn(function()
+        local m = carrier:get(20)
+        assert(m[1]:get(20) == k and m[2].value == k)
+        core._exit(0)  -- no finalizer runs: m's handles stay counted
+      end)
+      assert.equal(0, core.waitpid(pid, 20))
+    end
+    carrier:close()
+    assert_back(s0, "arena use after children left with _exit holding handles")
+  end)
+
+  it("received, made and copied, and is SIGKILLed: they are released", function()
+    local s0 = settle()
+    carrier = mp.Queue()
+    local ready = mp.Queue()
+    local inherited = mp.Lock()  -- a copy made by the fork: counted by the parent only
+    for _ = 1, 3 do
+      local objs = { mp.Queue(), mp.Lock(), mp.Value("d", 1.5), mp.Array("i", 16), mp.Event(),
+                     mp.Condition(), mp.Semaphore(1), mp.Barrier(2) }
+      carrier:put(objs)
+      for _, o in ipairs(objs) do o:close() end
+      local pid = H.spawn(function()
+        local m = carrier:get(20)
+        local mine = { mp.Queue(), mp.RLock(), m[3]:get_lock(), m[1] }  -- made, and more handles
+        mine[1]:put(m)          -- a queue of its own holding a message with the others
+        inherited:acquire() inherited:release()
+        ready:put(true)
+        core.sleep(60)
+        return mine
+      end)
+      assert.is_true(ready:get(20))
+      core.kill(pid, 9)
+      assert.equal(-9, core.waitpid(pid, 20))
+    end
+    inherited:close()
+    ready:close()
+    carrier:close()
+    assert_back(s0, "arena use after children were killed holding handles")
+  end)
+
+  it("in a Process whose target captured a Lock, killed: nothing stays", function()
+    local s0 = settle()
+    local lock = mp.Lock()
+    local started = mp.Event()
+    local q = mp.Queue()
+    local p = mp.Process { target = function()
+      lock:acquire()
+      local mine = { mp.Queue(), mp.Value("i", 1), q }
+      q:put { mine[1], mine[2] }  -- sent: the message now holds them too
+      started:set()
+      core.sleep(60)
+      return mine
+    end }:start()
+    assert.is_true(started:wait(20))
+    p:kill()
+    p:join(20)
+    assert.equal(-9, p.exitcode)
+    p:close()
+    local m = q:get(5)
+    assert.equal(1, m[2].value)
+    m = nil
+    -- the lock its holder died with: acquired again (and reported), then closed
+    assert.is_true(lock:acquire(5))
+    lock:release()
+    lock:close() started:close() q:close()
+    assert_back(s0, "arena use after a killed Process that held handles")
+  end)
+
+  it("as a Pool worker that keeps a task's queue: released once the pool is joined", function()
+    local s0 = settle()
+    local p = mp.Pool(2)
+    local q = mp.Queue()
+    -- each worker keeps the decoded handles in its copy of kept (with its cached function),
+    -- never closed
+    local kept = {}
+    p:map(function(qq) kept[#kept + 1] = qq qq:put(1) return true end, { q, q, q, q })
+    for _ = 1, 4 do assert.equal(1, q:get(5)) end
+    q:close()
+    p:close() p:join()
+    p = nil
+    assert_back(s0, "arena use after pool workers kept handles")
+  end)
+end)
+
 describe("bytes that name a freed object", function()
   it("raise when decoded, and never reach the freed memory", function()
     local q = mp.Queue()

@@ -60,7 +60,7 @@
 #define JMAX 16
 #define HOLDS 3
 
-enum { B_USED = 0, B_FREE = 1, B_DEFERRED = 2, B_PENDING = 3 };     /* block states */
+enum { B_USED = 0, B_FREE = 1, B_DEFERRED = 2, B_PENDING = 3, B_RELEASED = 4 };  /* block states */
 enum { P_FREE = 0, P_USED = 1, P_BROKEN = 2 };                      /* process entries */
 
 typedef struct jent { uint64_t off, val; } jent;
@@ -83,6 +83,7 @@ typedef struct arena_hdr {
   uint64_t draining;          /* the pending block being freed (see drain) */
   pid_t holder;               /* the lock's holder (0 when free), for waiters to name */
   uint32_t pad2;
+  uint64_t orphans;           /* ledgers of dead processes, their references to release (block next links) */
   uint64_t jn, pad;           /* the undo journal: entries of an unfinished change */
   jent j[JMAX];
 } arena_hdr;
@@ -105,11 +106,15 @@ typedef struct proc_entry {
   uint64_t link;   /* parent's serial << 32 | next free entry (index + 1) */
   uint64_t held[HOLDS];  /* blocks in the process's hands (payload offsets), freed if it dies */
   uint64_t started;      /* the serial of the occupant once it holds `alive` */
+  uint64_t refs;         /* its ledger (payload offset, 0: none): the references it holds */
+  uint64_t releasing;    /* a dead process's ledger it is releasing (see release_orphans) */
 } proc_entry;
 
 static arena_hdr *arena;
 static uint32_t myslot;    /* this process's entry, index + 1 */
 static pid_t mypid;        /* getpid(), renewed in every child by a fork handler */
+typedef struct ledger ledger;
+static ledger *led;        /* this process's ledger (see ledgers; NULL: none yet) */
 #define locked_here (arena->holder == mypid)  /* this process holds the arena lock */
 
 #define OFF(p) ((uint64_t)((char *)(p) - (char *)arena))
@@ -151,6 +156,15 @@ static inline void jcommit(void) {  /* the commit point: the log is emptied */
 static void compact(void);
 static uint64_t *held_slot(uint64_t off);
 static inline void free_locked(uint64_t off, uint64_t *hold) __attribute__((always_inline));
+static void defer_locked(uint64_t off, uint64_t *hold);
+
+/* A block popped off the pending stack (arena locked, its offset in `draining`):
+** a freed block is freed; a released object (B_RELEASED, see release_last)
+** joins the deferred list, for the next sweep to free. */
+static void settle_pending(uint64_t h) {
+  if (BLK(h)->tag == TAG(B_RELEASED)) defer_locked(h, &arena->draining);
+  else free_locked(h, &arena->draining);
+}
 
 /* Waits on the lock. Its holder is in a section of a few microseconds, unless
 ** it was stopped (SIGSTOP, a debugger) in one: a stopped process cannot be
@@ -158,6 +172,10 @@ static inline void free_locked(uint64_t off, uint64_t *hold) __attribute__((alwa
 ** deadline of the Lua call allocating (mp_alloc_context), which ends it once
 ** the holder is stopped. A free never waits for a stopped holder: it leaves its
 ** block on the pending stack, which the next unlock drains (mp_free).
+**
+** A release of the last reference to an object that a later fork may hold
+** (release_last) does not wait either: the object goes on the same stack,
+** marked B_RELEASED, and the unlock moves it to the deferred list.
 **
 ** The pending stack: pushed without the lock (a CAS on `pending`), popped only
 ** by the lock's holder, so a pop cannot be confused by a push (no ABA). A pop
@@ -170,7 +188,7 @@ static void drain(void) {
     __atomic_store_n(&arena->draining, h, __ATOMIC_SEQ_CST);
     if (!__atomic_compare_exchange_n(&arena->pending, &h, BLK(h)->next, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
       continue;  /* a block was pushed meanwhile */
-    free_locked(h, &arena->draining);
+    settle_pending(h);
   }
 }
 
@@ -180,7 +198,7 @@ static void undrain(void) {
   if (!d) return;
   for (uint64_t o = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE); o; o = BLK(o)->next)
     if (o == d) { arena->draining = 0; return; }  /* still stacked: drained as any other */
-  free_locked(d, &arena->draining);
+  settle_pending(d);
 }
 
 /* 1 locked; 0 not (the wait was given up: *why is MP_LOCK_TIMEOUT or
@@ -441,12 +459,33 @@ static inline void free_locked(uint64_t off, uint64_t *hold) {
   jcommit();
 }
 
+/* Puts the released object whose block is at off on the deferred list and
+** empties *hold in the same step (arena locked); its destructor is in aux. */
+static void defer_locked(uint64_t off, uint64_t *hold) {
+  block *b = BLK(off);
+  jset(&b->next, arena->deferred);
+  jset(&b->tag, TAG(B_DEFERRED));
+  jset(&arena->deferred, off);
+  jset(&arena->ndeferred, arena->ndeferred + 1);
+  if (hold) jset(hold, 0);
+  jcommit();
+}
+
 /* this process's hold slot for the block at payload offset off, or NULL */
 static uint64_t *held_slot(uint64_t off) {
   if (!myslot) return NULL;
   uint64_t *h = ENTRY(myslot - 1)->held;
   for (int k = 0; k < HOLDS; k++) if (__atomic_load_n(&h[k], __ATOMIC_RELAXED) == off) return &h[k];
   return NULL;
+}
+
+/* marks the block st (B_PENDING, B_RELEASED) and pushes it on the pending stack */
+static void push_pending(uint64_t bo, int st) {
+  block *b = BLK(bo);
+  __atomic_store_n(&b->tag, TAG(st), __ATOMIC_SEQ_CST);
+  uint64_t head = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE);
+  do b->next = head;
+  while (!__atomic_compare_exchange_n(&arena->pending, &head, bo, 1, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE));
 }
 
 void mp_free(uint64_t off) {
@@ -463,10 +502,7 @@ void mp_free(uint64_t off) {
   if (!arena_lock_until(NULL, 0, NULL, NULL)) {
     /* the lock's holder is stopped: the block goes on the pending stack, freed
     ** by the next unlock (a kill between the two stores below leaks it) */
-    __atomic_store_n(&b->tag, TAG(B_PENDING), __ATOMIC_SEQ_CST);  /* no longer freed from a hold */
-    uint64_t bo = off - sizeof(block), head = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE);
-    do b->next = head;
-    while (!__atomic_compare_exchange_n(&arena->pending, &head, bo, 1, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE));
+    push_pending(off - sizeof(block), B_PENDING);  /* no longer freed from a hold */
     if (hold) __atomic_store_n(hold, 0, __ATOMIC_SEQ_CST);
     return;
   }
@@ -542,6 +578,17 @@ static void entry_free(uint32_t i) {  /* arena locked; the process is dead */
     } else {
       e->held[k] = 0;
     }
+  }
+  /* its references, and those of a dead process it was releasing, for the next sweep */
+  for (int k = 0; k < 2; k++) {
+    uint64_t *lp = k ? &e->releasing : &e->refs, l = *lp;
+    if (!l) continue;
+    block *b = BLK(l - sizeof(block));
+    if (l >= arena->start + sizeof(block) && l < arena->top && l % 32 == 0 && b->tag == TAG(B_USED)) {
+      jset(&b->next, arena->orphans);
+      jset(&arena->orphans, l - sizeof(block));
+    }
+    jset(lp, 0);
   }
   jset(&e->link, arena->procfree);
   jset(&e->word, P_FREE);
@@ -628,6 +675,7 @@ uint64_t mp_proc_prefork(lua_State *L) {
 
 void mp_proc_child(uint64_t token) {
   mypid = getpid();
+  led = NULL;  /* the parent's ledger is not ours: ours starts empty */
   free(kids);  /* the parent's children are not ours */
   kids = NULL;
   nkids = capkids = 0;
@@ -685,6 +733,124 @@ void mp_proc_reaped(pid_t pid) {
   sweep();
 }
 
+/* ------------------------------------------------------------ ledgers */
+
+/* A process's ledger: the references it holds, object by object, in a block of
+** the arena named by its process entry (`refs`), so that they are released
+** when it is found dead, whatever it died of (_exit runs no finalizer; a kill
+** runs nothing). Counted here: what mp_obj_new and mp_obj_retain count for this
+** process (a handle made or decoded, a lock a Value keeps), and the message
+** references its decoded handles adopted; not what messages own (mp_obj_count,
+** mp_obj_drop). Only its process writes it; it is read once that process is dead.
+**
+** An open-addressed table of (offset, count), linear probing, at most half full.
+** A key is never removed: a count that falls to 0 leaves its key, reused when
+** the same offset is counted again, and dropped when the table is rebuilt
+** (when half its keys are used, or when fewer than 1/16 of its entries count). A
+** ledger may count less than the process holds, never more: a count goes up
+** after the object's (a kill between the two leaks that reference), down before
+** it (the same), and a reference the ledger could not record (no arena for a
+** bigger table) is simply not released at death. A dead process's ledger goes
+** on the arena's orphan list (entry_free, under the lock); the next sweep, by
+** any process, takes it (recorded in its own entry's `releasing`, so that its
+** death hands the rest on), zeroes each count before releasing it, and frees it. */
+typedef struct lent { uint64_t off, n; } lent;
+struct ledger { uint32_t cap, shift, used, live; lent e[]; };  /* cap: a power of 2; used: keys; live: counts > 0 */
+#define LMIN 16
+
+static inline uint64_t led_slot(const ledger *l, uint64_t off) {
+  return (off * 0x9e3779b97f4a7c15ULL) >> l->shift;
+}
+
+/* A new ledger with this ledger's live entries (room for 4 times as many, at
+** least LMIN), published in this process's entry; the old one is freed. 0 when there is no room (or the allocator's lock
+** is held by a stopped process: never waited for). */
+static int led_grow(void) {
+  static int growing;  /* (nothing an allocation runs counts for this process: a guard all the same) */
+  if (growing) return 0;
+  ledger *old = led;
+  uint64_t live = old ? old->live : 0;
+  uint32_t cap = LMIN, shift = 64 - 4;
+  while ((uint64_t)cap < live * 4) { cap *= 2; shift--; }
+  mp_allocctx ctx = mp_alloc_ctx;
+  int why = fail_why;
+  pid_t who = fail_pid;
+  mp_alloc_context(NULL, 0);
+  growing = 1;
+  uint64_t off = alloc(sizeof(ledger) + (size_t)cap * sizeof(lent), 1);  /* held: freed if we die now */
+  growing = 0;
+  mp_alloc_ctx = ctx;
+  fail_why = why;
+  fail_pid = who;
+  if (!off) return 0;
+  ledger *l = MP_PTR(off);
+  memset(l, 0, sizeof(ledger) + (size_t)cap * sizeof(lent));
+  l->cap = cap;
+  l->shift = shift;
+  if (old)
+    for (uint32_t i = 0; i < old->cap; i++) {
+      if (!old->e[i].off || !old->e[i].n) continue;
+      uint64_t k = led_slot(l, old->e[i].off);
+      while (l->e[k].off) k = (k + 1) & (cap - 1);
+      l->e[k] = old->e[i];
+      l->used++;
+    }
+  l->live = l->used;
+  proc_entry *me = ENTRY(myslot - 1);
+  /* let go, then publish: a kill between the two leaks the new table (the
+  ** old one, still published, counts the same) */
+  mp_unhold(off);
+  __atomic_store_n(&me->refs, off, __ATOMIC_SEQ_CST);
+  led = l;
+  if (old) mp_free(OFF(old));
+  return 1;
+}
+
+/* one more reference of this process to the object at off */
+static inline void led_add(uint64_t off) {
+  if (!myslot) return;  /* a process outside the table (see mp_proc_child) */
+  ledger *l = led;
+  if (__builtin_expect(!l || l->used * 2 >= l->cap, 0)) {
+    if (!led_grow() && (!l || l->used + 1 >= l->cap)) return;  /* not recorded */
+    l = led;
+  }
+  uint64_t m = l->cap - 1, k = led_slot(l, off);
+  for (;;) {
+    uint64_t key = l->e[k].off;
+    if (key == off) { l->live += l->e[k].n++ == 0; return; }
+    if (!key) break;
+    k = (k + 1) & m;
+  }
+  l->e[k].n = 1;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);  /* (a key without its count is read as 0) */
+  l->e[k].off = off;
+  l->used++;
+  l->live++;
+}
+
+/* one reference fewer (a reference it did not record: nothing) */
+static inline void led_sub(uint64_t off) {
+  ledger *l = led;
+  if (!l) return;
+  uint64_t m = l->cap - 1, k = led_slot(l, off);
+  for (;;) {
+    uint64_t key = l->e[k].off;
+    if (key == off) break;
+    if (!key) return;
+    k = (k + 1) & m;
+  }
+  if (!l->e[k].n || --l->e[k].n) return;
+  /* an empty table goes, one mostly empty is rebuilt smaller: arena use comes
+  ** back to its start */
+  if (--l->live == 0) {
+    __atomic_store_n(&ENTRY(myslot - 1)->refs, 0, __ATOMIC_SEQ_CST);  /* (a kill before the free leaks it) */
+    led = NULL;
+    mp_free(OFF(l));
+  } else if (l->live * 16 < l->cap && l->cap > LMIN) {
+    led_grow();
+  }
+}
+
 /* ------------------------------------------------------- shared objects */
 
 uint64_t mp_obj_new(lua_State *L, size_t size, uint32_t type) {
@@ -694,6 +860,8 @@ uint64_t mp_obj_new(lua_State *L, size_t size, uint32_t type) {
   o->refs = 1;
   o->forks = mp_arena_forks();
   o->type = type;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  led_add(off);
   return off;
 }
 
@@ -714,7 +882,10 @@ void mp_obj_retain(uint64_t off) {
       if (a->offs[i] == off) { a->offs[i] = 0; return; }
   mp_obj *o = MP_PTR(off);
   __atomic_add_fetch(&o->refs, 1, __ATOMIC_SEQ_CST);
+  led_add(off);
 }
+
+void mp_obj_adopted(uint64_t off) { led_add(off); }
 
 void mp_obj_count(uint64_t off) {
   __atomic_add_fetch(&((mp_obj *)MP_PTR(off))->refs, 1, __ATOMIC_SEQ_CST);
@@ -737,16 +908,22 @@ static void obj_free(uint64_t off, dtor_fn dtor) {
   mp_free(off);
 }
 
+static void release_orphans(void);
+
 /* Frees the deferred objects that no live process can reach any more. Each is
 ** taken off the list under the lock and freed outside it (its destructor
-** frees blocks); a kill between the two leaks that object. */
+** frees blocks); a kill between the two leaks that object. The ledgers of dead
+** processes are released first. A lock held by a stopped process is not waited
+** for: the sweep is left to the next one. */
 static void sweep(void) {
-  if (!arena || !__atomic_load_n(&arena->ndeferred, __ATOMIC_ACQUIRE) || locked_here) return;
+  if (!arena || locked_here) return;
+  if (__atomic_load_n(&arena->orphans, __ATOMIC_ACQUIRE)) release_orphans();
+  if (!__atomic_load_n(&arena->ndeferred, __ATOMIC_ACQUIRE)) return;
   for (;;) {
     uint64_t take[32];
     dtor_fn fns[32];
     int n = 0, died = 0;
-    arena_lock();
+    if (!arena_lock_until(NULL, 0, NULL, NULL)) return;
     uint32_t max = live_max_serial(&died);
     uint64_t *link = &arena->deferred;
     while (*link && n < 32) {
@@ -767,32 +944,33 @@ static void sweep(void) {
     int more = *link != 0 && n == 32;
     arena_unlock();
     for (int k = 0; k < n; k++) obj_free(take[k], fns[k]);
+    if (died && __atomic_load_n(&arena->orphans, __ATOMIC_ACQUIRE)) release_orphans();
     if (!more) return;
   }
 }
 
-/* An object is freed when its last counted handle goes, unless it may still
-** be reached another way: it was encoded (bytes may be in flight: kept for
-** good), or a live process forked after it was made holds an uncounted copy
-** of a handle (deferred until no such process lives). */
-void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o)) {
-  if (!off || pid != getpid()) return;
+/* The last reference to the object at off is gone: it is freed, unless a live
+** process forked after it was made may hold an uncounted copy of a handle
+** (deferred until no such process lives). A lock held by a stopped process is
+** not waited for: the object goes on the pending stack (B_RELEASED), and the
+** next unlock puts it on the deferred list, for a sweep to free. */
+static void release_last(uint64_t off, dtor_fn dtor) {
   mp_obj *o = MP_PTR(off);
-  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
-    return;
   if (o->forks == mp_arena_forks()) { obj_free(off, dtor); return; }
   int died = 0, now = 0;
   block *b = BLK(off - sizeof(block));
-  arena_lock();
+  if (!arena_lock_until(NULL, 0, NULL, NULL)) {
+    if (b->tag == TAG(B_USED)) {
+      b->aux = (uint64_t)(uintptr_t)dtor;
+      push_pending(off - sizeof(block), B_RELEASED);  /* (a kill between the two leaks it) */
+    }
+    return;
+  }
   if (b->tag == TAG(B_USED)) {  /* (a deferred one is on the list already) */
     if (live_max_serial(&died) <= o->forks) now = 1;
     else {
       jset(&b->aux, (uint64_t)(uintptr_t)dtor);
-      jset(&b->next, arena->deferred);
-      jset(&b->tag, TAG(B_DEFERRED));
-      jset(&arena->deferred, off - sizeof(block));
-      jset(&arena->ndeferred, arena->ndeferred + 1);
-      jcommit();
+      defer_locked(off - sizeof(block), NULL);
     }
   }
   arena_unlock();
@@ -800,12 +978,83 @@ void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o)) {
   if (died) sweep();
 }
 
+/* An object is freed when its last counted handle goes, unless it may still
+** be reached another way: it was encoded (bytes may be in flight: kept for
+** good), or a live process forked after it was made holds an uncounted copy
+** of a handle (release_last). */
+void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o)) {
+  if (!off || pid != mypid) return;
+  led_sub(off);
+  mp_obj *o = MP_PTR(off);
+  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
+    return;
+  release_last(off, dtor);
+}
+
 void mp_obj_release(uint64_t off, pid_t pid) { mp_obj_release_with(off, pid, NULL); }
+
+void mp_obj_drop(uint64_t off, void (*dtor)(mp_obj *o)) {
+  mp_obj *o = MP_PTR(off);
+  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
+    return;
+  release_last(off, dtor);
+}
+
+/* n references of a dead process to what may be an object (its ledger says
+** so; checked all the same, as a decoded handle is): never more than it has */
+static void drop_many(uint64_t off, uint64_t n) {
+  if (off < arena->start + sizeof(block) || off >= arena->top || off % 32) return;
+  block *b = BLK(off - sizeof(block));
+  if (b->tag != TAG(B_USED) || b->size < sizeof(block) + sizeof(mp_obj)) return;
+  mp_obj *o = MP_PTR(off);
+  uint32_t r = __atomic_load_n(&o->refs, __ATOMIC_SEQ_CST), k;
+  do {
+    if (!r) return;
+    k = n < r ? (uint32_t)n : r;
+  } while (!__atomic_compare_exchange_n(&o->refs, &r, r - k, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+  if (r - k || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST)) return;
+  release_last(off, mp_obj_dtor(o->type));
+}
+
+/* Releases the references of the dead processes' ledgers (see ledgers). */
+static void release_orphans(void) {
+  static int busy;  /* (a destructor's release may sweep: one pass at a time) */
+  if (busy) return;
+  busy = 1;
+  uint64_t *mine = myslot ? &ENTRY(myslot - 1)->releasing : NULL;
+  while (__atomic_load_n(&arena->orphans, __ATOMIC_ACQUIRE)) {
+    if (!arena_lock_until(NULL, 0, NULL, NULL)) break;
+    uint64_t bo = arena->orphans;
+    if (!bo) { arena_unlock(); break; }
+    jset(&arena->orphans, BLK(bo)->next);
+    if (mine) jset(mine, bo + sizeof(block));
+    jcommit();
+    arena_unlock();
+    ledger *l = (ledger *)(BLK(bo) + 1);
+    uint64_t room = (BLK(bo)->size - sizeof(block) - sizeof(ledger)) / sizeof(lent);
+    if (l->cap <= room && l->cap && !(l->cap & (l->cap - 1)))
+      for (uint32_t i = 0; i < l->cap; i++) {
+        uint64_t off = l->e[i].off, n = l->e[i].n;
+        if (!off || !n) continue;
+        __atomic_store_n(&l->e[i].n, 0, __ATOMIC_SEQ_CST);  /* (a kill right here leaks these n) */
+        drop_many(off, n);
+      }
+    if (mine) __atomic_store_n(mine, 0, __ATOMIC_SEQ_CST);  /* (a kill between the two leaks the table) */
+    mp_free(bo + sizeof(block));
+  }
+  busy = 0;
+}
 
 /* ------------------------------------------------------------- Lua API */
 
 /* core.arena_stats() -> { used, blocks, size, top, deferred, processes }, after a sweep */
 static int arena_stats(lua_State *L) {
+  int n = 0;
+  if (arena) {  /* the dead found here are released by the sweep that follows */
+    if (!arena_lock_until(L, -1, &fail_why, &fail_pid)) return lockfail_error(L);
+    for (uint32_t i = 0; i < arena->prochwm; i++) n += (uint32_t)ENTRY(i)->word == P_USED && entry_alive(i);
+    arena_unlock();
+  }
   sweep();
   lua_createtable(L, 0, 6);
   lua_pushinteger(L, (lua_Integer)mp_arena_used()); lua_setfield(L, -2, "used");
@@ -813,12 +1062,6 @@ static int arena_stats(lua_State *L) {
   lua_pushinteger(L, arena ? (lua_Integer)arena->size : 0); lua_setfield(L, -2, "size");
   lua_pushinteger(L, arena ? (lua_Integer)(arena->top - arena->start) : 0); lua_setfield(L, -2, "top");
   lua_pushinteger(L, arena ? (lua_Integer)arena->ndeferred : 0); lua_setfield(L, -2, "deferred");
-  int n = 0;
-  if (arena) {
-    if (!arena_lock_until(L, -1, &fail_why, &fail_pid)) return lockfail_error(L);
-    for (uint32_t i = 0; i < arena->prochwm; i++) n += (uint32_t)ENTRY(i)->word == P_USED && entry_alive(i);
-    arena_unlock();
-  }
   lua_pushinteger(L, n); lua_setfield(L, -2, "processes");
   return 1;
 }
@@ -829,7 +1072,7 @@ static const char *check(void) {
   uint64_t used = 0, blocks = 0, nfree = 0, off = arena->start, top = arena->top;
   while (off < top) {
     block *b = BLK(off);
-    if ((uint32_t)b->tag != BLOCK_MAGIC || b->tag >> 32 > B_PENDING) return "a block header is damaged";
+    if ((uint32_t)b->tag != BLOCK_MAGIC || b->tag >> 32 > B_RELEASED) return "a block header is damaged";
     if (b->size < sizeof(block) || b->size % 32 || off + b->size > top) return "a block size is wrong";
     if (b->tag != TAG(B_FREE)) { used += b->size; blocks++; } else nfree++;
     off += b->size;
@@ -851,7 +1094,8 @@ static const char *check(void) {
   if (nd != arena->ndeferred) return "the deferred count is wrong";
   uint64_t np = 0;
   for (uint64_t o = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE); o; o = BLK(o)->next) {
-    if (o < arena->start || o >= top || BLK(o)->tag != TAG(B_PENDING)) return "the pending stack holds a block that is not pending";
+    if (o < arena->start || o >= top || (BLK(o)->tag != TAG(B_PENDING) && BLK(o)->tag != TAG(B_RELEASED)))
+      return "the pending stack holds a block that is not pending";
     if (++np > blocks) return "the pending stack is too long (a cycle?)";
   }
   if (arena->jn || arena->compacting || arena->draining) return "a change was left half done";
@@ -893,7 +1137,14 @@ static int arena_hold(lua_State *L) {
   return 1;
 }
 
-static void renew_pid(void) { mypid = getpid(); }
+/* In every forked child: its pid; and until mp_proc_child gives it an entry
+** (core.fork), none, so that a process forked by other means writes nothing
+** in its parent's entry (hold slots, ledger). */
+static void renew_pid(void) {
+  mypid = getpid();
+  myslot = 0;
+  led = NULL;
+}
 
 int mp_arena_open(lua_State *L) {
   static int atfork_set;

@@ -1790,6 +1790,8 @@ static mp_dtor dtor_of(uint32_t type) {
   return NULL;
 }
 
+mp_dtor mp_obj_dtor(uint32_t type) { return dtor_of(type); }
+
 static void pin(uint64_t off) {
   __atomic_store_n(&((mp_obj *)MP_PTR(off))->pinned, 1, __ATOMIC_SEQ_CST);
 }

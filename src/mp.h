@@ -89,6 +89,8 @@ typedef struct mp_handle {
   pid_t pid;          /* process that counted this handle in refs */
 } mp_handle;
 
+typedef void (*mp_dtor)(mp_obj *o);
+
 uint64_t mp_obj_new(lua_State *L, size_t size, uint32_t type);
 void mp_obj_retain(uint64_t off);
 void mp_obj_release(uint64_t off, pid_t pid);  /* drops a handle's reference */
@@ -104,6 +106,10 @@ void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o));
 typedef struct mp_adopt { uint64_t *offs; uint32_t n; } mp_adopt;
 mp_adopt *mp_obj_adopt(mp_adopt *a);   /* sets a (NULL: none), returns the previous one */
 void mp_obj_count(uint64_t off);       /* counts a reference, never adopting */
+void mp_obj_drop(uint64_t off, void (*dtor)(mp_obj *o));  /* releases a message's reference */
+/* A handle of this process took a message's reference (mp_obj_adopt): once the
+** message is taken, the reader records it in its ledger (docs/arena.md, "Ledgers"). */
+void mp_obj_adopted(uint64_t off);
 /* 1 when off is the start of an object that something still owns (a counted
 ** handle or message, or pinned): what a decoded handle may name */
 int mp_obj_alive(uint64_t off);
@@ -111,10 +117,13 @@ int mp_obj_alive(uint64_t off);
 ** callbacks of types whose payload names other objects): the encoder lists it
 ** with the destructor a release needs (NULL: none); outside an encoder's
 ** handle it is pinned. */
-typedef void (*mp_dtor)(mp_obj *o);
 typedef struct mp_sent { uint64_t off; mp_dtor dtor; } mp_sent;
 void mp_obj_sent(uint64_t off, mp_dtor dtor);
-void mp_obj_set_dtor(uint32_t type, mp_dtor dtor);  /* the destructor mp_handle_encode lists */
+/* The destructor of a type's objects (what its release needs, NULL: none), also
+** what mp_handle_encode lists and what a dead process's ledger release runs.
+** Every type whose objects own blocks sets one (codec.c keeps them). */
+void mp_obj_set_dtor(uint32_t type, mp_dtor dtor);
+mp_dtor mp_obj_dtor(uint32_t type);
 
 /* -------------------------------------------------------------- waiting */
 double mp_now(void);                              /* CLOCK_MONOTONIC seconds */
