@@ -148,6 +148,84 @@ return {
     if i % 2 == 0 then m:shutdown() end
   end) },
 
+  -- Processes that end without running a finalizer while holding handles they received (issue 7:
+  -- their references were never released; now their ledgers are, docs/arena.md "Ledgers")
+  { name = "leak_exit_with_handles", timeout = 90, run = loop(150, function(i)
+      local carrier = mp.Queue()  -- (one per round: a queue's chunks grow with use)
+      local q, v = mp.Queue(), mp.Value("i", i)
+      q:put(i)
+      carrier:put { q, v }
+      q:close() v:close()
+      local pr = mp.Process { target = function()
+        local m = carrier:get(20)
+        assert(m[1]:get(20) == i and m[2].value == i)
+        if i % 3 == 0 then m[1]:put { m[2] } end  -- one of them also in a message it leaves behind
+        core._exit(0)
+      end }:start()
+      L.check(pr:join(L.BOUND * 5), "a process that left with _exit was not reaped")
+      L.check(pr.exitcode == 0, "the process ended with %s", tostring(pr.exitcode))
+      pr:close()
+      carrier:close()
+    end) },
+
+  -- children SIGKILLed at random instants (in their get, while decoding, while holding) with
+  -- handles received, made and copied by the fork
+  { name = "leak_killed_holding_handles", timeout = 120, run = function()
+    local inherited = mp.RLock()
+    L.fig("kills", 0)
+    loop(120, function(i)
+      local carrier = mp.Queue()
+      local objs = { mp.Queue(), mp.Lock(), mp.Value("d", i), mp.Array("i", 32), mp.Event(), mp.Condition(),
+                     mp.Semaphore(1), mp.JoinableQueue() }
+      objs[1]:put(string.rep("m", i % 2 == 0 and 40000 or 10))
+      carrier:put(objs)
+      for _, o in ipairs(objs) do o:close() end
+      local pr = mp.Process { target = function()
+        local m = carrier:get(20)
+        local mine = { mp.Queue(), mp.Lock(), m[3]:get_lock(), m }
+        mine[1]:put { m[1], m[5] }
+        inherited:acquire() inherited:release()
+        core.sleep(60)
+        return mine
+      end }:start()
+      L.sleep(L.uniform(0, 0.03))
+      pr:kill()
+      L.add("kills")
+      L.check(pr:join(L.BOUND * 5), "a killed process was not reaped")
+      pr:close()
+      local m = carrier:get_nowait()  -- killed before its get took it: the message is still there
+      if m then L.add("untaken") end
+      m = nil
+      carrier:close()
+    end)()
+    inherited:close()
+  end },
+
+  -- a Process whose target captured a Lock (a copy of its parent's handle) and holds it, and
+  -- handles it made and sent, SIGKILLed: the lock is taken again (its owner died), nothing stays
+  { name = "leak_killed_process_lock", timeout = 90, run = function()
+    local lock, q = mp.Lock(), mp.Queue()
+    loop(100, function(i)
+      local pr = mp.Process { target = function()
+        lock:acquire()
+        local mine = { mp.Queue(), mp.Value("i", i) }
+        q:put(mine)
+        core.sleep(60)
+        return mine
+      end }:start()
+      local m = q:get(20)
+      L.check(m and m[2].value == i, "round %d: the target's message did not come", i)
+      L.sleep(L.uniform(0, 0.01))
+      pr:kill()
+      L.check(pr:join(L.BOUND * 5), "a killed process was not reaped")
+      pr:close()
+      L.check(lock:acquire(L.BOUND), "round %d: the lock its killed holder held was not taken again", i)
+      lock:release()
+      m = nil
+    end)()
+    lock:close() q:close()
+  end },
+
   -- Processes that use a Manager: each call sends a reply queue of its own with its request
   -- (owned by the message, then by the server's handle), closed by both ends
   { name = "leak_manager_users", timeout = 90, run = function()

@@ -1047,9 +1047,17 @@ static void release_orphans(void) {
 
 /* ------------------------------------------------------------- Lua API */
 
-/* core.arena_stats() -> { used, blocks, size, top, deferred, processes }, after a sweep */
+/* core.arena_stats() -> { used, blocks, size, top, deferred, processes }, after a sweep
+** (and with this process's ledger rebuilt to the size its entries call for) */
 static int arena_stats(lua_State *L) {
   int n = 0;
+  /* this process's ledger at the size its live entries call for, so that the
+  ** same objects show the same use whatever the ledger held before */
+  if (led) {
+    uint32_t cap = LMIN;
+    while ((uint64_t)cap < (uint64_t)led->live * 4) cap *= 2;
+    if (cap != led->cap) led_grow();
+  }
   if (arena) {  /* the dead found here are released by the sweep that follows */
     if (!arena_lock_until(L, -1, &fail_why, &fail_pid)) return lockfail_error(L);
     for (uint32_t i = 0; i < arena->prochwm; i++) n += (uint32_t)ENTRY(i)->word == P_USED && entry_alive(i);
