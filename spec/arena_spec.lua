@@ -383,12 +383,13 @@ describe("arena", function()
     -- not a stuck suite. Returns the holder's pid.
     -- wait: the holder is continued only after `wait` seconds, and the check must still be
     -- waiting then (a call without a timeout), or only once the check is done (wait nil)
-    local function behind_stopped_holder(check, wait)
+    local function behind_stopped_holder(check, wait, before)
       local go = core.Queue()
       go:put(0) go:get()   -- its chunk exists: the put below allocates nothing
       local checker = H.spawn(function()
+        local st = before and before()   -- (in the checker, before the holder stops)
         local holder = go:get(20)
-        check(holder)
+        check(holder, st)
       end)
       local holder = H.spawn(function()
         core._arena_fault(1, "stop")
@@ -452,6 +453,41 @@ describe("arena", function()
       assert.equal(base.used, s.used)
       q:close()
       assert_back(s0, "the frees made while the allocator was stopped")
+    end)
+
+    -- an object made before a fork: its last release needs the allocator, to see whether a
+    -- later fork lives (issue 7: it waited for a stopped holder with no way out)
+    local function made_before_a_fork(release_now)
+      local x = core.Queue()
+      local g = core.fork()
+      if g == 0 then core.sleep(60) core._exit(0) end
+      if release_now then x:close() end   -- g may hold it: deferred
+      return { x = x, g = g }
+    end
+
+    it("does not hold up the release of an object made before a fork: it is freed once the holder goes on", function()
+      local s0 = settle()
+      behind_stopped_holder(function(_, st)
+        st.x:close()    -- goes on the pending stack, deferred by the holder's unlock
+        core.kill(st.g, SIGKILL)
+        assert(core.waitpid(st.g, 20) == -9)
+      end, nil, made_before_a_fork)
+      local s = H.eventually(function() local s = settle() return s.used == s0.used and s end, 10) or settle()
+      assert.equal(s0.used, s.used)
+      assert.equal(0, s.deferred)
+      assert_back(s0, "the release made while the allocator was stopped")
+    end)
+
+    it("does not hold up a sweep of the deferred list", function()
+      local s0 = settle()
+      behind_stopped_holder(function(_, st)
+        core._arena_sweep()   -- a deferred object is listed: the sweep would need the allocator
+        core.kill(st.g, SIGKILL)
+        assert(core.waitpid(st.g, 20) == -9)
+      end, nil, function() return made_before_a_fork(true) end)
+      local s = H.eventually(function() local s = settle() return s.used == s0.used and s end, 10) or settle()
+      assert.equal(s0.used, s.used)
+      assert_back(s0, "the sweep tried while the allocator was stopped")
     end)
 
     it("lets a call without a timeout wait until the holder goes on", function()

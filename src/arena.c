@@ -1145,6 +1145,14 @@ static int arena_hold(lua_State *L) {
   return 1;
 }
 
+/* core._arena_sweep(): sweeps the deferred list and the dead processes' ledgers
+** now (as a reap does), for tests */
+static int arena_sweep(lua_State *L) {
+  (void)L;
+  sweep();
+  return 0;
+}
+
 /* In every forked child: its pid; and until mp_proc_child gives it an entry
 ** (core.fork), none, so that a process forked by other means writes nothing
 ** in its parent's entry (hold slots, ledger). */
@@ -1159,7 +1167,7 @@ int mp_arena_open(lua_State *L) {
   if (!atfork_set) { atfork_set = 1; pthread_atfork(NULL, NULL, renew_pid); }
   static const luaL_Reg funcs[] = {
     {"arena_stats", arena_stats}, {"arena_check", arena_check}, {"_arena_fault", arena_fault},
-    {"_arena_hold", arena_hold},
+    {"_arena_hold", arena_hold}, {"_arena_sweep", arena_sweep},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
