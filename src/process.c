@@ -130,7 +130,8 @@ void mp_flush_std(void) {
 /* Waits for every tracked child to end. It never waits on anything but our
 ** children, and ends on Ctrl-C: a SIGINT that the program handles (lua.c's
 ** handler, still installed when a script calls os.exit) ends the wait; under the
-** default action the signal kills us as usual; an ignored SIGINT stays ignored.
+** default action the signal kills us as usual; an ignored SIGINT stays ignored;
+** a host's lmp_interrupt() ends it too.
 ** Children left then die with us (their lifelines: see proc_fork). */
 static void wait_kids(void) {
   struct sigaction old;
@@ -141,6 +142,7 @@ static void wait_kids(void) {
   sigaddset(&set, SIGCHLD);  /* blocked, so it is queued even where ignored */
   if (trap) sigaddset(&set, SIGINT);
   sigprocmask(SIG_BLOCK, &set, &mask);
+  uint32_t gen = mp_host_interrupts();  /* lmp_interrupt ends it as a Ctrl-C does */
   for (;;) {
     int left = 0;
     for (int i = 0; i < nkids;) {
@@ -151,7 +153,7 @@ static void wait_kids(void) {
     }
     if (!left) break;
     struct timespec ts = { 0, 100 * 1000 * 1000 };  /* and a look now and then, whatever */
-    if (sigtimedwait(&set, NULL, &ts) == SIGINT) break;
+    if (sigtimedwait(&set, NULL, &ts) == SIGINT || mp_host_interrupts() != gen) break;
   }
   sigprocmask(SIG_SETMASK, &mask, NULL);
 }

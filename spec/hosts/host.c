@@ -11,8 +11,8 @@
 **   locks       two threads, each with its own lua_State, share one Lock:
 **               the script's lock() runs in the first, release() in the second
 **   console     a thread sits in fgets(stdin) while the script runs
-**   allocmutex  lua_Alloc is guarded by a mutex; a thread holds it, spinning,
-**               so that a fork may copy it held
+**   allocmutex  lua_Alloc is guarded by a mutex, which another thread holds
+**               at every fork (the child's copy stays held)
 **   interrupt   a thread calls lmp_interrupt() once the script calls started()
 **
 ** The script is argv[2]. In "loader" it defines the globals setup and run; in
@@ -113,14 +113,29 @@ static void *guarded_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   pthread_mutex_unlock(&heap);
   return r;
 }
-static void *heap_user(void *arg) {  /* another thread of the host, allocating all the time */
+/* Another thread of the host that uses the heap too. To make "held at the
+** instant of the fork" certain rather than likely, fork handlers have it take
+** the heap's mutex just before each fork and let go just after, in the parent:
+** the child gets a copy of the mutex held by a thread it does not have. */
+static int grab, holding;
+static void *heap_user(void *arg) {
   for (;;) {
-    pthread_mutex_lock(&heap);
-    for (volatile int i = 0; i < 20000; i++) {}
-    pthread_mutex_unlock(&heap);
+    if (__atomic_load_n(&grab, __ATOMIC_SEQ_CST)) {
+      pthread_mutex_lock(&heap);
+      __atomic_store_n(&holding, 1, __ATOMIC_SEQ_CST);
+      while (__atomic_load_n(&grab, __ATOMIC_SEQ_CST)) usleep(100);
+      __atomic_store_n(&holding, 0, __ATOMIC_SEQ_CST);
+      pthread_mutex_unlock(&heap);
+    }
+    usleep(100);
   }
   return NULL;
 }
+static void heap_prepare(void) {
+  __atomic_store_n(&grab, 1, __ATOMIC_SEQ_CST);
+  while (!__atomic_load_n(&holding, __ATOMIC_SEQ_CST)) usleep(100);
+}
+static void heap_parent(void) { __atomic_store_n(&grab, 0, __ATOMIC_SEQ_CST); }
 
 /* ---------------------------------------------------------- interrupt */
 static volatile int started_flag;
@@ -128,10 +143,12 @@ static int l_started(lua_State *L) {
   __atomic_store_n(&started_flag, 1, __ATOMIC_SEQ_CST);
   return 0;
 }
-static void *interrupter(void *arg) {
-  while (!__atomic_load_n(&started_flag, __ATOMIC_SEQ_CST)) usleep(1000);
-  usleep(200 * 1000);  /* let the call block */
-  lmp_interrupt();
+static void *interrupter(void *arg) {  /* after each started(): the next blocking call is interrupted */
+  for (;;) {
+    while (!__atomic_exchange_n(&started_flag, 0, __ATOMIC_SEQ_CST)) usleep(1000);
+    usleep(300 * 1000);  /* let the call block */
+    lmp_interrupt();
+  }
   return NULL;
 }
 
@@ -193,6 +210,7 @@ int main(int argc, char **argv) {
   if (strcmp(mode, "allocmutex") == 0) {
     lua_State *L = newstate(guarded_alloc);
     pthread_create(&t, NULL, heap_user, NULL);
+    pthread_atfork(heap_prepare, heap_parent, NULL);
     int failed = run(L, NULL);
     puts(failed ? "host: failed" : "host: ok");
     fflush(stdout);
