@@ -599,7 +599,10 @@ static void entry_free(uint32_t i) {  /* arena locked; the process is dead */
 /* Is the process of used entry i alive? A dead one's entry is freed, its mutex
 ** left unlocked and consistent for the next occupant (arena locked). */
 static int entry_alive(uint32_t i) {
-  if (i + 1 == myslot) return 1;
+  /* entry 0, the arena's creator, is never taken for dead: its mutex is held by
+  ** the thread that made the arena, which in a host may end (a loader thread)
+  ** while the process lives on; its children die with it (lifelines) */
+  if (i + 1 == myslot || i == 0) return 1;
   proc_entry *e = ENTRY(i);
   int r = pthread_mutex_trylock(&e->alive);
   if (r == EBUSY) return 1;

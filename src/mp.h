@@ -161,6 +161,12 @@ const char *mp_callname(lua_State *L);
 ** caller's pcall. Another hook is left alone. */
 void mp_take_interrupt(lua_State *L);
 int mp_waitresult(lua_State *L, int r);   /* pushes nil, "timeout"/"interrupted" */
+/* Host safety (hostsafe): lmp_interrupt's generation, bumped at each call (a
+** wait that does not go through mp_hook_pending, such as the exit handler's,
+** ends when it changes); mp_flush_std flushes stdio without waiting for a
+** lock another thread holds, such as stdin's in fgets (before a fork, at _exit). */
+uint32_t mp_host_interrupts(void);
+void mp_flush_std(void);
 int mp_pid_gone(pid_t pid);  /* 1 once process pid has exited (a zombie too): one check, in wait.c */
 
 /* ---------------------------------------------------------------- codec */

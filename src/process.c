@@ -1,6 +1,7 @@
 /* process.c: fork, exit, wait and signal processes (the OS side of Process and Pool). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -8,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -38,6 +38,7 @@ typedef struct kid {
   int daemon;
   int done;     /* reaped: status holds its wait status */
   int status;
+  int lifeline; /* the write end of its parent-death pipe (see proc_fork), -1 once it ended */
 } kid;
 static kid *kids;
 static int nkids, capkids;
@@ -60,13 +61,18 @@ static int kids_reserve(void) {
   return 1;
 }
 
-static void track(pid_t pid, int daemon) {
-  kid *k = findkid(pid);  /* a pid seen before was reaped: its old record is stale */
-  if (!k) k = &kids[nkids++];
-  *k = (kid){ pid, daemon, 0, 0 };
+static void cut_lifeline(kid *k) {
+  if (k->lifeline >= 0) { close(k->lifeline); k->lifeline = -1; }
 }
 
-static void drop(kid *k) { *k = kids[--nkids]; }
+static void track(pid_t pid, int daemon, int lifeline) {
+  kid *k = findkid(pid);  /* a pid seen before was reaped: its old record is stale */
+  if (k) cut_lifeline(k);
+  else k = &kids[nkids++];
+  *k = (kid){ pid, daemon, 0, 0, lifeline };
+}
+
+static void drop(kid *k) { cut_lifeline(k); *k = kids[--nkids]; }
 
 /* Reads the status of k if it ended: 1 done, 0 running, -1 error (errno set;
 ** ECHILD: someone else reaped it, it is gone). */
@@ -78,13 +84,45 @@ static int collect(kid *k) {
   if (r == 0) return 0;
   if (r < 0) {
     int e = errno;
-    if (e == ECHILD) mp_proc_reaped(k->pid);  /* gone, status lost to another reaper */
+    if (e == ECHILD) { cut_lifeline(k); mp_proc_reaped(k->pid); }  /* gone, status lost to another reaper */
     errno = e;
     return -1;
   }
   k->done = 1, k->status = status;
+  cut_lifeline(k);
   mp_proc_reaped(k->pid);
   return 1;
+}
+
+/* Flushes stdio, so that what is buffered is not written by both processes of
+** a fork, nor lost at _exit: fflush(NULL), but never waiting on a host
+** thread. fflush(NULL) takes the lock of every stream, stdin's included, which
+** a host thread sitting in fgets(stdin) holds until someone types. So the
+** three standard streams are try-locked first (stdout and stderr a few times,
+** for FLUSH_TRIES ms in all: a thread printing lets go soon): FILE locks are recursive, so with
+** all three held fflush(NULL) cannot wait on them. When one is held by another
+** thread (in a child: by a thread the fork did not copy, which never lets go),
+** only stdout and stderr are flushed, each if it could be locked; the other
+** files are left as they are (a file another thread reads in a blocking call
+** would trap fflush(NULL) the same way; hosts, see docs/process.md "Hosts"). */
+#define FLUSH_TRIES 20
+void mp_flush_std(void) {
+  FILE *fs[3] = { stdin, stdout, stderr };
+  int got[3];
+  for (int i = 0; i < 3; i++) {
+    got[i] = ftrylockfile(fs[i]) == 0;
+    for (int t = 0; !got[i] && i > 0 && t < FLUSH_TRIES; t++) {  /* (a reader of stdin holds it long) */
+      usleep(1000);
+      got[i] = ftrylockfile(fs[i]) == 0;
+    }
+  }
+  if (got[0] && got[1] && got[2]) {
+    fflush(NULL);
+  } else {
+    if (got[1]) fflush_unlocked(stdout);
+    if (got[2]) fflush_unlocked(stderr);
+  }
+  for (int i = 0; i < 3; i++) if (got[i]) funlockfile(fs[i]);
 }
 
 /* ------------------------------------------------------------- at exit */
@@ -92,8 +130,9 @@ static int collect(kid *k) {
 /* Waits for every tracked child to end. It never waits on anything but our
 ** children, and ends on Ctrl-C: a SIGINT that the program handles (lua.c's
 ** handler, still installed when a script calls os.exit) ends the wait; under the
-** default action the signal kills us as usual; an ignored SIGINT stays ignored.
-** Children left then die with us (PR_SET_PDEATHSIG). */
+** default action the signal kills us as usual; an ignored SIGINT stays ignored;
+** a host's lmp_interrupt() ends it too.
+** Children left then die with us (their lifelines: see proc_fork). */
 static void wait_kids(void) {
   struct sigaction old;
   sigaction(SIGINT, NULL, &old);
@@ -103,6 +142,7 @@ static void wait_kids(void) {
   sigaddset(&set, SIGCHLD);  /* blocked, so it is queued even where ignored */
   if (trap) sigaddset(&set, SIGINT);
   sigprocmask(SIG_BLOCK, &set, &mask);
+  uint32_t gen = mp_host_interrupts();  /* lmp_interrupt ends it as a Ctrl-C does */
   for (;;) {
     int left = 0;
     for (int i = 0; i < nkids;) {
@@ -113,14 +153,14 @@ static void wait_kids(void) {
     }
     if (!left) break;
     struct timespec ts = { 0, 100 * 1000 * 1000 };  /* and a look now and then, whatever */
-    if (sigtimedwait(&set, NULL, &ts) == SIGINT) break;
+    if (sigtimedwait(&set, NULL, &ts) == SIGINT || mp_host_interrupts() != gen) break;
   }
   sigprocmask(SIG_SETMASK, &mask, NULL);
 }
 
 static void at_exit(void) {
   if (getpid() != mainpid) return;
-  fflush(NULL);
+  mp_flush_std();
   for (int i = 0; i < nkids; i++)
     if (kids[i].daemon && !kids[i].done) kill(kids[i].pid, SIGKILL);
   wait_kids();
@@ -135,34 +175,60 @@ static int exitcode(int status) {
 
 static int fork_stop;  /* test hook (core._fork_stop): the next child stops as it registers */
 
-/* core.fork([daemon [, pdeathsig]]) -> pid in the parent, 0 in the child
+/* Parent death. Every child is given a lifeline: a pipe whose write end only
+** its parent process holds (closed in every other child by the fork handler,
+** close-on-exec for what the host execs). The child owns the read end, in
+** async mode with the parent-death signal as its SIGIO (F_SETSIG): when the
+** parent process ends, whichever of its threads forked the child, the kernel
+** closes the write end and signals the child at once, whatever it is doing (a
+** long Lua task included). PR_SET_PDEATHSIG is not used: it fires when the
+** forking *thread* ends, so a pool made on a host's loader thread would lose
+** its workers when that thread returned. The parent closes the write end once
+** it has the child's status (or learns another wait took it).
 **
-** The child asks for its parent-death signal first of all, then checks that
-** the parent it was forked by is still its parent (getppid: one that died
-** before the ask was made left it with another), and only then does anything
-** that may take time: registering in the arena's table locks its entry, and
-** may wait for the allocator's lock. A child stopped (SIGSTOP) at any of its
-** instructions after the first thus dies with its parent, stopped or not; a
-** child stopped before its first instruction cannot have asked yet, and is
-** left stopped if its parent dies then (if it is continued, the check ends
-** it). */
+** The child arms its lifeline first of all, then checks that the parent is
+** still there (the pipe hung up: it died before the arming), and only then does
+** anything that may take time: registering in the arena's table locks its
+** entry, and may wait for the allocator's lock. A child stopped (SIGSTOP) at
+** any of its instructions after the arming thus dies with its parent (SIGKILL
+** ends a stopped process too); one stopped before is left stopped if its
+** parent dies then (if it is continued, the check ends it). */
+static int watch_fd = -1;  /* this process's lifeline to its own parent */
+
+static void arm_lifeline(int fd, int sig) {
+  fcntl(fd, F_SETSIG, sig);
+  fcntl(fd, F_SETOWN, getpid());
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC | O_NONBLOCK);
+  struct pollfd p = { fd, POLLIN, 0 };
+  if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLIN))) _exit(1);  /* the parent died already */
+  watch_fd = fd;
+}
+
+/* core.fork([daemon [, deathsig = SIGKILL]]) -> pid in the parent, 0 in the child
+** (deathsig 0: the child outlives its parent) */
 static int proc_fork(lua_State *L) {
   int daemon = lua_toboolean(L, 1);
-  int deathsig = luaL_optinteger(L, 2, SIGKILL);
+  int deathsig = (int)luaL_optinteger(L, 2, SIGKILL);
   mp_arena_ensure(L);  /* every descendant shares the arena */
   if (!atexit_set) { atexit_set = 1; mainpid = getpid(); atexit(at_exit); }
   if (!kids_reserve()) { errno = ENOMEM; return mp_pusherrno(L, "fork"); }
-  pid_t parent = getpid();
-  fflush(NULL);  /* or buffered output would be printed by both processes */
+  int life[2] = { -1, -1 };
+  if (deathsig > 0 && pipe2(life, O_CLOEXEC) != 0) return mp_pusherrno(L, "fork (its lifeline pipe)");
+  mp_flush_std();  /* or buffered output would be printed by both processes */
   uint64_t token = mp_proc_prefork(L);
   mp_arena_forked();
   pid_t pid = fork();
   if (pid != 0) mp_proc_parent(token, pid);
-  if (pid < 0) return mp_pusherrno(L, "fork");
-  if (pid == 0) {
-    if (deathsig > 0) {
-      prctl(PR_SET_PDEATHSIG, deathsig);
-      if (getppid() != parent) _exit(1);  /* the parent died before we could ask */
+  if (pid < 0) {
+    int e = errno;
+    if (life[0] >= 0) { close(life[0]); close(life[1]); }
+    errno = e;
+    return mp_pusherrno(L, "fork");
+  }
+  if (pid == 0) {  /* (the fork handler closed the lifelines we inherited) */
+    if (life[0] >= 0) {
+      close(life[1]);
+      arm_lifeline(life[0], deathsig);
     }
     if (fork_stop) { fork_stop = 0; raise(SIGSTOP); }
     mp_proc_child(token);
@@ -172,7 +238,8 @@ static int proc_fork(lua_State *L) {
     return 1;
   }
   fork_stop = 0;
-  track(pid, daemon);
+  if (life[0] >= 0) close(life[0]);
+  track(pid, daemon, life[1]);
   lua_pushinteger(L, pid);
   return 1;
 }
@@ -184,10 +251,11 @@ static int proc_fork_stop(lua_State *L) {
   return 0;
 }
 
-/* core._exit([code]): leaves at once, after flushing stdio; no finalizers run */
+/* core._exit([code]): leaves at once, after flushing stdio (mp_flush_std); no
+** finalizers run */
 static int proc_exit(lua_State *L) {
   int code = (int)luaL_optinteger(L, 1, 0);
-  fflush(NULL);
+  mp_flush_std();
   _exit(code);
   return 0;
 }
@@ -287,7 +355,12 @@ static int proc_kill(lua_State *L) {
 static pid_t mypid;
 static void renew_pid(void) {
   mypid = getpid();
-  nkids = 0;  /* whoever forked: the parent's children are not ours */
+  /* whoever forked (we or the host): the parent's children are not ours, nor
+  ** are their lifelines, nor the parent's own (a child holding them would keep
+  ** its siblings, or its parent, alive past the death of their parents) */
+  for (int i = 0; i < nkids; i++) if (kids[i].lifeline >= 0) close(kids[i].lifeline);
+  nkids = 0;
+  if (watch_fd >= 0) { close(watch_fd); watch_fd = -1; }
 }
 
 static int proc_getpid(lua_State *L) { lua_pushinteger(L, mypid ? mypid : getpid()); return 1; }

@@ -1,16 +1,23 @@
 /* sync.c: process-shared Lock, RLock, Semaphore, BoundedSemaphore, Event, Condition, Barrier. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "mp.h"
 
-/* Lock and RLock are robust process-shared pthread mutexes, so that a process
-** dying with one held does not block the others forever: the next acquirer
-** gets it and is told ("owner died"). Semaphore, Event, Condition and Barrier
+/* An RLock is a robust process-shared pthread mutex, so that a process dying
+** with one held does not block the others forever: the next acquirer gets it
+** and is told ("owner died"). Its owner is a thread, as Python's RLock's is.
+** A Lock is held by a process, not a thread (Python's may be released by any
+** thread): a pthread mutex cannot be unlocked by another thread than the one
+** that locked it, so a Lock is a word of its own (see "Lock" below) and a dead
+** holder is noticed by its pid. Semaphore, Event, Condition and Barrier
 ** keep their state in words of the object and sleep on them with futexes;
 ** their fast paths are atomic operations that make no system call. */
 
@@ -32,10 +39,12 @@
 
 typedef struct lock_obj {
   mp_obj o;
-  pthread_mutex_t m;
+  pthread_mutex_t m;    /* an RLock's (a Lock's is unused) */
   uint32_t recursive;
   uint32_t depth;       /* RLock recursion depth; written by the owner only */
   pid_t owner;          /* the holder's thread id, 0 when free; written by the owner only */
+  uint32_t pad;
+  uint64_t word;        /* a Lock's state: 0 free, else the holder (see "Lock" below) */
 } lock_obj;
 
 typedef struct sem_obj {
@@ -125,14 +134,137 @@ typedef struct barrier_obj {
 ** its id behind until the next acquire recovers the lock ("owner died"); it no
 ** longer counts once the kernel says it is gone (a dead holder not yet reaped
 ** still counts, as a pid that was reused would). */
-static pid_t cached_tid;
-static void forget_tid(void) { cached_tid = 0; }
+static __thread pid_t cached_tid;  /* per thread: a host may call us from several */
+static pid_t cached_pid;
+static uint32_t cached_start;
+static void forget_tid(void) { cached_tid = 0; cached_pid = 0; cached_start = 0; }
 static pid_t self_tid(void) {
   if (!cached_tid) cached_tid = gettid();
   return cached_tid;
 }
+static pid_t self_pid(void) {
+  if (!cached_pid) cached_pid = getpid();
+  return cached_pid;
+}
 static void set_owner(lock_obj *k, pid_t tid) { __atomic_store_n(&k->owner, tid, __ATOMIC_RELEASE); }
+
+/* --------------------------------------------------------------- Lock
+** A Lock's word: the holder's pid in the low 30 bits (Linux pids stay below
+** 2^22), LK_WAITERS when some may sleep on it (the low half is the futex
+** word), and in the high half the holder's start time (/proc/<pid>/stat,
+** field 22, low 32 bits), so that a pid reused by another process is not
+** taken for the holder. It is set by one compare-and-swap from 0, so a holder
+** is never half written. Any thread of the holder process may release it. A
+** waiter looks whether the holder still lives when a slice passes without a
+** wake-up (and at once for a non-blocking acquire): a holder gone (exited,
+** killed; a zombie too) leaves the lock to the first waiter that sees it, who
+** is told "owner died", as with an RLock. */
+#define LK_PID     0x3fffffffu
+#define LK_WAITERS 0x40000000u
+#define LK_SLICE   0.05
+
+static uint32_t *lk_futex(lock_obj *k) {
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  return (uint32_t *)&k->word + 1;
+#else
+  return (uint32_t *)&k->word;
+#endif
+}
+
+/* the low 32 bits of process pid's start time (clock ticks since boot); 0 if unknown */
+static uint32_t proc_start(pid_t pid) {
+  char path[40], st[512];
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  int f = open(path, O_RDONLY | O_CLOEXEC);
+  if (f < 0) return 0;
+  ssize_t n = read(f, st, sizeof st - 1);
+  close(f);
+  if (n <= 0) return 0;
+  st[n] = 0;
+  const char *e = strrchr(st, ')');  /* the name may hold anything, even ')' */
+  if (!e) return 0;
+  for (int field = 2; field < 22 && e; field++) e = strchr(e + 1, ' ');
+  return e ? (uint32_t)strtoull(e + 1, NULL, 10) : 0;
+}
+
+static uint64_t lk_me(void) {
+  if (!cached_start) cached_start = proc_start(self_pid());
+  return (uint64_t)cached_start << 32 | (uint32_t)self_pid();
+}
+
+/* has the holder recorded in word w ended? */
+static int lk_gone(uint64_t w) {
+  pid_t pid = (pid_t)(w & LK_PID);
+  if (mp_pid_gone(pid)) return 1;
+  uint32_t st = (uint32_t)(w >> 32), now = st ? proc_start(pid) : 0;
+  return st && now && now != st;
+}
+
+static int lk_cas(lock_obj *k, uint64_t *old, uint64_t new) {
+  return __atomic_compare_exchange_n(&k->word, old, new, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+
+/* MP_LOCKED, MP_LOCK_OWNERDEAD (locked), MP_LOCK_TIMEOUT, MP_LOCK_INTERRUPTED
+** (through L; NULL: none) or MP_LOCK_DEADLOCK (this thread holds it) */
+static int lk_take(lua_State *L, lock_obj *k, double deadline) {
+  uint64_t me = lk_me(), w = 0;
+  if (__builtin_expect(lk_cas(k, &w, me), 1)) return MP_LOCKED;
+  for (int spin = 0; spin < 100 && deadline != 0; spin++) {  /* sections are usually short */
+    w = 0;
+    if (lk_cas(k, &w, me)) return MP_LOCKED;
+  }
+  int look = deadline == 0;  /* look whether the holder lives: at once for a try */
+  for (;;) {
+    w = __atomic_load_n(&k->word, __ATOMIC_RELAXED);
+    if (w == 0) {  /* a waiter takes it marked contended: others may sleep */
+      if (lk_cas(k, &w, me | LK_WAITERS)) return MP_LOCKED;
+      continue;
+    }
+    pid_t pid = (pid_t)(w & LK_PID);
+    if (pid == self_pid()) {
+      if (__atomic_load_n(&k->owner, __ATOMIC_ACQUIRE) == self_tid()) return MP_LOCK_DEADLOCK;
+    } else if (look) {
+      look = 0;
+      if (lk_gone(w)) {
+        if (lk_cas(k, &w, me | (w & LK_WAITERS))) return MP_LOCK_OWNERDEAD;
+        continue;
+      }
+    }
+    double now = mp_now();
+    if (deadline >= 0 && now >= deadline) {
+      if (pid != self_pid() && lk_gone(w)) { look = 1; continue; }  /* a last look */
+      return MP_LOCK_TIMEOUT;
+    }
+    if (!(w & LK_WAITERS) && !lk_cas(k, &w, w | LK_WAITERS)) continue;
+    double until = now + LK_SLICE;
+    if (deadline >= 0 && deadline < until) until = deadline;
+    int r = mp_futex_wait(L, lk_futex(k), (uint32_t)(w | LK_WAITERS), until);
+    if (r == MP_INTERRUPTED) return MP_LOCK_INTERRUPTED;
+    if (r == MP_TIMEOUT) look = 1;  /* a slice with no release: does the holder live? */
+  }
+}
+
+static void lk_give(lock_obj *k) {
+  uint64_t w = __atomic_exchange_n(&k->word, 0, __ATOMIC_RELEASE);
+  if (w & LK_WAITERS) mp_futex_wake(lk_futex(k), 1);
+}
+
+/* Is the lock held by this thread (RLock) or by this process (Lock)? */
+static int lock_mine(lock_obj *k) {
+  if (k->recursive) return __atomic_load_n(&k->owner, __ATOMIC_ACQUIRE) == self_tid();
+  return (pid_t)(__atomic_load_n(&k->word, __ATOMIC_ACQUIRE) & LK_PID) == self_pid();
+}
+
+/* Who holds a lock, for messages: its thread id (a Lock's holder process's pid
+** until that thread wrote its id), 0 when free or when its holder is gone. */
 static pid_t lock_holder(lock_obj *k) {
+  if (!k->recursive) {
+    uint64_t w = __atomic_load_n(&k->word, __ATOMIC_ACQUIRE);
+    if (!w) return 0;
+    pid_t pid = (pid_t)(w & LK_PID), tid = __atomic_load_n(&k->owner, __ATOMIC_ACQUIRE);
+    if (pid != self_pid() && lk_gone(w)) return 0;
+    return tid ? tid : pid;
+  }
   pid_t tid = __atomic_load_n(&k->owner, __ATOMIC_ACQUIRE);
   if (tid && tid != self_tid() && kill(tid, 0) != 0 && errno == ESRCH) return 0;
   return tid;
@@ -237,7 +369,7 @@ static lock_obj *tolock(lua_State *L, int idx) {
 
 /* Pushes the results of acquire: true [, "owner died"] | false | nil, "interrupted". */
 static int lock_take(lua_State *L, lock_obj *k, double deadline) {
-  switch (mp_mutex_lock(L, &k->m, deadline)) {
+  switch (k->recursive ? mp_mutex_lock(L, &k->m, deadline) : lk_take(L, k, deadline)) {
     case MP_LOCKED:
       k->depth++;
       set_owner(k, self_tid());
@@ -254,7 +386,7 @@ static int lock_take(lua_State *L, lock_obj *k, double deadline) {
       return 1;
     case MP_LOCK_INTERRUPTED:
       return mp_waitresult(L, MP_INTERRUPTED);
-    default: {  /* a Lock taken again by its holder: it can only time out */
+    default: {  /* a Lock taken again by its holder thread: it can only time out */
       if (deadline < 0) return luaL_error(L, "deadlock: this process already holds the %s", lock_short(k));
       uint32_t never = 0;
       if (mp_futex_wait(L, &never, 0, deadline) == MP_INTERRUPTED) return mp_waitresult(L, MP_INTERRUPTED);
@@ -264,13 +396,24 @@ static int lock_take(lua_State *L, lock_obj *k, double deadline) {
   }
 }
 
+static int my_thread(pid_t tid) {  /* is tid a thread of this process? */
+  char path[48];
+  snprintf(path, sizeof path, "/proc/self/task/%d", (int)tid);
+  return access(path, F_OK) == 0;
+}
+
 static void lock_give(lua_State *L, lock_obj *k) {
   pid_t tid = lock_holder(k);
   if (tid == 0) luaL_error(L, "release of an unlocked %s", lock_short(k));
-  if (tid != self_tid()) luaL_error(L, "cannot release: the %s is not held by this process", lock_short(k));
+  if (!lock_mine(k)) {
+    if (k->recursive && tid != self_tid() && my_thread(tid))
+      luaL_error(L, "cannot release: the RLock is held by another thread of this process (thread %d)", (int)tid);
+    luaL_error(L, "cannot release: the %s is not held by this process", lock_short(k));
+  }
   if (k->depth > 0) k->depth--;
   if (k->depth == 0) set_owner(k, 0);
-  pthread_mutex_unlock(&k->m);
+  if (k->recursive) pthread_mutex_unlock(&k->m);
+  else lk_give(k);
 }
 
 static int lock_acquire(lua_State *L) {
@@ -291,7 +434,7 @@ static int lock_locked(lua_State *L) {
 /* RLock: is it held by this process, at which depth */
 static int lock_is_owned(lua_State *L) {
   lock_obj *k = MP_PTR(mp_checkopen(L, 1, MP_CLASSES(RLOCK))->off);
-  lua_pushboolean(L, lock_holder(k) == self_tid());
+  lua_pushboolean(L, lock_mine(k));
   return 1;
 }
 
@@ -555,7 +698,7 @@ static int cond_wait(lua_State *L) {
   cond_obj *c = MP_PTR(ch->h.off);
   lock_obj *k = MP_PTR(ch->lock);
   double deadline = mp_deadline(L, 2);
-  if (lock_holder(k) != self_tid()) return luaL_error(L, "cannot wait on an un-acquired lock");
+  if (!lock_mine(k)) return luaL_error(L, "cannot wait on an un-acquired lock");
   pid_t who = 0;
   int lr = ilock(L, &c->m, &c->holder, deadline, &who);
   if (lr == MP_LOCK_INTERRUPTED) return mp_waitresult(L, MP_INTERRUPTED);
@@ -568,7 +711,8 @@ static int cond_wait(lua_State *L) {
   uint32_t depth = k->depth ? k->depth : 1;  /* release every level of an RLock */
   k->depth = 0;
   set_owner(k, 0);
-  for (uint32_t i = 0; i < depth; i++) pthread_mutex_unlock(&k->m);
+  if (!k->recursive) lk_give(k);
+  else for (uint32_t i = 0; i < depth; i++) pthread_mutex_unlock(&k->m);
   int r;
   do r = mp_futex_wait(L, &sl->woken, 0, deadline);
   while (r == MP_WOKE && !__atomic_load_n(&sl->woken, __ATOMIC_SEQ_CST));
@@ -583,8 +727,12 @@ static int cond_wait(lua_State *L) {
     pid_t mine = getpid();
     __atomic_compare_exchange_n(&sl->pid, &mine, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
   }
-  mp_mutex_lock(NULL, &k->m, -1);  /* retaken whatever happened, as Python does */
-  for (uint32_t i = 1; i < depth; i++) pthread_mutex_lock(&k->m);
+  if (!k->recursive) {
+    lk_take(NULL, k, -1);  /* retaken whatever happened, as Python does */
+  } else {
+    mp_mutex_lock(NULL, &k->m, -1);
+    for (uint32_t i = 1; i < depth; i++) pthread_mutex_lock(&k->m);
+  }
   k->depth = depth;
   set_owner(k, self_tid());
   if (!notified && r == MP_INTERRUPTED) return mp_waitresult(L, r);
@@ -605,7 +753,7 @@ static int c_wake(c_slot *sl) {
 static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
   cond_obj *c = MP_PTR(ch->h.off);
   lock_obj *k = MP_PTR(ch->lock);
-  if (lock_holder(k) != self_tid()) return luaL_error(L, "cannot notify on an un-acquired lock");
+  if (!lock_mine(k)) return luaL_error(L, "cannot notify on an un-acquired lock");
   pid_t who = 0;
   int lr = ilock(L, &c->m, &c->holder, -1, &who);  /* no timeout: only Ctrl-C ends the wait */
   if (lr != MP_LOCKED) return ilock_error(L, lr, "Condition", who);

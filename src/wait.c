@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "mp.h"
+#include "../include/multiprocessing.h"
 
 /* A blocking call sleeps at most this long at a time, then looks whether the
 ** interpreter was interrupted (lua.c's SIGINT handler installs a hook). */
@@ -27,7 +28,52 @@
 #define cpu_relax() __asm__ __volatile__("" ::: "memory")
 #endif
 
+/* ------------------------------------------------- lmp_interrupt
+** A host without lua.c's SIGINT handler (a game, a tool) calls lmp_interrupt()
+** from any thread or a signal handler. It stores a generation and its time
+** (two atomic stores: async-signal-safe). Every wait of the library checks for
+** Ctrl-C at each slice (mp_hook_pending); a thread that sees a new generation
+** while it was waiting (its previous check at most INTR_RECENT before the
+** interrupt: the same wait, or the next slice of a Lua loop of waits) sets
+** lua.c's own hook on its lua_State, from its own thread, so the call ends
+** exactly as at Ctrl-C: nil, "interrupted" and then "interrupted!" raised at
+** the next instruction, or the call's own "interrupted! (...)" error. A thread
+** that was not waiting then only takes note: later calls are not affected. */
+#define INTR_RECENT 0.25
+static uint32_t intr_gen;
+static int64_t intr_ns;
+static __thread uint32_t seen_gen;
+static __thread double last_check = -1e9;
+
+LMP_API void lmp_interrupt(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);  /* async-signal-safe */
+  __atomic_store_n(&intr_ns, (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec, __ATOMIC_SEQ_CST);
+  __atomic_add_fetch(&intr_gen, 1, __ATOMIC_SEQ_CST);
+}
+
+static void stop_hook(lua_State *L, lua_Debug *ar) {  /* lua.c's lstop */
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0);
+  luaL_error(L, "interrupted!");
+}
+
+static void host_interrupt(lua_State *L) {
+  uint32_t g = __atomic_load_n(&intr_gen, __ATOMIC_SEQ_CST);
+  double now = mp_now();
+  if (g != seen_gen) {
+    double at = (double)__atomic_load_n(&intr_ns, __ATOMIC_SEQ_CST) * 1e-9;
+    seen_gen = g;
+    if (at - last_check <= INTR_RECENT)
+      lua_sethook(L, stop_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT, 1);
+  }
+  last_check = now;
+}
+
+uint32_t mp_host_interrupts(void) { return __atomic_load_n(&intr_gen, __ATOMIC_SEQ_CST); }
+
 int mp_hook_pending(lua_State *L, lua_Hook h0) {
+  host_interrupt(L);
   lua_Hook h = lua_gethook(L);
   if (h != h0) return 1;
   return h && lua_gethookmask(L) == (LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT) &&

@@ -40,6 +40,7 @@ local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is a
 local BLOB_CACHE = 16    -- function blobs kept for reuse once no message needs them
 local LOST_AFTER = 1     -- seconds a message may be out of the queue, unclaimed and unanswered
 local START_TRIES = 3   -- new workers dying in a row during start-up that break the pool
+local START_TIMEOUT = 60  -- default start_timeout: seconds a new worker may take to be ready
 -- what unfinished calls fail with when their pool stops
 local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
@@ -272,7 +273,7 @@ local function spawn(self, i)
 end
 
 local function exit_text(code)
-  if not code then return "its exit status was lost" end
+  if not code then return "status unknown: the host reaped it" end
   if code < 0 then return "killed by " .. core.signame(-code) end
   return "exit code " .. code
 end
@@ -611,6 +612,14 @@ local function find_lost(self, t)
   end
 end
 
+local function stopped(pid)  -- by a signal (T) or a tracer (t)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  local st = f and f:read("l") or ""
+  if f then f:close() end
+  local state = st:match("^%d+ %b() (%a)")
+  return state == "T" or state == "t"
+end
+
 -- Reaps dead workers (failing what they held), enforces timeouts, replaces
 -- workers while there is work for them, and fails what nobody can deliver.
 -- idle: the engine waited a whole slice for nothing.
@@ -624,7 +633,17 @@ local function check_workers(self, idle)
     if code == nil then
       local why
       code, why = core.reap(w.pid)
-      if code == nil and why then code = false end  -- reaped elsewhere: the status is gone
+      if code == nil and why then code = false end  -- reaped elsewhere (by the host): the status is gone
+    end
+    if code == nil and not w.ready then
+      -- start_timeout: a new worker that never gets ready (an initializer that hangs, a host
+      -- lock that fork copied held) is killed, and counts as a start-up death
+      local born = w.born or t
+      w.born = born
+      if t - born > self._start_timeout and not w.late and not stopped(w.pid) then
+        w.late = ("did not start within %gs (start_timeout)"):format(self._start_timeout)
+        core.kill(w.pid, 9)
+      end
     end
     -- (for a dead worker, claimed first completes a take it left half done)
     local last, since, first = st:claimed(i, code ~= nil and self._tasks or nil)
@@ -648,7 +667,7 @@ local function check_workers(self, idle)
         self._startfails = self._startfails + 1
         if self._startfails >= START_TRIES and not self._broken then
           self._broken = ("%d new workers in a row died during start-up, the last (pid %d) %s"):format(
-            self._startfails, w.pid, exit_text(code))
+            self._startfails, w.pid, w.late or exit_text(code))
         end
       end
       respawn = respawn or {}
@@ -1035,25 +1054,22 @@ end
 
 -- a value the codec cannot send, held by every Pool
 local NOSEND = coroutine.create(function() end)
-local POOL_OPTIONS = { processes = true, initializer = true, initargs = true, maxtasksperchild = true }
-
-local function stopped(pid)  -- by a signal (T) or a tracer (t)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  local st = f and f:read("l") or ""
-  if f then f:close() end
-  local state = st:match("^%d+ %b() (%a)")
-  return state == "T" or state == "t"
-end
+local POOL_OPTIONS = { processes = true, initializer = true, initargs = true, maxtasksperchild = true,
+  start_timeout = true }
 
 function M.Pool(opts)
   -- the same Pool over Redis Streams (docs/distributed.md)
   if type(opts) == "table" and opts.backend ~= nil then return require("multiprocessing.stream_pool").Pool(opts) end
-  local n, init, initargs, maxtasks
+  local n, init, initargs, maxtasks, start_timeout
   if type(opts) == "table" then
     for k in pairs(opts) do
       if not POOL_OPTIONS[k] then error(("bad argument #1 to 'Pool' (unknown option %s)"):format(key_text(k)), 2) end
     end
     n, init, initargs, maxtasks = opts.processes, opts.initializer, opts.initargs, opts.maxtasksperchild
+    start_timeout = opts.start_timeout
+    if start_timeout ~= nil and (type(start_timeout) ~= "number" or not (start_timeout > 0)) then
+      error("bad argument #1 to 'Pool' (start_timeout must be a positive number of seconds)", 2)
+    end
     if initargs ~= nil and type(initargs) ~= "table" then
       error("bad argument #1 to 'Pool' (initargs must be a table, got " .. type(initargs) .. ")", 2)
     end
@@ -1075,6 +1091,7 @@ function M.Pool(opts)
     _slabs = {}, _free = {}, _nfree = 0,  -- Futures' cancel words
     _owner = core.getpid(), _checked = now(), _lostcheck = now(), _startfails = 0,
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
+    _start_timeout = start_timeout or START_TIMEOUT,
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
   }, Pool)
   self._A, self._F = pool_class(self, AsyncResult), pool_class(self, Future)
@@ -1084,13 +1101,22 @@ function M.Pool(opts)
   -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
   -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end
   -- that wait; the pool starts with the others, and the stopped one joins them if continued.
+  -- One not ready after start_timeout seconds fails the Pool, named.
+  local t0 = now()
   while true do
-    local all = true
+    local all, late = true, nil
     for i = 1, n do
       local w = self._workers[i]
-      if not (w and (w.ready or stopped(w.pid))) then all = false end
+      if not (w and (w.ready or stopped(w.pid))) then all, late = false, late or (w and i) end
     end
     if all then break end
+    if late and now() - t0 > self._start_timeout then
+      local pid = self._workers[late].pid
+      self:terminate()
+      error(("Pool: worker %d (pid %d) did not start within %gs (start_timeout)%s"):format(late, pid,
+        self._start_timeout, init and ": its initializer may hang" or "")
+        .. " (a host lock held by another thread at fork? see docs/process.md, Hosts)", 2)
+    end
     engine(self, SLICE)
     if self._broken then
       local why = self._broken
