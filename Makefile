@@ -107,7 +107,7 @@ $(BUILD)/host_frames: bench/host_frames.c include/multiprocessing.h $(STATIC)
 # The C host's frame times and a big heap's costs (bench/host_frames.c);
 # HOST_HEAP_MB sets the heap (default 2048, less when memory is short)
 bench-host: deps $(BUILD)/host_frames
-	cd /tmp && $(CURDIR)/$(BUILD)/host_frames
+	@cd /tmp && $(CURDIR)/$(BUILD)/host_frames fork --header && $(CURDIR)/$(BUILD)/host_frames forkserver
 
 install: all $(STATIC) $(BUILD)/multiprocessing.pc
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PKGDIR)
