@@ -59,6 +59,11 @@ LMP_API char *lmp_encode(lua_State *L, int idx, size_t *len);
 ** stay the caller's (they are not kept). */
 LMP_API int lmp_decode(lua_State *L, const char *bytes, size_t len);
 
+/* Same, for bytes from anywhere (a file, the network): plain data only (nil,
+** booleans, numbers, strings, tables); functions, modules, handles and
+** metatables are refused with an error, nothing is required or loaded. */
+LMP_API int lmp_decode_data(lua_State *L, const char *bytes, size_t len);
+
 /* Starts the forkserver now, before the host starts threads or grows its
 ** heap; later Pools and Processes made with the "forkserver" start method are
 ** forked from it. 0 on success, -1 with errno set. */

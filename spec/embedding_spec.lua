@@ -69,13 +69,14 @@ static int l_roundtrip(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)n);
   return 2;
 }
-/* Engine.decode(bytes): lmp_decode's status and value */
+/* Engine.decode(bytes [, "data"]): lmp_decode's (or lmp_decode_data's) status and value */
 static int l_decode(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
+  int data = lua_toboolean(L, 2);
   char *copy = malloc(n ? n : 1);
   memcpy(copy, s, n);
-  int st = lmp_decode(L, copy, n);
+  int st = data ? lmp_decode_data(L, copy, n) : lmp_decode(L, copy, n);
   free(copy);
   lua_pushinteger(L, st);
   lua_insert(L, -2);
@@ -255,6 +256,10 @@ describe("embedding: the public C API", function()
       assert(st == 0 and v.x == 1)
       st, msg = Engine.decode(bytes:sub(1, -2))   -- cut short
       assert(st ~= 0 and type(msg) == "string")
+      st, v = Engine.decode(bytes, "data")
+      assert(st == 0 and v.x == 1)
+      st, msg = Engine.decode(mp.encode({ f = Engine.Math.len }), "data")  -- bytes from anywhere: data only
+      assert(st ~= 0 and msg:find("C function", 1, true), msg)
       print("ok")
     ]]
     assert.equal(0, code, out)
@@ -270,7 +275,8 @@ describe("embedding: the public C API", function()
     code, static = sh("nm -g --defined-only " .. lib .. " | awk 'NF == 3 { print $3 }'")
     assert.equal(0, code, static)
     assert.same({}, public_only(static))
-    for _, name in ipairs { "luaopen_multiprocessing", "luaopen_multiprocessing_core", "lmp_register", "lmp_encode", "lmp_decode" } do
+    for _, name in ipairs { "luaopen_multiprocessing", "luaopen_multiprocessing_core", "lmp_register", "lmp_registered",
+                            "lmp_encode", "lmp_decode", "lmp_decode_data" } do
       assert.matches("\n" .. name .. "\n", "\n" .. dyn, 1, true)
       assert.matches("\n" .. name .. "\n", "\n" .. static, 1, true)
     end

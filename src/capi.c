@@ -221,25 +221,35 @@ LMP_API char *lmp_encode(lua_State *L, int idx, size_t *len) {
 static int do_decode(lua_State *L) {
   const char *s = lua_touserdata(L, 1);
   size_t n = (size_t)lua_tointeger(L, 2);
+  int mode = (int)lua_tointeger(L, 3);
   need_core(L);
   lua_settop(L, 0);
-  mp_decode(L, s, n);
+  mp_decode_mode(L, s, n, mode);
   return 1;
 }
 
-LMP_API int lmp_decode(lua_State *L, const char *bytes, size_t len) {
+static int decode_in(lua_State *L, const char *bytes, size_t len, int mode) {
   if (!lua_checkstack(L, 4)) {
-    lua_pushliteral(L, "lmp_decode: stack overflow");
+    lua_pushliteral(L, "decode: stack overflow");
     return LUA_ERRRUN;
   }
   if (!bytes || len > (size_t)LUA_MAXINTEGER) {
-    lua_pushliteral(L, "lmp_decode: no bytes");
+    lua_pushliteral(L, "decode: no bytes");
     return LUA_ERRRUN;
   }
   lua_pushcfunction(L, do_decode);
   lua_pushlightuserdata(L, (void *)bytes);
   lua_pushinteger(L, (lua_Integer)len);
-  return lua_pcall(L, 2, 1, 0);
+  lua_pushinteger(L, mode);
+  return lua_pcall(L, 3, 1, 0);
+}
+
+LMP_API int lmp_decode(lua_State *L, const char *bytes, size_t len) {
+  return decode_in(L, bytes, len, MP_DECODE_ALL);
+}
+
+LMP_API int lmp_decode_data(lua_State *L, const char *bytes, size_t len) {
+  return decode_in(L, bytes, len, MP_DECODE_DATA);
 }
 
 /* ------------------------------------------------------ the whole module */
