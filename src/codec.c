@@ -1034,7 +1034,7 @@ static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
       if (!e->trial && mp_host_guess(L, idx))
         enc_fail(L, e, lua_pushfstring(L, "the C function %s (neither registered with lmp_register nor in "
                                           "package.loaded)", lua_tostring(L, -1)));
-      enc_fail(L, e, "a C function with no name (neither registered with lmp_register nor in package.loaded)");
+      enc_fail(L, e, "a C function with no name (not found in package.loaded)");
     }
     size_t m = strlen(name);  /* the module name ends at the \0 */
     put_u8(L, e, T_CFUNC);
