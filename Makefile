@@ -69,12 +69,11 @@ $(STATIC): $(OBJ)
 	rm -f $@ $(BUILD)/multiprocessing.all.o
 	ar rcs $@ $(BUILD)/multiprocessing.o
 
-$(BUILD)/multiprocessing.pc: Makefile src/mp.h
-	@mkdir -p $(dir $@)
-	printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$(LIBDIR)' 'includedir=$(INCDIR)' '' \
-	  'Name: multiprocessing' 'Description: Python'"'"'s multiprocessing for Lua 5.4, for hosts that embed Lua' \
-	  'Version: $(VERSION)' 'Requires: lua5.4' 'Cflags: -I$${includedir}' \
-	  'Libs: -L$${libdir} -lmultiprocessing $(LIBS) -lpthread -lm' > $@
+# the pkg-config file, written at install time for this PREFIX
+PC_LINES = 'prefix=$(PREFIX)' 'libdir=$(LIBDIR)' 'includedir=$(INCDIR)' '' \
+  'Name: multiprocessing' 'Description: Python'"'"'s multiprocessing for Lua 5.4, for hosts that embed Lua' \
+  'Version: $(VERSION)' 'Requires: lua5.4' 'Cflags: -I$${includedir}' \
+  'Libs: -L$${libdir} -lmultiprocessing $(LIBS) -lpthread -lm'
 
 deps:
 	@sh scripts/deps.sh
@@ -109,11 +108,11 @@ $(BUILD)/host_frames: bench/host_frames.c include/multiprocessing.h $(STATIC)
 bench-host: deps $(BUILD)/host_frames
 	@cd /tmp && $(CURDIR)/$(BUILD)/host_frames fork --header && $(CURDIR)/$(BUILD)/host_frames forkserver
 
-install: all $(STATIC) $(BUILD)/multiprocessing.pc
+install: all $(STATIC)
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PKGDIR)
 	install -m 644 $(STATIC) $(DESTDIR)$(LIBDIR)/libmultiprocessing.a
 	install -m 644 include/multiprocessing.h $(DESTDIR)$(INCDIR)/multiprocessing.h
-	install -m 644 $(BUILD)/multiprocessing.pc $(DESTDIR)$(PKGDIR)/multiprocessing.pc
+	printf '%s\n' $(PC_LINES) > $(DESTDIR)$(PKGDIR)/multiprocessing.pc
 	install -d $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_CMOD)/multiprocessing/core.so
 	install -m 644 lua/multiprocessing/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/
