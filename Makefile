@@ -22,20 +22,58 @@ ALL_CFLAGS  = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR)
 LDFLAGS    ?=
 LIBS       ?= -lhiredis -lcrypto
 SRC        := $(wildcard src/*.c)
-HDR        := $(wildcard src/*.h)
+HDR        := $(wildcard src/*.h) include/multiprocessing.h
+LUASRC     := $(wildcard lua/multiprocessing/*.lua lua/multiprocessing/*/*.lua)
 BUILD      ?= build
 SO          = $(BUILD)/multiprocessing/core.so
+# The objects of the core plus the Lua layer built in (luaopen_multiprocessing)
+OBJ         = $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRC)) $(BUILD)/obj/lua_layer.o
+# The static library: one relocatable object whose only global symbols are
+# the public ones (luaopen_multiprocessing*, lmp_*), so no internal name
+# reaches a host that links it (docs/embedding.md)
+STATIC      = $(BUILD)/libmultiprocessing.a
+LIBDIR     ?= $(PREFIX)/lib
+INCDIR     ?= $(PREFIX)/include
+PKGDIR     ?= $(LIBDIR)/pkgconfig
+VERSION    := $(shell sed -n 's/^\#define MP_VERSION "\(.*\)"/\1/p' src/mp.h)
 SPECS      ?= spec
 BUSTED_RUN  = $(BUSTED) --lua=$(LUA) -o spec/summary.lua
 ASAN_FLAGS  = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test deps install uninstall clean bench asan valgrind fuzz demo examples chaos cross
+.PHONY: all test deps install uninstall clean bench bench-host asan valgrind fuzz demo examples examples-host chaos cross static
 
 all: $(SO)
 
-$(SO): $(SRC) $(HDR) Makefile
+$(BUILD)/obj/%.o: src/%.c $(HDR) Makefile
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIBS)
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(BUILD)/lua_layer.c: $(LUASRC) scripts/lua_layer.lua
+	@mkdir -p $(dir $@)
+	$(LUA) scripts/lua_layer.lua $@ $(LUASRC)
+
+$(BUILD)/obj/lua_layer.o: $(BUILD)/lua_layer.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(SO): $(OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -shared -o $@ $(OBJ) $(LDFLAGS) $(LIBS)
+
+static: $(STATIC)
+
+$(STATIC): $(OBJ)
+	$(CC) -r -nostdlib -o $(BUILD)/multiprocessing.all.o $(OBJ)
+	nm -g --defined-only $(BUILD)/multiprocessing.all.o | awk '$$3 ~ /^(luaopen_multiprocessing|lmp_)/ { print $$3 }' > $(BUILD)/public.syms
+	objcopy --keep-global-symbols=$(BUILD)/public.syms $(BUILD)/multiprocessing.all.o $(BUILD)/multiprocessing.o
+	rm -f $@ $(BUILD)/multiprocessing.all.o
+	ar rcs $@ $(BUILD)/multiprocessing.o
+
+# the pkg-config file, written at install time for this PREFIX
+PC_LINES = 'prefix=$(PREFIX)' 'libdir=$(LIBDIR)' 'includedir=$(INCDIR)' '' \
+  'Name: multiprocessing' 'Description: Python'"'"'s multiprocessing for Lua 5.4, for hosts that embed Lua' \
+  'Version: $(VERSION)' 'Requires: lua5.4' 'Cflags: -I$${includedir}' \
+  'Libs: -L$${libdir} -lmultiprocessing $(LIBS) -lpthread -lm'
 
 deps:
 	@sh scripts/deps.sh
@@ -49,10 +87,32 @@ demo: deps
 	@$(MAKE) --no-print-directory all
 	$(LUA) examples/demo.lua
 
-examples: all
+examples: all examples-host
 	@for f in examples/*.lua; do echo "== $$f"; LUA_PATH="./lua/?.lua;./lua/?/init.lua;;" LUA_CPATH="./$(BUILD)/?.so;;" $(LUA) $$f >/dev/null || exit 1; done
 
-install: all
+# examples/host: a C host linking the static library (docs/embedding.md), built and run
+HOST_CFLAGS = $(OPT) -g -std=gnu11 -Wall -Wextra -Werror -Iinclude -I$(LUA_INCDIR)
+HOST_LIBS   = $(LIBS) -llua5.4 -lpthread -lm
+$(BUILD)/host: examples/host/host.c include/multiprocessing.h $(STATIC)
+	$(CC) $(HOST_CFLAGS) -o $@ examples/host/host.c $(STATIC) $(HOST_LIBS)
+
+examples-host: $(BUILD)/host
+	@echo "== examples/host/host.c"
+	cd /tmp && timeout 120 $(CURDIR)/$(BUILD)/host
+
+$(BUILD)/host_frames: bench/host_frames.c include/multiprocessing.h $(STATIC)
+	$(CC) $(HOST_CFLAGS) -o $@ bench/host_frames.c $(STATIC) $(HOST_LIBS)
+
+# The C host's frame times and a big heap's costs (bench/host_frames.c);
+# HOST_HEAP_MB sets the heap (default 2048, less when memory is short)
+bench-host: deps $(BUILD)/host_frames
+	@cd /tmp && $(CURDIR)/$(BUILD)/host_frames fork --header && $(CURDIR)/$(BUILD)/host_frames forkserver
+
+install: all $(STATIC)
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCDIR) $(DESTDIR)$(PKGDIR)
+	install -m 644 $(STATIC) $(DESTDIR)$(LIBDIR)/libmultiprocessing.a
+	install -m 644 include/multiprocessing.h $(DESTDIR)$(INCDIR)/multiprocessing.h
+	printf '%s\n' $(PC_LINES) > $(DESTDIR)$(PKGDIR)/multiprocessing.pc
 	install -d $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_CMOD)/multiprocessing/core.so
 	install -m 644 lua/multiprocessing/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/
@@ -62,6 +122,7 @@ install: all
 
 uninstall:
 	rm -rf $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing $(DESTDIR)$(PREFIX)/bin/mp-worker
+	rm -f $(DESTDIR)$(LIBDIR)/libmultiprocessing.a $(DESTDIR)$(INCDIR)/multiprocessing.h $(DESTDIR)$(PKGDIR)/multiprocessing.pc
 
 # also what `luarocks make` leaves in the checkout: objects next to the sources, multiprocessing/core.so
 clean:
@@ -91,6 +152,7 @@ cross: deps
 bench: deps
 	@$(MAKE) --no-print-directory all
 	$(LUA) bench/run.lua
+	@$(MAKE) --no-print-directory bench-host
 
 # The specs with the core built under AddressSanitizer and UBSan (the
 # interpreter is not instrumented, so the runtime is preloaded).

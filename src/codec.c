@@ -22,7 +22,7 @@ enum {
                   per upvalue: 0 value | 1 u32 function ordinal, u8 upvalue number
                   | 2 u32 environment number (0: a new one), u32 npairs, npairs
                   (str8 name, value): the globals sent with it (see UP_ENV) */
-  T_CFUNC,     /* str8 module name, str8 field name */
+  T_CFUNC,     /* str8 module name, str8 field name; module "": field is an lmp_register name */
   T_MODULE,    /* str8 module name */
   T_GLOBALS,   /* the receiver's global table */
   T_NAMEDMT,   /* str8 name given to register_metatable */
@@ -476,8 +476,8 @@ static void cfunc_name(lua_State *L, mp_enc *e, int idx) {
     lua_newtable(L);
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
     lua_pushnil(L);
-    while (lua_next(L, -2)) {  /* names, loaded, modname, module */
-      if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -2) <= 255) {
+    while (lua_next(L, -2)) {  /* names, loaded, modname, module ("" names lmp_register's functions) */
+      if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -2) <= 255 && lua_rawlen(L, -2) > 0) {
         lua_pushnil(L);
         while (lua_next(L, -2)) {  /* names, loaded, modname, module, key, value */
           if (lua_type(L, -2) == LUA_TSTRING && lua_rawlen(L, -2) <= 255 && lua_tocfunction(L, -1)) {
@@ -1019,10 +1019,23 @@ static void encode_env(lua_State *L, mp_enc *e, size_t dump, size_t dlen, int up
 
 static void encode_function(lua_State *L, mp_enc *e, int idx, const void *p) {
   if (lua_iscfunction(L, idx)) {
-    cfunc_name(L, e, idx);
     size_t n;
-    const char *name = lua_tolstring(L, -1, &n);
-    if (!name) { lua_pop(L, 1); enc_fail(L, e, "a C function with no name (not found in package.loaded)"); }
+    const char *name = mp_host_name(L, idx, &n);  /* registered with lmp_register: by that name */
+    if (name) {
+      put_u8(L, e, T_CFUNC);
+      put_str8(L, e, "", 0);
+      put_str8(L, e, name, n);
+      return;
+    }
+    cfunc_name(L, e, idx);
+    name = lua_tolstring(L, -1, &n);
+    if (!name) {
+      lua_pop(L, 1);
+      if (!e->trial && mp_host_guess(L, idx))
+        enc_fail(L, e, lua_pushfstring(L, "the C function %s (neither registered with lmp_register nor in "
+                                          "package.loaded)", lua_tostring(L, -1)));
+      enc_fail(L, e, "a C function with no name (not found in package.loaded)");
+    }
     size_t m = strlen(name);  /* the module name ends at the \0 */
     put_u8(L, e, T_CFUNC);
     put_str8(L, e, name, m);
@@ -1657,6 +1670,14 @@ static void decode_value(lua_State *L, dec *d) {
       size_t m, n;
       const char *mod = get_str8(L, d, &m);
       const char *name = get_str8(L, d, &n);
+      if (m == 0) {  /* a host C function, by its lmp_register name */
+        lua_CFunction f = mp_host_find(name, n);
+        if (!f)
+          luaL_error(L, "cannot decode: host C function '%s' is not registered in this process (lmp_register "
+                        "it before the pool or process starts)", lua_pushlstring(L, name, n));
+        lua_pushcfunction(L, f);
+        break;
+      }
       push_module(L, mod, m);
       if (!lua_istable(L, -1))
         luaL_error(L, "cannot decode: module '%s' is not a table here", lua_pushlstring(L, mod, m));

@@ -232,6 +232,12 @@ void mp_decode_mode(lua_State *L, const char *s, size_t n, int mode);
 /* Same for an encoded array (a table with no other keys and no metatable), whose
 ** items go to t[at], t[at+1]... of the table at tidx, which is what it pushes. */
 void mp_decode_into(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at);
+/* Host C functions by name (capi.c, lmp_register): the registered name of the
+** C function at idx or NULL; the function registered under a name or NULL; on
+** the error path, pushes where in the globals the function at idx is (1) or nothing (0). */
+const char *mp_host_name(lua_State *L, int idx, size_t *len);
+lua_CFunction mp_host_find(const char *name, size_t len);
+int mp_host_guess(lua_State *L, int idx);
 
 /* ---------------------------------------------------------------- locks */
 /* Lock objects of sync.c, also used by Value/Array's get_lock and by Condition. */

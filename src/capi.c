@@ -1,0 +1,300 @@
+/* capi.c: the public C API (include/multiprocessing.h): host C functions by
+** name, encode/decode for C callers, and the whole module with its Lua layer
+** built in (see docs/embedding.md). */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mp.h"
+#include "../include/multiprocessing.h"
+
+/* ------------------------------------------------------------- registry */
+/* Host C functions under stable dotted names ("Engine.Math.len"), for the
+** whole process (every lua_State, every thread). The codec sends a registered
+** function by its name and finds it by name where it arrives: a forked worker
+** has the registry as it was when it was forked.
+**
+** Entries are appended, never moved nor removed, in chunks that are never
+** freed: readers (the codec, in any thread, and in a child forked while a
+** registration was under way) take no lock, they read `count` (acquire) and the
+** entries below it. Writers take `wlock`, which pthread_atfork holds across
+** fork(), so a child never inherits it held. */
+#define NAMEMAX 255
+#define CHUNK 64
+#define MAXCHUNKS 1024   /* 65,536 names */
+
+typedef struct entry {
+  lua_CFunction f;
+  unsigned char len;
+  char name[NAMEMAX + 1];
+} entry;
+
+static entry *chunks[MAXCHUNKS];
+static _Atomic size_t count;
+static pthread_mutex_t wlock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void) { pthread_mutex_lock(&wlock); }
+static void fork_after(void) { pthread_mutex_unlock(&wlock); }
+static void install_atfork(void) { pthread_atfork(fork_prepare, fork_after, fork_after); }
+
+static inline entry *at(size_t i) { return &chunks[i / CHUNK][i % CHUNK]; }
+
+/* identifiers joined by dots: "len", "Engine.Math.len" */
+static int valid_name(const char *s, size_t n) {
+  if (n == 0 || n > NAMEMAX) return 0;
+  int start = 1;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c == '.') {
+      if (start) return 0;
+      start = 1;
+    } else if (c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (!start && c >= '0' && c <= '9')) {
+      start = 0;
+    } else {
+      return 0;
+    }
+  }
+  return !start;
+}
+
+LMP_API int lmp_register(const char *name, lua_CFunction f) {
+  if (!name || !f || !valid_name(name, strlen(name))) { errno = EINVAL; return -1; }
+  size_t len = strlen(name);
+  pthread_once(&atfork_once, install_atfork);
+  pthread_mutex_lock(&wlock);
+  size_t n = atomic_load_explicit(&count, memory_order_relaxed);
+  int rc = 0;
+  for (size_t i = 0; i < n; i++) {
+    entry *e = at(i);
+    if (e->len == len && memcmp(e->name, name, len) == 0) {
+      if (e->f != f) { errno = EEXIST; rc = -1; }
+      goto done;
+    }
+  }
+  if (n / CHUNK >= MAXCHUNKS) { errno = ENOSPC; rc = -1; goto done; }
+  if (!chunks[n / CHUNK] && !(chunks[n / CHUNK] = calloc(CHUNK, sizeof(entry)))) { errno = ENOMEM; rc = -1; goto done; }
+  entry *e = at(n);
+  e->f = f;
+  e->len = (unsigned char)len;
+  memcpy(e->name, name, len + 1);
+  atomic_store_explicit(&count, n + 1, memory_order_release);
+done:
+  pthread_mutex_unlock(&wlock);
+  return rc;
+}
+
+LMP_API lua_CFunction lmp_registered(const char *name) {
+  if (!name) return NULL;
+  size_t len = strlen(name), n = atomic_load_explicit(&count, memory_order_acquire);
+  for (size_t i = 0; i < n; i++) {
+    entry *e = at(i);
+    if (e->len == len && memcmp(e->name, name, len) == 0) return e->f;
+  }
+  return NULL;
+}
+
+/* For the codec: the registered name of the C function at idx (the first
+** name it was registered under), or NULL. Only a C function without upvalues
+** matches: a closure's upvalues would not travel with its name. */
+const char *mp_host_name(lua_State *L, int idx, size_t *len) {
+  size_t n = atomic_load_explicit(&count, memory_order_acquire);
+  if (n == 0) return NULL;
+  lua_CFunction f = lua_tocfunction(L, idx);
+  if (!f) return NULL;
+  if (lua_getupvalue(L, idx, 1)) { lua_pop(L, 1); return NULL; }
+  for (size_t i = 0; i < n; i++) {
+    entry *e = at(i);
+    if (e->f == f) { *len = e->len; return e->name; }
+  }
+  return NULL;
+}
+
+/* For the codec, where a registered name arrives: its function, or NULL. */
+lua_CFunction mp_host_find(const char *name, size_t len) {
+  size_t n = atomic_load_explicit(&count, memory_order_acquire);
+  for (size_t i = 0; i < n; i++) {
+    entry *e = at(i);
+    if (e->len == len && memcmp(e->name, name, len) == 0) return e->f;
+  }
+  return NULL;
+}
+
+/* For the codec's error when a C function has no name: where the host put it,
+** as a dotted path from the globals ("Engine.Math.len", tables three levels
+** deep at most), pushed; or nothing pushed and 0. Only on that error path. */
+static int find_in(lua_State *L, int t, int fidx, int depth, int seen) {
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    if (lua_type(L, -2) == LUA_TSTRING) {
+      if (lua_rawequal(L, -1, fidx)) {
+        lua_pop(L, 1);
+        return 1;  /* the key is left: the path's last name */
+      }
+      if (depth > 1 && lua_type(L, -1) == LUA_TTABLE) {
+        lua_pushvalue(L, -1);
+        if (lua_rawget(L, seen) == LUA_TNIL) {
+          lua_pop(L, 1);
+          lua_pushvalue(L, -1);
+          lua_pushboolean(L, 1);
+          lua_rawset(L, seen);
+          if (find_in(L, lua_gettop(L), fidx, depth - 1, seen)) {  /* key, table, subpath */
+            lua_pushliteral(L, ".");
+            lua_insert(L, -2);
+            lua_remove(L, -3);  /* key, ".", subpath */
+            lua_concat(L, 3);
+            return 1;
+          }
+        } else {
+          lua_pop(L, 1);
+        }
+      }
+    }
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+int mp_host_guess(lua_State *L, int idx) {
+  if (!lua_checkstack(L, 30)) return 0;
+  int fidx = lua_absindex(L, idx), top = lua_gettop(L);
+  lua_newtable(L);
+  int seen = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  lua_pushvalue(L, -1);
+  lua_pushboolean(L, 1);
+  lua_rawset(L, seen);
+  if (find_in(L, seen + 1, fidx, 3, seen)) {
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
+    return 1;
+  }
+  lua_settop(L, top);
+  return 0;
+}
+
+/* ----------------------------------------------------- encode / decode */
+/* The codec's state lives in the Lua state (set up by luaopen_multiprocessing_core). */
+static void need_core(lua_State *L) {
+  if (luaL_getmetatable(L, "multiprocessing.encoder") == LUA_TNIL) {
+    lua_pop(L, 1);
+    luaL_requiref(L, "multiprocessing.core", luaopen_multiprocessing_core, 0);
+  }
+  lua_pop(L, 1);
+}
+
+typedef struct encout { char *p; size_t n; } encout;
+
+static int do_encode(lua_State *L) {
+  encout *o = lua_touserdata(L, 1);
+  need_core(L);
+  mp_enc *e = mp_encode(L, 2, "value");
+  size_t n = mp_enc_size(e);
+  o->p = malloc(n ? n : 1);
+  if (!o->p) { mp_enc_unsent(e); mp_enc_done(L, e); return luaL_error(L, "not enough memory"); }
+  mp_enc_copy(e, o->p);
+  o->n = n;
+  mp_enc_done(L, e);  /* the bytes may be decoded any number of times: handles are pinned */
+  return 0;
+}
+
+LMP_API char *lmp_encode(lua_State *L, int idx, size_t *len) {
+  encout o = { NULL, 0 };
+  idx = lua_absindex(L, idx);
+  if (!lua_checkstack(L, 4)) {
+    lua_pushliteral(L, "lmp_encode: stack overflow");
+    return NULL;
+  }
+  lua_pushcfunction(L, do_encode);
+  lua_pushlightuserdata(L, &o);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    free(o.p);
+    return NULL;  /* the message is on the stack */
+  }
+  if (len) *len = o.n;
+  return o.p;
+}
+
+static int do_decode(lua_State *L) {
+  const char *s = lua_touserdata(L, 1);
+  size_t n = (size_t)lua_tointeger(L, 2);
+  int mode = (int)lua_tointeger(L, 3);
+  need_core(L);
+  lua_settop(L, 0);
+  mp_decode_mode(L, s, n, mode);
+  return 1;
+}
+
+static int decode_in(lua_State *L, const char *bytes, size_t len, int mode) {
+  if (!lua_checkstack(L, 4)) {
+    lua_pushliteral(L, "decode: stack overflow");
+    return LUA_ERRRUN;
+  }
+  if (!bytes || len > (size_t)LUA_MAXINTEGER) {
+    lua_pushliteral(L, "decode: no bytes");
+    return LUA_ERRRUN;
+  }
+  lua_pushcfunction(L, do_decode);
+  lua_pushlightuserdata(L, (void *)bytes);
+  lua_pushinteger(L, (lua_Integer)len);
+  lua_pushinteger(L, mode);
+  return lua_pcall(L, 3, 1, 0);
+}
+
+LMP_API int lmp_decode(lua_State *L, const char *bytes, size_t len) {
+  return decode_in(L, bytes, len, MP_DECODE_ALL);
+}
+
+LMP_API int lmp_decode_data(lua_State *L, const char *bytes, size_t len) {
+  return decode_in(L, bytes, len, MP_DECODE_DATA);
+}
+
+/* ------------------------------------------------------ the whole module */
+/* build/lua_layer.c, generated from lua/multiprocessing/ by scripts/lua_layer.lua
+** (weak: a build without it, such as the rock's, loads the layer from files) */
+typedef struct mp_lua_file {
+  const char *module, *chunkname, *source;
+  size_t size;
+} mp_lua_file;
+extern const mp_lua_file mp_lua_layer[] __attribute__((weak));
+
+static int load_file(lua_State *L) {
+  const mp_lua_file *f = lua_touserdata(L, lua_upvalueindex(1));
+  if (luaL_loadbufferx(L, f->source, f->size, f->chunkname, "t") != LUA_OK) return lua_error(L);
+  lua_pushstring(L, f->module);
+  lua_pushliteral(L, ":preload:");
+  lua_call(L, 2, 1);
+  return 1;
+}
+
+LMP_API int luaopen_multiprocessing(lua_State *L) {
+  luaL_checkversion(L);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  if (lua_getfield(L, -1, "multiprocessing.core") == LUA_TNIL) {
+    lua_pushcfunction(L, luaopen_multiprocessing_core);
+    lua_setfield(L, -3, "multiprocessing.core");
+  }
+  lua_pop(L, 1);
+  const mp_lua_file *top = NULL;
+  for (const mp_lua_file *f = mp_lua_layer; f && f->module; f++) {
+    if (strcmp(f->module, "multiprocessing") == 0) { top = f; continue; }
+    lua_pushlightuserdata(L, (void *)f);
+    lua_pushcclosure(L, load_file, 1);
+    lua_setfield(L, -2, f->module);
+  }
+  lua_pop(L, 1);
+  if (top) {  /* run init.lua, as require would */
+    lua_pushlightuserdata(L, (void *)top);
+    lua_pushcclosure(L, load_file, 1);
+    lua_call(L, 0, 1);
+    return 1;
+  }
+  /* no built-in layer: the files on package.path */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "multiprocessing");
+  lua_call(L, 1, 1);
+  return 1;
+}
