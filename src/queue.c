@@ -80,7 +80,7 @@ static inline size_t own_size(size_t n) { return n ? 8 + n * sizeof(mp_sent) : 0
 static void own_release(msgown *m) {
   uint32_t k = __atomic_load_n(&m->counted, __ATOMIC_ACQUIRE);
   pid_t me = getpid();
-  for (uint32_t i = 0; i < k && i < m->n; i++) mp_obj_release_with(m->h[i].off, me, m->h[i].dtor);
+  for (uint32_t i = 0; i < k && i < m->n; i++) mp_obj_release_with(m->h[i].off, me, mp_fn_unpack(m->h[i].dtor));
 }
 
 /* frees the block of a big record that will not be read: its references first */
@@ -642,7 +642,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
     if (mo) {  /* what no handle took (a decoding that failed half way) */
       pid_t me = getpid();
       for (uint32_t i = 0; i < mo->n; i++)
-        if (!offs || offs[i]) mp_obj_release_with(mo->h[i].off, me, mo->h[i].dtor);
+        if (!offs || offs[i]) mp_obj_release_with(mo->h[i].off, me, mp_fn_unpack(mo->h[i].dtor));
       if (offs != few) free(offs);
     }
     mp_free(block);
