@@ -213,7 +213,7 @@ static void close_others(const int *keep, int n) {
 
 /* PATH search, in the parent (execvp is not async-signal-safe) */
 static char *find_exe(const char *exe) {
-  if (strchr(exe, '/')) return strdup(exe);
+  if (strchr(exe, '/')) return access(exe, X_OK) == 0 ? strdup(exe) : NULL;
   const char *path = getenv("PATH");
   if (!path || !*path) path = "/usr/local/bin:/usr/bin:/bin";
   size_t el = strlen(exe);
@@ -569,6 +569,18 @@ static int fs_pid(lua_State *L) {
   return 1;
 }
 
+/* core._forkserver_stop() -> the server's pid (its owner reaps it) or nil: the
+** server sees its socket close and leaves; the next use starts another */
+static int fs_stop(lua_State *L) {
+  pthread_mutex_lock(&fs.lock);
+  pid_t pid = fs.fd >= 0 && fs.owner == getpid() ? fs.pid : 0;
+  if (fs.fd >= 0) fs_forget();
+  pthread_mutex_unlock(&fs.lock);
+  if (pid) lua_pushinteger(L, pid);
+  else lua_pushnil(L);
+  return 1;
+}
+
 /* one request; 1 done (*pid), 0 the server is gone (retry with a new one), -1 failed (why) */
 static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, uint64_t token, pid_t *pid,
                       const char **why) {
@@ -665,7 +677,7 @@ int mp_forkserver_open(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"_startmsg", fs_startmsg}, {"_startdecode", fs_startdecode}, {"_spawn", fs_spawn},
     {"_attach", fs_attach}, {"_forkserver_start", fs_start}, {"_forkserver_fork", fs_fork},
-    {"_forkserver_pid", fs_pid}, {"_threads", fs_threads}, {NULL, NULL}
+    {"_forkserver_pid", fs_pid}, {"_forkserver_stop", fs_stop}, {"_threads", fs_threads}, {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
   return 0;

@@ -58,6 +58,12 @@ function M.forkserver_start()
   return pid
 end
 
+-- stops this process's forkserver (the next use starts another); for tests
+function M._forkserver_stop()
+  local pid = core._forkserver_stop()
+  if pid then core.waitpid(pid, 20) end
+end
+
 -- Python 3.12's warning: a fork in a process with threads copies only the calling
 -- one; a lock another held stays held in the child. Looked at most twice a second.
 local warned, looked = false, -1
