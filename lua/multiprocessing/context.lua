@@ -83,9 +83,10 @@ end
 
 -- Starts a child by method (not fork) with the start message v: { module, entry,
 -- payload } (multiprocessing.spawn calls require(module)[entry](payload)).
--- The pid, or nil and the reason; raises for a value that cannot be sent.
+-- The pid, or nil and the reason (a value that cannot be sent, an OS failure).
 function M._start(method, v, daemon)
-  local msg = core._startmsg(v)
+  local ok, msg = pcall(core._startmsg, v)
+  if not ok then return nil, (tostring(msg):gsub("^[^\n]-:%d+: ", "")) end
   local pid, err
   if method == "spawn" then
     pid, err = core._spawn(M.get_executable(), msg, daemon, package.path, package.cpath)
