@@ -45,7 +45,7 @@ build = {
     ["multiprocessing.stream_worker"] = "lua/multiprocessing/stream_worker.lua",
     ["multiprocessing.core"] = {
       sources = {
-        "src/arena.c", "src/capi.c", "src/codec.c", "src/core.c", "src/pipe.c", "src/pool.c",
+        "src/arena.c", "src/capi.c", "src/codec.c", "src/core.c", "src/forkserver.c", "src/pipe.c", "src/pool.c",
         "src/process.c", "src/queue.c", "src/redis.c", "src/shared.c", "src/shm.c", "src/socket.c", "src/sync.c", "src/wait.c",
       },
       incdirs = { "src", "$(OPENSSL_INCDIR)", "$(HIREDIS_INCDIR)" },

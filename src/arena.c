@@ -36,15 +36,16 @@
 ** A message in a queue owns a reference to each object its handles name (the
 ** put counts them, the get hands them to the decoded handles, a dropped message
 ** releases them: queue.c); objects named by bytes nobody owns (a pipe, a Lua
-** string from core.encode) are pinned instead: they are never freed. All processes that
-** share the arena are forks of one image, so a destructor's address is valid
-** in all of them (a deferred object keeps its destructor in its block header). */
+** string from core.encode) are pinned instead: they are never freed. A deferred
+** object keeps its destructor in its block header, packed (mp_fn_pack): a
+** spawned process maps the same build of the core at another address. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "mp.h"
@@ -111,6 +112,7 @@ typedef struct proc_entry {
 } proc_entry;
 
 static arena_hdr *arena;
+static int arena_fd = -1;  /* the memfd, kept (CLOEXEC) for spawned processes (forkserver.c) */
 static uint32_t myslot;    /* this process's entry, index + 1 */
 static pid_t mypid;        /* getpid(), renewed in every child by a fork handler */
 typedef struct ledger ledger;
@@ -259,10 +261,18 @@ int mp_arena_ensure(lua_State *L) {
     int e = errno; close(fd);
     return luaL_error(L, "cannot size shared memory: %s", strerror(e));
   }
-  void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+  /* placed away from where the kernel puts libraries and heaps (a hint, at a
+  ** random GiB of 16-20 TiB), so that a spawned interpreter, whose libraries
+  ** lie elsewhere, finds the same address free (mp_arena_attach) */
+  uint64_t r = 0;
+  if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r) r = (uint64_t)getpid() * 2654435761u;
+  void *hint = (void *)(uintptr_t)(((uint64_t)16 << 40) + (r % 4096) * ((uint64_t)1 << 30));
+  void *p = mmap(hint, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
   int e = errno;
-  close(fd);  /* the mapping keeps the memory alive; nothing to unlink, ever */
-  if (p == MAP_FAILED) return luaL_error(L, "cannot map shared memory: %s", strerror(e));
+  /* the mapping keeps the memory alive; nothing to unlink, ever. The descriptor
+  ** stays open (close-on-exec) only to hand the arena to spawned interpreters */
+  if (p == MAP_FAILED) { close(fd); return luaL_error(L, "cannot map shared memory: %s", strerror(e)); }
+  arena_fd = fd;
   arena_hdr *a = p;
   a->magic = MAGIC;
   a->size = size;
@@ -939,7 +949,7 @@ static void sweep(void) {
         jset(&b->tag, TAG(B_USED));
         jset(&arena->ndeferred, arena->ndeferred - 1);
         jcommit();
-        if (!pinned) { take[n] = off + sizeof(block); fns[n] = (dtor_fn)(uintptr_t)b->aux; n++; }
+        if (!pinned) { take[n] = off + sizeof(block); fns[n] = mp_fn_unpack(b->aux); n++; }
         continue;  /* a pinned one is off the list, and kept for good */
       }
       link = &b->next;
@@ -964,7 +974,7 @@ static void release_last(uint64_t off, dtor_fn dtor) {
   block *b = BLK(off - sizeof(block));
   if (!arena_lock_until(NULL, 0, NULL, NULL)) {
     if (b->tag == TAG(B_USED)) {
-      b->aux = (uint64_t)(uintptr_t)dtor;
+      b->aux = mp_fn_pack(dtor);
       push_pending(off - sizeof(block), B_RELEASED);  /* (a kill between the two leaks it) */
     }
     return;
@@ -972,7 +982,7 @@ static void release_last(uint64_t off, dtor_fn dtor) {
   if (b->tag == TAG(B_USED)) {  /* (a deferred one is on the list already) */
     if (live_max_serial(&died) <= o->forks) now = 1;
     else {
-      jset(&b->aux, (uint64_t)(uintptr_t)dtor);
+      jset(&b->aux, mp_fn_pack(dtor));
       defer_locked(off - sizeof(block), NULL);
     }
   }
@@ -1167,7 +1177,7 @@ static void renew_pid(void) {
 
 int mp_arena_open(lua_State *L) {
   static int atfork_set;
-  if (!atfork_set) { atfork_set = 1; pthread_atfork(NULL, NULL, renew_pid); }
+  if (!atfork_set) { atfork_set = 1; mp_atfork(renew_pid); }
   static const luaL_Reg funcs[] = {
     {"arena_stats", arena_stats}, {"arena_check", arena_check}, {"_arena_fault", arena_fault},
     {"_arena_hold", arena_hold}, {"_arena_sweep", arena_sweep},
@@ -1175,4 +1185,31 @@ int mp_arena_open(lua_State *L) {
   };
   luaL_setfuncs(L, funcs, 0);
   return 0;
+}
+
+/* ------------------------------------------------- spawned processes */
+
+int mp_arena_fd(void) { return arena ? arena_fd : -1; }
+uint64_t mp_arena_size(void) { return arena ? arena->size : 0; }
+
+/* A spawned interpreter (forkserver.c) maps its parent's arena at the same
+** address, so that whatever a pointer into it means (a robust mutex's list
+** link in the kernel's eyes, a futex word) means the same in both. */
+const char *mp_arena_attach(int fd, uint64_t addr, uint64_t size, uint64_t token) {
+  if (arena) return "the arena is already mapped in this process";
+  void *want = (void *)(uintptr_t)addr;
+  void *p = mmap(want, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE | MAP_FIXED_NOREPLACE, fd, 0);
+  if (p == MAP_FAILED)
+    return errno == EEXIST ? "the parent's arena address is taken in this process (try again, or use forkserver)"
+                           : strerror(errno);
+  if (p != want) {  /* a kernel before 4.17 takes the address as a hint */
+    munmap(p, size);
+    return "the parent's arena address is taken in this process (try again, or use forkserver)";
+  }
+  arena_hdr *a = p;
+  if (a->magic != MAGIC || a->size != size) { munmap(p, size); return "the descriptor is not the parent's arena"; }
+  arena = a;
+  arena_fd = fd;
+  mp_proc_child(token);  /* takes its entry, or leaves: the parent died meanwhile */
+  return NULL;
 }

@@ -89,6 +89,10 @@ static void make_key(void) {
   sipkeyed = 1;
 }
 
+/* the key, for a spawned interpreter (forkserver.c): it gets its parent's */
+void mp_codec_key(uint64_t k[2]) { make_key(); k[0] = sipkey[0], k[1] = sipkey[1]; }
+void mp_codec_setkey(const uint64_t k[2]) { sipkey[0] = k[0], sipkey[1] = k[1]; sipkeyed = 1; }
+
 #define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
 #define SIPROUND do { \
     v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32); \
@@ -1820,7 +1824,7 @@ static void pin(uint64_t off) {
 void mp_obj_sent(uint64_t off, mp_dtor dtor) {
   if (ncaptured < 0 || ncaptured >= CAPTURE) { pin(off); return; }
   captured[ncaptured].off = off;
-  captured[ncaptured].dtor = dtor;
+  captured[ncaptured].dtor = mp_fn_pack(dtor);
   ncaptured++;
 }
 

@@ -117,7 +117,9 @@ int mp_obj_alive(uint64_t off);
 ** callbacks of types whose payload names other objects): the encoder lists it
 ** with the destructor a release needs (NULL: none); outside an encoder's
 ** handle it is pinned. */
-typedef struct mp_sent { uint64_t off; mp_dtor dtor; } mp_sent;
+/* dtor is packed (mp_fn_pack): lists of mp_sent are kept in the arena (a queue
+** message's), and a spawned process maps the core at another address. */
+typedef struct mp_sent { uint64_t off; uint64_t dtor; } mp_sent;
 void mp_obj_sent(uint64_t off, mp_dtor dtor);
 /* The destructor of a type's objects (what its release needs, NULL: none), also
 ** what mp_handle_encode lists and what a dead process's ledger release runs.
@@ -280,6 +282,31 @@ mp_handle *mp_checkopen(lua_State *L, int idx, const char *const *names);
 /* ---------------------------------------------------------------- misc */
 void mp_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);
 int mp_pusherrno(lua_State *L, const char *what);  /* nil, "what: strerror", "EXXX" */
+
+/* ------------------------------------------------- start methods (forkserver.c) */
+/* A function of the core as stored in shared memory: its distance from a
+** fixed function of the core, so that processes that loaded the same build at
+** different addresses (spawn: a fresh interpreter) agree on it. 0 is NULL. */
+uint64_t mp_fn_pack(mp_dtor f);
+mp_dtor mp_fn_unpack(uint64_t v);
+int mp_arena_fd(void);                     /* the arena's memfd (CLOEXEC), -1 before it exists */
+uint64_t mp_arena_size(void);
+/* In a spawned process: maps the arena from fd at addr (the parent's address)
+** and takes its entry (token from the parent's mp_proc_prefork); NULL or why not. */
+const char *mp_arena_attach(int fd, uint64_t addr, uint64_t size, uint64_t token);
+/* process.c: a child forked elsewhere (spawn, forkserver) is tracked as
+** core.fork's are: mp_proc_reserve before it starts (may fail: 0), then
+** mp_proc_track once its pid is known. */
+int mp_proc_reserve(void);
+void mp_proc_track(pid_t pid, int daemon);
+int mp_forkserver_open(lua_State *L);
+/* pthread_atfork(NULL, NULL, child), and run in a forkserver's workers too
+** (cloned without glibc's fork, so its handlers do not run there): every
+** child-side fork handler of the core registers through this */
+void mp_atfork(void (*child)(void));
+void mp_proc_reset(void);                  /* a process started outside proc_fork: no children yet */
+void mp_codec_key(uint64_t k[2]);          /* codec.c: the function checksum's key ... */
+void mp_codec_setkey(const uint64_t k[2]); /* ... and a spawned process taking its parent's */
 
 /* module openers, one per concept (core.c calls them in order) */
 int mp_codec_open(lua_State *L);

@@ -621,7 +621,7 @@ static const mp_handle_type conn_type = { CONN, conn_encode, conn_decode };
 
 int mp_pipe_open(lua_State *L) {
   static int atfork_set;
-  if (!atfork_set) { atfork_set = 1; pthread_atfork(NULL, NULL, after_fork); }
+  if (!atfork_set) { atfork_set = 1; mp_atfork(after_fork); }
   mypid = getpid();
   static const luaL_Reg methods[] = {
     {"send", conn_send}, {"recv", conn_recv}, {"recv_value", conn_recv_value},

@@ -478,7 +478,7 @@ static int proc_sleep(lua_State *L) {
 int mp_process_open(lua_State *L) {
   if (!mypid) {
     mypid = getpid();
-    pthread_atfork(NULL, NULL, renew_pid);
+    mp_atfork(renew_pid);
   }
   static const luaL_Reg funcs[] = {
     {"fork", proc_fork}, {"_exit", proc_exit}, {"waitpid", proc_waitpid}, {"reap", proc_reap},
@@ -494,3 +494,16 @@ int mp_process_open(lua_State *L) {
   mp_newclass(L, SENTINEL, smethods, smeta);
   return 0;
 }
+
+/* ------------------------------------------ children started elsewhere */
+
+/* forkserver.c starts children without proc_fork (spawn, the forkserver's
+** workers): they are tracked alike, so join, reap and the exit handler work. */
+int mp_proc_reserve(void) {
+  if (!atexit_set) { atexit_set = 1; mainpid = getpid(); atexit(at_exit); }
+  return kids_reserve();
+}
+
+void mp_proc_track(pid_t pid, int daemon) { track(pid, daemon); }
+
+void mp_proc_reset(void) { nkids = 0; mainpid = getpid(); }

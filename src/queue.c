@@ -79,7 +79,7 @@ static inline size_t own_size(size_t n) { return n ? 8 + n * sizeof(mp_sent) : 0
 ** its queue gone, so this happens once; a kill half way leaks the rest) */
 static void own_release(msgown *m) {
   uint32_t k = __atomic_load_n(&m->counted, __ATOMIC_ACQUIRE);
-  for (uint32_t i = 0; i < k && i < m->n; i++) mp_obj_drop(m->h[i].off, m->h[i].dtor);
+  for (uint32_t i = 0; i < k && i < m->n; i++) mp_obj_drop(m->h[i].off, mp_fn_unpack(m->h[i].dtor));
 }
 
 /* frees the block of a big record that will not be read: its references first */
@@ -641,7 +641,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
     if (mo) {  /* what no handle took (a decoding that failed half way) is released; what
                ** one took is this process's from now on: its ledger records it */
       for (uint32_t i = 0; i < mo->n; i++)
-        if (!offs || offs[i]) mp_obj_drop(mo->h[i].off, mo->h[i].dtor);
+        if (!offs || offs[i]) mp_obj_drop(mo->h[i].off, mp_fn_unpack(mo->h[i].dtor));
         else mp_obj_adopted(mo->h[i].off);
       if (offs != few) free(offs);
     }

@@ -1180,7 +1180,7 @@ static const luaL_Reg barrier_meta[] = {
 
 int mp_sync_open(lua_State *L) {
   static int atfork_set;
-  if (!atfork_set) { atfork_set = 1; pthread_atfork(NULL, NULL, forget_tid); }
+  if (!atfork_set) { atfork_set = 1; mp_atfork(forget_tid); }
   mp_obj_set_dtor(T_COND, c_blocks_free);  /* what a dead process's release of a Condition runs */
   static const struct { const char *name, *shortname; const luaL_Reg *methods, *meta; const mp_handle_type *type; } classes[] = {
     {LOCK, "Lock", lock_methods, lock_meta, &lock_type},

@@ -15,6 +15,7 @@ for _, part in ipairs { "process", "pipe", "queue", "sync", "shared", "shared_me
   end
 end
 
+require("multiprocessing.context")._install(M)  -- start methods, get_context
 M.connection = require "multiprocessing.connection"  -- Listener, Client, wait: as Python's, not at the top
 
 return M

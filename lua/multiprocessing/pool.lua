@@ -9,6 +9,7 @@
 local core = require "multiprocessing.core"
 local progress = require "multiprocessing.progress"
 local process = require "multiprocessing.process"
+local context = require "multiprocessing.context"
 
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
 local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
@@ -247,6 +248,14 @@ local function worker_main(pool, i)
   core._exit(0)
 end
 
+-- A worker started by spawn or the forkserver (context.lua): its start message
+-- carries what worker_main reads of its pool
+function M._worker_main(pl)
+  process._from_parent(pl.parent)
+  worker_main({ _tasks = pl.tasks, _results = pl.results, _st = pl.st, _initializer = pl.initializer,
+    _initargs = pl.initargs, _maxtasks = pl.maxtasks, _n = pl.n }, pl.i)
+end
+
 ------------------------------------------------------------------ the parent
 --
 -- The life of a call. A call's input is fed as task messages (all at once, or
@@ -260,8 +269,18 @@ end
 
 -- Workers are daemons: the exit handler kills them instead of waiting for them
 -- (they wait for work, so a waiting exit would hang forever).
+local function start_worker(self, i)
+  local me = process.current_process()
+  local pid, err = context._start(self._method, { module = "multiprocessing.pool", entry = "_worker_main", payload = {
+    i = i, tasks = self._tasks, results = self._results, st = self._st, initializer = self._initializer,
+    initargs = self._initargs, maxtasks = self._maxtasks, n = self._n, parent = { me.name, me.pid } } }, true)
+  if not pid then error("cannot start a pool worker: " .. tostring(err), 0) end
+  self._workers[i] = { pid = pid, ready = false }
+end
+
 local function spawn(self, i)
   self._st:release(i)
+  if self._method then return start_worker(self, i) end
   local pid, err = core.fork(true)
   if not pid then error("cannot start a pool worker: " .. tostring(err), 0) end
   if pid == 0 then
@@ -1055,12 +1074,13 @@ end
 -- a value the codec cannot send, held by every Pool
 local NOSEND = coroutine.create(function() end)
 local POOL_OPTIONS = { processes = true, initializer = true, initargs = true, maxtasksperchild = true,
-  start_timeout = true }
+  start_timeout = true, start_method = true }
+
 
 function M.Pool(opts)
   -- the same Pool over Redis Streams (docs/distributed.md)
   if type(opts) == "table" and opts.backend ~= nil then return require("multiprocessing.stream_pool").Pool(opts) end
-  local n, init, initargs, maxtasks, start_timeout
+  local n, init, initargs, maxtasks, start_timeout, method
   if type(opts) == "table" then
     for k in pairs(opts) do
       if not POOL_OPTIONS[k] then error(("bad argument #1 to 'Pool' (unknown option %s)"):format(key_text(k)), 2) end
@@ -1070,6 +1090,8 @@ function M.Pool(opts)
     if start_timeout ~= nil and (type(start_timeout) ~= "number" or not (start_timeout > 0)) then
       error("bad argument #1 to 'Pool' (start_timeout must be a positive number of seconds)", 2)
     end
+    method = opts.start_method
+    if method ~= nil then context._check(method, "Pool", 1, 2) end
     if initargs ~= nil and type(initargs) ~= "table" then
       error("bad argument #1 to 'Pool' (initargs must be a table, got " .. type(initargs) .. ")", 2)
     end
@@ -1092,11 +1114,14 @@ function M.Pool(opts)
     _owner = core.getpid(), _checked = now(), _lostcheck = now(), _startfails = 0,
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
     _start_timeout = start_timeout or START_TIMEOUT,
+    _method = method or context._state.method,  -- nil or "fork": forked here
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
   }, Pool)
   self._A, self._F = pool_class(self, AsyncResult), pool_class(self, Future)
   made = made + 1
   process._pools[self] = true  -- for active_children(), which lists pool workers too
+  if self._method == "fork" then self._method = nil end
+  if not self._method then context._warn_fork() end
   for i = 1, n do spawn(self, i) end
   -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
   -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end

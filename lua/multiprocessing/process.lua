@@ -1,5 +1,6 @@
 -- process.lua: Process, current_process, parent_process, active_children, cpu_count.
 local core = require "multiprocessing.core"
+local context = require "multiprocessing.context"
 
 local M = {}
 
@@ -194,7 +195,20 @@ local function run_child(p)
   core._exit(code)
 end
 
-local OPTIONS = { target = true, args = true, name = true, daemon = true, run = true }
+-- A child started by spawn or the forkserver: the start message's payload
+-- (see start) made a Process again, its parent the one that started it
+function M._child_main(pl)
+  me = { name = pl.parent[1], pid = pl.parent[2], daemon = false, ident = pl.parent[2] }
+  run_child(setmetatable({ target = pl.target, args = pl.args, run = pl.run, name = pl.name,
+    daemon = pl.daemon, _results = pl.results }, Process))
+end
+
+-- (a pool worker's: pool.lua)
+function M._from_parent(info)
+  me = { name = info[1], pid = info[2], daemon = false, ident = info[2] }
+end
+
+local OPTIONS = { target = true, args = true, name = true, daemon = true, run = true, start_method = true }
 
 --- Process{target = f, args = {...}, name = "Test", daemon = false [, run = function(self) end]}
 function M.Process(opts)
@@ -218,6 +232,7 @@ function M.Process(opts)
     error("bad argument #1 to 'Process' (args.n must be a non-negative integer, got " ..
       (math.type(n) or type(n)) .. ")", 2)
   end
+  if opts.start_method ~= nil then context._check(opts.start_method, "Process", 1, 2) end
   counter = counter + 1
   if opts.name ~= nil and type(opts.name) ~= "string" then error("bad argument #1 to 'Process' (name must be a string)", 2) end
   return setmetatable({
@@ -226,6 +241,7 @@ function M.Process(opts)
     run = opts.run,
     name = opts.name or ("Process-" .. counter),
     daemon = not not opts.daemon,
+    _method = opts.start_method,
   }, Process)
 end
 
@@ -253,7 +269,16 @@ function methods.start(p)
   if p.pid then error("cannot start a process twice", 2) end
   cleanup()
   p._results = core.Queue()
-  local pid, err = core.fork(p.daemon)
+  local method = rawget(p, "_method") or context._state.method
+  local pid, err
+  if method and method ~= "fork" then  -- the start message: what run_child needs
+    pid, err = context._start(method, { module = "multiprocessing.process", entry = "_child_main", payload = {
+      target = p.target, args = p.args, run = rawget(p, "run"), name = p.name, daemon = p.daemon,
+      results = p._results, parent = { me.name, me.pid } } }, p.daemon)
+  else
+    context._warn_fork()
+    pid, err = core.fork(p.daemon)
+  end
   if not pid then error("cannot start process: " .. tostring(err), 2) end
   if pid == 0 then
     local ok, e = pcall(run_child, p)  -- run_child never returns normally

@@ -1,0 +1,260 @@
+-- Specs of the start methods: Process and Pool under fork, forkserver and spawn,
+-- contexts, set_start_method, set_executable, and what a forkserver's workers do not inherit.
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local context = require "multiprocessing.context"
+local H = require "helpers"
+
+-- Functions sent to a spawned interpreter or a forkserver worker must not reach busted's
+-- sandbox environment (it would be sent by value): these locals make them upvalues.
+local _G, error, tostring, tonumber, type, pairs, ipairs, rawget =
+      _G, error, tostring, tonumber, type, pairs, ipairs, rawget
+local string, io, coroutine = string, io, coroutine
+
+local function double(x) return x * 2 end
+
+local function list(t)  -- (a Pool's results carry n)
+  local out = {}
+  for i = 1, #t do out[i] = t[i] end
+  return out
+end
+
+local function worker_pids(pool)
+  local pids = {}
+  for i, w in ipairs(pool:stats()) do pids[i] = w.pid end
+  return pids
+end
+
+-- the value of a field of /proc/<pid>/status, in kB for sizes
+local function status(field, pid)
+  local s = H.slurp(("/proc/%s/status"):format(pid or "self")) or ""
+  return tonumber(s:match(field .. ":%s*(%d+)"))
+end
+
+describe("start methods", function()
+  after_each(function()
+    context._forkserver_stop()
+    mp.set_start_method(nil, true)
+  end)
+  H.leak_check(before_each, after_each)
+
+  for _, method in ipairs { "fork", "forkserver", "spawn" } do
+    describe(method, function()
+      it("Process: runs the target with its args, returns its values, exit code 0", function()
+        local p = mp.Process { target = function(a, b) return a + b, "done" end, args = { 2, 3 }, start_method = method }
+        p:start()
+        assert.is_true(p:join(20))
+        assert.equal(0, p.exitcode)
+        local x, y = p:result()
+        assert.equal(5, x)
+        assert.equal("done", y)
+      end)
+
+      it("Process: a raising target fails its result with the child's traceback", function()
+        local p = mp.Process { target = function() error({ code = 7 }) end, start_method = method }
+        local restore = H.capture_stderr()
+        p:start()
+        p:join(20)
+        restore()
+        assert.equal(1, p.exitcode)
+        local ok, e = pcall(p.result, p)
+        assert.is_false(ok)
+        assert.equal(7, e.value.code)
+        assert.matches("start_methods_spec.lua", e.traceback)
+      end)
+
+      it("Process: Queue, Lock and Value handles reach the child; current and parent process", function()
+        local q, lock, v = mp.Queue(), mp.Lock(), mp.Value("i", 1)
+        local p = mp.Process { target = function(qq, l, vv)
+          l:acquire()
+          vv.value = vv.value + 41
+          l:release()
+          local me, parent = mp.current_process(), mp.parent_process()
+          qq:put { me.name, me.pid, parent.pid }
+        end, args = { q, lock, v }, name = "Child-" .. method, start_method = method }
+        p:start()
+        local got = q:get(20)
+        assert.is_true(p:join(20))
+        assert.equal(42, v.value)
+        assert.same({ "Child-" .. method, p.pid, core.getpid() }, got)
+        assert.is_true(lock:acquire(false))
+        lock:release()
+      end)
+
+      it("Pool: map, imap, starmap, apply_async, an error keeps the pool usable", function()
+        local pool = mp.Pool { processes = 2, start_method = method }
+        assert.same({ 2, 4, 6, 8, 10 }, list(pool:map(double, { 1, 2, 3, 4, 5 })))
+        local seen = {}
+        for _, x in pool:imap(double, { 1, 2, 3 }) do seen[#seen + 1] = x end
+        assert.same({ 2, 4, 6 }, seen)
+        assert.same({ 3, 7 }, list(pool:starmap(function(a, b) return a + b end, { { 1, 2 }, { 3, 4 } })))
+        assert.equal(12, pool:apply_async(double, { 6 }):get(20))
+        local ok, err = pcall(pool.map, pool, function(x) if x == 2 then error("bad two") end return x end, { 1, 2, 3 })
+        assert.is_false(ok)
+        assert.matches("map failed on item 2", tostring(err))
+        assert.matches("bad two", tostring(err))
+        assert.same({ 1, 2 }, list(pool:map(function(x) return x end, { 1, 2 })))
+        pool:close()
+        pool:join()
+      end)
+
+      it("Pool: a killed worker fails its call and is replaced; terminate leaves no zombie", function()
+        local pool = mp.Pool { processes = 2, start_method = method }
+        local path = H.tmpname()
+        local ar = pool:apply_async(function(p)
+          local f = io.open(p, "w") f:write(core.getpid()) f:close()
+          while true do end
+        end, { path })
+        local busy = H.eventually(function() return tonumber(H.slurp(path) or "") end, 20)
+        assert.is_truthy(busy)
+        core.kill(busy, 9)
+        local ok, err = pcall(ar.get, ar, 20)
+        assert.is_false(ok)
+        assert.matches(("worker pid %d died %%(killed by SIGKILL%%)"):format(busy), tostring(err))
+        assert.same({ 1, 2, 3 }, list(pool:map(function(x) return x end, { 1, 2, 3 })))
+        local now = worker_pids(pool)
+        assert.is_true(now[1] ~= busy and now[2] ~= busy)
+        pool:terminate()
+        for _, pid in ipairs(worker_pids(pool)) do assert.is_false(H.alive(pid)) end
+      end)
+
+      it("Pool: an initializer runs in each worker; one that raises fails Pool()", function()
+        local pool = mp.Pool { processes = 2, start_method = method,
+          initializer = function(t) _G.INIT = t.n end, initargs = { { n = 9 } } }
+        assert.same({ 9, 9 }, list(pool:map(function() return _G.INIT end, { 1, 2 })))
+        pool:close()
+        pool:join()
+        local restore = H.capture_stderr()
+        local ok, err = pcall(mp.Pool, { processes = 1, start_method = method, initializer = function() error("no init") end })
+        restore()
+        assert.is_false(ok)
+        assert.matches("no init", tostring(err))
+      end)
+
+      it("a context's Process and Pool use its method", function()
+        local ctx = mp.get_context(method)
+        assert.equal(method, ctx.get_start_method())
+        assert.equal(ctx, mp.get_context(method))
+        local q = ctx.Queue()
+        local p = ctx.Process { target = function(qq) qq:put(core.getppid()) end, args = { q } }
+        p:start()
+        assert.equal(core.getpid(), q:get(20))
+        p:join(20)
+        local pool = ctx.Pool(1)
+        assert.same({ 2 }, list(pool:map(double, { 1 })))
+        pool:terminate()
+      end)
+    end)
+  end
+
+  describe("spawn", function()
+    it("sends a function whose upvalues include a table and a queue", function()
+      local t, q = { base = 100, list = { 1, 2 } }, mp.Queue()
+      local function task(k) q:put(t.base + t.list[k]) return k end
+      local p = mp.Process { target = task, args = { 2 }, start_method = "spawn" }
+      p:start()
+      assert.equal(102, q:get(20))
+      p:join(20)
+      assert.equal(2, p:result())
+    end)
+
+    it("runs a fresh interpreter: the parent's globals are not there", function()
+      _G.SPAWN_SPEC_GLOBAL = "parent's"
+      local pool = mp.Pool { processes = 1, start_method = "spawn" }
+      local got = pool:apply(function() return rawget(_G, "SPAWN_SPEC_GLOBAL") or "none" end)
+      pool:terminate()
+      _G.SPAWN_SPEC_GLOBAL = nil
+      assert.equal("none", got)
+    end)
+
+    it("fails clearly when the executable cannot be found", function()
+      mp.set_executable("/nonexistent/lua-interpreter")
+      local ok, err = pcall(function()
+        local p = mp.Process { target = function() end, start_method = "spawn" }
+        p:start()
+      end)
+      mp.set_executable(mp.get_executable() == "/nonexistent/lua-interpreter" and "lua5.4" or mp.get_executable())
+      context._state.exe = nil
+      assert.is_false(ok)
+      assert.matches("cannot start process: cannot spawn: executable '/nonexistent/lua%-interpreter' not found", err)
+    end)
+  end)
+
+  describe("forkserver", function()
+    it("its workers do not inherit the heap grown after it started", function()
+      mp.forkserver_start()
+      local big = string.rep("x", 256 * 1024 * 1024)  -- touched pages: in RSS, in any fork
+      local parent_rss = status("VmRSS")
+      local pool = mp.Pool { processes = 1, start_method = "forkserver" }
+      local child = pool:apply(function()
+        local s = io.open("/proc/self/status"):read("a")
+        return tonumber(s:match("VmRSS:%s*(%d+)")), tonumber(s:match("VmSize:%s*(%d+)"))
+      end)
+      pool:terminate()
+      assert.is_true(parent_rss > 256 * 1024)
+      assert.is_true(child < 128 * 1024, "a forkserver worker's RSS was " .. tostring(child) .. " kB")
+      big = nil
+    end)
+
+    it("is one server per process, a daemon child reaped at stop; it restarts after a kill", function()
+      local pid = mp.forkserver_start()
+      assert.equal(pid, mp.forkserver_start())
+      assert.equal(pid, core._forkserver_pid())
+      core.kill(pid, 9)
+      core.waitpid(pid, 20)
+      local pool = mp.Pool { processes = 1, start_method = "forkserver" }
+      assert.same({ 4 }, list(pool:map(double, { 2 })))
+      pool:terminate()
+      assert.are_not.equal(pid, core._forkserver_pid())
+    end)
+
+    it("workers are children of the requester, not of the server", function()
+      local server = mp.forkserver_start()
+      local pool = mp.Pool { processes = 2, start_method = "forkserver" }
+      for _, pid in ipairs(worker_pids(pool)) do
+        local ppid = tonumber((H.slurp("/proc/" .. pid .. "/stat") or ""):match("^%d+ %b() %a (%d+)"))
+        assert.equal(core.getpid(), ppid)
+      end
+      assert.same({}, H.children(server))
+      pool:terminate()
+    end)
+  end)
+
+  describe("choosing", function()
+    it("set_start_method sets the default once (force to change); get_start_method", function()
+      assert.is_nil(mp.get_start_method(true))
+      assert.equal("fork", mp.get_start_method())
+      assert.has_error(function() mp.set_start_method("spawn") end,
+        "set_start_method: the start method is already set ('fork'); pass force = true to change it")
+      mp.set_start_method("spawn", true)
+      assert.equal("spawn", mp.get_start_method())
+      local q = mp.Queue()
+      local p = mp.Process { target = function(qq) qq:put(rawget(_G, "describe") == nil) end, args = { q } }
+      p:start()
+      assert.is_true(q:get(20))  -- a fresh interpreter: no busted there
+      p:join(20)
+    end)
+
+    it("refuses unknown methods, naming the call", function()
+      assert.has_error(function() mp.set_start_method("thread") end,
+        "bad argument #1 to 'set_start_method' (start method must be 'fork', 'forkserver' or 'spawn', got 'thread')")
+      assert.has_error(function() mp.get_context(3) end,
+        "bad argument #1 to 'get_context' (start method must be 'fork', 'forkserver' or 'spawn', got number)")
+      assert.has_error(function() mp.Pool { start_method = "vfork" } end,
+        "bad argument #1 to 'Pool' (start method must be 'fork', 'forkserver' or 'spawn', got 'vfork')")
+      assert.has_error(function() mp.Process { target = print, start_method = true } end,
+        "bad argument #1 to 'Process' (start method must be 'fork', 'forkserver' or 'spawn', got boolean)")
+      assert.has_error(function() mp.set_executable(nil) end,
+        "bad argument #1 to 'set_executable' (string expected, got nil)")
+    end)
+
+    it("a function that cannot be sent fails start with the codec's reason", function()
+      local co = coroutine.create(function() end)
+      local p = mp.Process { target = function() return co end, start_method = "spawn" }
+      assert.has_error(function() p:start() end)
+      local ok, err = pcall(p.start, p)
+      assert.is_false(ok)
+      assert.matches("cannot send a thread", tostring(err))
+    end)
+  end)
+end)

@@ -1,0 +1,684 @@
+/* forkserver.c: the start methods other than fork: spawn (a fresh interpreter)
+** and forkserver (workers forked from a small server started early).
+**
+** The start message. What a child needs (its entry point, the target with its
+** upvalues, the args, a pool's queues...) is one Lua value encoded by the codec
+** (lua/multiprocessing/context.lua builds it). Its handles own a counted
+** reference each, as a queue message's do: the child adopts them when it
+** decodes (mp_obj_adopt), so nothing is pinned for good. Framed as
+**   "LMPS" | u32 nhandles | u64 image | nhandles x u64 offset | codec bytes
+** image: a fingerprint of this build of the core (where its functions lie
+** relative to each other): a spawned interpreter that loaded another build
+** refuses the message instead of calling a destructor at a wrong address.
+**
+** spawn. The parent forks and at once execs the executable (mp.set_executable)
+** with `-e "require'multiprocessing.spawn'.main()"`; the child does only
+** async-signal-safe calls between fork and exec, so host threads holding locks
+** do not matter. Its environment carries LUA_PATH_5_4/LUA_CPATH_5_4 (the
+** parent's package.path and cpath) and LUA_MP_SPAWN=<fd> of a socket on which
+** the parent writes a spawn header (the arena's descriptor number, address,
+** size, the child's arena token, the codec's key) and the start message. The
+** arena's memfd crosses exec as an open descriptor (its close-on-exec flag
+** cleared in the child only); the child maps it at the parent's address
+** (MAP_FIXED_NOREPLACE) or fails saying so. Every other descriptor is closed
+** at exec.
+**
+** forkserver. A server process, forked from the process that uses it (at its
+** first use, or by mp.forkserver_start / lmp_forkserver_start), closes every
+** descriptor but stdio, its socket and the arena's, and makes its own lua_State
+** with the modules loaded; it never runs user code and holds no lock. For each
+** request (the child's arena token, its daemon flag, the start message) it
+** clones a worker with CLONE_PARENT: the worker is the requester's child, not
+** the server's, so the requester's waitpid, reap, exit handler and pidfds work
+** as for fork, the server never has zombies, and a worker dies with the
+** requester (PR_SET_PDEATHSIG). glibc's fork() cannot make a sibling, so the
+** clone is raw; the worker then does what glibc's fork does in a child: its
+** thread id is written where glibc keeps it (CLONE_CHILD_SETTID at the
+** address PR_GET_TID_ADDRESS gives, so robust mutexes record the right owner)
+** and its robust list is reset to empty. The server dies with the process
+** that started it (PR_SET_PDEATHSIG, and EOF on its socket), and is a daemon
+** child of it: killed and reaped at exit. A process forked from the one that
+** started a server starts its own on first use (CLONE_PARENT makes children
+** of the server's parent only). */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sched.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "lualib.h"
+#include "mp.h"
+#include "../include/multiprocessing.h"
+
+extern char **environ;
+
+#define SMAGIC 0x53504d4cU  /* "LMPS": a start message */
+#define HMAGIC 0x48504d4cU  /* "LMPH": a spawn header, or a forkserver request */
+#define WAIT_START 30.0     /* seconds a child or the server may take to answer */
+
+/* ------------------------------------------------ functions in the arena */
+
+static void anchor(void) {}
+
+uint64_t mp_fn_pack(mp_dtor f) {
+  return f ? (uint64_t)((uintptr_t)f - (uintptr_t)&anchor) : 0;
+}
+
+mp_dtor mp_fn_unpack(uint64_t v) {
+  return v ? (mp_dtor)((uintptr_t)&anchor + (uintptr_t)v) : NULL;
+}
+
+/* this build of the core: where some of its functions lie relative to one
+** another, mixed with the version */
+static uint64_t image_id(void) {
+  uintptr_t fns[] = { (uintptr_t)&mp_arena_attach, (uintptr_t)&mp_decode, (uintptr_t)&mp_encode,
+                      (uintptr_t)&mp_obj_release_with, (uintptr_t)&luaopen_multiprocessing_core };
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+    h ^= (uint64_t)(fns[i] - (uintptr_t)&anchor);
+    h *= 0x100000001b3ULL;
+  }
+  for (const char *v = MP_VERSION; *v; v++) { h ^= (unsigned char)*v; h *= 0x100000001b3ULL; }
+  return h;
+}
+
+/* ---------------------------------------------------- the start message */
+
+/* core._startmsg(value) -> bytes: the value encoded, a reference counted for
+** each handle (the bytes own them until a child decodes them) */
+static int fs_startmsg(lua_State *L) {
+  luaL_checkany(L, 1);
+  lua_settop(L, 1);
+  mp_enc *e = mp_encode(L, 1, "start message");
+  const mp_sent *hl;
+  size_t nh = mp_enc_handles(e, &hl);
+  size_t n = mp_enc_size(e), head = 16 + 8 * nh;
+  char *p = lua_newuserdatauv(L, head + n, 0);
+  uint32_t w[2] = { SMAGIC, (uint32_t)nh };
+  uint64_t img = image_id();
+  memcpy(p, w, 8);
+  memcpy(p + 8, &img, 8);
+  for (size_t i = 0; i < nh; i++) {
+    memcpy(p + 16 + 8 * i, &hl[i].off, 8);
+    mp_obj_count(hl[i].off);
+  }
+  mp_enc_copy(e, p + head);
+  mp_enc_own(e);
+  mp_enc_done(L, e);
+  lua_pushlstring(L, p, head + n);
+  return 1;
+}
+
+/* core._startdecode(bytes) -> value: the handles take the message's references */
+static int fs_startdecode(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  uint32_t w[2];
+  uint64_t img;
+  if (n < 16) return luaL_error(L, "not a start message");
+  memcpy(w, s, 8);
+  memcpy(&img, s + 8, 8);
+  if (w[0] != SMAGIC || n < 16 + 8 * (size_t)w[1]) return luaL_error(L, "not a start message");
+  if (img != image_id())
+    return luaL_error(L, "this process loaded another build of multiprocessing.core than its parent "
+                         "(package.cpath must find the same core.so)");
+  size_t nh = w[1], head = 16 + 8 * nh;
+  uint64_t *offs = lua_newuserdatauv(L, nh ? 8 * nh : 1, 0);
+  memcpy(offs, s + 16, 8 * nh);
+  mp_adopt a = { offs, (uint32_t)nh }, *prev = mp_obj_adopt(&a);
+  mp_decode(L, s + head, n - head);  /* (an error here leaks the references left) */
+  mp_obj_adopt(prev);
+  return 1;
+}
+
+/* ------------------------------------------------------------- helpers */
+
+static int send_all(int fd, const char *p, size_t n, lua_State *L, pid_t peer, const char **why) {
+  double deadline = mp_now() + WAIT_START;
+  lua_Hook h0 = L ? lua_gethook(L) : NULL;
+  while (n) {
+    ssize_t r = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r > 0) { p += r, n -= (size_t)r; continue; }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && errno != EAGAIN) { *why = strerror(errno); return -1; }
+    if (L && mp_hook_pending(L, h0)) { *why = "interrupted"; return -1; }
+    if (peer && mp_pid_gone(peer)) { *why = "it died before reading its start message"; return -1; }
+    if (mp_now() > deadline) { *why = "it did not read its start message in 30 s"; return -1; }
+    struct pollfd pf = { fd, POLLOUT, 0 };
+    poll(&pf, 1, 50);
+  }
+  return 0;
+}
+
+/* reads n bytes; 0 ok, -1 (errno; EPIPE at end of file) */
+static int recv_all(int fd, void *buf, size_t n) {
+  char *p = buf;
+  while (n) {
+    ssize_t r = read(fd, p, n);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) { if (r == 0) errno = EPIPE; return -1; }
+    p += r, n -= (size_t)r;
+  }
+  return 0;
+}
+
+/* waits until fd is readable; 0 ready, or why not */
+static const char *wait_readable(int fd, lua_State *L, pid_t peer, double seconds) {
+  double deadline = mp_now() + seconds;
+  lua_Hook h0 = L ? lua_gethook(L) : NULL;
+  for (;;) {
+    struct pollfd pf = { fd, POLLIN, 0 };
+    int r = poll(&pf, 1, 50);
+    if (r > 0) return NULL;
+    if (L && mp_hook_pending(L, h0)) return "interrupted";
+    if (peer && mp_pid_gone(peer)) {  /* (what it wrote before dying is still there) */
+      if (poll(&pf, 1, 0) > 0) return NULL;
+      return "it died";
+    }
+    if (mp_now() > deadline) return "no answer in 30 s";
+  }
+}
+
+/* closes every descriptor from 3 up but keep[0..n) */
+static void close_others(const int *keep, int n) {
+  int top = -1;
+  DIR *d = opendir("/proc/self/fd");
+  if (!d) return;
+  int dfd = dirfd(d);
+  int fds[1024], k = 0;
+  struct dirent *de;
+  while ((de = readdir(d)) && k < 1024) {
+    int fd = atoi(de->d_name);
+    if (fd < 3 || fd == dfd || de->d_name[0] == '.') continue;
+    int kept = 0;
+    for (int i = 0; i < n; i++) if (keep[i] == fd) kept = 1;
+    if (!kept) fds[k++] = fd;
+    if (fd > top) top = fd;
+  }
+  closedir(d);
+  for (int i = 0; i < k; i++) close(fds[i]);
+}
+
+/* PATH search, in the parent (execvp is not async-signal-safe) */
+static char *find_exe(const char *exe) {
+  if (strchr(exe, '/')) return access(exe, X_OK) == 0 ? strdup(exe) : NULL;
+  const char *path = getenv("PATH");
+  if (!path || !*path) path = "/usr/local/bin:/usr/bin:/bin";
+  size_t el = strlen(exe);
+  while (*path) {
+    const char *c = strchr(path, ':');
+    size_t dl = c ? (size_t)(c - path) : strlen(path);
+    char *full = malloc(dl + el + 2);
+    if (!full) return NULL;
+    memcpy(full, path, dl);
+    full[dl] = '/';
+    memcpy(full + dl + 1, exe, el + 1);
+    if (dl && access(full, X_OK) == 0) return full;
+    free(full);
+    path += dl + (c ? 1 : 0);
+  }
+  return NULL;
+}
+
+/* ----------------------------------------------------------------- spawn */
+
+typedef struct spawnhdr {
+  uint32_t magic, arenafd;
+  uint64_t addr, size, token, key[2], len;
+} spawnhdr;
+
+/* core._spawn(exe, startmsg, daemon, path, cpath) -> pid | nil, message */
+static int fs_spawn(lua_State *L) {
+  const char *exe = luaL_checkstring(L, 1);
+  size_t mlen;
+  const char *msg = luaL_checklstring(L, 2, &mlen);
+  int daemon = lua_toboolean(L, 3);
+  const char *path = luaL_checkstring(L, 4), *cpath = luaL_checkstring(L, 5);
+  mp_arena_ensure(L);
+  if (!mp_proc_reserve()) return luaL_error(L, "cannot spawn: out of memory");
+  char *full = find_exe(exe);
+  if (!full) { lua_pushnil(L); lua_pushfstring(L, "cannot spawn: executable '%s' not found", exe); return 2; }
+  int sv[2], ep[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) { free(full); return mp_pusherrno(L, "cannot spawn"); }
+  if (pipe2(ep, O_CLOEXEC) != 0) { close(sv[0]), close(sv[1]), free(full); return mp_pusherrno(L, "cannot spawn"); }
+  /* the environment: the parent's, with our variables in front */
+  size_t ne = 0;
+  while (environ[ne]) ne++;
+  char **envp = malloc((ne + 4) * sizeof *envp);
+  char *ev[3] = { NULL, NULL, NULL };
+  if (envp) {
+    size_t k = 0;
+    ev[0] = malloc(strlen(path) + 16), ev[1] = malloc(strlen(cpath) + 16), ev[2] = malloc(32);
+    if (ev[0] && ev[1] && ev[2]) {
+      sprintf(ev[0], "LUA_PATH_5_4=%s", path);
+      sprintf(ev[1], "LUA_CPATH_5_4=%s", cpath);
+      sprintf(ev[2], "LUA_MP_SPAWN=%d", sv[1]);
+      envp[k++] = ev[0], envp[k++] = ev[1], envp[k++] = ev[2];
+      for (size_t i = 0; i < ne; i++)
+        if (strncmp(environ[i], "LUA_PATH_5_4=", 13) && strncmp(environ[i], "LUA_CPATH_5_4=", 14) &&
+            strncmp(environ[i], "LUA_MP_SPAWN=", 13))
+          envp[k++] = environ[i];
+      envp[k] = NULL;
+    }
+  }
+  if (!envp || !ev[0] || !ev[1] || !ev[2]) {
+    free(ev[0]), free(ev[1]), free(ev[2]), free(envp), free(full);
+    close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]);
+    return luaL_error(L, "cannot spawn: out of memory");
+  }
+  char *argv[] = { full, "-e", "require'multiprocessing.spawn'.main()", NULL };
+  int afd = mp_arena_fd();
+  uint64_t token = mp_proc_prefork(L);
+  pid_t parent = getpid();
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);  /* no handler of ours runs in the child */
+  pid_t pid = fork();
+  if (pid == 0) {  /* async-signal-safe calls only, until exec */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(1);
+    int fl = fcntl(afd, F_GETFD);
+    fcntl(afd, F_SETFD, fl & ~FD_CLOEXEC);
+    fl = fcntl(sv[1], F_GETFD);
+    fcntl(sv[1], F_SETFD, fl & ~FD_CLOEXEC);
+    signal(SIGPIPE, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    execve(full, argv, envp);
+    int e = errno;
+    if (write(ep[1], &e, sizeof e) < 0) _exit(127);
+    _exit(127);
+  }
+  int fe = errno;
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  mp_proc_parent(token, pid);
+  free(ev[0]), free(ev[1]), free(ev[2]), free(envp);
+  close(sv[1]), close(ep[1]);
+  if (pid < 0) {
+    free(full), close(sv[0]), close(ep[0]);
+    errno = fe;
+    return mp_pusherrno(L, "cannot spawn");
+  }
+  mp_proc_track(pid, daemon);
+  int e = 0;
+  ssize_t r;
+  do r = read(ep[0], &e, sizeof e); while (r < 0 && errno == EINTR);  /* EOF: exec'd */
+  close(ep[0]);
+  if (r == (ssize_t)sizeof e) {  /* exec failed: the child exits 127 (reaped by its owner) */
+    close(sv[0]);
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot spawn: cannot run '%s': %s", full, strerror(e));
+    free(full);
+    lua_pushinteger(L, pid);
+    return 3;
+  }
+  free(full);
+  spawnhdr h = { HMAGIC, (uint32_t)afd, (uint64_t)(uintptr_t)mp_arena_base(), mp_arena_size(), token, { 0, 0 }, mlen };
+  mp_codec_key(h.key);
+  const char *why = NULL;
+  if (send_all(sv[0], (const char *)&h, sizeof h, L, pid, &why) || send_all(sv[0], msg, mlen, L, pid, &why)) {
+    close(sv[0]);
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot spawn: the new interpreter (pid %d): %s", (int)pid, why);
+    lua_pushinteger(L, pid);
+    return 3;
+  }
+  close(sv[0]);
+  lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* core._attach() -> start message: in a spawned interpreter, maps the arena
+** and reads what its parent sent */
+static int fs_attach(lua_State *L) {
+  const char *v = getenv("LUA_MP_SPAWN");
+  if (!v) return luaL_error(L, "multiprocessing.spawn: not started by a spawning parent (no LUA_MP_SPAWN)");
+  int fd = atoi(v);
+  unsetenv("LUA_MP_SPAWN");
+  fcntl(fd, F_SETFD, FD_CLOEXEC);
+  spawnhdr h;
+  if (recv_all(fd, &h, sizeof h) != 0 || h.magic != HMAGIC)
+    return luaL_error(L, "multiprocessing.spawn: no spawn header from the parent (%s)", strerror(errno));
+  fcntl((int)h.arenafd, F_SETFD, FD_CLOEXEC);
+  const char *why = mp_arena_attach((int)h.arenafd, h.addr, h.size, h.token);
+  if (why) return luaL_error(L, "multiprocessing.spawn: cannot map the parent's shared memory: %s", why);
+  mp_codec_setkey(h.key);
+  mp_proc_reset();
+  char *buf = lua_newuserdatauv(L, h.len ? h.len : 1, 0);
+  if (recv_all(fd, buf, h.len) != 0)
+    return luaL_error(L, "multiprocessing.spawn: the start message was cut (%s)", strerror(errno));
+  close(fd);
+  lua_pushlstring(L, buf, h.len);
+  return 1;
+}
+
+/* ------------------------------------------------------------ forkserver */
+
+typedef struct fsreq {
+  uint32_t magic, daemon;
+  uint64_t token, len;
+  int32_t requester, pad;
+} fsreq;
+
+typedef struct fsrep { int32_t pid, err; } fsrep;
+
+static struct {
+  pid_t pid, owner;  /* the server, and the process that started it */
+  int fd;
+  pthread_mutex_t lock;  /* one request at a time (hosts with threads) */
+} fs = { 0, 0, -1, PTHREAD_MUTEX_INITIALIZER };
+
+static uint32_t *tidaddr;   /* in the server: where glibc keeps the thread id */
+static void *rhead;         /* ... and its robust list head */
+static size_t rlen;
+
+static pid_t clone_sibling(void) {
+  struct clone_args ca;
+  memset(&ca, 0, sizeof ca);
+  ca.flags = CLONE_PARENT | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID;
+  ca.child_tid = (uint64_t)(uintptr_t)tidaddr;
+  ca.exit_signal = 0;  /* (with CLONE_PARENT: the server's own, SIGCHLD) */
+  long r = syscall(SYS_clone3, &ca, sizeof ca);
+  if (r < 0 && errno == ENOSYS)  /* (Linux < 5.3: the order of x86_64 and arm64) */
+    r = syscall(SYS_clone, CLONE_PARENT | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD, NULL, NULL, tidaddr, NULL);
+  return (pid_t)r;
+}
+
+static void (*child_handlers[16])(void);
+static int nchild_handlers;
+
+void mp_atfork(void (*child)(void)) {
+  for (int i = 0; i < nchild_handlers; i++) if (child_handlers[i] == child) return;
+  if (nchild_handlers < 16) child_handlers[nchild_handlers++] = child;
+  pthread_atfork(NULL, NULL, child);
+}
+
+/* in a new worker, first thing: what glibc's fork does for its child, and the
+** core's own fork handlers (a host's or another library's do not run) */
+static void worker_fixup(void) {
+  if (rhead) {  /* an empty robust list (the server holds no robust mutex) */
+    void **head = rhead;
+    head[0] = head;     /* list: itself */
+    head[2] = NULL;     /* list_op_pending */
+    head[-1] = head;    /* glibc's robust_prev, just before the head */
+    syscall(SYS_set_robust_list, rhead, rlen);
+  }
+  for (int i = 0; i < nchild_handlers; i++) child_handlers[i]();
+}
+
+static void reply(int fd, pid_t pid, int err) {
+  fsrep r = { pid, err };
+  if (send(fd, &r, sizeof r, MSG_NOSIGNAL) < 0) _exit(0);
+}
+
+static void server_loop(lua_State *S, int fd) {
+  for (;;) {
+    fsreq q;
+    if (recv_all(fd, &q, sizeof q) != 0 || q.magic != HMAGIC) _exit(0);  /* its starter is gone */
+    char *msg = malloc(q.len ? q.len : 1);
+    if (!msg) _exit(1);
+    if (recv_all(fd, msg, q.len) != 0) _exit(0);
+    pid_t pid = clone_sibling();
+    if (pid < 0) { reply(fd, -1, errno); free(msg); continue; }
+    if (pid > 0) { reply(fd, pid, 0); free(msg); continue; }
+    /* the worker: the requester's child */
+    worker_fixup();
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != q.requester) _exit(1);
+    close(fd);
+    signal(SIGINT, SIG_DFL);
+    mp_proc_reset();
+    mp_proc_child(q.token);
+    lua_getglobal(S, "require");
+    lua_pushliteral(S, "multiprocessing.spawn");
+    if (lua_pcall(S, 1, 1, 0) == LUA_OK) {
+      lua_getfield(S, -1, "run");
+      lua_pushlstring(S, msg, q.len);
+      lua_pushboolean(S, q.daemon);
+      lua_pcall(S, 2, 0, 0);  /* (run leaves with _exit) */
+    }
+    fprintf(stderr, "multiprocessing: forkserver worker: %s\n", lua_tostring(S, -1));
+    fflush(NULL);
+    _exit(1);
+  }
+}
+
+/* the server's own state: the modules loaded, the core the one already in this process */
+static const char *server_state(lua_State **out, const char *path, const char *cpath) {
+  lua_State *S = luaL_newstate();
+  if (!S) return "out of memory";
+  luaL_openlibs(S);
+  lua_getglobal(S, "package");
+  if (path) { lua_pushstring(S, path); lua_setfield(S, -2, "path"); }
+  if (cpath) { lua_pushstring(S, cpath); lua_setfield(S, -2, "cpath"); }
+  lua_getfield(S, -1, "preload");
+  lua_pushcfunction(S, luaopen_multiprocessing_core);
+  lua_setfield(S, -2, "multiprocessing.core");
+  lua_settop(S, 0);
+  lua_getglobal(S, "require");
+  lua_pushliteral(S, "multiprocessing");
+  if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
+  lua_getglobal(S, "require");
+  lua_pushliteral(S, "multiprocessing.spawn");
+  if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
+  *out = S;
+  return NULL;
+}
+
+static void server_main(int fd, pid_t parent, const char *path, const char *cpath) {
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != parent) _exit(1);
+  signal(SIGINT, SIG_IGN);   /* Ctrl-C is its starter's */
+  signal(SIGPIPE, SIG_IGN);
+  signal(SIGCHLD, SIG_DFL);
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, NULL);
+  int keep[2] = { fd, mp_arena_fd() };
+  close_others(keep, 2);
+  prctl(PR_SET_NAME, "lua-mp-forksrv");
+  mp_proc_child(0);  /* no arena entry: it holds no handle it would use */
+  mp_proc_reset();
+  const char *why = NULL;
+  if (prctl(PR_GET_TID_ADDRESS, &tidaddr) != 0 || !tidaddr) why = "the kernel does not give the thread id address (PR_GET_TID_ADDRESS)";
+  if (syscall(SYS_get_robust_list, 0, &rhead, &rlen) != 0) rhead = NULL;
+  lua_State *S = NULL;
+  if (!why) why = server_state(&S, path, cpath);
+  if (why) {
+    size_t n = strlen(why);
+    uint32_t w[2] = { HMAGIC, (uint32_t)n };
+    if (send(fd, w, 8, MSG_NOSIGNAL) == 8) send(fd, why, n, MSG_NOSIGNAL);
+    _exit(1);
+  }
+  uint32_t w[2] = { HMAGIC, 0 };
+  if (send(fd, w, 8, MSG_NOSIGNAL) != 8) _exit(0);
+  server_loop(S, fd);
+}
+
+static void fs_forget(void) {  /* (lock held) the server is gone or not ours */
+  if (fs.fd >= 0) close(fs.fd);
+  fs.fd = -1, fs.pid = 0, fs.owner = 0;
+}
+
+/* starts the server (lock held); NULL or why not. L may be NULL. */
+static const char *fs_start_locked(lua_State *L, const char *path, const char *cpath, char *err, size_t errn) {
+  if (fs.fd >= 0 && fs.owner == getpid()) return NULL;
+  if (fs.fd >= 0) fs_forget();  /* inherited from the process that started it */
+  if (!mp_proc_reserve()) return "out of memory";
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) { snprintf(err, errn, "%s", strerror(errno)); return err; }
+  pid_t parent = getpid();
+  fflush(NULL);
+  pid_t pid = fork();
+  if (pid == 0) { close(sv[0]); server_main(sv[1], parent, path, cpath); _exit(1); }
+  int e = errno;
+  close(sv[1]);
+  if (pid < 0) { close(sv[0]); snprintf(err, errn, "fork: %s", strerror(e)); return err; }
+  mp_proc_track(pid, 1);
+  const char *w8 = wait_readable(sv[0], L, pid, WAIT_START);
+  uint32_t w[2];
+  if (!w8 && recv_all(sv[0], w, 8) != 0) w8 = "it died";
+  if (!w8 && w[0] != HMAGIC) w8 = "bad answer";
+  if (!w8 && w[1]) {
+    size_t n = w[1] < errn - 1 ? w[1] : errn - 1;
+    if (recv_all(sv[0], err, n) != 0) n = 0;
+    err[n] = 0;
+    w8 = err;
+  }
+  if (w8) {
+    close(sv[0]);
+    kill(pid, SIGKILL);
+    if (w8 != err) snprintf(err, errn, "%s", w8);
+    return err;
+  }
+  fs.pid = pid, fs.owner = getpid(), fs.fd = sv[0];
+  return NULL;
+}
+
+/* core._forkserver_start(path, cpath) -> pid | nil, message */
+static int fs_start(lua_State *L) {
+  const char *path = luaL_optstring(L, 1, NULL), *cpath = luaL_optstring(L, 2, NULL);
+  mp_arena_ensure(L);
+  char err[256];
+  pthread_mutex_lock(&fs.lock);
+  const char *why = fs_start_locked(L, path, cpath, err, sizeof err);
+  pid_t pid = fs.pid;
+  pthread_mutex_unlock(&fs.lock);
+  if (why) { lua_pushnil(L); lua_pushfstring(L, "cannot start the forkserver: %s", why); return 2; }
+  lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* core._forkserver_pid() -> the server's pid, or nil when none runs for this process */
+static int fs_pid(lua_State *L) {
+  if (fs.fd >= 0 && fs.owner == getpid() && !mp_pid_gone(fs.pid)) lua_pushinteger(L, fs.pid);
+  else lua_pushnil(L);
+  return 1;
+}
+
+/* core._forkserver_stop() -> the server's pid (its owner reaps it) or nil: the
+** server sees its socket close and leaves; the next use starts another */
+static int fs_stop(lua_State *L) {
+  pthread_mutex_lock(&fs.lock);
+  pid_t pid = fs.fd >= 0 && fs.owner == getpid() ? fs.pid : 0;
+  if (fs.fd >= 0) fs_forget();
+  pthread_mutex_unlock(&fs.lock);
+  if (pid) lua_pushinteger(L, pid);
+  else lua_pushnil(L);
+  return 1;
+}
+
+/* one request; 1 done (*pid), 0 the server is gone (retry with a new one), -1 failed (why) */
+static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, uint64_t token, pid_t *pid,
+                      const char **why) {
+  fsreq q = { HMAGIC, (uint32_t)daemon, token, mlen, (int32_t)getpid(), 0 };
+  if (send_all(fs.fd, (const char *)&q, sizeof q, L, fs.pid, why) || send_all(fs.fd, msg, mlen, L, fs.pid, why))
+    return strcmp(*why, "interrupted") ? 0 : -1;
+  *why = wait_readable(fs.fd, L, fs.pid, WAIT_START);
+  if (*why) return strcmp(*why, "interrupted") ? 0 : -1;
+  fsrep r;
+  if (recv_all(fs.fd, &r, sizeof r) != 0) return 0;
+  if (r.pid < 0) { *why = strerror(r.err); return -1; }
+  *pid = r.pid;
+  return 1;
+}
+
+/* core._forkserver_fork(startmsg, daemon, path, cpath) -> pid | nil, message */
+static int fs_fork(lua_State *L) {
+  size_t mlen;
+  const char *msg = luaL_checklstring(L, 1, &mlen);
+  int daemon = lua_toboolean(L, 2);
+  const char *path = luaL_optstring(L, 3, NULL), *cpath = luaL_optstring(L, 4, NULL);
+  mp_arena_ensure(L);
+  if (!mp_proc_reserve()) return luaL_error(L, "cannot start a process: out of memory");
+  uint64_t token = mp_proc_prefork(L);  /* (may raise: before the lock) */
+  char err[256];
+  const char *why = NULL;
+  pid_t pid = -1;
+  pthread_mutex_lock(&fs.lock);
+  for (int attempt = 0; attempt < 2; attempt++) {
+    why = fs_start_locked(L, path, cpath, err, sizeof err);
+    if (why) break;
+    int r = fs_request(L, msg, mlen, daemon, token, &pid, &why);
+    if (r == 1) { why = NULL; break; }
+    if (r < 0) break;
+    kill(fs.pid, SIGKILL);  /* gone or stuck: a new one (the exit handler reaps this one) */
+    fs_forget();
+    why = why ? why : "the forkserver died";
+  }
+  if (!why) mp_proc_track(pid, daemon);
+  pthread_mutex_unlock(&fs.lock);
+  mp_proc_parent(token, why ? -1 : pid);
+  if (why) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot start a process with the forkserver: %s", why);
+    return 2;
+  }
+  lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* core._threads() -> the number of threads of this process */
+static int fs_threads(lua_State *L) {
+  FILE *f = fopen("/proc/self/stat", "r");
+  long n = 0;
+  if (f) {
+    char buf[1024];
+    size_t k = fread(buf, 1, sizeof buf - 1, f);
+    buf[k] = 0;
+    fclose(f);
+    char *p = strrchr(buf, ')');
+    /* fields after the name: state ppid pgrp session tty tpgid flags minflt cminflt
+    ** majflt cmajflt utime stime cutime cstime priority nice num_threads */
+    for (int i = 0; p && i < 18; i++) p = strchr(p + 1, ' ');
+    if (p) n = strtol(p + 1, NULL, 10);
+  }
+  lua_pushinteger(L, n);
+  return 1;
+}
+
+/* The public C entry: the forkserver started now, before the host starts
+** threads or grows its heap. The modules are found through LUA_PATH/LUA_CPATH
+** (or Lua's defaults), the core is this one. */
+static int start_protected(lua_State *L) {
+  mp_arena_ensure(L);
+  return 0;
+}
+
+LMP_API int lmp_forkserver_start(void) {
+  lua_State *L = luaL_newstate();
+  if (!L) { errno = ENOMEM; return -1; }
+  lua_pushcfunction(L, start_protected);
+  int r = lua_pcall(L, 0, 0, 0);
+  lua_close(L);
+  if (r != LUA_OK) { errno = ENOMEM; return -1; }
+  char err[256];
+  pthread_mutex_lock(&fs.lock);
+  const char *why = fs_start_locked(NULL, NULL, NULL, err, sizeof err);
+  pthread_mutex_unlock(&fs.lock);
+  if (why) { fprintf(stderr, "lmp_forkserver_start: %s\n", why); errno = ECHILD; return -1; }
+  return 0;
+}
+
+int mp_forkserver_open(lua_State *L) {
+  static const luaL_Reg fns[] = {
+    {"_startmsg", fs_startmsg}, {"_startdecode", fs_startdecode}, {"_spawn", fs_spawn},
+    {"_attach", fs_attach}, {"_forkserver_start", fs_start}, {"_forkserver_fork", fs_fork},
+    {"_forkserver_pid", fs_pid}, {"_forkserver_stop", fs_stop}, {"_threads", fs_threads}, {NULL, NULL}
+  };
+  luaL_setfuncs(L, fns, 0);
+  return 0;
+}
