@@ -504,6 +504,6 @@ int mp_proc_reserve(void) {
   return kids_reserve();
 }
 
-void mp_proc_track(pid_t pid, int daemon) { track(pid, daemon); }
+void mp_proc_track(pid_t pid, int daemon) { track(pid, daemon, -1); }
 
 void mp_proc_reset(void) { nkids = 0; mainpid = getpid(); }
