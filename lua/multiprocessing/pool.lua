@@ -40,6 +40,11 @@ local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is a
 local BLOB_CACHE = 16    -- function blobs kept for reuse once no message needs them
 local LOST_AFTER = 1     -- seconds a message may be out of the queue, unclaimed and unanswered
 local START_TRIES = 3   -- new workers dying in a row during start-up that break the pool
+-- driving from a frame loop (pool:poll, get(0), wait(0), ready()): see drive
+local POLL_BUDGET = 0.001 -- seconds of pool:poll() without a budget
+local STEP_RESULTS = 8   -- result messages one bounded step takes at most
+local FEED_TIME = 0.0005 -- seconds a bounded step spends sending lazy input (at least one chunk)
+local FIRST_CHUNK = 16   -- items of map_async's first chunk (automatic chunksize), before encoding is timed
 -- what unfinished calls fail with when their pool stops
 local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
@@ -116,6 +121,7 @@ local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
   process._become("PoolWorker-" .. i, true)
   local tasks, results, st = pool._tasks, pool._results, pool._st
+  st:forget()  -- the parent's epoll set and pidfds (pool:fileno) are not the worker's
   local me = core.getpid()
   if pool._initializer then
     local a = pool._initargs
@@ -379,7 +385,13 @@ local function fail(self, call, idx, text)
   errs[idx] = text
   if not call.err then
     call.err = text
-    if not lazy(call) then finish(self, call) end
+    if not lazy(call) then
+      if not call.fed_all then  -- (map_async, fed lazily: no more of its input is sent)
+        call.fed_all = true
+        fed(self, call)
+      end
+      finish(self, call)
+    end
   end
 end
 
@@ -574,6 +586,41 @@ local function stop_workers(self)
   end
 end
 
+-- Replacing dead workers: at once (respawn = "now", the default), or (respawn = "poll")
+-- in a later pool:poll(), one worker per call, so that a frame that notices a death does
+-- not also pay for a fork; a blocking call (get(), join()...) or a driver that finds no
+-- worker left spawns the pending ones itself, so that nothing waits on a deferral.
+local function spawn_worker(self, i)
+  spawn(self, i)
+  if self._epfd then self._st:watch_pid(i, self._workers[i].pid) end
+end
+
+local function respawn_workers(self, slots)
+  if self._respawn ~= "poll" then
+    for _, i in ipairs(slots) do spawn_worker(self, i) end
+    return
+  end
+  local q = self._respawns or {}
+  for _, i in ipairs(slots) do q[#q + 1] = i end
+  self._respawns = q
+end
+
+-- spawns up to max pending respawns, while the pool still wants them (as check_workers)
+local function spawn_pending(self, max)
+  local q = self._respawns
+  local state = self._state
+  if self._broken or not (state == "running" or (state == "closing" and not self._stopping and work_left(self))) then
+    self._respawns = nil  -- (a pool left with no worker fails its work at its next check)
+    self._checked = 0
+    return
+  end
+  while max > 0 and #q > 0 do
+    spawn_worker(self, table.remove(q, 1))
+    max = max - 1
+  end
+  if #q == 0 then self._respawns = nil end
+end
+
 -- Messages in flight that have left the queue, that no live worker claims and
 -- whose result has not come are lost (a take and its claim are one atomic step
 -- in the queue; this guards the engine against waiting for them forever). The
@@ -640,6 +687,7 @@ local function check_workers(self, idle)
         end)
       end
       self._workers[i] = nil
+      if self._epfd then st:unwatch_pid(i) end
       if not w.ready and code ~= 0 then
         -- it died before it was ready. One death is a death (a kill from outside): it is
         -- replaced. START_TRIES in a row, with no worker ready between, is a start-up
@@ -669,10 +717,10 @@ local function check_workers(self, idle)
     -- a closing pool replaces workers (maxtasksperchild, deaths) until its work is done
     local state = self._state
     if state == "running" or (state == "closing" and not self._stopping and work_left(self)) then
-      for _, i in ipairs(respawn) do spawn(self, i) end
+      respawn_workers(self, respawn)
     end
   end
-  if not next(self._workers) then
+  if not next(self._workers) and not self._respawns then
     if work_left(self) then
       abort_all(self, self._broken and "the pool is broken: " .. self._broken or CLOSED)
     end
@@ -714,7 +762,14 @@ local function chunk_size(self, call)
     end
     return c
   end
-  if call.total then return math.max(1, math.ceil(call.total / (self._n * 4))) end
+  if call.total then
+    local c = math.max(1, math.ceil(call.total / (self._n * 4)))
+    if call.async then  -- map_async: chunks that take about FEED_TIME to encode
+      local e = call.enc_item
+      return math.min(c, e and math.max(1, math.floor(FEED_TIME / math.max(e, 1e-8))) or FIRST_CHUNK)
+    end
+    return c
+  end
   if not call.per_item then return 1 end  -- lazy input: grow once timings come back
   return math.max(1, math.min(10000, math.floor(CHUNK_TIME / math.max(call.per_item, 1e-7))))
 end
@@ -741,14 +796,19 @@ local function put_each(self, call, i0, src, j0, n)
   return n
 end
 
--- Feeds the call's input: all of it, or up to the window for lazy calls. An
--- input that cannot be read or sent cuts the call there.
-local function feed(self, call)
+-- Feeds the call's input: all of it, or up to the window for lazy calls (imap: items
+-- ahead of the loop; map_async: items in flight). An input that cannot be read or sent
+-- cuts the call there. With a deadline, it stops after the chunk that reaches it and
+-- returns true when the window has room for more (a bounded step, see drive).
+local function feed(self, call, deadline)
   if call.fed_all or call.finished then return end
   if call.seq_input and call.total == 0 then call.fed_all = true end
+  local more = false
   while not call.fed_all do
     local k = chunk_size(self, call)
-    if call.window and call.next_index - 1 - call.consumed >= math.max(call.window * k, WINDOW_ITEMS) then break end
+    if call.window and call.next_index - 1 - (call.async and call.ndone or call.consumed)
+      >= math.max(call.window * k, WINDOW_ITEMS) then more = false break end
+    if more then break end
     local i0 = call.next_index
     local src, j0, n, failure = call.seq_input, i0, nil, nil
     if src then
@@ -764,7 +824,9 @@ local function feed(self, call)
       end
     end
     if n > 0 then
+      local t0 = call.async and now()
       local ok, err = put_task(self, call, i0, src, j0, n)
+      if t0 and ok then call.enc_item = (now() - t0) / n end
       if not ok then
         local sent = 0
         if n > 1 and lazy(call) then sent, err = put_each(self, call, i0, src, j0, n) end
@@ -780,13 +842,16 @@ local function feed(self, call)
       call.total = call.next_index - 1
       if call.bar then call.bar.total = call.total end
     end
+    if deadline and now() >= deadline then more = true end
   end
   if call.fed_all then fed(self, call) end
   settle(self, call)
+  return more and not call.fed_all
 end
 
 -- One turn of the engine: waits up to `wait` seconds for results.
 local function pump(self, wait)
+  if self._respawns then spawn_pending(self, math.huge) end  -- (a blocking wait needs its workers)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
   local inflight = self._inflight
@@ -820,6 +885,66 @@ local function engine(self, wait, work)
   if not ok then
     if type(err) == "string" then err = err:gsub("^[^\n]-multiprocessing/pool%.lua:%d+: ", "") end
     error(err, 0)
+  end
+end
+
+------------------------------------------------- driving from a frame loop
+--
+-- A bounded step (get(0), wait(0), ready(), done(), and the unit of pool:poll): up to
+-- STEP_RESULTS result messages, the health check when SLICE has passed since the last
+-- one, lazy input until feed_until (at least one chunk); it never waits. Returns the
+-- results it delivered and whether it left work that a next step could do at once.
+local function step(self, feed_until)
+  local inflight, results = self._inflight, self._results
+  local n, taken = 0, 0
+  while taken < STEP_RESULTS do
+    local seq, out, pid, busy = take_result(results, 0, inflight)
+    if seq == nil then break end
+    taken = taken + 1
+    if type(seq) == "number" or seq[1] > 0 then n = n + 1 end  -- (not a worker's start-up note)
+    on_result(self, seq, out, pid, busy)
+  end
+  local more = taken >= STEP_RESULTS
+  if now() - self._checked >= SLICE then check_workers(self) end
+  for _, call in pairs(self._calls) do
+    if call.window then
+      if call.dropped then abandon(self, call)
+      elseif feed(self, call, feed_until) then more = true end
+    end
+  end
+  if self._state == "closing" and not self._stopping then stop_workers(self) end
+  return n, more
+end
+
+-- get(0), wait(0), ready(): one step; deferred respawns only when no worker is left
+local function drive_once(self)
+  if self._respawns and not next(self._workers) then spawn_pending(self, math.huge) end
+  step(self, now() + FEED_TIME)
+end
+
+local function live(self)
+  local state = self._state
+  return state == "running" or state == "closing"
+end
+
+-- pool:poll(budget): steps until one leaves nothing to do at once or the budget is
+-- spent; then the descriptor of pool:fileno() is made true (readable while work is
+-- left, its timer set for the next health check while messages are in flight).
+local function drive_poll(self, budget)
+  local deadline = now() + budget
+  local st, watching = self._st, self._epfd
+  if watching then st:clear() end
+  if self._respawns then spawn_pending(self, next(self._workers) and 1 or math.huge) end
+  local total, n, more = 0, 0, false
+  repeat
+    n, more = step(self, deadline)
+    total = total + n
+  until not more or now() >= deadline or not live(self)
+  more = more or self._respawns ~= nil
+  self._polled, self._more = total, more
+  if watching and live(self) then
+    if more then st:signal() end
+    st:signal(next(self._inflight) and SLICE or 0)
   end
 end
 
@@ -1017,6 +1142,10 @@ end
 
 -- Waits for a call to be ready; returns false on timeout.
 local function wait_call(self, call, timeout)
+  if timeout and timeout <= 0 and not call.finished then  -- get(0), wait(0): one bounded step
+    if live(self) then engine(self, 0, drive_once) end
+    return call.finished == true
+  end
   local deadline = timeout and now() + timeout
   while not call.finished do
     local left = deadline and deadline - now()
@@ -1035,7 +1164,8 @@ end
 
 -- a value the codec cannot send, held by every Pool
 local NOSEND = coroutine.create(function() end)
-local POOL_OPTIONS = { processes = true, initializer = true, initargs = true, maxtasksperchild = true }
+local POOL_OPTIONS = { processes = true, initializer = true, initargs = true, maxtasksperchild = true, respawn = true }
+local RESPAWN = { now = true, poll = true }
 
 local function stopped(pid)  -- by a signal (T) or a tracer (t)
   local f = io.open("/proc/" .. pid .. "/stat")
@@ -1048,12 +1178,17 @@ end
 function M.Pool(opts)
   -- the same Pool over Redis Streams (docs/distributed.md)
   if type(opts) == "table" and opts.backend ~= nil then return require("multiprocessing.stream_pool").Pool(opts) end
-  local n, init, initargs, maxtasks
+  local n, init, initargs, maxtasks, respawn
   if type(opts) == "table" then
     for k in pairs(opts) do
       if not POOL_OPTIONS[k] then error(("bad argument #1 to 'Pool' (unknown option %s)"):format(key_text(k)), 2) end
     end
     n, init, initargs, maxtasks = opts.processes, opts.initializer, opts.initargs, opts.maxtasksperchild
+    respawn = opts.respawn
+    if respawn ~= nil and not RESPAWN[respawn] then
+      error(("bad argument #1 to 'Pool' (respawn must be \"now\" or \"poll\", got %s)"):format(
+        type(respawn) == "string" and '"' .. respawn .. '"' or tostring(respawn)), 2)
+    end
     if initargs ~= nil and type(initargs) ~= "table" then
       error("bad argument #1 to 'Pool' (initargs must be a table, got " .. type(initargs) .. ")", 2)
     end
@@ -1074,7 +1209,7 @@ function M.Pool(opts)
     _fcache = setmetatable({}, { __mode = "k" }), _blobs = {}, _ring = {}, _ringk = 0, _bytext = {}, _state = "running",
     _slabs = {}, _free = {}, _nfree = 0,  -- Futures' cancel words
     _owner = core.getpid(), _checked = now(), _lostcheck = now(), _startfails = 0,
-    _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
+    _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks, _respawn = respawn or "now",
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
   }, Pool)
   self._A, self._F = pool_class(self, AsyncResult), pool_class(self, Future)
@@ -1103,6 +1238,40 @@ function M.Pool(opts)
   return self
 end
 
+--- pool:poll([budget]) -> results delivered, more: drives the pool for about budget seconds
+--- (default POLL_BUDGET; 0: one bounded step) without waiting (see docs/pool.md)
+function Pool:poll(budget)
+  if getmetatable(self) ~= Pool then error("bad self to 'poll' (Pool expected)", 2) end
+  if budget == nil then
+    budget = POLL_BUDGET
+  elseif type(budget) ~= "number" or budget ~= budget or budget < 0 then
+    error(("bad argument #1 to 'poll' (non-negative number of seconds expected, got %s)"):format(
+      type(budget) == "number" and tostring(budget) or type(budget)), 2)
+  end
+  if self._owner ~= core.getpid() then error("a Pool can only be used by the process that made it", 2) end
+  if not live(self) then return 0, false end
+  self._polled, self._more = 0, false
+  engine(self, budget, drive_poll)
+  return self._polled, self._more
+end
+
+--- pool:fileno() -> fd: readable while pool:poll() has something to do (see docs/pool.md)
+function Pool:fileno()
+  if getmetatable(self) ~= Pool then error("bad self to 'fileno' (Pool expected)", 2) end
+  if self._owner ~= core.getpid() then error("a Pool can only be used by the process that made it", 2) end
+  if not live(self) then error(("cannot fileno: the pool is %s"):format(self._state), 2) end
+  local fd = self._epfd
+  if fd then return fd end
+  local st = self._st
+  local err, code
+  fd, err, code = st:watch()
+  if not fd then return nil, err, code end
+  self._epfd = fd
+  for i, w in pairs(self._workers) do st:watch_pid(i, w.pid) end
+  if next(self._inflight) then st:signal(SLICE) end
+  return fd
+end
+
 function Pool:map(f, iterable, opts)
   local call = new_call(self, "map", f, iterable, opts, "map")
   feed(self, call)
@@ -1120,8 +1289,11 @@ function Pool:starmap(f, list, opts)
   return results_of(call)
 end
 
+-- map_async, starmap_async: the input is fed as imap's is, a window of items in flight
+-- ahead of the results, so that submission costs one bounded step (see drive)
 local function async(self, call)
-  feed(self, call)
+  call.window, call.async = self._n * AHEAD, true
+  feed(self, call, now() + FEED_TIME)
   call._pool = self
   return setmetatable(call, AsyncResult)
 end
@@ -1292,7 +1464,7 @@ end
 
 local function cut_unfed(self)
   for _, call in pairs(self._calls) do
-    if not call.fed_all then cut(self, call, CLOSED) end
+    if not call.fed_all and lazy(call) then cut(self, call, CLOSED) end  -- (map_async goes on)
   end
 end
 local function check_now(self) check_workers(self) end
@@ -1372,8 +1544,8 @@ end
 -- A record's state, delivering what came first (as AsyncResult:ready always did).
 local function poll(call)
   local pool = call._pool
-  if not rawget(call, "finished") and (pool._state == "running" or pool._state == "closing") then
-    engine(pool, 0)
+  if not rawget(call, "finished") and live(pool) then
+    engine(pool, 0, drive_once)
   end
   return rawget(call, "finished") == true
 end
