@@ -64,6 +64,7 @@ describe("Pool driven from a frame loop", function()
         pool:apply_async(double, { i }, { callback = function() delivered = delivered + 1 end })
       end
       assert.truthy(all_sent(pool, 500))
+      core.sleep(0.6)  -- (long enough for the health check to be due in the first call)
       local n, more = pool:poll(0)
       assert.is_true(n >= 1 and n <= 16, "results delivered by poll(0): " .. n)
       assert.equal(n, delivered)
@@ -115,6 +116,7 @@ describe("Pool driven from a frame loop", function()
         ars[i] = pool:apply_async(double, { i }, { callback = function() delivered = delivered + 1 end })
       end
       assert.truthy(all_sent(pool, 500))
+      core.sleep(0.6)  -- (long enough for the health check to be due in the first call)
       local calls = 0
       while not ars[500]:ready() do
         calls = calls + 1

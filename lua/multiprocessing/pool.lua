@@ -537,14 +537,21 @@ local function lose(self, seq, why)
   settle(self, call)
 end
 
--- handles the results that came (never waits)
+-- handles the results that came (never waits); true when it took them all. In a bounded
+-- step's health check, self._bounded counts down the messages it may still take (see step).
 local function drain(self)
   local inflight, results = self._inflight, self._results
-  local seq, out, pid, busy = take_result(results, 0, inflight)
-  while seq ~= nil do
+  local bounded = self._bounded
+  local left = bounded or math.huge
+  while true do
+    if left <= 0 then return false end
+    local seq, out, pid, busy = take_result(results, 0, inflight)
+    if seq == nil then break end
     on_result(self, seq, out, pid, busy)
-    seq, out, pid, busy = take_result(results, 0, inflight)
+    left = left - 1
+    if bounded then self._bounded = left end
   end
+  return true
 end
 
 -- Nobody is left to deliver: every message in flight is lost, every call that
@@ -634,7 +641,9 @@ local function find_lost(self, t)
     local last, _, first = st:claimed(i)
     if last ~= 0 then claims[#claims + 1], claims[#claims + 2] = first, last end
   end
-  drain(self)  -- results that came meanwhile (and their callbacks, which may send more)
+  -- results that came meanwhile (and their callbacks, which may send more); with results
+  -- still queued (a bounded step), nothing can be judged lost yet
+  if not drain(self) then return end
   local prev, suspects, lost = self._suspects, {}, nil
   for seq in pairs(self._inflight) do
     local held = seq > taken
@@ -675,10 +684,12 @@ local function check_workers(self, idle)
     end
     -- (for a dead worker, claimed first completes a take it left half done)
     local last, since, first = st:claimed(i, code ~= nil and self._tasks or nil)
-    if last == nil then
-      w.code = code  -- the task queue's lock is held (by a stopped process?): settle it later
+    -- what a dead worker sent before it died (its results, its "ready") counts: taken first
+    if last == nil or (code ~= nil and not drain(self)) then
+      -- the task queue's lock is held (by a stopped process?), or a bounded step left
+      -- results queued: settle it later
+      w.code = code
     elseif code ~= nil then
-      drain(self)  -- what it sent before it died (its results, its "ready") counts
       -- it held messages first .. last: the first was running, the others waiting
       for seq = first, last do
         lose(self, seq, function(call, i0, n)
@@ -891,21 +902,29 @@ end
 ------------------------------------------------- driving from a frame loop
 --
 -- A bounded step (get(0), wait(0), ready(), done(), and the unit of pool:poll): up to
--- STEP_RESULTS result messages, the health check when SLICE has passed since the last
--- one, lazy input until feed_until (at least one chunk); it never waits. Returns the
--- results it delivered and whether it left work that a next step could do at once.
+-- STEP_RESULTS messages from workers (results, and rare start-up notes), the health check
+-- when SLICE has passed since the last one (its drains take STEP_RESULTS more at most),
+-- lazy input until feed_until (at least one chunk); it never waits. Returns the messages
+-- it handled and whether it left work that a next step could do at once.
 local function step(self, feed_until)
   local inflight, results = self._inflight, self._results
-  local n, taken = 0, 0
-  while taken < STEP_RESULTS do
+  local n = 0
+  while n < STEP_RESULTS do
     local seq, out, pid, busy = take_result(results, 0, inflight)
     if seq == nil then break end
-    taken = taken + 1
-    if type(seq) == "number" or seq[1] > 0 then n = n + 1 end  -- (not a worker's start-up note)
+    n = n + 1
     on_result(self, seq, out, pid, busy)
   end
-  local more = taken >= STEP_RESULTS
-  if now() - self._checked >= SLICE then check_workers(self) end
+  local more = n >= STEP_RESULTS
+  -- the health check takes what came meanwhile (see find_lost): it waits for a step
+  -- that emptied the queue, unless results have kept it busy for a while
+  local since = now() - self._checked
+  if since >= SLICE and (not more or since >= 10 * SLICE) then
+    self._bounded = STEP_RESULTS
+    check_workers(self)
+    n = n + STEP_RESULTS - self._bounded  -- (the messages its drains took)
+    self._bounded = nil
+  end
   for _, call in pairs(self._calls) do
     if call.window then
       if call.dropped then abandon(self, call)
