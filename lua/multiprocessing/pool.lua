@@ -1645,6 +1645,19 @@ function Future:add_done_callback(fn)
   cbs[#cbs + 1] = fn
 end
 
+-- mp.connection.wait's protocol (docs/connection.md): the pool's descriptor, and a step that
+-- clears it (pool:poll(0)), so that a descriptor left readable always has work behind it
+function Future:_wait_fd()
+  local pool = self._pool
+  if not self.finished and live(pool) and pool._owner == core.getpid() then return (pool:fileno()) end
+end
+
+function Future:_wait_ready()
+  local pool = self._pool
+  if not rawget(self, "finished") and live(pool) then engine(pool, 0, drive_poll) end
+  return rawget(self, "finished") == true
+end
+
 Future.__tostring = function(self)
   local state = self._cancelled and "cancelled" or self.finished and (self.err and "raised" or "finished") or "pending"
   return ("<%s %s>"):format(getmetatable(self).__future == Future and "Future" or "AsyncResult", state)
