@@ -164,7 +164,11 @@ describe("Pool driven from a frame loop", function()
         io.open(path, "w"):close()
         core.sleep(60)
       end, { started })
-      assert.truthy(H.eventually(function() return io.open(started) end, PATIENCE))
+      assert.truthy(H.eventually(function()
+        local f = io.open(started)
+        if f then f:close() end
+        return f ~= nil
+      end, PATIENCE))
       local pid = pool:stats()[1].pid
       pool:poll(0)
       assert.truthy(H.eventually(function() pool:poll(0) return not readable(fd) end, PATIENCE))
