@@ -293,6 +293,27 @@ describe("Pool driven from a frame loop", function()
       assert.equal(6, pool:apply(double, { 3 }))
     end)
 
+    it("lets join() finish the work of workers that died after close()", function()
+      local pool = mp.Pool { processes = 1, respawn = "poll" }
+      local started = H.tmpname()
+      os.remove(started)
+      local a = pool:apply_async(function(path)
+        io.open(path, "w"):close()
+        core.sleep(60)
+      end, { started })
+      local b = pool:apply_async(double, { 7 })
+      assert.truthy(H.eventually(function()
+        local f = io.open(started)
+        if f then f:close() end
+        return f ~= nil
+      end, PATIENCE))
+      pool:close()
+      core.kill(pool:stats()[1].pid, 9)
+      pool:join()
+      H.raises("died", a.get, a)
+      assert.equal(14, b:get())
+    end)
+
     it("rejects other values", function()
       H.raises([[bad argument #1 to 'Pool' (respawn must be "now" or "poll", got "later")]], mp.Pool,
         { processes = 1, respawn = "later" })

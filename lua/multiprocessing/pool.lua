@@ -1505,8 +1505,8 @@ function Pool:join()
   if self._state ~= "closing" then return end
   -- lazily fed calls read no more input; what was sent is delivered
   engine(self, 0, cut_unfed)
-  while next(self._workers) and self._state == "closing" do
-    if self._stopping then
+  while (next(self._workers) or self._respawns) and self._state == "closing" do  -- (respawn = "poll": pump spawns them)
+    if self._stopping and next(self._workers) then
       -- the stop messages are out: a worker's exit, not a result, ends this wait
       wait_exit(self)
       engine(self, 0)
