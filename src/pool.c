@@ -1,5 +1,10 @@
 /* pool.c: the shared state of a Pool (one record per worker) and shared blobs. */
+#include <errno.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "mp.h"
@@ -36,11 +41,36 @@ typedef struct wrec {
   double busy, idle, enc, dec;
 } wrec;
 
+/* The readiness protocol of pool:fileno() (docs/pool.md, "Driving a pool from a
+** frame loop"). Each PoolState handle holds an eventfd made with it (inherited by
+** forked workers) and, once the parent watches, an epoll set of: the eventfd, a
+** timerfd (the parent's next health check) and a pidfd per worker (readable once
+** it exits). The epoll fd is what the host polls; it stays readable (level) until
+** the parent's poll clears what made it so.
+** - watching (shared) is 0 until the parent first asks for its descriptor; until
+**   then a worker's only cost is one load of it per result message.
+** - signalled (shared) is 1 from the first worker that wrote the eventfd since the
+**   parent last cleared it: a worker writes only when it swaps it from 0 to 1, so
+**   one write per parent poll at most, however many results come.
+** - The parent clears in this order: read the eventfd (and timerfd), then set
+**   signalled to 0, then take results. A worker puts its result, then swaps. So a
+**   result put after the parent's last look finds signalled 0, or 1 from a worker
+**   whose write comes after the parent's read: the eventfd is readable again.
+** A parent that stops with work left writes the eventfd itself (st:signal). */
 typedef struct pstate {
   mp_obj h;
-  uint32_t n, pad;
+  uint32_t n, watching;
+  uint32_t signalled, pad;
   wrec w[];
 } pstate;
+
+/* A PoolState handle: the shared record's, plus this process's descriptors (-1: none).
+** A handle decoded from a message (not inherited by fork) has no eventfd and no slots. */
+typedef struct pshandle {
+  mp_handle h;
+  int efd, epfd, tfd, nslots;
+  int pidfd[];  /* per worker slot, in the parent's epoll set */
+} pshandle;
 
 static mp_handle *ps_check(lua_State *L) { return mp_checkopen(L, 1, MP_CLASSES(POOLSTATE)); }
 
@@ -55,13 +85,19 @@ static int ps_new(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
   luaL_argcheck(L, n >= 1 && n <= 4096, 1, "1 to 4096 workers");
   mp_arena_ensure(L);
-  mp_handle *h = lua_newuserdatauv(L, sizeof(mp_handle), 0);
+  pshandle *ph = lua_newuserdatauv(L, sizeof(pshandle) + (size_t)n * sizeof(int), 0);
+  mp_handle *h = &ph->h;
   h->off = 0;
+  ph->efd = ph->epfd = ph->tfd = -1;
+  ph->nslots = (int)n;
+  for (int k = 0; k < n; k++) ph->pidfd[k] = -1;
   luaL_setmetatable(L, POOLSTATE);
   uint64_t off = mp_obj_new(L, sizeof(pstate) + (size_t)n * sizeof(wrec), 0x50);
   ((pstate *)MP_PTR(off))->n = (uint32_t)n;
   h->off = off;
   h->pid = getpid();
+  /* (without it, pool:fileno() fails; everything else works) */
+  ph->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   return 1;
 }
 
@@ -291,6 +327,15 @@ static int ps_done(lua_State *L) {
   } else {
     __atomic_store_n(&w->claim.seq, 0, __ATOMIC_SEQ_CST);
   }
+  /* its result is out: tell a watching parent (see the readiness protocol) */
+  pstate *ps = MP_PTR(h->off);
+  int efd = ((pshandle *)h)->efd;
+  if (__atomic_load_n(&ps->watching, __ATOMIC_SEQ_CST) && efd >= 0 &&
+      !__atomic_exchange_n(&ps->signalled, 1, __ATOMIC_SEQ_CST)) {
+    uint64_t one = 1;
+    ssize_t r = write(efd, &one, sizeof one);  /* (EAGAIN: the counter is full, readable anyway) */
+    (void)r;
+  }
   return 0;
 }
 
@@ -339,16 +384,148 @@ static int ps_info(lua_State *L) {
   return 1;
 }
 
+/* ------------------------------------------------------------ readiness */
+
+static void close_fd(int *fd) {
+  if (*fd >= 0) close(*fd);
+  *fd = -1;
+}
+
+static void ps_write(int fd) {
+  uint64_t one = 1;
+  ssize_t r = write(fd, &one, sizeof one);
+  (void)r;
+}
+
+/* st:watch() -> fd | nil, message, code: the epoll descriptor (made once) that polls
+** readable when the parent has something to do; from now on workers signal */
+static int ps_watch(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  pstate *ps = MP_PTR(ph->h.off);
+  if (ph->epfd < 0) {
+    if (ph->efd < 0 || ph->h.pid != getpid()) {
+      errno = ph->efd < 0 ? EBADF : EPERM;
+      return mp_pusherrno(L, "fileno");
+    }
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) return mp_pusherrno(L, "fileno: epoll_create1");
+    int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+    struct epoll_event ev = { EPOLLIN, { .u64 = 0 } };
+    if (tfd < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, ph->efd, &ev) < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &ev) < 0) {
+      int e = errno;
+      close(ep);
+      if (tfd >= 0) close(tfd);
+      errno = e;
+      return mp_pusherrno(L, "fileno: epoll_ctl");
+    }
+    ph->epfd = ep;
+    ph->tfd = tfd;
+    __atomic_store_n(&ps->watching, 1, __ATOMIC_SEQ_CST);
+    ps_write(ph->efd);  /* what came before the parent watched: one poll takes it */
+  }
+  lua_pushinteger(L, ph->epfd);
+  return 1;
+}
+
+static int *ps_slot(lua_State *L, pshandle *ph, int arg) {
+  lua_Integer i = luaL_checkinteger(L, arg);
+  luaL_argcheck(L, i >= 1 && i <= ph->nslots, arg, "no such worker");
+  return &ph->pidfd[i - 1];
+}
+
+/* st:unwatch_pid(i): worker slot i's pidfd leaves the epoll set (explicitly: forked
+** workers hold copies of it, so closing ours alone would leave it there) */
+static int ps_unwatch_pid(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  int *fd = ps_slot(L, ph, 2);
+  if (*fd >= 0 && ph->epfd >= 0) epoll_ctl(ph->epfd, EPOLL_CTL_DEL, *fd, NULL);
+  close_fd(fd);
+  return 0;
+}
+
+/* st:watch_pid(i, pid) -> true | false: worker slot i is process pid; its exit makes
+** the epoll set readable. false (no pidfd: Linux < 5.3, or pid is gone): the parent
+** is asked to poll now, and its timer finds the exit. */
+static int ps_watch_pid(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  ps_unwatch_pid(L);
+  int *fd = ps_slot(L, ph, 2);
+  pid_t pid = (pid_t)luaL_checkinteger(L, 3);
+  int ok = 0;
+  if (ph->epfd >= 0) {
+#ifdef SYS_pidfd_open
+    int p = (int)syscall(SYS_pidfd_open, pid, 0);  /* (close-on-exec) */
+    struct epoll_event ev = { EPOLLIN, { .u64 = 0 } };
+    if (p >= 0 && epoll_ctl(ph->epfd, EPOLL_CTL_ADD, p, &ev) == 0) *fd = p, ok = 1;
+    else if (p >= 0) close(p);
+#endif
+    if (!ok) ps_write(ph->efd);
+  }
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+/* st:clear(): the parent is about to look: the eventfd and the timer are read, then
+** workers may signal again (this order: see the readiness protocol) */
+static int ps_clear(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  pstate *ps = MP_PTR(ph->h.off);
+  uint64_t v;
+  if (ph->efd >= 0 && read(ph->efd, &v, sizeof v) < 0) v = 0;
+  if (ph->tfd >= 0 && read(ph->tfd, &v, sizeof v) < 0) v = 0;
+  __atomic_store_n(&ps->signalled, 0, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
+/* st:signal([seconds]): without seconds, the epoll set is readable now (the parent left
+** work for its next poll); with seconds, it becomes readable then (0: never, by the timer) */
+static int ps_signal(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  if (lua_isnoneornil(L, 2)) {
+    if (ph->efd >= 0) ps_write(ph->efd);
+    return 0;
+  }
+  double s = luaL_checknumber(L, 2);
+  if (ph->tfd >= 0) {
+    struct itimerspec its = { { 0, 0 }, { 0, 0 } };
+    if (s > 0) {
+      if (s > 1e6) s = 1e6;
+      its.it_value.tv_sec = (time_t)s;
+      its.it_value.tv_nsec = (long)((s - (double)its.it_value.tv_sec) * 1e9);
+      if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1;
+    }
+    timerfd_settime(ph->tfd, 0, &its, NULL);
+  }
+  return 0;
+}
+
+/* st:forget(): in a worker, the parent's epoll set, timer and pidfds are closed (its
+** copies; the eventfd stays: the worker signals through it) */
+static int ps_forget(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  close_fd(&ph->epfd);
+  close_fd(&ph->tfd);
+  for (int k = 0; k < ph->nslots; k++) close_fd(&ph->pidfd[k]);
+  return 0;
+}
+
 static int ps_close(lua_State *L) {
   mp_handle *h = mp_toself(L, 1, MP_CLASSES(POOLSTATE));
+  pshandle *ph = (pshandle *)h;
   uint64_t off = h->off;
   h->off = 0;
+  close_fd(&ph->epfd);  /* (first: the set goes, and with it what it watched) */
+  close_fd(&ph->tfd);
+  close_fd(&ph->efd);
+  for (int k = 0; k < ph->nslots; k++) close_fd(&ph->pidfd[k]);
   if (off) mp_obj_release(off, h->pid);
   return 0;
 }
 
 static void ps_decode(lua_State *L, const unsigned char *payload, size_t n) {
-  mp_handle_attach(L, payload, n, 0x50, POOLSTATE, sizeof(mp_handle), 0);
+  pshandle *ph = (pshandle *)mp_handle_attach(L, payload, n, 0x50, POOLSTATE, sizeof(pshandle), 0);
+  ph->efd = ph->epfd = ph->tfd = -1;
+  ph->nslots = 0;
 }
 
 /* ------------------------------------------------------------------ blobs */
@@ -489,7 +666,9 @@ static int pool_flags_new(lua_State *L) {
 int mp_pool_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"get_task", ps_get_task}, {"done", ps_done}, {"claimed", ps_claimed},
-    {"release", ps_release}, {"info", ps_info}, {"close", ps_close}, {NULL, NULL}
+    {"release", ps_release}, {"info", ps_info}, {"close", ps_close},
+    {"watch", ps_watch}, {"watch_pid", ps_watch_pid}, {"unwatch_pid", ps_unwatch_pid},
+    {"clear", ps_clear}, {"signal", ps_signal}, {"forget", ps_forget}, {NULL, NULL}
   };
   static const luaL_Reg meta[] = { {"__gc", ps_close}, {"__close", ps_close}, {NULL, NULL} };
   mp_newclass(L, POOLSTATE, methods, meta);

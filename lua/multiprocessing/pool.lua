@@ -42,6 +42,11 @@ local BLOB_CACHE = 16    -- function blobs kept for reuse once no message needs 
 local LOST_AFTER = 1     -- seconds a message may be out of the queue, unclaimed and unanswered
 local START_TRIES = 3   -- new workers dying in a row during start-up that break the pool
 local START_TIMEOUT = 60  -- default start_timeout: seconds a new worker may take to be ready
+-- driving from a frame loop (pool:poll, get(0), wait(0), ready()): see drive
+local POLL_BUDGET = 0.001 -- seconds of pool:poll() without a budget
+local STEP_RESULTS = 8   -- result messages one bounded step takes at most
+local FEED_TIME = 0.0005 -- seconds a bounded step spends sending lazy input (at least one chunk)
+local FIRST_CHUNK = 16   -- items of map_async's first chunk (automatic chunksize), before encoding is timed
 -- what unfinished calls fail with when their pool stops
 local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
@@ -118,6 +123,7 @@ local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
   process._become("PoolWorker-" .. i, true)
   local tasks, results, st = pool._tasks, pool._results, pool._st
+  st:forget()  -- the parent's epoll set and pidfds (pool:fileno) are not the worker's
   local me = core.getpid()
   if pool._initializer then
     local a = pool._initargs
@@ -399,7 +405,13 @@ local function fail(self, call, idx, text)
   errs[idx] = text
   if not call.err then
     call.err = text
-    if not lazy(call) then finish(self, call) end
+    if not lazy(call) then
+      if not call.fed_all then  -- (map_async, fed lazily: no more of its input is sent)
+        call.fed_all = true
+        fed(self, call)
+      end
+      finish(self, call)
+    end
   end
 end
 
@@ -545,14 +557,21 @@ local function lose(self, seq, why)
   settle(self, call)
 end
 
--- handles the results that came (never waits)
+-- handles the results that came (never waits); true when it took them all. In a bounded
+-- step's health check, self._bounded counts down the messages it may still take (see step).
 local function drain(self)
   local inflight, results = self._inflight, self._results
-  local seq, out, pid, busy = take_result(results, 0, inflight)
-  while seq ~= nil do
+  local bounded = self._bounded
+  local left = bounded or math.huge
+  while true do
+    if left <= 0 then return false end
+    local seq, out, pid, busy = take_result(results, 0, inflight)
+    if seq == nil then break end
     on_result(self, seq, out, pid, busy)
-    seq, out, pid, busy = take_result(results, 0, inflight)
+    left = left - 1
+    if bounded then self._bounded = left end
   end
+  return true
 end
 
 -- Nobody is left to deliver: every message in flight is lost, every call that
@@ -594,6 +613,41 @@ local function stop_workers(self)
   end
 end
 
+-- Replacing dead workers: at once (respawn = "now", the default), or (respawn = "poll")
+-- in a later pool:poll(), one worker per call, so that a frame that notices a death does
+-- not also pay for a fork; a blocking call (get(), join()...) or a driver that finds no
+-- worker left spawns the pending ones itself, so that nothing waits on a deferral.
+local function spawn_worker(self, i)
+  spawn(self, i)
+  if self._epfd then self._st:watch_pid(i, self._workers[i].pid) end
+end
+
+local function respawn_workers(self, slots)
+  if self._respawn ~= "poll" then
+    for _, i in ipairs(slots) do spawn_worker(self, i) end
+    return
+  end
+  local q = self._respawns or {}
+  for _, i in ipairs(slots) do q[#q + 1] = i end
+  self._respawns = q
+end
+
+-- spawns up to max pending respawns, while the pool still wants them (as check_workers)
+local function spawn_pending(self, max)
+  local q = self._respawns
+  local state = self._state
+  if self._broken or not (state == "running" or (state == "closing" and not self._stopping and work_left(self))) then
+    self._respawns = nil  -- (a pool left with no worker fails its work at its next check)
+    self._checked = 0
+    return
+  end
+  while max > 0 and #q > 0 do
+    spawn_worker(self, table.remove(q, 1))
+    max = max - 1
+  end
+  if #q == 0 then self._respawns = nil end
+end
+
 -- Messages in flight that have left the queue, that no live worker claims and
 -- whose result has not come are lost (a take and its claim are one atomic step
 -- in the queue; this guards the engine against waiting for them forever). The
@@ -607,7 +661,9 @@ local function find_lost(self, t)
     local last, _, first = st:claimed(i)
     if last ~= 0 then claims[#claims + 1], claims[#claims + 2] = first, last end
   end
-  drain(self)  -- results that came meanwhile (and their callbacks, which may send more)
+  -- results that came meanwhile (and their callbacks, which may send more); with results
+  -- still queued (a bounded step), nothing can be judged lost yet
+  if not drain(self) then return end
   local prev, suspects, lost = self._suspects, {}, nil
   for seq in pairs(self._inflight) do
     local held = seq > taken
@@ -666,10 +722,12 @@ local function check_workers(self, idle)
     end
     -- (for a dead worker, claimed first completes a take it left half done)
     local last, since, first = st:claimed(i, code ~= nil and self._tasks or nil)
-    if last == nil then
-      w.code = code  -- the task queue's lock is held (by a stopped process?): settle it later
+    -- what a dead worker sent before it died (its results, its "ready") counts: taken first
+    if last == nil or (code ~= nil and not drain(self)) then
+      -- the task queue's lock is held (by a stopped process?), or a bounded step left
+      -- results queued: settle it later
+      w.code = code
     elseif code ~= nil then
-      drain(self)  -- what it sent before it died (its results, its "ready") counts
       -- it held messages first .. last: the first was running, the others waiting
       for seq = first, last do
         lose(self, seq, function(call, i0, n)
@@ -678,6 +736,7 @@ local function check_workers(self, idle)
         end)
       end
       self._workers[i] = nil
+      if self._epfd then st:unwatch_pid(i) end
       if not w.ready and code ~= 0 then
         -- it died before it was ready. One death is a death (a kill from outside): it is
         -- replaced. START_TRIES in a row, with no worker ready between, is a start-up
@@ -707,10 +766,10 @@ local function check_workers(self, idle)
     -- a closing pool replaces workers (maxtasksperchild, deaths) until its work is done
     local state = self._state
     if state == "running" or (state == "closing" and not self._stopping and work_left(self)) then
-      for _, i in ipairs(respawn) do spawn(self, i) end
+      respawn_workers(self, respawn)
     end
   end
-  if not next(self._workers) then
+  if not next(self._workers) and not self._respawns then
     if work_left(self) then
       abort_all(self, self._broken and "the pool is broken: " .. self._broken or CLOSED)
     end
@@ -752,7 +811,14 @@ local function chunk_size(self, call)
     end
     return c
   end
-  if call.total then return math.max(1, math.ceil(call.total / (self._n * 4))) end
+  if call.total then
+    local c = math.max(1, math.ceil(call.total / (self._n * 4)))
+    if call.async then  -- map_async: chunks that take about FEED_TIME to encode
+      local e = call.enc_item
+      return math.min(c, e and math.max(1, math.floor(FEED_TIME / math.max(e, 1e-8))) or FIRST_CHUNK)
+    end
+    return c
+  end
   if not call.per_item then return 1 end  -- lazy input: grow once timings come back
   return math.max(1, math.min(10000, math.floor(CHUNK_TIME / math.max(call.per_item, 1e-7))))
 end
@@ -779,14 +845,19 @@ local function put_each(self, call, i0, src, j0, n)
   return n
 end
 
--- Feeds the call's input: all of it, or up to the window for lazy calls. An
--- input that cannot be read or sent cuts the call there.
-local function feed(self, call)
+-- Feeds the call's input: all of it, or up to the window for lazy calls (imap: items
+-- ahead of the loop; map_async: items in flight). An input that cannot be read or sent
+-- cuts the call there. With a deadline, it stops after the chunk that reaches it and
+-- returns true when the window has room for more (a bounded step, see drive).
+local function feed(self, call, deadline)
   if call.fed_all or call.finished then return end
   if call.seq_input and call.total == 0 then call.fed_all = true end
+  local more = false
   while not call.fed_all do
     local k = chunk_size(self, call)
-    if call.window and call.next_index - 1 - call.consumed >= math.max(call.window * k, WINDOW_ITEMS) then break end
+    if call.window and call.next_index - 1 - (call.async and call.ndone or call.consumed)
+      >= math.max(call.window * k, WINDOW_ITEMS) then more = false break end
+    if more then break end
     local i0 = call.next_index
     local src, j0, n, failure = call.seq_input, i0, nil, nil
     if src then
@@ -802,7 +873,9 @@ local function feed(self, call)
       end
     end
     if n > 0 then
+      local t0 = call.async and now()
       local ok, err = put_task(self, call, i0, src, j0, n)
+      if t0 and ok then call.enc_item = (now() - t0) / n end
       if not ok then
         local sent = 0
         if n > 1 and lazy(call) then sent, err = put_each(self, call, i0, src, j0, n) end
@@ -818,13 +891,16 @@ local function feed(self, call)
       call.total = call.next_index - 1
       if call.bar then call.bar.total = call.total end
     end
+    if deadline and now() >= deadline then more = true end
   end
   if call.fed_all then fed(self, call) end
   settle(self, call)
+  return more and not call.fed_all
 end
 
 -- One turn of the engine: waits up to `wait` seconds for results.
 local function pump(self, wait)
+  if self._respawns then spawn_pending(self, math.huge) end  -- (a blocking wait needs its workers)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
   local inflight = self._inflight
@@ -858,6 +934,74 @@ local function engine(self, wait, work)
   if not ok then
     if type(err) == "string" then err = err:gsub("^[^\n]-multiprocessing/pool%.lua:%d+: ", "") end
     error(err, 0)
+  end
+end
+
+------------------------------------------------- driving from a frame loop
+--
+-- A bounded step (get(0), wait(0), ready(), done(), and the unit of pool:poll): up to
+-- STEP_RESULTS messages from workers (results, and rare start-up notes), the health check
+-- when SLICE has passed since the last one (its drains take STEP_RESULTS more at most),
+-- lazy input until feed_until (at least one chunk); it never waits. Returns the messages
+-- it handled and whether it left work that a next step could do at once.
+local function step(self, feed_until)
+  local inflight, results = self._inflight, self._results
+  local n = 0
+  while n < STEP_RESULTS do
+    local seq, out, pid, busy = take_result(results, 0, inflight)
+    if seq == nil then break end
+    n = n + 1
+    on_result(self, seq, out, pid, busy)
+  end
+  local more = n >= STEP_RESULTS
+  -- the health check takes what came meanwhile (see find_lost): it waits for a step
+  -- that emptied the queue, unless results have kept it busy for a while
+  local since = now() - self._checked
+  if since >= SLICE and (not more or since >= 10 * SLICE) then
+    self._bounded = STEP_RESULTS
+    check_workers(self)
+    n = n + STEP_RESULTS - self._bounded  -- (the messages its drains took)
+    self._bounded = nil
+  end
+  for _, call in pairs(self._calls) do
+    if call.window then
+      if call.dropped then abandon(self, call)
+      elseif feed(self, call, feed_until) then more = true end
+    end
+  end
+  if self._state == "closing" and not self._stopping then stop_workers(self) end
+  return n, more
+end
+
+-- get(0), wait(0), ready(): one step; deferred respawns only when no worker is left
+local function drive_once(self)
+  if self._respawns and not next(self._workers) then spawn_pending(self, math.huge) end
+  step(self, now() + FEED_TIME)
+end
+
+local function live(self)
+  local state = self._state
+  return state == "running" or state == "closing"
+end
+
+-- pool:poll(budget): steps until one leaves nothing to do at once or the budget is
+-- spent; then the descriptor of pool:fileno() is made true (readable while work is
+-- left, its timer set for the next health check while messages are in flight).
+local function drive_poll(self, budget)
+  local deadline = now() + budget
+  local st, watching = self._st, self._epfd
+  if watching then st:clear() end
+  if self._respawns then spawn_pending(self, next(self._workers) and 1 or math.huge) end
+  local total, n, more = 0, 0, false
+  repeat
+    n, more = step(self, deadline)
+    total = total + n
+  until not more or now() >= deadline or not live(self)
+  more = more or self._respawns ~= nil
+  self._polled, self._more = total, more
+  if watching and live(self) then
+    if more then st:signal() end
+    st:signal(next(self._inflight) and SLICE or 0)
   end
 end
 
@@ -1055,6 +1199,10 @@ end
 
 -- Waits for a call to be ready; returns false on timeout.
 local function wait_call(self, call, timeout)
+  if timeout and timeout <= 0 and not call.finished then  -- get(0), wait(0): one bounded step
+    if live(self) then engine(self, 0, drive_once) end
+    return call.finished == true
+  end
   local deadline = timeout and now() + timeout
   while not call.finished do
     local left = deadline and deadline - now()
@@ -1074,13 +1222,15 @@ end
 -- a value the codec cannot send, held by every Pool
 local NOSEND = coroutine.create(function() end)
 local POOL_OPTIONS = { processes = true, initializer = true, initargs = true, maxtasksperchild = true,
-  start_timeout = true, start_method = true }
+  start_timeout = true, start_method = true,
+  respawn = true }
+local RESPAWN = { now = true, poll = true }
 
 
 function M.Pool(opts)
   -- the same Pool over Redis Streams (docs/distributed.md)
   if type(opts) == "table" and opts.backend ~= nil then return require("multiprocessing.stream_pool").Pool(opts) end
-  local n, init, initargs, maxtasks, start_timeout, method
+  local n, init, initargs, maxtasks, start_timeout, method, respawn
   if type(opts) == "table" then
     for k in pairs(opts) do
       if not POOL_OPTIONS[k] then error(("bad argument #1 to 'Pool' (unknown option %s)"):format(key_text(k)), 2) end
@@ -1092,6 +1242,11 @@ function M.Pool(opts)
     end
     method = opts.start_method
     if method ~= nil then context._check(method, "Pool", 1, 2) end
+    respawn = opts.respawn
+    if respawn ~= nil and not RESPAWN[respawn] then
+      error(("bad argument #1 to 'Pool' (respawn must be \"now\" or \"poll\", got %s)"):format(
+        type(respawn) == "string" and '"' .. respawn .. '"' or tostring(respawn)), 2)
+    end
     if initargs ~= nil and type(initargs) ~= "table" then
       error("bad argument #1 to 'Pool' (initargs must be a table, got " .. type(initargs) .. ")", 2)
     end
@@ -1115,6 +1270,7 @@ function M.Pool(opts)
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks,
     _start_timeout = start_timeout or START_TIMEOUT,
     _method = method or context._state.method,  -- nil or "fork": forked here
+    _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks, _respawn = respawn or "now",
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
   }, Pool)
   self._A, self._F = pool_class(self, AsyncResult), pool_class(self, Future)
@@ -1154,6 +1310,40 @@ function M.Pool(opts)
   return self
 end
 
+--- pool:poll([budget]) -> results delivered, more: drives the pool for about budget seconds
+--- (default POLL_BUDGET; 0: one bounded step) without waiting (see docs/pool.md)
+function Pool:poll(budget)
+  if getmetatable(self) ~= Pool then error("bad self to 'poll' (Pool expected)", 2) end
+  if budget == nil then
+    budget = POLL_BUDGET
+  elseif type(budget) ~= "number" or budget ~= budget or budget < 0 then
+    error(("bad argument #1 to 'poll' (non-negative number of seconds expected, got %s)"):format(
+      type(budget) == "number" and tostring(budget) or type(budget)), 2)
+  end
+  if self._owner ~= core.getpid() then error("a Pool can only be used by the process that made it", 2) end
+  if not live(self) then return 0, false end
+  self._polled, self._more = 0, false
+  engine(self, budget, drive_poll)
+  return self._polled, self._more
+end
+
+--- pool:fileno() -> fd: readable while pool:poll() has something to do (see docs/pool.md)
+function Pool:fileno()
+  if getmetatable(self) ~= Pool then error("bad self to 'fileno' (Pool expected)", 2) end
+  if self._owner ~= core.getpid() then error("a Pool can only be used by the process that made it", 2) end
+  if not live(self) then error(("cannot fileno: the pool is %s"):format(self._state), 2) end
+  local fd = self._epfd
+  if fd then return fd end
+  local st = self._st
+  local err, code
+  fd, err, code = st:watch()
+  if not fd then return nil, err, code end
+  self._epfd = fd
+  for i, w in pairs(self._workers) do st:watch_pid(i, w.pid) end
+  if next(self._inflight) then st:signal(SLICE) end
+  return fd
+end
+
 function Pool:map(f, iterable, opts)
   local call = new_call(self, "map", f, iterable, opts, "map")
   feed(self, call)
@@ -1171,8 +1361,11 @@ function Pool:starmap(f, list, opts)
   return results_of(call)
 end
 
+-- map_async, starmap_async: the input is fed as imap's is, a window of items in flight
+-- ahead of the results, so that submission costs one bounded step (see drive)
 local function async(self, call)
-  feed(self, call)
+  call.window, call.async = self._n * AHEAD, true
+  feed(self, call, now() + FEED_TIME)
   call._pool = self
   return setmetatable(call, AsyncResult)
 end
@@ -1343,7 +1536,7 @@ end
 
 local function cut_unfed(self)
   for _, call in pairs(self._calls) do
-    if not call.fed_all then cut(self, call, CLOSED) end
+    if not call.fed_all and lazy(call) then cut(self, call, CLOSED) end  -- (map_async goes on)
   end
 end
 local function check_now(self) check_workers(self) end
@@ -1365,8 +1558,8 @@ function Pool:join()
   if self._state ~= "closing" then return end
   -- lazily fed calls read no more input; what was sent is delivered
   engine(self, 0, cut_unfed)
-  while next(self._workers) and self._state == "closing" do
-    if self._stopping then
+  while (next(self._workers) or self._respawns) and self._state == "closing" do  -- (respawn = "poll": pump spawns them)
+    if self._stopping and next(self._workers) then
       -- the stop messages are out: a worker's exit, not a result, ends this wait
       wait_exit(self)
       engine(self, 0)
@@ -1423,8 +1616,8 @@ end
 -- A record's state, delivering what came first (as AsyncResult:ready always did).
 local function poll(call)
   local pool = call._pool
-  if not rawget(call, "finished") and (pool._state == "running" or pool._state == "closing") then
-    engine(pool, 0)
+  if not rawget(call, "finished") and live(pool) then
+    engine(pool, 0, drive_once)
   end
   return rawget(call, "finished") == true
 end
@@ -1503,6 +1696,19 @@ function Future:add_done_callback(fn)
   local cbs = self._cbs
   if not cbs then cbs = {} self._cbs = cbs end
   cbs[#cbs + 1] = fn
+end
+
+-- mp.connection.wait's protocol (docs/connection.md): the pool's descriptor, and a step that
+-- clears it (pool:poll(0)), so that a descriptor left readable always has work behind it
+function Future:_wait_fd()
+  local pool = self._pool
+  if not self.finished and live(pool) and pool._owner == core.getpid() then return (pool:fileno()) end
+end
+
+function Future:_wait_ready()
+  local pool = self._pool
+  if not rawget(self, "finished") and live(pool) then engine(pool, 0, drive_poll) end
+  return rawget(self, "finished") == true
 end
 
 Future.__tostring = function(self)
