@@ -1084,11 +1084,13 @@ function M.Pool(opts)
   -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
   -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end
   -- that wait; the pool starts with the others, and the stopped one joins them if continued.
+  -- (Asked only once a slice has passed: reading /proc costs more than a worker's start.)
+  local t0 = now()
   while true do
-    local all = true
+    local all, late = true, now() - t0 >= SLICE
     for i = 1, n do
       local w = self._workers[i]
-      if not (w and (w.ready or stopped(w.pid))) then all = false end
+      if not (w and (w.ready or late and stopped(w.pid))) then all = false end
     end
     if all then break end
     engine(self, SLICE)
