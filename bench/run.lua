@@ -69,7 +69,7 @@ end
 -- Floors of rows whose scripts do not print them: kind and amount per operation.
 local DEFAULT_LIMITS = {
   ["process: start + join"] = { "fork", 1 },
-  ["queue: 1000 x 1 MiB"] = { "memcpy", 2 * (1 << 20) },  -- into the queue and out of it
+  ["queue: 1000 x 1 MiB"] = { "memcpy", 1000 * 2 * (1 << 20) },  -- (the row's time is for all 1000) into the queue and out
 }
 
 -- runs a command, returns its rows in order and by name (and their limits in rows.limits)
