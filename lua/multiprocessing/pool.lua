@@ -7,7 +7,8 @@
 -- it reads results, checks its workers every SLICE seconds (death, timeouts),
 -- respawns them, feeds lazy inputs and runs callbacks.
 local core = require "multiprocessing.core"
-local progress = require "multiprocessing.progress"
+-- progress.lua is loaded by the first call that needs it (a bar, an imap loop): not by Pool()
+local function progress() return require "multiprocessing.progress" end
 local process = require "multiprocessing.process"
 
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
@@ -1007,7 +1008,7 @@ local function new_call(self, kind, f, input, opts, what, lvl)
   b.refs = b.refs + 1  -- until the call is fed
   call.brec, call.feeding = b, true
   if opts.progress then
-    call.bar = progress._bar { total = call.total, force = opts.progress == "force", desc = opts.desc }
+    call.bar = progress()._bar { total = call.total, force = opts.progress == "force", desc = opts.desc }
   end
   self._ncid = self._ncid + 1
   call.id = self._ncid
@@ -1263,7 +1264,7 @@ local function iterate(self, kind, f, iterable, opts, what)
       engine(self, SLICE)
     end
   end
-  progress._closers[step] = closer
+  progress()._closers[step] = closer
   return step, nil, nil, closer
 end
 
