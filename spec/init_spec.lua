@@ -39,6 +39,17 @@ describe("require 'multiprocessing'", function()
     assert.equal("true false false", out)
   end)
 
+  it("runs a Pool's map without loading the progress bar or the manager", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local pool <close> = mp.Pool(1)
+      assert(pool:map(function(x) return x * 2 end, { 1, 2 })[2] == 4)
+      io.write(tostring(package.loaded["multiprocessing.progress"] ~= nil), " ",
+        tostring(package.loaded["multiprocessing.manager"] ~= nil))
+    ]]
+    assert.equal("false false", out)
+  end)
+
   it("knows which part holds every public name", function()
     -- a name init.lua does not place makes it load every part (and drop its metatable)
     local out = fresh(([[
