@@ -93,6 +93,20 @@ describe("require 'multiprocessing'", function()
     assert.equal("nil true", out)
   end)
 
+  it("decodes a C function sent by its name in the module, before the part that names it was loaded", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      -- core.getpid as sent, renamed to the public module's Queue (as a sender may name it)
+      local msg = mp.encode(core.getpid)
+      local i, j = msg:find("\20multiprocessing.core\6getpid", 1, true)
+      assert(i and j == #msg, "unexpected encoding")
+      local f = mp.decode(msg:sub(1, i - 1) .. "\15multiprocessing\5Queue")
+      io.write(tostring(f == core.Queue))
+    ]]
+    assert.equal("true", out)
+  end)
+
   it("decodes a value whose metatable a part not loaded yet registers", function()
     local mp = require "multiprocessing"
     local p = mp.Process { target = function() error({ code = 7 }) end }
