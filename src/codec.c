@@ -1437,6 +1437,18 @@ static void remember(lua_State *L, dec *d, int idx, int shared) {
 
 static void decode_value(lua_State *L, dec *d);
 
+/* pushes the metatable registered under name and returns 1, or pushes nothing and returns 0 */
+static int push_named_mt(lua_State *L, const char *s, size_t n) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
+  lua_pushlstring(L, s, n);
+  if (lua_istable(L, -2) && lua_rawget(L, -2) == LUA_TTABLE) {
+    lua_remove(L, -2);
+    return 1;
+  }
+  lua_pop(L, 2);
+  return 0;
+}
+
 /* pushes package.loaded[name], requiring it if needed */
 static void push_module(lua_State *L, const char *name, size_t n) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
@@ -1686,7 +1698,11 @@ static void decode_value(lua_State *L, dec *d) {
       if (!lua_istable(L, -1))
         luaL_error(L, "cannot decode: module '%s' is not a table here", lua_pushlstring(L, mod, m));
       lua_pushlstring(L, name, n);
-      lua_rawget(L, -2);
+      if (lua_rawget(L, -2) == LUA_TNIL) {  /* a field loaded on first use (lua/multiprocessing/init.lua) */
+        lua_pop(L, 1);
+        lua_pushlstring(L, name, n);
+        lua_gettable(L, -2);
+      }
       lua_remove(L, -2);
       if (!lua_iscfunction(L, -1)) {
         lua_pushlstring(L, mod, m);
@@ -1710,11 +1726,25 @@ static void decode_value(lua_State *L, dec *d) {
       d->inmt = 0;
       size_t n;
       const char *s = get_str8(L, d, &n);
-      lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
-      lua_pushlstring(L, s, n);
-      if (!lua_istable(L, -2) || lua_rawget(L, -2) != LUA_TTABLE)
-        luaL_error(L, "cannot decode: no metatable registered as '%s' here", lua_pushlstring(L, s, n));
-      lua_remove(L, -2);
+      if (!push_named_mt(L, s, n)) {
+        /* registered by a part of the library not loaded here yet: the public module, once
+        ** loaded, names that part (lua/multiprocessing/init.lua) */
+        int top = lua_gettop(L);
+        luaL_checkstack(L, 8, "cannot decode");
+        luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+        if (lua_getfield(L, -1, "multiprocessing") == LUA_TTABLE &&
+            lua_getfield(L, -1, "_metatable_modules") == LUA_TTABLE) {
+          lua_pushlstring(L, s, n);
+          if (lua_rawget(L, -2) == LUA_TSTRING) {
+            size_t mn;
+            const char *mod = lua_tolstring(L, -1, &mn);
+            push_module(L, mod, mn);
+          }
+        }
+        lua_settop(L, top);
+        if (!push_named_mt(L, s, n))
+          luaL_error(L, "cannot decode: no metatable registered as '%s' here", lua_pushlstring(L, s, n));
+      }
       break;
     }
     case T_HANDLE: {

@@ -1,4 +1,6 @@
 -- multiprocessing: process-based parallelism for Lua 5.4 (the public module).
+-- The parts of the Lua layer are loaded on first use of one of their names: loading all of them
+-- (parsing about 200 KB of Lua) cost milliseconds at every `require "multiprocessing"`.
 local core = require "multiprocessing.core"
 
 local M = {
@@ -8,14 +10,81 @@ local M = {
   register_metatable = core.register_metatable,
 }
 
--- The parts of the Lua layer each return a table of public names.
-for _, part in ipairs { "process", "pipe", "queue", "sync", "shared", "shared_memory", "pool", "progress", "manager", "parallel" } do
+-- The parts, each returning a table of public names; a name found in two parts is the later one's.
+local PARTS = { "process", "pipe", "queue", "sync", "shared", "shared_memory", "pool", "progress", "manager", "parallel" }
+
+-- Which part holds each public name. A name missing here is still found: looking it up loads
+-- every part (spec/init_spec.lua checks that this table is complete).
+local WHERE = {}
+for part, names in pairs {
+  process = "Process TaskError active_children cpu_count current_process now parent_process sleep",
+  pipe = "Pipe",
+  queue = "JoinableQueue Queue SimpleQueue",
+  sync = "Barrier BoundedSemaphore Condition Event Lock RLock Semaphore",
+  shared = "Array Value",
+  shared_memory = "ShareableList SharedMemory",
+  pool = "ALL_COMPLETED FIRST_COMPLETED FIRST_EXCEPTION Pool as_completed wait",
+  progress = "progress",
+  manager = "Manager",
+  parallel = "Parallel delayed",
+} do
+  for name in names:gmatch("%S+") do WHERE[name] = part end
+end
+
+-- Metatables a part registers with the codec (core.register_metatable): a process that receives
+-- such a value before loading the part has the codec load it (src/codec.c, T_NAMEDMT).
+M._metatable_modules = {
+  ["multiprocessing.TaskError"] = "multiprocessing.process",
+  ["multiprocessing.DictProxy"] = "multiprocessing.manager",
+  ["multiprocessing.ListProxy"] = "multiprocessing.manager",
+  ["multiprocessing.Delayed"] = "multiprocessing.parallel",
+}
+
+local loaded = {}  -- part -> true once its names are in M
+
+local function load(part)
+  loaded[part] = true
   for k, v in pairs(require("multiprocessing." .. part)) do
-    if not k:find("^_") then M[k] = v end
+    -- a name WHERE gives to another part is that part's (load_all settles names it does not know)
+    if not k:find("^_") and (WHERE[k] == part or WHERE[k] == nil and rawget(M, k) == nil) then rawset(M, k, v) end
   end
 end
 
-require("multiprocessing.context")._install(M)  -- start methods, get_context
-M.connection = require "multiprocessing.connection"  -- Listener, Client, wait: as Python's, not at the top
+local function load_all()
+  for _, part in ipairs(PARTS) do
+    if not loaded[part] then load(part) end
+  end
+  for _, part in ipairs(PARTS) do  -- again, in order: later parts' names win
+    for k, v in pairs(require("multiprocessing." .. part)) do
+      if not k:find("^_") then rawset(M, k, v) end
+    end
+  end
+  if rawget(M, "connection") == nil then rawset(M, "connection", require "multiprocessing.connection") end
+  setmetatable(M, nil)
+end
+
+require("multiprocessing.context")._install(M)  -- start methods, get_context (small: loaded now)
+
+setmetatable(M, {
+  __index = function(_, k)
+    if k == "connection" then  -- Listener, Client, wait: as Python's, not at the top
+      local c = require "multiprocessing.connection"
+      rawset(M, k, c)
+      return c
+    end
+    local part = WHERE[k]
+    if part and not loaded[part] then
+      load(part)
+      return rawget(M, k)
+    end
+    if type(k) ~= "string" or k:find("^_") then return nil end
+    load_all()  -- a name this table does not know yet, or none at all
+    return rawget(M, k)
+  end,
+  __pairs = function()
+    load_all()
+    return next, M, nil
+  end,
+})
 
 return M

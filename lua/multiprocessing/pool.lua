@@ -7,7 +7,8 @@
 -- it reads results, checks its workers every SLICE seconds (death, timeouts),
 -- respawns them, feeds lazy inputs and runs callbacks.
 local core = require "multiprocessing.core"
-local progress = require "multiprocessing.progress"
+-- progress.lua is loaded by the first call that needs it (a bar, an imap loop): not by Pool()
+local function progress() return require "multiprocessing.progress" end
 local process = require "multiprocessing.process"
 local context = require "multiprocessing.context"
 
@@ -1189,7 +1190,7 @@ local function new_call(self, kind, f, input, opts, what, lvl)
   b.refs = b.refs + 1  -- until the call is fed
   call.brec, call.feeding = b, true
   if opts.progress then
-    call.bar = progress._bar { total = call.total, force = opts.progress == "force", desc = opts.desc }
+    call.bar = progress()._bar { total = call.total, force = opts.progress == "force", desc = opts.desc }
   end
   self._ncid = self._ncid + 1
   call.id = self._ncid
@@ -1283,12 +1284,13 @@ function M.Pool(opts)
   -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end
   -- that wait; the pool starts with the others, and the stopped one joins them if continued.
   -- One not ready after start_timeout seconds fails the Pool, named.
+  -- (/proc is asked only once a slice has passed: reading it costs more than a worker's start.)
   local t0 = now()
   while true do
-    local all, late = true, nil
+    local all, late, slow = true, nil, now() - t0 >= SLICE
     for i = 1, n do
       local w = self._workers[i]
-      if not (w and (w.ready or stopped(w.pid))) then all, late = false, late or (w and i) end
+      if not (w and (w.ready or slow and stopped(w.pid))) then all, late = false, late or (w and i) end
     end
     if all then break end
     if late and now() - t0 > self._start_timeout then
@@ -1505,7 +1507,7 @@ local function iterate(self, kind, f, iterable, opts, what)
       engine(self, SLICE)
     end
   end
-  progress._closers[step] = closer
+  progress()._closers[step] = closer
   return step, nil, nil, closer
 end
 

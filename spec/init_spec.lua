@@ -1,0 +1,135 @@
+-- init_spec.lua: `require "multiprocessing"` loads the parts of the Lua layer on first use.
+local H = require "spec.helpers"
+
+local PARTS = { "process", "pipe", "queue", "sync", "shared", "shared_memory", "pool", "progress", "manager", "parallel" }
+
+-- runs a Lua script in a fresh interpreter of this checkout; returns its output (asserting success)
+local function fresh(script)
+  local path = H.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(script)
+  f:close()
+  local p = assert(io.popen(H.ENV .. " " .. H.LUA .. " " .. path .. " 2>&1"))
+  local out = p:read("a")
+  local ok = p:close()
+  os.remove(path)
+  assert(ok, out)
+  return out
+end
+
+describe("require 'multiprocessing'", function()
+  it("loads the C core and no part of the Lua layer", function()
+    local out = fresh [[
+      require "multiprocessing"
+      local names = {}
+      for k in pairs(package.loaded) do if k:find("^multiprocessing") then names[#names + 1] = k end end
+      table.sort(names)
+      io.write(table.concat(names, " "))
+    ]]
+    assert.equal("multiprocessing multiprocessing.core", out)
+  end)
+
+  it("loads a part when one of its names is first used, and that part only", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      assert(type(mp.Queue) == "function")
+      io.write(tostring(package.loaded["multiprocessing.queue"] ~= nil), " ",
+        tostring(package.loaded["multiprocessing.pool"] ~= nil), " ", tostring(package.loaded["multiprocessing.manager"] ~= nil))
+    ]]
+    assert.equal("true false false", out)
+  end)
+
+  it("runs a Pool's map without loading the progress bar or the manager", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local pool <close> = mp.Pool(1)
+      assert(pool:map(function(x) return x * 2 end, { 1, 2 })[2] == 4)
+      io.write(tostring(package.loaded["multiprocessing.progress"] ~= nil), " ",
+        tostring(package.loaded["multiprocessing.manager"] ~= nil))
+    ]]
+    assert.equal("false false", out)
+  end)
+
+  it("knows which part holds every public name", function()
+    -- a name init.lua does not place makes it load every part (and drop its metatable)
+    local out = fresh(([[
+      local mp = require "multiprocessing"
+      local bad = {}
+      for _, part in ipairs { "%s" } do
+        for k, v in pairs(require("multiprocessing." .. part)) do
+          if not k:find("^_") then
+            if mp[k] ~= v then bad[#bad + 1] = part .. "." .. k .. " differs" end
+            if getmetatable(mp) == nil then bad[#bad + 1] = part .. "." .. k .. " is not placed" break end
+          end
+        end
+      end
+      io.write(table.concat(bad, ", "))
+    ]]):format(table.concat(PARTS, '", "')))
+    assert.equal("", out)
+  end)
+
+  it("lists every name with pairs, connection included", function()
+    local out = fresh(([[
+      local mp = require "multiprocessing"
+      local seen = {}
+      for k in pairs(mp) do seen[k] = true end
+      local missing = {}
+      for _, part in ipairs { "%s" } do
+        for k in pairs(require("multiprocessing." .. part)) do
+          if not k:find("^_") and not seen[k] then missing[#missing + 1] = k end
+        end
+      end
+      if not seen.connection or not seen.encode then missing[#missing + 1] = "connection or encode" end
+      io.write(table.concat(missing, " "))
+    ]]):format(table.concat(PARTS, '", "')))
+    assert.equal("", out)
+  end)
+
+  it("finds an unknown name after loading every part, and nil for none", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      io.write(tostring(mp.no_such_name), " ", tostring(package.loaded["multiprocessing.manager"] ~= nil))
+    ]]
+    assert.equal("nil true", out)
+  end)
+
+  it("decodes a C function sent by its name in the module, before the part that names it was loaded", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      -- core.getpid as sent, renamed to the public module's Queue (as a sender may name it)
+      local msg = mp.encode(core.getpid)
+      local i, j = msg:find("\20multiprocessing.core\6getpid", 1, true)
+      assert(i and j == #msg, "unexpected encoding")
+      local f = mp.decode(msg:sub(1, i - 1) .. "\15multiprocessing\5Queue")
+      io.write(tostring(f == core.Queue))
+    ]]
+    assert.equal("true", out)
+  end)
+
+  it("decodes a value whose metatable a part not loaded yet registers", function()
+    local mp = require "multiprocessing"
+    local p = mp.Process { target = function() error({ code = 7 }) end }
+    local restore = H.capture_stderr()
+    finally(restore)
+    p:start()
+    p:join()
+    restore()
+    local ok, e = pcall(p.result, p)
+    assert.is_false(ok)
+    assert.equal("multiprocessing.TaskError", getmetatable(e).__name)
+    local path = H.tmpname()
+    local f = assert(io.open(path, "wb"))
+    f:write(mp.encode(e))
+    f:close()
+    local out = fresh(([[
+      local mp = require "multiprocessing"
+      local f = assert(io.open(%q, "rb"))
+      local e = mp.decode(f:read("a"))
+      f:close()
+      io.write(getmetatable(e).__name, " ", tostring(e.value.code))
+    ]]):format(path))
+    os.remove(path)
+    assert.equal("multiprocessing.TaskError 7", out)
+  end)
+end)
