@@ -27,6 +27,7 @@ for part, names in pairs {
   progress = "progress",
   manager = "Manager",
   parallel = "Parallel delayed",
+  context = "forkserver_start get_all_start_methods get_context get_executable get_start_method set_executable set_start_method",
 } do
   for name in names:gmatch("%S+") do WHERE[name] = part end
 end
@@ -44,6 +45,7 @@ local loaded = {}  -- part -> true once its names are in M
 
 local function load(part)
   loaded[part] = true
+  if part == "context" then return require("multiprocessing.context")._install(M) end  -- start methods
   for k, v in pairs(require("multiprocessing." .. part)) do
     -- a name WHERE gives to another part is that part's (load_all settles names it does not know)
     if not k:find("^_") and (WHERE[k] == part or WHERE[k] == nil and rawget(M, k) == nil) then rawset(M, k, v) end
@@ -54,6 +56,7 @@ local function load_all()
   for _, part in ipairs(PARTS) do
     if not loaded[part] then load(part) end
   end
+  if not loaded.context then load("context") end
   for _, part in ipairs(PARTS) do  -- again, in order: later parts' names win
     for k, v in pairs(require("multiprocessing." .. part)) do
       if not k:find("^_") then rawset(M, k, v) end
@@ -62,8 +65,6 @@ local function load_all()
   if rawget(M, "connection") == nil then rawset(M, "connection", require "multiprocessing.connection") end
   setmetatable(M, nil)
 end
-
-require("multiprocessing.context")._install(M)  -- start methods, get_context (small: loaded now)
 
 setmetatable(M, {
   __index = function(_, k)
