@@ -83,6 +83,34 @@ static int l_decode(lua_State *L) {
   return 2;
 }
 
+/* Engine.stress(nthreads, n): threads register n names each at once; how many are found */
+#include <pthread.h>
+static void *stress_main(void *arg) {
+  char name[64];
+  for (int i = 0; i < 1000; i++) {
+    snprintf(name, sizeof name, "Stress.t%d.f%d", (int)(long)arg, i);
+    if (lmp_register(name, i % 2 ? host_other : host_late) != 0) return (void *)1;
+  }
+  return NULL;
+}
+static int l_stress(lua_State *L) {
+  int nt = (int)luaL_checkinteger(L, 1);
+  pthread_t t[16];
+  for (int i = 0; i < nt && i < 16; i++) pthread_create(&t[i], NULL, stress_main, (void *)(long)i);
+  int failed = 0;
+  for (int i = 0; i < nt && i < 16; i++) { void *r; pthread_join(t[i], &r); failed += r != NULL; }
+  int found = 0;
+  char name[64];
+  for (int i = 0; i < nt && i < 16; i++)
+    for (int j = 0; j < 1000; j++) {
+      snprintf(name, sizeof name, "Stress.t%d.f%d", i, j);
+      found += lmp_registered(name) == (j % 2 ? host_other : host_late);
+    }
+  lua_pushinteger(L, found);
+  lua_pushinteger(L, failed);
+  return 2;
+}
+
 int main(int argc, char **argv) {
   if (argc < 2) return 2;
   if (lmp_register("Engine.Math.len", host_len) != 0) { perror("lmp_register"); return 2; }
@@ -100,6 +128,7 @@ int main(int argc, char **argv) {
   lua_pushcfunction(L, l_registered); lua_setfield(L, -2, "registered");
   lua_pushcfunction(L, l_roundtrip); lua_setfield(L, -2, "roundtrip");
   lua_pushcfunction(L, l_decode); lua_setfield(L, -2, "decode");
+  lua_pushcfunction(L, l_stress); lua_setfield(L, -2, "stress");
   lua_setglobal(L, "Engine");
   int st = luaL_loadfile(L, argv[1]);
   if (st == LUA_OK) st = lua_pcall(L, 0, 0, 0);
@@ -228,6 +257,8 @@ describe("embedding: the public C API", function()
       check(("x"):rep(255), "other", 0, "0")
       assert(Engine.registered("Engine.Math.len", "len") and Engine.registered("Engine.Other", "len"))
       assert(Engine.registered("nothing.here", "none"))
+      local found, failed = Engine.stress(8)    -- 8 threads registering 1,000 names each at once
+      assert(found == 8000 and failed == 0, ("found %d, %d threads failed"):format(found, failed))
       print("ok")
     ]]
     assert.equal(0, code, out)

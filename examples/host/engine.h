@@ -95,7 +95,10 @@ static int engine_now(lua_State *L) {
 ** want: "fork" to use fork even then. Returns the start method the Lua driver
 ** should use. */
 static const char *engine_init(const char *want) {
-  if (lmp_register("Engine.Math.sum", math_sum) != 0 || lmp_register("Engine.Scene.scale", scene_scale_get) != 0) {
+  /* every C function of the Engine table: a task that reads Engine gets the whole
+  ** table sent (with the forkserver or spawn it has no copy of its own) */
+  if (lmp_register("Engine.Math.sum", math_sum) != 0 || lmp_register("Engine.Scene.scale", scene_scale_get) != 0 ||
+      lmp_register("Engine.now", engine_now) != 0) {
     perror("lmp_register");
     exit(1);
   }
