@@ -36,7 +36,9 @@
 ** A message in a queue owns a reference to each object its handles name (the
 ** put counts them, the get hands them to the decoded handles, a dropped message
 ** releases them: queue.c); objects named by bytes nobody owns (a pipe, a Lua
-** string from core.encode) are pinned instead: they are never freed. All processes that
+** string from core.encode) are pinned instead: they are never freed. What a
+** process itself holds is also written in its ledger (see ledgers), released
+** when it is found dead: processes leave with _exit, which runs no finalizer. All processes that
 ** share the arena are forks of one image, so a destructor's address is valid
 ** in all of them (a deferred object keeps its destructor in its block header). */
 #define _GNU_SOURCE
