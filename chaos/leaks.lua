@@ -226,6 +226,20 @@ return {
     lock:close() q:close()
   end },
 
+  -- pools whose task functions capture queues and values (issue 7: the function's blob pinned
+  -- them for good), ended by join or terminate, some workers killed while they hold them
+  { name = "leak_pool_captured", timeout = 120, run = loop(60, function(i)
+    local p = mp.Pool(2)
+    local q, v = mp.Queue(), mp.Value("i", i)
+    local got = p:map(function(x) q:put(x) return v.value + x end, { 1, 2, 3, 4 })
+    assert(got[4] == i + 4)
+    for _ = 1, 4 do q:get(5) end
+    local w = i % 3 == 0 and p._workers[1]
+    if w then core.kill(w.pid, 9) end  -- it holds the function it decoded, and q and v in it
+    q:close() v:close()
+    if i % 2 == 0 then p:close() p:join() else p:terminate() end
+  end) },
+
   -- Processes that use a Manager: each call sends a reply queue of its own with its request
   -- (owned by the message, then by the server's handle), closed by both ends
   { name = "leak_manager_users", timeout = 90, run = function()

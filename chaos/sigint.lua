@@ -143,36 +143,46 @@ end }
 -- item 6: Ctrl-C landing while a child ends must not lose its exit status. Each -e chunk is
 -- its own protected call with a fresh SIGINT handler. The child leaves a grandchild (without a
 -- parent-death signal) that interrupts the parent the moment the child is gone, so the
--- interrupt and the child's end reach join together. The grandchild sets an Event once its
+-- interrupt and the child's end reach join together. The grandchild sets a flag once its
 -- signal is sent, and the round's first pcall waits for it (then a little longer, for the
 -- signal's hook to run): a grandchild delayed on a busy machine interrupts that pcall all the
--- same, never the round's report (a late one once cost a round its ROUND line).
+-- same, never the round's report (a late one once cost a round its ROUND line). The flag is a
+-- Value without a lock: 1 once the grandchild runs (the child waits for that before it ends: a
+-- grandchild whose parent ended before it registered leaves at once, docs/arena.md), 2 once
+-- its Ctrl-C is sent, -1 when the child's fork failed (no Ctrl-C will come). The child also
+-- waits until the parent is inside that pcall, about to join (`go`): a Ctrl-C that came while
+-- the parent was still in `start` cost a round its report too.
 cases[#cases + 1] = { name = "sigint_join_race", timeout = 60, run = function()
   local rounds = L.rounds(60)
   local setup = L.PRELUDE .. [[
     function R(spin)
       local parent = core.getpid()
-      local sent = mp.Event()
+      local sent, go = mp.Value("i", 0, { lock = false }), mp.Value("i", 0, { lock = false })
       local p = mp.Process { target = function()
         local child = core.getpid()
-        if core.fork(false, 0) == 0 then
+        local g = core.fork(false, 0)
+        if not g then sent.value = -1 end  -- (no grandchild, no Ctrl-C: the round waits for none)
+        if g == 0 then
+          sent.value = 1
           while core.getppid() == child do end
           local t = os.clock() while os.clock() - t < spin do end
           core.kill(parent, 2)
-          sent:set()
+          sent.value = 2
           core._exit(0)
         end
+        local t = core.now() while (sent.value == 0 or go.value == 0) and core.now() - t < 10 do end
       end }:start()
       local ok, e = pcall(function()
+        go.value = 1
         p:join()
         -- the interrupt lands here if not before: busy (no call that could take it as its own)
         -- until the grandchild has sent it, then 0.2 s more
-        local t = core.now() while not sent:is_set() and core.now() - t < 30 do end
+        local t = core.now() while sent.value >= 0 and sent.value < 2 and core.now() - t < 10 do end
         t = core.now() while core.now() - t < 0.2 do end
       end)
       local ok2, e2 = pcall(p.join, p, 3)
       local alive = p:is_alive()
-      sent:close()
+      sent:close() go:close()
       print(("ROUND %s %s %s %s"):format(tostring(ok), tostring(ok2), tostring(e2):gsub("%s+", " "), tostring(alive)))
     end
   ]]

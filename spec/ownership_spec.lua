@@ -319,6 +319,42 @@ describe("a process that ends holding handles", function()
   end)
 end)
 
+describe("a shared object a Pool's task function captures", function()
+  -- (issue 7: the function's blob pinned it for good)
+  for _, ending in ipairs { "join", "terminate" } do
+    it("is freed once the pool ends (" .. ending .. "), its handles closed", function()
+      local s0 = settle()
+      local p = mp.Pool(2)
+      for i = 1, 6 do
+        local q, v = mp.Queue(), mp.Value("i", i)
+        local got = p:map(function(x) q:put(x) return v.value end, { 1, 2, 3 })
+        assert.same({ i, i, i }, { got[1], got[2], got[3] })
+        for _ = 1, 3 do q:get(5) end
+        q:close() v:close()   -- the blob (and workers' cached functions) hold them now
+      end
+      local r = p:apply_async(function() return 1 end)
+      assert.equal(1, r:get(20))
+      if ending == "join" then p:close() p:join() else p:terminate() end
+      p = nil
+      assert_back(s0, "arena use after a pool whose task functions captured queues ended by " .. ending)
+    end)
+  end
+
+  it("stays usable by the workers while its blob lives, after the maker closed its handle", function()
+    local p = mp.Pool(1)
+    local q = mp.Queue()
+    local gate = mp.Event()
+    local r = p:apply_async(function() gate:wait(20) q:put("late") return true end)
+    local r2 = p:apply_async(function() q:put("second") return true end)  -- decoded later
+    q:close()
+    gate:set()
+    assert.is_true(r:get(20))
+    assert.is_true(r2:get(20))
+    p:close() p:join()
+    gate:close()
+  end)
+end)
+
 describe("bytes that name a freed object", function()
   it("raise when decoded, and never reach the freed memory", function()
     local q = mp.Queue()

@@ -36,9 +36,12 @@
 ** A message in a queue owns a reference to each object its handles name (the
 ** put counts them, the get hands them to the decoded handles, a dropped message
 ** releases them: queue.c); objects named by bytes nobody owns (a pipe, a Lua
-** string from core.encode) are pinned instead: they are never freed. A deferred
-** object keeps its destructor in its block header, packed (mp_fn_pack): a
-** spawned process maps the same build of the core at another address. */
+** string from core.encode) are pinned instead: they are never freed. What a
+** process itself holds is also written in its ledger (see ledgers), released
+** when it is found dead: processes leave with _exit, which runs no finalizer. A
+** deferred object keeps its destructor in its block header, packed
+** (mp_fn_pack): a spawned process maps the same build of the core at another
+** address. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -759,7 +762,8 @@ void mp_proc_reaped(pid_t pid) {
 ** An open-addressed table of (offset, count), linear probing, at most half full.
 ** A key is never removed: a count that falls to 0 leaves its key, reused when
 ** the same offset is counted again, and dropped when the table is rebuilt
-** (when half its keys are used, or when fewer than 1/16 of its entries count). A
+** (when half its keys are used, or when fewer than 1/16 of its entries count);
+** an empty one of the smallest size stays until arena_stats. A
 ** ledger may count less than the process holds, never more: a count goes up
 ** after the object's (a kill between the two leaks that reference), down before
 ** it (the same), and a reference the ledger could not record (no arena for a
@@ -853,15 +857,16 @@ static inline void led_sub(uint64_t off) {
     k = (k + 1) & m;
   }
   if (!l->e[k].n || --l->e[k].n) return;
-  /* an empty table goes, one mostly empty is rebuilt smaller: arena use comes
-  ** back to its start */
-  if (--l->live == 0) {
-    __atomic_store_n(&ENTRY(myslot - 1)->refs, 0, __ATOMIC_SEQ_CST);  /* (a kill before the free leaks it) */
-    led = NULL;
-    mp_free(OFF(l));
-  } else if (l->live * 16 < l->cap && l->cap > LMIN) {
-    led_grow();
-  }
+  /* a table mostly empty is rebuilt smaller (an empty one of the smallest size
+  ** stays, for the next object: arena_stats frees it) */
+  if (--l->live * 16 < l->cap && l->cap > LMIN) led_grow();
+}
+
+/* this process's ledger goes (it counts nothing) */
+static void led_free(void) {
+  __atomic_store_n(&ENTRY(myslot - 1)->refs, 0, __ATOMIC_SEQ_CST);  /* (a kill before the free leaks it) */
+  mp_free(OFF(led));
+  led = NULL;
 }
 
 /* ------------------------------------------------------- shared objects */
@@ -1061,12 +1066,15 @@ static void release_orphans(void) {
 /* ------------------------------------------------------------- Lua API */
 
 /* core.arena_stats() -> { used, blocks, size, top, deferred, processes }, after a sweep
-** (and with this process's ledger rebuilt to the size its entries call for) */
+** (and with this process's ledger rebuilt to the size its entries call for, or
+** freed when it counts nothing) */
 static int arena_stats(lua_State *L) {
   int n = 0;
   /* this process's ledger at the size its live entries call for, so that the
   ** same objects show the same use whatever the ledger held before */
-  if (led) {
+  if (led && !led->live) {
+    led_free();
+  } else if (led) {
     uint32_t cap = LMIN;
     while ((uint64_t)cap < (uint64_t)led->live * 4) cap *= 2;
     if (cap != led->cap) led_grow();

@@ -2017,12 +2017,29 @@ static int codec_encode_unowned(lua_State *L) {
   return 1;
 }
 
-/* core.encode_function(f, root) -> bytes, carries: carries is true when globals
-** were sent with a function (the pool then does not reuse the bytes: they may
-** change unseen). mp.encode keeps one result, for decode(encode(v)). */
+/* core.encode_function(f, root) -> bytes, carries, owners: carries is true when
+** globals were sent with a function (the pool then does not reuse the bytes:
+** they may change unseen). owners (nil when the bytes name no shared object)
+** lists the objects the bytes name, neither pinned nor counted: core.blob_new
+** takes it, and its blob owns them (src/pool.c). mp.encode keeps one result,
+** for decode(encode(v)). */
 static int codec_encode_function(lua_State *L) {
-  lua_pushboolean(L, encode_to_string(L));
-  return 2;
+  luaL_checkany(L, 1);
+  const char *root = luaL_optstring(L, 2, "value");
+  mp_enc *e = mp_encode(L, 1, root);
+  mp_enc_push(L, e);
+  lua_pushboolean(L, e->shipped);
+  if (e->nsent) {
+    mp_owners *o = lua_newuserdatauv(L, sizeof(mp_owners) + e->nsent * sizeof(mp_sent), 0);
+    luaL_setmetatable(L, MP_OWNERS);
+    o->n = e->nsent;
+    memcpy(o->h, e->sent, e->nsent * sizeof(mp_sent));
+    mp_enc_unsent(e);
+  } else {
+    lua_pushnil(L);
+  }
+  mp_enc_done(L, e);
+  return 3;
 }
 
 static int codec_decode(lua_State *L) {
@@ -2073,6 +2090,8 @@ int mp_codec_open(lua_State *L) {
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, MP_OWNERS);  /* (encode_function's owners: a list, no methods) */
   lua_pop(L, 1);
   if (luaL_getsubtable(L, LUA_REGISTRYINDEX, LIBGLOBALS) == 0) {
     /* The library, as globals, when this module is first loaded: the C

@@ -222,6 +222,10 @@ void mp_enc_done(lua_State *L, mp_enc *e);
 size_t mp_enc_handles(mp_enc *e, const mp_sent **list);
 void mp_enc_own(mp_enc *e);
 void mp_enc_unsent(mp_enc *e);
+/* The objects core.encode_function's bytes name (its third result, a userdata),
+** neither pinned nor counted: core.blob_new takes them (its blob owns them). */
+typedef struct mp_owners { size_t n; mp_sent h[]; } mp_owners;
+#define MP_OWNERS "multiprocessing.owners"
 /* Decodes one value from s[0..n), pushes it; raises on malformed input. */
 void mp_decode(lua_State *L, const char *s, size_t n);
 /* Same, in a mode: MP_DECODE_ALL (as mp_decode) or MP_DECODE_DATA, which takes

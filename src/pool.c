@@ -541,8 +541,17 @@ static void ps_decode(lua_State *L, const unsigned char *payload, size_t n) {
 ** not freed (reset in a forked child), and blob_free takes no other, so that no
 ** offset (a stale one, one inside a blob's bytes that look like a header) can
 ** reach the allocator's free. */
+/* A blob whose bytes name shared objects (a task function's upvalues) owns a
+** reference to each, counted by its maker when it is made (core.blob_new with
+** encode_function's owners) and released when it is freed, listed after its
+** bytes: a handle a worker decodes from it always names a live object, and a
+** queue the function captured is freed once no blob and no handle needs it. */
 #define T_BLOB 0x424f4c42u  /* "BLOB" */
-typedef struct blobhdr { mp_obj h; uint64_t len, pad; } blobhdr;
+typedef struct blobhdr { mp_obj h; uint64_t len, nown; } blobhdr;  /* nown: objects it owns */
+
+static mp_sent *blob_owned(blobhdr *b) {
+  return (mp_sent *)(void *)((char *)b + sizeof(blobhdr) + ((b->len + 7) & ~(uint64_t)7));
+}
 
 static const char blobs_key = 'b';  /* registry: { [offset] = true } of this process's blobs */
 static pid_t blobs_pid;
@@ -586,12 +595,26 @@ static blobhdr *blob_make(lua_State *L, size_t n, int held) {
   return b;
 }
 
-/* core.blob_new(s) -> offset */
+/* core.blob_new(s [, owners]) -> offset; owners: encode_function's third result
+** for s, whose objects the blob then owns until blob_free */
 static int blob_new(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  blobhdr *b = blob_make(L, n, 0);
+  mp_owners *o = NULL;
+  if (!lua_isnoneornil(L, 2)) o = luaL_checkudata(L, 2, MP_OWNERS);
+  size_t room = (n + 7) & ~(size_t)7;
+  blobhdr *b = blob_make(L, o ? room + o->n * sizeof(mp_sent) : n, 0);
+  b->len = n;
   memcpy((char *)b + sizeof(blobhdr), s, n);
+  if (o) {  /* its references: counted by this process (freed with it if it dies) */
+    mp_sent *l = blob_owned(b);
+    for (size_t i = 0; i < o->n; i++) {
+      if (!mp_obj_alive(o->h[i].off)) return luaL_error(L, "cannot make a blob: a shared object its function names was freed");
+      l[i] = o->h[i];
+      mp_obj_retain(l[i].off);
+      b->nown = i + 1;
+    }
+  }
   return 1;
 }
 
@@ -623,6 +646,9 @@ static int blob_free(lua_State *L) {
   lua_pushnil(L);
   lua_rawseti(L, -2, off);
   b->h.type = 0;
+  mp_sent *l = blob_owned(b);
+  pid_t me = getpid();
+  for (uint64_t i = 0; i < b->nown; i++) mp_obj_release_with(l[i].off, me, l[i].dtor);
   mp_free((uint64_t)off);
   return 0;
 }

@@ -82,6 +82,15 @@ static void own_release(msgown *m) {
   for (uint32_t i = 0; i < k && i < m->n; i++) mp_obj_drop(m->h[i].off, mp_fn_unpack(m->h[i].dtor));
 }
 
+/* once a message with handles was decoded and taken: what no handle took (a
+** decoding that failed half way; all, without offs) is released; what one took
+** (its entry cleared in offs) is this process's from now on: its ledger records it */
+static __attribute__((noinline)) void own_settle(msgown *mo, const uint64_t *offs) {
+  for (uint32_t i = 0; i < mo->n; i++)
+    if (!offs || offs[i]) mp_obj_drop(mo->h[i].off, mp_fn_unpack(mo->h[i].dtor));
+    else mp_obj_adopted(mo->h[i].off);
+}
+
 /* frees the block of a big record that will not be read: its references first */
 static void big_drop(const bigrec *b, uint64_t block) {
   if (!block) return;
@@ -638,11 +647,8 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
     ** between the two leaks the block rather than offering freed memory) */
     __atomic_store_n(&b->tag, BIG_TAKEN, __ATOMIC_SEQ_CST);
     ORDER();
-    if (mo) {  /* what no handle took (a decoding that failed half way) is released; what
-               ** one took is this process's from now on: its ledger records it */
-      for (uint32_t i = 0; i < mo->n; i++)
-        if (!offs || offs[i]) mp_obj_drop(mo->h[i].off, mp_fn_unpack(mo->h[i].dtor));
-        else mp_obj_adopted(mo->h[i].off);
+    if (mo) {
+      own_settle(mo, offs);
       if (offs != few) free(offs);
     }
     mp_free(block);

@@ -1050,14 +1050,14 @@ end
 
 -- the blob of encoded function s: the same bytes share one blob (a closure
 -- made anew in an apply_async loop), which workers then decode only once
-local function text_blob(self, s)
+local function text_blob(self, s, owners)
   local b = self._bytext[s]
   if b then
     if not b.cached then cache_blob(self, b) end  -- needed again: back among the newest
     return b
   end
   self._nfid = self._nfid + 1
-  b = { fid = self._nfid, off = core.blob_new(s), refs = 0, s = s }
+  b = { fid = self._nfid, off = core.blob_new(s, owners), refs = 0, s = s }  -- (it owns the objects s names)
   self._blobs[b] = true
   self._bytext[s] = b
   cache_blob(self, b)
@@ -1068,9 +1068,9 @@ end
 local function func_blob(self, f)
   local c = self._fcache[f]
   if c and not c.b.freed and c.plain and plain_upvalues(f, c.ups) then return c.b end
-  local s, globals = core.encode_function(f, "function")  -- globals: it carries some, which may change unseen
+  local s, globals, owners = core.encode_function(f, "function")  -- globals: it carries some, which may change unseen
   if c and c.s == s and not c.b.freed then return c.b end
-  local b = text_blob(self, s)
+  local b = text_blob(self, s, owners)
   c = { s = s, b = b }
   if not globals and plain_upvalues(f) then
     local ups, i = {}, 1
