@@ -47,7 +47,7 @@ local START_TIMEOUT = 60  -- default start_timeout: seconds a new worker may tak
 local POLL_BUDGET = 0.001 -- seconds of pool:poll() without a budget
 local STEP_RESULTS = 8   -- result messages one bounded step takes at most
 local FEED_TIME = 0.0005 -- seconds a bounded step spends sending lazy input (at least one chunk)
-local FIRST_CHUNK = 16   -- items of map_async's first chunk (automatic chunksize), before encoding is timed
+local FIRST_CHUNK = 16  -- items of map_async's first chunk (automatic chunksize), before its encoding is timed
 -- what unfinished calls fail with when their pool stops
 local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
@@ -799,7 +799,7 @@ local function put_task(self, call, i0, src, j0, n)
   return true
 end
 
-local function chunk_size(self, call)
+local function chunk_size(self, call, bounded)
   local c = call.chunksize
   if c then
     -- An explicit chunksize is kept while tasks take long enough for it to
@@ -814,9 +814,11 @@ local function chunk_size(self, call)
   end
   if call.total then
     local c = math.max(1, math.ceil(call.total / (self._n * 4)))
-    if call.async then  -- map_async: chunks that take about FEED_TIME to encode
+    if call.async and bounded then  -- map_async fed by a bounded step: chunks that take about
+      -- FEED_TIME to encode, and (once a step timed them, see step) their results to take
       local e = call.enc_item
-      return math.min(c, e and math.max(1, math.floor(FEED_TIME / math.max(e, 1e-8))) or FIRST_CHUNK)
+      if not e then return math.min(c, FIRST_CHUNK) end
+      return math.min(c, math.max(1, math.floor(FEED_TIME / math.max(e, call.dec_item or 0, 1e-8))))
     end
     return c
   end
@@ -847,17 +849,21 @@ local function put_each(self, call, i0, src, j0, n)
 end
 
 -- Feeds the call's input: all of it, or up to the window for lazy calls (imap: items
--- ahead of the loop; map_async: items in flight). An input that cannot be read or sent
--- cuts the call there. With a deadline, it stops after the chunk that reaches it and
--- returns true when the window has room for more (a bounded step, see drive).
+-- ahead of the loop; map_async in bounded steps: items in flight). An input that cannot
+-- be read or sent cuts the call there. With a deadline, it stops after the chunk that
+-- reaches it and returns true when the window has room for more (a bounded step, see step).
 local function feed(self, call, deadline)
   if call.fed_all or call.finished then return end
   if call.seq_input and call.total == 0 then call.fed_all = true end
   local more = false
   while not call.fed_all do
-    local k = chunk_size(self, call)
-    if call.window and call.next_index - 1 - (call.async and call.ndone or call.consumed)
-      >= math.max(call.window * k, WINDOW_ITEMS) then more = false break end
+    local k = chunk_size(self, call, deadline ~= nil)
+    -- (map_async's window holds in bounded steps only: a blocking wait feeds it all)
+    if call.window and (deadline or not call.async)
+      and call.next_index - 1 - (call.async and call.ndone or call.consumed) >= math.max(call.window * k, WINDOW_ITEMS) then
+      more = false
+      break
+    end
     if more then break end
     local i0 = call.next_index
     local src, j0, n, failure = call.seq_input, i0, nil, nil
@@ -943,18 +949,25 @@ end
 -- A bounded step (get(0), wait(0), ready(), done(), and the unit of pool:poll): up to
 -- STEP_RESULTS messages from workers (results, and rare start-up notes), the health check
 -- when SLICE has passed since the last one (its drains take STEP_RESULTS more at most),
--- lazy input until feed_until (at least one chunk); it never waits. Returns the messages
--- it handled and whether it left work that a next step could do at once.
+-- lazy input until feed_until (results and input: at least one message each); it never
+-- waits. Returns the messages it handled and whether it left work that a next step could
+-- do at once.
 local function step(self, feed_until)
   local inflight, results = self._inflight, self._results
-  local n = 0
-  while n < STEP_RESULTS do
+  local n, more = 0, false
+  local t0 = now()
+  while true do
+    if n >= STEP_RESULTS or (n > 0 and t0 >= feed_until) then more = true break end
     local seq, out, pid, busy = take_result(results, 0, inflight)
     if seq == nil then break end
     n = n + 1
+    local inf = type(seq) == "number" and inflight[seq]
     on_result(self, seq, out, pid, busy)
+    local t1 = now()
+    local call = inf and inf.call
+    if call and call.async then call.dec_item = (t1 - t0) / inf.n end  -- (sizes its next chunks)
+    t0 = t1
   end
-  local more = n >= STEP_RESULTS
   -- the health check takes what came meanwhile (see find_lost): it waits for a step
   -- that emptied the queue, unless results have kept it busy for a while
   local since = now() - self._checked
