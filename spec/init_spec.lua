@@ -68,6 +68,36 @@ describe("require 'multiprocessing'", function()
     assert.equal("", out)
   end)
 
+  it("knows which part registers every named metatable", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local modules = mp._metatable_modules
+      for _ in pairs(mp) do end  -- every part loaded
+      local missing = {}
+      for name, mt in pairs(debug.getregistry()["multiprocessing.metatables"]) do
+        if type(name) == "string" and name:find("^multiprocessing%.") and rawget(modules, name) == nil then
+          missing[#missing + 1] = name
+        end
+      end
+      table.sort(missing)
+      io.write(table.concat(missing, " "))
+    ]]
+    assert.equal("", out, "add these to MT_PARTS in lua/multiprocessing/init.lua (they work, but load every part)")
+  end)
+
+  it("decodes a Manager proxy in a process that has not loaded the manager", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      -- a registered metatable travels by name: a table with it, renamed to a proxy's name
+      local msg = mp.encode(setmetatable({}, mp.TaskError))
+      local i = msg:find("\25multiprocessing.TaskError", 1, true)
+      assert(i, "unexpected encoding")
+      local v = mp.decode(msg:sub(1, i - 1) .. "\25multiprocessing.ListProxy" .. msg:sub(i + 26))
+      io.write(getmetatable(v).__name, " ", tostring(package.loaded["multiprocessing.manager"] ~= nil))
+    ]]
+    assert.equal("multiprocessing.ListProxy true", out)
+  end)
+
   it("lists every name with pairs, connection included", function()
     local out = fresh(([[
       local mp = require "multiprocessing"

@@ -1735,7 +1735,7 @@ static void decode_value(lua_State *L, dec *d) {
         if (lua_getfield(L, -1, "multiprocessing") == LUA_TTABLE &&
             lua_getfield(L, -1, "_metatable_modules") == LUA_TTABLE) {
           lua_pushlstring(L, s, n);
-          if (lua_rawget(L, -2) == LUA_TSTRING) {
+          if (lua_gettable(L, -2) == LUA_TSTRING) {  /* (its __index loads every part) */
             size_t mn;
             const char *mod = lua_tolstring(L, -1, &mn);
             push_module(L, mod, mn);

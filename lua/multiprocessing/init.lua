@@ -33,13 +33,18 @@ for part, names in pairs {
 end
 
 -- Metatables a part registers with the codec (core.register_metatable): a process that receives
--- such a value before loading the part has the codec load it (src/codec.c, T_NAMEDMT).
-M._metatable_modules = {
-  ["multiprocessing.TaskError"] = "multiprocessing.process",
-  ["multiprocessing.DictProxy"] = "multiprocessing.manager",
-  ["multiprocessing.ListProxy"] = "multiprocessing.manager",
-  ["multiprocessing.Delayed"] = "multiprocessing.parallel",
+-- such a value before loading the part has the codec load it (src/codec.c, T_NAMEDMT). A name
+-- not listed here loads every part.
+local MT_PARTS = {
+  process = "TaskError",
+  manager = "DictProxy ListProxy SetProxy NamespaceProxy ValueProxy ArrayProxy LockProxy ConditionProxy "
+    .. "EventProxy BarrierProxy UserProxy",
+  parallel = "Delayed",
 }
+M._metatable_modules = {}
+for part, names in pairs(MT_PARTS) do
+  for name in names:gmatch("%S+") do M._metatable_modules["multiprocessing." .. name] = "multiprocessing." .. part end
+end
 
 local loaded = {}  -- part -> true once its names are in M
 
@@ -65,6 +70,15 @@ local function load_all()
   if rawget(M, "connection") == nil then rawset(M, "connection", require "multiprocessing.connection") end
   setmetatable(M, nil)
 end
+
+setmetatable(M._metatable_modules, {
+  __index = function(_, name)
+    if type(name) == "string" and name:find("^multiprocessing%.") then
+      load_all()
+      return "multiprocessing"
+    end
+  end,
+})
 
 setmetatable(M, {
   __index = function(_, k)
