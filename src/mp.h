@@ -115,6 +115,9 @@ typedef void (*mp_dtor)(mp_obj *o);
 typedef struct mp_sent { uint64_t off; mp_dtor dtor; } mp_sent;
 void mp_obj_sent(uint64_t off, mp_dtor dtor);
 void mp_obj_set_dtor(uint32_t type, mp_dtor dtor);  /* the destructor mp_handle_encode lists */
+/* an object bound to this process's life (Manager reply queues: arena.c) */
+int mp_obj_bind(uint64_t off, mp_dtor dtor);
+void mp_obj_release_bound(uint64_t off, pid_t pid, mp_dtor dtor);
 
 /* -------------------------------------------------------------- waiting */
 double mp_now(void);                              /* CLOCK_MONOTONIC seconds */

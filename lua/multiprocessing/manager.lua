@@ -2,13 +2,14 @@
 --
 -- Proxies are plain tables with a registered metatable, so they travel through
 -- the codec to any process (started before or after them). Each operation is
--- one request on the manager's queue, answered on a reply queue the call makes
--- and sends with it: operations are atomic, and the objects live as long as the
--- manager. The request message owns its reply queue until the server takes it
--- (docs/arena.md), the server closes its handle once it answered (a deferred answer:
--- once a waiter is answered or dropped), and the call closes its own: a reply queue
--- lives as long as its call, whatever process made it, and goes with a request that
--- nobody read.
+-- one request on the manager's queue, answered on the reply queue of the process
+-- that asked (its session, made on its first call that waits for an answer and
+-- sent with that call): operations are atomic, and the objects live as long as the
+-- manager. Each request carries a number that its answer repeats, so the late answer
+-- of a call given up (Ctrl-C) is dropped by the next call, never taken for its own.
+-- A reply queue is bound to the life of its process (core._queue_bind: freed once the
+-- process ended, however it ended, and the server let go of it); the server keeps its
+-- handle until it sees the process end (a pidfd) or it stops (managers/server.lua).
 -- Operations that cannot fail on the server (a dict's d[k] = v, a list's append, a set's
 -- add) are sent without waiting for an answer: the manager's queue is one FIFO, so every later
 -- request, of this process or of any process it tells, is served after them.
@@ -29,39 +30,52 @@ local dict_methods, list_methods = {}, {}
 
 local ops = S.ops
 
+-- A request: { op, client, id, a, b, seq [, pid] }. client: false (no answer wanted), the
+-- pid of a client whose reply queue the server has, or the reply queue itself (the client's
+-- first request, with its pid at [7]). The answer: { ok, value, seq }.
 local function serve(requests)
   local objs = {}
   S.start(objs)
-  local now = core.now
+  local now, clients, DEFER = core.now, S.clients, S.DEFER
+  local get = requests.get
   while true do
-    -- while a process holds a lock or waits, wake for the next deadline or look-out
+    -- while a process holds a lock or waits, wake for the next deadline; while clients
+    -- are known, look for those that ended now and then
     local req
-    if S.active then req = requests:get(math.max(0, S.next_tick - now())) else req = requests:get() end
+    local due = S.next_look
+    if S.active and S.next_tick < due then due = S.next_tick end
+    if due < math.huge then req = get(requests, math.max(0, due - now())) else req = get(requests) end
     if type(req) == "table" then
-      local op = req[1]
-      if op == "stop" then
-        if req[2] then req[2]:put { true } req[2]:close() end
-        return
+      local op, client, id = req[1], req[2], req[3]
+      if op == "stop" then S.stop() return end
+      local reply
+      if client then
+        if math.type(client) == "integer" then
+          local c = clients[client]
+          reply = c and c.q
+        else
+          reply = S.register(client, req[7])
+        end
       end
       local f = ops[op]
-      local res
+      local ok, v
       if not f then
-        res = { false, "unknown manager operation " .. tostring(op) }
-      elseif req[3] ~= nil and not objs[req[3]] and op ~= "new" then
-        res = { false, "the manager has no object " .. tostring(req[3]) }
+        ok, v = false, "unknown manager operation " .. tostring(op)
+      elseif id ~= nil and not objs[id] and op ~= "new" then
+        ok, v = false, "the manager has no object " .. tostring(id)
       else
-        S.req = req
-        res = table.pack(pcall(f, objs, req[3], req[4], req[5]))
+        S.reply, S.seq = reply, req[6]
+        ok, v = pcall(f, objs, id, req[4], req[5])
       end
-      -- no reply queue: a request sent without waiting; S.DEFER: a waiter answers later
-      if req[2] and res[2] ~= S.DEFER then
-        res.seq = req[6]  -- the caller matches it: a reply to a call it gave up on is dropped
-        local ok, err = pcall(req[2].put, req[2], res)
-        if not ok then req[2]:put { false, tostring(err), seq = req[6] } end
-        req[2]:close()  -- the call holds the other handle: the queue goes with the call
+      -- no reply queue: a request sent without waiting; DEFER: a waiter answers later
+      if reply and v ~= DEFER then
+        local sent, err = pcall(reply.put, reply, { ok, v, req[6] })
+        if not sent then pcall(reply.put, reply, { false, tostring(err), req[6] }) end
       end
     end
-    if S.active and now() >= S.next_tick then S.tick() end
+    local t = now()
+    if S.active and t >= S.next_tick then S.tick() end
+    if t >= S.next_look then S.look() end
   end
 end
 
@@ -70,6 +84,39 @@ end
 -- The number of this process's last request (each reply carries the number of the request
 -- it answers).
 local reqno = 0
+local getpid = core.getpid
+
+-- This process's session with each manager (by the server's pid): its reply queue, and
+-- whether the server has it (it answered once on it). A forked child makes its own. A
+-- session lives while a proxy of its manager does in this process (then its queue is closed
+-- by the collector), or until the manager is shut down or found gone.
+local sessions = setmetatable({}, { __mode = "v" })
+local session_of = setmetatable({}, { __mode = "k" })  -- a proxy's manager table -> its session
+
+local function session(mgr)
+  local s = session_of[mgr]
+  local pid = getpid()
+  if s and s.pid == pid and s.reply then return s end
+  s = sessions[mgr._pid]
+  if not (s and s.pid == pid and s.requests == mgr._requests) then
+    local q = core.Queue()
+    core._queue_bind(q)  -- freed once this process ended (not the first one: at its exit)
+    s = { pid = pid, reply = q, requests = mgr._requests, known = false }
+    sessions[mgr._pid] = s
+  end
+  session_of[mgr] = s
+  return s
+end
+
+-- the manager is gone: its session too
+local function end_session(mgr)
+  local s = sessions[mgr._pid]
+  if s and s.pid == getpid() then
+    sessions[mgr._pid] = nil
+    s.reply:close()
+    s.reply = nil
+  end
+end
 
 local server_alive = S.pid_alive  -- a zombie counts as gone
 
@@ -86,12 +133,13 @@ local function arg_names(op, p, a)
 end
 
 local function call(mgr, op, id, a, b, p)
-  -- a queue of its own, closed however the call ends (a process that exits at once, as a
-  -- Process does, would never close one kept for its life)
-  local reply <close> = core.Queue()
+  local s = session(mgr)
+  local reply = s.reply
   reqno = reqno + 1
   local no = reqno
-  local sent, err = pcall(mgr._requests.put, mgr._requests, { op, reply, id, a, b, no })
+  local req
+  if s.known then req = { op, s.pid, id, a, b, no } else req = { op, reply, id, a, b, no, s.pid } end
+  local sent, err = pcall(mgr._requests.put, mgr._requests, req)
   if not sent then  -- name the user's value, not our request's layout
     local n4, n5 = arg_names(op, p, a)
     err = tostring(err):gsub("^[^\n]-manager%.lua:%d+: ", "")
@@ -104,9 +152,10 @@ local function call(mgr, op, id, a, b, p)
     local why
     res, why = reply:get(0.25)  -- a manager that died is noticed within a second
     if res ~= nil then
-      if res.seq == no then break end  -- else: the late reply of an abandoned call
+      s.known = true  -- the server took the queue (the late reply of an abandoned call too)
+      if res[3] == no then break end  -- else: the late reply of an abandoned call
     elseif why == "interrupted" then error("interrupted!", 0)
-    elseif not server_alive(mgr._pid) then error("the manager process is gone", 3) end
+    elseif not server_alive(mgr._pid) then end_session(mgr) error("the manager process is gone", 3) end
   end
   if not res[1] then error(res[2], 3) end
   return res[2]
@@ -128,6 +177,7 @@ function Manager:shutdown()
     self._requests:put { "stop" }
     if not self._proc:join(2) then self._proc:kill() self._proc:join() end
   end
+  end_session(self)
 end
 Manager.__close = Manager.shutdown
 Manager.__gc = Manager.shutdown
@@ -153,10 +203,10 @@ end
 -- an operation inside the server itself (a proxy stored in a manager object, used by a function
 -- that runs there: update_with, sort's cmp, a registered type's method): served directly
 local function local_call(name, id, a, b)
-  local saved = S.req
-  S.req = {}  -- no reply queue: an operation that would wait raises
+  local reply, seq = S.reply, S.seq
+  S.reply = nil  -- no reply queue: an operation that would wait raises
   local res = table.pack(pcall(S.ops[name], S.objs, id, a, b))
-  S.req = saved
+  S.reply, S.seq = reply, seq
   return res[1], res[2]
 end
 

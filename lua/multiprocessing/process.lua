@@ -170,8 +170,7 @@ local function run_child(p)
   if run then  -- a subclass-style override: run(self), as Python calls it
     res = table.pack(xpcall(run, capture, p))
   else
-    local args = p.args
-    res = table.pack(xpcall(p.target, capture, table.unpack(args, 1, args.n or #args)))
+    res = table.pack(xpcall(p.target, capture, M._call_args(p)))
   end
   local ok = res[1]
   local code = 0
@@ -194,9 +193,19 @@ local function run_child(p)
   core._exit(code)
 end
 
-local OPTIONS = { target = true, args = true, name = true, daemon = true, run = true }
+local OPTIONS = { target = true, args = true, kwargs = true, name = true, daemon = true, run = true }
 
---- Process{target = f, args = {...}, name = "Test", daemon = false [, run = function(self) end]}
+-- what the target is called with: args, then kwargs (Python's named arguments) as one table
+function M._call_args(p)
+  local args, kw = p.args, p.kwargs
+  local n = args.n or #args
+  if kw == nil then return table.unpack(args, 1, n) end
+  local t = table.move(args, 1, n, 1, {})
+  t[n + 1] = kw
+  return table.unpack(t, 1, n + 1)
+end
+
+--- Process{target = f, args = {...}, kwargs = {...}, name = "Test", daemon = false [, run = function(self) end]}
 function M.Process(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'Process' (table expected, got " .. type(opts) .. ")", 2) end
   for k in pairs(opts) do
@@ -218,11 +227,15 @@ function M.Process(opts)
     error("bad argument #1 to 'Process' (args.n must be a non-negative integer, got " ..
       (math.type(n) or type(n)) .. ")", 2)
   end
+  if opts.kwargs ~= nil and type(opts.kwargs) ~= "table" then
+    error("bad argument #1 to 'Process' (kwargs must be a table, got " .. type(opts.kwargs) .. ")", 2)
+  end
   counter = counter + 1
   if opts.name ~= nil and type(opts.name) ~= "string" then error("bad argument #1 to 'Process' (name must be a string)", 2) end
   return setmetatable({
     target = target or function() end,
     args = args,
+    kwargs = opts.kwargs,
     run = opts.run,
     name = opts.name or ("Process-" .. counter),
     daemon = not not opts.daemon,
@@ -261,7 +274,7 @@ function methods.start(p)
     core._exit(ok and 0 or 1)
   end
   p.pid, p.ident, p._pid_owner = pid, pid, core.getpid()
-  p.target, p.args, p.run = nil, nil, nil  -- the child has them: let them be collected (as Python does)
+  p.target, p.args, p.kwargs, p.run = nil, nil, nil, nil  -- the child has them: let them be collected (as Python does)
   children[pid] = p
   return p
 end
@@ -269,8 +282,7 @@ end
 methods.run = function(p)  -- what the child does; may be called directly, as in Python
   check(p, "run")
   if p.pid then error("cannot run a process that was started (its target was let go)", 2) end
-  local args = p.args
-  return p.target(table.unpack(args, 1, args.n or #args))
+  return p.target(M._call_args(p))
 end
 
 --- join([timeout]): waits for the process; returns true, or nil, "timeout"
