@@ -44,6 +44,7 @@ local function serve(requests)
     local req
     local due = S.next_look
     if S.active and S.next_tick < due then due = S.next_tick end
+    if S.next_poll < due then due = S.next_poll end
     if due < math.huge then req = get(requests, math.max(0, due - now())) else req = get(requests) end
     if type(req) == "table" then
       local op, client, id = req[1], req[2], req[3]
@@ -75,6 +76,7 @@ local function serve(requests)
     end
     local t = now()
     if S.active and t >= S.next_tick then S.tick() end
+    if t >= S.next_poll then S.poll() end
     if t >= S.next_look then S.look() end
   end
 end
@@ -593,6 +595,83 @@ local BarrierProxy = class("BarrierProxy", "Barrier", barrier_methods, function(
   end
 end)
 
+-------------------------------------------------------------------- Pool
+
+-- A Pool in the server process (managers/pool.lua): its calls return at once on the server,
+-- and their results come back through the manager (a get waits there, not in the server).
+local pool_methods, ar_methods = {}, {}
+local PoolProxy = class("PoolProxy", "Pool", pool_methods)
+local AsyncResultProxy = class("AsyncResultProxy", "AsyncResult", ar_methods)
+AsyncResultProxy.__tostring = function(p) return ("<AsyncResultProxy %d of a Manager>"):format(p._id) end
+
+local function check_call(p, what, f, x, opts, xname)
+  if type(f) ~= "function" then error(("%s: bad argument #1 (function expected, got %s)"):format(describe(p, what), type(f)), 4) end
+  if x ~= nil and type(x) ~= "table" then
+    error(("%s: bad argument #2 (table of %s expected, got %s)"):format(describe(p, what), xname, type(x)), 4)
+  end
+  if type(opts) == "table" and (opts.callback ~= nil or opts.error_callback ~= nil) then
+    error(("%s: callbacks cannot be given through a manager (they would run in the manager process)"):format(describe(p, what)), 4)
+  end
+end
+
+-- starts call `what` (apply_async, map_async, starmap_async) on the server: its AsyncResult proxy
+local function pool_call(p, what, f, x, opts, xname, meth)
+  meth = meth or what
+  check_call(p, meth, f, x, opts, xname)
+  if x ~= nil and getmetatable(x) then x = totable_of(x) end
+  return mk(p._m, AsyncResultProxy, op(p, "pool_call", what, { f, x, opts }, meth))
+end
+
+-- values of a finished call, nil, "timeout", or raises its error (intact) at the user's call
+local function await(p, timeout, meth, wait)
+  local r = wait_op(p, "async_get", { timeout = timeout_of(p, meth, timeout, 3), wait = wait }, meth)
+  if r == "timeout" then return nil, "timeout" end
+  if wait then return true end
+  return table.unpack(r, 1, r.n)
+end
+
+function pool_methods.apply_async(p, f, args, opts) return pool_call(p, "apply_async", f, args, opts, "arguments") end
+function pool_methods.map_async(p, f, items, opts) return pool_call(p, "map_async", f, items, opts, "items") end
+function pool_methods.starmap_async(p, f, list, opts) return pool_call(p, "starmap_async", f, list, opts, "argument tables") end
+function pool_methods.apply(p, f, args, opts) return await(pool_call(p, "apply_async", f, args, opts, "arguments", "apply"), nil, "get") end
+function pool_methods.map(p, f, items, opts) return (await(pool_call(p, "map_async", f, items, opts, "items", "map"), nil, "get")) end
+function pool_methods.starmap(p, f, list, opts) return (await(pool_call(p, "starmap_async", f, list, opts, "argument tables", "starmap"), nil, "get")) end
+
+-- imap and imap_unordered: for i, v in ...; each step takes the results ready on the server
+local function iterate(p, what, f, items, opts)
+  check_call(p, what, f, items, opts, "items")
+  if type(items) ~= "table" then
+    error(("%s: bad argument #2 (a table of items expected, got %s)"):format(describe(p, what), type(items)), 3)
+  end
+  if getmetatable(items) then items = totable_of(items) end
+  local it = mk(p._m, AsyncResultProxy, op(p, "pool_imap", what == "imap", { f, items, opts }, what))
+  local buf, at = { n = 0 }, 1
+  return function()
+    if at > buf.n then
+      buf, at = wait_op(it, "iter_next", {}, what), 1
+      if buf.n == 0 then return nil end
+    end
+    local i, v = buf[at], buf[at + 1]
+    at = at + 2
+    return i, v
+  end
+end
+function pool_methods.imap(p, f, items, opts) return iterate(p, "imap", f, items, opts) end
+function pool_methods.imap_unordered(p, f, items, opts) return iterate(p, "imap_unordered", f, items, opts) end
+
+function pool_methods.close(p) op(p, "pool_close", nil, nil, "close") end
+function pool_methods.terminate(p) op(p, "pool_terminate", nil, nil, "terminate") end
+function pool_methods.join(p) wait_op(p, "pool_join", {}, "join") end
+
+function ar_methods.get(p, timeout) return await(p, timeout, "get") end
+function ar_methods.wait(p, timeout) return await(p, timeout, "wait", true) end
+function ar_methods.ready(p) return op(p, "async_state", nil, nil, "ready").ready end
+function ar_methods.successful(p)
+  local st = op(p, "async_state", nil, nil, "successful")
+  if not st.ready then fail(p, "the result is not ready", "successful") end
+  return st.successful
+end
+
 -------------------------------------------------------------------- registered types
 
 -- p:name(...) calls method name of the object on the server and returns its results
@@ -707,6 +786,15 @@ function Manager:Barrier(parties, action, timeout)
   return mk(self, BarrierProxy, mcall(self, "new_barrier", parties, { action = action, timeout = timeout }, "Barrier()"))
 end
 
+--- manager:Pool([n | opts]): a Pool in the manager's process (mp.Pool's arguments), used by
+--- every process through its proxy
+function Manager:Pool(args)
+  if args ~= nil and type(args) ~= "number" and type(args) ~= "table" then
+    error("bad argument #1 to 'Pool' (number or table expected, got " .. type(args) .. ")", 2)
+  end
+  return mk(self, PoolProxy, mcall(self, "new_pool", nil, args, "Pool()"))
+end
+
 -- Our queues are already shared between processes: the manager's are those.
 function Manager:Queue(...) return core.Queue(...) end
 function Manager:JoinableQueue(...) return core.JoinableQueue(...) end
@@ -736,5 +824,7 @@ end
 -- proxies travel by value with their metatable registered by name
 core.register_metatable(DictProxy.__name, DictProxy)
 core.register_metatable(ListProxy.__name, ListProxy)
+
+M._session = session  -- (for specs)
 
 return M

@@ -24,6 +24,7 @@ function S.start(objs)
   S.objs, S.pid, S.syncs, S.types = objs, core.getpid(), {}, {}
   S.active, S.next_tick = false, math.huge
   S.clients, S.nclients, S.next_look = {}, 0, math.huge
+  S.pools = {}
 end
 
 -- a zombie counts as gone
@@ -42,6 +43,7 @@ local function new_obj(objs, o)
   objs[id] = o
   return id
 end
+S.new_obj = new_obj
 
 ------------------------------------------------------------ dicts, lists, sets, values
 
@@ -249,6 +251,7 @@ end
 
 -- a waiter dropped unanswered (its process died, or it withdrew)
 local function drop() end
+S.waiter, S.answer = waiter, answer
 
 local function new_sync(objs, o)
   local id = new_obj(objs, o)
@@ -530,6 +533,7 @@ end
 
 -- the server stops: every client's reply queue let go (a live client's stays until it ends)
 function S.stop()
+  S.stop_pools()
   S.look()
   for pid in pairs(S.clients) do S.forget(pid, false) end
 end
@@ -589,5 +593,7 @@ function S.tick()
   end
   S.active, S.next_tick = active, active and next_tick or math.huge
 end
+
+require "multiprocessing.managers.pool" (S)
 
 return S
