@@ -135,7 +135,8 @@ local function arg_names(op, p, a)
 end
 
 local function call(mgr, op, id, a, b, p)
-  local s = session(mgr)
+  local s = session_of[mgr]
+  if not (s and s.reply and s.pid == getpid()) then s = session(mgr) end
   local reply = s.reply
   reqno = reqno + 1
   local no = reqno
@@ -216,8 +217,9 @@ local function in_server(m) return S.pid and S.pid == m._pid and core.getpid() =
 
 -- ok, result or error: one operation on the server
 local function try(p, name, a, b)
-  if in_server(p._m) then return local_call(name, p._id, a, b) end
-  return pcall(call, p._m, name, p._id, a, b, p)
+  local m = p._m
+  if S.pid and in_server(m) then return local_call(name, p._id, a, b) end
+  return pcall(call, m, name, p._id, a, b, p)
 end
 
 -- the level, for error() called here, of the first Lua function outside this file: the
@@ -243,7 +245,9 @@ end
 
 -- one operation, from a method or metamethod called by the user
 local function op(p, name, a, b, meth, key)
-  local ok, r = try(p, name, a, b)
+  local m, ok, r = p._m
+  if S.pid and in_server(m) then ok, r = local_call(name, p._id, a, b)
+  else ok, r = pcall(call, m, name, p._id, a, b, p) end
   if not ok then fail(p, r, meth or name, key) end
   return r
 end
