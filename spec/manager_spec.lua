@@ -119,6 +119,22 @@ describe("Manager", function()
     end)
   end)
 
+  it("frees its reply queue when its server was SIGKILLed holding it", function()
+    local core = require "multiprocessing.core"
+    collectgarbage() collectgarbage()
+    local before = core.arena_stats().used
+    local m = mp.Manager()
+    local d = m:dict()
+    d.x = 1
+    assert.equal(1, d.x)  -- the server took this process's reply queue
+    m._proc:kill()
+    m._proc:join()
+    m:shutdown()
+    d, m = nil, nil
+    collectgarbage() collectgarbage()
+    assert.equal(before, core.arena_stats().used)
+  end)
+
   describe("Pool", function()
     local pool
     before_each(function() pool = manager:Pool(2) end)

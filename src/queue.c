@@ -911,6 +911,15 @@ static int queue_close_bound(lua_State *L) {
   return 0;
 }
 
+/* core._queue_release_dead(q): drops the count of q's object that a process which died
+** holding it never released (a Manager's SIGKILLed server, for its client's reply queue):
+** only for a count that is known to be held by a dead process, else the object goes early */
+static int queue_release_dead(lua_State *L) {
+  qhandle *qh = q_check(L, 1);
+  mp_obj_release_with(qh->h.off, getpid(), q_dtor);
+  return 0;
+}
+
 static int queue_fault(lua_State *L) {
   static const char *const where[] = { "put", "get", NULL };
   int w = luaL_checkoption(L, 1, NULL, where);
@@ -995,6 +1004,7 @@ int mp_queue_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
     {"_queue_fault", queue_fault}, {"_queue_bind", queue_bind}, {"_queue_close_bound", queue_close_bound},
+    {"_queue_release_dead", queue_release_dead},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

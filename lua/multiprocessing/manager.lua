@@ -110,12 +110,23 @@ local function session(mgr)
   return s
 end
 
--- the manager is gone: its session too
+-- the manager is gone (its process ended): its session too. A server that was killed (no
+-- S.BYE on the queue) kept its handle of the queue: its count is dropped here.
+local BYE = S.BYE
 local function end_session(mgr)
   local s = sessions[mgr._pid]
-  if s and s.pid == getpid() then
+  if s and s.pid == getpid() and s.reply then
     sessions[mgr._pid] = nil
-    s.reply:close()
+    local q = s.reply
+    if s.known and not s.stopped then
+      while true do
+        local v, why = q:get_nowait()
+        if why then break end
+        if v == BYE then s.stopped = true end
+      end
+      if not s.stopped then core._queue_release_dead(q) end
+    end
+    q:close()
     s.reply = nil
   end
 end
@@ -156,7 +167,8 @@ local function call(mgr, op, id, a, b, p)
     res, why = reply:get(0.25)  -- a manager that died is noticed within a second
     if res ~= nil then
       s.known = true  -- the server took the queue (the late reply of an abandoned call too)
-      if res[3] == no then break end  -- else: the late reply of an abandoned call
+      if res == BYE then s.stopped = true
+      elseif res[3] == no then break end  -- else: the late reply of an abandoned call
     elseif why == "interrupted" then error("interrupted!", 0)
     elseif not server_alive(mgr._pid) then end_session(mgr) error("the manager process is gone", 3) end
   end

@@ -531,11 +531,18 @@ function S.look()
   S.next_look = S.nclients > 0 and now() + S.LOOK or math.huge
 end
 
+-- what the server puts on each client's reply queue as it stops and lets go of it: a client
+-- that finds the server gone without it knows that the server was killed holding its queue
+S.BYE = "\0the manager stopped"
+
 -- the server stops: every client's reply queue let go (a live client's stays until it ends)
 function S.stop()
   S.stop_pools()
   S.look()
-  for pid in pairs(S.clients) do S.forget(pid, false) end
+  for pid, c in pairs(S.clients) do
+    pcall(c.q.put, c.q, S.BYE)
+    S.forget(pid, false)
+  end
 end
 
 ------------------------------------------------------------ deadlines and dead processes
