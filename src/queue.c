@@ -876,16 +876,20 @@ static int queue_join(lua_State *L) {
   return 1;
 }
 
-static int queue_close(lua_State *L) {
+/* bound: the handle is to a queue bound to a process known to have ended (mp_obj_release_bound) */
+static int q_close(lua_State *L, int bound) {
   qhandle *qh = mp_toself(L, 1, QUEUES);
   if (qh->h.off) {
     uint64_t off = qh->h.off;
     qh->h.off = 0;
-    mp_obj_release_with(off, qh->h.pid, q_dtor);
+    if (bound) mp_obj_release_bound(off, qh->h.pid, q_dtor);
+    else mp_obj_release_with(off, qh->h.pid, q_dtor);
   }
   mp_buf_free(L, &qh->buf);
   return 0;
 }
+
+static int queue_close(lua_State *L) { return q_close(L, 0); }
 
 /* core._queue_bind(q) -> boolean: q lives as long as this process, however it
 ** ends, and this handle stops counting it (mp_obj_bind; a Manager client's
@@ -900,16 +904,7 @@ static int queue_bind(lua_State *L) {
 
 /* core._queue_close_bound(q): closes q, a handle to a queue bound to a process
 ** that is known to have ended (its Manager's server, for a dead client) */
-static int queue_close_bound(lua_State *L) {
-  qhandle *qh = mp_toself(L, 1, QUEUES);
-  if (qh->h.off) {
-    uint64_t off = qh->h.off;
-    qh->h.off = 0;
-    mp_obj_release_bound(off, qh->h.pid, q_dtor);
-  }
-  mp_buf_free(L, &qh->buf);
-  return 0;
-}
+static int queue_close_bound(lua_State *L) { return q_close(L, 1); }
 
 /* core._queue_release_dead(q): drops the count of q's object that a process which died
 ** holding it never released (a Manager's SIGKILLed server, for its client's reply queue):
