@@ -55,7 +55,8 @@ local function serve(requests)
           local c = clients[client]
           reply = c and c.q
         else
-          reply = S.register(client, req[7])
+          local registered, q = pcall(S.register, client, req[7])
+          reply = registered and q or nil
         end
       end
       local f = ops[op]
