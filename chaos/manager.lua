@@ -11,6 +11,17 @@ local function reap(pr)
   pr:close()
 end
 
+-- three clients calling step(n, i) for i = 1, 2, ... until they are killed at a random instant
+local function kill_clients(step)
+  local prs = {}
+  for n = 1, 3 do
+    prs[n] = mp.Process { target = function() for i = 1, 1e9 do step(n, i) end end }:start()
+  end
+  sleep(L.uniform(0.1, 0.5))
+  for _, pr in ipairs(prs) do pr:kill() end
+  for _, pr in ipairs(prs) do reap(pr) end
+end
+
 return {
   -- Ctrl-C (SIGINT to the case alone) while it waits for a manager Lock another process holds:
   -- the wait is withdrawn on the server, so the lock is free once the holder releases it (it
@@ -130,19 +141,11 @@ return {
     local d, l, lock = m:dict(), m:list(), m:Lock()
     local big = ("x"):rep(100000)
     for round = 1, L.rounds(4) do
-      local prs = {}
-      for n = 1, 3 do
-        prs[n] = mp.Process { target = function()
-          for i = 1, 1e9 do
-            if n == 1 then d[i % 50] = big assert(#d:get(i % 50) == #big)
-            elseif n == 2 then l:append(i) d:update_with("n", function(v) return (v or 0) + 1 end)
-            else lock:acquire() d.held = i lock:release() end
-          end
-        end }:start()
-      end
-      sleep(L.uniform(0.1, 0.5))
-      for _, pr in ipairs(prs) do pr:kill() end
-      for _, pr in ipairs(prs) do reap(pr) end
+      kill_clients(function(n, i)
+        if n == 1 then d[i % 50] = big assert(#d:get(i % 50) == #big)
+        elseif n == 2 then l:append(i) d:update_with("n", function(v) return (v or 0) + 1 end)
+        else lock:acquire() d.held = i lock:release() end
+      end)
       local w = L.watchdog(L.BOUND * 4)
       local t0 = now()
       d.check = round
@@ -158,5 +161,48 @@ return {
       l:clear()
       L.round_done()
     end
+  end },
+
+  -- a manager's Pool used by clients killed at random instants while they wait for its results
+  -- (apply, map, an imap loop, a get with a timeout): the pool and the manager go on serving the
+  -- parent, with the right results, and the killed clients' reply queues are freed
+  { name = "manager_pool_client_killed", timeout = 120, run = function()
+    L.fig("rounds", 0)
+    local m <close> = mp.Manager()
+    local pool = m:Pool(2)
+    local function spin(x)
+      local t = os.clock()
+      while os.clock() - t < 0.002 do end
+      return x * 2
+    end
+    local used
+    for round = 0, L.rounds(4) do  -- (round 0 warms up: the queues' chunks grow to their size)
+      kill_clients(function(n, i)
+        if n == 1 then assert(pool:apply(spin, { i }) == 2 * i)
+        elseif n == 2 then assert(pool:map(spin, { i, i + 1, i + 2 })[3] == 2 * (i + 2))
+        else
+          for _, v in pool:imap(spin, { i, i + 1 }) do assert(v >= 2 * i) end
+          pool:apply_async(spin, { i }):get(0.001)
+        end
+      end)
+      local w = L.watchdog(L.BOUND * 4)
+      local t0 = now()
+      local r = pool:map(spin, { 1, 2, 3 })
+      local one = pool:apply(spin, { 21 })
+      local fired = w:disarm()
+      L.check(not fired, "round %d: the manager's Pool stopped serving after its clients were killed", round)
+      L.check(r[1] == 2 and r[2] == 4 and r[3] == 6 and one == 42, "round %d: wrong results after the kills", round)
+      L.max("notice_ms", math.floor((now() - t0) * 1000 + 0.5))
+      if round == 0 then
+        L.eventually(function() collectgarbage() return false end, 1.5)  -- (the server looks every second)
+        used = core.arena_stats().used
+      else
+        L.round_done()
+      end
+    end
+    -- the pool's pending results and the clients' queues: once the server has looked (every second)
+    collectgarbage() collectgarbage()
+    local back = L.eventually(function() return core.arena_stats().used <= used end, L.BOUND * 2)
+    L.check(back, "the killed clients' reply queues were not freed: arena use %d -> %d", used, core.arena_stats().used)
   end },
 }

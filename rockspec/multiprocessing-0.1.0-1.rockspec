@@ -39,6 +39,7 @@ build = {
     ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
     ["multiprocessing.parallel"] = "lua/multiprocessing/parallel.lua",
     ["multiprocessing.managers.server"] = "lua/multiprocessing/managers/server.lua",
+    ["multiprocessing.managers.pool"] = "lua/multiprocessing/managers/pool.lua",
     ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
     ["multiprocessing.stream"] = "lua/multiprocessing/stream.lua",
     ["multiprocessing.stream_pool"] = "lua/multiprocessing/stream_pool.lua",

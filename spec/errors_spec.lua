@@ -241,7 +241,7 @@ describe("errors", function()
       H.raises("bad options to 'apply_async' (unknown option time_out)", pool.apply_async, pool, double, { 1 }, { time_out = 1 })
       H.raises("bad option callback to 'map_async' (function expected, got string)", pool.map_async, pool, double, { 1 }, { callback = "x" })
       H.raises("bad argument #1 to 'Pool' (unknown option procesess)", mp.Pool, { procesess = 1 })
-      H.raises("bad argument #1 to 'Process' (unknown option kwargs)", mp.Process, { target = print, kwargs = {} })
+      H.raises("bad argument #1 to 'Process' (unknown option kwarg)", mp.Process, { target = print, kwarg = {} })
     end)
 
     it("a NaN timeout and initargs that are not a table are rejected", function()

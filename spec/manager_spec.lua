@@ -1,4 +1,8 @@
 local mp = require "multiprocessing"
+local H = require "helpers"
+
+-- functions sent to processes must not reach globals through busted's sandbox (see pool_spec.lua)
+local error, os = error, os
 
 describe("Manager", function()
   local manager
@@ -76,5 +80,125 @@ describe("Manager", function()
     m._proc:join()
     assert.has_error(function() d.x = 1 end, "dict['x']: the manager process is gone")
     m:shutdown()
+  end)
+
+  describe("reply queues", function()
+    local core = require "multiprocessing.core"
+
+    it("answers each process on one reply queue of its own, made on its first call", function()
+      local d = manager:dict { x = 1 }
+      assert.equal(1, d.x)  -- the first call: the server has this process's queue from now on
+      local used = core.arena_stats().used
+      local n0 = manager._requests:qsize()
+      for i = 1, 200 do d[i] = i assert.equal(i, d[i]) end
+      -- a queue made and freed per call would be seen as messages owning handles: none here
+      assert.equal(used, core.arena_stats().used)
+      assert.equal(n0, manager._requests:qsize())
+      local reply = require("multiprocessing.manager")._session(manager).reply
+      assert.equal(reply, require("multiprocessing.manager")._session(manager).reply)
+    end)
+
+    it("frees the reply queue of a client killed while it waits, or gone with _exit", function()
+      local lock, d = manager:Lock(), manager:dict()
+      assert.is_nil(d.warm)
+      local before = core.arena_stats().used
+      lock:acquire()
+      local p = mp.Process { target = function() d.started = true lock:acquire() end }:start()
+      assert.truthy(H.eventually(function() return d.started end, 20))
+      core.sleep(0.3)  -- (its acquire is waiting on the server by then)
+      p:kill()
+      p:join()
+      p:close()
+      lock:release()
+      for i = 1, 3 do
+        p = mp.Process { target = function() assert(d[i] == nil) core._exit(0) end }:start()
+        p:join()
+        p:close()
+      end
+      assert.is_true(H.eventually(function() return core.arena_stats().used <= before end, 20))
+    end)
+  end)
+
+  it("frees its reply queue when its server was SIGKILLed holding it", function()
+    local core = require "multiprocessing.core"
+    collectgarbage() collectgarbage()
+    local before = core.arena_stats().used
+    local m = mp.Manager()
+    local d = m:dict()
+    d.x = 1
+    assert.equal(1, d.x)  -- the server took this process's reply queue
+    m._proc:kill()
+    m._proc:join()
+    m:shutdown()
+    d, m = nil, nil
+    collectgarbage() collectgarbage()
+    assert.equal(before, core.arena_stats().used)
+  end)
+
+  describe("Pool", function()
+    local pool
+    before_each(function() pool = manager:Pool(2) end)
+
+    it("runs apply, map, starmap and their async versions in the manager's process", function()
+      assert.same({ 7, 12 }, { pool:apply(function(a, b) return a + b, a * b end, { 3, 4 }) })
+      local r = pool:map(function(x) return x * x end, { 1, 2, 3 })
+      assert.same({ 1, 4, 9, n = 3 }, r)
+      assert.equal(2, pool:starmap(function(a, b) return a - b end, { { 5, 1 }, { 9, 7 } })[2])
+      local ar = pool:map_async(function(x) return -x end, { 1, 2 })
+      assert.same({ -1, -2, n = 2 }, ar:get(30))
+      assert.is_true(ar:ready())
+      assert.is_true(ar:successful())
+      assert.is_true(ar:wait(1))
+    end)
+
+    it("gives nil, 'timeout' from get and wait while a call runs", function()
+      local ar = pool:apply_async(function() local t = os.clock() while os.clock() - t < 0.5 do end return "done" end)
+      assert.same({ nil, "timeout" }, { ar:get(0.01) })
+      assert.same({ nil, "timeout" }, { ar:wait(0) })
+      assert.is_false(ar:ready())
+      assert.has_error(function() ar:successful() end, "AsyncResult:successful(): the result is not ready")
+      assert.equal("done", ar:get(30))
+    end)
+
+    it("yields i, v from imap in order and from imap_unordered as they finish", function()
+      local got = {}
+      for i, v in pool:imap(function(x) return x * 10 end, { 1, 2, 3, 4, 5 }) do got[#got + 1] = i .. "=" .. v end
+      assert.same({ "1=10", "2=20", "3=30", "4=40", "5=50" }, got)
+      local seen = {}
+      for i, v in pool:imap_unordered(function(x) return x + 1 end, { 1, 2, 3 }) do seen[i] = v end
+      assert.same({ 2, 3, 4 }, seen)
+    end)
+
+    it("raises a task's error value intact, and imap after the items before it", function()
+      local ar = pool:apply_async(function() error({ code = 7 }) end)
+      local ok, err = pcall(ar.get, ar)
+      assert.is_false(ok)
+      assert.equal(7, err.value.code)
+      local got = {}
+      ok, err = pcall(function()
+        for i, v in pool:imap(function(x) if x == 3 then error("bad item") end return x end, { 1, 2, 3, 4 }) do got[i] = v end
+      end)
+      assert.is_false(ok)
+      assert.matches("bad item", tostring(err))
+      assert.same({ 1, 2 }, got)
+    end)
+
+    it("is used by other processes through its proxy", function()
+      local p = mp.Process { target = function() return pool:apply(function() return "from a worker" end) end }:start()
+      assert.is_true(p:join(30))
+      assert.equal("from a worker", p:result())
+    end)
+
+    it("closes and joins, then refuses calls; refuses callbacks and non-functions", function()
+      assert.has_error(function() pool:join() end, "Pool:join(): cannot join a running pool")
+      assert.has_error(function() pool:apply_async(function() end, nil, { callback = print }) end,
+        "Pool:apply_async(): callbacks cannot be given through a manager (they would run in the manager process)")
+      assert.has_error(function() pool:map(42, {}) end, "Pool:map(): bad argument #1 (function expected, got number)")
+      local ar = pool:apply_async(function() return 1 end)
+      pool:close()
+      pool:join()
+      assert.equal(1, ar:get())
+      assert.has_error(function() pool:apply(function() end) end, "Pool:apply(): cannot apply_async: the pool is closed")
+    end)
   end)
 end)

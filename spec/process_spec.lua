@@ -443,3 +443,24 @@ describe("Process", function()
     for _, c in ipairs(mp.active_children()) do assert.not_matches("^PoolWorker", c.name) end
   end)
 end)
+
+describe("Process kwargs", function()
+  it("passes kwargs as one table after the positional arguments, nils in args kept", function()
+    local p = mp.Process { target = function(a, b, kw) return a, b, kw.greeting, kw.n end,
+      args = { "x", n = 2 }, kwargs = { greeting = "hi", n = 3 } }
+    p:start()
+    assert.is_true(p:join(30))
+    assert.same({ "x", nil, "hi", 3 }, { p:result() })
+  end)
+
+  it("passes kwargs alone when there are no args, and nothing extra without kwargs", function()
+    local p = mp.Process { target = function(...) return select("#", ...), (...).k end, kwargs = { k = "v" } }
+    assert.same({ 1, "v" }, { p:run() })
+    p = mp.Process { target = function(...) return select("#", ...) end, args = { 1 } }
+    assert.same({ 1 }, { p:run() })
+  end)
+
+  it("refuses a kwargs that is not a table", function()
+    H.raises("bad argument #1 to 'Process' (kwargs must be a table, got string)", mp.Process, { target = print, kwargs = "x" })
+  end)
+end)

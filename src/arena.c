@@ -1063,6 +1063,31 @@ static void release_orphans(void) {
   busy = 0;
 }
 
+/* Binds an object to this process's life (a Manager client's reply queue): it
+** is marked as made before this process was forked, so that once nothing
+** counts it, it waits on the deferred list until this process (and those
+** forked after it) ended, however it ends (_exit, SIGKILL). The caller's count
+** is dropped: its handle goes on using the object without counting it. 0 in
+** the first process (serial 0) and in one not forked by core.fork: nothing done. */
+int mp_obj_bind(uint64_t off, mp_dtor dtor) {
+  if (!arena || !myslot) return 0;
+  uint32_t serial = (uint32_t)(ENTRY(myslot - 1)->word >> 32);
+  if (!serial) return 0;
+  mp_obj *o = MP_PTR(off);
+  __atomic_store_n(&o->forks, serial - 1, __ATOMIC_SEQ_CST);
+  mp_obj_release_with(off, getpid(), dtor);
+  return 1;
+}
+
+/* Drops a handle's count of an object bound to a process known to have ended:
+** no process may reach it any more, so it is freed once nothing counts it. */
+void mp_obj_release_bound(uint64_t off, pid_t pid, mp_dtor dtor) {
+  if (!off || pid != getpid()) return;
+  __atomic_store_n(&((mp_obj *)MP_PTR(off))->forks, UINT32_MAX, __ATOMIC_SEQ_CST);
+  mp_obj_release_with(off, pid, dtor);
+  sweep();
+}
+
 /* ------------------------------------------------------------- Lua API */
 
 /* core.arena_stats() -> { used, blocks, size, top, deferred, processes }, after a sweep

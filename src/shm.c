@@ -365,11 +365,25 @@ static int os_error(lua_State *L, const shm_handle *s, const char *what) {
   return mp_pusherrno(L, buf);
 }
 
-/* A random name of ours: lmp_<pid>_<8 hex digits>, or lmp_tmp_... */
+/* A name of ours: lmp_<pid>_<n><8 random hex digits>, or lmp_tmp_...; n (hex) counts the
+** names this process made, so that it never makes one of its own names again: a random
+** name that met one of its own live segments used to be registered over that segment's
+** entry, then unregistered when the create found the name taken, and that segment was left
+** behind by a kill (shm_creator_killed, about one round in 100: thousands of live names). */
+static uint32_t name_seq;
+static int fixed_random = -1;  /* core._shm_random(n): the random part forced (specs) */
+
 static void random_name(char *out, const char *kind, int salt) {
   uint32_t r = 0;
-  if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r) r = (uint32_t)(mp_now() * 1e9) ^ (uint32_t)salt;
-  snprintf(out, NAME_LEN + 1, "lmp_%s%d_%08x", kind, (int)getpid(), r);
+  if (fixed_random >= 0) r = (uint32_t)fixed_random;
+  else if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r) r = (uint32_t)(mp_now() * 1e9) ^ (uint32_t)salt;
+  snprintf(out, NAME_LEN + 1, "lmp_%s%d_%x%08x", kind, (int)getpid(), ++name_seq, r);
+}
+
+/* core._shm_random([n]): for specs, the random part of the next names is n (nil: random again) */
+static int shm_fix_random(lua_State *L) {
+  fixed_random = lua_isnoneornil(L, 1) ? -1 : (int)(luaL_checkinteger(L, 1) & 0x7fffffff);
+  return 0;
 }
 
 static const char *create_failed;
@@ -801,5 +815,7 @@ int mp_shm_open(lua_State *L) {
   newindexed(L, VIEW, view_methods, view_meta, view_index, view_newindex);
   lua_pushcfunction(L, shm_new);
   lua_setfield(L, -2, "SharedMemory");
+  lua_pushcfunction(L, shm_fix_random);
+  lua_setfield(L, -2, "_shm_random");
   return 0;
 }

@@ -2,13 +2,14 @@
 --
 -- Proxies are plain tables with a registered metatable, so they travel through
 -- the codec to any process (started before or after them). Each operation is
--- one request on the manager's queue, answered on a reply queue the call makes
--- and sends with it: operations are atomic, and the objects live as long as the
--- manager. The request message owns its reply queue until the server takes it
--- (docs/arena.md), the server closes its handle once it answered (a deferred answer:
--- once a waiter is answered or dropped), and the call closes its own: a reply queue
--- lives as long as its call, whatever process made it, and goes with a request that
--- nobody read.
+-- one request on the manager's queue, answered on the reply queue of the process
+-- that asked (its session, made on its first call that waits for an answer and
+-- sent with that call): operations are atomic, and the objects live as long as the
+-- manager. Each request carries a number that its answer repeats, so the late answer
+-- of a call given up (Ctrl-C) is dropped by the next call, never taken for its own.
+-- A reply queue is bound to the life of its process (core._queue_bind: freed once the
+-- process ended, however it ended, and the server let go of it); the server keeps its
+-- handle until it sees the process end (a pidfd) or it stops (managers/server.lua).
 -- Operations that cannot fail on the server (a dict's d[k] = v, a list's append, a set's
 -- add) are sent without waiting for an answer: the manager's queue is one FIFO, so every later
 -- request, of this process or of any process it tells, is served after them.
@@ -29,39 +30,55 @@ local dict_methods, list_methods = {}, {}
 
 local ops = S.ops
 
+-- A request: { op, client, id, a, b, seq [, pid] }. client: false (no answer wanted), the
+-- pid of a client whose reply queue the server has, or the reply queue itself (the client's
+-- first request, with its pid at [7]). The answer: { ok, value, seq }.
 local function serve(requests)
   local objs = {}
   S.start(objs)
-  local now = core.now
+  local now, clients, DEFER = core.now, S.clients, S.DEFER
+  local get = requests.get
   while true do
-    -- while a process holds a lock or waits, wake for the next deadline or look-out
+    -- while a process holds a lock or waits, wake for the next deadline; while clients
+    -- are known, look for those that ended now and then
     local req
-    if S.active then req = requests:get(math.max(0, S.next_tick - now())) else req = requests:get() end
+    local due = S.next_look
+    if S.active and S.next_tick < due then due = S.next_tick end
+    if S.next_poll < due then due = S.next_poll end
+    if due < math.huge then req = get(requests, math.max(0, due - now())) else req = get(requests) end
     if type(req) == "table" then
-      local op = req[1]
-      if op == "stop" then
-        if req[2] then req[2]:put { true } req[2]:close() end
-        return
+      local op, client, id = req[1], req[2], req[3]
+      if op == "stop" then S.stop() return end
+      local reply
+      if client then
+        if math.type(client) == "integer" then
+          local c = clients[client]
+          reply = c and c.q
+        else
+          local registered, q = pcall(S.register, client, req[7])
+          reply = registered and q or nil
+        end
       end
       local f = ops[op]
-      local res
+      local ok, v
       if not f then
-        res = { false, "unknown manager operation " .. tostring(op) }
-      elseif req[3] ~= nil and not objs[req[3]] and op ~= "new" then
-        res = { false, "the manager has no object " .. tostring(req[3]) }
+        ok, v = false, "unknown manager operation " .. tostring(op)
+      elseif id ~= nil and not objs[id] and op ~= "new" then
+        ok, v = false, "the manager has no object " .. tostring(id)
       else
-        S.req = req
-        res = table.pack(pcall(f, objs, req[3], req[4], req[5]))
+        S.reply, S.seq = reply, req[6]
+        ok, v = pcall(f, objs, id, req[4], req[5])
       end
-      -- no reply queue: a request sent without waiting; S.DEFER: a waiter answers later
-      if req[2] and res[2] ~= S.DEFER then
-        res.seq = req[6]  -- the caller matches it: a reply to a call it gave up on is dropped
-        local ok, err = pcall(req[2].put, req[2], res)
-        if not ok then req[2]:put { false, tostring(err), seq = req[6] } end
-        req[2]:close()  -- the call holds the other handle: the queue goes with the call
+      -- no reply queue: a request sent without waiting; DEFER: a waiter answers later
+      if reply and v ~= DEFER then
+        local sent, err = pcall(reply.put, reply, { ok, v, req[6] })
+        if not sent then pcall(reply.put, reply, { false, tostring(err), req[6] }) end
       end
     end
-    if S.active and now() >= S.next_tick then S.tick() end
+    local t = now()
+    if S.active and t >= S.next_tick then S.tick() end
+    if t >= S.next_poll then S.poll() end
+    if t >= S.next_look then S.look() end
   end
 end
 
@@ -70,6 +87,50 @@ end
 -- The number of this process's last request (each reply carries the number of the request
 -- it answers).
 local reqno = 0
+local getpid = core.getpid
+
+-- This process's session with each manager (by the server's pid): its reply queue, and
+-- whether the server has it (it answered once on it). A forked child makes its own. A
+-- session lives while a proxy of its manager does in this process (then its queue is closed
+-- by the collector), or until the manager is shut down or found gone.
+local sessions = setmetatable({}, { __mode = "v" })
+local session_of = setmetatable({}, { __mode = "k" })  -- a proxy's manager table -> its session
+
+local function session(mgr)
+  local s = session_of[mgr]
+  local pid = getpid()
+  if s and s.pid == pid and s.reply then return s end
+  s = sessions[mgr._pid]
+  if not (s and s.pid == pid and s.requests == mgr._requests) then
+    local q = core.Queue()
+    core._queue_bind(q)  -- freed once this process ended (not the first one: at its exit)
+    s = { pid = pid, reply = q, requests = mgr._requests, known = false }
+    sessions[mgr._pid] = s
+  end
+  session_of[mgr] = s
+  return s
+end
+
+-- the manager is gone (its process ended): its session too. A server that was killed (no
+-- S.BYE on the queue) kept its handle of the queue: its count is dropped here.
+local BYE = S.BYE
+local function end_session(mgr)
+  local s = sessions[mgr._pid]
+  if s and s.pid == getpid() and s.reply then
+    sessions[mgr._pid] = nil
+    local q = s.reply
+    if s.known and not s.stopped then
+      while true do
+        local v, why = q:get_nowait()
+        if why then break end
+        if v == BYE then s.stopped = true end
+      end
+      if not s.stopped then core._queue_release_dead(q) end
+    end
+    q:close()
+    s.reply = nil
+  end
+end
 
 local server_alive = S.pid_alive  -- a zombie counts as gone
 
@@ -86,12 +147,14 @@ local function arg_names(op, p, a)
 end
 
 local function call(mgr, op, id, a, b, p)
-  -- a queue of its own, closed however the call ends (a process that exits at once, as a
-  -- Process does, would never close one kept for its life)
-  local reply <close> = core.Queue()
+  local s = session_of[mgr]
+  if not (s and s.reply and s.pid == getpid()) then s = session(mgr) end
+  local reply = s.reply
   reqno = reqno + 1
   local no = reqno
-  local sent, err = pcall(mgr._requests.put, mgr._requests, { op, reply, id, a, b, no })
+  local req
+  if s.known then req = { op, s.pid, id, a, b, no } else req = { op, reply, id, a, b, no, s.pid } end
+  local sent, err = pcall(mgr._requests.put, mgr._requests, req)
   if not sent then  -- name the user's value, not our request's layout
     local n4, n5 = arg_names(op, p, a)
     err = tostring(err):gsub("^[^\n]-manager%.lua:%d+: ", "")
@@ -104,9 +167,11 @@ local function call(mgr, op, id, a, b, p)
     local why
     res, why = reply:get(0.25)  -- a manager that died is noticed within a second
     if res ~= nil then
-      if res.seq == no then break end  -- else: the late reply of an abandoned call
+      s.known = true  -- the server took the queue (the late reply of an abandoned call too)
+      if res == BYE then s.stopped = true
+      elseif res[3] == no then break end  -- else: the late reply of an abandoned call
     elseif why == "interrupted" then error("interrupted!", 0)
-    elseif not server_alive(mgr._pid) then error("the manager process is gone", 3) end
+    elseif not server_alive(mgr._pid) then end_session(mgr) error("the manager process is gone", 3) end
   end
   if not res[1] then error(res[2], 3) end
   return res[2]
@@ -128,6 +193,7 @@ function Manager:shutdown()
     self._requests:put { "stop" }
     if not self._proc:join(2) then self._proc:kill() self._proc:join() end
   end
+  end_session(self)
 end
 Manager.__close = Manager.shutdown
 Manager.__gc = Manager.shutdown
@@ -153,10 +219,10 @@ end
 -- an operation inside the server itself (a proxy stored in a manager object, used by a function
 -- that runs there: update_with, sort's cmp, a registered type's method): served directly
 local function local_call(name, id, a, b)
-  local saved = S.req
-  S.req = {}  -- no reply queue: an operation that would wait raises
+  local reply, seq = S.reply, S.seq
+  S.reply = nil  -- no reply queue: an operation that would wait raises
   local res = table.pack(pcall(S.ops[name], S.objs, id, a, b))
-  S.req = saved
+  S.reply, S.seq = reply, seq
   return res[1], res[2]
 end
 
@@ -164,8 +230,9 @@ local function in_server(m) return S.pid and S.pid == m._pid and core.getpid() =
 
 -- ok, result or error: one operation on the server
 local function try(p, name, a, b)
-  if in_server(p._m) then return local_call(name, p._id, a, b) end
-  return pcall(call, p._m, name, p._id, a, b, p)
+  local m = p._m
+  if S.pid and in_server(m) then return local_call(name, p._id, a, b) end
+  return pcall(call, m, name, p._id, a, b, p)
 end
 
 -- the level, for error() called here, of the first Lua function outside this file: the
@@ -191,7 +258,9 @@ end
 
 -- one operation, from a method or metamethod called by the user
 local function op(p, name, a, b, meth, key)
-  local ok, r = try(p, name, a, b)
+  local m, ok, r = p._m
+  if S.pid and in_server(m) then ok, r = local_call(name, p._id, a, b)
+  else ok, r = pcall(call, m, name, p._id, a, b, p) end
   if not ok then fail(p, r, meth or name, key) end
   return r
 end
@@ -543,6 +612,83 @@ local BarrierProxy = class("BarrierProxy", "Barrier", barrier_methods, function(
   end
 end)
 
+-------------------------------------------------------------------- Pool
+
+-- A Pool in the server process (managers/pool.lua): its calls return at once on the server,
+-- and their results come back through the manager (a get waits there, not in the server).
+local pool_methods, ar_methods = {}, {}
+local PoolProxy = class("PoolProxy", "Pool", pool_methods)
+local AsyncResultProxy = class("AsyncResultProxy", "AsyncResult", ar_methods)
+AsyncResultProxy.__tostring = function(p) return ("<AsyncResultProxy %d of a Manager>"):format(p._id) end
+
+local function check_call(p, what, f, x, opts, xname)
+  if type(f) ~= "function" then error(("%s: bad argument #1 (function expected, got %s)"):format(describe(p, what), type(f)), 4) end
+  if x ~= nil and type(x) ~= "table" then
+    error(("%s: bad argument #2 (table of %s expected, got %s)"):format(describe(p, what), xname, type(x)), 4)
+  end
+  if type(opts) == "table" and (opts.callback ~= nil or opts.error_callback ~= nil) then
+    error(("%s: callbacks cannot be given through a manager (they would run in the manager process)"):format(describe(p, what)), 4)
+  end
+end
+
+-- starts call `what` (apply_async, map_async, starmap_async) on the server: its AsyncResult proxy
+local function pool_call(p, what, f, x, opts, xname, meth)
+  meth = meth or what
+  check_call(p, meth, f, x, opts, xname)
+  if x ~= nil and getmetatable(x) then x = totable_of(x) end
+  return mk(p._m, AsyncResultProxy, op(p, "pool_call", what, { f, x, opts }, meth))
+end
+
+-- values of a finished call, nil, "timeout", or raises its error (intact) at the user's call
+local function await(p, timeout, meth, wait)
+  local r = wait_op(p, "async_get", { timeout = timeout_of(p, meth, timeout, 3), wait = wait }, meth)
+  if r == "timeout" then return nil, "timeout" end
+  if wait then return true end
+  return table.unpack(r, 1, r.n)
+end
+
+function pool_methods.apply_async(p, f, args, opts) return pool_call(p, "apply_async", f, args, opts, "arguments") end
+function pool_methods.map_async(p, f, items, opts) return pool_call(p, "map_async", f, items, opts, "items") end
+function pool_methods.starmap_async(p, f, list, opts) return pool_call(p, "starmap_async", f, list, opts, "argument tables") end
+function pool_methods.apply(p, f, args, opts) return await(pool_call(p, "apply_async", f, args, opts, "arguments", "apply"), nil, "get") end
+function pool_methods.map(p, f, items, opts) return (await(pool_call(p, "map_async", f, items, opts, "items", "map"), nil, "get")) end
+function pool_methods.starmap(p, f, list, opts) return (await(pool_call(p, "starmap_async", f, list, opts, "argument tables", "starmap"), nil, "get")) end
+
+-- imap and imap_unordered: for i, v in ...; each step takes the results ready on the server
+local function iterate(p, what, f, items, opts)
+  check_call(p, what, f, items, opts, "items")
+  if type(items) ~= "table" then
+    error(("%s: bad argument #2 (a table of items expected, got %s)"):format(describe(p, what), type(items)), 3)
+  end
+  if getmetatable(items) then items = totable_of(items) end
+  local it = mk(p._m, AsyncResultProxy, op(p, "pool_imap", what == "imap", { f, items, opts }, what))
+  local buf, at = { n = 0 }, 1
+  return function()
+    if at > buf.n then
+      buf, at = wait_op(it, "iter_next", {}, what), 1
+      if buf.n == 0 then return nil end
+    end
+    local i, v = buf[at], buf[at + 1]
+    at = at + 2
+    return i, v
+  end
+end
+function pool_methods.imap(p, f, items, opts) return iterate(p, "imap", f, items, opts) end
+function pool_methods.imap_unordered(p, f, items, opts) return iterate(p, "imap_unordered", f, items, opts) end
+
+function pool_methods.close(p) op(p, "pool_close", nil, nil, "close") end
+function pool_methods.terminate(p) op(p, "pool_terminate", nil, nil, "terminate") end
+function pool_methods.join(p) wait_op(p, "pool_join", {}, "join") end
+
+function ar_methods.get(p, timeout) return await(p, timeout, "get") end
+function ar_methods.wait(p, timeout) return await(p, timeout, "wait", true) end
+function ar_methods.ready(p) return op(p, "async_state", nil, nil, "ready").ready end
+function ar_methods.successful(p)
+  local st = op(p, "async_state", nil, nil, "successful")
+  if not st.ready then fail(p, "the result is not ready", "successful") end
+  return st.successful
+end
+
 -------------------------------------------------------------------- registered types
 
 -- p:name(...) calls method name of the object on the server and returns its results
@@ -657,6 +803,15 @@ function Manager:Barrier(parties, action, timeout)
   return mk(self, BarrierProxy, mcall(self, "new_barrier", parties, { action = action, timeout = timeout }, "Barrier()"))
 end
 
+--- manager:Pool([n | opts]): a Pool in the manager's process (mp.Pool's arguments), used by
+--- every process through its proxy
+function Manager:Pool(args)
+  if args ~= nil and type(args) ~= "number" and type(args) ~= "table" then
+    error("bad argument #1 to 'Pool' (number or table expected, got " .. type(args) .. ")", 2)
+  end
+  return mk(self, PoolProxy, mcall(self, "new_pool", nil, args, "Pool()"))
+end
+
 -- Our queues are already shared between processes: the manager's are those.
 function Manager:Queue(...) return core.Queue(...) end
 function Manager:JoinableQueue(...) return core.JoinableQueue(...) end
@@ -686,5 +841,7 @@ end
 -- proxies travel by value with their metatable registered by name
 core.register_metatable(DictProxy.__name, DictProxy)
 core.register_metatable(ListProxy.__name, ListProxy)
+
+M._session = session  -- (for specs)
 
 return M

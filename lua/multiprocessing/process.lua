@@ -171,8 +171,7 @@ local function run_child(p)
   if run then  -- a subclass-style override: run(self), as Python calls it
     res = table.pack(xpcall(run, capture, p))
   else
-    local args = p.args
-    res = table.pack(xpcall(p.target, capture, table.unpack(args, 1, args.n or #args)))
+    res = table.pack(xpcall(p.target, capture, M._call_args(p)))
   end
   local ok = res[1]
   local code = 0
@@ -199,7 +198,7 @@ end
 -- (see start) made a Process again, its parent the one that started it
 function M._child_main(pl)
   me = { name = pl.parent[1], pid = pl.parent[2], daemon = false, ident = pl.parent[2] }
-  run_child(setmetatable({ target = pl.target, args = pl.args, run = pl.run, name = pl.name,
+  run_child(setmetatable({ target = pl.target, args = pl.args, kwargs = pl.kwargs, run = pl.run, name = pl.name,
     daemon = pl.daemon, _results = pl.results }, Process))
 end
 
@@ -208,9 +207,19 @@ function M._from_parent(info)
   me = { name = info[1], pid = info[2], daemon = false, ident = info[2] }
 end
 
-local OPTIONS = { target = true, args = true, name = true, daemon = true, run = true, start_method = true }
+local OPTIONS = { target = true, args = true, kwargs = true, name = true, daemon = true, run = true, start_method = true }
 
---- Process{target = f, args = {...}, name = "Test", daemon = false [, run = function(self) end]}
+-- what the target is called with: args, then kwargs (Python's named arguments) as one table
+function M._call_args(p)
+  local args, kw = p.args, p.kwargs
+  local n = args.n or #args
+  if kw == nil then return table.unpack(args, 1, n) end
+  local t = table.move(args, 1, n, 1, {})
+  t[n + 1] = kw
+  return table.unpack(t, 1, n + 1)
+end
+
+--- Process{target = f, args = {...}, kwargs = {...}, name = "Test", daemon = false [, run = function(self) end]}
 function M.Process(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'Process' (table expected, got " .. type(opts) .. ")", 2) end
   for k in pairs(opts) do
@@ -233,11 +242,15 @@ function M.Process(opts)
       (math.type(n) or type(n)) .. ")", 2)
   end
   if opts.start_method ~= nil then context._check(opts.start_method, "Process", 1, 2) end
+  if opts.kwargs ~= nil and type(opts.kwargs) ~= "table" then
+    error("bad argument #1 to 'Process' (kwargs must be a table, got " .. type(opts.kwargs) .. ")", 2)
+  end
   counter = counter + 1
   if opts.name ~= nil and type(opts.name) ~= "string" then error("bad argument #1 to 'Process' (name must be a string)", 2) end
   return setmetatable({
     target = target or function() end,
     args = args,
+    kwargs = opts.kwargs,
     run = opts.run,
     name = opts.name or ("Process-" .. counter),
     daemon = not not opts.daemon,
@@ -273,7 +286,7 @@ function methods.start(p)
   local pid, err
   if method and method ~= "fork" then  -- the start message: what run_child needs
     pid, err = context._start(method, { module = "multiprocessing.process", entry = "_child_main", payload = {
-      target = p.target, args = p.args, run = rawget(p, "run"), name = p.name, daemon = p.daemon,
+      target = p.target, args = p.args, kwargs = p.kwargs, run = rawget(p, "run"), name = p.name, daemon = p.daemon,
       results = p._results, parent = { me.name, me.pid } } }, p.daemon)
   else
     context._warn_fork()
@@ -286,7 +299,7 @@ function methods.start(p)
     core._exit(ok and 0 or 1)
   end
   p.pid, p.ident, p._pid_owner = pid, pid, core.getpid()
-  p.target, p.args, p.run = nil, nil, nil  -- the child has them: let them be collected (as Python does)
+  p.target, p.args, p.kwargs, p.run = nil, nil, nil, nil  -- the child has them: let them be collected (as Python does)
   children[pid] = p
   return p
 end
@@ -294,8 +307,7 @@ end
 methods.run = function(p)  -- what the child does; may be called directly, as in Python
   check(p, "run")
   if p.pid then error("cannot run a process that was started (its target was let go)", 2) end
-  local args = p.args
-  return p.target(table.unpack(args, 1, args.n or #args))
+  return p.target(M._call_args(p))
 end
 
 --- join([timeout]): waits for the process; returns true, or nil, "timeout"

@@ -1,10 +1,11 @@
 -- managers/server.lua: what a Manager's server process holds and does (the objects and their operations).
 --
 -- manager.lua's serve loop takes one request at a time from the manager's queue and calls
--- ops[name](objs, id, a, b); the result is the answer. Synchronization objects (Lock, RLock,
+-- ops[name](objs, id, a, b); the result is the answer, put on the reply queue of the client
+-- (the process) that asked (S.clients). Synchronization objects (Lock, RLock,
 -- Semaphore, BoundedSemaphore, Condition, Event, Barrier) live here too: an operation that must
--- wait returns S.DEFER, keeps the request's reply queue and number in a waiter, and answers
--- later (granted, timed out, or broken). The server is single-threaded, so it never blocks: the
+-- wait returns S.DEFER, keeps the client's reply queue and the request's number in a waiter,
+-- and answers later (granted, timed out, or broken). The server is single-threaded, so it never blocks: the
 -- loop wakes for the nearest deadline and, while a process holds a lock or waits, every
 -- TICK seconds to look for processes that died (a lock held by a dead process is released, the
 -- next acquire returns true, "owner died"; a dead waiter is dropped, a dead barrier party
@@ -17,10 +18,13 @@ local ops = S.ops
 local now = core.now
 
 -- the state of the server (in the server process only): set by S.start
--- S.objs, S.pid, S.req (the request being served), S.syncs (the sync objects), S.types
+-- S.objs, S.pid, S.reply and S.seq (where the request being served is answered: nil for
+-- none), S.syncs (the sync objects), S.types, S.clients
 function S.start(objs)
   S.objs, S.pid, S.syncs, S.types = objs, core.getpid(), {}, {}
   S.active, S.next_tick = false, math.huge
+  S.clients, S.nclients, S.next_look = {}, 0, math.huge
+  S.pools = {}
 end
 
 -- a zombie counts as gone
@@ -39,6 +43,7 @@ local function new_obj(objs, o)
   objs[id] = o
   return id
 end
+S.new_obj = new_obj
 
 ------------------------------------------------------------ dicts, lists, sets, values
 
@@ -233,21 +238,20 @@ end
 
 -- a waiter for the request being served; a = { pid = ..., timeout = ... }
 local function waiter(a, timeout)
-  local req = S.req
-  if not req[2] then error("this operation waits, so it needs an answer", 0) end
-  local w = { pid = a.pid, reply = req[2], seq = req[6], deadline = timeout and now() + timeout }
+  if not S.reply then error("this operation waits, so it needs an answer", 0) end
+  local w = { pid = a.pid, reply = S.reply, seq = S.seq, deadline = timeout and now() + timeout }
   S.watch(w.deadline)
   return w
 end
 
--- answers a waiter (its process may be gone: then the answer is dropped)
+-- answers a waiter (its process may be gone, its reply queue closed: then the answer is dropped)
 local function answer(w, ok, v)
-  pcall(w.reply.put, w.reply, { ok, v, seq = w.seq })
-  pcall(w.reply.close, w.reply)  -- the server's handle: the queue goes with the call
+  pcall(w.reply.put, w.reply, { ok, v, w.seq })
 end
 
--- a waiter dropped unanswered (its process died, or it withdrew): its reply queue let go
-local function drop(w) pcall(w.reply.close, w.reply) end
+-- a waiter dropped unanswered (its process died, or it withdrew)
+local function drop() end
+S.waiter, S.answer = waiter, answer
 
 local function new_sync(objs, o)
   local id = new_obj(objs, o)
@@ -476,6 +480,71 @@ function ops.reset(objs, id)
   o.broken = false
 end
 
+------------------------------------------------------------ clients
+
+-- A client is a process that waits for answers: its first such request carries its reply
+-- queue (and its pid), the later ones its pid alone. The queue is kept, with a pidfd of the
+-- client (core.sentinel) to see its death, until the client ends; then it is closed as bound
+-- to a process that ended (manager.lua binds a client's reply queue to the client's life),
+-- so it is freed however the client ended. LOOK: how often dead clients are looked for.
+S.LOOK = 1
+
+-- the reply queue of client pid, given with its request: kept from now on (a new client
+-- is a moment to let go of those that ended: a program that starts a process per job
+-- keeps one queue, not one per second)
+function S.register(q, pid)
+  if S.nclients > 0 then S.look() end
+  local c = S.clients[pid]
+  if c then
+    if c.q == q then q:close() return c.q end  -- sent again (its first call was cut short)
+    S.forget(pid, true)  -- the pid of a process that ended, reused by a new client
+  end
+  local s = core.sentinel(pid)  -- nil without pidfds (valgrind): pid_alive then
+  S.clients[pid] = { q = q, sentinel = s, fd = s and s:fileno() }
+  S.nclients = S.nclients + 1
+  if S.nclients == 1 then S.next_look = now() + S.LOOK end
+  return q
+end
+
+-- lets go of client pid's reply queue; gone: the client ended (else: the server stops)
+function S.forget(pid, gone)
+  local c = S.clients[pid]
+  S.clients[pid] = nil
+  S.nclients = S.nclients - 1
+  if gone then core._queue_close_bound(c.q) else c.q:close() end
+  if c.sentinel then c.sentinel:close() end
+  if S.nclients == 0 then S.next_look = math.huge end
+end
+
+-- the clients that ended let go of (one poll for all)
+function S.look()
+  local fds, pids, dead = {}, {}, {}
+  for pid, c in pairs(S.clients) do
+    if c.fd then fds[#fds + 1], pids[#fds + 1] = c.fd, pid
+    elseif not pid_alive(pid) then dead[#dead + 1] = pid end
+  end
+  if #fds > 0 then
+    local ready = core.poll_fds(fds, 0)
+    if type(ready) == "table" then for _, i in ipairs(ready) do dead[#dead + 1] = pids[i] end end
+  end
+  for _, pid in ipairs(dead) do S.forget(pid, true) end
+  S.next_look = S.nclients > 0 and now() + S.LOOK or math.huge
+end
+
+-- what the server puts on each client's reply queue as it stops and lets go of it: a client
+-- that finds the server gone without it knows that the server was killed holding its queue
+S.BYE = "\0the manager stopped"
+
+-- the server stops: every client's reply queue let go (a live client's stays until it ends)
+function S.stop()
+  S.stop_pools()
+  S.look()
+  for pid, c in pairs(S.clients) do
+    pcall(c.q.put, c.q, S.BYE)
+    S.forget(pid, false)
+  end
+end
+
 ------------------------------------------------------------ deadlines and dead processes
 
 -- wakes the waiters whose deadline passed and looks for dead holders and waiters; sets
@@ -531,5 +600,7 @@ function S.tick()
   end
   S.active, S.next_tick = active, active and next_tick or math.huge
 end
+
+require "multiprocessing.managers.pool" (S)
 
 return S
