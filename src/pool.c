@@ -648,7 +648,7 @@ static int blob_free(lua_State *L) {
   b->h.type = 0;
   mp_sent *l = blob_owned(b);
   pid_t me = getpid();
-  for (uint64_t i = 0; i < b->nown; i++) mp_obj_release_with(l[i].off, me, l[i].dtor);
+  for (uint64_t i = 0; i < b->nown; i++) mp_obj_release_with(l[i].off, me, mp_fn_unpack(l[i].dtor));
   mp_free((uint64_t)off);
   return 0;
 }
