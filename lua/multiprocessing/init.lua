@@ -38,7 +38,7 @@ end
 local MT_PARTS = {
   process = "TaskError",
   manager = "DictProxy ListProxy SetProxy NamespaceProxy ValueProxy ArrayProxy LockProxy ConditionProxy "
-    .. "EventProxy BarrierProxy UserProxy",
+    .. "EventProxy BarrierProxy UserProxy PoolProxy AsyncResultProxy",
   parallel = "Delayed",
 }
 M._metatable_modules = {}
