@@ -34,6 +34,22 @@ local function all_sent(pool, n)
   end, PATIENCE)
 end
 
+-- apply_async of a task that runs for a minute; returns once a worker has started it
+local function start_sleeper(pool)
+  local started = H.tmpname()
+  os.remove(started)
+  local a = pool:apply_async(function(path)
+    io.open(path, "w"):close()
+    core.sleep(60)
+  end, { started })
+  assert(H.eventually(function()
+    local f = io.open(started)
+    if f then f:close() end
+    return f ~= nil
+  end, PATIENCE), "the task did not start")
+  return a
+end
+
 describe("Pool driven from a frame loop", function()
   H.leak_check(before_each, after_each)
 
@@ -158,17 +174,7 @@ describe("Pool driven from a frame loop", function()
     it("becomes readable when a worker is killed mid-task; poll fails the task and replaces it", function()
       local pool <close> = mp.Pool(1)
       local fd = pool:fileno()
-      local started = H.tmpname()
-      os.remove(started)
-      local a = pool:apply_async(function(path)
-        io.open(path, "w"):close()
-        core.sleep(60)
-      end, { started })
-      assert.truthy(H.eventually(function()
-        local f = io.open(started)
-        if f then f:close() end
-        return f ~= nil
-      end, PATIENCE))
+      local a = start_sleeper(pool)
       local pid = pool:stats()[1].pid
       pool:poll(0)
       assert.truthy(H.eventually(function() pool:poll(0) return not readable(fd) end, PATIENCE))
@@ -295,18 +301,8 @@ describe("Pool driven from a frame loop", function()
 
     it("lets join() finish the work of workers that died after close()", function()
       local pool = mp.Pool { processes = 1, respawn = "poll" }
-      local started = H.tmpname()
-      os.remove(started)
-      local a = pool:apply_async(function(path)
-        io.open(path, "w"):close()
-        core.sleep(60)
-      end, { started })
+      local a = start_sleeper(pool)
       local b = pool:apply_async(double, { 7 })
-      assert.truthy(H.eventually(function()
-        local f = io.open(started)
-        if f then f:close() end
-        return f ~= nil
-      end, PATIENCE))
       pool:close()
       core.kill(pool:stats()[1].pid, 9)
       pool:join()
