@@ -36,8 +36,9 @@ local ops = S.ops
 local function serve(requests)
   local objs = {}
   S.start(objs)
-  local now, clients, DEFER = core.now, S.clients, S.DEFER
-  local get = requests.get
+  local now, queue_of, DEFER, huge = core.now, S.queue_of, S.DEFER, math.huge
+  local get, put = requests.get, requests.put  -- (every Queue's methods)
+  local t = now()
   while true do
     -- while a process holds a lock or waits, wake for the next deadline; while clients
     -- are known, look for those that ended now and then
@@ -45,15 +46,14 @@ local function serve(requests)
     local due = S.next_look
     if S.active and S.next_tick < due then due = S.next_tick end
     if S.next_poll < due then due = S.next_poll end
-    if due < math.huge then req = get(requests, math.max(0, due - now())) else req = get(requests) end
+    if due < huge then req = get(requests, due > t and due - t or 0) else req = get(requests) end
     if type(req) == "table" then
       local op, client, id = req[1], req[2], req[3]
       if op == "stop" then S.stop() return end
       local reply
       if client then
         if math.type(client) == "integer" then
-          local c = clients[client]
-          reply = c and c.q
+          reply = queue_of[client]
         else
           local registered, q = pcall(S.register, client, req[7])
           reply = registered and q or nil
@@ -71,11 +71,11 @@ local function serve(requests)
       end
       -- no reply queue: a request sent without waiting; DEFER: a waiter answers later
       if reply and v ~= DEFER then
-        local sent, err = pcall(reply.put, reply, { ok, v, req[6] })
-        if not sent then pcall(reply.put, reply, { false, tostring(err), req[6] }) end
+        local sent, err = pcall(put, reply, { ok, v, req[6] })
+        if not sent then pcall(put, reply, { false, tostring(err), req[6] }) end
       end
     end
-    local t = now()
+    t = now()
     if S.active and t >= S.next_tick then S.tick() end
     if t >= S.next_poll then S.poll() end
     if t >= S.next_look then S.look() end

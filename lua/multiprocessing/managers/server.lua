@@ -24,6 +24,7 @@ function S.start(objs)
   S.objs, S.pid, S.syncs, S.types = objs, core.getpid(), {}, {}
   S.active, S.next_tick = false, math.huge
   S.clients, S.nclients, S.next_look = {}, 0, math.huge
+  S.queue_of = {}  -- pid -> the client's reply queue (what the serve loop looks up)
   S.pools = {}
 end
 
@@ -501,6 +502,7 @@ function S.register(q, pid)
   end
   local s = core.sentinel(pid)  -- nil without pidfds (valgrind): pid_alive then
   S.clients[pid] = { q = q, sentinel = s, fd = s and s:fileno() }
+  S.queue_of[pid] = q
   S.nclients = S.nclients + 1
   if S.nclients == 1 then S.next_look = now() + S.LOOK end
   return q
@@ -509,7 +511,7 @@ end
 -- lets go of client pid's reply queue; gone: the client ended (else: the server stops)
 function S.forget(pid, gone)
   local c = S.clients[pid]
-  S.clients[pid] = nil
+  S.clients[pid], S.queue_of[pid] = nil, nil
   S.nclients = S.nclients - 1
   if gone then core._queue_close_bound(c.q) else c.q:close() end
   if c.sentinel then c.sentinel:close() end
