@@ -220,6 +220,49 @@ describe("start methods", function()
     end)
   end)
 
+  describe("in a C host with a thread and a big heap (spec/c/forkserver_host.c)", function()
+    local SCRIPT = [[
+      local mp = require "multiprocessing"
+      local method = os.getenv("METHOD")
+      local pool = mp.Pool { processes = 2, start_method = method }
+      local rss = pool:map(function()
+        local s = io.open("/proc/self/status"):read("a")
+        return tonumber(s:match("VmRSS:%s*(%d+)"))
+      end, { 1, 2 })
+      pool:close() pool:join()
+      local p = mp.Process { target = function() end, start_method = method }
+      p:start() p:join()
+      print("result", rss[1], rss[2], p.exitcode)
+    ]]
+    -- builds the host against this checkout's core and runs SCRIPT in it: its output
+    local function run_host(method)
+      local exe, src, out = H.tmpname(), H.tmpname(), H.tmpname()
+      local build = os.getenv("MP_BUILD") or "build"
+      assert(os.execute(("cc -o %s spec/c/forkserver_host.c -Iinclude -I/usr/include/lua5.4 -llua5.4 -lpthread "
+        .. "./%s/multiprocessing/core.so"):format(exe, build)))
+      local f = io.open(src, "w") f:write(SCRIPT) f:close()
+      os.execute(("%s METHOD=%s timeout 60 %s %s > %s 2>&1"):format(H.ENV, method, exe, src, out))
+      return H.slurp(out)
+    end
+
+    it("lmp_forkserver_start before the heap grew: workers have neither the heap nor a warning", function()
+      local out = run_host("forkserver")
+      local a, b, code = out:match("result%s+(%d+)%s+(%d+)%s+(%d+)")
+      assert.is_truthy(a, out)
+      assert.is_true(tonumber(a) < 128 * 1024 and tonumber(b) < 128 * 1024, out)
+      assert.equal("0", code)
+      assert.is_nil(out:find("threads", 1, true), out)
+    end)
+
+    it("fork in a process with threads warns once, pointing at forkserver", function()
+      local out = run_host("fork")
+      assert.matches("result%s+%d+%s+%d+%s+0", out)
+      local _, n = out:gsub("multiprocessing: this process has 2 threads: fork copies only the calling one", "")
+      assert.equal(1, n, out)
+      assert.matches('Use the "forkserver" start method', out)
+    end)
+  end)
+
   describe("choosing", function()
     it("set_start_method sets the default once (force to change); get_start_method", function()
       assert.is_nil(mp.get_start_method(true))

@@ -520,6 +520,8 @@ static const char *fs_start_locked(lua_State *L, const char *path, const char *c
   if (!mp_proc_reserve()) return "out of memory";
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) { snprintf(err, errn, "%s", strerror(errno)); return err; }
+  uint64_t key[2];
+  mp_codec_key(key);  /* drawn now, before the fork, so that both sides have the same */
   pid_t parent = getpid();
   fflush(NULL);
   pid_t pid = fork();
