@@ -43,6 +43,8 @@ build = {
     ["multiprocessing.stream"] = "lua/multiprocessing/stream.lua",
     ["multiprocessing.stream_pool"] = "lua/multiprocessing/stream_pool.lua",
     ["multiprocessing.stream_worker"] = "lua/multiprocessing/stream_worker.lua",
+    ["multiprocessing.context"] = "lua/multiprocessing/context.lua",
+    ["multiprocessing.spawn"] = "lua/multiprocessing/spawn.lua",
     ["multiprocessing.core"] = {
       sources = {
         "src/arena.c", "src/codec.c", "src/forkserver.c", "src/core.c", "src/pipe.c", "src/pool.c",

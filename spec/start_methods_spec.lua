@@ -208,6 +208,30 @@ describe("start methods", function()
       assert.are_not.equal(pid, core._forkserver_pid())
     end)
 
+    it("dies with the process that started it, and so do its workers (SIGKILL)", function()
+      local src, pids = H.tmpname(), H.tmpname()
+      local f = io.open(src, "w")
+      f:write(([[
+        local mp = require "multiprocessing"
+        local server = mp.forkserver_start()
+        local pool = mp.Pool { processes = 1, start_method = "forkserver" }
+        local f = io.open(%q, "w")
+        f:write(server, " ", pool:stats()[1].pid, "\n")
+        f:close()
+        mp.sleep(60)
+      ]]):format(pids))
+      f:close()
+      assert(os.execute(("%s %s %s > /dev/null 2>&1 & echo $! > %s.starter"):format(H.ENV, H.LUA, src, pids)))
+      local line = H.eventually(function() return (H.slurp(pids) or ""):match("\n") and H.slurp(pids) end, 20)
+      assert.is_truthy(line)
+      local server, worker = line:match("(%d+) (%d+)")
+      local starter = tonumber(H.slurp(pids .. ".starter"))
+      os.remove(pids .. ".starter")
+      assert.is_true(H.alive(server) and H.alive(worker))
+      core.kill(starter, 9)
+      assert.is_true(H.eventually(function() return not H.alive(server) and not H.alive(worker) end, 20))
+    end)
+
     it("workers are children of the requester, not of the server", function()
       local server = mp.forkserver_start()
       local pool = mp.Pool { processes = 2, start_method = "forkserver" }

@@ -193,7 +193,6 @@ static const char *wait_readable(int fd, lua_State *L, pid_t peer, double second
 
 /* closes every descriptor from 3 up but keep[0..n) */
 static void close_others(const int *keep, int n) {
-  int top = -1;
   DIR *d = opendir("/proc/self/fd");
   if (!d) return;
   int dfd = dirfd(d);
@@ -205,7 +204,6 @@ static void close_others(const int *keep, int n) {
     int kept = 0;
     for (int i = 0; i < n; i++) if (keep[i] == fd) kept = 1;
     if (!kept) fds[k++] = fd;
-    if (fd > top) top = fd;
   }
   closedir(d);
   for (int i = 0; i < k; i++) close(fds[i]);
@@ -675,7 +673,16 @@ LMP_API int lmp_forkserver_start(void) {
   return 0;
 }
 
+/* in every child (fork, the server, its workers): the server is its parent's,
+** and the lock may have been copied held (the server is forked under it) */
+static void fs_after_fork(void) {
+  if (fs.fd >= 0) close(fs.fd);
+  fs.fd = -1, fs.pid = 0, fs.owner = 0;
+  pthread_mutex_init(&fs.lock, NULL);
+}
+
 int mp_forkserver_open(lua_State *L) {
+  mp_atfork(fs_after_fork);
   static const luaL_Reg fns[] = {
     {"_startmsg", fs_startmsg}, {"_startdecode", fs_startdecode}, {"_spawn", fs_spawn},
     {"_attach", fs_attach}, {"_forkserver_start", fs_start}, {"_forkserver_fork", fs_fork},
