@@ -365,10 +365,14 @@ static int fs_attach(lua_State *L) {
 
 /* ------------------------------------------------------------ forkserver */
 
+/* A request: this header, with the requester's descriptors 0, 1 and 2 (those
+** open: `stdio` says which) in its control message, so that a worker writes
+** where its requester writes now, not where it wrote when the server started;
+** then len bytes of start message. The answer: an fsrep. */
 typedef struct fsreq {
   uint32_t magic, daemon;
   uint64_t token, len;
-  int32_t requester, pad;
+  int32_t requester, stdio;
 } fsreq;
 
 typedef struct fsrep { int32_t pid, err; } fsrep;
@@ -422,18 +426,41 @@ static void reply(int fd, pid_t pid, int err) {
   if (send(fd, &r, sizeof r, MSG_NOSIGNAL) < 0) _exit(0);
 }
 
+/* the header of a request and the descriptors that came with it; -1 at the end */
+static int recv_request(int fd, fsreq *q, int io[3]) {
+  union { struct cmsghdr h; char buf[CMSG_SPACE(3 * sizeof(int))]; } cm;
+  struct iovec iov = { q, sizeof *q };
+  struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf };
+  ssize_t r;
+  do r = recvmsg(fd, &m, MSG_CMSG_CLOEXEC); while (r < 0 && errno == EINTR);
+  if (r <= 0) return -1;
+  int got[3], n = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+      for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && n < 3; k++)
+        memcpy(&got[n++], CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+  if ((size_t)r < sizeof *q && recv_all(fd, (char *)q + r, sizeof *q - (size_t)r) != 0) return -1;
+  if (q->magic != HMAGIC) return -1;
+  for (int i = 0, k = 0; i < 3; i++) io[i] = (q->stdio >> i & 1) && k < n ? got[k++] : -1;
+  return 0;
+}
+
+static void close_io(int io[3]) { for (int i = 0; i < 3; i++) if (io[i] >= 0) close(io[i]); }
+
 static void server_loop(lua_State *S, int fd) {
   for (;;) {
     fsreq q;
-    if (recv_all(fd, &q, sizeof q) != 0 || q.magic != HMAGIC) _exit(0);  /* its starter is gone */
+    int io[3];
+    if (recv_request(fd, &q, io) != 0) _exit(0);  /* its starter is gone */
     char *msg = malloc(q.len ? q.len : 1);
     if (!msg) _exit(1);
     if (recv_all(fd, msg, q.len) != 0) _exit(0);
     pid_t pid = clone_sibling();
-    if (pid < 0) { reply(fd, -1, errno); free(msg); continue; }
-    if (pid > 0) { reply(fd, pid, 0); free(msg); continue; }
+    if (pid < 0) { reply(fd, -1, errno); free(msg); close_io(io); continue; }
+    if (pid > 0) { reply(fd, pid, 0); free(msg); close_io(io); continue; }
     /* the worker: the requester's child */
     worker_fixup();
+    for (int i = 0; i < 3; i++) if (io[i] >= 0) { dup2(io[i], i); close(io[i]); }
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != q.requester) _exit(1);
     close(fd);
@@ -585,14 +612,31 @@ static int fs_stop(lua_State *L) {
 static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, uint64_t token, pid_t *pid,
                       const char **why) {
   fsreq q = { HMAGIC, (uint32_t)daemon, token, mlen, (int32_t)getpid(), 0 };
-  if (send_all(fs.fd, (const char *)&q, sizeof q, L, fs.pid, why) || send_all(fs.fd, msg, mlen, L, fs.pid, why))
+  int io[3], n = 0;
+  for (int i = 0; i < 3; i++) if (fcntl(i, F_GETFD) >= 0) { io[n++] = i; q.stdio |= 1 << i; }
+  union { struct cmsghdr h; char buf[CMSG_SPACE(3 * sizeof(int))]; } cm;
+  memset(&cm, 0, sizeof cm);
+  struct iovec iov = { &q, sizeof q };
+  struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+  if (n) {
+    m.msg_control = cm.buf, m.msg_controllen = CMSG_SPACE(n * sizeof(int));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(n * sizeof(int));
+    memcpy(CMSG_DATA(c), io, n * sizeof(int));
+  }
+  ssize_t r;  /* the header and its descriptors at once (the socket's buffer is empty between requests) */
+  do r = sendmsg(fs.fd, &m, MSG_NOSIGNAL); while (r < 0 && errno == EINTR);
+  if (r < 0) { *why = strerror(errno); return 0; }
+  if ((size_t)r < sizeof q && send_all(fs.fd, (const char *)&q + r, sizeof q - (size_t)r, L, fs.pid, why))
+    return strcmp(*why, "interrupted") ? 0 : -1;
+  if (send_all(fs.fd, msg, mlen, L, fs.pid, why))
     return strcmp(*why, "interrupted") ? 0 : -1;
   *why = wait_readable(fs.fd, L, fs.pid, WAIT_START);
   if (*why) return strcmp(*why, "interrupted") ? 0 : -1;
-  fsrep r;
-  if (recv_all(fs.fd, &r, sizeof r) != 0) return 0;
-  if (r.pid < 0) { *why = strerror(r.err); return -1; }
-  *pid = r.pid;
+  fsrep a;
+  if (recv_all(fs.fd, &a, sizeof a) != 0) return 0;
+  if (a.pid < 0) { *why = strerror(a.err); return -1; }
+  *pid = a.pid;
   return 1;
 }
 
