@@ -34,8 +34,9 @@
 ** requester (PR_SET_PDEATHSIG). glibc's fork() cannot make a sibling, so the
 ** clone is raw; the worker then does what glibc's fork does in a child: its
 ** thread id is written where glibc keeps it (CLONE_CHILD_SETTID at the
-** address PR_GET_TID_ADDRESS gives, so robust mutexes record the right owner)
-** and its robust list is reset to empty. The server dies with the process
+** address PR_GET_TID_ADDRESS gives, so robust mutexes record the right owner),
+** its robust list (the server's, empty) is registered with the kernel again,
+** and the core's own fork handlers run (mp_atfork). The server dies with the process
 ** that started it (PR_SET_PDEATHSIG, and EOF on its socket), and is a daemon
 ** child of it: killed and reaped at exit. A process forked from the one that
 ** started a server starts its own on first use (CLONE_PARENT makes children
@@ -411,13 +412,9 @@ void mp_atfork(void (*child)(void)) {
 /* in a new worker, first thing: what glibc's fork does for its child, and the
 ** core's own fork handlers (a host's or another library's do not run) */
 static void worker_fixup(void) {
-  if (rhead) {  /* an empty robust list (the server holds no robust mutex) */
-    void **head = rhead;
-    head[0] = head;     /* list: itself */
-    head[2] = NULL;     /* list_op_pending */
-    head[-1] = head;    /* glibc's robust_prev, just before the head */
-    syscall(SYS_set_robust_list, rhead, rlen);
-  }
+  /* the kernel gives a clone no robust list: the server's, empty (it holds no
+  ** robust mutex), is registered again, as glibc's fork does */
+  if (rhead) syscall(SYS_set_robust_list, rhead, rlen);
   for (int i = 0; i < nchild_handlers; i++) child_handlers[i]();
 }
 
@@ -520,6 +517,7 @@ static void server_main(int fd, pid_t parent, const char *path, const char *cpat
   const char *why = NULL;
   if (prctl(PR_GET_TID_ADDRESS, &tidaddr) != 0 || !tidaddr) why = "the kernel does not give the thread id address (PR_GET_TID_ADDRESS)";
   if (syscall(SYS_get_robust_list, 0, &rhead, &rlen) != 0) rhead = NULL;
+  if (rhead && *(void **)rhead != rhead) why = "the server holds a robust mutex (a bug)";
   lua_State *S = NULL;
   if (!why) why = server_state(&S, path, cpath);
   if (why) {
