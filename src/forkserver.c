@@ -546,7 +546,8 @@ static const char *fs_start_locked(lua_State *L, const char *path, const char *c
   uint64_t key[2];
   mp_codec_key(key);  /* drawn now, before the fork, so that both sides have the same */
   pid_t parent = getpid();
-  fflush(NULL);
+  fflush(stdout);  /* (not fflush(NULL): stdin's lock may be held by a reading thread) */
+  fflush(stderr);
   pid_t pid = fork();
   if (pid == 0) { close(sv[0]); server_main(sv[1], parent, path, cpath); _exit(1); }
   int e = errno;
