@@ -247,11 +247,23 @@ static int fs_spawn(lua_State *L) {
   const char *path = luaL_checkstring(L, 4), *cpath = luaL_checkstring(L, 5);
   mp_arena_ensure(L);
   if (!mp_proc_reserve()) return luaL_error(L, "cannot spawn: out of memory");
+  uint64_t token = mp_proc_prefork(L);  /* (may raise: before anything is held) */
   char *full = find_exe(exe);
-  if (!full) { lua_pushnil(L); lua_pushfstring(L, "cannot spawn: executable '%s' not found", exe); return 2; }
+  if (!full) {
+    mp_proc_parent(token, -1);
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot spawn: executable '%s' not found or not executable", exe);
+    return 2;
+  }
   int sv[2], ep[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) { free(full); return mp_pusherrno(L, "cannot spawn"); }
-  if (pipe2(ep, O_CLOEXEC) != 0) { close(sv[0]), close(sv[1]), free(full); return mp_pusherrno(L, "cannot spawn"); }
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    mp_proc_parent(token, -1), free(full);
+    return mp_pusherrno(L, "cannot spawn");
+  }
+  if (pipe2(ep, O_CLOEXEC) != 0) {
+    mp_proc_parent(token, -1), close(sv[0]), close(sv[1]), free(full);
+    return mp_pusherrno(L, "cannot spawn");
+  }
   /* the environment: the parent's, with our variables in front */
   size_t ne = 0;
   while (environ[ne]) ne++;
@@ -275,11 +287,11 @@ static int fs_spawn(lua_State *L) {
   if (!envp || !ev[0] || !ev[1] || !ev[2]) {
     free(ev[0]), free(ev[1]), free(ev[2]), free(envp), free(full);
     close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]);
+    mp_proc_parent(token, -1);
     return luaL_error(L, "cannot spawn: out of memory");
   }
   char *argv[] = { full, "-e", "require'multiprocessing.spawn'.main()", NULL };
   int afd = mp_arena_fd();
-  uint64_t token = mp_proc_prefork(L);
   pid_t parent = getpid();
   sigset_t all, old;
   sigfillset(&all);
