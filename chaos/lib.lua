@@ -226,6 +226,7 @@ function L.arena_used() return core.arena_stats().used end
 
 --- a snapshot of what a leak loop must give back
 function L.resources()
+  if core.arena_stats().size == 0 then core.Queue():close() end  -- (the arena's descriptor, kept for spawn, predates the count)
   collectgarbage() collectgarbage()
   return { fds = L.fd_count(), maps = L.maps_count(), rss = L.rss_kb(), arena = L.arena_used(),
     zombies = #select(2, L.children()) }

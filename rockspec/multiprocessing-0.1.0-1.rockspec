@@ -44,6 +44,8 @@ build = {
     ["multiprocessing.stream"] = "lua/multiprocessing/stream.lua",
     ["multiprocessing.stream_pool"] = "lua/multiprocessing/stream_pool.lua",
     ["multiprocessing.stream_worker"] = "lua/multiprocessing/stream_worker.lua",
+    ["multiprocessing.context"] = "lua/multiprocessing/context.lua",
+    ["multiprocessing.spawn"] = "lua/multiprocessing/spawn.lua",
     ["multiprocessing.core"] = {
       sources = {
         "src/arena.c", "src/capi.c", "src/codec.c", "src/core.c", "src/forkserver.c", "src/pipe.c", "src/pool.c",

@@ -103,7 +103,7 @@ function H.leak_check(before_each, after_each)
   local assert = require "luassert"
   local fds
   before_each(function()
-    if not core.arena_stats().size or core.arena_stats().size == 0 then core.Queue():close() end  -- (the arena's descriptor, kept for spawn, predates the count)
+    if core.arena_stats().size == 0 then core.Queue():close() end  -- (the arena's descriptor, kept for spawn, predates the count)
     fds = H.fd_count()
   end)
   after_each(function()

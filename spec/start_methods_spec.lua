@@ -183,16 +183,20 @@ describe("start methods", function()
   describe("forkserver", function()
     it("its workers do not inherit the heap grown after it started", function()
       mp.forkserver_start()
-      local big = string.rep("x", 256 * 1024 * 1024)  -- touched pages: in RSS, in any fork
-      local parent_rss = status("VmRSS")
-      local pool = mp.Pool { processes = 1, start_method = "forkserver" }
-      local child = pool:apply(function()
-        local s = io.open("/proc/self/status"):read("a")
-        return tonumber(s:match("VmRSS:%s*(%d+)")), tonumber(s:match("VmSize:%s*(%d+)"))
-      end)
-      pool:terminate()
-      assert.is_true(parent_rss > 256 * 1024)
-      assert.is_true(child < 128 * 1024, "a forkserver worker's RSS was " .. tostring(child) .. " kB")
+      local function worker_rss()
+        local pool = mp.Pool { processes = 1, start_method = "forkserver" }
+        local kb = pool:apply(function()
+          local s = io.open("/proc/self/status"):read("a")
+          return tonumber(s:match("VmRSS:%s*(%d+)"))
+        end)
+        pool:terminate()
+        return kb
+      end
+      local before = worker_rss()
+      local big = string.rep("x", 256 * 1024 * 1024)  -- touched pages: in RSS, and in any fork's
+      assert.is_true(status("VmRSS") > 256 * 1024)
+      local after = worker_rss()
+      assert.is_true(after - before < 64 * 1024, ("a forkserver worker's RSS went from %d to %d kB"):format(before, after))
       big = nil
     end)
 
@@ -208,6 +212,30 @@ describe("start methods", function()
       assert.are_not.equal(pid, core._forkserver_pid())
     end)
 
+    it("dies with the process that started it, and so do its workers (SIGKILL)", function()
+      local src, pids = H.tmpname(), H.tmpname()
+      local f = io.open(src, "w")
+      f:write(([[
+        local mp = require "multiprocessing"
+        local server = mp.forkserver_start()
+        local pool = mp.Pool { processes = 1, start_method = "forkserver" }
+        local f = io.open(%q, "w")
+        f:write(server, " ", pool:stats()[1].pid, "\n")
+        f:close()
+        mp.sleep(60)
+      ]]):format(pids))
+      f:close()
+      assert(os.execute(("%s %s %s > /dev/null 2>&1 & echo $! > %s.starter"):format(H.ENV, H.LUA, src, pids)))
+      local line = H.eventually(function() return (H.slurp(pids) or ""):match("\n") and H.slurp(pids) end, 20)
+      assert.is_truthy(line)
+      local server, worker = line:match("(%d+) (%d+)")
+      local starter = tonumber(H.slurp(pids .. ".starter"))
+      os.remove(pids .. ".starter")
+      assert.is_true(H.alive(server) and H.alive(worker))
+      core.kill(starter, 9)
+      assert.is_true(H.eventually(function() return not H.alive(server) and not H.alive(worker) end, 20))
+    end)
+
     it("workers are children of the requester, not of the server", function()
       local server = mp.forkserver_start()
       local pool = mp.Pool { processes = 2, start_method = "forkserver" }
@@ -217,6 +245,49 @@ describe("start methods", function()
       end
       assert.same({}, H.children(server))
       pool:terminate()
+    end)
+  end)
+
+  describe("in a C host with a thread and a big heap (spec/c/forkserver_host.c)", function()
+    local SCRIPT = [[
+      local mp = require "multiprocessing"
+      local method = os.getenv("METHOD")
+      local pool = mp.Pool { processes = 2, start_method = method }
+      local rss = pool:map(function()
+        local s = io.open("/proc/self/status"):read("a")
+        return tonumber(s:match("VmRSS:%s*(%d+)"))
+      end, { 1, 2 })
+      pool:close() pool:join()
+      local p = mp.Process { target = function() end, start_method = method }
+      p:start() p:join()
+      print("result", rss[1], rss[2], p.exitcode)
+    ]]
+    -- builds the host against this checkout's core and runs SCRIPT in it: its output
+    local function run_host(method)
+      local exe, src, out = H.tmpname(), H.tmpname(), H.tmpname()
+      local build = os.getenv("MP_BUILD") or "build"
+      assert(os.execute(("env -u LD_PRELOAD cc -o %s spec/c/forkserver_host.c -Iinclude -I/usr/include/lua5.4 -llua5.4 -lpthread "
+        .. "./%s/multiprocessing/core.so"):format(exe, build)))
+      local f = io.open(src, "w") f:write(SCRIPT) f:close()
+      os.execute(("%s METHOD=%s timeout 60 %s %s > %s 2>&1"):format(H.ENV, method, exe, src, out))
+      return H.slurp(out)
+    end
+
+    it("lmp_forkserver_start before the heap grew: workers have neither the heap nor a warning", function()
+      local out = run_host("forkserver")
+      local a, b, code = out:match("result%s+(%d+)%s+(%d+)%s+(%d+)")
+      assert.is_truthy(a, out)
+      assert.is_true(tonumber(a) < 128 * 1024 and tonumber(b) < 128 * 1024, out)
+      assert.equal("0", code)
+      assert.is_nil(out:find("threads", 1, true), out)
+    end)
+
+    it("fork in a process with threads warns once, pointing at forkserver", function()
+      local out = run_host("fork")
+      assert.matches("result%s+%d+%s+%d+%s+0", out)
+      local _, n = out:gsub("multiprocessing: this process has 2 threads: fork copies only the calling one", "")
+      assert.equal(1, n, out)
+      assert.matches('Use the "forkserver" start method', out)
     end)
   end)
 

@@ -34,8 +34,9 @@
 ** requester (PR_SET_PDEATHSIG). glibc's fork() cannot make a sibling, so the
 ** clone is raw; the worker then does what glibc's fork does in a child: its
 ** thread id is written where glibc keeps it (CLONE_CHILD_SETTID at the
-** address PR_GET_TID_ADDRESS gives, so robust mutexes record the right owner)
-** and its robust list is reset to empty. The server dies with the process
+** address PR_GET_TID_ADDRESS gives, so robust mutexes record the right owner),
+** its robust list (the server's, empty) is registered with the kernel again,
+** and the core's own fork handlers run (mp_atfork). The server dies with the process
 ** that started it (PR_SET_PDEATHSIG, and EOF on its socket), and is a daemon
 ** child of it: killed and reaped at exit. A process forked from the one that
 ** started a server starts its own on first use (CLONE_PARENT makes children
@@ -193,7 +194,6 @@ static const char *wait_readable(int fd, lua_State *L, pid_t peer, double second
 
 /* closes every descriptor from 3 up but keep[0..n) */
 static void close_others(const int *keep, int n) {
-  int top = -1;
   DIR *d = opendir("/proc/self/fd");
   if (!d) return;
   int dfd = dirfd(d);
@@ -205,7 +205,6 @@ static void close_others(const int *keep, int n) {
     int kept = 0;
     for (int i = 0; i < n; i++) if (keep[i] == fd) kept = 1;
     if (!kept) fds[k++] = fd;
-    if (fd > top) top = fd;
   }
   closedir(d);
   for (int i = 0; i < k; i++) close(fds[i]);
@@ -248,11 +247,23 @@ static int fs_spawn(lua_State *L) {
   const char *path = luaL_checkstring(L, 4), *cpath = luaL_checkstring(L, 5);
   mp_arena_ensure(L);
   if (!mp_proc_reserve()) return luaL_error(L, "cannot spawn: out of memory");
+  uint64_t token = mp_proc_prefork(L);  /* (may raise: before anything is held) */
   char *full = find_exe(exe);
-  if (!full) { lua_pushnil(L); lua_pushfstring(L, "cannot spawn: executable '%s' not found", exe); return 2; }
+  if (!full) {
+    mp_proc_parent(token, -1);
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot spawn: executable '%s' not found or not executable", exe);
+    return 2;
+  }
   int sv[2], ep[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) { free(full); return mp_pusherrno(L, "cannot spawn"); }
-  if (pipe2(ep, O_CLOEXEC) != 0) { close(sv[0]), close(sv[1]), free(full); return mp_pusherrno(L, "cannot spawn"); }
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    mp_proc_parent(token, -1), free(full);
+    return mp_pusherrno(L, "cannot spawn");
+  }
+  if (pipe2(ep, O_CLOEXEC) != 0) {
+    mp_proc_parent(token, -1), close(sv[0]), close(sv[1]), free(full);
+    return mp_pusherrno(L, "cannot spawn");
+  }
   /* the environment: the parent's, with our variables in front */
   size_t ne = 0;
   while (environ[ne]) ne++;
@@ -276,11 +287,11 @@ static int fs_spawn(lua_State *L) {
   if (!envp || !ev[0] || !ev[1] || !ev[2]) {
     free(ev[0]), free(ev[1]), free(ev[2]), free(envp), free(full);
     close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]);
+    mp_proc_parent(token, -1);
     return luaL_error(L, "cannot spawn: out of memory");
   }
   char *argv[] = { full, "-e", "require'multiprocessing.spawn'.main()", NULL };
   int afd = mp_arena_fd();
-  uint64_t token = mp_proc_prefork(L);
   pid_t parent = getpid();
   sigset_t all, old;
   sigfillset(&all);
@@ -367,10 +378,14 @@ static int fs_attach(lua_State *L) {
 
 /* ------------------------------------------------------------ forkserver */
 
+/* A request: this header, with the requester's descriptors 0, 1 and 2 (those
+** open: `stdio` says which) in its control message, so that a worker writes
+** where its requester writes now, not where it wrote when the server started;
+** then len bytes of start message. The answer: an fsrep. */
 typedef struct fsreq {
   uint32_t magic, daemon;
   uint64_t token, len;
-  int32_t requester, pad;
+  int32_t requester, stdio;
 } fsreq;
 
 typedef struct fsrep { int32_t pid, err; } fsrep;
@@ -409,13 +424,9 @@ void mp_atfork(void (*child)(void)) {
 /* in a new worker, first thing: what glibc's fork does for its child, and the
 ** core's own fork handlers (a host's or another library's do not run) */
 static void worker_fixup(void) {
-  if (rhead) {  /* an empty robust list (the server holds no robust mutex) */
-    void **head = rhead;
-    head[0] = head;     /* list: itself */
-    head[2] = NULL;     /* list_op_pending */
-    head[-1] = head;    /* glibc's robust_prev, just before the head */
-    syscall(SYS_set_robust_list, rhead, rlen);
-  }
+  /* the kernel gives a clone no robust list: the server's, empty (it holds no
+  ** robust mutex), is registered again, as glibc's fork does */
+  if (rhead) syscall(SYS_set_robust_list, rhead, rlen);
   for (int i = 0; i < nchild_handlers; i++) child_handlers[i]();
 }
 
@@ -424,18 +435,41 @@ static void reply(int fd, pid_t pid, int err) {
   if (send(fd, &r, sizeof r, MSG_NOSIGNAL) < 0) _exit(0);
 }
 
+/* the header of a request and the descriptors that came with it; -1 at the end */
+static int recv_request(int fd, fsreq *q, int io[3]) {
+  union { struct cmsghdr h; char buf[CMSG_SPACE(3 * sizeof(int))]; } cm;
+  struct iovec iov = { q, sizeof *q };
+  struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf };
+  ssize_t r;
+  do r = recvmsg(fd, &m, MSG_CMSG_CLOEXEC); while (r < 0 && errno == EINTR);
+  if (r <= 0) return -1;
+  int got[3], n = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+      for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && n < 3; k++)
+        memcpy(&got[n++], CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+  if ((size_t)r < sizeof *q && recv_all(fd, (char *)q + r, sizeof *q - (size_t)r) != 0) return -1;
+  if (q->magic != HMAGIC) return -1;
+  for (int i = 0, k = 0; i < 3; i++) io[i] = (q->stdio >> i & 1) && k < n ? got[k++] : -1;
+  return 0;
+}
+
+static void close_io(int io[3]) { for (int i = 0; i < 3; i++) if (io[i] >= 0) close(io[i]); }
+
 static void server_loop(lua_State *S, int fd) {
   for (;;) {
     fsreq q;
-    if (recv_all(fd, &q, sizeof q) != 0 || q.magic != HMAGIC) _exit(0);  /* its starter is gone */
+    int io[3];
+    if (recv_request(fd, &q, io) != 0) _exit(0);  /* its starter is gone */
     char *msg = malloc(q.len ? q.len : 1);
     if (!msg) _exit(1);
     if (recv_all(fd, msg, q.len) != 0) _exit(0);
     pid_t pid = clone_sibling();
-    if (pid < 0) { reply(fd, -1, errno); free(msg); continue; }
-    if (pid > 0) { reply(fd, pid, 0); free(msg); continue; }
+    if (pid < 0) { reply(fd, -1, errno); free(msg); close_io(io); continue; }
+    if (pid > 0) { reply(fd, pid, 0); free(msg); close_io(io); continue; }
     /* the worker: the requester's child */
     worker_fixup();
+    for (int i = 0; i < 3; i++) if (io[i] >= 0) { dup2(io[i], i); close(io[i]); }
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != q.requester) _exit(1);
     close(fd);
@@ -495,6 +529,7 @@ static void server_main(int fd, pid_t parent, const char *path, const char *cpat
   const char *why = NULL;
   if (prctl(PR_GET_TID_ADDRESS, &tidaddr) != 0 || !tidaddr) why = "the kernel does not give the thread id address (PR_GET_TID_ADDRESS)";
   if (syscall(SYS_get_robust_list, 0, &rhead, &rlen) != 0) rhead = NULL;
+  if (rhead && *(void **)rhead != rhead) why = "the server holds a robust mutex (a bug)";
   lua_State *S = NULL;
   if (!why) why = server_state(&S, path, cpath);
   if (why) {
@@ -520,8 +555,11 @@ static const char *fs_start_locked(lua_State *L, const char *path, const char *c
   if (!mp_proc_reserve()) return "out of memory";
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) { snprintf(err, errn, "%s", strerror(errno)); return err; }
+  uint64_t key[2];
+  mp_codec_key(key);  /* drawn now, before the fork, so that both sides have the same */
   pid_t parent = getpid();
-  fflush(NULL);
+  fflush(stdout);  /* (not fflush(NULL): stdin's lock may be held by a reading thread) */
+  fflush(stderr);
   pid_t pid = fork();
   if (pid == 0) { close(sv[0]); server_main(sv[1], parent, path, cpath); _exit(1); }
   int e = errno;
@@ -585,14 +623,31 @@ static int fs_stop(lua_State *L) {
 static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, uint64_t token, pid_t *pid,
                       const char **why) {
   fsreq q = { HMAGIC, (uint32_t)daemon, token, mlen, (int32_t)getpid(), 0 };
-  if (send_all(fs.fd, (const char *)&q, sizeof q, L, fs.pid, why) || send_all(fs.fd, msg, mlen, L, fs.pid, why))
+  int io[3], n = 0;
+  for (int i = 0; i < 3; i++) if (fcntl(i, F_GETFD) >= 0) { io[n++] = i; q.stdio |= 1 << i; }
+  union { struct cmsghdr h; char buf[CMSG_SPACE(3 * sizeof(int))]; } cm;
+  memset(&cm, 0, sizeof cm);
+  struct iovec iov = { &q, sizeof q };
+  struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+  if (n) {
+    m.msg_control = cm.buf, m.msg_controllen = CMSG_SPACE(n * sizeof(int));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(n * sizeof(int));
+    memcpy(CMSG_DATA(c), io, n * sizeof(int));
+  }
+  ssize_t r;  /* the header and its descriptors at once (the socket's buffer is empty between requests) */
+  do r = sendmsg(fs.fd, &m, MSG_NOSIGNAL); while (r < 0 && errno == EINTR);
+  if (r < 0) { *why = strerror(errno); return 0; }
+  if ((size_t)r < sizeof q && send_all(fs.fd, (const char *)&q + r, sizeof q - (size_t)r, L, fs.pid, why))
+    return strcmp(*why, "interrupted") ? 0 : -1;
+  if (send_all(fs.fd, msg, mlen, L, fs.pid, why))
     return strcmp(*why, "interrupted") ? 0 : -1;
   *why = wait_readable(fs.fd, L, fs.pid, WAIT_START);
   if (*why) return strcmp(*why, "interrupted") ? 0 : -1;
-  fsrep r;
-  if (recv_all(fs.fd, &r, sizeof r) != 0) return 0;
-  if (r.pid < 0) { *why = strerror(r.err); return -1; }
-  *pid = r.pid;
+  fsrep a;
+  if (recv_all(fs.fd, &a, sizeof a) != 0) return 0;
+  if (a.pid < 0) { *why = strerror(a.err); return -1; }
+  *pid = a.pid;
   return 1;
 }
 
@@ -673,7 +728,16 @@ LMP_API int lmp_forkserver_start(void) {
   return 0;
 }
 
+/* in every child (fork, the server, its workers): the server is its parent's,
+** and the lock may have been copied held (the server is forked under it) */
+static void fs_after_fork(void) {
+  if (fs.fd >= 0) close(fs.fd);
+  fs.fd = -1, fs.pid = 0, fs.owner = 0;
+  pthread_mutex_init(&fs.lock, NULL);
+}
+
 int mp_forkserver_open(lua_State *L) {
+  mp_atfork(fs_after_fork);
   static const luaL_Reg fns[] = {
     {"_startmsg", fs_startmsg}, {"_startdecode", fs_startdecode}, {"_spawn", fs_spawn},
     {"_attach", fs_attach}, {"_forkserver_start", fs_start}, {"_forkserver_fork", fs_fork},

@@ -87,9 +87,10 @@ end
 function M._start(method, v, daemon)
   local ok, msg = pcall(core._startmsg, v)
   if not ok then return nil, (tostring(msg):gsub("^[^\n]-:%d+: ", "")) end
-  local pid, err
+  local pid, err, started
   if method == "spawn" then
-    pid, err = core._spawn(M.get_executable(), msg, daemon, package.path, package.cpath)
+    pid, err, started = core._spawn(M.get_executable(), msg, daemon, package.path, package.cpath)
+    if started then core.kill(started, 9) core.waitpid(started, 20) end  -- (one that could not run)
   else
     pid, err = core._forkserver_fork(msg, daemon, package.path, package.cpath)
   end
