@@ -367,6 +367,22 @@ describe("codec", function()
       end)
     end)
 
+    it("carries a pool's chunks of numbers and their results packed (mp_encode_range, mp_decode_into)", function()
+      both_ways(function()
+        local pool <close> = mp.Pool(2)
+        local half = function(x) return x / 2 end
+        local ints = array(1000, function(i) return i * 3 end)
+        local r = pool:map(half, ints, 100)
+        assert.equal(1000, r.n)
+        for i = 1, 1000 do assert.equal("float", math.type(r[i])); assert.equal(i * 1.5, r[i]) end
+        local big = array(999, function(i) return i == 500 and math.maxinteger or i end)
+        local same = pool:map(function(x) return x end, big, 111)
+        for i = 1, 999 do assert.equal("integer", math.type(same[i])); assert.equal(big[i], same[i]) end
+        local mixed = pool:map(function(x) return x % 2 == 0 and x or x + 0.5 end, array(300, function(i) return i end), 50)
+        for i = 1, 300 do assert.equal(i % 2 == 0 and i or i + 0.5, mixed[i]) end
+      end)
+    end)
+
     it("still decodes the previous format version (0xB2), which had no packed arrays", function()
       assert.same({ 1, 2 }, decode("\xB2\x0b\2\0\0\0\0\0\0\0\3\1\3\2"))
     end)

@@ -667,19 +667,20 @@ static inline void pack_int(lua_State *L, mp_enc *e, size_t d, lua_Integer n, lu
   }
 }
 
-/* Writes the table at idx (1..n hold numbers, if any key; nothing else) as T_INTS
-** or T_FLOATS over its header at out[at], as its first item's type says. Returns 0,
-** out[at ..] then free again, when another kind of value is met. */
-static int encode_packed(lua_State *L, mp_enc *e, int idx, lua_Integer n, size_t at) {
+/* Writes t[i0 .. i0+n-1] (t at idx) as T_INTS or T_FLOATS over the table header
+** at out[at], as its first item's type says. Returns 0, out[at ..] then free
+** again, when another kind of value is met. */
+static int encode_packed(lua_State *L, mp_enc *e, int idx, lua_Integer i0, lua_Integer n, size_t at) {
   lua_Integer lim;
   view_value *a = view_array(L, idx, &lim);
+  if (a && i0 >= 1 && i0 - 1 <= lim) { a += i0 - 1; lim -= i0 - 1; } else { a = NULL; lim = 0; }
   if (lim > n) lim = n;
   int ints;
   if (a && lim > 0) {
     if (a[0].tt != VIEW_INT && a[0].tt != VIEW_FLOAT) return 0;
     ints = a[0].tt == VIEW_INT;
   } else {
-    int t = lua_rawgeti(L, idx, 1);
+    int t = lua_rawgeti(L, idx, i0);
     ints = lua_isinteger(L, -1);
     lua_pop(L, 1);
     if (t != LUA_TNUMBER) return 0;
@@ -719,7 +720,7 @@ static int encode_packed(lua_State *L, mp_enc *e, int idx, lua_Integer n, size_t
   while (k < n) {  /* through the API: no view, or past what it may read */
     int batch = n - k < 32 ? (int)(n - k) : 32;
     int base = lua_gettop(L);
-    for (int j = 0; j < batch; j++) lua_rawgeti(L, idx, k + 1 + j);
+    for (int j = 0; j < batch; j++) lua_rawgeti(L, idx, i0 + k + j);
     for (int j = 0; j < batch; j++, k++) {
       int isint = lua_isinteger(L, base + 1 + j);
       if (isint != ints || lua_type(L, base + 1 + j) != LUA_TNUMBER) { lua_settop(L, base); goto undo; }
@@ -799,7 +800,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     }
   }
   if (fast && !hasmt && lua_isnil(L, -2)) {  /* 1..n and nothing else: numbers travel packed */
-    if (encode_packed(L, e, idx, n, at)) { lua_pop(L, 2); return; }
+    if (encode_packed(L, e, idx, 1, n, at)) { lua_pop(L, 2); return; }
     e->out.n = at + 9;  /* the T_TABLE header, as written above */
   }
   e->depth++;
@@ -1422,7 +1423,9 @@ static void encode_range(lua_State *L, mp_enc *e) {
   reserve(L, &e->out, 9);
   size_t at = e->out.n;
   add_ref(L, e, (const void *)e, at);  /* no real table has the encoder's address */
+  if (e->range_n > 0 && encode_packed(L, e, e->rootidx, e->range_i0, e->range_n, at)) return;
   uint32_t narr = (uint32_t)e->range_n, npairs = 0;
+  e->out.n = at;
   e->out.p[at] = (char)T_TABLE;
   memcpy(e->out.p + at + 1, &narr, 4);
   memcpy(e->out.p + at + 5, &npairs, 4);
@@ -1833,10 +1836,23 @@ static void decode_packed(lua_State *L, dec *d, int tag, int shared) {
   d->budget -= n;
   const unsigned char *p = d->p;
   d->p += (size_t)n * (size_t)w;
-  lua_createtable(L, (int)(n < (1u << 30) ? n : (1u << 30)), 0);
-  int t = lua_gettop(L);
+  int t;
+  lua_Integer at = 0;  /* item i goes to t[at + i] */
+  view_value *a;
+  if (d->into) {  /* the root array of mp_decode_into: straight into the caller's table */
+    t = d->into;
+    at = d->into_at - 1;
+    d->into = 0;
+    lua_pushvalue(L, t);
+    lua_Integer lim;
+    a = view_array(L, t, &lim);
+    if (a && at >= 0 && lim >= at && lim - at >= (lua_Integer)n) a += at; else a = NULL;
+  } else {
+    lua_createtable(L, (int)(n < (1u << 30) ? n : (1u << 30)), 0);
+    t = lua_gettop(L);
+    a = view_fresh(L, t, (lua_Integer)n);
+  }
   remember(L, d, t, shared);
-  view_value *a = view_fresh(L, t, (lua_Integer)n);
   if (a && tag == T_FLOATS) {
     for (uint32_t i = 0; i < n; i++) { memcpy(&a[i].v.n, p + 8 * (size_t)i, 8); a[i].tt = VIEW_FLOAT; }
     return;
@@ -1856,7 +1872,7 @@ static void decode_packed(lua_State *L, dec *d, int tag, int shared) {
     else if (w == 2) { int16_t v; memcpy(&v, p, 2); lua_pushinteger(L, v); }
     else if (w == 4) { int32_t v; memcpy(&v, p, 4); lua_pushinteger(L, v); }
     else { int64_t v; memcpy(&v, p, 8); lua_pushinteger(L, (lua_Integer)v); }
-    lua_rawseti(L, t, (lua_Integer)i + 1);
+    lua_rawseti(L, t, at + (lua_Integer)i + 1);
   }
 }
 
@@ -2001,7 +2017,8 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
   if (tidx) {
     d.into = lua_absindex(L, tidx);
     d.into_at = at;
-    if (n < 2 || (s[1] & ~SHARED) != T_TABLE) corrupt(L, "not an array");
+    int root = n < 2 ? -1 : s[1] & ~SHARED;
+    if (root != T_TABLE && root != T_INTS && root != T_FLOATS) corrupt(L, "not an array");
   }
   if (n < 2 || (d.p[0] != FORMAT && d.p[0] != FORMAT_B2))
     corrupt(L, n < 2 ? "truncated data" : "not an encoded value (or another format version)");
