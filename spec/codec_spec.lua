@@ -238,6 +238,24 @@ describe("codec", function()
       end
     end)
 
+    it("decodes string keys right whatever the decoder's key cache holds (same lengths and ends, long, empty)", function()
+      local recs = {}
+      for i = 1, 300 do
+        local r = { [""] = i, ["k" .. ("x"):rep(200) .. "k"] = -i }
+        r[("a%03dz"):format(i % 97)] = i               -- same length and ends: one cache slot, many keys
+        r[("a%03dz"):format((i * 7) % 97)] = { i }
+        r[string.char(i % 256) .. "mid" .. string.char(i % 256)] = i % 256
+        recs[i] = r
+      end
+      local u = decode(encode(recs))
+      for i = 1, 300 do
+        for k, v in pairs(recs[i]) do
+          if type(v) == "table" then assert.same(v, u[i][k]) else assert.equal(v, u[i][k]) end
+        end
+        for k in pairs(u[i]) do assert.is_not_nil(recs[i][k]) end
+      end
+    end)
+
     it("names the right index of a big array in errors", function()
       local t = {}
       for i = 1, 100 do t[i] = i end

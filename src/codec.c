@@ -1,5 +1,6 @@
 /* codec.c: the value codec, Lua values to bytes and back (see docs/codec.md). */
 #include <math.h>
+#include <stddef.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1565,6 +1566,8 @@ void mp_enc_done(lua_State *L, mp_enc *e) {
 
 /* ------------------------------------------------------------ decoder */
 
+#define KEYCACHE 64  /* short string keys remembered by a decoder (see push_key) */
+
 typedef struct dec {
   const unsigned char *p, *end;
   int refs;         /* stack slot of the table of shared values (nil until one comes), or 0 */
@@ -1580,6 +1583,9 @@ typedef struct dec {
   uint32_t nenvs;        /* environments made so far (UP_ENV), kept at refs[-1], refs[-2]... */
   int later;             /* refs[0] lists function, upvalue, environment number to set at the end */
   int remote;            /* MP_DECODE_SIGNED: bytes from another machine, signed (see below) */
+  int keys;              /* stack slot of the key cache's anchor table (nil until a key comes), or 0 */
+  int keyed;             /* the key cache is in use */
+  struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
 } dec;
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
@@ -1768,6 +1774,29 @@ static void decode_function(lua_State *L, dec *d, int shared) {
   d->depth--;
 }
 
+/* Pushes the string key of n bytes at p. The keys of a message's records are
+** mostly the same few names: a small cache (by length and end bytes) finds
+** them again with one memcmp and one lua_rawgeti instead of Lua's interning
+** (hash, look-up, compare); the cached strings live in the table at d->keys. */
+static void push_key(lua_State *L, dec *d, const char *p, size_t n) {
+  if (!d->keys || n == 0) { lua_pushlstring(L, p, n); return; }
+  if (!d->keyed) {  /* the first key: the cache starts empty */
+    memset(d->kc, 0, sizeof d->kc);
+    lua_createtable(L, KEYCACHE, 0);
+    lua_replace(L, d->keys);
+    d->keyed = 1;
+  }
+  unsigned h = ((unsigned)n * 31u + (unsigned char)p[0] * 7u + (unsigned char)p[n - 1]) & (KEYCACHE - 1);
+  if (d->kc[h].n == n && memcmp(d->kc[h].s, p, n) == 0) {
+    lua_rawgeti(L, d->keys, (lua_Integer)h + 1);
+    return;
+  }
+  d->kc[h].s = lua_pushlstring(L, p, n);
+  d->kc[h].n = n;
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->keys, (lua_Integer)h + 1);
+}
+
 static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
   dec_ensure_stack(L, d);
   uint32_t narr = get_u32(L, d), npairs = get_u32(L, d);
@@ -1808,11 +1837,31 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     lua_rawseti(L, t, at + (lua_Integer)i);
   }
   for (uint32_t i = 0; i < npairs; i++) {
-    decode_value(L, d);
-    int kt = lua_type(L, -1);
-    if (kt == LUA_TNIL) corrupt(L, "nil table key");
-    if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
-    decode_value(L, d);
+    const unsigned char *p = d->p;
+    ptrdiff_t left = d->end - p;
+    if (left < inl) left = 0;
+    if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {  /* the common key: a short string */
+      push_key(L, d, (const char *)p + 2, p[1]);
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+      int kt = lua_type(L, -1);
+      if (kt == LUA_TNIL) corrupt(L, "nil table key");
+      if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
+    }
+    p = d->p;  /* the value: small integers and short strings inline, as above */
+    left = d->end - p;
+    if (left < inl) left = 0;
+    if (left >= 2 && p[0] == T_INT8) { lua_pushinteger(L, (int8_t)p[1]); d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t v; memcpy(&v, p + 1, 4); lua_pushinteger(L, v); d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
+    else if (left >= 9 && p[0] == T_FLOAT) { double v; memcpy(&v, p + 1, 8); lua_pushnumber(L, v); d->p += 9; }
+    else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      lua_pushlstring(L, (const char *)p + 2, p[1]);
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+    }
     lua_rawset(L, t);
   }
   if (withmt) {
@@ -2012,8 +2061,13 @@ static void set_later_envs(lua_State *L, dec *d) {
 }
 
 static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at, int mode) {
-  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0, 0, 0,
-            (const unsigned char *)s, mode == MP_DECODE_DATA, 0, 0, 0, mode == MP_DECODE_SIGNED };
+  dec d;  /* (the key cache is cleared when a table key first comes: see push_key) */
+  memset(&d, 0, offsetof(dec, kc));
+  d.p = d.start = (const unsigned char *)s;
+  d.end = (const unsigned char *)s + n;
+  d.budget = n;
+  d.data = mode == MP_DECODE_DATA;
+  d.remote = mode == MP_DECODE_SIGNED;
   if (tidx) {
     d.into = lua_absindex(L, tidx);
     d.into_at = at;
@@ -2029,11 +2083,18 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
   if (root == T_TABLE || root == T_TABLE_MT || root == T_LFUNC || root == T_INTS || root == T_FLOATS) {
     lua_pushnil(L);  /* the slot of the table of shared values */
     d.refs = lua_gettop(L);
+    if (root == T_TABLE || root == T_TABLE_MT) {
+      lua_pushnil(L);  /* the slot of the key cache's strings */
+      d.keys = d.refs + 1;
+    }
   }
   decode_value(L, &d);
   if (d.p != d.end) corrupt(L, "trailing bytes");
   if (d.later) set_later_envs(L, &d);
-  if (d.refs) lua_remove(L, d.refs);
+  if (d.refs) {
+    lua_copy(L, -1, d.refs);
+    lua_settop(L, d.refs);
+  }
 }
 
 /* --------------------------------------------------------- handles */
