@@ -825,6 +825,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     more = !lua_isnil(L, -2);
     if (!more) lua_pop(L, 2);
   }
+  int leaves = e->depth <= MAXDEPTH;  /* strings and numbers straight, where not too deep */
   while (more) {
     if (npairs == 0 && lua_isinteger(L, -2) && lua_tointeger(L, -2) == (lua_Integer)narr + 1) {
       f->kind = F_INDEX; f->i = (lua_Integer)narr + 1;
@@ -832,9 +833,13 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     } else {
       f->kind = F_KEY; f->idx = keytop;
       npairs++;
-      encode_value(L, e, -2);
+      if (leaves && lua_type(L, -2) == LUA_TSTRING) encode_string(L, e, -2);
+      else encode_value(L, e, -2);
     }
-    encode_value(L, e, -1);
+    int vt = leaves ? lua_type(L, -1) : LUA_TNONE;
+    if (vt == LUA_TSTRING) encode_string(L, e, -1);
+    else if (vt == LUA_TNUMBER) put_number(L, e, -1);
+    else encode_value(L, e, -1);
     lua_pop(L, 1);
     more = lua_next(L, idx);
   }
