@@ -49,6 +49,17 @@ values[#values + 1] = carry
 values[#values + 1] = { carry, writer, function() return SEED_fib end }
 values[#values + 1] = { writer, carry }
 values[#values + 1] = function(n) return SEED_even(n) end
+-- packed arrays (T_INTS of each width, T_FLOATS), one of them shared
+local packed = {}
+for w, f in ipairs { function(i) return i end, function(i) return i * 300 end,
+                     function(i) return -i * 70000 end, function(i) return i * 2^40 end,
+                     function(i) return i / 8 end } do
+  local t = {}
+  for i = 1, 20 do t[i] = f(i) end
+  packed[w] = t
+end
+packed[#packed + 1] = packed[1]
+values[#values + 1] = packed
 local deep = {}
 do local t = deep; for _ = 1, 150 do t[1] = {}; t = t[1] end end
 values[#values + 1] = deep

@@ -33,8 +33,32 @@ local function rich()
     inc, get, math.sqrt, string, _G,
     deep = { a = { b = { c = "d" } } },
   }
+  local ints, floats = {}, {}  -- packed arrays (T_INTS, T_FLOATS), one of them shared
+  for i = 1, 20 do ints[i], floats[i] = i * 1000, i / 4 end
+  t.ints, t.ints2, t.floats = ints, ints, floats
   t.self = t
   return t
+end
+
+-- an array of n numbers made by f(i)
+local function array(n, f)
+  local t = {}
+  for i = 1, n do t[i] = f(i) end
+  return t
+end
+
+-- are a and b arrays of the same numbers, of the same math.type, bit for bit?
+local function same_numbers(a, b)
+  if #a ~= #b then return false end
+  for i = 1, #a do
+    if math.type(a[i]) ~= math.type(b[i]) then return false end
+    if math.type(a[i]) == "float" then
+      if bits(a[i]) ~= bits(b[i]) then return false end
+    elseif a[i] ~= b[i] then
+      return false
+    end
+  end
+  return next(b, #b > 0 and #b or nil) == nil
 end
 
 describe("codec", function()
@@ -214,6 +238,24 @@ describe("codec", function()
       end
     end)
 
+    it("decodes string keys right whatever the decoder's key cache holds (same lengths and ends, long, empty)", function()
+      local recs = {}
+      for i = 1, 300 do
+        local r = { [""] = i, ["k" .. ("x"):rep(200) .. "k"] = -i }
+        r[("a%03dz"):format(i % 97)] = i               -- same length and ends: one cache slot, many keys
+        r[("a%03dz"):format((i * 7) % 97)] = { i }
+        r[string.char(i % 256) .. "mid" .. string.char(i % 256)] = i % 256
+        recs[i] = r
+      end
+      local u = decode(encode(recs))
+      for i = 1, 300 do
+        for k, v in pairs(recs[i]) do
+          if type(v) == "table" then assert.same(v, u[i][k]) else assert.equal(v, u[i][k]) end
+        end
+        for k in pairs(u[i]) do assert.is_not_nil(recs[i][k]) end
+      end
+    end)
+
     it("names the right index of a big array in errors", function()
       local t = {}
       for i = 1, 100 do t[i] = i end
@@ -226,6 +268,141 @@ describe("codec", function()
       for i = 1, 100000 do arr[i] = i * 3 - 50000; hash["k" .. i] = i / 7 end
       assert.are.same(arr, rt(arr))
       assert.are.same(hash, rt(hash))
+    end)
+  end)
+
+  describe("packed arrays of numbers", function()
+    local T_INTS, T_FLOATS, T_TABLE = 20, 21, 11
+    local view = core._codec_view()
+    after_each(function() core._codec_view(view) end)
+
+    -- runs f with arrays read and filled in place (when this Lua allows it), then through the API
+    local function both_ways(f)
+      for _, on in ipairs { true, false } do
+        core._codec_view(on)
+        f(on)
+      end
+    end
+
+    it("packs integers in the narrowest width that holds them all, widening as it goes", function()
+      both_ways(function()
+        for _, case in ipairs {
+          { 1, function(i) return i - 50 end },           -- int8
+          { 2, function(i) return i * 300 end },          -- int16
+          { 2, function(i) return i == 100 and -30000 or i end },  -- int8 widened late
+          { 4, function(i) return i * 100000 end },       -- int32
+          { 4, function(i) return i < 50 and i or -i * 70000 end },
+          { 8, function(i) return i == 2 and math.mininteger or i end },
+          { 8, function(i) return i == 100 and math.maxinteger or i * 1000 end },
+        } do
+          local t = array(100, case[2])
+          local s = encode(t)
+          assert.equal(T_INTS, s:byte(2))
+          assert.equal(case[1], s:byte(7))
+          assert.equal(1 + 6 + 100 * case[1], #s)
+          assert.is_true(same_numbers(t, decode(s)))
+          assert.is_true(same_numbers(t, decode(s, "data")))
+        end
+      end)
+    end)
+
+    it("packs floats bit for bit: -0.0, infinities, NaN payloads", function()
+      both_ways(function()
+        local specials = { -0.0, math.huge, -math.huge, 0 / 0, float_of_bits(0x7ff0000000000123), 1.0, 2^-1074 }
+        local t = array(60, function(i) return specials[i] or i / 7 end)
+        local s = encode(t)
+        assert.equal(T_FLOATS, s:byte(2))
+        assert.equal(1 + 5 + 60 * 8, #s)
+        assert.is_true(same_numbers(t, decode(s)))
+      end)
+    end)
+
+    it("sends arrays of another shape as tables: mixed numbers, other values, other keys, a metatable, holes", function()
+      both_ways(function()
+        local mixed = array(40, function(i) return i == 30 and 0.5 or i end)
+        local mixed2 = array(40, function(i) return i == 30 and 3 or i + 0.5 end)
+        local str = array(40, function(i) return i == 40 and "40" or i end)
+        local keyed = array(40, function(i) return i end); keyed.n = 40
+        local withmt = setmetatable(array(40, function(i) return i end), { __index = {} })
+        local holes = array(40, function(i) return i end); holes[20] = nil
+        for _, t in ipairs { mixed, mixed2, str, keyed, holes } do
+          local s = encode(t)
+          assert.equal(T_TABLE, s:byte(2))
+          local u = decode(s)
+          for k, v in pairs(t) do assert.equal(math.type(v) or type(v), math.type(u[k]) or type(u[k])); assert.equal(v, u[k]) end
+          for k in pairs(u) do assert.is_not_nil(t[k]) end
+        end
+        local u = decode(encode(withmt))
+        assert.is_true(same_numbers(withmt, setmetatable(u, nil)))
+      end)
+    end)
+
+    it("makes the same bytes in place and through the API, and keeps sharing", function()
+      local ints = array(1000, function(i) return i * i end)
+      local value = { ints, ints, array(300, function(i) return i / 3 end), { ints } }
+      core._codec_view(true)
+      local a = encode(value)
+      core._codec_view(false)
+      local b = encode(value)
+      assert.equal(a, b)
+      both_ways(function()
+        local u = decode(a)
+        assert.equal(u[1], u[2])
+        assert.equal(u[1], u[4][1])
+        assert.is_true(same_numbers(ints, u[1]))
+        assert.equal(1 / 3, u[3][1])
+      end)
+    end)
+
+    it("packs a million integers in four bytes each", function()
+      local t = array(1000000, function(i) return i end)
+      local s = encode(t)
+      assert.equal(1 + 6 + 4000000, #s)
+      assert.is_true(same_numbers(t, decode(s)))
+    end)
+
+    it("rejects truncated, lying and malformed packed arrays", function()
+      both_ways(function()
+        local function bad(s, why) assert.has_error(function() decode(s) end, "cannot decode: " .. why) end
+        bad("\xB3\x14", "truncated data")
+        bad("\xB3\x14\1\0\0\0", "truncated data")
+        bad("\xB3\x14\2\0\0\0\1\5", "truncated data")
+        bad("\xB3\x14\xff\xff\xff\xff\8" .. ("\0"):rep(64), "truncated data")   -- a huge count
+        bad("\xB3\x15\xff\xff\xff\x7f" .. ("\0"):rep(64), "truncated data")
+        bad("\xB3\x14\1\0\0\0\3\0\0\0", "bad packed array width")
+        bad("\xB3\x14\1\0\0\0\0", "bad packed array width")
+        bad("\xB3\x14\1\0\0\0\1\5\0", "trailing bytes")
+        bad("\xB3\x15\1\0\0\0" .. ("\0"):rep(7), "truncated data")
+        -- as a table's value, a table key and a reference
+        local t = decode("\xB3\x0b\1\0\0\0\0\0\0\0\x94\2\0\0\0\2\1\0\2\0")
+        assert.same({ { 1, 2 } }, t)
+        assert.same({}, decode("\xB3\x14\0\0\0\0\1"))
+        assert.same({ 0.5 }, decode("\xB3\x15\1\0\0\0\0\0\0\0\0\0\xe0\x3f"))
+        local k = decode("\xB3\x0b\0\0\0\0\1\0\0\0\x94\1\0\0\0\1\7\x0d\2\0\0\0")
+        local key, v = next(k)
+        assert.same({ 7 }, key)
+        assert.equal(key, v)
+      end)
+    end)
+
+    it("carries a pool's chunks of numbers and their results packed (mp_encode_range, mp_decode_into)", function()
+      both_ways(function()
+        local pool <close> = mp.Pool(2)
+        local half = function(x) return x / 2 end
+        local ints = array(1000, function(i) return i * 3 end)
+        local r = pool:map(half, ints, 100)
+        assert.equal(1000, r.n)
+        for i = 1, 1000 do assert.equal("float", math.type(r[i])); assert.equal(i * 1.5, r[i]) end
+        local big = array(999, function(i) return i == 500 and math.maxinteger or i end)
+        local same = pool:map(function(x) return x end, big, 111)
+        for i = 1, 999 do assert.equal("integer", math.type(same[i])); assert.equal(big[i], same[i]) end
+        local mixed = pool:map(function(x) return x % 2 == 0 and x or x + 0.5 end, array(300, function(i) return i end), 50)
+        for i = 1, 300 do assert.equal(i % 2 == 0 and i or i + 0.5, mixed[i]) end
+      end)
+    end)
+
+    it("still decodes the previous format version (0xB2), which had no packed arrays", function()
+      assert.same({ 1, 2 }, decode("\xB2\x0b\2\0\0\0\0\0\0\0\3\1\3\2"))
     end)
   end)
 
@@ -497,7 +674,7 @@ describe("codec", function()
     end)
 
     it("rejects lying counts without allocating for them", function()
-      local huge = "\xB2\x0b\xff\xff\xff\x7f\xff\xff\xff\x7f"
+      local huge = "\xB3\x0b\xff\xff\xff\x7f\xff\xff\xff\x7f"
       assert.has_error(function() decode(huge) end, "cannot decode: truncated data")
       local str = "\xB2\x09\xff\xff\xff\xff"
       assert.has_error(function() decode(str) end, "cannot decode: truncated data")

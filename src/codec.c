@@ -1,5 +1,6 @@
 /* codec.c: the value codec, Lua values to bytes and back (see docs/codec.md). */
 #include <math.h>
+#include <stddef.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +12,8 @@
 #include "mp.h"
 
 /* ------------------------------------------------------------- format */
-#define FORMAT 0xB2   /* first byte of every encoding (the format version) */
+#define FORMAT 0xB3   /* first byte of every encoding (the format version) */
+#define FORMAT_B2 0xB2  /* the previous version: the same less T_INTS and T_FLOATS, still decoded */
 enum {
   T_NIL, T_FALSE, T_TRUE, T_INT8, T_INT16, T_INT32, T_INT64, T_FLOAT,
   T_STR8, T_STR32, T_STR64,
@@ -27,6 +29,8 @@ enum {
   T_GLOBALS,   /* the receiver's global table */
   T_NAMEDMT,   /* str8 name given to register_metatable */
   T_HANDLE,    /* str8 type name, u8 payload size, payload */
+  T_INTS,      /* a table of integers at 1..n only: u32 n, u8 width (1, 2, 4, 8), n integers */
+  T_FLOATS,    /* a table of floats at 1..n only: u32 n, n doubles */
   T_LIMIT
 };
 /* Tables and Lua functions get ordinals 1, 2... in the order they start. The
@@ -163,6 +167,89 @@ void mp_buf_free(lua_State *L, mp_buf *b) {
   b->p = NULL; b->n = b->cap = 0;
 }
 
+/* ---------------------------------------------- array parts, in place */
+
+/* Arrays of numbers are the big messages (a list of ids, a vector): through the
+** API, each element costs a lua_rawgeti, a lua_isinteger and a lua_tointeger
+** (about 90 instructions); read in place, a few. So the packed arrays (T_INTS,
+** T_FLOATS) read and fill a table's array part directly, through this mirror of
+** Lua 5.4's Table and TValue (ltable.h, lobject.h: the same in every 5.4 release).
+** view_check proves the mirror right on this very Lua when the module loads (a
+** table made and read through the API both ways); if it is not, or on another
+** Lua, every array goes through the API. Only numbers are read or written this
+** way: they need no GC barrier, and nothing here calls Lua while it reads. */
+#if LUA_VERSION_NUM == 504
+typedef struct view_value { union { void *p; lua_Integer i; lua_Number n; } v; unsigned char tt; } view_value;
+typedef struct view_table {
+  void *next; unsigned char tt, marked;  /* CommonHeader */
+  unsigned char flags, lsizenode;
+  unsigned int alimit;                   /* array[0 .. alimit-1] is in the array part */
+  view_value *array;
+} view_table;
+#define VIEW_INT 0x03    /* LUA_VNUMINT */
+#define VIEW_FLOAT 0x13  /* LUA_VNUMFLT */
+static int view_works;   /* set by view_check */
+
+/* the array part of the table at idx, and how many of its first slots may be read */
+static inline view_value *view_array(lua_State *L, int idx, lua_Integer *len) {
+  const view_table *t = lua_topointer(L, idx);
+  if (!view_works || !t || !t->array) { *len = 0; return NULL; }
+  *len = (lua_Integer)t->alimit;
+  return t->array;
+}
+
+/* the array part of the new table at idx, when it has room for n (lua_createtable) */
+static inline view_value *view_fresh(lua_State *L, int idx, lua_Integer n) {
+  const view_table *t = lua_topointer(L, idx);
+  return view_works && t && t->array && (lua_Integer)t->alimit >= n ? t->array : NULL;
+}
+
+static void view_check(lua_State *L) {
+  static const lua_Integer ints[] = { 7, -1, INT64_MIN, INT64_MAX };
+  static int checked;
+  if (checked) return;  /* once per program, as the checksum's key */
+  checked = 1;
+  int ok = sizeof(view_value) == 16 && sizeof(lua_Integer) == 8 && sizeof(lua_Number) == 8;
+  if (!ok) return;
+  /* read: a table filled through the API */
+  lua_createtable(L, 6, 0);
+  for (int i = 0; i < 4; i++) { lua_pushinteger(L, ints[i]); lua_rawseti(L, -2, i + 1); }
+  lua_pushnumber(L, 2.5); lua_rawseti(L, -2, 5);
+  lua_pushnumber(L, 3.0); lua_rawseti(L, -2, 6);
+  const view_table *t = lua_topointer(L, -1);
+  ok = t && t->array && t->alimit == 6;
+  for (int i = 0; ok && i < 4; i++) ok = t->array[i].tt == VIEW_INT && t->array[i].v.i == ints[i];
+  ok = ok && t->array[4].tt == VIEW_FLOAT && t->array[4].v.n == 2.5 &&
+       t->array[5].tt == VIEW_FLOAT && t->array[5].v.n == 3.0;
+  lua_pop(L, 1);
+  if (!ok) return;
+  /* write: a new table filled in place, read through the API */
+  lua_createtable(L, 3, 0);
+  view_table *w = (view_table *)lua_topointer(L, -1);
+  ok = w && w->array && w->alimit == 3;
+  if (ok) {
+    w->array[0].v.i = INT64_MIN; w->array[0].tt = VIEW_INT;
+    w->array[1].v.n = -0.5; w->array[1].tt = VIEW_FLOAT;
+    w->array[2].v.i = 42; w->array[2].tt = VIEW_INT;
+    ok = lua_rawlen(L, -1) == 3 &&
+         lua_rawgeti(L, -1, 1) == LUA_TNUMBER && lua_isinteger(L, -1) && lua_tointeger(L, -1) == INT64_MIN &&
+         lua_rawgeti(L, -2, 2) == LUA_TNUMBER && !lua_isinteger(L, -1) && lua_tonumber(L, -1) == -0.5 &&
+         lua_rawgeti(L, -3, 3) == LUA_TNUMBER && lua_isinteger(L, -1) && lua_tointeger(L, -1) == 42;
+    lua_pop(L, 3);
+  }
+  lua_pop(L, 1);
+  view_works = ok;
+}
+#else
+typedef struct view_value { union { void *p; lua_Integer i; lua_Number n; } v; unsigned char tt; } view_value;
+#define VIEW_INT 0x03
+#define VIEW_FLOAT 0x13
+static int view_works;
+static inline view_value *view_array(lua_State *L, int idx, lua_Integer *len) { *len = 0; return NULL; }
+static inline view_value *view_fresh(lua_State *L, int idx, lua_Integer n) { return NULL; }
+static void view_check(lua_State *L) { (void)L; }
+#endif
+
 /* ------------------------------------------------ pointer -> int maps */
 
 typedef struct pmap {
@@ -171,10 +258,13 @@ typedef struct pmap {
   size_t cap, n;
 } pmap;
 
+/* Tables made one after the other lie at growing addresses: a hash that keeps
+** their order keeps the map's accesses near each other (a big message's
+** tables would otherwise cost a cache miss each), and the high bits folded in
+** spread objects that lie a power of two apart. */
 static size_t phash(const void *p) {
   uint64_t x = (uint64_t)(uintptr_t)p;
-  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33;
-  return (size_t)x;
+  return (size_t)((x >> 4) ^ (x >> 21) ^ (x >> 39));
 }
 
 static void pmap_free(pmap *m) {
@@ -543,6 +633,118 @@ static int next_probe(lua_State *L) {
   return lua_next(L, 1) ? 2 : 0;
 }
 
+/* --- packed arrays: a table of numbers at 1..n, nothing else, no metatable */
+
+static inline int int_width(lua_Integer v) {
+  return v >= INT8_MIN && v <= INT8_MAX ? 1 : v >= INT16_MIN && v <= INT16_MAX ? 2
+       : v >= INT32_MIN && v <= INT32_MAX ? 4 : 8;
+}
+
+/* T_INTS body, from out[d]: stores v as item k (from 0), widening the k items
+** stored before when v needs more room; *w is the width so far */
+static inline void pack_int(lua_State *L, mp_enc *e, size_t d, lua_Integer n, lua_Integer k,
+                            lua_Integer v, int *w) {
+  if (int_width(v) > *w) {
+    int w2 = int_width(v);
+    reserve(L, &e->out, d - e->out.n + (size_t)n * (size_t)w2);
+    unsigned char *o = (unsigned char *)e->out.p + d;
+    for (lua_Integer j = k - 1; j >= 0; j--) {  /* back to front, in place */
+      int64_t x;
+      switch (*w) {
+        case 1: { int8_t y; memcpy(&y, o + j, 1); x = y; break; }
+        case 2: { int16_t y; memcpy(&y, o + 2 * j, 2); x = y; break; }
+        default: { int32_t y; memcpy(&y, o + 4 * j, 4); x = y; break; }
+      }
+      switch (w2) {
+        case 2: { int16_t y = (int16_t)x; memcpy(o + 2 * j, &y, 2); break; }
+        case 4: { int32_t y = (int32_t)x; memcpy(o + 4 * j, &y, 4); break; }
+        default: memcpy(o + 8 * j, &x, 8); break;
+      }
+    }
+    *w = w2;
+  }
+  unsigned char *o = (unsigned char *)e->out.p + d;
+  switch (*w) {
+    case 1: { int8_t y = (int8_t)v; memcpy(o + k, &y, 1); break; }
+    case 2: { int16_t y = (int16_t)v; memcpy(o + 2 * k, &y, 2); break; }
+    case 4: { int32_t y = (int32_t)v; memcpy(o + 4 * k, &y, 4); break; }
+    default: { int64_t y = (int64_t)v; memcpy(o + 8 * k, &y, 8); break; }
+  }
+}
+
+/* Writes t[i0 .. i0+n-1] (t at idx) as T_INTS or T_FLOATS over the table header
+** at out[at], as its first item's type says. Returns 0, out[at ..] then free
+** again, when another kind of value is met. */
+static int encode_packed(lua_State *L, mp_enc *e, int idx, lua_Integer i0, lua_Integer n, size_t at) {
+  lua_Integer lim;
+  view_value *a = view_array(L, idx, &lim);
+  if (a && i0 >= 1 && i0 - 1 <= lim) { a += i0 - 1; lim -= i0 - 1; } else { a = NULL; lim = 0; }
+  if (lim > n) lim = n;
+  int ints;
+  if (a && lim > 0) {
+    if (a[0].tt != VIEW_INT && a[0].tt != VIEW_FLOAT) return 0;
+    ints = a[0].tt == VIEW_INT;
+  } else {
+    int t = lua_rawgeti(L, idx, i0);
+    ints = lua_isinteger(L, -1);
+    lua_pop(L, 1);
+    if (t != LUA_TNUMBER) return 0;
+  }
+  size_t hdr = ints ? 6 : 5, d = at + hdr;
+  e->out.n = at;
+  reserve(L, &e->out, hdr + (size_t)n * (ints ? 1 : 8));
+  int w = 1;
+  lua_Integer k = 0;
+  if (ints) {
+    /* in place: nothing here calls Lua (reserve only allocates). Each width has
+    ** its loop, left for pack_int when an item needs more room. */
+#define PACK_LOOP(T) \
+    for (unsigned char *o = (unsigned char *)e->out.p + d; k < lim; k++) { \
+      if (a[k].tt != VIEW_INT) goto undo; \
+      T y = (T)a[k].v.i; \
+      if (y != a[k].v.i) break; \
+      memcpy(o + sizeof(T) * (size_t)k, &y, sizeof(T)); \
+    }
+    while (k < lim) {
+      switch (w) {
+        case 1: PACK_LOOP(int8_t) break;
+        case 2: PACK_LOOP(int16_t) break;
+        case 4: PACK_LOOP(int32_t) break;
+        default: PACK_LOOP(int64_t) break;
+      }
+      if (k < lim) { pack_int(L, e, d, n, k, a[k].v.i, &w); k++; }
+    }
+#undef PACK_LOOP
+  } else {
+    for (; k < lim; k++) {
+      if (a[k].tt != VIEW_FLOAT) goto undo;
+      memcpy(e->out.p + d + 8 * k, &a[k].v.n, 8);
+    }
+  }
+  if (k < n) luaL_checkstack(L, 40, "value nested too deeply");
+  while (k < n) {  /* through the API: no view, or past what it may read */
+    int batch = n - k < 32 ? (int)(n - k) : 32;
+    int base = lua_gettop(L);
+    for (int j = 0; j < batch; j++) lua_rawgeti(L, idx, i0 + k + j);
+    for (int j = 0; j < batch; j++, k++) {
+      int isint = lua_isinteger(L, base + 1 + j);
+      if (isint != ints || lua_type(L, base + 1 + j) != LUA_TNUMBER) { lua_settop(L, base); goto undo; }
+      if (ints) pack_int(L, e, d, n, k, lua_tointeger(L, base + 1 + j), &w);
+      else { lua_Number v = lua_tonumber(L, base + 1 + j); memcpy(e->out.p + d + 8 * k, &v, 8); }
+    }
+    lua_settop(L, base);
+  }
+  uint32_t n32 = (uint32_t)n;
+  e->out.p[at] = (char)(ints ? T_INTS : T_FLOATS);
+  memcpy(e->out.p + at + 1, &n32, 4);
+  if (ints) e->out.p[at + 5] = (char)w;
+  e->out.n = d + (size_t)n * (size_t)(ints ? w : 8);
+  return 1;
+undo:
+  e->out.n = at;
+  return 0;
+}
+
 static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   if (e->usemods && pmap_get(&e->mods, p) >= 0) {
     lua_pushvalue(L, idx);
@@ -571,15 +773,25 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   e->out.n += 9;
   uint32_t narr = 0, npairs = 0;
   frame *f = &e->path[e->depth];
-  /* A big array goes through lua_rawgeti, cheaper than lua_next, when 1..n lie
-  ** in the table's array part (then lua_next can resume at n + 1, see next_probe).
+  /* An array goes through lua_rawgeti, cheaper than lua_next, when 1..n lie in
+  ** the table's array part (then lua_next can resume after n): the view says so
+  ** (any n), else a probe at n + 1 (see next_probe; worth its pcall from n = 16).
   ** Only tables whose first key is 1 can be such arrays. */
   int keytop = lua_gettop(L) + 1;  /* where lua_next leaves keys */
   lua_pushnil(L);
   int more = lua_next(L, idx), fast = 0;
   lua_Integer n = 0;
-  if (more && e->depth < MAXDEPTH && lua_isinteger(L, -2) && lua_tointeger(L, -2) == 1 &&
-      (n = (lua_Integer)lua_rawlen(L, idx)) >= 16 && n < (lua_Integer)UINT32_MAX) {
+  lua_Integer lim;
+  if (!(more && e->depth < MAXDEPTH && lua_isinteger(L, -2) && lua_tointeger(L, -2) == 1 &&
+        (n = (lua_Integer)lua_rawlen(L, idx)) >= 8 && n < (lua_Integer)UINT32_MAX)) {
+    /* not an array, or a small one: lua_next all along */
+  } else if (view_array(L, idx, &lim) && lim >= n) {
+    /* 1..n lie in the array part (see view_array): lua_next resumes at n, no probe */
+    lua_pop(L, 2);
+    lua_pushinteger(L, n);
+    if (!lua_next(L, idx)) { lua_pushnil(L); lua_pushnil(L); }
+    fast = 1;
+  } else if (n >= 16) {
     lua_pop(L, 2);
     lua_pushcfunction(L, next_probe);
     lua_pushvalue(L, idx);
@@ -591,6 +803,10 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
       lua_pushnil(L);
       more = lua_next(L, idx);
     }
+  }
+  if (fast && !hasmt && lua_isnil(L, -2)) {  /* 1..n and nothing else: numbers travel packed */
+    if (encode_packed(L, e, idx, 1, n, at)) { lua_pop(L, 2); return; }
+    e->out.n = at + 9;  /* the T_TABLE header, as written above */
   }
   e->depth++;
   if (fast) {
@@ -613,6 +829,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     more = !lua_isnil(L, -2);
     if (!more) lua_pop(L, 2);
   }
+  int leaves = e->depth <= MAXDEPTH;  /* strings and numbers straight, where not too deep */
   while (more) {
     if (npairs == 0 && lua_isinteger(L, -2) && lua_tointeger(L, -2) == (lua_Integer)narr + 1) {
       f->kind = F_INDEX; f->i = (lua_Integer)narr + 1;
@@ -620,9 +837,13 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     } else {
       f->kind = F_KEY; f->idx = keytop;
       npairs++;
-      encode_value(L, e, -2);
+      if (leaves && lua_type(L, -2) == LUA_TSTRING) encode_string(L, e, -2);
+      else encode_value(L, e, -2);
     }
-    encode_value(L, e, -1);
+    int vt = leaves ? lua_type(L, -1) : LUA_TNONE;
+    if (vt == LUA_TSTRING) encode_string(L, e, -1);
+    else if (vt == LUA_TNUMBER) put_number(L, e, -1);
+    else encode_value(L, e, -1);
     lua_pop(L, 1);
     more = lua_next(L, idx);
   }
@@ -1225,7 +1446,9 @@ static void encode_range(lua_State *L, mp_enc *e) {
   reserve(L, &e->out, 9);
   size_t at = e->out.n;
   add_ref(L, e, (const void *)e, at);  /* no real table has the encoder's address */
+  if (e->range_n > 0 && encode_packed(L, e, e->rootidx, e->range_i0, e->range_n, at)) return;
   uint32_t narr = (uint32_t)e->range_n, npairs = 0;
+  e->out.n = at;
   e->out.p[at] = (char)T_TABLE;
   memcpy(e->out.p + at + 1, &narr, 4);
   memcpy(e->out.p + at + 5, &npairs, 4);
@@ -1365,6 +1588,8 @@ void mp_enc_done(lua_State *L, mp_enc *e) {
 
 /* ------------------------------------------------------------ decoder */
 
+#define KEYCACHE 64  /* short string keys remembered by a decoder (see push_key) */
+
 typedef struct dec {
   const unsigned char *p, *end;
   int refs;         /* stack slot of the table of shared values (nil until one comes), or 0 */
@@ -1380,6 +1605,9 @@ typedef struct dec {
   uint32_t nenvs;        /* environments made so far (UP_ENV), kept at refs[-1], refs[-2]... */
   int later;             /* refs[0] lists function, upvalue, environment number to set at the end */
   int remote;            /* MP_DECODE_SIGNED: bytes from another machine, signed (see below) */
+  int keys;              /* stack slot of the key cache's anchor table (nil until a key comes), or 0 */
+  int keyed;             /* the key cache is in use */
+  struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
 } dec;
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
@@ -1580,6 +1808,29 @@ static void decode_function(lua_State *L, dec *d, int shared) {
   d->depth--;
 }
 
+/* Pushes the string key of n bytes at p. The keys of a message's records are
+** mostly the same few names: a small cache (by length and end bytes) finds
+** them again with one memcmp and one lua_rawgeti instead of Lua's interning
+** (hash, look-up, compare); the cached strings live in the table at d->keys. */
+static void push_key(lua_State *L, dec *d, const char *p, size_t n) {
+  if (!d->keys || n == 0) { lua_pushlstring(L, p, n); return; }
+  if (!d->keyed) {  /* the first key: the cache starts empty */
+    memset(d->kc, 0, sizeof d->kc);
+    lua_createtable(L, KEYCACHE, 0);
+    lua_replace(L, d->keys);
+    d->keyed = 1;
+  }
+  unsigned h = ((unsigned)n * 31u + (unsigned char)p[0] * 7u + (unsigned char)p[n - 1]) & (KEYCACHE - 1);
+  if (d->kc[h].n == n && memcmp(d->kc[h].s, p, n) == 0) {
+    lua_rawgeti(L, d->keys, (lua_Integer)h + 1);
+    return;
+  }
+  d->kc[h].s = lua_pushlstring(L, p, n);
+  d->kc[h].n = n;
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->keys, (lua_Integer)h + 1);
+}
+
 static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
   dec_ensure_stack(L, d);
   uint32_t narr = get_u32(L, d), npairs = get_u32(L, d);
@@ -1620,11 +1871,31 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     lua_rawseti(L, t, at + (lua_Integer)i);
   }
   for (uint32_t i = 0; i < npairs; i++) {
-    decode_value(L, d);
-    int kt = lua_type(L, -1);
-    if (kt == LUA_TNIL) corrupt(L, "nil table key");
-    if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
-    decode_value(L, d);
+    const unsigned char *p = d->p;
+    ptrdiff_t left = d->end - p;
+    if (left < inl) left = 0;
+    if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {  /* the common key: a short string */
+      push_key(L, d, (const char *)p + 2, p[1]);
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+      int kt = lua_type(L, -1);
+      if (kt == LUA_TNIL) corrupt(L, "nil table key");
+      if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
+    }
+    p = d->p;  /* the value: small integers and short strings inline, as above */
+    left = d->end - p;
+    if (left < inl) left = 0;
+    if (left >= 2 && p[0] == T_INT8) { lua_pushinteger(L, (int8_t)p[1]); d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t v; memcpy(&v, p + 1, 4); lua_pushinteger(L, v); d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
+    else if (left >= 9 && p[0] == T_FLOAT) { double v; memcpy(&v, p + 1, 8); lua_pushnumber(L, v); d->p += 9; }
+    else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      lua_pushlstring(L, (const char *)p + 2, p[1]);
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+    }
     lua_rawset(L, t);
   }
   if (withmt) {
@@ -1636,6 +1907,56 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     lua_setmetatable(L, t);
   }
   d->depth--;
+}
+
+/* T_INTS, T_FLOATS: a new table of n numbers */
+static void decode_packed(lua_State *L, dec *d, int tag, int shared) {
+  dec_ensure_stack(L, d);
+  uint32_t n = get_u32(L, d);
+  int w = tag == T_FLOATS ? 8 : get_u8(L, d);
+  if (w != 1 && w != 2 && w != 4 && w != 8) corrupt(L, "bad packed array width");
+  if (n > (size_t)(d->end - d->p) / (size_t)w || n > d->budget) corrupt(L, "truncated data");
+  d->budget -= n;
+  const unsigned char *p = d->p;
+  d->p += (size_t)n * (size_t)w;
+  int t;
+  lua_Integer at = 0;  /* item i goes to t[at + i] */
+  view_value *a;
+  if (d->into) {  /* the root array of mp_decode_into: straight into the caller's table */
+    t = d->into;
+    at = d->into_at - 1;
+    d->into = 0;
+    lua_pushvalue(L, t);
+    lua_Integer lim;
+    a = view_array(L, t, &lim);
+    if (a && at >= 0 && lim >= at && lim - at >= (lua_Integer)n) a += at; else a = NULL;
+  } else {
+    lua_createtable(L, (int)(n < (1u << 30) ? n : (1u << 30)), 0);
+    t = lua_gettop(L);
+    a = view_fresh(L, t, (lua_Integer)n);
+  }
+  remember(L, d, t, shared);
+  if (a && tag == T_FLOATS) {
+    for (uint32_t i = 0; i < n; i++) { memcpy(&a[i].v.n, p + 8 * (size_t)i, 8); a[i].tt = VIEW_FLOAT; }
+    return;
+  }
+  if (a) {
+    switch (w) {
+      case 1: for (uint32_t i = 0; i < n; i++) { a[i].v.i = (int8_t)p[i]; a[i].tt = VIEW_INT; } break;
+      case 2: for (uint32_t i = 0; i < n; i++) { int16_t v; memcpy(&v, p + 2 * (size_t)i, 2); a[i].v.i = v; a[i].tt = VIEW_INT; } break;
+      case 4: for (uint32_t i = 0; i < n; i++) { int32_t v; memcpy(&v, p + 4 * (size_t)i, 4); a[i].v.i = v; a[i].tt = VIEW_INT; } break;
+      default: for (uint32_t i = 0; i < n; i++) { int64_t v; memcpy(&v, p + 8 * (size_t)i, 8); a[i].v.i = v; a[i].tt = VIEW_INT; } break;
+    }
+    return;
+  }
+  for (uint32_t i = 0; i < n; i++, p += w) {  /* through the API */
+    if (tag == T_FLOATS) { double v; memcpy(&v, p, 8); lua_pushnumber(L, v); }
+    else if (w == 1) lua_pushinteger(L, (int8_t)*p);
+    else if (w == 2) { int16_t v; memcpy(&v, p, 2); lua_pushinteger(L, v); }
+    else if (w == 4) { int32_t v; memcpy(&v, p, 4); lua_pushinteger(L, v); }
+    else { int64_t v; memcpy(&v, p, 8); lua_pushinteger(L, (lua_Integer)v); }
+    lua_rawseti(L, t, at + (lua_Integer)i + 1);
+  }
 }
 
 static void decode_value(lua_State *L, dec *d) {
@@ -1670,6 +1991,9 @@ static void decode_value(lua_State *L, dec *d) {
     }
     case T_TABLE: case T_TABLE_MT: case T_TABLE | SHARED: case T_TABLE_MT | SHARED:
       decode_table(L, d, (tag & ~SHARED) == T_TABLE_MT, tag & SHARED);
+      break;
+    case T_INTS: case T_FLOATS: case T_INTS | SHARED: case T_FLOATS | SHARED:
+      decode_packed(L, d, tag & ~SHARED, tag & SHARED);
       break;
     case T_LFUNC: case T_LFUNC | SHARED:
       if (d->data) refuse(L, d, "a Lua function");
@@ -1797,26 +2121,40 @@ static void set_later_envs(lua_State *L, dec *d) {
 }
 
 static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Integer at, int mode) {
-  dec d = { (const unsigned char *)s, (const unsigned char *)s + n, 0, 0, 0, n, 0, 0, 0, 0,
-            (const unsigned char *)s, mode == MP_DECODE_DATA, 0, 0, 0, mode == MP_DECODE_SIGNED };
+  dec d;  /* (the key cache is cleared when a table key first comes: see push_key) */
+  memset(&d, 0, offsetof(dec, kc));
+  d.p = d.start = (const unsigned char *)s;
+  d.end = (const unsigned char *)s + n;
+  d.budget = n;
+  d.data = mode == MP_DECODE_DATA;
+  d.remote = mode == MP_DECODE_SIGNED;
   if (tidx) {
     d.into = lua_absindex(L, tidx);
     d.into_at = at;
-    if (n < 2 || (s[1] & ~SHARED) != T_TABLE) corrupt(L, "not an array");
+    int root = n < 2 ? -1 : s[1] & ~SHARED;
+    if (root != T_TABLE && root != T_INTS && root != T_FLOATS) corrupt(L, "not an array");
   }
-  if (n < 2 || d.p[0] != FORMAT) corrupt(L, n < 2 ? "truncated data" : "not an encoded value (or another format version)");
+  if (n < 2 || (d.p[0] != FORMAT && d.p[0] != FORMAT_B2))
+    corrupt(L, n < 2 ? "truncated data" : "not an encoded value (or another format version)");
   d.p++;
   luaL_checkstack(L, 8, "cannot decode: stack overflow");
   d.base = lua_gettop(L);
   int root = d.p[0] & ~SHARED;
-  if (root == T_TABLE || root == T_TABLE_MT || root == T_LFUNC) {
+  if (root == T_TABLE || root == T_TABLE_MT || root == T_LFUNC || root == T_INTS || root == T_FLOATS) {
     lua_pushnil(L);  /* the slot of the table of shared values */
     d.refs = lua_gettop(L);
+    if (root == T_TABLE || root == T_TABLE_MT) {
+      lua_pushnil(L);  /* the slot of the key cache's strings */
+      d.keys = d.refs + 1;
+    }
   }
   decode_value(L, &d);
   if (d.p != d.end) corrupt(L, "trailing bytes");
   if (d.later) set_later_envs(L, &d);
-  if (d.refs) lua_remove(L, d.refs);
+  if (d.refs) {
+    lua_copy(L, -1, d.refs);
+    lua_settop(L, d.refs);
+  }
 }
 
 /* --------------------------------------------------------- handles */
@@ -2083,8 +2421,19 @@ static int codec_register_metatable(lua_State *L) {
   return 1;
 }
 
+/* core._codec_view([on]) -> in use: for tests, packed arrays through the API
+** (false) or in place (true, when view_check passed) */
+static int codec_view(lua_State *L) {
+  static int works = -1;
+  if (works < 0) works = view_works;
+  if (!lua_isnone(L, 1)) view_works = works && lua_toboolean(L, 1);
+  lua_pushboolean(L, view_works);
+  return 1;
+}
+
 int mp_codec_open(lua_State *L) {
   make_key();
+  view_check(L);
   luaL_newmetatable(L, ENCODER);
   lua_pushcfunction(L, enc_gc);
   lua_setfield(L, -2, "__gc");
@@ -2124,6 +2473,7 @@ int mp_codec_open(lua_State *L) {
     {"_encode_unowned", codec_encode_unowned},
     {"register_metatable", codec_register_metatable},
     {"encode_function", codec_encode_function},
+    {"_codec_view", codec_view},
     {"_env_newindex", env_newindex},  /* named, so that an environment can travel as a value */
     {NULL, NULL}
   };
