@@ -209,16 +209,26 @@ describe_redis("Pool on Redis Streams", function()
     local sentinel = H.tmpname()
     os.remove(sentinel)
     local keys = S.keys(ns)
-    local msg = core.encode { c = p._id, k = 1, j = 1, i = 1, kind = "map", a = { n = 1, 1 },
-      f = core.encode(task("local s = ... return function() io.open(s, 'w'):close() end", sentinel)) }
     local r = redis()
-    local good = S.sign(p._key, keys.tasks, msg)
     local other = core.random_bytes(32)
-    assert(r:call("XADD", keys.tasks, "*", "m", msg))                                       -- unsigned
-    assert(r:call("XADD", keys.tasks, "*", "m", msg, "s", core.random_bytes(32)))           -- forged
-    assert(r:call("XADD", keys.tasks, "*", "m", msg .. "x", "s", good))                     -- tampered
-    assert(r:call("XADD", keys.tasks, "*", "m", msg, "s", S.sign(other, keys.tasks, msg))) -- wrong key
-    assert(H.eventually(function() return tonumber(r:call("GET", keys.bad)) == 4 end, 20))
+    -- the function that would make the sentinel, in the client's function hash: signed with
+    -- another key (FID 999), and signed with the right key but for another FID (998)
+    local fk = keys.fn(p._id)
+    local evil = core.encode(task("local s = ... return function() io.open(s, 'w'):close() end", sentinel))
+    assert(r:call("HSET", fk, "999", S.sign(other, fk .. ":999", evil) .. evil))
+    assert(r:call("HSET", fk, "998", S.sign(p._key, fk .. ":1", evil) .. evil))
+    local function msg(fid)
+      return core.stream_frame({ c = p._id, k = 1000, j = 1, i = 1, n = 1, kind = "map", fid = fid }, { 1 })
+    end
+    local m = msg(999)
+    local good = S.sign(p._key, keys.tasks, m)
+    assert(r:call("XADD", keys.tasks, "*", "m", m))                                         -- unsigned
+    assert(r:call("XADD", keys.tasks, "*", "m", m, "s", core.random_bytes(32)))             -- forged
+    assert(r:call("XADD", keys.tasks, "*", "m", m .. "x", "s", good))                       -- tampered
+    assert(r:call("XADD", keys.tasks, "*", "m", m, "s", S.sign(other, keys.tasks, m)))      -- wrong key
+    assert(r:call("XADD", keys.tasks, "*", "m", m, "s", good))                              -- its function's key is wrong
+    assert(r:call("XADD", keys.tasks, "*", "m", msg(998), "s", S.sign(p._key, keys.tasks, msg(998)))) -- its function moved
+    assert(H.eventually(function() return tonumber(r:call("GET", keys.bad)) == 6 end, 20))
     -- a real call still runs after them (the worker lives), and the sentinel never appears
     assert.same({ 1, n = 1 }, p:map(task "return function(x) return x end", { 1 }))
     assert.is_nil(io.open(sentinel))
