@@ -58,6 +58,10 @@ typedef struct mp_redis {
   int pending;   /* commands sent by r:send whose replies were not read yet */
 } mp_redis;
 
+typedef struct mp_signer mp_signer;  /* a keyed HMAC-SHA256 (below) */
+static mp_signer *tosigner(lua_State *L, int idx);
+static int mac(mp_signer *s, const char *c, size_t cn, const char *m, size_t mn, unsigned char *md);
+
 static mp_redis *toredis(lua_State *L) {
   mp_redis *r = luaL_checkudata(L, 1, REDIS_CLASS);
   if (!r->c) luaL_error(L, "attempt to use a closed Redis connection");
@@ -157,10 +161,13 @@ static int collect(lua_State *L, int idx, int from, int to, const char **argv, s
   return n;
 }
 
-/* argv and lengths for n arguments, in a userdata pushed on the stack (no static buffer:
-** two Lua states on two host threads may send at once) */
+/* argv and lengths for n arguments: the caller's arrays (on the C stack) when they hold
+** SMALLARGS, else a userdata pushed on the stack (no static buffer: two Lua states on two
+** host threads may send at once) */
+#define SMALLARGS 16
 static int argbuf(lua_State *L, int n, const char ***argv, size_t **lens) {
   if (n > MAXARGS) return luaL_error(L, "too many arguments for one Redis command");
+  if (n <= SMALLARGS && *argv) return n;
   void *b = lua_newuserdatauv(L, (size_t)n * (sizeof(char *) + sizeof(size_t)), 0);
   *argv = b;
   *lens = (size_t *)((char *)b + (size_t)n * sizeof(char *));
@@ -191,11 +198,33 @@ static int redis_send(lua_State *L) {
   mp_redis *r = toredis(L);
   int top = lua_gettop(L);
   luaL_argcheck(L, top >= 2, 2, "a command expected");
-  const char **argv = NULL;
-  size_t *lens = NULL;
+  const char *av[SMALLARGS], **argv = av;
+  size_t lv[SMALLARGS], *lens = lv;
   argbuf(L, top - 1, &argv, &lens);
   int n = collect(L, 0, 2, top, argv, lens, 0);
   if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
+  int done = 0;
+  do {
+    if (redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
+  } while (!done);
+  r->pending++;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* r:send_entry(signer, stream, m): XADD stream * m <m> s <signature of m>, sent without
+** waiting for its reply (as r:send) */
+static int redis_send_entry(lua_State *L) {
+  mp_redis *r = toredis(L);
+  mp_signer *s = tosigner(L, 2);
+  size_t cn, mn;
+  const char *c = luaL_checklstring(L, 3, &cn), *m = luaL_checklstring(L, 4, &mn);
+  unsigned char md[SIGLEN];
+  if (!mac(s, c, cn, m, mn, md)) return luaL_error(L, "HMAC-SHA256 failed (OpenSSL)");
+  const char *argv[] = { "XADD", c, "*", "m", m, "s", (const char *)md };
+  size_t lens[] = { 4, cn, 1, 1, mn, 1, SIGLEN };
+  if (redisAppendCommandArgv(r->c, 7, argv, lens) != REDIS_OK) return conn_fault(L, r);
   int done = 0;
   do {
     if (redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
@@ -221,8 +250,8 @@ static int redis_call(lua_State *L) {
   if (!drain(L, r)) return conn_fault(L, r);
   int top = lua_gettop(L);
   luaL_argcheck(L, top >= 2, 2, "a command expected");
-  const char **argv = NULL;
-  size_t *lens = NULL;
+  const char *av[SMALLARGS], **argv = av;
+  size_t lv[SMALLARGS], *lens = lv;
   argbuf(L, top - 1, &argv, &lens);
   int n = collect(L, 0, 2, top, argv, lens, 0);
   redisReply *y = redisCommandArgv(r->c, n, argv, lens);
@@ -256,12 +285,13 @@ static int redis_pipeline(lua_State *L) {
       else if (t != LUA_TSTRING) return luaL_error(L, "bad Redis argument #%d of command #%d (string or number expected, got %s)", (int)i, (int)k, luaL_typename(L, -1));
       else lua_pop(L, 1);
     }
-    const char **argv = NULL;
-    size_t *lens = NULL;
+    const char *av[SMALLARGS], **argv = av;
+    size_t lv[SMALLARGS], *lens = lv;
+    int top = lua_gettop(L);
     argbuf(L, (int)len, &argv, &lens);
     int n = collect(L, cmd, 1, (int)len, argv, lens, 1);
     if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
-    lua_pop(L, 2);  /* the buffer and the command */
+    lua_settop(L, top - 1);  /* the buffer, if any, and the command */
   }
   lua_createtable(L, (int)ncmd, 1);
   for (lua_Integer k = 1; k <= ncmd; k++) {
@@ -307,9 +337,9 @@ static int redis_tostring(lua_State *L) {
 
 /* ------------------------------------------------------------ signing */
 
-typedef struct mp_signer {
+struct mp_signer {
   EVP_MAC_CTX *ctx;  /* keyed once; EVP_MAC_init(ctx, NULL...) resets it for each message */
-} mp_signer;
+};
 
 static EVP_MAC *hmac_alg;  /* fetched once per process */
 
@@ -410,8 +440,8 @@ static int redis_entries(lua_State *L) {
   luaL_argcheck(L, top >= 4, 4, "a command expected");
   const char *cmd = lua_tostring(L, 4);
   int streams = cmd && (strcasecmp(cmd, "XREAD") == 0 || strcasecmp(cmd, "XREADGROUP") == 0);
-  const char **argv = NULL;
-  size_t *lens = NULL;
+  const char *av[SMALLARGS], **argv = av;
+  size_t lv[SMALLARGS], *lens = lv;
   argbuf(L, top - 3, &argv, &lens);
   int n = collect(L, 0, 4, top, argv, lens, 0);
   redisReply *y = redisCommandArgv(r->c, n, argv, lens);
@@ -444,20 +474,23 @@ static int redis_entries(lua_State *L) {
 
 /* ------------------------------------------------------------ frames */
 
-/* adds the encoding e to b, u32 size first; 0 (nothing added) when it met a handle */
-static int add_encoding(lua_State *L, luaL_Buffer *b, mp_enc *e) {
-  const mp_sent *list;
-  if (mp_enc_handles(e, &list) > 0) { mp_enc_unsent(e); mp_enc_done(L, e); return 0; }
-  size_t n = mp_enc_size(e);
-  if (n > 0xffffffffu) { mp_enc_done(L, e); return luaL_error(L, "a message over 4 GB cannot be sent"); }
-  char *p = luaL_prepbuffsize(b, n + 4);
+static void put_u32le(char *p, size_t n) {
   p[0] = (char)n; p[1] = (char)(n >> 8); p[2] = (char)(n >> 16); p[3] = (char)(n >> 24);
-  mp_enc_copy(e, p + 4);
-  luaL_addsize(b, n + 4);
-  mp_enc_done(L, e);
-  return 1;
 }
 
+/* 1 when e met no handle; else 0, and e is let go (its bytes go nowhere) */
+static int no_handles(lua_State *L, mp_enc *e) {
+  const mp_sent *list;
+  if (mp_enc_handles(e, &list) == 0) return 1;
+  mp_enc_unsent(e);
+  mp_enc_done(L, e);
+  return 0;
+}
+
+/* The header's bytes are copied out of the encoder (onto the C stack when small), the
+** payload is encoded next, and one string is made of both: no other string, no copy of
+** the items first. */
+#define SMALLHEADER 512
 static int stream_frame(lua_State *L) {
   luaL_checkany(L, 1);
   luaL_checkany(L, 2);
@@ -468,22 +501,37 @@ static int stream_frame(lua_State *L) {
     luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 4, "bad count");
   }
   lua_settop(L, 2);
-  /* each buffer starts after its encoder is on the stack (mp_encode may push it) */
+  char small[SMALLHEADER];
+  const char *hdr = small;
   mp_enc *e = mp_encode(L, 1, "header");
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  if (!add_encoding(L, &b, e)) { lua_pushnil(L); lua_pushliteral(L, "handle"); return 2; }
-  luaL_pushresult(&b);
-  int hdr = lua_gettop(L);
+  if (!no_handles(L, e)) goto handle;
+  size_t hn = mp_enc_size(e);
+  if (hn <= sizeof small) mp_enc_copy(e, small);
+  else {
+    mp_enc_push(L, e);  /* a big header: kept as a string while the payload is encoded */
+    hdr = lua_tostring(L, -1);
+  }
+  mp_enc_done(L, e);
   e = range ? mp_encode_range(L, 2, i0, n, "args") : mp_encode(L, 2, "args");
-  luaL_Buffer b2;
-  luaL_buffinit(L, &b2);
-  if (!add_encoding(L, &b2, e)) { lua_pushnil(L); lua_pushliteral(L, "handle"); return 2; }
-  luaL_pushresult(&b2);
-  lua_pushvalue(L, hdr);
-  lua_insert(L, -2);
-  lua_concat(L, 2);
+  if (!no_handles(L, e)) goto handle;
+  size_t pn = mp_enc_size(e);
+  if (hn > 0xffffffffu || pn > 0xffffffffu) {
+    mp_enc_done(L, e);
+    return luaL_error(L, "a message over 4 GB cannot be sent");
+  }
+  luaL_Buffer b;
+  char *p = luaL_buffinitsize(L, &b, hn + pn + 8);
+  put_u32le(p, hn);
+  memcpy(p + 4, hdr, hn);
+  put_u32le(p + 4 + hn, pn);
+  mp_enc_copy(e, p + 8 + hn);
+  luaL_pushresultsize(&b, hn + pn + 8);
+  mp_enc_done(L, e);
   return 1;
+handle:
+  lua_pushnil(L);
+  lua_pushliteral(L, "handle");
+  return 2;
 }
 
 static size_t get_u32le(const unsigned char *p) {
@@ -541,7 +589,7 @@ static int read_key_file(lua_State *L) {
 
 int mp_redis_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"call", redis_call}, {"pipeline", redis_pipeline}, {"entries", redis_entries}, {"send", redis_send}, {"replies", redis_replies}, {"settimeout", redis_settimeout},
+    {"call", redis_call}, {"pipeline", redis_pipeline}, {"entries", redis_entries}, {"send_entry", redis_send_entry}, {"send", redis_send}, {"replies", redis_replies}, {"settimeout", redis_settimeout},
     {"close", redis_close}, {NULL, NULL}};
   static const luaL_Reg meta[] = {
     {"__gc", redis_close}, {"__close", redis_close}, {"__tostring", redis_tostring}, {NULL, NULL}};

@@ -100,7 +100,7 @@ function M.Pool(opts)
     _r = r, _u = u, _key = core.signer(key), _keys = keys, _id = id, _res = keys.res(id), _last = "0-0",
     _fnkey = keys.fn(id), _fcache = setmetatable({}, { __mode = "k" }), _bytext = {}, _ring = {}, _ringk = 0, _nfid = 0,
     _lease = lease, _owner = core.getpid(), _calls = {}, _ncall = 0, _state = "running",
-    _hint = opts.processes, _bad = 0, _sent = {}, _sent_lo = 1, _sent_hi = 1, _nsent = 0,
+    _hint = opts.processes, _bad = 0, _sent = {}, _sentj = {}, _sent_lo = 1, _sent_hi = 1, _nsent = 0,
   }, Pool)
 end
 
@@ -139,35 +139,41 @@ end
 
 -------------------------------------------------------------------- sending
 -- Commands are sent without waiting for Redis's answer (a task entry's id, ...); the
--- answers are read with the next command, in order, and matched here: `_sent` holds
--- { call, chunk } for a task entry, false for a command whose answer does not matter.
+-- answers are read with the next command, in order, and matched here: `_sent` holds the
+-- call of a task entry (its chunk number in `_sentj`), false for a command whose answer
+-- does not matter.
+local function chunk_range(c, j)   -- a call's chunks hold chunksize items, but the last
+  local first = (j - 1) * c.chunksize + 1
+  return first, math.min(c.chunksize, c.fed - first + 1)
+end
+
 local function settle(self)
-  local q = self._sent
+  local q, qj = self._sent, self._sentj
   if self._nsent == 0 then return end
   local reps, why = self._r:replies()
   if not reps then redis_fault(self, "Pool", why) end
   for k = 1, #reps do
-    local s = q[self._sent_lo]
-    q[self._sent_lo] = nil
-    self._sent_lo = self._sent_lo + 1
+    local lo = self._sent_lo
+    local c, j = q[lo], qj[lo]
+    q[lo], qj[lo] = nil, nil
+    self._sent_lo = lo + 1
     self._nsent = self._nsent - 1
     local id = reps[k]
-    if s then
-      local c, j = s[1], s[2]
+    if c then
       if type(id) == "string" then
         if not c.got[j] and not c.done then c.taskids[j] = id
         elseif c.done and self._r then self._r:send("XDEL", self._keys.tasks, id) self._nsent = self._nsent + 1
           q[self._sent_hi] = false self._sent_hi = self._sent_hi + 1 end
       elseif not c.got[j] then
         -- Redis refused the entry (out of memory, a read-only replica...): the chunk fails
-        local info = c.chunkinfo[j]
+        local first, count = chunk_range(c, j)
         c.got[j] = true
         c.nreceived = c.nreceived + 1
-        for n = info.first, info.first + info.count - 1 do
+        for n = first, first + count - 1 do
           c.errs = c.errs or {}
           c.errs[n] = ("%s: Redis at %s refused a task: %s"):format(c.kind, self._u.url, type(id) == "table" and id.err or "no answer")
           if not c.first_err or n < c.first_err then c.first_err = n end
-          c.order[#c.order + 1] = n
+          if c.order then c.order[#c.order + 1] = n end
         end
       end
     end
@@ -282,7 +288,7 @@ end
 local function task_frame(self, c, src, i0, n, first)
   local h = { c = self._id, k = c.id, j = c.nchunks + 1, i = first, n = n, kind = c.kind, fid = c.blob.fid, t = c.timeout }
   if c.kind == "apply" then
-    local args = src[i0]
+    local args = src
     h.n = args.n
     local ok, fr = pcall(core.stream_frame, h, args, 1, args.n)
     if ok and fr then return fr, 1 end
@@ -320,7 +326,10 @@ local function feed(self, c, limit)
   while not c.input_done and (limit == nil or c.fed < limit) do
     local first = c.fed + 1
     local src, i0, n
-    if c.seq then   -- a list: its slices are encoded where they are
+    if c.kind == "apply" then  -- one call: its arguments are the message's payload
+      src, i0, n = c.seq, 1, 1
+      c.input_done = true
+    elseif c.seq then   -- a list: its slices are encoded where they are
       src, i0 = c.seq, first
       n = math.min(c.chunksize, c.seqn - c.fed)
       if c.fed + n >= c.seqn then c.input_done = true end
@@ -359,12 +368,12 @@ local function feed(self, c, limit)
       fr, n = task_frame(self, c, src, i0, n, first)
       if n > 0 then
         c.nchunks = c.nchunks + 1
-        c.chunkinfo[c.nchunks] = { first = first, count = n }
         c.fed = c.fed + n
-        local ok, why = r:send("XADD", stream, "*", "m", fr, "s", self._key:sign(stream, fr))
+        local ok, why = r:send_entry(self._key, stream, fr)
         if not ok then redis_fault(self, c.kind, why) end
-        self._sent[self._sent_hi] = { c, c.nchunks }
-        self._sent_hi = self._sent_hi + 1
+        local hi = self._sent_hi
+        self._sent[hi], self._sentj[hi] = c, c.nchunks
+        self._sent_hi = hi + 1
         self._nsent = self._nsent + 1
       end
     end
@@ -395,17 +404,19 @@ end
 local function deliver(self, h, v)
   local c = self._calls[h.k]
   if not c or c.got[h.j] then return end       -- a call abandoned, or a duplicate
-  local info = c.chunkinfo[h.j]
-  if not info then return end
-  c.got[h.j] = true
-  c.taskids[h.j] = nil
+  local j = math.tointeger(h.j)
+  if not j or j < 1 or j > c.nchunks then return end
+  local first, count = chunk_range(c, j)
+  c.got[j] = true
+  c.taskids[j] = nil
   c.nreceived = c.nreceived + 1
-  local n = math.min(math.tointeger(h.n) or 0, info.count)
+  local n = math.min(math.tointeger(h.n) or 0, count)
+  local order = c.order   -- (imap and imap_unordered only)
   if n > 0 then
-    table.move(v, 1, n, info.first, c.results)
-    if c.lazy then
-      local order, arrived = c.order, c.arrived
-      for i = info.first, info.first + n - 1 do
+    table.move(v, 1, n, first, c.results)
+    if order then
+      local arrived = c.arrived
+      for i = first, first + n - 1 do
         arrived[i] = true
         order[#order + 1] = i
       end
@@ -413,13 +424,13 @@ local function deliver(self, h, v)
   end
   c.ndone = c.ndone + n
   if type(h.e) == "table" then
-    local i = info.first + (math.tointeger(h.e.n) or 1) - 1
+    local i = first + (math.tointeger(h.e.n) or 1) - 1
     item_error(c, i, h.e.err)
-    c.order[#c.order + 1] = i
+    if order then order[#order + 1] = i end
   end
   if h.fault then
-    for i = info.first + n, info.first + info.count - 1 do
-      if not (c.errs and c.errs[i]) then item_error(c, i, h.fault) c.order[#c.order + 1] = i end
+    for i = first + n, first + count - 1 do
+      if not (c.errs and c.errs[i]) then item_error(c, i, h.fault) if order then order[#order + 1] = i end end
     end
   end
   if c.bar then c.bar:update(c.ndone) end
@@ -496,10 +507,11 @@ local function pump(self, fname, wait)
   end
 end
 
--- waits until pred() or the deadline; false on timeout
-local function wait_until(self, fname, pred, timeout)
+-- waits until the call c is done (or, c a function, until c()) or the deadline; false on timeout
+local function wait_until(self, fname, c, timeout)
   local deadline = timeout and now() + timeout
-  while not pred() do
+  local pred = type(c) == "function" and c
+  while not (pred and pred() or not pred and c.done) do
     local left = deadline and deadline - now() or S.BLOCK_MS / 1000
     if left <= 0 then return false end
     pump(self, fname, left)
@@ -512,24 +524,20 @@ end
 -------------------------------------------------------------------- calls
 local CALL_OPTIONS = { chunksize = true, progress = true, desc = true, timeout = true, callback = true, error_callback = true }
 
+-- a list's length; an iterator function's item reader
 local function sequence_of(v, fname)
   if type(v) == "table" then
     local n = v.n or #v
     if n == 0 and next(v) ~= nil then
       error(("bad argument #2 to '%s' (the table has no sequence part; pass a list)"):format(fname), 4)
     end
-    local i = 0
-    return function()
-      if i >= n then return nil end
-      i = i + 1
-      return true, v[i]
-    end, n
+    return n
   elseif type(v) == "function" then
     return function()
       local x = v()
       if x == nil then return nil end
       return true, x
-    end, nil
+    end
   end
   error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(fname, type(v)), 4)
 end
@@ -546,13 +554,15 @@ local function abandon(self, c)
   if c.bar then c.bar:close() end
 end
 
+local NO_OPTIONS = {}
+
 local function start_call(self, kind, fname, f, input, opts, lazy)
   check_running(self, fname)
   if type(f) ~= "function" and not (getmetatable(f) or {}).__call then
     error(("bad argument #1 to '%s' (function expected, got %s)"):format(fname, type(f)), 3)
   end
   if type(opts) == "number" then opts = { chunksize = opts } end
-  opts = opts or {}
+  opts = opts or NO_OPTIONS
   if type(opts) ~= "table" then error(("bad argument #3 to '%s' (options table expected)"):format(fname), 3) end
   for k in pairs(opts) do
     if not CALL_OPTIONS[k] then error(("bad options to '%s' (unknown option %s)"):format(fname, tostring(k)), 3) end
@@ -564,10 +574,14 @@ local function start_call(self, kind, fname, f, input, opts, lazy)
   if cs ~= nil and (math.type(cs) ~= "integer" or cs < 1) then
     error(("bad options to '%s' (chunksize must be a positive integer)"):format(fname), 3)
   end
-  local ok, why = pcall(portable, f, "the function", {})
-  if not ok then error(("%s: %s"):format(fname, why), 3) end
-  local next_item, n = sequence_of(input, fname)
-  local seq = type(input) == "table" and input or nil
+  if debug.getupvalue(f, 1) ~= nil then
+    local ok, why = pcall(portable, f, "the function", {})
+    if not ok then error(("%s: %s"):format(fname, why), 3) end
+  end
+  local next_item, n, seq
+  if kind == "apply" then n, seq = 1, input
+  elseif type(input) == "table" then n, seq = sequence_of(input, fname), input
+  else next_item = sequence_of(input, fname) end
   if not cs then
     if n and n > 1 then cs = math.max(1, math.min(MAX_CHUNK, math.ceil(n / (4 * workers(self)))))
     else cs = n and 1 or ITER_CHUNK end
@@ -579,7 +593,7 @@ local function start_call(self, kind, fname, f, input, opts, lazy)
   local c = {
     id = self._ncall, kind = kind, fname = fname, blob = blob, timeout = opts.timeout, lazy = lazy,
     next_item = next_item, seq = seq, seqn = seq and n, chunksize = cs, fed = 0, nchunks = 0, nreceived = 0, ndone = 0,
-    chunkinfo = {}, got = {}, taskids = {}, results = {}, arrived = {}, order = {},
+    got = {}, taskids = {}, results = {}, arrived = lazy and {} or nil, order = lazy and {} or nil,
     callback = opts.callback, error_callback = opts.error_callback,
   }
   if opts.progress then
@@ -605,12 +619,12 @@ function Pool:starmap_async(f, xs, opts) return new_result(self, start_call(self
 function Pool:apply_async(f, args, opts)
   if args ~= nil and type(args) ~= "table" then error(("bad argument #2 to 'apply_async' (table expected, got %s)"):format(type(args)), 2) end
   local a = args or {}
-  return new_result(self, start_call(self, "apply", "apply_async", f, { n = 1, pack(unpack(a, 1, a.n or #a)) }, opts))
+  return new_result(self, start_call(self, "apply", "apply_async", f, pack(unpack(a, 1, a.n or #a)), opts))
 end
 
 function AsyncResult:wait(timeout)
   local c = self._c
-  return wait_until(self._pool, c.fname, function() return c.done end, timeout)
+  return wait_until(self._pool, c.fname, c, timeout)
 end
 function AsyncResult:ready()
   local c = self._c
@@ -623,7 +637,7 @@ function AsyncResult:successful()
 end
 function AsyncResult:get(timeout)
   local c = self._c
-  if not wait_until(self._pool, c.fname, function() return c.done end, timeout) then return nil, "timeout" end
+  if not wait_until(self._pool, c.fname, c, timeout) then return nil, "timeout" end
   if c.err then error(c.err, 2) end
   if c.kind == "apply" then
     local r = c.results[1]
@@ -634,13 +648,13 @@ end
 
 function Pool:map(f, xs, opts)
   local c = start_call(self, "map", "map", f, xs, opts)
-  wait_until(self, "map", function() return c.done end)
+  wait_until(self, "map", c)
   if c.err then error(c.err, 2) end
   return results_of(c)
 end
 function Pool:starmap(f, xs, opts)
   local c = start_call(self, "starmap", "starmap", f, xs, opts)
-  wait_until(self, "starmap", function() return c.done end)
+  wait_until(self, "starmap", c)
   if c.err then error(c.err, 2) end
   return results_of(c)
 end
