@@ -87,7 +87,10 @@ local function consume(u, key, ns, deadline_cell, opts)
   local fcache, fcount = {}, 0
   local warned = false
   local leases = {}          -- client -> time its lease was last seen (looked at again after a second)
-  local avg = S.BATCH_TIME   -- seconds a task message takes, a moving average
+  -- How much to take at once: a task message's run time is guessed from its size (seconds
+  -- per byte, a moving average of what ran); messages are read, and kept, up to about
+  -- BATCH_TIME seconds of guessed work (one, while they run long)
+  local per_byte, size = S.BATCH_TIME / 64, 64
 
   local function must(rep, err)
     if rep == nil and err and not tostring(err):find("^%u+") then
@@ -134,8 +137,8 @@ local function consume(u, key, ns, deadline_cell, opts)
 
   -- the task function FID of client c: from the cache, or fetched once (signed, checked)
   local function function_of(t)
-    local ck = t.c .. " " .. tostring(t.fid)
-    local f = fcache[ck]
+    local cf = fcache[t.c]
+    local f = cf and cf[t.fid]
     if f then return f end
     local fk = keys.fn(t.c)
     local v = must(r:call("HGET", fk, tostring(t.fid)))
@@ -148,7 +151,9 @@ local function consume(u, key, ns, deadline_cell, opts)
     local good, g = pcall(core.decode, bytes, "signed")
     if not good then return nil, tostring(g) end
     if fcount >= 64 then fcache, fcount = {}, 0 end
-    fcache[ck], fcount = g, fcount + 1
+    cf = fcache[t.c]
+    if not cf then cf = {} fcache[t.c] = cf end
+    cf[t.fid], fcount = g, fcount + 1
     return g
   end
 
@@ -215,7 +220,8 @@ local function consume(u, key, ns, deadline_cell, opts)
     local cmds, ids = {}, {}
     for k = from, rep.n - 1, 2 do
       local id, m = rep[k], rep[k + 1]
-      if m then cmds[#cmds + 1] = { "XADD", keys.tasks, "*", "m", m, "s", signer:sign(keys.tasks, m) } end
+      if m then cmds[#cmds + 1] = { "XADD", keys.tasks, "*", "m", m, "s", signer:sign(keys.tasks, m) }
+      else cmds[#cmds + 1] = { "INCR", keys.bad } end   -- (a bad one is dropped, and counted)
       ids[#ids + 1] = id
     end
     cmds[#cmds + 1] = { "XACK", keys.tasks, S.GROUP, unpack(ids) }
@@ -229,25 +235,44 @@ local function consume(u, key, ns, deadline_cell, opts)
       last_reclaim = now()
       reclaim()
     end
-    -- about BATCH_TIME seconds of work at once (one message while they run long)
-    local count = math.max(1, math.min(S.BATCH_MAX, math.floor(S.BATCH_TIME / avg)))
+    local count = math.max(1, math.min(S.BATCH_MAX, math.floor(S.BATCH_TIME / (per_byte * size))))
     local rep = must(r:entries(signer, keys.tasks, "XREADGROUP", "GROUP", S.GROUP, me, "COUNT", count,
       "BLOCK", S.BLOCK_MS, "STREAMS", keys.tasks, ">"))
     if rep == nil then
       -- the group is gone (the stream was deleted): make it again
       S.ensure_group(r, keys)
     elseif rep and rep.n > 0 then
+      -- more than BATCH_TIME of guessed work (big messages after small ones): the rest goes
+      -- back at once, for idle consumers
+      local guess, keep = 0, rep.n
+      for k = 1, rep.n - 1, 2 do
+        local m = rep[k + 1]
+        if m then
+          if guess > 0 and guess + per_byte * #m > S.BATCH_TIME then
+            give_back(rep, k)
+            keep = k - 1
+            size = #m
+            break
+          end
+          guess = guess + per_byte * #m
+        end
+      end
       local t0 = now()
       local last = t0
-      for k = 1, rep.n - 1, 2 do
+      for k = 1, keep - 1, 2 do
         if k > 1 and now() - t0 > S.BATCH_TIME then
-          flush()
+          flush()  -- results wait at most about BATCH_TIME
+          -- guessed wrong (small messages that run long): the rest goes back
           if now() - t0 > 2 * S.BATCH_TIME then give_back(rep, k) break end
           t0 = now()
         end
-        handle(rep[k], rep[k + 1], 1)
+        local m = rep[k + 1]
+        handle(rep[k], m, 1)
         local t = now()
-        avg = 0.7 * avg + 0.3 * (t - last)
+        if m then
+          per_byte = 0.7 * per_byte + 0.3 * (t - last) / #m
+          size = 0.7 * size + 0.3 * #m
+        end
         last = t
       end
       flush()
