@@ -258,7 +258,7 @@ local function func_blob(self, f)
   if c and c.s == s and not c.b.freed then return c.b end
   local b = text_blob(self, s)
   c = { s = s, b = b }
-  if not carries and plain_upvalues(f) then
+  if not carries and type(f) == "function" and plain_upvalues(f) then
     local ups, i = {}, 1
     while true do
       local name, v = getupvalue(f, i)
@@ -574,7 +574,7 @@ local function start_call(self, kind, fname, f, input, opts, lazy)
   if cs ~= nil and (math.type(cs) ~= "integer" or cs < 1) then
     error(("bad options to '%s' (chunksize must be a positive integer)"):format(fname), 3)
   end
-  if debug.getupvalue(f, 1) ~= nil then
+  if type(f) ~= "function" or debug.getupvalue(f, 1) ~= nil then
     local ok, why = pcall(portable, f, "the function", {})
     if not ok then error(("%s: %s"):format(fname, why), 3) end
   end
