@@ -161,13 +161,13 @@ local function settle(self)
     local id = reps[k]
     if c then
       if type(id) == "string" then
-        if not c.got[j] and not c.done then c.taskids[j] = id
+        if c.chunks[j] ~= true and not c.done then c.chunks[j] = id
         elseif c.done and self._r then self._r:send("XDEL", self._keys.tasks, id) self._nsent = self._nsent + 1
           q[self._sent_hi] = false self._sent_hi = self._sent_hi + 1 end
-      elseif not c.got[j] then
+      elseif c.chunks[j] ~= true then
         -- Redis refused the entry (out of memory, a read-only replica...): the chunk fails
         local first, count = chunk_range(c, j)
-        c.got[j] = true
+        c.chunks[j] = true
         c.nreceived = c.nreceived + 1
         for n = first, first + count - 1 do
           c.errs = c.errs or {}
@@ -403,12 +403,11 @@ end
 -- a RESULT frame: header h, values v
 local function deliver(self, h, v)
   local c = self._calls[h.k]
-  if not c or c.got[h.j] then return end       -- a call abandoned, or a duplicate
+  if not c or c.chunks[h.j] == true then return end       -- a call abandoned, or a duplicate
   local j = math.tointeger(h.j)
   if not j or j < 1 or j > c.nchunks then return end
   local first, count = chunk_range(c, j)
-  c.got[j] = true
-  c.taskids[j] = nil
+  c.chunks[j] = true
   c.nreceived = c.nreceived + 1
   local n = math.min(math.tointeger(h.n) or 0, count)
   local order = c.order   -- (imap and imap_unordered only)
@@ -549,7 +548,7 @@ local function abandon(self, c)
   if not self._released then pcall(blob_release, self, c) end
   if self._r then pcall(settle, self) end   -- the ids of its entries still on their way
   local ids = { "XDEL", self._keys.tasks }
-  for _, id in pairs(c.taskids) do ids[#ids + 1] = id end
+  for _, id in pairs(c.chunks) do if id ~= true then ids[#ids + 1] = id end end
   if #ids > 2 and self._r then pcall(rcall, self, unpack(ids)) end
   if c.bar then c.bar:close() end
 end
@@ -590,12 +589,16 @@ local function start_call(self, kind, fname, f, input, opts, lazy)
   if not good then error(("%s: %s"):format(fname, tostring(blob)), 3) end
   blob.refs = blob.refs + 1
   self._ncall = self._ncall + 1
+  -- chunks[j]: the entry id of chunk j while it waits in the stream, true once its result came
   local c = {
-    id = self._ncall, kind = kind, fname = fname, blob = blob, timeout = opts.timeout, lazy = lazy,
-    next_item = next_item, seq = seq, seqn = seq and n, chunksize = cs, fed = 0, nchunks = 0, nreceived = 0, ndone = 0,
-    got = {}, taskids = {}, results = {}, arrived = lazy and {} or nil, order = lazy and {} or nil,
-    callback = opts.callback, error_callback = opts.error_callback,
+    id = self._ncall, kind = kind, fname = fname, blob = blob, seq = seq, seqn = n, chunksize = cs,
+    fed = 0, nchunks = 0, nreceived = 0, ndone = 0, chunks = {}, results = {},
   }
+  if next_item then c.next_item = next_item end
+  if opts ~= NO_OPTIONS then
+    c.timeout, c.callback, c.error_callback = opts.timeout, opts.callback, opts.error_callback
+  end
+  if lazy then c.lazy, c.arrived, c.order = true, {}, {} end
   if opts.progress then
     c.bar = progress._bar { total = n, desc = opts.desc, force = opts.progress == "force" }
   end
