@@ -161,7 +161,4 @@ function M.me()
   return host .. ":" .. core.getpid()
 end
 
--- fields of a stream entry reply { id, { "m", m, "s", s } } -> id, fields
-function M.entry(e) return e[1], e[2] end
-
 return M
