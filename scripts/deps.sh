@@ -7,6 +7,8 @@ command -v lua5.4 >/dev/null 2>&1 || need="$need lua5.4"
 [ -f /usr/include/hiredis/hiredis.h ] || need="$need libhiredis-dev"
 # the specs of the Pool on Redis Streams start a redis-server of their own
 [ -n "$MP_FOR_TESTS" ] && { command -v redis-server >/dev/null 2>&1 || need="$need redis-server"; }
+# and one of them runs workers in a network namespace of their own (ip netns, veth)
+[ -n "$MP_FOR_TESTS" ] && { command -v ip >/dev/null 2>&1 || need="$need iproute2"; }
 command -v busted >/dev/null 2>&1 || need="$need lua-busted"
 command -v cc >/dev/null 2>&1 || need="$need gcc libc6-dev"
 command -v make >/dev/null 2>&1 || need="$need make"

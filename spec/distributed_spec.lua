@@ -209,16 +209,26 @@ describe_redis("Pool on Redis Streams", function()
     local sentinel = H.tmpname()
     os.remove(sentinel)
     local keys = S.keys(ns)
-    local msg = core.encode { c = p._id, k = 1, j = 1, i = 1, kind = "map", a = { n = 1, 1 },
-      f = core.encode(task("local s = ... return function() io.open(s, 'w'):close() end", sentinel)) }
     local r = redis()
-    local good = S.sign(p._key, keys.tasks, msg)
     local other = core.random_bytes(32)
-    assert(r:call("XADD", keys.tasks, "*", "m", msg))                                       -- unsigned
-    assert(r:call("XADD", keys.tasks, "*", "m", msg, "s", core.random_bytes(32)))           -- forged
-    assert(r:call("XADD", keys.tasks, "*", "m", msg .. "x", "s", good))                     -- tampered
-    assert(r:call("XADD", keys.tasks, "*", "m", msg, "s", S.sign(other, keys.tasks, msg))) -- wrong key
-    assert(H.eventually(function() return tonumber(r:call("GET", keys.bad)) == 4 end, 20))
+    -- the function that would make the sentinel, in the client's function hash: signed with
+    -- another key (FID 999), and signed with the right key but for another FID (998)
+    local fk = keys.fn(p._id)
+    local evil = core.encode(task("local s = ... return function() io.open(s, 'w'):close() end", sentinel))
+    assert(r:call("HSET", fk, "999", S.sign(other, fk .. ":999", evil) .. evil))
+    assert(r:call("HSET", fk, "998", S.sign(p._key, fk .. ":1", evil) .. evil))
+    local function msg(fid)
+      return core.stream_frame({ c = p._id, k = 1000, j = 1, i = 1, n = 1, kind = "map", fid = fid }, { 1 })
+    end
+    local m = msg(999)
+    local good = S.sign(p._key, keys.tasks, m)
+    assert(r:call("XADD", keys.tasks, "*", "m", m))                                         -- unsigned
+    assert(r:call("XADD", keys.tasks, "*", "m", m, "s", core.random_bytes(32)))             -- forged
+    assert(r:call("XADD", keys.tasks, "*", "m", m .. "x", "s", good))                       -- tampered
+    assert(r:call("XADD", keys.tasks, "*", "m", m, "s", S.sign(other, keys.tasks, m)))      -- wrong key
+    assert(r:call("XADD", keys.tasks, "*", "m", m, "s", good))                              -- its function's key is wrong
+    assert(r:call("XADD", keys.tasks, "*", "m", msg(998), "s", S.sign(p._key, keys.tasks, msg(998)))) -- its function moved
+    assert(H.eventually(function() return tonumber(r:call("GET", keys.bad)) == 6 end, 20))
     -- a real call still runs after them (the worker lives), and the sentinel never appears
     assert.same({ 1, n = 1 }, p:map(task "return function(x) return x end", { 1 }))
     assert.is_nil(io.open(sentinel))
@@ -301,5 +311,103 @@ describe_redis("Pool on Redis Streams", function()
     assert.equal(0, rr:call("EXISTS", S.keys(ns).client(p._id)))
     H.raises("the pool was terminated", r.get, r, 1)
     rr:close()
+  end)
+end)
+
+-- Workers in a network namespace of their own, joined to this one by a veth pair: the
+-- tasks and results cross a real interface (Redis listens on the veth address only). It
+-- needs root, iproute2 (`ip netns`, veth) and redis-server; elsewhere it is pending, and
+-- says why. The addresses are in 198.18.0.0/15 (RFC 2544, for tests), on links made here.
+local function netns_blocker()
+  if not sh("command -v redis-server >/dev/null 2>&1") then return "no redis-server" end
+  if not sh("command -v ip >/dev/null 2>&1") then return "no ip command (install iproute2)" end
+  local p = io.popen("id -u")
+  local uid = p and p:read("l")
+  if p then p:close() end
+  if uid ~= "0" then return "not root (ip netns needs root)" end
+  local probe = ("mpprobe%d"):format(core.getpid())
+  if not sh(("ip netns add %s >/dev/null 2>&1"):format(probe)) then return "ip netns add is refused here" end
+  sh(("ip netns del %s >/dev/null 2>&1"):format(probe))
+  return nil
+end
+local blocker = netns_blocker()
+local describe_netns = not blocker and describe
+  or function(name) pending(name .. ": skipped, " .. blocker) end
+
+describe_netns("Pool on Redis Streams across a network namespace", function()
+  it("runs a map on workers in another network namespace, over a veth pair", function()
+    local id = core.getpid() % 100000
+    local nsname, host_if, ns_if = "mpns" .. id, "mpv" .. id .. "a", "mpv" .. id .. "b"
+    local net = math.random(0, 511) * 4   -- a /30 of 198.18.0.0/15
+    local a = ("198.%d.%d.%d"):format(18 + net // 65536, (net // 256) % 256, net % 256 + 1)
+    local b = ("198.%d.%d.%d"):format(18 + net // 65536, (net // 256) % 256, net % 256 + 2)
+    local keyfile = os.tmpname()
+    local pidfile, workerpid = os.tmpname(), os.tmpname()
+    local worker
+    local function cleanup()
+      if worker then core.kill(worker, 15) H.eventually(function() return not H.alive(worker) end, 10) end
+      local f = io.open(pidfile)
+      local pid = f and tonumber(f:read("a"))
+      if f then f:close() end
+      if pid then core.kill(pid, 9) end
+      sh(("ip netns del %s >/dev/null 2>&1; ip link del %s >/dev/null 2>&1"):format(nsname, host_if))
+      os.remove(keyfile) os.remove(pidfile) os.remove(workerpid)
+    end
+    finally(cleanup)
+    local function run(cmd) assert(sh(cmd .. " >/dev/null 2>&1"), "failed: " .. cmd) end
+    run(("ip netns add %s"):format(nsname))
+    run(("ip link add %s type veth peer name %s"):format(host_if, ns_if))
+    run(("ip link set %s netns %s"):format(ns_if, nsname))
+    run(("ip addr add %s/30 dev %s && ip link set %s up"):format(a, host_if, host_if))
+    run(("ip netns exec %s ip addr add %s/30 dev %s"):format(nsname, b, ns_if))
+    run(("ip netns exec %s ip link set %s up && ip netns exec %s ip link set lo up"):format(nsname, ns_if, nsname))
+    -- Redis on the veth address of this side only, with a password (not on loopback, it
+    -- takes no connection without one), which the URL carries
+    local port = 20000 + math.random(0, 30000)
+    local password = core.random_bytes(12):gsub(".", function(c) return ("%02x"):format(c:byte()) end)
+    run(("redis-server --port %d --bind %s --requirepass %s --save '' --appendonly no --daemonize yes --pidfile %s --logfile /dev/null")
+      :format(port, a, password, pidfile))
+    assert(H.eventually(function()
+      local r = core.redis_connect(a, port, 0.2)
+      if r then r:close() return true end
+    end, 20), "redis-server did not start on " .. a)
+    -- the other side reaches it across the link
+    assert(H.eventually(function() return sh(("ip netns exec %s env %s %s -e %s >/dev/null 2>&1"):format(nsname, H.ENV, H.LUA,
+      H.quote(("assert(require('multiprocessing.core').redis_connect('%s', %d, 0.5))"):format(a, port)))) end, 20),
+      "the namespace cannot reach " .. a)
+    assert(sh("head -c 32 /dev/urandom > " .. keyfile .. " && chmod 600 " .. keyfile))
+    local url = ("redis://:%s@%s:%d?namespace=netns"):format(password, a, port)
+    assert(sh(("ip netns exec %s env %s %s bin/mp-worker %s --processes 2 --key-file %s --quiet </dev/null >/dev/null 2>&1 & echo $! > %s")
+      :format(nsname, H.ENV, H.LUA, H.quote(url), keyfile, workerpid)))
+    assert(H.eventually(function()
+      local f = io.open(workerpid)
+      worker = f and tonumber(f:read("a"))
+      if f then f:close() end
+      return worker
+    end, 5))
+    local function bytes(dir)
+      local f = assert(io.open(("/sys/class/net/%s/statistics/%s_bytes"):format(host_if, dir)))
+      local n = tonumber(f:read("a"))
+      f:close()
+      return n
+    end
+    local rx0, tx0 = bytes("rx"), bytes("tx")
+    local p <close> = mp.Pool { backend = url, key_file = keyfile, timeout = 20 }
+    local xs = {}
+    for i = 1, 2000 do xs[i] = i end
+    -- each item also says which interfaces its worker sees: the namespace's link, not ours
+    local out = p:map_async(task([[
+      local ns_if = ...
+      return function(x)
+        local f = io.open("/proc/net/dev")
+        local seen = f:read("a")
+        f:close()
+        return { x * 2, seen:find(ns_if, 1, true) ~= nil }
+      end]], ns_if), xs, 50):get(60)
+    assert.is_table(out, "the call did not finish")
+    for i = 1, 2000 do assert.same({ 2 * i, true }, out[i]) end
+    -- the tasks went out and the results came in through the veth pair
+    assert.is_true(bytes("tx") - tx0 > 2000 * 3, "no task bytes crossed " .. host_if)
+    assert.is_true(bytes("rx") - rx0 > 2000 * 3, "no result bytes crossed " .. host_if)
   end)
 end)

@@ -16,12 +16,19 @@ local M = {}
                       (mp-worker) every HEARTBEAT_EVERY s while the consumer process lives
   NS:running:CONSUMER hash: the task a consumer runs under a per-task timeout (for the
                       supervisor that kills it when overdue)
+  NS:fn:CLIENT        hash: the client's task functions, field FID -> signature .. codec
+                      bytes (signed under the context "NS:fn:CLIENT:FID"); a function is sent
+                      once, and task messages name it by FID. It expires FN_TTL ms after the
+                      client's last renewal (the lease process renews it with the lease)
   NS:bad              counter of messages dropped for a missing or wrong signature
 
-  Every stream entry has two fields: "m" the message (codec bytes) and "s" its signature,
+  Every stream entry has two fields: "m" the message and "s" its signature,
   HMAC-SHA256(key, stream name .. "\n" .. m); nothing is decoded before the signature is
-  checked (constant time). The stream name in the signed text stops a result from being
-  replayed as a task, or one client's result from being fed to another. ]]
+  checked (constant time, in C: r:entries). The stream name in the signed text stops a
+  result from being replayed as a task, or one client's result from being fed to another.
+
+  A message is one or more frames (core.stream_frame): a header table and a payload array,
+  each as codec bytes with a u32 size before them. ]]
 M.GROUP = "workers"
 M.LEASE_TTL, M.LEASE_EVERY = 5000, 1.0
 M.HEARTBEAT_TTL, M.HEARTBEAT_EVERY = 3000, 0.5
@@ -29,15 +36,21 @@ M.RESULT_TTL = 600000
 M.MAX_DELIVERIES = 3       -- a task delivered this many times, each to a worker that died, fails
 M.RECLAIM_EVERY = 0.5      -- how often a consumer looks for tasks held by dead consumers
 M.BLOCK_MS = 200           -- longest blocking read: Ctrl-C and leases are looked at in between
+M.FN_TTL = 2 * M.LEASE_TTL
+M.BATCH_MAX = 64           -- task messages a consumer reads at once, at most
+M.BATCH_TIME = 0.005       -- a consumer reads about this many seconds of work at once, and
+                           -- writes its results back at least this often
 
--- TASK message (a table through the codec): { c = client id, k = call id, j = chunk number,
---   i = index of the chunk's first item, kind = "map" | "starmap" | "apply" | "imap" |
---   "unordered", f = the function's codec bytes, a = the items (a list with n), t = per-task
---   timeout in seconds or nil }
--- RESULT message: { k = call id, j = chunk number, w = "host:pid" of the worker, v = the
---   values (a list with n; for "apply" one packed list), or e = { n = item, err = TaskError or
---   text } for the first failed item (the values before it in v), or fault = text for a chunk
---   that could not run (timed out, delivered too often, function not receivable) }
+-- TASK message, one frame: header { c = client id, k = call id, j = chunk number, i = index
+--   of the chunk's first item, n = number of items, kind = "map" | "starmap" | "apply" |
+--   "imap" | "unordered", fid = the function's FID in NS:fn:CLIENT, t = per-task timeout in
+--   seconds or nil }, payload the items (for "apply": the arguments, n of them, one call)
+-- RESULT message, one frame per task (a consumer sends the results of the tasks it ran
+--   together, for one client, in one entry): header { k = call id, j = chunk number, w =
+--   "host:pid" of the worker, n = number of values, e = { n = item, err = TaskError or text }
+--   for the first failed item (the values before it in the payload), or fault = text for a
+--   chunk that could not run (timed out, delivered too often, function not receivable) },
+--   payload the values (for "apply": one packed list)
 
 function M.keys(ns)
   return {
@@ -46,24 +59,17 @@ function M.keys(ns)
     client = function(client) return ns .. ":client:" .. client end,
     worker = function(consumer) return ns .. ":worker:" .. consumer end,
     running = function(consumer) return ns .. ":running:" .. consumer end,
+    fn = function(client) return ns .. ":fn:" .. client end,
     bad = ns .. ":bad",
   }
 end
 
 -------------------------------------------------------------------- signing
+-- key: the key's bytes, or a core.signer of them (one keyed OpenSSL context: what the
+-- client and the workers use; the bytes, for tests that sign with another key)
 function M.sign(key, stream, m)
-  return core.hmac_sha256(key, stream .. "\n" .. m)
-end
-
--- the message of entry fields {"m", m, "s", s} if its signature is right, else nil
-function M.verify(key, stream, fields)
-  local m, s
-  for i = 1, (fields and fields.n or 0) - 1, 2 do
-    if fields[i] == "m" then m = fields[i + 1] elseif fields[i] == "s" then s = fields[i + 1] end
-  end
-  if type(m) ~= "string" or type(s) ~= "string" then return nil end
-  if not core.compare_digest(core.hmac_sha256(key, stream .. "\n" .. m), s) then return nil end
-  return m
+  if type(key) == "string" then return core.hmac_sha256(key, stream .. "\n" .. m) end
+  return key:sign(stream, m)
 end
 
 -------------------------------------------------------------------- the key file
@@ -154,8 +160,5 @@ function M.me()
   end
   return host .. ":" .. core.getpid()
 end
-
--- fields of a stream entry reply { id, { "m", m, "s", s } } -> id, fields
-function M.entry(e) return e[1], e[2] end
 
 return M

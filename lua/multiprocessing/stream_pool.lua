@@ -16,7 +16,6 @@ local rcall   -- r:call, then the answers of the sends before it (below)
 
 local MAX_CHUNK = 10000
 local ITER_CHUNK = 16       -- items per task for an input read from an iterator function
-local XADD_BATCH = 256      -- task messages sent in one round trip
 local READ_COUNT = 512
 
 -------------------------------------------------------------------- what may cross machines
@@ -61,14 +60,14 @@ M.StreamPool = Pool
 local AsyncResult = { __name = "multiprocessing.StreamAsyncResult" }
 AsyncResult.__index = AsyncResult
 
-local function lease_loop(u, lease)
+local function lease_loop(u, lease, fnkey)
   local r
   while true do
     if not r then
       local ok, c = pcall(S.connect, u, "Pool")
       if ok then r = c end
     end
-    if r and not r:call("SET", lease, "1", "PX", S.LEASE_TTL) then r = nil end
+    if r and not r:pipeline { { "SET", lease, "1", "PX", S.LEASE_TTL }, { "PEXPIRE", fnkey, S.FN_TTL } } then r = nil end
     core.sleep(S.LEASE_EVERY)
   end
 end
@@ -95,12 +94,13 @@ function M.Pool(opts)
   if not ok then r:close() error(("Pool: Redis at %s: %s"):format(u.url, tostring(err)), 0) end
   local id = S.me() .. ":" .. (core.random_bytes(6):gsub(".", function(c) return ("%02x"):format(c:byte()) end))
   r:call("SET", keys.client(id), "1", "PX", S.LEASE_TTL)
-  local lease = process.Process { target = lease_loop, args = { u, keys.client(id) }, daemon = true, name = "Pool-lease" }
+  local lease = process.Process { target = lease_loop, args = { u, keys.client(id), keys.fn(id) }, daemon = true, name = "Pool-lease" }
   lease:start()
   return setmetatable({
-    _r = r, _u = u, _key = key, _keys = keys, _id = id, _res = keys.res(id), _last = "0-0",
+    _r = r, _u = u, _key = core.signer(key), _keys = keys, _id = id, _res = keys.res(id), _last = "0-0",
+    _fnkey = keys.fn(id), _fcache = setmetatable({}, { __mode = "k" }), _bytext = {}, _ring = {}, _ringk = 0, _nfid = 0,
     _lease = lease, _owner = core.getpid(), _calls = {}, _ncall = 0, _state = "running",
-    _hint = opts.processes, _bad = 0, _sent = {}, _sent_lo = 1, _sent_hi = 1, _nsent = 0,
+    _hint = opts.processes, _bad = 0, _sent = {}, _sentj = {}, _sent_lo = 1, _sent_hi = 1, _nsent = 0,
   }, Pool)
 end
 
@@ -121,9 +121,11 @@ local function redis_fault(self, fname, why)
   error(text, 0)
 end
 
--- the number of workers heard from (heartbeat keys), for automatic chunks
+-- the number of workers heard from (heartbeat keys), for automatic chunks; counted again
+-- after a second
 local function workers(self)
   if self._hint then return self._hint end
+  if self._nworkers and now() - self._nworkers_at < 1 then return self._nworkers end
   local n, cursor = 0, "0"
   repeat
     local rep = rcall(self, "SCAN", cursor, "MATCH", self._keys.worker("*"), "COUNT", 1000)
@@ -131,37 +133,48 @@ local function workers(self)
     cursor = rep[1]
     n = n + rep[2].n
   until cursor == "0"
-  return math.max(n, 1)
+  self._nworkers, self._nworkers_at = math.max(n, 1), now()
+  return self._nworkers
 end
 
 -------------------------------------------------------------------- sending
--- Task messages are sent without waiting for Redis's answer (the entry's id); the answers
--- are read with the next command, in order, and matched to their chunks here.
+-- Commands are sent without waiting for Redis's answer (a task entry's id, ...); the
+-- answers are read with the next command, in order, and matched here: `_sent` holds the
+-- call of a task entry (its chunk number in `_sentj`), false for a command whose answer
+-- does not matter.
+local function chunk_range(c, j)   -- a call's chunks hold chunksize items, but the last
+  local first = (j - 1) * c.chunksize + 1
+  return first, math.min(c.chunksize, c.fed - first + 1)
+end
+
 local function settle(self)
-  local q = self._sent
+  local q, qj = self._sent, self._sentj
   if self._nsent == 0 then return end
   local reps, why = self._r:replies()
   if not reps then redis_fault(self, "Pool", why) end
   for k = 1, #reps do
-    local s = q[self._sent_lo]
-    q[self._sent_lo] = nil
-    self._sent_lo = self._sent_lo + 1
+    local lo = self._sent_lo
+    local c, j = q[lo], qj[lo]
+    q[lo], qj[lo] = nil, nil
+    self._sent_lo = lo + 1
     self._nsent = self._nsent - 1
-    local c, j, id = s[1], s[2], reps[k]
-    if type(id) == "string" then
-      if not c.got[j] and not c.done then c.taskids[j] = id
-      elseif c.done and self._r then self._r:send("XDEL", self._keys.tasks, id) self._nsent = self._nsent + 1
-        q[self._sent_hi] = { c, false } self._sent_hi = self._sent_hi + 1 end
-    elseif j and not c.got[j] then
-      -- Redis refused the entry (out of memory, a read-only replica...): the chunk fails
-      local info = c.chunkinfo[j]
-      c.got[j] = true
-      c.nreceived = c.nreceived + 1
-      for n = info.first, info.first + info.count - 1 do
-        c.errs = c.errs or {}
-        c.errs[n] = ("%s: Redis at %s refused a task: %s"):format(c.kind, self._u.url, type(id) == "table" and id.err or "no answer")
-        if not c.first_err or n < c.first_err then c.first_err = n end
-        c.order[#c.order + 1] = n
+    local id = reps[k]
+    if c then
+      if type(id) == "string" then
+        if c.chunks[j] ~= true and not c.done then c.chunks[j] = id
+        elseif c.done and self._r then self._r:send("XDEL", self._keys.tasks, id) self._nsent = self._nsent + 1
+          q[self._sent_hi] = false self._sent_hi = self._sent_hi + 1 end
+      elseif c.chunks[j] ~= true then
+        -- Redis refused the entry (out of memory, a read-only replica...): the chunk fails
+        local first, count = chunk_range(c, j)
+        c.chunks[j] = true
+        c.nreceived = c.nreceived + 1
+        for n = first, first + count - 1 do
+          c.errs = c.errs or {}
+          c.errs[n] = ("%s: Redis at %s refused a task: %s"):format(c.kind, self._u.url, type(id) == "table" and id.err or "no answer")
+          if not c.first_err or n < c.first_err then c.first_err = n end
+          if c.order then c.order[#c.order + 1] = n end
+        end
       end
     end
   end
@@ -173,81 +186,198 @@ function rcall(self, ...)
   return a, b
 end
 
-local function send_chunks(self, c, chunks)
+-- a command whose answer nobody waits for
+local function send_quiet(self, ...)
+  local ok, why = self._r:send(...)
+  if not ok then redis_fault(self, "Pool", why) end
+  self._sent[self._sent_hi] = false
+  self._sent_hi = self._sent_hi + 1
+  self._nsent = self._nsent + 1
+end
+
+-------------------------------------------------------------------- task functions
+-- A function goes to NS:fn:CLIENT once, and task messages name it by FID. Encoding it
+-- again for every call keeps changed upvalues right; it is skipped when its upvalues are
+-- only values that cannot have changed unseen (the local Pool's rule, pool.lua), and the
+-- same bytes share one FID (a closure made anew in an apply_async loop). The FN_CACHE
+-- newest stay in Redis; an older one goes once no running call needs it.
+local FN_CACHE = 16
+local getupvalue, getinfo = debug.getupvalue, debug.getinfo
+local globals = _G
+
+local function plain_upvalues(f, saved)
+  local i = 1
+  while true do
+    local name, v = getupvalue(f, i)
+    if name == nil then return saved == nil or saved.n == i - 1 end
+    local t = type(v)
+    if (t == "table" and v ~= globals) or (t == "function" and getinfo(v, "S").what ~= "C")
+      or t == "userdata" or t == "thread" then return false end
+    if saved and saved[i] ~= v then return false end
+    i = i + 1
+  end
+end
+
+local function blob_drop(self, b)
+  b.freed = true
+  self._bytext[b.s] = nil
+  if self._r and not self._released then send_quiet(self, "HDEL", self._fnkey, b.fid) end
+end
+
+local function cache_blob(self, b)
+  b.cached = true
+  local k = self._ringk % FN_CACHE + 1
+  self._ringk = k
+  local old = self._ring[k]
+  self._ring[k] = b
+  if old and not old.freed then
+    old.cached = false
+    if old.refs == 0 then blob_drop(self, old) end
+  end
+end
+
+local function text_blob(self, s)
+  local b = self._bytext[s]
+  if b then
+    if not b.cached then cache_blob(self, b) end
+    return b
+  end
+  self._nfid = self._nfid + 1
+  b = { fid = self._nfid, refs = 0, s = s }
+  self._bytext[s] = b
+  send_quiet(self, "HSET", self._fnkey, b.fid, self._key:sign(self._fnkey .. ":" .. b.fid, s) .. s)
+  send_quiet(self, "PEXPIRE", self._fnkey, S.FN_TTL)
+  cache_blob(self, b)
+  return b
+end
+
+local function func_blob(self, f)
+  local c = self._fcache[f]
+  if c and not c.b.freed and c.plain and plain_upvalues(f, c.ups) then return c.b end
+  local s, carries = core.encode_function(f, "the function")
+  if c and c.s == s and not c.b.freed then return c.b end
+  local b = text_blob(self, s)
+  c = { s = s, b = b }
+  if not carries and type(f) == "function" and plain_upvalues(f) then
+    local ups, i = {}, 1
+    while true do
+      local name, v = getupvalue(f, i)
+      if name == nil then break end
+      ups[i] = v
+      i = i + 1
+    end
+    ups.n = i - 1
+    c.plain, c.ups = true, ups
+  end
+  self._fcache[f] = c
+  return b
+end
+
+local function blob_release(self, c)
+  local b = c.blob
+  if not b then return end
+  c.blob = nil
+  b.refs = b.refs - 1
+  if b.refs == 0 and not b.cached and not b.freed then blob_drop(self, b) end
+end
+
+-------------------------------------------------------------------- task messages
+-- the TASK frame of items src[i0 .. i0+n-1] (the call's items first .. first+n-1); an item
+-- that cannot cross machines ends the input there, with the path to the value: the items
+-- before it still go. Returns the frame and its item count (0: nothing to send).
+local function task_frame(self, c, src, i0, n, first)
+  local h = { c = self._id, k = c.id, j = c.nchunks + 1, i = first, n = n, kind = c.kind, fid = c.blob.fid, t = c.timeout }
+  if c.kind == "apply" then
+    local args = src
+    h.n = args.n
+    local ok, fr = pcall(core.stream_frame, h, args, 1, args.n)
+    if ok and fr then return fr, 1 end
+    for k = 1, args.n do
+      local path = ("args[%d]"):format(k)
+      local good, why = pcall(portable, args[k], path, {})
+      if good then good, why = pcall(core.encode, args[k], path) end
+      if not good then c.input_err, c.input_done = why, true return nil, 0 end
+    end
+    c.input_err, c.input_done = tostring(fr or "cannot send the arguments"), true
+    return nil, 0
+  end
+  local ok, fr = pcall(core.stream_frame, h, src, i0, n)
+  if ok and fr then return fr, n end
+  for k = 0, n - 1 do
+    local path = ("args[%d]"):format(first + k)
+    local v = src[i0 + k]
+    local good, why = pcall(portable, v, path, {})
+    if good then good, why = pcall(core.encode, v, path) end
+    if not good then
+      c.input_err, c.input_done = why, true
+      if k == 0 then return nil, 0 end
+      h.n = k
+      return core.stream_frame(h, src, i0, k), k
+    end
+  end
+  c.input_err, c.input_done = tostring(fr or "cannot send the items"), true
+  return nil, 0
+end
+
+-- reads up to `limit` more items of the call's input into task messages and sends them
+local function feed(self, c, limit)
   local stream = self._keys.tasks
   local r = self._r
-  for _, ch in ipairs(chunks) do
-    local m = core.encode { c = self._id, k = c.id, j = ch.j, i = ch.first, kind = c.kind, f = c.fbytes, a = ch.items, t = c.timeout }
-    local ok, why = r:send("XADD", stream, "*", "m", m, "s", S.sign(self._key, stream, m))
-    if not ok then redis_fault(self, c.kind, why) end
-    self._sent[self._sent_hi] = { c, ch.j }
-    self._sent_hi = self._sent_hi + 1
-    self._nsent = self._nsent + 1
-  end
-end
-
--- reads up to `limit` more items of the call's input into chunks and sends them
--- the next chunk of a sequence, taken at once: no call per item
-local function take_slice(c, items)
-  local first = c.fed + 1
-  local n = math.min(c.chunksize, c.seqn - c.fed)
-  table.move(c.seq, first, first + n - 1, 1, items)
-  for k = 1, n do
-    local v = items[k]
-    local tv = type(v)
-    if c.kind == "starmap" and tv ~= "table" then
-      c.input_done = true
-      c.input_err = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(tv)
-      n = k - 1
-      break
-    end
-    if tv == "table" or tv == "function" or tv == "userdata" then  -- plain values cross as they are
-      local good, why = pcall(portable, v, ("args[%d]"):format(c.fed + k), {})
-      if not good then c.input_done = true c.input_err = why n = k - 1 break end
-    end
-  end
-  for k = n + 1, #items do items[k] = nil end
-  items.n = n
-  c.fed = c.fed + n
-  if c.fed >= c.seqn then c.input_done = true end
-end
-
-local function feed(self, c, limit)
-  local batch = {}
   while not c.input_done and (limit == nil or c.fed < limit) do
-    local items = { n = 0 }
     local first = c.fed + 1
-    if c.seq then take_slice(c, items) end
-    for _ = 1, c.seq and 0 or c.chunksize do
-      local ok, more, v = pcall(c.next_item)
-      if not ok then
-        c.input_done = true
-        c.input_err = ("%s: the input iterator raised at item %d: %s"):format(c.kind, c.fed + 1, tostring(more))
-        break
+    local src, i0, n
+    if c.kind == "apply" then  -- one call: its arguments are the message's payload
+      src, i0, n = c.seq, 1, 1
+      c.input_done = true
+    elseif c.seq then   -- a list: its slices are encoded where they are
+      src, i0 = c.seq, first
+      n = math.min(c.chunksize, c.seqn - c.fed)
+      if c.fed + n >= c.seqn then c.input_done = true end
+      if c.kind == "starmap" then
+        for k = i0, i0 + n - 1 do
+          local tv = type(src[k])
+          if tv ~= "table" then
+            c.input_done = true
+            c.input_err = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(tv)
+            n = k - i0
+            break
+          end
+        end
       end
-      if not more then c.input_done = true break end
-      if c.kind == "starmap" and type(v) ~= "table" then
-        c.input_done = true
-        c.input_err = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(type(v))
-        break
+    else
+      src, i0, n = {}, 1, 0
+      for _ = 1, c.chunksize do
+        local ok, more, v = pcall(c.next_item)
+        if not ok then
+          c.input_done = true
+          c.input_err = ("%s: the input iterator raised at item %d: %s"):format(c.kind, c.fed + n + 1, tostring(more))
+          break
+        end
+        if not more then c.input_done = true break end
+        if c.kind == "starmap" and type(v) ~= "table" then
+          c.input_done = true
+          c.input_err = ("bad item to 'starmap' (table of arguments expected, got %s)"):format(type(v))
+          break
+        end
+        n = n + 1
+        src[n] = v
       end
-      local tv = type(v)
-      if tv == "table" or tv == "function" or tv == "userdata" then  -- plain values cross as they are
-        local good, why = pcall(portable, v, ("args[%d]"):format(c.fed + 1), {})
-        if not good then c.input_done = true c.input_err = why break end
-      end
-      c.fed = c.fed + 1
-      items.n = items.n + 1
-      items[items.n] = v
     end
-    if items.n > 0 then
-      c.nchunks = c.nchunks + 1
-      batch[#batch + 1] = { j = c.nchunks, first = first, items = items }
-      c.chunkinfo[c.nchunks] = { first = first, count = items.n }
-      if #batch >= XADD_BATCH then send_chunks(self, c, batch) batch = {} end
+    if n > 0 then
+      local fr
+      fr, n = task_frame(self, c, src, i0, n, first)
+      if n > 0 then
+        c.nchunks = c.nchunks + 1
+        c.fed = c.fed + n
+        local ok, why = r:send_entry(self._key, stream, fr)
+        if not ok then redis_fault(self, c.kind, why) end
+        local hi = self._sent_hi
+        self._sent[hi], self._sentj[hi] = c, c.nchunks
+        self._sent_hi = hi + 1
+        self._nsent = self._nsent + 1
+      end
     end
   end
-  if #batch > 0 then send_chunks(self, c, batch) end
   if c.input_done then c.total = c.fed end
 end
 
@@ -264,46 +394,57 @@ local function finish(self, c)
   if c.first_err and c.kind ~= "imap" and c.kind ~= "unordered" then c.err = c.errs[c.first_err] end
   c.done = true
   self._calls[c.id] = nil
+  blob_release(self, c)
   if c.bar then c.bar:close() end
   self._cbq = self._cbq or {}
   self._cbq[#self._cbq + 1] = c
 end
 
-local function deliver(self, msg)
-  local c = self._calls[msg.k]
-  if not c or c.got[msg.j] then return end       -- a call abandoned, or a duplicate
-  local info = c.chunkinfo[msg.j]
-  if not info then return end
-  c.got[msg.j] = true
-  c.taskids[msg.j] = nil
+-- a RESULT frame: header h, values v
+local function deliver(self, h, v)
+  local c = self._calls[h.k]
+  if not c or c.chunks[h.j] == true then return end       -- a call abandoned, or a duplicate
+  local j = math.tointeger(h.j)
+  if not j or j < 1 or j > c.nchunks then return end
+  local first, count = chunk_range(c, j)
+  c.chunks[j] = true
   c.nreceived = c.nreceived + 1
-  local v = msg.v or { n = 0 }
-  for k = 1, v.n or 0 do
-    local n = info.first + k - 1
-    c.results[n] = v[k]
-    c.arrived[n] = true
-    c.order[#c.order + 1] = n
+  local n = math.min(math.tointeger(h.n) or 0, count)
+  local order = c.order   -- (imap and imap_unordered only)
+  if n > 0 then
+    table.move(v, 1, n, first, c.results)
+    if order then
+      local arrived = c.arrived
+      for i = first, first + n - 1 do
+        arrived[i] = true
+        order[#order + 1] = i
+      end
+    end
   end
-  c.ndone = c.ndone + (v.n or 0)
-  if msg.e then
-    local n = info.first + msg.e.n - 1
-    item_error(c, n, msg.e.err)
-    c.order[#c.order + 1] = n
+  c.ndone = c.ndone + n
+  if type(h.e) == "table" then
+    local i = first + (math.tointeger(h.e.n) or 1) - 1
+    item_error(c, i, h.e.err)
+    if order then order[#order + 1] = i end
   end
-  if msg.fault then
-    for n = info.first + (v.n or 0), info.first + info.count - 1 do
-      if not (c.errs and c.errs[n]) then item_error(c, n, msg.fault) c.order[#c.order + 1] = n end
+  if h.fault then
+    for i = first + n, first + count - 1 do
+      if not (c.errs and c.errs[i]) then item_error(c, i, h.fault) if order then order[#order + 1] = i end end
     end
   end
   if c.bar then c.bar:update(c.ndone) end
   if c.input_done and c.nreceived == c.nchunks then finish(self, c) end
 end
 
+-- the list of a call's values: its own table the first time (no copy), a copy after
 local function results_of(c)
-  local out = {}
-  for i = 1, c.total or c.fed do out[i] = c.results[i] end
-  out.n = c.total or c.fed
-  return out
+  local n = c.total or c.fed
+  if not c.handed then
+    c.handed = true
+    c.results.n = n
+    return c.results
+  end
+  return table.move(c.results, 1, n, 1, { n = n })
 end
 
 local function run_callbacks(self)
@@ -324,30 +465,39 @@ local function run_callbacks(self)
   end
 end
 
+-- the id just after `id` ("ms-seq"): entries before it are the ones read
+local function id_after(id)
+  local ms, seq = id:match("^(%d+)%-(%d+)$")
+  if not ms then return nil end
+  return ms .. "-" .. tostring(math.tointeger(tonumber(seq) + 1) or seq)
+end
+
+local unframe = core.stream_unframe
+
 -- one read of the result stream, waiting at most `wait` seconds (0: a poll)
 local function pump(self, fname, wait)
   local ms = math.max(0, math.min(S.BLOCK_MS, math.floor((wait or 0) * 1000)))
-  local args = { "XREAD", "COUNT", READ_COUNT }
-  if ms > 0 then args[#args + 1] = "BLOCK" args[#args + 1] = ms end
-  args[#args + 1] = "STREAMS"
-  args[#args + 1] = self._res
-  args[#args + 1] = self._last
-  local rep, why = rcall(self, unpack(args))
+  local r, res = self._r, self._res
+  local rep, why
+  if ms > 0 then rep, why = r:entries(self._key, res, "XREAD", "COUNT", READ_COUNT, "BLOCK", ms, "STREAMS", res, self._last)
+  else rep, why = r:entries(self._key, res, "XREAD", "COUNT", READ_COUNT, "STREAMS", res, self._last) end
+  if self._nsent > 0 then pcall(settle, self) end
   if rep == nil then redis_fault(self, fname, why) end
-  if rep then
-    local ids = { "XDEL", self._res }
-    for _, stream in ipairs(rep) do
-      for _, e in ipairs(stream[2]) do
-        local id, fields = e[1], e[2]
-        self._last = id
-        ids[#ids + 1] = id
-        local m = S.verify(self._key, self._res, fields)
-        local ok, msg = false, nil
-        if m then ok, msg = pcall(core.decode, m, "signed") end
-        if ok and type(msg) == "table" then deliver(self, msg) else self._bad = self._bad + 1 end
+  if rep and rep.n > 0 then
+    for k = 1, rep.n - 1, 2 do
+      self._last = rep[k]
+      local m, pos = rep[k + 1], 1
+      if not m then self._bad = self._bad + 1 end
+      while m and pos do
+        local ok, h, v, nx = pcall(unframe, m, pos)
+        if not ok or type(h) ~= "table" or type(v) ~= "table" then self._bad = self._bad + 1 break end
+        deliver(self, h, v)
+        pos = nx
       end
     end
-    if #ids > 2 then rcall(self, unpack(ids)) end
+    -- the entries read go (the stream is this client's alone)
+    local after = id_after(self._last)
+    if after then send_quiet(self, "XTRIM", res, "MINID", after) end
   end
   -- lazy inputs: keep the window full
   for _, c in pairs(self._calls) do
@@ -356,10 +506,11 @@ local function pump(self, fname, wait)
   end
 end
 
--- waits until pred() or the deadline; false on timeout
-local function wait_until(self, fname, pred, timeout)
+-- waits until the call c is done (or, c a function, until c()) or the deadline; false on timeout
+local function wait_until(self, fname, c, timeout)
   local deadline = timeout and now() + timeout
-  while not pred() do
+  local pred = type(c) == "function" and c
+  while not (pred and pred() or not pred and c.done) do
     local left = deadline and deadline - now() or S.BLOCK_MS / 1000
     if left <= 0 then return false end
     pump(self, fname, left)
@@ -372,24 +523,20 @@ end
 -------------------------------------------------------------------- calls
 local CALL_OPTIONS = { chunksize = true, progress = true, desc = true, timeout = true, callback = true, error_callback = true }
 
+-- a list's length; an iterator function's item reader
 local function sequence_of(v, fname)
   if type(v) == "table" then
     local n = v.n or #v
     if n == 0 and next(v) ~= nil then
       error(("bad argument #2 to '%s' (the table has no sequence part; pass a list)"):format(fname), 4)
     end
-    local i = 0
-    return function()
-      if i >= n then return nil end
-      i = i + 1
-      return true, v[i]
-    end, n
+    return n
   elseif type(v) == "function" then
     return function()
       local x = v()
       if x == nil then return nil end
       return true, x
-    end, nil
+    end
   end
   error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(fname, type(v)), 4)
 end
@@ -398,12 +545,15 @@ local function abandon(self, c)
   if c.done then return end
   c.done = true
   self._calls[c.id] = nil
+  if not self._released then pcall(blob_release, self, c) end
   if self._r then pcall(settle, self) end   -- the ids of its entries still on their way
   local ids = { "XDEL", self._keys.tasks }
-  for _, id in pairs(c.taskids) do ids[#ids + 1] = id end
+  for _, id in pairs(c.chunks) do if id ~= true then ids[#ids + 1] = id end end
   if #ids > 2 and self._r then pcall(rcall, self, unpack(ids)) end
   if c.bar then c.bar:close() end
 end
+
+local NO_OPTIONS = {}
 
 local function start_call(self, kind, fname, f, input, opts, lazy)
   check_running(self, fname)
@@ -411,7 +561,7 @@ local function start_call(self, kind, fname, f, input, opts, lazy)
     error(("bad argument #1 to '%s' (function expected, got %s)"):format(fname, type(f)), 3)
   end
   if type(opts) == "number" then opts = { chunksize = opts } end
-  opts = opts or {}
+  opts = opts or NO_OPTIONS
   if type(opts) ~= "table" then error(("bad argument #3 to '%s' (options table expected)"):format(fname), 3) end
   for k in pairs(opts) do
     if not CALL_OPTIONS[k] then error(("bad options to '%s' (unknown option %s)"):format(fname, tostring(k)), 3) end
@@ -423,22 +573,32 @@ local function start_call(self, kind, fname, f, input, opts, lazy)
   if cs ~= nil and (math.type(cs) ~= "integer" or cs < 1) then
     error(("bad options to '%s' (chunksize must be a positive integer)"):format(fname), 3)
   end
-  local ok, why = pcall(portable, f, "the function", {})
-  if not ok then error(("%s: %s"):format(fname, why), 3) end
-  local good, fbytes = pcall(core.encode, f)
-  if not good then error(("%s: %s"):format(fname, tostring(fbytes)), 3) end
-  local next_item, n = sequence_of(input, fname)
-  local seq = type(input) == "table" and input or nil
-  if not cs then
-    if n then cs = math.max(1, math.min(MAX_CHUNK, math.ceil(n / (4 * workers(self))))) else cs = ITER_CHUNK end
+  if type(f) ~= "function" or debug.getupvalue(f, 1) ~= nil then
+    local ok, why = pcall(portable, f, "the function", {})
+    if not ok then error(("%s: %s"):format(fname, why), 3) end
   end
+  local next_item, n, seq
+  if kind == "apply" then n, seq = 1, input
+  elseif type(input) == "table" then n, seq = sequence_of(input, fname), input
+  else next_item = sequence_of(input, fname) end
+  if not cs then
+    if n and n > 1 then cs = math.max(1, math.min(MAX_CHUNK, math.ceil(n / (4 * workers(self)))))
+    else cs = n and 1 or ITER_CHUNK end
+  end
+  local good, blob = pcall(func_blob, self, f)
+  if not good then error(("%s: %s"):format(fname, tostring(blob)), 3) end
+  blob.refs = blob.refs + 1
   self._ncall = self._ncall + 1
+  -- chunks[j]: the entry id of chunk j while it waits in the stream, true once its result came
   local c = {
-    id = self._ncall, kind = kind, fname = fname, fbytes = fbytes, timeout = opts.timeout,
-    next_item = next_item, seq = seq, seqn = seq and n, chunksize = cs, fed = 0, nchunks = 0, nreceived = 0, ndone = 0,
-    chunkinfo = {}, got = {}, taskids = {}, results = {}, arrived = {}, order = {},
-    callback = opts.callback, error_callback = opts.error_callback,
+    id = self._ncall, kind = kind, fname = fname, blob = blob, seq = seq, seqn = n, chunksize = cs,
+    fed = 0, nchunks = 0, nreceived = 0, ndone = 0, chunks = {}, results = {},
   }
+  if next_item then c.next_item = next_item end
+  if opts ~= NO_OPTIONS then
+    c.timeout, c.callback, c.error_callback = opts.timeout, opts.callback, opts.error_callback
+  end
+  if lazy then c.lazy, c.arrived, c.order = true, {}, {} end
   if opts.progress then
     c.bar = progress._bar { total = n, desc = opts.desc, force = opts.progress == "force" }
   end
@@ -462,12 +622,12 @@ function Pool:starmap_async(f, xs, opts) return new_result(self, start_call(self
 function Pool:apply_async(f, args, opts)
   if args ~= nil and type(args) ~= "table" then error(("bad argument #2 to 'apply_async' (table expected, got %s)"):format(type(args)), 2) end
   local a = args or {}
-  return new_result(self, start_call(self, "apply", "apply_async", f, { n = 1, pack(unpack(a, 1, a.n or #a)) }, opts))
+  return new_result(self, start_call(self, "apply", "apply_async", f, pack(unpack(a, 1, a.n or #a)), opts))
 end
 
 function AsyncResult:wait(timeout)
   local c = self._c
-  return wait_until(self._pool, c.fname, function() return c.done end, timeout)
+  return wait_until(self._pool, c.fname, c, timeout)
 end
 function AsyncResult:ready()
   local c = self._c
@@ -480,7 +640,7 @@ function AsyncResult:successful()
 end
 function AsyncResult:get(timeout)
   local c = self._c
-  if not wait_until(self._pool, c.fname, function() return c.done end, timeout) then return nil, "timeout" end
+  if not wait_until(self._pool, c.fname, c, timeout) then return nil, "timeout" end
   if c.err then error(c.err, 2) end
   if c.kind == "apply" then
     local r = c.results[1]
@@ -491,13 +651,13 @@ end
 
 function Pool:map(f, xs, opts)
   local c = start_call(self, "map", "map", f, xs, opts)
-  wait_until(self, "map", function() return c.done end)
+  wait_until(self, "map", c)
   if c.err then error(c.err, 2) end
   return results_of(c)
 end
 function Pool:starmap(f, xs, opts)
   local c = start_call(self, "starmap", "starmap", f, xs, opts)
-  wait_until(self, "starmap", function() return c.done end)
+  wait_until(self, "starmap", c)
   if c.err then error(c.err, 2) end
   return results_of(c)
 end
@@ -560,7 +720,7 @@ local function release(self)
     pcall(self._lease.close, self._lease)
   end
   if self._r then
-    pcall(self._r.pipeline, self._r, { { "DEL", self._keys.client(self._id) }, { "DEL", self._res } })
+    pcall(self._r.pipeline, self._r, { { "DEL", self._keys.client(self._id) }, { "DEL", self._res }, { "DEL", self._fnkey } })
     self._r:close()
   end
 end

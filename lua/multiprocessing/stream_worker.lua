@@ -19,58 +19,66 @@ local function log(opts, fmt, ...)
 end
 
 -------------------------------------------------------------------- a consumer
--- Runs the items of one task; returns the RESULT message (a table)
-local function run_task(t, f, me)
-  local capture = process._capture
-  local out = { n = 0 }
-  local msg = { k = t.k, j = t.j, w = me, v = out }
-  local items = t.a
-  for n = 1, items.n do
-    local item = items[n]
-    local ok, v
-    if t.kind == "apply" then
-      local r = pack(xpcall(f, capture, unpack(item, 1, item.n or #item)))
-      ok = r[1]
-      if ok then v = pack(unpack(r, 2, r.n)) else v = r[2] end
-    elseif t.kind == "starmap" then
-      ok, v = xpcall(f, capture, unpack(item, 1, item.n or #item))
-    else
-      ok, v = xpcall(f, capture, item)
-    end
-    if not ok then
-      if type(v) == "table" then v.call, v.item, v.pid = t.kind, t.i + n - 1, me end
-      msg.e = { n = n, err = v }
-      return msg
-    end
-    out[n], out.n = v, n
+-- The items of one task run under one xpcall (not one per item): F, ITEMS, N, KIND, OUT
+-- and CUR, the item being run, are what `run` reads and writes.
+local F, ITEMS, N, KIND, OUT, CUR
+local function run()
+  if KIND == "apply" then
+    CUR = 1
+    OUT[1] = pack(F(unpack(ITEMS, 1, N)))
+  elseif KIND == "starmap" then
+    for k = CUR + 1, N do CUR = k local a = ITEMS[k] OUT[k] = F(unpack(a, 1, a.n or #a)) end
+  else
+    for k = CUR + 1, N do CUR = k OUT[k] = F(ITEMS[k]) end
   end
-  return msg
 end
 
--- the message's bytes; a value that cannot be sent fails its item (not the worker)
-local function encode_result(msg, t)
-  local ok, m = pcall(core.encode, msg)
-  if ok then return m end
-  local v = msg.v
-  for n = 1, v.n do
-    local good, why = pcall(core.encode, v[n])
-    if not good then
-      local e = ("%s failed on item %d (worker %s):\n%s at the result"):format(t.kind, t.i + n - 1, msg.w, tostring(why))
-      v.n = n - 1
-      for k = n, #v do v[k] = nil end
-      msg.e = { n = n, err = e }
+-- Runs the items of task t (header) with function f; returns the RESULT header and values
+local function run_task(t, items, f, me)
+  local out = {}
+  local h = { k = t.k, j = t.j, w = me, n = 0 }
+  F, ITEMS, N, KIND, OUT, CUR = f, items, t.n, t.kind, out, 0
+  local ok, e = xpcall(run, process._capture)
+  F, ITEMS, OUT = nil, nil, nil
+  if ok then
+    h.n = t.kind == "apply" and 1 or t.n
+  else
+    if type(e) == "table" then
+      e.call, e.item, e.pid = t.kind, t.i + CUR - 1, me
+      if type(e.traceback) == "string" then  -- the user's frames only
+        e.traceback = e.traceback:gsub("\n[^\n]*multiprocessing/stream_worker%.lua:[^\n]*", "")
+      end
+    end
+    out[CUR] = nil
+    h.n = CUR - 1
+    h.e = { n = CUR, err = e }
+  end
+  return h, out
+end
+
+-- the RESULT frame; a value that cannot be sent fails its item (not the worker)
+local function result_frame(h, out, kind, first)
+  local ok, fr = pcall(core.stream_frame, h, out, 1, h.n)
+  if ok and fr then return fr end
+  for n = 1, h.n do   -- the value that cannot be sent: the ones before it go back
+    local good, one = pcall(core.stream_frame, 0, out, n, 1)
+    if not good or not one then
+      local why = good and "cannot send a shared object to another machine" or tostring(one)
+      h.e = { n = n, err = ("%s failed on item %d (worker %s):\n%s at the result"):format(kind, first + n - 1, h.w, why) }
+      h.n = n - 1
       break
     end
   end
-  ok, m = pcall(core.encode, msg)
-  if ok then return m end
-  msg.v, msg.e = { n = 0 }, nil
-  msg.fault = "the results cannot be sent: " .. tostring(m)
-  return core.encode(msg)
+  ok, fr = pcall(core.stream_frame, h, out, 1, h.n)
+  if ok and fr then return fr end
+  h.n, h.e = 0, nil
+  h.fault = "the results cannot be sent: " .. tostring(fr or "a shared object cannot cross machines")
+  return core.stream_frame(h, {}, 1, 0)
 end
 
 local function consume(u, key, ns, deadline_cell, opts)
   local keys = S.keys(ns)
+  local signer = core.signer(key)
   local r = S.connect(u, "mp-worker")
   r:settimeout(S.BLOCK_MS / 1000 + 10)
   local me = S.me()
@@ -79,7 +87,10 @@ local function consume(u, key, ns, deadline_cell, opts)
   local fcache, fcount = {}, 0
   local warned = false
   local leases = {}          -- client -> time its lease was last seen (looked at again after a second)
-  local count = 1            -- task messages read at once: more while they run fast
+  -- How much to take at once: a task message's run time is guessed from its size (seconds
+  -- per byte, a moving average of what ran); messages are read, and kept, up to about
+  -- BATCH_TIME seconds of guessed work (one, while they run long)
+  local per_byte, size = S.BATCH_TIME / 64, 64
 
   local function must(rep, err)
     if rep == nil and err and not tostring(err):find("^%u+") then
@@ -88,68 +99,101 @@ local function consume(u, key, ns, deadline_cell, opts)
     return rep, err
   end
 
-  local function reply(client, msg_bytes, id, extra)
-    local res = keys.res(client)
-    local cmds = {
-      { "XADD", res, "*", "m", msg_bytes, "s", S.sign(key, res, msg_bytes) },
-      { "PEXPIRE", res, S.RESULT_TTL },
-      { "XACK", keys.tasks, S.GROUP, id },
-      { "XDEL", keys.tasks, id },
-    }
+  -- Results wait here, and the task entries they settle, until flush writes them back in
+  -- one round trip: per client one XADD of all its frames (and its PEXPIRE), then one XACK
+  -- and one XDEL of the entries. The results go first: a crash in between can only repeat
+  -- a task, never lose one.
+  local frames, acks, nacks = {}, {}, 0
+  local function add(client, frame, id)
+    if frame then
+      local l = frames[client]
+      if not l then l = {} frames[client] = l end
+      l[#l + 1] = frame
+    end
+    nacks = nacks + 1
+    acks[nacks] = id
+  end
+  local function flush(extra)
+    if nacks == 0 and not extra then return end
+    local cmds = {}
+    for client, l in pairs(frames) do
+      local res = keys.res(client)
+      local m = table.concat(l)
+      cmds[#cmds + 1] = { "XADD", res, "*", "m", m, "s", signer:sign(res, m) }
+      cmds[#cmds + 1] = { "PEXPIRE", res, S.RESULT_TTL }
+    end
+    if nacks > 0 then
+      cmds[#cmds + 1] = { "XACK", keys.tasks, S.GROUP, unpack(acks, 1, nacks) }
+      cmds[#cmds + 1] = { "XDEL", keys.tasks, unpack(acks, 1, nacks) }
+    end
     if extra then cmds[#cmds + 1] = extra end
+    frames, acks, nacks = {}, {}, 0
     must(r:pipeline(cmds))
   end
 
-  local function drop(id)
-    must(r:pipeline { { "XACK", keys.tasks, S.GROUP, id }, { "XDEL", keys.tasks, id } })
-  end
-
   local function fault(t, id, text)
-    reply(t.c, core.encode { k = t.k, j = t.j, w = me, v = { n = 0 }, fault = text }, id)
+    add(t.c, core.stream_frame({ k = t.k, j = t.j, w = me, n = 0, fault = text }, {}, 1, 0), id)
   end
 
-  local function handle(id, fields, deliveries)
-    local m = S.verify(key, keys.tasks, fields)
+  -- the task function FID of client c: from the cache, or fetched once (signed, checked)
+  local function function_of(t)
+    local cf = fcache[t.c]
+    local f = cf and cf[t.fid]
+    if f then return f end
+    local fk = keys.fn(t.c)
+    local v = must(r:call("HGET", fk, tostring(t.fid)))
+    if type(v) ~= "string" then return nil, "it is not in Redis (its client is gone?)" end
+    local sig, bytes = v:sub(1, 32), v:sub(33)
+    if not signer:verify(fk .. ":" .. tostring(t.fid), bytes, sig) then
+      must(r:call("INCR", keys.bad))
+      return nil, "its signature is wrong"
+    end
+    local good, g = pcall(core.decode, bytes, "signed")
+    if not good then return nil, tostring(g) end
+    if fcount >= 64 then fcache, fcount = {}, 0 end
+    cf = fcache[t.c]
+    if not cf then cf = {} fcache[t.c] = cf end
+    cf[t.fid], fcount = g, fcount + 1
+    return g
+  end
+
+  -- one task entry (m: its message, false when its signature was wrong)
+  local function handle(id, m, deliveries)
     if not m then
       must(r:call("INCR", keys.bad))
       if not warned then log(opts, "dropped a task message with a missing or wrong signature (counted in %s)", keys.bad) end
       warned = true
-      return drop(id)
+      return add(nil, nil, id)
     end
-    local ok, t = pcall(core.decode, m, "signed")
-    if not ok or type(t) ~= "table" or type(t.a) ~= "table" then return drop(id) end
+    local ok, t, items = pcall(core.stream_unframe, m)
+    if not ok or type(t) ~= "table" or type(items) ~= "table" or type(t.c) ~= "string" or math.type(t.n) ~= "integer" then
+      return add(nil, nil, id)
+    end
     local seen = leases[t.c]
     if not seen or now() - seen > 1 then
-      if must(r:call("EXISTS", keys.client(t.c))) == 0 then leases[t.c] = nil return drop(id) end  -- its client is gone
+      if must(r:call("EXISTS", keys.client(t.c))) == 0 then leases[t.c] = nil return add(nil, nil, id) end  -- its client is gone
       leases[t.c] = now()
     end
     if deliveries > S.MAX_DELIVERIES then
       return fault(t, id, ("%s: item %d was delivered %d times and each worker that took it died; it is not run again")
         :format(t.kind, t.i, deliveries - 1))
     end
-    local f = fcache[t.f]
+    local f, why = function_of(t)
     if not f then
-      local good, g = pcall(core.decode, t.f, "signed")
-      if not good then
-        return fault(t, id, ("%s: the task function cannot be received by worker %s: %s"):format(t.kind, me, tostring(g)))
-      end
-      if fcount >= 64 then fcache, fcount = {}, 0 end
-      f, fcache[t.f], fcount = g, g, fcount + 1
+      return fault(t, id, ("%s: the task function cannot be received by worker %s: %s"):format(t.kind, me, why))
     end
-    if t.t then
-      must(r:call("HSET", keys.running(me), "id", id, "m", m, "s", S.sign(key, keys.running(me), m)))
+    if t.t then  -- alone, under its timeout: the supervisor reads what it runs from NS:running
+      flush()
+      must(r:call("HSET", keys.running(me), "id", id, "m", m, "s", signer:sign(keys.running(me), m)))
       deadline_cell[1] = now() + t.t
     end
-    local t0 = now()
-    local msg = run_task(t, f, me)
+    local h, out = run_task(t, items, f, me)
     deadline_cell[1] = 0
-    -- messages that run in under a millisecond are read 16 at a time (a message that runs
-    -- longer is read alone, so that the others go to idle consumers)
-    count = (now() - t0 < 0.001 and not t.t) and 16 or 1
-    reply(t.c, encode_result(msg, t), id, t.t and { "DEL", keys.running(me) } or nil)
+    add(t.c, result_frame(h, out, t.kind, t.i), id)
+    if t.t then flush { "DEL", keys.running(me) } end
   end
 
-  -- tasks held by consumers whose heartbeat lapsed: claimed and run here
+  -- tasks held by consumers whose heartbeat lapsed: claimed and run here, one at a time
   local function reclaim()
     local p = must(r:call("XPENDING", keys.tasks, S.GROUP, "IDLE", 500, "-", "+", 100))
     if not p or p.n == 0 then return end
@@ -160,11 +204,29 @@ local function consume(u, key, ns, deadline_cell, opts)
       if owner ~= me then
         if alive[owner] == nil then alive[owner] = must(r:call("EXISTS", keys.worker(owner))) == 1 end
         if not alive[owner] then
-          local c = must(r:call("XCLAIM", keys.tasks, S.GROUP, me, 500, id))
-          if c and c.n and c.n > 0 and c[1] then handle(c[1][1], c[1][2], deliveries + 1) end
+          local c = must(r:entries(signer, keys.tasks, "XCLAIM", keys.tasks, S.GROUP, me, 500, id))
+          if c and c.n >= 2 and c[1] then
+            handle(c[1], c[2], deliveries + 1)
+            flush()
+          end
         end
       end
     end
+  end
+
+  -- entries this consumer read but will not start (its batch ran long): back to the
+  -- stream for the others, as new entries (the copy first: a crash between repeats them)
+  local function give_back(rep, from)
+    local cmds, ids = {}, {}
+    for k = from, rep.n - 1, 2 do
+      local id, m = rep[k], rep[k + 1]
+      if m then cmds[#cmds + 1] = { "XADD", keys.tasks, "*", "m", m, "s", signer:sign(keys.tasks, m) }
+      else cmds[#cmds + 1] = { "INCR", keys.bad } end   -- (a bad one is dropped, and counted)
+      ids[#ids + 1] = id
+    end
+    cmds[#cmds + 1] = { "XACK", keys.tasks, S.GROUP, unpack(ids) }
+    cmds[#cmds + 1] = { "XDEL", keys.tasks, unpack(ids) }
+    must(r:pipeline(cmds))
   end
 
   local last_reclaim = 0
@@ -173,15 +235,47 @@ local function consume(u, key, ns, deadline_cell, opts)
       last_reclaim = now()
       reclaim()
     end
-    local rep = must(r:call("XREADGROUP", "GROUP", S.GROUP, me, "COUNT", count, "BLOCK", S.BLOCK_MS,
-      "STREAMS", keys.tasks, ">"))
+    local count = math.max(1, math.min(S.BATCH_MAX, math.floor(S.BATCH_TIME / (per_byte * size))))
+    local rep = must(r:entries(signer, keys.tasks, "XREADGROUP", "GROUP", S.GROUP, me, "COUNT", count,
+      "BLOCK", S.BLOCK_MS, "STREAMS", keys.tasks, ">"))
     if rep == nil then
       -- the group is gone (the stream was deleted): make it again
       S.ensure_group(r, keys)
-    elseif rep then
-      for _, stream in ipairs(rep) do
-        for _, e in ipairs(stream[2]) do handle(e[1], e[2], 1) end
+    elseif rep and rep.n > 0 then
+      -- more than BATCH_TIME of guessed work (big messages after small ones): the rest goes
+      -- back at once, for idle consumers
+      local guess, keep = 0, rep.n
+      for k = 1, rep.n - 1, 2 do
+        local m = rep[k + 1]
+        if m then
+          if guess > 0 and guess + per_byte * #m > S.BATCH_TIME then
+            give_back(rep, k)
+            keep = k - 1
+            size = #m
+            break
+          end
+          guess = guess + per_byte * #m
+        end
       end
+      local t0 = now()
+      local last = t0
+      for k = 1, keep - 1, 2 do
+        if k > 1 and now() - t0 > S.BATCH_TIME then
+          flush()  -- results wait at most about BATCH_TIME
+          -- guessed wrong (small messages that run long): the rest goes back
+          if now() - t0 > 2 * S.BATCH_TIME then give_back(rep, k) break end
+          t0 = now()
+        end
+        local m = rep[k + 1]
+        handle(rep[k], m, 1)
+        local t = now()
+        if m then
+          per_byte = 0.7 * per_byte + 0.3 * (t - last) / #m
+          size = 0.7 * size + 0.3 * #m
+        end
+        last = t
+      end
+      flush()
     end
   end
 end
@@ -198,6 +292,7 @@ function M.run(opts)
   local n = opts.processes or core.cpu_count()
   if math.type(n) ~= "integer" or n < 1 then error("bad options to 'mp-worker' (processes must be a positive integer)", 2) end
   local keys = S.keys(u.ns)
+  local signer = core.signer(key)
   local r = S.connect(u, "mp-worker")
   local ok, err = S.ensure_group(r, keys)
   if not ok then error(("mp-worker: Redis at %s: %s"):format(u.url, tostring(err)), 0) end
@@ -218,14 +313,14 @@ function M.run(opts)
     local h = r:call("HGETALL", keys.running(s.name))
     local f = {}
     for i = 1, (h and h.n or 0) - 1, 2 do f[h[i]] = h[i + 1] end
-    if f.m and f.s and core.compare_digest(S.sign(key, keys.running(s.name), f.m), f.s) then
-      local good, t = pcall(core.decode, f.m, "signed")
-      if good and type(t) == "table" then
+    if f.m and f.s and signer:verify(keys.running(s.name), f.m, f.s) then
+      local good, t = pcall(core.stream_unframe, f.m)
+      if good and type(t) == "table" and type(t.c) == "string" then
         local text = ("%s: task timed out after %gs (item %d); worker %s was killed"):format(t.kind, t.t, t.i, s.name)
-        local m = core.encode { k = t.k, j = t.j, w = s.name, v = { n = 0 }, fault = text }
+        local m = core.stream_frame({ k = t.k, j = t.j, w = s.name, n = 0, fault = text }, {}, 1, 0)
         local res = keys.res(t.c)
         r:pipeline {
-          { "XADD", res, "*", "m", m, "s", S.sign(key, res, m) }, { "PEXPIRE", res, S.RESULT_TTL },
+          { "XADD", res, "*", "m", m, "s", signer:sign(res, m) }, { "PEXPIRE", res, S.RESULT_TTL },
           { "XACK", keys.tasks, S.GROUP, f.id }, { "XDEL", keys.tasks, f.id },
         }
       end
