@@ -18,7 +18,7 @@ local function fresh(script)
 end
 
 describe("require 'multiprocessing'", function()
-  it("loads the C core and no part of the Lua layer", function()
+  it("loads the C core and, of the Lua layer, only what extends the core's classes", function()
     local out = fresh [[
       require "multiprocessing"
       local names = {}
@@ -26,7 +26,20 @@ describe("require 'multiprocessing'", function()
       table.sort(names)
       io.write(table.concat(names, " "))
     ]]
-    assert.equal("multiprocessing multiprocessing.core", out)
+    assert.equal("multiprocessing multiprocessing.core multiprocessing.sync", out)
+  end)
+
+  it("gives a lock from another part its Lua methods (hold, wait_for)", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local v = mp.Value("i", 0)
+      do
+        local guard <close> = v:get_lock():hold()
+        v.value = 1
+      end
+      io.write(tostring(v.value), " ", type(mp.Condition().wait_for))
+    ]]
+    assert.equal("1 function", out)
   end)
 
   it("loads a part when one of its names is first used, and that part only", function()

@@ -68,6 +68,10 @@ local function load_all()
   setmetatable(M, nil)
 end
 
+-- sync.lua adds methods to the core's lock classes (hold, Condition:wait_for), which other
+-- parts hand out (Value:get_lock(), Array:get_lock()...): it is loaded now (3.6 KB).
+load("sync")
+
 setmetatable(M._metatable_modules, {
   __index = function(_, name)
     if type(name) == "string" and name:find("^multiprocessing%.") then
