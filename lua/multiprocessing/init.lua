@@ -69,8 +69,18 @@ local function load_all()
 end
 
 -- sync.lua adds methods to the core's lock classes (hold, Condition:wait_for), which other
--- parts hand out (Value:get_lock(), Array:get_lock()...): it is loaded now (3.6 KB).
-load("sync")
+-- parts hand out (Value:get_lock(), Array:get_lock()...). Until it is loaded, those methods
+-- load it and call its own (a tail call: its errors still name the user's line).
+local sync_methods = core.sync_methods
+for class, names in pairs { Lock = "hold", RLock = "hold", Semaphore = "hold", BoundedSemaphore = "hold",
+  Condition = "hold wait_for" } do
+  for name in names:gmatch("%S+") do
+    sync_methods[class][name] = function(...)
+      if not loaded.sync then load("sync") end
+      return sync_methods[class][name](...)
+    end
+  end
+end
 
 setmetatable(M._metatable_modules, {
   __index = function(_, name)
