@@ -69,6 +69,33 @@ describe("require 'multiprocessing'", function()
     assert.equal("false false", out)
   end)
 
+  it("sends a function holding the core after a pool closed, before sync.lua was loaded", function()
+    -- the codec may walk the core's tables by value first: the lock classes' stand-ins must
+    -- lead to nothing unsendable (they once reached the public module, its pools, their closed
+    -- queues). Checked on what they hold, the walk's order being the hash tables'.
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local pool = mp.Pool(1)
+      pool:close() pool:join()
+      local bad = {}
+      for class, methods in pairs(core.sync_methods) do
+        for name, f in pairs(methods) do
+          for u = 1, math.huge do
+            local un, uv = debug.getupvalue(f, u)
+            if not un then break end
+            if type(uv) == "table" and uv ~= core.sync_methods and uv ~= _G or type(uv) == "function" and uv ~= f then
+              bad[#bad + 1] = class .. "." .. name .. ":" .. un
+            end
+          end
+        end
+      end
+      assert(#mp.encode(function() return core end) > 0)
+      io.write(table.concat(bad, " "))
+    ]]
+    assert.equal("", out)
+  end)
+
   it("knows which part holds every public name", function()
     -- a name init.lua does not place makes it load every part (and drop its metatable)
     local out = fresh(([[
