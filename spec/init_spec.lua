@@ -29,6 +29,25 @@ describe("require 'multiprocessing'", function()
     assert.equal("multiprocessing multiprocessing.core", out)
   end)
 
+  it("gives a lock from another part its Lua methods (hold, wait_for)", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local v = mp.Value("i", 0)
+      do
+        local guard <close> = v:get_lock():hold()
+        v.value = 1
+      end
+      local c = mp.Condition()
+      c:acquire()
+      io.write(tostring(v.value), " ", tostring(c:wait_for(function() return 7 end)), " ")
+      c:release()
+      -- their errors name the caller's line, as when sync.lua was loaded first
+      local ok, err = pcall(function() local g = v:get_lock():hold("soon") return g end)
+      io.write(tostring(err))
+    ]]
+    assert.matches("^1 7 [^:]+:12: bad argument #1 to 'hold' %(number expected, got string%)$", out)
+  end)
+
   it("loads a part when one of its names is first used, and that part only", function()
     local out = fresh [[
       local mp = require "multiprocessing"
@@ -48,6 +67,33 @@ describe("require 'multiprocessing'", function()
         tostring(package.loaded["multiprocessing.manager"] ~= nil))
     ]]
     assert.equal("false false", out)
+  end)
+
+  it("sends a function holding the core after a pool closed, before sync.lua was loaded", function()
+    -- the codec may walk the core's tables by value first: the lock classes' stand-ins must
+    -- lead to nothing unsendable (they once reached the public module, its pools, their closed
+    -- queues). Checked on what they hold, the walk's order being the hash tables'.
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local pool = mp.Pool(1)
+      pool:close() pool:join()
+      local bad = {}
+      for class, methods in pairs(core.sync_methods) do
+        for name, f in pairs(methods) do
+          for u = 1, math.huge do
+            local un, uv = debug.getupvalue(f, u)
+            if not un then break end
+            if type(uv) == "table" and uv ~= core.sync_methods and uv ~= _G or type(uv) == "function" and uv ~= f then
+              bad[#bad + 1] = class .. "." .. name .. ":" .. un
+            end
+          end
+        end
+      end
+      assert(#mp.encode(function() return core end) > 0)
+      io.write(table.concat(bad, " "))
+    ]]
+    assert.equal("", out)
   end)
 
   it("knows which part holds every public name", function()

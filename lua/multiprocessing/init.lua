@@ -71,6 +71,28 @@ local function load_all()
   setmetatable(M, nil)
 end
 
+-- sync.lua adds methods to the core's lock classes (hold, Condition:wait_for), which other
+-- parts hand out (Value:get_lock(), Array:get_lock()...). Until it is loaded, those methods
+-- are stand-ins that load it and call its own (a tail call: its errors still name the user's
+-- line). They hold nothing but the methods' table: the codec may walk the core's tables by
+-- value before it sends the core by name, and must meet nothing unsendable there.
+if not package.loaded["multiprocessing.sync"] then
+  local sync_methods = core.sync_methods
+  for class, names in pairs { Lock = "hold", RLock = "hold", Semaphore = "hold", BoundedSemaphore = "hold",
+    Condition = "hold wait_for" } do
+    for name in names:gmatch("%S+") do
+      local stand_in
+      stand_in = function(...)
+        require "multiprocessing.sync"  -- replaces every stand-in
+        local f = sync_methods[class][name]
+        if f == stand_in then error("multiprocessing.sync did not load", 2) end
+        return f(...)
+      end
+      sync_methods[class][name] = stand_in
+    end
+  end
+end
+
 setmetatable(M._metatable_modules, {
   __index = function(_, name)
     if type(name) == "string" and name:find("^multiprocessing%.") then
