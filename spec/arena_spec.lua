@@ -384,13 +384,16 @@ describe("arena", function()
     -- wait: the holder is continued only after `wait` seconds, and the check must still be
     -- waiting then (a call without a timeout), or only once the check is done (wait nil)
     local function behind_stopped_holder(check, wait, before)
-      local go = core.Queue()
+      local go, ready = core.Queue(), core.Queue()
       go:put(0) go:get()   -- its chunk exists: the put below allocates nothing
+      ready:put(0) ready:get()
       local checker = H.spawn(function()
         local st = before and before()   -- (in the checker, before the holder stops)
+        ready:put(true)   -- before() may allocate: the holder is started only once it is done
         local holder = go:get(20)
         check(holder, st)
       end)
+      assert(ready:get(20), "the checker never got ready")
       local holder = H.spawn(function()
         core._arena_fault(1, "stop")
         core.blob_free(core.blob_new("held"))
@@ -410,7 +413,7 @@ describe("arena", function()
       core.kill(holder, SIGCONT)   -- first: reaping needs the allocator too
       if code == nil then core.kill(checker, SIGKILL) core.waitpid(checker) end
       assert.equal(0, core.waitpid(holder, 20))
-      go:close()
+      go:close() ready:close()
       assert(stopped, "the holder never stopped")
       assert(code ~= nil, "hung behind the stopped holder: killed after 20 s")
       assert.equal(0, code, "the check failed (see its message above)")
