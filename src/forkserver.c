@@ -238,16 +238,22 @@ static char *find_exe(const char *exe) {
 typedef struct spawnhdr {
   uint32_t magic, arenafd;
   uint64_t addr, size, token, key[2], len;
-  int32_t lifeline, pad;
+  int32_t lifeline, passfd;
 } spawnhdr;
 
-/* core._spawn(exe, startmsg, daemon, path, cpath) -> pid | nil, message */
+/* in a child started by spawn or the forkserver: the descriptor its parent
+** passed with its start (a pool's eventfd), or -1; core._passed_fd() */
+static int passed_fd = -1;
+
+/* core._spawn(exe, startmsg, daemon, path, cpath [, fd]) -> pid | nil, message
+** (fd: a descriptor the child gets too, core._passed_fd() there) */
 static int fs_spawn(lua_State *L) {
   const char *exe = luaL_checkstring(L, 1);
   size_t mlen;
   const char *msg = luaL_checklstring(L, 2, &mlen);
   int daemon = lua_toboolean(L, 3);
   const char *path = luaL_checkstring(L, 4), *cpath = luaL_checkstring(L, 5);
+  int passfd = (int)luaL_optinteger(L, 6, -1);
   mp_arena_ensure(L);
   if (!mp_proc_reserve()) return luaL_error(L, "cannot spawn: out of memory");
   uint64_t token = mp_proc_prefork(L);  /* (may raise: before anything is held) */
@@ -312,6 +318,7 @@ static int fs_spawn(lua_State *L) {
     mp_lifeline_arm(life[0], SIGKILL);
     if (getppid() != parent) _exit(1);
     fcntl(life[0], F_SETFD, 0);
+    if (passfd >= 0) fcntl(passfd, F_SETFD, 0);
     int fl = fcntl(afd, F_GETFD);
     fcntl(afd, F_SETFD, fl & ~FD_CLOEXEC);
     fl = fcntl(sv[1], F_GETFD);
@@ -350,7 +357,7 @@ static int fs_spawn(lua_State *L) {
   }
   free(full);
   spawnhdr h = { HMAGIC, (uint32_t)afd, (uint64_t)(uintptr_t)mp_arena_base(), mp_arena_size(), token, { 0, 0 }, mlen,
-                 life[0], 0 };
+                 life[0], passfd };
   mp_codec_key(h.key);
   const char *why = NULL;
   if (send_all(sv[0], (const char *)&h, sizeof h, L, pid, &why) || send_all(sv[0], msg, mlen, L, pid, &why)) {
@@ -385,6 +392,8 @@ static int fs_attach(lua_State *L) {
     fcntl(h.lifeline, F_SETFD, FD_CLOEXEC);
     mp_proc_watch(h.lifeline);
   }
+  if (h.passfd >= 0) fcntl(h.passfd, F_SETFD, FD_CLOEXEC);
+  passed_fd = h.passfd;
   char *buf = lua_newuserdatauv(L, h.len ? h.len : 1, 0);
   if (recv_all(fd, buf, h.len) != 0)
     return luaL_error(L, "multiprocessing.spawn: the start message was cut (%s)", strerror(errno));
@@ -398,9 +407,9 @@ static int fs_attach(lua_State *L) {
 /* A request: this header, with the requester's descriptors 0, 1 and 2 (those
 ** open: `stdio` says which, bits 0-2) in its control message, so that a worker
 ** writes where its requester writes now, not where it wrote when the server
-** started, and the read end of the worker's lifeline (bit 3; see proc_fork in
-** process.c: the requester keeps the write end); then len bytes of start
-** message. The answer: an fsrep. */
+** started, the read end of the worker's lifeline (bit 3; see proc_fork in
+** process.c: the requester keeps the write end) and a descriptor to pass (bit
+** 4: a pool's eventfd); then len bytes of start message. The answer: an fsrep. */
 typedef struct fsreq {
   uint32_t magic, daemon;
   uint64_t token, len;
@@ -455,22 +464,22 @@ static void reply(int fd, pid_t pid, int err) {
 }
 
 /* the header of a request and the descriptors that came with it; -1 at the end */
-static int recv_request(int fd, fsreq *q, int io[4]) {
-  union { struct cmsghdr h; char buf[CMSG_SPACE(4 * sizeof(int))]; } cm;
+static int recv_request(int fd, fsreq *q, int io[5]) {
+  union { struct cmsghdr h; char buf[CMSG_SPACE(5 * sizeof(int))]; } cm;
   struct iovec iov = { q, sizeof *q };
   struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf };
   ssize_t r;
   do r = recvmsg(fd, &m, MSG_CMSG_CLOEXEC); while (r < 0 && errno == EINTR);
   if (r <= 0) return -1;
-  int got[4], n = 0;
+  int got[5], n = 0;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
     if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
       for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
         int d;
         memcpy(&d, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
-        if (n < 4) got[n++] = d; else close(d);
+        if (n < 5) got[n++] = d; else close(d);
       }
-  for (int i = 0, k = 0; i < 4; i++) io[i] = (q->stdio >> i & 1) && k < n ? got[k++] : -1;
+  for (int i = 0, k = 0; i < 5; i++) io[i] = (q->stdio >> i & 1) && k < n ? got[k++] : -1;
   if (((size_t)r < sizeof *q && recv_all(fd, (char *)q + r, sizeof *q - (size_t)r) != 0) || q->magic != HMAGIC) {
     for (int i = 0; i < n; i++) close(got[i]);
     return -1;
@@ -478,12 +487,12 @@ static int recv_request(int fd, fsreq *q, int io[4]) {
   return 0;
 }
 
-static void close_io(int io[4]) { for (int i = 0; i < 4; i++) if (io[i] >= 0) close(io[i]); }
+static void close_io(int io[5]) { for (int i = 0; i < 5; i++) if (io[i] >= 0) close(io[i]); }
 
 static void server_loop(lua_State *S, int fd) {
   for (;;) {
     fsreq q;
-    int io[4];
+    int io[5];
     if (recv_request(fd, &q, io) != 0) _exit(0);  /* its starter is gone */
     char *msg = malloc(q.len ? q.len : 1);
     if (!msg) _exit(1);
@@ -497,6 +506,7 @@ static void server_loop(lua_State *S, int fd) {
     if (io[3] >= 0) mp_lifeline_arm(io[3], SIGKILL);
     if (getppid() != q.requester) _exit(1);
     for (int i = 0; i < 3; i++) if (io[i] >= 0) { dup2(io[i], i); close(io[i]); }
+    passed_fd = io[4];
     close(fd);
     signal(SIGINT, SIG_DFL);
     mp_proc_reset();
@@ -680,12 +690,13 @@ static int fs_stop(lua_State *L) {
 
 /* one request; 1 done (*pid), 0 the server is gone (retry with a new one), -1 failed (why) */
 static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, uint64_t token, int lifeline,
-                      pid_t *pid, const char **why) {
+                      int passfd, pid_t *pid, const char **why) {
   fsreq q = { HMAGIC, (uint32_t)daemon, token, mlen, (int32_t)getpid(), 0 };
-  int io[4], n = 0;
+  int io[5], n = 0;
   for (int i = 0; i < 3; i++) if (fcntl(i, F_GETFD) >= 0) { io[n++] = i; q.stdio |= 1 << i; }
   io[n++] = lifeline, q.stdio |= 1 << 3;
-  union { struct cmsghdr h; char buf[CMSG_SPACE(4 * sizeof(int))]; } cm;
+  if (passfd >= 0 && fcntl(passfd, F_GETFD) >= 0) io[n++] = passfd, q.stdio |= 1 << 4;
+  union { struct cmsghdr h; char buf[CMSG_SPACE(5 * sizeof(int))]; } cm;
   memset(&cm, 0, sizeof cm);
   struct iovec iov = { &q, sizeof q };
   struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
@@ -711,12 +722,14 @@ static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, ui
   return 1;
 }
 
-/* core._forkserver_fork(startmsg, daemon, path, cpath) -> pid | nil, message */
+/* core._forkserver_fork(startmsg, daemon, path, cpath [, fd]) -> pid | nil, message
+** (fd: a descriptor the worker gets too, core._passed_fd() there) */
 static int fs_fork(lua_State *L) {
   size_t mlen;
   const char *msg = luaL_checklstring(L, 1, &mlen);
   int daemon = lua_toboolean(L, 2);
   const char *path = luaL_optstring(L, 3, NULL), *cpath = luaL_optstring(L, 4, NULL);
+  int passfd = (int)luaL_optinteger(L, 5, -1);
   mp_arena_ensure(L);
   if (!mp_proc_reserve()) return luaL_error(L, "cannot start a process: out of memory");
   uint64_t token = mp_proc_prefork(L);  /* (may raise: before the lock) */
@@ -733,7 +746,7 @@ static int fs_fork(lua_State *L) {
   for (int attempt = 0; attempt < 2; attempt++) {
     why = fs_start_locked(L, path, cpath, builtin, err, sizeof err);
     if (why) break;
-    int r = fs_request(L, msg, mlen, daemon, token, life[0], &pid, &why);
+    int r = fs_request(L, msg, mlen, daemon, token, life[0], passfd, &pid, &why);
     if (r == 1) { why = NULL; break; }
     if (r < 0) break;
     kill(fs.pid, SIGKILL);  /* gone or stuck: a new one (the exit handler reaps this one) */
@@ -751,6 +764,15 @@ static int fs_fork(lua_State *L) {
     return 2;
   }
   lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* core._passed_fd() -> fd | nil: what the parent passed with this child's start
+** (once: the caller owns it) */
+static int fs_passed_fd(lua_State *L) {
+  if (passed_fd < 0) { lua_pushnil(L); return 1; }
+  lua_pushinteger(L, passed_fd);
+  passed_fd = -1;
   return 1;
 }
 
@@ -802,6 +824,7 @@ static void fs_after_fork(void) {
   if (fs.fd >= 0) close(fs.fd);
   fs.fd = -1, fs.pid = 0, fs.owner = 0;
   pthread_mutex_init(&fs.lock, NULL);
+  passed_fd = -1;  /* (a forkserver worker's is set after this) */
 }
 
 int mp_forkserver_open(lua_State *L) {
@@ -809,7 +832,7 @@ int mp_forkserver_open(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"_startmsg", fs_startmsg}, {"_startdecode", fs_startdecode}, {"_spawn", fs_spawn},
     {"_attach", fs_attach}, {"_forkserver_start", fs_start}, {"_forkserver_fork", fs_fork},
-    {"_forkserver_pid", fs_pid}, {"_forkserver_stop", fs_stop}, {"_threads", fs_threads}, {NULL, NULL}
+    {"_forkserver_pid", fs_pid}, {"_forkserver_stop", fs_stop}, {"_threads", fs_threads}, {"_passed_fd", fs_passed_fd}, {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
   return 0;
