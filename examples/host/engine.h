@@ -1,8 +1,8 @@
 /* engine.h: the pieces of a game-engine-like host shared by examples/host/host.c
 ** and bench/host_frames.c: a render thread that holds the scene's mutex most of
 ** the time, host C functions that tasks call (registered with lmp_register), the
-** forkserver when the library has it, and a Lua driver that submits work every
-** few frames and drives the pool every frame. See docs/embedding.md. */
+** forkserver (lmp_forkserver_start), and a Lua driver that submits work every few
+** frames and drives the pool every frame with pool:poll. See docs/embedding.md. */
 #ifndef ENGINE_H
 #define ENGINE_H
 
@@ -18,9 +18,6 @@
 #include "lauxlib.h"
 #include "lualib.h"
 #include "multiprocessing.h"
-
-/* The forkserver is optional: a library built without it leaves the symbol NULL. */
-#pragma weak lmp_forkserver_start
 
 static double now(void) {
   struct timespec ts;
@@ -90,10 +87,9 @@ static int engine_now(lua_State *L) {
   return 1;
 }
 
-/* Registers the host functions (before any Pool) and starts the forkserver if the
-** library has one (before any thread); without it, installs the atfork handlers.
-** want: "fork" to use fork even then. Returns the start method the Lua driver
-** should use. */
+/* Registers the host functions (before any Pool) and starts the forkserver (before
+** any thread); want "fork": no forkserver, the atfork handlers instead. Returns
+** the start method the Lua driver should use. */
 static const char *engine_init(const char *want) {
   /* every C function of the Engine table: a task that reads Engine gets the whole
   ** table sent (with the forkserver or spawn it has no copy of its own) */
@@ -102,12 +98,15 @@ static const char *engine_init(const char *want) {
     perror("lmp_register");
     exit(1);
   }
-  if (!(want && strcmp(want, "fork") == 0) && lmp_forkserver_start) {
-    if (lmp_forkserver_start() == 0) return "forkserver";
-    perror("lmp_forkserver_start");  /* then fork, as below */
+  if (want && strcmp(want, "fork") == 0) {
+    pthread_atfork(scene_prepare, scene_release, scene_release);
+    return "fork";
   }
-  pthread_atfork(scene_prepare, scene_release, scene_release);
-  return "fork";
+  if (lmp_forkserver_start() != 0) {
+    perror("lmp_forkserver_start");
+    exit(1);
+  }
+  return "forkserver";
 }
 
 /* A Lua state with the library (no .lua file needed) and the global Engine. */
@@ -155,15 +154,14 @@ static const char DRIVER[] =
   "end\n"
   "function D.start(method, processes)\n"
   "  local opts = { processes = processes }\n"
-  "  if method ~= 'fork' and mp.set_start_method then opts.start_method = method end\n"
+  "  if method ~= 'fork' then opts.start_method = method end\n"
   "  local t0 = Engine.now()\n"
   "  pool = mp.Pool(opts)\n"
   "  D.pool_seconds = Engine.now() - t0\n"
   "end\n"
-  "-- results arrive through callbacks, delivered by whichever drives the pool:\n"
-  "-- pool:poll(budget) where the library has it, else the oldest result's ready()\n"
+  "-- results arrive through callbacks, delivered by pool:poll within its budget\n"
   "local function drive()\n"
-  "  if pool.poll then pool:poll(0.0005) elseif pending[head] then pending[head].ar:ready() end\n"
+  "  pool:poll(0.00025)\n"
   "  while pending[head] and pending[head].done do pending[head] = nil; head = head + 1 end\n"
   "end\n"
   "local errs = {}\n"
