@@ -87,6 +87,15 @@ static int engine_now(lua_State *L) {
   return 1;
 }
 
+/* Engine.cpu(): this thread's CPU seconds (the library's calls without the time the
+** thread waited for a core: the machine may have fewer cores than busy threads) */
+static int engine_cpu(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
+  return 1;
+}
+
 /* Registers the host functions (before any Pool) and starts the forkserver (before
 ** any thread); want "fork": no forkserver, the atfork handlers instead. Returns
 ** the start method the Lua driver should use. */
@@ -94,7 +103,7 @@ static const char *engine_init(const char *want) {
   /* every C function of the Engine table: a task that reads Engine gets the whole
   ** table sent (with the forkserver or spawn it has no copy of its own) */
   if (lmp_register("Engine.Math.sum", math_sum) != 0 || lmp_register("Engine.Scene.scale", scene_scale_get) != 0 ||
-      lmp_register("Engine.now", engine_now) != 0) {
+      lmp_register("Engine.now", engine_now) != 0 || lmp_register("Engine.cpu", engine_cpu) != 0) {
     perror("lmp_register");
     exit(1);
   }
@@ -124,12 +133,14 @@ static lua_State *engine_lua(void) {
   lua_pushcfunction(L, scene_scale_get); lua_setfield(L, -2, "scale");
   lua_setfield(L, -2, "Scene");
   lua_pushcfunction(L, engine_now); lua_setfield(L, -2, "now");
+  lua_pushcfunction(L, engine_cpu); lua_setfield(L, -2, "cpu");
   lua_setglobal(L, "Engine");
   return L;
 }
 
 /* The Lua side: D.start(method, processes), D.frame(i) -> seconds spent in the
-** library this frame, D.finish(timeout) -> results checked, D.pool_seconds. */
+** library this frame (wall, and this thread's CPU), D.finish(timeout) -> results
+** checked, D.pool_seconds. */
 static const char DRIVER[] =
   "local mp = require 'multiprocessing'\n"
   "local D, pool, pending, head = {}, nil, {}, 1\n"
@@ -168,30 +179,30 @@ static const char DRIVER[] =
   "local function settle(p, ok, e) if not ok then errs[#errs + 1] = tostring(e) end; p.done = true end\n"
   "local function failed(p) return function(e) settle(p, false, 'a task failed: ' .. tostring(e)) end end\n"
   "function D.frame(i)\n"
-  "  local lib = 0\n"
+  "  local lib, cpu = 0, 0\n"
   "  if i % APPLY_EVERY == 0 then\n"
   "    local t, p = input(i), { seed = i }\n"
-  "    local t0 = Engine.now()\n"
+  "    local t0, c0 = Engine.now(), Engine.cpu()\n"
   "    p.ar = pool:apply_async(task, { t }, { error_callback = failed(p),\n"
   "      callback = function(r) settle(p, pcall(check, r, p.seed)) end })\n"
-  "    lib = lib + Engine.now() - t0\n"
+  "    lib, cpu = lib + Engine.now() - t0, cpu + Engine.cpu() - c0\n"
   "    pending[#pending + 1] = p\n"
   "    submitted = submitted + 1\n"
   "  end\n"
   "  if i % MAP_EVERY == 0 then\n"
   "    local items, p = {}, { seeds = {} }\n"
   "    for j = 1, MAP_ITEMS do p.seeds[j] = i * 100 + j; items[j] = input(p.seeds[j]) end\n"
-  "    local t0 = Engine.now()\n"
+  "    local t0, c0 = Engine.now(), Engine.cpu()\n"
   "    p.ar = pool:map_async(task, items, { chunksize = 1, error_callback = failed(p), callback = function(rs)\n"
   "      settle(p, pcall(function() for j = 1, MAP_ITEMS do check(rs[j], p.seeds[j]) end end))\n"
   "    end })\n"
-  "    lib = lib + Engine.now() - t0\n"
+  "    lib, cpu = lib + Engine.now() - t0, cpu + Engine.cpu() - c0\n"
   "    pending[#pending + 1] = p\n"
   "    submitted = submitted + MAP_ITEMS\n"
   "  end\n"
-  "  local t0 = Engine.now()\n"
+  "  local t0, c0 = Engine.now(), Engine.cpu()\n"
   "  drive()\n"
-  "  return lib + Engine.now() - t0\n"
+  "  return lib + Engine.now() - t0, cpu + Engine.cpu() - c0\n"
   "end\n"
   "function D.finish(timeout)\n"
   "  local deadline = Engine.now() + timeout\n"
@@ -229,15 +240,17 @@ static void driver_load(lua_State *L) {
   lua_setfield(L, LUA_REGISTRYINDEX, "engine.driver");
 }
 
-/* Runs nframes frames at 60 Hz; lib[i]: seconds spent in the library in frame i. */
-static void run_frames(lua_State *L, int nframes, double *lib) {
+/* Runs nframes frames at 60 Hz; lib[i], cpu[i]: seconds spent in the library in
+** frame i, wall and this thread's CPU (cpu may be NULL). */
+static void run_frames(lua_State *L, int nframes, double *lib, double *cpu) {
   double next = now();
   for (int i = 1; i <= nframes; i++) {
     next += 1.0 / 60;
     lua_pushinteger(L, i);
-    driver_call(L, "frame", 1, 1);
-    lib[i - 1] = lua_tonumber(L, -1);
-    lua_pop(L, 1);
+    driver_call(L, "frame", 1, 2);
+    lib[i - 1] = lua_tonumber(L, -2);
+    if (cpu) cpu[i - 1] = lua_tonumber(L, -1);
+    lua_pop(L, 2);
     sleep_until(next);  /* the rest of the frame is the host's */
   }
 }
