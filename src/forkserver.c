@@ -554,9 +554,13 @@ static const char *server_state(lua_State **out, const char *path, const char *c
     lua_pushliteral(S, "multiprocessing");
     if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
   }
-  lua_getglobal(S, "require");
-  lua_pushliteral(S, "multiprocessing.spawn");
-  if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
+  /* what every worker runs, loaded once here rather than compiled in each */
+  static const char *const mods[] = { "multiprocessing.spawn", "multiprocessing.process", "multiprocessing.pool", NULL };
+  for (int i = 0; mods[i]; i++) {
+    lua_getglobal(S, "require");
+    lua_pushstring(S, mods[i]);
+    if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
+  }
   *out = S;
   return NULL;
 }
