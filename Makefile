@@ -93,14 +93,14 @@ examples: all examples-host
 # examples/host: a C host linking the static library (docs/embedding.md), built and run
 HOST_CFLAGS = $(OPT) -g -std=gnu11 -Wall -Wextra -Werror -Iinclude -I$(LUA_INCDIR)
 HOST_LIBS   = $(LIBS) -llua5.4 -lpthread -lm
-$(BUILD)/host: examples/host/host.c include/multiprocessing.h $(STATIC)
+$(BUILD)/host: examples/host/host.c examples/host/engine.h include/multiprocessing.h $(STATIC)
 	$(CC) $(HOST_CFLAGS) -o $@ examples/host/host.c $(STATIC) $(HOST_LIBS)
 
 examples-host: $(BUILD)/host
 	@echo "== examples/host/host.c"
 	cd /tmp && timeout 120 $(CURDIR)/$(BUILD)/host
 
-$(BUILD)/host_frames: bench/host_frames.c include/multiprocessing.h $(STATIC)
+$(BUILD)/host_frames: bench/host_frames.c examples/host/engine.h include/multiprocessing.h $(STATIC)
 	$(CC) $(HOST_CFLAGS) -o $@ bench/host_frames.c $(STATIC) $(HOST_LIBS)
 
 # The C host's frame times and a big heap's costs (bench/host_frames.c);

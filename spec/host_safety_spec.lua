@@ -84,53 +84,57 @@ describe("a C host embedding Lua", function()
     end)
   end
 
-  it("keeps the workers and Processes started on a loader thread that then exits", function()
-    local out, ok = run_host("loader", [[
-      local mp = require "multiprocessing"
-      local core = require "multiprocessing.core"
-      local function pids() return pool:map(function() core.sleep(0.1) return core.getpid() end, {1, 2, 3, 4}) end
-      local function set(t) local s = {} for _, p in ipairs(t) do s[p] = true end return s end
-      function setup()  -- on the loader thread
-        pool = mp.Pool(2)
-        before = set(pids())
-        proc = mp.Process { target = function() core.sleep(60) end }
-        proc:start()
-      end
-      function run()  -- on the main thread, the loader gone
-        core.sleep(0.3)
-        assert(proc:is_alive(), "the Process died with the loader thread")
-        for p in pairs(set(pids())) do assert(before[p], "a worker died with the loader thread") end
-        proc:kill() proc:join()
-        pool:close() pool:join()
-      end
-    ]])
-    assert(ok, out)
-  end)
+  -- each start method: fork, and the forkserver's and spawn's children, which have lifelines too
+  for _, method in ipairs { "fork", "forkserver", "spawn" } do
+    it(("keeps the workers and Processes (%s) started on a loader thread that then exits"):format(method), function()
+      local out, ok = run_host("loader", ([[
+        local mp = require "multiprocessing"
+        local core = require "multiprocessing.core"
+        local METHOD = %q
+        local function pids() return pool:map(function() core.sleep(0.1) return core.getpid() end, {1, 2, 3, 4}) end
+        local function set(t) local s = {} for _, p in ipairs(t) do s[p] = true end return s end
+        function setup()  -- on the loader thread (the forkserver is started here too)
+          pool = mp.Pool { processes = 2, start_method = METHOD }
+          before = set(pids())
+          proc = mp.Process { target = function() core.sleep(60) end, start_method = METHOD }
+          proc:start()
+        end
+        function run()  -- on the main thread, the loader gone
+          core.sleep(0.3)
+          assert(proc:is_alive(), "the Process died with the loader thread")
+          for p in pairs(set(pids())) do assert(before[p], "a worker died with the loader thread") end
+          proc:kill() proc:join()
+          pool:close() pool:join()
+        end
+      ]]):format(method))
+      assert(ok, out)
+    end)
 
-  it("has its workers die with it, while they run a long task, however it dies", function()
-    local pidfile = H.tmpname()
-    local out = run_host("loader", ([[
-      local mp = require "multiprocessing"
-      local core = require "multiprocessing.core"
-      function setup()  -- the pool is made on a loader thread
-        pool = mp.Pool(2)
-        for i = 1, 2 do pool:apply_async(function() while true do end end) end
-      end
-      function run()
-        local f = io.open(%q, "w")
-        for _, c in ipairs(mp.active_children()) do f:write(c.pid, "\n") end
-        f:close()
-        core.sleep(0.5)  -- the tasks are running
-        core.kill(core.getpid(), 9)
-      end
-    ]]):format(pidfile))
-    local pids = read_pids(pidfile)
-    assert.equal(2, #pids, out)
-    assert(H.eventually(function()
-      for _, p in ipairs(pids) do if H.alive(p) then return false end end
-      return true
-    end, 10), "a worker outlived its host")
-  end)
+    it(("has its workers (%s) die with it, while they run a long task, however it dies"):format(method), function()
+      local pidfile = H.tmpname()
+      local out = run_host("loader", ([[
+        local mp = require "multiprocessing"
+        local core = require "multiprocessing.core"
+        function setup()  -- the pool is made on a loader thread
+          pool = mp.Pool { processes = 2, start_method = %q }
+          for i = 1, 2 do pool:apply_async(function() while true do end end) end
+        end
+        function run()
+          local f = io.open(%q, "w")
+          for _, c in ipairs(mp.active_children()) do f:write(c.pid, "\n") end
+          f:close()
+          core.sleep(0.5)  -- the tasks are running
+          core.kill(core.getpid(), 9)
+        end
+      ]]):format(method, pidfile))
+      local pids = read_pids(pidfile)
+      assert.equal(2, #pids, out)
+      assert(H.eventually(function()
+        for _, p in ipairs(pids) do if H.alive(p) then return false end end
+        return true
+      end, 20), "a worker outlived its host")
+    end)
+  end
 
   it("starts a pool while a console thread sits in fgets(stdin), flushing stdout once", function()
     local fifo = H.tmpname()

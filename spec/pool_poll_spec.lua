@@ -203,6 +203,43 @@ describe("Pool driven from a frame loop", function()
       pool:terminate()
     end)
 
+    -- the descriptors of anon_inode kinds (eventfd, eventpoll, timerfd) this process holds;
+    -- loaded from source so that it has no upvalue (it runs in workers and children)
+    local anon_fds = assert(load([[
+      local core = require "multiprocessing.core"
+      local n, p = 0, io.popen("ls -l /proc/" .. core.getpid() .. "/fd 2>/dev/null")
+      for line in p:lines() do
+        for _, kind in ipairs { ... } do
+          if line:find("anon_inode:[" .. kind .. "]", 1, true) then n = n + 1 end
+        end
+      end
+      p:close()
+      return n
+    ]]))
+
+    for _, method in ipairs { "fork", "forkserver", "spawn" } do
+      it(("is signalled by workers started by %s: they hold the pool's eventfd"):format(method), function()
+        finally(function() require("multiprocessing.context")._forkserver_stop() end)
+        local pool <close> = mp.Pool { processes = 1, start_method = method }
+        local fd = pool:fileno()
+        assert.equal(1, pool:apply(anon_fds, { "eventfd" }))
+        local a = pool:apply_async(double, { 4 })
+        assert.is_true(readable(fd, PATIENCE))
+        assert.is_true(frames(function() pool:poll(0.002) end, function() return a:wait(0) end))
+        assert.equal(8, a:get())
+      end)
+    end
+
+    it("is not inherited by other children: an mp.Process closes the pools' descriptors", function()
+      local pool <close> = mp.Pool(1)
+      pool:fileno()
+      assert.is_true(anon_fds("eventfd", "eventpoll", "timerfd") >= 3)
+      local p = mp.Process { target = function() core._exit(anon_fds("eventfd", "eventpoll", "timerfd")) end }
+      p:start()
+      p:join(PATIENCE)
+      assert.equal(0, p.exitcode)
+    end)
+
     it("is closed with the pool", function()
       local fds = H.fd_count()
       local pool = mp.Pool(2)

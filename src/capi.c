@@ -270,6 +270,8 @@ static int load_file(lua_State *L) {
   return 1;
 }
 
+int mp_layer_builtin(void) { return mp_lua_layer != NULL && mp_lua_layer[0].module != NULL; }
+
 LMP_API int luaopen_multiprocessing(lua_State *L) {
   luaL_checkversion(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);

@@ -31,13 +31,15 @@
 ** clones a worker with CLONE_PARENT: the worker is the requester's child, not
 ** the server's, so the requester's waitpid, reap, exit handler and pidfds work
 ** as for fork, the server never has zombies, and a worker dies with the
-** requester (PR_SET_PDEATHSIG). glibc's fork() cannot make a sibling, so the
+** requester process: the requester makes the worker's lifeline (see proc_fork
+** in process.c), sends its read end with the request (SCM_RIGHTS) and keeps the
+** write end; the worker arms it first of all. glibc's fork() cannot make a sibling, so the
 ** clone is raw; the worker then does what glibc's fork does in a child: its
 ** thread id is written where glibc keeps it (CLONE_CHILD_SETTID at the
 ** address PR_GET_TID_ADDRESS gives, so robust mutexes record the right owner),
 ** its robust list (the server's, empty) is registered with the kernel again,
 ** and the core's own fork handlers run (mp_atfork). The server dies with the process
-** that started it (PR_SET_PDEATHSIG, and EOF on its socket), and is a daemon
+** that started it (its own lifeline, and EOF on its socket), and is a daemon
 ** child of it: killed and reaped at exit. A process forked from the one that
 ** started a server starts its own on first use (CLONE_PARENT makes children
 ** of the server's parent only). */
@@ -236,15 +238,22 @@ static char *find_exe(const char *exe) {
 typedef struct spawnhdr {
   uint32_t magic, arenafd;
   uint64_t addr, size, token, key[2], len;
+  int32_t lifeline, passfd;
 } spawnhdr;
 
-/* core._spawn(exe, startmsg, daemon, path, cpath) -> pid | nil, message */
+/* in a child started by spawn or the forkserver: the descriptor its parent
+** passed with its start (a pool's eventfd), or -1; core._passed_fd() */
+static int passed_fd = -1;
+
+/* core._spawn(exe, startmsg, daemon, path, cpath [, fd]) -> pid | nil, message
+** (fd: a descriptor the child gets too, core._passed_fd() there) */
 static int fs_spawn(lua_State *L) {
   const char *exe = luaL_checkstring(L, 1);
   size_t mlen;
   const char *msg = luaL_checklstring(L, 2, &mlen);
   int daemon = lua_toboolean(L, 3);
   const char *path = luaL_checkstring(L, 4), *cpath = luaL_checkstring(L, 5);
+  int passfd = (int)luaL_optinteger(L, 6, -1);
   mp_arena_ensure(L);
   if (!mp_proc_reserve()) return luaL_error(L, "cannot spawn: out of memory");
   uint64_t token = mp_proc_prefork(L);  /* (may raise: before anything is held) */
@@ -262,6 +271,11 @@ static int fs_spawn(lua_State *L) {
   }
   if (pipe2(ep, O_CLOEXEC) != 0) {
     mp_proc_parent(token, -1), close(sv[0]), close(sv[1]), free(full);
+    return mp_pusherrno(L, "cannot spawn");
+  }
+  int life[2];  /* the child's lifeline (see proc_fork in process.c) */
+  if (pipe2(life, O_CLOEXEC) != 0) {
+    mp_proc_parent(token, -1), close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]), free(full);
     return mp_pusherrno(L, "cannot spawn");
   }
   /* the environment: the parent's, with our variables in front */
@@ -286,7 +300,7 @@ static int fs_spawn(lua_State *L) {
   }
   if (!envp || !ev[0] || !ev[1] || !ev[2]) {
     free(ev[0]), free(ev[1]), free(ev[2]), free(envp), free(full);
-    close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]);
+    close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]), close(life[0]), close(life[1]);
     mp_proc_parent(token, -1);
     return luaL_error(L, "cannot spawn: out of memory");
   }
@@ -298,8 +312,13 @@ static int fs_spawn(lua_State *L) {
   pthread_sigmask(SIG_SETMASK, &all, &old);  /* no handler of ours runs in the child */
   pid_t pid = fork();
   if (pid == 0) {  /* async-signal-safe calls only, until exec */
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    /* the lifeline first: armed here, its state (owner, signal, async) belongs
+    ** to the open pipe and so crosses exec; _exits if the parent is gone */
+    close(life[1]);
+    mp_lifeline_arm(life[0], SIGKILL);
     if (getppid() != parent) _exit(1);
+    fcntl(life[0], F_SETFD, 0);
+    if (passfd >= 0) fcntl(passfd, F_SETFD, 0);
     int fl = fcntl(afd, F_GETFD);
     fcntl(afd, F_SETFD, fl & ~FD_CLOEXEC);
     fl = fcntl(sv[1], F_GETFD);
@@ -317,13 +336,13 @@ static int fs_spawn(lua_State *L) {
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   mp_proc_parent(token, pid);
   free(ev[0]), free(ev[1]), free(ev[2]), free(envp);
-  close(sv[1]), close(ep[1]);
+  close(sv[1]), close(ep[1]), close(life[0]);
   if (pid < 0) {
-    free(full), close(sv[0]), close(ep[0]);
+    free(full), close(sv[0]), close(ep[0]), close(life[1]);
     errno = fe;
     return mp_pusherrno(L, "cannot spawn");
   }
-  mp_proc_track(pid, daemon);
+  mp_proc_track(pid, daemon, life[1]);
   int e = 0;
   ssize_t r;
   do r = read(ep[0], &e, sizeof e); while (r < 0 && errno == EINTR);  /* EOF: exec'd */
@@ -337,7 +356,8 @@ static int fs_spawn(lua_State *L) {
     return 3;
   }
   free(full);
-  spawnhdr h = { HMAGIC, (uint32_t)afd, (uint64_t)(uintptr_t)mp_arena_base(), mp_arena_size(), token, { 0, 0 }, mlen };
+  spawnhdr h = { HMAGIC, (uint32_t)afd, (uint64_t)(uintptr_t)mp_arena_base(), mp_arena_size(), token, { 0, 0 }, mlen,
+                 life[0], passfd };
   mp_codec_key(h.key);
   const char *why = NULL;
   if (send_all(sv[0], (const char *)&h, sizeof h, L, pid, &why) || send_all(sv[0], msg, mlen, L, pid, &why)) {
@@ -368,6 +388,12 @@ static int fs_attach(lua_State *L) {
   if (why) return luaL_error(L, "multiprocessing.spawn: cannot map the parent's shared memory: %s", why);
   mp_codec_setkey(h.key);
   mp_proc_reset();
+  if (h.lifeline >= 0) {  /* armed before exec: now ours, closed in our children */
+    fcntl(h.lifeline, F_SETFD, FD_CLOEXEC);
+    mp_proc_watch(h.lifeline);
+  }
+  if (h.passfd >= 0) fcntl(h.passfd, F_SETFD, FD_CLOEXEC);
+  passed_fd = h.passfd;
   char *buf = lua_newuserdatauv(L, h.len ? h.len : 1, 0);
   if (recv_all(fd, buf, h.len) != 0)
     return luaL_error(L, "multiprocessing.spawn: the start message was cut (%s)", strerror(errno));
@@ -379,9 +405,11 @@ static int fs_attach(lua_State *L) {
 /* ------------------------------------------------------------ forkserver */
 
 /* A request: this header, with the requester's descriptors 0, 1 and 2 (those
-** open: `stdio` says which) in its control message, so that a worker writes
-** where its requester writes now, not where it wrote when the server started;
-** then len bytes of start message. The answer: an fsrep. */
+** open: `stdio` says which, bits 0-2) in its control message, so that a worker
+** writes where its requester writes now, not where it wrote when the server
+** started, the read end of the worker's lifeline (bit 3; see proc_fork in
+** process.c: the requester keeps the write end) and a descriptor to pass (bit
+** 4: a pool's eventfd); then len bytes of start message. The answer: an fsrep. */
 typedef struct fsreq {
   uint32_t magic, daemon;
   uint64_t token, len;
@@ -436,30 +464,35 @@ static void reply(int fd, pid_t pid, int err) {
 }
 
 /* the header of a request and the descriptors that came with it; -1 at the end */
-static int recv_request(int fd, fsreq *q, int io[3]) {
-  union { struct cmsghdr h; char buf[CMSG_SPACE(3 * sizeof(int))]; } cm;
+static int recv_request(int fd, fsreq *q, int io[5]) {
+  union { struct cmsghdr h; char buf[CMSG_SPACE(5 * sizeof(int))]; } cm;
   struct iovec iov = { q, sizeof *q };
   struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf };
   ssize_t r;
   do r = recvmsg(fd, &m, MSG_CMSG_CLOEXEC); while (r < 0 && errno == EINTR);
   if (r <= 0) return -1;
-  int got[3], n = 0;
+  int got[5], n = 0;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
     if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-      for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && n < 3; k++)
-        memcpy(&got[n++], CMSG_DATA(c) + k * sizeof(int), sizeof(int));
-  if ((size_t)r < sizeof *q && recv_all(fd, (char *)q + r, sizeof *q - (size_t)r) != 0) return -1;
-  if (q->magic != HMAGIC) return -1;
-  for (int i = 0, k = 0; i < 3; i++) io[i] = (q->stdio >> i & 1) && k < n ? got[k++] : -1;
+      for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
+        int d;
+        memcpy(&d, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+        if (n < 5) got[n++] = d; else close(d);
+      }
+  for (int i = 0, k = 0; i < 5; i++) io[i] = (q->stdio >> i & 1) && k < n ? got[k++] : -1;
+  if (((size_t)r < sizeof *q && recv_all(fd, (char *)q + r, sizeof *q - (size_t)r) != 0) || q->magic != HMAGIC) {
+    for (int i = 0; i < n; i++) close(got[i]);
+    return -1;
+  }
   return 0;
 }
 
-static void close_io(int io[3]) { for (int i = 0; i < 3; i++) if (io[i] >= 0) close(io[i]); }
+static void close_io(int io[5]) { for (int i = 0; i < 5; i++) if (io[i] >= 0) close(io[i]); }
 
 static void server_loop(lua_State *S, int fd) {
   for (;;) {
     fsreq q;
-    int io[3];
+    int io[5];
     if (recv_request(fd, &q, io) != 0) _exit(0);  /* its starter is gone */
     char *msg = malloc(q.len ? q.len : 1);
     if (!msg) _exit(1);
@@ -467,11 +500,13 @@ static void server_loop(lua_State *S, int fd) {
     pid_t pid = clone_sibling();
     if (pid < 0) { reply(fd, -1, errno); free(msg); close_io(io); continue; }
     if (pid > 0) { reply(fd, pid, 0); free(msg); close_io(io); continue; }
-    /* the worker: the requester's child */
+    /* the worker: the requester's child; its lifeline armed once the fork
+    ** handlers (which close the server's own) have run, before anything else */
     worker_fixup();
-    for (int i = 0; i < 3; i++) if (io[i] >= 0) { dup2(io[i], i); close(io[i]); }
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (io[3] >= 0) mp_lifeline_arm(io[3], SIGKILL);
     if (getppid() != q.requester) _exit(1);
+    for (int i = 0; i < 3; i++) if (io[i] >= 0) { dup2(io[i], i); close(io[i]); }
+    passed_fd = io[4];
     close(fd);
     signal(SIGINT, SIG_DFL);
     mp_proc_reset();
@@ -490,8 +525,11 @@ static void server_loop(lua_State *S, int fd) {
   }
 }
 
-/* the server's own state: the modules loaded, the core the one already in this process */
-static const char *server_state(lua_State **out, const char *path, const char *cpath) {
+/* the server's own state: the modules loaded, the core the one already in this
+** process; the Lua layer built in (luaopen_multiprocessing) when its starter
+** uses it so (a host linking the static library has no .lua file), else the
+** files on package.path */
+static const char *server_state(lua_State **out, const char *path, const char *cpath, int builtin) {
   lua_State *S = luaL_newstate();
   if (!S) return "out of memory";
   luaL_openlibs(S);
@@ -502,18 +540,33 @@ static const char *server_state(lua_State **out, const char *path, const char *c
   lua_pushcfunction(S, luaopen_multiprocessing_core);
   lua_setfield(S, -2, "multiprocessing.core");
   lua_settop(S, 0);
-  lua_getglobal(S, "require");
-  lua_pushliteral(S, "multiprocessing");
-  if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
-  lua_getglobal(S, "require");
-  lua_pushliteral(S, "multiprocessing.spawn");
-  if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
+  if (builtin) {
+    lua_pushcfunction(S, luaopen_multiprocessing);
+    lua_pushliteral(S, "multiprocessing");
+    if (lua_pcall(S, 1, 1, 0) != LUA_OK) return lua_tostring(S, -1);
+    lua_getglobal(S, "package");
+    lua_getfield(S, -1, "loaded");
+    lua_pushvalue(S, -3);
+    lua_setfield(S, -2, "multiprocessing");
+    lua_settop(S, 0);
+  } else {
+    lua_getglobal(S, "require");
+    lua_pushliteral(S, "multiprocessing");
+    if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
+  }
+  /* what every worker runs, loaded once here rather than compiled in each */
+  static const char *const mods[] = { "multiprocessing.spawn", "multiprocessing.process", "multiprocessing.pool", NULL };
+  for (int i = 0; mods[i]; i++) {
+    lua_getglobal(S, "require");
+    lua_pushstring(S, mods[i]);
+    if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
+  }
   *out = S;
   return NULL;
 }
 
-static void server_main(int fd, pid_t parent, const char *path, const char *cpath) {
-  prctl(PR_SET_PDEATHSIG, SIGKILL);
+static void server_main(int fd, int life, pid_t parent, const char *path, const char *cpath, int builtin) {
+  mp_lifeline_arm(life, SIGKILL);  /* it dies with its starter, whichever thread started it */
   if (getppid() != parent) _exit(1);
   signal(SIGINT, SIG_IGN);   /* Ctrl-C is its starter's */
   signal(SIGPIPE, SIG_IGN);
@@ -521,8 +574,8 @@ static void server_main(int fd, pid_t parent, const char *path, const char *cpat
   sigset_t none;
   sigemptyset(&none);
   sigprocmask(SIG_SETMASK, &none, NULL);
-  int keep[2] = { fd, mp_arena_fd() };
-  close_others(keep, 2);
+  int keep[3] = { fd, mp_arena_fd(), life };
+  close_others(keep, 3);
   prctl(PR_SET_NAME, "lua-mp-forksrv");
   mp_proc_child(0);  /* no arena entry: it holds no handle it would use */
   mp_proc_reset();
@@ -531,7 +584,7 @@ static void server_main(int fd, pid_t parent, const char *path, const char *cpat
   if (syscall(SYS_get_robust_list, 0, &rhead, &rlen) != 0) rhead = NULL;
   if (rhead && *(void **)rhead != rhead) why = "the server holds a robust mutex (a bug)";
   lua_State *S = NULL;
-  if (!why) why = server_state(&S, path, cpath);
+  if (!why) why = server_state(&S, path, cpath, builtin);
   if (why) {
     size_t n = strlen(why);
     uint32_t w[2] = { HMAGIC, (uint32_t)n };
@@ -548,24 +601,43 @@ static void fs_forget(void) {  /* (lock held) the server is gone or not ours */
   fs.fd = -1, fs.pid = 0, fs.owner = 0;
 }
 
-/* starts the server (lock held); NULL or why not. L may be NULL. */
-static const char *fs_start_locked(lua_State *L, const char *path, const char *cpath, char *err, size_t errn) {
+/* whether L loaded the Lua layer built in (luaopen_multiprocessing preloads
+** its modules); with no L (lmp_forkserver_start): whether the library has it */
+static int uses_builtin(lua_State *L) {
+  if (!mp_layer_builtin()) return 0;
+  if (!L) return 1;
+  int top = lua_gettop(L);
+  int r = lua_getfield(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE) == LUA_TTABLE &&
+          lua_getfield(L, -1, "multiprocessing.spawn") != LUA_TNIL;
+  lua_settop(L, top);
+  return r;
+}
+
+/* starts the server (lock held); NULL or why not. L may be NULL. builtin:
+** uses_builtin(L), taken before the lock (it may raise) */
+static const char *fs_start_locked(lua_State *L, const char *path, const char *cpath, int builtin, char *err,
+                                   size_t errn) {
   if (fs.fd >= 0 && fs.owner == getpid()) return NULL;
   if (fs.fd >= 0) fs_forget();  /* inherited from the process that started it */
   if (!mp_proc_reserve()) return "out of memory";
-  int sv[2];
+  int sv[2], life[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) { snprintf(err, errn, "%s", strerror(errno)); return err; }
+  if (pipe2(life, O_CLOEXEC) != 0) {
+    snprintf(err, errn, "%s", strerror(errno));
+    close(sv[0]), close(sv[1]);
+    return err;
+  }
   uint64_t key[2];
   mp_codec_key(key);  /* drawn now, before the fork, so that both sides have the same */
   pid_t parent = getpid();
   fflush(stdout);  /* (not fflush(NULL): stdin's lock may be held by a reading thread) */
   fflush(stderr);
   pid_t pid = fork();
-  if (pid == 0) { close(sv[0]); server_main(sv[1], parent, path, cpath); _exit(1); }
+  if (pid == 0) { close(sv[0]), close(life[1]); server_main(sv[1], life[0], parent, path, cpath, builtin); _exit(1); }
   int e = errno;
-  close(sv[1]);
-  if (pid < 0) { close(sv[0]); snprintf(err, errn, "fork: %s", strerror(e)); return err; }
-  mp_proc_track(pid, 1);
+  close(sv[1]), close(life[0]);
+  if (pid < 0) { close(sv[0]), close(life[1]); snprintf(err, errn, "fork: %s", strerror(e)); return err; }
+  mp_proc_track(pid, 1, life[1]);
   const char *w8 = wait_readable(sv[0], L, pid, WAIT_START);
   uint32_t w[2];
   if (!w8 && recv_all(sv[0], w, 8) != 0) w8 = "it died";
@@ -591,8 +663,9 @@ static int fs_start(lua_State *L) {
   const char *path = luaL_optstring(L, 1, NULL), *cpath = luaL_optstring(L, 2, NULL);
   mp_arena_ensure(L);
   char err[256];
+  int builtin = uses_builtin(L);
   pthread_mutex_lock(&fs.lock);
-  const char *why = fs_start_locked(L, path, cpath, err, sizeof err);
+  const char *why = fs_start_locked(L, path, cpath, builtin, err, sizeof err);
   pid_t pid = fs.pid;
   pthread_mutex_unlock(&fs.lock);
   if (why) { lua_pushnil(L); lua_pushfstring(L, "cannot start the forkserver: %s", why); return 2; }
@@ -620,16 +693,18 @@ static int fs_stop(lua_State *L) {
 }
 
 /* one request; 1 done (*pid), 0 the server is gone (retry with a new one), -1 failed (why) */
-static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, uint64_t token, pid_t *pid,
-                      const char **why) {
+static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, uint64_t token, int lifeline,
+                      int passfd, pid_t *pid, const char **why) {
   fsreq q = { HMAGIC, (uint32_t)daemon, token, mlen, (int32_t)getpid(), 0 };
-  int io[3], n = 0;
+  int io[5], n = 0;
   for (int i = 0; i < 3; i++) if (fcntl(i, F_GETFD) >= 0) { io[n++] = i; q.stdio |= 1 << i; }
-  union { struct cmsghdr h; char buf[CMSG_SPACE(3 * sizeof(int))]; } cm;
+  io[n++] = lifeline, q.stdio |= 1 << 3;
+  if (passfd >= 0 && fcntl(passfd, F_GETFD) >= 0) io[n++] = passfd, q.stdio |= 1 << 4;
+  union { struct cmsghdr h; char buf[CMSG_SPACE(5 * sizeof(int))]; } cm;
   memset(&cm, 0, sizeof cm);
   struct iovec iov = { &q, sizeof q };
   struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
-  if (n) {
+  {
     m.msg_control = cm.buf, m.msg_controllen = CMSG_SPACE(n * sizeof(int));
     struct cmsghdr *c = CMSG_FIRSTHDR(&m);
     c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(n * sizeof(int));
@@ -651,30 +726,40 @@ static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, ui
   return 1;
 }
 
-/* core._forkserver_fork(startmsg, daemon, path, cpath) -> pid | nil, message */
+/* core._forkserver_fork(startmsg, daemon, path, cpath [, fd]) -> pid | nil, message
+** (fd: a descriptor the worker gets too, core._passed_fd() there) */
 static int fs_fork(lua_State *L) {
   size_t mlen;
   const char *msg = luaL_checklstring(L, 1, &mlen);
   int daemon = lua_toboolean(L, 2);
   const char *path = luaL_optstring(L, 3, NULL), *cpath = luaL_optstring(L, 4, NULL);
+  int passfd = (int)luaL_optinteger(L, 5, -1);
   mp_arena_ensure(L);
   if (!mp_proc_reserve()) return luaL_error(L, "cannot start a process: out of memory");
   uint64_t token = mp_proc_prefork(L);  /* (may raise: before the lock) */
   char err[256];
   const char *why = NULL;
   pid_t pid = -1;
+  int builtin = uses_builtin(L);
+  int life[2];  /* the worker's lifeline: the read end goes with the request */
+  if (pipe2(life, O_CLOEXEC) != 0) {
+    mp_proc_parent(token, -1);
+    return mp_pusherrno(L, "cannot start a process with the forkserver (its lifeline pipe)");
+  }
   pthread_mutex_lock(&fs.lock);
   for (int attempt = 0; attempt < 2; attempt++) {
-    why = fs_start_locked(L, path, cpath, err, sizeof err);
+    why = fs_start_locked(L, path, cpath, builtin, err, sizeof err);
     if (why) break;
-    int r = fs_request(L, msg, mlen, daemon, token, &pid, &why);
+    int r = fs_request(L, msg, mlen, daemon, token, life[0], passfd, &pid, &why);
     if (r == 1) { why = NULL; break; }
     if (r < 0) break;
     kill(fs.pid, SIGKILL);  /* gone or stuck: a new one (the exit handler reaps this one) */
     fs_forget();
     why = why ? why : "the forkserver died";
   }
-  if (!why) mp_proc_track(pid, daemon);
+  close(life[0]);
+  if (!why) mp_proc_track(pid, daemon, life[1]);
+  else close(life[1]);
   pthread_mutex_unlock(&fs.lock);
   mp_proc_parent(token, why ? -1 : pid);
   if (why) {
@@ -683,6 +768,15 @@ static int fs_fork(lua_State *L) {
     return 2;
   }
   lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* core._passed_fd() -> fd | nil: what the parent passed with this child's start
+** (once: the caller owns it) */
+static int fs_passed_fd(lua_State *L) {
+  if (passed_fd < 0) { lua_pushnil(L); return 1; }
+  lua_pushinteger(L, passed_fd);
+  passed_fd = -1;
   return 1;
 }
 
@@ -722,7 +816,7 @@ LMP_API int lmp_forkserver_start(void) {
   if (r != LUA_OK) { errno = ENOMEM; return -1; }
   char err[256];
   pthread_mutex_lock(&fs.lock);
-  const char *why = fs_start_locked(NULL, NULL, NULL, err, sizeof err);
+  const char *why = fs_start_locked(NULL, NULL, NULL, uses_builtin(NULL), err, sizeof err);
   pthread_mutex_unlock(&fs.lock);
   if (why) { fprintf(stderr, "lmp_forkserver_start: %s\n", why); errno = ECHILD; return -1; }
   return 0;
@@ -734,6 +828,7 @@ static void fs_after_fork(void) {
   if (fs.fd >= 0) close(fs.fd);
   fs.fd = -1, fs.pid = 0, fs.owner = 0;
   pthread_mutex_init(&fs.lock, NULL);
+  passed_fd = -1;  /* (a forkserver worker's is set after this) */
 }
 
 int mp_forkserver_open(lua_State *L) {
@@ -741,7 +836,7 @@ int mp_forkserver_open(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"_startmsg", fs_startmsg}, {"_startdecode", fs_startdecode}, {"_spawn", fs_spawn},
     {"_attach", fs_attach}, {"_forkserver_start", fs_start}, {"_forkserver_fork", fs_fork},
-    {"_forkserver_pid", fs_pid}, {"_forkserver_stop", fs_stop}, {"_threads", fs_threads}, {NULL, NULL}
+    {"_forkserver_pid", fs_pid}, {"_forkserver_stop", fs_stop}, {"_threads", fs_threads}, {"_passed_fd", fs_passed_fd}, {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
   return 0;

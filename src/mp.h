@@ -303,9 +303,15 @@ uint64_t mp_arena_size(void);
 const char *mp_arena_attach(int fd, uint64_t addr, uint64_t size, uint64_t token);
 /* process.c: a child forked elsewhere (spawn, forkserver) is tracked as
 ** core.fork's are: mp_proc_reserve before it starts (may fail: 0), then
-** mp_proc_track once its pid is known. */
+** mp_proc_track once its pid is known, with the write end of its lifeline
+** (see proc_fork; -1: none), which the child arms with mp_lifeline_arm (it
+** _exits if its parent is gone already). mp_proc_watch: a spawned process
+** takes the lifeline its parent armed before exec as its own. */
 int mp_proc_reserve(void);
-void mp_proc_track(pid_t pid, int daemon);
+void mp_proc_track(pid_t pid, int daemon, int lifeline);
+void mp_lifeline_arm(int fd, int sig);
+void mp_proc_watch(int fd);
+int mp_layer_builtin(void);                /* capi.c: the Lua layer is built into this library */
 int mp_forkserver_open(lua_State *L);
 /* pthread_atfork(NULL, NULL, child), and run in a forkserver's workers too
 ** (cloned without glibc's fork, so its handlers do not run there): every

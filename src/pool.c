@@ -1,5 +1,7 @@
 /* pool.c: the shared state of a Pool (one record per worker) and shared blobs. */
 #include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -74,6 +76,50 @@ typedef struct pshandle {
 
 static mp_handle *ps_check(lua_State *L) { return mp_checkopen(L, 1, MP_CLASSES(POOLSTATE)); }
 
+static void close_fd(int *fd) {
+  if (*fd >= 0) { close(*fd); *fd = -1; }
+}
+
+/* The handles of this process that hold descriptors, so that a child (forked by
+** anyone: mp.Process, the host) closes its copies of them: a pool's eventfd,
+** epoll set, timer and pidfds are its parent's. A pool's own forked worker keeps
+** its pool's eventfd (it signals through it): pool.lua names that pool with
+** st:forking(true) just before forking. Slots are written under reg_lock; the
+** child's handler reads them without it (a copy, single-threaded). */
+#define MAXREG 256
+static pshandle *_Atomic reg[MAXREG];
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static pshandle *_Atomic forking;
+static int reg_set;
+
+static void ps_after_fork(void) {
+  pshandle *keep = forking;
+  forking = NULL;
+  for (int i = 0; i < MAXREG; i++) {
+    pshandle *ph = reg[i];
+    if (!ph) continue;
+    close_fd(&ph->epfd);
+    close_fd(&ph->tfd);
+    for (int k = 0; k < ph->nslots; k++) close_fd(&ph->pidfd[k]);
+    if (ph != keep) close_fd(&ph->efd);
+  }
+  pthread_mutex_init(&reg_lock, NULL);
+}
+
+static void ps_register(pshandle *ph) {
+  if (!reg_set) { reg_set = 1; mp_atfork(ps_after_fork); }
+  pthread_mutex_lock(&reg_lock);
+  for (int i = 0; i < MAXREG; i++) if (!reg[i]) { reg[i] = ph; break; }  /* (full: not closed in children) */
+  pthread_mutex_unlock(&reg_lock);
+}
+
+static void ps_unregister(pshandle *ph) {
+  pthread_mutex_lock(&reg_lock);
+  for (int i = 0; i < MAXREG; i++) if (reg[i] == ph) { reg[i] = NULL; break; }
+  if (forking == ph) forking = NULL;
+  pthread_mutex_unlock(&reg_lock);
+}
+
 static wrec *ps_rec(lua_State *L, mp_handle *h, int arg) {
   pstate *ps = MP_PTR(h->off);
   lua_Integer i = luaL_checkinteger(L, arg);
@@ -98,7 +144,37 @@ static int ps_new(lua_State *L) {
   h->pid = getpid();
   /* (without it, pool:fileno() fails; everything else works) */
   ph->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (ph->efd >= 0) ps_register(ph);
   return 1;
+}
+
+/* st:forking(on): the next fork (core.fork, on this thread) makes a worker of
+** this pool, which keeps its eventfd; every other child closes it */
+static int ps_forking(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  forking = lua_toboolean(L, 2) ? ph : NULL;
+  return 0;
+}
+
+/* st:eventfd() -> fd | nil: the eventfd a worker started by spawn or the
+** forkserver gets with its start (see forkserver.c: the descriptor is passed) */
+static int ps_eventfd(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  if (ph->efd >= 0 && ph->h.pid == getpid()) lua_pushinteger(L, ph->efd);
+  else lua_pushnil(L);
+  return 1;
+}
+
+/* st:adopt_eventfd(fd): in such a worker, the decoded handle takes the passed
+** eventfd as its own (closed with it, and in its children) */
+static int ps_adopt_eventfd(lua_State *L) {
+  pshandle *ph = (pshandle *)ps_check(L);
+  int fd = (int)luaL_checkinteger(L, 2);
+  luaL_argcheck(L, fd >= 0 && ph->efd < 0, 2, "no descriptor to adopt");
+  fcntl(fd, F_SETFD, FD_CLOEXEC);
+  ph->efd = fd;
+  ps_register(ph);
+  return 0;
 }
 
 static uint32_t *flag_at(lua_State *L, int arg) {
@@ -386,10 +462,6 @@ static int ps_info(lua_State *L) {
 
 /* ------------------------------------------------------------ readiness */
 
-static void close_fd(int *fd) {
-  if (*fd >= 0) close(*fd);
-  *fd = -1;
-}
 
 static void ps_write(int fd) {
   uint64_t one = 1;
@@ -514,6 +586,7 @@ static int ps_close(lua_State *L) {
   pshandle *ph = (pshandle *)h;
   uint64_t off = h->off;
   h->off = 0;
+  ps_unregister(ph);
   close_fd(&ph->epfd);  /* (first: the set goes, and with it what it watched) */
   close_fd(&ph->tfd);
   close_fd(&ph->efd);
@@ -694,7 +767,8 @@ int mp_pool_open(lua_State *L) {
     {"get_task", ps_get_task}, {"done", ps_done}, {"claimed", ps_claimed},
     {"release", ps_release}, {"info", ps_info}, {"close", ps_close},
     {"watch", ps_watch}, {"watch_pid", ps_watch_pid}, {"unwatch_pid", ps_unwatch_pid},
-    {"clear", ps_clear}, {"signal", ps_signal}, {"forget", ps_forget}, {NULL, NULL}
+    {"clear", ps_clear}, {"signal", ps_signal}, {"forget", ps_forget},
+    {"forking", ps_forking}, {"eventfd", ps_eventfd}, {"adopt_eventfd", ps_adopt_eventfd}, {NULL, NULL}
   };
   static const luaL_Reg meta[] = { {"__gc", ps_close}, {"__close", ps_close}, {NULL, NULL} };
   mp_newclass(L, POOLSTATE, methods, meta);

@@ -504,6 +504,12 @@ int mp_proc_reserve(void) {
   return kids_reserve();
 }
 
-void mp_proc_track(pid_t pid, int daemon) { track(pid, daemon, -1); }
+void mp_proc_track(pid_t pid, int daemon, int lifeline) { track(pid, daemon, lifeline); }
+
+/* a child started elsewhere: fd is its lifeline's read end, armed already
+** (mp_lifeline_arm in the child of spawn's fork, before exec) or to arm now */
+void mp_proc_watch(int fd) { watch_fd = fd; }
+
+void mp_lifeline_arm(int fd, int sig) { arm_lifeline(fd, sig); }
 
 void mp_proc_reset(void) { nkids = 0; mainpid = getpid(); }

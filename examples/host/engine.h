@@ -1,8 +1,8 @@
 /* engine.h: the pieces of a game-engine-like host shared by examples/host/host.c
 ** and bench/host_frames.c: a render thread that holds the scene's mutex most of
 ** the time, host C functions that tasks call (registered with lmp_register), the
-** forkserver when the library has it, and a Lua driver that submits work every
-** few frames and drives the pool every frame. See docs/embedding.md. */
+** forkserver (lmp_forkserver_start), and a Lua driver that submits work every few
+** frames and drives the pool every frame with pool:poll. See docs/embedding.md. */
 #ifndef ENGINE_H
 #define ENGINE_H
 
@@ -18,9 +18,6 @@
 #include "lauxlib.h"
 #include "lualib.h"
 #include "multiprocessing.h"
-
-/* The forkserver is optional: a library built without it leaves the symbol NULL. */
-#pragma weak lmp_forkserver_start
 
 static double now(void) {
   struct timespec ts;
@@ -90,24 +87,35 @@ static int engine_now(lua_State *L) {
   return 1;
 }
 
-/* Registers the host functions (before any Pool) and starts the forkserver if the
-** library has one (before any thread); without it, installs the atfork handlers.
-** want: "fork" to use fork even then. Returns the start method the Lua driver
-** should use. */
+/* Engine.cpu(): this thread's CPU seconds (the library's calls without the time the
+** thread waited for a core: the machine may have fewer cores than busy threads) */
+static int engine_cpu(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
+  return 1;
+}
+
+/* Registers the host functions (before any Pool) and starts the forkserver (before
+** any thread); want "fork": no forkserver, the atfork handlers instead. Returns
+** the start method the Lua driver should use. */
 static const char *engine_init(const char *want) {
   /* every C function of the Engine table: a task that reads Engine gets the whole
   ** table sent (with the forkserver or spawn it has no copy of its own) */
   if (lmp_register("Engine.Math.sum", math_sum) != 0 || lmp_register("Engine.Scene.scale", scene_scale_get) != 0 ||
-      lmp_register("Engine.now", engine_now) != 0) {
+      lmp_register("Engine.now", engine_now) != 0 || lmp_register("Engine.cpu", engine_cpu) != 0) {
     perror("lmp_register");
     exit(1);
   }
-  if (!(want && strcmp(want, "fork") == 0) && lmp_forkserver_start) {
-    if (lmp_forkserver_start() == 0) return "forkserver";
-    perror("lmp_forkserver_start");  /* then fork, as below */
+  if (want && strcmp(want, "fork") == 0) {
+    pthread_atfork(scene_prepare, scene_release, scene_release);
+    return "fork";
   }
-  pthread_atfork(scene_prepare, scene_release, scene_release);
-  return "fork";
+  if (lmp_forkserver_start() != 0) {
+    perror("lmp_forkserver_start");
+    exit(1);
+  }
+  return "forkserver";
 }
 
 /* A Lua state with the library (no .lua file needed) and the global Engine. */
@@ -125,12 +133,14 @@ static lua_State *engine_lua(void) {
   lua_pushcfunction(L, scene_scale_get); lua_setfield(L, -2, "scale");
   lua_setfield(L, -2, "Scene");
   lua_pushcfunction(L, engine_now); lua_setfield(L, -2, "now");
+  lua_pushcfunction(L, engine_cpu); lua_setfield(L, -2, "cpu");
   lua_setglobal(L, "Engine");
   return L;
 }
 
 /* The Lua side: D.start(method, processes), D.frame(i) -> seconds spent in the
-** library this frame, D.finish(timeout) -> results checked, D.pool_seconds. */
+** library this frame (wall, and this thread's CPU), D.finish(timeout) -> results
+** checked, D.pool_seconds. */
 static const char DRIVER[] =
   "local mp = require 'multiprocessing'\n"
   "local D, pool, pending, head = {}, nil, {}, 1\n"
@@ -155,45 +165,46 @@ static const char DRIVER[] =
   "end\n"
   "function D.start(method, processes)\n"
   "  local opts = { processes = processes }\n"
-  "  if method ~= 'fork' and mp.set_start_method then opts.start_method = method end\n"
+  "  if method ~= 'fork' then opts.start_method = method end\n"
   "  local t0 = Engine.now()\n"
   "  pool = mp.Pool(opts)\n"
   "  D.pool_seconds = Engine.now() - t0\n"
   "end\n"
-  "-- results arrive through callbacks, delivered by whichever drives the pool:\n"
-  "-- pool:poll(budget) where the library has it, else the oldest result's ready()\n"
-  "local function drive()\n"
-  "  if pool.poll then pool:poll(0.0005) elseif pending[head] then pending[head].ar:ready() end\n"
+  "-- results arrive through callbacks, delivered by pool:poll within its budget: the\n"
+  "-- library gets FRAME_BUDGET seconds a frame, less what submitting took already\n"
+  "local FRAME_BUDGET, MIN_POLL = 0.0004, 0.0001\n"
+  "local function drive(spent)\n"
+  "  pool:poll(math.max(MIN_POLL, FRAME_BUDGET - (spent or 0)))\n"
   "  while pending[head] and pending[head].done do pending[head] = nil; head = head + 1 end\n"
   "end\n"
   "local errs = {}\n"
   "local function settle(p, ok, e) if not ok then errs[#errs + 1] = tostring(e) end; p.done = true end\n"
   "local function failed(p) return function(e) settle(p, false, 'a task failed: ' .. tostring(e)) end end\n"
   "function D.frame(i)\n"
-  "  local lib = 0\n"
+  "  local lib, cpu = 0, 0\n"
   "  if i % APPLY_EVERY == 0 then\n"
   "    local t, p = input(i), { seed = i }\n"
-  "    local t0 = Engine.now()\n"
+  "    local t0, c0 = Engine.now(), Engine.cpu()\n"
   "    p.ar = pool:apply_async(task, { t }, { error_callback = failed(p),\n"
   "      callback = function(r) settle(p, pcall(check, r, p.seed)) end })\n"
-  "    lib = lib + Engine.now() - t0\n"
+  "    lib, cpu = lib + Engine.now() - t0, cpu + Engine.cpu() - c0\n"
   "    pending[#pending + 1] = p\n"
   "    submitted = submitted + 1\n"
   "  end\n"
   "  if i % MAP_EVERY == 0 then\n"
   "    local items, p = {}, { seeds = {} }\n"
   "    for j = 1, MAP_ITEMS do p.seeds[j] = i * 100 + j; items[j] = input(p.seeds[j]) end\n"
-  "    local t0 = Engine.now()\n"
+  "    local t0, c0 = Engine.now(), Engine.cpu()\n"
   "    p.ar = pool:map_async(task, items, { chunksize = 1, error_callback = failed(p), callback = function(rs)\n"
   "      settle(p, pcall(function() for j = 1, MAP_ITEMS do check(rs[j], p.seeds[j]) end end))\n"
   "    end })\n"
-  "    lib = lib + Engine.now() - t0\n"
+  "    lib, cpu = lib + Engine.now() - t0, cpu + Engine.cpu() - c0\n"
   "    pending[#pending + 1] = p\n"
   "    submitted = submitted + MAP_ITEMS\n"
   "  end\n"
-  "  local t0 = Engine.now()\n"
-  "  drive()\n"
-  "  return lib + Engine.now() - t0\n"
+  "  local t0, c0 = Engine.now(), Engine.cpu()\n"
+  "  drive(cpu)\n"
+  "  return lib + Engine.now() - t0, cpu + Engine.cpu() - c0\n"
   "end\n"
   "function D.finish(timeout)\n"
   "  local deadline = Engine.now() + timeout\n"
@@ -231,15 +242,17 @@ static void driver_load(lua_State *L) {
   lua_setfield(L, LUA_REGISTRYINDEX, "engine.driver");
 }
 
-/* Runs nframes frames at 60 Hz; lib[i]: seconds spent in the library in frame i. */
-static void run_frames(lua_State *L, int nframes, double *lib) {
+/* Runs nframes frames at 60 Hz; lib[i], cpu[i]: seconds spent in the library in
+** frame i, wall and this thread's CPU (cpu may be NULL). */
+static void run_frames(lua_State *L, int nframes, double *lib, double *cpu) {
   double next = now();
   for (int i = 1; i <= nframes; i++) {
     next += 1.0 / 60;
     lua_pushinteger(L, i);
-    driver_call(L, "frame", 1, 1);
-    lib[i - 1] = lua_tonumber(L, -1);
-    lua_pop(L, 1);
+    driver_call(L, "frame", 1, 2);
+    lib[i - 1] = lua_tonumber(L, -2);
+    if (cpu) cpu[i - 1] = lua_tonumber(L, -1);
+    lua_pop(L, 2);
     sleep_until(next);  /* the rest of the frame is the host's */
   }
 }

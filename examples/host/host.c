@@ -10,7 +10,7 @@
 
 int main(void) {
   /* 1. Before threads and before the heap grows: register the host functions
-  **    tasks may call, and start the forkserver (when the library has it). */
+  **    tasks may call, and start the forkserver (HOST_START_METHOD=fork: none). */
   const char *method = engine_init(getenv("HOST_START_METHOD"));
 
   /* 2. The host's threads. */
@@ -42,7 +42,7 @@ int main(void) {
 
   /* 4. The frame loop. */
   double lib[FRAMES];
-  run_frames(L, FRAMES, lib);
+  run_frames(L, FRAMES, lib, NULL);
   lua_pushnumber(L, 20);
   driver_call(L, "finish", 1, 1);
   long checked = (long)lua_tointeger(L, -1);

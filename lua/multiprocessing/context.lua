@@ -83,16 +83,16 @@ end
 
 -- Starts a child by method (not fork) with the start message v: { module, entry,
 -- payload } (multiprocessing.spawn calls require(module)[entry](payload)).
--- The pid, or nil and the reason (a value that cannot be sent, an OS failure).
-function M._start(method, v, daemon)
+-- fd: a descriptor the child gets too (core._passed_fd() there). The pid, or nil and the reason (a value that cannot be sent, an OS failure).
+function M._start(method, v, daemon, fd)
   local ok, msg = pcall(core._startmsg, v)
   if not ok then return nil, (tostring(msg):gsub("^[^\n]-:%d+: ", "")) end
   local pid, err, started
   if method == "spawn" then
-    pid, err, started = core._spawn(M.get_executable(), msg, daemon, package.path, package.cpath)
+    pid, err, started = core._spawn(M.get_executable(), msg, daemon, package.path, package.cpath, fd)
     if started then core.kill(started, 9) core.waitpid(started, 20) end  -- (one that could not run)
   else
-    pid, err = core._forkserver_fork(msg, daemon, package.path, package.cpath)
+    pid, err = core._forkserver_fork(msg, daemon, package.path, package.cpath, fd)
   end
   if not pid then pcall(core._startdecode, msg) end  -- its handles' references go with the decoded copy
   return pid, err

@@ -259,6 +259,8 @@ end
 -- carries what worker_main reads of its pool
 function M._worker_main(pl)
   process._from_parent(pl.parent)
+  local efd = core._passed_fd()  -- the pool's eventfd (pool:fileno), passed with the start
+  if efd then pl.st:adopt_eventfd(efd) end
   worker_main({ _tasks = pl.tasks, _results = pl.results, _st = pl.st, _initializer = pl.initializer,
     _initargs = pl.initargs, _maxtasks = pl.maxtasks, _n = pl.n }, pl.i)
 end
@@ -278,9 +280,12 @@ end
 -- (they wait for work, so a waiting exit would hang forever).
 local function start_worker(self, i)
   local me = process.current_process()
+  self._st:forking(true)  -- (spawn's child keeps the eventfd until exec)
   local pid, err = context._start(self._method, { module = "multiprocessing.pool", entry = "_worker_main", payload = {
     i = i, tasks = self._tasks, results = self._results, st = self._st, initializer = self._initializer,
-    initargs = self._initargs, maxtasks = self._maxtasks, n = self._n, parent = { me.name, me.pid } } }, true)
+    initargs = self._initargs, maxtasks = self._maxtasks, n = self._n, parent = { me.name, me.pid } } }, true,
+    self._st:eventfd())
+  self._st:forking(false)
   if not pid then error("cannot start a pool worker: " .. tostring(err), 0) end
   self._workers[i] = { pid = pid, ready = false }
 end
@@ -288,7 +293,9 @@ end
 local function spawn(self, i)
   self._st:release(i)
   if self._method then return start_worker(self, i) end
+  self._st:forking(true)  -- this child keeps the pool's eventfd; other children close it
   local pid, err = core.fork(true)
+  if pid ~= 0 then self._st:forking(false) end
   if not pid then error("cannot start a pool worker: " .. tostring(err), 0) end
   if pid == 0 then
     local ok, e = pcall(worker_main, self, i)
