@@ -6,7 +6,8 @@
 #   DESTDIR     staging root for packagers        (empty)
 #   LUA_CMOD    install dir of C modules          ($(PREFIX)/lib/x86_64-linux-gnu/lua/5.4 style: $(PREFIX)/lib/lua/5.4)
 #   LUA_LMOD    install dir of Lua modules        ($(PREFIX)/share/lua/5.4)
-#   LIBS        libraries the core links          (-lcrypto: OpenSSL's, for Listener/Client's HMAC)
+#   LIBS        extra libraries the core links    (none: libcrypto and libhiredis are dlopened
+#               at first use, src/dynlib.h; on glibc < 2.34 give LIBS=-ldl)
 LUA        ?= lua5.4
 LUA_INCDIR ?= /usr/include/lua5.4
 BUSTED     ?= busted
@@ -20,7 +21,7 @@ CFLAGS     ?= $(OPT) -g
 WARN        = -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 ALL_CFLAGS  = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR)
 LDFLAGS    ?=
-LIBS       ?= -lhiredis -lcrypto
+LIBS       ?=
 SRC        := $(wildcard src/*.c)
 HDR        := $(wildcard src/*.h) include/multiprocessing.h
 LUASRC     := $(wildcard lua/multiprocessing/*.lua lua/multiprocessing/*/*.lua)
