@@ -138,9 +138,9 @@ clean:
 # so the aarch64 one is written here rather than installing arm64 packages.
 # OpenSSL's headers are the host's too (linked one by one, without the rest of
 # /usr/include): its two per-architecture headers only say which features were
-# built and that longs are 64-bit, the same on aarch64. No arm64 libcrypto is
-# installed, so the object is linked without -lcrypto (a shared object may leave
-# symbols to the loader): this build checks that the sources compile.
+# built and that longs are 64-bit, the same on aarch64. The core links neither
+# libcrypto nor hiredis (src/dynlib.c opens them at run time), so no arm64 library
+# is needed: this build checks that the sources compile and link.
 cross: deps
 	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || MP_NEED_EXTRA=gcc-aarch64-linux-gnu sh scripts/deps.sh
 	@mkdir -p build/cross/include/openssl
