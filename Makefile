@@ -6,7 +6,8 @@
 #   DESTDIR     staging root for packagers        (empty)
 #   LUA_CMOD    install dir of C modules          ($(PREFIX)/lib/x86_64-linux-gnu/lua/5.4 style: $(PREFIX)/lib/lua/5.4)
 #   LUA_LMOD    install dir of Lua modules        ($(PREFIX)/share/lua/5.4)
-#   LIBS        libraries the core links          (-lcrypto: OpenSSL's, for Listener/Client's HMAC)
+#   LIBS        extra libraries the core links    (none: libcrypto and libhiredis are dlopened
+#               at first use, src/dynlib.h; on glibc < 2.34 give LIBS=-ldl)
 LUA        ?= lua5.4
 LUA_INCDIR ?= /usr/include/lua5.4
 BUSTED     ?= busted
@@ -20,7 +21,7 @@ CFLAGS     ?= $(OPT) -g
 WARN        = -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 ALL_CFLAGS  = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR)
 LDFLAGS    ?=
-LIBS       ?= -lhiredis -lcrypto
+LIBS       ?=
 SRC        := $(wildcard src/*.c)
 HDR        := $(wildcard src/*.h) include/multiprocessing.h
 LUASRC     := $(wildcard lua/multiprocessing/*.lua lua/multiprocessing/*/*.lua)
@@ -137,9 +138,9 @@ clean:
 # so the aarch64 one is written here rather than installing arm64 packages.
 # OpenSSL's headers are the host's too (linked one by one, without the rest of
 # /usr/include): its two per-architecture headers only say which features were
-# built and that longs are 64-bit, the same on aarch64. No arm64 libcrypto is
-# installed, so the object is linked without -lcrypto (a shared object may leave
-# symbols to the loader): this build checks that the sources compile.
+# built and that longs are 64-bit, the same on aarch64. The core links neither
+# libcrypto nor hiredis (src/dynlib.c opens them at run time), so no arm64 library
+# is needed: this build checks that the sources compile and link.
 cross: deps
 	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || MP_NEED_EXTRA=gcc-aarch64-linux-gnu sh scripts/deps.sh
 	@mkdir -p build/cross/include/openssl

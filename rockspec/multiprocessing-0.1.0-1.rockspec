@@ -19,9 +19,11 @@ supported_platforms = { "linux" }
 dependencies = {
   "lua >= 5.4, < 5.5",
 }
+-- headers only: the core opens libcrypto and libhiredis itself at their first use (dlopen,
+-- src/dynlib.h); at run time Debian's libssl3 and libhiredis0.14 (the -dev packages' dependencies)
 external_dependencies = {
-  OPENSSL = { header = "openssl/hmac.h", library = "crypto" },
-  HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
+  OPENSSL = { header = "openssl/hmac.h" },
+  HIREDIS = { header = "hiredis/hiredis.h" },
 }
 build = {
   type = "builtin",
@@ -48,14 +50,13 @@ build = {
     ["multiprocessing.spawn"] = "lua/multiprocessing/spawn.lua",
     ["multiprocessing.core"] = {
       sources = {
-        "src/arena.c", "src/capi.c", "src/codec.c", "src/core.c", "src/forkserver.c", "src/pipe.c", "src/pool.c",
+        "src/arena.c", "src/capi.c", "src/codec.c", "src/core.c", "src/dynlib.c", "src/forkserver.c", "src/pipe.c", "src/pool.c",
         "src/process.c", "src/queue.c", "src/redis.c", "src/shared.c", "src/shm.c", "src/socket.c", "src/sync.c", "src/wait.c",
       },
+      -- the headers of OpenSSL's libcrypto (Debian: libssl-dev), for the HMACs of Listener/Client
+      -- and the Pool on Redis, and of hiredis (Debian: libhiredis-dev), its Redis client; the
+      -- libraries are not linked (a fresh require maps neither, and forks copy none of their pages)
       incdirs = { "src", "$(OPENSSL_INCDIR)", "$(HIREDIS_INCDIR)" },
-      libdirs = { "$(OPENSSL_LIBDIR)", "$(HIREDIS_LIBDIR)" },
-      -- OpenSSL's libcrypto (Debian: libssl-dev), for the HMACs of Listener/Client and the
-      -- Pool on Redis; hiredis (Debian: libhiredis-dev), its Redis client
-      libraries = { "crypto", "hiredis" },
     },
   },
 }

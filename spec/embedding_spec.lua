@@ -152,7 +152,7 @@ local function setup_host()
   f:write(HOST_C)
   f:close()
   host = dir .. "/host"
-  code, out = sh(("%s -std=gnu11 -Wall -Wextra -Werror %s -Iinclude -I/usr/include/lua5.4 -o %s %s/host.c %s -llua5.4 -lhiredis -lcrypto -lpthread -lm")
+  code, out = sh(("%s -std=gnu11 -Wall -Wextra -Werror %s -Iinclude -I/usr/include/lua5.4 -o %s %s/host.c %s -llua5.4 -lpthread -lm")
     :format(CC, asan and "-fsanitize=address,undefined" or "", host, dir, lib))
   assert(code == 0, "building the host failed:\n" .. out)
 end

@@ -36,15 +36,15 @@
 #include <strings.h>
 #include <sys/time.h>
 
-#include <hiredis/hiredis.h>
 #include <openssl/core_names.h>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/params.h>
-
 #include <unistd.h>
 
-#include "mp.h"
+#include "dynlib.h"
+
+/* hiredis and libcrypto, opened by the first redis_connect and signer (dynlib.h): every
+** Redis and Signer object was made after, so their methods call through these tables */
+#define HI mp_libhiredis
+#define CR mp_libcrypto
 
 #define REDIS_CLASS "multiprocessing.Redis"
 #define SIGNER_CLASS "multiprocessing.Signer"
@@ -83,6 +83,7 @@ static int redis_connect(lua_State *L) {
   double t = luaL_optnumber(L, 3, 5.0);
   luaL_argcheck(L, port > 0 && port < 65536, 2, "port out of range");
   luaL_argcheck(L, t > 0 && t == t, 3, "timeout must be a positive number");
+  mp_hiredis(L, "Redis connection");
   mp_redis *r = lua_newuserdatauv(L, sizeof *r, 1);
   r->c = NULL;
   r->pending = 0;
@@ -91,16 +92,16 @@ static int redis_connect(lua_State *L) {
   r->owner = getpid();
   luaL_setmetatable(L, REDIS_CLASS);
   struct timeval tv = to_tv(t);
-  redisContext *c = lua_isstring(L, 4) ? redisConnectUnixWithTimeout(lua_tostring(L, 4), tv)
-                                       : redisConnectWithTimeout(host, (int)port, tv);
+  redisContext *c = lua_isstring(L, 4) ? HI.redisConnectUnixWithTimeout(lua_tostring(L, 4), tv)
+                                       : HI.redisConnectWithTimeout(host, (int)port, tv);
   if (!c) { lua_pushnil(L); lua_pushliteral(L, "cannot allocate a Redis context"); return 2; }
   if (c->err) {
     lua_pushnil(L);
     lua_pushfstring(L, "cannot connect to %s:%d: %s", host, (int)port, c->errstr);
-    redisFree(c);
+    HI.redisFree(c);
     return 2;
   }
-  redisSetTimeout(c, tv);
+  HI.redisSetTimeout(c, tv);
   r->c = c;
   return 1;
 }
@@ -137,7 +138,7 @@ static int conn_fault(lua_State *L, mp_redis *r) {
                         ? "timed out waiting for Redis" : r->c->errstr[0] ? r->c->errstr : "connection lost";
   lua_pushnil(L);
   lua_pushstring(L, why);
-  redisFree(r->c);
+  HI.redisFree(r->c);
   r->c = NULL;
   return 2;
 }
@@ -182,10 +183,10 @@ static int drain(lua_State *L, mp_redis *r) {
   lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
   while (r->pending > 0) {
     void *v = NULL;
-    if (redisGetReply(r->c, &v) != REDIS_OK || !v) { lua_pop(L, 1); return 0; }
+    if (HI.redisGetReply(r->c, &v) != REDIS_OK || !v) { lua_pop(L, 1); return 0; }
     r->pending--;
     push_reply(L, v, 0);
-    freeReplyObject(v);
+    HI.freeReplyObject(v);
     lua_rawseti(L, -2, ++n);
   }
   lua_pop(L, 1);
@@ -202,10 +203,10 @@ static int redis_send(lua_State *L) {
   size_t lv[SMALLARGS], *lens = lv;
   argbuf(L, top - 1, &argv, &lens);
   int n = collect(L, 0, 2, top, argv, lens, 0);
-  if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
+  if (HI.redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
   int done = 0;
   do {
-    if (redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
+    if (HI.redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
   } while (!done);
   r->pending++;
   lua_pushboolean(L, 1);
@@ -224,10 +225,10 @@ static int redis_send_entry(lua_State *L) {
   if (!mac(s, c, cn, m, mn, md)) return luaL_error(L, "HMAC-SHA256 failed (OpenSSL)");
   const char *argv[] = { "XADD", c, "*", "m", m, "s", (const char *)md };
   size_t lens[] = { 4, cn, 1, 1, mn, 1, SIGLEN };
-  if (redisAppendCommandArgv(r->c, 7, argv, lens) != REDIS_OK) return conn_fault(L, r);
+  if (HI.redisAppendCommandArgv(r->c, 7, argv, lens) != REDIS_OK) return conn_fault(L, r);
   int done = 0;
   do {
-    if (redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
+    if (HI.redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
   } while (!done);
   r->pending++;
   lua_pushboolean(L, 1);
@@ -254,16 +255,16 @@ static int redis_call(lua_State *L) {
   size_t lv[SMALLARGS], *lens = lv;
   argbuf(L, top - 1, &argv, &lens);
   int n = collect(L, 0, 2, top, argv, lens, 0);
-  redisReply *y = redisCommandArgv(r->c, n, argv, lens);
+  redisReply *y = HI.redisCommandArgv(r->c, n, argv, lens);
   if (!y) return conn_fault(L, r);
   if (y->type == REDIS_REPLY_ERROR) {
     lua_pushnil(L);
     lua_pushlstring(L, y->str, y->len);
-    freeReplyObject(y);
+    HI.freeReplyObject(y);
     return 2;
   }
   push_reply(L, y, 0);
-  freeReplyObject(y);
+  HI.freeReplyObject(y);
   return 1;
 }
 
@@ -290,15 +291,15 @@ static int redis_pipeline(lua_State *L) {
     int top = lua_gettop(L);
     argbuf(L, (int)len, &argv, &lens);
     int n = collect(L, cmd, 1, (int)len, argv, lens, 1);
-    if (redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
+    if (HI.redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
     lua_settop(L, top - 1);  /* the buffer, if any, and the command */
   }
   lua_createtable(L, (int)ncmd, 1);
   for (lua_Integer k = 1; k <= ncmd; k++) {
     void *v = NULL;
-    if (redisGetReply(r->c, &v) != REDIS_OK || !v) return conn_fault(L, r);
+    if (HI.redisGetReply(r->c, &v) != REDIS_OK || !v) return conn_fault(L, r);
     push_reply(L, v, 0);
-    freeReplyObject(v);
+    HI.freeReplyObject(v);
     lua_rawseti(L, -2, k);
   }
   lua_pushinteger(L, ncmd);
@@ -310,7 +311,7 @@ static int redis_settimeout(lua_State *L) {
   mp_redis *r = toredis(L);
   double t = luaL_checknumber(L, 2);
   luaL_argcheck(L, t > 0 && t == t, 2, "timeout must be a positive number");
-  if (redisSetTimeout(r->c, to_tv(t)) != REDIS_OK) return conn_fault(L, r);
+  if (HI.redisSetTimeout(r->c, to_tv(t)) != REDIS_OK) return conn_fault(L, r);
   lua_settop(L, 1);
   return 1;
 }
@@ -318,10 +319,10 @@ static int redis_settimeout(lua_State *L) {
 static int redis_close(lua_State *L) {
   mp_redis *r = luaL_checkudata(L, 1, REDIS_CLASS);
   if (r->c) {
-    if (r->owner == getpid()) redisFree(r->c);
+    if (r->owner == getpid()) HI.redisFree(r->c);
     /* a forked copy lets the parent's socket be: its descriptor is closed, the context's
     ** memory is the copy's own and small; nothing is written to the peer */
-    else { close(r->c->fd); r->c->fd = -1; redisFree(r->c); }
+    else { close(r->c->fd); r->c->fd = -1; HI.redisFree(r->c); }
     r->c = NULL;
   }
   return 0;
@@ -353,15 +354,16 @@ static int signer_new(lua_State *L) {
   size_t kn;
   const char *k = luaL_checklstring(L, 1, &kn);
   luaL_argcheck(L, kn >= 32, 1, "a key of at least 32 bytes expected");
+  mp_crypto(L, "Signer");
   mp_signer *s = lua_newuserdatauv(L, sizeof *s, 0);
   s->ctx = NULL;
   luaL_setmetatable(L, SIGNER_CLASS);
-  if (!hmac_alg && !(hmac_alg = EVP_MAC_fetch(NULL, "HMAC", NULL)))
+  if (!hmac_alg && !(hmac_alg = CR.EVP_MAC_fetch(NULL, "HMAC", NULL)))
     return luaL_error(L, "HMAC is not available (OpenSSL)");
-  if (!(s->ctx = EVP_MAC_CTX_new(hmac_alg))) return luaL_error(L, "out of memory (OpenSSL)");
+  if (!(s->ctx = CR.EVP_MAC_CTX_new(hmac_alg))) return luaL_error(L, "out of memory (OpenSSL)");
   OSSL_PARAM params[] = {
-    OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0), OSSL_PARAM_construct_end()};
-  if (!EVP_MAC_init(s->ctx, (const unsigned char *)k, kn, params))
+    CR.OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0), CR.OSSL_PARAM_construct_end()};
+  if (!CR.EVP_MAC_init(s->ctx, (const unsigned char *)k, kn, params))
     return luaL_error(L, "HMAC-SHA256 cannot take the key (OpenSSL)");
   return 1;
 }
@@ -369,9 +371,9 @@ static int signer_new(lua_State *L) {
 /* HMAC-SHA256(key, ctx .. "\n" .. m) into md; 0 on an OpenSSL failure */
 static int mac(mp_signer *s, const char *c, size_t cn, const char *m, size_t mn, unsigned char *md) {
   size_t out = 0;
-  return EVP_MAC_init(s->ctx, NULL, 0, NULL) && EVP_MAC_update(s->ctx, (const unsigned char *)c, cn) &&
-         EVP_MAC_update(s->ctx, (const unsigned char *)"\n", 1) &&
-         EVP_MAC_update(s->ctx, (const unsigned char *)m, mn) && EVP_MAC_final(s->ctx, md, &out, SIGLEN) &&
+  return CR.EVP_MAC_init(s->ctx, NULL, 0, NULL) && CR.EVP_MAC_update(s->ctx, (const unsigned char *)c, cn) &&
+         CR.EVP_MAC_update(s->ctx, (const unsigned char *)"\n", 1) &&
+         CR.EVP_MAC_update(s->ctx, (const unsigned char *)m, mn) && CR.EVP_MAC_final(s->ctx, md, &out, SIGLEN) &&
          out == SIGLEN;
 }
 
@@ -388,7 +390,7 @@ static int signer_sign(lua_State *L) {
 static int good_sig(mp_signer *s, const char *c, size_t cn, const char *m, size_t mn, const char *sig, size_t sn) {
   unsigned char md[SIGLEN];
   if (!mac(s, c, cn, m, mn, md)) return 0;
-  return sn == SIGLEN && CRYPTO_memcmp(md, sig, SIGLEN) == 0;
+  return sn == SIGLEN && CR.CRYPTO_memcmp(md, sig, SIGLEN) == 0;
 }
 
 static int signer_verify(lua_State *L) {
@@ -402,7 +404,7 @@ static int signer_verify(lua_State *L) {
 
 static int signer_close(lua_State *L) {
   mp_signer *s = luaL_checkudata(L, 1, SIGNER_CLASS);
-  if (s->ctx) { EVP_MAC_CTX_free(s->ctx); s->ctx = NULL; }
+  if (s->ctx) { CR.EVP_MAC_CTX_free(s->ctx); s->ctx = NULL; }
   return 0;
 }
 
@@ -444,15 +446,15 @@ static int redis_entries(lua_State *L) {
   size_t lv[SMALLARGS], *lens = lv;
   argbuf(L, top - 3, &argv, &lens);
   int n = collect(L, 0, 4, top, argv, lens, 0);
-  redisReply *y = redisCommandArgv(r->c, n, argv, lens);
+  redisReply *y = HI.redisCommandArgv(r->c, n, argv, lens);
   if (!y) return conn_fault(L, r);
   if (y->type == REDIS_REPLY_ERROR) {
     lua_pushnil(L);
     lua_pushlstring(L, y->str, y->len);
-    freeReplyObject(y);
+    HI.freeReplyObject(y);
     return 2;
   }
-  if (y->type != REDIS_REPLY_ARRAY) { freeReplyObject(y); lua_pushboolean(L, 0); return 1; }
+  if (y->type != REDIS_REPLY_ARRAY) { HI.freeReplyObject(y); lua_pushboolean(L, 0); return 1; }
   /* XREAD's [[stream, [entry...]]...], or XCLAIM's [entry...] */
   redisReply *list = y;
   if (streams) list = (y->elements >= 1 && y->element[0]->type == REDIS_REPLY_ARRAY && y->element[0]->elements >= 2)
@@ -468,7 +470,7 @@ static int redis_entries(lua_State *L) {
   }
   lua_pushinteger(L, (lua_Integer)(2 * k));
   lua_setfield(L, t, "n");
-  freeReplyObject(y);
+  HI.freeReplyObject(y);
   return 1;
 }
 

@@ -7,6 +7,10 @@
 **                                        "tcp" (a: host, "" = any; b: port) -> Listener
 **   core.connect(kind, a, b, timeout, retry) -> Connection (pipe.c's class)
 **   core.hmac_sha256(key, msg), core.random_bytes(n), core.compare_digest(a, b)
+**   core.need_lib(name, who)             name "crypto" or "hiredis": opens it now (dynlib.h),
+**                                        or raises "<who>: cannot load <soname> (install ...)"
+** Only the HMAC needs libcrypto (opened at its first use): the random bytes are the
+** kernel's (getrandom), the comparison is here.
 **   core.poll_fds({fd...}, timeout)      -> {i...} of the readable ones
 ** Every wait polls in slices of SLICE_MS and ends on Ctrl-C (mp_hook_pending)
 ** with nil, "interrupted", on its deadline with nil, "timeout".
@@ -32,12 +36,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/rand.h>
+#include <sys/random.h>
 
-#include "mp.h"
+#include "dynlib.h"
 
 #define LISTENER "multiprocessing.Listener"
 #define SLICE_MS 50          /* blocking calls look for interrupts this often */
@@ -386,31 +387,53 @@ static int sock_hmac(lua_State *L) {
   const char *k = luaL_checklstring(L, 1, &kn);
   const char *m = luaL_checklstring(L, 2, &mn);
   luaL_argcheck(L, kn <= INT_MAX, 1, "key too long");
+  const mp_crypto_fns *cr = mp_crypto(L, "HMAC-SHA256");
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int n = 0;
-  if (!HMAC(EVP_sha256(), k, (int)kn, (const unsigned char *)m, mn, md, &n))
+  if (!cr->HMAC(cr->EVP_sha256(), k, (int)kn, (const unsigned char *)m, mn, md, &n))
     return luaL_error(L, "HMAC-SHA256 failed (OpenSSL)");
   lua_pushlstring(L, (const char *)md, n);
   return 1;
 }
 
-/* core.random_bytes(n) -> n bytes from OpenSSL's CSPRNG */
+/* core.random_bytes(n) -> n bytes from the kernel's CSPRNG (what OpenSSL seeds from) */
 static int sock_random(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
   luaL_argcheck(L, n >= 0 && n <= 4096, 1, "between 0 and 4096 bytes");
   unsigned char b[4096];
-  if (n > 0 && RAND_bytes(b, (int)n) != 1) return luaL_error(L, "cannot get random bytes (OpenSSL)");
+  size_t got = 0;
+  while (got < (size_t)n) {
+    ssize_t r = getrandom(b + got, (size_t)n - got, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return luaL_error(L, "cannot get random bytes: %s", strerror(errno));
+    got += (size_t)r;
+  }
   lua_pushlstring(L, (const char *)b, (size_t)n);
   return 1;
 }
 
-/* core.compare_digest(a, b) -> boolean, in a time that depends on the lengths only */
+/* core.compare_digest(a, b) -> boolean, in a time that depends on the lengths only
+** (every byte is read; the volatile keeps the compiler from stopping early) */
 static int sock_compare(lua_State *L) {
   size_t an, bn;
-  const char *a = luaL_checklstring(L, 1, &an);
-  const char *b = luaL_checklstring(L, 2, &bn);
-  lua_pushboolean(L, an == bn && CRYPTO_memcmp(a, b, an) == 0);
+  const unsigned char *a = (const unsigned char *)luaL_checklstring(L, 1, &an);
+  const unsigned char *b = (const unsigned char *)luaL_checklstring(L, 2, &bn);
+  volatile unsigned char d = an != bn;
+  if (an == bn)
+    for (size_t i = 0; i < an; i++) d |= (unsigned char)(a[i] ^ b[i]);
+  lua_pushboolean(L, d == 0);
   return 1;
+}
+
+/* core.need_lib(name, who): opens libcrypto ("crypto") or libhiredis ("hiredis") now, so that a
+** missing library is told at the user's call (who), not in the middle of a handshake */
+static int sock_need_lib(lua_State *L) {
+  static const char *const names[] = {"crypto", "hiredis", NULL};
+  int i = luaL_checkoption(L, 1, NULL, names);
+  const char *who = luaL_checkstring(L, 2);
+  if (i == 0) mp_crypto(L, who);
+  else mp_hiredis(L, who);
+  return 0;
 }
 
 /* ------------------------------------------------------------ poll */
@@ -469,7 +492,7 @@ int mp_socket_open(lua_State *L) {
   mp_newclass(L, LISTENER, methods, meta);
   static const luaL_Reg funcs[] = {
     {"listen", sock_listen}, {"connect", sock_connect}, {"hmac_sha256", sock_hmac},
-    {"random_bytes", sock_random}, {"compare_digest", sock_compare}, {"poll_fds", sock_poll_fds},
+    {"random_bytes", sock_random}, {"compare_digest", sock_compare}, {"need_lib", sock_need_lib}, {"poll_fds", sock_poll_fds},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -56,6 +56,8 @@ local function check_opts(opts, allowed, who)
   if key ~= nil and (type(key) ~= "string" or key == "") then
     error(("bad argument #2 to '%s' (authkey must be a non-empty string)"):format(who), 3)
   end
+  -- the handshake's HMAC needs libcrypto, opened at its first use: told here if missing
+  if key ~= nil then core.need_lib("crypto", "mp.connection." .. who) end
   local trust = opts.trust
   if trust ~= nil and trust ~= "all" and trust ~= "data" then
     error(("bad argument #2 to '%s' (trust must be \"all\" or \"data\", got %s)"):format(who, tostring(trust)), 3)

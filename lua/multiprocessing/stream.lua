@@ -125,6 +125,9 @@ end
 
 -- a connection, authenticated and on its database; raises a clear error naming `fname`
 function M.connect(u, fname, timeout)
+  -- hiredis and libcrypto (the signatures) are opened at their first use: told here if missing
+  core.need_lib("hiredis", fname)
+  core.need_lib("crypto", fname)
   local r, why = core.redis_connect(u.host, u.port, timeout or 5, u.unix)
   if not r then error(("%s: cannot reach Redis at %s: %s"):format(fname, u.url, why), 0) end
   local function must(...)
