@@ -996,6 +996,22 @@ static void release_last(uint64_t off, dtor_fn dtor) {
   if (died) sweep();
 }
 
+/* k references fewer (the caller holds them; k <= refs): the last one released.
+** The block's state is read before the count goes down: while a reference is
+** held, a block in use stays in use, and a released one (B_DEFERRED, on the
+** deferred list; B_RELEASED, on the pending stack, bound for that list) stays
+** where it is. Once its count is 0 a released one belongs to the sweep, which
+** frees it when nothing counts it (it may be freed and reused at once: it is
+** not touched again here). A released object counted again is one a fork's
+** uncounted copy of a handle sent on. */
+static inline void unref(uint64_t off, uint32_t k, dtor_fn dtor) {
+  mp_obj *o = MP_PTR(off);
+  uint64_t tag = __atomic_load_n(&BLK(off - sizeof(block))->tag, __ATOMIC_ACQUIRE);
+  if (__atomic_sub_fetch(&o->refs, k, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
+    return;
+  if (tag == TAG(B_USED)) release_last(off, dtor);
+}
+
 /* An object is freed when its last counted handle goes, unless it may still
 ** be reached another way: it was encoded (bytes may be in flight: kept for
 ** good), or a live process forked after it was made holds an uncounted copy
@@ -1003,27 +1019,23 @@ static void release_last(uint64_t off, dtor_fn dtor) {
 void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o)) {
   if (!off || pid != mypid) return;
   led_sub(off);
-  mp_obj *o = MP_PTR(off);
-  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
-    return;
-  release_last(off, dtor);
+  unref(off, 1, dtor);
 }
 
 void mp_obj_release(uint64_t off, pid_t pid) { mp_obj_release_with(off, pid, NULL); }
 
-void mp_obj_drop(uint64_t off, void (*dtor)(mp_obj *o)) {
-  mp_obj *o = MP_PTR(off);
-  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
-    return;
-  release_last(off, dtor);
-}
+void mp_obj_drop(uint64_t off, void (*dtor)(mp_obj *o)) { unref(off, 1, dtor); }
 
 /* n references of a dead process to what may be an object (its ledger says
-** so; checked all the same, as a decoded handle is): never more than it has */
+** so; checked all the same, as a decoded handle is): never more than it has.
+** An object in use or released (deferred, or pending for the deferred list:
+** counted again after its release, see unref); a free block is no object. */
 static void drop_many(uint64_t off, uint64_t n) {
   if (off < arena->start + sizeof(block) || off >= arena->top || off % 32) return;
   block *b = BLK(off - sizeof(block));
-  if (b->tag != TAG(B_USED) || b->size < sizeof(block) + sizeof(mp_obj)) return;
+  uint64_t tag = __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE);
+  if ((tag != TAG(B_USED) && tag != TAG(B_DEFERRED) && tag != TAG(B_RELEASED)) || b->size < sizeof(block) + sizeof(mp_obj))
+    return;
   mp_obj *o = MP_PTR(off);
   uint32_t r = __atomic_load_n(&o->refs, __ATOMIC_SEQ_CST), k;
   do {
@@ -1031,7 +1043,7 @@ static void drop_many(uint64_t off, uint64_t n) {
     k = n < r ? (uint32_t)n : r;
   } while (!__atomic_compare_exchange_n(&o->refs, &r, r - k, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
   if (r - k || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST)) return;
-  release_last(off, mp_obj_dtor(o->type));
+  if (tag == TAG(B_USED)) release_last(off, mp_obj_dtor(o->type));
 }
 
 /* Releases the references of the dead processes' ledgers (see ledgers). */
@@ -1061,31 +1073,6 @@ static void release_orphans(void) {
     mp_free(bo + sizeof(block));
   }
   busy = 0;
-}
-
-/* Binds an object to this process's life (a Manager client's reply queue): it
-** is marked as made before this process was forked, so that once nothing
-** counts it, it waits on the deferred list until this process (and those
-** forked after it) ended, however it ends (_exit, SIGKILL). The caller's count
-** is dropped: its handle goes on using the object without counting it. 0 in
-** the first process (serial 0) and in one not forked by core.fork: nothing done. */
-int mp_obj_bind(uint64_t off, mp_dtor dtor) {
-  if (!arena || !myslot) return 0;
-  uint32_t serial = (uint32_t)(ENTRY(myslot - 1)->word >> 32);
-  if (!serial) return 0;
-  mp_obj *o = MP_PTR(off);
-  __atomic_store_n(&o->forks, serial - 1, __ATOMIC_SEQ_CST);
-  mp_obj_release_with(off, getpid(), dtor);
-  return 1;
-}
-
-/* Drops a handle's count of an object bound to a process known to have ended:
-** no process may reach it any more, so it is freed once nothing counts it. */
-void mp_obj_release_bound(uint64_t off, pid_t pid, mp_dtor dtor) {
-  if (!off || pid != getpid()) return;
-  __atomic_store_n(&((mp_obj *)MP_PTR(off))->forks, UINT32_MAX, __ATOMIC_SEQ_CST);
-  mp_obj_release_with(off, pid, dtor);
-  sweep();
 }
 
 /* ------------------------------------------------------------- Lua API */
