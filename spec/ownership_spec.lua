@@ -351,6 +351,45 @@ describe("a process that ends holding handles", function()
   end)
 end)
 
+-- An object released while a process started after it was made lives waits until that process
+-- ends (it may hold an uncounted copy of a handle), unless that process is a fresh interpreter
+-- (docs/arena.md, "Objects a fork may have copied").
+describe("a shared object released while a process started after it lives", function()
+  for _, method in ipairs { "spawn", "forkserver" } do
+    it("is freed at once when that process was started with " .. method, function()
+      local s0 = settle()
+      local ready, stop = mp.Event(), mp.Event()
+      local q = mp.Queue()
+      q:put("x")
+      local p = mp.Process { target = function(r, s) r:set() s:wait(60) end, args = { ready, stop },
+                             start_method = method }:start()
+      assert.is_true(ready:wait(20))
+      q:close()
+      assert.equal(s0.deferred, settle().deferred)
+      stop:set()
+      p:join(30)
+      assert.equal(0, p.exitcode)
+      p:close()
+      ready:close() stop:close()
+    end)
+  end
+
+  it("waits for it when it was forked", function()
+    local s0 = settle()
+    local ready, stop = mp.Event(), mp.Event()
+    local q = mp.Queue()
+    local p = mp.Process { target = function() ready:set() stop:wait(60) end, start_method = "fork" }:start()
+    assert.is_true(ready:wait(20))
+    q:close()
+    assert.equal(s0.deferred + 1, settle().deferred)
+    stop:set()
+    p:join(30)
+    p:close()
+    assert.is_true(H.eventually(function() return settle().deferred == s0.deferred end, 20))
+    ready:close() stop:close()
+  end)
+end)
+
 describe("a shared object a Pool's task function captures", function()
   -- (issue 7: the function's blob pinned it for good)
   for _, ending in ipairs { "join", "terminate" } do

@@ -112,12 +112,14 @@ typedef struct proc_entry {
   uint64_t started;      /* the serial of the occupant once it holds `alive` */
   uint64_t refs;         /* its ledger (payload offset, 0: none): the references it holds */
   uint64_t releasing;    /* a dead process's ledger it is releasing (see release_orphans) */
+  uint64_t fresh;        /* its memory holds no handle copied from its parent (spawn, forkserver: see live_max_serial) */
 } proc_entry;
 
 static arena_hdr *arena;
 static int arena_fd = -1;  /* the memfd, kept (CLOEXEC) for spawned processes (forkserver.c) */
 static uint32_t myslot;    /* this process's entry, index + 1 */
 static pid_t mypid;        /* getpid(), renewed in every child by a fork handler */
+static int nocopies;       /* set in the forkserver's server: the processes it forks use no handle of its memory */
 typedef struct ledger ledger;
 static ledger *led;        /* this process's ledger (see ledgers; NULL: none yet) */
 #define locked_here (arena->holder == mypid)  /* this process holds the arena lock */
@@ -632,14 +634,18 @@ static int entry_alive(uint32_t i) {
   return alive;
 }
 
-/* The highest fork serial of a live process (arena locked). *died tells
-** whether a dead one was found (and its entry freed). */
+/* The highest fork serial of a live process that may hold uncounted copies of
+** handles (arena locked): not a fresh interpreter (a spawned one, a forkserver's
+** worker), which holds only the handles it decoded, counted; it is counted
+** from its parent's prefork until it marks its entry (mp_proc_child). *died
+** tells whether a dead one was found (and its entry freed). */
 static uint32_t live_max_serial(int *died) {
   uint32_t max = 0;
   for (uint32_t i = 0; i < arena->prochwm; i++) {
     uint64_t w = ENTRY(i)->word;
     if ((uint32_t)w != P_USED) continue;
     if (!entry_alive(i)) { *died = 1; continue; }
+    if (__atomic_load_n(&ENTRY(i)->fresh, __ATOMIC_ACQUIRE)) continue;  /* it holds no uncounted copy */
     if ((uint32_t)(w >> 32) > max) max = (uint32_t)(w >> 32);
   }
   return max;
@@ -682,6 +688,7 @@ uint64_t mp_proc_prefork(lua_State *L) {
   proc_entry *e = ENTRY(i), *me = ENTRY(myslot - 1);
   uint64_t serial = __atomic_add_fetch(&arena->forks, 1, __ATOMIC_SEQ_CST);
   jset(&e->ids, myslot);
+  jset(&e->fresh, 0);
   jset(&e->link, me->word & ~(uint64_t)0xffffffff);  /* the parent's serial, to know it again */
   jset(&e->word, serial << 32 | P_USED);
   jcommit();
@@ -696,6 +703,12 @@ void mp_proc_child(uint64_t token) {
   kids = NULL;
   nkids = capkids = 0;
   myslot = 0;
+  /* token 0: no entry (the forkserver's server, a child of a process outside the
+  ** table). The server's workers, forked from it with their requester's token,
+  ** run a fresh interpreter: the handles in their memory are the server's copies,
+  ** never used */
+  int fresh = nocopies;
+  nocopies = !token;
   if (!token) return;
   proc_entry *e = ENTRY((uint32_t)token - 1);
   int ok;
@@ -712,6 +725,7 @@ void mp_proc_child(uint64_t token) {
   if (!ok) _exit(1);
   __atomic_store_n(&e->started, token >> 32, __ATOMIC_SEQ_CST);
   myslot = (uint32_t)token;
+  if (fresh) __atomic_store_n(&e->fresh, 1, __ATOMIC_RELEASE);
 }
 
 void mp_proc_parent(uint64_t token, pid_t pid) {
@@ -1230,6 +1244,7 @@ const char *mp_arena_attach(int fd, uint64_t addr, uint64_t size, uint64_t token
   if (a->magic != MAGIC || a->size != size) { munmap(p, size); return "the descriptor is not the parent's arena"; }
   arena = a;
   arena_fd = fd;
+  nocopies = 1;  /* a new interpreter: it holds only what it decodes */
   mp_proc_child(token);  /* takes its entry, or leaves: the parent died meanwhile */
   return NULL;
 }
