@@ -92,7 +92,8 @@ describe("Manager", function()
       local n0 = manager._requests:qsize()
       for i = 1, 200 do d[i] = i assert.equal(i, d[i]) end
       -- a queue made and freed per call would be seen as messages owning handles: none here
-      assert.equal(used, core.arena_stats().used)
+      -- (less: what earlier specs' processes left may be swept meanwhile)
+      assert.is_true(core.arena_stats().used <= used)
       assert.equal(n0, manager._requests:qsize())
       local reply = require("multiprocessing.manager")._session(manager).reply
       assert.equal(reply, require("multiprocessing.manager")._session(manager).reply)
