@@ -384,13 +384,17 @@ describe("arena", function()
     -- wait: the holder is continued only after `wait` seconds, and the check must still be
     -- waiting then (a call without a timeout), or only once the check is done (wait nil)
     local function behind_stopped_holder(check, wait, before)
-      local go = core.Queue()
+      local go, ready = core.Queue(), core.Queue()
       go:put(0) go:get()   -- its chunk exists: the put below allocates nothing
       local checker = H.spawn(function()
         local st = before and before()   -- (in the checker, before the holder stops)
+        ready:put(true)
         local holder = go:get(20)
         check(holder, st)
       end)
+      -- the holder is started once `before` is done: a fork in it needs the allocator
+      assert(ready:get(20), "the checker did not get ready")
+      ready:close()
       local holder = H.spawn(function()
         core._arena_fault(1, "stop")
         core.blob_free(core.blob_new("held"))
