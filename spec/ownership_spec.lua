@@ -355,6 +355,7 @@ end)
 -- ends (it may hold an uncounted copy of a handle), unless that process is a fresh interpreter
 -- (docs/arena.md, "Objects a fork may have copied").
 describe("a shared object released while a process started after it lives", function()
+  after_each(function() require("multiprocessing.context")._forkserver_stop() end)
   for _, method in ipairs { "spawn", "forkserver" } do
     it("is freed at once when that process was started with " .. method, function()
       local s0 = settle()
