@@ -112,12 +112,14 @@ typedef struct proc_entry {
   uint64_t started;      /* the serial of the occupant once it holds `alive` */
   uint64_t refs;         /* its ledger (payload offset, 0: none): the references it holds */
   uint64_t releasing;    /* a dead process's ledger it is releasing (see release_orphans) */
+  uint64_t fresh;        /* its memory holds no handle copied from its parent (spawn, forkserver: see live_max_serial) */
 } proc_entry;
 
 static arena_hdr *arena;
 static int arena_fd = -1;  /* the memfd, kept (CLOEXEC) for spawned processes (forkserver.c) */
 static uint32_t myslot;    /* this process's entry, index + 1 */
 static pid_t mypid;        /* getpid(), renewed in every child by a fork handler */
+static int nocopies;       /* set in the forkserver's server: the processes it forks use no handle of its memory */
 typedef struct ledger ledger;
 static ledger *led;        /* this process's ledger (see ledgers; NULL: none yet) */
 #define locked_here (arena->holder == mypid)  /* this process holds the arena lock */
@@ -632,14 +634,18 @@ static int entry_alive(uint32_t i) {
   return alive;
 }
 
-/* The highest fork serial of a live process (arena locked). *died tells
-** whether a dead one was found (and its entry freed). */
+/* The highest fork serial of a live process that may hold uncounted copies of
+** handles (arena locked): not a fresh interpreter (a spawned one, a forkserver's
+** worker), which holds only the handles it decoded, counted; it is counted
+** from its parent's prefork until it marks its entry (mp_proc_child). *died
+** tells whether a dead one was found (and its entry freed). */
 static uint32_t live_max_serial(int *died) {
   uint32_t max = 0;
   for (uint32_t i = 0; i < arena->prochwm; i++) {
     uint64_t w = ENTRY(i)->word;
     if ((uint32_t)w != P_USED) continue;
     if (!entry_alive(i)) { *died = 1; continue; }
+    if (__atomic_load_n(&ENTRY(i)->fresh, __ATOMIC_ACQUIRE)) continue;  /* it holds no uncounted copy */
     if ((uint32_t)(w >> 32) > max) max = (uint32_t)(w >> 32);
   }
   return max;
@@ -682,6 +688,7 @@ uint64_t mp_proc_prefork(lua_State *L) {
   proc_entry *e = ENTRY(i), *me = ENTRY(myslot - 1);
   uint64_t serial = __atomic_add_fetch(&arena->forks, 1, __ATOMIC_SEQ_CST);
   jset(&e->ids, myslot);
+  jset(&e->fresh, 0);
   jset(&e->link, me->word & ~(uint64_t)0xffffffff);  /* the parent's serial, to know it again */
   jset(&e->word, serial << 32 | P_USED);
   jcommit();
@@ -696,6 +703,12 @@ void mp_proc_child(uint64_t token) {
   kids = NULL;
   nkids = capkids = 0;
   myslot = 0;
+  /* token 0: no entry (the forkserver's server, a child of a process outside the
+  ** table). The server's workers, forked from it with their requester's token,
+  ** run a fresh interpreter: the handles in their memory are the server's copies,
+  ** never used */
+  int fresh = nocopies;
+  nocopies = !token;
   if (!token) return;
   proc_entry *e = ENTRY((uint32_t)token - 1);
   int ok;
@@ -712,6 +725,7 @@ void mp_proc_child(uint64_t token) {
   if (!ok) _exit(1);
   __atomic_store_n(&e->started, token >> 32, __ATOMIC_SEQ_CST);
   myslot = (uint32_t)token;
+  if (fresh) __atomic_store_n(&e->fresh, 1, __ATOMIC_RELEASE);
 }
 
 void mp_proc_parent(uint64_t token, pid_t pid) {
@@ -996,6 +1010,22 @@ static void release_last(uint64_t off, dtor_fn dtor) {
   if (died) sweep();
 }
 
+/* k references fewer (the caller holds them; k <= refs): the last one released.
+** The block's state is read before the count goes down: while a reference is
+** held, a block in use stays in use, and a released one (B_DEFERRED, on the
+** deferred list; B_RELEASED, on the pending stack, bound for that list) stays
+** where it is. Once its count is 0 a released one belongs to the sweep, which
+** frees it when nothing counts it (it may be freed and reused at once: it is
+** not touched again here). A released object counted again is one a fork's
+** uncounted copy of a handle sent on. */
+static inline void unref(uint64_t off, uint32_t k, dtor_fn dtor) {
+  mp_obj *o = MP_PTR(off);
+  uint64_t tag = __atomic_load_n(&BLK(off - sizeof(block))->tag, __ATOMIC_ACQUIRE);
+  if (__atomic_sub_fetch(&o->refs, k, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
+    return;
+  if (tag == TAG(B_USED)) release_last(off, dtor);
+}
+
 /* An object is freed when its last counted handle goes, unless it may still
 ** be reached another way: it was encoded (bytes may be in flight: kept for
 ** good), or a live process forked after it was made holds an uncounted copy
@@ -1003,27 +1033,23 @@ static void release_last(uint64_t off, dtor_fn dtor) {
 void mp_obj_release_with(uint64_t off, pid_t pid, void (*dtor)(mp_obj *o)) {
   if (!off || pid != mypid) return;
   led_sub(off);
-  mp_obj *o = MP_PTR(off);
-  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
-    return;
-  release_last(off, dtor);
+  unref(off, 1, dtor);
 }
 
 void mp_obj_release(uint64_t off, pid_t pid) { mp_obj_release_with(off, pid, NULL); }
 
-void mp_obj_drop(uint64_t off, void (*dtor)(mp_obj *o)) {
-  mp_obj *o = MP_PTR(off);
-  if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_SEQ_CST) != 0 || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST))
-    return;
-  release_last(off, dtor);
-}
+void mp_obj_drop(uint64_t off, void (*dtor)(mp_obj *o)) { unref(off, 1, dtor); }
 
 /* n references of a dead process to what may be an object (its ledger says
-** so; checked all the same, as a decoded handle is): never more than it has */
+** so; checked all the same, as a decoded handle is): never more than it has.
+** An object in use or released (deferred, or pending for the deferred list:
+** counted again after its release, see unref); a free block is no object. */
 static void drop_many(uint64_t off, uint64_t n) {
   if (off < arena->start + sizeof(block) || off >= arena->top || off % 32) return;
   block *b = BLK(off - sizeof(block));
-  if (b->tag != TAG(B_USED) || b->size < sizeof(block) + sizeof(mp_obj)) return;
+  uint64_t tag = __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE);
+  if ((tag != TAG(B_USED) && tag != TAG(B_DEFERRED) && tag != TAG(B_RELEASED)) || b->size < sizeof(block) + sizeof(mp_obj))
+    return;
   mp_obj *o = MP_PTR(off);
   uint32_t r = __atomic_load_n(&o->refs, __ATOMIC_SEQ_CST), k;
   do {
@@ -1031,7 +1057,7 @@ static void drop_many(uint64_t off, uint64_t n) {
     k = n < r ? (uint32_t)n : r;
   } while (!__atomic_compare_exchange_n(&o->refs, &r, r - k, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
   if (r - k || __atomic_load_n(&o->pinned, __ATOMIC_SEQ_CST)) return;
-  release_last(off, mp_obj_dtor(o->type));
+  if (tag == TAG(B_USED)) release_last(off, mp_obj_dtor(o->type));
 }
 
 /* Releases the references of the dead processes' ledgers (see ledgers). */
@@ -1061,31 +1087,6 @@ static void release_orphans(void) {
     mp_free(bo + sizeof(block));
   }
   busy = 0;
-}
-
-/* Binds an object to this process's life (a Manager client's reply queue): it
-** is marked as made before this process was forked, so that once nothing
-** counts it, it waits on the deferred list until this process (and those
-** forked after it) ended, however it ends (_exit, SIGKILL). The caller's count
-** is dropped: its handle goes on using the object without counting it. 0 in
-** the first process (serial 0) and in one not forked by core.fork: nothing done. */
-int mp_obj_bind(uint64_t off, mp_dtor dtor) {
-  if (!arena || !myslot) return 0;
-  uint32_t serial = (uint32_t)(ENTRY(myslot - 1)->word >> 32);
-  if (!serial) return 0;
-  mp_obj *o = MP_PTR(off);
-  __atomic_store_n(&o->forks, serial - 1, __ATOMIC_SEQ_CST);
-  mp_obj_release_with(off, getpid(), dtor);
-  return 1;
-}
-
-/* Drops a handle's count of an object bound to a process known to have ended:
-** no process may reach it any more, so it is freed once nothing counts it. */
-void mp_obj_release_bound(uint64_t off, pid_t pid, mp_dtor dtor) {
-  if (!off || pid != getpid()) return;
-  __atomic_store_n(&((mp_obj *)MP_PTR(off))->forks, UINT32_MAX, __ATOMIC_SEQ_CST);
-  mp_obj_release_with(off, pid, dtor);
-  sweep();
 }
 
 /* ------------------------------------------------------------- Lua API */
@@ -1243,6 +1244,7 @@ const char *mp_arena_attach(int fd, uint64_t addr, uint64_t size, uint64_t token
   if (a->magic != MAGIC || a->size != size) { munmap(p, size); return "the descriptor is not the parent's arena"; }
   arena = a;
   arena_fd = fd;
+  nocopies = 1;  /* a new interpreter: it holds only what it decodes */
   mp_proc_child(token);  /* takes its entry, or leaves: the parent died meanwhile */
   return NULL;
 }

@@ -126,9 +126,6 @@ void mp_obj_sent(uint64_t off, mp_dtor dtor);
 ** Every type whose objects own blocks sets one (codec.c keeps them). */
 void mp_obj_set_dtor(uint32_t type, mp_dtor dtor);
 mp_dtor mp_obj_dtor(uint32_t type);
-/* an object bound to this process's life (Manager reply queues: arena.c) */
-int mp_obj_bind(uint64_t off, mp_dtor dtor);
-void mp_obj_release_bound(uint64_t off, pid_t pid, mp_dtor dtor);
 
 /* -------------------------------------------------------------- waiting */
 double mp_now(void);                              /* CLOCK_MONOTONIC seconds */

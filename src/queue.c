@@ -882,42 +882,14 @@ static int queue_join(lua_State *L) {
   return 1;
 }
 
-/* bound: the handle is to a queue bound to a process known to have ended (mp_obj_release_bound) */
-static int q_close(lua_State *L, int bound) {
+static int queue_close(lua_State *L) {
   qhandle *qh = mp_toself(L, 1, QUEUES);
   if (qh->h.off) {
     uint64_t off = qh->h.off;
     qh->h.off = 0;
-    if (bound) mp_obj_release_bound(off, qh->h.pid, q_dtor);
-    else mp_obj_release_with(off, qh->h.pid, q_dtor);
+    mp_obj_release_with(off, qh->h.pid, q_dtor);
   }
   mp_buf_free(L, &qh->buf);
-  return 0;
-}
-
-static int queue_close(lua_State *L) { return q_close(L, 0); }
-
-/* core._queue_bind(q) -> boolean: q lives as long as this process, however it
-** ends, and this handle stops counting it (mp_obj_bind; a Manager client's
-** reply queue). false: not bound (the first process), the handle counts as before. */
-static int queue_bind(lua_State *L) {
-  qhandle *qh = q_check(L, 1);
-  int ok = qh->h.pid == getpid() && mp_obj_bind(qh->h.off, q_dtor);
-  if (ok) qh->h.pid = 0;  /* a close releases nothing */
-  lua_pushboolean(L, ok);
-  return 1;
-}
-
-/* core._queue_close_bound(q): closes q, a handle to a queue bound to a process
-** that is known to have ended (its Manager's server, for a dead client) */
-static int queue_close_bound(lua_State *L) { return q_close(L, 1); }
-
-/* core._queue_release_dead(q): drops the count of q's object that a process which died
-** holding it never released (a Manager's SIGKILLed server, for its client's reply queue):
-** only for a count that is known to be held by a dead process, else the object goes early */
-static int queue_release_dead(lua_State *L) {
-  qhandle *qh = q_check(L, 1);
-  mp_obj_release_with(qh->h.off, getpid(), q_dtor);
   return 0;
 }
 
@@ -1004,8 +976,7 @@ int mp_queue_open(lua_State *L) {
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
-    {"_queue_fault", queue_fault}, {"_queue_bind", queue_bind}, {"_queue_close_bound", queue_close_bound},
-    {"_queue_release_dead", queue_release_dead},
+    {"_queue_fault", queue_fault},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

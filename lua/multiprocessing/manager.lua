@@ -7,9 +7,10 @@
 -- sent with that call): operations are atomic, and the objects live as long as the
 -- manager. Each request carries a number that its answer repeats, so the late answer
 -- of a call given up (Ctrl-C) is dropped by the next call, never taken for its own.
--- A reply queue is bound to the life of its process (core._queue_bind: freed once the
--- process ended, however it ended, and the server let go of it); the server keeps its
--- handle until it sees the process end (a pidfd) or it stops (managers/server.lua).
+-- A reply queue is an ordinary Queue with two counted handles, the client's and the
+-- server's, each given back by its process's close or, however it ended, by its ledger
+-- (docs/arena.md); the server keeps its handle until it sees the client end (a pidfd) or it
+-- stops (managers/server.lua).
 -- Operations that cannot fail on the server (a dict's d[k] = v, a list's append, a set's
 -- add) are sent without waiting for an answer: the manager's queue is one FIFO, so every later
 -- request, of this process or of any process it tells, is served after them.
@@ -102,32 +103,21 @@ local function session(mgr)
   if s and s.pid == pid and s.reply then return s end
   s = sessions[mgr._pid]
   if not (s and s.pid == pid and s.requests == mgr._requests) then
-    local q = core.Queue()
-    core._queue_bind(q)  -- freed once this process ended (not the first one: at its exit)
-    s = { pid = pid, reply = q, requests = mgr._requests, known = false }
+    s = { pid = pid, reply = core.Queue(), requests = mgr._requests, known = false }
     sessions[mgr._pid] = s
   end
   session_of[mgr] = s
   return s
 end
 
--- the manager is gone (its process ended): its session too. A server that was killed (no
--- S.BYE on the queue) kept its handle of the queue: its count is dropped here.
-local BYE = S.BYE
+-- the manager is gone (its process ended): its session too. This process closes its own
+-- handle of the queue, nothing more: the server's was closed by the server, or (a server
+-- killed holding it) is given back by the server's ledger once it is found dead.
 local function end_session(mgr)
   local s = sessions[mgr._pid]
   if s and s.pid == getpid() and s.reply then
     sessions[mgr._pid] = nil
-    local q = s.reply
-    if s.known and not s.stopped then
-      while true do
-        local v, why = q:get_nowait()
-        if why then break end
-        if v == BYE then s.stopped = true end
-      end
-      if not s.stopped then core._queue_release_dead(q) end
-    end
-    q:close()
+    s.reply:close()
     s.reply = nil
   end
 end
@@ -168,8 +158,7 @@ local function call(mgr, op, id, a, b, p)
     res, why = reply:get(0.25)  -- a manager that died is noticed within a second
     if res ~= nil then
       s.known = true  -- the server took the queue (the late reply of an abandoned call too)
-      if res == BYE then s.stopped = true
-      elseif res[3] == no then break end  -- else: the late reply of an abandoned call
+      if res[3] == no then break end  -- else: the late reply of an abandoned call
     elseif why == "interrupted" then error("interrupted!", 0)
     elseif not server_alive(mgr._pid) then end_session(mgr) error("the manager process is gone", 3) end
   end

@@ -485,9 +485,10 @@ end
 
 -- A client is a process that waits for answers: its first such request carries its reply
 -- queue (and its pid), the later ones its pid alone. The queue is kept, with a pidfd of the
--- client (core.sentinel) to see its death, until the client ends; then it is closed as bound
--- to a process that ended (manager.lua binds a client's reply queue to the client's life),
--- so it is freed however the client ended. LOOK: how often dead clients are looked for.
+-- client (core.sentinel) to see its death, until the client ends; then the server closes its
+-- handle, and the queue is freed once the client's handle is gone too (closed, or given back
+-- by the client's ledger however it ended: docs/arena.md). LOOK: how often dead clients are
+-- looked for.
 S.LOOK = 1
 
 -- the reply queue of client pid, given with its request: kept from now on (a new client
@@ -498,7 +499,7 @@ function S.register(q, pid)
   local c = S.clients[pid]
   if c then
     if c.q == q then q:close() return c.q end  -- sent again (its first call was cut short)
-    S.forget(pid, true)  -- the pid of a process that ended, reused by a new client
+    S.forget(pid)  -- the pid of a process that ended, reused by a new client
   end
   local s = core.sentinel(pid)  -- nil without pidfds (valgrind): pid_alive then
   S.clients[pid] = { q = q, sentinel = s, fd = s and s:fileno() }
@@ -508,12 +509,12 @@ function S.register(q, pid)
   return q
 end
 
--- lets go of client pid's reply queue; gone: the client ended (else: the server stops)
-function S.forget(pid, gone)
+-- lets go of client pid's reply queue (the client ended, or the server stops)
+function S.forget(pid)
   local c = S.clients[pid]
   S.clients[pid], S.queue_of[pid] = nil, nil
   S.nclients = S.nclients - 1
-  if gone then core._queue_close_bound(c.q) else c.q:close() end
+  c.q:close()
   if c.sentinel then c.sentinel:close() end
   if S.nclients == 0 then S.next_look = math.huge end
 end
@@ -529,22 +530,14 @@ function S.look()
     local ready = core.poll_fds(fds, 0)
     if type(ready) == "table" then for _, i in ipairs(ready) do dead[#dead + 1] = pids[i] end end
   end
-  for _, pid in ipairs(dead) do S.forget(pid, true) end
+  for _, pid in ipairs(dead) do S.forget(pid) end
   S.next_look = S.nclients > 0 and now() + S.LOOK or math.huge
 end
-
--- what the server puts on each client's reply queue as it stops and lets go of it: a client
--- that finds the server gone without it knows that the server was killed holding its queue
-S.BYE = "\0the manager stopped"
 
 -- the server stops: every client's reply queue let go (a live client's stays until it ends)
 function S.stop()
   S.stop_pools()
-  S.look()
-  for pid, c in pairs(S.clients) do
-    pcall(c.q.put, c.q, S.BYE)
-    S.forget(pid, false)
-  end
+  for pid in pairs(S.clients) do S.forget(pid) end
 end
 
 ------------------------------------------------------------ deadlines and dead processes
