@@ -517,7 +517,9 @@ local function on_result(self, seq, out, pid, busy)
       place(out, n, inf, 1)
       inf.n = n
     end
-    finish(self, inf)
+    -- (finish, without the look-ups it makes for nothing: a lean record with no
+    -- callback, no done callbacks and no error only becomes finished)
+    if inf.callback or inf._cbs or inf.err then finish(self, inf) else inf.finished = true end
     return
   end
   unref(self, call.brec)
@@ -1080,7 +1082,11 @@ end
 -- the blob record of f (see blob_drop)
 local function func_blob(self, f)
   local c = self._fcache[f]
-  if c and not c.b.freed and c.plain and plain_upvalues(f, c.ups) then return c.b end
+  if c then
+    local b = c.b
+    -- (a closure without upvalues has nothing that may change: no look at them)
+    if not b.freed and c.plain and (c.bare or plain_upvalues(f, c.ups)) then return b end
+  end
   local s, globals, owners = core.encode_function(f, "function")  -- globals: it carries some, which may change unseen
   if c and c.s == s and not c.b.freed then return c.b end
   local b = text_blob(self, s, owners)
@@ -1094,7 +1100,7 @@ local function func_blob(self, f)
       i = i + 1
     end
     ups.n = i - 1
-    c.plain, c.ups = true, ups
+    c.plain, c.ups, c.bare = true, ups, i == 1
   end
   self._fcache[f] = c
   return b
@@ -1405,7 +1411,8 @@ local function send_apply(self, f, args, opts, what)
     error(("bad argument #2 to '%s' (table of arguments expected, got %s)"):format(what, type(args)), 3)
   end
   -- a lean call: the AsyncResult is its own record, its one task is sent at once
-  local call = setmetatable({ false, finished = false, n = false, brec = false }, self._A)
+  -- (no array part: its one value goes to the hash part's fourth slot, one allocation less)
+  local call = setmetatable({ finished = false, n = false, brec = false }, self._A)
   if opts ~= nil then
     opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
