@@ -218,7 +218,10 @@ static int pool_put_result(lua_State *L) {
   return 0;
 }
 
-static const char inflight_key = 'i';  /* registry key: take_result's inflight table, for result_decode */
+/* registry key: the context of take_result, for result_decode: { inflight, "call",
+** "finished", "n" } (the keys it looks up, ready: pushing them anew cost more) */
+static const char inflight_key = 'i';
+enum { CTX_INFLIGHT = 1, CTX_CALL, CTX_FINISHED, CTX_N };
 
 /* the header of the result message take_result is taking (result_decode fills it) */
 typedef struct rinfo { int valid; resulthdr h; } rinfo;
@@ -234,22 +237,24 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
   int top = lua_gettop(L);
   int placed = 0;
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);  /* (decoding may run in a frame of its own) */
-  if (lua_type(L, -1) == LUA_TTABLE && lua_rawgeti(L, -1, (lua_Integer)h.seq) == LUA_TTABLE) {
-    int rec = top + 2;
-    lua_pushliteral(L, "call");
+  /* (decoding may run in a frame of its own: the context is in the registry) */
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key) == LUA_TTABLE &&
+      lua_rawgeti(L, top + 1, CTX_INFLIGHT) == LUA_TTABLE &&
+      lua_rawgeti(L, top + 2, (lua_Integer)h.seq) == LUA_TTABLE) {
+    int ctx = top + 1, rec = top + 3;
+    lua_rawgeti(L, ctx, CTX_CALL);
     if (lua_rawget(L, rec) == LUA_TTABLE) {
       if (lua_getfield(L, -1, "results") == LUA_TTABLE && lua_getfield(L, rec, "i0") == LUA_TNUMBER &&
           lua_isinteger(L, -1)) {
         lua_Integer at = lua_tointeger(L, -1);
-        mp_decode_into(L, s + sizeof h, n - sizeof h, top + 4, at);
+        mp_decode_into(L, s + sizeof h, n - sizeof h, top + 5, at);
         placed = 1;
       }
     } else {
-      lua_pushliteral(L, "finished");
+      lua_rawgeti(L, ctx, CTX_FINISHED);
       if (lua_rawget(L, rec) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
         mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
-        lua_pushliteral(L, "n");
+        lua_rawgeti(L, ctx, CTX_N);
         lua_pushinteger(L, (lua_Integer)h.n);
         lua_rawset(L, rec);
       }
@@ -270,15 +275,25 @@ static int pool_take_result(lua_State *L) {
   /* a timeout of 0 is a poll: exactly 0, so that the queue does not spin */
   double deadline = lua_type(L, 2) == LUA_TNUMBER && lua_tonumber(L, 2) <= 0 ? 0 : mp_deadline(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
+  lua_settop(L, 3);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, 4, 0);
+    lua_pushliteral(L, "call"); lua_rawseti(L, -2, CTX_CALL);
+    lua_pushliteral(L, "finished"); lua_rawseti(L, -2, CTX_FINISHED);
+    lua_pushliteral(L, "n"); lua_rawseti(L, -2, CTX_N);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  }
   lua_pushvalue(L, 3);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  lua_rawseti(L, 4, CTX_INFLIGHT);  /* (an error leaves it until the next call) */
   int n;
   rinfo info = { 0 }, *outer = taking;
   taking = &info;  /* (only result_decode, called below, reads it) */
   int r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
   taking = outer;
   lua_pushnil(L);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);  /* (an error leaves it until the next call) */
+  lua_rawseti(L, 4, CTX_INFLIGHT);
   if (r == MP_WOKE) {
     if (!info.valid) return 1;
     lua_pushinteger(L, (lua_Integer)info.h.seq);
