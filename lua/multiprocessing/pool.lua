@@ -1411,8 +1411,8 @@ local function send_apply(self, f, args, opts, what)
     error(("bad argument #2 to '%s' (table of arguments expected, got %s)"):format(what, type(args)), 3)
   end
   -- a lean call: the AsyncResult is its own record, its one task is sent at once
-  -- (no array part: its one value goes to the hash part's fourth slot, one allocation less)
-  local call = setmetatable({ finished = false, n = false, brec = false }, self._A)
+  -- (no array part: its one value has a slot of the hash part, one allocation less)
+  local call = setmetatable({ [1] = false, finished = false, n = false, brec = false }, self._A)
   if opts ~= nil then
     opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
