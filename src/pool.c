@@ -224,7 +224,7 @@ static const char inflight_key = 'i';
 enum { CTX_INFLIGHT = 1, CTX_CALL, CTX_FINISHED, CTX_N };
 
 /* the header of the result message take_result is taking (result_decode fills it) */
-typedef struct rinfo { int valid; resulthdr h; } rinfo;
+typedef struct rinfo { int valid; resulthdr h; const void *ctx; } rinfo;
 static rinfo *taking;
 
 /* Pushes true when the results went straight where they belong, else the decoded
@@ -237,8 +237,11 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
   int top = lua_gettop(L);
   int placed = 0;
-  /* (decoding may run in a frame of its own: the context is in the registry) */
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key) == LUA_TTABLE &&
+  /* the context: at 4 in take_result's frame, else (decoding may run in a frame of
+  ** its own, for a message out of line) in the registry */
+  if (taking && top >= 4 && lua_topointer(L, 4) == taking->ctx) lua_pushvalue(L, 4);
+  else lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  if (lua_type(L, top + 1) == LUA_TTABLE &&
       lua_rawgeti(L, top + 1, CTX_INFLIGHT) == LUA_TTABLE &&
       lua_rawgeti(L, top + 2, (lua_Integer)h.seq) == LUA_TTABLE) {
     int ctx = top + 1, rec = top + 3;
@@ -288,7 +291,7 @@ static int pool_take_result(lua_State *L) {
   lua_pushvalue(L, 3);
   lua_rawseti(L, 4, CTX_INFLIGHT);  /* (an error leaves it until the next call) */
   int n;
-  rinfo info = { 0 }, *outer = taking;
+  rinfo info = { 0, { 0 }, lua_topointer(L, 4) }, *outer = taking;
   taking = &info;  /* (only result_decode, called below, reads it) */
   int r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
   taking = outer;
