@@ -17,6 +17,7 @@ local put_raw, put_result, take_result = core.put_task, core.put_result, core.ta
 local put_call, flag_cas, flag_get = core.put_call, core.flag_cas, core.flag_get
 local pack, unpack = table.pack, table.unpack
 local newtable = core.newtable
+local getpid = core.getpid
 -- the xpcall handler of tasks: the raised value, intact, in a TaskError with
 -- the traceback (without the frames the worker inherited at fork time)
 local capture, TaskError = process._capture, process._TaskError
@@ -502,12 +503,21 @@ local function on_result(self, seq, out, pid, busy)
     end
     out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
   end
-  local inf = self._inflight[seq]
+  local inflight = self._inflight
+  local inf = inflight[seq]
   if not inf then return end  -- a message already lost
-  self._inflight[seq] = nil
+  inflight[seq] = nil
   local call = inf.call
   if not call then  -- a lean call is its own inflight record; its values came to [1 .. n]
-    lean_end(self, inf)
+    local bl = inf.brec  -- (lean_end, inlined: this runs for every task)
+    local r = bl.refs - 1
+    bl.refs = r
+    if r == 0 and not bl.cached then blob_drop(self, bl) end
+    local flag = inf.flag
+    if flag then
+      local k = self._nfree + 1
+      self._free[k], self._nfree = flag, k
+    end
     if inf.finished then return end  -- (cancelled, or its pool stopped)
     if errs then
       local _, e = next(errs)
@@ -1405,7 +1415,10 @@ local NOARGS = {}
 
 -- what: the user's method (apply or apply_async); errors at level 3 from here
 local function send_apply(self, f, args, opts, what)
-  check_usable(self, what, 4)
+  -- (check_usable's tests, inline: it raises the error when one fails)
+  if getmetatable(self) ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then
+    check_usable(self, what, 4)
+  end
   if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), 3) end
   if args ~= nil and type(args) ~= "table" then
     error(("bad argument #2 to '%s' (table of arguments expected, got %s)"):format(what, type(args)), 3)
@@ -1443,7 +1456,9 @@ end
 
 --- pool:submit(f, ...) -> Future: runs f(...) in a worker (concurrent.futures' submit)
 function Pool:submit(f, ...)
-  check_usable(self, "submit", 3)
+  if getmetatable(self) ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then
+    check_usable(self, "submit", 3)
+  end
   if type(f) ~= "function" then error(("bad argument #1 to 'submit' (function expected, got %s)"):format(type(f)), 2) end
   local ok, b = pcall(func_blob, self, f)
   if not ok then error(func_error(self, f, b), 2) end
