@@ -522,14 +522,16 @@ local function on_result(self, seq, out, pid, busy)
     if errs then
       local _, e = next(errs)
       inf.err = task_error(e, inf.kind, 1, pid)
+      finish(self, inf)
+      return
     elseif out ~= true then
       local n = out.n or #out
       place(out, n, inf, 1)
       inf.n = n
     end
     -- (finish, without the look-ups it makes for nothing: a lean record with no
-    -- callback, no done callbacks and no error only becomes finished)
-    if inf.callback or inf._cbs or inf.err then finish(self, inf) else inf.finished = true end
+    -- callback and no done callbacks only becomes finished)
+    if inf.callback or inf._cbs then finish(self, inf) else inf.finished = true end
     return
   end
   unref(self, call.brec)
