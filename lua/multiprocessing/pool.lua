@@ -1091,17 +1091,24 @@ local function text_blob(self, s, owners)
   return b
 end
 
--- the blob record of f (see blob_drop)
-local function func_blob(self, f)
+-- the blob record of f when the one cached for it still holds (this never raises), else nil
+local function cached_blob(self, f)
   local c = self._fcache[f]
   if c then
     local b = c.b
     -- (a closure without upvalues has nothing that may change: no look at them)
     if not b.freed and c.plain and (c.bare or plain_upvalues(f, c.ups)) then return b end
   end
+end
+
+-- the blob record of f (see blob_drop)
+local function func_blob(self, f)
+  local b = cached_blob(self, f)
+  if b then return b end
+  local c = self._fcache[f]
   local s, globals, owners = core.encode_function(f, "function")  -- globals: it carries some, which may change unseen
   if c and c.s == s and not c.b.freed then return c.b end
-  local b = text_blob(self, s, owners)
+  b = text_blob(self, s, owners)
   c = { s = s, b = b }
   if not globals and plain_upvalues(f) then
     local ups, i = {}, 1
@@ -1432,8 +1439,12 @@ local function send_apply(self, f, args, opts, what)
     opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
   end
-  local ok, b = pcall(func_blob, self, f)
-  if not ok then error(func_error(self, f, b), 3) end
+  local b = cached_blob(self, f)  -- (a pcall only when f must be encoded)
+  if not b then
+    local ok
+    ok, b = pcall(func_blob, self, f)
+    if not ok then error(func_error(self, f, b), 3) end
+  end
   local seq = self._seq + 1
   local sent, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, 3, args or NOARGS, 0, 1)
   if not sent then error(clean(tostring(err)), 3) end
@@ -1462,8 +1473,12 @@ function Pool:submit(f, ...)
     check_usable(self, "submit", 3)
   end
   if type(f) ~= "function" then error(("bad argument #1 to 'submit' (function expected, got %s)"):format(type(f)), 2) end
-  local ok, b = pcall(func_blob, self, f)
-  if not ok then error(func_error(self, f, b), 2) end
+  local b = cached_blob(self, f)  -- (a pcall only when f must be encoded)
+  if not b then
+    local ok
+    ok, b = pcall(func_blob, self, f)
+    if not ok then error(func_error(self, f, b), 2) end
+  end
   local flag = take_flag(self)
   local seq = self._seq + 1
   local sent, err = pcall(put_call, self._tasks, seq, b.fid, b.off, flag, ...)
