@@ -218,7 +218,7 @@ static int pool_put_result(lua_State *L) {
   return 0;
 }
 
-/* registry key: the context of take_result, for result_decode: { inflight, "call",
+/* registry key: the context of take_result (its upvalue), for result_decode: { inflight, "call",
 ** "finished", "n" } (the keys it looks up, ready: pushing them anew cost more) */
 static const char inflight_key = 'i';
 enum { CTX_INFLIGHT = 1, CTX_CALL, CTX_FINISHED, CTX_N };
@@ -279,15 +279,7 @@ static int pool_take_result(lua_State *L) {
   double deadline = lua_type(L, 2) == LUA_TNUMBER && lua_tonumber(L, 2) <= 0 ? 0 : mp_deadline(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   lua_settop(L, 3);
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_createtable(L, 4, 0);
-    lua_pushliteral(L, "call"); lua_rawseti(L, -2, CTX_CALL);
-    lua_pushliteral(L, "finished"); lua_rawseti(L, -2, CTX_FINISHED);
-    lua_pushliteral(L, "n"); lua_rawseti(L, -2, CTX_N);
-    lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
-  }
+  lua_pushvalue(L, lua_upvalueindex(1));  /* the context (also in the registry) */
   lua_pushvalue(L, 3);
   lua_rawseti(L, 4, CTX_INFLIGHT);  /* (an error leaves it until the next call) */
   int n;
@@ -718,10 +710,18 @@ int mp_pool_open(lua_State *L) {
   mp_newclass(L, POOLSTATE, methods, meta);
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
-    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"take_result", pool_take_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
+    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
     {"put_call", pool_put_call}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
+  lua_createtable(L, 4, 0);  /* take_result's context, its upvalue */
+  lua_pushliteral(L, "call"); lua_rawseti(L, -2, CTX_CALL);
+  lua_pushliteral(L, "finished"); lua_rawseti(L, -2, CTX_FINISHED);
+  lua_pushliteral(L, "n"); lua_rawseti(L, -2, CTX_N);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  lua_pushcclosure(L, pool_take_result, 1);
+  lua_setfield(L, -2, "take_result");
   return 0;
 }
