@@ -294,10 +294,13 @@ static int pool_put_result(lua_State *L) {
   return 0;
 }
 
-static const char inflight_key = 'i';  /* registry key: take_result's inflight table, for result_decode */
+/* registry key: the context of take_result (its upvalue), for result_decode: { inflight, "call",
+** "finished", "n" } (the keys it looks up, ready: pushing them anew cost more) */
+static const char inflight_key = 'i';
+enum { CTX_INFLIGHT = 1, CTX_CALL, CTX_FINISHED, CTX_N };
 
 /* the header of the result message take_result is taking (result_decode fills it) */
-typedef struct rinfo { int valid; resulthdr h; } rinfo;
+typedef struct rinfo { int valid; resulthdr h; const void *ctx; } rinfo;
 static rinfo *taking;
 
 /* Pushes true when the results went straight where they belong, else the decoded
@@ -310,22 +313,27 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
   int top = lua_gettop(L);
   int placed = 0;
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);  /* (decoding may run in a frame of its own) */
-  if (lua_type(L, -1) == LUA_TTABLE && lua_rawgeti(L, -1, (lua_Integer)h.seq) == LUA_TTABLE) {
-    int rec = top + 2;
-    lua_pushliteral(L, "call");
+  /* the context: at 4 in take_result's frame, else (decoding may run in a frame of
+  ** its own, for a message out of line) in the registry */
+  if (taking && top >= 4 && lua_topointer(L, 4) == taking->ctx) lua_pushvalue(L, 4);
+  else lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  if (lua_type(L, top + 1) == LUA_TTABLE &&
+      lua_rawgeti(L, top + 1, CTX_INFLIGHT) == LUA_TTABLE &&
+      lua_rawgeti(L, top + 2, (lua_Integer)h.seq) == LUA_TTABLE) {
+    int ctx = top + 1, rec = top + 3;
+    lua_rawgeti(L, ctx, CTX_CALL);
     if (lua_rawget(L, rec) == LUA_TTABLE) {
       if (lua_getfield(L, -1, "results") == LUA_TTABLE && lua_getfield(L, rec, "i0") == LUA_TNUMBER &&
           lua_isinteger(L, -1)) {
         lua_Integer at = lua_tointeger(L, -1);
-        mp_decode_into(L, s + sizeof h, n - sizeof h, top + 4, at);
+        mp_decode_into(L, s + sizeof h, n - sizeof h, top + 5, at);
         placed = 1;
       }
     } else {
-      lua_pushliteral(L, "finished");
+      lua_rawgeti(L, ctx, CTX_FINISHED);
       if (lua_rawget(L, rec) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
         mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
-        lua_pushliteral(L, "n");
+        lua_rawgeti(L, ctx, CTX_N);
         lua_pushinteger(L, (lua_Integer)h.n);
         lua_rawset(L, rec);
       }
@@ -346,15 +354,17 @@ static int pool_take_result(lua_State *L) {
   /* a timeout of 0 is a poll: exactly 0, so that the queue does not spin */
   double deadline = lua_type(L, 2) == LUA_TNUMBER && lua_tonumber(L, 2) <= 0 ? 0 : mp_deadline(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
+  lua_settop(L, 3);
+  lua_pushvalue(L, lua_upvalueindex(1));  /* the context (also in the registry) */
   lua_pushvalue(L, 3);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  lua_rawseti(L, 4, CTX_INFLIGHT);  /* (an error leaves it until the next call) */
   int n;
-  rinfo info = { 0 }, *outer = taking;
+  rinfo info = { 0, { 0 }, lua_topointer(L, 4) }, *outer = taking;
   taking = &info;  /* (only result_decode, called below, reads it) */
   int r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
   taking = outer;
   lua_pushnil(L);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);  /* (an error leaves it until the next call) */
+  lua_rawseti(L, 4, CTX_INFLIGHT);
   if (r == MP_WOKE) {
     if (!info.valid) return 1;
     lua_pushinteger(L, (lua_Integer)info.h.seq);
@@ -774,10 +784,18 @@ int mp_pool_open(lua_State *L) {
   mp_newclass(L, POOLSTATE, methods, meta);
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
-    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"take_result", pool_take_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
+    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
     {"put_call", pool_put_call}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
+  lua_createtable(L, 4, 0);  /* take_result's context, its upvalue */
+  lua_pushliteral(L, "call"); lua_rawseti(L, -2, CTX_CALL);
+  lua_pushliteral(L, "finished"); lua_rawseti(L, -2, CTX_FINISHED);
+  lua_pushliteral(L, "n"); lua_rawseti(L, -2, CTX_N);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  lua_pushcclosure(L, pool_take_result, 1);
+  lua_setfield(L, -2, "take_result");
   return 0;
 }

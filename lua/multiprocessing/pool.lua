@@ -17,6 +17,7 @@ local put_raw, put_result, take_result = core.put_task, core.put_result, core.ta
 local put_call, flag_cas, flag_get = core.put_call, core.flag_cas, core.flag_get
 local pack, unpack = table.pack, table.unpack
 local newtable = core.newtable
+local getpid = core.getpid
 -- the xpcall handler of tasks: the raised value, intact, in a TaskError with
 -- the traceback (without the frames the worker inherited at fork time)
 local capture, TaskError = process._capture, process._TaskError
@@ -509,22 +510,35 @@ local function on_result(self, seq, out, pid, busy)
     end
     out, errs, pid, busy = msg[2], msg[3], msg[4], msg[5]
   end
-  local inf = self._inflight[seq]
+  local inflight = self._inflight
+  local inf = inflight[seq]
   if not inf then return end  -- a message already lost
-  self._inflight[seq] = nil
+  inflight[seq] = nil
   local call = inf.call
   if not call then  -- a lean call is its own inflight record; its values came to [1 .. n]
-    lean_end(self, inf)
+    local bl = inf.brec  -- (lean_end, inlined: this runs for every task)
+    local r = bl.refs - 1
+    bl.refs = r
+    if r == 0 and not bl.cached then blob_drop(self, bl) end
+    local flag = inf.flag
+    if flag then
+      local k = self._nfree + 1
+      self._free[k], self._nfree = flag, k
+    end
     if inf.finished then return end  -- (cancelled, or its pool stopped)
     if errs then
       local _, e = next(errs)
       inf.err = task_error(e, inf.kind, 1, pid)
+      finish(self, inf)
+      return
     elseif out ~= true then
       local n = out.n or #out
       place(out, n, inf, 1)
       inf.n = n
     end
-    finish(self, inf)
+    -- (finish, without the look-ups it makes for nothing: a lean record with no
+    -- callback and no done callbacks only becomes finished)
+    if inf.callback or inf._cbs then finish(self, inf) else inf.finished = true end
     return
   end
   unref(self, call.brec)
@@ -1084,13 +1098,24 @@ local function text_blob(self, s, owners)
   return b
 end
 
+-- the blob record of f when the one cached for it still holds (this never raises), else nil
+local function cached_blob(self, f)
+  local c = self._fcache[f]
+  if c then
+    local b = c.b
+    -- (a closure without upvalues has nothing that may change: no look at them)
+    if not b.freed and c.plain and (c.bare or plain_upvalues(f, c.ups)) then return b end
+  end
+end
+
 -- the blob record of f (see blob_drop)
 local function func_blob(self, f)
+  local b = cached_blob(self, f)
+  if b then return b end
   local c = self._fcache[f]
-  if c and not c.b.freed and c.plain and plain_upvalues(f, c.ups) then return c.b end
   local s, globals, owners = core.encode_function(f, "function")  -- globals: it carries some, which may change unseen
   if c and c.s == s and not c.b.freed then return c.b end
-  local b = text_blob(self, s, owners)
+  b = text_blob(self, s, owners)
   c = { s = s, b = b }
   if not globals and plain_upvalues(f) then
     local ups, i = {}, 1
@@ -1101,7 +1126,7 @@ local function func_blob(self, f)
       i = i + 1
     end
     ups.n = i - 1
-    c.plain, c.ups = true, ups
+    c.plain, c.ups, c.bare = true, ups, i == 1
   end
   self._fcache[f] = c
   return b
@@ -1406,19 +1431,27 @@ local NOARGS = {}
 
 -- what: the user's method (apply or apply_async); errors at level 3 from here
 local function send_apply(self, f, args, opts, what)
-  check_usable(self, what, 4)
+  -- (check_usable's tests, inline: it raises the error when one fails)
+  if getmetatable(self) ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then
+    check_usable(self, what, 4)
+  end
   if type(f) ~= "function" then error(("bad argument #1 to '%s' (function expected, got %s)"):format(what, type(f)), 3) end
   if args ~= nil and type(args) ~= "table" then
     error(("bad argument #2 to '%s' (table of arguments expected, got %s)"):format(what, type(args)), 3)
   end
   -- a lean call: the AsyncResult is its own record, its one task is sent at once
-  local call = setmetatable({ false, finished = false, n = false, brec = false }, self._A)
+  -- (no array part: its one value has a slot of the hash part, one allocation less)
+  local call = setmetatable({ [1] = false, finished = false, n = false, brec = false }, self._A)
   if opts ~= nil then
     opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
   end
-  local ok, b = pcall(func_blob, self, f)
-  if not ok then error(func_error(self, f, b), 3) end
+  local b = cached_blob(self, f)  -- (a pcall only when f must be encoded)
+  if not b then
+    local ok
+    ok, b = pcall(func_blob, self, f)
+    if not ok then error(func_error(self, f, b), 3) end
+  end
   local seq = self._seq + 1
   local sent, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, 3, args or NOARGS, 0, 1)
   if not sent then error(clean(tostring(err)), 3) end
@@ -1443,10 +1476,16 @@ end
 
 --- pool:submit(f, ...) -> Future: runs f(...) in a worker (concurrent.futures' submit)
 function Pool:submit(f, ...)
-  check_usable(self, "submit", 3)
+  if getmetatable(self) ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then
+    check_usable(self, "submit", 3)
+  end
   if type(f) ~= "function" then error(("bad argument #1 to 'submit' (function expected, got %s)"):format(type(f)), 2) end
-  local ok, b = pcall(func_blob, self, f)
-  if not ok then error(func_error(self, f, b), 2) end
+  local b = cached_blob(self, f)  -- (a pcall only when f must be encoded)
+  if not b then
+    local ok
+    ok, b = pcall(func_blob, self, f)
+    if not ok then error(func_error(self, f, b), 2) end
+  end
   local flag = take_flag(self)
   local seq = self._seq + 1
   local sent, err = pcall(put_call, self._tasks, seq, b.fid, b.off, flag, ...)
