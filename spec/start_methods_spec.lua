@@ -439,6 +439,22 @@ describe("start methods", function()
       assert.is_nil(out:find("threads", 1, true), out)
     end)
 
+    it("a thread holding stdout's lock does not stop the forkserver from starting (spec/c/stdout_host.c)", function()
+      local exe, src, out = H.tmpname(), H.tmpname(), H.tmpname()
+      assert(os.execute(("env -u LD_PRELOAD cc -o %s spec/c/stdout_host.c -I/usr/include/lua5.4 -llua5.4 -lpthread")
+        :format(exe)))
+      local f = io.open(src, "w")
+      f:write([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool { processes = 1, start_method = "forkserver" }
+        io.stderr:write("result ", pool:apply(function() return 6 * 7 end), "\n")
+        pool:close() pool:join()
+      ]])
+      f:close()
+      os.execute(("%s timeout 60 %s %s > /dev/null 2> %s"):format(H.ENV, exe, src, out))
+      assert.matches("result 42", H.slurp(out))
+    end)
+
     it("fork in a process with threads warns once, pointing at forkserver", function()
       local out = run_host("fork")
       assert.matches("result%s+%d+%s+%d+%s+0", out)
