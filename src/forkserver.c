@@ -4,8 +4,10 @@
 ** The start message. What a child needs (its entry point, the target with its
 ** upvalues, the args, a pool's queues...) is one Lua value encoded by the codec
 ** (lua/multiprocessing/context.lua builds it). Its handles own a counted
-** reference each, as a queue message's do: the child adopts them when it
-** decodes (mp_obj_adopt), so nothing is pinned for good. Framed as
+** reference each, as a queue message's do, so nothing is pinned for good: the
+** parent's message (a userdata) owns them until the child takes them (a
+** spawned child's answer, a forkserver worker's go: see each), then the
+** child's ledger does, then its decoded handles (mp_obj_adopt). Framed as
 **   "LMPS" | u32 nhandles | u64 image | nhandles x u64 offset | codec bytes
 ** image: a fingerprint of this build of the core (where its functions lie
 ** relative to each other): a spawned interpreter that loaded another build
@@ -805,10 +807,11 @@ static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, ui
   ssize_t r;  /* the header and its descriptors at once (the socket's buffer is empty between requests) */
   do r = sendmsg(fs.fd, &m, MSG_NOSIGNAL); while (r < 0 && errno == EINTR);
   if (r < 0) { *why = strerror(errno); return 0; }
+  /* (a Ctrl-C or a server that reads nothing for 30 s: failed; another failure: it is gone) */
   if ((size_t)r < sizeof q && send_all(fs.fd, (const char *)&q + r, sizeof q - (size_t)r, L, fs.pid, why))
-    return strncmp(*why, "it died", 7) ? -1 : 0;
+    return !strcmp(*why, "interrupted") || !strncmp(*why, "it did not", 10) ? -1 : 0;
   if (send_all(fs.fd, msg, mlen, L, fs.pid, why))
-    return strncmp(*why, "it died", 7) ? -1 : 0;
+    return !strcmp(*why, "interrupted") || !strncmp(*why, "it did not", 10) ? -1 : 0;
   *why = wait_readable(fs.fd, L, fs.pid, WAIT_START);
   if (*why) return strcmp(*why, "it died") ? -1 : 0;
   fsrep a;
