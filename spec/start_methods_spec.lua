@@ -248,6 +248,163 @@ describe("start methods", function()
     end)
   end)
 
+  describe("start messages: their references, and the forkserver's socket", function()
+    -- arena bytes in use, once garbage and dead processes' ledgers are released
+    local function settled_use(want)
+      local used
+      H.eventually(function()
+        collectgarbage() collectgarbage() core._arena_sweep()
+        used = core.arena_stats().used
+        return used == want
+      end, 20)
+      return used
+    end
+
+    -- one Process started and joined (what a first start makes once is then made)
+    local function warm(method)
+      local p = mp.Process { target = function() end, start_method = method }
+      p:start()
+      assert.is_true(p:join(20))
+      p:close()
+    end
+
+    -- a spawn executable: a shell script running lua5.4 with `pre` (a -e chunk) first
+    local function wrapper(pre)
+      local exe = H.tmpname()
+      local f = assert(io.open(exe, "w"))
+      f:write("#!/bin/sh\n", pre, "\n")
+      f:close()
+      assert(os.execute("chmod +x " .. exe))
+      return exe
+    end
+
+    for _, method in ipairs { "spawn", "forkserver" } do
+      it(method .. ": Processes and a Pool leave the arena's use where it was", function()
+        local function once()
+          local q = mp.Queue()
+          local p = mp.Process { target = function(x) q:put(x) end, args = { 1 }, start_method = method }
+          p:start()
+          assert.equal(1, q:get(20))
+          assert.is_true(p:join(20))
+          p:close()
+        end
+        once()  -- (a forkserver, the codec's tables: made once)
+        local before = settled_use(-1)
+        for _ = 1, 3 do once() end
+        local pool = mp.Pool { processes = 2, start_method = method }
+        assert.same({ 2, 4 }, list(pool:map(double, { 1, 2 })))
+        pool:close()
+        pool:join()
+        pool = nil
+        assert.equal(before, settled_use(before))
+      end)
+    end
+
+    it("spawn: a child that cannot map the arena fails start(); the message's references go", function()
+      local exe = wrapper([[exec lua5.4 -e "require('multiprocessing.core').Queue():close()" "$@" 2>/dev/null]])
+      warm("spawn")
+      local q = mp.Queue()
+      local before = settled_use(-1)
+      mp.set_executable(exe)
+      local p = mp.Process { target = function() q:put(1) end, start_method = "spawn" }
+      local ok, err = pcall(p.start, p)
+      context._state.exe = nil
+      assert.is_false(ok)
+      assert.matches("cannot map the parent's shared memory: the arena is already mapped in this process", err, 1, true)
+      p = nil
+      assert.equal(before, settled_use(before))
+    end)
+
+    it("spawn: a child that took its message and dies before decoding it releases its references", function()
+      local exe = wrapper([[exec lua5.4 -e "package.preload.multiprocessing = function() error('no layer') end" "$@" 2>/dev/null]])
+      warm("spawn")
+      local q = mp.Queue()
+      local before = settled_use(-1)
+      mp.set_executable(exe)
+      local p = mp.Process { target = function() q:put(1) end, start_method = "spawn" }
+      p:start()
+      context._state.exe = nil
+      assert.is_true(p:join(20))
+      assert.equal(1, p.exitcode)
+      p:close()
+      p = nil
+      assert.equal(before, settled_use(before))
+    end)
+
+    it("forkserver: Ctrl-C while the server does not answer fails that start only; the next one is right", function()
+      local out = H.interrupted([[
+        local core = require "multiprocessing.core"
+        local server = mp.forkserver_start()
+        local q = mp.Queue()
+        local w = mp.Process { target = function() q:put(0) end, start_method = "forkserver" }
+        w:start() q:get(20) w:join(20) w:close() w = nil  -- (what a first start and put make once)
+        local function used()
+          for _ = 1, 200 do
+            collectgarbage() collectgarbage() core._arena_sweep()
+            if core.arena_stats().used == BEFORE then break end
+            core.sleep(0.05)
+          end
+          return core.arena_stats().used
+        end
+        BEFORE = -1
+        BEFORE = used()
+        core.kill(server, 19)  -- stopped: it reads no request
+        local p1 = mp.Process { target = function() q:put("first") end, start_method = "forkserver" }
+        started()
+        print("p1", pcall(p1.start, p1))
+        core.kill(server, 18)
+        local p2 = mp.Process { target = function() q:put(core.getpid()) end, start_method = "forkserver" }
+        p2:start()
+        print("got", q:get(20) == p2.pid, q:get(1))
+        print("join", p2:join(20), p2.exitcode)
+        p1 = nil
+        p2:close() p2 = nil
+        print("leaked", used() - BEFORE)
+      ]])
+      assert.matches("p1\tfalse\t[^\n]*interrupted", out)
+      assert.matches("got\ttrue\tnil\ttimeout", out)
+      assert.matches("join\ttrue\t0", out)
+      assert.matches("leaked\t0\n", out)
+    end)
+
+    it("spawn: Ctrl-C while the new interpreter has not taken its message fails start; nothing left", function()
+      local exe = wrapper([[sleep 30; exec lua5.4 "$@"]])
+      local out = H.interrupted(([[
+        local core = require "multiprocessing.core"
+        local q = mp.Queue()
+        local function used(want)
+          for _ = 1, 200 do
+            collectgarbage() collectgarbage() core._arena_sweep()
+            if core.arena_stats().used == want then break end
+            core.sleep(0.05)
+          end
+          return core.arena_stats().used
+        end
+        local w = mp.Process { target = function() end, start_method = "spawn" }
+        w:start() w:join(20) w:close() w = nil  -- (what a first start makes once)
+        local before = used(-1)
+        mp.set_executable(%q)
+        local p = mp.Process { target = function() q:put(1) end, start_method = "spawn" }
+        started()
+        print("start", pcall(p.start, p))
+        p = nil
+        print("leaked", used(before) - before, #mp.active_children())
+      ]]):format(exe))
+      assert.matches("start\tfalse\t[^\n]*interrupted", out)
+      assert.matches("leaked\t0\t0\n", out)
+    end)
+
+    it("a child forked with fork does not keep its parent's forkserver alive", function()
+      local server = mp.forkserver_start()
+      local p = mp.Process { target = function() core.sleep(30) end, start_method = "fork" }
+      p:start()
+      context._forkserver_stop()
+      assert.is_false(H.alive(server))
+      p:kill()
+      p:join(20)
+    end)
+  end)
+
   describe("in a C host with a thread and a big heap (spec/c/forkserver_host.c)", function()
     local SCRIPT = [[
       local mp = require "multiprocessing"
@@ -280,6 +437,22 @@ describe("start methods", function()
       assert.is_true(tonumber(a) < 128 * 1024 and tonumber(b) < 128 * 1024, out)
       assert.equal("0", code)
       assert.is_nil(out:find("threads", 1, true), out)
+    end)
+
+    it("a thread holding stdout's lock does not stop the forkserver from starting (spec/c/stdout_host.c)", function()
+      local exe, src, out = H.tmpname(), H.tmpname(), H.tmpname()
+      assert(os.execute(("env -u LD_PRELOAD cc -o %s spec/c/stdout_host.c -I/usr/include/lua5.4 -llua5.4 -lpthread")
+        :format(exe)))
+      local f = io.open(src, "w")
+      f:write([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool { processes = 1, start_method = "forkserver" }
+        io.stderr:write("result ", pool:apply(function() return 6 * 7 end), "\n")
+        pool:close() pool:join()
+      ]])
+      f:close()
+      os.execute(("%s timeout 60 %s %s > /dev/null 2> %s"):format(H.ENV, exe, src, out))
+      assert.matches("result 42", H.slurp(out))
     end)
 
     it("fork in a process with threads warns once, pointing at forkserver", function()

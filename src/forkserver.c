@@ -4,8 +4,10 @@
 ** The start message. What a child needs (its entry point, the target with its
 ** upvalues, the args, a pool's queues...) is one Lua value encoded by the codec
 ** (lua/multiprocessing/context.lua builds it). Its handles own a counted
-** reference each, as a queue message's do: the child adopts them when it
-** decodes (mp_obj_adopt), so nothing is pinned for good. Framed as
+** reference each, as a queue message's do, so nothing is pinned for good: the
+** parent's message (a userdata) owns them until the child takes them (a
+** spawned child's answer, a forkserver worker's go: see each), then the
+** child's ledger does, then its decoded handles (mp_obj_adopt). Framed as
 **   "LMPS" | u32 nhandles | u64 image | nhandles x u64 offset | codec bytes
 ** image: a fingerprint of this build of the core (where its functions lie
 ** relative to each other): a spawned interpreter that loaded another build
@@ -99,8 +101,59 @@ static uint64_t image_id(void) {
 
 /* ---------------------------------------------------- the start message */
 
-/* core._startmsg(value) -> bytes: the value encoded, a reference counted for
-** each handle (the bytes own them until a child decodes them) */
+/* A start message made by core._startmsg: a userdata that owns the message's
+** references until a child takes them (core._spawn, core._forkserver_fork set
+** `owned` to 0 once one did) or they are released (a failed start does it at
+** once; a message dropped unused, by an error or a Ctrl-C anywhere on the
+** way, when it is collected or closed). */
+#define STARTMSG "multiprocessing.StartMessage"
+typedef struct startmsg { size_t len; pid_t pid; int owned; char bytes[]; } startmsg;
+
+/* the handles' offsets of a start message (checked by its taker) */
+static size_t msg_handles(const char *s, size_t n, const char **offs) {
+  uint32_t w[2];
+  if (n < 16) return 0;
+  memcpy(w, s, 8);
+  if (w[0] != SMAGIC || n < 16 + 8 * (size_t)w[1]) return 0;
+  *offs = s + 16;
+  return w[1];
+}
+
+static uint64_t msg_off(const char *offs, size_t i) {
+  uint64_t off;
+  memcpy(&off, offs + 8 * i, 8);  /* (unaligned in a Lua string) */
+  return off;
+}
+
+/* the message's references released, in the process that counted them */
+static void msg_release(startmsg *m) {
+  if (!m->owned || m->pid != getpid()) return;
+  m->owned = 0;
+  const char *offs;
+  size_t nh = msg_handles(m->bytes, m->len, &offs);
+  for (size_t i = 0; i < nh; i++) {
+    uint64_t off = msg_off(offs, i);
+    mp_obj_drop(off, mp_obj_dtor(((mp_obj *)MP_PTR(off))->type));
+  }
+}
+
+/* a child took them: from now they are in its ledger (released at its death),
+** then its decoded handles' (fs_startdecode). Called once the parent can no
+** longer release them (spawn: after the child said so; forkserver: after the
+** requester's go). */
+static void msg_take(const char *s, size_t n) {
+  const char *offs;
+  size_t nh = msg_handles(s, n, &offs);
+  for (size_t i = 0; i < nh; i++) mp_obj_adopted(msg_off(offs, i));
+}
+
+static int startmsg_gc(lua_State *L) {
+  msg_release(luaL_checkudata(L, 1, STARTMSG));
+  return 0;
+}
+
+/* core._startmsg(value) -> a start message: the value encoded, a reference
+** counted for each handle (the message owns them until a child takes them) */
 static int fs_startmsg(lua_State *L) {
   luaL_checkany(L, 1);
   lua_settop(L, 1);
@@ -108,23 +161,32 @@ static int fs_startmsg(lua_State *L) {
   const mp_sent *hl;
   size_t nh = mp_enc_handles(e, &hl);
   size_t n = mp_enc_size(e), head = 16 + 8 * nh;
-  char *p = lua_newuserdatauv(L, head + n, 0);
+  startmsg *m = lua_newuserdatauv(L, sizeof(startmsg) + head + n, 0);
+  m->len = head + n, m->pid = getpid(), m->owned = 0;
+  luaL_setmetatable(L, STARTMSG);
+  char *p = m->bytes;
   uint32_t w[2] = { SMAGIC, (uint32_t)nh };
   uint64_t img = image_id();
   memcpy(p, w, 8);
   memcpy(p + 8, &img, 8);
-  for (size_t i = 0; i < nh; i++) {
-    memcpy(p + 16 + 8 * i, &hl[i].off, 8);
-    mp_obj_count(hl[i].off);
-  }
+  for (size_t i = 0; i < nh; i++) memcpy(p + 16 + 8 * i, &hl[i].off, 8);
   mp_enc_copy(e, p + head);
+  for (size_t i = 0; i < nh; i++) mp_obj_count(hl[i].off);  /* (nothing raises from here) */
+  m->owned = 1;
   mp_enc_own(e);
   mp_enc_done(L, e);
-  lua_pushlstring(L, p, head + n);
   return 1;
 }
 
-/* core._startdecode(bytes) -> value: the handles take the message's references */
+static int decode_protected(lua_State *L) {
+  mp_decode(L, lua_touserdata(L, 1), (size_t)lua_tointeger(L, 2));
+  return 1;
+}
+
+/* core._startdecode(bytes) -> value: in the child that took the message
+** (msg_take: its references are in this process's ledger), once: the decoded
+** handles take them; those no handle took (a decoding that failed half way)
+** are released */
 static int fs_startdecode(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
@@ -140,9 +202,16 @@ static int fs_startdecode(lua_State *L) {
   size_t nh = w[1], head = 16 + 8 * nh;
   uint64_t *offs = lua_newuserdatauv(L, nh ? 8 * nh : 1, 0);
   memcpy(offs, s + 16, 8 * nh);
+  lua_pushcfunction(L, decode_protected);
+  lua_pushlightuserdata(L, (void *)(s + head));
+  lua_pushinteger(L, (lua_Integer)(n - head));
   mp_adopt a = { offs, (uint32_t)nh }, *prev = mp_obj_adopt(&a);
-  mp_decode(L, s + head, n - head);  /* (an error here leaks the references left) */
+  int r = lua_pcall(L, 2, 1, 0);
   mp_obj_adopt(prev);
+  pid_t me = getpid();
+  for (size_t i = 0; i < nh; i++)
+    if (offs[i]) mp_obj_release_with(offs[i], me, mp_obj_dtor(((mp_obj *)MP_PTR(offs[i]))->type));
+  if (r != LUA_OK) return lua_error(L);
   return 1;
 }
 
@@ -235,9 +304,15 @@ static char *find_exe(const char *exe) {
 
 /* ----------------------------------------------------------------- spawn */
 
+/* The spawn handshake: the parent writes a spawnhdr and the start message;
+** the child answers an fsans once it has mapped the arena and read the message
+** (len 0: from now the message's references are the child's), or says why it
+** cannot (len bytes of reason follow) and leaves. Without that answer (the
+** child died, refused, or the parent gave up: Ctrl-C, no answer in 30 s, and
+** then killed it) the parent releases them. */
 typedef struct spawnhdr {
   uint32_t magic, arenafd;
-  uint64_t addr, size, token, key[2], len;
+  uint64_t addr, size, token, key[2], len, image;
   int32_t lifeline, passfd;
 } spawnhdr;
 
@@ -245,12 +320,74 @@ typedef struct spawnhdr {
 ** passed with its start (a pool's eventfd), or -1; core._passed_fd() */
 static int passed_fd = -1;
 
+typedef struct fsans { uint32_t magic, len; } fsans;
+
+/* kills a child that will not be used and waits (5 s at most) until it is gone */
+static void kill_gone(pid_t pid) {
+  kill(pid, SIGKILL);
+  for (int i = 0; i < 5000 && !mp_pid_gone(pid); i++) usleep(1000);
+}
+
+/* the spawned child's answer: NULL (it took the message) or why not (in err) */
+static const char *spawn_answer(lua_State *L, int sv, int ep, pid_t pid, char *err, size_t errn) {
+  double deadline = mp_now() + WAIT_START;
+  lua_Hook h0 = lua_gethook(L);
+  for (;;) {
+    struct pollfd pf[2] = { { sv, POLLIN, 0 }, { ep, POLLIN, 0 } };
+    int r = poll(pf, ep >= 0 ? 2 : 1, 50);
+    if (r > 0 && ep >= 0 && pf[1].revents) {  /* exec failed (its errno), or EOF: it ran */
+      int e;
+      ssize_t k;
+      do k = read(ep, &e, sizeof e); while (k < 0 && errno == EINTR);
+      if (k == (ssize_t)sizeof e) { snprintf(err, errn, "cannot run it: %s", strerror(e)); return err; }
+      ep = -1;
+    }
+    if (r > 0 && pf[0].revents) {
+      fsans a;
+      if (recv_all(sv, &a, sizeof a) != 0 || a.magic != HMAGIC) return "it died before taking its start message";
+      if (!a.len) return NULL;
+      size_t n = a.len < errn - 1 ? a.len : errn - 1;
+      if (recv_all(sv, err, n) != 0) n = 0;
+      err[n] = 0;
+      return err;
+    }
+    if (r > 0) continue;
+    if (mp_hook_pending(L, h0)) return "interrupted";
+    if (mp_pid_gone(pid)) {
+      struct pollfd p2[2] = { { sv, POLLIN, 0 }, { ep, POLLIN, 0 } };
+      if (poll(p2, ep >= 0 ? 2 : 1, 0) > 0) continue;  /* (what it wrote before dying) */
+      return "it died before taking its start message";
+    }
+    if (mp_now() > deadline) return "it did not take its start message in 30 s";
+  }
+}
+
+/* did exec fail? (its errno is written before it exits) */
+static int exec_error(int ep, char *err, size_t errn) {
+  int e;
+  struct pollfd pf = { ep, POLLIN, 0 };
+  if (poll(&pf, 1, 0) <= 0 || read(ep, &e, sizeof e) != (ssize_t)sizeof e) return 0;
+  snprintf(err, errn, "cannot run it: %s", strerror(e));
+  return 1;
+}
+
+/* after a failed handshake, the child killed: did it take the message all the same? */
+static int spawn_took(int sv) {
+  fsans a;
+  struct pollfd pf = { sv, POLLIN, 0 };
+  return poll(&pf, 1, 0) > 0 && recv(sv, &a, sizeof a, MSG_DONTWAIT) == (ssize_t)sizeof a &&
+         a.magic == HMAGIC && a.len == 0;
+}
+
 /* core._spawn(exe, startmsg, daemon, path, cpath [, fd]) -> pid | nil, message
-** (fd: a descriptor the child gets too, core._passed_fd() there) */
+** (fd: a descriptor the child gets too, core._passed_fd() there; a child
+** started that could not take its message is killed and reaped) */
 static int fs_spawn(lua_State *L) {
   const char *exe = luaL_checkstring(L, 1);
-  size_t mlen;
-  const char *msg = luaL_checklstring(L, 2, &mlen);
+  startmsg *sm = luaL_checkudata(L, 2, STARTMSG);
+  luaL_argcheck(L, sm->owned && sm->pid == getpid(), 2, "start message already used");
+  size_t mlen = sm->len;
+  const char *msg = sm->bytes;
   int daemon = lua_toboolean(L, 3);
   const char *path = luaL_checkstring(L, 4), *cpath = luaL_checkstring(L, 5);
   int passfd = (int)luaL_optinteger(L, 6, -1);
@@ -259,6 +396,7 @@ static int fs_spawn(lua_State *L) {
   uint64_t token = mp_proc_prefork(L);  /* (may raise: before anything is held) */
   char *full = find_exe(exe);
   if (!full) {
+    msg_release(sm);
     mp_proc_parent(token, -1);
     lua_pushnil(L);
     lua_pushfstring(L, "cannot spawn: executable '%s' not found or not executable", exe);
@@ -266,16 +404,16 @@ static int fs_spawn(lua_State *L) {
   }
   int sv[2], ep[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
-    mp_proc_parent(token, -1), free(full);
+    msg_release(sm), mp_proc_parent(token, -1), free(full);
     return mp_pusherrno(L, "cannot spawn");
   }
   if (pipe2(ep, O_CLOEXEC) != 0) {
-    mp_proc_parent(token, -1), close(sv[0]), close(sv[1]), free(full);
+    msg_release(sm), mp_proc_parent(token, -1), close(sv[0]), close(sv[1]), free(full);
     return mp_pusherrno(L, "cannot spawn");
   }
   int life[2];  /* the child's lifeline (see proc_fork in process.c) */
   if (pipe2(life, O_CLOEXEC) != 0) {
-    mp_proc_parent(token, -1), close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]), free(full);
+    msg_release(sm), mp_proc_parent(token, -1), close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]), free(full);
     return mp_pusherrno(L, "cannot spawn");
   }
   /* the environment: the parent's, with our variables in front */
@@ -301,7 +439,7 @@ static int fs_spawn(lua_State *L) {
   if (!envp || !ev[0] || !ev[1] || !ev[2]) {
     free(ev[0]), free(ev[1]), free(ev[2]), free(envp), free(full);
     close(sv[0]), close(sv[1]), close(ep[0]), close(ep[1]), close(life[0]), close(life[1]);
-    mp_proc_parent(token, -1);
+    msg_release(sm), mp_proc_parent(token, -1);
     return luaL_error(L, "cannot spawn: out of memory");
   }
   char *argv[] = { full, "-e", "require'multiprocessing.spawn'.main()", NULL };
@@ -339,41 +477,51 @@ static int fs_spawn(lua_State *L) {
   close(sv[1]), close(ep[1]), close(life[0]);
   if (pid < 0) {
     free(full), close(sv[0]), close(ep[0]), close(life[1]);
+    msg_release(sm);
     errno = fe;
     return mp_pusherrno(L, "cannot spawn");
   }
-  mp_proc_track(pid, daemon, life[1]);
-  int e = 0;
-  ssize_t r;
-  do r = read(ep[0], &e, sizeof e); while (r < 0 && errno == EINTR);  /* EOF: exec'd */
-  close(ep[0]);
-  if (r == (ssize_t)sizeof e) {  /* exec failed: the child exits 127 (reaped by its owner) */
-    close(sv[0]);
-    lua_pushnil(L);
-    lua_pushfstring(L, "cannot spawn: cannot run '%s': %s", full, strerror(e));
-    free(full);
-    lua_pushinteger(L, pid);
-    return 3;
-  }
-  free(full);
-  spawnhdr h = { HMAGIC, (uint32_t)afd, (uint64_t)(uintptr_t)mp_arena_base(), mp_arena_size(), token, { 0, 0 }, mlen,
-                 life[0], passfd };
+  spawnhdr h = { HMAGIC, (uint32_t)afd, (uint64_t)(uintptr_t)mp_arena_base(), mp_arena_size(), token, { 0, 0 },
+                 mlen, image_id(), life[0], passfd };
   mp_codec_key(h.key);
+  char err[256];
   const char *why = NULL;
-  if (send_all(sv[0], (const char *)&h, sizeof h, L, pid, &why) || send_all(sv[0], msg, mlen, L, pid, &why)) {
-    close(sv[0]);
-    lua_pushnil(L);
-    lua_pushfstring(L, "cannot spawn: the new interpreter (pid %d): %s", (int)pid, why);
+  if (send_all(sv[0], (const char *)&h, sizeof h, L, pid, &why) == 0 && send_all(sv[0], msg, mlen, L, pid, &why) == 0)
+    why = spawn_answer(L, sv[0], ep[0], pid, err, sizeof err);
+  else if (exec_error(ep[0], err, sizeof err))  /* (it closed its end) */
+    why = err;
+  close(ep[0]);
+  if (!why) {
+    close(sv[0]), free(full);
+    sm->owned = 0;  /* the child's now */
+    mp_proc_track(pid, daemon, life[1]);
     lua_pushinteger(L, pid);
-    return 3;
+    return 1;
   }
+  if (why != err) snprintf(err, sizeof err, "%s", why);
+  close(life[1]);
+  kill_gone(pid);
+  if (spawn_took(sv[0])) sm->owned = 0;  /* (its death releases them) */
+  else msg_release(sm);
   close(sv[0]);
-  lua_pushinteger(L, pid);
-  return 1;
+  int st;  /* reaped here (or, if it is not gone yet, by its owner later) */
+  if (waitpid(pid, &st, WNOHANG) == pid) mp_proc_reaped(pid);
+  else mp_proc_track(pid, 1, -1);
+  lua_pushnil(L);
+  lua_pushfstring(L, "cannot spawn: the new interpreter '%s' (pid %d): %s", full, (int)pid, err);
+  free(full);
+  return 2;
 }
 
-/* core._attach() -> start message: in a spawned interpreter, maps the arena
-** and reads what its parent sent */
+/* the child's answer to its parent: 0 (it took the message) or why not */
+static void answer(int fd, const char *why) {
+  size_t n = why ? strlen(why) : 0;
+  fsans a = { HMAGIC, (uint32_t)n };
+  if (send(fd, &a, sizeof a, MSG_NOSIGNAL) == (ssize_t)sizeof a && n) send(fd, why, n, MSG_NOSIGNAL);
+}
+
+/* core._attach() -> start message: in a spawned interpreter, maps the arena,
+** reads what its parent sent and takes the message's references (msg_take) */
 static int fs_attach(lua_State *L) {
   const char *v = getenv("LUA_MP_SPAWN");
   if (!v) return luaL_error(L, "multiprocessing.spawn: not started by a spawning parent (no LUA_MP_SPAWN)");
@@ -384,8 +532,14 @@ static int fs_attach(lua_State *L) {
   if (recv_all(fd, &h, sizeof h) != 0 || h.magic != HMAGIC)
     return luaL_error(L, "multiprocessing.spawn: no spawn header from the parent (%s)", strerror(errno));
   fcntl((int)h.arenafd, F_SETFD, FD_CLOEXEC);
-  const char *why = mp_arena_attach((int)h.arenafd, h.addr, h.size, h.token);
-  if (why) return luaL_error(L, "multiprocessing.spawn: cannot map the parent's shared memory: %s", why);
+  char err[200];
+  const char *why = NULL;
+  if (h.image != image_id())
+    why = "this process loaded another build of multiprocessing.core than its parent "
+          "(package.cpath must find the same core.so)";
+  else if ((why = mp_arena_attach((int)h.arenafd, h.addr, h.size, h.token)) != NULL)
+    why = (snprintf(err, sizeof err, "cannot map the parent's shared memory: %s", why), err);
+  if (why) { answer(fd, why); return luaL_error(L, "multiprocessing.spawn: %s", why); }
   mp_codec_setkey(h.key);
   mp_proc_reset();
   if (h.lifeline >= 0) {  /* armed before exec: now ours, closed in our children */
@@ -395,9 +549,11 @@ static int fs_attach(lua_State *L) {
   if (h.passfd >= 0) fcntl(h.passfd, F_SETFD, FD_CLOEXEC);
   passed_fd = h.passfd;
   char *buf = lua_newuserdatauv(L, h.len ? h.len : 1, 0);
-  if (recv_all(fd, buf, h.len) != 0)
+  if (recv_all(fd, buf, h.len) != 0)  /* (the parent failed: it keeps the references) */
     return luaL_error(L, "multiprocessing.spawn: the start message was cut (%s)", strerror(errno));
+  answer(fd, NULL);  /* then take them: a kill between the two leaks them, never releases them twice */
   close(fd);
+  msg_take(buf, h.len);
   lua_pushlstring(L, buf, h.len);
   return 1;
 }
@@ -405,11 +561,20 @@ static int fs_attach(lua_State *L) {
 /* ------------------------------------------------------------ forkserver */
 
 /* A request: this header, with the requester's descriptors 0, 1 and 2 (those
-** open: `stdio` says which, bits 0-2) in its control message, so that a worker
+** open: bits 0-2 of `stdio` say which) in its control message, so that a worker
 ** writes where its requester writes now, not where it wrote when the server
 ** started, the read end of the worker's lifeline (bit 3; see proc_fork in
-** process.c: the requester keeps the write end) and a descriptor to pass (bit
-** 4: a pool's eventfd); then len bytes of start message. The answer: an fsrep. */
+** process.c: the requester keeps the write end), a descriptor to pass (bit 4:
+** a pool's eventfd) and the worker's end of a socket pair (bit 5): its go;
+** then len bytes of start message. The answer: an fsrep. The worker waits for
+** one byte of go before it touches the arena: the requester sends it once it
+** has read the worker's pid, so the message's references are either the
+** worker's (go sent) or still the requester's (no go: the worker leaves at end
+** of file). A request that failed half way (Ctrl-C, no answer) leaves the
+** socket out of step: that server is killed and not used again
+** (fs_drop_server). */
+enum { NIO = 6 };  /* a request's descriptors at most: stdio, lifeline, passed, go */
+
 typedef struct fsreq {
   uint32_t magic, daemon;
   uint64_t token, len;
@@ -422,7 +587,8 @@ static struct {
   pid_t pid, owner;  /* the server, and the process that started it */
   int fd;
   pthread_mutex_t lock;  /* one request at a time (hosts with threads) */
-} fs = { 0, 0, -1, PTHREAD_MUTEX_INITIALIZER };
+  int go;                /* during a request: the requester's end of its go */
+} fs = { 0, 0, -1, PTHREAD_MUTEX_INITIALIZER, -1 };
 
 static uint32_t *tidaddr;   /* in the server: where glibc keeps the thread id */
 static void *rhead;         /* ... and its robust list head */
@@ -464,22 +630,22 @@ static void reply(int fd, pid_t pid, int err) {
 }
 
 /* the header of a request and the descriptors that came with it; -1 at the end */
-static int recv_request(int fd, fsreq *q, int io[5]) {
-  union { struct cmsghdr h; char buf[CMSG_SPACE(5 * sizeof(int))]; } cm;
+static int recv_request(int fd, fsreq *q, int io[NIO]) {
+  union { struct cmsghdr h; char buf[CMSG_SPACE(NIO * sizeof(int))]; } cm;
   struct iovec iov = { q, sizeof *q };
   struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof cm.buf };
   ssize_t r;
   do r = recvmsg(fd, &m, MSG_CMSG_CLOEXEC); while (r < 0 && errno == EINTR);
   if (r <= 0) return -1;
-  int got[5], n = 0;
+  int got[NIO], n = 0;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
     if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
       for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
         int d;
         memcpy(&d, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
-        if (n < 5) got[n++] = d; else close(d);
+        if (n < NIO) got[n++] = d; else close(d);
       }
-  for (int i = 0, k = 0; i < 5; i++) io[i] = (q->stdio >> i & 1) && k < n ? got[k++] : -1;
+  for (int i = 0, k = 0; i < NIO; i++) io[i] = (q->stdio >> i & 1) && k < n ? got[k++] : -1;
   if (((size_t)r < sizeof *q && recv_all(fd, (char *)q + r, sizeof *q - (size_t)r) != 0) || q->magic != HMAGIC) {
     for (int i = 0; i < n; i++) close(got[i]);
     return -1;
@@ -487,12 +653,12 @@ static int recv_request(int fd, fsreq *q, int io[5]) {
   return 0;
 }
 
-static void close_io(int io[5]) { for (int i = 0; i < 5; i++) if (io[i] >= 0) close(io[i]); }
+static void close_io(int io[NIO]) { for (int i = 0; i < NIO; i++) if (io[i] >= 0) close(io[i]); }
 
 static void server_loop(lua_State *S, int fd) {
   for (;;) {
     fsreq q;
-    int io[5];
+    int io[NIO];
     if (recv_request(fd, &q, io) != 0) _exit(0);  /* its starter is gone */
     char *msg = malloc(q.len ? q.len : 1);
     if (!msg) _exit(1);
@@ -508,9 +674,15 @@ static void server_loop(lua_State *S, int fd) {
     for (int i = 0; i < 3; i++) if (io[i] >= 0) { dup2(io[i], i); close(io[i]); }
     passed_fd = io[4];
     close(fd);
+    char go = 0;  /* (see fsreq: nothing of the arena touched without it) */
+    ssize_t k = -1;
+    if (io[5] >= 0) do k = read(io[5], &go, 1); while (k < 0 && errno == EINTR);
+    if (k != 1) _exit(1);
+    close(io[5]);
     signal(SIGINT, SIG_DFL);
     mp_proc_reset();
     mp_proc_child(q.token);
+    msg_take(msg, q.len);
     lua_getglobal(S, "require");
     lua_pushliteral(S, "multiprocessing.spawn");
     if (lua_pcall(S, 1, 1, 0) == LUA_OK) {
@@ -630,8 +802,7 @@ static const char *fs_start_locked(lua_State *L, const char *path, const char *c
   uint64_t key[2];
   mp_codec_key(key);  /* drawn now, before the fork, so that both sides have the same */
   pid_t parent = getpid();
-  fflush(stdout);  /* (not fflush(NULL): stdin's lock may be held by a reading thread) */
-  fflush(stderr);
+  mp_flush_std();  /* (not fflush(NULL): stdin's lock may be held by a reading thread) */
   pid_t pid = fork();
   if (pid == 0) { close(sv[0]), close(life[1]); server_main(sv[1], life[0], parent, path, cpath, builtin); _exit(1); }
   int e = errno;
@@ -692,45 +863,61 @@ static int fs_stop(lua_State *L) {
   return 1;
 }
 
-/* one request; 1 done (*pid), 0 the server is gone (retry with a new one), -1 failed (why) */
+/* one request (lifeline: the read end of the worker's lifeline; passfd: a
+** descriptor it gets too, or -1; go: the worker's end of its go); 1 done
+** (*pid), 0 the server is gone (a new one may be tried), -1 failed and the
+** socket is out of step, -2 failed (the server could not clone: why) */
 static int fs_request(lua_State *L, const char *msg, size_t mlen, int daemon, uint64_t token, int lifeline,
-                      int passfd, pid_t *pid, const char **why) {
+                      int passfd, int go, pid_t *pid, const char **why) {
   fsreq q = { HMAGIC, (uint32_t)daemon, token, mlen, (int32_t)getpid(), 0 };
-  int io[5], n = 0;
+  int io[NIO], n = 0;
   for (int i = 0; i < 3; i++) if (fcntl(i, F_GETFD) >= 0) { io[n++] = i; q.stdio |= 1 << i; }
   io[n++] = lifeline, q.stdio |= 1 << 3;
   if (passfd >= 0 && fcntl(passfd, F_GETFD) >= 0) io[n++] = passfd, q.stdio |= 1 << 4;
-  union { struct cmsghdr h; char buf[CMSG_SPACE(5 * sizeof(int))]; } cm;
+  io[n++] = go, q.stdio |= 1 << 5;
+  union { struct cmsghdr h; char buf[CMSG_SPACE(NIO * sizeof(int))]; } cm;
   memset(&cm, 0, sizeof cm);
   struct iovec iov = { &q, sizeof q };
   struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
-  {
-    m.msg_control = cm.buf, m.msg_controllen = CMSG_SPACE(n * sizeof(int));
-    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
-    c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(n * sizeof(int));
-    memcpy(CMSG_DATA(c), io, n * sizeof(int));
-  }
+  m.msg_control = cm.buf, m.msg_controllen = CMSG_SPACE(n * sizeof(int));
+  struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+  c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(n * sizeof(int));
+  memcpy(CMSG_DATA(c), io, n * sizeof(int));
   ssize_t r;  /* the header and its descriptors at once (the socket's buffer is empty between requests) */
   do r = sendmsg(fs.fd, &m, MSG_NOSIGNAL); while (r < 0 && errno == EINTR);
   if (r < 0) { *why = strerror(errno); return 0; }
+  /* (a Ctrl-C or a server that reads nothing for 30 s: failed; another failure: it is gone) */
   if ((size_t)r < sizeof q && send_all(fs.fd, (const char *)&q + r, sizeof q - (size_t)r, L, fs.pid, why))
-    return strcmp(*why, "interrupted") ? 0 : -1;
+    return !strcmp(*why, "interrupted") || !strncmp(*why, "it did not", 10) ? -1 : 0;
   if (send_all(fs.fd, msg, mlen, L, fs.pid, why))
-    return strcmp(*why, "interrupted") ? 0 : -1;
+    return !strcmp(*why, "interrupted") || !strncmp(*why, "it did not", 10) ? -1 : 0;
   *why = wait_readable(fs.fd, L, fs.pid, WAIT_START);
-  if (*why) return strcmp(*why, "interrupted") ? 0 : -1;
+  if (*why) return strcmp(*why, "it died") ? -1 : 0;
   fsrep a;
   if (recv_all(fs.fd, &a, sizeof a) != 0) return 0;
-  if (a.pid < 0) { *why = strerror(a.err); return -1; }
+  if (a.pid < 0) { *why = strerror(a.err); return -2; }
   *pid = a.pid;
   return 1;
+}
+
+/* (lock held) the server after a request that failed half way: killed, and the
+** worker its last answer names (if it sent one: that worker got no go and
+** leaves at once) tracked, so that it is reaped */
+static void fs_drop_server(void) {
+  kill_gone(fs.pid);
+  fsrep a;
+  struct pollfd pf = { fs.fd, POLLIN, 0 };
+  if (poll(&pf, 1, 0) > 0 && recv(fs.fd, &a, sizeof a, MSG_DONTWAIT) == (ssize_t)sizeof a && a.pid > 0 &&
+      mp_proc_reserve())
+    mp_proc_track(a.pid, 1, -1);
+  fs_forget();
 }
 
 /* core._forkserver_fork(startmsg, daemon, path, cpath [, fd]) -> pid | nil, message
 ** (fd: a descriptor the worker gets too, core._passed_fd() there) */
 static int fs_fork(lua_State *L) {
-  size_t mlen;
-  const char *msg = luaL_checklstring(L, 1, &mlen);
+  startmsg *sm = luaL_checkudata(L, 1, STARTMSG);
+  luaL_argcheck(L, sm->owned && sm->pid == getpid(), 1, "start message already used");
   int daemon = lua_toboolean(L, 2);
   const char *path = luaL_optstring(L, 3, NULL), *cpath = luaL_optstring(L, 4, NULL);
   int passfd = (int)luaL_optinteger(L, 5, -1);
@@ -743,26 +930,45 @@ static int fs_fork(lua_State *L) {
   int builtin = uses_builtin(L);
   int life[2];  /* the worker's lifeline: the read end goes with the request */
   if (pipe2(life, O_CLOEXEC) != 0) {
-    mp_proc_parent(token, -1);
+    msg_release(sm), mp_proc_parent(token, -1);
     return mp_pusherrno(L, "cannot start a process with the forkserver (its lifeline pipe)");
   }
   pthread_mutex_lock(&fs.lock);
+  /* a second server only when the first was found gone: its worker, if it
+  ** made one, got no go (never two workers for one message) */
   for (int attempt = 0; attempt < 2; attempt++) {
     why = fs_start_locked(L, path, cpath, builtin, err, sizeof err);
     if (why) break;
-    int r = fs_request(L, msg, mlen, daemon, token, life[0], passfd, &pid, &why);
-    if (r == 1) { why = NULL; break; }
+    int gp[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, gp) != 0) { why = strerror(errno); break; }
+    fs.go = gp[0];
+    int r = fs_request(L, sm->bytes, sm->len, daemon, token, life[0], passfd, gp[1], &pid, &why);
+    close(gp[1]);
+    if (r == 1) {
+      char g = 1;
+      if (send(gp[0], &g, 1, MSG_NOSIGNAL) == 1) why = NULL;
+      else {  /* it died before its go: the message was never its */
+        why = "the new worker died at once";
+        mp_proc_track(pid, 1, -1);
+        r = -2;
+      }
+    }
+    close(gp[0]);
+    fs.go = -1;
+    if (r == 1 || r == -2) break;
+    fs_drop_server();
     if (r < 0) break;
-    kill(fs.pid, SIGKILL);  /* gone or stuck: a new one (the exit handler reaps this one) */
-    fs_forget();
     why = why ? why : "the forkserver died";
   }
   close(life[0]);
-  if (!why) mp_proc_track(pid, daemon, life[1]);
-  else close(life[1]);
+  if (!why) {
+    mp_proc_track(pid, daemon, life[1]);
+    sm->owned = 0;  /* the worker's now */
+  } else close(life[1]);
   pthread_mutex_unlock(&fs.lock);
   mp_proc_parent(token, why ? -1 : pid);
   if (why) {
+    msg_release(sm);
     lua_pushnil(L);
     lua_pushfstring(L, "cannot start a process with the forkserver: %s", why);
     return 2;
@@ -826,13 +1032,21 @@ LMP_API int lmp_forkserver_start(void) {
 ** and the lock may have been copied held (the server is forked under it) */
 static void fs_after_fork(void) {
   if (fs.fd >= 0) close(fs.fd);
-  fs.fd = -1, fs.pid = 0, fs.owner = 0;
+  if (fs.go >= 0) close(fs.go);  /* (a worker waits for its end of file) */
+  fs.fd = -1, fs.pid = 0, fs.owner = 0, fs.go = -1;
   pthread_mutex_init(&fs.lock, NULL);
   passed_fd = -1;  /* (a forkserver worker's is set after this) */
 }
 
 int mp_forkserver_open(lua_State *L) {
   mp_atfork(fs_after_fork);
+  if (luaL_newmetatable(L, STARTMSG)) {
+    lua_pushcfunction(L, startmsg_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, startmsg_gc);
+    lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
   static const luaL_Reg fns[] = {
     {"_startmsg", fs_startmsg}, {"_startdecode", fs_startdecode}, {"_spawn", fs_spawn},
     {"_attach", fs_attach}, {"_forkserver_start", fs_start}, {"_forkserver_fork", fs_fork},

@@ -84,17 +84,17 @@ end
 -- Starts a child by method (not fork) with the start message v: { module, entry,
 -- payload } (multiprocessing.spawn calls require(module)[entry](payload)).
 -- fd: a descriptor the child gets too (core._passed_fd() there). The pid, or nil and the reason (a value that cannot be sent, an OS failure).
+-- The message owns its handles' references until a child takes them: a failed
+-- start releases them, and so does its collection after an error here (Ctrl-C).
 function M._start(method, v, daemon, fd)
   local ok, msg = pcall(core._startmsg, v)
   if not ok then return nil, (tostring(msg):gsub("^[^\n]-:%d+: ", "")) end
-  local pid, err, started
+  local pid, err
   if method == "spawn" then
-    pid, err, started = core._spawn(M.get_executable(), msg, daemon, package.path, package.cpath, fd)
-    if started then core.kill(started, 9) core.waitpid(started, 20) end  -- (one that could not run)
+    pid, err = core._spawn(M.get_executable(), msg, daemon, package.path, package.cpath, fd)
   else
     pid, err = core._forkserver_fork(msg, daemon, package.path, package.cpath, fd)
   end
-  if not pid then pcall(core._startdecode, msg) end  -- its handles' references go with the decoded copy
   return pid, err
 end
 
