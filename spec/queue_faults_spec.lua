@@ -15,7 +15,7 @@ local BIG = 128 << 20  -- a big message: copied and decoded for tens of millisec
 local MISSED = 3  -- a child's exit code: the process it was to catch was not caught in the act
 
 -- runs fn in a forked child (which always leaves with core._exit) and waits up to `limit`
--- seconds; on overrun kills it (its own children die with it: PR_SET_PDEATHSIG). Raises what
+-- seconds; on overrun kills it (its own children die with it: their lifelines). Raises what
 -- the child reported, or that it hung; returns true, or false when the child exited MISSED.
 local function bounded(limit, fn)
   local pid = H.spawn(fn)
