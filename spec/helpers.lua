@@ -158,4 +158,25 @@ function H.interrupted(script, patience)
   return H.slurp(out)
 end
 
+
+--- The arena's figures once the collector ran (what unreachable handles held is given back).
+function H.arena_settle()
+  collectgarbage()
+  collectgarbage()
+  return core.arena_stats()
+end
+
+--- Asserts that arena use comes back to s0 (H.arena_settle's figures) within `patience` seconds
+--- (default 20: a killed process may take a moment to be seen), and that the arena is consistent.
+function H.assert_arena_back(s0, what, patience)
+  local assert = require "luassert"
+  local s = H.eventually(function()
+    local s = H.arena_settle()
+    return s.used == s0.used and s.blocks == s0.blocks and s.deferred == s0.deferred and s
+  end, patience or 20) or H.arena_settle()
+  assert.are.same({ used = s0.used, blocks = s0.blocks, deferred = s0.deferred },
+    { used = s.used, blocks = s.blocks, deferred = s.deferred }, what)
+  assert.is_true(core.arena_check())
+end
+
 return H

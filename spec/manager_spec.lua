@@ -140,20 +140,7 @@ describe("Manager", function()
   -- by its process's close, or by the ledger of a process that died (docs/arena.md).
   describe("when a process holding a reply queue is SIGKILLed", function()
     local core = require "multiprocessing.core"
-    local function settle()
-      collectgarbage() collectgarbage()
-      return core.arena_stats()
-    end
-    -- arena use back to s0 (a dead process may take a moment to be seen)
-    local function assert_back(s0, what)
-      local s = H.eventually(function()
-        local s = settle()
-        return s.used == s0.used and s.blocks == s0.blocks and s.deferred == s0.deferred and s
-      end, 20) or settle()
-      assert.are.same({ used = s0.used, blocks = s0.blocks, deferred = s0.deferred },
-        { used = s.used, blocks = s.blocks, deferred = s.deferred }, what)
-      assert.is_true(core.arena_check())
-    end
+    local settle, assert_back = H.arena_settle, H.assert_arena_back
     -- a Manager made, used by this process and shut down: what a first use leaves for good
     local function warm()
       local m = mp.Manager()

@@ -7,22 +7,8 @@ local H = require "helpers"
 
 local collectgarbage = collectgarbage
 
-local function settle()
-  collectgarbage()
-  collectgarbage()
-  return core.arena_stats()
-end
-
--- arena use comes back to s0 (a killed process may take a moment to be seen)
-local function assert_back(s0, what)
-  local s = H.eventually(function()
-    local s = settle()
-    return s.used == s0.used and s.blocks == s0.blocks and s.deferred == s0.deferred and s
-  end, 10) or settle()
-  assert.are.same({ used = s0.used, blocks = s0.blocks, deferred = s0.deferred },
-    { used = s.used, blocks = s.blocks, deferred = s.deferred }, what)
-  assert.is_true(core.arena_check())
-end
+local settle = H.arena_settle
+local function assert_back(s0, what) return H.assert_arena_back(s0, what, 10) end
 
 describe("a shared object sent through a queue", function()
   -- each spec makes its carrier after taking s0 and closes it before the check: a queue's own

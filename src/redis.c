@@ -193,6 +193,19 @@ static int drain(lua_State *L, mp_redis *r) {
   return 1;
 }
 
+/* appends one command and writes it out without waiting for its reply (read
+** later by r:replies or the next call): true */
+static int send_argv(lua_State *L, mp_redis *r, int n, const char **argv, const size_t *lens) {
+  if (HI.redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
+  int done = 0;
+  do {
+    if (HI.redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
+  } while (!done);
+  r->pending++;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* r:send(arg...): one command sent without waiting for its reply (r:replies() gives the
 ** replies later, in order; any other call reads them first) */
 static int redis_send(lua_State *L) {
@@ -203,14 +216,7 @@ static int redis_send(lua_State *L) {
   size_t lv[SMALLARGS], *lens = lv;
   argbuf(L, top - 1, &argv, &lens);
   int n = collect(L, 0, 2, top, argv, lens, 0);
-  if (HI.redisAppendCommandArgv(r->c, n, argv, lens) != REDIS_OK) return conn_fault(L, r);
-  int done = 0;
-  do {
-    if (HI.redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
-  } while (!done);
-  r->pending++;
-  lua_pushboolean(L, 1);
-  return 1;
+  return send_argv(L, r, n, argv, lens);
 }
 
 
@@ -225,14 +231,7 @@ static int redis_send_entry(lua_State *L) {
   if (!mac(s, c, cn, m, mn, md)) return luaL_error(L, "HMAC-SHA256 failed (OpenSSL)");
   const char *argv[] = { "XADD", c, "*", "m", m, "s", (const char *)md };
   size_t lens[] = { 4, cn, 1, 1, mn, 1, SIGLEN };
-  if (HI.redisAppendCommandArgv(r->c, 7, argv, lens) != REDIS_OK) return conn_fault(L, r);
-  int done = 0;
-  do {
-    if (HI.redisBufferWrite(r->c, &done) != REDIS_OK) return conn_fault(L, r);
-  } while (!done);
-  r->pending++;
-  lua_pushboolean(L, 1);
-  return 1;
+  return send_argv(L, r, 7, argv, lens);
 }
 
 /* r:replies() -> the replies of the commands sent with r:send, in order (a list) */

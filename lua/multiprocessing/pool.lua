@@ -1956,4 +1956,6 @@ function M.wait(fs, opts)
   return done, not_done
 end
 
+M._plain_upvalues = plain_upvalues  -- (the Redis-backed Pool follows the same rule: stream_pool.lua)
+
 return M

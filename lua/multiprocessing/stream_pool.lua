@@ -202,21 +202,8 @@ end
 -- same bytes share one FID (a closure made anew in an apply_async loop). The FN_CACHE
 -- newest stay in Redis; an older one goes once no running call needs it.
 local FN_CACHE = 16
-local getupvalue, getinfo = debug.getupvalue, debug.getinfo
-local globals = _G
-
-local function plain_upvalues(f, saved)
-  local i = 1
-  while true do
-    local name, v = getupvalue(f, i)
-    if name == nil then return saved == nil or saved.n == i - 1 end
-    local t = type(v)
-    if (t == "table" and v ~= globals) or (t == "function" and getinfo(v, "S").what ~= "C")
-      or t == "userdata" or t == "thread" then return false end
-    if saved and saved[i] ~= v then return false end
-    i = i + 1
-  end
-end
+local plain_upvalues = require("multiprocessing.pool")._plain_upvalues  -- the local Pool's rule
+local getupvalue = debug.getupvalue
 
 local function blob_drop(self, b)
   b.freed = true
