@@ -295,12 +295,17 @@ static int pool_put_result(lua_State *L) {
 }
 
 /* registry key: the context of take_result (its upvalue), for result_decode: { inflight, "call",
-** "finished", "n" } (the keys it looks up, ready: pushing them anew cost more) */
+** "finished", "n", ... } (the keys it looks up, ready: pushing them anew cost more) */
 static const char inflight_key = 'i';
-enum { CTX_INFLIGHT = 1, CTX_CALL, CTX_FINISHED, CTX_N };
+enum { CTX_INFLIGHT = 1, CTX_CALL, CTX_FINISHED, CTX_N, CTX_CALLBACK, CTX_CBS, CTX_BREC, CTX_REFS,
+       CTX_CACHED, CTX_FLAG, CTX_FREE, CTX_NFREE, CTX_NKEYS = CTX_NFREE };
+static const char *const ctx_keys[] = { NULL, NULL, "call", "finished", "n", "callback", "_cbs", "brec", "refs",
+                                        "cached", "flag", "_free", "_nfree" };
+#define CTXSLOT 6  /* the context's slot in take_result's frame */
 
-/* the header of the result message take_result is taking (result_decode fills it) */
-typedef struct rinfo { int valid; resulthdr h; const void *ctx; } rinfo;
+/* the header of the result message take_result is taking (result_decode fills it);
+** lean: its values went to a lean record that was not finished */
+typedef struct rinfo { int valid, lean; resulthdr h; const void *ctx; } rinfo;
 static rinfo *taking;
 
 /* Pushes true when the results went straight where they belong, else the decoded
@@ -312,10 +317,10 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
   resulthdr h;
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
   int top = lua_gettop(L);
-  int placed = 0;
-  /* the context: at 4 in take_result's frame, else (decoding may run in a frame of
+  int placed = 0, lean = 0;
+  /* the context: in take_result's frame, else (decoding may run in a frame of
   ** its own, for a message out of line) in the registry */
-  if (taking && top >= 4 && lua_topointer(L, 4) == taking->ctx) lua_pushvalue(L, 4);
+  if (taking && top >= CTXSLOT && lua_topointer(L, CTXSLOT) == taking->ctx) lua_pushvalue(L, CTXSLOT);
   else lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);
   if (lua_type(L, top + 1) == LUA_TTABLE &&
       lua_rawgeti(L, top + 1, CTX_INFLIGHT) == LUA_TTABLE &&
@@ -336,42 +341,119 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
         lua_rawgeti(L, ctx, CTX_N);
         lua_pushinteger(L, (lua_Integer)h.n);
         lua_rawset(L, rec);
+        lean = 1;
       }
       placed = 1;
     }
   }
   lua_settop(L, top);
   if (placed) lua_pushboolean(L, 1); else mp_decode(L, s + sizeof h, n - sizeof h);
-  if (taking) { taking->valid = 1; taking->h = h; }
+  if (taking) { taking->valid = 1; taking->lean = lean; taking->h = h; }
 }
 
-/* core.take_result(queue, timeout, inflight) -> seq, out, pid, busy for a result
-** message (out: true when its results were placed, see result_decode), or the value
-** of another message, or nil, "timeout"|"interrupted" */
+/* The bookkeeping of a lean record whose values came (on_result's, for the common case),
+** done here: true when it was, false when on_result must see the message (a callback or
+** done callbacks to run, a blob that may have to go). The record leaves inflight, lets go
+** of its blob's reference and of its cancel word (back to pool._free), and is finished. */
+static int lean_done(lua_State *L, int ctx, int inflight, int pool, uint64_t seq) {
+  int top = lua_gettop(L), ok = 0;
+  if (lua_rawgeti(L, inflight, (lua_Integer)seq) != LUA_TTABLE) goto out;
+  int rec = top + 1;
+  lua_rawgeti(L, ctx, CTX_CALLBACK);
+  if (lua_rawget(L, rec) != LUA_TNIL) goto out;  /* (a record has it only when it is given) */
+  lua_rawgeti(L, ctx, CTX_CBS);
+  if (lua_rawget(L, rec) != LUA_TNIL) goto out;
+  lua_rawgeti(L, ctx, CTX_BREC);
+  if (lua_rawget(L, rec) != LUA_TTABLE) goto out;
+  int b = top + 4;
+  lua_rawgeti(L, ctx, CTX_REFS);
+  if (lua_rawget(L, b) != LUA_TNUMBER || !lua_isinteger(L, -1)) goto out;
+  lua_Integer refs = lua_tointeger(L, -1);
+  if (refs <= 1) {  /* its last reference: still among the cached blobs? else on_result frees it */
+    lua_rawgeti(L, ctx, CTX_CACHED);
+    lua_rawget(L, b);
+    if (!lua_toboolean(L, -1)) goto out;
+  }
+  lua_rawgeti(L, ctx, CTX_FLAG);
+  if (lua_rawget(L, rec) != LUA_TNIL) {  /* a Future's cancel word: free for reuse */
+    if (!lua_isinteger(L, -1) || lua_type(L, pool) != LUA_TTABLE) goto out;
+    lua_rawgeti(L, ctx, CTX_FREE);
+    if (lua_rawget(L, pool) != LUA_TTABLE) goto out;
+    lua_rawgeti(L, ctx, CTX_NFREE);
+    if (lua_rawget(L, pool) != LUA_TNUMBER || !lua_isinteger(L, -1)) goto out;
+    lua_Integer k = lua_tointeger(L, -1) + 1;
+    lua_pushvalue(L, -3);
+    lua_rawseti(L, -3, k);
+    lua_rawgeti(L, ctx, CTX_NFREE);
+    lua_pushinteger(L, k);
+    lua_rawset(L, pool);
+  }
+  lua_rawgeti(L, ctx, CTX_REFS);
+  lua_pushinteger(L, refs - 1);
+  lua_rawset(L, b);
+  lua_pushnil(L);
+  lua_rawseti(L, inflight, (lua_Integer)seq);
+  lua_rawgeti(L, ctx, CTX_FINISHED);
+  lua_pushboolean(L, 1);
+  lua_rawset(L, rec);
+  ok = 1;
+out:
+  lua_settop(L, top);
+  return ok;
+}
+
+/* core.take_result(queue, timeout, inflight [, max, pool]) -> seq, out, pid, busy, done for a
+** result message (out: true when its results were placed, see result_decode), or the value
+** of another message, nil, nil, nil, done; false, nil, nil, nil, done when only lean results
+** came; or nil,
+** "timeout"|"interrupted". With pool, the lean results that need nothing more (see lean_done)
+** are finished here, up to max of them (done: how many), before the message returned. */
 static int pool_take_result(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
   /* a timeout of 0 is a poll: exactly 0, so that the queue does not spin */
   double deadline = lua_type(L, 2) == LUA_TNUMBER && lua_tonumber(L, 2) <= 0 ? 0 : mp_deadline(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
-  lua_settop(L, 3);
-  lua_pushvalue(L, lua_upvalueindex(1));  /* the context (also in the registry) */
+  lua_Integer max = luaL_optinteger(L, 4, 0);
+  int pool = lua_istable(L, 5) ? 5 : 0;
+  lua_settop(L, 5);
+  lua_pushvalue(L, lua_upvalueindex(1));  /* the context (also in the registry), at CTXSLOT */
   lua_pushvalue(L, 3);
-  lua_rawseti(L, 4, CTX_INFLIGHT);  /* (an error leaves it until the next call) */
+  lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);  /* (an error leaves it until the next call) */
   int n;
-  rinfo info = { 0, { 0 }, lua_topointer(L, 4) }, *outer = taking;
-  taking = &info;  /* (only result_decode, called below, reads it) */
-  int r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
-  taking = outer;
+  lua_Integer done = 0;
+  rinfo info = { 0, 0, { 0 }, lua_topointer(L, CTXSLOT) }, *outer = taking;
+  int r, got = 0;  /* got: a message for the caller is on the stack */
+  for (;;) {
+    info.valid = info.lean = 0;
+    taking = &info;  /* (only result_decode, called below, reads it) */
+    r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
+    taking = outer;
+    if (r != MP_WOKE) break;
+    if (!info.lean || !pool || !lean_done(L, CTXSLOT, 3, pool, info.h.seq)) { got = 1; break; }
+    lua_pop(L, 1);
+    deadline = 0;
+    if (++done >= max) break;
+  }
   lua_pushnil(L);
-  lua_rawseti(L, 4, CTX_INFLIGHT);
-  if (r == MP_WOKE) {
-    if (!info.valid) return 1;
-    lua_pushinteger(L, (lua_Integer)info.h.seq);
-    lua_insert(L, -2);
-    lua_pushinteger(L, info.h.pid);
-    lua_pushnumber(L, info.h.busy);
-    return 4;
+  lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);
+  if (got) {
+    if (!info.valid) {
+      lua_pushnil(L); lua_pushnil(L); lua_pushnil(L);
+    } else {
+      lua_pushinteger(L, (lua_Integer)info.h.seq);
+      lua_insert(L, -2);
+      lua_pushinteger(L, info.h.pid);
+      lua_pushnumber(L, info.h.busy);
+    }
+    lua_pushinteger(L, done);
+    return 5;
+  }
+  if (done) {
+    lua_pushboolean(L, 0);
+    lua_pushnil(L); lua_pushnil(L); lua_pushnil(L);
+    lua_pushinteger(L, done);
+    return 5;
   }
   lua_pushnil(L);
   lua_pushstring(L, r == MP_TIMEOUT ? "timeout" : "interrupted");
@@ -789,10 +871,8 @@ int mp_pool_open(lua_State *L) {
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
-  lua_createtable(L, 4, 0);  /* take_result's context, its upvalue */
-  lua_pushliteral(L, "call"); lua_rawseti(L, -2, CTX_CALL);
-  lua_pushliteral(L, "finished"); lua_rawseti(L, -2, CTX_FINISHED);
-  lua_pushliteral(L, "n"); lua_rawseti(L, -2, CTX_N);
+  lua_createtable(L, CTX_NKEYS, 0);  /* take_result's context, its upvalue */
+  for (int k = CTX_CALL; k <= CTX_NKEYS; k++) { lua_pushstring(L, ctx_keys[k]); lua_rawseti(L, -2, k); }
   lua_pushvalue(L, -1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
   lua_pushcclosure(L, pool_take_result, 1);

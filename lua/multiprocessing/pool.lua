@@ -16,6 +16,7 @@ local encode, decode, now, place = core.encode, core.decode, core.now, core.plac
 local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
 local put_call, flag_cas, flag_get = core.put_call, core.flag_cas, core.flag_get
 local pack, unpack = table.pack, table.unpack
+local maxinteger = math.maxinteger
 local newtable = core.newtable
 local getpid = core.getpid
 -- the xpcall handler of tasks: the raised value, intact, in a TaskError with
@@ -492,7 +493,8 @@ end
 
 -- A result message: seq, out, pid, busy as take_result returns them (out is true when
 -- the results were placed), or a table (other messages, and results with errors:
--- { seq, out, errs, pid, busy }).
+-- { seq, out, errs, pid, busy }). (Given the pool, take_result does the lean path below
+-- itself for a record that needs nothing more: no callback, its blob still needed.)
 local function on_result(self, seq, out, pid, busy)
   local errs
   if type(seq) == "table" then
@@ -584,13 +586,16 @@ end
 local function drain(self)
   local inflight, results = self._inflight, self._results
   local bounded = self._bounded
-  local left = bounded or math.huge
+  local left = bounded or maxinteger
   while true do
     if left <= 0 then return false end
-    local seq, out, pid, busy = take_result(results, 0, inflight)
+    local seq, out, pid, busy, done = take_result(results, 0, inflight, left, self)
     if seq == nil then break end
-    on_result(self, seq, out, pid, busy)
-    left = left - 1
+    if seq then
+      on_result(self, seq, out, pid, busy)
+      left = left - 1
+    end
+    left = left - done
     if bounded then self._bounded = left end
   end
   return true
@@ -932,12 +937,12 @@ local function pump(self, wait)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
   local inflight = self._inflight
-  local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight)
+  local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight, maxinteger, self)
   local why = seq == nil and out
   if why == "interrupted" then return end
   while seq ~= nil do
-    on_result(self, seq, out, pid, busy)
-    seq, out, pid, busy = take_result(results, 0, inflight)
+    if seq then on_result(self, seq, out, pid, busy) end
+    seq, out, pid, busy = take_result(results, 0, inflight, maxinteger, self)
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
   for _, call in pairs(self._calls) do
@@ -979,15 +984,18 @@ local function step(self, feed_until)
   local t0 = now()
   while true do
     if n >= STEP_RESULTS or (n > 0 and t0 >= feed_until) then more = true break end
-    local seq, out, pid, busy = take_result(results, 0, inflight)
+    local seq, out, pid, busy, done = take_result(results, 0, inflight, STEP_RESULTS - n, self)
     if seq == nil then break end
-    n = n + 1
-    local inf = type(seq) == "number" and inflight[seq]
-    on_result(self, seq, out, pid, busy)
-    local t1 = now()
-    local call = inf and inf.call
-    if call and call.async then call.dec_item = (t1 - t0) / inf.n end  -- (sizes its next chunks)
-    t0 = t1
+    n = n + done  -- (lean results that take_result finished itself)
+    if seq then
+      n = n + 1
+      local inf = type(seq) == "number" and inflight[seq]
+      on_result(self, seq, out, pid, busy)
+      local t1 = now()
+      local call = inf and inf.call
+      if call and call.async then call.dec_item = (t1 - t0) / inf.n end  -- (sizes its next chunks)
+      t0 = t1
+    end
   end
   -- the health check takes what came meanwhile (see find_lost): it waits for a step
   -- that emptied the queue, unless results have kept it busy for a while
