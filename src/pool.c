@@ -479,16 +479,14 @@ static int ps_get_task(lua_State *L) {
   return mp_waitresult(L, r);
 }
 
-/* st:done(i, items, busy, idle, enc, dec): the worker finished its message */
-static int ps_done(lua_State *L) {
-  mp_handle *h = ps_check(L);
-  wrec *w = ps_rec(L, h, 2);
+/* the worker of record w finished its message (its result is out) */
+static void done_rec(mp_handle *h, wrec *w, uint64_t items, double busy, double idle, double enc, double dec) {
   w->tasks++;
-  w->items += (uint64_t)luaL_optinteger(L, 3, 1);
-  w->busy += luaL_optnumber(L, 4, 0);
-  w->idle += luaL_optnumber(L, 5, 0);
-  w->enc += luaL_optnumber(L, 6, 0);
-  w->dec += luaL_optnumber(L, 7, 0);
+  w->items += items;
+  w->busy += busy;
+  w->idle += idle;
+  w->enc += enc;
+  w->dec += dec;
   if (w->claim.first < w->claim.seq) {  /* the next message of its batch starts now */
     w->claim.start = mp_now();
     __atomic_add_fetch(&w->claim.first, 1, __ATOMIC_SEQ_CST);
@@ -504,6 +502,38 @@ static int ps_done(lua_State *L) {
     ssize_t r = write(efd, &one, sizeof one);  /* (EAGAIN: the counter is full, readable anyway) */
     (void)r;
   }
+}
+
+/* st:done(i, items, busy, idle, enc, dec): the worker finished its message */
+static int ps_done(lua_State *L) {
+  mp_handle *h = ps_check(L);
+  wrec *w = ps_rec(L, h, 2);
+  done_rec(h, w, (uint64_t)luaL_optinteger(L, 3, 1), luaL_optnumber(L, 4, 0), luaL_optnumber(L, 5, 0),
+           luaL_optnumber(L, 6, 0), luaL_optnumber(L, 7, 0));
+  return 0;
+}
+
+/* st:reply(i, queue, seq, pid, busy, out, i0, n, idle, dec): put_result and done in one, for a
+** message of one call (apply, submit): its values out[i0 .. i0+n-1] are sent as the result of
+** message seq, then the worker is done with it (the encoding timed here). Raises the codec's
+** error when a value cannot be sent, before anything is put or done. */
+static int ps_reply(lua_State *L) {
+  mp_handle *h = ps_check(L);
+  wrec *w = ps_rec(L, h, 2);
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 3, &buf);
+  double busy = luaL_checknumber(L, 6);
+  resulthdr hd = { RESULTMAGIC, (uint32_t)luaL_checkinteger(L, 5), (uint64_t)luaL_checkinteger(L, 4), 0, 0, busy };
+  luaL_checktype(L, 7, LUA_TTABLE);
+  lua_Integer i0 = luaL_checkinteger(L, 8), n = luaL_checkinteger(L, 9);
+  luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 9, "bad count");
+  double idle = luaL_checknumber(L, 10), dec = luaL_checknumber(L, 11);
+  hd.n = (uint32_t)n;
+  double t0 = mp_now();
+  mp_enc *e = mp_encode_range(L, 7, i0, n, "result");
+  mp_queue_put_prefixed(L, q, &hd, sizeof hd, e, -1);
+  mp_enc_done(L, e);
+  done_rec(h, w, 1, busy, idle, mp_now() - t0, dec);
   return 0;
 }
 
@@ -856,7 +886,7 @@ static int pool_flags_new(lua_State *L) {
 
 int mp_pool_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"get_task", ps_get_task}, {"done", ps_done}, {"claimed", ps_claimed},
+    {"get_task", ps_get_task}, {"done", ps_done}, {"reply", ps_reply}, {"claimed", ps_claimed},
     {"release", ps_release}, {"info", ps_info}, {"close", ps_close},
     {"watch", ps_watch}, {"watch_pid", ps_watch_pid}, {"unwatch_pid", ps_unwatch_pid},
     {"clear", ps_clear}, {"signal", ps_signal}, {"forget", ps_forget},
