@@ -250,6 +250,8 @@ static int pool_flag_get(lua_State *L) {
   return 1;
 }
 
+static void chunk_items(lua_State *L, const char *s, size_t len, uint32_t n);
+
 /* pushes a task message as the table { seq, fid, blob, n, items, mode [, flag] },
 ** or the plain value of another message (false: stop) */
 static void task_decode(lua_State *L, const char *s, size_t n) {
@@ -260,7 +262,7 @@ static void task_decode(lua_State *L, const char *s, size_t n) {
   lua_pushinteger(L, (lua_Integer)h.fid); lua_rawseti(L, -2, 2);
   lua_pushinteger(L, (lua_Integer)h.blob); lua_rawseti(L, -2, 3);
   lua_pushinteger(L, (lua_Integer)h.n); lua_rawseti(L, -2, 4);
-  mp_decode(L, s + sizeof h, n - sizeof h);
+  if (h.mode < 3) chunk_items(L, s + sizeof h, n - sizeof h, h.n); else mp_decode(L, s + sizeof h, n - sizeof h);
   lua_rawseti(L, -2, 5);
   lua_pushinteger(L, (lua_Integer)h.mode); lua_rawseti(L, -2, 6);
   if (h.flag) { lua_pushinteger(L, (lua_Integer)h.flag); lua_rawseti(L, -2, 7); }
@@ -871,6 +873,39 @@ static int pool_newtable(lua_State *L) {
   return 1;
 }
 
+/* ------------------------------------------------------------- map chunks */
+/* A worker decodes the items of a map chunk (modes 0 to 2) into a table it reuses,
+** its scratch: a fresh table for every chunk would cost more than its decoding, in
+** page faults (a worker's collector is stopped, see pool.lua's worker_main, so the
+** memory of the tables it drops is not reused). The scratch is taken by the chunk
+** decoded into it (another chunk of the same take gets a fresh table) and handed
+** back with core.chunk_scratch once the chunk ran; items past the chunk's count are
+** the previous chunks' and are never read. */
+static const char scratch_key = 's';  /* registry: this state's scratch table, or nil */
+
+/* core.chunk_scratch(t | nil): the items of the next map chunk decoded by this state
+** go into t (when it holds as many items already), or into a fresh table */
+static int pool_chunk_scratch(lua_State *L) {
+  if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &scratch_key);
+  return 0;
+}
+
+/* pushes the n items of a map chunk, decoded from s: into the scratch table, taken
+** from the registry, when it has room for them, else into a fresh table */
+static void chunk_items(lua_State *L, const char *s, size_t len, uint32_t n) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &scratch_key) != LUA_TTABLE || lua_rawlen(L, -1) < n) {
+    lua_pop(L, 1);
+    mp_decode(L, s, len);
+    return;
+  }
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &scratch_key);
+  mp_decode_into(L, s, len, lua_gettop(L), 1);  /* (pushes the table again) */
+  lua_remove(L, -2);
+}
+
 static const mp_handle_type t_ps = { POOLSTATE, mp_handle_encode, ps_decode };
 
 /* core.flags_new(n) -> blob, base: n zeroed cancel words in a blob (free it with
@@ -898,6 +933,7 @@ int mp_pool_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
     {"put_call", pool_put_call}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
+    {"chunk_scratch", pool_chunk_scratch},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
