@@ -716,25 +716,75 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
 
 typedef struct qhandle {
   mp_handle h;
-  mp_buf buf;  /* receive buffer, local to this process */
+  uint32_t magic;  /* QMAGIC + the class (QK_*): set where the userdata is made */
+  uint32_t pad;
+  mp_buf buf;      /* receive buffer, local to this process */
 } qhandle;
+
+/* The self check of the hot calls (put, get, and pool.c's mp_queue_check, twice
+** a task) reads a magic word that only this file writes, in a userdata of the
+** qhandle's size: a few dozen instructions, against ~400 for mp_checkopen's
+** metatable comparison. Lua code cannot write a userdata's bytes, so the word
+** names a queue at least as surely as the metatable does (debug.setmetatable can
+** give a FILE* a queue's metatable, never a queue's bytes). Anything else takes
+** mp_checkopen's path, whose errors name the user's call ("bad argument #1 to
+** 'put' (Queue or JoinableQueue or SimpleQueue expected, got FILE*)"), or
+** "attempt to use a closed Queue". */
+#define QMAGIC 0x7175e0e0u
+enum { QK_QUEUE, QK_JOINABLE, QK_SIMPLE };  /* the order of QUEUES */
 
 /* every method, close and __gc included, checks its self (mp.h's self checks) */
 #define QUEUES MP_CLASSES(QUEUE, JOINABLEQUEUE, SIMPLEQUEUE)
-static qhandle *q_check(lua_State *L, int idx) { return (qhandle *)mp_checkopen(L, idx, QUEUES); }
+
+static inline qhandle *q_mine(lua_State *L, int idx) {
+  qhandle *qh = lua_touserdata(L, idx);
+  return qh && lua_rawlen(L, idx) == sizeof(qhandle) ? qh : NULL;
+}
+
+static void q_forged(lua_State *L, int idx) {
+  luaL_argerror(L, idx, "Queue expected, got another userdata with a queue's metatable");
+}
+
+/* the slow path: mp_checkopen's errors; then the word, for a userdata that was
+** given a queue's metatable by debug.setmetatable */
+static __attribute__((noinline)) qhandle *q_checkslow(lua_State *L, int idx, const char *const *names) {
+  mp_checkopen(L, idx, names);
+  qhandle *qh = q_mine(L, idx);
+  if (!qh || qh->magic - QMAGIC > QK_SIMPLE) q_forged(L, idx);
+  return qh;
+}
+
+static inline qhandle *q_check(lua_State *L, int idx) {
+  qhandle *qh = q_mine(L, idx);
+  if (qh && qh->magic - QMAGIC <= QK_SIMPLE && qh->h.off) return qh;
+  return q_checkslow(L, idx, QUEUES);
+}
+
+/* the userdata, closed or not (close, __gc, __tostring) */
+static qhandle *q_self(lua_State *L, int idx) {
+  qhandle *qh = mp_toself(L, idx, QUEUES);
+  if (qh->magic - QMAGIC > QK_SIMPLE || lua_rawlen(L, idx) != sizeof(qhandle)) q_forged(L, idx);
+  return qh;
+}
 
 #define QOF(qh) ((mp_queue *)MP_PTR((qh)->h.off))
 
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf) {
-  qhandle *qh = (qhandle *)mp_checkopen(L, idx, MP_CLASSES(QUEUE));
+  qhandle *qh = q_mine(L, idx);
+  if (!qh || qh->magic != QMAGIC + QK_QUEUE || !qh->h.off) qh = q_checkslow(L, idx, MP_CLASSES(QUEUE));
   *buf = &qh->buf;
   return QOF(qh);
+}
+
+static int q_kind(const char *tname) {
+  return !strcmp(tname, QUEUE) ? QK_QUEUE : !strcmp(tname, JOINABLEQUEUE) ? QK_JOINABLE : QK_SIMPLE;
 }
 
 static qhandle *q_push(lua_State *L, uint64_t off, const char *tname) {
   qhandle *qh = lua_newuserdatauv(L, sizeof(qhandle), 0);
   memset(qh, 0, sizeof(*qh));
   luaL_setmetatable(L, tname);
+  qh->magic = QMAGIC + (uint32_t)q_kind(tname);
   qh->h.off = off;
   qh->h.pid = getpid();
   return qh;
@@ -883,7 +933,7 @@ static int queue_join(lua_State *L) {
 }
 
 static int queue_close(lua_State *L) {
-  qhandle *qh = mp_toself(L, 1, QUEUES);
+  qhandle *qh = q_self(L, 1);
   if (qh->h.off) {
     uint64_t off = qh->h.off;
     qh->h.off = 0;
@@ -902,7 +952,7 @@ static int queue_fault(lua_State *L) {
 }
 
 static int queue_tostring(lua_State *L) {
-  qhandle *qh = mp_toself(L, 1, QUEUES);
+  qhandle *qh = q_self(L, 1);
   lua_getmetatable(L, 1);
   lua_getfield(L, -1, "__name");
   const char *name = lua_tostring(L, -1);
@@ -925,7 +975,8 @@ static int queue_eq(lua_State *L) {
 /* ------------------------------------------------------------- the codec */
 
 static void queue_decode(lua_State *L, const unsigned char *payload, size_t n, const char *tname) {
-  mp_handle_attach(L, payload, n, 0x51, tname, sizeof(qhandle), 0);
+  qhandle *qh = (qhandle *)mp_handle_attach(L, payload, n, 0x51, tname, sizeof(qhandle), 0);
+  qh->magic = QMAGIC + (uint32_t)q_kind(tname);
 }
 static void dec_q(lua_State *L, const unsigned char *p, size_t n) { queue_decode(L, p, n, QUEUE); }
 static void dec_s(lua_State *L, const unsigned char *p, size_t n) { queue_decode(L, p, n, SIMPLEQUEUE); }
