@@ -287,6 +287,17 @@ static void q_wake_putters(mp_queue *q) {
   if (__atomic_load_n(&q->putters, __ATOMIC_SEQ_CST)) mp_futex_wake(&q->get_seq, 1);
 }
 
+/* The same, from a change made under the lock: a sleeper counts itself and
+** reads the sequence under the lock (q_wait), so with nobody counted the
+** sequence need not move (one locked instruction less a message). Publishing a
+** big message happens without the lock: it always moves put_seq. */
+static inline void q_wake_getters_locked(mp_queue *q) {
+  if (__atomic_load_n(&q->getters, __ATOMIC_SEQ_CST)) q_wake_getters(q);
+}
+static inline void q_wake_putters_locked(mp_queue *q) {
+  if (__atomic_load_n(&q->putters, __ATOMIC_SEQ_CST)) q_wake_putters(q);
+}
+
 /* Moves the head past taken records, and drops drained chunks (queue locked). */
 static void q_tidy(mp_queue *q) {
   while (q->head) {
@@ -547,7 +558,7 @@ static void q_small_done(mp_queue *q, chunk *c, uint32_t rec, uint32_t n) {
   q_commit_append(q, c, rec);
   q->count++;
   q->bytes += n;
-  q_wake_getters(q);
+  q_wake_getters_locked(q);
   q_unlock(q);
 }
 
@@ -673,6 +684,32 @@ static int decode_ext(lua_State *L) {
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
   int n;
   return mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL);
+}
+
+/* get of the first message when it is small enough for fast_decode and in
+** order, the common case: get_many's work for it, less the batch. -1: not
+** that case (the lock was let go, nothing changed); else as mp_queue_get. */
+static int q_get_fast(lua_State *L, mp_queue *q, double deadline) {
+  if (!__atomic_load_n(&q->count, __ATOMIC_ACQUIRE)) return -1;  /* (get_many waits) */
+  int r = q_lock(L, q, deadline);
+  if (r != MP_WOKE) return r;
+  chunk *c = q->head ? CH(q->head) : NULL;
+  uint32_t at = c ? c->rpos : 0, t = c && at < c->wpos ? tag_of(c->data + at) : UINT32_MAX;
+  if (t > FAST_MAX || q->shut == SHUT_NOW) { q_unlock(q); return -1; }  /* (big, taken, none) */
+  char o[FAST_MAX];
+  memcpy(o, c->data + at + 4, t);
+  uint32_t r2 = at + rec_size(t);
+  while (r2 < c->wpos && IS_GONE(tag_of(c->data + r2))) r2 += rec_size(tag_of(c->data + r2));
+  ORDER();  /* one store is the whole change */
+  if (r2 == c->wpos && q->head == q->tail) reset_word(c); else __atomic_store_n(&c->rpos, r2, __ATOMIC_RELEASE);
+  ORDER();
+  q->count--;
+  q->bytes -= t;
+  if (q->nopace) q->nopace = 0;
+  q_wake_putters_locked(q);
+  q_unlock(q);
+  if (fast < 0 || !fast_decode(L, o, t)) mp_decode(L, o, t);
+  return MP_WOKE;
 }
 
 int mp_queue_settle(lua_State *L, mp_queue *q, double deadline) {
@@ -819,7 +856,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
   q->count -= (uint64_t)n;
   q->bytes -= bytes;
   if (q->nopace) q->nopace = 0;
-  q_wake_putters(q);
+  q_wake_putters_locked(q);
   q_unlock(q);
   luaL_checkstack(L, n, "too many messages");
   size_t pos = 0;
@@ -985,7 +1022,8 @@ static int queue_put_nowait(lua_State *L) { return q_doput(L, 0); }
 static int q_doget(lua_State *L, double deadline, const char *why) {
   qhandle *qh = q_check(L, 1);
   fast_on(L);  /* (before the take: its check may raise) */
-  int r = mp_queue_get(L, QOF(qh), &qh->buf, deadline);
+  int r = q_get_fast(L, QOF(qh), deadline);
+  if (r < 0) r = mp_queue_get(L, QOF(qh), &qh->buf, deadline);
   if (r == MP_WOKE) {
     if (qh->buf.cap > (1u << 16)) mp_buf_free(L, &qh->buf);
     return 1;
