@@ -94,6 +94,32 @@ describe("Queue", function()
     assert.matches("closed", tostring(q))
   end)
 
+  it("checks its self: another object, even one given a queue's metatable, raises naming the call", function()
+    local q, other = mp.Queue(), mp.SimpleQueue()
+    H.raises("bad argument #1 to 'put' (Queue or JoinableQueue or SimpleQueue expected, got FILE*)",
+             function() return q.put(io.stdout, 1) end)
+    H.raises("bad argument #1 to 'get' (Queue or JoinableQueue or SimpleQueue expected, got no value)",
+             function() return q.get() end)
+    -- a userdata that is no queue, with a queue's metatable (debug.setmetatable): an error, never a crash
+    local f = io.tmpfile()
+    local fmt = debug.getmetatable(f)
+    debug.setmetatable(f, debug.getmetatable(q))
+    local ok, err = pcall(function() return f:put(1) end)
+    local ok2, err2 = pcall(function() return f:get() end)
+    local ok3, err3 = pcall(function() return f:qsize() end)
+    debug.setmetatable(f, fmt)
+    f:close()
+    assert.is_false(ok); assert.matches("'put'.*Queue expected, got another userdata with a queue's metatable", err)
+    assert.is_false(ok2); assert.matches("'get'.*Queue expected, got another userdata with a queue's metatable", err2)
+    assert.is_false(ok3); assert.matches("'qsize'.*Queue expected, got another userdata with a queue's metatable", err3)
+    -- the classes share their methods' checks; a handle decoded from a message is checked the same way
+    assert.is_true(q:put(other))
+    local back = q:get()
+    assert.is_true(back:put(7)); assert.equal(7, back:get())
+    assert.is_true(q.put(back, 8)); assert.equal(8, other:get())
+    back:close(); other:close(); q:close()
+  end)
+
   it("raises on values that cannot be sent, naming where", function()
     local q = mp.Queue()
     H.raises("cannot send a thread (coroutine) at value[2]", q.put, q, { 1, coroutine.create(print) })
