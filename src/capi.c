@@ -2,10 +2,14 @@
 ** name, encode/decode for C callers, and the whole module with its Lua layer
 ** built in (see docs/embedding.md). */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "mp.h"
 #include "../include/multiprocessing.h"
@@ -254,20 +258,159 @@ LMP_API int lmp_decode_data(lua_State *L, const char *bytes, size_t len) {
 
 /* ------------------------------------------------------ the whole module */
 /* build/lua_layer.c, generated from lua/multiprocessing/ by scripts/lua_layer.lua
-** (weak: a build without it, such as the rock's, loads the layer from files) */
+** (weak: a build without it, such as the rock's, loads the layer from files).
+** Each file comes as its source and, when the library was built with the same
+** Lua release as the lua5.4 that compiled it, as bytecode (debug information
+** kept) less its chunk name: parsing the layer costs milliseconds, loading its
+** bytecode a tenth of that. */
 typedef struct mp_lua_file {
   const char *module, *chunkname, *source;
   size_t size;
+  const char *code;             /* the bytecode less its chunk name, or NULL */
+  size_t code_size, name_at;    /* the name goes before code[name_at] */
 } mp_lua_file;
 extern const mp_lua_file mp_lua_layer[] __attribute__((weak));
 
+/* lua_load's reader of a file's bytecode with a chunk name put in: the bytes
+** before the name, the name as lundump reads a string (its size + 1, 7 bits a
+** byte, most significant first, the last byte marked with 0x80), the rest */
+typedef struct code_reader {
+  const mp_lua_file *f;
+  const char *name;
+  size_t namelen, lenn;
+  int part;
+  unsigned char len[16];
+} code_reader;
+
+static const char *code_read(lua_State *L, void *ud, size_t *size) {
+  code_reader *r = ud;
+  switch (r->part++) {
+    case 0: *size = r->f->name_at; return r->f->code;
+    case 1: *size = r->lenn; return (const char *)r->len;
+    case 2: *size = r->namelen; return r->name;
+    case 3: *size = r->f->code_size - r->f->name_at; return r->f->code + r->f->name_at;
+    default: *size = 0; return NULL;
+  }
+}
+
+/* pushes file f's main function, named chunkname ("@path", as luaL_loadfile
+** names it); its bytecode when this Lua takes it, else its source */
+static int load_layer_file(lua_State *L, const mp_lua_file *f, const char *chunkname) {
+  if (f->code) {
+    code_reader r = { f, chunkname, strlen(chunkname), 0, 0, { 0 } };
+    unsigned char tmp[16];
+    size_t n = 0, x = r.namelen + 1;
+    do { tmp[n++] = x & 0x7f; x >>= 7; } while (x);
+    for (size_t i = 0; i < n; i++) r.len[i] = tmp[n - 1 - i];
+    r.len[n - 1] |= 0x80;
+    r.lenn = n;
+    if (lua_load(L, code_read, &r, chunkname, "b") == LUA_OK) return LUA_OK;
+    lua_pop(L, 1);  /* another build of Lua 5.4 refused it */
+  }
+  return luaL_loadbufferx(L, f->source, f->size, chunkname, "t");
+}
+
 static int load_file(lua_State *L) {
   const mp_lua_file *f = lua_touserdata(L, lua_upvalueindex(1));
-  if (luaL_loadbufferx(L, f->source, f->size, f->chunkname, "t") != LUA_OK) return lua_error(L);
+  if (load_layer_file(L, f, f->chunkname) != LUA_OK) return lua_error(L);
   lua_pushstring(L, f->module);
   lua_pushliteral(L, ":preload:");
   lua_call(L, 2, 1);
   return 1;
+}
+
+/* Whether the file open on fd holds exactly f's source (read a piece at a
+** time: no buffer the size of the file) */
+static int same_source(int fd, const mp_lua_file *f) {
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != f->size) return 0;
+  char buf[8192];
+  size_t at = 0;
+  for (;;) {
+    ssize_t k = read(fd, buf, sizeof buf);
+    if (k < 0 && errno == EINTR) continue;
+    if (k < 0) return 0;
+    if (k == 0) return at == f->size;
+    if ((size_t)k > f->size - at || memcmp(buf, f->source + at, (size_t)k) != 0) return 0;  /* (it grew meanwhile) */
+    at += (size_t)k;
+  }
+}
+
+/* A searcher of package.searchers, put before Lua's own by the layer's
+** init.lua: for a module of the layer, the file Lua's searcher would load (the
+** first readable one along package.path); when that file's bytes are the ones
+** built in, their bytecode, named after the file as Lua's searcher names it,
+** and the file's name (what Lua's searcher returns). Otherwise nothing, and
+** Lua's searcher loads the file: an edited source wins over the library. */
+static int layer_searcher(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  const mp_lua_file *f = mp_lua_layer;
+  while (f && f->module && strcmp(f->module, name) != 0) f++;
+  if (!f || !f->module || !f->code) return 0;
+  if (lua_getfield(L, lua_upvalueindex(1), "path") != LUA_TSTRING) return 0;
+  const char *path = lua_tostring(L, -1);
+  char file[PATH_MAX];
+  while (*path) {
+    const char *end = strchr(path, *LUA_PATH_SEP);
+    size_t tn = end ? (size_t)(end - path) : strlen(path), n = 0;
+    int fit = 1;
+    for (size_t i = 0; i < tn && fit; i++) {  /* the template, each "?" the name, its dots "/" */
+      if (path[i] == *LUA_PATH_MARK) {
+        for (const char *c = name; *c && fit; c++) {
+          if (n + 1 >= sizeof file) fit = 0;
+          else file[n++] = *c == '.' ? *LUA_DIRSEP : *c;
+        }
+      } else if (n + 1 >= sizeof file) {
+        fit = 0;
+      } else {
+        file[n++] = path[i];
+      }
+    }
+    path += tn + (end != NULL);
+    if (!fit || n == 0) continue;
+    file[n] = '\0';
+    int fd = open(file, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;  /* not readable: Lua's searcher goes on too */
+    int same = same_source(fd, f);
+    close(fd);
+    if (!same) return 0;
+    lua_pushfstring(L, "@%s", file);
+    if (load_layer_file(L, f, lua_tostring(L, -1)) != LUA_OK) return 0;
+    lua_pushstring(L, file);
+    return 2;
+  }
+  return 0;
+}
+
+/* core._layer_searcher(package): puts layer_searcher in package.searchers,
+** after the preload searcher, once; a library without the layer's bytecode
+** does nothing */
+static int layer_searcher_install(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (!mp_lua_layer || !mp_lua_layer[0].module || !mp_lua_layer[0].code) return 0;
+  if (lua_getfield(L, 1, "searchers") != LUA_TTABLE) return 0;
+  lua_Integer n = (lua_Integer)lua_rawlen(L, 2);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, 2, i);
+    int ours = lua_tocfunction(L, -1) == layer_searcher;
+    lua_pop(L, 1);
+    if (ours) return 0;
+  }
+  lua_Integer at = n >= 1 ? 2 : 1;
+  for (lua_Integer i = n; i >= at; i--) {
+    lua_rawgeti(L, 2, i);
+    lua_rawseti(L, 2, i + 1);
+  }
+  lua_pushvalue(L, 1);
+  lua_pushcclosure(L, layer_searcher, 1);
+  lua_rawseti(L, 2, at);
+  return 0;
+}
+
+int mp_layer_open(lua_State *L) {
+  lua_pushcfunction(L, layer_searcher_install);
+  lua_setfield(L, -2, "_layer_searcher");
+  return 0;
 }
 
 int mp_layer_builtin(void) { return mp_lua_layer != NULL && mp_lua_layer[0].module != NULL; }

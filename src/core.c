@@ -3,7 +3,7 @@
 
 static int (*const openers[])(lua_State *L) = {
   mp_codec_open, mp_arena_open, mp_process_open, mp_pipe_open,
-  mp_queue_open, mp_sync_open, mp_shared_open, mp_shm_open, mp_pool_open, mp_socket_open, mp_redis_open, mp_forkserver_open,
+  mp_queue_open, mp_sync_open, mp_shared_open, mp_shm_open, mp_pool_open, mp_socket_open, mp_redis_open, mp_forkserver_open, mp_layer_open,
 };
 
 #pragma GCC visibility push(default)

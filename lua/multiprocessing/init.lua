@@ -3,6 +3,11 @@
 -- (parsing about 200 KB of Lua) cost milliseconds at every `require "multiprocessing"`.
 local core = require "multiprocessing.core"
 
+-- The other files of the layer load from the bytecode built into the core when they are the very
+-- files it was built from (src/capi.c, layer_searcher), else from their sources: parsing them cost
+-- milliseconds. (Loaded by luaopen_multiprocessing, the layer is in package.preload already.)
+if select(2, ...) ~= ":preload:" then core._layer_searcher(package) end
+
 local M = {
   _VERSION = core._VERSION,
   encode = core.encode,
