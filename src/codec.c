@@ -178,17 +178,41 @@ void mp_buf_free(lua_State *L, mp_buf *b) {
 ** table made and read through the API both ways); if it is not, or on another
 ** Lua, every array goes through the API. Only numbers are read or written this
 ** way: they need no GC barrier, and nothing here calls Lua while it reads. */
-#if LUA_VERSION_NUM == 504
-typedef struct view_value { union { void *p; lua_Integer i; lua_Number n; } v; unsigned char tt; } view_value;
+typedef union view_raw { void *p; lua_Integer i; lua_Number n; } view_raw;  /* Value */
+typedef struct view_value { view_raw v; unsigned char tt; } view_value;      /* TValue */
+typedef struct view_node {              /* Node: a value, its key's type and the key */
+  view_raw v; unsigned char tt, key_tt;
+  int next;
+  view_raw k;
+} view_node;
 typedef struct view_table {
   void *next; unsigned char tt, marked;  /* CommonHeader */
   unsigned char flags, lsizenode;
   unsigned int alimit;                   /* array[0 .. alimit-1] is in the array part */
   view_value *array;
+  view_node *node;                       /* 1 << lsizenode nodes */
+  view_node *lastfree;
 } view_table;
+typedef struct view_string {             /* TString */
+  void *next; unsigned char tt, marked;
+  unsigned char extra, shrlen;           /* shrlen: a short string's length */
+  unsigned int hash;
+  size_t lnglen;                         /* a long string's length */
+  char contents[1];
+} view_string;
 #define VIEW_INT 0x03    /* LUA_VNUMINT */
 #define VIEW_FLOAT 0x13  /* LUA_VNUMFLT */
+#define VIEW_FALSE 0x01  /* LUA_VFALSE */
+#define VIEW_TRUE 0x11   /* LUA_VTRUE */
+#define VIEW_SHRSTR 0x44 /* LUA_VSHRSTR, collectable */
+#define VIEW_LNGSTR 0x54 /* LUA_VLNGSTR, collectable */
+#define VIEW_TABLE 0x45  /* LUA_VTABLE, collectable */
+#define VIEW_EMPTY(tt) (((tt) & 0x0f) == 0)  /* nil, empty slot, absent key */
+#define VIEW_REALASIZE 0x80  /* flags: BITRAS, set when alimit is not the array's size */
+#define VIEW_BLACK 0x20      /* marked: BLACKBIT */
+#if LUA_VERSION_NUM == 504
 static int view_works;   /* set by view_check */
+static int view_nodes;   /* the hash part's mirror works too (view_check) */
 
 /* the array part of the table at idx, and how many of its first slots may be read */
 static inline view_value *view_array(lua_State *L, int idx, lua_Integer *len) {
@@ -202,6 +226,63 @@ static inline view_value *view_array(lua_State *L, int idx, lua_Integer *len) {
 static inline view_value *view_fresh(lua_State *L, int idx, lua_Integer n) {
   const view_table *t = lua_topointer(L, idx);
   return view_works && t && t->array && (lua_Integer)t->alimit >= n ? t->array : NULL;
+}
+
+/* The hash part: a table of every kind of key and leaf value, filled through
+** the API, read through the mirror (nodes, string headers, type tags); and the
+** flag that says the array part is smaller than alimit. */
+static int view_check_nodes(lua_State *L) {
+  static const char lk[] = "a long key, longer than the 40 bytes of short strings";
+  static const char lv[] = "a long value, longer than the 40 bytes of short strings";
+  lua_createtable(L, 0, 7);
+  int t = lua_gettop(L);
+  lua_pushliteral(L, "id"); lua_pushinteger(L, -7); lua_rawset(L, t);
+  lua_pushliteral(L, "score"); lua_pushnumber(L, 2.5); lua_rawset(L, t);
+  lua_pushliteral(L, "name"); lua_pushliteral(L, "item1"); lua_rawset(L, t);
+  lua_pushstring(L, lk); lua_pushstring(L, lv); lua_rawset(L, t);
+  lua_pushboolean(L, 1); lua_pushboolean(L, 0); lua_rawset(L, t);
+  lua_pushnumber(L, 3.5); lua_pushvalue(L, t); lua_rawset(L, t);
+  lua_pushinteger(L, 9); lua_pushboolean(L, 1); lua_rawset(L, t);
+  const view_table *v = lua_topointer(L, t);
+  lua_pushliteral(L, "name");
+  const view_string *name = lua_topointer(L, -1);
+  int ok = v && !v->array && v->alimit == 0 && v->node && v->lsizenode == 3 && name &&
+           name->tt == (VIEW_SHRSTR & 0x3f) && name->contents == lua_tostring(L, -1);
+  lua_pop(L, 1);
+  int seen = 0, count = 0;
+  for (int i = 0; ok && i < 1 << v->lsizenode; i++) {
+    const view_node *n = &v->node[i];
+    if (VIEW_EMPTY(n->tt)) continue;
+    const view_string *k = n->k.p, *s = n->v.p;
+    count++;
+    if (n->key_tt == VIEW_SHRSTR && k->shrlen == 2 && memcmp(k->contents, "id", 3) == 0)
+      seen |= 1, ok = n->tt == VIEW_INT && n->v.i == -7;
+    else if (n->key_tt == VIEW_SHRSTR && k->shrlen == 5 && memcmp(k->contents, "score", 6) == 0)
+      seen |= 2, ok = n->tt == VIEW_FLOAT && n->v.n == 2.5;
+    else if (n->key_tt == VIEW_SHRSTR && k == name)
+      seen |= 4, ok = n->tt == VIEW_SHRSTR && s->shrlen == 5 && memcmp(s->contents, "item1", 6) == 0;
+    else if (n->key_tt == VIEW_LNGSTR && k->lnglen == sizeof lk - 1 && memcmp(k->contents, lk, sizeof lk) == 0)
+      seen |= 8, ok = n->tt == VIEW_LNGSTR && s->lnglen == sizeof lv - 1 && memcmp(s->contents, lv, sizeof lv) == 0;
+    else if (n->key_tt == VIEW_TRUE)
+      seen |= 16, ok = n->tt == VIEW_FALSE;
+    else if (n->key_tt == VIEW_FLOAT && n->k.n == 3.5)
+      seen |= 32, ok = n->tt == VIEW_TABLE && n->v.p == v;
+    else if (n->key_tt == VIEW_INT && n->k.i == 9)
+      seen |= 64, ok = n->tt == VIEW_TRUE;
+    else
+      ok = 0;
+  }
+  ok = ok && seen == 127 && count == 7;
+  lua_pop(L, 1);
+  /* a border found below alimit makes alimit the border and sets the flag */
+  lua_createtable(L, 4, 0);
+  lua_pushinteger(L, 1); lua_rawseti(L, -2, 1);
+  lua_pushinteger(L, 2); lua_rawseti(L, -2, 2);
+  v = lua_topointer(L, -1);
+  ok = ok && v->alimit == 4 && !(v->flags & VIEW_REALASIZE) && lua_rawlen(L, -1) == 2 &&
+       (v->alimit == 4 ? !(v->flags & VIEW_REALASIZE) : (v->flags & VIEW_REALASIZE) != 0);
+  lua_pop(L, 1);
+  return ok;
 }
 
 static void view_check(lua_State *L) {
@@ -239,12 +320,10 @@ static void view_check(lua_State *L) {
   }
   lua_pop(L, 1);
   view_works = ok;
+  view_nodes = ok && view_check_nodes(L);
 }
 #else
-typedef struct view_value { union { void *p; lua_Integer i; lua_Number n; } v; unsigned char tt; } view_value;
-#define VIEW_INT 0x03
-#define VIEW_FLOAT 0x13
-static int view_works;
+static int view_works, view_nodes;
 static inline view_value *view_array(lua_State *L, int idx, lua_Integer *len) { *len = 0; return NULL; }
 static inline view_value *view_fresh(lua_State *L, int idx, lua_Integer n) { return NULL; }
 static void view_check(lua_State *L) { (void)L; }
@@ -356,6 +435,7 @@ struct mp_enc {
 #define ENCODER "multiprocessing.encoder"        /* the metatable */
 #define CACHED "multiprocessing.encoder.cached"  /* registry key of the reusable encoder */
 #define UV_CNAMES 1   /* C function -> "module\0field", built on first need */
+#define UV_CARRIER 2  /* a table of 2 slots that brings a node's key and value to the stack */
 
 static int enc_gc(lua_State *L) {
   mp_enc *e = mp_toself(L, 1, MP_CLASSES(ENCODER));
@@ -371,9 +451,11 @@ static int enc_gc(lua_State *L) {
 }
 
 static mp_enc *enc_new(lua_State *L) {
-  mp_enc *e = lua_newuserdatauv(L, sizeof(mp_enc), 1);
+  mp_enc *e = lua_newuserdatauv(L, sizeof(mp_enc), 2);
   memset(e, 0, sizeof(*e));
   luaL_setmetatable(L, ENCODER);
+  lua_createtable(L, 2, 0);
+  lua_setiuservalue(L, -2, UV_CARRIER);
   return e;
 }
 
@@ -607,20 +689,66 @@ static int writer(lua_State *L, const void *p, size_t n, void *ud) {
   return 0;
 }
 
-static inline void put_number(lua_State *L, mp_enc *e, int idx) {
+static inline void put_integer(lua_State *L, mp_enc *e, lua_Integer v) {
   reserve(L, &e->out, 9);
   char *o = e->out.p + e->out.n;
-  if (lua_isinteger(L, idx)) {
-    lua_Integer v = lua_tointeger(L, idx);
-    if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[0] = T_INT8; memcpy(o + 1, &x, 1); e->out.n += 2; }
-    else if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[0] = T_INT16; memcpy(o + 1, &x, 2); e->out.n += 3; }
-    else if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[0] = T_INT32; memcpy(o + 1, &x, 4); e->out.n += 5; }
-    else { int64_t x = (int64_t)v; o[0] = T_INT64; memcpy(o + 1, &x, 8); e->out.n += 9; }
+  if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[0] = T_INT8; memcpy(o + 1, &x, 1); e->out.n += 2; }
+  else if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[0] = T_INT16; memcpy(o + 1, &x, 2); e->out.n += 3; }
+  else if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[0] = T_INT32; memcpy(o + 1, &x, 4); e->out.n += 5; }
+  else { int64_t x = (int64_t)v; o[0] = T_INT64; memcpy(o + 1, &x, 8); e->out.n += 9; }
+}
+
+static inline void put_float(lua_State *L, mp_enc *e, lua_Number v) {
+  reserve(L, &e->out, 9);
+  char *o = e->out.p + e->out.n;
+  o[0] = T_FLOAT;
+  memcpy(o + 1, &v, 8);
+  e->out.n += 9;
+}
+
+static inline void put_number(lua_State *L, mp_enc *e, int idx) {
+  if (lua_isinteger(L, idx)) put_integer(L, e, lua_tointeger(L, idx));
+  else put_float(L, e, lua_tonumber(L, idx));
+}
+
+/* str8 or str32 of a string that is not a big one (see encode_string) */
+static inline void put_string(lua_State *L, mp_enc *e, const char *s, size_t n) {
+  reserve(L, &e->out, n + 5);
+  char *o = e->out.p + e->out.n;
+  if (n <= 255) {
+    o[0] = T_STR8;
+    o[1] = (char)n;
+    memcpy(o + 2, s, n);
+    e->out.n += n + 2;
   } else {
-    lua_Number v = lua_tonumber(L, idx);
-    o[0] = T_FLOAT;
-    memcpy(o + 1, &v, 8);
-    e->out.n += 9;
+    uint32_t n32 = (uint32_t)n;
+    o[0] = T_STR32;
+    memcpy(o + 1, &n32, 4);
+    memcpy(o + 5, s, n);
+    e->out.n += n + 5;
+  }
+}
+
+/* Writes a leaf (a number, a boolean, a string shorter than BIGSTR) read in
+** place (see view_node) and returns 1; returns 0 for any other value. */
+static inline int put_leaf(lua_State *L, mp_enc *e, unsigned tt, view_raw v) {
+  switch (tt) {
+    case VIEW_INT: put_integer(L, e, v.i); return 1;
+    case VIEW_FLOAT: put_float(L, e, v.n); return 1;
+    case VIEW_FALSE: put_u8(L, e, T_FALSE); return 1;
+    case VIEW_TRUE: put_u8(L, e, T_TRUE); return 1;
+    case VIEW_SHRSTR: {
+      const view_string *s = v.p;
+      put_string(L, e, s->contents, s->shrlen);
+      return 1;
+    }
+    case VIEW_LNGSTR: {
+      const view_string *s = v.p;
+      if (s->lnglen >= BIGSTR) return 0;
+      put_string(L, e, s->contents, s->lnglen);
+      return 1;
+    }
+    default: return 0;
   }
 }
 
@@ -745,6 +873,80 @@ undo:
   return 0;
 }
 
+/* Pushes a value read in place (and first its key, when k): written into the
+** encoder's carrier table in place, read with lua_rawgeti, and emptied at once,
+** so that the carrier never holds a value across anything that may collect.
+** *carrier: its stack slot, 0 until it is pushed. */
+static void carry(lua_State *L, mp_enc *e, int *carrier, const view_value *k, view_value v) {
+  view_table *c = NULL;
+  if (*carrier) c = (view_table *)lua_topointer(L, *carrier);
+  else if (lua_getiuservalue(L, e->base, UV_CARRIER) == LUA_TTABLE) c = (view_table *)lua_topointer(L, -1);
+  if (!c || !c->array || c->alimit < 2) {  /* (a carrier that someone resized) */
+    if (*carrier) lua_remove(L, *carrier);
+    else lua_pop(L, 1);
+    lua_createtable(L, 2, 0);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, e->base, UV_CARRIER);
+    c = (view_table *)lua_topointer(L, -1);
+  }
+  *carrier = lua_gettop(L);
+  c->array[0] = v;
+  if (k) { c->array[1] = *k; lua_rawgeti(L, *carrier, 2); }
+  lua_rawgeti(L, *carrier, 1);
+  c->array[0].tt = c->array[1].tt = 0;  /* nil */
+}
+
+/* The pairs of a table whose array part is small, read in place: its array
+** part (alimit slots, its whole size) then its nodes, in lua_next's order (the
+** bytes are those of the loop through lua_next). Leaves go straight from the
+** mirror to the output; other keys and values reach the stack through carry()
+** and are encoded as usual. Encoding them may run Lua code (a finalizer) that
+** changes the table: each step reads the table's fields again, so that a
+** change costs no crash (the pairs sent are then unspecified, as with lua_next). */
+static void encode_view_pairs(lua_State *L, mp_enc *e, int idx, frame *f, uint32_t *pnarr, uint32_t *pnpairs) {
+  const view_table *t = lua_topointer(L, idx);
+  uint32_t narr = 0, npairs = 0;
+  int carrier = 0;
+  for (unsigned i = 0; t->array && i < t->alimit; i++) {
+    view_value v = t->array[i];
+    if (VIEW_EMPTY(v.tt)) continue;
+    lua_Integer k = (lua_Integer)i + 1;
+    if (npairs == 0 && k == (lua_Integer)narr + 1) narr++;
+    else { npairs++; put_integer(L, e, k); }
+    if (put_leaf(L, e, v.tt, v.v)) continue;
+    f->kind = F_INDEX; f->i = k;
+    carry(L, e, &carrier, NULL, v);
+    encode_value(L, e, -1);
+    lua_pop(L, 1);
+  }
+  for (size_t i = 0; i < (size_t)1 << t->lsizenode; i++) {
+    const view_node *n = &t->node[i];
+    if (VIEW_EMPTY(n->tt)) continue;
+    view_value k = { n->k, n->key_tt }, v = { n->v, n->tt };
+    if (k.tt == VIEW_INT) {
+      if (npairs == 0 && k.v.i == (lua_Integer)narr + 1) narr++;
+      else { npairs++; put_integer(L, e, k.v.i); }
+      if (put_leaf(L, e, v.tt, v.v)) continue;
+      f->kind = F_INDEX; f->i = k.v.i;
+      carry(L, e, &carrier, NULL, v);
+      encode_value(L, e, -1);
+      lua_pop(L, 1);
+      continue;
+    }
+    npairs++;
+    int leafkey = put_leaf(L, e, k.tt, k.v);
+    if (leafkey && put_leaf(L, e, v.tt, v.v)) continue;
+    carry(L, e, &carrier, &k, v);
+    f->kind = F_KEY; f->idx = lua_gettop(L) - 1;
+    if (!leafkey) encode_value(L, e, -2);
+    encode_value(L, e, -1);
+    lua_pop(L, 2);
+  }
+  if (carrier) lua_pop(L, 1);
+  *pnarr = narr;
+  *pnpairs = npairs;
+}
+
 static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   if (e->usemods && pmap_get(&e->mods, p) >= 0) {
     lua_pushvalue(L, idx);
@@ -773,6 +975,13 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   e->out.n += 9;
   uint32_t narr = 0, npairs = 0;
   frame *f = &e->path[e->depth];
+  const view_table *view = view_nodes && e->depth < MAXDEPTH ? p : NULL;
+  if (view && !(view->flags & VIEW_REALASIZE) && view->alimit < 8) {  /* records, small arrays */
+    e->depth++;
+    encode_view_pairs(L, e, idx, f, &narr, &npairs);
+    e->depth--;
+    goto pairs_done;
+  }
   /* An array goes through lua_rawgeti, cheaper than lua_next, when 1..n lie in
   ** the table's array part (then lua_next can resume after n): the view says so
   ** (any n), else a probe at n + 1 (see next_probe; worth its pcall from n = 16).
@@ -848,6 +1057,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     more = lua_next(L, idx);
   }
   e->depth--;
+pairs_done:
   memcpy(e->out.p + at + 1, &narr, 4);
   memcpy(e->out.p + at + 5, &npairs, 4);
   if (hasmt) {
@@ -2424,9 +2634,9 @@ static int codec_register_metatable(lua_State *L) {
 /* core._codec_view([on]) -> in use: for tests, packed arrays through the API
 ** (false) or in place (true, when view_check passed) */
 static int codec_view(lua_State *L) {
-  static int works = -1;
-  if (works < 0) works = view_works;
-  if (!lua_isnone(L, 1)) view_works = works && lua_toboolean(L, 1);
+  static int works = -1, nodes;
+  if (works < 0) works = view_works, nodes = view_nodes;
+  if (!lua_isnone(L, 1)) view_works = works && lua_toboolean(L, 1), view_nodes = nodes && view_works;
   lua_pushboolean(L, view_works);
   return 1;
 }
