@@ -231,6 +231,188 @@ static int pool_put_call(lua_State *L) {
   return 1;
 }
 
+/* ------------------------------------------------------------- lean sends */
+/* apply_async's and submit's common case in one call: the pool (self, of class Pool) is this
+** process's, running, not broken; f has a blob that still holds (pool.lua's cached_blob: a
+** cached encoding whose upvalues are the same values); for submit, a free cancel word. Then
+** the task message is put and its lean record made, registered and returned, as pool.lua's
+** send_apply and Pool:submit do. Otherwise, nothing is changed and nothing is returned: the
+** caller goes pool.lua's way (which also names the user's errors). This reads and writes the
+** pool's fields named in lean_keys, those pool.lua gives these meanings (see there). */
+enum { LK_OWNER = 1, LK_STATE, LK_RUNNING, LK_BROKEN, LK_FCACHE, LK_B, LK_FREED, LK_PLAIN, LK_BARE, LK_UPS, LK_N,
+       LK_TASKS, LK_SEQ, LK_INFLIGHT, LK_REFS, LK_FID, LK_OFF, LK_FINISHED, LK_BREC, LK_FLAG, LK_FREE, LK_NFREE,
+       LK_A, LK_F, LK_NSTR = LK_F, LK_NOARGS };
+static const char *const lean_keys[] = { NULL, "_owner", "_state", "running", "_broken", "_fcache", "b", "freed",
+  "plain", "bare", "ups", "n", "_tasks", "_seq", "_inflight", "refs", "fid", "off", "finished", "brec", "flag",
+  "_free", "_nfree", "_A", "_F" };
+static pid_t lean_pid;  /* this process's (0: not known yet; a forked child forgets it) */
+static void lean_after_fork(void) { lean_pid = 0; }
+
+static int lk_get(lua_State *L, int t, int key) {  /* pushes t[key], raw; its type */
+  lua_rawgeti(L, lua_upvalueindex(1), key);
+  return lua_rawget(L, t);
+}
+
+static lua_Integer lk_int(lua_State *L, int t, int key, int *ok) {  /* t[key] as an integer */
+  lk_get(L, t, key);
+  int isint;
+  lua_Integer v = lua_tointegerx(L, -1, &isint);
+  lua_pop(L, 1);
+  *ok = *ok && isint;
+  return v;
+}
+
+static void lk_set(lua_State *L, int t, int key) {  /* t[key] = the value on top (popped), raw */
+  lua_rawgeti(L, lua_upvalueindex(1), key);
+  lua_insert(L, -2);
+  lua_rawset(L, t);
+}
+
+/* the checks of the common case (see above) for pool self, class cls, function f: pushes
+** f's blob record and returns its stack slot, or returns 0 (the stack as it was) */
+static int lean_blob(lua_State *L, int cls, int self, int f) {
+  int top = lua_gettop(L);
+  if (lua_type(L, f) != LUA_TFUNCTION || !lua_getmetatable(L, self)) return 0;
+  int ok = lua_rawequal(L, -1, cls);
+  lua_settop(L, top);
+  if (!ok) return 0;
+  if (!lean_pid) lean_pid = getpid();
+  if (lk_int(L, self, LK_OWNER, &ok) != lean_pid || !ok) return 0;
+  lk_get(L, self, LK_STATE);
+  lua_rawgeti(L, lua_upvalueindex(1), LK_RUNNING);
+  ok = lua_rawequal(L, -1, -2) && lk_get(L, self, LK_BROKEN) == LUA_TNIL;
+  if (!ok || lk_get(L, self, LK_FCACHE) != LUA_TTABLE) goto no;
+  lua_pushvalue(L, f);
+  if (lua_rawget(L, -2) != LUA_TTABLE) goto no;
+  int c = lua_gettop(L);
+  if (lk_get(L, c, LK_B) != LUA_TTABLE || lk_get(L, c + 1, LK_FREED) != LUA_TNIL) goto no;
+  lk_get(L, c, LK_PLAIN);
+  if (!lua_toboolean(L, -1)) goto no;
+  lk_get(L, c, LK_BARE);
+  if (!lua_toboolean(L, -1)) {  /* its upvalues: the same values as when it was encoded */
+    if (lk_get(L, c, LK_UPS) != LUA_TTABLE) goto no;
+    int ups = lua_gettop(L);
+    for (int i = 1;; i++) {
+      if (!lua_getupvalue(L, f, i)) {
+        ok = 1;
+        if (lk_int(L, ups, LK_N, &ok) != i - 1 || !ok) goto no;
+        break;
+      }
+      lua_rawgeti(L, ups, i);
+      ok = lua_rawequal(L, -1, -2);
+      lua_pop(L, 2);
+      if (!ok) goto no;
+    }
+  }
+  lua_pushvalue(L, c + 1);
+  lua_replace(L, top + 1);
+  lua_settop(L, top + 1);
+  return top + 1;
+no:
+  lua_settop(L, top);
+  return 0;
+}
+
+/* the lean record, registered: self._seq = seq, b.refs + 1, self._inflight[seq] = record (on top) */
+static void lean_commit(lua_State *L, int self, int b, int inflight, uint64_t seq, lua_Integer refs) {
+  lua_pushinteger(L, (lua_Integer)seq);
+  lk_set(L, self, LK_SEQ);
+  lua_pushinteger(L, refs + 1);
+  lk_set(L, b, LK_REFS);
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, inflight, (lua_Integer)seq);
+}
+
+/* the fields every lean record starts with: finished = false, n = false, brec = b */
+static void lean_fields(lua_State *L, int rec, int b) {
+  lua_pushboolean(L, 0);
+  lk_set(L, rec, LK_FINISHED);
+  lua_pushboolean(L, 0);
+  lk_set(L, rec, LK_N);
+  lua_pushvalue(L, b);
+  lk_set(L, rec, LK_BREC);
+}
+
+/* core.send_apply(Pool, pool, f, args) -> AsyncResult | nothing (see above) */
+static int pool_send_apply(lua_State *L) {
+  lua_settop(L, 4);
+  int t = lua_type(L, 4);
+  if (t != LUA_TTABLE && t != LUA_TNIL) return 0;
+  int b = lean_blob(L, 1, 2, 3);
+  if (!b) return 0;
+  int ok = 1;
+  uint32_t fid = (uint32_t)lk_int(L, b, LK_FID, &ok);
+  lua_Integer off = lk_int(L, b, LK_OFF, &ok), refs = lk_int(L, b, LK_REFS, &ok);
+  uint64_t seq = (uint64_t)lk_int(L, 2, LK_SEQ, &ok) + 1;
+  if (!ok || lk_get(L, 2, LK_TASKS) != LUA_TUSERDATA || lk_get(L, 2, LK_INFLIGHT) != LUA_TTABLE ||
+      lk_get(L, 2, LK_A) != LUA_TTABLE) return 0;
+  int inflight = b + 2, cls = b + 3;
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, b + 1, &buf);
+  if (t == LUA_TNIL) lua_rawgeti(L, lua_upvalueindex(1), LK_NOARGS);  /* (an empty table) */
+  else lua_pushvalue(L, 4);
+  taskhdr h = { TASKMAGIC, fid, seq, off, 1, 3, 0 };
+  mp_enc *e = mp_encode(L, -1, "args");
+  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+  mp_enc_done(L, e);
+  if (r != MP_WOKE) return 0;
+  lua_createtable(L, 0, 4);  /* (no array part: its one value has a slot of the hash part) */
+  int rec = lua_gettop(L);
+  lua_pushboolean(L, 0);
+  lua_rawseti(L, rec, 1);
+  lean_fields(L, rec, b);
+  lua_pushvalue(L, cls);
+  lua_setmetatable(L, rec);
+  lean_commit(L, 2, b, inflight, seq, refs);
+  return 1;
+}
+
+/* core.send_call(Pool, pool, f, ...) -> Future | nothing (see above): a call message of
+** the arguments ..., with a cancel word from the pool's free ones */
+static int pool_send_call(lua_State *L) {
+  int top = lua_gettop(L), nargs = top - 3;
+  if (nargs < 0) return 0;
+  int b = lean_blob(L, 1, 2, 3);
+  if (!b) return 0;
+  int ok = 1;
+  uint32_t fid = (uint32_t)lk_int(L, b, LK_FID, &ok);
+  lua_Integer off = lk_int(L, b, LK_OFF, &ok), refs = lk_int(L, b, LK_REFS, &ok);
+  uint64_t seq = (uint64_t)lk_int(L, 2, LK_SEQ, &ok) + 1;
+  lua_Integer nfree = lk_int(L, 2, LK_NFREE, &ok);
+  if (!ok || nfree < 1 || lk_get(L, 2, LK_TASKS) != LUA_TUSERDATA || lk_get(L, 2, LK_INFLIGHT) != LUA_TTABLE ||
+      lk_get(L, 2, LK_F) != LUA_TTABLE || lk_get(L, 2, LK_FREE) != LUA_TTABLE) return 0;
+  int inflight = b + 2, cls = b + 3;
+  lua_rawgeti(L, b + 4, nfree);
+  lua_Integer flag = lua_tointegerx(L, -1, &ok);
+  if (!ok || !mp_arena_base() || flag <= 0 || flag % 4 || (uint64_t)flag + 4 > mp_arena_top()) return 0;
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, b + 1, &buf);
+  lua_createtable(L, nargs, 0);
+  for (int k = 1; k <= nargs; k++) {
+    lua_pushvalue(L, 3 + k);
+    lua_rawseti(L, -2, k);
+  }
+  __atomic_store_n((uint32_t *)MP_PTR(flag), FLAG_QUEUED, __ATOMIC_SEQ_CST);
+  taskhdr h = { TASKMAGIC, fid, seq, off, (uint32_t)nargs, 4, (uint64_t)flag };
+  mp_enc *e = mp_encode_range(L, -1, 1, nargs, "args");
+  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+  mp_enc_done(L, e);
+  if (r != MP_WOKE) return 0;
+  lua_pushinteger(L, nfree - 1);
+  lk_set(L, 2, LK_NFREE);
+  lua_createtable(L, 1, 4);
+  int rec = lua_gettop(L);
+  lua_pushboolean(L, 0);
+  lua_rawseti(L, rec, 1);
+  lean_fields(L, rec, b);
+  lua_pushinteger(L, flag);
+  lk_set(L, rec, LK_FLAG);
+  lua_pushvalue(L, cls);
+  lua_setmetatable(L, rec);
+  lean_commit(L, 2, b, inflight, seq, refs);
+  return 1;
+}
+
 /* core.flag_cas(flag, from, to) -> true, or false and the word's value */
 static int pool_flag_cas(lua_State *L) {
   uint32_t *w = flag_at(L, 1);
@@ -907,5 +1089,15 @@ int mp_pool_open(lua_State *L) {
   lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
   lua_pushcclosure(L, pool_take_result, 1);
   lua_setfield(L, -2, "take_result");
+  lua_createtable(L, LK_NOARGS, 0);  /* the lean sends' keys, their upvalue */
+  for (int k = 1; k <= LK_NSTR; k++) { lua_pushstring(L, lean_keys[k]); lua_rawseti(L, -2, k); }
+  lua_newtable(L);
+  lua_rawseti(L, -2, LK_NOARGS);
+  lua_pushvalue(L, -1);
+  lua_pushcclosure(L, pool_send_apply, 1);
+  lua_setfield(L, -3, "send_apply");
+  lua_pushcclosure(L, pool_send_call, 1);
+  lua_setfield(L, -2, "send_call");
+  mp_atfork(lean_after_fork);
   return 0;
 }

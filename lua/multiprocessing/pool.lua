@@ -1500,13 +1500,24 @@ local function send_apply(self, f, args, opts, what)
   return call
 end
 
+-- The common case in one C call (core.send_apply, core.send_call: a running pool of this
+-- process, f's blob cached and still right, no options); anything else, and any error, goes
+-- the way above, which names the user's errors (the C call changed nothing then).
+local lean_apply, lean_call = core.send_apply, core.send_call
+
 function Pool:apply_async(f, args, opts)
+  if opts == nil then
+    local ok, call = pcall(lean_apply, Pool, self, f, args)
+    if ok and call then return call end
+  end
   local call = send_apply(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
   return call
 end
 
 function Pool:apply(f, args, opts)
-  local call = send_apply(self, f, args, opts, "apply")
+  local ok, call = false, nil
+  if opts == nil then ok, call = pcall(lean_apply, Pool, self, f, args) end
+  if not (ok and call) then call = send_apply(self, f, args, opts, "apply") end
   wait_call(self, call)
   if call.err then error(call.err, 2) end
   return unpack(call, 1, call.n)
@@ -1514,6 +1525,8 @@ end
 
 --- pool:submit(f, ...) -> Future: runs f(...) in a worker (concurrent.futures' submit)
 function Pool:submit(f, ...)
+  local ok, fut = pcall(lean_call, Pool, self, f, ...)
+  if ok and fut then return fut end
   if getmetatable(self) ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then
     check_usable(self, "submit", 3)
   end
