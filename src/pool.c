@@ -695,28 +695,77 @@ static int ps_done(lua_State *L) {
   return 0;
 }
 
-/* st:reply(i, queue, seq, pid, busy, out, i0, n, idle, dec): put_result and done in one, for a
-** message of one call (apply, submit): its values out[i0 .. i0+n-1] are sent as the result of
-** message seq, then the worker is done with it (the encoding timed here). Raises the codec's
-** error when a value cannot be sent, before anything is put or done. */
+/* The values of a call that st:reply sends: a table reused from call to call (no table
+** made per task), emptied once they are out. A reply that raised (a value cannot be sent)
+** leaves them there, for core.reply_values. */
+static const char values_key = 'v';
+static int values_n = -1;  /* the values left by a reply that raised (-1: none) */
+
+static void push_values(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &values_key) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &values_key);
+}
+
+/* st:reply(i, queue, seq, pid, t1, idle, dec, ok, ...) -> true, busy | false, busy, t2, err: put_result
+** and done in one, for a message of one call (apply, submit), given what xpcall(f, ...)
+** returned, f having started at t1: when ok, its values ... are sent as the result of message
+** seq, then the worker is done with it (the encoding timed here); else nothing is done and
+** the error err comes back, with the time it ran (busy) and when it ended (t2). Raises the
+** codec's error when a value cannot be sent, before anything is put or done: the values
+** then wait for core.reply_values. */
 static int ps_reply(lua_State *L) {
+  double t2 = mp_now();
   mp_handle *h = ps_check(L);
   wrec *w = ps_rec(L, h, 2);
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 3, &buf);
-  double busy = luaL_checknumber(L, 6);
+  double t1 = luaL_checknumber(L, 6), busy = t2 - t1;
   resulthdr hd = { RESULTMAGIC, (uint32_t)luaL_checkinteger(L, 5), (uint64_t)luaL_checkinteger(L, 4), 0, 0, busy };
-  luaL_checktype(L, 7, LUA_TTABLE);
-  lua_Integer i0 = luaL_checkinteger(L, 8), n = luaL_checkinteger(L, 9);
-  luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 9, "bad count");
-  double idle = luaL_checknumber(L, 10), dec = luaL_checknumber(L, 11);
+  double idle = luaL_checknumber(L, 7), dec = luaL_checknumber(L, 8);
+  int top = lua_gettop(L), n = top - 9;
+  if (n < 0) n = 0;
+  if (!lua_toboolean(L, 9)) {
+    lua_pushboolean(L, 0);
+    lua_pushnumber(L, busy);
+    lua_pushnumber(L, t2);
+    lua_pushvalue(L, 10);
+    return 4;
+  }
+  push_values(L);
+  int v = top + 1;
+  for (int k = 1; k <= n; k++) {
+    lua_pushvalue(L, 9 + k);
+    lua_rawseti(L, v, k);
+  }
   hd.n = (uint32_t)n;
-  double t0 = mp_now();
-  mp_enc *e = mp_encode_range(L, 7, i0, n, "result");
+  values_n = n;  /* (until they are out) */
+  mp_enc *e = mp_encode_range(L, v, 1, n, "result");
   mp_queue_put_prefixed(L, q, &hd, sizeof hd, e, -1);
   mp_enc_done(L, e);
-  done_rec(h, w, 1, busy, idle, mp_now() - t0, dec);
-  return 0;
+  values_n = -1;
+  for (int k = 1; k <= n; k++) {
+    lua_pushnil(L);
+    lua_rawseti(L, v, k);
+  }
+  done_rec(h, w, 1, busy, idle, mp_now() - t2, dec);
+  lua_pushboolean(L, 1);
+  lua_pushnumber(L, busy);
+  return 2;
+}
+
+/* core.reply_values() -> the values of the reply that raised, as an array with n (moved
+** out: the reused table starts anew) */
+static int pool_reply_values(lua_State *L) {
+  push_values(L);
+  lua_pushinteger(L, values_n < 0 ? 0 : values_n);
+  lua_setfield(L, -2, "n");
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &values_key);
+  values_n = -1;
+  return 1;
 }
 
 /* st:claimed(i [, tasks]) -> last message number (0 when idle), since, first message number:
@@ -1079,7 +1128,7 @@ int mp_pool_open(lua_State *L) {
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
     {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
-    {"put_call", pool_put_call}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
+    {"put_call", pool_put_call}, {"reply_values", pool_reply_values}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

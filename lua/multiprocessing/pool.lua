@@ -126,7 +126,7 @@ local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
   process._become("PoolWorker-" .. i, true)
   local tasks, results, st = pool._tasks, pool._results, pool._st
-  local reply = st.reply
+  local reply, reply_values = st.reply, core.reply_values
   st:forget()  -- the parent's epoll set and pidfds (pool:fileno) are not the worker's
   local me = core.getpid()
   if pool._initializer then
@@ -224,30 +224,31 @@ local function worker_main(pool, i)
     return t2 - t1
   end
   -- A message of one call (apply, submit), the common case of handle without its general
-  -- machinery: f runs under its own xpcall, its values go out straight from the packed
-  -- results with the worker's done (st:reply). A function not yet decoded, a cancelled
-  -- Future, a result that cannot be sent: handle's way.
+  -- machinery: f runs under its own xpcall, whose values st:reply sends straight (no table
+  -- per task) with the worker's done. A function not yet decoded, a cancelled Future: handle's
+  -- way. A value that cannot be sent: send_failed, with the values st:reply kept.
   local function handle_call(msg, t0, idle)
     local f, flag = funcs[msg[2]], msg[7]
     if not f or (flag and not flag_cas(flag, 0, 1)) then return handle(msg, t0, idle) end
     local args, n = msg[5], msg[4]
     if msg[6] ~= 4 then n = args.n or #args end
+    local seq = msg[1]
     local t1 = now()
-    local out = pack(xpcall(f, capture, unpack(args, 1, n)))
-    local t2 = now()
-    local seq, busy = msg[1], t2 - t1
-    if out[1] then
-      local sent, why = pcall(reply, st, i, results, seq, me, busy, out, 2, out.n - 1, idle, t1 - t0)
-      if sent then return busy end
-      send_failed(results, seq, table.move(out, 2, out.n, 1, {}), nil, out.n - 1, me, busy, why)
+    local sent, ok, busy, t2, e = pcall(reply, st, i, results, seq, me, t1, idle, t1 - t0,
+      xpcall(f, capture, unpack(args, 1, n)))
+    if sent and ok then return busy end
+    if not sent then  -- (ok: why)
+      t2 = now()
+      busy = t2 - t1
+      local out = reply_values()
+      send_failed(results, seq, out, nil, out.n, me, busy, ok)
     else
-      local e = out[2]
       if type(e) == "table" and type(e.traceback) == "string" then  -- the user's frames only
         e.traceback = e.traceback:gsub("\n[^\n]*multiprocessing/pool%.lua:[^\n]*", "")
       end
       local errs = { e }
-      local sent, why = pcall(results.put, results, { seq, {}, errs, me, busy })
-      if not sent then send_failed(results, seq, {}, errs, 1, me, busy, why) end
+      local put, why = pcall(results.put, results, { seq, {}, errs, me, busy })
+      if not put then send_failed(results, seq, {}, errs, 1, me, busy, why) end
     end
     st:done(i, 1, busy, idle, now() - t2, t1 - t0)
     return busy
