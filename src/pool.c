@@ -231,188 +231,6 @@ static int pool_put_call(lua_State *L) {
   return 1;
 }
 
-/* ------------------------------------------------------------- lean sends */
-/* apply_async's and submit's common case in one call: the pool (self, of class Pool) is this
-** process's, running, not broken; f has a blob that still holds (pool.lua's cached_blob: a
-** cached encoding whose upvalues are the same values); for submit, a free cancel word. Then
-** the task message is put and its lean record made, registered and returned, as pool.lua's
-** send_apply and Pool:submit do. Otherwise, nothing is changed and nothing is returned: the
-** caller goes pool.lua's way (which also names the user's errors). This reads and writes the
-** pool's fields named in lean_keys, those pool.lua gives these meanings (see there). */
-enum { LK_OWNER = 1, LK_STATE, LK_RUNNING, LK_BROKEN, LK_FCACHE, LK_B, LK_FREED, LK_PLAIN, LK_BARE, LK_UPS, LK_N,
-       LK_TASKS, LK_SEQ, LK_INFLIGHT, LK_REFS, LK_FID, LK_OFF, LK_FINISHED, LK_BREC, LK_FLAG, LK_FREE, LK_NFREE,
-       LK_A, LK_F, LK_NSTR = LK_F, LK_NOARGS };
-static const char *const lean_keys[] = { NULL, "_owner", "_state", "running", "_broken", "_fcache", "b", "freed",
-  "plain", "bare", "ups", "n", "_tasks", "_seq", "_inflight", "refs", "fid", "off", "finished", "brec", "flag",
-  "_free", "_nfree", "_A", "_F" };
-static pid_t lean_pid;  /* this process's (0: not known yet; a forked child forgets it) */
-static void lean_after_fork(void) { lean_pid = 0; }
-
-static int lk_get(lua_State *L, int t, int key) {  /* pushes t[key], raw; its type */
-  lua_rawgeti(L, lua_upvalueindex(1), key);
-  return lua_rawget(L, t);
-}
-
-static lua_Integer lk_int(lua_State *L, int t, int key, int *ok) {  /* t[key] as an integer */
-  lk_get(L, t, key);
-  int isint;
-  lua_Integer v = lua_tointegerx(L, -1, &isint);
-  lua_pop(L, 1);
-  *ok = *ok && isint;
-  return v;
-}
-
-static void lk_set(lua_State *L, int t, int key) {  /* t[key] = the value on top (popped), raw */
-  lua_rawgeti(L, lua_upvalueindex(1), key);
-  lua_insert(L, -2);
-  lua_rawset(L, t);
-}
-
-/* the checks of the common case (see above) for pool self, class cls, function f: pushes
-** f's blob record and returns its stack slot, or returns 0 (the stack as it was) */
-static int lean_blob(lua_State *L, int cls, int self, int f) {
-  int top = lua_gettop(L);
-  if (lua_type(L, f) != LUA_TFUNCTION || !lua_getmetatable(L, self)) return 0;
-  int ok = lua_rawequal(L, -1, cls);
-  lua_settop(L, top);
-  if (!ok) return 0;
-  if (!lean_pid) lean_pid = getpid();
-  if (lk_int(L, self, LK_OWNER, &ok) != lean_pid || !ok) return 0;
-  lk_get(L, self, LK_STATE);
-  lua_rawgeti(L, lua_upvalueindex(1), LK_RUNNING);
-  ok = lua_rawequal(L, -1, -2) && lk_get(L, self, LK_BROKEN) == LUA_TNIL;
-  if (!ok || lk_get(L, self, LK_FCACHE) != LUA_TTABLE) goto no;
-  lua_pushvalue(L, f);
-  if (lua_rawget(L, -2) != LUA_TTABLE) goto no;
-  int c = lua_gettop(L);
-  if (lk_get(L, c, LK_B) != LUA_TTABLE || lk_get(L, c + 1, LK_FREED) != LUA_TNIL) goto no;
-  lk_get(L, c, LK_PLAIN);
-  if (!lua_toboolean(L, -1)) goto no;
-  lk_get(L, c, LK_BARE);
-  if (!lua_toboolean(L, -1)) {  /* its upvalues: the same values as when it was encoded */
-    if (lk_get(L, c, LK_UPS) != LUA_TTABLE) goto no;
-    int ups = lua_gettop(L);
-    for (int i = 1;; i++) {
-      if (!lua_getupvalue(L, f, i)) {
-        ok = 1;
-        if (lk_int(L, ups, LK_N, &ok) != i - 1 || !ok) goto no;
-        break;
-      }
-      lua_rawgeti(L, ups, i);
-      ok = lua_rawequal(L, -1, -2);
-      lua_pop(L, 2);
-      if (!ok) goto no;
-    }
-  }
-  lua_pushvalue(L, c + 1);
-  lua_replace(L, top + 1);
-  lua_settop(L, top + 1);
-  return top + 1;
-no:
-  lua_settop(L, top);
-  return 0;
-}
-
-/* the lean record, registered: self._seq = seq, b.refs + 1, self._inflight[seq] = record (on top) */
-static void lean_commit(lua_State *L, int self, int b, int inflight, uint64_t seq, lua_Integer refs) {
-  lua_pushinteger(L, (lua_Integer)seq);
-  lk_set(L, self, LK_SEQ);
-  lua_pushinteger(L, refs + 1);
-  lk_set(L, b, LK_REFS);
-  lua_pushvalue(L, -1);
-  lua_rawseti(L, inflight, (lua_Integer)seq);
-}
-
-/* the fields every lean record starts with: finished = false, n = false, brec = b */
-static void lean_fields(lua_State *L, int rec, int b) {
-  lua_pushboolean(L, 0);
-  lk_set(L, rec, LK_FINISHED);
-  lua_pushboolean(L, 0);
-  lk_set(L, rec, LK_N);
-  lua_pushvalue(L, b);
-  lk_set(L, rec, LK_BREC);
-}
-
-/* core.send_apply(Pool, pool, f, args) -> AsyncResult | nothing (see above) */
-static int pool_send_apply(lua_State *L) {
-  lua_settop(L, 4);
-  int t = lua_type(L, 4);
-  if (t != LUA_TTABLE && t != LUA_TNIL) return 0;
-  int b = lean_blob(L, 1, 2, 3);
-  if (!b) return 0;
-  int ok = 1;
-  uint32_t fid = (uint32_t)lk_int(L, b, LK_FID, &ok);
-  lua_Integer off = lk_int(L, b, LK_OFF, &ok), refs = lk_int(L, b, LK_REFS, &ok);
-  uint64_t seq = (uint64_t)lk_int(L, 2, LK_SEQ, &ok) + 1;
-  if (!ok || lk_get(L, 2, LK_TASKS) != LUA_TUSERDATA || lk_get(L, 2, LK_INFLIGHT) != LUA_TTABLE ||
-      lk_get(L, 2, LK_A) != LUA_TTABLE) return 0;
-  int inflight = b + 2, cls = b + 3;
-  mp_buf *buf;
-  mp_queue *q = mp_queue_check(L, b + 1, &buf);
-  if (t == LUA_TNIL) lua_rawgeti(L, lua_upvalueindex(1), LK_NOARGS);  /* (an empty table) */
-  else lua_pushvalue(L, 4);
-  taskhdr h = { TASKMAGIC, fid, seq, off, 1, 3, 0 };
-  mp_enc *e = mp_encode(L, -1, "args");
-  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
-  mp_enc_done(L, e);
-  if (r != MP_WOKE) return 0;
-  lua_createtable(L, 0, 4);  /* (no array part: its one value has a slot of the hash part) */
-  int rec = lua_gettop(L);
-  lua_pushboolean(L, 0);
-  lua_rawseti(L, rec, 1);
-  lean_fields(L, rec, b);
-  lua_pushvalue(L, cls);
-  lua_setmetatable(L, rec);
-  lean_commit(L, 2, b, inflight, seq, refs);
-  return 1;
-}
-
-/* core.send_call(Pool, pool, f, ...) -> Future | nothing (see above): a call message of
-** the arguments ..., with a cancel word from the pool's free ones */
-static int pool_send_call(lua_State *L) {
-  int top = lua_gettop(L), nargs = top - 3;
-  if (nargs < 0) return 0;
-  int b = lean_blob(L, 1, 2, 3);
-  if (!b) return 0;
-  int ok = 1;
-  uint32_t fid = (uint32_t)lk_int(L, b, LK_FID, &ok);
-  lua_Integer off = lk_int(L, b, LK_OFF, &ok), refs = lk_int(L, b, LK_REFS, &ok);
-  uint64_t seq = (uint64_t)lk_int(L, 2, LK_SEQ, &ok) + 1;
-  lua_Integer nfree = lk_int(L, 2, LK_NFREE, &ok);
-  if (!ok || nfree < 1 || lk_get(L, 2, LK_TASKS) != LUA_TUSERDATA || lk_get(L, 2, LK_INFLIGHT) != LUA_TTABLE ||
-      lk_get(L, 2, LK_F) != LUA_TTABLE || lk_get(L, 2, LK_FREE) != LUA_TTABLE) return 0;
-  int inflight = b + 2, cls = b + 3;
-  lua_rawgeti(L, b + 4, nfree);
-  lua_Integer flag = lua_tointegerx(L, -1, &ok);
-  if (!ok || !mp_arena_base() || flag <= 0 || flag % 4 || (uint64_t)flag + 4 > mp_arena_top()) return 0;
-  mp_buf *buf;
-  mp_queue *q = mp_queue_check(L, b + 1, &buf);
-  lua_createtable(L, nargs, 0);
-  for (int k = 1; k <= nargs; k++) {
-    lua_pushvalue(L, 3 + k);
-    lua_rawseti(L, -2, k);
-  }
-  __atomic_store_n((uint32_t *)MP_PTR(flag), FLAG_QUEUED, __ATOMIC_SEQ_CST);
-  taskhdr h = { TASKMAGIC, fid, seq, off, (uint32_t)nargs, 4, (uint64_t)flag };
-  mp_enc *e = mp_encode_range(L, -1, 1, nargs, "args");
-  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
-  mp_enc_done(L, e);
-  if (r != MP_WOKE) return 0;
-  lua_pushinteger(L, nfree - 1);
-  lk_set(L, 2, LK_NFREE);
-  lua_createtable(L, 1, 4);
-  int rec = lua_gettop(L);
-  lua_pushboolean(L, 0);
-  lua_rawseti(L, rec, 1);
-  lean_fields(L, rec, b);
-  lua_pushinteger(L, flag);
-  lk_set(L, rec, LK_FLAG);
-  lua_pushvalue(L, cls);
-  lua_setmetatable(L, rec);
-  lean_commit(L, 2, b, inflight, seq, refs);
-  return 1;
-}
-
 /* core.flag_cas(flag, from, to) -> true, or false and the word's value */
 static int pool_flag_cas(lua_State *L) {
   uint32_t *w = flag_at(L, 1);
@@ -455,7 +273,7 @@ static void task_decode(lua_State *L, const char *s, size_t n) {
 typedef struct resulthdr {
   uint32_t magic, pid;
   uint64_t seq;
-  uint32_t n, pad;
+  uint32_t n, lean;  /* lean: the values of a call (apply, submit), for its record (st:reply) */
   double busy;
 } resulthdr;
 
@@ -476,30 +294,84 @@ static int pool_put_result(lua_State *L) {
   return 0;
 }
 
-/* registry key: the context of take_result (its upvalue), for result_decode: { inflight, "call",
-** "finished", "n", ... } (the keys it looks up, ready: pushing them anew cost more) */
+/* registry key: the context of take_result (its upvalue), for result_decode: { inflight, pool,
+** "call", "finished", ... } (the keys it looks up, ready: pushing them anew cost more) */
 static const char inflight_key = 'i';
-enum { CTX_INFLIGHT = 1, CTX_CALL, CTX_FINISHED, CTX_N, CTX_CALLBACK, CTX_CBS, CTX_BREC, CTX_REFS,
+enum { CTX_INFLIGHT = 1, CTX_POOL, CTX_CALL, CTX_FINISHED, CTX_N, CTX_CALLBACK, CTX_CBS, CTX_BREC, CTX_REFS,
        CTX_CACHED, CTX_FLAG, CTX_FREE, CTX_NFREE, CTX_NKEYS = CTX_NFREE };
-static const char *const ctx_keys[] = { NULL, NULL, "call", "finished", "n", "callback", "_cbs", "brec", "refs",
-                                        "cached", "flag", "_free", "_nfree" };
+static const char *const ctx_keys[] = { NULL, NULL, NULL, "call", "finished", "n", "callback", "_cbs", "brec",
+                                        "refs", "cached", "flag", "_free", "_nfree" };
 #define CTXSLOT 6  /* the context's slot in take_result's frame */
 
 /* the header of the result message take_result is taking (result_decode fills it);
-** lean: its values went to a lean record that was not finished */
-typedef struct rinfo { int valid, lean; resulthdr h; const void *ctx; } rinfo;
+** done: its record was finished here (see lean_done), as finish asks */
+typedef struct rinfo { int valid, done, finish; resulthdr h; const void *ctx; } rinfo;
 static rinfo *taking;
+
+static int ctx_get(lua_State *L, int ctx, int t, int key) {  /* pushes t[key], raw; its type */
+  lua_rawgeti(L, ctx, key);
+  return lua_rawget(L, t);
+}
+
+static void ctx_set(lua_State *L, int ctx, int t, int key) {  /* t[key] = the value on top (popped), raw */
+  lua_rawgeti(L, ctx, key);
+  lua_insert(L, -2);
+  lua_rawset(L, t);
+}
+
+/* The bookkeeping of a lean record rec whose values came (on_result's, for the common case),
+** done here when the record needs nothing more: no callback or done callbacks to run, its
+** blob still needed or cached. Then the record leaves inflight (at slot inflight), lets go of
+** its blob's reference and of its cancel word (back to pool._free), is finished, and this
+** returns 1; else 0, and on_result sees the message. */
+static int lean_done(lua_State *L, int ctx, int inflight, int rec, uint64_t seq) {
+  int top = lua_gettop(L), ok = 0;
+  if (ctx_get(L, ctx, rec, CTX_CALLBACK) != LUA_TNIL || ctx_get(L, ctx, rec, CTX_CBS) != LUA_TNIL ||
+      ctx_get(L, ctx, rec, CTX_BREC) != LUA_TTABLE)  /* (a record has a callback only when given) */
+    goto out;
+  int b = top + 3;
+  ctx_get(L, ctx, b, CTX_REFS);
+  int isint;
+  lua_Integer refs = lua_tointegerx(L, -1, &isint);
+  if (!isint || (refs <= 1 && (ctx_get(L, ctx, b, CTX_CACHED), !lua_toboolean(L, -1))))
+    goto out;  /* its last reference, and not cached: on_result frees it */
+  if (ctx_get(L, ctx, rec, CTX_FLAG) != LUA_TNIL) {  /* a Future's cancel word: free for reuse */
+    int flag = lua_gettop(L);
+    lua_rawgeti(L, ctx, CTX_POOL);
+    int pool = flag + 1;
+    if (!lua_isinteger(L, flag) || !lua_istable(L, pool) || ctx_get(L, ctx, pool, CTX_FREE) != LUA_TTABLE) goto out;
+    ctx_get(L, ctx, pool, CTX_NFREE);
+    lua_Integer k = lua_tointegerx(L, -1, &isint) + 1;
+    if (!isint) goto out;
+    lua_pushvalue(L, flag);
+    lua_rawseti(L, pool + 1, k);
+    lua_pushinteger(L, k);
+    ctx_set(L, ctx, pool, CTX_NFREE);
+  }
+  lua_pushinteger(L, refs - 1);
+  ctx_set(L, ctx, b, CTX_REFS);
+  lua_pushnil(L);
+  lua_rawseti(L, inflight, (lua_Integer)seq);
+  lua_pushboolean(L, 1);
+  ctx_set(L, ctx, rec, CTX_FINISHED);
+  ok = 1;
+out:
+  lua_settop(L, top);
+  return ok;
+}
 
 /* Pushes true when the results went straight where they belong, else the decoded
 ** results array; other messages are decoded as they are. Where results belong:
 ** inflight[seq].call.results from inflight[seq].i0 on (a chunk of a map call),
 ** or the record inflight[seq] itself, at 1 .. n with its field n set (a lean call:
-** apply_async, submit; nothing is decoded once it is finished: cancelled). */
+** apply_async, submit; nothing is decoded once it is finished: cancelled). A lean
+** message (st:reply's) goes to a lean record, which is finished here when it can be
+** (lean_done, given the pool). */
 static void result_decode(lua_State *L, const char *s, size_t n) {
   resulthdr h;
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
   int top = lua_gettop(L);
-  int placed = 0, lean = 0;
+  int placed = 0, done = 0;
   /* the context: in take_result's frame, else (decoding may run in a frame of
   ** its own, for a message out of line) in the registry */
   if (taking && top >= CTXSLOT && lua_topointer(L, CTXSLOT) == taking->ctx) lua_pushvalue(L, CTXSLOT);
@@ -508,8 +380,7 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
       lua_rawgeti(L, top + 1, CTX_INFLIGHT) == LUA_TTABLE &&
       lua_rawgeti(L, top + 2, (lua_Integer)h.seq) == LUA_TTABLE) {
     int ctx = top + 1, rec = top + 3;
-    lua_rawgeti(L, ctx, CTX_CALL);
-    if (lua_rawget(L, rec) == LUA_TTABLE) {
+    if (!h.lean && ctx_get(L, ctx, rec, CTX_CALL) == LUA_TTABLE) {
       if (lua_getfield(L, -1, "results") == LUA_TTABLE && lua_getfield(L, rec, "i0") == LUA_TNUMBER &&
           lua_isinteger(L, -1)) {
         lua_Integer at = lua_tointeger(L, -1);
@@ -517,79 +388,26 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
         placed = 1;
       }
     } else {
-      lua_rawgeti(L, ctx, CTX_FINISHED);
-      if (lua_rawget(L, rec) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+      if (ctx_get(L, ctx, rec, CTX_FINISHED) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
         mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
-        lua_rawgeti(L, ctx, CTX_N);
         lua_pushinteger(L, (lua_Integer)h.n);
-        lua_rawset(L, rec);
-        lean = 1;
+        ctx_set(L, ctx, rec, CTX_N);
+        if (taking && taking->finish) done = lean_done(L, ctx, top + 2, rec, h.seq);
       }
       placed = 1;
     }
   }
   lua_settop(L, top);
   if (placed) lua_pushboolean(L, 1); else mp_decode(L, s + sizeof h, n - sizeof h);
-  if (taking) { taking->valid = 1; taking->lean = lean; taking->h = h; }
-}
-
-/* The bookkeeping of a lean record whose values came (on_result's, for the common case),
-** done here: true when it was, false when on_result must see the message (a callback or
-** done callbacks to run, a blob that may have to go). The record leaves inflight, lets go
-** of its blob's reference and of its cancel word (back to pool._free), and is finished. */
-static int lean_done(lua_State *L, int ctx, int inflight, int pool, uint64_t seq) {
-  int top = lua_gettop(L), ok = 0;
-  if (lua_rawgeti(L, inflight, (lua_Integer)seq) != LUA_TTABLE) goto out;
-  int rec = top + 1;
-  lua_rawgeti(L, ctx, CTX_CALLBACK);
-  if (lua_rawget(L, rec) != LUA_TNIL) goto out;  /* (a record has it only when it is given) */
-  lua_rawgeti(L, ctx, CTX_CBS);
-  if (lua_rawget(L, rec) != LUA_TNIL) goto out;
-  lua_rawgeti(L, ctx, CTX_BREC);
-  if (lua_rawget(L, rec) != LUA_TTABLE) goto out;
-  int b = top + 4;
-  lua_rawgeti(L, ctx, CTX_REFS);
-  if (lua_rawget(L, b) != LUA_TNUMBER || !lua_isinteger(L, -1)) goto out;
-  lua_Integer refs = lua_tointeger(L, -1);
-  if (refs <= 1) {  /* its last reference: still among the cached blobs? else on_result frees it */
-    lua_rawgeti(L, ctx, CTX_CACHED);
-    lua_rawget(L, b);
-    if (!lua_toboolean(L, -1)) goto out;
-  }
-  lua_rawgeti(L, ctx, CTX_FLAG);
-  if (lua_rawget(L, rec) != LUA_TNIL) {  /* a Future's cancel word: free for reuse */
-    if (!lua_isinteger(L, -1) || lua_type(L, pool) != LUA_TTABLE) goto out;
-    lua_rawgeti(L, ctx, CTX_FREE);
-    if (lua_rawget(L, pool) != LUA_TTABLE) goto out;
-    lua_rawgeti(L, ctx, CTX_NFREE);
-    if (lua_rawget(L, pool) != LUA_TNUMBER || !lua_isinteger(L, -1)) goto out;
-    lua_Integer k = lua_tointeger(L, -1) + 1;
-    lua_pushvalue(L, -3);
-    lua_rawseti(L, -3, k);
-    lua_rawgeti(L, ctx, CTX_NFREE);
-    lua_pushinteger(L, k);
-    lua_rawset(L, pool);
-  }
-  lua_rawgeti(L, ctx, CTX_REFS);
-  lua_pushinteger(L, refs - 1);
-  lua_rawset(L, b);
-  lua_pushnil(L);
-  lua_rawseti(L, inflight, (lua_Integer)seq);
-  lua_rawgeti(L, ctx, CTX_FINISHED);
-  lua_pushboolean(L, 1);
-  lua_rawset(L, rec);
-  ok = 1;
-out:
-  lua_settop(L, top);
-  return ok;
+  if (taking) { taking->valid = 1; taking->done = done; taking->h = h; }
 }
 
 /* core.take_result(queue, timeout, inflight [, max, pool]) -> seq, out, pid, busy, done for a
 ** result message (out: true when its results were placed, see result_decode), or the value
 ** of another message, nil, nil, nil, done; false, nil, nil, nil, done when only lean results
-** came; or nil,
-** "timeout"|"interrupted". With pool, the lean results that need nothing more (see lean_done)
-** are finished here, up to max of them (done: how many), before the message returned. */
+** came; or nil, "timeout"|"interrupted". With pool, the lean results that need nothing more
+** (see lean_done) are finished here, up to max messages in all (done: how many), before the
+** message returned. */
 static int pool_take_result(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -597,28 +415,32 @@ static int pool_take_result(lua_State *L) {
   double deadline = lua_type(L, 2) == LUA_TNUMBER && lua_tonumber(L, 2) <= 0 ? 0 : mp_deadline(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   lua_Integer max = luaL_optinteger(L, 4, 0);
-  int pool = lua_istable(L, 5) ? 5 : 0;
+  if (!lua_istable(L, 5)) max = 0;  /* (no pool: one message, as it is) */
   lua_settop(L, 5);
   lua_pushvalue(L, lua_upvalueindex(1));  /* the context (also in the registry), at CTXSLOT */
   lua_pushvalue(L, 3);
-  lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);  /* (an error leaves it until the next call) */
+  lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);  /* (an error leaves them until the next call) */
+  lua_pushvalue(L, 5);
+  lua_rawseti(L, CTXSLOT, CTX_POOL);
   int n;
   lua_Integer done = 0;
-  rinfo info = { 0, 0, { 0 }, lua_topointer(L, CTXSLOT) }, *outer = taking;
+  rinfo info = { 0, 0, max > 0, { 0 }, lua_topointer(L, CTXSLOT) }, *outer = taking;
   int r, got = 0;  /* got: a message for the caller is on the stack */
   for (;;) {
-    info.valid = info.lean = 0;
+    info.valid = info.done = 0;
     taking = &info;  /* (only result_decode, called below, reads it) */
     r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
     taking = outer;
     if (r != MP_WOKE) break;
-    if (!info.lean || !pool || !lean_done(L, CTXSLOT, 3, pool, info.h.seq)) { got = 1; break; }
+    if (!info.done) { got = 1; break; }
     lua_pop(L, 1);
     deadline = 0;
     if (++done >= max) break;
   }
   lua_pushnil(L);
   lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);
+  lua_pushnil(L);
+  lua_rawseti(L, CTXSLOT, CTX_POOL);
   if (got) {
     if (!info.valid) {
       lua_pushnil(L); lua_pushnil(L); lua_pushnil(L);
@@ -741,6 +563,7 @@ static int ps_reply(lua_State *L) {
     lua_rawseti(L, v, k);
   }
   hd.n = (uint32_t)n;
+  hd.lean = 1;
   values_n = n;  /* (until they are out) */
   mp_enc *e = mp_encode_range(L, v, 1, n, "result");
   mp_queue_put_prefixed(L, q, &hd, sizeof hd, e, -1);
@@ -1138,15 +961,6 @@ int mp_pool_open(lua_State *L) {
   lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
   lua_pushcclosure(L, pool_take_result, 1);
   lua_setfield(L, -2, "take_result");
-  lua_createtable(L, LK_NOARGS, 0);  /* the lean sends' keys, their upvalue */
-  for (int k = 1; k <= LK_NSTR; k++) { lua_pushstring(L, lean_keys[k]); lua_rawseti(L, -2, k); }
-  lua_newtable(L);
-  lua_rawseti(L, -2, LK_NOARGS);
-  lua_pushvalue(L, -1);
-  lua_pushcclosure(L, pool_send_apply, 1);
-  lua_setfield(L, -3, "send_apply");
-  lua_pushcclosure(L, pool_send_call, 1);
-  lua_setfield(L, -2, "send_call");
-  mp_atfork(lean_after_fork);
+
   return 0;
 }

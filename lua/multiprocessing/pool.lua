@@ -1501,14 +1501,47 @@ local function send_apply(self, f, args, opts, what)
   return call
 end
 
--- The common case in one C call (core.send_apply, core.send_call: a running pool of this
--- process, f's blob cached and still right, no options); anything else, and any error, goes
--- the way above, which names the user's errors (the C call changed nothing then).
-local lean_apply, lean_call = core.send_apply, core.send_call
+-- The common case, under pcall: self is a running Pool of this process and f's blob still
+-- holds as cached (cached_blob's test); anything else returns nothing, and any error (a self
+-- that cannot be indexed, arguments that cannot be sent) is caught: the way above then runs,
+-- and names the user's error. Nothing is changed until the message is out.
+local function lean_ready(self, f)
+  if self.__index ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then return end
+  local c = self._fcache[f]
+  if not c or not c.plain or not (c.bare or plain_upvalues(f, c.ups)) then return end
+  local b = c.b
+  if not b.freed then return b end
+end
+
+local function lean_apply(self, f, args)
+  local b = lean_ready(self, f)
+  if not b then return end
+  local seq = self._seq + 1  -- (args that are no table: put_task raises)
+  if not put_raw(self._tasks, seq, b.fid, b.off, 3, args or NOARGS, 0, 1) then return end
+  self._seq = seq
+  b.refs = b.refs + 1
+  local call = setmetatable({ [1] = false, finished = false, n = false, brec = b }, self._A)
+  self._inflight[seq] = call
+  return call
+end
+
+local function lean_submit(self, f, ...)
+  local b = lean_ready(self, f)
+  local n = self._nfree
+  if not b or n == 0 then return end
+  local flag = self._free[n]
+  local seq = self._seq + 1
+  if not put_call(self._tasks, seq, b.fid, b.off, flag, ...) then return end
+  self._nfree, self._seq = n - 1, seq
+  b.refs = b.refs + 1
+  local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, self._F)
+  self._inflight[seq] = fut
+  return fut
+end
 
 function Pool:apply_async(f, args, opts)
   if opts == nil then
-    local ok, call = pcall(lean_apply, Pool, self, f, args)
+    local ok, call = pcall(lean_apply, self, f, args)
     if ok and call then return call end
   end
   local call = send_apply(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
@@ -1517,7 +1550,7 @@ end
 
 function Pool:apply(f, args, opts)
   local ok, call = false, nil
-  if opts == nil then ok, call = pcall(lean_apply, Pool, self, f, args) end
+  if opts == nil then ok, call = pcall(lean_apply, self, f, args) end
   if not (ok and call) then call = send_apply(self, f, args, opts, "apply") end
   wait_call(self, call)
   if call.err then error(call.err, 2) end
@@ -1526,7 +1559,7 @@ end
 
 --- pool:submit(f, ...) -> Future: runs f(...) in a worker (concurrent.futures' submit)
 function Pool:submit(f, ...)
-  local ok, fut = pcall(lean_call, Pool, self, f, ...)
+  local ok, fut = pcall(lean_submit, self, f, ...)
   if ok and fut then return fut end
   if getmetatable(self) ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then
     check_usable(self, "submit", 3)
