@@ -203,6 +203,25 @@ static int pool_put_task(lua_State *L) {
   return 1;
 }
 
+/* core.put_apply(queue, seq, fid, blob, args) -> true | false: put_task's apply message
+** (mode 3) of the table args (nil: none), in fewer arguments; false: interrupted */
+static int pool_put_apply(lua_State *L) {
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 1, &buf);
+  taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)luaL_checkinteger(L, 2),
+                luaL_checkinteger(L, 4), 1, 3, 0 };
+  if (lua_isnoneornil(L, 5)) {
+    lua_settop(L, 4);
+    lua_pushvalue(L, lua_upvalueindex(1));  /* an empty table */
+  }
+  luaL_checktype(L, 5, LUA_TTABLE);
+  mp_enc *e = mp_encode(L, 5, "args");
+  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+  mp_enc_done(L, e);
+  lua_pushboolean(L, r == MP_WOKE);
+  return 1;
+}
+
 /* core.put_call(queue, seq, fid, blob, flag, ...): sends the arguments ... as one
 ** call message (mode 4: its n is the number of arguments, its items the arguments),
 ** with cancel word flag (0: none), which is set to QUEUED first. Unsendable arguments
@@ -961,6 +980,9 @@ int mp_pool_open(lua_State *L) {
   lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
   lua_pushcclosure(L, pool_take_result, 1);
   lua_setfield(L, -2, "take_result");
+  lua_newtable(L);
+  lua_pushcclosure(L, pool_put_apply, 1);
+  lua_setfield(L, -2, "put_apply");
 
   return 0;
 }

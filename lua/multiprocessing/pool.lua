@@ -15,6 +15,7 @@ local context = require "multiprocessing.context"
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
 local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
 local put_call, flag_cas, flag_get = core.put_call, core.flag_cas, core.flag_get
+local put_apply = core.put_apply
 local pack, unpack = table.pack, table.unpack
 local maxinteger = math.maxinteger
 local newtable = core.newtable
@@ -1517,7 +1518,7 @@ local function lean_apply(self, f, args)
   local b = lean_ready(self, f)
   if not b then return end
   local seq = self._seq + 1  -- (args that are no table: put_task raises)
-  if not put_raw(self._tasks, seq, b.fid, b.off, 3, args or NOARGS, 0, 1) then return end
+  if not put_apply(self._tasks, seq, b.fid, b.off, args) then return end
   self._seq = seq
   b.refs = b.refs + 1
   local call = setmetatable({ [1] = false, finished = false, n = false, brec = b }, self._A)
@@ -1795,7 +1796,8 @@ end
 --- f:result([timeout]) -> f's values; raises its error; nil, "timeout"
 function Future:result(timeout)
   local n = self.n
-  if n and timeout == nil then return unpack(self, 1, n) end  -- (a lean call that succeeded)
+  if n == 1 and timeout == nil then return self[1] end  -- (a lean call that succeeded, with one value)
+  if n and timeout == nil then return unpack(self, 1, n) end
   if not await(self, timeout, "result") then return nil, "timeout" end
   if self.err then error(self.err, 2) end
   return values_of(self)
@@ -1880,7 +1882,8 @@ end
 
 function AsyncResult:get(timeout)
   local n = self.n
-  if n and timeout == nil then return unpack(self, 1, n) end  -- (a lean call that succeeded)
+  if n == 1 and timeout == nil then return self[1] end  -- (a lean call that succeeded, with one value)
+  if n and timeout == nil then return unpack(self, 1, n) end
   check_timeout(timeout, "get")
   if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
   if self.err then error(self.err, 2) end
