@@ -316,10 +316,9 @@ static int pool_put_result(lua_State *L) {
 /* registry key: the context of take_result (its upvalue), for result_decode: { inflight, pool,
 ** "call", "finished", ... } (the keys it looks up, ready: pushing them anew cost more) */
 static const char inflight_key = 'i';
-enum { CTX_INFLIGHT = 1, CTX_POOL, CTX_CALL, CTX_FINISHED, CTX_N, CTX_CALLBACK, CTX_CBS, CTX_BREC, CTX_REFS,
-       CTX_CACHED, CTX_FLAG, CTX_FREE, CTX_NFREE, CTX_NKEYS = CTX_NFREE };
-static const char *const ctx_keys[] = { NULL, NULL, NULL, "call", "finished", "n", "callback", "_cbs", "brec",
-                                        "refs", "cached", "flag", "_free", "_nfree" };
+enum { CTX_INFLIGHT = 1, CTX_POOL, CTX_CALL, CTX_FINISHED, CTX_CALLBACK, CTX_CBS, CTX_CACHED, CTX_FLAG,
+       CTX_NKEYS = CTX_FLAG };
+static const char *const ctx_keys[] = { NULL, NULL, NULL, "call", "finished", "callback", "_cbs", "cached", "flag" };
 #define CTXSLOT 6  /* the context's slot in take_result's frame */
 
 /* the header of the result message take_result is taking (result_decode fills it);
@@ -332,12 +331,6 @@ static int ctx_get(lua_State *L, int ctx, int t, int key) {  /* pushes t[key], r
   return lua_rawget(L, t);
 }
 
-static void ctx_set(lua_State *L, int ctx, int t, int key) {  /* t[key] = the value on top (popped), raw */
-  lua_rawgeti(L, ctx, key);
-  lua_insert(L, -2);
-  lua_rawset(L, t);
-}
-
 /* The bookkeeping of a lean record rec whose values came (on_result's, for the common case),
 ** done here when the record needs nothing more: no callback or done callbacks to run, its
 ** blob still needed or cached. Then the record leaves inflight (at slot inflight), lets go of
@@ -345,11 +338,12 @@ static void ctx_set(lua_State *L, int ctx, int t, int key) {  /* t[key] = the va
 ** returns 1; else 0, and on_result sees the message. */
 static int lean_done(lua_State *L, int ctx, int inflight, int rec, uint64_t seq) {
   int top = lua_gettop(L), ok = 0;
+  /* (fields a record always has: by name; others raw, its class has them false) */
   if (ctx_get(L, ctx, rec, CTX_CALLBACK) != LUA_TNIL || ctx_get(L, ctx, rec, CTX_CBS) != LUA_TNIL ||
-      ctx_get(L, ctx, rec, CTX_BREC) != LUA_TTABLE)  /* (a record has a callback only when given) */
+      lua_getfield(L, rec, "brec") != LUA_TTABLE)  /* (a record has a callback only when given) */
     goto out;
   int b = top + 3;
-  ctx_get(L, ctx, b, CTX_REFS);
+  lua_getfield(L, b, "refs");
   int isint;
   lua_Integer refs = lua_tointegerx(L, -1, &isint);
   if (!isint || (refs <= 1 && (ctx_get(L, ctx, b, CTX_CACHED), !lua_toboolean(L, -1))))
@@ -358,21 +352,21 @@ static int lean_done(lua_State *L, int ctx, int inflight, int rec, uint64_t seq)
     int flag = lua_gettop(L);
     lua_rawgeti(L, ctx, CTX_POOL);
     int pool = flag + 1;
-    if (!lua_isinteger(L, flag) || !lua_istable(L, pool) || ctx_get(L, ctx, pool, CTX_FREE) != LUA_TTABLE) goto out;
-    ctx_get(L, ctx, pool, CTX_NFREE);
+    if (!lua_isinteger(L, flag) || !lua_istable(L, pool) || lua_getfield(L, pool, "_free") != LUA_TTABLE) goto out;
+    lua_getfield(L, pool, "_nfree");
     lua_Integer k = lua_tointegerx(L, -1, &isint) + 1;
     if (!isint) goto out;
     lua_pushvalue(L, flag);
     lua_rawseti(L, pool + 1, k);
     lua_pushinteger(L, k);
-    ctx_set(L, ctx, pool, CTX_NFREE);
+    lua_setfield(L, pool, "_nfree");
   }
   lua_pushinteger(L, refs - 1);
-  ctx_set(L, ctx, b, CTX_REFS);
+  lua_setfield(L, b, "refs");
   lua_pushnil(L);
   lua_rawseti(L, inflight, (lua_Integer)seq);
   lua_pushboolean(L, 1);
-  ctx_set(L, ctx, rec, CTX_FINISHED);
+  lua_setfield(L, rec, "finished");
   ok = 1;
 out:
   lua_settop(L, top);
@@ -410,7 +404,7 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
       if (ctx_get(L, ctx, rec, CTX_FINISHED) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
         mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
         lua_pushinteger(L, (lua_Integer)h.n);
-        ctx_set(L, ctx, rec, CTX_N);
+        lua_setfield(L, rec, "n");  /* (a lean record has it, false: set in place) */
         if (taking && taking->finish) done = lean_done(L, ctx, top + 2, rec, h.seq);
       }
       placed = 1;
