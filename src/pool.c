@@ -400,8 +400,8 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
         mp_decode_into(L, s + sizeof h, n - sizeof h, top + 5, at);
         placed = 1;
       }
-    } else {
-      if (ctx_get(L, ctx, rec, CTX_FINISHED) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+    } else if (ctx_get(L, ctx, rec, CTX_FINISHED) == LUA_TBOOLEAN) {  /* a lean record */
+      if (!lua_toboolean(L, -1)) {
         mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
         lua_pushinteger(L, (lua_Integer)h.n);
         lua_setfield(L, rec, "n");  /* (a lean record has it, false: set in place) */

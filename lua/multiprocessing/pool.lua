@@ -49,6 +49,7 @@ local START_TIMEOUT = 60  -- default start_timeout: seconds a new worker may tak
 -- driving from a frame loop (pool:poll, get(0), wait(0), ready()): see drive
 local POLL_BUDGET = 0.001 -- seconds of pool:poll() without a budget
 local STEP_RESULTS = 8   -- result messages one bounded step takes at most
+local TAKE_RESULTS = 256  -- result messages one take_result call handles at most (back in Lua between)
 local FEED_TIME = 0.0005 -- seconds a bounded step spends sending lazy input (at least one chunk)
 local FIRST_CHUNK = 16  -- items of map_async's first chunk (automatic chunksize), before its encoding is timed
 -- what unfinished calls fail with when their pool stops
@@ -621,7 +622,7 @@ local function drain(self)
   local left = bounded or maxinteger
   while true do
     if left <= 0 then return false end
-    local seq, out, pid, busy, done = take_result(results, 0, inflight, left, self)
+    local seq, out, pid, busy, done = take_result(results, 0, inflight, left < TAKE_RESULTS and left or TAKE_RESULTS, self)
     if seq == nil then break end
     if seq then
       on_result(self, seq, out, pid, busy)
@@ -969,12 +970,12 @@ local function pump(self, wait)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
   local inflight = self._inflight
-  local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight, maxinteger, self)
+  local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight, TAKE_RESULTS, self)
   local why = seq == nil and out
   if why == "interrupted" then return end
   while seq ~= nil do
     if seq then on_result(self, seq, out, pid, busy) end
-    seq, out, pid, busy = take_result(results, 0, inflight, maxinteger, self)
+    seq, out, pid, busy = take_result(results, 0, inflight, TAKE_RESULTS, self)
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
   for _, call in pairs(self._calls) do
