@@ -269,12 +269,49 @@ static int pool_flag_get(lua_State *L) {
   return 1;
 }
 
+/* The tables of task messages: a ring of MSGRING reused in turn (no table made per message).
+** A worker handles the messages of one get_task (at most 256) before it takes more, and keeps
+** none: a table is refilled MSGRING messages later, long after its message was handled. The
+** next get_task lets go of the items of the messages the last one took (msg_taken of them). */
+#define MSGRING 512
+static const char msgs_key = 'm';
+static int msg_next, msg_taken;
+
+static void msgs_release(lua_State *L) {
+  if (!msg_taken) return;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &msgs_key) == LUA_TTABLE) {
+    for (int k = 0, at = msg_next; k < msg_taken; k++, at = at > 1 ? at - 1 : MSGRING) {
+      if (lua_rawgeti(L, -1, at) == LUA_TTABLE) {
+        lua_pushnil(L);
+        lua_rawseti(L, -2, 5);
+      }
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  msg_taken = 0;
+}
+
 /* pushes a task message as the table { seq, fid, blob, n, items, mode [, flag] },
 ** or the plain value of another message (false: stop) */
 static void task_decode(lua_State *L, const char *s, size_t n) {
   taskhdr h;
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != TASKMAGIC)) { mp_decode(L, s, n); return; }
-  lua_createtable(L, 7, 0);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &msgs_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, MSGRING, 0);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &msgs_key);
+  }
+  msg_next = msg_next % MSGRING + 1;
+  if (msg_taken < MSGRING) msg_taken++;
+  if (lua_rawgeti(L, -1, msg_next) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, 7, 0);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, msg_next);
+  }
+  lua_remove(L, -2);
   lua_pushinteger(L, (lua_Integer)h.seq); lua_rawseti(L, -2, 1);
   lua_pushinteger(L, (lua_Integer)h.fid); lua_rawseti(L, -2, 2);
   lua_pushinteger(L, (lua_Integer)h.blob); lua_rawseti(L, -2, 3);
@@ -282,7 +319,8 @@ static void task_decode(lua_State *L, const char *s, size_t n) {
   mp_decode(L, s + sizeof h, n - sizeof h);
   lua_rawseti(L, -2, 5);
   lua_pushinteger(L, (lua_Integer)h.mode); lua_rawseti(L, -2, 6);
-  if (h.flag) { lua_pushinteger(L, (lua_Integer)h.flag); lua_rawseti(L, -2, 7); }
+  if (h.flag) lua_pushinteger(L, (lua_Integer)h.flag); else lua_pushnil(L);
+  lua_rawseti(L, -2, 7);
 }
 
 /* ---------------------------------------------------------------- results */
@@ -489,6 +527,7 @@ static int ps_get_task(lua_State *L) {
   int maxk = (int)luaL_optinteger(L, 5, 1);
   lua_Integer keep = luaL_optinteger(L, 6, 0);
   luaL_argcheck(L, maxk >= 1 && maxk <= 256, 5, "1 to 256 messages");
+  msgs_release(L);
   int n;
   int r = mp_queue_get_many(L, q, buf, deadline, &w->claim, maxk, keep < 0 ? 0 : (uint64_t)keep, &n,
                             task_decode);
