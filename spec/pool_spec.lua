@@ -457,6 +457,31 @@ describe("Pool", function()
       assert.equal(6, pool:apply(double, { 3 }))
     end)
 
+    it("a function the worker already has: its values, its error and a value that cannot be sent come back", function()
+      -- (the worker's way for the messages of one call once it decoded their function: handle_call)
+      local pool <close> = mp.Pool(1)
+      local f = function(how, x)
+        if how == "raise" then error("boom " .. x) end
+        if how == "co" then return x, coroutine.create(print) end
+        return x, nil, x + 1
+      end
+      assert.same({ 1, nil, 2, n = 3 }, table.pack(pool:apply(f, { "ok", 1 })))  -- (decoded here)
+      local ok, err = pcall(pool.apply, pool, f, { "raise", 7 })
+      assert.is_false(ok)
+      assert.matches("apply failed on item 1 %(worker pid %d+%):\n.-: boom 7\nstack traceback:", tostring(err))
+      assert.is_nil(tostring(err):find("multiprocessing/pool.lua", 1, true))
+      H.raises("cannot send a thread (coroutine) at the result", pool.apply, pool, f, { "co", 3 })
+      assert.same({ 5, nil, 6, n = 3 }, table.pack(pool:apply(f, { "ok", 5 })))
+      local fut = pool:submit(f, "co", 4)
+      H.raises("cannot send a thread (coroutine) at the result", fut.result, fut)
+      assert.same({ 9, nil, 10, n = 3 }, table.pack(pool:submit(f, "ok", 9):result()))
+      local none = function() end
+      assert.equal(0, table.pack(pool:submit(none):result()).n)
+      assert.equal(0, table.pack(pool:submit(none):result()).n)
+      H.eventually(function() return pool:stats()[1].tasks == 8 end)
+      assert.equal(8, pool:stats()[1].items)
+    end)
+
     it("keeps a finished call's values in its own record: under 260 bytes a call, kept", function()
       -- (the record was 248 bytes and its values a table of their own: 360 bytes a call)
       local pool <close> = mp.Pool(1)

@@ -203,6 +203,25 @@ static int pool_put_task(lua_State *L) {
   return 1;
 }
 
+/* core.put_apply(queue, seq, fid, blob, args) -> true | false: put_task's apply message
+** (mode 3) of the table args (nil: none), in fewer arguments; false: interrupted */
+static int pool_put_apply(lua_State *L) {
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 1, &buf);
+  taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)luaL_checkinteger(L, 2),
+                luaL_checkinteger(L, 4), 1, 3, 0 };
+  if (lua_isnoneornil(L, 5)) {
+    lua_settop(L, 4);
+    lua_pushvalue(L, lua_upvalueindex(1));  /* an empty table */
+  }
+  luaL_checktype(L, 5, LUA_TTABLE);
+  mp_enc *e = mp_encode(L, 5, "args");
+  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+  mp_enc_done(L, e);
+  lua_pushboolean(L, r == MP_WOKE);
+  return 1;
+}
+
 /* core.put_call(queue, seq, fid, blob, flag, ...): sends the arguments ... as one
 ** call message (mode 4: its n is the number of arguments, its items the arguments),
 ** with cancel word flag (0: none), which is set to QUEUED first. Unsendable arguments
@@ -252,12 +271,49 @@ static int pool_flag_get(lua_State *L) {
 
 static void chunk_items(lua_State *L, const char *s, size_t len, uint32_t n);
 
+/* The tables of task messages: a ring of MSGRING reused in turn (no table made per message).
+** A worker handles the messages of one get_task (at most 256) before it takes more, and keeps
+** none: a table is refilled MSGRING messages later, long after its message was handled. The
+** next get_task lets go of the items of the messages the last one took (msg_taken of them). */
+#define MSGRING 512
+static const char msgs_key = 'm';
+static int msg_next, msg_taken;
+
+static void msgs_release(lua_State *L) {
+  if (!msg_taken) return;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &msgs_key) == LUA_TTABLE) {
+    for (int k = 0, at = msg_next; k < msg_taken; k++, at = at > 1 ? at - 1 : MSGRING) {
+      if (lua_rawgeti(L, -1, at) == LUA_TTABLE) {
+        lua_pushnil(L);
+        lua_rawseti(L, -2, 5);
+      }
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  msg_taken = 0;
+}
+
 /* pushes a task message as the table { seq, fid, blob, n, items, mode [, flag] },
 ** or the plain value of another message (false: stop) */
 static void task_decode(lua_State *L, const char *s, size_t n) {
   taskhdr h;
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != TASKMAGIC)) { mp_decode(L, s, n); return; }
-  lua_createtable(L, 7, 0);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &msgs_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, MSGRING, 0);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &msgs_key);
+  }
+  msg_next = msg_next % MSGRING + 1;
+  if (msg_taken < MSGRING) msg_taken++;
+  if (lua_rawgeti(L, -1, msg_next) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, 7, 0);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, msg_next);
+  }
+  lua_remove(L, -2);
   lua_pushinteger(L, (lua_Integer)h.seq); lua_rawseti(L, -2, 1);
   lua_pushinteger(L, (lua_Integer)h.fid); lua_rawseti(L, -2, 2);
   lua_pushinteger(L, (lua_Integer)h.blob); lua_rawseti(L, -2, 3);
@@ -265,7 +321,8 @@ static void task_decode(lua_State *L, const char *s, size_t n) {
   if (h.mode < 3) chunk_items(L, s + sizeof h, n - sizeof h, h.n); else mp_decode(L, s + sizeof h, n - sizeof h);
   lua_rawseti(L, -2, 5);
   lua_pushinteger(L, (lua_Integer)h.mode); lua_rawseti(L, -2, 6);
-  if (h.flag) { lua_pushinteger(L, (lua_Integer)h.flag); lua_rawseti(L, -2, 7); }
+  if (h.flag) lua_pushinteger(L, (lua_Integer)h.flag); else lua_pushnil(L);
+  lua_rawseti(L, -2, 7);
 }
 
 /* ---------------------------------------------------------------- results */
@@ -275,7 +332,7 @@ static void task_decode(lua_State *L, const char *s, size_t n) {
 typedef struct resulthdr {
   uint32_t magic, pid;
   uint64_t seq;
-  uint32_t n, pad;
+  uint32_t n, lean;  /* lean: the values of a call (apply, submit), for its record (st:reply) */
   double busy;
 } resulthdr;
 
@@ -296,30 +353,78 @@ static int pool_put_result(lua_State *L) {
   return 0;
 }
 
-/* registry key: the context of take_result (its upvalue), for result_decode: { inflight, "call",
-** "finished", "n", ... } (the keys it looks up, ready: pushing them anew cost more) */
+/* registry key: the context of take_result (its upvalue), for result_decode: { inflight, pool,
+** "call", "finished", ... } (the keys it looks up, ready: pushing them anew cost more) */
 static const char inflight_key = 'i';
-enum { CTX_INFLIGHT = 1, CTX_CALL, CTX_FINISHED, CTX_N, CTX_CALLBACK, CTX_CBS, CTX_BREC, CTX_REFS,
-       CTX_CACHED, CTX_FLAG, CTX_FREE, CTX_NFREE, CTX_NKEYS = CTX_NFREE };
-static const char *const ctx_keys[] = { NULL, NULL, "call", "finished", "n", "callback", "_cbs", "brec", "refs",
-                                        "cached", "flag", "_free", "_nfree" };
+enum { CTX_INFLIGHT = 1, CTX_POOL, CTX_CALL, CTX_FINISHED, CTX_CALLBACK, CTX_CBS, CTX_CACHED, CTX_FLAG,
+       CTX_NKEYS = CTX_FLAG };
+static const char *const ctx_keys[] = { NULL, NULL, NULL, "call", "finished", "callback", "_cbs", "cached", "flag" };
 #define CTXSLOT 6  /* the context's slot in take_result's frame */
 
 /* the header of the result message take_result is taking (result_decode fills it);
-** lean: its values went to a lean record that was not finished */
-typedef struct rinfo { int valid, lean; resulthdr h; const void *ctx; } rinfo;
+** done: its record was finished here (see lean_done), as finish asks */
+typedef struct rinfo { int valid, done, finish; resulthdr h; const void *ctx; } rinfo;
 static rinfo *taking;
+
+static int ctx_get(lua_State *L, int ctx, int t, int key) {  /* pushes t[key], raw; its type */
+  lua_rawgeti(L, ctx, key);
+  return lua_rawget(L, t);
+}
+
+/* The bookkeeping of a lean record rec whose values came (on_result's, for the common case),
+** done here when the record needs nothing more: no callback or done callbacks to run, its
+** blob still needed or cached. Then the record leaves inflight (at slot inflight), lets go of
+** its blob's reference and of its cancel word (back to pool._free), is finished, and this
+** returns 1; else 0, and on_result sees the message. */
+static int lean_done(lua_State *L, int ctx, int inflight, int rec, uint64_t seq) {
+  int top = lua_gettop(L), ok = 0;
+  /* (fields a record always has: by name; others raw, its class has them false) */
+  if (ctx_get(L, ctx, rec, CTX_CALLBACK) != LUA_TNIL || ctx_get(L, ctx, rec, CTX_CBS) != LUA_TNIL ||
+      lua_getfield(L, rec, "brec") != LUA_TTABLE)  /* (a record has a callback only when given) */
+    goto out;
+  int b = top + 3;
+  lua_getfield(L, b, "refs");
+  int isint;
+  lua_Integer refs = lua_tointegerx(L, -1, &isint);
+  if (!isint || (refs <= 1 && (ctx_get(L, ctx, b, CTX_CACHED), !lua_toboolean(L, -1))))
+    goto out;  /* its last reference, and not cached: on_result frees it */
+  if (ctx_get(L, ctx, rec, CTX_FLAG) != LUA_TNIL) {  /* a Future's cancel word: free for reuse */
+    int flag = lua_gettop(L);
+    lua_rawgeti(L, ctx, CTX_POOL);
+    int pool = flag + 1;
+    if (!lua_isinteger(L, flag) || !lua_istable(L, pool) || lua_getfield(L, pool, "_free") != LUA_TTABLE) goto out;
+    lua_getfield(L, pool, "_nfree");
+    lua_Integer k = lua_tointegerx(L, -1, &isint) + 1;
+    if (!isint) goto out;
+    lua_pushvalue(L, flag);
+    lua_rawseti(L, pool + 1, k);
+    lua_pushinteger(L, k);
+    lua_setfield(L, pool, "_nfree");
+  }
+  lua_pushinteger(L, refs - 1);
+  lua_setfield(L, b, "refs");
+  lua_pushnil(L);
+  lua_rawseti(L, inflight, (lua_Integer)seq);
+  lua_pushboolean(L, 1);
+  lua_setfield(L, rec, "finished");
+  ok = 1;
+out:
+  lua_settop(L, top);
+  return ok;
+}
 
 /* Pushes true when the results went straight where they belong, else the decoded
 ** results array; other messages are decoded as they are. Where results belong:
 ** inflight[seq].call.results from inflight[seq].i0 on (a chunk of a map call),
 ** or the record inflight[seq] itself, at 1 .. n with its field n set (a lean call:
-** apply_async, submit; nothing is decoded once it is finished: cancelled). */
+** apply_async, submit; nothing is decoded once it is finished: cancelled). A lean
+** message (st:reply's) goes to a lean record, which is finished here when it can be
+** (lean_done, given the pool). */
 static void result_decode(lua_State *L, const char *s, size_t n) {
   resulthdr h;
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
   int top = lua_gettop(L);
-  int placed = 0, lean = 0;
+  int placed = 0, done = 0;
   /* the context: in take_result's frame, else (decoding may run in a frame of
   ** its own, for a message out of line) in the registry */
   if (taking && top >= CTXSLOT && lua_topointer(L, CTXSLOT) == taking->ctx) lua_pushvalue(L, CTXSLOT);
@@ -328,88 +433,34 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
       lua_rawgeti(L, top + 1, CTX_INFLIGHT) == LUA_TTABLE &&
       lua_rawgeti(L, top + 2, (lua_Integer)h.seq) == LUA_TTABLE) {
     int ctx = top + 1, rec = top + 3;
-    lua_rawgeti(L, ctx, CTX_CALL);
-    if (lua_rawget(L, rec) == LUA_TTABLE) {
+    if (!h.lean && ctx_get(L, ctx, rec, CTX_CALL) == LUA_TTABLE) {
       if (lua_getfield(L, -1, "results") == LUA_TTABLE && lua_getfield(L, rec, "i0") == LUA_TNUMBER &&
           lua_isinteger(L, -1)) {
         lua_Integer at = lua_tointeger(L, -1);
         mp_decode_into(L, s + sizeof h, n - sizeof h, top + 5, at);
         placed = 1;
       }
-    } else {
-      lua_rawgeti(L, ctx, CTX_FINISHED);
-      if (lua_rawget(L, rec) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+    } else if (ctx_get(L, ctx, rec, CTX_FINISHED) == LUA_TBOOLEAN) {  /* a lean record */
+      if (!lua_toboolean(L, -1)) {
         mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
-        lua_rawgeti(L, ctx, CTX_N);
         lua_pushinteger(L, (lua_Integer)h.n);
-        lua_rawset(L, rec);
-        lean = 1;
+        lua_setfield(L, rec, "n");  /* (a lean record has it, false: set in place) */
+        if (taking && taking->finish) done = lean_done(L, ctx, top + 2, rec, h.seq);
       }
       placed = 1;
     }
   }
   lua_settop(L, top);
   if (placed) lua_pushboolean(L, 1); else mp_decode(L, s + sizeof h, n - sizeof h);
-  if (taking) { taking->valid = 1; taking->lean = lean; taking->h = h; }
-}
-
-/* The bookkeeping of a lean record whose values came (on_result's, for the common case),
-** done here: true when it was, false when on_result must see the message (a callback or
-** done callbacks to run, a blob that may have to go). The record leaves inflight, lets go
-** of its blob's reference and of its cancel word (back to pool._free), and is finished. */
-static int lean_done(lua_State *L, int ctx, int inflight, int pool, uint64_t seq) {
-  int top = lua_gettop(L), ok = 0;
-  if (lua_rawgeti(L, inflight, (lua_Integer)seq) != LUA_TTABLE) goto out;
-  int rec = top + 1;
-  lua_rawgeti(L, ctx, CTX_CALLBACK);
-  if (lua_rawget(L, rec) != LUA_TNIL) goto out;  /* (a record has it only when it is given) */
-  lua_rawgeti(L, ctx, CTX_CBS);
-  if (lua_rawget(L, rec) != LUA_TNIL) goto out;
-  lua_rawgeti(L, ctx, CTX_BREC);
-  if (lua_rawget(L, rec) != LUA_TTABLE) goto out;
-  int b = top + 4;
-  lua_rawgeti(L, ctx, CTX_REFS);
-  if (lua_rawget(L, b) != LUA_TNUMBER || !lua_isinteger(L, -1)) goto out;
-  lua_Integer refs = lua_tointeger(L, -1);
-  if (refs <= 1) {  /* its last reference: still among the cached blobs? else on_result frees it */
-    lua_rawgeti(L, ctx, CTX_CACHED);
-    lua_rawget(L, b);
-    if (!lua_toboolean(L, -1)) goto out;
-  }
-  lua_rawgeti(L, ctx, CTX_FLAG);
-  if (lua_rawget(L, rec) != LUA_TNIL) {  /* a Future's cancel word: free for reuse */
-    if (!lua_isinteger(L, -1) || lua_type(L, pool) != LUA_TTABLE) goto out;
-    lua_rawgeti(L, ctx, CTX_FREE);
-    if (lua_rawget(L, pool) != LUA_TTABLE) goto out;
-    lua_rawgeti(L, ctx, CTX_NFREE);
-    if (lua_rawget(L, pool) != LUA_TNUMBER || !lua_isinteger(L, -1)) goto out;
-    lua_Integer k = lua_tointeger(L, -1) + 1;
-    lua_pushvalue(L, -3);
-    lua_rawseti(L, -3, k);
-    lua_rawgeti(L, ctx, CTX_NFREE);
-    lua_pushinteger(L, k);
-    lua_rawset(L, pool);
-  }
-  lua_rawgeti(L, ctx, CTX_REFS);
-  lua_pushinteger(L, refs - 1);
-  lua_rawset(L, b);
-  lua_pushnil(L);
-  lua_rawseti(L, inflight, (lua_Integer)seq);
-  lua_rawgeti(L, ctx, CTX_FINISHED);
-  lua_pushboolean(L, 1);
-  lua_rawset(L, rec);
-  ok = 1;
-out:
-  lua_settop(L, top);
-  return ok;
+  if (taking) { taking->valid = 1; taking->done = done; taking->h = h; }
 }
 
 /* core.take_result(queue, timeout, inflight [, max, pool]) -> seq, out, pid, busy, done for a
 ** result message (out: true when its results were placed, see result_decode), or the value
 ** of another message, nil, nil, nil, done; false, nil, nil, nil, done when only lean results
-** came; or nil,
-** "timeout"|"interrupted". With pool, the lean results that need nothing more (see lean_done)
-** are finished here, up to max of them (done: how many), before the message returned. */
+** came; or nil, "timeout"|"interrupted". With pool, the lean results that need nothing more
+** (see lean_done) are finished here, up to max messages in all (done: how many), before the
+** message returned. */
 static int pool_take_result(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -417,28 +468,32 @@ static int pool_take_result(lua_State *L) {
   double deadline = lua_type(L, 2) == LUA_TNUMBER && lua_tonumber(L, 2) <= 0 ? 0 : mp_deadline(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   lua_Integer max = luaL_optinteger(L, 4, 0);
-  int pool = lua_istable(L, 5) ? 5 : 0;
+  if (!lua_istable(L, 5)) max = 0;  /* (no pool: one message, as it is) */
   lua_settop(L, 5);
   lua_pushvalue(L, lua_upvalueindex(1));  /* the context (also in the registry), at CTXSLOT */
   lua_pushvalue(L, 3);
-  lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);  /* (an error leaves it until the next call) */
+  lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);  /* (an error leaves them until the next call) */
+  lua_pushvalue(L, 5);
+  lua_rawseti(L, CTXSLOT, CTX_POOL);
   int n;
   lua_Integer done = 0;
-  rinfo info = { 0, 0, { 0 }, lua_topointer(L, CTXSLOT) }, *outer = taking;
+  rinfo info = { 0, 0, max > 0, { 0 }, lua_topointer(L, CTXSLOT) }, *outer = taking;
   int r, got = 0;  /* got: a message for the caller is on the stack */
   for (;;) {
-    info.valid = info.lean = 0;
+    info.valid = info.done = 0;
     taking = &info;  /* (only result_decode, called below, reads it) */
     r = mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, result_decode);
     taking = outer;
     if (r != MP_WOKE) break;
-    if (!info.lean || !pool || !lean_done(L, CTXSLOT, 3, pool, info.h.seq)) { got = 1; break; }
+    if (!info.done) { got = 1; break; }
     lua_pop(L, 1);
     deadline = 0;
     if (++done >= max) break;
   }
   lua_pushnil(L);
   lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);
+  lua_pushnil(L);
+  lua_rawseti(L, CTXSLOT, CTX_POOL);
   if (got) {
     if (!info.valid) {
       lua_pushnil(L); lua_pushnil(L); lua_pushnil(L);
@@ -474,6 +529,7 @@ static int ps_get_task(lua_State *L) {
   int maxk = (int)luaL_optinteger(L, 5, 1);
   lua_Integer keep = luaL_optinteger(L, 6, 0);
   luaL_argcheck(L, maxk >= 1 && maxk <= 256, 5, "1 to 256 messages");
+  msgs_release(L);
   int n;
   int r = mp_queue_get_many(L, q, buf, deadline, &w->claim, maxk, keep < 0 ? 0 : (uint64_t)keep, &n,
                             task_decode);
@@ -515,28 +571,78 @@ static int ps_done(lua_State *L) {
   return 0;
 }
 
-/* st:reply(i, queue, seq, pid, busy, out, i0, n, idle, dec): put_result and done in one, for a
-** message of one call (apply, submit): its values out[i0 .. i0+n-1] are sent as the result of
-** message seq, then the worker is done with it (the encoding timed here). Raises the codec's
-** error when a value cannot be sent, before anything is put or done. */
+/* The values of a call that st:reply sends: a table reused from call to call (no table
+** made per task), emptied once they are out. A reply that raised (a value cannot be sent)
+** leaves them there, for core.reply_values. */
+static const char values_key = 'v';
+static int values_n = -1;  /* the values left by a reply that raised (-1: none) */
+
+static void push_values(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &values_key) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &values_key);
+}
+
+/* st:reply(i, queue, seq, pid, t1, idle, dec, ok, ...) -> true, busy | false, busy, t2, err: put_result
+** and done in one, for a message of one call (apply, submit), given what xpcall(f, ...)
+** returned, f having started at t1: when ok, its values ... are sent as the result of message
+** seq, then the worker is done with it (the encoding timed here); else nothing is done and
+** the error err comes back, with the time it ran (busy) and when it ended (t2). Raises the
+** codec's error when a value cannot be sent, before anything is put or done: the values
+** then wait for core.reply_values. */
 static int ps_reply(lua_State *L) {
+  double t2 = mp_now();
   mp_handle *h = ps_check(L);
   wrec *w = ps_rec(L, h, 2);
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 3, &buf);
-  double busy = luaL_checknumber(L, 6);
+  double t1 = luaL_checknumber(L, 6), busy = t2 - t1;
   resulthdr hd = { RESULTMAGIC, (uint32_t)luaL_checkinteger(L, 5), (uint64_t)luaL_checkinteger(L, 4), 0, 0, busy };
-  luaL_checktype(L, 7, LUA_TTABLE);
-  lua_Integer i0 = luaL_checkinteger(L, 8), n = luaL_checkinteger(L, 9);
-  luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 9, "bad count");
-  double idle = luaL_checknumber(L, 10), dec = luaL_checknumber(L, 11);
+  double idle = luaL_checknumber(L, 7), dec = luaL_checknumber(L, 8);
+  int top = lua_gettop(L), n = top - 9;
+  if (n < 0) n = 0;
+  if (!lua_toboolean(L, 9)) {
+    lua_pushboolean(L, 0);
+    lua_pushnumber(L, busy);
+    lua_pushnumber(L, t2);
+    lua_pushvalue(L, 10);
+    return 4;
+  }
+  push_values(L);
+  int v = top + 1;
+  for (int k = 1; k <= n; k++) {
+    lua_pushvalue(L, 9 + k);
+    lua_rawseti(L, v, k);
+  }
   hd.n = (uint32_t)n;
-  double t0 = mp_now();
-  mp_enc *e = mp_encode_range(L, 7, i0, n, "result");
+  hd.lean = 1;
+  values_n = n;  /* (until they are out) */
+  mp_enc *e = mp_encode_range(L, v, 1, n, "result");
   mp_queue_put_prefixed(L, q, &hd, sizeof hd, e, -1);
   mp_enc_done(L, e);
-  done_rec(h, w, 1, busy, idle, mp_now() - t0, dec);
-  return 0;
+  values_n = -1;
+  for (int k = 1; k <= n; k++) {
+    lua_pushnil(L);
+    lua_rawseti(L, v, k);
+  }
+  done_rec(h, w, 1, busy, idle, mp_now() - t2, dec);
+  lua_pushboolean(L, 1);
+  lua_pushnumber(L, busy);
+  return 2;
+}
+
+/* core.reply_values() -> the values of the reply that raised, as an array with n (moved
+** out: the reused table starts anew) */
+static int pool_reply_values(lua_State *L) {
+  push_values(L);
+  lua_pushinteger(L, values_n < 0 ? 0 : values_n);
+  lua_setfield(L, -2, "n");
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &values_key);
+  values_n = -1;
+  return 1;
 }
 
 /* st:claimed(i [, tasks]) -> last message number (0 when idle), since, first message number:
@@ -932,7 +1038,7 @@ int mp_pool_open(lua_State *L) {
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
     {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
-    {"put_call", pool_put_call}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
+    {"put_call", pool_put_call}, {"reply_values", pool_reply_values}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
     {"chunk_scratch", pool_chunk_scratch},
     {NULL, NULL}
   };
@@ -943,5 +1049,9 @@ int mp_pool_open(lua_State *L) {
   lua_rawsetp(L, LUA_REGISTRYINDEX, &inflight_key);
   lua_pushcclosure(L, pool_take_result, 1);
   lua_setfield(L, -2, "take_result");
+  lua_newtable(L);
+  lua_pushcclosure(L, pool_put_apply, 1);
+  lua_setfield(L, -2, "put_apply");
+
   return 0;
 }

@@ -15,6 +15,7 @@ local context = require "multiprocessing.context"
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
 local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
 local put_call, flag_cas, flag_get = core.put_call, core.flag_cas, core.flag_get
+local put_apply = core.put_apply
 local pack, unpack = table.pack, table.unpack
 local maxinteger = math.maxinteger
 local newtable, chunk_scratch = core.newtable, core.chunk_scratch
@@ -48,6 +49,7 @@ local START_TIMEOUT = 60  -- default start_timeout: seconds a new worker may tak
 -- driving from a frame loop (pool:poll, get(0), wait(0), ready()): see drive
 local POLL_BUDGET = 0.001 -- seconds of pool:poll() without a budget
 local STEP_RESULTS = 8   -- result messages one bounded step takes at most
+local TAKE_RESULTS = 256  -- result messages one take_result call handles at most (back in Lua between)
 local FEED_TIME = 0.0005 -- seconds a bounded step spends sending lazy input (at least one chunk)
 local FIRST_CHUNK = 16  -- items of map_async's first chunk (automatic chunksize), before its encoding is timed
 -- what unfinished calls fail with when their pool stops
@@ -126,7 +128,7 @@ local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
   process._become("PoolWorker-" .. i, true)
   local tasks, results, st = pool._tasks, pool._results, pool._st
-  local reply = st.reply
+  local reply, reply_values = st.reply, core.reply_values
   st:forget()  -- the parent's epoll set and pidfds (pool:fileno) are not the worker's
   local me = core.getpid()
   if pool._initializer then
@@ -263,30 +265,31 @@ local function worker_main(pool, i)
     return t2 - t1
   end
   -- A message of one call (apply, submit), the common case of handle without its general
-  -- machinery: f runs under its own xpcall, its values go out straight from the packed
-  -- results with the worker's done (st:reply). A function not yet decoded, a cancelled
-  -- Future, a result that cannot be sent: handle's way.
+  -- machinery: f runs under its own xpcall, whose values st:reply sends straight (no table
+  -- per task) with the worker's done. A function not yet decoded, a cancelled Future: handle's
+  -- way. A value that cannot be sent: send_failed, with the values st:reply kept.
   local function handle_call(msg, t0, idle)
     local f, flag = funcs[msg[2]], msg[7]
     if not f or (flag and not flag_cas(flag, 0, 1)) then return handle(msg, t0, idle) end
     local args, n = msg[5], msg[4]
     if msg[6] ~= 4 then n = args.n or #args end
+    local seq = msg[1]
     local t1 = now()
-    local out = pack(xpcall(f, capture, unpack(args, 1, n)))
-    local t2 = now()
-    local seq, busy = msg[1], t2 - t1
-    if out[1] then
-      local sent, why = pcall(reply, st, i, results, seq, me, busy, out, 2, out.n - 1, idle, t1 - t0)
-      if sent then return busy end
-      send_failed(results, seq, table.move(out, 2, out.n, 1, {}), nil, out.n - 1, me, busy, why)
+    local sent, ok, busy, t2, e = pcall(reply, st, i, results, seq, me, t1, idle, t1 - t0,
+      xpcall(f, capture, unpack(args, 1, n)))
+    if sent and ok then return busy end
+    if not sent then  -- (ok: why)
+      t2 = now()
+      busy = t2 - t1
+      local out = reply_values()
+      send_failed(results, seq, out, nil, out.n, me, busy, ok)
     else
-      local e = out[2]
       if type(e) == "table" and type(e.traceback) == "string" then  -- the user's frames only
         e.traceback = e.traceback:gsub("\n[^\n]*multiprocessing/pool%.lua:[^\n]*", "")
       end
       local errs = { e }
-      local sent, why = pcall(results.put, results, { seq, {}, errs, me, busy })
-      if not sent then send_failed(results, seq, {}, errs, 1, me, busy, why) end
+      local put, why = pcall(results.put, results, { seq, {}, errs, me, busy })
+      if not put then send_failed(results, seq, {}, errs, 1, me, busy, why) end
     end
     st:done(i, 1, busy, idle, now() - t2, t1 - t0)
     return busy
@@ -658,7 +661,7 @@ local function drain(self)
   local left = bounded or maxinteger
   while true do
     if left <= 0 then return false end
-    local seq, out, pid, busy, done = take_result(results, 0, inflight, left, self)
+    local seq, out, pid, busy, done = take_result(results, 0, inflight, left < TAKE_RESULTS and left or TAKE_RESULTS, self)
     if seq == nil then break end
     if seq then
       on_result(self, seq, out, pid, busy)
@@ -1006,12 +1009,12 @@ local function pump(self, wait)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
   local inflight = self._inflight
-  local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight, maxinteger, self)
+  local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight, TAKE_RESULTS, self)
   local why = seq == nil and out
   if why == "interrupted" then return end
   while seq ~= nil do
     if seq then on_result(self, seq, out, pid, busy) end
-    seq, out, pid, busy = take_result(results, 0, inflight, maxinteger, self)
+    seq, out, pid, busy = take_result(results, 0, inflight, TAKE_RESULTS, self)
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
   for _, call in pairs(self._calls) do
@@ -1550,13 +1553,57 @@ local function send_apply(self, f, args, opts, what)
   return call
 end
 
+-- The common case, under pcall: self is a running Pool of this process and f's blob still
+-- holds as cached (cached_blob's test); anything else returns nothing, and any error (a self
+-- that cannot be indexed, arguments that cannot be sent) is caught: the way above then runs,
+-- and names the user's error. Nothing is changed until the message is out.
+local function lean_ready(self, f)
+  if self.__index ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then return end
+  local c = self._fcache[f]
+  if not c or not c.plain or not (c.bare or plain_upvalues(f, c.ups)) then return end
+  local b = c.b
+  if not b.freed then return b end
+end
+
+local function lean_apply(self, f, args)
+  local b = lean_ready(self, f)
+  if not b then return end
+  local seq = self._seq + 1  -- (args that are no table: put_task raises)
+  if not put_apply(self._tasks, seq, b.fid, b.off, args) then return end
+  self._seq = seq
+  b.refs = b.refs + 1
+  local call = setmetatable({ [1] = false, finished = false, n = false, brec = b }, self._A)
+  self._inflight[seq] = call
+  return call
+end
+
+local function lean_submit(self, f, ...)
+  local b = lean_ready(self, f)
+  local n = self._nfree
+  if not b or n == 0 then return end
+  local flag = self._free[n]
+  local seq = self._seq + 1
+  if not put_call(self._tasks, seq, b.fid, b.off, flag, ...) then return end
+  self._nfree, self._seq = n - 1, seq
+  b.refs = b.refs + 1
+  local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, self._F)
+  self._inflight[seq] = fut
+  return fut
+end
+
 function Pool:apply_async(f, args, opts)
+  if opts == nil then
+    local ok, call = pcall(lean_apply, self, f, args)
+    if ok and call then return call end
+  end
   local call = send_apply(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
   return call
 end
 
 function Pool:apply(f, args, opts)
-  local call = send_apply(self, f, args, opts, "apply")
+  local ok, call = false, nil
+  if opts == nil then ok, call = pcall(lean_apply, self, f, args) end
+  if not (ok and call) then call = send_apply(self, f, args, opts, "apply") end
   wait_call(self, call)
   if call.err then error(call.err, 2) end
   return unpack(call, 1, call.n)
@@ -1564,6 +1611,8 @@ end
 
 --- pool:submit(f, ...) -> Future: runs f(...) in a worker (concurrent.futures' submit)
 function Pool:submit(f, ...)
+  local ok, fut = pcall(lean_submit, self, f, ...)
+  if ok and fut then return fut end
   if getmetatable(self) ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then
     check_usable(self, "submit", 3)
   end
@@ -1798,7 +1847,8 @@ end
 --- f:result([timeout]) -> f's values; raises its error; nil, "timeout"
 function Future:result(timeout)
   local n = self.n
-  if n and timeout == nil then return unpack(self, 1, n) end  -- (a lean call that succeeded)
+  if n == 1 and timeout == nil then return self[1] end  -- (a lean call that succeeded, with one value)
+  if n and timeout == nil then return unpack(self, 1, n) end
   if not await(self, timeout, "result") then return nil, "timeout" end
   if self.err then error(self.err, 2) end
   return values_of(self)
@@ -1883,7 +1933,8 @@ end
 
 function AsyncResult:get(timeout)
   local n = self.n
-  if n and timeout == nil then return unpack(self, 1, n) end  -- (a lean call that succeeded)
+  if n == 1 and timeout == nil then return self[1] end  -- (a lean call that succeeded, with one value)
+  if n and timeout == nil then return unpack(self, 1, n) end
   check_timeout(timeout, "get")
   if not wait_call(self._pool, self, timeout) then return nil, "timeout" end
   if self.err then error(self.err, 2) end
