@@ -1,0 +1,148 @@
+-- Specs of map's chunks in the worker: the tables a worker reuses from chunk to chunk (its
+-- items and its results), and the item a failure is charged to.
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local H = require "helpers"
+
+-- (functions sent to workers reach these as upvalues, not through busted's environment)
+local error, collectgarbage, tostring = error, collectgarbage, tostring
+
+describe("Pool map chunks", function()
+  H.leak_check(before_each, after_each)
+
+  describe("core.chunk_scratch", function()
+    it("makes the next map chunk taken decode its items into the given table", function()
+      local q, st = mp.Queue(), core.PoolState(1)
+      -- two chunks (mode 0) of a map, then an apply (mode 3), all with a made-up function blob
+      core.put_task(q, 1, 1, 8, 0, { 10, 20, 30, 40 }, 1, 4)
+      core.put_task(q, 2, 1, 8, 0, { 50, 60 }, 1, 2)
+      core.put_task(q, 3, 1, 8, 3, { 7, 8 }, 0, 1)
+      local scratch = core.newtable(4)
+      for k = 1, 4 do scratch[k] = -k end
+      core.chunk_scratch(scratch)
+      local a = st:get_task(q, 1, 5)
+      st:done(1)
+      assert.equal(scratch, a[5])  -- the same table
+      assert.are.same({ 10, 20, 30, 40 }, a[5])
+      -- taken: the next chunk gets a fresh table until the scratch is handed back
+      local b = st:get_task(q, 1, 5)
+      st:done(1)
+      assert.are_not.equal(scratch, b[5])
+      assert.are.same({ 50, 60 }, b[5])
+      -- an apply's arguments never go there
+      core.chunk_scratch(scratch)
+      local c = st:get_task(q, 1, 5)
+      st:done(1)
+      assert.are_not.equal(scratch, c[5])
+      assert.are.same({ 7, 8 }, c[5])
+      core.chunk_scratch(nil)
+      q:close()
+      st:close()
+    end)
+
+    it("leaves a scratch table too small for the chunk alone", function()
+      local q, st = mp.Queue(), core.PoolState(1)
+      core.put_task(q, 1, 1, 8, 0, { 1, 2, 3 }, 1, 3)
+      local small = { 9 }
+      core.chunk_scratch(small)
+      local a = st:get_task(q, 1, 5)
+      st:done(1)
+      assert.are_not.equal(small, a[5])
+      assert.are.same({ 1, 2, 3 }, a[5])
+      assert.are.same({ 9 }, small)
+      core.chunk_scratch(nil)
+      q:close()
+      st:close()
+    end)
+
+    it("decodes nil items, strings and tables into the scratch, past items left unread", function()
+      local q, st = mp.Queue(), core.PoolState(1)
+      core.put_task(q, 1, 1, 8, 1, { { 1, 2 }, "x", nil, { n = 0 }, n = 4 }, 1, 4)
+      local scratch = { 1, 2, 3, 4, 5, 6 }
+      core.chunk_scratch(scratch)
+      local a = st:get_task(q, 1, 5)
+      st:done(1)
+      assert.equal(scratch, a[5])
+      assert.are.same({ 1, 2 }, scratch[1])
+      assert.equal("x", scratch[2])
+      assert.is_nil(scratch[3])
+      assert.are.same({ n = 0 }, scratch[4])
+      core.chunk_scratch(nil)
+      q:close()
+      st:close()
+    end)
+
+    it("takes a table or nil only", function()
+      assert.has_error(function() core.chunk_scratch(1) end)
+      core.chunk_scratch()
+    end)
+  end)
+
+  describe("in a worker", function()
+    it("keeps the worker's heap flat from chunk to chunk (its items and results tables are reused)", function()
+      local pool <close> = mp.Pool(1)
+      local xs = {}
+      for i = 1, 100000 do xs[i] = i end
+      -- each item returns the worker's heap size when it ran (the worker's collector is stopped:
+      -- what it allocates stays counted); one worker runs the 10 chunks one after the other
+      local r = pool:map(function() return collectgarbage("count") end, xs, 10000)
+      local grew = r[90001] - r[10001]  -- KiB, over 8 chunks of 10,000 items
+      assert(grew < 64, ("the worker's heap grew by %.0f KiB over 8 chunks"):format(grew))
+    end)
+
+    it("sees the items of each chunk whatever the sizes of the chunks before", function()
+      local pool <close> = mp.Pool(2)
+      local function ident(x) return x end
+      local big = {}
+      for i = 1, 3000 do big[i] = i end
+      pool:map(ident, big, 1000)
+      -- smaller chunks after bigger ones, nil items and nil results: nothing of the chunks before
+      local r = pool:map(function(x) if x == nil then return "nil" end if x % 2 == 0 then return nil end return x end,
+        { 1, 2, nil, 4, 5, n = 5 }, 2)
+      assert.are.same({ 1, nil, "nil", nil, 5, n = 5 }, r)
+      assert.are.same({ { 1, 2 }, n = 1 }, pool:starmap(function(...) return { ... } end, { { 1, 2 } }))
+      -- bigger again
+      local more = {}
+      for i = 1, 5000 do more[i] = -i end
+      local r2 = pool:map(ident, more, 2500)
+      for i = 1, 5000 do assert(r2[i] == -i) end
+      assert.equal(5000, r2.n)
+    end)
+
+    it("charges a failure to its item, runs every other item of the chunk exactly once", function()
+      local pool <close> = mp.Pool(1)
+      local q = mp.Queue()
+      local ok, err = pcall(pool.map, pool, function(x)
+        q:put(x)
+        if x == 13 or x == 17 then error("bad " .. x) end
+        return x
+      end, { 11, 12, 13, 14, 15, 16, 17, 18, 19, 20 }, 10)
+      assert.is_false(ok)
+      assert.matches("map failed on item 3 %(worker pid %d+%):\n.-: bad 13\nstack traceback:", tostring(err))
+      local seen = {}
+      for _ = 1, 10 do
+        local v = q:get(20)
+        seen[v] = (seen[v] or 0) + 1
+      end
+      assert.is_nil(q:get(0.05))
+      for v = 11, 20 do assert.equal(1, seen[v]) end
+      q:close()
+    end)
+
+    it("yields the results before a failed item of a chunk, after bigger chunks", function()
+      local pool <close> = mp.Pool(1)
+      local xs = {}
+      for i = 1, 50 do xs[i] = -i end
+      pool:map(function(x) return x end, xs, 50)  -- the worker's results table holds 50 values
+      local got = {}
+      local ok, err = pcall(function()
+        for i, v in pool:imap(function(x) if x == 3 then error("three") end return x * 10 end, { 1, 2, 3, 4 }, 4) do
+          got[i] = v
+        end
+      end)
+      assert.is_false(ok)
+      assert.matches("imap failed on item 3", tostring(err))
+      assert.are.same({ 10, 20 }, got)
+    end)
+  end)
+end)
