@@ -681,22 +681,30 @@ static int decode_ext(lua_State *L) {
   return 1;
 }
 
+static int q_get_fast(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
+static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
+                      int maxk, uint64_t keep, int *count, mp_decoder decode, int locked);
+enum { NOT_FAST = -1, NOT_FAST_LOCKED = -2 };
+
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
-  int n;
-  return mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL);
+  int n, r = q_get_fast(L, q, buf, deadline);
+  if (r >= 0) return r;
+  return q_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL, r == NOT_FAST_LOCKED);
 }
 
-/* get of the first message when it is small enough for fast_decode and in
-** order, the common case: get_many's work for it, less the batch. -1: not
-** that case (the lock was let go, nothing changed); else as mp_queue_get. */
-static int q_get_fast(lua_State *L, mp_queue *q, double deadline) {
-  if (!__atomic_load_n(&q->count, __ATOMIC_ACQUIRE)) return -1;  /* (get_many waits) */
+/* get of the first message when it is small and in order, the common case:
+** get_many's work for it, less the batch. Returns as mp_queue_get, or
+** NOT_FAST (not locked: the queue looked empty) or NOT_FAST_LOCKED (locked:
+** the message is big, or taken, or the queue is shut: get_many goes on). */
+static inline __attribute__((always_inline)) int q_get_fast(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
+  if (!__atomic_load_n(&q->count, __ATOMIC_ACQUIRE)) return NOT_FAST;  /* (get_many waits) */
+  if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
   int r = q_lock(L, q, deadline);
   if (r != MP_WOKE) return r;
   chunk *c = q->head ? CH(q->head) : NULL;
   uint32_t at = c ? c->rpos : 0, t = c && at < c->wpos ? tag_of(c->data + at) : UINT32_MAX;
-  if (t > FAST_MAX || q->shut == SHUT_NOW) { q_unlock(q); return -1; }  /* (big, taken, none) */
-  char o[FAST_MAX];
+  if (t >= TAKEN_BIT || q->shut == SHUT_NOW) return NOT_FAST_LOCKED;  /* (big, taken, none) */
+  char few[FAST_MAX], *o = t <= FAST_MAX ? few : buf->p;
   memcpy(o, c->data + at + 4, t);
   uint32_t r2 = at + rec_size(t);
   while (r2 < c->wpos && IS_GONE(tag_of(c->data + r2))) r2 += rec_size(tag_of(c->data + r2));
@@ -728,15 +736,24 @@ static void lg_claim(mp_queue *q, uint32_t *k, mp_claim *claim, uint64_t n) {
 
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
                       int maxk, uint64_t keep, int *count, mp_decoder decode) {
+  return q_get_many(L, q, buf, deadline, claim, maxk, keep, count, decode, 0);
+}
+
+/* locked: q_get_fast left the queue locked */
+static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
+                      int maxk, uint64_t keep, int *count, mp_decoder decode, int locked) {
   *count = 0;
   int plain = !decode && fast > 0;  /* (a queue's get ran fast_on before) */
   if (!decode) decode = mp_decode;
-  for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
-    if (spin > 20) sched_yield();
   buf->n = 0;
-  if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
-  int r = q_lock(L, q, deadline);
-  if (r != MP_WOKE) return r;
+  if (!locked) {
+    for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
+      if (spin > 20) sched_yield();
+    if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
+    int r = q_lock(L, q, deadline);
+    if (r != MP_WOKE) return r;
+  }
+  int r;
   chunk *c;
   uint32_t at;
   for (;;) {
@@ -1022,8 +1039,7 @@ static int queue_put_nowait(lua_State *L) { return q_doput(L, 0); }
 static int q_doget(lua_State *L, double deadline, const char *why) {
   qhandle *qh = q_check(L, 1);
   fast_on(L);  /* (before the take: its check may raise) */
-  int r = q_get_fast(L, QOF(qh), deadline);
-  if (r < 0) r = mp_queue_get(L, QOF(qh), &qh->buf, deadline);
+  int r = mp_queue_get(L, QOF(qh), &qh->buf, deadline);
   if (r == MP_WOKE) {
     if (qh->buf.cap > (1u << 16)) mp_buf_free(L, &qh->buf);
     return 1;
@@ -1118,6 +1134,13 @@ static int queue_fault(lua_State *L) {
   return 0;
 }
 
+/* core._queue_fast() -> whether this process's puts and gets of small plain values
+** take the fast path (the codec's format matched fast_encode's), for tests */
+static int queue_fast(lua_State *L) {
+  lua_pushboolean(L, fast_on(L));
+  return 1;
+}
+
 static int queue_tostring(lua_State *L) {
   qhandle *qh = q_self(L, 1);
   lua_getmetatable(L, 1);
@@ -1194,7 +1217,7 @@ int mp_queue_open(lua_State *L) {
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
-    {"_queue_fault", queue_fault},
+    {"_queue_fault", queue_fault}, {"_queue_fast", queue_fast},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
