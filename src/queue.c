@@ -182,9 +182,7 @@ static void q_repair(mp_queue *q) {
 
 /* Locks q: MP_WOKE (locked), MP_TIMEOUT or MP_INTERRUPTED (not locked). The
 ** wait lasts at least GRACE, so that a poll is not failed by a short section. */
-static int q_lock(lua_State *L, mp_queue *q, double deadline) {
-  int r = pthread_mutex_trylock(&q->lock);
-  if (r == 0) return MP_WOKE;
+static __attribute__((noinline)) int q_lock_slow(lua_State *L, mp_queue *q, double deadline, int r) {
   if (r != EOWNERDEAD) {
     if (deadline >= 0) {
       double soon = mp_now() + GRACE;
@@ -199,6 +197,12 @@ static int q_lock(lua_State *L, mp_queue *q, double deadline) {
   }
   q_repair(q);
   return MP_WOKE;
+}
+
+static inline int q_lock(lua_State *L, mp_queue *q, double deadline) {
+  int r = pthread_mutex_trylock(&q->lock);
+  if (__builtin_expect(r == 0, 1)) return MP_WOKE;
+  return q_lock_slow(L, q, deadline, r);
 }
 
 static inline void q_unlock(mp_queue *q) { pthread_mutex_unlock(&q->lock); }
@@ -1033,7 +1037,9 @@ static int queue_is_shutdown(lua_State *L) {
   return 1;
 }
 
-static int queue_put(lua_State *L) { return q_doput(L, lua_type(L, 3) <= LUA_TNIL ? -1 : put_deadline(L, 3)); }
+static int queue_put(lua_State *L) {
+  return q_doput(L, lua_gettop(L) < 3 || lua_isnil(L, 3) ? -1 : put_deadline(L, 3));
+}
 static int queue_put_nowait(lua_State *L) { return q_doput(L, 0); }
 
 static int q_doget(lua_State *L, double deadline, const char *why) {
@@ -1050,7 +1056,7 @@ static int q_doget(lua_State *L, double deadline, const char *why) {
 }
 
 static int queue_get(lua_State *L) {
-  double deadline = lua_type(L, 2) <= LUA_TNIL ? -1 : put_deadline(L, 2);
+  double deadline = lua_gettop(L) < 2 || lua_isnil(L, 2) ? -1 : put_deadline(L, 2);
   return q_doget(L, deadline, deadline == 0 ? "empty" : "timeout");
 }
 static int queue_get_nowait(lua_State *L) { return q_doget(L, 0, "empty"); }
