@@ -208,6 +208,28 @@ describe("Queue", function()
     q:close() out:close()
   end)
 
+  it("wakes sleepers on both sides: ping-pong and a bounded queue, many handoffs, none lost", function()
+    -- each get finds the queue empty and sleeps, each bounded put finds it full: a wake-up
+    -- that went missing would leave a side asleep until its 20 s timeout
+    local ping, pong, bounded = mp.Queue(), mp.Queue(), mp.Queue(1)
+    local N = 2000
+    local p = mp.Process { target = function()
+      for i = 1, N do assert(pong:put(assert(ping:get(20)) + 1)) end
+      for i = 1, N do assert(bounded:put(i, 20)) end
+    end }:start()
+    for i = 1, N do
+      assert.is_true(ping:put(i))
+      assert.equal(i + 1, pong:get(20))
+    end
+    for i = 1, N do
+      if i % 500 == 0 then mp.sleep(0.01) end  -- the writer sleeps on a full queue
+      assert.equal(i, bounded:get(20))
+    end
+    assert.is_true(p:join(20))
+    assert.equal(0, p.exitcode)
+    ping:close() pong:close() bounded:close()
+  end)
+
   it("keeps the items of a producer that exited", function()
     local q = mp.Queue()
     local p = mp.Process { target = function() for i = 1, 1000 do q:put(i) end end }:start()
