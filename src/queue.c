@@ -457,15 +457,22 @@ static inline int fast_decode(lua_State *L, const char *s, uint32_t n) {
 
 /* whether fast_encode's bytes are mp_encode's and fast_decode reads them as mp_decode does */
 static __attribute__((noinline)) int fast_check(lua_State *L) {
-  static const char *const code =
-    "local s = ('s'):rep(255) return nil, false, true, 0, -128, 127, 300, -32768, 40000, -40000, "
-    "1 << 40, math.mininteger, math.maxinteger, 1.5, -0.0, 1/0, 3.0, '', 'abc', s";
+  /* (pushed from C: no Lua code runs, so no hook, such as a Ctrl-C's, is met here) */
+  static const lua_Integer ints[] = { 0, -128, 127, 300, -32768, 40000, -40000, (lua_Integer)1 << 40,
+                                      LUA_MININTEGER, LUA_MAXINTEGER };
+  static const lua_Number floats[] = { 1.5, -0.0, 3.0, 1e300 };
   int top = lua_gettop(L), ok = 1;
-  luaL_checkstack(L, 32, NULL);
-  if (luaL_loadstring(L, code) != LUA_OK || lua_pcall(L, 0, LUA_MULTRET, 0) != LUA_OK) {
-    lua_settop(L, top);
-    return -1;
-  }
+  luaL_checkstack(L, 40, NULL);
+  lua_pushnil(L);
+  lua_pushboolean(L, 0);
+  lua_pushboolean(L, 1);
+  for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) lua_pushinteger(L, ints[i]);
+  for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++) lua_pushnumber(L, floats[i]);
+  lua_pushliteral(L, "");
+  lua_pushlstring(L, "a\0c", 3);
+  char s255[255];
+  memset(s255, 's', sizeof s255);
+  lua_pushlstring(L, s255, sizeof s255);
   char o[FAST_MAX], e2[FAST_MAX];
   int last = lua_gettop(L);  /* (mp_encode leaves its encoder above) */
   for (int i = top + 1; ok && i <= last; i++) {
