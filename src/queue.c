@@ -182,9 +182,7 @@ static void q_repair(mp_queue *q) {
 
 /* Locks q: MP_WOKE (locked), MP_TIMEOUT or MP_INTERRUPTED (not locked). The
 ** wait lasts at least GRACE, so that a poll is not failed by a short section. */
-static int q_lock(lua_State *L, mp_queue *q, double deadline) {
-  int r = pthread_mutex_trylock(&q->lock);
-  if (r == 0) return MP_WOKE;
+static __attribute__((noinline)) int q_lock_slow(lua_State *L, mp_queue *q, double deadline, int r) {
   if (r != EOWNERDEAD) {
     if (deadline >= 0) {
       double soon = mp_now() + GRACE;
@@ -199,6 +197,12 @@ static int q_lock(lua_State *L, mp_queue *q, double deadline) {
   }
   q_repair(q);
   return MP_WOKE;
+}
+
+static inline int q_lock(lua_State *L, mp_queue *q, double deadline) {
+  int r = pthread_mutex_trylock(&q->lock);
+  if (__builtin_expect(r == 0, 1)) return MP_WOKE;
+  return q_lock_slow(L, q, deadline, r);
 }
 
 static inline void q_unlock(mp_queue *q) { pthread_mutex_unlock(&q->lock); }
@@ -453,15 +457,22 @@ static inline int fast_decode(lua_State *L, const char *s, uint32_t n) {
 
 /* whether fast_encode's bytes are mp_encode's and fast_decode reads them as mp_decode does */
 static __attribute__((noinline)) int fast_check(lua_State *L) {
-  static const char *const code =
-    "local s = ('s'):rep(255) return nil, false, true, 0, -128, 127, 300, -32768, 40000, -40000, "
-    "1 << 40, math.mininteger, math.maxinteger, 1.5, -0.0, 1/0, 3.0, '', 'abc', s";
+  /* (pushed from C: no Lua code runs, so no hook, such as a Ctrl-C's, is met here) */
+  static const lua_Integer ints[] = { 0, -128, 127, 300, -32768, 40000, -40000, (lua_Integer)1 << 40,
+                                      LUA_MININTEGER, LUA_MAXINTEGER };
+  static const lua_Number floats[] = { 1.5, -0.0, 3.0, 1e300 };
   int top = lua_gettop(L), ok = 1;
-  luaL_checkstack(L, 32, NULL);
-  if (luaL_loadstring(L, code) != LUA_OK || lua_pcall(L, 0, LUA_MULTRET, 0) != LUA_OK) {
-    lua_settop(L, top);
-    return -1;
-  }
+  luaL_checkstack(L, 40, NULL);
+  lua_pushnil(L);
+  lua_pushboolean(L, 0);
+  lua_pushboolean(L, 1);
+  for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) lua_pushinteger(L, ints[i]);
+  for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++) lua_pushnumber(L, floats[i]);
+  lua_pushliteral(L, "");
+  lua_pushlstring(L, "a\0c", 3);
+  char s255[255];
+  memset(s255, 's', sizeof s255);
+  lua_pushlstring(L, s255, sizeof s255);
   char o[FAST_MAX], e2[FAST_MAX];
   int last = lua_gettop(L);  /* (mp_encode leaves its encoder above) */
   for (int i = top + 1; ok && i <= last; i++) {
@@ -681,22 +692,30 @@ static int decode_ext(lua_State *L) {
   return 1;
 }
 
+static int q_get_fast(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
+static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
+                      int maxk, uint64_t keep, int *count, mp_decoder decode, int locked);
+enum { NOT_FAST = -1, NOT_FAST_LOCKED = -2 };
+
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
-  int n;
-  return mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL);
+  int n, r = q_get_fast(L, q, buf, deadline);
+  if (r >= 0) return r;
+  return q_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL, r == NOT_FAST_LOCKED);
 }
 
-/* get of the first message when it is small enough for fast_decode and in
-** order, the common case: get_many's work for it, less the batch. -1: not
-** that case (the lock was let go, nothing changed); else as mp_queue_get. */
-static int q_get_fast(lua_State *L, mp_queue *q, double deadline) {
-  if (!__atomic_load_n(&q->count, __ATOMIC_ACQUIRE)) return -1;  /* (get_many waits) */
+/* get of the first message when it is small and in order, the common case:
+** get_many's work for it, less the batch. Returns as mp_queue_get, or
+** NOT_FAST (not locked: the queue looked empty) or NOT_FAST_LOCKED (locked:
+** the message is big, or taken, or the queue is shut: get_many goes on). */
+static inline __attribute__((always_inline)) int q_get_fast(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
+  if (!__atomic_load_n(&q->count, __ATOMIC_ACQUIRE)) return NOT_FAST;  /* (get_many waits) */
+  if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
   int r = q_lock(L, q, deadline);
   if (r != MP_WOKE) return r;
   chunk *c = q->head ? CH(q->head) : NULL;
   uint32_t at = c ? c->rpos : 0, t = c && at < c->wpos ? tag_of(c->data + at) : UINT32_MAX;
-  if (t > FAST_MAX || q->shut == SHUT_NOW) { q_unlock(q); return -1; }  /* (big, taken, none) */
-  char o[FAST_MAX];
+  if (t >= TAKEN_BIT || q->shut == SHUT_NOW) return NOT_FAST_LOCKED;  /* (big, taken, none) */
+  char few[FAST_MAX], *o = t <= FAST_MAX ? few : buf->p;
   memcpy(o, c->data + at + 4, t);
   uint32_t r2 = at + rec_size(t);
   while (r2 < c->wpos && IS_GONE(tag_of(c->data + r2))) r2 += rec_size(tag_of(c->data + r2));
@@ -728,15 +747,24 @@ static void lg_claim(mp_queue *q, uint32_t *k, mp_claim *claim, uint64_t n) {
 
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
                       int maxk, uint64_t keep, int *count, mp_decoder decode) {
+  return q_get_many(L, q, buf, deadline, claim, maxk, keep, count, decode, 0);
+}
+
+/* locked: q_get_fast left the queue locked */
+static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
+                      int maxk, uint64_t keep, int *count, mp_decoder decode, int locked) {
   *count = 0;
   int plain = !decode && fast > 0;  /* (a queue's get ran fast_on before) */
   if (!decode) decode = mp_decode;
-  for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
-    if (spin > 20) sched_yield();
   buf->n = 0;
-  if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
-  int r = q_lock(L, q, deadline);
-  if (r != MP_WOKE) return r;
+  if (!locked) {
+    for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
+      if (spin > 20) sched_yield();
+    if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
+    int r = q_lock(L, q, deadline);
+    if (r != MP_WOKE) return r;
+  }
+  int r;
   chunk *c;
   uint32_t at;
   for (;;) {
@@ -1016,14 +1044,15 @@ static int queue_is_shutdown(lua_State *L) {
   return 1;
 }
 
-static int queue_put(lua_State *L) { return q_doput(L, lua_type(L, 3) <= LUA_TNIL ? -1 : put_deadline(L, 3)); }
+static int queue_put(lua_State *L) {
+  return q_doput(L, lua_gettop(L) < 3 || lua_isnil(L, 3) ? -1 : put_deadline(L, 3));
+}
 static int queue_put_nowait(lua_State *L) { return q_doput(L, 0); }
 
 static int q_doget(lua_State *L, double deadline, const char *why) {
   qhandle *qh = q_check(L, 1);
   fast_on(L);  /* (before the take: its check may raise) */
-  int r = q_get_fast(L, QOF(qh), deadline);
-  if (r < 0) r = mp_queue_get(L, QOF(qh), &qh->buf, deadline);
+  int r = mp_queue_get(L, QOF(qh), &qh->buf, deadline);
   if (r == MP_WOKE) {
     if (qh->buf.cap > (1u << 16)) mp_buf_free(L, &qh->buf);
     return 1;
@@ -1034,7 +1063,7 @@ static int q_doget(lua_State *L, double deadline, const char *why) {
 }
 
 static int queue_get(lua_State *L) {
-  double deadline = lua_type(L, 2) <= LUA_TNIL ? -1 : put_deadline(L, 2);
+  double deadline = lua_gettop(L) < 2 || lua_isnil(L, 2) ? -1 : put_deadline(L, 2);
   return q_doget(L, deadline, deadline == 0 ? "empty" : "timeout");
 }
 static int queue_get_nowait(lua_State *L) { return q_doget(L, 0, "empty"); }
@@ -1118,6 +1147,13 @@ static int queue_fault(lua_State *L) {
   return 0;
 }
 
+/* core._queue_fast() -> whether this process's puts and gets of small plain values
+** take the fast path (the codec's format matched fast_encode's), for tests */
+static int queue_fast(lua_State *L) {
+  lua_pushboolean(L, fast_on(L));
+  return 1;
+}
+
 static int queue_tostring(lua_State *L) {
   qhandle *qh = q_self(L, 1);
   lua_getmetatable(L, 1);
@@ -1194,7 +1230,7 @@ int mp_queue_open(lua_State *L) {
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
-    {"_queue_fault", queue_fault},
+    {"_queue_fault", queue_fault}, {"_queue_fast", queue_fast},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
