@@ -256,13 +256,17 @@ describe("the Lua layer's bytecode", function()
   ]]
 
   it("loads the files built from their bytecode, named and numbered as the files", function()
-    local out = run(nil, PROBE)
+    local out = run(nil, PROBE .. [[
+      package.loaded.multiprocessing = nil  -- loaded again: the searcher is not put in twice
+      require "multiprocessing"
+      io.write(" ", #package.searchers)
+    ]])
     local line = map_line("lua")
     local pieces = {}
     for w in out:gmatch("%S+") do pieces[#pieces + 1] = w end
     assert.same({ "./lua/multiprocessing.lua", "5", "function", "./lua/multiprocessing/pool.lua", "function",
       "./lua/multiprocessing/process.lua", "@./lua/multiprocessing/pool.lua:" .. line, pieces[8],
-      "@./lua/multiprocessing/init.lua", "nil", "nil", "nil" }, pieces)
+      "@./lua/multiprocessing/init.lua", "nil", "nil", "nil", "5" }, pieces)
     local at = tonumber(pieces[8]:match("^%./lua/multiprocessing/pool%.lua:(%d+)$"))
     assert.is_true(at and at > line and at < line + 30, pieces[8])  -- a line of Pool:map
   end)
