@@ -3,13 +3,16 @@ local H = require "spec.helpers"
 
 local PARTS = { "process", "pipe", "queue", "sync", "shared", "shared_memory", "pool", "progress", "manager", "parallel" }
 
--- runs a Lua script in a fresh interpreter of this checkout; returns its output (asserting success)
-local function fresh(script)
+-- runs a Lua script in a fresh interpreter of this checkout (its Lua files found along lpath when
+-- given); returns its output (asserting success)
+local function fresh(script, lpath)
   local path = H.tmpname()
   local f = assert(io.open(path, "w"))
   f:write(script)
   f:close()
-  local p = assert(io.popen(H.ENV .. " " .. H.LUA .. " " .. path .. " 2>&1"))
+  local env = lpath and ("LUA_PATH=%s LUA_CPATH='./%s/?.so;;'"):format(H.quote(lpath), os.getenv("MP_BUILD") or "build")
+    or H.ENV
+  local p = assert(io.popen(env .. " " .. H.LUA .. " " .. path .. " 2>&1"))
   local out = p:read("a")
   local ok = p:close()
   os.remove(path)
@@ -213,21 +216,6 @@ end)
 -- The layer's bytecode, built into the core (scripts/lua_layer.lua): used for a file of the layer
 -- only when that file is byte for byte the one built, named and numbered as the file.
 describe("the Lua layer's bytecode", function()
-  local function run(lpath, script)
-    local path = H.tmpname()
-    local f = assert(io.open(path, "w"))
-    f:write(script)
-    f:close()
-    local env = lpath and ("LUA_PATH=%s LUA_CPATH='./%s/?.so;;'"):format(H.quote(lpath), os.getenv("MP_BUILD") or "build")
-      or H.ENV
-    local p = assert(io.popen(env .. " " .. H.LUA .. " " .. path .. " 2>&1"))
-    local out = p:read("a")
-    local ok = p:close()
-    os.remove(path)
-    assert(ok, out)
-    return out
-  end
-
   -- the line of pool.lua (as in dir) where Pool:map is defined
   local function map_line(dir)
     local n = 0
@@ -256,7 +244,7 @@ describe("the Lua layer's bytecode", function()
   ]]
 
   it("loads the files built from their bytecode, named and numbered as the files", function()
-    local out = run(nil, PROBE .. [[
+    local out = fresh(PROBE .. [[
       package.loaded.multiprocessing = nil  -- loaded again: the searcher is not put in twice
       require "multiprocessing"
       io.write(" ", #package.searchers)
@@ -283,7 +271,7 @@ describe("the Lua layer's bytecode", function()
       f:write("EDITED = (EDITED or '') .. '" .. name .. ",'\n", text)
       f:close()
     end
-    local out = run(dir .. "/?.lua;" .. dir .. "/?/init.lua;;", PROBE)
+    local out = fresh(PROBE, dir .. "/?.lua;" .. dir .. "/?/init.lua;;")
     local line = map_line(dir)
     assert.equal(map_line("lua") + 1, line)
     local pieces = {}
@@ -294,13 +282,13 @@ describe("the Lua layer's bytecode", function()
   end)
 
   it("serves the other files to a path that finds init.lua first", function()
-    local out = run("./lua/?/init.lua;./lua/?.lua;;", [[
+    local out = fresh([[
       local mp, file = require "multiprocessing"
       local pool <close> = mp.Pool(1)
       io.write(file, " ", #package.searchers, " ", type(package.searchers[2]("multiprocessing.pool")), " ",
         debug.getinfo(pool.map, "S").source,
         " ", pool:map(function(x) return x + 1 end, { 1 })[1])
-    ]])
+    ]], "./lua/?/init.lua;./lua/?.lua;;")
     assert.equal("./lua/multiprocessing/init.lua 5 function @./lua/multiprocessing/pool.lua 2", out)
   end)
 end)
