@@ -117,12 +117,14 @@ install: all $(STATIC)
 	install -d $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_CMOD)/multiprocessing/core.so
 	install -m 644 lua/multiprocessing/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/
+	install -m 644 lua/multiprocessing.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing.lua
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 755 bin/mp-worker $(DESTDIR)$(PREFIX)/bin/mp-worker
 	install -d $(DESTDIR)$(LUA_LMOD)/multiprocessing/managers && install -m 644 lua/multiprocessing/managers/*.lua $(DESTDIR)$(LUA_LMOD)/multiprocessing/managers/
 
 uninstall:
 	rm -rf $(DESTDIR)$(LUA_CMOD)/multiprocessing $(DESTDIR)$(LUA_LMOD)/multiprocessing $(DESTDIR)$(PREFIX)/bin/mp-worker
+	rm -f $(DESTDIR)$(LUA_LMOD)/multiprocessing.lua
 	rm -f $(DESTDIR)$(LIBDIR)/libmultiprocessing.a $(DESTDIR)$(INCDIR)/multiprocessing.h $(DESTDIR)$(PKGDIR)/multiprocessing.pc
 
 # also what `luarocks make` leaves in the checkout: objects next to the sources, multiprocessing/core.so

@@ -181,17 +181,26 @@ describe("embedding: the public C API", function()
   teardown(function() if dir then os.execute("rm -rf " .. H.quote(dir)) end end)
 
   it("loads the whole module from the library, with no .lua file reachable", function()
-    local code, out = run [[
+    local map_line = 0  -- where Pool:map is defined: the bytecode built in keeps the lines
+    for line in io.lines("lua/multiprocessing/pool.lua") do
+      map_line = map_line + 1
+      if line:find("^function Pool:map%(") then break end
+    end
+    local code, out = run([[
       assert(package.searchpath("multiprocessing", package.path) == nil, "a .lua file is reachable")
       assert(package.searchpath("multiprocessing.core", package.cpath) == nil)
       assert(debug.getinfo(mp.Pool, "S").source == "@multiprocessing/pool.lua", debug.getinfo(mp.Pool, "S").source)
+      local map = require("multiprocessing.pool").Pool(1)
+      local info = debug.getinfo(map.map, "S")
+      map:close() map:join()
+      assert(info.source == "@multiprocessing/pool.lua" and info.linedefined == ]] .. map_line .. [[, info.linedefined)
       assert(require "multiprocessing" == mp)
       assert(type(require "multiprocessing.pool".Pool) == "function")
       local pool <close> = mp.Pool(2)
       local r = pool:map(function(x) return x * 2 end, { 1, 2, 3 })
       assert(r[1] == 2 and r[3] == 6)
       print("ok " .. mp._VERSION)
-    ]]
+    ]])
     assert.equal(0, code, out)
     assert.matches("ok %d+%.%d+%.%d+", out)
   end)

@@ -3,13 +3,16 @@ local H = require "spec.helpers"
 
 local PARTS = { "process", "pipe", "queue", "sync", "shared", "shared_memory", "pool", "progress", "manager", "parallel" }
 
--- runs a Lua script in a fresh interpreter of this checkout; returns its output (asserting success)
-local function fresh(script)
+-- runs a Lua script in a fresh interpreter of this checkout (its Lua files found along lpath when
+-- given); returns its output (asserting success)
+local function fresh(script, lpath)
   local path = H.tmpname()
   local f = assert(io.open(path, "w"))
   f:write(script)
   f:close()
-  local p = assert(io.popen(H.ENV .. " " .. H.LUA .. " " .. path .. " 2>&1"))
+  local env = lpath and ("LUA_PATH=%s LUA_CPATH='./%s/?.so;;'"):format(H.quote(lpath), os.getenv("MP_BUILD") or "build")
+    or H.ENV
+  local p = assert(io.popen(env .. " " .. H.LUA .. " " .. path .. " 2>&1"))
   local out = p:read("a")
   local ok = p:close()
   os.remove(path)
@@ -207,5 +210,85 @@ describe("require 'multiprocessing'", function()
     ]]):format(path))
     os.remove(path)
     assert.equal("multiprocessing.TaskError 7", out)
+  end)
+end)
+
+-- The layer's bytecode, built into the core (scripts/lua_layer.lua): used for a file of the layer
+-- only when that file is byte for byte the one built, named and numbered as the file.
+describe("the Lua layer's bytecode", function()
+  -- the line of pool.lua (as in dir) where Pool:map is defined
+  local function map_line(dir)
+    local n = 0
+    for line in io.lines(dir .. "/multiprocessing/pool.lua") do
+      n = n + 1
+      if line:find("^function Pool:map%(") then return n end
+    end
+  end
+
+  -- what the script prints: the module's file, the searcher before Lua's own (what it gives for
+  -- pool.lua, then for process.lua), Pool:map's file and line, the file and line of the error
+  -- of a bad map in its traceback, init.lua's functions' file, and the name of the second
+  -- parameter of Pool:map and of init.lua's __index (a source has them, the bytecode does not)
+  local PROBE = [[
+    local mp, file = require "multiprocessing"
+    local s = package.searchers[2]
+    local f, where = s("multiprocessing.pool")
+    local g, gwhere = s("multiprocessing.process")
+    local pool <close> = mp.Pool(1)
+    local info = debug.getinfo(pool.map, "S")
+    local _, tb = xpcall(pool.map, debug.traceback, pool, 42, { 1 })
+    io.write(file, " ", #package.searchers, " ", type(f), " ", tostring(where), " ", type(g), " ", tostring(gwhere), " ",
+      info.source, ":", info.linedefined, " ", tb:match("(%S+pool%.lua:%d+): in function <%S+pool%.lua:%d+>") or tb, " ",
+      debug.getinfo(getmetatable(mp).__index, "S").source, " ", tostring(EDITED), " ",
+      tostring(debug.getlocal(pool.map, 2)), " ", tostring(debug.getlocal(getmetatable(mp).__index, 2)))
+  ]]
+
+  it("loads the files built from their bytecode, named and numbered as the files", function()
+    local out = fresh(PROBE .. [[
+      package.loaded.multiprocessing = nil  -- loaded again: the searcher is not put in twice
+      require "multiprocessing"
+      io.write(" ", #package.searchers)
+    ]])
+    local line = map_line("lua")
+    local pieces = {}
+    for w in out:gmatch("%S+") do pieces[#pieces + 1] = w end
+    assert.same({ "./lua/multiprocessing.lua", "5", "function", "./lua/multiprocessing/pool.lua", "function",
+      "./lua/multiprocessing/process.lua", "@./lua/multiprocessing/pool.lua:" .. line, pieces[8],
+      "@./lua/multiprocessing/init.lua", "nil", "nil", "nil", "5" }, pieces)
+    local at = tonumber(pieces[8]:match("^%./lua/multiprocessing/pool%.lua:(%d+)$"))
+    assert.is_true(at and at > line and at < line + 30, pieces[8])  -- a line of Pool:map
+  end)
+
+  it("loads an edited file from its source, the others from their bytecode", function()
+    local dir = H.tmpname()
+    os.remove(dir)
+    assert(os.execute("cp -r lua " .. H.quote(dir)))
+    finally(function() os.execute("rm -rf " .. H.quote(dir)) end)
+    for _, name in ipairs { "init", "pool" } do  -- a line on top: the sources' lines move down by one
+      local path = dir .. "/multiprocessing/" .. name .. ".lua"
+      local text = H.slurp(path)
+      local f = assert(io.open(path, "w"))
+      f:write("EDITED = (EDITED or '') .. '" .. name .. ",'\n", text)
+      f:close()
+    end
+    local out = fresh(PROBE, dir .. "/?.lua;" .. dir .. "/?/init.lua;;")
+    local line = map_line(dir)
+    assert.equal(map_line("lua") + 1, line)
+    local pieces = {}
+    for w in out:gmatch("%S+") do pieces[#pieces + 1] = w end
+    assert.same({ dir .. "/multiprocessing.lua", "5", "nil", "nil", "function", dir .. "/multiprocessing/process.lua",
+      "@" .. dir .. "/multiprocessing/pool.lua:" .. line, pieces[8], "@" .. dir .. "/multiprocessing/init.lua",
+      "init,pool,", "f", "k" }, pieces)
+  end)
+
+  it("serves the other files to a path that finds init.lua first", function()
+    local out = fresh([[
+      local mp, file = require "multiprocessing"
+      local pool <close> = mp.Pool(1)
+      io.write(file, " ", #package.searchers, " ", type(package.searchers[2]("multiprocessing.pool")), " ",
+        debug.getinfo(pool.map, "S").source,
+        " ", pool:map(function(x) return x + 1 end, { 1 })[1])
+    ]], "./lua/?/init.lua;./lua/?.lua;;")
+    assert.equal("./lua/multiprocessing/init.lua 5 function @./lua/multiprocessing/pool.lua 2", out)
   end)
 end)

@@ -407,9 +407,42 @@ static int layer_searcher_install(lua_State *L) {
   return 0;
 }
 
+/* core._layer_init(name, path) -> function, init_path: for lua/multiprocessing.lua,
+** which `require "multiprocessing"` finds before multiprocessing/init.lua (path:
+** ".../multiprocessing.lua"): that init.lua loaded (not run), from its bytecode
+** when it is byte for byte the one built in, else from its source, and its name */
+static int layer_init(lua_State *L) {
+  size_t n;
+  const char *path = luaL_checklstring(L, 2, &n);
+  luaL_argcheck(L, n > 4 && strcmp(path + n - 4, ".lua") == 0, 2, "the path of multiprocessing.lua expected");
+  lua_pushlstring(L, path, n - 4);
+  lua_pushliteral(L, LUA_DIRSEP "init.lua");
+  lua_concat(L, 2);
+  const char *file = lua_tostring(L, -1);
+  const mp_lua_file *f = mp_lua_layer;
+  while (f && f->module && strcmp(f->module, "multiprocessing") != 0) f++;
+  int fd = f && f->module && f->code ? open(file, O_RDONLY | O_CLOEXEC) : -1;
+  int same = fd >= 0 && same_source(fd, f);
+  if (fd >= 0) close(fd);
+  int st;
+  if (same) {
+    lua_pushfstring(L, "@%s", file);
+    st = load_layer_file(L, f, lua_tostring(L, -1));
+    lua_remove(L, -2);
+  } else {
+    st = luaL_loadfilex(L, file, NULL);
+  }
+  if (st != LUA_OK)  /* as require says it */
+    return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", luaL_checkstring(L, 1), file, lua_tostring(L, -1));
+  lua_insert(L, -2);
+  return 2;
+}
+
 int mp_layer_open(lua_State *L) {
   lua_pushcfunction(L, layer_searcher_install);
   lua_setfield(L, -2, "_layer_searcher");
+  lua_pushcfunction(L, layer_init);
+  lua_setfield(L, -2, "_layer_init");
   return 0;
 }
 
