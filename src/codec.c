@@ -210,6 +210,64 @@ typedef struct view_string {             /* TString */
 #define VIEW_EMPTY(tt) (((tt) & 0x0f) == 0)  /* nil, empty slot, absent key */
 #define VIEW_REALASIZE 0x80  /* flags: BITRAS, set when alimit is not the array's size */
 #define VIEW_BLACK 0x20      /* marked: BLACKBIT */
+#define TPL_MAX 16   /* pairs of a table that may be filled from a template (see decode_pairs) */
+#define TPLS 8       /* templates remembered by a decoder */
+
+/* A template: the keys of a kind of table seen before in the message (its
+** shape), and a table of that shape, filled through the API, whose nodes
+** the next ones copy (see decode_pairs). */
+typedef struct tpl {
+  const view_string *keys[TPL_MAX];  /* in the order of the input */
+  const view_table *t;               /* NULL: the shape was seen once */
+  view_node *node;                   /* t's nodes when it became the template */
+  ptrdiff_t lastfree;                /* t's lastfree, from node */
+  unsigned char pos[TPL_MAX];        /* t's node of each key */
+  unsigned char npairs, lsizenode;
+} tpl;
+
+/* Fills the new table t (lua_createtable(L, 0, npairs): as many nodes as the
+** template, all empty) with the template's nodes (its keys, their chains, its
+** free pointer), then writes the values. The caller checks that t is not black
+** (a black table would need a GC barrier for the values and keys it gets) and
+** that nothing may collect in between. */
+static void tpl_fill(view_table *t, const tpl *tp, const view_value *vals) {
+  memcpy(t->node, tp->t->node, sizeof(view_node) << tp->lsizenode);
+  t->lastfree = t->node + tp->lastfree;
+  t->flags &= VIEW_REALASIZE;  /* no metamethod known absent (it may have come as a key) */
+  for (int j = 0; j < tp->npairs; j++) {
+    view_node *n = &t->node[tp->pos[j]];
+    n->v = vals[j].v;
+    n->tt = vals[j].tt;
+  }
+}
+
+/* Makes the table t, filled through the API with the keys of tp (whose nodes
+** it has, all of them), tp's template; returns 0 when a key is not found among
+** its short strings (a template's keys are short strings: see decode_pairs). */
+static int tpl_make(tpl *tp, const view_table *t) {
+  int size = 1 << t->lsizenode;
+  if (!t->node || size > 256) return 0;
+  for (int j = 0; j < tp->npairs; j++) {
+    int i = 0;
+    while (i < size && !(t->node[i].key_tt == VIEW_SHRSTR && t->node[i].k.p == tp->keys[j]))
+      i++;
+    if (i == size) return 0;
+    tp->pos[j] = (unsigned char)i;
+  }
+  tp->t = t;
+  tp->node = t->node;
+  tp->lastfree = t->lastfree - t->node;
+  tp->lsizenode = t->lsizenode;
+  return 1;
+}
+
+/* Is tp's template fit to fill t: unchanged since it became one, with as
+** many nodes as t, and t not black? */
+static inline int tpl_fits(const tpl *tp, const view_table *t) {
+  return tp->t->node == tp->node && tp->t->lsizenode == tp->lsizenode && t->lsizenode == tp->lsizenode &&
+         t->node != tp->node && !(t->marked & VIEW_BLACK);
+}
+
 #if LUA_VERSION_NUM == 504
 static int view_works;   /* set by view_check */
 static int view_nodes;   /* the hash part's mirror works too (view_check) */
@@ -226,6 +284,48 @@ static inline view_value *view_array(lua_State *L, int idx, lua_Integer *len) {
 static inline view_value *view_fresh(lua_State *L, int idx, lua_Integer n) {
   const view_table *t = lua_topointer(L, idx);
   return view_works && t && t->array && (lua_Integer)t->alimit >= n ? t->array : NULL;
+}
+
+
+/* A table filled from a template (tpl_fill), read through the API, and given
+** one key more through the API (its free pointer and chains must hold). */
+static int view_check_fill(lua_State *L) {
+  static const char *const names[] = { "id", "name", "tags" };
+  tpl tp;
+  memset(&tp, 0, sizeof tp);
+  tp.npairs = 3;
+  lua_createtable(L, 0, 3);  /* the template */
+  int src = lua_gettop(L);
+  for (int j = 0; j < 3; j++) {
+    lua_pushstring(L, names[j]);
+    tp.keys[j] = lua_topointer(L, -1);
+    lua_pushinteger(L, j);
+    lua_rawset(L, src);
+  }
+  lua_createtable(L, 0, 3);
+  int dst = lua_gettop(L);
+  lua_pushliteral(L, "item2");
+  view_value vals[3];
+  vals[0].v.i = 42; vals[0].tt = VIEW_INT;
+  vals[1].v.p = (void *)lua_topointer(L, -1); vals[1].tt = VIEW_SHRSTR;
+  vals[2].v.p = (void *)lua_topointer(L, src); vals[2].tt = VIEW_TABLE;
+  view_table *t = (view_table *)lua_topointer(L, dst);
+  int ok = tpl_make(&tp, lua_topointer(L, src)) && tpl_fits(&tp, t);
+  if (ok) {
+    tpl_fill(t, &tp, vals);
+    lua_pushliteral(L, "extra"); lua_pushinteger(L, 7); lua_rawset(L, dst);
+    ok = lua_getfield(L, dst, "id") == LUA_TNUMBER && lua_isinteger(L, -1) && lua_tointeger(L, -1) == 42 &&
+         lua_getfield(L, dst, "name") == LUA_TSTRING && strcmp(lua_tostring(L, -1), "item2") == 0 &&
+         lua_getfield(L, dst, "tags") == LUA_TTABLE && lua_topointer(L, -1) == lua_topointer(L, src) &&
+         lua_getfield(L, dst, "extra") == LUA_TNUMBER && lua_tointeger(L, -1) == 7;
+    lua_settop(L, dst);
+    int count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, dst)) { count++; lua_pop(L, 1); }
+    ok = ok && count == 4;
+  }
+  lua_settop(L, src - 1);
+  return ok;
 }
 
 /* The hash part: a table of every kind of key and leaf value, filled through
@@ -261,7 +361,8 @@ static int view_check_nodes(lua_State *L) {
       seen |= 2, ok = n->tt == VIEW_FLOAT && n->v.n == 2.5;
     else if (n->key_tt == VIEW_SHRSTR && k == name)
       seen |= 4, ok = n->tt == VIEW_SHRSTR && s->shrlen == 5 && memcmp(s->contents, "item1", 6) == 0;
-    else if (n->key_tt == VIEW_LNGSTR && k->lnglen == sizeof lk - 1 && memcmp(k->contents, lk, sizeof lk) == 0)
+    else if (n->key_tt == VIEW_LNGSTR && k->tt == (VIEW_LNGSTR & 0x3f) && k->lnglen == sizeof lk - 1 &&
+             memcmp(k->contents, lk, sizeof lk) == 0)
       seen |= 8, ok = n->tt == VIEW_LNGSTR && s->lnglen == sizeof lv - 1 && memcmp(s->contents, lv, sizeof lv) == 0;
     else if (n->key_tt == VIEW_TRUE)
       seen |= 16, ok = n->tt == VIEW_FALSE;
@@ -282,7 +383,7 @@ static int view_check_nodes(lua_State *L) {
   ok = ok && v->alimit == 4 && !(v->flags & VIEW_REALASIZE) && lua_rawlen(L, -1) == 2 &&
        (v->alimit == 4 ? !(v->flags & VIEW_REALASIZE) : (v->flags & VIEW_REALASIZE) != 0);
   lua_pop(L, 1);
-  return ok;
+  return ok && view_check_fill(L);
 }
 
 static void view_check(lua_State *L) {
@@ -1817,7 +1918,10 @@ typedef struct dec {
   int remote;            /* MP_DECODE_SIGNED: bytes from another machine, signed (see below) */
   int keys;              /* stack slot of the key cache's anchor table (nil until a key comes), or 0 */
   int keyed;             /* the key cache is in use */
+  unsigned tplused;       /* which of tp[] are in use (bits) */
+  tpl *last;              /* the template used last (see decode_pairs) */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
+  tpl tp[TPLS];
 } dec;
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
@@ -2022,8 +2126,8 @@ static void decode_function(lua_State *L, dec *d, int shared) {
 ** mostly the same few names: a small cache (by length and end bytes) finds
 ** them again with one memcmp and one lua_rawgeti instead of Lua's interning
 ** (hash, look-up, compare); the cached strings live in the table at d->keys. */
-static void push_key(lua_State *L, dec *d, const char *p, size_t n) {
-  if (!d->keys || n == 0) { lua_pushlstring(L, p, n); return; }
+static const char *push_key(lua_State *L, dec *d, const char *p, size_t n) {
+  if (!d->keys || n == 0) return lua_pushlstring(L, p, n);
   if (!d->keyed) {  /* the first key: the cache starts empty */
     memset(d->kc, 0, sizeof d->kc);
     lua_createtable(L, KEYCACHE, 0);
@@ -2033,12 +2137,128 @@ static void push_key(lua_State *L, dec *d, const char *p, size_t n) {
   unsigned h = ((unsigned)n * 31u + (unsigned char)p[0] * 7u + (unsigned char)p[n - 1]) & (KEYCACHE - 1);
   if (d->kc[h].n == n && memcmp(d->kc[h].s, p, n) == 0) {
     lua_rawgeti(L, d->keys, (lua_Integer)h + 1);
-    return;
+    return d->kc[h].s;
   }
   d->kc[h].s = lua_pushlstring(L, p, n);
   d->kc[h].n = n;
   lua_pushvalue(L, -1);
   lua_rawseti(L, d->keys, (lua_Integer)h + 1);
+  return d->kc[h].s;
+}
+
+/* the template of the shape (n keys, in order), or a free slot for it */
+static inline tpl *tpl_find(dec *d, const view_string *const *keys, int n) {
+  uintptr_t h = ((uintptr_t)keys[0] >> 4) ^ ((uintptr_t)keys[n - 1] >> 7) ^ (uintptr_t)n;
+  tpl *tp = &d->tp[h & (TPLS - 1)];
+  unsigned bit = 1u << (h & (TPLS - 1));
+  if (!(d->tplused & bit)) {
+    d->tplused |= bit;
+    tp->npairs = 0;
+  }
+  return tp;
+}
+
+/* The npairs key/value pairs of the new table t (lua_createtable(L, 0, npairs)).
+** Messages often hold many tables of one shape (records: the same keys in the
+** same order): the first one is filled through the API; from the second one of
+** a shape on, the decoder keeps that table as the shape's template (tpl), and
+** the next ones copy its nodes and write their values in place (tpl_fill)
+** instead of hashing and inserting each key. Only when the keys are strings,
+** the values numbers, booleans, strings or tables, and t is not black (no GC
+** barrier needed); else through the API. The pairs are decoded onto the stack
+** first (they stay anchored there until the table holds them). */
+static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
+  const view_string *keys[TPL_MAX];
+  view_value vals[TPL_MAX];
+  int known = 1;  /* the keys strings, the values of kinds that tpl_fill may write */
+  int base = lua_gettop(L);
+  /* the keys of the template used last, while they match: not looked up, and
+  ** not pushed (a nil holds their place, until they are needed) */
+  const tpl *guess = d->last && d->last->t && d->last->npairs == npairs ? d->last : NULL;
+  uint32_t guessed = 0;
+  luaL_checkstack(L, 2 * TPL_MAX + 8, "cannot decode: nesting too deep");
+  for (uint32_t i = 0; i < npairs; i++) {
+    const unsigned char *p = d->p;
+    ptrdiff_t left = d->end - p;
+    if (guess && left >= 2 && p[0] == T_STR8 && p[1] == guess->keys[i]->shrlen && left - 2 >= p[1] &&
+        memcmp(p + 2, guess->keys[i]->contents, p[1]) == 0) {
+      keys[i] = guess->keys[i];
+      lua_pushnil(L);
+      d->p += 2 + p[1];
+      guessed++;
+    } else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {  /* the common key: a short string */
+      const char *k = push_key(L, d, (const char *)p + 2, p[1]);
+      keys[i] = (const view_string *)(k - offsetof(view_string, contents));
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+      int kt = lua_type(L, -1);
+      if (kt == LUA_TNIL) corrupt(L, "nil table key");
+      if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
+      known = 0;
+    }
+    p = d->p;  /* the value: small integers, floats and short strings inline */
+    left = d->end - p;
+    view_value *v = &vals[i];
+    if (left >= 2 && p[0] == T_INT8) { v->v.i = (int8_t)p[1]; v->tt = VIEW_INT; lua_pushinteger(L, v->v.i); d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t x; memcpy(&x, p + 1, 4); v->v.i = x; v->tt = VIEW_INT; lua_pushinteger(L, x); d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v->v.i = x; v->tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
+    else if (left >= 9 && p[0] == T_FLOAT) { memcpy(&v->v.n, p + 1, 8); v->tt = VIEW_FLOAT; lua_pushnumber(L, v->v.n); d->p += 9; }
+    else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      const char *x = lua_pushlstring(L, (const char *)p + 2, p[1]);
+      v->v.p = (void *)(x - offsetof(view_string, contents));
+      v->tt = (unsigned char)(((const view_string *)v->v.p)->tt | 0x40);  /* a short or a long string */
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+      switch (lua_type(L, -1)) {
+        case LUA_TTABLE: v->v.p = (void *)lua_topointer(L, -1); v->tt = VIEW_TABLE; break;
+        case LUA_TBOOLEAN: v->tt = lua_toboolean(L, -1) ? VIEW_TRUE : VIEW_FALSE; break;
+        default: known = 0;  /* (another value from decode_value: the API) */
+      }
+    }
+  }
+  view_table *vt = (view_table *)lua_topointer(L, t);
+  int n = (int)npairs;
+  if (guessed == npairs && known && tpl_fits(guess, vt)) {
+    tpl_fill(vt, guess, vals);
+    lua_settop(L, base);
+    return;
+  }
+  for (uint32_t i = 0; guessed && i < npairs; i++) {  /* the keys not pushed */
+    if (lua_isnil(L, base + 1 + 2 * (int)i)) {
+      lua_pushlstring(L, keys[i]->contents, keys[i]->shrlen);  /* (alive: the template holds it) */
+      lua_replace(L, base + 1 + 2 * (int)i);
+    }
+  }
+  tpl *tp = known ? tpl_find(d, keys, n) : NULL;
+  if (tp) {
+    if (tp->npairs == n && memcmp(tp->keys, keys, (size_t)n * sizeof keys[0]) == 0) {
+      if (tp->t && tpl_fits(tp, vt)) {
+        tpl_fill(vt, tp, vals);
+        lua_settop(L, base);
+        d->last = tp;
+        return;
+      }
+    } else {
+      tp->npairs = (unsigned char)n;  /* a new shape here: seen once */
+      memcpy(tp->keys, keys, (size_t)n * sizeof keys[0]);
+      tp->t = NULL;
+      tp = NULL;
+    }
+  }
+  for (int j = 0; j < n; j++) {
+    lua_pushvalue(L, base + 1 + 2 * j);
+    lua_pushvalue(L, base + 2 + 2 * j);
+    lua_rawset(L, t);
+  }
+  lua_settop(L, base);
+  /* seen twice: this table becomes the template, anchored with the keys */
+  if (tp && !tp->t && tpl_make(tp, vt)) {
+    lua_pushvalue(L, t);
+    lua_rawseti(L, d->keys, KEYCACHE + 1 + (tp - d->tp));
+    d->last = tp;
+  }
 }
 
 static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
@@ -2079,6 +2299,10 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
       decode_value(L, d);
     }
     lua_rawseti(L, t, at + (lua_Integer)i);
+  }
+  if (narr == 0 && npairs && npairs <= TPL_MAX && d->keyed && view_nodes && inl == 2) {
+    decode_pairs(L, d, t, npairs);
+    npairs = 0;
   }
   for (uint32_t i = 0; i < npairs; i++) {
     const unsigned char *p = d->p;
