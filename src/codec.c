@@ -197,9 +197,23 @@ typedef struct view_string {             /* TString */
   void *next; unsigned char tt, marked;
   unsigned char extra, shrlen;           /* shrlen: a short string's length */
   unsigned int hash;
-  size_t lnglen;                         /* a long string's length */
+  union {
+    size_t lnglen;                       /* a long string's length */
+    const struct view_string *hnext;     /* a short string's next in its string table bucket */
+  } u;
   char contents[1];
 } view_string;
+typedef struct view_strt { const view_string **hash; int nuse, size; } view_strt;  /* stringtable */
+typedef struct view_state {              /* the head of a lua_State */
+  void *next; unsigned char tt, marked, status, allowhook; unsigned short nci;
+  void *top;
+  const struct view_global *l_G;
+} view_state;
+typedef struct view_global {             /* the head of a global_State */
+  lua_Alloc frealloc; void *ud;
+  ptrdiff_t totalbytes, GCdebt; size_t GCestimate, lastatomic;
+  view_strt strt;                        /* the short strings */
+} view_global;
 #define VIEW_INT 0x03    /* LUA_VNUMINT */
 #define VIEW_FLOAT 0x13  /* LUA_VNUMFLT */
 #define VIEW_FALSE 0x01  /* LUA_VFALSE */
@@ -266,6 +280,21 @@ static int tpl_make(tpl *tp, const view_table *t) {
 static inline int tpl_fits(const tpl *tp, const view_table *t) {
   return tp->t->node == tp->node && tp->t->lsizenode == tp->lsizenode && t->lsizenode == tp->lsizenode &&
          t->node != tp->node && !(t->marked & VIEW_BLACK);
+}
+
+/* Short strings are interned: decoding one looks it up in Lua's string table,
+** where its bucket and the strings chained there are cache misses, the main
+** cost of decoding many distinct strings. The decoder prefetches them (see
+** str_prefetch) through this mirror of the string table and of Lua 5.4's
+** string hash, which view_check_strings proves right when the module loads.
+** Prefetches are hints: a wrong address costs nothing but time. */
+static unsigned view_seed;  /* the hash seed (the hash of "") */
+static int view_strs;       /* the string table's mirror works */
+
+static inline unsigned view_hash(const unsigned char *str, size_t l, unsigned seed) {
+  unsigned h = seed ^ (unsigned)l;
+  for (; l > 0; l--) h ^= ((h << 5) + (h >> 2) + str[l - 1]);
+  return h;
 }
 
 #if LUA_VERSION_NUM == 504
@@ -361,9 +390,9 @@ static int view_check_nodes(lua_State *L) {
       seen |= 2, ok = n->tt == VIEW_FLOAT && n->v.n == 2.5;
     else if (n->key_tt == VIEW_SHRSTR && k == name)
       seen |= 4, ok = n->tt == VIEW_SHRSTR && s->shrlen == 5 && memcmp(s->contents, "item1", 6) == 0;
-    else if (n->key_tt == VIEW_LNGSTR && k->tt == (VIEW_LNGSTR & 0x3f) && k->lnglen == sizeof lk - 1 &&
+    else if (n->key_tt == VIEW_LNGSTR && k->tt == (VIEW_LNGSTR & 0x3f) && k->u.lnglen == sizeof lk - 1 &&
              memcmp(k->contents, lk, sizeof lk) == 0)
-      seen |= 8, ok = n->tt == VIEW_LNGSTR && s->lnglen == sizeof lv - 1 && memcmp(s->contents, lv, sizeof lv) == 0;
+      seen |= 8, ok = n->tt == VIEW_LNGSTR && s->u.lnglen == sizeof lv - 1 && memcmp(s->contents, lv, sizeof lv) == 0;
     else if (n->key_tt == VIEW_TRUE)
       seen |= 16, ok = n->tt == VIEW_FALSE;
     else if (n->key_tt == VIEW_FLOAT && n->k.n == 3.5)
@@ -384,6 +413,35 @@ static int view_check_nodes(lua_State *L) {
        (v->alimit == 4 ? !(v->flags & VIEW_REALASIZE) : (v->flags & VIEW_REALASIZE) != 0);
   lua_pop(L, 1);
   return ok && view_check_fill(L);
+}
+
+/* The string table: found from the lua_State through its global_State (whose
+** allocator is the one lua_getallocf gives), strings hashed as Lua does and
+** found in their bucket. */
+static int view_check_strings(lua_State *L) {
+  static const char *const probes[] = { "multiprocessing.codec", "id", "item12345" };
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  const view_global *g = ((const view_state *)(const void *)L)->l_G;
+  if (!g || g->frealloc != f || g->ud != ud) return 0;
+  const view_strt *st = &g->strt;
+  if (!st->hash || st->size < 1 || (st->size & (st->size - 1)) || st->nuse < 1) return 0;
+  lua_pushliteral(L, "");
+  unsigned seed = ((const view_string *)lua_topointer(L, -1))->hash;
+  lua_pop(L, 1);
+  for (int i = 0; i < 3; i++) {
+    size_t n = strlen(probes[i]);
+    lua_pushlstring(L, probes[i], n);
+    const view_string *str = lua_topointer(L, -1), *c = NULL;
+    if (str->shrlen == n && str->hash == view_hash((const unsigned char *)probes[i], n, seed)) {
+      c = st->hash[str->hash & (unsigned)(st->size - 1)];
+      for (int k = 0; c && c != str && k < 1000000; k++) c = c->u.hnext;
+    }
+    lua_pop(L, 1);
+    if (c != str) return 0;
+  }
+  view_seed = seed;
+  return 1;
 }
 
 static void view_check(lua_State *L) {
@@ -422,6 +480,7 @@ static void view_check(lua_State *L) {
   lua_pop(L, 1);
   view_works = ok;
   view_nodes = ok && view_check_nodes(L);
+  view_strs = ok && view_check_strings(L);
 }
 #else
 static int view_works, view_nodes;
@@ -845,8 +904,8 @@ static inline int put_leaf(lua_State *L, mp_enc *e, unsigned tt, view_raw v) {
     }
     case VIEW_LNGSTR: {
       const view_string *s = v.p;
-      if (s->lnglen >= BIGSTR) return 0;
-      put_string(L, e, s->contents, s->lnglen);
+      if (s->u.lnglen >= BIGSTR) return 0;
+      put_string(L, e, s->contents, s->u.lnglen);
       return 1;
     }
     default: return 0;
@@ -1918,11 +1977,67 @@ typedef struct dec {
   int remote;            /* MP_DECODE_SIGNED: bytes from another machine, signed (see below) */
   int keys;              /* stack slot of the key cache's anchor table (nil until a key comes), or 0 */
   int keyed;             /* the key cache is in use */
+  const unsigned char *pfa, *pfb;  /* the prefetch walks (see str_prefetch), NULL when stopped */
+  const view_strt *strt;  /* Lua's string table (see view_strs) */
   unsigned tplused;       /* which of tp[] are in use (bits) */
   tpl *last;              /* the template used last (see decode_pairs) */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
   tpl tp[TPLS];
 } dec;
+
+/* The value after the one at p in a flat walk (a table's header is a value of
+** its own, its items follow it), or NULL past end or at a tag it does not
+** know (then the walk stops). It only guides prefetches: it trusts nothing. */
+static inline const unsigned char *scan_skip(const unsigned char *p, const unsigned char *end) {
+  size_t left = (size_t)(end - p), n;
+  uint32_t m;
+  if (left < 2) return NULL;
+  switch (p[0] & ~SHARED) {
+    case T_NIL: case T_FALSE: case T_TRUE: case T_GLOBALS: n = 1; break;
+    case T_INT8: n = 2; break;
+    case T_INT16: n = 3; break;
+    case T_INT32: case T_REF: n = 5; break;
+    case T_INT64: case T_FLOAT: case T_TABLE: case T_TABLE_MT: n = 9; break;
+    case T_STR8: case T_NAMEDMT: case T_MODULE: n = 2 + (size_t)p[1]; break;
+    case T_STR32: case T_INTS: case T_FLOATS:
+      if (left < 6) return NULL;
+      memcpy(&m, p + 1, 4);
+      n = (p[0] & ~SHARED) == T_STR32 ? 5 + (size_t)m
+        : (p[0] & ~SHARED) == T_FLOATS ? 5 + 8 * (size_t)m : 6 + (size_t)m * (p[5] & 15);
+      break;
+    default: return NULL;
+  }
+  return n <= left ? p + n : NULL;
+}
+
+#define PF_FAR 2048   /* bytes ahead where buckets are prefetched */
+#define PF_NEAR 1024  /* bytes ahead where the first string of a bucket is */
+
+/* Called before a string is interned: walks the input ahead of the decoder
+** (two walks, PF_FAR and PF_NEAR bytes ahead) and, for each short string met,
+** prefetches its string table bucket (far), then the first string chained
+** there (near, the bucket being in cache by then). */
+static void str_prefetch(dec *d) {
+  const view_strt *st = d->strt;
+  size_t room = (size_t)(d->end - d->p);
+  const unsigned char *far = d->p + (room < PF_FAR ? room : PF_FAR);
+  const unsigned char *near = d->p + (room < PF_NEAR ? room : PF_NEAR);
+  unsigned mask = (unsigned)st->size - 1;
+  while (d->pfa && d->pfa < far) {
+    const unsigned char *p = d->pfa;
+    d->pfa = scan_skip(p, d->end);
+    if (p[0] == T_STR8 && p[1] <= 40 && d->pfa)
+      __builtin_prefetch(&st->hash[view_hash(p + 2, p[1], view_seed) & mask]);
+  }
+  while (d->pfb && d->pfb < near) {
+    const unsigned char *p = d->pfb;
+    d->pfb = scan_skip(p, d->end);
+    if (p[0] == T_STR8 && p[1] <= 40 && d->pfb) {
+      const view_string *head = st->hash[view_hash(p + 2, p[1], view_seed) & mask];
+      if (head) __builtin_prefetch(head);
+    }
+  }
+}
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
   if (d->depth >= d->stackdepth) {
@@ -2205,6 +2320,7 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v->v.i = x; v->tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { memcpy(&v->v.n, p + 1, 8); v->tt = VIEW_FLOAT; lua_pushnumber(L, v->v.n); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      if (d->pfb) str_prefetch(d);
       const char *x = lua_pushlstring(L, (const char *)p + 2, p[1]);
       v->v.p = (void *)(x - offsetof(view_string, contents));
       v->tt = (unsigned char)(((const view_string *)v->v.p)->tt | 0x40);  /* a short or a long string */
@@ -2293,6 +2409,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     else if (left >= 5 && p[0] == T_INT32) { int32_t v; memcpy(&v, p + 1, 4); lua_pushinteger(L, v); d->p += 5; }
     else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      if (d->pfb) str_prefetch(d);
       lua_pushlstring(L, (const char *)p + 2, p[1]);
       d->p += 2 + p[1];
     } else {
@@ -2325,6 +2442,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { double v; memcpy(&v, p + 1, 8); lua_pushnumber(L, v); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      if (d->pfb) str_prefetch(d);
       lua_pushlstring(L, (const char *)p + 2, p[1]);
       d->p += 2 + p[1];
     } else {
@@ -2410,6 +2528,7 @@ static void decode_value(lua_State *L, dec *d) {
       need(L, d, 1);
       size_t n = *d->p++;
       need(L, d, n);
+      if (d->pfb) str_prefetch(d);
       lua_pushlstring(L, (const char *)d->p, n);
       d->p += n;
       break;
@@ -2581,6 +2700,10 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
       lua_pushnil(L);  /* the slot of the key cache's strings */
       d.keys = d.refs + 1;
     }
+  }
+  if (view_strs && n >= PF_NEAR) {  /* a big message: prefetch for its strings */
+    d.strt = &((const view_state *)(const void *)L)->l_G->strt;
+    d.pfa = d.pfb = d.p;
   }
   decode_value(L, &d);
   if (d.p != d.end) corrupt(L, "trailing bytes");
@@ -2855,14 +2978,21 @@ static int codec_register_metatable(lua_State *L) {
   return 1;
 }
 
-/* core._codec_view([on]) -> in use: for tests, packed arrays through the API
-** (false) or in place (true, when view_check passed) */
+/* core._codec_view([on [, strings]]) -> arrays, nodes, strings in use: for tests, tables
+** through the API (false) or in place (true, when view_check passed), and
+** whether the decoder prefetches strings (see view_strs) */
 static int codec_view(lua_State *L) {
-  static int works = -1, nodes;
-  if (works < 0) works = view_works, nodes = view_nodes;
-  if (!lua_isnone(L, 1)) view_works = works && lua_toboolean(L, 1), view_nodes = nodes && view_works;
+  static int works = -1, nodes, strs;
+  if (works < 0) works = view_works, nodes = view_nodes, strs = view_strs;
+  if (!lua_isnone(L, 1)) {
+    view_works = works && lua_toboolean(L, 1);
+    view_nodes = nodes && view_works;
+    view_strs = strs && view_works && (lua_isnone(L, 2) || lua_toboolean(L, 2));
+  }
   lua_pushboolean(L, view_works);
-  return 1;
+  lua_pushboolean(L, view_nodes);
+  lua_pushboolean(L, view_strs);
+  return 3;
 }
 
 int mp_codec_open(lua_State *L) {
