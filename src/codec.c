@@ -1959,6 +1959,8 @@ void mp_enc_done(lua_State *L, mp_enc *e) {
 /* ------------------------------------------------------------ decoder */
 
 #define KEYCACHE 64  /* short string keys remembered by a decoder (see push_key) */
+#define PF_AHEAD 1024  /* bytes of input ahead of the decoder whose strings are prefetched */
+#define PF_RING 64     /* strings between a bucket's prefetch and its first string's */
 
 typedef struct dec {
   const unsigned char *p, *end;
@@ -1977,12 +1979,14 @@ typedef struct dec {
   int remote;            /* MP_DECODE_SIGNED: bytes from another machine, signed (see below) */
   int keys;              /* stack slot of the key cache's anchor table (nil until a key comes), or 0 */
   int keyed;             /* the key cache is in use */
-  const unsigned char *pfa, *pfb;  /* the prefetch walks (see str_prefetch), NULL when stopped */
+  const unsigned char *pf;  /* the prefetch walk (see str_prefetch), NULL when stopped */
+  unsigned pfn, pfo;      /* strings met by the walk, and whose bucket was read */
   const view_strt *strt;  /* Lua's string table (see view_strs) */
   unsigned tplused;       /* which of tp[] are in use (bits) */
   tpl *last;              /* the template used last (see decode_pairs) */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
   tpl tp[TPLS];
+  unsigned pfh[PF_RING];  /* the hashes of the last strings met by the walk */
 } dec;
 
 /* The value after the one at p in a flat walk (a table's header is a value of
@@ -2010,31 +2014,26 @@ static inline const unsigned char *scan_skip(const unsigned char *p, const unsig
   return n <= left ? p + n : NULL;
 }
 
-#define PF_FAR 2048   /* bytes ahead where buckets are prefetched */
-#define PF_NEAR 1024  /* bytes ahead where the first string of a bucket is */
-
-/* Called before a string is interned: walks the input ahead of the decoder
-** (two walks, PF_FAR and PF_NEAR bytes ahead) and, for each short string met,
-** prefetches its string table bucket (far), then the first string chained
-** there (near, the bucket being in cache by then). */
+/* Called before a string is interned: walks the input up to PF_AHEAD bytes
+** ahead of the decoder and, for each short string met, prefetches its string
+** table bucket; PF_RING strings later, that bucket being in cache by then, it
+** prefetches the first string chained there. */
 static void str_prefetch(dec *d) {
   const view_strt *st = d->strt;
   size_t room = (size_t)(d->end - d->p);
-  const unsigned char *far = d->p + (room < PF_FAR ? room : PF_FAR);
-  const unsigned char *near = d->p + (room < PF_NEAR ? room : PF_NEAR);
+  const unsigned char *ahead = d->p + (room < PF_AHEAD ? room : PF_AHEAD);
   unsigned mask = (unsigned)st->size - 1;
-  while (d->pfa && d->pfa < far) {
-    const unsigned char *p = d->pfa;
-    d->pfa = scan_skip(p, d->end);
-    if (p[0] == T_STR8 && p[1] <= 40 && d->pfa)
-      __builtin_prefetch(&st->hash[view_hash(p + 2, p[1], view_seed) & mask]);
-  }
-  while (d->pfb && d->pfb < near) {
-    const unsigned char *p = d->pfb;
-    d->pfb = scan_skip(p, d->end);
-    if (p[0] == T_STR8 && p[1] <= 40 && d->pfb) {
-      const view_string *head = st->hash[view_hash(p + 2, p[1], view_seed) & mask];
-      if (head) __builtin_prefetch(head);
+  while (d->pf && d->pf < ahead) {
+    const unsigned char *p = d->pf;
+    d->pf = scan_skip(p, d->end);
+    if (p[0] == T_STR8 && p[1] <= 40 && d->pf) {
+      unsigned h = view_hash(p + 2, p[1], view_seed);
+      __builtin_prefetch(&st->hash[h & mask]);
+      if (d->pfn - d->pfo == PF_RING) {
+        const view_string *head = st->hash[d->pfh[d->pfo++ % PF_RING] & mask];
+        if (head) __builtin_prefetch(head);
+      }
+      d->pfh[d->pfn++ % PF_RING] = h;
     }
   }
 }
@@ -2320,7 +2319,7 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v->v.i = x; v->tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { memcpy(&v->v.n, p + 1, 8); v->tt = VIEW_FLOAT; lua_pushnumber(L, v->v.n); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pfb) str_prefetch(d);
+      if (d->pf) str_prefetch(d);
       const char *x = lua_pushlstring(L, (const char *)p + 2, p[1]);
       v->v.p = (void *)(x - offsetof(view_string, contents));
       v->tt = (unsigned char)(((const view_string *)v->v.p)->tt | 0x40);  /* a short or a long string */
@@ -2409,7 +2408,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     else if (left >= 5 && p[0] == T_INT32) { int32_t v; memcpy(&v, p + 1, 4); lua_pushinteger(L, v); d->p += 5; }
     else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pfb) str_prefetch(d);
+      if (d->pf) str_prefetch(d);
       lua_pushlstring(L, (const char *)p + 2, p[1]);
       d->p += 2 + p[1];
     } else {
@@ -2442,7 +2441,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { double v; memcpy(&v, p + 1, 8); lua_pushnumber(L, v); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pfb) str_prefetch(d);
+      if (d->pf) str_prefetch(d);
       lua_pushlstring(L, (const char *)p + 2, p[1]);
       d->p += 2 + p[1];
     } else {
@@ -2528,7 +2527,7 @@ static void decode_value(lua_State *L, dec *d) {
       need(L, d, 1);
       size_t n = *d->p++;
       need(L, d, n);
-      if (d->pfb) str_prefetch(d);
+      if (d->pf) str_prefetch(d);
       lua_pushlstring(L, (const char *)d->p, n);
       d->p += n;
       break;
@@ -2701,9 +2700,9 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
       d.keys = d.refs + 1;
     }
   }
-  if (view_strs && n >= PF_NEAR) {  /* a big message: prefetch for its strings */
+  if (view_strs && n >= PF_AHEAD) {  /* a big message: prefetch for its strings */
     d.strt = &((const view_state *)(const void *)L)->l_G->strt;
-    d.pfa = d.pfb = d.p;
+    d.pf = d.p;
   }
   decode_value(L, &d);
   if (d.p != d.end) corrupt(L, "trailing bytes");
