@@ -2015,8 +2015,9 @@ static inline const unsigned char *scan_skip(const unsigned char *p, const unsig
 }
 
 /* Called before a string is interned: walks the input up to PF_AHEAD bytes
-** ahead of the decoder and, for each short string met, prefetches its string
-** table bucket; PF_RING strings later, that bucket being in cache by then, it
+** ahead of the decoder and, for each short string met (but those that look
+** like a cached key: keys are not interned), prefetches its string table
+** bucket; PF_RING strings later, that bucket being in cache by then, it
 ** prefetches the first string chained there. */
 static void str_prefetch(dec *d) {
   const view_strt *st = d->strt;
@@ -2026,7 +2027,11 @@ static void str_prefetch(dec *d) {
   while (d->pf && d->pf < ahead) {
     const unsigned char *p = d->pf;
     d->pf = scan_skip(p, d->end);
-    if (p[0] == T_STR8 && p[1] <= 40 && d->pf) {
+    if (p[0] == T_STR8 && p[1] <= 40 && p[1] >= 3 && d->pf) {  /* (a few short ones: in cache) */
+      if (d->keyed) {  /* like a cached key (length and ends, see push_key): not interned */
+        unsigned k = ((unsigned)p[1] * 31u + p[2] * 7u + p[1 + p[1]]) & (KEYCACHE - 1);
+        if (d->kc[k].n == p[1] && d->kc[k].s[0] == p[2]) continue;
+      }
       unsigned h = view_hash(p + 2, p[1], view_seed);
       __builtin_prefetch(&st->hash[h & mask]);
       if (d->pfn - d->pfo == PF_RING) {
@@ -2260,6 +2265,24 @@ static const char *push_key(lua_State *L, dec *d, const char *p, size_t n) {
   return d->kc[h].s;
 }
 
+/* The value at the top of the stack as the mirror writes it, when it is a
+** number, a boolean, a string or a table: returns 0 for other values. */
+static int stack_view(lua_State *L, view_value *v) {
+  switch (lua_type(L, -1)) {
+    case LUA_TTABLE: v->v.p = (void *)lua_topointer(L, -1); v->tt = VIEW_TABLE; return 1;
+    case LUA_TBOOLEAN: v->tt = lua_toboolean(L, -1) ? VIEW_TRUE : VIEW_FALSE; return 1;
+    case LUA_TSTRING:
+      v->v.p = (void *)lua_topointer(L, -1);
+      v->tt = (unsigned char)(((const view_string *)v->v.p)->tt | 0x40);
+      return 1;
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, -1)) { v->v.i = lua_tointeger(L, -1); v->tt = VIEW_INT; }
+      else { v->v.n = lua_tonumber(L, -1); v->tt = VIEW_FLOAT; }
+      return 1;
+    default: return 0;
+  }
+}
+
 /* the template of the shape (n keys, in order), or a free slot for it */
 static inline tpl *tpl_find(dec *d, const view_string *const *keys, int n) {
   uintptr_t h = ((uintptr_t)keys[0] >> 4) ^ ((uintptr_t)keys[n - 1] >> 7) ^ (uintptr_t)n;
@@ -2326,11 +2349,7 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
       d->p += 2 + p[1];
     } else {
       decode_value(L, d);
-      switch (lua_type(L, -1)) {
-        case LUA_TTABLE: v->v.p = (void *)lua_topointer(L, -1); v->tt = VIEW_TABLE; break;
-        case LUA_TBOOLEAN: v->tt = lua_toboolean(L, -1) ? VIEW_TRUE : VIEW_FALSE; break;
-        default: known = 0;  /* (another value from decode_value: the API) */
-      }
+      if (!stack_view(L, v)) known = 0;  /* (a function, a userdata...: the API) */
     }
   }
   view_table *vt = (view_table *)lua_topointer(L, t);
@@ -2399,22 +2418,33 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
   remember(L, d, t, shared);
   d->depth++;
   ptrdiff_t inl = d->depth <= MAXDEPTH ? 2 : PTRDIFF_MAX;  /* no inline values too deep */
+  /* The array part is filled in place (numbers, strings, booleans, tables) while
+  ** the table is not black (see tpl_fill), else through lua_rawseti. */
+  view_table *va = view_nodes && !at && narr ? (view_table *)lua_topointer(L, t) : NULL;
   for (uint64_t i = 1; i <= narr; i++) {
     /* small integers and short strings inline: arrays of them are common */
     const unsigned char *p = d->p;
     ptrdiff_t left = d->end - p;
     if (left < inl) left = 0;
-    if (left >= 2 && p[0] == T_INT8) { lua_pushinteger(L, (int8_t)p[1]); d->p += 2; }
-    else if (left >= 5 && p[0] == T_INT32) { int32_t v; memcpy(&v, p + 1, 4); lua_pushinteger(L, v); d->p += 5; }
-    else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
+    view_value v;
+    if (left >= 2 && p[0] == T_INT8) { v.v.i = (int8_t)p[1]; v.tt = VIEW_INT; lua_pushinteger(L, v.v.i); d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t x; memcpy(&x, p + 1, 4); v.v.i = x; v.tt = VIEW_INT; lua_pushinteger(L, x); d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v.v.i = x; v.tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
       if (d->pf) str_prefetch(d);
-      lua_pushlstring(L, (const char *)p + 2, p[1]);
+      v.v.p = (void *)(lua_pushlstring(L, (const char *)p + 2, p[1]) - offsetof(view_string, contents));
+      v.tt = (unsigned char)(((const view_string *)v.v.p)->tt | 0x40);
       d->p += 2 + p[1];
     } else {
       decode_value(L, d);
+      if (!va || !stack_view(L, &v)) v.tt = 0;
     }
-    lua_rawseti(L, t, at + (lua_Integer)i);
+    if (va && v.tt && va->array && va->alimit >= i && !(va->marked & VIEW_BLACK)) {
+      va->array[i - 1] = v;
+      lua_pop(L, 1);
+    } else {
+      lua_rawseti(L, t, at + (lua_Integer)i);
+    }
   }
   if (narr == 0 && npairs && npairs <= TPL_MAX && d->keyed && view_nodes && inl == 2) {
     decode_pairs(L, d, t, npairs);
