@@ -197,9 +197,23 @@ typedef struct view_string {             /* TString */
   void *next; unsigned char tt, marked;
   unsigned char extra, shrlen;           /* shrlen: a short string's length */
   unsigned int hash;
-  size_t lnglen;                         /* a long string's length */
+  union {
+    size_t lnglen;                       /* a long string's length */
+    const struct view_string *hnext;     /* a short string's next in its string table bucket */
+  } u;
   char contents[1];
 } view_string;
+typedef struct view_strt { const view_string **hash; int nuse, size; } view_strt;  /* stringtable */
+typedef struct view_state {              /* the head of a lua_State */
+  void *next; unsigned char tt, marked, status, allowhook; unsigned short nci;
+  void *top;
+  const struct view_global *l_G;
+} view_state;
+typedef struct view_global {             /* the head of a global_State */
+  lua_Alloc frealloc; void *ud;
+  ptrdiff_t totalbytes, GCdebt; size_t GCestimate, lastatomic;
+  view_strt strt;                        /* the short strings */
+} view_global;
 #define VIEW_INT 0x03    /* LUA_VNUMINT */
 #define VIEW_FLOAT 0x13  /* LUA_VNUMFLT */
 #define VIEW_FALSE 0x01  /* LUA_VFALSE */
@@ -210,6 +224,79 @@ typedef struct view_string {             /* TString */
 #define VIEW_EMPTY(tt) (((tt) & 0x0f) == 0)  /* nil, empty slot, absent key */
 #define VIEW_REALASIZE 0x80  /* flags: BITRAS, set when alimit is not the array's size */
 #define VIEW_BLACK 0x20      /* marked: BLACKBIT */
+#define TPL_MAX 16   /* pairs of a table that may be filled from a template (see decode_pairs) */
+#define TPLS 8       /* templates remembered by a decoder */
+
+/* A template: the keys of a kind of table seen before in the message (its
+** shape), and a table of that shape, filled through the API, whose nodes
+** the next ones copy (see decode_pairs). */
+typedef struct tpl {
+  const view_string *keys[TPL_MAX];  /* in the order of the input */
+  const view_table *t;               /* NULL: the shape was seen once */
+  view_node *node;                   /* t's nodes when it became the template */
+  ptrdiff_t lastfree;                /* t's lastfree, from node */
+  unsigned char pos[TPL_MAX];        /* t's node of each key */
+  unsigned char npairs, lsizenode;
+} tpl;
+
+/* Fills the new table t (lua_createtable(L, 0, npairs): as many nodes as the
+** template, all empty) with the template's nodes (its keys, their chains, its
+** free pointer), then writes the values. The caller checks that t is not black
+** (a black table would need a GC barrier for the values and keys it gets) and
+** that nothing may collect in between. */
+static void tpl_fill(view_table *t, const tpl *tp, const view_value *vals) {
+  memcpy(t->node, tp->t->node, sizeof(view_node) << tp->lsizenode);
+  t->lastfree = t->node + tp->lastfree;
+  t->flags &= VIEW_REALASIZE;  /* no metamethod known absent (it may have come as a key) */
+  for (int j = 0; j < tp->npairs; j++) {
+    view_node *n = &t->node[tp->pos[j]];
+    n->v = vals[j].v;
+    n->tt = vals[j].tt;
+  }
+}
+
+/* Makes the table t, filled through the API with the keys of tp (whose nodes
+** it has, all of them), tp's template; returns 0 when a key is not found among
+** its short strings (a template's keys are short strings: see decode_pairs). */
+static int tpl_make(tpl *tp, const view_table *t) {
+  int size = 1 << t->lsizenode;
+  if (!t->node || size > 256) return 0;
+  for (int j = 0; j < tp->npairs; j++) {
+    int i = 0;
+    while (i < size && !(t->node[i].key_tt == VIEW_SHRSTR && t->node[i].k.p == tp->keys[j]))
+      i++;
+    if (i == size) return 0;
+    tp->pos[j] = (unsigned char)i;
+  }
+  tp->t = t;
+  tp->node = t->node;
+  tp->lastfree = t->lastfree - t->node;
+  tp->lsizenode = t->lsizenode;
+  return 1;
+}
+
+/* Is tp's template fit to fill t: unchanged since it became one, with as
+** many nodes as t, and t not black? */
+static inline int tpl_fits(const tpl *tp, const view_table *t) {
+  return tp->t->node == tp->node && tp->t->lsizenode == tp->lsizenode && t->lsizenode == tp->lsizenode &&
+         t->node != tp->node && !(t->marked & VIEW_BLACK);
+}
+
+/* Short strings are interned: decoding one looks it up in Lua's string table,
+** where its bucket and the strings chained there are cache misses, the main
+** cost of decoding many distinct strings. The decoder prefetches them (see
+** str_prefetch) through this mirror of the string table and of Lua 5.4's
+** string hash, which view_check_strings proves right when the module loads.
+** Prefetches are hints: a wrong address costs nothing but time. */
+static unsigned view_seed;  /* the hash seed (the hash of "") */
+static int view_strs;       /* the string table's mirror works */
+
+static inline unsigned view_hash(const unsigned char *str, size_t l, unsigned seed) {
+  unsigned h = seed ^ (unsigned)l;
+  for (; l > 0; l--) h ^= ((h << 5) + (h >> 2) + str[l - 1]);
+  return h;
+}
+
 #if LUA_VERSION_NUM == 504
 static int view_works;   /* set by view_check */
 static int view_nodes;   /* the hash part's mirror works too (view_check) */
@@ -226,6 +313,48 @@ static inline view_value *view_array(lua_State *L, int idx, lua_Integer *len) {
 static inline view_value *view_fresh(lua_State *L, int idx, lua_Integer n) {
   const view_table *t = lua_topointer(L, idx);
   return view_works && t && t->array && (lua_Integer)t->alimit >= n ? t->array : NULL;
+}
+
+
+/* A table filled from a template (tpl_fill), read through the API, and given
+** one key more through the API (its free pointer and chains must hold). */
+static int view_check_fill(lua_State *L) {
+  static const char *const names[] = { "id", "name", "tags" };
+  tpl tp;
+  memset(&tp, 0, sizeof tp);
+  tp.npairs = 3;
+  lua_createtable(L, 0, 3);  /* the template */
+  int src = lua_gettop(L);
+  for (int j = 0; j < 3; j++) {
+    lua_pushstring(L, names[j]);
+    tp.keys[j] = lua_topointer(L, -1);
+    lua_pushinteger(L, j);
+    lua_rawset(L, src);
+  }
+  lua_createtable(L, 0, 3);
+  int dst = lua_gettop(L);
+  lua_pushliteral(L, "item2");
+  view_value vals[3];
+  vals[0].v.i = 42; vals[0].tt = VIEW_INT;
+  vals[1].v.p = (void *)lua_topointer(L, -1); vals[1].tt = VIEW_SHRSTR;
+  vals[2].v.p = (void *)lua_topointer(L, src); vals[2].tt = VIEW_TABLE;
+  view_table *t = (view_table *)lua_topointer(L, dst);
+  int ok = tpl_make(&tp, lua_topointer(L, src)) && tpl_fits(&tp, t);
+  if (ok) {
+    tpl_fill(t, &tp, vals);
+    lua_pushliteral(L, "extra"); lua_pushinteger(L, 7); lua_rawset(L, dst);
+    ok = lua_getfield(L, dst, "id") == LUA_TNUMBER && lua_isinteger(L, -1) && lua_tointeger(L, -1) == 42 &&
+         lua_getfield(L, dst, "name") == LUA_TSTRING && strcmp(lua_tostring(L, -1), "item2") == 0 &&
+         lua_getfield(L, dst, "tags") == LUA_TTABLE && lua_topointer(L, -1) == lua_topointer(L, src) &&
+         lua_getfield(L, dst, "extra") == LUA_TNUMBER && lua_tointeger(L, -1) == 7;
+    lua_settop(L, dst);
+    int count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, dst)) { count++; lua_pop(L, 1); }
+    ok = ok && count == 4;
+  }
+  lua_settop(L, src - 1);
+  return ok;
 }
 
 /* The hash part: a table of every kind of key and leaf value, filled through
@@ -261,8 +390,9 @@ static int view_check_nodes(lua_State *L) {
       seen |= 2, ok = n->tt == VIEW_FLOAT && n->v.n == 2.5;
     else if (n->key_tt == VIEW_SHRSTR && k == name)
       seen |= 4, ok = n->tt == VIEW_SHRSTR && s->shrlen == 5 && memcmp(s->contents, "item1", 6) == 0;
-    else if (n->key_tt == VIEW_LNGSTR && k->lnglen == sizeof lk - 1 && memcmp(k->contents, lk, sizeof lk) == 0)
-      seen |= 8, ok = n->tt == VIEW_LNGSTR && s->lnglen == sizeof lv - 1 && memcmp(s->contents, lv, sizeof lv) == 0;
+    else if (n->key_tt == VIEW_LNGSTR && k->tt == (VIEW_LNGSTR & 0x3f) && k->u.lnglen == sizeof lk - 1 &&
+             memcmp(k->contents, lk, sizeof lk) == 0)
+      seen |= 8, ok = n->tt == VIEW_LNGSTR && s->u.lnglen == sizeof lv - 1 && memcmp(s->contents, lv, sizeof lv) == 0;
     else if (n->key_tt == VIEW_TRUE)
       seen |= 16, ok = n->tt == VIEW_FALSE;
     else if (n->key_tt == VIEW_FLOAT && n->k.n == 3.5)
@@ -282,7 +412,36 @@ static int view_check_nodes(lua_State *L) {
   ok = ok && v->alimit == 4 && !(v->flags & VIEW_REALASIZE) && lua_rawlen(L, -1) == 2 &&
        (v->alimit == 4 ? !(v->flags & VIEW_REALASIZE) : (v->flags & VIEW_REALASIZE) != 0);
   lua_pop(L, 1);
-  return ok;
+  return ok && view_check_fill(L);
+}
+
+/* The string table: found from the lua_State through its global_State (whose
+** allocator is the one lua_getallocf gives), strings hashed as Lua does and
+** found in their bucket. */
+static int view_check_strings(lua_State *L) {
+  static const char *const probes[] = { "multiprocessing.codec", "id", "item12345" };
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  const view_global *g = ((const view_state *)(const void *)L)->l_G;
+  if (!g || g->frealloc != f || g->ud != ud) return 0;
+  const view_strt *st = &g->strt;
+  if (!st->hash || st->size < 1 || (st->size & (st->size - 1)) || st->nuse < 1) return 0;
+  lua_pushliteral(L, "");
+  unsigned seed = ((const view_string *)lua_topointer(L, -1))->hash;
+  lua_pop(L, 1);
+  for (int i = 0; i < 3; i++) {
+    size_t n = strlen(probes[i]);
+    lua_pushlstring(L, probes[i], n);
+    const view_string *str = lua_topointer(L, -1), *c = NULL;
+    if (str->shrlen == n && str->hash == view_hash((const unsigned char *)probes[i], n, seed)) {
+      c = st->hash[str->hash & (unsigned)(st->size - 1)];
+      for (int k = 0; c && c != str && k < 1000000; k++) c = c->u.hnext;
+    }
+    lua_pop(L, 1);
+    if (c != str) return 0;
+  }
+  view_seed = seed;
+  return 1;
 }
 
 static void view_check(lua_State *L) {
@@ -321,6 +480,7 @@ static void view_check(lua_State *L) {
   lua_pop(L, 1);
   view_works = ok;
   view_nodes = ok && view_check_nodes(L);
+  view_strs = ok && view_check_strings(L);
 }
 #else
 static int view_works, view_nodes;
@@ -744,8 +904,8 @@ static inline int put_leaf(lua_State *L, mp_enc *e, unsigned tt, view_raw v) {
     }
     case VIEW_LNGSTR: {
       const view_string *s = v.p;
-      if (s->lnglen >= BIGSTR) return 0;
-      put_string(L, e, s->contents, s->lnglen);
+      if (s->u.lnglen >= BIGSTR) return 0;
+      put_string(L, e, s->contents, s->u.lnglen);
       return 1;
     }
     default: return 0;
@@ -1799,6 +1959,8 @@ void mp_enc_done(lua_State *L, mp_enc *e) {
 /* ------------------------------------------------------------ decoder */
 
 #define KEYCACHE 64  /* short string keys remembered by a decoder (see push_key) */
+#define PF_AHEAD 1024  /* bytes of input ahead of the decoder whose strings are prefetched */
+#define PF_RING 64     /* strings between a bucket's prefetch and its first string's */
 
 typedef struct dec {
   const unsigned char *p, *end;
@@ -1817,8 +1979,69 @@ typedef struct dec {
   int remote;            /* MP_DECODE_SIGNED: bytes from another machine, signed (see below) */
   int keys;              /* stack slot of the key cache's anchor table (nil until a key comes), or 0 */
   int keyed;             /* the key cache is in use */
+  const unsigned char *pf;  /* the prefetch walk (see str_prefetch), NULL when stopped */
+  unsigned pfn, pfo;      /* strings met by the walk, and whose bucket was read */
+  const view_strt *strt;  /* Lua's string table (see view_strs) */
+  unsigned tplused;       /* which of tp[] are in use (bits) */
+  tpl *last;              /* the template used last (see decode_pairs) */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
+  tpl tp[TPLS];
+  unsigned pfh[PF_RING];  /* the hashes of the last strings met by the walk */
 } dec;
+
+/* The value after the one at p in a flat walk (a table's header is a value of
+** its own, its items follow it), or NULL past end or at a tag it does not
+** know (then the walk stops). It only guides prefetches: it trusts nothing. */
+static inline const unsigned char *scan_skip(const unsigned char *p, const unsigned char *end) {
+  size_t left = (size_t)(end - p), n;
+  uint32_t m;
+  if (left < 2) return NULL;
+  switch (p[0] & ~SHARED) {
+    case T_NIL: case T_FALSE: case T_TRUE: case T_GLOBALS: n = 1; break;
+    case T_INT8: n = 2; break;
+    case T_INT16: n = 3; break;
+    case T_INT32: case T_REF: n = 5; break;
+    case T_INT64: case T_FLOAT: case T_TABLE: case T_TABLE_MT: n = 9; break;
+    case T_STR8: case T_NAMEDMT: case T_MODULE: n = 2 + (size_t)p[1]; break;
+    case T_STR32: case T_INTS: case T_FLOATS:
+      if (left < 6) return NULL;
+      memcpy(&m, p + 1, 4);
+      n = (p[0] & ~SHARED) == T_STR32 ? 5 + (size_t)m
+        : (p[0] & ~SHARED) == T_FLOATS ? 5 + 8 * (size_t)m : 6 + (size_t)m * (p[5] & 15);
+      break;
+    default: return NULL;
+  }
+  return n <= left ? p + n : NULL;
+}
+
+/* Called before a string is interned: walks the input up to PF_AHEAD bytes
+** ahead of the decoder and, for each short string met (but those that look
+** like a cached key: keys are not interned), prefetches its string table
+** bucket; PF_RING strings later, that bucket being in cache by then, it
+** prefetches the first string chained there. */
+static void str_prefetch(dec *d) {
+  const view_strt *st = d->strt;
+  size_t room = (size_t)(d->end - d->p);
+  const unsigned char *ahead = d->p + (room < PF_AHEAD ? room : PF_AHEAD);
+  unsigned mask = (unsigned)st->size - 1;
+  while (d->pf && d->pf < ahead) {
+    const unsigned char *p = d->pf;
+    d->pf = scan_skip(p, d->end);
+    if (p[0] == T_STR8 && p[1] <= 40 && p[1] >= 3 && d->pf) {  /* (a few short ones: in cache) */
+      if (d->keyed) {  /* like a cached key (length and ends, see push_key): not interned */
+        unsigned k = ((unsigned)p[1] * 31u + p[2] * 7u + p[1 + p[1]]) & (KEYCACHE - 1);
+        if (d->kc[k].n == p[1] && d->kc[k].s[0] == p[2]) continue;
+      }
+      unsigned h = view_hash(p + 2, p[1], view_seed);
+      __builtin_prefetch(&st->hash[h & mask]);
+      if (d->pfn - d->pfo == PF_RING) {
+        const view_string *head = st->hash[d->pfh[d->pfo++ % PF_RING] & mask];
+        if (head) __builtin_prefetch(head);
+      }
+      d->pfh[d->pfn++ % PF_RING] = h;
+    }
+  }
+}
 
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
   if (d->depth >= d->stackdepth) {
@@ -2022,8 +2245,8 @@ static void decode_function(lua_State *L, dec *d, int shared) {
 ** mostly the same few names: a small cache (by length and end bytes) finds
 ** them again with one memcmp and one lua_rawgeti instead of Lua's interning
 ** (hash, look-up, compare); the cached strings live in the table at d->keys. */
-static void push_key(lua_State *L, dec *d, const char *p, size_t n) {
-  if (!d->keys || n == 0) { lua_pushlstring(L, p, n); return; }
+static const char *push_key(lua_State *L, dec *d, const char *p, size_t n) {
+  if (!d->keys || n == 0) return lua_pushlstring(L, p, n);
   if (!d->keyed) {  /* the first key: the cache starts empty */
     memset(d->kc, 0, sizeof d->kc);
     lua_createtable(L, KEYCACHE, 0);
@@ -2033,12 +2256,143 @@ static void push_key(lua_State *L, dec *d, const char *p, size_t n) {
   unsigned h = ((unsigned)n * 31u + (unsigned char)p[0] * 7u + (unsigned char)p[n - 1]) & (KEYCACHE - 1);
   if (d->kc[h].n == n && memcmp(d->kc[h].s, p, n) == 0) {
     lua_rawgeti(L, d->keys, (lua_Integer)h + 1);
-    return;
+    return d->kc[h].s;
   }
   d->kc[h].s = lua_pushlstring(L, p, n);
   d->kc[h].n = n;
   lua_pushvalue(L, -1);
   lua_rawseti(L, d->keys, (lua_Integer)h + 1);
+  return d->kc[h].s;
+}
+
+/* The value at the top of the stack as the mirror writes it, when it is a
+** number, a boolean, a string or a table: returns 0 for other values. */
+static int stack_view(lua_State *L, view_value *v) {
+  switch (lua_type(L, -1)) {
+    case LUA_TTABLE: v->v.p = (void *)lua_topointer(L, -1); v->tt = VIEW_TABLE; return 1;
+    case LUA_TBOOLEAN: v->tt = lua_toboolean(L, -1) ? VIEW_TRUE : VIEW_FALSE; return 1;
+    case LUA_TSTRING:
+      v->v.p = (void *)lua_topointer(L, -1);
+      v->tt = (unsigned char)(((const view_string *)v->v.p)->tt | 0x40);
+      return 1;
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, -1)) { v->v.i = lua_tointeger(L, -1); v->tt = VIEW_INT; }
+      else { v->v.n = lua_tonumber(L, -1); v->tt = VIEW_FLOAT; }
+      return 1;
+    default: return 0;
+  }
+}
+
+/* the template of the shape (n keys, in order), or a free slot for it */
+static inline tpl *tpl_find(dec *d, const view_string *const *keys, int n) {
+  uintptr_t h = ((uintptr_t)keys[0] >> 4) ^ ((uintptr_t)keys[n - 1] >> 7) ^ (uintptr_t)n;
+  tpl *tp = &d->tp[h & (TPLS - 1)];
+  unsigned bit = 1u << (h & (TPLS - 1));
+  if (!(d->tplused & bit)) {
+    d->tplused |= bit;
+    tp->npairs = 0;
+  }
+  return tp;
+}
+
+/* The npairs key/value pairs of the new table t (lua_createtable(L, 0, npairs)).
+** Messages often hold many tables of one shape (records: the same keys in the
+** same order): the first one is filled through the API; from the second one of
+** a shape on, the decoder keeps that table as the shape's template (tpl), and
+** the next ones copy its nodes and write their values in place (tpl_fill)
+** instead of hashing and inserting each key. Only when the keys are strings,
+** the values numbers, booleans, strings or tables, and t is not black (no GC
+** barrier needed); else through the API. The pairs are decoded onto the stack
+** first (they stay anchored there until the table holds them). */
+static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
+  const view_string *keys[TPL_MAX];
+  view_value vals[TPL_MAX];
+  int known = 1;  /* the keys strings, the values of kinds that tpl_fill may write */
+  int base = lua_gettop(L);
+  /* the keys of the template used last, while they match: not looked up, and
+  ** not pushed (a nil holds their place, until they are needed) */
+  const tpl *guess = d->last && d->last->t && d->last->npairs == npairs ? d->last : NULL;
+  uint32_t guessed = 0;
+  luaL_checkstack(L, 2 * TPL_MAX + 8, "cannot decode: nesting too deep");
+  for (uint32_t i = 0; i < npairs; i++) {
+    const unsigned char *p = d->p;
+    ptrdiff_t left = d->end - p;
+    if (guess && left >= 2 && p[0] == T_STR8 && p[1] == guess->keys[i]->shrlen && left - 2 >= p[1] &&
+        memcmp(p + 2, guess->keys[i]->contents, p[1]) == 0) {
+      keys[i] = guess->keys[i];
+      lua_pushnil(L);
+      d->p += 2 + p[1];
+      guessed++;
+    } else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {  /* the common key: a short string */
+      const char *k = push_key(L, d, (const char *)p + 2, p[1]);
+      keys[i] = (const view_string *)(k - offsetof(view_string, contents));
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+      int kt = lua_type(L, -1);
+      if (kt == LUA_TNIL) corrupt(L, "nil table key");
+      if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
+      known = 0;
+    }
+    p = d->p;  /* the value: small integers, floats and short strings inline */
+    left = d->end - p;
+    view_value *v = &vals[i];
+    if (left >= 2 && p[0] == T_INT8) { v->v.i = (int8_t)p[1]; v->tt = VIEW_INT; lua_pushinteger(L, v->v.i); d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t x; memcpy(&x, p + 1, 4); v->v.i = x; v->tt = VIEW_INT; lua_pushinteger(L, x); d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v->v.i = x; v->tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
+    else if (left >= 9 && p[0] == T_FLOAT) { memcpy(&v->v.n, p + 1, 8); v->tt = VIEW_FLOAT; lua_pushnumber(L, v->v.n); d->p += 9; }
+    else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      if (d->pf) str_prefetch(d);
+      const char *x = lua_pushlstring(L, (const char *)p + 2, p[1]);
+      v->v.p = (void *)(x - offsetof(view_string, contents));
+      v->tt = (unsigned char)(((const view_string *)v->v.p)->tt | 0x40);  /* a short or a long string */
+      d->p += 2 + p[1];
+    } else {
+      decode_value(L, d);
+      if (!stack_view(L, v)) known = 0;  /* (a function, a userdata...: the API) */
+    }
+  }
+  view_table *vt = (view_table *)lua_topointer(L, t);
+  int n = (int)npairs;
+  if (guessed == npairs && known && tpl_fits(guess, vt)) {
+    tpl_fill(vt, guess, vals);
+    lua_settop(L, base);
+    return;
+  }
+  for (uint32_t i = 0; guessed && i < npairs; i++) {  /* the keys not pushed */
+    if (lua_isnil(L, base + 1 + 2 * (int)i)) {
+      lua_pushlstring(L, keys[i]->contents, keys[i]->shrlen);  /* (alive: the template holds it) */
+      lua_replace(L, base + 1 + 2 * (int)i);
+    }
+  }
+  tpl *tp = known ? tpl_find(d, keys, n) : NULL;
+  if (tp) {
+    if (tp->npairs == n && memcmp(tp->keys, keys, (size_t)n * sizeof keys[0]) == 0) {
+      if (tp->t && tpl_fits(tp, vt)) {
+        tpl_fill(vt, tp, vals);
+        lua_settop(L, base);
+        d->last = tp;
+        return;
+      }
+    } else {
+      tp->npairs = (unsigned char)n;  /* a new shape here: seen once */
+      memcpy(tp->keys, keys, (size_t)n * sizeof keys[0]);
+      tp->t = NULL;
+      tp = NULL;
+    }
+  }
+  for (int j = 0; j < n; j++) {
+    lua_pushvalue(L, base + 1 + 2 * j);
+    lua_pushvalue(L, base + 2 + 2 * j);
+    lua_rawset(L, t);
+  }
+  lua_settop(L, base);
+  /* seen twice: this table becomes the template, anchored with the keys */
+  if (tp && !tp->t && tpl_make(tp, vt)) {
+    lua_pushvalue(L, t);
+    lua_rawseti(L, d->keys, KEYCACHE + 1 + (tp - d->tp));
+    d->last = tp;
+  }
 }
 
 static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
@@ -2064,21 +2418,37 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
   remember(L, d, t, shared);
   d->depth++;
   ptrdiff_t inl = d->depth <= MAXDEPTH ? 2 : PTRDIFF_MAX;  /* no inline values too deep */
+  /* The array part is filled in place (numbers, strings, booleans, tables) while
+  ** the table is not black (see tpl_fill), else through lua_rawseti. */
+  view_table *va = view_nodes && !at && narr ? (view_table *)lua_topointer(L, t) : NULL;
   for (uint64_t i = 1; i <= narr; i++) {
     /* small integers and short strings inline: arrays of them are common */
     const unsigned char *p = d->p;
     ptrdiff_t left = d->end - p;
     if (left < inl) left = 0;
-    if (left >= 2 && p[0] == T_INT8) { lua_pushinteger(L, (int8_t)p[1]); d->p += 2; }
-    else if (left >= 5 && p[0] == T_INT32) { int32_t v; memcpy(&v, p + 1, 4); lua_pushinteger(L, v); d->p += 5; }
-    else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
+    view_value v;
+    if (left >= 2 && p[0] == T_INT8) { v.v.i = (int8_t)p[1]; v.tt = VIEW_INT; lua_pushinteger(L, v.v.i); d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t x; memcpy(&x, p + 1, 4); v.v.i = x; v.tt = VIEW_INT; lua_pushinteger(L, x); d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v.v.i = x; v.tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      lua_pushlstring(L, (const char *)p + 2, p[1]);
+      if (d->pf) str_prefetch(d);
+      v.v.p = (void *)(lua_pushlstring(L, (const char *)p + 2, p[1]) - offsetof(view_string, contents));
+      v.tt = (unsigned char)(((const view_string *)v.v.p)->tt | 0x40);
       d->p += 2 + p[1];
     } else {
       decode_value(L, d);
+      if (!va || !stack_view(L, &v)) v.tt = 0;
     }
-    lua_rawseti(L, t, at + (lua_Integer)i);
+    if (va && v.tt && va->array && va->alimit >= i && !(va->marked & VIEW_BLACK)) {
+      va->array[i - 1] = v;
+      lua_pop(L, 1);
+    } else {
+      lua_rawseti(L, t, at + (lua_Integer)i);
+    }
+  }
+  if (narr == 0 && npairs && npairs <= TPL_MAX && d->keyed && view_nodes && inl == 2) {
+    decode_pairs(L, d, t, npairs);
+    npairs = 0;
   }
   for (uint32_t i = 0; i < npairs; i++) {
     const unsigned char *p = d->p;
@@ -2101,6 +2471,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { double v; memcpy(&v, p + 1, 8); lua_pushnumber(L, v); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+      if (d->pf) str_prefetch(d);
       lua_pushlstring(L, (const char *)p + 2, p[1]);
       d->p += 2 + p[1];
     } else {
@@ -2186,6 +2557,7 @@ static void decode_value(lua_State *L, dec *d) {
       need(L, d, 1);
       size_t n = *d->p++;
       need(L, d, n);
+      if (d->pf) str_prefetch(d);
       lua_pushlstring(L, (const char *)d->p, n);
       d->p += n;
       break;
@@ -2357,6 +2729,10 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
       lua_pushnil(L);  /* the slot of the key cache's strings */
       d.keys = d.refs + 1;
     }
+  }
+  if (view_strs && n >= PF_AHEAD) {  /* a big message: prefetch for its strings */
+    d.strt = &((const view_state *)(const void *)L)->l_G->strt;
+    d.pf = d.p;
   }
   decode_value(L, &d);
   if (d.p != d.end) corrupt(L, "trailing bytes");
@@ -2631,14 +3007,21 @@ static int codec_register_metatable(lua_State *L) {
   return 1;
 }
 
-/* core._codec_view([on]) -> in use: for tests, packed arrays through the API
-** (false) or in place (true, when view_check passed) */
+/* core._codec_view([on [, strings]]) -> arrays, nodes, strings in use: for tests, tables
+** through the API (false) or in place (true, when view_check passed), and
+** whether the decoder prefetches strings (see view_strs) */
 static int codec_view(lua_State *L) {
-  static int works = -1, nodes;
-  if (works < 0) works = view_works, nodes = view_nodes;
-  if (!lua_isnone(L, 1)) view_works = works && lua_toboolean(L, 1), view_nodes = nodes && view_works;
+  static int works = -1, nodes, strs;
+  if (works < 0) works = view_works, nodes = view_nodes, strs = view_strs;
+  if (!lua_isnone(L, 1)) {
+    view_works = works && lua_toboolean(L, 1);
+    view_nodes = nodes && view_works;
+    view_strs = strs && view_works && (lua_isnone(L, 2) || lua_toboolean(L, 2));
+  }
   lua_pushboolean(L, view_works);
-  return 1;
+  lua_pushboolean(L, view_nodes);
+  lua_pushboolean(L, view_strs);
+  return 3;
 }
 
 int mp_codec_open(lua_State *L) {
