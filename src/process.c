@@ -44,6 +44,9 @@ static kid *kids;
 static int nkids, capkids;
 static int atexit_set;
 static pid_t mainpid;  /* the process whose kids these are */
+/* getpid() is a system call; the pool checks its owner on every call. The
+** cached value is renewed in every child by a fork handler (renew_pid), whoever forks. */
+static pid_t mypid;
 
 static kid *findkid(pid_t pid) {
   for (int i = nkids - 1; i >= 0; i--)  /* recent children first */
@@ -104,9 +107,30 @@ static int collect(kid *k) {
 ** thread (in a child: by a thread the fork did not copy, which never lets go),
 ** only stdout and stderr are flushed, each if it could be locked; the other
 ** files are left as they are (a file another thread reads in a blocking call
-** would trap fflush(NULL) the same way; hosts, see docs/process.md "Hosts"). */
+** would trap fflush(NULL) the same way; hosts, see docs/process.md "Hosts").
+**
+** Most forks and exits have nothing to flush (the parent flushed before the
+** fork; a child that printed nothing has nothing buffered): with glibc, a
+** process that has no other thread first reads the list of open streams,
+** without locking (no thread can open or close one meanwhile), and stops there
+** when none holds output. Taking the locks would write to libc's pages, which
+** after a fork costs a page copy in each process. */
 #define FLUSH_TRIES 20
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+#include <sys/single_threaded.h>
+extern FILE *_IO_list_all;  /* glibc's open streams, chained by _chain (exported since 2.2.5) */
+static int nothing_buffered(void) {
+  if (!__libc_single_threaded) return 0;
+  for (FILE *f = _IO_list_all; f; f = f->_chain)
+    if (f->_mode > 0 || f->_IO_write_ptr > f->_IO_write_base) return 0;  /* (wide streams: not looked into) */
+  return 1;
+}
+#else
+static int nothing_buffered(void) { return 0; }
+#endif
+
 void mp_flush_std(void) {
+  if (nothing_buffered()) return;
   FILE *fs[3] = { stdin, stdout, stderr };
   int got[3];
   for (int i = 0; i < 3; i++) {
@@ -195,10 +219,10 @@ static int fork_stop;  /* test hook (core._fork_stop): the next child stops as i
 ** parent dies then (if it is continued, the check ends it). */
 static int watch_fd = -1;  /* this process's lifeline to its own parent */
 
-static void arm_lifeline(int fd, int sig) {
+static void arm_lifeline(int fd, int sig, pid_t self, int flags) {
   fcntl(fd, F_SETSIG, sig);
-  fcntl(fd, F_SETOWN, getpid());
-  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC | O_NONBLOCK);
+  fcntl(fd, F_SETOWN, self);
+  fcntl(fd, F_SETFL, flags | O_ASYNC | O_NONBLOCK);
   struct pollfd p = { fd, POLLIN, 0 };
   if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLIN))) _exit(1);  /* the parent died already */
   watch_fd = fd;
@@ -228,7 +252,7 @@ static int proc_fork(lua_State *L) {
   if (pid == 0) {  /* (the fork handler closed the lifelines we inherited) */
     if (life[0] >= 0) {
       close(life[1]);
-      arm_lifeline(life[0], deathsig);
+      arm_lifeline(life[0], deathsig, mypid, 0);  /* (pipe2 set no status flag; the fork handler set mypid) */
     }
     if (fork_stop) { fork_stop = 0; raise(SIGSTOP); }
     mp_proc_child(token);
@@ -350,9 +374,7 @@ static int proc_kill(lua_State *L) {
   return 1;
 }
 
-/* getpid() is a system call; the pool checks its owner on every call. The
-** cached value is renewed in every child by a fork handler, whoever forks. */
-static pid_t mypid;
+/* (mypid: see the top of the file) */
 static void renew_pid(void) {
   mypid = getpid();
   /* whoever forked (we or the host): the parent's children are not ours, nor
@@ -510,6 +532,6 @@ void mp_proc_track(pid_t pid, int daemon, int lifeline) { track(pid, daemon, lif
 ** (mp_lifeline_arm in the child of spawn's fork, before exec) or to arm now */
 void mp_proc_watch(int fd) { watch_fd = fd; }
 
-void mp_lifeline_arm(int fd, int sig) { arm_lifeline(fd, sig); }
+void mp_lifeline_arm(int fd, int sig) { arm_lifeline(fd, sig, getpid(), fcntl(fd, F_GETFL)); }
 
 void mp_proc_reset(void) { nkids = 0; mainpid = getpid(); }
