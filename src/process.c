@@ -257,7 +257,7 @@ static int proc_fork(lua_State *L) {
     if (fork_stop) { fork_stop = 0; raise(SIGSTOP); }
     mp_proc_child(token);
     nkids = 0;
-    mainpid = getpid();
+    mainpid = mypid;
     lua_pushinteger(L, 0);
     return 1;
   }

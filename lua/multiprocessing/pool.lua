@@ -121,9 +121,17 @@ end
 
 local function blob_decode(off) return decode(core.blob_get(off)) end
 
+-- "PoolWorker-<i>", made once in the parent (see spawn): a forked worker finds
+-- its name made, and writes nothing to make it
+local worker_names = setmetatable({}, { __index = function(t, i)
+  local name = "PoolWorker-" .. i
+  t[i] = name
+  return name
+end })
+
 local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
-  process._become("PoolWorker-" .. i, true)
+  process._become(worker_names[i], true)
   local tasks, results, st = pool._tasks, pool._results, pool._st
   st:forget()  -- the parent's epoll set and pidfds (pool:fileno) are not the worker's
   local me = core.getpid()
@@ -294,6 +302,7 @@ end
 local function spawn(self, i)
   self._st:release(i)
   if self._method then return start_worker(self, i) end
+  local _ = worker_names[i]  -- (made here, before the fork)
   self._st:forking(true)  -- this child keeps the pool's eventfd; other children close it
   local pid, err = core.fork(true)
   if pid ~= 0 then self._st:forking(false) end
