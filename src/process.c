@@ -16,6 +16,14 @@
 
 #include "mp.h"
 
+/* glibc 2.32+ tells whether the process ever had another thread (__libc_single_threaded) */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+#include <sys/single_threaded.h>
+#define MP_KNOWS_THREADS 1
+#else
+#define MP_KNOWS_THREADS 0
+#endif
+
 /* The children this process started (core.fork), by pid.
 **
 ** A child is tracked from fork until its owner has its exit status. Whoever
@@ -116,8 +124,7 @@ static int collect(kid *k) {
 ** when none holds output. Taking the locks would write to libc's pages, which
 ** after a fork costs a page copy in each process. */
 #define FLUSH_TRIES 20
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
-#include <sys/single_threaded.h>
+#if MP_KNOWS_THREADS
 extern FILE *_IO_list_all;  /* glibc's open streams, chained by _chain (exported since 2.2.5) */
 static int nothing_buffered(void) {
   if (!__libc_single_threaded) return 0;
@@ -433,6 +440,17 @@ static int proc_signame(lua_State *L) {  /* core.signame(n) -> "SIGKILL" */
   return 1;
 }
 
+/* core.single_threaded() -> true when this process is known to have no other
+** thread (so no lock can be copied held by a fork); false when it may have one */
+static int proc_single_threaded(lua_State *L) {
+#if MP_KNOWS_THREADS
+  lua_pushboolean(L, __libc_single_threaded);
+#else
+  lua_pushboolean(L, 0);
+#endif
+  return 1;
+}
+
 static int proc_isatty(lua_State *L) {
   lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
   return 1;
@@ -507,7 +525,7 @@ int mp_process_open(lua_State *L) {
     {"forget", proc_forget}, {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
     {"cpu_count", proc_cpu_count}, {"sigint", proc_sigint}, {"signame", proc_signame},
     {"now", proc_now}, {"sleep", proc_sleep}, {"isatty", proc_isatty}, {"_fork_stop", proc_fork_stop},
-    {"sentinel", proc_sentinel},
+    {"sentinel", proc_sentinel}, {"single_threaded", proc_single_threaded},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -990,7 +990,7 @@ local function step(self, feed_until)
     if n >= STEP_RESULTS or (n > 0 and t0 >= feed_until) then more = true break end
     local seq, out, pid, busy = take_result(results, 0, inflight)
     if seq == nil then break end
-    n = n + 1
+    if type(seq) ~= "table" or seq[1] > 0 then n = n + 1 end  -- (a worker's start-up note is no result)
     local inf = type(seq) == "number" and inflight[seq]
     on_result(self, seq, out, pid, busy)
     local t1 = now()
@@ -1339,8 +1339,12 @@ function M.Pool(opts)
   -- that wait; the pool starts with the others, and the stopped one joins them if continued.
   -- One not ready after start_timeout seconds fails the Pool, named.
   -- (/proc is asked only once a slice has passed: reading it costs more than a worker's start.)
+  -- Without an initializer, a worker forked from a process with no other thread cannot fail to
+  -- start (no lock can have been copied held): the pool is returned at once, as Python's, and
+  -- its workers' starts overlap what the caller does next. They say they are ready as
+  -- replacements do, through the engine, which keeps start_timeout and start-up deaths.
   local t0 = now()
-  while true do
+  while init or self._method or not core.single_threaded() do
     local all, late, slow = true, nil, now() - t0 >= SLICE
     for i = 1, n do
       local w = self._workers[i]
