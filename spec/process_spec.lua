@@ -246,6 +246,25 @@ describe("Process", function()
     assert.equal(0, p.exitcode)
   end)
 
+  it("keeps what a child left in stdio buffers at its exit, and prints nothing twice", function()
+    local ok, out = run_script(PRELUDE .. [[
+io.write("before ")  -- (a file, fully buffered: flushed before the fork, printed once)
+local path = os.tmpname()
+local f = assert(io.open(path, "w"))
+local p = mp.Process { target = function() io.write("child ") f:write("in a file") end }
+p:start() p:join()
+local q = mp.Process { target = function() end }  -- a child with nothing to flush
+q:start() q:join()
+local pool = mp.Pool(1)
+pool:apply(function() io.write("worker ") end)
+pool:close() pool:join()
+local g = io.open(path) local s = g:read("a") g:close() os.remove(path)
+io.write("after: ", s, "\n")
+]])
+    assert.is_true(ok)
+    assert.equal("before child worker after: in a file\n", out)
+  end)
+
   it("cpu_count() is a positive integer", function()
     assert.equal("integer", math.type(mp.cpu_count()))
     assert.is_true(mp.cpu_count() >= 1)
@@ -378,6 +397,25 @@ describe("Process", function()
   end)
 
   describe("current_process() and parent_process()", function()
+    it("in a grandchild are the grandchild and the child, and a child lists none of its parent's children", function()
+      local q = mp.Queue()
+      local sibling = mp.Process { target = function() q:get(20) end }:start()  -- running at the next fork
+      local p = mp.Process { name = "Kid", target = function()
+        local mine = #mp.active_children()
+        local g = mp.Process { name = "Grandkid", target = function()
+          return mp.current_process().name, mp.current_process().pid, mp.parent_process().name, mp.parent_process().pid
+        end }:start()
+        g:join()
+        local gname, gpid, pname, ppid = g:result()
+        return mine, gname, gpid == g.pid, pname, ppid == mp.current_process().pid, mp.parent_process().name
+      end }:start()
+      assert.is_true(p:join(20))
+      assert.same({ 0, "Grandkid", true, "Kid", true, "MainProcess" }, { p:result() })
+      q:put("go")
+      assert.is_true(sibling:join(20))
+      q:close()
+    end)
+
     it("tell whether they live, and a child can join its parent", function()
       assert.is_true(mp.current_process():is_alive())
       assert.is_nil(mp.parent_process())

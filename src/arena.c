@@ -699,9 +699,8 @@ uint64_t mp_proc_prefork(lua_State *L) {
 void mp_proc_child(uint64_t token) {
   mypid = getpid();
   led = NULL;  /* the parent's ledger is not ours: ours starts empty */
-  free(kids);  /* the parent's children are not ours */
-  kids = NULL;
-  nkids = capkids = 0;
+  nkids = 0;  /* the parent's children are not ours (their array, our copy, is reused:
+              ** freeing it would write to heap pages shared with the parent) */
   myslot = 0;
   /* token 0: no entry (the forkserver's server, a child of a process outside the
   ** table). The server's workers, forked from it with their requester's token,

@@ -16,6 +16,14 @@
 
 #include "mp.h"
 
+/* glibc 2.32+ tells whether the process ever had another thread (__libc_single_threaded) */
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+#include <sys/single_threaded.h>
+#define MP_KNOWS_THREADS 1
+#else
+#define MP_KNOWS_THREADS 0
+#endif
+
 /* The children this process started (core.fork), by pid.
 **
 ** A child is tracked from fork until its owner has its exit status. Whoever
@@ -44,6 +52,9 @@ static kid *kids;
 static int nkids, capkids;
 static int atexit_set;
 static pid_t mainpid;  /* the process whose kids these are */
+/* getpid() is a system call; the pool checks its owner on every call. The
+** cached value is renewed in every child by a fork handler (renew_pid), whoever forks. */
+static pid_t mypid;
 
 static kid *findkid(pid_t pid) {
   for (int i = nkids - 1; i >= 0; i--)  /* recent children first */
@@ -104,9 +115,29 @@ static int collect(kid *k) {
 ** thread (in a child: by a thread the fork did not copy, which never lets go),
 ** only stdout and stderr are flushed, each if it could be locked; the other
 ** files are left as they are (a file another thread reads in a blocking call
-** would trap fflush(NULL) the same way; hosts, see docs/process.md "Hosts"). */
+** would trap fflush(NULL) the same way; hosts, see docs/process.md "Hosts").
+**
+** Most forks and exits have nothing to flush (the parent flushed before the
+** fork; a child that printed nothing has nothing buffered): with glibc, a
+** process that has no other thread first reads the list of open streams,
+** without locking (no thread can open or close one meanwhile), and stops there
+** when none holds output. Taking the locks would write to libc's pages, which
+** after a fork costs a page copy in each process. */
 #define FLUSH_TRIES 20
+#if MP_KNOWS_THREADS
+extern FILE *_IO_list_all;  /* glibc's open streams, chained by _chain (exported since 2.2.5) */
+static int nothing_buffered(void) {
+  if (!__libc_single_threaded) return 0;
+  for (FILE *f = _IO_list_all; f; f = f->_chain)
+    if (f->_mode > 0 || f->_IO_write_ptr > f->_IO_write_base) return 0;  /* (wide streams: not looked into) */
+  return 1;
+}
+#else
+static int nothing_buffered(void) { return 0; }
+#endif
+
 void mp_flush_std(void) {
+  if (nothing_buffered()) return;
   FILE *fs[3] = { stdin, stdout, stderr };
   int got[3];
   for (int i = 0; i < 3; i++) {
@@ -195,10 +226,10 @@ static int fork_stop;  /* test hook (core._fork_stop): the next child stops as i
 ** parent dies then (if it is continued, the check ends it). */
 static int watch_fd = -1;  /* this process's lifeline to its own parent */
 
-static void arm_lifeline(int fd, int sig) {
+static void arm_lifeline(int fd, int sig, pid_t self, int flags) {
   fcntl(fd, F_SETSIG, sig);
-  fcntl(fd, F_SETOWN, getpid());
-  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC | O_NONBLOCK);
+  fcntl(fd, F_SETOWN, self);
+  fcntl(fd, F_SETFL, flags | O_ASYNC | O_NONBLOCK);
   struct pollfd p = { fd, POLLIN, 0 };
   if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLIN))) _exit(1);  /* the parent died already */
   watch_fd = fd;
@@ -228,12 +259,12 @@ static int proc_fork(lua_State *L) {
   if (pid == 0) {  /* (the fork handler closed the lifelines we inherited) */
     if (life[0] >= 0) {
       close(life[1]);
-      arm_lifeline(life[0], deathsig);
+      arm_lifeline(life[0], deathsig, mypid, 0);  /* (pipe2 set no status flag; the fork handler set mypid) */
     }
     if (fork_stop) { fork_stop = 0; raise(SIGSTOP); }
     mp_proc_child(token);
     nkids = 0;
-    mainpid = getpid();
+    mainpid = mypid;
     lua_pushinteger(L, 0);
     return 1;
   }
@@ -350,9 +381,7 @@ static int proc_kill(lua_State *L) {
   return 1;
 }
 
-/* getpid() is a system call; the pool checks its owner on every call. The
-** cached value is renewed in every child by a fork handler, whoever forks. */
-static pid_t mypid;
+/* (mypid: see the top of the file) */
 static void renew_pid(void) {
   mypid = getpid();
   /* whoever forked (we or the host): the parent's children are not ours, nor
@@ -408,6 +437,17 @@ static int proc_signame(lua_State *L) {  /* core.signame(n) -> "SIGKILL" */
   if (n >= SIGRTMIN && n <= SIGRTMAX) { lua_pushfstring(L, "SIGRTMIN+%d", n - SIGRTMIN); return 1; }
 #endif
   lua_pushfstring(L, "signal %d", n);
+  return 1;
+}
+
+/* core.single_threaded() -> true when this process is known to have no other
+** thread (so no lock can be copied held by a fork); false when it may have one */
+static int proc_single_threaded(lua_State *L) {
+#if MP_KNOWS_THREADS
+  lua_pushboolean(L, __libc_single_threaded);
+#else
+  lua_pushboolean(L, 0);
+#endif
   return 1;
 }
 
@@ -485,7 +525,7 @@ int mp_process_open(lua_State *L) {
     {"forget", proc_forget}, {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
     {"cpu_count", proc_cpu_count}, {"sigint", proc_sigint}, {"signame", proc_signame},
     {"now", proc_now}, {"sleep", proc_sleep}, {"isatty", proc_isatty}, {"_fork_stop", proc_fork_stop},
-    {"sentinel", proc_sentinel},
+    {"sentinel", proc_sentinel}, {"single_threaded", proc_single_threaded},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
@@ -510,6 +550,6 @@ void mp_proc_track(pid_t pid, int daemon, int lifeline) { track(pid, daemon, lif
 ** (mp_lifeline_arm in the child of spawn's fork, before exec) or to arm now */
 void mp_proc_watch(int fd) { watch_fd = fd; }
 
-void mp_lifeline_arm(int fd, int sig) { arm_lifeline(fd, sig); }
+void mp_lifeline_arm(int fd, int sig) { arm_lifeline(fd, sig, getpid(), fcntl(fd, F_GETFL)); }
 
 void mp_proc_reset(void) { nkids = 0; mainpid = getpid(); }

@@ -124,9 +124,17 @@ end
 
 local function blob_decode(off) return decode(core.blob_get(off)) end
 
+-- "PoolWorker-<i>", made once in the parent (see spawn): a forked worker finds
+-- its name made, and writes nothing to make it
+local worker_names = setmetatable({}, { __index = function(t, i)
+  local name = "PoolWorker-" .. i
+  t[i] = name
+  return name
+end })
+
 local function worker_main(pool, i)
   core.sigint("ignore")  -- Ctrl-C is the parent's to handle
-  process._become("PoolWorker-" .. i, true)
+  process._become(worker_names[i], true)
   local tasks, results, st = pool._tasks, pool._results, pool._st
   local reply, reply_values = st.reply, core.reply_values
   st:forget()  -- the parent's epoll set and pidfds (pool:fileno) are not the worker's
@@ -367,6 +375,7 @@ end
 local function spawn(self, i)
   self._st:release(i)
   if self._method then return start_worker(self, i) end
+  local _ = worker_names[i]  -- (made here, before the fork)
   self._st:forking(true)  -- this child keeps the pool's eventfd; other children close it
   local pid, err = core.fork(true)
   if pid ~= 0 then self._st:forking(false) end
@@ -1060,7 +1069,7 @@ local function step(self, feed_until)
     if seq == nil then break end
     n = n + done  -- (lean results that take_result finished itself)
     if seq then
-      n = n + 1
+      if type(seq) ~= "table" or seq[1] > 0 then n = n + 1 end  -- (a worker's start-up note is no result)
       local inf = type(seq) == "number" and inflight[seq]
       on_result(self, seq, out, pid, busy)
       local t1 = now()
@@ -1418,8 +1427,12 @@ function M.Pool(opts)
   -- that wait; the pool starts with the others, and the stopped one joins them if continued.
   -- One not ready after start_timeout seconds fails the Pool, named.
   -- (/proc is asked only once a slice has passed: reading it costs more than a worker's start.)
+  -- Without an initializer, a worker forked from a process with no other thread cannot fail to
+  -- start (no lock can have been copied held): the pool is returned at once, as Python's, and
+  -- its workers' starts overlap what the caller does next. They say they are ready as
+  -- replacements do, through the engine, which keeps start_timeout and start-up deaths.
   local t0 = now()
-  while true do
+  while init or self._method or not core.single_threaded() do
     local all, late, slow = true, nil, now() - t0 >= SLICE
     for i = 1, n do
       local w = self._workers[i]

@@ -156,33 +156,28 @@ M.TaskError = TaskError
 
 -- in a freshly forked child (a Process, a pool worker): it becomes the current
 -- process, its parent the one that forked it, and it has no children yet
+-- (one table made: a fork's child writes as few of the pages it shares with its
+-- parent as it can, each costs a copy; the old `me` describes the parent, and
+-- cleanup() finds children_pid stale and empties children when it is used)
 local function become(name, daemon)
-  parent = { name = me.name, pid = me.pid }
-  me = { name = name, pid = core.getpid(), daemon = daemon, ident = core.getpid() }
-  children, children_pid = {}, core.getpid()
+  local pid = core.getpid()
+  parent = me
+  me = { name = name, pid = pid, daemon = daemon, ident = pid }
 end
 M._become = become
 
-local function run_child(p)
-  -- in the child: it becomes the current process, with no children of its own yet
-  become(p.name, p.daemon)
-  local res
-  local run = rawget(p, "run")
-  if run then  -- a subclass-style override: run(self), as Python calls it
-    res = table.pack(xpcall(run, capture, p))
-  else
-    res = table.pack(xpcall(p.target, capture, M._call_args(p)))
-  end
-  local ok = res[1]
+-- what the child does once its target returned (ok) or raised: sends the values
+-- or the error, and leaves
+local function child_done(p, ok, ...)
   local code = 0
-  if ok and res.n > 1 then  -- nothing to send when the target returned nothing
-    local sent, err = pcall(p._results.put, p._results, table.move(res, 2, res.n, 1, { n = res.n - 1 }))
+  if ok and select("#", ...) > 0 then  -- nothing to send when the target returned nothing
+    local sent, err = pcall(p._results.put, p._results, table.pack(...))
     if not sent then
       io.stderr:write(("Process %s: cannot return its results: %s\n"):format(p.name, tostring(err)))
       code = 1
     end
   elseif not ok then
-    local e = res[2]
+    local e = ...
     e.call, e.name = "Process", p.name
     io.stderr:write(("Process %s (pid %d):\n%s\n"):format(p.name, core.getpid(), tostring(e)))
     if not pcall(p._results.put, p._results, { err = e }) then
@@ -192,6 +187,17 @@ local function run_child(p)
     code = 1
   end
   core._exit(code)
+end
+
+local function run_child(p)
+  -- in the child: it becomes the current process, with no children of its own yet
+  become(p.name, p.daemon)
+  local run = rawget(p, "run")
+  if run then  -- a subclass-style override: run(self), as Python calls it
+    child_done(p, xpcall(run, capture, p))
+  else
+    child_done(p, xpcall(p.target, capture, M._call_args(p)))
+  end
 end
 
 -- A child started by spawn or the forkserver: the start message's payload
