@@ -98,6 +98,31 @@ describe("Pool driven from a frame loop", function()
       assert.same({ 0, false }, { pool:poll(0) })
     end)
 
+    it("counts and bounds the results it finishes without Lua (no callbacks: apply_async, submit)", function()
+      local pool <close> = mp.Pool(2)
+      local rs = {}
+      for i = 1, 300 do rs[i] = pool:apply_async(double, { i }) end
+      for i = 301, 500 do rs[i] = pool:submit(double, i) end
+      assert.truthy(all_sent(pool, 500))
+      core.sleep(0.6)
+      local function finished()
+        local k = 0
+        for i = 1, 500 do if rawget(rs[i], "finished") then k = k + 1 end end
+        return k
+      end
+      local total, calls, n, more = 0, 0, 0, true
+      repeat
+        n, more = pool:poll(0)
+        assert.is_true(n <= 16, "results delivered by poll(0): " .. n)
+        total, calls = total + n, calls + 1
+        assert.equal(total, finished())
+      until not more or calls > 1000
+      assert.equal(500, total)
+      assert.is_true(calls >= 500 / 16)
+      for i = 1, 500 do assert.equal(2 * i, rs[i]:result(0)) end
+      assert.same({ 0, false }, { pool:poll(0) })
+    end)
+
     it("returns 0, false on a pool that is closed or terminated; raises on bad budgets", function()
       local pool = mp.Pool(1)
       H.raises("bad argument #1 to 'poll' (non-negative number of seconds expected, got string)", pool.poll, pool, "x")
