@@ -980,36 +980,59 @@ static int pool_newtable(lua_State *L) {
 }
 
 /* ------------------------------------------------------------- map chunks */
-/* A worker decodes the items of a map chunk (modes 0 to 2) into a table it reuses,
-** its scratch: a fresh table for every chunk would cost more than its decoding, in
+/* A worker decodes the items of a map chunk (modes 0 to 2) into a table it reuses, a
+** scratch table: a fresh table for every chunk would cost more than its decoding, in
 ** page faults (a worker's collector is stopped, see pool.lua's worker_main, so the
-** memory of the tables it drops is not reused). The scratch is taken by the chunk
-** decoded into it (another chunk of the same take gets a fresh table) and handed
-** back with core.chunk_scratch once the chunk ran; items past the chunk's count are
-** the previous chunks' and are never read. */
-static const char scratch_key = 's';  /* registry: this state's scratch table, or nil */
+** memory of the tables it drops is not reused). Its scratch tables wait on a stack (a
+** take of several messages decodes each into one of them); the chunk decoded into
+** one holds it until the worker hands it back with core.chunk_scratch once the chunk
+** ran. Items past the chunk's count are the previous chunks' and are never read. */
+#define SCRATCH_MAX 64  /* tables on the stack: a take holds up to 16 messages */
+static const char scratch_key = 's';  /* registry: this state's stack of scratch tables */
 
-/* core.chunk_scratch(t | nil): the items of the next map chunk decoded by this state
-** go into t (when it holds as many items already), or into a fresh table */
+/* core.chunk_scratch(t): t goes on the stack of scratch tables (unless it is full);
+** core.chunk_scratch(nil) empties it */
 static int pool_chunk_scratch(lua_State *L) {
-  if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
-  lua_settop(L, 1);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &scratch_key);
+  if (lua_isnoneornil(L, 1)) {
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &scratch_key);
+    return 0;
+  }
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &scratch_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, SCRATCH_MAX, 0);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &scratch_key);
+  }
+  lua_Unsigned k = lua_rawlen(L, -1);
+  if (k < SCRATCH_MAX) {
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, -2, (lua_Integer)k + 1);
+  }
   return 0;
 }
 
-/* pushes the n items of a map chunk, decoded from s: into the scratch table, taken
-** from the registry, when it has room for them, else into a fresh table */
+/* pushes the n items of a map chunk, decoded from s: into the scratch table on top of
+** the stack, taken off it, when it holds n items already, else into a fresh table */
 static void chunk_items(lua_State *L, const char *s, size_t len, uint32_t n) {
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &scratch_key) != LUA_TTABLE || lua_rawlen(L, -1) < n) {
-    lua_pop(L, 1);
-    mp_decode(L, s, len);
-    return;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &scratch_key) == LUA_TTABLE) {
+    lua_Unsigned k = lua_rawlen(L, -1);
+    if (k > 0) {
+      lua_rawgeti(L, -1, (lua_Integer)k);
+      lua_pushnil(L);
+      lua_rawseti(L, -3, (lua_Integer)k);  /* taken (a table too small is dropped) */
+      if (lua_type(L, -1) == LUA_TTABLE && lua_rawlen(L, -1) >= n) {
+        lua_remove(L, -2);
+        mp_decode_into(L, s, len, lua_gettop(L), 1);  /* (pushes the table again) */
+        lua_remove(L, -2);
+        return;
+      }
+      lua_pop(L, 1);
+    }
   }
-  lua_pushnil(L);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &scratch_key);
-  mp_decode_into(L, s, len, lua_gettop(L), 1);  /* (pushes the table again) */
-  lua_remove(L, -2);
+  lua_pop(L, 1);
+  mp_decode(L, s, len);
 }
 
 static const mp_handle_type t_ps = { POOLSTATE, mp_handle_encode, ps_decode };

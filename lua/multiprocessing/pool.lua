@@ -255,7 +255,7 @@ local function worker_main(pool, i)
       out = OUT or {}
       if not errs then n = out.n end
     else
-      chunk_scratch(ITEMS)  -- the next chunk's items go there (see chunk_items)
+      chunk_scratch(ITEMS)  -- a next chunk's items go there (see chunk_items in pool.c)
       if errs then out = table.move(out, 1, n, 1, {}) end  -- (the reused table holds more)
     end
     F, ITEMS, OUT = nil, nil, nil
