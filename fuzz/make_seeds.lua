@@ -60,6 +60,17 @@ for w, f in ipairs { function(i) return i end, function(i) return i * 300 end,
 end
 packed[#packed + 1] = packed[1]
 values[#values + 1] = packed
+-- records: tables of one shape (filled from a template on arrival), of two
+-- shapes in turn, with values of every kind; a long array of them (over 1 KiB:
+-- its strings are prefetched)
+local recs, mixed = {}, {}
+for i = 1, 40 do
+  recs[i] = { id = i, name = "item" .. i, tags = { "a", "b" }, score = i / 3, ok = i % 2 == 0 }
+  mixed[i] = i % 2 == 0 and { x = i, y = { i }, z = shared } or { x = tostring(i), w = true, [i] = i }
+end
+values[#values + 1] = recs
+values[#values + 1] = mixed
+values[#values + 1] = { { k = 1, v = "a" }, { k = 2, v = "b" }, setmetatable({ k = 3, v = "c" }, Point), { k = 4, v = inc } }
 local deep = {}
 do local t = deep; for _ = 1, 150 do t[1] = {}; t = t[1] end end
 values[#values + 1] = deep

@@ -2418,8 +2418,9 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
   remember(L, d, t, shared);
   d->depth++;
   ptrdiff_t inl = d->depth <= MAXDEPTH ? 2 : PTRDIFF_MAX;  /* no inline values too deep */
-  /* The array part is filled in place (numbers, strings, booleans, tables) while
-  ** the table is not black (see tpl_fill), else through lua_rawseti. */
+  /* The array part is filled in place with the small integers (no push: they
+  ** need no anchor nor barrier) and the short strings (while the table is not
+  ** black, see tpl_fill), else through lua_rawseti. */
   view_table *va = view_nodes && !at && narr ? (view_table *)lua_topointer(L, t) : NULL;
   for (uint64_t i = 1; i <= narr; i++) {
     /* small integers and short strings inline: arrays of them are common */
@@ -2427,17 +2428,24 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     ptrdiff_t left = d->end - p;
     if (left < inl) left = 0;
     view_value v;
-    if (left >= 2 && p[0] == T_INT8) { v.v.i = (int8_t)p[1]; v.tt = VIEW_INT; lua_pushinteger(L, v.v.i); d->p += 2; }
-    else if (left >= 5 && p[0] == T_INT32) { int32_t x; memcpy(&x, p + 1, 4); v.v.i = x; v.tt = VIEW_INT; lua_pushinteger(L, x); d->p += 5; }
-    else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v.v.i = x; v.tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
-    else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
+    int num = 1;  /* an integer: nothing to anchor, so pushed only for lua_rawseti */
+    if (left >= 2 && p[0] == T_INT8) { v.v.i = (int8_t)p[1]; v.tt = VIEW_INT; d->p += 2; }
+    else if (left >= 5 && p[0] == T_INT32) { int32_t x; memcpy(&x, p + 1, 4); v.v.i = x; v.tt = VIEW_INT; d->p += 5; }
+    else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v.v.i = x; v.tt = VIEW_INT; d->p += 3; }
+    else num = 0;
+    if (num) {
+      if (va && va->array && va->alimit >= i) va->array[i - 1] = v;
+      else { lua_pushinteger(L, v.v.i); lua_rawseti(L, t, at + (lua_Integer)i); }
+      continue;
+    }
+    if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
       if (d->pf) str_prefetch(d);
       v.v.p = (void *)(lua_pushlstring(L, (const char *)p + 2, p[1]) - offsetof(view_string, contents));
       v.tt = (unsigned char)(((const view_string *)v.v.p)->tt | 0x40);
       d->p += 2 + p[1];
     } else {
-      decode_value(L, d);
-      if (!va || !stack_view(L, &v)) v.tt = 0;
+      decode_value(L, d);  /* (through the API: no faster in place) */
+      v.tt = 0;
     }
     if (va && v.tt && va->array && va->alimit >= i && !(va->marked & VIEW_BLACK)) {
       va->array[i - 1] = v;
