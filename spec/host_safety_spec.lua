@@ -136,17 +136,23 @@ describe("a C host embedding Lua", function()
     end)
   end
 
-  it("starts a pool while a console thread sits in fgets(stdin), flushing stdout once", function()
+  -- the host with a thread sitting in fgets(stdin) on a fifo opened read-write: it never
+  -- ends, and fgets waits forever
+  local function run_console(script)
     local fifo = H.tmpname()
     os.remove(fifo)
     assert(os.execute("mkfifo " .. fifo))
-    local out, ok = run_host("console", [[
+    return run_host("console", script, "<> " .. fifo)
+  end
+
+  it("starts a pool while a console thread sits in fgets(stdin), flushing stdout once", function()
+    local out, ok = run_console([[
       local mp = require "multiprocessing"
       io.write("before the pool; ")
       local pool = mp.Pool(2)
       print(pool:apply(function() io.write("from a worker; ") io.flush() return "done" end))
       pool:close() pool:join()
-    ]], "<> " .. fifo)  -- read-write: it never ends, and fgets waits forever
+    ]])
     assert(ok, out)
     local _, n = out:gsub("before the pool; ", "")
     assert.equal(1, n, out)
@@ -154,16 +160,13 @@ describe("a C host embedding Lua", function()
   end)
 
   it("a host with another thread is not single-threaded: its Pool() waits for its workers", function()
-    local fifo = H.tmpname()
-    os.remove(fifo)
-    assert(os.execute("mkfifo " .. fifo))
-    local out, ok = run_host("console", [[
+    local out, ok = run_console([[
       local mp = require "multiprocessing"
       local core = require "multiprocessing.core"
       local pool = mp.Pool(2)
       print(core.single_threaded(), pool._workers[1].ready, pool._workers[2].ready)
       pool:close() pool:join()
-    ]], "<> " .. fifo)
+    ]])
     assert(ok, out)
     assert.matches("false\ttrue\ttrue", out)
   end)
