@@ -136,21 +136,39 @@ describe("a C host embedding Lua", function()
     end)
   end
 
-  it("starts a pool while a console thread sits in fgets(stdin), flushing stdout once", function()
+  -- the host with a thread sitting in fgets(stdin) on a fifo opened read-write: it never
+  -- ends, and fgets waits forever
+  local function run_console(script)
     local fifo = H.tmpname()
     os.remove(fifo)
     assert(os.execute("mkfifo " .. fifo))
-    local out, ok = run_host("console", [[
+    return run_host("console", script, "<> " .. fifo)
+  end
+
+  it("starts a pool while a console thread sits in fgets(stdin), flushing stdout once", function()
+    local out, ok = run_console([[
       local mp = require "multiprocessing"
       io.write("before the pool; ")
       local pool = mp.Pool(2)
       print(pool:apply(function() io.write("from a worker; ") io.flush() return "done" end))
       pool:close() pool:join()
-    ]], "<> " .. fifo)  -- read-write: it never ends, and fgets waits forever
+    ]])
     assert(ok, out)
     local _, n = out:gsub("before the pool; ", "")
     assert.equal(1, n, out)
     assert.matches("from a worker; done", out)
+  end)
+
+  it("a host with another thread is not single-threaded: its Pool() waits for its workers", function()
+    local out, ok = run_console([[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local pool = mp.Pool(2)
+      print(core.single_threaded(), pool._workers[1].ready, pool._workers[2].ready)
+      pool:close() pool:join()
+    ]])
+    assert(ok, out)
+    assert.matches("false\ttrue\ttrue", out)
   end)
 
   it("fails Pool() after start_timeout when a host lock was copied held by fork", function()
@@ -245,6 +263,15 @@ describe("Pool start_timeout", function()
     assert.is_false(ok)
     assert.matches("did not start within 0.5s %(start_timeout%)", tostring(err))
     pool:terminate()
+  end)
+
+  it("Pool() without an initializer, in a process with no other thread, does not wait for its workers", function()
+    assert.is_true(core.single_threaded())
+    local pool <close> = mp.Pool(2)
+    for i = 1, 2 do assert.is_false(pool._workers[i].ready) end  -- their start-up notes are still queued
+    local r = pool:map(function(x) return 2 * x end, { 1, 2 }, 1)
+    assert.equal(2, r[1]) assert.equal(4, r[2])
+    for i = 1, 2 do assert.is_true(pool._workers[i].ready) end  -- (the engine took the notes meanwhile)
   end)
 
   it("refuses a start_timeout that is not a positive number", function()
