@@ -5,7 +5,7 @@ local core = require "multiprocessing.core"
 local H = require "helpers"
 
 -- (functions sent to workers reach these as upvalues, not through busted's environment)
-local error, collectgarbage, tostring = error, collectgarbage, tostring
+local error, collectgarbage, tostring, pcall = error, collectgarbage, tostring, pcall
 
 describe("Pool map chunks", function()
   H.leak_check(before_each, after_each)
