@@ -5,7 +5,7 @@ local core = require "multiprocessing.core"
 local H = require "helpers"
 
 -- (functions sent to workers reach these as upvalues, not through busted's environment)
-local error, collectgarbage, tostring = error, collectgarbage, tostring
+local error, collectgarbage, tostring, pcall = error, collectgarbage, tostring, pcall
 
 describe("Pool map chunks", function()
   H.leak_check(before_each, after_each)
@@ -149,6 +149,33 @@ describe("Pool map chunks", function()
       assert.is_nil(q:get(0.05))
       for v = 11, 20 do assert.equal(1, seen[v]) end
       q:close()
+    end)
+
+    it("charges a failure raised deep in the task's stack to its item, every time", function()
+      local pool <close> = mp.Pool(1)
+      local function deep(n, x)
+        if n == 0 then
+          if x == 5 then error("deep " .. x) end
+          return x
+        end
+        local v = deep(n - 1, x)  -- (not a tail call: every level stays)
+        return v
+      end
+      local r = pool:map_async(function(x) return deep(500, x) end, { 1, 2, 3, 4, 5, 6 }, 6)
+      assert.is_true(r:wait(60))
+      local ok, err = pcall(r.get, r)
+      assert.is_false(ok)
+      assert.equal(5, err.item)
+      assert.matches("deep 5", err.message)
+      -- and a failure after a deep one, in the same chunk and in the next
+      local ok2, err2 = pcall(pool.map, pool, function(x)
+        if x == 1 then pcall(deep, 500, 5) end
+        if x == 4 then error("shallow") end
+        return deep(300, x)
+      end, { 1, 3, 7, 4 }, 4)
+      assert.is_false(ok2)
+      assert.matches("map failed on item 4 ", tostring(err2))
+      assert.matches("shallow", tostring(err2))
     end)
 
     it("yields the results before a failed item of a chunk, after bigger chunks", function()

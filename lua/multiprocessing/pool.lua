@@ -179,23 +179,48 @@ local function worker_main(pool, i)
   -- the error handler of a chunk's loop: CUR becomes the failed item's number, the
   -- loop's variable k in run's frame (always there: nothing else in run can raise)
   local getinfo, getlocal = debug.getinfo, debug.getlocal
+  -- (A frame's look-up walks every level above it, so in a deep stack (a stack overflow in
+  -- the task) run's frame, near the bottom, is found from the depth (found by halving) and
+  -- its distance to the bottom, the same in every chunk: remembered once seen.)
+  local run_depth
+  local function depth()  -- the deepest level, seen from chunk_capture
+    local lo, hi = 1, 2  -- (lo is a level; hi, once the loops end, is past the bottom)
+    while getinfo(hi + 1, "l") do lo, hi = hi, hi * 2 end
+    while hi - lo > 1 do
+      local mid = (lo + hi) // 2
+      if getinfo(mid + 1, "l") then lo = mid else hi = mid end
+    end
+    return lo
+  end
   local function chunk_capture(e)
-    local at = CUR + 1  -- (a frame not found: at least the loop moves on)
-    local level = 2
-    while true do
-      local info = getinfo(level, "f")
+    local level  -- run's, seen from here
+    for l = 2, 64 do
+      local info = getinfo(l, "f")
       if not info then break end
-      if info.func == run then
-        local j = 1
-        while true do
-          local name, v = getlocal(level, j)
-          if not name then break end
-          if name == "k" then at = v end
-          j = j + 1
+      if info.func == run then level = l break end
+    end
+    if level then
+      run_depth = run_depth or depth() - level
+    elseif getinfo(65, "l") then
+      local bottom = depth()
+      local guess = run_depth and getinfo(bottom - run_depth, "f")
+      if guess and guess.func == run then
+        level = bottom - run_depth
+      else
+        for l = bottom, math.max(bottom - 64, 65), -1 do
+          if getinfo(l, "f").func == run then level, run_depth = l, bottom - l break end
         end
-        break
       end
-      level = level + 1
+    end
+    local at = CUR + 1  -- (no frame found: at least the loop moves on)
+    if level then
+      local j = 1
+      while true do
+        local name, v = getlocal(level, j)
+        if not name then break end
+        if name == "k" then at = v end
+        j = j + 1
+      end
     end
     CUR = at
     return capture(e)
