@@ -514,6 +514,23 @@ describe("codec", function()
       assert.are.equal(os, r[2].y)
     end)
 
+    it("sends a module by name even when it holds a closed handle (a queue an earlier call closed)", function()
+      local q = mp.Queue()
+      q:close()
+      local mod = { q = q, f = function() return 1 end }
+      package.loaded["spec.codec.closedmod"] = mod
+      local ok, r = pcall(rt, { m = mod })
+      local okf, rf = pcall(rt, function() return mod.f() end)
+      package.loaded["spec.codec.closedmod"] = nil
+      assert.is_true(ok, r)
+      assert.are.equal(mod, r.m)
+      assert.is_true(okf, rf)
+      assert.are.equal(1, rf())
+      local okv, why = pcall(rt, mod)  -- no longer a module: by value
+      assert.is_false(okv)
+      assert.matches("cannot send a closed userdata", why, 1, true)
+    end)
+
     it("sends a table of data stored in package.loaded by value", function()
       local config = { workers = 4 }
       package.loaded["spec.codec.config"] = config

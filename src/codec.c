@@ -2797,11 +2797,15 @@ static void enc_pin(mp_enc *e) {
 
 /* t->encode, listing the objects it reports in e->sent (a callback that raises
 ** leaves them unlisted: the bytes are never sent) */
+static mp_enc *encoding;  /* the encoder of the handle being encoded (see mp_handle_encode) */
+
 static size_t handle_encode(lua_State *L, mp_enc *e, const mp_handle_type *t, int idx,
                             unsigned char *payload) {
   int saved = ncaptured;
   ncaptured = 0;
+  encoding = e;
   size_t n = t->encode(L, idx, payload);  /* (C only: nothing nests in here) */
+  encoding = NULL;
   int k = ncaptured;
   ncaptured = saved;
   if (k == 0) return n;  /* (a Connection names no object) */
@@ -2829,7 +2833,12 @@ void mp_enc_unsent(mp_enc *e) { e->nsent = 0; }
 
 size_t mp_handle_encode(lua_State *L, int idx, unsigned char *payload) {
   mp_handle *h = lua_touserdata(L, idx);
-  if (!h->off) luaL_error(L, "cannot send a closed %s", luaL_typename(L, idx));
+  if (!h->off) {  /* (met inside a module sent by value: again, modules by name, as enc_fail does) */
+    mp_enc *e = encoding;
+    encoding = NULL;
+    if (e && e->canretry && sent_a_module(L, e)) longjmp(e->retry, 1);
+    luaL_error(L, "cannot send a closed %s", luaL_typename(L, idx));
+  }
   mp_obj *o = MP_PTR(h->off);
   mp_obj_sent(h->off, dtor_of(o->type));
   memcpy(payload, &h->off, 8);
