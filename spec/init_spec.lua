@@ -131,7 +131,7 @@ describe("require 'multiprocessing'", function()
       table.sort(missing)
       io.write(table.concat(missing, " "))
     ]]
-    assert.equal("", out, "add these to MT_PARTS in lua/multiprocessing/init.lua (they work, but load every part)")
+    assert.equal("", out, "add these to _metatable_modules in lua/multiprocessing/init.lua (they work, but load every part)")
   end)
 
   it("decodes a Manager proxy in a process that has not loaded the manager", function()

@@ -310,7 +310,7 @@ void mp_lifeline_arm(int fd, int sig);
 void mp_proc_watch(int fd);
 int mp_layer_builtin(void);                /* capi.c: the Lua layer is built into this library */
 int mp_forkserver_open(lua_State *L);
-int mp_layer_open(lua_State *L);            /* capi.c: core._layer_searcher */
+int mp_layer_open(lua_State *L);            /* capi.c: core._layer_searcher, core._layer_init */
 /* pthread_atfork(NULL, NULL, child), and run in a forkserver's workers too
 ** (cloned without glibc's fork, so its handlers do not run there): every
 ** child-side fork handler of the core registers through this */

@@ -19,37 +19,41 @@ local M = {
 local PARTS = { "process", "pipe", "queue", "sync", "shared", "shared_memory", "pool", "progress", "manager", "parallel" }
 
 -- Which part holds each public name. A name missing here is still found: looking it up loads
--- every part (spec/init_spec.lua checks that this table is complete).
-local WHERE = {}
-for part, names in pairs {
-  process = "Process TaskError active_children cpu_count current_process now parent_process sleep",
-  pipe = "Pipe",
-  queue = "JoinableQueue Queue SimpleQueue",
-  sync = "Barrier BoundedSemaphore Condition Event Lock RLock Semaphore",
-  shared = "Array Value",
-  shared_memory = "ShareableList SharedMemory",
-  pool = "ALL_COMPLETED FIRST_COMPLETED FIRST_EXCEPTION Pool as_completed wait",
+-- every part (spec/init_spec.lua checks that this table is complete). Written out: split from
+-- strings at each start, it and _metatable_modules cost 0.2M instructions.
+local WHERE = {
+  Process = "process", TaskError = "process", active_children = "process", cpu_count = "process",
+  current_process = "process", now = "process", parent_process = "process", sleep = "process",
+  Pipe = "pipe",
+  JoinableQueue = "queue", Queue = "queue", SimpleQueue = "queue",
+  Barrier = "sync", BoundedSemaphore = "sync", Condition = "sync", Event = "sync", Lock = "sync", RLock = "sync",
+  Semaphore = "sync",
+  Array = "shared", Value = "shared",
+  ShareableList = "shared_memory", SharedMemory = "shared_memory",
+  ALL_COMPLETED = "pool", FIRST_COMPLETED = "pool", FIRST_EXCEPTION = "pool", Pool = "pool", as_completed = "pool",
+  wait = "pool",
   progress = "progress",
-  manager = "Manager",
-  parallel = "Parallel delayed",
-  context = "forkserver_start get_all_start_methods get_context get_executable get_start_method set_executable set_start_method",
-} do
-  for name in names:gmatch("%S+") do WHERE[name] = part end
-end
-
--- Metatables a part registers with the codec (core.register_metatable): a process that receives
--- such a value before loading the part has the codec load it (src/codec.c, T_NAMEDMT). A name
--- not listed here loads every part.
-local MT_PARTS = {
-  process = "TaskError",
-  manager = "DictProxy ListProxy SetProxy NamespaceProxy ValueProxy ArrayProxy LockProxy ConditionProxy "
-    .. "EventProxy BarrierProxy UserProxy PoolProxy AsyncResultProxy",
-  parallel = "Delayed",
+  Manager = "manager",
+  Parallel = "parallel", delayed = "parallel",
+  forkserver_start = "context", get_all_start_methods = "context", get_context = "context",
+  get_executable = "context", get_start_method = "context", set_executable = "context",
+  set_start_method = "context",
 }
-M._metatable_modules = {}
-for part, names in pairs(MT_PARTS) do
-  for name in names:gmatch("%S+") do M._metatable_modules["multiprocessing." .. name] = "multiprocessing." .. part end
-end
+
+-- Metatables a part registers with the codec (core.register_metatable), by name, and the part:
+-- a process that receives such a value before loading the part has the codec load it
+-- (src/codec.c, T_NAMEDMT). A name not listed here loads every part.
+M._metatable_modules = {
+  ["multiprocessing.TaskError"] = "multiprocessing.process",
+  ["multiprocessing.DictProxy"] = "multiprocessing.manager", ["multiprocessing.ListProxy"] = "multiprocessing.manager",
+  ["multiprocessing.SetProxy"] = "multiprocessing.manager", ["multiprocessing.NamespaceProxy"] = "multiprocessing.manager",
+  ["multiprocessing.ValueProxy"] = "multiprocessing.manager", ["multiprocessing.ArrayProxy"] = "multiprocessing.manager",
+  ["multiprocessing.LockProxy"] = "multiprocessing.manager", ["multiprocessing.ConditionProxy"] = "multiprocessing.manager",
+  ["multiprocessing.EventProxy"] = "multiprocessing.manager", ["multiprocessing.BarrierProxy"] = "multiprocessing.manager",
+  ["multiprocessing.UserProxy"] = "multiprocessing.manager", ["multiprocessing.PoolProxy"] = "multiprocessing.manager",
+  ["multiprocessing.AsyncResultProxy"] = "multiprocessing.manager",
+  ["multiprocessing.Delayed"] = "multiprocessing.parallel",
+}
 
 local loaded = {}  -- part -> true once its names are in M
 
