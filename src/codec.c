@@ -2014,8 +2014,9 @@ static inline const unsigned char *scan_skip(const unsigned char *p, const unsig
   return n <= left ? p + n : NULL;
 }
 
-/* Called before a string is interned: walks the input up to PF_AHEAD bytes
-** ahead of the decoder and, for each short string met (but those that look
+/* Called before a string is interned, when the walk is less than PF_AHEAD / 2
+** bytes ahead of the decoder: walks the input up to PF_AHEAD bytes ahead and,
+** for each short string met (but those that look
 ** like a cached key: keys are not interned), prefetches its string table
 ** bucket; PF_RING strings later, that bucket being in cache by then, it
 ** prefetches the first string chained there. */
@@ -2342,7 +2343,7 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v->v.i = x; v->tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { memcpy(&v->v.n, p + 1, 8); v->tt = VIEW_FLOAT; lua_pushnumber(L, v->v.n); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pf) str_prefetch(d);
+      if (d->pf && d->pf - d->p < PF_AHEAD / 2) str_prefetch(d);
       const char *x = lua_pushlstring(L, (const char *)p + 2, p[1]);
       v->v.p = (void *)(x - offsetof(view_string, contents));
       v->tt = (unsigned char)(((const view_string *)v->v.p)->tt | 0x40);  /* a short or a long string */
@@ -2439,7 +2440,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
       continue;
     }
     if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pf) str_prefetch(d);
+      if (d->pf && d->pf - d->p < PF_AHEAD / 2) str_prefetch(d);
       v.v.p = (void *)(lua_pushlstring(L, (const char *)p + 2, p[1]) - offsetof(view_string, contents));
       v.tt = (unsigned char)(((const view_string *)v.v.p)->tt | 0x40);
       d->p += 2 + p[1];
@@ -2479,7 +2480,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { double v; memcpy(&v, p + 1, 8); lua_pushnumber(L, v); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pf) str_prefetch(d);
+      if (d->pf && d->pf - d->p < PF_AHEAD / 2) str_prefetch(d);
       lua_pushlstring(L, (const char *)p + 2, p[1]);
       d->p += 2 + p[1];
     } else {
@@ -2565,7 +2566,7 @@ static void decode_value(lua_State *L, dec *d) {
       need(L, d, 1);
       size_t n = *d->p++;
       need(L, d, n);
-      if (d->pf) str_prefetch(d);
+      if (d->pf && d->pf - d->p < PF_AHEAD / 2) str_prefetch(d);
       lua_pushlstring(L, (const char *)d->p, n);
       d->p += n;
       break;
