@@ -1960,7 +1960,7 @@ void mp_enc_done(lua_State *L, mp_enc *e) {
 
 #define KEYCACHE 64  /* short string keys remembered by a decoder (see push_key) */
 #define PF_AHEAD 1024  /* bytes of input ahead of the decoder whose strings are prefetched */
-#define PF_RING 64     /* strings between a bucket's prefetch and its first string's */
+#define PF_RING 256    /* strings remembered between a bucket's prefetch and its first string's */
 
 typedef struct dec {
   const unsigned char *p, *end;
@@ -1980,13 +1980,13 @@ typedef struct dec {
   int keys;              /* stack slot of the key cache's anchor table (nil until a key comes), or 0 */
   int keyed;             /* the key cache is in use */
   const unsigned char *pf;  /* the prefetch walk (see str_prefetch), NULL when stopped */
-  unsigned pfn, pfo;      /* strings met by the walk, and whose bucket was read */
+  unsigned pfn, pfo;      /* strings remembered by the walk, and whose bucket was read */
   const view_strt *strt;  /* Lua's string table (see view_strs) */
   unsigned tplused;       /* which of tp[] are in use (bits) */
   tpl *last;              /* the template used last (see decode_pairs) */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
   tpl tp[TPLS];
-  unsigned pfh[PF_RING];  /* the hashes of the last strings met by the walk */
+  struct { const unsigned char *at; unsigned hash; } pfr[PF_RING];  /* strings met by the walk */
 } dec;
 
 /* The value after the one at p in a flat walk (a table's header is a value of
@@ -2016,30 +2016,34 @@ static inline const unsigned char *scan_skip(const unsigned char *p, const unsig
 
 /* Called before a string is interned, when the walk is less than PF_AHEAD / 2
 ** bytes ahead of the decoder: walks the input up to PF_AHEAD bytes ahead and,
-** for each short string met (but those that look
-** like a cached key: keys are not interned), prefetches its string table
-** bucket; PF_RING strings later, that bucket being in cache by then, it
-** prefetches the first string chained there. */
+** for each short string met (but those that look like a cached key: keys are
+** not interned, and those of 1 or 2 bytes: few, so in cache), prefetches its
+** string table bucket and remembers it; the strings remembered that now lie
+** less than PF_AHEAD / 2 bytes ahead (their bucket in cache by then) get the
+** first string chained in their bucket prefetched. */
 static void str_prefetch(dec *d) {
   const view_strt *st = d->strt;
   size_t room = (size_t)(d->end - d->p);
   const unsigned char *ahead = d->p + (room < PF_AHEAD ? room : PF_AHEAD);
+  const unsigned char *near = d->p + (room < PF_AHEAD / 2 ? room : PF_AHEAD / 2);
   unsigned mask = (unsigned)st->size - 1;
+  while (d->pfo != d->pfn && d->pfr[d->pfo % PF_RING].at < near) {
+    const view_string *head = st->hash[d->pfr[d->pfo++ % PF_RING].hash & mask];
+    if (head) __builtin_prefetch(head);
+  }
   while (d->pf && d->pf < ahead) {
     const unsigned char *p = d->pf;
     d->pf = scan_skip(p, d->end);
-    if (p[0] == T_STR8 && p[1] <= 40 && p[1] >= 3 && d->pf) {  /* (a few short ones: in cache) */
+    if (p[0] == T_STR8 && p[1] <= 40 && p[1] >= 3 && d->pf) {
       if (d->keyed) {  /* like a cached key (length and ends, see push_key): not interned */
         unsigned k = ((unsigned)p[1] * 31u + p[2] * 7u + p[1 + p[1]]) & (KEYCACHE - 1);
         if (d->kc[k].n == p[1] && d->kc[k].s[0] == p[2]) continue;
       }
       unsigned h = view_hash(p + 2, p[1], view_seed);
       __builtin_prefetch(&st->hash[h & mask]);
-      if (d->pfn - d->pfo == PF_RING) {
-        const view_string *head = st->hash[d->pfh[d->pfo++ % PF_RING] & mask];
-        if (head) __builtin_prefetch(head);
-      }
-      d->pfh[d->pfn++ % PF_RING] = h;
+      if (d->pfn - d->pfo == PF_RING) d->pfo++;  /* (full: the oldest goes without) */
+      d->pfr[d->pfn % PF_RING].at = p;
+      d->pfr[d->pfn++ % PF_RING].hash = h;
     }
   }
 }
