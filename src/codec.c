@@ -891,7 +891,7 @@ static inline void put_string(lua_State *L, mp_enc *e, const char *s, size_t n) 
 
 /* Writes a leaf (a number, a boolean, a string shorter than BIGSTR) read in
 ** place (see view_node) and returns 1; returns 0 for any other value. */
-static inline int put_leaf(lua_State *L, mp_enc *e, unsigned tt, view_raw v) {
+static inline __attribute__((always_inline)) int put_leaf(lua_State *L, mp_enc *e, unsigned tt, view_raw v) {
   switch (tt) {
     case VIEW_INT: put_integer(L, e, v.i); return 1;
     case VIEW_FLOAT: put_float(L, e, v.n); return 1;
@@ -1063,8 +1063,8 @@ static void carry(lua_State *L, mp_enc *e, int *carrier, const view_value *k, vi
 ** and are encoded as usual. Encoding them may run Lua code (a finalizer) that
 ** changes the table: each step reads the table's fields again, so that a
 ** change costs no crash (the pairs sent are then unspecified, as with lua_next). */
-static void encode_view_pairs(lua_State *L, mp_enc *e, int idx, frame *f, uint32_t *pnarr, uint32_t *pnpairs) {
-  const view_table *t = lua_topointer(L, idx);
+static void encode_view_pairs(lua_State *L, mp_enc *e, const view_table *t, frame *f, uint32_t *pnarr,
+                              uint32_t *pnpairs) {
   uint32_t narr = 0, npairs = 0;
   int carrier = 0;
   for (unsigned i = 0; t->array && i < t->alimit; i++) {
@@ -1138,7 +1138,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   const view_table *view = view_nodes && e->depth < MAXDEPTH ? p : NULL;
   if (view && !(view->flags & VIEW_REALASIZE) && view->alimit < 8) {  /* records, small arrays */
     e->depth++;
-    encode_view_pairs(L, e, idx, f, &narr, &npairs);
+    encode_view_pairs(L, e, view, f, &narr, &npairs);
     e->depth--;
     goto pairs_done;
   }
@@ -2048,9 +2048,12 @@ static void str_prefetch(dec *d) {
   }
 }
 
+/* Each level of nesting holds at most 2 * TPL_MAX + 8 stack slots while it
+** decodes a child (decode_pairs holds a table's pairs): the room is made 16
+** levels at a time, as in the encoder's ensure_stack. */
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
   if (d->depth >= d->stackdepth) {
-    int need = d->base + 8 * (d->depth + 17) + 40 - lua_gettop(L);
+    int need = d->base + (2 * TPL_MAX + 8) * (d->depth + 17) + 40 - lua_gettop(L);
     if (need > 0) luaL_checkstack(L, need, "cannot decode: nesting too deep");
     d->stackdepth = d->depth + 16;
   }
@@ -2318,7 +2321,6 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
   ** not pushed (a nil holds their place, until they are needed) */
   const tpl *guess = d->last && d->last->t && d->last->npairs == npairs ? d->last : NULL;
   uint32_t guessed = 0;
-  luaL_checkstack(L, 2 * TPL_MAX + 8, "cannot decode: nesting too deep");
   for (uint32_t i = 0; i < npairs; i++) {
     const unsigned char *p = d->p;
     ptrdiff_t left = d->end - p;
