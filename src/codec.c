@@ -891,7 +891,7 @@ static inline void put_string(lua_State *L, mp_enc *e, const char *s, size_t n) 
 
 /* Writes a leaf (a number, a boolean, a string shorter than BIGSTR) read in
 ** place (see view_node) and returns 1; returns 0 for any other value. */
-static inline int put_leaf(lua_State *L, mp_enc *e, unsigned tt, view_raw v) {
+static inline __attribute__((always_inline)) int put_leaf(lua_State *L, mp_enc *e, unsigned tt, view_raw v) {
   switch (tt) {
     case VIEW_INT: put_integer(L, e, v.i); return 1;
     case VIEW_FLOAT: put_float(L, e, v.n); return 1;
@@ -1063,8 +1063,8 @@ static void carry(lua_State *L, mp_enc *e, int *carrier, const view_value *k, vi
 ** and are encoded as usual. Encoding them may run Lua code (a finalizer) that
 ** changes the table: each step reads the table's fields again, so that a
 ** change costs no crash (the pairs sent are then unspecified, as with lua_next). */
-static void encode_view_pairs(lua_State *L, mp_enc *e, int idx, frame *f, uint32_t *pnarr, uint32_t *pnpairs) {
-  const view_table *t = lua_topointer(L, idx);
+static void encode_view_pairs(lua_State *L, mp_enc *e, const view_table *t, frame *f, uint32_t *pnarr,
+                              uint32_t *pnpairs) {
   uint32_t narr = 0, npairs = 0;
   int carrier = 0;
   for (unsigned i = 0; t->array && i < t->alimit; i++) {
@@ -1138,7 +1138,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
   const view_table *view = view_nodes && e->depth < MAXDEPTH ? p : NULL;
   if (view && !(view->flags & VIEW_REALASIZE) && view->alimit < 8) {  /* records, small arrays */
     e->depth++;
-    encode_view_pairs(L, e, idx, f, &narr, &npairs);
+    encode_view_pairs(L, e, view, f, &narr, &npairs);
     e->depth--;
     goto pairs_done;
   }
@@ -1960,7 +1960,7 @@ void mp_enc_done(lua_State *L, mp_enc *e) {
 
 #define KEYCACHE 64  /* short string keys remembered by a decoder (see push_key) */
 #define PF_AHEAD 1024  /* bytes of input ahead of the decoder whose strings are prefetched */
-#define PF_RING 64     /* strings between a bucket's prefetch and its first string's */
+#define PF_RING 256    /* strings remembered between a bucket's prefetch and its first string's */
 
 typedef struct dec {
   const unsigned char *p, *end;
@@ -1980,13 +1980,13 @@ typedef struct dec {
   int keys;              /* stack slot of the key cache's anchor table (nil until a key comes), or 0 */
   int keyed;             /* the key cache is in use */
   const unsigned char *pf;  /* the prefetch walk (see str_prefetch), NULL when stopped */
-  unsigned pfn, pfo;      /* strings met by the walk, and whose bucket was read */
+  unsigned pfn, pfo;      /* strings remembered by the walk, and whose bucket was read */
   const view_strt *strt;  /* Lua's string table (see view_strs) */
   unsigned tplused;       /* which of tp[] are in use (bits) */
   tpl *last;              /* the template used last (see decode_pairs) */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
   tpl tp[TPLS];
-  unsigned pfh[PF_RING];  /* the hashes of the last strings met by the walk */
+  struct { const unsigned char *at; unsigned hash; } pfr[PF_RING];  /* strings met by the walk */
 } dec;
 
 /* The value after the one at p in a flat walk (a table's header is a value of
@@ -2014,38 +2014,46 @@ static inline const unsigned char *scan_skip(const unsigned char *p, const unsig
   return n <= left ? p + n : NULL;
 }
 
-/* Called before a string is interned: walks the input up to PF_AHEAD bytes
-** ahead of the decoder and, for each short string met (but those that look
-** like a cached key: keys are not interned), prefetches its string table
-** bucket; PF_RING strings later, that bucket being in cache by then, it
-** prefetches the first string chained there. */
+/* Called before a string is interned, when the walk is less than PF_AHEAD / 2
+** bytes ahead of the decoder: walks the input up to PF_AHEAD bytes ahead and,
+** for each short string met (but those that look like a cached key: keys are
+** not interned, and those of 1 or 2 bytes: few, so in cache), prefetches its
+** string table bucket and remembers it; the strings remembered that now lie
+** less than PF_AHEAD / 2 bytes ahead (their bucket in cache by then) get the
+** first string chained in their bucket prefetched. */
 static void str_prefetch(dec *d) {
   const view_strt *st = d->strt;
   size_t room = (size_t)(d->end - d->p);
   const unsigned char *ahead = d->p + (room < PF_AHEAD ? room : PF_AHEAD);
+  const unsigned char *near = d->p + (room < PF_AHEAD / 2 ? room : PF_AHEAD / 2);
   unsigned mask = (unsigned)st->size - 1;
+  while (d->pfo != d->pfn && d->pfr[d->pfo % PF_RING].at < near) {
+    const view_string *head = st->hash[d->pfr[d->pfo++ % PF_RING].hash & mask];
+    if (head) __builtin_prefetch(head);
+  }
   while (d->pf && d->pf < ahead) {
     const unsigned char *p = d->pf;
     d->pf = scan_skip(p, d->end);
-    if (p[0] == T_STR8 && p[1] <= 40 && p[1] >= 3 && d->pf) {  /* (a few short ones: in cache) */
+    if (p[0] == T_STR8 && p[1] <= 40 && p[1] >= 3 && d->pf) {
       if (d->keyed) {  /* like a cached key (length and ends, see push_key): not interned */
         unsigned k = ((unsigned)p[1] * 31u + p[2] * 7u + p[1 + p[1]]) & (KEYCACHE - 1);
         if (d->kc[k].n == p[1] && d->kc[k].s[0] == p[2]) continue;
       }
       unsigned h = view_hash(p + 2, p[1], view_seed);
       __builtin_prefetch(&st->hash[h & mask]);
-      if (d->pfn - d->pfo == PF_RING) {
-        const view_string *head = st->hash[d->pfh[d->pfo++ % PF_RING] & mask];
-        if (head) __builtin_prefetch(head);
-      }
-      d->pfh[d->pfn++ % PF_RING] = h;
+      if (d->pfn - d->pfo == PF_RING) d->pfo++;  /* (full: the oldest goes without) */
+      d->pfr[d->pfn % PF_RING].at = p;
+      d->pfr[d->pfn++ % PF_RING].hash = h;
     }
   }
 }
 
+/* Each level of nesting holds at most 2 * TPL_MAX + 8 stack slots while it
+** decodes a child (decode_pairs holds a table's pairs): the room is made 16
+** levels at a time, as in the encoder's ensure_stack. */
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
   if (d->depth >= d->stackdepth) {
-    int need = d->base + 8 * (d->depth + 17) + 40 - lua_gettop(L);
+    int need = d->base + (2 * TPL_MAX + 8) * (d->depth + 17) + 40 - lua_gettop(L);
     if (need > 0) luaL_checkstack(L, need, "cannot decode: nesting too deep");
     d->stackdepth = d->depth + 16;
   }
@@ -2313,7 +2321,6 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
   ** not pushed (a nil holds their place, until they are needed) */
   const tpl *guess = d->last && d->last->t && d->last->npairs == npairs ? d->last : NULL;
   uint32_t guessed = 0;
-  luaL_checkstack(L, 2 * TPL_MAX + 8, "cannot decode: nesting too deep");
   for (uint32_t i = 0; i < npairs; i++) {
     const unsigned char *p = d->p;
     ptrdiff_t left = d->end - p;
@@ -2342,7 +2349,7 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t x; memcpy(&x, p + 1, 2); v->v.i = x; v->tt = VIEW_INT; lua_pushinteger(L, x); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { memcpy(&v->v.n, p + 1, 8); v->tt = VIEW_FLOAT; lua_pushnumber(L, v->v.n); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pf) str_prefetch(d);
+      if (d->pf && d->pf - d->p < PF_AHEAD / 2) str_prefetch(d);
       const char *x = lua_pushlstring(L, (const char *)p + 2, p[1]);
       v->v.p = (void *)(x - offsetof(view_string, contents));
       v->tt = (unsigned char)(((const view_string *)v->v.p)->tt | 0x40);  /* a short or a long string */
@@ -2439,7 +2446,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
       continue;
     }
     if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pf) str_prefetch(d);
+      if (d->pf && d->pf - d->p < PF_AHEAD / 2) str_prefetch(d);
       v.v.p = (void *)(lua_pushlstring(L, (const char *)p + 2, p[1]) - offsetof(view_string, contents));
       v.tt = (unsigned char)(((const view_string *)v.v.p)->tt | 0x40);
       d->p += 2 + p[1];
@@ -2479,7 +2486,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
     else if (left >= 3 && p[0] == T_INT16) { int16_t v; memcpy(&v, p + 1, 2); lua_pushinteger(L, v); d->p += 3; }
     else if (left >= 9 && p[0] == T_FLOAT) { double v; memcpy(&v, p + 1, 8); lua_pushnumber(L, v); d->p += 9; }
     else if (left >= 2 && p[0] == T_STR8 && left - 2 >= p[1]) {
-      if (d->pf) str_prefetch(d);
+      if (d->pf && d->pf - d->p < PF_AHEAD / 2) str_prefetch(d);
       lua_pushlstring(L, (const char *)p + 2, p[1]);
       d->p += 2 + p[1];
     } else {
@@ -2565,7 +2572,7 @@ static void decode_value(lua_State *L, dec *d) {
       need(L, d, 1);
       size_t n = *d->p++;
       need(L, d, n);
-      if (d->pf) str_prefetch(d);
+      if (d->pf && d->pf - d->p < PF_AHEAD / 2) str_prefetch(d);
       lua_pushlstring(L, (const char *)d->p, n);
       d->p += n;
       break;
