@@ -1629,19 +1629,26 @@ local function lean_submit(self, f, ...)
   return fut
 end
 
+-- what pcall(lean_apply or lean_submit, ...) returned: the record, or nothing (the general
+-- way then runs). Ctrl-C's "interrupted!" (lua.c's hook, a host's lmp_interrupt, a wait's
+-- own) is raised again: it is the user's, not a failure of the short way.
+local function lean_result(ok, r)
+  if ok then return r end
+  if tostring(r):find("interrupted!", 1, true) then error(r, 0) end
+end
+
 function Pool:apply_async(f, args, opts)
   if opts == nil then
-    local ok, call = pcall(lean_apply, self, f, args)
-    if ok and call then return call end
+    local call = lean_result(pcall(lean_apply, self, f, args))
+    if call then return call end
   end
   local call = send_apply(self, f, args, opts, "apply_async")  -- (not a tail call: errors name the user's line)
   return call
 end
 
 function Pool:apply(f, args, opts)
-  local ok, call = false, nil
-  if opts == nil then ok, call = pcall(lean_apply, self, f, args) end
-  if not (ok and call) then call = send_apply(self, f, args, opts, "apply") end
+  local call = opts == nil and lean_result(pcall(lean_apply, self, f, args))
+  if not call then call = send_apply(self, f, args, opts, "apply") end
   wait_call(self, call)
   if call.err then error(call.err, 2) end
   return unpack(call, 1, call.n)
@@ -1649,8 +1656,8 @@ end
 
 --- pool:submit(f, ...) -> Future: runs f(...) in a worker (concurrent.futures' submit)
 function Pool:submit(f, ...)
-  local ok, fut = pcall(lean_submit, self, f, ...)
-  if ok and fut then return fut end
+  local fut = lean_result(pcall(lean_submit, self, f, ...))
+  if fut then return fut end
   if getmetatable(self) ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then
     check_usable(self, "submit", 3)
   end
