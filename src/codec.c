@@ -2048,12 +2048,13 @@ static void str_prefetch(dec *d) {
   }
 }
 
-/* Each level of nesting holds at most 2 * TPL_MAX + 8 stack slots while it
-** decodes a child (decode_pairs holds a table's pairs): the room is made 16
-** levels at a time, as in the encoder's ensure_stack. */
+/* Each level of nesting holds at most DEC_LEVEL stack slots while it decodes a
+** child (decode_pairs holds a table's pairs: more for more than 5 pairs, made
+** there): the room is made 16 levels at a time, as in the encoder's ensure_stack. */
+#define DEC_LEVEL 12
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
   if (d->depth >= d->stackdepth) {
-    int need = d->base + (2 * TPL_MAX + 8) * (d->depth + 17) + 40 - lua_gettop(L);
+    int need = d->base + DEC_LEVEL * (d->depth + 17) + 40 - lua_gettop(L);
     if (need > 0) luaL_checkstack(L, need, "cannot decode: nesting too deep");
     d->stackdepth = d->depth + 16;
   }
@@ -2321,6 +2322,10 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
   ** not pushed (a nil holds their place, until they are needed) */
   const tpl *guess = d->last && d->last->t && d->last->npairs == npairs ? d->last : NULL;
   uint32_t guessed = 0;
+  if (2 * (int)npairs + 2 > DEC_LEVEL) {  /* more than this level's room: the children check theirs */
+    luaL_checkstack(L, 2 * (int)npairs + 8, "cannot decode: nesting too deep");
+    d->stackdepth = d->depth;
+  }
   for (uint32_t i = 0; i < npairs; i++) {
     const unsigned char *p = d->p;
     ptrdiff_t left = d->end - p;
