@@ -288,7 +288,6 @@ static inline int tpl_fits(const tpl *tp, const view_table *t) {
 ** str_prefetch) through this mirror of the string table and of Lua 5.4's
 ** string hash, which view_check_strings proves right when the module loads.
 ** Prefetches are hints: a wrong address costs nothing but time. */
-static unsigned view_seed;  /* the hash seed (the hash of "") */
 static int view_strs;       /* the string table's mirror works */
 
 static inline unsigned view_hash(const unsigned char *str, size_t l, unsigned seed) {
@@ -440,7 +439,6 @@ static int view_check_strings(lua_State *L) {
     lua_pop(L, 1);
     if (c != str) return 0;
   }
-  view_seed = seed;
   return 1;
 }
 
@@ -1982,6 +1980,7 @@ typedef struct dec {
   const unsigned char *pf;  /* the prefetch walk (see str_prefetch), NULL when stopped */
   unsigned pfn, pfo;      /* strings remembered by the walk, and whose bucket was read */
   const view_strt *strt;  /* Lua's string table (see view_strs) */
+  unsigned seed;          /* its hash seed: the hash of "" (each Lua state has its own) */
   unsigned tplused;       /* which of tp[] are in use (bits) */
   tpl *last;              /* the template used last (see decode_pairs) */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
@@ -2039,7 +2038,7 @@ static void str_prefetch(dec *d) {
         unsigned k = ((unsigned)p[1] * 31u + p[2] * 7u + p[1 + p[1]]) & (KEYCACHE - 1);
         if (d->kc[k].n == p[1] && d->kc[k].s[0] == p[2]) continue;
       }
-      unsigned h = view_hash(p + 2, p[1], view_seed);
+      unsigned h = view_hash(p + 2, p[1], d->seed);
       __builtin_prefetch(&st->hash[h & mask]);
       if (d->pfn - d->pfo == PF_RING) d->pfo++;  /* (full: the oldest goes without) */
       d->pfr[d->pfn % PF_RING].at = p;
@@ -2752,6 +2751,9 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
   }
   if (view_strs && n >= PF_AHEAD) {  /* a big message: prefetch for its strings */
     d.strt = &((const view_state *)(const void *)L)->l_G->strt;
+    lua_pushliteral(L, "");
+    d.seed = ((const view_string *)lua_topointer(L, -1))->hash;
+    lua_pop(L, 1);
     d.pf = d.p;
   }
   decode_value(L, &d);
