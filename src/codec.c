@@ -288,7 +288,6 @@ static inline int tpl_fits(const tpl *tp, const view_table *t) {
 ** str_prefetch) through this mirror of the string table and of Lua 5.4's
 ** string hash, which view_check_strings proves right when the module loads.
 ** Prefetches are hints: a wrong address costs nothing but time. */
-static unsigned view_seed;  /* the hash seed (the hash of "") */
 static int view_strs;       /* the string table's mirror works */
 
 static inline unsigned view_hash(const unsigned char *str, size_t l, unsigned seed) {
@@ -440,7 +439,6 @@ static int view_check_strings(lua_State *L) {
     lua_pop(L, 1);
     if (c != str) return 0;
   }
-  view_seed = seed;
   return 1;
 }
 
@@ -1982,6 +1980,7 @@ typedef struct dec {
   const unsigned char *pf;  /* the prefetch walk (see str_prefetch), NULL when stopped */
   unsigned pfn, pfo;      /* strings remembered by the walk, and whose bucket was read */
   const view_strt *strt;  /* Lua's string table (see view_strs) */
+  unsigned seed;          /* its hash seed: the hash of "" (each Lua state has its own) */
   unsigned tplused;       /* which of tp[] are in use (bits) */
   tpl *last;              /* the template used last (see decode_pairs) */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
@@ -2039,7 +2038,7 @@ static void str_prefetch(dec *d) {
         unsigned k = ((unsigned)p[1] * 31u + p[2] * 7u + p[1 + p[1]]) & (KEYCACHE - 1);
         if (d->kc[k].n == p[1] && d->kc[k].s[0] == p[2]) continue;
       }
-      unsigned h = view_hash(p + 2, p[1], view_seed);
+      unsigned h = view_hash(p + 2, p[1], d->seed);
       __builtin_prefetch(&st->hash[h & mask]);
       if (d->pfn - d->pfo == PF_RING) d->pfo++;  /* (full: the oldest goes without) */
       d->pfr[d->pfn % PF_RING].at = p;
@@ -2048,12 +2047,13 @@ static void str_prefetch(dec *d) {
   }
 }
 
-/* Each level of nesting holds at most 2 * TPL_MAX + 8 stack slots while it
-** decodes a child (decode_pairs holds a table's pairs): the room is made 16
-** levels at a time, as in the encoder's ensure_stack. */
+/* Each level of nesting holds at most DEC_LEVEL stack slots while it decodes a
+** child (decode_pairs holds a table's pairs: more for more than 5 pairs, made
+** there): the room is made 16 levels at a time, as in the encoder's ensure_stack. */
+#define DEC_LEVEL 12
 static inline void dec_ensure_stack(lua_State *L, dec *d) {
   if (d->depth >= d->stackdepth) {
-    int need = d->base + (2 * TPL_MAX + 8) * (d->depth + 17) + 40 - lua_gettop(L);
+    int need = d->base + DEC_LEVEL * (d->depth + 17) + 40 - lua_gettop(L);
     if (need > 0) luaL_checkstack(L, need, "cannot decode: nesting too deep");
     d->stackdepth = d->depth + 16;
   }
@@ -2321,6 +2321,10 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
   ** not pushed (a nil holds their place, until they are needed) */
   const tpl *guess = d->last && d->last->t && d->last->npairs == npairs ? d->last : NULL;
   uint32_t guessed = 0;
+  if (2 * (int)npairs + 2 > DEC_LEVEL) {  /* more than this level's room: the children check theirs */
+    luaL_checkstack(L, 2 * (int)npairs + 8, "cannot decode: nesting too deep");
+    d->stackdepth = d->depth;
+  }
   for (uint32_t i = 0; i < npairs; i++) {
     const unsigned char *p = d->p;
     ptrdiff_t left = d->end - p;
@@ -2747,6 +2751,9 @@ static void decode_root(lua_State *L, const char *s, size_t n, int tidx, lua_Int
   }
   if (view_strs && n >= PF_AHEAD) {  /* a big message: prefetch for its strings */
     d.strt = &((const view_state *)(const void *)L)->l_G->strt;
+    lua_pushliteral(L, "");
+    d.seed = ((const view_string *)lua_topointer(L, -1))->hash;
+    lua_pop(L, 1);
     d.pf = d.p;
   }
   decode_value(L, &d);
