@@ -260,8 +260,8 @@ LMP_API int lmp_decode_data(lua_State *L, const char *bytes, size_t len) {
 /* build/lua_layer.c, generated from lua/multiprocessing/ by scripts/lua_layer.lua
 ** (weak: a build without it, such as the rock's, loads the layer from files).
 ** Each file comes as its source and, when the library was built with the same
-** Lua release as the lua5.4 that compiled it, as bytecode (with its lines and
-** upvalues' names, without its locals' names) less its chunk name: parsing the
+** Lua release as the lua5.4 that compiled it, as bytecode (with all its debug
+** information) less its chunk name: parsing the
 ** layer costs milliseconds, loading its bytecode a fifth of that. */
 typedef struct mp_lua_file {
   const char *module, *chunkname, *source;
@@ -294,8 +294,9 @@ static const char *code_read(lua_State *L, void *ud, size_t *size) {
 }
 
 /* pushes file f's main function, named chunkname ("@path", as luaL_loadfile
-** names it); its bytecode when this Lua takes it, else its source */
-static int load_layer_file(lua_State *L, const mp_lua_file *f, const char *chunkname) {
+** names it); its bytecode when this Lua takes it (*bytecode set), else its source */
+static int load_layer_file(lua_State *L, const mp_lua_file *f, const char *chunkname, int *bytecode) {
+  if (bytecode) *bytecode = 0;
   if (f->code) {
     code_reader r = { f, chunkname, strlen(chunkname), 0, 0, { 0 } };
     unsigned char tmp[16];
@@ -304,7 +305,10 @@ static int load_layer_file(lua_State *L, const mp_lua_file *f, const char *chunk
     for (size_t i = 0; i < n; i++) r.len[i] = tmp[n - 1 - i];
     r.len[n - 1] |= 0x80;
     r.lenn = n;
-    if (lua_load(L, code_read, &r, chunkname, "b") == LUA_OK) return LUA_OK;
+    if (lua_load(L, code_read, &r, chunkname, "b") == LUA_OK) {
+      if (bytecode) *bytecode = 1;
+      return LUA_OK;
+    }
     lua_pop(L, 1);  /* another build of Lua 5.4 refused it */
   }
   return luaL_loadbufferx(L, f->source, f->size, chunkname, "t");
@@ -312,7 +316,7 @@ static int load_layer_file(lua_State *L, const mp_lua_file *f, const char *chunk
 
 static int load_file(lua_State *L) {
   const mp_lua_file *f = lua_touserdata(L, lua_upvalueindex(1));
-  if (load_layer_file(L, f, f->chunkname) != LUA_OK) return lua_error(L);
+  if (load_layer_file(L, f, f->chunkname, NULL) != LUA_OK) return lua_error(L);
   lua_pushstring(L, f->module);
   lua_pushliteral(L, ":preload:");
   lua_call(L, 2, 1);
@@ -375,7 +379,7 @@ static int layer_searcher(lua_State *L) {
     close(fd);
     if (!same) return 0;
     lua_pushfstring(L, "@%s", file);
-    if (load_layer_file(L, f, lua_tostring(L, -1)) != LUA_OK) return 0;
+    if (load_layer_file(L, f, lua_tostring(L, -1), NULL) != LUA_OK) return 0;
     lua_pushstring(L, file);
     return 2;
   }
@@ -407,10 +411,11 @@ static int layer_searcher_install(lua_State *L) {
   return 0;
 }
 
-/* core._layer_init(name, path) -> function, init_path: for lua/multiprocessing.lua,
-** which `require "multiprocessing"` finds before multiprocessing/init.lua (path:
-** ".../multiprocessing.lua"): that init.lua loaded (not run), from its bytecode
-** when it is byte for byte the one built in, else from its source, and its name */
+/* core._layer_init(name, path) -> function, init_path, bytecode: for
+** lua/multiprocessing.lua, which `require "multiprocessing"` finds before
+** multiprocessing/init.lua (path: ".../multiprocessing.lua"): that init.lua loaded
+** (not run), from its bytecode when it is byte for byte the one built in, else
+** from its source, its name, and whether it came from the bytecode */
 static int layer_init(lua_State *L) {
   size_t n;
   const char *path = luaL_checklstring(L, 2, &n);
@@ -424,10 +429,10 @@ static int layer_init(lua_State *L) {
   int fd = f && f->module && f->code ? open(file, O_RDONLY | O_CLOEXEC) : -1;
   int same = fd >= 0 && same_source(fd, f);
   if (fd >= 0) close(fd);
-  int st;
+  int st, bytecode = 0;
   if (same) {
     lua_pushfstring(L, "@%s", file);
-    st = load_layer_file(L, f, lua_tostring(L, -1));
+    st = load_layer_file(L, f, lua_tostring(L, -1), &bytecode);
     lua_remove(L, -2);
   } else {
     st = luaL_loadfilex(L, file, NULL);
@@ -435,7 +440,8 @@ static int layer_init(lua_State *L) {
   if (st != LUA_OK)  /* as require says it */
     return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", luaL_checkstring(L, 1), file, lua_tostring(L, -1));
   lua_insert(L, -2);
-  return 2;
+  lua_pushboolean(L, bytecode);
+  return 3;
 }
 
 int mp_layer_open(lua_State *L) {
