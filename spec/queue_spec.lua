@@ -151,6 +151,41 @@ describe("Queue", function()
     back:close(); other:close(); q:close()
   end)
 
+  it("checks its self by more than a fixed word: a userdata of a queue's size whose bytes Lua chose raises", function()
+    -- An Array's elements are checked into a userdata of n * 8 bytes (a C temporary that
+    -- debug.getlocal reaches from the init table's __index): 6 of them are a queue handle's
+    -- size, with a chosen offset at 0 and the old constant word at 16. Taken for a queue,
+    -- a put wrote into the arena at that offset (or crashed).
+    local q = mp.Queue()
+    local tried, errs = 0, {}
+    local init = setmetatable({}, { __len = function() return 6 end, __index = function(_, k)
+      if k == 1 then return 0x41414140 elseif k == 3 then return 0x7175e0e0 end
+      if k == 4 then
+        for level = 2, 4 do
+          if not debug.getinfo(level) then break end
+          for i = 1, 10 do
+            local name, v = debug.getlocal(level, i)
+            if not name then break end
+            if type(v) == "userdata" and not debug.getmetatable(v) then
+              tried = tried + 1
+              local ok, err = pcall(q.put, v, 1)
+              errs[#errs + 1] = ok and "put returned " .. tostring(err) or tostring(err)
+              local ok2, err2 = pcall(q.get, v, 0)
+              errs[#errs + 1] = ok2 and "get returned " .. tostring(err2) or tostring(err2)
+            end
+          end
+        end
+      end
+      return 0
+    end })
+    local a = mp.Array("q", init)
+    assert.is_true(tried >= 1)
+    for _, e in ipairs(errs) do assert.matches("Queue or JoinableQueue or SimpleQueue expected, got userdata", e, 1, true) end
+    assert.is_true(q:empty())
+    a = nil
+    q:close()
+  end)
+
   it("raises on values that cannot be sent, naming where", function()
     local q = mp.Queue()
     H.raises("cannot send a thread (coroutine) at value[2]", q.put, q, { 1, coroutine.create(print) })
