@@ -728,7 +728,7 @@ static inline __attribute__((always_inline)) int q_get_fast(lua_State *L, mp_que
   if (q->nopace) q->nopace = 0;
   q_wake_putters_locked(q);
   q_unlock(q);
-  if (fast < 0 || !fast_decode(L, o, t)) mp_decode(L, o, t);
+  if (fast <= 0 || !fast_decode(L, o, t)) mp_decode(L, o, t);  /* (fast == 0: a C caller that never ran fast_on) */
   return MP_WOKE;
 }
 
