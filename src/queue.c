@@ -1,6 +1,7 @@
 /* queue.c: Queue, SimpleQueue and JoinableQueue in shared memory. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -459,9 +460,11 @@ static inline int fast_decode(lua_State *L, const char *s, uint32_t n) {
 /* whether fast_encode's bytes are mp_encode's and fast_decode reads them as mp_decode does */
 static __attribute__((noinline)) int fast_check(lua_State *L) {
   /* (pushed from C: no Lua code runs, so no hook, such as a Ctrl-C's, is met here) */
-  static const lua_Integer ints[] = { 0, -128, 127, 300, -32768, 40000, -40000, (lua_Integer)1 << 40,
-                                      LUA_MININTEGER, LUA_MAXINTEGER };
-  static const lua_Number floats[] = { 1.5, -0.0, 3.0, 1e300 };
+  static const lua_Integer ints[] = { 0, -128, 127, 128, -129, 300, 32767, -32768, 32768, -32769, 40000,
+                                      -40000, INT32_MAX, INT32_MIN, (lua_Integer)INT32_MAX + 1,
+                                      (lua_Integer)INT32_MIN - 1, (lua_Integer)1 << 40,
+                                      LUA_MININTEGER, LUA_MAXINTEGER };  /* (each width's edges) */
+  static const lua_Number floats[] = { 1.5, -0.0, 3.0, 1e300, HUGE_VAL, -HUGE_VAL };
   int top = lua_gettop(L), ok = 1;
   luaL_checkstack(L, 40, NULL);
   lua_pushnil(L);
