@@ -138,17 +138,58 @@ describe("Queue", function()
     local ok, err = pcall(function() return f:put(1) end)
     local ok2, err2 = pcall(function() return f:get() end)
     local ok3, err3 = pcall(function() return f:qsize() end)
+    -- close and __tostring take their self closed or not: the word is not read past the
+    -- end of a smaller userdata (a FILE* is 16 bytes; make asan caught the read)
+    local ok4, err4 = pcall(tostring, f)
+    local ok5, err5 = pcall(function() return f:close() end)
     debug.setmetatable(f, fmt)
     f:close()
     assert.is_false(ok); assert.matches("'put'.*Queue expected, got another userdata with a queue's metatable", err)
     assert.is_false(ok2); assert.matches("'get'.*Queue expected, got another userdata with a queue's metatable", err2)
     assert.is_false(ok3); assert.matches("'qsize'.*Queue expected, got another userdata with a queue's metatable", err3)
+    assert.is_false(ok4); assert.matches("Queue expected, got another userdata with a queue's metatable", err4)
+    assert.is_false(ok5); assert.matches("'close'.*Queue expected, got another userdata with a queue's metatable", err5)
     -- the classes share their methods' checks; a handle decoded from a message is checked the same way
     assert.is_true(q:put(other))
     local back = q:get()
     assert.is_true(back:put(7)); assert.equal(7, back:get())
     assert.is_true(q.put(back, 8)); assert.equal(8, other:get())
     back:close(); other:close(); q:close()
+  end)
+
+  it("checks its self by more than a fixed word: a userdata of a queue's size whose bytes Lua chose raises", function()
+    -- An Array's elements are checked into a userdata of n * 8 bytes (a C temporary that
+    -- debug.getlocal reaches from the init table's __index): 6 of them are a queue handle's
+    -- size, with a chosen offset at 0 and the old constant word at 16. Taken for a queue,
+    -- a put wrote into the arena at that offset (or crashed).
+    local q = mp.Queue()
+    local tried, errs = 0, {}
+    local init = setmetatable({}, { __len = function() return 6 end, __index = function(_, k)
+      if k == 1 then return 0x41414140 elseif k == 3 then return 0x7175e0e0 end
+      if k == 4 then
+        for level = 2, 4 do
+          if not debug.getinfo(level) then break end
+          for i = 1, 10 do
+            local name, v = debug.getlocal(level, i)
+            if not name then break end
+            if type(v) == "userdata" and not debug.getmetatable(v) then
+              tried = tried + 1
+              local ok, err = pcall(q.put, v, 1)
+              errs[#errs + 1] = ok and "put returned " .. tostring(err) or tostring(err)
+              local ok2, err2 = pcall(q.get, v, 0)
+              errs[#errs + 1] = ok2 and "get returned " .. tostring(err2) or tostring(err2)
+            end
+          end
+        end
+      end
+      return 0
+    end })
+    local a = mp.Array("q", init)
+    assert.is_true(tried >= 1)
+    for _, e in ipairs(errs) do assert.matches("Queue or JoinableQueue or SimpleQueue expected, got userdata", e, 1, true) end
+    assert.is_true(q:empty())
+    a = nil
+    q:close()
   end)
 
   it("raises on values that cannot be sent, naming where", function()

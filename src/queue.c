@@ -1,10 +1,12 @@
 /* queue.c: Queue, SimpleQueue and JoinableQueue in shared memory. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "mp.h"
@@ -458,9 +460,11 @@ static inline int fast_decode(lua_State *L, const char *s, uint32_t n) {
 /* whether fast_encode's bytes are mp_encode's and fast_decode reads them as mp_decode does */
 static __attribute__((noinline)) int fast_check(lua_State *L) {
   /* (pushed from C: no Lua code runs, so no hook, such as a Ctrl-C's, is met here) */
-  static const lua_Integer ints[] = { 0, -128, 127, 300, -32768, 40000, -40000, (lua_Integer)1 << 40,
-                                      LUA_MININTEGER, LUA_MAXINTEGER };
-  static const lua_Number floats[] = { 1.5, -0.0, 3.0, 1e300 };
+  static const lua_Integer ints[] = { 0, -128, 127, 128, -129, 300, 32767, -32768, 32768, -32769, 40000,
+                                      -40000, INT32_MAX, INT32_MIN, (lua_Integer)INT32_MAX + 1,
+                                      (lua_Integer)INT32_MIN - 1, (lua_Integer)1 << 40,
+                                      LUA_MININTEGER, LUA_MAXINTEGER };  /* (each width's edges) */
+  static const lua_Number floats[] = { 1.5, -0.0, 3.0, 1e300, HUGE_VAL, -HUGE_VAL };
   int top = lua_gettop(L), ok = 1;
   luaL_checkstack(L, 40, NULL);
   lua_pushnil(L);
@@ -727,7 +731,7 @@ static inline __attribute__((always_inline)) int q_get_fast(lua_State *L, mp_que
   if (q->nopace) q->nopace = 0;
   q_wake_putters_locked(q);
   q_unlock(q);
-  if (fast < 0 || !fast_decode(L, o, t)) mp_decode(L, o, t);
+  if (fast <= 0 || !fast_decode(L, o, t)) mp_decode(L, o, t);  /* (fast == 0: a C caller that never ran fast_on) */
   return MP_WOKE;
 }
 
@@ -902,22 +906,40 @@ static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
 
 typedef struct qhandle {
   mp_handle h;
-  uint32_t magic;  /* QMAGIC + the class (QK_*): set where the userdata is made */
-  uint32_t pad;
+  uint64_t magic;  /* q_word(this handle) + the class (QK_*): set where the userdata is made */
   mp_buf buf;      /* receive buffer, local to this process */
 } qhandle;
 
 /* The self check of the hot calls (put, get, and pool.c's mp_queue_check, twice
-** a task) reads a magic word that only this file writes, in a userdata of the
-** qhandle's size: ~75 instructions, against ~410 for mp_checkopen's
-** metatable comparison. Lua code cannot write a userdata's bytes, so the word
-** names a queue at least as surely as the metatable does (debug.setmetatable can
-** give a FILE* a queue's metatable, never a queue's bytes). Anything else takes
-** mp_checkopen's path, whose errors name the user's call ("bad argument #1 to
-** 'put' (Queue or JoinableQueue or SimpleQueue expected, got FILE*)"), or
-** "attempt to use a closed Queue". */
-#define QMAGIC 0x7175e0e0u
+** a task) reads a word that only this file writes, in a userdata of the
+** qhandle's size: ~80 instructions, against ~410 for mp_checkopen's
+** metatable comparison. The word is a keyed mix of the handle's own address
+** (the key drawn from getrandom once per process family, forked children
+** inheriting it with their handles): a constant word was not enough, as C code
+** does write a userdata's bytes from Lua values (an Array's elements while they
+** are checked, which debug.getlocal can reach as a C temporary), and such a
+** userdata of the same size then passed as a queue with any offset. Lua code
+** never reads a userdata's bytes, so it cannot learn the word of any address.
+** Anything else takes mp_checkopen's path, whose errors name the user's call
+** ("bad argument #1 to 'put' (Queue or JoinableQueue or SimpleQueue expected,
+** got FILE*)"), or "attempt to use a closed Queue". */
+static uint64_t qkey;
 enum { QK_QUEUE, QK_JOINABLE, QK_SIMPLE };  /* the order of QUEUES */
+
+static inline uint64_t q_word(const qhandle *qh) {
+  uint64_t x = ((uint64_t)(uintptr_t)qh ^ qkey) * 0x9e3779b97f4a7c15u;
+  return x ^ (x >> 29);
+}
+
+static void q_makekey(void) {
+  uint64_t k = 0, zero = 0;
+  while (!k) {
+    ssize_t r = getrandom(&k, sizeof k, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r != (ssize_t)sizeof k) abort();  /* no entropy source: nothing safe to fall back on */
+  }
+  __atomic_compare_exchange_n(&qkey, &zero, k, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);  /* (two states at once: one key) */
+}
 
 /* every method, close and __gc included, checks its self (mp.h's self checks) */
 #define QUEUES MP_CLASSES(QUEUE, JOINABLEQUEUE, SIMPLEQUEUE)
@@ -926,6 +948,8 @@ static inline qhandle *q_mine(lua_State *L, int idx) {
   qhandle *qh = lua_touserdata(L, idx);
   return qh && lua_rawlen(L, idx) == sizeof(qhandle) ? qh : NULL;
 }
+
+static inline int q_genuine(const qhandle *qh) { return qh->magic - q_word(qh) <= QK_SIMPLE; }
 
 static void q_forged(lua_State *L, int idx) {
   luaL_argerror(L, idx, "Queue expected, got another userdata with a queue's metatable");
@@ -936,20 +960,20 @@ static void q_forged(lua_State *L, int idx) {
 static __attribute__((noinline)) qhandle *q_checkslow(lua_State *L, int idx, const char *const *names) {
   mp_checkopen(L, idx, names);
   qhandle *qh = q_mine(L, idx);
-  if (!qh || qh->magic - QMAGIC > QK_SIMPLE) q_forged(L, idx);
+  if (!qh || !q_genuine(qh)) q_forged(L, idx);
   return qh;
 }
 
 static inline qhandle *q_check(lua_State *L, int idx) {
   qhandle *qh = q_mine(L, idx);
-  if (qh && qh->magic - QMAGIC <= QK_SIMPLE && qh->h.off) return qh;
+  if (qh && q_genuine(qh) && qh->h.off) return qh;
   return q_checkslow(L, idx, QUEUES);
 }
 
 /* the userdata, closed or not (close, __gc, __tostring) */
 static qhandle *q_self(lua_State *L, int idx) {
   qhandle *qh = mp_toself(L, idx, QUEUES);
-  if (qh->magic - QMAGIC > QK_SIMPLE || lua_rawlen(L, idx) != sizeof(qhandle)) q_forged(L, idx);
+  if (lua_rawlen(L, idx) != sizeof(qhandle) || !q_genuine(qh)) q_forged(L, idx);
   return qh;
 }
 
@@ -957,7 +981,7 @@ static qhandle *q_self(lua_State *L, int idx) {
 
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf) {
   qhandle *qh = q_mine(L, idx);
-  if (!qh || qh->magic != QMAGIC + QK_QUEUE || !qh->h.off) qh = q_checkslow(L, idx, MP_CLASSES(QUEUE));
+  if (!qh || qh->magic != q_word(qh) + QK_QUEUE || !qh->h.off) qh = q_checkslow(L, idx, MP_CLASSES(QUEUE));
   *buf = &qh->buf;
   return QOF(qh);
 }
@@ -970,7 +994,7 @@ static qhandle *q_push(lua_State *L, uint64_t off, const char *tname) {
   qhandle *qh = lua_newuserdatauv(L, sizeof(qhandle), 0);
   memset(qh, 0, sizeof(*qh));
   luaL_setmetatable(L, tname);
-  qh->magic = QMAGIC + (uint32_t)q_kind(tname);
+  qh->magic = q_word(qh) + (uint64_t)q_kind(tname);
   qh->h.off = off;
   qh->h.pid = getpid();
   return qh;
@@ -1179,7 +1203,7 @@ static int queue_eq(lua_State *L) {
 
 static void queue_decode(lua_State *L, const unsigned char *payload, size_t n, const char *tname) {
   qhandle *qh = (qhandle *)mp_handle_attach(L, payload, n, 0x51, tname, sizeof(qhandle), 0);
-  qh->magic = QMAGIC + (uint32_t)q_kind(tname);
+  qh->magic = q_word(qh) + (uint64_t)q_kind(tname);
 }
 static void dec_q(lua_State *L, const unsigned char *p, size_t n) { queue_decode(L, p, n, QUEUE); }
 static void dec_s(lua_State *L, const unsigned char *p, size_t n) { queue_decode(L, p, n, SIMPLEQUEUE); }
@@ -1224,6 +1248,7 @@ int mp_queue_open(lua_State *L) {
     }
     lua_pop(L, 2);
   }
+  if (!__atomic_load_n(&qkey, __ATOMIC_SEQ_CST)) q_makekey();
   mp_obj_set_dtor(0x51, q_dtor);  /* what a message's release of a queue needs */
   mp_codec_register(&t_queue);
   mp_codec_register(&t_simple);
