@@ -23,6 +23,37 @@ describe("Queue", function()
     q:close()
   end)
 
+  it("small plain values keep their exact type and value across processes (the fast path)", function()
+    assert.is_true(core._queue_fast())   -- the codec's format is the one queue.c writes for these
+    local s255, s256 = ("\0x"):rep(127) .. "y", ("z"):rep(256)
+    local vals = { false, true, 0, -1, 127, -128, 128, -129, 32767, -32768, 32768, 2^31 // 1, -(2^31 // 1) - 1,
+                   1 << 40, math.maxinteger, math.mininteger, 0.0, -0.0, 3.0, 1.5, -2.5e300, 1/0, -1/0,
+                   "", "a", s255, s256, "\255\0" }
+    local q, back = mp.Queue(), mp.Queue()
+    local p = mp.Process { target = function()
+      for _ = 1, #vals + 2 do
+        local v = q:get()
+        back:put(v)
+      end
+    end }
+    p:start()
+    for i = 1, #vals do q:put(vals[i]) end
+    q:put(nil)
+    q:put(0/0)
+    for i = 1, #vals do
+      local v = back:get()
+      assert.equal(math.type(vals[i]) or type(vals[i]), math.type(v) or type(v))
+      assert.equal(vals[i], v)
+      if vals[i] == 0 and math.type(vals[i]) == "float" then assert.equal(1 / vals[i], 1 / v) end  -- -0.0
+    end
+    local none, why = back:get(20)
+    assert.is_nil(none); assert.is_nil(why)      -- a sent nil, not a timeout
+    local nan = back:get(20)
+    assert.is_true(nan ~= nan)
+    assert.is_true(p:join(20))
+    q:close(); back:close()
+  end)
+
   it("qsize, empty, full and maxsize", function()
     local q = mp.Queue(2)
     assert.equal(2, q:maxsize())
@@ -94,6 +125,32 @@ describe("Queue", function()
     assert.matches("closed", tostring(q))
   end)
 
+  it("checks its self: another object, even one given a queue's metatable, raises naming the call", function()
+    local q, other = mp.Queue(), mp.SimpleQueue()
+    H.raises("bad argument #1 to 'put' (Queue or JoinableQueue or SimpleQueue expected, got FILE*)",
+             function() return q.put(io.stdout, 1) end)
+    H.raises("bad argument #1 to 'get' (Queue or JoinableQueue or SimpleQueue expected, got no value)",
+             function() return q.get() end)
+    -- a userdata that is no queue, with a queue's metatable (debug.setmetatable): an error, never a crash
+    local f = io.tmpfile()
+    local fmt = debug.getmetatable(f)
+    debug.setmetatable(f, debug.getmetatable(q))
+    local ok, err = pcall(function() return f:put(1) end)
+    local ok2, err2 = pcall(function() return f:get() end)
+    local ok3, err3 = pcall(function() return f:qsize() end)
+    debug.setmetatable(f, fmt)
+    f:close()
+    assert.is_false(ok); assert.matches("'put'.*Queue expected, got another userdata with a queue's metatable", err)
+    assert.is_false(ok2); assert.matches("'get'.*Queue expected, got another userdata with a queue's metatable", err2)
+    assert.is_false(ok3); assert.matches("'qsize'.*Queue expected, got another userdata with a queue's metatable", err3)
+    -- the classes share their methods' checks; a handle decoded from a message is checked the same way
+    assert.is_true(q:put(other))
+    local back = q:get()
+    assert.is_true(back:put(7)); assert.equal(7, back:get())
+    assert.is_true(q.put(back, 8)); assert.equal(8, other:get())
+    back:close(); other:close(); q:close()
+  end)
+
   it("raises on values that cannot be sent, naming where", function()
     local q = mp.Queue()
     H.raises("cannot send a thread (coroutine) at value[2]", q.put, q, { 1, coroutine.create(print) })
@@ -149,6 +206,28 @@ describe("Queue", function()
     for k = 1, 2 do for i = 1, N do assert(seen[k * 100000 + i], "missing item") end end
     assert.is_true(out:empty())
     q:close() out:close()
+  end)
+
+  it("wakes sleepers on both sides: ping-pong and a bounded queue, many handoffs, none lost", function()
+    -- each get finds the queue empty and sleeps, each bounded put finds it full: a wake-up
+    -- that went missing would leave a side asleep until its 20 s timeout
+    local ping, pong, bounded = mp.Queue(), mp.Queue(), mp.Queue(1)
+    local N = 2000
+    local p = mp.Process { target = function()
+      for i = 1, N do assert(pong:put(assert(ping:get(20)) + 1)) end
+      for i = 1, N do assert(bounded:put(i, 20)) end
+    end }:start()
+    for i = 1, N do
+      assert.is_true(ping:put(i))
+      assert.equal(i + 1, pong:get(20))
+    end
+    for i = 1, N do
+      if i % 500 == 0 then mp.sleep(0.01) end  -- the writer sleeps on a full queue
+      assert.equal(i, bounded:get(20))
+    end
+    assert.is_true(p:join(20))
+    assert.equal(0, p.exitcode)
+    ping:close() pong:close() bounded:close()
   end)
 
   it("keeps the items of a producer that exited", function()

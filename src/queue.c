@@ -182,9 +182,7 @@ static void q_repair(mp_queue *q) {
 
 /* Locks q: MP_WOKE (locked), MP_TIMEOUT or MP_INTERRUPTED (not locked). The
 ** wait lasts at least GRACE, so that a poll is not failed by a short section. */
-static int q_lock(lua_State *L, mp_queue *q, double deadline) {
-  int r = pthread_mutex_trylock(&q->lock);
-  if (r == 0) return MP_WOKE;
+static __attribute__((noinline)) int q_lock_slow(lua_State *L, mp_queue *q, double deadline, int r) {
   if (r != EOWNERDEAD) {
     if (deadline >= 0) {
       double soon = mp_now() + GRACE;
@@ -199,6 +197,12 @@ static int q_lock(lua_State *L, mp_queue *q, double deadline) {
   }
   q_repair(q);
   return MP_WOKE;
+}
+
+static inline int q_lock(lua_State *L, mp_queue *q, double deadline) {
+  int r = pthread_mutex_trylock(&q->lock);
+  if (__builtin_expect(r == 0, 1)) return MP_WOKE;
+  return q_lock_slow(L, q, deadline, r);
 }
 
 static inline void q_unlock(mp_queue *q) { pthread_mutex_unlock(&q->lock); }
@@ -285,6 +289,17 @@ static void q_wake_getters(mp_queue *q) {
 static void q_wake_putters(mp_queue *q) {
   __atomic_add_fetch(&q->get_seq, 1, __ATOMIC_SEQ_CST);
   if (__atomic_load_n(&q->putters, __ATOMIC_SEQ_CST)) mp_futex_wake(&q->get_seq, 1);
+}
+
+/* The same, from a change made under the lock: a sleeper counts itself and
+** reads the sequence under the lock (q_wait), so with nobody counted the
+** sequence need not move (one locked instruction less a message). Publishing a
+** big message happens without the lock: it always moves put_seq. */
+static inline void q_wake_getters_locked(mp_queue *q) {
+  if (__atomic_load_n(&q->getters, __ATOMIC_SEQ_CST)) q_wake_getters(q);
+}
+static inline void q_wake_putters_locked(mp_queue *q) {
+  if (__atomic_load_n(&q->putters, __ATOMIC_SEQ_CST)) q_wake_putters(q);
 }
 
 /* Moves the head past taken records, and drops drained chunks (queue locked). */
@@ -383,6 +398,105 @@ static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t s, uint32_t
   return q_lock(L, q, deadline);
 }
 
+/* ------------------------------------------------ small plain values */
+
+/* nil, booleans, numbers and strings of up to 255 bytes have short fixed
+** encodings in the codec's format (docs/codec.md): put writes them and get
+** reads them here, without the encoder's or decoder's setup (~550 and ~150
+** instructions a message). These constants are codec.c's; the first fast put
+** or get of a process checks them against mp_encode and mp_decode, and a codec
+** whose format differs turns the fast path off (fast < 0), so a change there
+** costs speed, never a wrong value. */
+enum { F_FORMAT = 0xB3, F_NIL = 0, F_FALSE, F_TRUE, F_INT8, F_INT16, F_INT32, F_INT64, F_FLOAT, F_STR8 };
+#define FAST_MAX (3 + 255)
+static int fast;  /* 0: not checked yet; 1: on; -1: off */
+
+/* the encoding of the value at idx into o: its length, or 0 when it has none here */
+static inline uint32_t fast_encode(lua_State *L, int idx, char *o) {
+  o[0] = (char)F_FORMAT;
+  switch (lua_type(L, idx)) {
+    case LUA_TNUMBER: {
+      if (!lua_isinteger(L, idx)) {  /* (a float with an integral value stays a float) */
+        lua_Number d = lua_tonumber(L, idx);
+        o[1] = F_FLOAT; memcpy(o + 2, &d, 8); return 10;
+      }
+      lua_Integer v = lua_tointeger(L, idx);
+      if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[1] = F_INT8; memcpy(o + 2, &x, 1); return 3; }
+      if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[1] = F_INT16; memcpy(o + 2, &x, 2); return 4; }
+      if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[1] = F_INT32; memcpy(o + 2, &x, 4); return 6; }
+      int64_t x = (int64_t)v; o[1] = F_INT64; memcpy(o + 2, &x, 8); return 10;
+    }
+    case LUA_TSTRING: {
+      size_t n;
+      const char *p = lua_tolstring(L, idx, &n);
+      if (n > 255) return 0;
+      o[1] = F_STR8; o[2] = (char)n; memcpy(o + 3, p, n);
+      return (uint32_t)n + 3;
+    }
+    case LUA_TBOOLEAN: o[1] = lua_toboolean(L, idx) ? F_TRUE : F_FALSE; return 2;
+    case LUA_TNIL: o[1] = F_NIL; return 2;
+    default: return 0;  /* (none: the slow path raises) */
+  }
+}
+
+/* pushes the value s[0..n) encodes and returns 1, or returns 0 (mp_decode's) */
+static inline int fast_decode(lua_State *L, const char *s, uint32_t n) {
+  if (n < 2 || (unsigned char)s[0] != F_FORMAT) return 0;
+  switch (s[1]) {
+    case F_INT8: if (n != 3) return 0; lua_pushinteger(L, (int8_t)s[2]); return 1;
+    case F_INT16: { int16_t v; if (n != 4) return 0; memcpy(&v, s + 2, 2); lua_pushinteger(L, v); return 1; }
+    case F_INT32: { int32_t v; if (n != 6) return 0; memcpy(&v, s + 2, 4); lua_pushinteger(L, v); return 1; }
+    case F_INT64: { int64_t v; if (n != 10) return 0; memcpy(&v, s + 2, 8); lua_pushinteger(L, (lua_Integer)v); return 1; }
+    case F_FLOAT: { double v; if (n != 10) return 0; memcpy(&v, s + 2, 8); lua_pushnumber(L, v); return 1; }
+    case F_STR8: if (n < 3 || n != 3u + (unsigned char)s[2]) return 0; lua_pushlstring(L, s + 3, n - 3); return 1;
+    case F_NIL: if (n != 2) return 0; lua_pushnil(L); return 1;
+    case F_FALSE: case F_TRUE: if (n != 2) return 0; lua_pushboolean(L, s[1] == F_TRUE); return 1;
+    default: return 0;
+  }
+}
+
+/* whether fast_encode's bytes are mp_encode's and fast_decode reads them as mp_decode does */
+static __attribute__((noinline)) int fast_check(lua_State *L) {
+  /* (pushed from C: no Lua code runs, so no hook, such as a Ctrl-C's, is met here) */
+  static const lua_Integer ints[] = { 0, -128, 127, 300, -32768, 40000, -40000, (lua_Integer)1 << 40,
+                                      LUA_MININTEGER, LUA_MAXINTEGER };
+  static const lua_Number floats[] = { 1.5, -0.0, 3.0, 1e300 };
+  int top = lua_gettop(L), ok = 1;
+  luaL_checkstack(L, 40, NULL);
+  lua_pushnil(L);
+  lua_pushboolean(L, 0);
+  lua_pushboolean(L, 1);
+  for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) lua_pushinteger(L, ints[i]);
+  for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++) lua_pushnumber(L, floats[i]);
+  lua_pushliteral(L, "");
+  lua_pushlstring(L, "a\0c", 3);
+  char s255[255];
+  memset(s255, 's', sizeof s255);
+  lua_pushlstring(L, s255, sizeof s255);
+  char o[FAST_MAX], e2[FAST_MAX];
+  int last = lua_gettop(L);  /* (mp_encode leaves its encoder above) */
+  for (int i = top + 1; ok && i <= last; i++) {
+    uint32_t n = fast_encode(L, i, o);
+    mp_enc *e = mp_encode(L, i, "value");
+    ok = n && mp_enc_size(e) == n && !mp_enc_handles(e, &(const mp_sent *){ NULL });
+    if (ok) { mp_enc_copy(e, e2); ok = !memcmp(o, e2, n); }
+    mp_enc_done(L, e);
+    if (!ok) break;
+    int t = lua_gettop(L);
+    mp_decode(L, o, n);
+    ok = fast_decode(L, o, n) && lua_rawequal(L, -1, -2) && lua_type(L, -1) == lua_type(L, i) &&
+         lua_isinteger(L, -1) == lua_isinteger(L, i) && lua_rawequal(L, -1, i);
+    lua_settop(L, t);
+  }
+  lua_settop(L, top);
+  return ok ? 1 : -1;
+}
+
+static inline int fast_on(lua_State *L) {
+  if (__builtin_expect(fast == 0, 0)) fast = fast_check(L);
+  return fast > 0;
+}
+
 /* ------------------------------------------------------------ internal API */
 
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline) {
@@ -423,6 +537,57 @@ static void count_owned(uint64_t ext) {
   }
 }
 
+/* Locks q for a put, once there is room (maxsize) and pacing lets it go on:
+** MP_WOKE (locked), or MP_TIMEOUT, MP_INTERRUPTED, MP_SHUTDOWN (not locked). */
+static int q_put_enter(lua_State *L, mp_queue *q, double deadline) {
+  int r = q_lock(L, q, deadline);
+  if (r != MP_WOKE) return r;
+  if (q->shut) { q_unlock(q); return MP_SHUTDOWN; }
+  while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
+    uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
+    if (q->shut) { q_unlock(q); return MP_SHUTDOWN; }
+    if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return MP_TIMEOUT; }
+    r = q_wait(L, q, &q->get_seq, s, &q->putters, deadline, deadline, NULL);
+    if (r != MP_WOKE) return r;
+  }
+  /* Pacing: a writer far ahead of its readers would touch fresh pages for
+  ** every message, which costs far more than the copy; while readers make
+  ** progress, wait for them a little. Never blocks for long: a reader that
+  ** does not take a message within PACE_WAIT turns pacing off until it does. */
+  while (q->bytes > PACE_BYTES && !q->nopace) {
+    int slept;
+    uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
+    r = q_wait(L, q, &q->get_seq, s, &q->putters, mp_now() + PACE_WAIT, deadline, &slept);
+    if (r != MP_WOKE) return r;
+    if (slept) q->nopace = 1;
+  }
+  return MP_WOKE;
+}
+
+/* A small record was written at c->wpos (locked): it joins the queue, the lock goes. */
+static void q_small_done(mp_queue *q, chunk *c, uint32_t rec, uint32_t n) {
+  q_commit_append(q, c, rec);
+  q->count++;
+  q->bytes += n;
+  q_wake_getters_locked(q);
+  q_unlock(q);
+}
+
+/* put of the bytes s[0..n) of a message without handles, n < BIGMSG (fast_encode's) */
+static int q_put_small(lua_State *L, mp_queue *q, const char *s, uint32_t n, double deadline) {
+  mp_alloc_context(L, deadline);
+  int r = q_put_enter(L, q, deadline);
+  if (r != MP_WOKE) return r;
+  uint32_t rec = (4 + n + 7) & ~7u;
+  chunk *c = q_room(q, rec);
+  if (!c) { q_unlock(q); return mp_oom_error(L, sizeof(chunk) + rec); }
+  char *p = c->data + c->wpos;
+  memcpy(p, &n, 4);
+  memcpy(p + 4, s, n);
+  q_small_done(q, c, rec, n);
+  return MP_WOKE;
+}
+
 int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
   const mp_sent *hl;
   size_t nh = mp_enc_handles(e, &hl);
@@ -437,27 +602,8 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
     mp_enc_unsent(e);
     return mp_oom_error(L, own_size(nh) + n);
   }
-  int r = q_lock(L, q, deadline);
+  int r = q_put_enter(L, q, deadline);
   if (r != MP_WOKE) return put_failed(e, built, r);
-  if (q->shut) { q_unlock(q); return put_failed(e, built, MP_SHUTDOWN); }
-  while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
-    uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
-    if (q->shut) { q_unlock(q); return put_failed(e, built, MP_SHUTDOWN); }
-    if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return put_failed(e, built, MP_TIMEOUT); }
-    r = q_wait(L, q, &q->get_seq, s, &q->putters, deadline, deadline, NULL);
-    if (r != MP_WOKE) return put_failed(e, built, r);
-  }
-  /* Pacing: a writer far ahead of its readers would touch fresh pages for
-  ** every message, which costs far more than the copy; while readers make
-  ** progress, wait for them a little. Never blocks for long: a reader that
-  ** does not take a message within PACE_WAIT turns pacing off until it does. */
-  while (q->bytes > PACE_BYTES && !q->nopace) {
-    int slept;
-    uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
-    r = q_wait(L, q, &q->get_seq, s, &q->putters, mp_now() + PACE_WAIT, deadline, &slept);
-    if (r != MP_WOKE) return put_failed(e, built, r);
-    if (slept) q->nopace = 1;
-  }
   uint32_t rec = big ? BIGREC : (uint32_t)((4 + n + 7) & ~(size_t)7);
   chunk *c = q_room(q, rec);
   if (!c) { q_unlock(q); put_failed(e, built, 0); return mp_oom_error(L, sizeof(chunk) + rec); }
@@ -484,11 +630,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
     memcpy(p, &len, 4);
     if (plen) memcpy(p + 4, pre, plen);
     mp_enc_copy(e, p + 4 + plen);
-    q_commit_append(q, c, rec);
-    q->count++;
-    q->bytes += n;
-    q_wake_getters(q);
-    q_unlock(q);
+    q_small_done(q, c, rec, len);
     return MP_WOKE;
   }
   /* Big: reserve a record that names us; allocate, copy with the lock released; publish. */
@@ -550,9 +692,43 @@ static int decode_ext(lua_State *L) {
   return 1;
 }
 
+static int q_get_fast(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
+static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
+                      int maxk, uint64_t keep, int *count, mp_decoder decode, int locked);
+enum { NOT_FAST = -1, NOT_FAST_LOCKED = -2 };
+
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
-  int n;
-  return mp_queue_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL);
+  int n, r = q_get_fast(L, q, buf, deadline);
+  if (r >= 0) return r;
+  return q_get_many(L, q, buf, deadline, NULL, 1, 0, &n, NULL, r == NOT_FAST_LOCKED);
+}
+
+/* get of the first message when it is small and in order, the common case:
+** get_many's work for it, less the batch. Returns as mp_queue_get, or
+** NOT_FAST (not locked: the queue looked empty) or NOT_FAST_LOCKED (locked:
+** the message is big, or taken, or the queue is shut: get_many goes on). */
+static inline __attribute__((always_inline)) int q_get_fast(lua_State *L, mp_queue *q, mp_buf *buf, double deadline) {
+  if (!__atomic_load_n(&q->count, __ATOMIC_ACQUIRE)) return NOT_FAST;  /* (get_many waits) */
+  if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
+  int r = q_lock(L, q, deadline);
+  if (r != MP_WOKE) return r;
+  chunk *c = q->head ? CH(q->head) : NULL;
+  uint32_t at = c ? c->rpos : 0, t = c && at < c->wpos ? tag_of(c->data + at) : UINT32_MAX;
+  if (t >= TAKEN_BIT || q->shut == SHUT_NOW) return NOT_FAST_LOCKED;  /* (big, taken, none) */
+  char few[FAST_MAX], *o = t <= FAST_MAX ? few : buf->p;
+  memcpy(o, c->data + at + 4, t);
+  uint32_t r2 = at + rec_size(t);
+  while (r2 < c->wpos && IS_GONE(tag_of(c->data + r2))) r2 += rec_size(tag_of(c->data + r2));
+  ORDER();  /* one store is the whole change */
+  if (r2 == c->wpos && q->head == q->tail) reset_word(c); else __atomic_store_n(&c->rpos, r2, __ATOMIC_RELEASE);
+  ORDER();
+  q->count--;
+  q->bytes -= t;
+  if (q->nopace) q->nopace = 0;
+  q_wake_putters_locked(q);
+  q_unlock(q);
+  if (fast < 0 || !fast_decode(L, o, t)) mp_decode(L, o, t);
+  return MP_WOKE;
 }
 
 int mp_queue_settle(lua_State *L, mp_queue *q, double deadline) {
@@ -571,14 +747,24 @@ static void lg_claim(mp_queue *q, uint32_t *k, mp_claim *claim, uint64_t n) {
 
 int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
                       int maxk, uint64_t keep, int *count, mp_decoder decode) {
+  return q_get_many(L, q, buf, deadline, claim, maxk, keep, count, decode, 0);
+}
+
+/* locked: q_get_fast left the queue locked */
+static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, mp_claim *claim,
+                      int maxk, uint64_t keep, int *count, mp_decoder decode, int locked) {
   *count = 0;
+  int plain = !decode && fast > 0;  /* (a queue's get ran fast_on before) */
   if (!decode) decode = mp_decode;
-  for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
-    if (spin > 20) sched_yield();
   buf->n = 0;
-  if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
-  int r = q_lock(L, q, deadline);
-  if (r != MP_WOKE) return r;
+  if (!locked) {
+    for (int spin = 0; spin < SPIN && !__atomic_load_n(&q->count, __ATOMIC_ACQUIRE) && deadline != 0; spin++)
+      if (spin > 20) sched_yield();
+    if (buf->cap < BIGMSG + 8) mp_buf_reserve(L, buf, BIGMSG + 8);  /* nothing may raise under the lock */
+    int r = q_lock(L, q, deadline);
+    if (r != MP_WOKE) return r;
+  }
+  int r;
   chunk *c;
   uint32_t at;
   for (;;) {
@@ -619,7 +805,7 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
     }
     q->count--;
     q->bytes -= big_len(b);
-    q->nopace = 0;
+    if (q->nopace) q->nopace = 0;
     q_wake_putters(q);
     q_unlock(q);
     uint64_t block = b->off;
@@ -697,15 +883,15 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
   }
   q->count -= (uint64_t)n;
   q->bytes -= bytes;
-  q->nopace = 0;
-  q_wake_putters(q);
+  if (q->nopace) q->nopace = 0;
+  q_wake_putters_locked(q);
   q_unlock(q);
   luaL_checkstack(L, n, "too many messages");
   size_t pos = 0;
   for (int i = 0; i < n; i++) {
     uint32_t len;
     memcpy(&len, buf->p + pos, 4);
-    decode(L, buf->p + pos + 4, len);
+    if (!plain || !fast_decode(L, buf->p + pos + 4, len)) decode(L, buf->p + pos + 4, len);
     pos += 4 + (size_t)len;
   }
   *count = n;
@@ -716,25 +902,75 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
 
 typedef struct qhandle {
   mp_handle h;
-  mp_buf buf;  /* receive buffer, local to this process */
+  uint32_t magic;  /* QMAGIC + the class (QK_*): set where the userdata is made */
+  uint32_t pad;
+  mp_buf buf;      /* receive buffer, local to this process */
 } qhandle;
+
+/* The self check of the hot calls (put, get, and pool.c's mp_queue_check, twice
+** a task) reads a magic word that only this file writes, in a userdata of the
+** qhandle's size: ~75 instructions, against ~410 for mp_checkopen's
+** metatable comparison. Lua code cannot write a userdata's bytes, so the word
+** names a queue at least as surely as the metatable does (debug.setmetatable can
+** give a FILE* a queue's metatable, never a queue's bytes). Anything else takes
+** mp_checkopen's path, whose errors name the user's call ("bad argument #1 to
+** 'put' (Queue or JoinableQueue or SimpleQueue expected, got FILE*)"), or
+** "attempt to use a closed Queue". */
+#define QMAGIC 0x7175e0e0u
+enum { QK_QUEUE, QK_JOINABLE, QK_SIMPLE };  /* the order of QUEUES */
 
 /* every method, close and __gc included, checks its self (mp.h's self checks) */
 #define QUEUES MP_CLASSES(QUEUE, JOINABLEQUEUE, SIMPLEQUEUE)
-static qhandle *q_check(lua_State *L, int idx) { return (qhandle *)mp_checkopen(L, idx, QUEUES); }
+
+static inline qhandle *q_mine(lua_State *L, int idx) {
+  qhandle *qh = lua_touserdata(L, idx);
+  return qh && lua_rawlen(L, idx) == sizeof(qhandle) ? qh : NULL;
+}
+
+static void q_forged(lua_State *L, int idx) {
+  luaL_argerror(L, idx, "Queue expected, got another userdata with a queue's metatable");
+}
+
+/* the slow path: mp_checkopen's errors; then the word, for a userdata that was
+** given a queue's metatable by debug.setmetatable */
+static __attribute__((noinline)) qhandle *q_checkslow(lua_State *L, int idx, const char *const *names) {
+  mp_checkopen(L, idx, names);
+  qhandle *qh = q_mine(L, idx);
+  if (!qh || qh->magic - QMAGIC > QK_SIMPLE) q_forged(L, idx);
+  return qh;
+}
+
+static inline qhandle *q_check(lua_State *L, int idx) {
+  qhandle *qh = q_mine(L, idx);
+  if (qh && qh->magic - QMAGIC <= QK_SIMPLE && qh->h.off) return qh;
+  return q_checkslow(L, idx, QUEUES);
+}
+
+/* the userdata, closed or not (close, __gc, __tostring) */
+static qhandle *q_self(lua_State *L, int idx) {
+  qhandle *qh = mp_toself(L, idx, QUEUES);
+  if (qh->magic - QMAGIC > QK_SIMPLE || lua_rawlen(L, idx) != sizeof(qhandle)) q_forged(L, idx);
+  return qh;
+}
 
 #define QOF(qh) ((mp_queue *)MP_PTR((qh)->h.off))
 
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf) {
-  qhandle *qh = (qhandle *)mp_checkopen(L, idx, MP_CLASSES(QUEUE));
+  qhandle *qh = q_mine(L, idx);
+  if (!qh || qh->magic != QMAGIC + QK_QUEUE || !qh->h.off) qh = q_checkslow(L, idx, MP_CLASSES(QUEUE));
   *buf = &qh->buf;
   return QOF(qh);
+}
+
+static int q_kind(const char *tname) {
+  return !strcmp(tname, QUEUE) ? QK_QUEUE : !strcmp(tname, JOINABLEQUEUE) ? QK_JOINABLE : QK_SIMPLE;
 }
 
 static qhandle *q_push(lua_State *L, uint64_t off, const char *tname) {
   qhandle *qh = lua_newuserdatauv(L, sizeof(qhandle), 0);
   memset(qh, 0, sizeof(*qh));
   luaL_setmetatable(L, tname);
+  qh->magic = QMAGIC + (uint32_t)q_kind(tname);
   qh->h.off = off;
   qh->h.pid = getpid();
   return qh;
@@ -764,10 +1000,17 @@ static double put_deadline(lua_State *L, int idx) {
 
 static int q_doput(lua_State *L, double deadline) {
   qhandle *qh = q_check(L, 1);
-  luaL_checkany(L, 2);
-  mp_enc *e = mp_encode(L, 2, "value");
-  int r = mp_queue_put(L, QOF(qh), e, deadline);
-  mp_enc_done(L, e);
+  char o[FAST_MAX];
+  uint32_t n;
+  int r;
+  if (fast_on(L) && (n = fast_encode(L, 2, o))) {
+    r = q_put_small(L, QOF(qh), o, n, deadline);
+  } else {
+    luaL_checkany(L, 2);
+    mp_enc *e = mp_encode(L, 2, "value");
+    r = mp_queue_put(L, QOF(qh), e, deadline);
+    mp_enc_done(L, e);
+  }
   if (r == MP_WOKE) { lua_pushboolean(L, 1); return 1; }
   lua_pushnil(L);
   lua_pushstring(L, r == MP_TIMEOUT ? "full" : r == MP_SHUTDOWN ? "shutdown" : "interrupted");
@@ -801,11 +1044,14 @@ static int queue_is_shutdown(lua_State *L) {
   return 1;
 }
 
-static int queue_put(lua_State *L) { return q_doput(L, put_deadline(L, 3)); }
+static int queue_put(lua_State *L) {
+  return q_doput(L, lua_gettop(L) < 3 || lua_isnil(L, 3) ? -1 : put_deadline(L, 3));
+}
 static int queue_put_nowait(lua_State *L) { return q_doput(L, 0); }
 
 static int q_doget(lua_State *L, double deadline, const char *why) {
   qhandle *qh = q_check(L, 1);
+  fast_on(L);  /* (before the take: its check may raise) */
   int r = mp_queue_get(L, QOF(qh), &qh->buf, deadline);
   if (r == MP_WOKE) {
     if (qh->buf.cap > (1u << 16)) mp_buf_free(L, &qh->buf);
@@ -817,7 +1063,7 @@ static int q_doget(lua_State *L, double deadline, const char *why) {
 }
 
 static int queue_get(lua_State *L) {
-  double deadline = put_deadline(L, 2);
+  double deadline = lua_gettop(L) < 2 || lua_isnil(L, 2) ? -1 : put_deadline(L, 2);
   return q_doget(L, deadline, deadline == 0 ? "empty" : "timeout");
 }
 static int queue_get_nowait(lua_State *L) { return q_doget(L, 0, "empty"); }
@@ -883,7 +1129,7 @@ static int queue_join(lua_State *L) {
 }
 
 static int queue_close(lua_State *L) {
-  qhandle *qh = mp_toself(L, 1, QUEUES);
+  qhandle *qh = q_self(L, 1);
   if (qh->h.off) {
     uint64_t off = qh->h.off;
     qh->h.off = 0;
@@ -901,8 +1147,15 @@ static int queue_fault(lua_State *L) {
   return 0;
 }
 
+/* core._queue_fast() -> whether this process's puts and gets of small plain values
+** take the fast path (the codec's format matched fast_encode's), for tests */
+static int queue_fast(lua_State *L) {
+  lua_pushboolean(L, fast_on(L));
+  return 1;
+}
+
 static int queue_tostring(lua_State *L) {
-  qhandle *qh = mp_toself(L, 1, QUEUES);
+  qhandle *qh = q_self(L, 1);
   lua_getmetatable(L, 1);
   lua_getfield(L, -1, "__name");
   const char *name = lua_tostring(L, -1);
@@ -925,7 +1178,8 @@ static int queue_eq(lua_State *L) {
 /* ------------------------------------------------------------- the codec */
 
 static void queue_decode(lua_State *L, const unsigned char *payload, size_t n, const char *tname) {
-  mp_handle_attach(L, payload, n, 0x51, tname, sizeof(qhandle), 0);
+  qhandle *qh = (qhandle *)mp_handle_attach(L, payload, n, 0x51, tname, sizeof(qhandle), 0);
+  qh->magic = QMAGIC + (uint32_t)q_kind(tname);
 }
 static void dec_q(lua_State *L, const unsigned char *p, size_t n) { queue_decode(L, p, n, QUEUE); }
 static void dec_s(lua_State *L, const unsigned char *p, size_t n) { queue_decode(L, p, n, SIMPLEQUEUE); }
@@ -976,7 +1230,7 @@ int mp_queue_open(lua_State *L) {
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
-    {"_queue_fault", queue_fault},
+    {"_queue_fault", queue_fault}, {"_queue_fast", queue_fast},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -29,20 +29,24 @@ typedef struct mp_qlog {
 
 typedef struct mp_queue {
   mp_obj h;
-  pthread_mutex_t lock;
-  mp_qlog log;
-  uint64_t head, tail, spare;  /* chunks (tail: derived from head) */
+  /* what every put and get writes, beside the lock: one or two cache lines
+  ** move between the processes per message, not five */
   uint64_t count;              /* messages that a reader may still take (derived) */
   uint64_t bytes;              /* their encoded size (derived) */
-  uint64_t taken;              /* messages taken with a claim: the number of the last one */
-  int64_t maxsize;             /* 0: unbounded */
-  uint64_t unfinished;         /* JoinableQueue: puts not yet task_done */
-  uint32_t put_seq, get_seq, done_seq;
+  uint32_t put_seq, get_seq;
+  pthread_mutex_t lock;
   uint32_t getters, putters;   /* processes sleeping in get / put (atomic) */
-  uint32_t joinable;
-  uint32_t nopace;             /* a pacing wait timed out: no pacing until the next get */
-  uint32_t chunkcap;           /* capacity of the next chunk: grows to CHUNK */
+  uint64_t head, tail;         /* chunks (tail: derived from head) */
   uint32_t shut;               /* Queue:shutdown(): SHUT_DRAIN, or SHUT_NOW (immediate) */
+  uint32_t nopace;             /* a pacing wait timed out: no pacing until the next get */
+  int64_t maxsize;             /* 0: unbounded */
+  uint32_t joinable;
+  uint32_t chunkcap;           /* capacity of the next chunk: grows to CHUNK */
+  uint64_t spare;              /* a drained chunk kept for the next */
+  uint64_t taken;              /* messages taken with a claim: the number of the last one */
+  uint64_t unfinished;         /* JoinableQueue: puts not yet task_done */
+  uint32_t done_seq, pad;
+  mp_qlog log;
 } mp_queue;
 
 /* Queue:shutdown (Python 3.13's): puts end with MP_SHUTDOWN at once; gets take what is
