@@ -988,6 +988,16 @@ static int q_new(lua_State *L, const char *tname, int joinable) {
   return 1;
 }
 
+/* core._queue_reserve(q): makes q's receive buffer now. A pool reserves its task
+** queue's before forking its workers: each inherits it instead of allocating it
+** on its first task (a malloc in a fresh child writes the parent's heap pages,
+** each a copy-on-write fault: ~4.5 of them a worker). */
+static int queue_reserve(lua_State *L) {
+  qhandle *qh = q_check(L, 1);
+  if (qh->buf.cap < BIGMSG + 8) mp_buf_reserve(L, &qh->buf, BIGMSG + 8);
+  return 0;
+}
+
 static int queue_new(lua_State *L) { return q_new(L, QUEUE, 0); }
 static int joinable_new(lua_State *L) { return q_new(L, JOINABLEQUEUE, 1); }
 static int simple_new(lua_State *L) { lua_settop(L, 0); return q_new(L, SIMPLEQUEUE, 0); }
@@ -1230,7 +1240,7 @@ int mp_queue_open(lua_State *L) {
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
-    {"_queue_fault", queue_fault}, {"_queue_fast", queue_fast},
+    {"_queue_fault", queue_fault}, {"_queue_fast", queue_fast}, {"_queue_reserve", queue_reserve},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -1332,7 +1332,10 @@ function M.Pool(opts)
   made = made + 1
   process._pools[self] = true  -- for active_children(), which lists pool workers too
   if self._method == "fork" then self._method = nil end
-  if not self._method then context._warn_fork() end
+  if not self._method then
+    context._warn_fork()
+    core._queue_reserve(self._tasks)  -- the workers' receive buffer, made once, before the forks
+  end
   for i = 1, n do spawn(self, i) end
   -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
   -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end
