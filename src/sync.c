@@ -134,17 +134,20 @@ typedef struct barrier_obj {
 ** its id behind until the next acquire recovers the lock ("owner died"); it no
 ** longer counts once the kernel says it is gone (a dead holder not yet reaped
 ** still counts, as a pid that was reused would). */
-static __thread pid_t cached_tid;  /* per thread: a host may call us from several */
-static pid_t cached_pid;
-static uint32_t cached_start;
-static void forget_tid(void) { cached_tid = 0; cached_pid = 0; cached_start = 0; }
-static pid_t self_tid(void) {
-  if (!cached_tid) cached_tid = gettid();
-  return cached_tid;
-}
+/* per thread: a host may call us from several. With the pid it was read in: a
+** fork's child finds its parent's here and reads its own, so that the fork
+** handler need not touch this thread-local block (a dlopened library's, the
+** child's first touch of it costs two page faults) */
+static __thread struct { pid_t tid, pid; } cached_tid;
+static void forget_tid(void) { mp_fk.sync_start = 0; }  /* (mp_fk.pid: renewed by arena.c, process.c) */
 static pid_t self_pid(void) {
-  if (!cached_pid) cached_pid = getpid();
-  return cached_pid;
+  if (!mp_fk.pid) mp_fk.pid = getpid();
+  return mp_fk.pid;
+}
+static pid_t self_tid(void) {
+  pid_t pid = self_pid();
+  if (cached_tid.pid != pid) { cached_tid.tid = gettid(); cached_tid.pid = pid; }
+  return cached_tid.tid;
 }
 static void set_owner(lock_obj *k, pid_t tid) { __atomic_store_n(&k->owner, tid, __ATOMIC_RELEASE); }
 
@@ -188,8 +191,8 @@ static uint32_t proc_start(pid_t pid) {
 }
 
 static uint64_t lk_me(void) {
-  if (!cached_start) cached_start = proc_start(self_pid());
-  return (uint64_t)cached_start << 32 | (uint32_t)self_pid();
+  if (!mp_fk.sync_start) mp_fk.sync_start = proc_start(self_pid());
+  return (uint64_t)mp_fk.sync_start << 32 | (uint32_t)self_pid();
 }
 
 /* has the holder recorded in word w ended? */
