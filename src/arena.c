@@ -696,8 +696,7 @@ uint64_t mp_proc_prefork(lua_State *L) {
   return serial << 32 | (i + 1);
 }
 
-void mp_proc_child(uint64_t token) {
-  mypid = getpid();
+void mp_proc_child(uint64_t token) {  /* (mypid: renew_pid set it) */
   led = NULL;  /* the parent's ledger is not ours: ours starts empty */
   nkids = 0;  /* the parent's children are not ours (their array, our copy, is reused:
               ** freeing it would write to heap pages shared with the parent) */

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <pthread.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 #include "lua.h"
 #include "lauxlib.h"
@@ -54,6 +55,8 @@ typedef struct mp_forkstate {
   uint32_t sync_start;     /* sync.c: this process's start time (ticks), 0: not read yet */
 } mp_forkstate;
 extern mp_forkstate mp_fk;
+/* getpid() without the system call (glibc caches it no more) */
+static inline pid_t mp_getpid(void) { return mp_fk.pid ? mp_fk.pid : (mp_fk.pid = getpid()); }
 static inline void mp_alloc_context(lua_State *L, double deadline) {
   mp_alloc_ctx.L = L;
   mp_alloc_ctx.deadline = deadline;

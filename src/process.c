@@ -384,8 +384,7 @@ static int proc_kill(lua_State *L) {
 }
 
 /* (mypid: see the top of the file) */
-static void renew_pid(void) {
-  mypid = getpid();
+static void renew_pid(void) {  /* (mypid: arena.c's fork handler renews it) */
   /* whoever forked (we or the host): the parent's children are not ours, nor
   ** are their lifelines, nor the parent's own (a child holding them would keep
   ** its siblings, or its parent, alive past the death of their parents) */
