@@ -74,8 +74,9 @@ end
 -- A pool's own class of lean records: a flat copy of base (its methods and defaults, so
 -- that every look-up ends in one step) with _pool, so that a lean record need not hold its
 -- pool (its four fields fit the smallest hash part).
+local CLASS_SIZE = 32  -- (the fields of a class, AsyncResult's 30: made at their size, not grown 1, 2, 4...)
 local function pool_class(pool, base)
-  local c = {}
+  local c = newtable(0, CLASS_SIZE)
   for k, v in pairs(Future) do c[k] = v end
   if base ~= Future then for k, v in pairs(base) do c[k] = v end end
   c._pool, c.__index, c.__future = pool, c, base
