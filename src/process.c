@@ -517,10 +517,9 @@ static int proc_sleep(lua_State *L) {
 }
 
 int mp_process_open(lua_State *L) {
-  if (!mypid) {
-    mypid = getpid();
-    mp_atfork(renew_pid);
-  }
+  static int atfork_set;  /* (not by mypid: mp_getpid may have read it already) */
+  if (!atfork_set) { atfork_set = 1; mp_atfork(renew_pid); }
+  if (!mypid) mypid = getpid();
   static const luaL_Reg funcs[] = {
     {"fork", proc_fork}, {"_exit", proc_exit}, {"waitpid", proc_waitpid}, {"reap", proc_reap},
     {"forget", proc_forget}, {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},
