@@ -151,6 +151,22 @@ describe("sync", function()
       assert.equal(0, core.waitpid(pid))
     end)
 
+    it("is not owned by a child forked while the parent holds it (the child's thread id is its own)", function()
+      local r, other = mp.RLock(), mp.RLock()
+      r:acquire()
+      local pid = spawn(function()
+        assert(not r:is_owned())
+        assert(other:acquire(5) and other:is_owned())  -- its own acquire names itself as the holder
+        other:release()
+        assert(not other:is_owned())
+        local g = spawn(function() assert(not r:is_owned()) end)  -- and a grandchild's
+        assert(core.waitpid(g) == 0)
+      end)
+      assert.equal(0, core.waitpid(pid))
+      assert.is_true(r:is_owned())
+      r:release()
+    end)
+
     it("is taken with 'owner died' after its holder exited", function()
       local r = mp.RLock()
       local pid = spawn(function() r:acquire(); r:acquire(); core._exit(0) end)

@@ -117,11 +117,11 @@ typedef struct proc_entry {
 
 static arena_hdr *arena;
 static int arena_fd = -1;  /* the memfd, kept (CLOEXEC) for spawned processes (forkserver.c) */
-static uint32_t myslot;    /* this process's entry, index + 1 */
-static pid_t mypid;        /* getpid(), renewed in every child by a fork handler */
+#define myslot (mp_fk.arena_slot)  /* this process's entry, index + 1 */
+#define mypid (mp_fk.pid)          /* getpid(), renewed in every child by a fork handler */
 static int nocopies;       /* set in the forkserver's server: the processes it forks use no handle of its memory */
 typedef struct ledger ledger;
-static ledger *led;        /* this process's ledger (see ledgers; NULL: none yet) */
+#define led (mp_fk.arena_led)      /* this process's ledger (see ledgers; NULL: none yet) */
 #define locked_here (arena->holder == mypid)  /* this process holds the arena lock */
 
 #define OFF(p) ((uint64_t)((char *)(p) - (char *)arena))
@@ -696,8 +696,7 @@ uint64_t mp_proc_prefork(lua_State *L) {
   return serial << 32 | (i + 1);
 }
 
-void mp_proc_child(uint64_t token) {
-  mypid = getpid();
+void mp_proc_child(uint64_t token) {  /* (mypid: renew_pid set it) */
   led = NULL;  /* the parent's ledger is not ours: ours starts empty */
   nkids = 0;  /* the parent's children are not ours (their array, our copy, is reused:
               ** freeing it would write to heap pages shared with the parent) */

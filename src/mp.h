@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <pthread.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 #include "lua.h"
 #include "lauxlib.h"
@@ -40,6 +41,22 @@ uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
 ** mp_alloc sets it itself (no deadline). */
 typedef struct mp_allocctx { lua_State *L; double deadline; } mp_allocctx;
 extern mp_allocctx mp_alloc_ctx;
+
+/* What a forked child writes first (fork handlers, core.fork's child): in one
+** struct, so that the child copies one page of the parent's statics, not one per
+** file (each copy is a page fault). Defined in process.c. */
+typedef struct mp_forkstate {
+  pid_t pid;               /* getpid(), renewed in every child (arena.c, process.c) */
+  uint32_t arena_slot;     /* arena.c: this process's entry, index + 1 */
+  struct ledger *arena_led;/* arena.c: this process's ledger */
+  pid_t proc_mainpid;      /* process.c: the process whose kids these are */
+  int proc_nkids;          /* process.c: its kids */
+  int proc_watch_fd;       /* process.c: its lifeline to its parent, or -1 */
+  uint32_t sync_start;     /* sync.c: this process's start time (ticks), 0: not read yet */
+} mp_forkstate;
+extern mp_forkstate mp_fk;
+/* getpid() without the system call (glibc caches it no more) */
+static inline pid_t mp_getpid(void) { return mp_fk.pid ? mp_fk.pid : (mp_fk.pid = getpid()); }
 static inline void mp_alloc_context(lua_State *L, double deadline) {
   mp_alloc_ctx.L = L;
   mp_alloc_ctx.deadline = deadline;

@@ -49,12 +49,14 @@ typedef struct kid {
   int lifeline; /* the write end of its parent-death pipe (see proc_fork), -1 once it ended */
 } kid;
 static kid *kids;
-static int nkids, capkids;
+static int capkids;
+#define nkids (mp_fk.proc_nkids)
 static int atexit_set;
-static pid_t mainpid;  /* the process whose kids these are */
+#define mainpid (mp_fk.proc_mainpid)  /* the process whose kids these are */
 /* getpid() is a system call; the pool checks its owner on every call. The
 ** cached value is renewed in every child by a fork handler (renew_pid), whoever forks. */
-static pid_t mypid;
+#define mypid (mp_fk.pid)
+mp_forkstate mp_fk __attribute__((aligned(64))) = { .proc_watch_fd = -1 };
 
 static kid *findkid(pid_t pid) {
   for (int i = nkids - 1; i >= 0; i--)  /* recent children first */
@@ -224,7 +226,7 @@ static int fork_stop;  /* test hook (core._fork_stop): the next child stops as i
 ** any of its instructions after the arming thus dies with its parent (SIGKILL
 ** ends a stopped process too); one stopped before is left stopped if its
 ** parent dies then (if it is continued, the check ends it). */
-static int watch_fd = -1;  /* this process's lifeline to its own parent */
+#define watch_fd (mp_fk.proc_watch_fd)  /* this process's lifeline to its own parent */
 
 static void arm_lifeline(int fd, int sig, pid_t self, int flags) {
   fcntl(fd, F_SETSIG, sig);
@@ -382,8 +384,7 @@ static int proc_kill(lua_State *L) {
 }
 
 /* (mypid: see the top of the file) */
-static void renew_pid(void) {
-  mypid = getpid();
+static void renew_pid(void) {  /* (mypid: arena.c's fork handler renews it) */
   /* whoever forked (we or the host): the parent's children are not ours, nor
   ** are their lifelines, nor the parent's own (a child holding them would keep
   ** its siblings, or its parent, alive past the death of their parents) */
@@ -516,10 +517,9 @@ static int proc_sleep(lua_State *L) {
 }
 
 int mp_process_open(lua_State *L) {
-  if (!mypid) {
-    mypid = getpid();
-    mp_atfork(renew_pid);
-  }
+  static int atfork_set;  /* (not by mypid: mp_getpid may have read it already) */
+  if (!atfork_set) { atfork_set = 1; mp_atfork(renew_pid); }
+  if (!mypid) mypid = getpid();
   static const luaL_Reg funcs[] = {
     {"fork", proc_fork}, {"_exit", proc_exit}, {"waitpid", proc_waitpid}, {"reap", proc_reap},
     {"forget", proc_forget}, {"kill", proc_kill}, {"getpid", proc_getpid}, {"getppid", proc_getppid},

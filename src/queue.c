@@ -597,7 +597,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   size_t nh = mp_enc_handles(e, &hl);
   size_t n = plen + mp_enc_size(e);
   int big = n >= BIGMSG || nh;
-  pid_t me = big ? getpid() : 0;
+  pid_t me = big ? mp_getpid() : 0;
   mp_alloc_context(L, deadline);  /* the allocator's lock wait ends at our deadline, or on Ctrl-C */
   /* A short message with handles is built in its block first, and goes in
   ** whole under the lock: a reader never waits for it to be published. */
@@ -797,7 +797,7 @@ static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
   uint32_t t = tag_of(p), k = 0;
   if (t == BIG_READY) {  /* decoded in place, outside the lock */
     bigrec *b = (bigrec *)p;
-    struct { uint32_t tag, pid; } w = { claim ? BIG_CLAIMED : BIG_READING, (uint32_t)getpid() };
+    struct { uint32_t tag, pid; } w = { claim ? BIG_CLAIMED : BIG_READING, (uint32_t)mp_getpid() };
     uint64_t word;
     memcpy(&word, &w, 8);
     if (claim) {
@@ -996,7 +996,7 @@ static qhandle *q_push(lua_State *L, uint64_t off, const char *tname) {
   luaL_setmetatable(L, tname);
   qh->magic = q_word(qh) + (uint64_t)q_kind(tname);
   qh->h.off = off;
-  qh->h.pid = getpid();
+  qh->h.pid = mp_getpid();
   return qh;
 }
 
@@ -1008,8 +1008,18 @@ static int q_new(lua_State *L, const char *tname, int joinable) {
   uint64_t off = mp_obj_new(L, sizeof(mp_queue), 0x51);
   q_init(MP_PTR(off), maxsize, joinable);
   qh->h.off = off;
-  qh->h.pid = getpid();
+  qh->h.pid = mp_getpid();
   return 1;
+}
+
+/* core._queue_reserve(q): makes q's receive buffer now. A pool reserves its task
+** queue's before forking its workers: each inherits it instead of allocating it
+** on its first task (a malloc in a fresh child writes the parent's heap pages,
+** each a copy-on-write fault: ~4.5 of them a worker). */
+static int queue_reserve(lua_State *L) {
+  qhandle *qh = q_check(L, 1);
+  if (qh->buf.cap < BIGMSG + 8) mp_buf_reserve(L, &qh->buf, BIGMSG + 8);
+  return 0;
 }
 
 static int queue_new(lua_State *L) { return q_new(L, QUEUE, 0); }
@@ -1255,7 +1265,7 @@ int mp_queue_open(lua_State *L) {
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
-    {"_queue_fault", queue_fault}, {"_queue_fast", queue_fast},
+    {"_queue_fault", queue_fault}, {"_queue_fast", queue_fast}, {"_queue_reserve", queue_reserve},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -134,17 +134,17 @@ typedef struct barrier_obj {
 ** its id behind until the next acquire recovers the lock ("owner died"); it no
 ** longer counts once the kernel says it is gone (a dead holder not yet reaped
 ** still counts, as a pid that was reused would). */
-static __thread pid_t cached_tid;  /* per thread: a host may call us from several */
-static pid_t cached_pid;
-static uint32_t cached_start;
-static void forget_tid(void) { cached_tid = 0; cached_pid = 0; cached_start = 0; }
+/* per thread: a host may call us from several. With the pid it was read in: a
+** fork's child finds its parent's here and reads its own, so that the fork
+** handler need not touch this thread-local block (a dlopened library's, the
+** child's first touch of it costs two page faults) */
+static __thread struct { pid_t tid, pid; } cached_tid;
+static void forget_tid(void) { mp_fk.sync_start = 0; }  /* (mp_fk.pid: renewed by arena.c, process.c) */
+static pid_t self_pid(void) { return mp_getpid(); }
 static pid_t self_tid(void) {
-  if (!cached_tid) cached_tid = gettid();
-  return cached_tid;
-}
-static pid_t self_pid(void) {
-  if (!cached_pid) cached_pid = getpid();
-  return cached_pid;
+  pid_t pid = self_pid();
+  if (cached_tid.pid != pid) { cached_tid.tid = gettid(); cached_tid.pid = pid; }
+  return cached_tid.tid;
 }
 static void set_owner(lock_obj *k, pid_t tid) { __atomic_store_n(&k->owner, tid, __ATOMIC_RELEASE); }
 
@@ -188,8 +188,8 @@ static uint32_t proc_start(pid_t pid) {
 }
 
 static uint64_t lk_me(void) {
-  if (!cached_start) cached_start = proc_start(self_pid());
-  return (uint64_t)cached_start << 32 | (uint32_t)self_pid();
+  if (!mp_fk.sync_start) mp_fk.sync_start = proc_start(self_pid());
+  return (uint64_t)mp_fk.sync_start << 32 | (uint32_t)self_pid();
 }
 
 /* has the holder recorded in word w ended? */
@@ -360,7 +360,7 @@ void mp_sync_pushlock(lua_State *L, uint64_t off) {
   mp_handle *h = newhandle(L, sizeof(mp_handle), lock_tname(k), 0);
   mp_obj_retain(off);
   h->off = off;
-  h->pid = getpid();
+  h->pid = mp_getpid();
 }
 
 static lock_obj *tolock(lua_State *L, int idx) {
@@ -461,7 +461,7 @@ static int lock_tostring(lua_State *L) {
 static int new_lock(lua_State *L, int recursive) {
   mp_handle *h = newhandle(L, sizeof(mp_handle), recursive ? RLOCK : LOCK, 0);
   h->off = mp_sync_newlock(L, recursive);
-  h->pid = getpid();
+  h->pid = mp_getpid();
   return 1;
 }
 static int sync_Lock(lua_State *L) { return new_lock(L, 0); }
@@ -541,7 +541,7 @@ static int new_sem(lua_State *L, int bounded) {
   luaL_argcheck(L, n >= 0 && n <= SEM_MAX, 1, "initial value must be >= 0");
   mp_handle *h = newhandle(L, sizeof(mp_handle), bounded ? BSEMAPHORE : SEMAPHORE, 0);
   h->off = mp_obj_new(L, sizeof(sem_obj), T_SEM);
-  h->pid = getpid();
+  h->pid = mp_getpid();
   sem_obj *s = MP_PTR(h->off);
   s->value = s->max = (uint32_t)n;
   s->bounded = bounded;
@@ -556,7 +556,7 @@ static void sem_decode(lua_State *L, const unsigned char *p, size_t n) {
   mp_handle *h = newhandle(L, sizeof(mp_handle), s->bounded ? BSEMAPHORE : SEMAPHORE, 0);
   mp_obj_retain(off);
   h->off = off;
-  h->pid = getpid();
+  h->pid = mp_getpid();
 }
 
 static const mp_handle_type sem_type = { SEMAPHORE, mp_handle_encode, sem_decode };
@@ -618,7 +618,7 @@ static int event_tostring(lua_State *L) {
 static int sync_Event(lua_State *L) {
   mp_handle *h = newhandle(L, sizeof(mp_handle), EVENT, 0);
   h->off = mp_obj_new(L, sizeof(event_obj), T_EVENT);
-  h->pid = getpid();
+  h->pid = mp_getpid();
   return 1;
 }
 
@@ -672,7 +672,7 @@ static c_slot *c_claim(cond_obj *c) {
     sl = &b->s[0];
   }
   if (pthread_mutex_trylock(&sl->m) == EOWNERDEAD) pthread_mutex_consistent(&sl->m);
-  sl->pid = getpid();
+  sl->pid = mp_getpid();
   sl->ticket = c->ticket++;
   __atomic_store_n(&sl->woken, 0, __ATOMIC_SEQ_CST);
   return sl;
@@ -733,7 +733,7 @@ static int cond_wait(lua_State *L) {
   } else {  /* its holder is stopped: the slot is let go without the lock (see c_wake) */
     notified = __atomic_exchange_n(&sl->woken, 1, __ATOMIC_SEQ_CST) != 0;
     pthread_mutex_unlock(&sl->m);
-    pid_t mine = getpid();
+    pid_t mine = mp_getpid();
     __atomic_compare_exchange_n(&sl->pid, &mine, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
   }
   if (!k->recursive) {
@@ -827,7 +827,7 @@ static cond_handle *push_cond(lua_State *L, uint64_t off, uint64_t lock) {
   cond_handle *ch = (cond_handle *)newhandle(L, sizeof(cond_handle), CONDITION, 0);
   ch->h.off = off;
   ch->lock = lock;
-  ch->h.pid = getpid();
+  ch->h.pid = mp_getpid();
   return ch;
 }
 
@@ -906,7 +906,7 @@ static void b_take(barrier_obj *b, uint32_t i) {
   b_slot *s = &b->slot[i];
   if (pthread_mutex_trylock(&s->m) == EOWNERDEAD) pthread_mutex_consistent(&s->m);
   s->left = 0;
-  s->pid = getpid();
+  s->pid = mp_getpid();
 }
 
 /* A party leaves wait() without the Barrier's lock (held by a stopped
@@ -1120,7 +1120,7 @@ static int sync_Barrier(lua_State *L) {
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, -2, 1);
   h->off = mp_obj_new(L, sizeof(barrier_obj) + (size_t)n * sizeof(b_slot), T_BARRIER);
-  h->pid = getpid();
+  h->pid = mp_getpid();
   barrier_obj *b = MP_PTR(h->off);
   mp_mutex_init(&b->m, 0);
   for (lua_Integer i = 0; i < n; i++) mp_mutex_init(&b->slot[i].m, 0);

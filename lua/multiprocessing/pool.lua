@@ -77,8 +77,9 @@ end
 -- A pool's own class of lean records: a flat copy of base (its methods and defaults, so
 -- that every look-up ends in one step) with _pool, so that a lean record need not hold its
 -- pool (its four fields fit the smallest hash part).
+local CLASS_SIZE = 32  -- (the fields of a class, AsyncResult's 30: made at their size, not grown 1, 2, 4...)
 local function pool_class(pool, base)
-  local c = {}
+  local c = newtable(0, CLASS_SIZE)
   for k, v in pairs(Future) do c[k] = v end
   if base ~= Future then for k, v in pairs(base) do c[k] = v end end
   c._pool, c.__index, c.__future = pool, c, base
@@ -1445,7 +1446,10 @@ function M.Pool(opts)
   made = made + 1
   process._pools[self] = true  -- for active_children(), which lists pool workers too
   if self._method == "fork" then self._method = nil end
-  if not self._method then context._warn_fork() end
+  if not self._method then
+    context._warn_fork()
+    core._queue_reserve(self._tasks)  -- the workers' receive buffer, made once, before the forks
+  end
   for i = 1, n do spawn(self, i) end
   -- wait until every worker ran its initializer: a failing one fails the Pool. A worker
   -- stopped (SIGSTOP, a debugger) before it is ready is not waited for: nothing would end
