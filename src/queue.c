@@ -11,6 +11,7 @@
 
 #include "mp.h"
 #include "queue.h"
+#include "codec.h"
 
 #define QUEUE "multiprocessing.Queue"
 #define SIMPLEQUEUE "multiprocessing.SimpleQueue"
@@ -405,54 +406,53 @@ static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t s, uint32_t
 /* nil, booleans, numbers and strings of up to 255 bytes have short fixed
 ** encodings in the codec's format (docs/codec.md): put writes them and get
 ** reads them here, without the encoder's or decoder's setup (~550 and ~150
-** instructions a message). These constants are codec.c's; the first fast put
-** or get of a process checks them against mp_encode and mp_decode, and a codec
-** whose format differs turns the fast path off (fast < 0), so a change there
-** costs speed, never a wrong value. */
-enum { F_FORMAT = 0xB3, F_NIL = 0, F_FALSE, F_TRUE, F_INT8, F_INT16, F_INT32, F_INT64, F_FLOAT, F_STR8 };
+** instructions a message), with the format's names (codec.h). The first fast
+** put or get of a process checks these functions against mp_encode and
+** mp_decode, and a codec that encodes otherwise turns the fast path off
+** (fast < 0), so a change there costs speed, never a wrong value. */
 #define FAST_MAX (3 + 255)
 static int fast;  /* 0: not checked yet; 1: on; -1: off */
 
 /* the encoding of the value at idx into o: its length, or 0 when it has none here */
 static inline uint32_t fast_encode(lua_State *L, int idx, char *o) {
-  o[0] = (char)F_FORMAT;
+  o[0] = (char)FORMAT;
   switch (lua_type(L, idx)) {
     case LUA_TNUMBER: {
       if (!lua_isinteger(L, idx)) {  /* (a float with an integral value stays a float) */
         lua_Number d = lua_tonumber(L, idx);
-        o[1] = F_FLOAT; memcpy(o + 2, &d, 8); return 10;
+        o[1] = T_FLOAT; memcpy(o + 2, &d, 8); return 10;
       }
       lua_Integer v = lua_tointeger(L, idx);
-      if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[1] = F_INT8; memcpy(o + 2, &x, 1); return 3; }
-      if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[1] = F_INT16; memcpy(o + 2, &x, 2); return 4; }
-      if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[1] = F_INT32; memcpy(o + 2, &x, 4); return 6; }
-      int64_t x = (int64_t)v; o[1] = F_INT64; memcpy(o + 2, &x, 8); return 10;
+      if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[1] = T_INT8; memcpy(o + 2, &x, 1); return 3; }
+      if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[1] = T_INT16; memcpy(o + 2, &x, 2); return 4; }
+      if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[1] = T_INT32; memcpy(o + 2, &x, 4); return 6; }
+      int64_t x = (int64_t)v; o[1] = T_INT64; memcpy(o + 2, &x, 8); return 10;
     }
     case LUA_TSTRING: {
       size_t n;
       const char *p = lua_tolstring(L, idx, &n);
       if (n > 255) return 0;
-      o[1] = F_STR8; o[2] = (char)n; memcpy(o + 3, p, n);
+      o[1] = T_STR8; o[2] = (char)n; memcpy(o + 3, p, n);
       return (uint32_t)n + 3;
     }
-    case LUA_TBOOLEAN: o[1] = lua_toboolean(L, idx) ? F_TRUE : F_FALSE; return 2;
-    case LUA_TNIL: o[1] = F_NIL; return 2;
+    case LUA_TBOOLEAN: o[1] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE; return 2;
+    case LUA_TNIL: o[1] = T_NIL; return 2;
     default: return 0;  /* (none: the slow path raises) */
   }
 }
 
 /* pushes the value s[0..n) encodes and returns 1, or returns 0 (mp_decode's) */
 static inline int fast_decode(lua_State *L, const char *s, uint32_t n) {
-  if (n < 2 || (unsigned char)s[0] != F_FORMAT) return 0;
+  if (n < 2 || (unsigned char)s[0] != FORMAT) return 0;
   switch (s[1]) {
-    case F_INT8: if (n != 3) return 0; lua_pushinteger(L, (int8_t)s[2]); return 1;
-    case F_INT16: { int16_t v; if (n != 4) return 0; memcpy(&v, s + 2, 2); lua_pushinteger(L, v); return 1; }
-    case F_INT32: { int32_t v; if (n != 6) return 0; memcpy(&v, s + 2, 4); lua_pushinteger(L, v); return 1; }
-    case F_INT64: { int64_t v; if (n != 10) return 0; memcpy(&v, s + 2, 8); lua_pushinteger(L, (lua_Integer)v); return 1; }
-    case F_FLOAT: { double v; if (n != 10) return 0; memcpy(&v, s + 2, 8); lua_pushnumber(L, v); return 1; }
-    case F_STR8: if (n < 3 || n != 3u + (unsigned char)s[2]) return 0; lua_pushlstring(L, s + 3, n - 3); return 1;
-    case F_NIL: if (n != 2) return 0; lua_pushnil(L); return 1;
-    case F_FALSE: case F_TRUE: if (n != 2) return 0; lua_pushboolean(L, s[1] == F_TRUE); return 1;
+    case T_INT8: if (n != 3) return 0; lua_pushinteger(L, (int8_t)s[2]); return 1;
+    case T_INT16: { int16_t v; if (n != 4) return 0; memcpy(&v, s + 2, 2); lua_pushinteger(L, v); return 1; }
+    case T_INT32: { int32_t v; if (n != 6) return 0; memcpy(&v, s + 2, 4); lua_pushinteger(L, v); return 1; }
+    case T_INT64: { int64_t v; if (n != 10) return 0; memcpy(&v, s + 2, 8); lua_pushinteger(L, (lua_Integer)v); return 1; }
+    case T_FLOAT: { double v; if (n != 10) return 0; memcpy(&v, s + 2, 8); lua_pushnumber(L, v); return 1; }
+    case T_STR8: if (n < 3 || n != 3u + (unsigned char)s[2]) return 0; lua_pushlstring(L, s + 3, n - 3); return 1;
+    case T_NIL: if (n != 2) return 0; lua_pushnil(L); return 1;
+    case T_FALSE: case T_TRUE: if (n != 2) return 0; lua_pushboolean(L, s[1] == T_TRUE); return 1;
     default: return 0;
   }
 }
