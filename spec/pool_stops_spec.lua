@@ -240,6 +240,27 @@ describe("Pool stops", function()
       end)
     end)
 
+    it("map: met as a chunk's put returns (inside its pcall), the next call gets its own values", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        local n = 0
+        debug.sethook(function()
+          if debug.getinfo(2, "f").func == core.put_task then
+            n = n + 1
+            if n == 2 then debug.sethook() error("interrupted!", 0) end
+          end
+        end, "r")
+        local ok, err = pcall(pool.map, pool, function(x) return "map" .. x end, { 1, 2, 3, 4, 5, 6 }, { chunksize = 2 })
+        debug.sethook()
+        check(not ok and err == "interrupted!", err)
+        for i = 1, 3 do
+          local got = pool:apply(function(x) return "apply" .. x end, { i })
+          check(got == "apply" .. i, "apply " .. i .. " returned " .. tostring(got))
+        end
+        pool:terminate()
+      end)
+    end)
+
     it("map: a chunk sent before it, whose result comes later, does not break the next call", function()
       bounded(function()
         local pool = mp.Pool(1)

@@ -183,9 +183,11 @@ static uint32_t *flag_at(lua_State *L, int arg) {
   return MP_PTR(off);
 }
 
-/* core.put_task(queue, seq, fid, blob, mode, src, i0, n) -> true | nil, "interrupted":
+/* core.put_task(queue, seq, fid, blob, mode, src, i0, n [, pool]) -> true | nil, "interrupted":
 ** sends src[i0 .. i0+n-1] as the items of task message seq, or src itself (the arguments of an apply)
-** when i0 is 0. Unsendable items raise the codec's error, naming args[i]. */
+** when i0 is 0; once it is out, pool._seq = seq (here: a Ctrl-C met in Lua between the put and
+** that left seq behind the queue's numbering, and the next message with the seq of this one).
+** Unsendable items raise the codec's error, naming args[i]. */
 static int pool_put_task(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -199,6 +201,10 @@ static int pool_put_task(lua_State *L) {
   int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
   mp_enc_done(L, e);
   if (r != MP_WOKE) return mp_waitresult(L, r);  /* nil, "interrupted" (it waits without a deadline) */
+  if (lua_istable(L, 9)) {
+    lua_pushvalue(L, 2);
+    lua_setfield(L, 9, "_seq");
+  }
   lua_pushboolean(L, 1);
   return 1;
 }

@@ -927,15 +927,19 @@ end
 local function put_task(self, call, i0, src, j0, n)
   local seq = self._seq + 1
   local b = call.brec
-  local ok, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n)
+  -- (self._seq = seq: put_raw's, once the message is out, see pool.c)
+  local ok, err, why = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n, self)
   if not ok then
     err = clean(tostring(err))
     if j0 ~= i0 then  -- name the item by its place in the whole input
       err = err:gsub("at args%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - j0) end)
     end
+    if self._seq == seq then  -- (sent, then Ctrl-C raised: the call stops there)
+      error(err, 0)
+    end
     return false, err
   end
-  self._seq = seq
+  if not err then return false, why end  -- "interrupted": nothing sent
   self._inflight[seq] = { call = call, i0 = i0, n = n }
   b.refs = b.refs + 1
   call.pending = call.pending + 1
