@@ -192,6 +192,97 @@ describe("Pool stops", function()
     end)
   end)
 
+  -- The interpreter's Ctrl-C (lua.c's hook) raises "interrupted!" at the next Lua instruction:
+  -- here a debug hook raises it at a chosen one, right after a message went out. The pool is
+  -- left running (as when Ctrl-C comes outside its waits) and must stay true.
+  describe("Ctrl-C met right after a message was sent", function()
+    -- raises "interrupted!" once, on the return from the C function fn (hook "r")
+    local function interrupt_after(fn)
+      debug.sethook(function()
+        if debug.getinfo(2, "f").func == fn then debug.sethook() error("interrupted!", 0) end
+      end, "r")
+    end
+
+    it("apply_async: its record is kept, the next call gets its own values", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        local function one() return "one" end
+        local function two() return "two" end
+        check(pool:apply(one) == "one")  -- (cached: the next call goes the short way)
+        interrupt_after(core.put_apply)
+        local ok, err = pcall(pool.apply_async, pool, one)
+        debug.sethook()
+        check(not ok and err == "interrupted!", err)
+        local got = pool:apply(two)
+        check(got == "two", "apply(two) returned " .. tostring(got))
+        pool:close()
+        pool:join()
+      end)
+    end)
+
+    it("submit: its record and cancel word are kept, the next call gets its own values", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        local function one() return "one" end
+        local function two() return "two" end
+        check(pool:submit(one):result() == "one")
+        interrupt_after(core.put_call)
+        local ok, err = pcall(pool.submit, pool, one)
+        debug.sethook()
+        check(not ok and err == "interrupted!", err)
+        local f2 = pool:submit(two)
+        local f3 = pool:submit(one)
+        check(f2:result() == "two", "submit(two) gave " .. tostring(f2:result()))
+        check(f3:result() == "one")
+        check(f2.flag ~= f3.flag)
+        pool:close()
+        pool:join()
+      end)
+    end)
+
+    it("map: met as a chunk's put returns (inside its pcall), the next call gets its own values", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        local n = 0
+        debug.sethook(function()
+          if debug.getinfo(2, "f").func == core.put_task then
+            n = n + 1
+            if n == 2 then debug.sethook() error("interrupted!", 0) end
+          end
+        end, "r")
+        local ok, err = pcall(pool.map, pool, function(x) return "map" .. x end, { 1, 2, 3, 4, 5, 6 }, { chunksize = 2 })
+        debug.sethook()
+        check(not ok and err == "interrupted!", err)
+        for i = 1, 3 do
+          local got = pool:apply(function(x) return "apply" .. x end, { i })
+          check(got == "apply" .. i, "apply " .. i .. " returned " .. tostring(got))
+        end
+        pool:terminate()
+      end)
+    end)
+
+    it("map: a chunk sent before it, whose result comes later, does not break the next call", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        local sent = false
+        debug.sethook(function(event)  -- after the first chunk went out, back in feed
+          if event == "call" then
+            if debug.getinfo(2, "f").func == core.put_task then sent = true end
+          elseif sent and debug.getinfo(2, "n").name == "feed" then
+            debug.sethook()
+            error("interrupted!", 0)
+          end
+        end, "cl")
+        local ok, err = pcall(pool.map, pool, identity, { 1, 2, 3, 4, 5, 6 }, { chunksize = 2 })
+        debug.sethook()
+        check(not ok and err == "interrupted!", err)
+        local ok2, v = pcall(pool.apply, pool, double, { 21 })
+        check(ok2 and v == 42, v)
+        pool:terminate()  -- (join would wait for the map cut short, fed in part: as before this)
+      end)
+    end)
+  end)
+
   describe("close and join", function()
     it("maxtasksperchild: workers that leave after close are replaced until the work is done", function()
       bounded(function()

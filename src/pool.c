@@ -183,9 +183,11 @@ static uint32_t *flag_at(lua_State *L, int arg) {
   return MP_PTR(off);
 }
 
-/* core.put_task(queue, seq, fid, blob, mode, src, i0, n) -> true | nil, "interrupted":
+/* core.put_task(queue, seq, fid, blob, mode, src, i0, n [, pool]) -> true | nil, "interrupted":
 ** sends src[i0 .. i0+n-1] as the items of task message seq, or src itself (the arguments of an apply)
-** when i0 is 0. Unsendable items raise the codec's error, naming args[i]. */
+** when i0 is 0; once it is out, pool._seq = seq (here: a Ctrl-C met in Lua between the put and
+** that left seq behind the queue's numbering, and the next message with the seq of this one).
+** Unsendable items raise the codec's error, naming args[i]. */
 static int pool_put_task(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -199,53 +201,93 @@ static int pool_put_task(lua_State *L) {
   int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
   mp_enc_done(L, e);
   if (r != MP_WOKE) return mp_waitresult(L, r);  /* nil, "interrupted" (it waits without a deadline) */
+  if (lua_istable(L, 9)) {
+    lua_pushvalue(L, 2);
+    lua_setfield(L, 9, "_seq");
+  }
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* core.put_apply(queue, seq, fid, blob, args) -> true | false: put_task's apply message
-** (mode 3) of the table args (nil: none), in fewer arguments; false: interrupted */
+/* The bookkeeping of a lean record rec (at its index) whose message seq just went out, done
+** here in C, where no hook can come between the put and it: Ctrl-C (lua.c's hook raises at the
+** next Lua instruction) met between them in Lua left a message out with no record, and its
+** seq to be used again, so that its result finished the next call (with the wrong values).
+** pool._inflight[seq] = rec, pool._seq = seq, rec.brec.refs + 1; with a cancel word, taken
+** from pool._free: pool._nfree - 1. */
+static void lean_record(lua_State *L, int pool, int rec, lua_Integer seq, int flag) {
+  lua_getfield(L, pool, "_inflight");
+  lua_pushvalue(L, rec);
+  lua_rawseti(L, -2, seq);
+  lua_pushinteger(L, seq);
+  lua_setfield(L, pool, "_seq");
+  lua_getfield(L, rec, "brec");
+  lua_getfield(L, -1, "refs");
+  lua_Integer refs = lua_tointeger(L, -1);
+  lua_pushinteger(L, refs + 1);
+  lua_setfield(L, -3, "refs");
+  if (flag) {
+    lua_getfield(L, pool, "_nfree");
+    lua_Integer k = lua_tointeger(L, -1);
+    lua_pushinteger(L, k - 1);
+    lua_setfield(L, pool, "_nfree");
+  }
+}
+
+/* core.put_apply(queue, seq, fid, blob, args, pool, rec) -> true | false: put_task's apply
+** message (mode 3) of the table args (nil: none), in fewer arguments, recorded as rec's once
+** it is out (lean_record); false: interrupted, nothing sent or recorded */
 static int pool_put_apply(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
-  taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)luaL_checkinteger(L, 2),
+  lua_Integer seq = luaL_checkinteger(L, 2);
+  taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)seq,
                 luaL_checkinteger(L, 4), 1, 3, 0 };
+  luaL_checktype(L, 6, LUA_TTABLE);
+  luaL_checktype(L, 7, LUA_TTABLE);
   if (lua_isnoneornil(L, 5)) {
-    lua_settop(L, 4);
     lua_pushvalue(L, lua_upvalueindex(1));  /* an empty table */
+    lua_replace(L, 5);
   }
   luaL_checktype(L, 5, LUA_TTABLE);
   mp_enc *e = mp_encode(L, 5, "args");
   int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
   mp_enc_done(L, e);
+  if (r == MP_WOKE) lean_record(L, 6, 7, seq, 0);
   lua_pushboolean(L, r == MP_WOKE);
   return 1;
 }
 
-/* core.put_call(queue, seq, fid, blob, flag, ...): sends the arguments ... as one
-** call message (mode 4: its n is the number of arguments, its items the arguments),
-** with cancel word flag (0: none), which is set to QUEUED first. Unsendable arguments
-** raise the codec's error, naming args[i]. */
+/* core.put_call(queue, seq, fid, blob, flag, pool, rec, ...) -> true | false: sends the
+** arguments ... as one call message (mode 4: its n is the number of arguments, its items
+** the arguments), with cancel word flag (0: none), which is set to QUEUED first, recorded
+** as rec's once it is out (lean_record; a flag is the last of pool._free); false:
+** interrupted, nothing sent or recorded. Unsendable arguments raise the codec's error,
+** naming args[i]. */
 static int pool_put_call(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
-  taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)luaL_checkinteger(L, 2),
+  lua_Integer seq = luaL_checkinteger(L, 2);
+  taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)seq,
                 luaL_checkinteger(L, 4), 0, 4, 0 };
   lua_Integer flag = luaL_checkinteger(L, 5);
+  luaL_checktype(L, 6, LUA_TTABLE);
+  luaL_checktype(L, 7, LUA_TTABLE);
   if (flag) {
     __atomic_store_n(flag_at(L, 5), FLAG_QUEUED, __ATOMIC_SEQ_CST);
     h.flag = (uint64_t)flag;
   }
-  int top = lua_gettop(L), nargs = top - 5;
+  int top = lua_gettop(L), nargs = top - 7;
   h.n = (uint32_t)nargs;
   lua_createtable(L, nargs, 0);
   for (int k = 1; k <= nargs; k++) {
-    lua_pushvalue(L, 5 + k);
+    lua_pushvalue(L, 7 + k);
     lua_rawseti(L, -2, k);
   }
   mp_enc *e = mp_encode_range(L, top + 1, 1, nargs, "args");
   int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
   mp_enc_done(L, e);
+  if (r == MP_WOKE) lean_record(L, 6, 7, seq, flag != 0);
   lua_pushboolean(L, r == MP_WOKE);
   return 1;
 }

@@ -457,7 +457,8 @@ end
 -- Cancel words of Futures: slabs of FLAG_SLAB words in the arena, each word in use from
 -- its Future's submit until its message ended (lean_end), then reused.
 local FLAG_SLAB = 1024
-local function take_flag(self)
+-- (the last free word, made when none is: put_call takes it once its message is out)
+local function free_flag(self)
   local n = self._nfree
   local free = self._free
   if n == 0 then
@@ -466,8 +467,8 @@ local function take_flag(self)
     slabs[#slabs + 1] = blob
     for k = 1, FLAG_SLAB do free[k] = base + 4 * (FLAG_SLAB - k) end
     n = FLAG_SLAB
+    self._nfree = n
   end
-  self._nfree = n - 1
   return free[n]
 end
 
@@ -598,6 +599,16 @@ local function lean_end(self, rec)
   end
 end
 
+-- A sequence's result table, made after the call's first chunks went out, so that the workers
+-- start while the parent makes it (making 200,000 slots costs a third of a millisecond in page
+-- faults). Results are only taken after this (feed sends, it never takes), unless the call was
+-- cut short in feed (Ctrl-C raised in it): then on_result makes it for the chunks that were sent.
+local function sized_results(call)
+  local r = call.results
+  if not r then r = newtable(call.total) call.results = r end
+  return r
+end
+
 -- A result message: seq, out, pid, busy as take_result returns them (out is true when
 -- the results were placed), or a table (other messages, and results with errors:
 -- { seq, out, errs, pid, busy }). (Given the pool, take_result does the lean path below
@@ -653,7 +664,7 @@ local function on_result(self, seq, out, pid, busy)
   unref(self, call.brec)
   call.pending = call.pending - 1
   local i0, n = inf.i0, inf.n
-  if out ~= true then place(out, n, call.results, i0) end  -- true: take_result placed them
+  if out ~= true then place(out, n, call.results or sized_results(call), i0) end  -- true: take_result placed them
   if errs then
     for k, e in pairs(errs) do
       fail(self, call, i0 + k - 1, task_error(e, call.kind, i0 + k - 1, pid))
@@ -917,15 +928,19 @@ end
 local function put_task(self, call, i0, src, j0, n)
   local seq = self._seq + 1
   local b = call.brec
-  local ok, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n)
+  -- (self._seq = seq: put_raw's, once the message is out, see pool.c)
+  local ok, err, why = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n, self)
   if not ok then
     err = clean(tostring(err))
     if j0 ~= i0 then  -- name the item by its place in the whole input
       err = err:gsub("at args%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - j0) end)
     end
+    if self._seq == seq then  -- (sent, then Ctrl-C raised: the call stops there)
+      error(err, 0)
+    end
     return false, err
   end
-  self._seq = seq
+  if not err then return false, why end  -- "interrupted": nothing sent
   self._inflight[seq] = { call = call, i0 = i0, n = n }
   b.refs = b.refs + 1
   call.pending = call.pending + 1
@@ -1374,13 +1389,6 @@ local function wait_call(self, call, timeout)
   return true
 end
 
--- A sequence's result table, made after the call's first chunks went out, so that the workers
--- start while the parent makes it (making 200,000 slots costs a third of a millisecond in page
--- faults). Results are only taken after this: feed sends, it never takes.
-local function sized_results(call)
-  if not call.results then call.results = newtable(call.total) end
-end
-
 local function results_of(call)
   call.results.n = call.total
   return call.results
@@ -1560,7 +1568,6 @@ function Pool:starmap_async(f, list, opts)
   return async(self, call)
 end
 
-local NOARGS = {}
 
 -- what: the user's method (apply or apply_async); errors at level 3 from here
 local function send_apply(self, f, args, opts, what)
@@ -1585,13 +1592,11 @@ local function send_apply(self, f, args, opts, what)
     ok, b = pcall(func_blob, self, f)
     if not ok then error(func_error(self, f, b), 3) end
   end
-  local seq = self._seq + 1
-  local sent, err = pcall(put_raw, self._tasks, seq, b.fid, b.off, 3, args or NOARGS, 0, 1)
-  if not sent then error(clean(tostring(err)), 3) end
-  self._seq = seq
-  b.refs = b.refs + 1
   call.brec = b
-  self._inflight[seq] = call
+  -- (recorded by put_apply once sent: see lean_apply)
+  local sent, err = pcall(put_apply, self._tasks, self._seq + 1, b.fid, b.off, args, self, call)
+  if not sent then error(clean(tostring(err)), 3) end
+  if not err then error("interrupted!", 0) end  -- (the put was: nothing sent)
   return call
 end
 
@@ -1607,16 +1612,15 @@ local function lean_ready(self, f)
   if not b.freed then return b end
 end
 
+-- (put_apply and put_call record the call themselves once its message is out: the seq, the
+-- inflight record, the blob's reference, the cancel word taken. A Ctrl-C met between the put
+-- and that bookkeeping in Lua left a message with no record and its seq to be used again.)
 local function lean_apply(self, f, args)
   local b = lean_ready(self, f)
   if not b then return end
-  local seq = self._seq + 1  -- (args that are no table: put_task raises)
-  if not put_apply(self._tasks, seq, b.fid, b.off, args) then return end
-  self._seq = seq
-  b.refs = b.refs + 1
   local call = setmetatable({ [1] = false, finished = false, n = false, brec = b }, self._A)
-  self._inflight[seq] = call
-  return call
+  -- (args that are no table: put_apply raises)
+  if put_apply(self._tasks, self._seq + 1, b.fid, b.off, args, self, call) then return call end
 end
 
 local function lean_submit(self, f, ...)
@@ -1624,13 +1628,8 @@ local function lean_submit(self, f, ...)
   local n = self._nfree
   if not b or n == 0 then return end
   local flag = self._free[n]
-  local seq = self._seq + 1
-  if not put_call(self._tasks, seq, b.fid, b.off, flag, ...) then return end
-  self._nfree, self._seq = n - 1, seq
-  b.refs = b.refs + 1
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, self._F)
-  self._inflight[seq] = fut
-  return fut
+  if put_call(self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, ...) then return fut end
 end
 
 -- what pcall(lean_apply or lean_submit, ...) returned: the record, or nothing (the general
@@ -1672,18 +1671,11 @@ function Pool:submit(f, ...)
     ok, b = pcall(func_blob, self, f)
     if not ok then error(func_error(self, f, b), 2) end
   end
-  local flag = take_flag(self)
-  local seq = self._seq + 1
-  local sent, err = pcall(put_call, self._tasks, seq, b.fid, b.off, flag, ...)
-  if not sent then
-    local n = self._nfree + 1
-    self._free[n], self._nfree = flag, n
-    error(clean(tostring(err)), 2)
-  end
-  self._seq = seq
-  b.refs = b.refs + 1
+  local flag = free_flag(self)
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, self._F)
-  self._inflight[seq] = fut
+  local sent, err = pcall(put_call, self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, ...)
+  if not sent then error(clean(tostring(err)), 2) end
+  if not err then error("interrupted!", 0) end  -- (the put was: nothing sent)
   return fut
 end
 
