@@ -278,7 +278,27 @@ describe("Pool stops", function()
         check(not ok and err == "interrupted!", err)
         local ok2, v = pcall(pool.apply, pool, double, { 21 })
         check(ok2 and v == 42, v)
-        pool:terminate()  -- (join would wait for the map cut short, fed in part: as before this)
+        pool:terminate()
+      end)
+    end)
+
+    it("map cut short while it sends: close and join wait only for the chunks it sent", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        local n = 0
+        debug.sethook(function()
+          if debug.getinfo(2, "f").func == core.put_task then
+            n = n + 1
+            if n == 2 then debug.sethook() error("interrupted!", 0) end
+          end
+        end, "r")
+        local ok, err = pcall(pool.map, pool, identity, { 1, 2, 3, 4, 5, 6 }, { chunksize = 2 })
+        debug.sethook()
+        check(not ok and err == "interrupted!", err)
+        check(pool:apply(double, { 4 }) == 8)
+        pool:close()
+        pool:join()  -- (it waited for ever for the rest of the map)
+        check(next(pool._workers) == nil, "workers left")
       end)
     end)
   end)

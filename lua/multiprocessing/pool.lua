@@ -1529,11 +1529,24 @@ function Pool:fileno()
   return fd
 end
 
+-- map and starmap: a call cut short by an error while its input goes out or its results
+-- come (Ctrl-C) is abandoned: nobody can have its results, so the rest of its input is never
+-- sent, and close + join wait only for the chunks already out
+local function run_blocking(self, call)
+  local ok, err = pcall(function()
+    feed(self, call)
+    sized_results(call)
+    wait_call(self, call)
+  end)
+  if not ok then
+    abandon(self, call)
+    error(err, 0)
+  end
+end
+
 function Pool:map(f, iterable, opts)
   local call = new_call(self, "map", f, iterable, opts, "map")
-  feed(self, call)
-  sized_results(call)
-  wait_call(self, call)
+  run_blocking(self, call)
   if call.err then error(call.err, 2) end
   return results_of(call)
 end
@@ -1541,9 +1554,7 @@ end
 function Pool:starmap(f, list, opts)
   local call = new_call(self, "starmap", f, list, opts, "starmap")
   call.star = true
-  feed(self, call)
-  sized_results(call)
-  wait_call(self, call)
+  run_blocking(self, call)
   if call.err then error(call.err, 2) end
   return results_of(call)
 end
