@@ -24,6 +24,21 @@ end
 
 -- runs fn in a forked child (it always leaves with core._exit); fails if fn raised, or if it
 -- did not finish within PATIENCE seconds (then it is killed: a hang)
+-- pool:map(f, { 1, ..., 6 }, chunksize 2) met by Ctrl-C (as lua.c's hook raises it) on the
+-- return of its second chunk's put: pcall's results
+local function map_cut_at_second_put(pool, f)
+  local n = 0
+  debug.sethook(function()
+    if debug.getinfo(2, "f").func == core.put_task then
+      n = n + 1
+      if n == 2 then debug.sethook() error("interrupted!", 0) end
+    end
+  end, "r")
+  local ok, err = pcall(pool.map, pool, f, { 1, 2, 3, 4, 5, 6 }, { chunksize = 2 })
+  debug.sethook()
+  return ok, err
+end
+
 local function bounded(fn)
   local pid = H.spawn(fn)
   local code = core.waitpid(pid, PATIENCE)
@@ -243,15 +258,7 @@ describe("Pool stops", function()
     it("map: met as a chunk's put returns (inside its pcall), the next call gets its own values", function()
       bounded(function()
         local pool = mp.Pool(1)
-        local n = 0
-        debug.sethook(function()
-          if debug.getinfo(2, "f").func == core.put_task then
-            n = n + 1
-            if n == 2 then debug.sethook() error("interrupted!", 0) end
-          end
-        end, "r")
-        local ok, err = pcall(pool.map, pool, function(x) return "map" .. x end, { 1, 2, 3, 4, 5, 6 }, { chunksize = 2 })
-        debug.sethook()
+        local ok, err = map_cut_at_second_put(pool, function(x) return "map" .. x end)
         check(not ok and err == "interrupted!", err)
         for i = 1, 3 do
           local got = pool:apply(function(x) return "apply" .. x end, { i })
@@ -285,15 +292,7 @@ describe("Pool stops", function()
     it("map cut short while it sends: close and join wait only for the chunks it sent", function()
       bounded(function()
         local pool = mp.Pool(1)
-        local n = 0
-        debug.sethook(function()
-          if debug.getinfo(2, "f").func == core.put_task then
-            n = n + 1
-            if n == 2 then debug.sethook() error("interrupted!", 0) end
-          end
-        end, "r")
-        local ok, err = pcall(pool.map, pool, identity, { 1, 2, 3, 4, 5, 6 }, { chunksize = 2 })
-        debug.sethook()
+        local ok, err = map_cut_at_second_put(pool, identity)
         check(not ok and err == "interrupted!", err)
         check(pool:apply(double, { 4 }) == 8)
         pool:close()

@@ -2072,6 +2072,14 @@ static void remember(lua_State *L, dec *d, int idx, int shared) {
 
 static void decode_value(lua_State *L, dec *d);
 
+/* pushes a table key that is not a short string: any value a table can hold as a key */
+static void decode_key(lua_State *L, dec *d) {
+  decode_value(L, d);
+  int kt = lua_type(L, -1);
+  if (kt == LUA_TNIL) corrupt(L, "nil table key");
+  if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
+}
+
 /* pushes the metatable registered under name and returns 1, or pushes nothing and returns 0 */
 static int push_named_mt(lua_State *L, const char *s, size_t n) {
   lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.metatables");
@@ -2305,10 +2313,7 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
       keys[i] = (const view_string *)(k - offsetof(view_string, contents));
       d->p += 2 + p[1];
     } else {
-      decode_value(L, d);
-      int kt = lua_type(L, -1);
-      if (kt == LUA_TNIL) corrupt(L, "nil table key");
-      if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
+      decode_key(L, d);
       known = 0;
     }
     p = d->p;  /* the value: small integers, floats and short strings inline */
@@ -2443,10 +2448,7 @@ static void decode_table(lua_State *L, dec *d, int withmt, int shared) {
       push_key(L, d, (const char *)p + 2, p[1]);
       d->p += 2 + p[1];
     } else {
-      decode_value(L, d);
-      int kt = lua_type(L, -1);
-      if (kt == LUA_TNIL) corrupt(L, "nil table key");
-      if (kt == LUA_TNUMBER && !lua_isinteger(L, -1) && isnan(lua_tonumber(L, -1))) corrupt(L, "NaN table key");
+      decode_key(L, d);
     }
     p = d->p;  /* the value: small integers and short strings inline, as above */
     left = d->end - p;
