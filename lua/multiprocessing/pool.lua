@@ -613,6 +613,10 @@ end
 -- the results were placed), or a table (other messages, and results with errors:
 -- { seq, out, errs, pid, busy }). (Given the pool, take_result does the lean path below
 -- itself for a record that needs nothing more: no callback, its blob still needed.)
+-- whether a message of the results queue is a worker's note ({ -1, ... } ready, { -2, ... } its
+-- initializer failed): no result, so poll's counts leave it out
+local function note(seq) return type(seq) == "table" and seq[1] < 0 end
+
 local function on_result(self, seq, out, pid, busy)
   local errs
   if type(seq) == "table" then
@@ -711,7 +715,7 @@ local function drain(self)
     if seq == nil then break end
     if seq then
       on_result(self, seq, out, pid, busy)
-      left = left - 1
+      if not note(seq) then left = left - 1 end
     end
     left = left - done
     if bounded then self._bounded = left end
@@ -1110,7 +1114,7 @@ local function step(self, feed_until)
     if seq == nil then break end
     n = n + done  -- (lean results that take_result finished itself)
     if seq then
-      if type(seq) ~= "table" or seq[1] > 0 then n = n + 1 end  -- (a worker's start-up note is no result)
+      if not note(seq) then n = n + 1 end
       local inf = type(seq) == "number" and inflight[seq]
       on_result(self, seq, out, pid, busy)
       local t1 = now()
