@@ -640,15 +640,7 @@ local function on_result(self, seq, out, pid, busy)
   inflight[seq] = nil
   local call = inf.call
   if not call then  -- a lean call is its own inflight record; its values came to [1 .. n]
-    local bl = inf.brec  -- (lean_end, inlined: this runs for every task)
-    local r = bl.refs - 1
-    bl.refs = r
-    if r == 0 and not bl.cached then blob_drop(self, bl) end
-    local flag = inf.flag
-    if flag then
-      local k = self._nfree + 1
-      self._free[k], self._nfree = flag, k
-    end
+    lean_end(self, inf)  -- (the results with no callback take_result finished in C)
     if inf.finished then return end  -- (cancelled, or its pool stopped)
     if errs then
       local _, e = next(errs)
