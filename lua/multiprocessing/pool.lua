@@ -1628,6 +1628,7 @@ local function lean_apply(self, f, args)
   local call = setmetatable({ [1] = false, finished = false, n = false, brec = b }, self._A)
   -- (args that are no table: put_apply raises)
   if put_apply(self._tasks, self._seq + 1, b.fid, b.off, args, self, call) then return call end
+  error("interrupted!", 0)  -- (the put was, and sent nothing: not a reason to try the general way)
 end
 
 local function lean_submit(self, f, ...)
@@ -1637,6 +1638,7 @@ local function lean_submit(self, f, ...)
   local flag = self._free[n]
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, self._F)
   if put_call(self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, ...) then return fut end
+  error("interrupted!", 0)  -- (as lean_apply)
 end
 
 -- what pcall(lean_apply or lean_submit, ...) returned: the record, or nothing (the general
