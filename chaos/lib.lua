@@ -415,12 +415,13 @@ end
 
 ------------------------------------------------------------------ watchdog
 
--- A call that has no timeout of its own (an imap loop, join) is bounded by a watchdog: a forked
--- child that sends this process SIGINT after secs seconds, which lua.c turns into an
+-- A call that has no timeout of its own (an imap loop, join) is bounded by a watchdog: a process
+-- (chaos/watchdog.lua) that sends this process SIGINT after secs seconds, which lua.c turns into an
 -- "interrupted!" error, so the case can report the hang itself. A call that ignores Ctrl-C
 -- while it waits for a stopped process (a lock holder) is freed two seconds later: the watchdog
 -- continues every stopped process of the session. (If even that does not end the call, the
--- runner's hard timeout does.)
+-- runner's hard timeout does.) The watchdog is started with io.popen, not core.fork: a fork
+-- waits for the allocator's lock, which a stopped process may hold.
 local Watchdog = {}
 Watchdog.__index = Watchdog
 L.watchdogs = {}
@@ -428,18 +429,10 @@ L.watchdogs = {}
 function L.watchdog(secs)
   local parent = core.getpid()
   local sid = L.stat(parent).sid
-  local pid = core.fork()
-  if pid == 0 then
-    core.sleep(secs)
-    core.kill(parent, 2)
-    core.sleep(2)
-    for _, p in ipairs((L.session(sid))) do
-      local st = L.stat(p)
-      if st and st.state == "T" then core.kill(p, 18) end
-    end
-    core._exit(0)
-  end
-  local w = setmetatable({ pid = pid, t0 = now(), secs = secs }, Watchdog)
+  local f = assert(io.popen(("exec %s chaos/watchdog.lua %.17g %d %d"):format(L.LUA, secs, parent, sid)))
+  local pid = tonumber(f:read("l"))
+  if not pid then f:close() error("the watchdog did not start", 2) end
+  local w = setmetatable({ pid = pid, f = f, t0 = now(), secs = secs }, Watchdog)
   L.watchdogs[pid] = w
   return w
 end
@@ -451,7 +444,7 @@ function Watchdog:disarm()
   L.watchdogs[self.pid] = nil
   self.fired = now() - self.t0 >= self.secs
   core.kill(self.pid, 9)
-  core.waitpid(self.pid, 5)
+  self.f:close()   -- reaps it
   return self.fired
 end
 

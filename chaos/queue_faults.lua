@@ -108,7 +108,12 @@ local function storm(cfg)
           stopped[pid] = { till = now() + L.uniform(0.05, cfg.stop or 0.4), then_kill = math.random() < 0.5 }
           if stopped[pid].then_kill and not producer then L.add("consumer_kills") end
         end
-        -- replace the dead (a killed producer's slot is not reused: its count stays as it was)
+        -- replace the dead (a killed producer's slot is not reused: its count stays as it was),
+        -- but not while a process stopped here holds the allocator's lock: a start takes an
+        -- entry in the arena's process table under that lock, so it would wait (as documented)
+        -- until this loop continues the holder, which it cannot do while it waits
+        local holder = core._arena_holder()
+        if holder and stopped[holder] then L.add("starts_put_off") return end
         for _, g in ipairs { producers, consumers } do
           local dead = {}
           for p, rec in pairs(g) do

@@ -1119,6 +1119,15 @@ static int arena_stats(lua_State *L) {
   return 1;
 }
 
+/* core._arena_holder() -> the pid of the process that holds the allocator's
+** lock, or nil: read without the lock, so it may be out of date at once (for
+** tests and diagnostics: never waits, even on a stopped holder) */
+static int arena_holder(lua_State *L) {
+  pid_t h = arena ? __atomic_load_n(&arena->holder, __ATOMIC_RELAXED) : 0;
+  if (h) lua_pushinteger(L, h); else lua_pushnil(L);
+  return 1;
+}
+
 /* core.arena_check() -> true: walks every block and list, raises at the first
 ** broken rule (for tests: it holds the arena lock for the whole walk) */
 static const char *check(void) {
@@ -1213,6 +1222,7 @@ int mp_arena_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"arena_stats", arena_stats}, {"arena_check", arena_check}, {"_arena_fault", arena_fault},
     {"_arena_hold", arena_hold}, {"_arena_sweep", arena_sweep},
+    {"_arena_holder", arena_holder},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
