@@ -302,6 +302,41 @@ describe("Pool stops", function()
     end)
   end)
 
+  describe("a stopped process holding the allocator's lock", function()
+    -- a process stopped (SIGSTOP) inside the allocator's section, as a debugger may leave one
+    local function stopped_holder()
+      local holder = core.fork()
+      if holder == 0 then core._arena_fault(1, "stop") core.blob_free(core.blob_new("x")) core._exit(0) end
+      check(H.eventually(function()
+        local st = H.slurp(("/proc/%d/stat"):format(holder)) or ""
+        return st:match("^%d+ %b() (%a)") == "T"
+      end, 10), "the holder did not stop")
+      return holder
+    end
+
+    it("does not hold get(timeout) past its timeout while a dead worker waits to be replaced", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        check(pool:apply(double, { 1 }) == 2)   -- (the function is in the arena: a later send makes nothing there)
+        local victim = pool:stats()[1].pid
+        local holder = stopped_holder()
+        core.kill(victim, 9)
+        local r = pool:apply_async(double, { 21 })
+        local t0 = core.now()
+        local v, why = r:get(0.3)   -- its replacement's fork would wait for the holder's lock
+        local waited = core.now() - t0
+        check(v == nil and why == "timeout", "get(0.3) returned " .. tostring(v) .. ", " .. tostring(why))
+        check(waited < 5, ("get(0.3) took %.1f s behind a stopped allocator holder"):format(waited))
+        core.kill(holder, 18)   -- continued: the replacement starts, the task runs
+        check(core.waitpid(holder, 10) == 0, "the holder did not finish")
+        check(r:get(10) == 42, "the task did not run once the holder went on")
+        check(pool:stats()[1].pid ~= victim, "the worker was not replaced")
+        pool:close()
+        pool:join()
+      end)
+    end)
+  end)
+
   describe("close and join", function()
     it("maxtasksperchild: workers that leave after close are replaced until the work is done", function()
       bounded(function()

@@ -655,7 +655,10 @@ static uint32_t live_max_serial(int *died) {
 static struct kid { pid_t pid; uint64_t token; } *kids;
 static size_t nkids, capkids;
 
-uint64_t mp_proc_prefork(lua_State *L) {
+uint64_t mp_proc_prefork(lua_State *L) { return mp_proc_prefork_until(L, -1, NULL); }
+
+uint64_t mp_proc_prefork_until(lua_State *L, double deadline, pid_t *stopped) {
+  if (stopped) *stopped = 0;
   if (!arena || !myslot) return 0;
   if (nkids == capkids) {  /* room first: the parent hook cannot fail */
     size_t cap = capkids ? capkids * 2 : 16;
@@ -666,7 +669,8 @@ uint64_t mp_proc_prefork(lua_State *L) {
   }
   int why;
   pid_t who;
-  if (!arena_lock_until(L, -1, &why, &who)) {  /* Ctrl-C (no deadline) */
+  if (!arena_lock_until(L, deadline, &why, &who)) {  /* Ctrl-C, or the deadline passed with the holder stopped */
+    if (why == MP_LOCK_TIMEOUT && stopped) { *stopped = who ? who : -1; return 0; }
     mp_take_interrupt(L);
     if (who) return luaL_error(L, "interrupted! (cannot start a process: the shared memory allocator is held by %sprocess %d)",
                                mp_pid_stopped(who) ? "stopped " : "", (int)who);

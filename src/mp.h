@@ -81,11 +81,15 @@ void mp_arena_forked(void);                 /* note that a fork happened */
 /* The lifetime of the processes that share the arena (for objects a fork may
 ** have copied, and blocks a dead process held). process.c calls these around
 ** every fork and every reap:
-**   t = mp_proc_prefork(L)          in the parent, before fork() (may raise)
+**   t = mp_proc_prefork(L)          in the parent, before fork() (may raise); or
+**   t = mp_proc_prefork_until(L, deadline, &stopped): the same, but once the
+**       deadline passed while the allocator's lock is held by a stopped
+**       process, 0 with stopped = its pid (a running holder is waited for)
 **   mp_proc_child(t)                in the child, first thing after fork()
 **   mp_proc_parent(t, pid)          in the parent after fork(); pid < 0: it failed
 **   mp_proc_reaped(pid)             in the parent, once the child's status was read */
 uint64_t mp_proc_prefork(lua_State *L);
+uint64_t mp_proc_prefork_until(lua_State *L, double deadline, pid_t *stopped);
 void mp_proc_child(uint64_t token);
 void mp_proc_parent(uint64_t token, pid_t pid);
 void mp_proc_reaped(pid_t pid);

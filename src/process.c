@@ -237,18 +237,34 @@ static void arm_lifeline(int fd, int sig, pid_t self, int flags) {
   watch_fd = fd;
 }
 
-/* core.fork([daemon [, deathsig = SIGKILL]]) -> pid in the parent, 0 in the child
-** (deathsig 0: the child outlives its parent) */
+/* core.fork([daemon [, deathsig = SIGKILL [, timeout]]]) -> pid in the parent, 0
+** in the child (deathsig 0: the child outlives its parent). The child's entry in
+** the arena's process table is taken under the allocator's lock, which a
+** stopped process may hold: without a timeout the fork waits for it (Ctrl-C
+** ends the wait); with one, once it passed, nil, "timeout", the stopped pid. */
 static int proc_fork(lua_State *L) {
   int daemon = lua_toboolean(L, 1);
   int deathsig = (int)luaL_optinteger(L, 2, SIGKILL);
+  double deadline = mp_deadline(L, 3);
   mp_arena_ensure(L);  /* every descendant shares the arena */
   if (!atexit_set) { atexit_set = 1; mainpid = getpid(); atexit(at_exit); }
   if (!kids_reserve()) { errno = ENOMEM; return mp_pusherrno(L, "fork"); }
+  pid_t stopped;
+  uint64_t token = mp_proc_prefork_until(L, deadline, &stopped);  /* (may raise: before anything is held) */
+  if (stopped) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "timeout");
+    lua_pushinteger(L, stopped);
+    return 3;
+  }
   int life[2] = { -1, -1 };
-  if (deathsig > 0 && pipe2(life, O_CLOEXEC) != 0) return mp_pusherrno(L, "fork (its lifeline pipe)");
+  if (deathsig > 0 && pipe2(life, O_CLOEXEC) != 0) {
+    int e = errno;
+    mp_proc_parent(token, -1);
+    errno = e;
+    return mp_pusherrno(L, "fork (its lifeline pipe)");
+  }
   mp_flush_std();  /* or buffered output would be printed by both processes */
-  uint64_t token = mp_proc_prefork(L);
   mp_arena_forked();
   pid_t pid = fork();
   if (pid != 0) mp_proc_parent(token, pid);

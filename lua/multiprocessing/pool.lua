@@ -398,13 +398,18 @@ local function start_worker(self, i)
   self._workers[i] = { pid = pid, ready = false }
 end
 
-local function spawn(self, i)
+-- respawn: a worker replaced during a call, which may have a timeout of its own; its
+-- fork does not wait for a stopped process holding the allocator's lock (the fork
+-- takes a process-table entry under it): spawn returns false, and the slot waits in
+-- _respawns for a later turn, so get(timeout) still ends at its timeout.
+local function spawn(self, i, respawn)
   self._st:release(i)
   if self._method then return start_worker(self, i) end
   local _ = worker_names[i]  -- (made here, before the fork)
   self._st:forking(true)  -- this child keeps the pool's eventfd; other children close it
-  local pid, err = core.fork(true)
+  local pid, err = core.fork(true, nil, respawn and 0 or nil)
   if pid ~= 0 then self._st:forking(false) end
+  if not pid and err == "timeout" then return false end
   if not pid then error("cannot start a pool worker: " .. tostring(err), 0) end
   if pid == 0 then
     local ok, e = pcall(worker_main, self, i)
@@ -412,6 +417,7 @@ local function spawn(self, i)
     core._exit(1)
   end
   self._workers[i] = { pid = pid, ready = false }
+  return true
 end
 
 local function exit_text(code)
@@ -759,18 +765,17 @@ end
 -- not also pay for a fork; a blocking call (get(), join()...) or a driver that finds no
 -- worker left spawns the pending ones itself, so that nothing waits on a deferral.
 local function spawn_worker(self, i)
-  spawn(self, i)
+  if not spawn(self, i, true) then return false end
   if self._epfd then self._st:watch_pid(i, self._workers[i].pid) end
+  return true
 end
 
 local function respawn_workers(self, slots)
-  if self._respawn ~= "poll" then
-    for _, i in ipairs(slots) do spawn_worker(self, i) end
-    return
-  end
   local q = self._respawns or {}
-  for _, i in ipairs(slots) do q[#q + 1] = i end
-  self._respawns = q
+  for _, i in ipairs(slots) do
+    if self._respawn == "poll" or not spawn_worker(self, i) then q[#q + 1] = i end
+  end
+  self._respawns = q[1] and q or nil
 end
 
 -- spawns up to max pending respawns, while the pool still wants them (as check_workers)
@@ -783,7 +788,8 @@ local function spawn_pending(self, max)
     return
   end
   while max > 0 and #q > 0 do
-    spawn_worker(self, table.remove(q, 1))
+    if not spawn_worker(self, q[1]) then return end  -- (a stopped process holds the allocator: later)
+    table.remove(q, 1)
     max = max - 1
   end
   if #q == 0 then self._respawns = nil end
