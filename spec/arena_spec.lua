@@ -526,6 +526,38 @@ describe("arena", function()
       assert(out:find("check\ttrue\ttrue\t1"), out)
       assert(ok, out)
     end)
+
+    it("Ctrl-C ends a fork that waits for it, leaving no descriptor behind", function()
+      local ok, out = run_script("timeout -k 5 30 env", [[
+        local core = require "multiprocessing.core"
+        local function fds()
+          local n, f = 0, io.popen("exec ls /proc/" .. core.getpid() .. "/fd")
+          for _ in f:lines() do n = n + 1 end
+          f:close()
+          return n
+        end
+        local me = core.getpid()
+        local ctrl_c = core.fork()
+        if ctrl_c == 0 then core.sleep(1.5) core.kill(me, 2) core._exit(0) end
+        local holder = core.fork()
+        if holder == 0 then core._arena_fault(1, "stop") core.blob_free(core.blob_new("x")) core._exit(0) end
+        repeat core.sleep(0.01)
+        until io.open(("/proc/%d/stat"):format(holder)):read("a"):match("^%d+ %b() (%a)") == "T"
+        local before = fds()
+        local r = { pcall(core.fork) }
+        print("fork", r[1], r[2])
+        print("fds", fds() - before)
+        local t = { core.fork(false, nil, 0.2) }   -- with a timeout: nil, "timeout", the holder
+        print("timed", t[1], t[2], t[3] == holder, fds() - before)
+        core.kill(holder, 18)
+        print("holder", core.waitpid(holder, 10), core.waitpid(ctrl_c, 10))
+      ]])
+      assert(out:find("fork\tfalse\t[^\n]*interrupted[^\n]*held by stopped process"), out)
+      assert(out:find("fds\t0\n"), out)
+      assert(out:find("timed\tnil\ttimeout\ttrue\t0\n"), out)
+      assert(out:find("holder\t0\t0"), out)
+      assert(ok, out)
+    end)
   end)
 
   describe("a child stopped as it registers in the process table", function()
