@@ -541,8 +541,12 @@ describe("arena", function()
         if ctrl_c == 0 then core.sleep(1.5) core.kill(me, 2) core._exit(0) end
         local holder = core.fork()
         if holder == 0 then core._arena_fault(1, "stop") core.blob_free(core.blob_new("x")) core._exit(0) end
-        repeat core.sleep(0.01)
-        until io.open(("/proc/%d/stat"):format(holder)):read("a"):match("^%d+ %b() (%a)") == "T"
+        local function state(pid)
+          local f <close> = io.open(("/proc/%d/stat"):format(pid))
+          return f:read("a"):match("^%d+ %b() (%a)")
+        end
+        repeat core.sleep(0.01) until state(holder) == "T"
+        collectgarbage()
         local before = fds()
         local r = { pcall(core.fork) }
         print("fork", r[1], r[2])

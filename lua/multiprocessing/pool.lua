@@ -396,6 +396,7 @@ local function start_worker(self, i)
   self._st:forking(false)
   if not pid then error("cannot start a pool worker: " .. tostring(err), 0) end
   self._workers[i] = { pid = pid, ready = false }
+  return true
 end
 
 -- respawn: a worker replaced during a call, which may have a timeout of its own; its
