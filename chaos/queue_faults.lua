@@ -13,11 +13,12 @@ local MB = 1 << 20
 local GET = 0.02  -- the main consumer's get timeout
 
 -- cfg: producers, consumers (killable ones; the case's own process is one more), max (messages
--- per producer), sizes (payload sizes, picked in turn), actions (faults), gap (seconds between)
+-- per producer), sizes (payload sizes, picked in turn), actions (faults), gap (seconds between),
+-- lives (producers started per producer slot of the storm: a killed one is replaced while any is left)
 local function storm(cfg)
   return function()
     local start_arena = L.arena_used()
-    local slots = cfg.producers * 4
+    local slots = cfg.producers * (cfg.lives or 4)
     local MAX = cfg.max
     local q = mp.Queue(cfg.maxsize or 0)
     local put_done = mp.Array("q", slots)         -- per producer: the last message whose put returned
@@ -198,6 +199,13 @@ return {
   { name = "queue_kill_64MiB", timeout = 40, run = storm {
     producers = 2, consumers = 1, max = 6, actions = 10, gap = 0.1, producer_share = 0.7, kill_share = 1,
     sizes = { 64 * MB } } },
+  -- big messages only, a kill every ~10 ms: each kill lands somewhere in a put or a get of a
+  -- block of its own, so the hand-offs of those blocks between processes and records are hit
+  -- often (kills between a record letting go of a block and a process holding it, or back, left
+  -- 61440-byte blocks behind in 12 of 30 runs here before blocks named their owner)
+  { name = "queue_kill_big", timeout = 30, run = storm {
+    producers = 3, consumers = 3, max = 20000, actions = 200, gap = 0.01, kill_share = 1, lives = 40,
+    sizes = { 60000 } } },
   -- stops too (then continued or killed): other processes' gets must not wait on a stopped one
   { name = "queue_stop_small", timeout = 20, run = storm {
     producers = 3, consumers = 2, max = 20000, actions = 40, gap = 0.05,

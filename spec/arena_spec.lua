@@ -458,6 +458,40 @@ describe("arena", function()
       assert_back(s0, "the frees made while the allocator was stopped")
     end)
 
+    it("loses nothing when a free is killed as it puts its block on the pending stack", function()
+      local s0 = settle()
+      local go, ready = core.Queue(), core.Queue()
+      go:put(0) go:get()   -- their chunks exist: the puts below allocate nothing
+      ready:put(0) ready:get()
+      local freer = H.spawn(function()
+        local b = core.blob_new(string.rep("p", 1000))
+        ready:put(true)
+        assert(go:get(20), "the holder never stopped")
+        core._arena_fault(1, "push")   -- killed between marking the block pending and pushing it
+        core.blob_free(b)
+        core._exit(0)
+      end)
+      assert(ready:get(20), "the freer never got ready")
+      local holder = H.spawn(function()
+        core._arena_fault(1, "stop")
+        core.blob_free(core.blob_new("held"))
+      end)
+      local stopped = H.eventually(function()
+        local st = H.slurp(("/proc/%d/stat"):format(holder)) or ""
+        return st:match("^%d+ %b() (%a)") == "T"
+      end, 20)
+      go:put(stopped)
+      local code = core.waitpid(freer, 20)
+      core.kill(holder, SIGCONT)
+      if code == nil then core.kill(freer, SIGKILL) core.waitpid(freer) end
+      assert.equal(0, core.waitpid(holder, 20))
+      go:close() ready:close()
+      assert(stopped, "the holder never stopped")
+      assert.equal(-9, code, "the free was not killed in its push")
+      -- the block it held goes with it (it was on no stack)
+      assert_back(s0, "a free killed as it pushed its block")
+    end)
+
     -- an object made before a fork: its last release needs the allocator, to see whether a
     -- later fork lives (issue 7: it waited for a stopped holder with no way out)
     local function made_before_a_fork(release_now)

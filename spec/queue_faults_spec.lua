@@ -277,4 +277,60 @@ describe("Queue faults", function()
     q:close(); m:close()
     if caught == 0 then pending("the reader was never caught inside its get") end
   end)
+
+  -- The block of a big message always has one owner, the process that holds it or the record
+  -- that names it, and passes between them in one store (docs/queue.md, "Kills"): a kill at any
+  -- step of a hand-off frees it. (A kill between a get's TAKEN and its free, or between a put
+  -- letting go of its block and the record naming it, used to leak the block: 61440 bytes of a
+  -- 60,000-byte message in queue_stop_small.)
+  describe("a process SIGKILLed as a big message's block changes hands", function()
+    local MSG = ("h"):rep(60000)
+    local STEPS = 3  -- of each hand-off (see core._queue_fault's "hand")
+
+    -- runs fn in a child that kills itself at step n of its hand-offs from now
+    local function killed_at(n, fn)
+      local pid = H.spawn(function()
+        core._queue_fault("hand", n)
+        fn()
+      end)
+      assert.equal(-9, reap(pid), ("the child was not killed at step %d"):format(n))
+    end
+
+    -- the queue's use and the block come back once it is settled and closed
+    local function back(q, s0, what)
+      q:get_nowait()  -- settles the dead process's record
+      assert.equal(0, q:qsize(), what)
+      q:close()
+      H.assert_arena_back(s0, what, 10)
+    end
+
+    it("in its put: the put never happened, the block is freed", function()
+      for n = 1, STEPS do
+        local s0 = H.arena_settle()
+        local q = warm(mp.Queue())
+        killed_at(n, function() q:put(MSG) end)
+        back(q, s0, ("arena use after a put killed at step %d of its hand-off"):format(n))
+      end
+    end)
+
+    it("in its get, after decoding: the message goes with it, the block is freed", function()
+      for n = 1, STEPS do
+        local s0 = H.arena_settle()
+        local q = warm(mp.Queue())
+        q:put(MSG)
+        killed_at(n, function() q:get(10) end)
+        back(q, s0, ("arena use after a get killed at step %d of its hand-off"):format(n))
+      end
+    end)
+
+    it("settling a dead writer's record: the next settler finishes, the block is freed", function()
+      for n = 1, STEPS do
+        local s0 = H.arena_settle()
+        local q = warm(mp.Queue())
+        killed_at(2, function() q:put(MSG) end)  -- the record owns the block, unpublished
+        killed_at(n, function() q:get_nowait() end)
+        back(q, s0, ("arena use after a settler killed at step %d of its take"):format(n))
+      end
+    end)
+  end)
 end)

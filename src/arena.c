@@ -23,6 +23,13 @@
 ** objects it had taken off the list (sweep). One it was freeing is held by
 ** mp_free first, so it goes with the process (the undone free included).
 **
+** Owners: a block in use names its owner in its header (aux): the process of
+** a hold slot (HELD_BY its entry), the structure it was handed to (mp_hand: a
+** queue record), or nobody. It passes between a process and a structure with
+** one store of that word while both name it, so a kill never leaves it without
+** an owner, and only its owner frees it: a process found dead, the blocks its
+** slots name that it still owns (entry_free); a queue, those its records own.
+**
 ** Objects a fork may have copied: a fork copies every handle of the parent
 ** without counting it, so an object whose count reaches 0 may still be used by
 ** a process forked after the object was made. Every fork through core.fork
@@ -96,11 +103,13 @@ typedef struct block {
   uint64_t size;   /* whole block, header included (a multiple of 32) */
   uint64_t tag;    /* BLOCK_MAGIC | state << 32 */
   uint64_t next;   /* list link (free or deferred) */
-  uint64_t aux;    /* deferred: its destructor; in use: HELD if it may be in a hold slot */
+  uint64_t aux;    /* deferred: its destructor; in use: its owner (see owners) */
 } block;           /* 32 bytes: keeps payloads 16-aligned */
 
 #define TAG(st) ((uint64_t)BLOCK_MAGIC | (uint64_t)(st) << 32)
-#define HELD 0x48454c44ULL
+/* The owner word of a block in use: held by the process of entry slot (index
+** + 1), or what mp_hand named (a queue record's offset, below HELD_BY(0)), or 0. */
+#define HELD_BY(slot) (0x48454c44ULL << 32 | (uint64_t)(slot))
 
 /* An entry of the process table: `alive` is held by the process all its life. */
 typedef struct proc_entry {
@@ -123,6 +132,7 @@ static int nocopies;       /* set in the forkserver's server: the processes it f
 typedef struct ledger ledger;
 #define led (mp_fk.arena_led)      /* this process's ledger (see ledgers; NULL: none yet) */
 #define locked_here (arena->holder == mypid)  /* this process holds the arena lock */
+#define MINE HELD_BY(myslot)       /* the owner word of the blocks this process holds */
 
 #define OFF(p) ((uint64_t)((char *)(p) - (char *)arena))
 #define BLK(off) ((block *)((char *)arena + (off)))
@@ -135,6 +145,7 @@ void *mp_arena_base(void) { return arena; }
 static uint32_t jcount;  /* entries of the open change (this process holds the lock) */
 static uint32_t fault;   /* test hook (core._arena_fault): die at this store */
 static int fault_sig = SIGKILL;  /* (or stop there: SIGSTOP) */
+static uint32_t push_fault;  /* (or die in this push on the pending stack, see push_pending) */
 
 /* Undoes an unfinished change of a process that died holding the lock. */
 static void jundo(void) {
@@ -388,7 +399,9 @@ static uint64_t alloc_locked(uint64_t n, int *fresh, uint64_t *hold) {
   jset(&arena->blocks, arena->blocks + 1);
   if (hold) {
     jset(hold, off + sizeof(block));
-    jset(&BLK(off)->aux, HELD);
+    jset(&BLK(off)->aux, MINE);
+  } else {
+    BLK(off)->aux = 0;  /* nobody's (an undone change leaves it on a free block: harmless) */
   }
   jcommit();
   return off;
@@ -498,6 +511,7 @@ static uint64_t *held_slot(uint64_t off) {
 static void push_pending(uint64_t bo, int st) {
   block *b = BLK(bo);
   __atomic_store_n(&b->tag, TAG(st), __ATOMIC_SEQ_CST);
+  if (__builtin_expect(push_fault != 0, 0) && --push_fault == 0) raise(SIGKILL);
   uint64_t head = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE);
   do b->next = head;
   while (!__atomic_compare_exchange_n(&arena->pending, &head, bo, 1, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE));
@@ -510,14 +524,15 @@ void mp_free(uint64_t off) {
   /* ours alone from here: held, so that a kill inside the free (giving its pages
   ** back, waiting for the lock: long for a big block or a busy arena) frees it
   ** with the process instead of leaking it; free_locked lets go of it */
-  uint64_t *hold = b->aux == HELD ? held_slot(off) : NULL;
+  uint64_t *hold = b->aux == MINE ? held_slot(off) : NULL;
   if (!hold) { mp_hold(off); hold = held_slot(off); }
   /* still ours alone: its pages can go before anyone can take it again */
   if (b->size > MAXSMALL) give_back(off - sizeof(block), b->size);
   if (!arena_lock_until(NULL, 0, NULL, NULL)) {
     /* the lock's holder is stopped: the block goes on the pending stack, freed
-    ** by the next unlock (a kill between the two stores below leaks it) */
-    push_pending(off - sizeof(block), B_PENDING);  /* no longer freed from a hold */
+    ** by the next unlock; a kill before it is pushed leaves it held, and
+    ** entry_free frees it when it is not on the stack */
+    push_pending(off - sizeof(block), B_PENDING);
     if (hold) __atomic_store_n(hold, 0, __ATOMIC_SEQ_CST);
     return;
   }
@@ -525,11 +540,29 @@ void mp_free(uint64_t off) {
   arena_unlock();
 }
 
+/* The block becomes this process's: named in a hold slot first, then owned
+** from the one store of its owner word, so that whoever settles the structure
+** it came from sees who owns it (see owners). */
 void mp_hold(uint64_t off) {
-  uint64_t *h = held_slot(0);  /* a free slot; none: a kill from here on leaks the block */
+  uint64_t *h = held_slot(0);  /* a free slot; none: it stays its structure's */
   if (!h) return;
-  BLK(off - sizeof(block))->aux = HELD;
-  __atomic_store_n(h, off, __ATOMIC_SEQ_CST);
+  __atomic_store_n(h, off, __ATOMIC_RELEASE);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  __atomic_store_n(&BLK(off - sizeof(block))->aux, MINE, __ATOMIC_RELEASE);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+/* The block passes to the structure that names it (owner: its record's offset),
+** in one store; its hold slot is let go after (mp_unhold). */
+void mp_hand(uint64_t off, uint64_t owner) {
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  __atomic_store_n(&BLK(off - sizeof(block))->aux, owner, __ATOMIC_RELEASE);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+int mp_owned_by(uint64_t off, uint64_t owner) {
+  block *b = BLK(off - sizeof(block));
+  return __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) == TAG(B_USED) && __atomic_load_n(&b->aux, __ATOMIC_ACQUIRE) == owner;
 }
 
 void mp_unhold(uint64_t off) {
@@ -581,13 +614,24 @@ uint32_t mp_arena_forks(void) { return arena ? __atomic_load_n(&arena->forks, __
 ** finds its entry gone when it starts, and leaves). `started` matters because
 ** the last holder may be a checker killed while it held the mutex. */
 
+/* Is the block at bo on the pending stack, or being drained? (arena locked) */
+static int stacked(uint64_t bo) {
+  if (bo == arena->draining) return 1;
+  for (uint64_t o = __atomic_load_n(&arena->pending, __ATOMIC_ACQUIRE); o; o = BLK(o)->next)
+    if (o == bo) return 1;
+  return 0;
+}
+
 static void entry_free(uint32_t i) {  /* arena locked; the process is dead */
   proc_entry *e = ENTRY(i);
-  for (int k = 0; k < HOLDS; k++) {  /* what it held goes with it */
+  /* what it owned goes with it: a slot may name a block it handed on (owned by
+  ** another now), or one it marked pending (mp_free) and died before pushing */
+  for (int k = 0; k < HOLDS; k++) {
     uint64_t h = e->held[k];
     if (!h) continue;
     block *b = BLK(h - sizeof(block));
-    if (h >= arena->start + sizeof(block) && h < arena->top && h % 32 == 0 && b->tag == TAG(B_USED)) {
+    if (h >= arena->start + sizeof(block) && h < arena->top && h % 32 == 0 && b->aux == HELD_BY(i + 1) &&
+        (b->tag == TAG(B_USED) || (b->tag == TAG(B_PENDING) && !stacked(h - sizeof(block))))) {
       if (b->size > MAXSMALL) give_back(h - sizeof(block), b->size);
       free_locked(h - sizeof(block), &e->held[k]);
     } else {
@@ -1178,14 +1222,19 @@ static int arena_check(lua_State *L) {
   return 1;
 }
 
-/* core._arena_fault(n [, "stop"]): this process kills itself (SIGKILL) at the
-** n-th store of the allocator's journal it applies from now on, or stops
-** itself there (SIGSTOP: it goes on when continued), holding the lock (for
+/* core._arena_fault(n [, "stop" | "push"]): this process kills itself (SIGKILL)
+** at the n-th store of the allocator's journal it applies from now on, or stops
+** itself there (SIGSTOP: it goes on when continued), holding the lock; or
+** ("push") kills itself in its n-th push of a block on the pending stack (a
+** free behind a stopped holder), between marking the block and pushing it (for
 ** tests of kills and stops) */
 static int arena_fault(lua_State *L) {
-  fault = (uint32_t)luaL_checkinteger(L, 1);
-  static const char *const how[] = { "kill", "stop", NULL };
-  fault_sig = luaL_checkoption(L, 2, "kill", how) ? SIGSTOP : SIGKILL;
+  uint32_t n = (uint32_t)luaL_checkinteger(L, 1);
+  static const char *const how[] = { "kill", "stop", "push", NULL };
+  int h = luaL_checkoption(L, 2, "kill", how);
+  if (h == 2) { push_fault = n; return 0; }
+  fault = n;
+  fault_sig = h ? SIGSTOP : SIGKILL;
   return 0;
 }
 

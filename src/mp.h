@@ -64,16 +64,23 @@ static inline void mp_alloc_context(lua_State *L, double deadline) {
 void mp_free(uint64_t off);
 /* Blocks in hand: a block that this process holds outside every shared structure
 ** (a big message being copied in, or taken out and being decoded) can be recorded
-** in its process entry (3 at a time), so that it is freed if the process dies:
+** in its process entry (3 at a time), so that it is freed if the process dies.
+** Its header names its owner (one word): this process, or the structure it was
+** handed to, so ownership changes with one store and never lapses:
 **   off = mp_alloc_held(n)   allocates it and holds it in one step (0 on failure)
-**   mp_unhold(off)           just before publishing it in a structure
-**   mp_hold(off)             just after taking it out of one
+**   mp_hand(off, owner)      once a structure names it: owner (a nonzero word that
+**                            only that structure uses, its record's offset) owns it
+**   mp_unhold(off)           after mp_hand: its hold slot is let go
+**   mp_hold(off)             takes it from its structure (still named there), whose
+**                            settler then leaves it to this process
+**   mp_owned_by(off, owner)  a settler's question: does the structure still own it?
 **   mp_free(off)             frees it and lets it go in one step
-** A kill between mp_unhold and the publication (or the take and mp_hold) leaks
-** the block; one anywhere else does not. */
+** A process found dead frees the blocks its slots name that it still owns. */
 uint64_t mp_alloc_held(size_t n);
 void mp_hold(uint64_t off);
 void mp_unhold(uint64_t off);
+void mp_hand(uint64_t off, uint64_t owner);
+int mp_owned_by(uint64_t off, uint64_t owner);
 size_t mp_arena_used(void);
 size_t mp_arena_top(void);
 size_t mp_arena_blocks(void);

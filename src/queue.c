@@ -35,6 +35,13 @@
 **     WRITING  -> TAKEN, block freed   (the put never happened)
 **     READING  -> READY                (a plain get died: the message is offered again)
 **     CLAIMED  -> TAKEN, block freed   (a claimed take died: its claim reports it)
+**   Its block always has one owner (the arena's owner word, mp.h): the writer
+**   (held) while it copies; the record from mp_hand, once b->off names it,
+**   until a reader takes it with mp_hold, before it marks the record TAKEN. A
+**   settler frees only a block its record still owns (mp_owned_by), taking it
+**   first; one the dead process owned goes with that process. A READING
+**   record whose reader had taken the block goes to TAKEN instead (the reader
+**   died inside get after the take: the message is lost with it, as a small one).
 ** The read position of a chunk moves past taken records only; records are
 ** never moved, so a record's address stays valid while its owner works on it.
 **
@@ -69,11 +76,15 @@ typedef struct msgown { uint32_t n, counted; mp_sent h[]; } msgown;
 
 /* core._queue_fault(where, n), for tests: this process SIGKILLs itself in its
 ** n-th put ("put": after counting the first reference) or get ("get": after
-** decoding, before the message is taken) of a message that carries handles */
-static int put_fault, get_fault;
+** decoding, before the message is taken) of a message that carries handles,
+** or ("hand") at the n-th step from now of its hand-offs of big messages'
+** blocks: a put's (the record names it, owns it, the hold goes), a get's or a
+** settling's (the block is taken, the record marked TAKEN, the block freed) */
+static int put_fault, get_fault, hand_fault;
 static void fault_here(int *n) {
   if (*n && --*n == 0) kill(getpid(), SIGKILL);
 }
+#define HAND_STEP() do { if (__builtin_expect(hand_fault != 0, 0)) fault_here(&hand_fault); } while (0)
 
 static inline uint64_t big_len(const bigrec *b) { return b->n & ~OWNS; }
 static inline size_t own_size(size_t n) { return n ? 8 + n * sizeof(mp_sent) : 0; }
@@ -226,7 +237,9 @@ static void q_dtor(mp_obj *o) {  /* frees what the queue still holds (no process
     chunk *ch = CH(c);
     for (uint32_t r = ch->rpos; r < ch->wpos;) {
       uint32_t t = tag_of(ch->data + r);
-      if (IS_BIG(t) && t != BIG_TAKEN) big_drop((bigrec *)(ch->data + r), ((bigrec *)(ch->data + r))->off);
+      bigrec *b = (bigrec *)(ch->data + r);
+      /* (a block its record does not own is a dead process's: freed with it) */
+      if (IS_BIG(t) && t != BIG_TAKEN && b->off && mp_owned_by(b->off, OFF(b))) big_drop(b, b->off);
       r += rec_size(t);
     }
     uint64_t next = ch->next;
@@ -361,18 +374,23 @@ static int q_settle_dead(mp_queue *q) {
       r += rec_size(t);
       if ((t != BIG_WRITING && t != BIG_READING && t != BIG_CLAIMED) || !mp_pid_gone((pid_t)b->pid)) continue;
       n++;
-      if (t == BIG_READING) {  /* offered again */
+      uint64_t block = b->off;
+      int owns = block && mp_owned_by(block, OFF(b));  /* (else the dead process's: freed with it) */
+      if (t == BIG_READING && owns) {  /* offered again */
         lg32(q, &k, &b->tag, BIG_READY);
         log_commit(q, k);
         q->count++;
         q->bytes += big_len(b);
         continue;
       }
-      uint64_t block = b->off;
+      if (owns) mp_hold(block);  /* ours before the record lets go of it */
+      HAND_STEP();
       lg32(q, &k, &b->tag, BIG_TAKEN);
       if (t == BIG_WRITING && q->joinable && q->unfinished) lg(q, &k, &q->unfinished, q->unfinished - 1);
       log_commit(q, k);
-      big_drop(b, block);  /* (a kill right here leaks this block and its references) */
+      HAND_STEP();
+      if (owns) big_drop(b, block);  /* (a kill in it leaks the references not released yet) */
+      HAND_STEP();
       if (t == BIG_WRITING) {
         q->count--;
         q->bytes -= big_len(b);
@@ -618,8 +636,12 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
     b->off = built;
     b->n = n | OWNS;
     b->tag = BIG_WRITING;
-    mp_unhold(built);  /* (a kill from here to the append leaks the block) */
     q_commit_append(q, c, rec);
+    HAND_STEP();
+    mp_hand(built, OFF(b));  /* the record's from here on (see Records), nothing counted yet */
+    HAND_STEP();
+    mp_unhold(built);
+    HAND_STEP();
     q->count++;
     q->bytes += n;
     count_owned(built);
@@ -672,13 +694,15 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   }
   if (plen) memcpy((char *)MP_PTR(ext) + skip, pre, plen);
   mp_enc_copy(e, (char *)MP_PTR(ext) + skip + plen);
-  /* The block passes from this process's hold to the record: a kill before
-  ** mp_unhold frees it with the process (the record, WRITING with no block, is
-  ** settled); after the store of b->off, the record's settling frees it; only
-  ** a kill between the two leaks it. */
-  mp_unhold(ext);
+  /* The block passes from this process to the record: the record names it,
+  ** then owns it from mp_hand's one store (a settler of the record frees it
+  ** from then on, the process's death before), then the hold slot goes. */
   __atomic_store_n(&b->off, ext, __ATOMIC_RELEASE);
-  ORDER();
+  HAND_STEP();
+  mp_hand(ext, OFF(b));
+  HAND_STEP();
+  mp_unhold(ext);
+  HAND_STEP();
   if (mo) {  /* the message's references */
     count_owned(ext);
     mp_enc_own(e);
@@ -833,15 +857,20 @@ static int q_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
       mp_obj_adopt(prev);
       fault_here(&get_fault);
     }
-    /* done, whatever the decoding did: taken first, then freed (so a kill
-    ** between the two leaks the block rather than offering freed memory) */
+    /* done, whatever the decoding did: the block is taken from the record
+    ** (mp_hold: a kill from here frees it with us, and the record, READING,
+    ** is settled as TAKEN), the record marked taken, the block freed */
+    mp_hold(block);
+    HAND_STEP();
     __atomic_store_n(&b->tag, BIG_TAKEN, __ATOMIC_SEQ_CST);
     ORDER();
+    HAND_STEP();
     if (mo) {
       own_settle(mo, offs);
       if (offs != few) free(offs);
     }
     mp_free(block);
+    HAND_STEP();
     if (st != LUA_OK) lua_error(L);
     *count = 1;
     return MP_WOKE;
@@ -1174,10 +1203,10 @@ static int queue_close(lua_State *L) {
 }
 
 static int queue_fault(lua_State *L) {
-  static const char *const where[] = { "put", "get", NULL };
+  static const char *const where[] = { "put", "get", "hand", NULL };
   int w = luaL_checkoption(L, 1, NULL, where);
   int n = (int)luaL_checkinteger(L, 2);
-  if (w == 0) put_fault = n; else get_fault = n;
+  if (w == 0) put_fault = n; else if (w == 1) get_fault = n; else hand_fault = n;
   return 0;
 }
 
