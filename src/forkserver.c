@@ -1040,7 +1040,7 @@ static void fs_after_fork(void) {
 
 int mp_forkserver_open(lua_State *L) {
   mp_atfork(fs_after_fork);
-  if (luaL_newmetatable(L, STARTMSG)) {
+  if (mp_newmetatable(L, STARTMSG, 2)) {
     lua_pushcfunction(L, startmsg_gc);
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, startmsg_gc);
