@@ -37,6 +37,7 @@ build = {
     ["multiprocessing.shared"] = "lua/multiprocessing/shared.lua",
     ["multiprocessing.shared_memory"] = "lua/multiprocessing/shared_memory.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
+    ["multiprocessing.pool_async"] = "lua/multiprocessing/pool_async.lua",
     ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
     ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
     ["multiprocessing.parallel"] = "lua/multiprocessing/parallel.lua",
