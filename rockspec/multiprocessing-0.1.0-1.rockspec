@@ -36,6 +36,7 @@ build = {
     ["multiprocessing.sync"] = "lua/multiprocessing/sync.lua",
     ["multiprocessing.shared"] = "lua/multiprocessing/shared.lua",
     ["multiprocessing.shared_memory"] = "lua/multiprocessing/shared_memory.lua",
+    ["multiprocessing.process_class"] = "lua/multiprocessing/process_class.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.pool_async"] = "lua/multiprocessing/pool_async.lua",
     ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
