@@ -501,6 +501,8 @@ static inline int fast_on(lua_State *L) {
   return fast > 0;
 }
 
+void mp_queue_fast_ready(lua_State *L) { fast_on(L); }
+
 /* ------------------------------------------------------------ internal API */
 
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline) {
