@@ -17,12 +17,10 @@ local context = require "multiprocessing.context"
 
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
 local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
-local put_call, flag_cas, flag_get = core.put_call, core.flag_cas, core.flag_get
-local put_apply = core.put_apply
+local flag_cas = core.flag_cas
 local pack, unpack = table.pack, table.unpack
 local maxinteger = math.maxinteger
 local newtable, chunk_scratch = core.newtable, core.chunk_scratch
-local getpid = core.getpid
 -- the xpcall handler of tasks: the raised value, intact, in a TaskError with
 -- the traceback (without the frames the worker inherited at fork time)
 local capture, TaskError = process._capture, process._TaskError
