@@ -61,15 +61,66 @@ describe("require 'multiprocessing'", function()
     assert.equal("true false false", out)
   end)
 
-  it("runs a Pool's map without loading the progress bar or the manager", function()
+  it("runs a Pool's map without loading the progress bar, the manager, the asynchronous calls or Process", function()
     local out = fresh [[
       local mp = require "multiprocessing"
       local pool <close> = mp.Pool(1)
       assert(pool:map(function(x) return x * 2 end, { 1, 2 })[2] == 4)
       io.write(tostring(package.loaded["multiprocessing.progress"] ~= nil), " ",
-        tostring(package.loaded["multiprocessing.manager"] ~= nil))
+        tostring(package.loaded["multiprocessing.manager"] ~= nil), " ",
+        tostring(package.loaded["multiprocessing.pool_async"] ~= nil), " ",
+        tostring(package.loaded["multiprocessing.process_class"] ~= nil))
     ]]
-    assert.equal("false false", out)
+    assert.equal("false false false false", out)
+  end)
+
+  it("loads Process at the first use of one of its names, in place of every stand-in", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local process = require "multiprocessing.process"
+      local names = { "Process", "active_children", "_child_main", "_call_args" }
+      local function file(f) return debug.getinfo(f, "S").short_src:match("[^/]*$") end
+      local before, after = {}, {}
+      for _, k in ipairs(names) do before[#before + 1] = file(process[k]) end
+      -- mp's own name, copied before the load, still reaches the real function
+      local p = mp.Process { target = function(a) return a * 2 end, args = { 21 } }
+      for _, k in ipairs(names) do after[#after + 1] = file(process[k]) end
+      p:start()
+      p:join()
+      io.write(table.concat(before, " "), "\n", table.concat(after, " "), "\n", p:result(), " ", #mp.active_children())
+    ]]
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.equal(("process.lua "):rep(4):sub(1, -2), lines[1])
+    assert.equal(("process_class.lua "):rep(4):sub(1, -2), lines[2])
+    assert.equal("42 0", lines[3])
+  end)
+
+  it("loads the asynchronous calls at the first use of one, in place of every stand-in", function()
+    local out = fresh [[
+      local mp = require "multiprocessing"
+      local pool_mod = require "multiprocessing.pool"
+      local pool <close> = mp.Pool(1)
+      local Pool = getmetatable(pool)
+      local names = { "apply_async", "apply", "submit", "map_async", "starmap_async", "imap", "imap_unordered",
+        "poll", "fileno", "stats" }
+      local function file(f) return debug.getinfo(f, "S").short_src:match("[^/]*$") end
+      local before = {}
+      for _, k in ipairs(names) do before[#before + 1] = file(Pool[k]) end
+      before[#before + 1] = file(pool_mod.as_completed) .. " " .. file(pool_mod.wait)
+      assert(pool:submit(function(x) return x + 1 end, 1):result() == 2)
+      local after = {}
+      for _, k in ipairs(names) do after[#after + 1] = file(Pool[k]) end
+      after[#after + 1] = file(pool_mod.as_completed) .. " " .. file(pool_mod.wait)
+      -- mp's own names, copied before the load, still reach the real functions
+      local done = mp.wait({ pool:apply_async(function() return 3 end) })
+      io.write(table.concat(before, " "), "\n", table.concat(after, " "), "\n", done[1]:get())
+    ]]
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.equal(("pool.lua "):rep(12):sub(1, -2), lines[1])
+    assert.equal(("pool_async.lua "):rep(12):sub(1, -2), lines[2])
+    assert.equal("3", lines[3])
   end)
 
   it("sends a function holding the core after a pool closed, before sync.lua was loaded", function()

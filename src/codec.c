@@ -3034,7 +3034,11 @@ int mp_codec_open(lua_State *L) {
   lua_pop(L, 1);
   luaL_newmetatable(L, MP_OWNERS);  /* (encode_function's owners: a list, no methods) */
   lua_pop(L, 1);
-  if (luaL_getsubtable(L, LUA_REGISTRYINDEX, LIBGLOBALS) == 0) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, LIBGLOBALS) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 48);  /* (a standard interpreter's: about 35) */
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, LIBGLOBALS);
     /* The library, as globals, when this module is first loaded: the C
     ** functions, and the modules under their own names. Those stay the
     ** receiver's own (a worker that patched print keeps its print); what differs

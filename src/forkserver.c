@@ -727,7 +727,8 @@ static const char *server_state(lua_State **out, const char *path, const char *c
     if (lua_pcall(S, 1, 0, 0) != LUA_OK) return lua_tostring(S, -1);
   }
   /* what every worker runs, loaded once here rather than compiled in each */
-  static const char *const mods[] = { "multiprocessing.spawn", "multiprocessing.process", "multiprocessing.pool", NULL };
+  static const char *const mods[] = { "multiprocessing.spawn", "multiprocessing.process", "multiprocessing.process_class",
+    "multiprocessing.pool", NULL };
   for (int i = 0; mods[i]; i++) {
     lua_getglobal(S, "require");
     lua_pushstring(S, mods[i]);
@@ -1040,7 +1041,7 @@ static void fs_after_fork(void) {
 
 int mp_forkserver_open(lua_State *L) {
   mp_atfork(fs_after_fork);
-  if (luaL_newmetatable(L, STARTMSG)) {
+  if (mp_newmetatable(L, STARTMSG, 2)) {
     lua_pushcfunction(L, startmsg_gc);
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, startmsg_gc);

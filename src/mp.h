@@ -312,7 +312,13 @@ void *mp_toself(lua_State *L, int idx, const char *const *names);
 mp_handle *mp_checkopen(lua_State *L, int idx, const char *const *names);
 
 /* ---------------------------------------------------------------- misc */
+/* Classes and tables made at their final size: filled from empty, a table is
+** rehashed at each power of two (the openers' 600 fields cost 0.2M instructions
+** at every require). mp_nregs counts a luaL_Reg list; mp_newmetatable is
+** luaL_newmetatable with room for n fields besides __name. */
 void mp_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);
+int mp_nregs(const luaL_Reg *r);
+int mp_newmetatable(lua_State *L, const char *name, int n);
 int mp_pusherrno(lua_State *L, const char *what);  /* nil, "what: strerror", "EXXX" */
 
 /* ------------------------------------------------- start methods (forkserver.c) */

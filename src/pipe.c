@@ -633,7 +633,7 @@ int mp_pipe_open(lua_State *L) {
     {"__gc", conn_close}, {"__close", conn_close}, {"__tostring", conn_tostring},
     {NULL, NULL}
   };
-  luaL_newmetatable(L, CONN);
+  mp_newmetatable(L, CONN, mp_nregs(meta) + 1);  /* (+ __index) */
   luaL_setfuncs(L, meta, 0);
   luaL_newlib(L, methods);
   lua_pushcclosure(L, conn_index, 1);

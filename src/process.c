@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "mp.h"
+#include "queue.h"
 
 /* glibc 2.32+ tells whether the process ever had another thread (__libc_single_threaded) */
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
@@ -247,6 +248,9 @@ static int proc_fork(lua_State *L) {
   int deathsig = (int)luaL_optinteger(L, 2, SIGKILL);
   double deadline = mp_deadline(L, 3);
   mp_arena_ensure(L);  /* every descendant shares the arena */
+  /* the queues' check of their fast path, made here once rather than in every child
+  ** (a pool's workers ran it each, with the page copies of what it allocates) */
+  mp_queue_fast_ready(L);
   if (!atexit_set) { atexit_set = 1; mainpid = getpid(); atexit(at_exit); }
   if (!kids_reserve()) { errno = ENOMEM; return mp_pusherrno(L, "fork"); }
   pid_t stopped;

@@ -519,6 +519,8 @@ static inline int fast_on(lua_State *L) {
   return fast > 0;
 }
 
+void mp_queue_fast_ready(lua_State *L) { fast_on(L); }
+
 /* ------------------------------------------------------------ internal API */
 
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline) {
@@ -1267,13 +1269,13 @@ int mp_queue_open(lua_State *L) {
   };
   const char *names[] = { QUEUE, SIMPLEQUEUE, JOINABLEQUEUE };
   for (int i = 0; i < 3; i++) {
-    luaL_newmetatable(L, names[i]);
+    mp_newmetatable(L, names[i], mp_nregs(meta) + 1);  /* (+ __index) */
     luaL_setfuncs(L, meta, 0);
     lua_pop(L, 1);
   }
   for (int i = 0; i < 3; i++) {
     luaL_getmetatable(L, names[i]);
-    lua_newtable(L);
+    lua_createtable(L, 0, mp_nregs(common));
     luaL_setfuncs(L, common, 0);
     lua_pushvalue(L, -1);
     lua_setfield(L, -3, "__index");

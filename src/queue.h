@@ -74,6 +74,9 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
 ** completed (with its claim) before this returns MP_WOKE. */
 int mp_queue_settle(lua_State *L, mp_queue *q, double deadline);
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf);  /* the queue of a handle */
+/* Checks the fast path of small plain values now (once a process; it may raise):
+** a forked child inherits the result instead of checking again (see fork in process.c). */
+void mp_queue_fast_ready(lua_State *L);
 
 #pragma GCC visibility pop
 

@@ -604,9 +604,9 @@ static int array_tostring(lua_State *L) {
 
 static void newclass(lua_State *L, const char *name, const luaL_Reg *methods,
                      lua_CFunction index, lua_CFunction newindex, const luaL_Reg *meta) {
-  luaL_newmetatable(L, name);
+  mp_newmetatable(L, name, mp_nregs(meta) + 2);  /* (+ __index, __newindex) */
   luaL_setfuncs(L, meta, 0);
-  lua_newtable(L);                /* upvalue 1: the methods */
+  lua_createtable(L, 0, mp_nregs(methods));  /* upvalue 1: the methods */
   luaL_setfuncs(L, methods, 0);
   lua_pushvalue(L, -2);           /* upvalue 2: the metatable itself */
   lua_pushcclosure(L, index, 2);

@@ -775,9 +775,9 @@ static int view_tostring(lua_State *L) {
 
 static void newindexed(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta,
                        lua_CFunction index, lua_CFunction newindex) {
-  luaL_newmetatable(L, name);
+  mp_newmetatable(L, name, mp_nregs(meta) + 2);  /* (+ __index, __newindex) */
   luaL_setfuncs(L, meta, 0);
-  lua_newtable(L);
+  lua_createtable(L, 0, mp_nregs(methods));
   luaL_setfuncs(L, methods, 0);
   lua_pushvalue(L, -2);
   lua_pushcclosure(L, index, 2);

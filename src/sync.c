@@ -1200,7 +1200,7 @@ int mp_sync_open(lua_State *L) {
     {CONDITION, "Condition", cond_methods, cond_meta, &cond_type},
   };
   /* core.sync_methods: the method tables, for the methods sync.lua adds */
-  lua_newtable(L);
+  lua_createtable(L, 0, (int)(sizeof classes / sizeof classes[0]));
   for (size_t i = 0; i < sizeof classes / sizeof classes[0]; i++) {
     mp_newclass(L, classes[i].name, classes[i].methods, classes[i].meta);
     mp_codec_register(classes[i].type);
@@ -1210,7 +1210,7 @@ int mp_sync_open(lua_State *L) {
     lua_pop(L, 1);
   }
   lua_setfield(L, -2, "sync_methods");
-  luaL_newmetatable(L, BARRIER);
+  mp_newmetatable(L, BARRIER, mp_nregs(barrier_meta) + 1);  /* (+ __index) */
   luaL_setfuncs(L, barrier_meta, 0);
   luaL_newlib(L, barrier_methods);
   lua_pushcclosure(L, barrier_index, 1);

@@ -348,10 +348,27 @@ int mp_pusherrno(lua_State *L, const char *what) {
   return 3;
 }
 
+int mp_nregs(const luaL_Reg *r) {
+  int n = 0;
+  while (r && r[n].name) n++;
+  return n;
+}
+
+int mp_newmetatable(lua_State *L, const char *name, int n) {
+  if (luaL_getmetatable(L, name) != LUA_TNIL) return 0;  /* (as luaL_newmetatable: left on the stack) */
+  lua_pop(L, 1);
+  lua_createtable(L, 0, n + 1);
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, "__name");
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, name);
+  return 1;
+}
+
 void mp_newclass(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta) {
-  luaL_newmetatable(L, name);
+  mp_newmetatable(L, name, mp_nregs(meta) + 1);  /* (+ __index) */
   if (meta) luaL_setfuncs(L, meta, 0);
-  lua_newtable(L);
+  lua_createtable(L, 0, mp_nregs(methods));
   if (methods) luaL_setfuncs(L, methods, 0);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);

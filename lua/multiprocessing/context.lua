@@ -65,10 +65,13 @@ function M._forkserver_stop()
 end
 
 -- Python 3.12's warning: a fork in a process with threads copies only the calling
--- one; a lock another held stays held in the child. Looked at most twice a second.
+-- one; a lock another held stays held in the child. Looked at most twice a second,
+-- and never in a process that never had another thread (reading /proc cost five
+-- system calls at every cold start).
 local warned, looked = false, -1
+local single_threaded = core.single_threaded
 function M._warn_fork()
-  if warned then return end
+  if warned or single_threaded() then return end
   local t = core.now()
   if t - looked < 0.5 then return end
   looked = t
