@@ -744,7 +744,7 @@ uint64_t mp_proc_prefork_until(lua_State *L, double deadline, pid_t *stopped) {
   return serial << 32 | (i + 1);
 }
 
-void mp_proc_child(uint64_t token) {  /* (mypid: renew_pid set it) */
+MP_FORK_PATH void mp_proc_child(uint64_t token) {  /* (mypid: renew_pid set it) */
   led = NULL;  /* the parent's ledger is not ours: ours starts empty */
   nkids = 0;  /* the parent's children are not ours (their array, our copy, is reused:
               ** freeing it would write to heap pages shared with the parent) */
@@ -774,7 +774,7 @@ void mp_proc_child(uint64_t token) {  /* (mypid: renew_pid set it) */
   if (fresh) __atomic_store_n(&e->fresh, 1, __ATOMIC_RELEASE);
 }
 
-void mp_proc_parent(uint64_t token, pid_t pid) {
+MP_FORK_PATH void mp_proc_parent(uint64_t token, pid_t pid) {
   if (!token) return;
   if (pid >= 0) { kids[nkids++] = (struct kid){ pid, token }; return; }
   uint32_t i = (uint32_t)token - 1;
@@ -1263,7 +1263,7 @@ static int arena_sweep(lua_State *L) {
 /* In every forked child: its pid; and until mp_proc_child gives it an entry
 ** (core.fork), none, so that a process forked by other means writes nothing
 ** in its parent's entry (hold slots, ledger). */
-static void renew_pid(void) {
+MP_FORK_PATH static void renew_pid(void) {
   mypid = getpid();
   myslot = 0;
   led = NULL;

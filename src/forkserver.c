@@ -1031,12 +1031,12 @@ LMP_API int lmp_forkserver_start(void) {
 
 /* in every child (fork, the server, its workers): the server is its parent's,
 ** and the lock may have been copied held (the server is forked under it) */
-static void fs_after_fork(void) {
-  if (fs.fd >= 0) close(fs.fd);
-  if (fs.go >= 0) close(fs.go);  /* (a worker waits for its end of file) */
-  fs.fd = -1, fs.pid = 0, fs.owner = 0, fs.go = -1;
-  pthread_mutex_init(&fs.lock, NULL);
-  passed_fd = -1;  /* (a forkserver worker's is set after this) */
+MP_FORK_PATH static void fs_after_fork(void) {  /* (writes only what changes: see MP_FORK_PATH) */
+  if (fs.fd >= 0) { close(fs.fd); fs.fd = -1; }
+  if (fs.go >= 0) { close(fs.go); fs.go = -1; }  /* (a worker waits for its end of file) */
+  if (fs.pid || fs.owner) fs.pid = 0, fs.owner = 0;
+  mp_mutex_renew(&fs.lock);
+  if (passed_fd != -1) passed_fd = -1;  /* (a forkserver worker's is set after this) */
 }
 
 int mp_forkserver_open(lua_State *L) {

@@ -44,7 +44,15 @@ extern mp_allocctx mp_alloc_ctx;
 
 /* What a forked child writes first (fork handlers, core.fork's child): in one
 ** struct, so that the child copies one page of the parent's statics, not one per
-** file (each copy is a page fault). Defined in process.c. */
+** file (each copy is a page fault). Defined in process.c.
+**
+** So with code: each page of code a child runs is mapped by a fault of its own
+** (64 KiB at a time), so what runs between fork() and the child's return to Lua
+** or its _exit (the fork handlers, core.fork's two halves, core._exit) is marked
+** MP_FORK_PATH, which puts it in one section (linkers place .text.hot.* together,
+** next to the PLT the child calls through). Fork handlers write only what changes
+** (mp_mutex_renew): a page the child only reads is not copied. */
+#define MP_FORK_PATH __attribute__((hot, section(".text.hot.mp_fork_path")))
 typedef struct mp_forkstate {
   pid_t pid;               /* getpid(), renewed in every child (arena.c, process.c) */
   uint32_t arena_slot;     /* arena.c: this process's entry, index + 1 */
@@ -169,6 +177,14 @@ int mp_interrupted(lua_State *L);  /* a hook appeared since mp_wait_begin */
 int mp_hook_pending(lua_State *L, lua_Hook h0);
 /* Robust process-shared mutexes. */
 void mp_mutex_init(pthread_mutex_t *m, int recursive);
+/* In a fork's child: makes again a mutex the fork may have copied held (by a
+** thread the child does not have); one left unlocked is not written (see
+** MP_FORK_PATH). An unlocked default mutex is all zero bytes (glibc, musl). */
+static inline void mp_mutex_renew(pthread_mutex_t *m) {
+  const unsigned char *b = (const unsigned char *)m;
+  for (size_t i = 0; i < sizeof *m; i++)
+    if (b[i]) { pthread_mutex_init(m, NULL); return; }
+}
 enum { MP_LOCKED = 0, MP_LOCK_TIMEOUT = 1, MP_LOCK_INTERRUPTED = 2, MP_LOCK_OWNERDEAD = 3,
        MP_LOCK_DEADLOCK = 4 };
 int mp_mutex_lock(lua_State *L, pthread_mutex_t *m, double deadline);

@@ -83,8 +83,7 @@ static int conn_tostring(lua_State *L);
 
 /* ------------------------------------------------------------ helpers */
 
-static pid_t mypid;  /* getpid(), kept fresh by an atfork handler */
-static void after_fork(void) { mypid = getpid(); }
+#define mypid mp_getpid()  /* (renewed in every child by arena.c's fork handler) */
 
 static conn *newconn(lua_State *L, int mode) {
   conn *c = lua_newuserdatauv(L, sizeof(conn), 0);
@@ -620,9 +619,6 @@ static void conn_decode(lua_State *L, const unsigned char *payload, size_t n) {
 static const mp_handle_type conn_type = { CONN, conn_encode, conn_decode };
 
 int mp_pipe_open(lua_State *L) {
-  static int atfork_set;
-  if (!atfork_set) { atfork_set = 1; mp_atfork(after_fork); }
-  mypid = getpid();
   static const luaL_Reg methods[] = {
     {"send", conn_send}, {"recv", conn_recv}, {"recv_value", conn_recv_value},
     {"send_bytes", conn_send_bytes}, {"recv_bytes", conn_recv_bytes}, {"poll", conn_poll},

@@ -92,9 +92,9 @@ static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
 static pshandle *_Atomic forking;
 static int reg_set;
 
-static void ps_after_fork(void) {
+MP_FORK_PATH static void ps_after_fork(void) {
   pshandle *keep = forking;
-  forking = NULL;
+  if (keep) forking = NULL;
   for (int i = 0; i < MAXREG; i++) {
     pshandle *ph = reg[i];
     if (!ph) continue;
@@ -103,7 +103,7 @@ static void ps_after_fork(void) {
     for (int k = 0; k < ph->nslots; k++) close_fd(&ph->pidfd[k]);
     if (ph != keep) close_fd(&ph->efd);
   }
-  pthread_mutex_init(&reg_lock, NULL);
+  mp_mutex_renew(&reg_lock);
 }
 
 static void ps_register(pshandle *ph) {

@@ -79,7 +79,7 @@ static void cut_lifeline(kid *k) {
   if (k->lifeline >= 0) { close(k->lifeline); k->lifeline = -1; }
 }
 
-static void track(pid_t pid, int daemon, int lifeline) {
+MP_FORK_PATH static void track(pid_t pid, int daemon, int lifeline) {
   kid *k = findkid(pid);  /* a pid seen before was reaped: its old record is stale */
   if (k) cut_lifeline(k);
   else k = &kids[nkids++];
@@ -129,7 +129,7 @@ static int collect(kid *k) {
 #define FLUSH_TRIES 20
 #if MP_KNOWS_THREADS
 extern FILE *_IO_list_all;  /* glibc's open streams, chained by _chain (exported since 2.2.5) */
-static int nothing_buffered(void) {
+MP_FORK_PATH static int nothing_buffered(void) {
   if (!__libc_single_threaded) return 0;
   for (FILE *f = _IO_list_all; f; f = f->_chain)
     if (f->_mode > 0 || f->_IO_write_ptr > f->_IO_write_base) return 0;  /* (wide streams: not looked into) */
@@ -139,7 +139,7 @@ static int nothing_buffered(void) {
 static int nothing_buffered(void) { return 0; }
 #endif
 
-void mp_flush_std(void) {
+MP_FORK_PATH void mp_flush_std(void) {
   if (nothing_buffered()) return;
   FILE *fs[3] = { stdin, stdout, stderr };
   int got[3];
@@ -229,11 +229,12 @@ static int fork_stop;  /* test hook (core._fork_stop): the next child stops as i
 ** parent dies then (if it is continued, the check ends it). */
 #define watch_fd (mp_fk.proc_watch_fd)  /* this process's lifeline to its own parent */
 
-static void arm_lifeline(int fd, int sig, pid_t self, int flags) {
+MP_FORK_PATH static void arm_lifeline(int fd, int sig, pid_t self, int flags) {
   fcntl(fd, F_SETSIG, sig);
   fcntl(fd, F_SETOWN, self);
   fcntl(fd, F_SETFL, flags | O_ASYNC | O_NONBLOCK);
-  struct pollfd p = { fd, POLLIN, 0 };
+  struct pollfd p = { .fd = fd };
+  p.events = POLLIN;
   if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLIN))) _exit(1);  /* the parent died already */
   watch_fd = fd;
 }
@@ -243,7 +244,7 @@ static void arm_lifeline(int fd, int sig, pid_t self, int flags) {
 ** the arena's process table is taken under the allocator's lock, which a
 ** stopped process may hold: without a timeout the fork waits for it (Ctrl-C
 ** ends the wait); with one, once it passed, nil, "timeout", the stopped pid. */
-static int proc_fork(lua_State *L) {
+MP_FORK_PATH static int proc_fork(lua_State *L) {
   int daemon = lua_toboolean(L, 1);
   int deathsig = (int)luaL_optinteger(L, 2, SIGKILL);
   double deadline = mp_deadline(L, 3);
@@ -290,7 +291,7 @@ static int proc_fork(lua_State *L) {
     lua_pushinteger(L, 0);
     return 1;
   }
-  fork_stop = 0;
+  if (fork_stop) fork_stop = 0;  /* (a write the parent makes after fork: only when needed) */
   if (life[0] >= 0) close(life[0]);
   track(pid, daemon, life[1]);
   lua_pushinteger(L, pid);
@@ -306,7 +307,7 @@ static int proc_fork_stop(lua_State *L) {
 
 /* core._exit([code]): leaves at once, after flushing stdio (mp_flush_std); no
 ** finalizers run */
-static int proc_exit(lua_State *L) {
+MP_FORK_PATH static int proc_exit(lua_State *L) {
   int code = (int)luaL_optinteger(L, 1, 0);
   mp_flush_std();
   _exit(code);
@@ -404,7 +405,7 @@ static int proc_kill(lua_State *L) {
 }
 
 /* (mypid: see the top of the file) */
-static void renew_pid(void) {  /* (mypid: arena.c's fork handler renews it) */
+MP_FORK_PATH static void renew_pid(void) {  /* (mypid: arena.c's fork handler renews it) */
   /* whoever forked (we or the host): the parent's children are not ours, nor
   ** are their lifelines, nor the parent's own (a child holding them would keep
   ** its siblings, or its parent, alive past the death of their parents) */

@@ -139,7 +139,7 @@ typedef struct barrier_obj {
 ** handler need not touch this thread-local block (a dlopened library's, the
 ** child's first touch of it costs two page faults) */
 static __thread struct { pid_t tid, pid; } cached_tid;
-static void forget_tid(void) { mp_fk.sync_start = 0; }  /* (mp_fk.pid: renewed by arena.c, process.c) */
+MP_FORK_PATH static void forget_tid(void) { mp_fk.sync_start = 0; }  /* (mp_fk.pid: renewed by arena.c, process.c) */
 static pid_t self_pid(void) { return mp_getpid(); }
 static pid_t self_tid(void) {
   pid_t pid = self_pid();
