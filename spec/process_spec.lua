@@ -238,6 +238,20 @@ describe("Process", function()
     last:join()
   end)
 
+  it("keeps track of many children alive at once (more than its first records hold)", function()
+    local go, ps = mp.Event(), {}
+    for i = 1, 20 do ps[i] = mp.Process { target = function() go:wait(30) return i end }:start() end
+    assert.equal(20, #mp.active_children())
+    go:set()
+    for i = 20, 1, -1 do  -- (the latest first: records are found and dropped out of order)
+      assert.is_true(ps[i]:join(30))
+      assert.equal(0, ps[i].exitcode)
+      assert.equal(i, ps[i]:result())
+    end
+    assert.same({}, H.children())
+    go:close()
+  end)
+
   it("active_children() reaps the children that ended", function()
     local p = mp.Process { target = function() end }:start()
     assert.is_true(H.eventually(function() return not H.alive(p.pid) end, 60))

@@ -695,9 +695,11 @@ static uint32_t live_max_serial(int *died) {
   return max;
 }
 
-/* The children this process started and has not reaped: pid -> token. */
-static struct kid { pid_t pid; uint64_t token; } *kids;
-static size_t nkids, capkids;
+/* The children this process started and has not reaped: pid -> token (the
+** first MP_KIDS_HERE in mp_fk: see mp.h). */
+static mp_kid_entry *kids = mp_fk.arena_kids;
+static size_t capkids = MP_KIDS_HERE;
+#define nkids (mp_fk.arena_nkids)
 
 uint64_t mp_proc_prefork(lua_State *L) { return mp_proc_prefork_until(L, -1, NULL); }
 
@@ -705,9 +707,10 @@ uint64_t mp_proc_prefork_until(lua_State *L, double deadline, pid_t *stopped) {
   if (stopped) *stopped = 0;
   if (!arena || !myslot) return 0;
   if (nkids == capkids) {  /* room first: the parent hook cannot fail */
-    size_t cap = capkids ? capkids * 2 : 16;
-    struct kid *k = realloc(kids, cap * sizeof *k);
+    size_t cap = capkids * 2;
+    mp_kid_entry *k = kids == mp_fk.arena_kids ? malloc(cap * sizeof *k) : realloc(kids, cap * sizeof *k);
     if (!k) return luaL_error(L, "cannot start a process: out of memory");
+    if (kids == mp_fk.arena_kids) memcpy(k, kids, nkids * sizeof *k);
     kids = k;
     capkids = cap;
   }
@@ -776,7 +779,7 @@ MP_FORK_PATH void mp_proc_child(uint64_t token) {  /* (mypid: renew_pid set it) 
 
 MP_FORK_PATH void mp_proc_parent(uint64_t token, pid_t pid) {
   if (!token) return;
-  if (pid >= 0) { kids[nkids++] = (struct kid){ pid, token }; return; }
+  if (pid >= 0) { kids[nkids++] = (mp_kid_entry){ pid, token }; return; }
   uint32_t i = (uint32_t)token - 1;
   arena_lock();  /* the fork failed: the entry goes */
   if ((ENTRY(i)->word >> 32) == (token >> 32)) entry_free(i);

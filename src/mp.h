@@ -53,6 +53,17 @@ extern mp_allocctx mp_alloc_ctx;
 ** next to the PLT the child calls through). Fork handlers write only what changes
 ** (mp_mutex_renew): a page the child only reads is not copied. */
 #define MP_FORK_PATH __attribute__((hot, section(".text.hot.mp_fork_path")))
+/* A child that core.fork (or forkserver.c) started, as process.c tracks it, and
+** as arena.c knows it (its entry in the process table). */
+typedef struct mp_kid {
+  pid_t pid;
+  int daemon;
+  int done;     /* reaped: status holds its wait status */
+  int status;
+  int lifeline; /* the write end of its parent-death pipe (see proc_fork), -1 once it ended */
+} mp_kid;
+typedef struct mp_kid_entry { pid_t pid; uint64_t token; } mp_kid_entry;
+#define MP_KIDS_HERE 8  /* the first children's records kept in mp_fk (then: malloc'd arrays) */
 typedef struct mp_forkstate {
   pid_t pid;               /* getpid(), renewed in every child (arena.c, process.c) */
   uint32_t arena_slot;     /* arena.c: this process's entry, index + 1 */
@@ -61,7 +72,15 @@ typedef struct mp_forkstate {
   int proc_nkids;          /* process.c: its kids */
   int proc_watch_fd;       /* process.c: its lifeline to its parent, or -1 */
   uint32_t sync_start;     /* sync.c: this process's start time (ticks), 0: not read yet */
+  size_t arena_nkids;      /* arena.c: its kids' entries */
+  /* the first kids' records of both lists: the parent writes them just after a
+  ** fork, while the child shares its pages (each write a copy), and this page
+  ** is the one it writes then anyway */
+  mp_kid proc_kids[MP_KIDS_HERE];
+  mp_kid_entry arena_kids[MP_KIDS_HERE];
 } mp_forkstate;
+#define MP_FORKSTATE_ALIGN 512  /* (a power of 2 no smaller than the struct: it never straddles two pages) */
+_Static_assert(sizeof(mp_forkstate) <= MP_FORKSTATE_ALIGN, "mp_forkstate must fit in one page");
 extern mp_forkstate mp_fk;
 /* getpid() without the system call (glibc caches it no more) */
 static inline pid_t mp_getpid(void) { return mp_fk.pid ? mp_fk.pid : (mp_fk.pid = getpid()); }

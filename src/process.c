@@ -41,23 +41,18 @@
 ** once per child, when its status is read.
 **
 ** At exit (at_exit) daemons are killed and the others waited for, as Python
-** does; a Ctrl-C ends that wait (see at_exit). */
-typedef struct kid {
-  pid_t pid;
-  int daemon;
-  int done;     /* reaped: status holds its wait status */
-  int status;
-  int lifeline; /* the write end of its parent-death pipe (see proc_fork), -1 once it ended */
-} kid;
-static kid *kids;
-static int capkids;
+** does; a Ctrl-C ends that wait (see at_exit). The first MP_KIDS_HERE records
+** sit in mp_fk (see mp.h), the others in a malloc'd array. */
+typedef mp_kid kid;
+static kid *kids = mp_fk.proc_kids;
+static int capkids = MP_KIDS_HERE;
 #define nkids (mp_fk.proc_nkids)
 static int atexit_set;
 #define mainpid (mp_fk.proc_mainpid)  /* the process whose kids these are */
 /* getpid() is a system call; the pool checks its owner on every call. The
 ** cached value is renewed in every child by a fork handler (renew_pid), whoever forks. */
 #define mypid (mp_fk.pid)
-mp_forkstate mp_fk __attribute__((aligned(64))) = { .proc_watch_fd = -1 };
+mp_forkstate mp_fk __attribute__((aligned(MP_FORKSTATE_ALIGN))) = { .proc_watch_fd = -1 };
 
 static kid *findkid(pid_t pid) {
   for (int i = nkids - 1; i >= 0; i--)  /* recent children first */
@@ -68,9 +63,10 @@ static kid *findkid(pid_t pid) {
 /* room for one more child, made before fork (so a child is never untracked) */
 static int kids_reserve(void) {
   if (nkids < capkids) return 1;
-  int cap = capkids ? capkids * 2 : 16;
-  kid *k = realloc(kids, (size_t)cap * sizeof *k);
+  int cap = capkids * 2;
+  kid *k = kids == mp_fk.proc_kids ? malloc((size_t)cap * sizeof *k) : realloc(kids, (size_t)cap * sizeof *k);
   if (!k) return 0;
+  if (kids == mp_fk.proc_kids) memcpy(k, kids, (size_t)nkids * sizeof *k);
   kids = k, capkids = cap;
   return 1;
 }

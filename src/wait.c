@@ -38,8 +38,13 @@
 ** lua.c's own hook on its lua_State, from its own thread, so the call ends
 ** exactly as at Ctrl-C: nil, "interrupted" and then "interrupted!" raised at
 ** the next instruction, or the call's own "interrupted! (...)" error. A thread
-** that was not waiting then only takes note: later calls are not affected. */
+** that was not waiting then only takes note: later calls are not affected.
+** The time of a thread's last check is noted only when it moved by INTR_NOTE
+** (so "at most INTR_RECENT" is to within that): it lives in the dynamic TLS
+** block, in the heap, and a wait just after a fork (a join) would otherwise
+** write its page while the child shares it, a page copy at each fork. */
 #define INTR_RECENT 0.25
+#define INTR_NOTE 0.01
 static uint32_t intr_gen;
 static int64_t intr_ns;
 static __thread uint32_t seen_gen;
@@ -64,10 +69,10 @@ static void host_interrupt(lua_State *L) {
   if (g != seen_gen) {
     double at = (double)__atomic_load_n(&intr_ns, __ATOMIC_SEQ_CST) * 1e-9;
     seen_gen = g;
-    if (at - last_check <= INTR_RECENT)
+    if (at - last_check <= INTR_RECENT + INTR_NOTE)
       lua_sethook(L, stop_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT, 1);
   }
-  last_check = now;
+  if (now - last_check >= INTR_NOTE) last_check = now;
 }
 
 uint32_t mp_host_interrupts(void) { return __atomic_load_n(&intr_gen, __ATOMIC_SEQ_CST); }
