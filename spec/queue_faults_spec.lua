@@ -333,4 +333,23 @@ describe("Queue faults", function()
       end
     end)
   end)
+
+  -- the writer publishes (one store, without the lock) and exits while a reader, having seen its
+  -- record WRITING, asks whether the writer is gone: the record is READY then, and stays so
+  it("a big message published just before its writer ends, as a reader looks whether it died, is received", function()
+    local q = mp.Queue()
+    bounded(60, function()
+      local w = H.spawn(function()
+        core._queue_pause("publish", 1)  -- its record reserved (WRITING) a second before it is published
+        q:put(("w"):rep(100000))
+      end)
+      assert(H.eventually(function() return q:qsize() == 1 end, 30), "the writer did not reserve its record")
+      core._queue_pause("settle", 30)  -- this reader: between its look at the record and its question
+      local v, why = q:get(10)
+      core._queue_pause("settle", 0)
+      reap(w)
+      assert(v and #v == 100000, "the message was lost: " .. tostring(why))
+    end)
+    q:close()
+  end)
 end)

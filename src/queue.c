@@ -86,6 +86,17 @@ static void fault_here(int *n) {
 }
 #define HAND_STEP() do { if (__builtin_expect(hand_fault != 0, 0)) fault_here(&hand_fault); } while (0)
 
+/* core._queue_pause(where, seconds), for tests: "publish": this process's next
+** big put waits that long with its record reserved (WRITING) before it copies
+** and publishes; "settle": a reader that looks whether the owner of a busy big
+** record died waits, after its look at the record's state, until that owner
+** is gone (at most that long) */
+static double publish_pause, settle_pause;
+static void pause_until_gone(pid_t pid) {
+  double until = mp_now() + settle_pause;
+  while (!mp_pid_gone(pid) && mp_now() < until) usleep(1000);
+}
+
 static inline uint64_t big_len(const bigrec *b) { return b->n & ~OWNS; }
 static inline size_t own_size(size_t n) { return n ? 8 + n * sizeof(mp_sent) : 0; }
 
@@ -363,16 +374,24 @@ static int q_find(mp_queue *q, chunk **pc, uint32_t *pr, int *busy) {
 }
 
 /* Settles the big records whose writer or reader is gone (queue locked, see
-** the states above); returns how many. */
+** the states above); returns how many, and how many moved on meanwhile. The
+** owner of a record moves it without the lock (publish, done), so its state is
+** read again once the owner is known to be gone (then it is final): a writer
+** that published and exited between the first look and the question would
+** otherwise have its message dropped, a reader's finished take offered again. */
 static int q_settle_dead(mp_queue *q) {
-  int n = 0;
+  int n = 0, moved = 0;
   for (uint64_t off = q->head; off; off = CH(off)->next) {
     chunk *c = CH(off);
     for (uint32_t r = c->rpos; r < c->wpos;) {
       bigrec *b = (bigrec *)(c->data + r);
       uint32_t t = tag_of(c->data + r), k = 0;
       r += rec_size(t);
-      if ((t != BIG_WRITING && t != BIG_READING && t != BIG_CLAIMED) || !mp_pid_gone((pid_t)b->pid)) continue;
+      if (t != BIG_WRITING && t != BIG_READING && t != BIG_CLAIMED) continue;
+      if (settle_pause > 0) pause_until_gone((pid_t)b->pid);
+      if (!mp_pid_gone((pid_t)b->pid)) continue;
+      t = __atomic_load_n(&b->tag, __ATOMIC_SEQ_CST);  /* (final now: see above) */
+      if (t != BIG_WRITING && t != BIG_READING && t != BIG_CLAIMED) { moved++; continue; }
       n++;
       uint64_t block = b->off;
       int owns = block && mp_owned_by(block, OFF(b));  /* (else the dead process's: freed with it) */
@@ -402,7 +421,7 @@ static int q_settle_dead(mp_queue *q) {
     }
   }
   if (n) { q_tidy(q); q_wake_getters(q); q_wake_putters(q); }
-  return n;
+  return n + moved;
 }
 
 /* Sleeps while *seq == s (queue locked on entry), until `until`; then locks
@@ -671,6 +690,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   q->count++;
   q->bytes += n;
   q_unlock(q);
+  if (publish_pause > 0) { usleep((useconds_t)(publish_pause * 1e6)); publish_pause = 0; }
   size_t skip = own_size(nh);
   uint64_t ext = mp_alloc_held(skip + n);  /* ours until published: freed if we die copying */
   if (!ext) {  /* the reservation goes (if we cannot lock, it is settled once we exit) */
@@ -1212,6 +1232,14 @@ static int queue_fault(lua_State *L) {
   return 0;
 }
 
+static int queue_pause(lua_State *L) {
+  static const char *const where[] = { "publish", "settle", NULL };
+  int w = luaL_checkoption(L, 1, NULL, where);
+  double secs = luaL_checknumber(L, 2);
+  if (w == 0) publish_pause = secs; else settle_pause = secs;
+  return 0;
+}
+
 /* core._queue_fast() -> whether this process's puts and gets of small plain values
 ** take the fast path (the codec's format matched fast_encode's), for tests */
 static int queue_fast(lua_State *L) {
@@ -1296,7 +1324,8 @@ int mp_queue_open(lua_State *L) {
   mp_codec_register(&t_joinable);
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
-    {"_queue_fault", queue_fault}, {"_queue_fast", queue_fast}, {"_queue_reserve", queue_reserve},
+    {"_queue_fault", queue_fault}, {"_queue_pause", queue_pause}, {"_queue_fast", queue_fast},
+    {"_queue_reserve", queue_reserve},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
