@@ -394,14 +394,7 @@ describe("arena", function()
         check(holder, st)
       end)
       assert(ready:get(20), "the checker never got ready")
-      local holder = H.spawn(function()
-        core._arena_fault(1, "stop")
-        core.blob_free(core.blob_new("held"))
-      end)
-      local stopped = H.eventually(function()
-        local st = H.slurp(("/proc/%d/stat"):format(holder)) or ""
-        return st:match("^%d+ %b() (%a)") == "T"
-      end, 20)
+      local holder, stopped = H.stopped_arena_holder()
       if stopped then go:put(holder) end
       local early
       if wait then
@@ -472,14 +465,7 @@ describe("arena", function()
         core._exit(0)
       end)
       assert(ready:get(20), "the freer never got ready")
-      local holder = H.spawn(function()
-        core._arena_fault(1, "stop")
-        core.blob_free(core.blob_new("held"))
-      end)
-      local stopped = H.eventually(function()
-        local st = H.slurp(("/proc/%d/stat"):format(holder)) or ""
-        return st:match("^%d+ %b() (%a)") == "T"
-      end, 20)
+      local holder, stopped = H.stopped_arena_holder()
       go:put(stopped)
       local code = core.waitpid(freer, 20)
       core.kill(holder, SIGCONT)
@@ -610,10 +596,7 @@ describe("arena", function()
         core.sleep(60)
       end)
       local child = q:get(20)
-      local stopped = child and H.eventually(function()
-        local st = H.slurp(("/proc/%d/stat"):format(child)) or ""
-        return st:match("^%d+ %b() (%a)") == "T"
-      end, 20)
+      local stopped = child and H.eventually(function() return H.state(child) == "T" end, 20)
       core.kill(middle, 9)
       assert.equal(-9, core.waitpid(middle, 20))
       local gone = child and H.eventually(function() return not H.alive(child) end, 10)

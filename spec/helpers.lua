@@ -36,12 +36,16 @@ function H.fd_count()
   return n
 end
 
+--- pid's state letter in /proc (R, S, T, Z...), or nil when it is gone
+function H.state(pid)
+  local s = slurp(("/proc/%d/stat"):format(pid))
+  return s and s:match("^%d+ %b() (%a)")
+end
+
 --- true while pid exists and is not a zombie
 function H.alive(pid)
-  local s = slurp(("/proc/%d/stat"):format(pid))
-  if not s then return false end
-  local state = s:match("^%d+ %b() (%a)")
-  return state ~= "Z" and state ~= "X"
+  local state = H.state(pid)
+  return state ~= nil and state ~= "Z" and state ~= "X"
 end
 
 --- polls pred every 20 ms for up to `patience` seconds; returns its last value
@@ -64,6 +68,17 @@ function H.spawn(fn)
     core._exit(ok and 0 or 1)
   end
   return pid
+end
+
+--- a child that stops itself (SIGSTOP) holding the arena allocator's lock in the middle of a
+--- change (core._arena_fault), as a debugger may leave one: its pid, and whether it stopped
+--- within `patience` seconds. Continued (SIGCONT), it finishes and exits 0.
+function H.stopped_arena_holder(patience)
+  local pid = H.spawn(function()
+    core._arena_fault(1, "stop")
+    core.blob_free(core.blob_new("held"))
+  end)
+  return pid, H.eventually(function() return H.state(pid) == "T" end, patience or 20)
 end
 
 --- a fresh temporary file name (removed by H.cleanup)

@@ -303,23 +303,13 @@ describe("Pool stops", function()
   end)
 
   describe("a stopped process holding the allocator's lock", function()
-    -- a process stopped (SIGSTOP) inside the allocator's section, as a debugger may leave one
-    local function stopped_holder()
-      local holder = core.fork()
-      if holder == 0 then core._arena_fault(1, "stop") core.blob_free(core.blob_new("x")) core._exit(0) end
-      check(H.eventually(function()
-        local st = H.slurp(("/proc/%d/stat"):format(holder)) or ""
-        return st:match("^%d+ %b() (%a)") == "T"
-      end, 10), "the holder did not stop")
-      return holder
-    end
-
     it("does not hold get(timeout) past its timeout while a dead worker waits to be replaced", function()
       bounded(function()
         local pool = mp.Pool(1)
         check(pool:apply(double, { 1 }) == 2)   -- (the function is in the arena: a later send makes nothing there)
         local victim = pool:stats()[1].pid
-        local holder = stopped_holder()
+        local holder, stopped = H.stopped_arena_holder()
+        check(stopped, "the holder did not stop")
         core.kill(victim, 9)
         local r = pool:apply_async(double, { 21 })
         local t0 = core.now()
