@@ -1213,6 +1213,17 @@ local function func_error(self, f, err)
   return err
 end
 
+-- the blob record of the function f of a call; a function that cannot be sent raises
+-- func_error at level lvl, seen from the caller (the cached record costs no pcall)
+local function call_blob(self, f, lvl)
+  local b = cached_blob(self, f)
+  if b then return b end
+  local ok
+  ok, b = pcall(func_blob, self, f)
+  if not ok then error(func_error(self, f, b), lvl + 1) end
+  return b
+end
+
 local ipairs_iter = ipairs({})
 
 local function new_call(self, kind, f, input, opts, what, lvl)
@@ -1241,8 +1252,7 @@ local function new_call(self, kind, f, input, opts, what, lvl)
   else
     error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(what, type(input)), lvl)
   end
-  local ok, b = pcall(func_blob, self, f)
-  if not ok then error(func_error(self, f, b), lvl) end
+  local b = call_blob(self, f, lvl)
   b.refs = b.refs + 1  -- until the call is fed
   call.brec, call.feeding = b, true
   if opts.progress then
@@ -1501,7 +1511,7 @@ local P = {
   SLICE = SLICE, AHEAD = AHEAD, POLL_BUDGET = POLL_BUDGET, STEP_RESULTS = STEP_RESULTS, FEED_TIME = FEED_TIME,
   clean = clean, engine = engine, wait_call = wait_call, results_of = results_of, check_usable = check_usable,
   parse_opts = parse_opts, key_text = key_text, new_call = new_call, feed = feed, sized_results = sized_results,
-  cached_blob = cached_blob, func_blob = func_blob, func_error = func_error, plain_upvalues = plain_upvalues,
+  call_blob = call_blob, plain_upvalues = plain_upvalues,
   abandon = abandon, finish = finish, run_callback = run_callback, note = note, on_result = on_result,
   check_workers = check_workers, stop_workers = stop_workers, spawn_pending = spawn_pending,
 }

@@ -10,7 +10,7 @@ local core, M, Pool, progress = P.core, P.M, P.Pool, P.progress
 local SLICE, AHEAD, POLL_BUDGET, STEP_RESULTS, FEED_TIME = P.SLICE, P.AHEAD, P.POLL_BUDGET, P.STEP_RESULTS, P.FEED_TIME
 local clean, engine, wait_call, results_of, check_usable = P.clean, P.engine, P.wait_call, P.results_of, P.check_usable
 local parse_opts, key_text, new_call, feed, sized_results = P.parse_opts, P.key_text, P.new_call, P.feed, P.sized_results
-local cached_blob, func_blob, func_error, plain_upvalues = P.cached_blob, P.func_blob, P.func_error, P.plain_upvalues
+local call_blob, plain_upvalues = P.call_blob, P.plain_upvalues
 local abandon, finish, run_callback, note, on_result = P.abandon, P.finish, P.run_callback, P.note, P.on_result
 local check_workers, stop_workers, spawn_pending = P.check_workers, P.stop_workers, P.spawn_pending
 local now, newtable, getpid, take_result = core.now, core.newtable, core.getpid, core.take_result
@@ -230,12 +230,7 @@ local function send_apply(self, f, args, opts, what)
     opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
   end
-  local b = cached_blob(self, f)  -- (a pcall only when f must be encoded)
-  if not b then
-    local ok
-    ok, b = pcall(func_blob, self, f)
-    if not ok then error(func_error(self, f, b), 3) end
-  end
+  local b = call_blob(self, f, 3)
   call.brec = b
   -- (recorded by put_apply once sent: see lean_apply)
   local sent, err = pcall(put_apply, self._tasks, self._seq + 1, b.fid, b.off, args, self, call)
@@ -311,12 +306,7 @@ function Pool:submit(f, ...)
     check_usable(self, "submit", 3)
   end
   if type(f) ~= "function" then error(("bad argument #1 to 'submit' (function expected, got %s)"):format(type(f)), 2) end
-  local b = cached_blob(self, f)  -- (a pcall only when f must be encoded)
-  if not b then
-    local ok
-    ok, b = pcall(func_blob, self, f)
-    if not ok then error(func_error(self, f, b), 2) end
-  end
+  local b = call_blob(self, f, 2)
   local flag = free_flag(self)
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, (self._F or lean_classes(self)._F))
   local sent, err = pcall(put_call, self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, ...)
