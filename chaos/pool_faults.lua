@@ -333,6 +333,50 @@ return {
   -- a worker stopped for a while, then continued: the call completes, all results right
   { name = "pool_stop_cont", timeout = 90, run = map_rounds("stopcont", 20) },
 
+  -- a process stopped in a put to the pool's task queue (holding its lock) while the parent
+  -- feeds calls of every kind (map_async, imap, a blocking map, poll): the parent's waits keep
+  -- their bounds, and once the holder is killed every call ends with all its results
+  { name = "pool_stop_task_lock", timeout = 90, run = function()
+    local pool <close> = mp.Pool(2)
+    L.fig("rounds", 0) L.fig("stops", 0) L.fig("results", 0)
+    for round = 1, L.rounds(12) do
+      local n = math.random(200, 3000)
+      local xs = inputs(n)
+      local c = chunk()
+      local r = pool:map_async(task, xs, c)   -- (running when the holder stops, or not yet)
+      local holder = L.core.fork()
+      if holder == 0 then
+        L.core._queue_fault("stop", 1)
+        pool._tasks:put(0)   -- (killed before it writes anything)
+        L.core._exit(1)
+      end
+      L.check(L.eventually(function() local st = L.stat(holder) return st and st.state == "T" end, BOUND), "round %d: the holder did not stop", round)
+      L.add("stops")
+      local t0 = now()
+      local r2 = pool:map_async(task, xs, c)
+      local k = 0
+      local it = pool:imap(task, function() k = k + 1 if k <= n then return k end end, c)
+      pool:poll(0.01)
+      local v, why = r2:get(0.2)
+      L.check(now() - t0 < BOUND, "round %d: map_async, imap and get(0.2) took %.1f s behind a stopped lock holder", round, now() - t0)
+      L.check(v ~= nil or why == "timeout", "round %d: get(0.2) gave %s, %s", round, tostring(v), tostring(why))
+      sleep(L.uniform(0, 0.05))
+      kill(holder, SIGKILL)
+      L.core.waitpid(holder, BOUND)
+      for _, call in ipairs { r, r2 } do
+        local ok, res = pcall(call.get, call, BOUND)
+        L.check(ok and res, "round %d: a call did not end with its results once the holder died: %s", round, tostring(res):sub(1, 300))
+        check_results(res, n, ("round %d"):format(round))
+      end
+      local got = 0
+      for i, y in it do L.check(y == i * 2, "round %d: imap item %d gave %s", round, i, tostring(y)) got = got + 1 end
+      L.check(got == n, "round %d: imap gave %d of %d", round, got, n)
+      check_results(pool:map(task, xs, c), n, ("round %d, map"):format(round))
+      L.add("results", 4 * n)
+      L.round_done()
+    end
+  end },
+
   -- a worker stopped while its task has a timeout: the call fails with the timeout, in time
   { name = "pool_stop_task_timeout", timeout = 60, run = function()
     L.fig("rounds", 0) L.fig("stops", 0)

@@ -302,7 +302,7 @@ describe("Pool stops", function()
     end)
   end)
 
-  describe("a stopped process holding the allocator's lock", function()
+  describe("a stopped process holding a lock (the allocator's, the task queue's)", function()
     it("does not hold get(timeout) past its timeout while a dead worker waits to be replaced", function()
       bounded(function()
         local pool = mp.Pool(1)
@@ -321,6 +321,86 @@ describe("Pool stops", function()
         check(core.waitpid(holder, 10) == 0, "the holder did not finish")
         check(r:get(10) == 42, "the task did not run once the holder went on")
         check(pool:stats()[1].pid ~= victim, "the worker was not replaced")
+        pool:close()
+        pool:join()
+      end)
+    end)
+    -- a process stopped (SIGSTOP) in a put to the pool's task queue, holding its lock
+    local function stopped_task_holder(pool)
+      local pid = H.spawn(function()
+        core._queue_fault("stop", 1)
+        pool._tasks:put(0)   -- (killed before it writes anything)
+      end)
+      return pid, H.eventually(function() return H.state(pid) == "T" end, 20)
+    end
+
+    it("does not hold map_async or get(timeout) past its timeout while a stopped process holds the task queue's lock", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        check(pool:apply(double, { 1 }) == 2)
+        local holder, stopped = stopped_task_holder(pool)
+        check(stopped, "the holder did not stop")
+        local xs = {}
+        for i = 1, 1000 do xs[i] = i end
+        local t0 = core.now()
+        local r = pool:map_async(double, xs, 1)
+        local v, why = r:get(0.3)
+        local waited = core.now() - t0
+        check(v == nil and why == "timeout", "get(0.3) returned " .. tostring(v) .. ", " .. tostring(why))
+        check(waited < 5, ("map_async + get(0.3) took %.1f s behind a stopped lock holder"):format(waited))
+        core.kill(holder, 9)   -- the lock's owner died: the queue is repaired, the feed goes on
+        check(core.waitpid(holder, 10) ~= nil, "the holder was not reaped")
+        local out = check(r:get(20), "the map did not finish once the holder was gone")
+        for i = 1, 1000 do check(out[i] == 2 * i, "item " .. i .. " is " .. tostring(out[i])) end
+        pool:close()
+        pool:join()
+      end)
+    end)
+
+    it("keeps map_async's big chunks for later while a stopped process holds the allocator's lock", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        check(pool:apply(identity, { 1 }) == 1)
+        local holder, stopped = H.stopped_arena_holder()
+        check(stopped, "the holder did not stop")
+        local xs = {}
+        for i = 1, 8 do xs[i] = string.rep(string.char(64 + i), 100000) end   -- a block each
+        local t0 = core.now()
+        local r = pool:map_async(identity, xs, 1)
+        local v, why = r:get(0.3)
+        local waited = core.now() - t0
+        check(v == nil and why == "timeout", "get(0.3) returned " .. tostring(v) .. ", " .. tostring(why))
+        check(waited < 5, ("map_async + get(0.3) took %.1f s behind a stopped allocator holder"):format(waited))
+        core.kill(holder, 18)   -- continued: the held chunks go out
+        check(core.waitpid(holder, 10) == 0, "the holder did not finish")
+        local out = check(r:get(20), "the map did not finish once the holder went on")
+        for i = 1, 8 do check(out[i] == xs[i], "item " .. i .. " differs") end
+        pool:close()
+        pool:join()
+      end)
+    end)
+
+    it("keeps poll(budget) and the start of imap to their bounds while a stopped process holds the task queue's lock", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        check(pool:apply(double, { 1 }) == 2)
+        local holder, stopped = stopped_task_holder(pool)
+        check(stopped, "the holder did not stop")
+        local n = 0
+        local t0 = core.now()
+        local it, s, c, closer = pool:imap(double, function() n = n + 1 if n <= 500 then return n end end, 1)
+        check(core.now() - t0 < 5, ("imap took %.1f s to start behind a stopped lock holder"):format(core.now() - t0))
+        t0 = core.now()
+        pool:poll(0.01)
+        check(core.now() - t0 < 5, ("poll(0.01) took %.1f s behind a stopped lock holder"):format(core.now() - t0))
+        core.kill(holder, 9)
+        check(core.waitpid(holder, 10) ~= nil, "the holder was not reaped")
+        local k = 0
+        for i, v in it, s, c, closer do
+          k = k + 1
+          check(i == k and v == 2 * k, ("item %d: %s, %s"):format(k, tostring(i), tostring(v)))
+        end
+        check(k == 500, "imap gave " .. k .. " items of 500")
         pool:close()
         pool:join()
       end)

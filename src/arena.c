@@ -468,6 +468,12 @@ static int lockfail_error(lua_State *L) {
   return luaL_error(L, "interrupted! (%s waited for the shared memory allocator)", mp_callname(L));
 }
 
+int mp_alloc_gave_up(void) {
+  if (fail_why != MP_LOCK_TIMEOUT) return 0;
+  fail_why = 0;
+  return 1;
+}
+
 int mp_oom_error(lua_State *L, size_t want) {
   if (fail_why) return lockfail_error(L);
   return luaL_error(L, "out of shared memory: %I bytes wanted, arena limit %I bytes (%I in use; set LUA_MP_ARENA_SIZE)",

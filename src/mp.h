@@ -33,6 +33,9 @@ uint64_t mp_alloc(lua_State *L, size_t n);  /* raises mp_oom_error */
 /* Raises "out of shared memory: N bytes wanted, arena limit L bytes (U in use;
 ** set LUA_MP_ARENA_SIZE)": every path that runs out of arena says it this way. */
 int mp_oom_error(lua_State *L, size_t want);
+/* whether the last allocation failed because its wait for the allocator's lock reached its
+** deadline (mp_alloc_context); then forgets it (mp_oom_error would have said it) */
+int mp_alloc_gave_up(void);
 uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
 /* The Lua call about to allocate with mp_alloc_try/mp_alloc_held, and its
 ** deadline (< 0: none): a wait for the allocator's lock behind a stopped holder

@@ -183,11 +183,13 @@ static uint32_t *flag_at(lua_State *L, int arg) {
   return MP_PTR(off);
 }
 
-/* core.put_task(queue, seq, fid, blob, mode, src, i0, n [, pool]) -> true | nil, "interrupted":
-** sends src[i0 .. i0+n-1] as the items of task message seq, or src itself (the arguments of an apply)
-** when i0 is 0; once it is out, pool._seq = seq (here: a Ctrl-C met in Lua between the put and
-** that left seq behind the queue's numbering, and the next message with the seq of this one).
-** Unsendable items raise the codec's error, naming args[i]. */
+/* core.put_task(queue, seq, fid, blob, mode, src, i0, n [, pool [, deadline]]) -> true |
+** nil, "interrupted" | "timeout": sends src[i0 .. i0+n-1] as the items of task message seq, or
+** src itself (the arguments of an apply) when i0 is 0; once it is out, pool._seq = seq (here: a
+** Ctrl-C met in Lua between the put and that left seq behind the queue's numbering, and the next
+** message with the seq of this one). Its waits for the queue's lock and the allocator's end at
+** deadline (mp.now()'s clock; none without it): then nothing was sent. Unsendable items raise
+** the codec's error, naming args[i]. */
 static int pool_put_task(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -197,10 +199,11 @@ static int pool_put_task(lua_State *L) {
   lua_Integer i0 = luaL_checkinteger(L, 7), n = luaL_checkinteger(L, 8);
   luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 8, "bad count");
   h.n = (uint32_t)n;
+  double deadline = luaL_optnumber(L, 10, -1);
   mp_enc *e = i0 > 0 ? mp_encode_range(L, 6, i0, n, "args") : mp_encode(L, 6, "args");
-  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+  int r = mp_queue_put_soft(L, q, &h, sizeof h, e, deadline);
   mp_enc_done(L, e);
-  if (r != MP_WOKE) return mp_waitresult(L, r);  /* nil, "interrupted" (it waits without a deadline) */
+  if (r != MP_WOKE) return mp_waitresult(L, r);  /* nil, "interrupted" | "timeout" */
   if (lua_istable(L, 9)) {
     lua_pushvalue(L, 2);
     lua_setfield(L, 9, "_seq");

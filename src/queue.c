@@ -79,8 +79,10 @@ typedef struct msgown { uint32_t n, counted; mp_sent h[]; } msgown;
 ** decoding, before the message is taken) of a message that carries handles,
 ** or ("hand") at the n-th step from now of its hand-offs of big messages'
 ** blocks: a put's (the record names it, owns it, the hold goes), a get's or a
-** settling's (the block is taken, the record marked TAKEN, the block freed) */
-static int put_fault, get_fault, hand_fault;
+** settling's (the block is taken, the record marked TAKEN, the block freed);
+** or stops itself (SIGSTOP, "stop") in its n-th put, holding the queue's lock,
+** before it writes anything */
+static int put_fault, get_fault, hand_fault, stop_fault;
 static void fault_here(int *n) {
   if (*n && --*n == 0) kill(getpid(), SIGKILL);
 }
@@ -580,11 +582,22 @@ static void count_owned(uint64_t ext) {
   }
 }
 
+/* A put whose allocation failed: raises mp_oom_error's error (no room, or the allocator's lock
+** not had by the deadline: "put timed out: ... held by stopped process N"), or, in a put made by
+** mp_queue_put_soft, MP_TIMEOUT for the second (nothing was sent). */
+static int soft_put;
+static int put_oom(lua_State *L, size_t want) {
+  if (soft_put && mp_alloc_gave_up()) return MP_TIMEOUT;
+  soft_put = 0;
+  return mp_oom_error(L, want);
+}
+
 /* Locks q for a put, once there is room (maxsize) and pacing lets it go on:
 ** MP_WOKE (locked), or MP_TIMEOUT, MP_INTERRUPTED, MP_SHUTDOWN (not locked). */
 static int q_put_enter(lua_State *L, mp_queue *q, double deadline) {
   int r = q_lock(L, q, deadline);
   if (r != MP_WOKE) return r;
+  if (__builtin_expect(stop_fault != 0, 0) && --stop_fault == 0) kill(getpid(), SIGSTOP);
   if (q->shut) { q_unlock(q); return MP_SHUTDOWN; }
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
     uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
@@ -623,7 +636,7 @@ static int q_put_small(lua_State *L, mp_queue *q, const char *s, uint32_t n, dou
   if (r != MP_WOKE) return r;
   uint32_t rec = (4 + n + 7) & ~7u;
   chunk *c = q_room(q, rec);
-  if (!c) { q_unlock(q); return mp_oom_error(L, sizeof(chunk) + rec); }
+  if (!c) { q_unlock(q); return put_oom(L, sizeof(chunk) + rec); }
   char *p = c->data + c->wpos;
   memcpy(p, &n, 4);
   memcpy(p + 4, s, n);
@@ -643,13 +656,13 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   uint64_t built = 0;
   if (nh && n < BIGMSG && !(built = build_owned(e, hl, nh, pre, plen, n))) {
     mp_enc_unsent(e);
-    return mp_oom_error(L, own_size(nh) + n);
+    return put_oom(L, own_size(nh) + n);
   }
   int r = q_put_enter(L, q, deadline);
   if (r != MP_WOKE) return put_failed(e, built, r);
   uint32_t rec = big ? BIGREC : (uint32_t)((4 + n + 7) & ~(size_t)7);
   chunk *c = q_room(q, rec);
-  if (!c) { q_unlock(q); put_failed(e, built, 0); return mp_oom_error(L, sizeof(chunk) + rec); }
+  if (!c) { q_unlock(q); put_failed(e, built, 0); return put_oom(L, sizeof(chunk) + rec); }
   char *p = c->data + c->wpos;
   if (built) {  /* in WRITING while its references are counted, READY before the lock goes */
     bigrec *b = (bigrec *)p;
@@ -706,7 +719,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
       q_unlock(q);
     }
     mp_enc_unsent(e);
-    return mp_oom_error(L, skip + n);
+    return put_oom(L, skip + n);
   }
   msgown *mo = nh ? MP_PTR(ext) : NULL;
   if (mo) {
@@ -732,6 +745,13 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   __atomic_store_n(&b->tag, BIG_READY, __ATOMIC_SEQ_CST);  /* published */
   q_wake_getters(q);
   return MP_WOKE;
+}
+
+int mp_queue_put_soft(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
+  soft_put = 1;
+  int r = mp_queue_put_prefixed(L, q, pre, plen, e, deadline);
+  soft_put = 0;
+  return r;
 }
 
 typedef struct extmsg { uint64_t off; size_t n; mp_decoder decode; } extmsg;
@@ -1225,10 +1245,10 @@ static int queue_close(lua_State *L) {
 }
 
 static int queue_fault(lua_State *L) {
-  static const char *const where[] = { "put", "get", "hand", NULL };
+  static const char *const where[] = { "put", "get", "hand", "stop", NULL };
   int w = luaL_checkoption(L, 1, NULL, where);
   int n = (int)luaL_checkinteger(L, 2);
-  if (w == 0) put_fault = n; else if (w == 1) get_fault = n; else hand_fault = n;
+  if (w == 0) put_fault = n; else if (w == 1) get_fault = n; else if (w == 2) hand_fault = n; else stop_fault = n;
   return 0;
 }
 

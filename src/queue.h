@@ -58,6 +58,9 @@ enum { SHUT_NONE = 0, SHUT_DRAIN = 1, SHUT_NOW = 2 };
 int mp_queue_put(lua_State *L, mp_queue *q, mp_enc *e, double deadline);
 /* put, with plen bytes of pre before the encoding (for a reader with its own decoder) */
 int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline);
+/* the same, except that an allocation whose wait for the allocator's lock reached deadline
+** returns MP_TIMEOUT (nothing sent) instead of raising */
+int mp_queue_put_soft(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline);
 typedef void (*mp_decoder)(lua_State *L, const char *s, size_t n);  /* pushes one value */
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
 /* A reader's claim, in the arena: get_many writes the numbers of the messages

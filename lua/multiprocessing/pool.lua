@@ -53,6 +53,9 @@ local STEP_RESULTS = 8   -- result messages one bounded step takes at most
 local TAKE_RESULTS = 256  -- result messages one take_result call handles at most (back in Lua between)
 local FEED_TIME = 0.0005 -- seconds a bounded step spends sending lazy input (at least one chunk)
 local FIRST_CHUNK = 16  -- items of map_async's first chunk (automatic chunksize), before its encoding is timed
+local PUT_WAIT = SLICE  -- seconds a feed's put waits for the task queue's lock or the allocator's: a
+                        -- stopped process holding one (a worker stopped taking tasks) holds back a
+                        -- turn of the engine this long, then the chunk waits for the next turn
 -- what unfinished calls fail with when their pool stops
 local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
@@ -882,12 +885,14 @@ local function check_workers(self, idle)
 end
 
 -- sends items i0 .. i0+n-1 of the call: src[j0 .. j0+n-1] (the input itself, or a chunk
--- read from an iterator, then j0 is 1); returns false and the error if it cannot
+-- read from an iterator, then j0 is 1); returns false and the error if it cannot, or false
+-- and "timeout" when the locks it needs were held for PUT_WAIT (nothing sent: try again)
 local function put_task(self, call, i0, src, j0, n)
   local seq = self._seq + 1
   local b = call.brec
   -- (self._seq = seq: put_raw's, once the message is out, see pool.c)
-  local ok, err, why = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n, self)
+  local ok, err, why = pcall(put_raw, self._tasks, seq, b.fid, b.off, call.star and 1 or 0, src, j0, n, self,
+    now() + PUT_WAIT)
   if not ok then
     err = clean(tostring(err))
     if j0 ~= i0 then  -- name the item by its place in the whole input
@@ -898,7 +903,7 @@ local function put_task(self, call, i0, src, j0, n)
     end
     return false, err
   end
-  if not err then return false, why end  -- "interrupted": nothing sent
+  if not err then return false, why end  -- "interrupted" or "timeout": nothing sent
   self._inflight[seq] = { call = call, i0 = i0, n = n }
   b.refs = b.refs + 1
   call.pending = call.pending + 1
@@ -954,6 +959,13 @@ local function put_each(self, call, i0, src, j0, n)
   return n
 end
 
+-- A chunk whose put timed out (a stopped process holds a lock it needs) is kept for the next
+-- turn: items read from an iterator are gone from it. Later turns of the engine feed the call.
+local function hold_back(call, src, j0, n, failure)
+  if src ~= call.seq_input then call.held = { src = src, j0 = j0, n = n, failure = failure } end
+  call.stalled = true
+end
+
 -- Feeds the call's input: all of it, or up to the window for lazy calls (imap: items
 -- ahead of the loop; map_async in bounded steps: items in flight). An input that cannot
 -- be read or sent cuts the call there. With a deadline, it stops after the chunk that
@@ -973,7 +985,10 @@ local function feed(self, call, deadline)
     if more then break end
     local i0 = call.next_index
     local src, j0, n, failure = call.seq_input, i0, nil, nil
-    if src then
+    local held = call.held
+    if held then
+      src, j0, n, failure, call.held = held.src, held.j0, held.n, held.failure, nil
+    elseif src then
       n = math.min(call.total, i0 + k - 1) - i0 + 1
     else
       src, j0 = {}, 1
@@ -989,6 +1004,8 @@ local function feed(self, call, deadline)
       local t0 = call.async and now()
       local ok, err = put_task(self, call, i0, src, j0, n)
       if t0 and ok then call.enc_item = (now() - t0) / n end
+      if err == "timeout" then hold_back(call, src, j0, n, failure) break end
+      call.stalled = nil
       if not ok then
         local sent = 0
         if n > 1 and lazy(call) then sent, err = put_each(self, call, i0, src, j0, n) end
@@ -1026,7 +1043,7 @@ local function pump(self, wait)
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
   for _, call in pairs(self._calls) do
-    if call.window then
+    if call.window or call.stalled then
       if call.dropped then abandon(self, call) else feed(self, call) end
     end
   end

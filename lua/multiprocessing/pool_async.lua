@@ -106,7 +106,7 @@ local function step(self, feed_until)
     self._bounded = nil
   end
   for _, call in pairs(self._calls) do
-    if call.window then
+    if call.window or call.stalled then
       if call.dropped then abandon(self, call)
       elseif feed(self, call, feed_until) then more = true end
     end
