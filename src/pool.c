@@ -212,6 +212,27 @@ static int pool_put_task(lua_State *L) {
   return 1;
 }
 
+/* core.put_stop(queue, pool, deadline) -> true | nil, "timeout" | "interrupted": sends a
+** worker's stop message (false) as put_task sends a task: its waits for the queue's lock and
+** the allocator's end at deadline, and once it is out pool._seq is one more */
+static int pool_put_stop(lua_State *L) {
+  mp_buf *buf;
+  mp_queue *q = mp_queue_check(L, 1, &buf);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  double deadline = luaL_checknumber(L, 3);
+  lua_getfield(L, 2, "_seq");
+  lua_Integer seq = lua_tointeger(L, -1) + 1;
+  lua_pushboolean(L, 0);
+  mp_enc *e = mp_encode(L, lua_gettop(L), "value");
+  int r = mp_queue_put_soft(L, q, NULL, 0, e, deadline);
+  mp_enc_done(L, e);
+  if (r != MP_WOKE) return mp_waitresult(L, r);
+  lua_pushinteger(L, seq);
+  lua_setfield(L, 2, "_seq");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* The bookkeeping of a lean record rec (at its index) whose message seq just went out, done
 ** here in C, where no hook can come between the put and it: Ctrl-C (lua.c's hook raises at the
 ** next Lua instruction) met between them in Lua left a message out with no record, and its
@@ -1105,7 +1126,7 @@ int mp_pool_open(lua_State *L) {
   mp_newclass(L, POOLSTATE, methods, meta);
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
-    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
+    {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_stop", pool_put_stop}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
     {"put_call", pool_put_call}, {"reply_values", pool_reply_values}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
     {"chunk_scratch", pool_chunk_scratch},
     {NULL, NULL}

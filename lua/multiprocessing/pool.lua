@@ -16,7 +16,7 @@ local process = require "multiprocessing.process"
 local context = require "multiprocessing.context"
 
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
-local put_raw, put_result, take_result = core.put_task, core.put_result, core.take_result
+local put_raw, put_result, take_result, put_stop = core.put_task, core.put_result, core.take_result, core.put_stop
 local flag_cas = core.flag_cas
 local pack, unpack = table.pack, table.unpack
 local maxinteger = math.maxinteger
@@ -709,14 +709,21 @@ local function work_left(self)
 end
 
 -- A closing pool asks its workers to leave once its work is done: one stop
--- message each, at the end of the queue.
+-- message each, at the end of the queue. A send that waited PUT_WAIT for a lock (a
+-- stopped process holds it) leaves the rest to the next turn of the engine.
 local function stop_workers(self)
   if self._stopping or work_left(self) then return end
-  self._stopping = true
-  for _ in pairs(self._workers) do
-    self._seq = self._seq + 1
-    self._tasks:put(false)
+  local left = self._stops_left
+  if not left then
+    left = 0
+    for _ in pairs(self._workers) do left = left + 1 end
   end
+  while left > 0 do
+    if not put_stop(self._tasks, self, now() + PUT_WAIT) then self._stops_left = left return end
+    left = left - 1
+  end
+  self._stops_left = nil
+  self._stopping = true
 end
 
 -- Replacing dead workers: at once (respawn = "now", the default), or (respawn = "poll")
