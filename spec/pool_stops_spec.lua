@@ -373,37 +373,47 @@ describe("Pool stops", function()
         identity, xs)
     end)
 
-    it("does not hold close() while a stopped process holds the task queue's lock; join ends once it dies", function()
+    -- body(pool, holder) in a bounded child: a Pool(n) that ran a task, and a process stopped
+    -- holding its task queue's lock
+    local function behind_task_holder(n, body)
       bounded(function()
-        local pool = mp.Pool(2)
+        local pool = mp.Pool(n)
         check(pool:apply(double, { 1 }) == 2)
         local holder, stopped = stopped_task_holder(pool)
         check(stopped, "the holder did not stop")
-        local t0 = core.now()
-        pool:close()   -- the stop messages wait for the lock
-        check(core.now() - t0 < 5, ("close() took %.1f s behind a stopped lock holder"):format(core.now() - t0))
-        core.kill(holder, 9)
-        check(core.waitpid(holder, 10) ~= nil, "the holder was not reaped")
+        body(pool, holder)
+      end)
+    end
+
+    -- f(...)'s results; it must return within 5 s behind the stopped holder
+    local function soon(what, f, ...)
+      local t0 = core.now()
+      local a, b, c, d = f(...)
+      check(core.now() - t0 < 5, ("%s took %.1f s behind a stopped lock holder"):format(what, core.now() - t0))
+      return a, b, c, d
+    end
+
+    local function kill_holder(holder)
+      core.kill(holder, 9)   -- the lock's owner died: the queue is repaired
+      check(core.waitpid(holder, 10) ~= nil, "the holder was not reaped")
+    end
+
+    it("does not hold close() while a stopped process holds the task queue's lock; join ends once it dies", function()
+      behind_task_holder(2, function(pool, holder)
+        soon("close()", pool.close, pool)   -- (the stop messages wait for the lock)
+        kill_holder(holder)
         pool:join()
         check(next(pool._workers) == nil, "workers left")
       end)
     end)
 
     it("keeps poll(budget) and the start of imap to their bounds while a stopped process holds the task queue's lock", function()
-      bounded(function()
-        local pool = mp.Pool(1)
-        check(pool:apply(double, { 1 }) == 2)
-        local holder, stopped = stopped_task_holder(pool)
-        check(stopped, "the holder did not stop")
+      behind_task_holder(1, function(pool, holder)
         local n = 0
-        local t0 = core.now()
-        local it, s, c, closer = pool:imap(double, function() n = n + 1 if n <= 500 then return n end end, 1)
-        check(core.now() - t0 < 5, ("imap took %.1f s to start behind a stopped lock holder"):format(core.now() - t0))
-        t0 = core.now()
-        pool:poll(0.01)
-        check(core.now() - t0 < 5, ("poll(0.01) took %.1f s behind a stopped lock holder"):format(core.now() - t0))
-        core.kill(holder, 9)
-        check(core.waitpid(holder, 10) ~= nil, "the holder was not reaped")
+        local it, s, c, closer = soon("imap's start", pool.imap, pool, double,
+          function() n = n + 1 if n <= 500 then return n end end, 1)
+        soon("poll(0.01)", pool.poll, pool, 0.01)
+        kill_holder(holder)
         local k = 0
         for i, v in it, s, c, closer do
           k = k + 1
