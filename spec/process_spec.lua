@@ -430,6 +430,32 @@ io.write("after: ", s, "\n")
       q:close()
     end)
 
+    it("in a pool worker of a child that never asked who it is, name that child as the parent", function()
+      local p = mp.Process { name = "Kid", target = function()
+        local pool = mp.Pool(1)  -- (the child has not called current_process() yet)
+        local name, pid = pool:apply(function() return mp.parent_process().name, mp.parent_process().pid end)
+        pool:terminate()
+        return name, pid
+      end }:start()
+      assert.is_true(p:join(20))
+      assert.same({ "Kid", p.pid }, { p:result() })
+    end)
+
+    it("in a fork the library did not make, of a child that never asked, are its Process's name and its own pid", function()
+      local q = mp.Queue()
+      local p = mp.Process { name = "Kid", target = function()
+        local pid = core.fork(false)  -- (as a host's or another library's fork: no start)
+        if pid == 0 then
+          q:put { mp.current_process().name, mp.current_process().pid == core.getpid(), mp.parent_process().name }
+          core._exit(0)
+        end
+        core.waitpid(pid, 20)
+      end }:start()
+      assert.same({ "Kid", true, "MainProcess" }, q:get(20))
+      assert.is_true(p:join(20))
+      q:close()
+    end)
+
     it("tell whether they live, and a child can join its parent", function()
       assert.is_true(mp.current_process():is_alive())
       assert.is_nil(mp.parent_process())
