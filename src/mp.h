@@ -76,6 +76,8 @@ typedef struct mp_forkstate {
   int proc_watch_fd;       /* process.c: its lifeline to its parent, or -1 */
   uint32_t sync_start;     /* sync.c: this process's start time (ticks), 0: not read yet */
   size_t arena_nkids;      /* arena.c: its kids' entries */
+  void *_Atomic pool_forking; /* pool.c: the pool whose worker the next fork makes (st:forking):
+                           ** the parent writes it back just after that fork, the worker in its handler */
   /* the first kids' records of both lists: the parent writes them just after a
   ** fork, while the child shares its pages (each write a copy), and this page
   ** is the one it writes then anyway */

@@ -89,11 +89,11 @@ static void close_fd(int *fd) {
 #define MAXREG 256
 static pshandle *_Atomic reg[MAXREG];
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
-static pshandle *_Atomic forking;
+#define forking (mp_fk.pool_forking)  /* (a pshandle: on the page of statics a fork's both sides write anyway) */
 static int reg_set;
 
 MP_FORK_PATH static void ps_after_fork(void) {
-  pshandle *keep = forking;
+  pshandle *keep = (pshandle *)forking;
   if (keep) forking = NULL;
   for (int i = 0; i < MAXREG; i++) {
     pshandle *ph = reg[i];

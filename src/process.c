@@ -423,9 +423,13 @@ static int proc_cpu_count(lua_State *L) {
 }
 
 /* core.ignore_sigint(): workers leave Ctrl-C to their parent */
-static int proc_sigint(lua_State *L) {
-  const char *what = luaL_optstring(L, 1, "ignore");
-  signal(SIGINT, strcmp(what, "default") == 0 ? SIG_DFL : SIG_IGN);
+/* core.sigint(["ignore"|"default"]): a pool worker's first call, so on the fork
+** path (a page of code of its own was a fault in every worker); the word is
+** matched with no call and no string of ours to read */
+MP_FORK_PATH static int proc_sigint(lua_State *L) {
+  size_t n;
+  const char *what = luaL_optlstring(L, 1, "ignore", &n);
+  signal(SIGINT, n == 7 && memcmp(what, "default", 7) == 0 ? SIG_DFL : SIG_IGN);
   return 0;
 }
 

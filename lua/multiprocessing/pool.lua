@@ -383,6 +383,7 @@ local function spawn(self, i, respawn)
   self._st:release(i)
   if self._method then return start_worker(self, i) end
   local _ = worker_names[i]  -- (made here, before the fork)
+  process._whoami()  -- (so is this process's `me`, the worker's parent)
   self._st:forking(true)  -- this child keeps the pool's eventfd; other children close it
   local pid, err = core.fork(true, nil, respawn and 0 or nil)
   if pid ~= 0 then self._st:forking(false) end

@@ -64,14 +64,38 @@ end
 M._TaskError, M._capture = TaskError, capture
 M.TaskError = TaskError
 
--- in a freshly forked child (a Process, a pool worker): it becomes the current
--- process, its parent the one that forked it, and it has no children yet
--- (one table made: a fork's child writes as few of the pages it shares with its
--- parent as it can, each costs a copy; the old `me` describes the parent, and
--- process_class.lua's cleanup() finds children_pid stale and empties children when it is used)
+-- A forked Process child makes its `me` only when asked: a fork's child writes
+-- as few of the pages it shares with its parent as it can (each costs a copy,
+-- and a new table several: the allocator's, the collector's). The parent notes
+-- the Process it is starting (`starting`, process_class.lua's start) before
+-- core.fork and forgets it after; the child keeps it, and whoami() makes `me`
+-- from it: the current process, its parent the one that forked it (the old
+-- `me`). In the parent (whose `me` is its own pid's) whoami() forgets a
+-- `starting` left by a fork that raised, before start or a pool forks again. A
+-- process forked from such a child by other means than ours (whose `me` was not
+-- made then) is named after that Process with its own pid, as Python names it.
+local starting = nil
+
+local function whoami()
+  local p = starting
+  if p then
+    starting = nil
+    local pid = core.getpid()
+    if me.pid ~= pid then
+      parent = me
+      me = { name = p.name, pid = pid, daemon = p.daemon, ident = pid }
+    end
+  end
+  return me
+end
+M._whoami = whoami  -- (pool.lua: before it forks a worker, whose parent this process is)
+
+-- in a freshly forked pool worker: it becomes the current process, its parent the
+-- one that forked it (process_class.lua's cleanup() finds children_pid stale and
+-- empties children when it is used, so it has no children yet)
 local function become(name, daemon)
   local pid = core.getpid()
-  parent = me
+  parent = whoami()
   me = { name = name, pid = pid, daemon = daemon, ident = pid }
 end
 M._become = become
@@ -98,6 +122,7 @@ Info.__tostring = function(i) return ("<Process name='%s' pid=%d %s>"):format(i.
 function Info:is_alive()
   if self.pid == core.getpid() then return true end
   -- our parent while it lives; once it is gone we are re-parented, whatever reuses its pid
+  whoami()  -- (which makes `parent` in a forked child)
   if parent and self.pid == parent.pid then return core.getppid() == self.pid end
   return running(self.pid)  -- a pool worker
 end
@@ -117,8 +142,11 @@ function Info:join(timeout)
   return true
 end
 
-function M.current_process() return setmetatable(me, Info) end
-function M.parent_process() return parent and setmetatable(parent, Info) end
+function M.current_process() return setmetatable(whoami(), Info) end
+function M.parent_process()
+  whoami()
+  return parent and setmetatable(parent, Info)
+end
 
 -- the pools this process made (pool.lua registers them): their workers are children too
 M._pools = setmetatable({}, { __mode = "k" })
@@ -133,8 +161,10 @@ M.now = core.now
 -- user's line); it puts its functions in M in their place, and reaches what it shares with
 -- this file (the current process) through M._internals.
 M._internals = {
-  me = function() return me end, set_me = function(t) me = t end,
-  become = become, capture = capture, Info = Info, running = running,
+  me = function() return me end,
+  set_me = function(t, par) me, parent = t, par end,
+  set_starting = function(p) starting = p end,
+  whoami = whoami, capture = capture, Info = Info, running = running,
 }
 for _, name in ipairs { "Process", "active_children", "_child_main", "_call_args" } do
   local f

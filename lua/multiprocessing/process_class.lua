@@ -5,7 +5,7 @@ local core = require "multiprocessing.core"
 local context = require "multiprocessing.context"
 local M = require "multiprocessing.process"
 local P = M._internals
-local become, capture, Info, running = P.become, P.capture, P.Info, P.running
+local capture, Info, running, whoami, set_starting = P.capture, P.Info, P.running, P.whoami, P.set_starting
 
 local Process = { __name = "multiprocessing.Process" }
 local methods = {}
@@ -122,12 +122,17 @@ local function child_done(p, ok, ...)
   core._exit(code)
 end
 
-local function run_child(p)
-  -- in the child: it becomes the current process, with no children of its own yet
-  become(p.name, p.daemon)
-  local run = rawget(p, "run")
-  if run then  -- a subclass-style override: run(self), as Python calls it
+-- in the child: run(p), a subclass-style override (as Python calls it), or the
+-- target with its arguments; n: how many (0: none, nil: see _call_args). A fork's
+-- parent reads run and n before the fork, so that the child looks up no missing
+-- key (that reads a constant of the interpreter's: one more page to map) and
+-- calls no table.unpack for no arguments. The child is the current process
+-- without making anything for it (process.lua's whoami).
+local function run_child(p, run, n)
+  if run then
     child_done(p, xpcall(run, capture, p))
+  elseif n == 0 then
+    child_done(p, xpcall(p.target, capture))
   else
     child_done(p, xpcall(p.target, capture, M._call_args(p)))
   end
@@ -136,9 +141,11 @@ end
 -- A child started by spawn or the forkserver: the start message's payload
 -- (see start) made a Process again, its parent the one that started it
 function M._child_main(pl)
-  P.set_me { name = pl.parent[1], pid = pl.parent[2], daemon = false, ident = pl.parent[2] }
+  local pid = core.getpid()
+  P.set_me({ name = pl.name, pid = pid, daemon = pl.daemon, ident = pid },
+    { name = pl.parent[1], pid = pl.parent[2], daemon = false, ident = pl.parent[2] })
   run_child(setmetatable({ target = pl.target, args = pl.args, kwargs = pl.kwargs, run = pl.run, name = pl.name,
-    daemon = pl.daemon, _results = pl.results }, Process))
+    daemon = pl.daemon, _results = pl.results }, Process), pl.run)
 end
 
 local OPTIONS = { target = true, args = true, kwargs = true, name = true, daemon = true, run = true, start_method = true }
@@ -189,6 +196,9 @@ function M.Process(opts)
     name = opts.name or ("Process-" .. counter),
     daemon = not not opts.daemon,
     _method = opts.start_method,
+    -- (room for what start and join add: a constructor's nil fields size the table,
+    -- so that join does not grow it, an allocation and a rehash, once the child ended)
+    _results = nil, pid = nil, ident = nil, _pid_owner = nil, _exitcode = nil,
   }, Process)
 end
 
@@ -217,18 +227,26 @@ function methods.start(p)
   cleanup()
   p._results = core.Queue()
   local method = rawget(p, "_method") or context._state.method
-  local pid, err
+  local pid, err, run, n
+  local self = whoami()  -- (made before the fork: the child's parent)
   if method and method ~= "fork" then  -- the start message: what run_child needs
     pid, err = context._start(method, { module = "multiprocessing.process", entry = "_child_main", payload = {
       target = p.target, args = p.args, kwargs = p.kwargs, run = rawget(p, "run"), name = p.name, daemon = p.daemon,
-      results = p._results, parent = { P.me().name, P.me().pid } } }, p.daemon)
+      results = p._results, parent = { self.name, self.pid } } }, p.daemon)
   else
     context._warn_fork()
+    run = rawget(p, "run")  -- (what the child calls, read here: see run_child)
+    if not run and rawget(p, "kwargs") == nil then
+      local args = p.args
+      n = args.n or #args
+    end
+    set_starting(p)  -- (what the child is: see process.lua's whoami)
     pid, err = core.fork(p.daemon)
+    if pid ~= 0 then set_starting(nil) end
   end
   if not pid then error("cannot start process: " .. tostring(err), 2) end
   if pid == 0 then
-    local ok, e = pcall(run_child, p)  -- run_child never returns normally
+    local ok, e = pcall(run_child, p, run, n)  -- run_child never returns normally
     io.stderr:write(tostring(e), "\n")
     core._exit(ok and 0 or 1)
   end
