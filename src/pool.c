@@ -233,34 +233,57 @@ static int pool_put_stop(lua_State *L) {
   return 1;
 }
 
+/* The context of the pool's C bookkeeping: { inflight, pool, "call", "finished", ... }, the
+** names it looks up in the pool's tables, ready (lua_getfield makes each name anew: 1.5x the
+** cost of a raw look-up by a ready name), and, while take_result runs, the pool's inflight
+** table and the pool. It is take_result's upvalue (and in the registry, for result_decode),
+** and put_apply's and put_call's. Every field looked up by name here is a raw field of its
+** table (a Pool's, a record's, a blob record's), so raw look-ups find what lua_getfield did. */
+static const char inflight_key = 'i';
+enum { CTX_INFLIGHT = 1, CTX_POOL, CTX_CALL, CTX_FINISHED, CTX_CALLBACK, CTX_CBS, CTX_CACHED, CTX_FLAG,
+       CTX_BREC, CTX_REFS, CTX_N, CTX_RESULTS, CTX_I0, CTX_FREE, CTX_NFREE, CTX_INFLIGHTK, CTX_SEQ,
+       CTX_NKEYS = CTX_SEQ };
+static const char *const ctx_keys[] = { NULL, NULL, NULL, "call", "finished", "callback", "_cbs", "cached", "flag",
+  "brec", "refs", "n", "results", "i0", "_free", "_nfree", "_inflight", "_seq" };
+
+static int ctx_get(lua_State *L, int ctx, int t, int key) {  /* pushes t[key], raw; its type */
+  lua_rawgeti(L, ctx, key);
+  return lua_rawget(L, t);
+}
+
+static void ctx_set_int(lua_State *L, int ctx, int t, int key, lua_Integer v) {  /* t[key] = v, raw */
+  lua_rawgeti(L, ctx, key);
+  lua_pushinteger(L, v);
+  lua_rawset(L, t);
+}
+
 /* The bookkeeping of a lean record rec (at its index) whose message seq just went out, done
 ** here in C, where no hook can come between the put and it: Ctrl-C (lua.c's hook raises at the
 ** next Lua instruction) met between them in Lua left a message out with no record, and its
 ** seq to be used again, so that its result finished the next call (with the wrong values).
 ** pool._inflight[seq] = rec, pool._seq = seq, rec.brec.refs + 1; with a cancel word, taken
-** from pool._free: pool._nfree - 1. */
-static void lean_record(lua_State *L, int pool, int rec, lua_Integer seq, int flag) {
-  lua_getfield(L, pool, "_inflight");
+** from pool._free: pool._nfree - 1. brec, inflight: the slots of rec.brec and pool._inflight
+** when the caller passed them (Lua has them for less), else 0. */
+static void lean_record(lua_State *L, int pool, int rec, lua_Integer seq, int flag, int brec, int inflight) {
+  int ctx = lua_upvalueindex(2);
+  if (inflight) lua_pushvalue(L, inflight); else ctx_get(L, ctx, pool, CTX_INFLIGHTK);
   lua_pushvalue(L, rec);
   lua_rawseti(L, -2, seq);
-  lua_pushinteger(L, seq);
-  lua_setfield(L, pool, "_seq");
-  lua_getfield(L, rec, "brec");
-  lua_getfield(L, -1, "refs");
-  lua_Integer refs = lua_tointeger(L, -1);
-  lua_pushinteger(L, refs + 1);
-  lua_setfield(L, -3, "refs");
+  ctx_set_int(L, ctx, pool, CTX_SEQ, seq);
+  if (brec) lua_pushvalue(L, brec); else ctx_get(L, ctx, rec, CTX_BREC);
+  int b = lua_gettop(L);
+  ctx_get(L, ctx, b, CTX_REFS);
+  ctx_set_int(L, ctx, b, CTX_REFS, lua_tointeger(L, -1) + 1);
   if (flag) {
-    lua_getfield(L, pool, "_nfree");
-    lua_Integer k = lua_tointeger(L, -1);
-    lua_pushinteger(L, k - 1);
-    lua_setfield(L, pool, "_nfree");
+    ctx_get(L, ctx, pool, CTX_NFREE);
+    ctx_set_int(L, ctx, pool, CTX_NFREE, lua_tointeger(L, -1) - 1);
   }
 }
 
-/* core.put_apply(queue, seq, fid, blob, args, pool, rec) -> true | false: put_task's apply
-** message (mode 3) of the table args (nil: none), in fewer arguments, recorded as rec's once
-** it is out (lean_record); false: interrupted, nothing sent or recorded */
+/* core.put_apply(queue, seq, fid, blob, args, pool, rec [, brec, inflight]) -> true | false:
+** put_task's apply message (mode 3) of the table args (nil: none), in fewer arguments, recorded
+** as rec's once it is out (lean_record: brec is rec.brec, inflight pool._inflight); false:
+** interrupted, nothing sent or recorded */
 static int pool_put_apply(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -269,15 +292,23 @@ static int pool_put_apply(lua_State *L) {
                 luaL_checkinteger(L, 4), 1, 3, 0 };
   luaL_checktype(L, 6, LUA_TTABLE);
   luaL_checktype(L, 7, LUA_TTABLE);
+  int brec = lua_istable(L, 8) ? 8 : 0, inflight = lua_istable(L, 9) ? 9 : 0;
   if (lua_isnoneornil(L, 5)) {
     lua_pushvalue(L, lua_upvalueindex(1));  /* an empty table */
     lua_replace(L, 5);
   }
   luaL_checktype(L, 5, LUA_TTABLE);
-  mp_enc *e = mp_encode(L, 5, "args");
-  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
-  mp_enc_done(L, e);
-  if (r == MP_WOKE) lean_record(L, 6, 7, seq, 0);
+  char few[MP_FAST_ARRAY];
+  uint32_t len = mp_fast_encode_array(L, 5, few);
+  int r;
+  if (len) {
+    r = mp_queue_put_small(L, q, &h, sizeof h, few, len, -1);
+  } else {
+    mp_enc *e = mp_encode(L, 5, "args");
+    r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+    mp_enc_done(L, e);
+  }
+  if (r == MP_WOKE) lean_record(L, 6, 7, seq, 0, brec, inflight);
   lua_pushboolean(L, r == MP_WOKE);
   return 1;
 }
@@ -303,15 +334,22 @@ static int pool_put_call(lua_State *L) {
   }
   int top = lua_gettop(L), nargs = top - 7;
   h.n = (uint32_t)nargs;
-  lua_createtable(L, nargs, 0);
-  for (int k = 1; k <= nargs; k++) {
-    lua_pushvalue(L, 7 + k);
-    lua_rawseti(L, -2, k);
+  char few[MP_FAST_ARRAY];
+  uint32_t len = mp_fast_encode_values(L, 8, nargs, few);
+  int r;
+  if (len) {
+    r = mp_queue_put_small(L, q, &h, sizeof h, few, len, -1);
+  } else {
+    lua_createtable(L, nargs, 0);
+    for (int k = 1; k <= nargs; k++) {
+      lua_pushvalue(L, 7 + k);
+      lua_rawseti(L, -2, k);
+    }
+    mp_enc *e = mp_encode_range(L, top + 1, 1, nargs, "args");
+    r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
+    mp_enc_done(L, e);
   }
-  mp_enc *e = mp_encode_range(L, top + 1, 1, nargs, "args");
-  int r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
-  mp_enc_done(L, e);
-  if (r == MP_WOKE) lean_record(L, 6, 7, seq, flag != 0);
+  if (r == MP_WOKE) lean_record(L, 6, 7, seq, flag != 0, 0, 0);
   lua_pushboolean(L, r == MP_WOKE);
   return 1;
 }
@@ -384,7 +422,8 @@ static void task_decode(lua_State *L, const char *s, size_t n) {
   lua_pushinteger(L, (lua_Integer)h.fid); lua_rawseti(L, -2, 2);
   lua_pushinteger(L, (lua_Integer)h.blob); lua_rawseti(L, -2, 3);
   lua_pushinteger(L, (lua_Integer)h.n); lua_rawseti(L, -2, 4);
-  if (h.mode < 3) chunk_items(L, s + sizeof h, n - sizeof h, h.n); else mp_decode(L, s + sizeof h, n - sizeof h);
+  if (h.mode < 3) chunk_items(L, s + sizeof h, n - sizeof h, h.n);
+  else if (!mp_fast_decode(L, s + sizeof h, n - sizeof h)) mp_decode(L, s + sizeof h, n - sizeof h);
   lua_rawseti(L, -2, 5);
   lua_pushinteger(L, (lua_Integer)h.mode); lua_rawseti(L, -2, 6);
   if (h.flag) lua_pushinteger(L, (lua_Integer)h.flag); else lua_pushnil(L);
@@ -419,12 +458,6 @@ static int pool_put_result(lua_State *L) {
   return 0;
 }
 
-/* registry key: the context of take_result (its upvalue), for result_decode: { inflight, pool,
-** "call", "finished", ... } (the keys it looks up, ready: pushing them anew cost more) */
-static const char inflight_key = 'i';
-enum { CTX_INFLIGHT = 1, CTX_POOL, CTX_CALL, CTX_FINISHED, CTX_CALLBACK, CTX_CBS, CTX_CACHED, CTX_FLAG,
-       CTX_NKEYS = CTX_FLAG };
-static const char *const ctx_keys[] = { NULL, NULL, NULL, "call", "finished", "callback", "_cbs", "cached", "flag" };
 #define CTXSLOT 6  /* the context's slot in take_result's frame */
 
 /* the header of the result message take_result is taking (result_decode fills it);
@@ -432,9 +465,22 @@ static const char *const ctx_keys[] = { NULL, NULL, NULL, "call", "finished", "c
 typedef struct rinfo { int valid, done, finish; resulthdr h; const void *ctx; } rinfo;
 static rinfo *taking;
 
-static int ctx_get(lua_State *L, int ctx, int t, int key) {  /* pushes t[key], raw; its type */
-  lua_rawgeti(L, ctx, key);
+/* Where result_decode finds what it looks up, on the stack: the inflight table, the pool and
+** the context's names (name k at base + k). In take_result's frame they are its own slots
+** (KEYBASE: pushed once a call, not once a message); elsewhere result_decode pushes them. */
+typedef struct rkeys { int inflight, pool, base; } rkeys;
+#define KEYBASE (CTXSLOT + 1 - CTX_CALL)
+#define KEYTOP (KEYBASE + CTX_NKEYS)
+
+static int key_get(lua_State *L, const rkeys *k, int t, int key) {  /* pushes t[key], raw; its type */
+  lua_pushvalue(L, k->base + key);
   return lua_rawget(L, t);
+}
+
+static void key_set_int(lua_State *L, const rkeys *k, int t, int key, lua_Integer v) {  /* t[key] = v, raw */
+  lua_pushvalue(L, k->base + key);
+  lua_pushinteger(L, v);
+  lua_rawset(L, t);
 }
 
 /* The bookkeeping of a lean record rec whose values came (on_result's, for the common case),
@@ -442,37 +488,35 @@ static int ctx_get(lua_State *L, int ctx, int t, int key) {  /* pushes t[key], r
 ** blob still needed or cached. Then the record leaves inflight (at slot inflight), lets go of
 ** its blob's reference and of its cancel word (back to pool._free), is finished, and this
 ** returns 1; else 0, and on_result sees the message. */
-static int lean_done(lua_State *L, int ctx, int inflight, int rec, uint64_t seq) {
+static int lean_done(lua_State *L, const rkeys *k, int rec, uint64_t seq) {
   int top = lua_gettop(L), ok = 0;
   /* (fields a record always has: by name; others raw, its class has them false) */
-  if (ctx_get(L, ctx, rec, CTX_CALLBACK) != LUA_TNIL || ctx_get(L, ctx, rec, CTX_CBS) != LUA_TNIL ||
-      lua_getfield(L, rec, "brec") != LUA_TTABLE)  /* (a record has a callback only when given) */
+  if (key_get(L, k, rec, CTX_CALLBACK) != LUA_TNIL || key_get(L, k, rec, CTX_CBS) != LUA_TNIL ||
+      key_get(L, k, rec, CTX_BREC) != LUA_TTABLE)  /* (a record has a callback only when given) */
     goto out;
   int b = top + 3;
-  lua_getfield(L, b, "refs");
+  key_get(L, k, b, CTX_REFS);
   int isint;
   lua_Integer refs = lua_tointegerx(L, -1, &isint);
-  if (!isint || (refs <= 1 && (ctx_get(L, ctx, b, CTX_CACHED), !lua_toboolean(L, -1))))
+  if (!isint || (refs <= 1 && (key_get(L, k, b, CTX_CACHED), !lua_toboolean(L, -1))))
     goto out;  /* its last reference, and not cached: on_result frees it */
-  if (ctx_get(L, ctx, rec, CTX_FLAG) != LUA_TNIL) {  /* a Future's cancel word: free for reuse */
-    int flag = lua_gettop(L);
-    lua_rawgeti(L, ctx, CTX_POOL);
-    int pool = flag + 1;
-    if (!lua_isinteger(L, flag) || !lua_istable(L, pool) || lua_getfield(L, pool, "_free") != LUA_TTABLE) goto out;
-    lua_getfield(L, pool, "_nfree");
-    lua_Integer k = lua_tointegerx(L, -1, &isint) + 1;
+  if (key_get(L, k, rec, CTX_FLAG) != LUA_TNIL) {  /* a Future's cancel word: free for reuse */
+    int flag = lua_gettop(L), pool = k->pool;
+    if (!lua_isinteger(L, flag) || !lua_istable(L, pool) || key_get(L, k, pool, CTX_FREE) != LUA_TTABLE) goto out;
+    int free = flag + 1;
+    key_get(L, k, pool, CTX_NFREE);
+    lua_Integer nf = lua_tointegerx(L, -1, &isint) + 1;
     if (!isint) goto out;
     lua_pushvalue(L, flag);
-    lua_rawseti(L, pool + 1, k);
-    lua_pushinteger(L, k);
-    lua_setfield(L, pool, "_nfree");
+    lua_rawseti(L, free, nf);
+    key_set_int(L, k, pool, CTX_NFREE, nf);
   }
-  lua_pushinteger(L, refs - 1);
-  lua_setfield(L, b, "refs");
+  key_set_int(L, k, b, CTX_REFS, refs - 1);
   lua_pushnil(L);
-  lua_rawseti(L, inflight, (lua_Integer)seq);
+  lua_rawseti(L, k->inflight, (lua_Integer)seq);
+  lua_pushvalue(L, k->base + CTX_FINISHED);
   lua_pushboolean(L, 1);
-  lua_setfield(L, rec, "finished");
+  lua_rawset(L, rec);
   ok = 1;
 out:
   lua_settop(L, top);
@@ -491,31 +535,40 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
   if (n < sizeof h || (memcpy(&h, s, sizeof h), h.magic != RESULTMAGIC)) { mp_decode(L, s, n); return; }
   int top = lua_gettop(L);
   int placed = 0, done = 0;
+  rkeys k = { 3, 5, KEYBASE };
   /* the context: in take_result's frame, else (decoding may run in a frame of
   ** its own, for a message out of line) in the registry */
-  if (taking && top >= CTXSLOT && lua_topointer(L, CTXSLOT) == taking->ctx) lua_pushvalue(L, CTXSLOT);
-  else lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);
-  if (lua_type(L, top + 1) == LUA_TTABLE &&
-      lua_rawgeti(L, top + 1, CTX_INFLIGHT) == LUA_TTABLE &&
-      lua_rawgeti(L, top + 2, (lua_Integer)h.seq) == LUA_TTABLE) {
-    int ctx = top + 1, rec = top + 3;
-    if (!h.lean && ctx_get(L, ctx, rec, CTX_CALL) == LUA_TTABLE) {
-      if (lua_getfield(L, -1, "results") == LUA_TTABLE && lua_getfield(L, rec, "i0") == LUA_TNUMBER &&
+  if (!(taking && top >= KEYTOP && lua_topointer(L, CTXSLOT) == taking->ctx)) {
+    luaL_checkstack(L, CTX_NKEYS + 8, "cannot decode a result");
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key) != LUA_TTABLE) goto out;
+    lua_rawgeti(L, top + 1, CTX_INFLIGHT);
+    lua_rawgeti(L, top + 1, CTX_POOL);
+    k.inflight = top + 2;
+    k.pool = top + 3;
+    k.base = top + 4 - CTX_CALL;
+    for (int key = CTX_CALL; key <= CTX_NKEYS; key++) lua_rawgeti(L, top + 1, key);
+  }
+  int base = lua_gettop(L);
+  if (lua_type(L, k.inflight) == LUA_TTABLE && lua_rawgeti(L, k.inflight, (lua_Integer)h.seq) == LUA_TTABLE) {
+    int rec = base + 1;
+    if (!h.lean && key_get(L, &k, rec, CTX_CALL) == LUA_TTABLE) {
+      if (key_get(L, &k, base + 2, CTX_RESULTS) == LUA_TTABLE && key_get(L, &k, rec, CTX_I0) == LUA_TNUMBER &&
           lua_isinteger(L, -1)) {
         lua_Integer at = lua_tointeger(L, -1);
-        mp_decode_into(L, s + sizeof h, n - sizeof h, top + 5, at);
+        mp_decode_into(L, s + sizeof h, n - sizeof h, base + 3, at);
         placed = 1;
       }
-    } else if (ctx_get(L, ctx, rec, CTX_FINISHED) == LUA_TBOOLEAN) {  /* a lean record */
+    } else if (key_get(L, &k, rec, CTX_FINISHED) == LUA_TBOOLEAN) {  /* a lean record */
       if (!lua_toboolean(L, -1)) {
-        mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
-        lua_pushinteger(L, (lua_Integer)h.n);
-        lua_setfield(L, rec, "n");  /* (a lean record has it, false: set in place) */
-        if (taking && taking->finish) done = lean_done(L, ctx, top + 2, rec, h.seq);
+        if (mp_fast_decode_into(L, s + sizeof h, n - sizeof h, rec, 1) < 0)
+          mp_decode_into(L, s + sizeof h, n - sizeof h, rec, 1);
+        key_set_int(L, &k, rec, CTX_N, (lua_Integer)h.n);  /* (a lean record has it, false: set in place) */
+        if (taking && taking->finish) done = lean_done(L, &k, rec, h.seq);
       }
       placed = 1;
     }
   }
+out:
   lua_settop(L, top);
   if (placed) lua_pushboolean(L, 1); else mp_decode(L, s + sizeof h, n - sizeof h);
   if (taking) { taking->valid = 1; taking->done = done; taking->h = h; }
@@ -541,6 +594,8 @@ static int pool_take_result(lua_State *L) {
   lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);  /* (an error leaves them until the next call) */
   lua_pushvalue(L, 5);
   lua_rawseti(L, CTXSLOT, CTX_POOL);
+  luaL_checkstack(L, CTX_NKEYS + 8, "cannot take a result");
+  for (int k = CTX_CALL; k <= CTX_NKEYS; k++) lua_rawgeti(L, CTXSLOT, k);  /* (at KEYBASE + k) */
   int n;
   lua_Integer done = 0;
   rinfo info = { 0, 0, max > 0, { 0 }, lua_topointer(L, CTXSLOT) }, *outer = taking;
@@ -685,9 +740,15 @@ static int ps_reply(lua_State *L) {
   hd.n = (uint32_t)n;
   hd.lean = 1;
   values_n = n;  /* (until they are out) */
-  mp_enc *e = mp_encode_range(L, v, 1, n, "result");
-  mp_queue_put_prefixed(L, q, &hd, sizeof hd, e, -1);
-  mp_enc_done(L, e);
+  char few[MP_FAST_ARRAY];
+  uint32_t len = mp_fast_encode_values(L, 10, n, few);
+  if (len) {
+    mp_queue_put_small(L, q, &hd, sizeof hd, few, len, -1);
+  } else {
+    mp_enc *e = mp_encode_range(L, v, 1, n, "result");
+    mp_queue_put_prefixed(L, q, &hd, sizeof hd, e, -1);
+    mp_enc_done(L, e);
+  }
   values_n = -1;
   for (int k = 1; k <= n; k++) {
     lua_pushnil(L);
@@ -1127,7 +1188,7 @@ int mp_pool_open(lua_State *L) {
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
     {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_stop", pool_put_stop}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
-    {"put_call", pool_put_call}, {"reply_values", pool_reply_values}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
+    {"reply_values", pool_reply_values}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
     {"chunk_scratch", pool_chunk_scratch},
     {NULL, NULL}
   };
@@ -1139,8 +1200,13 @@ int mp_pool_open(lua_State *L) {
   lua_pushcclosure(L, pool_take_result, 1);
   lua_setfield(L, -2, "take_result");
   lua_newtable(L);
-  lua_pushcclosure(L, pool_put_apply, 1);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  lua_pushcclosure(L, pool_put_apply, 2);
   lua_setfield(L, -2, "put_apply");
+  lua_pushnil(L);  /* (put_call has no upvalue 1) */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key);
+  lua_pushcclosure(L, pool_put_call, 2);
+  lua_setfield(L, -2, "put_call");
 
   return 0;
 }

@@ -17,7 +17,7 @@
 #define SIMPLEQUEUE "multiprocessing.SimpleQueue"
 #define JOINABLEQUEUE "multiprocessing.JoinableQueue"
 #define CHUNK (64 * 1024 - 64)   /* data bytes of a chunk of small messages */
-#define BIGMSG (32 * 1024)        /* messages this long get their own block */
+#define BIGMSG MP_QSMALL           /* messages this long get their own block */
 #define SPIN 200                  /* polls of an empty queue before sleeping */
 #define PACE_BYTES (8u << 20)     /* a put beyond this many queued bytes lets readers catch up */
 #define PACE_WAIT 0.002
@@ -452,48 +452,165 @@ static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t s, uint32_t
 #define FAST_MAX (3 + 255)
 static int fast;  /* 0: not checked yet; 1: on; -1: off */
 
-/* the encoding of the value at idx into o: its length, or 0 when it has none here */
-static inline uint32_t fast_encode(lua_State *L, int idx, char *o) {
-  o[0] = (char)FORMAT;
+/* the encoding of the value at idx into o, without the format byte: its length, or 0
+** when it has none here */
+static inline uint32_t fast_item(lua_State *L, int idx, char *o) {
   switch (lua_type(L, idx)) {
     case LUA_TNUMBER: {
       if (!lua_isinteger(L, idx)) {  /* (a float with an integral value stays a float) */
         lua_Number d = lua_tonumber(L, idx);
-        o[1] = T_FLOAT; memcpy(o + 2, &d, 8); return 10;
+        o[0] = T_FLOAT; memcpy(o + 1, &d, 8); return 9;
       }
       lua_Integer v = lua_tointeger(L, idx);
-      if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[1] = T_INT8; memcpy(o + 2, &x, 1); return 3; }
-      if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[1] = T_INT16; memcpy(o + 2, &x, 2); return 4; }
-      if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[1] = T_INT32; memcpy(o + 2, &x, 4); return 6; }
-      int64_t x = (int64_t)v; o[1] = T_INT64; memcpy(o + 2, &x, 8); return 10;
+      if (v >= INT8_MIN && v <= INT8_MAX) { int8_t x = (int8_t)v; o[0] = T_INT8; memcpy(o + 1, &x, 1); return 2; }
+      if (v >= INT16_MIN && v <= INT16_MAX) { int16_t x = (int16_t)v; o[0] = T_INT16; memcpy(o + 1, &x, 2); return 3; }
+      if (v >= INT32_MIN && v <= INT32_MAX) { int32_t x = (int32_t)v; o[0] = T_INT32; memcpy(o + 1, &x, 4); return 5; }
+      int64_t x = (int64_t)v; o[0] = T_INT64; memcpy(o + 1, &x, 8); return 9;
     }
     case LUA_TSTRING: {
       size_t n;
       const char *p = lua_tolstring(L, idx, &n);
       if (n > 255) return 0;
-      o[1] = T_STR8; o[2] = (char)n; memcpy(o + 3, p, n);
-      return (uint32_t)n + 3;
+      o[0] = T_STR8; o[1] = (char)n; memcpy(o + 2, p, n);
+      return (uint32_t)n + 2;
     }
-    case LUA_TBOOLEAN: o[1] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE; return 2;
-    case LUA_TNIL: o[1] = T_NIL; return 2;
+    case LUA_TBOOLEAN: o[0] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE; return 1;
+    case LUA_TNIL: o[0] = T_NIL; return 1;
     default: return 0;  /* (none: the slow path raises) */
+  }
+}
+
+/* the encoding of the value at idx into o: its length, or 0 when it has none here */
+static inline uint32_t fast_encode(lua_State *L, int idx, char *o) {
+  o[0] = (char)FORMAT;
+  uint32_t n = fast_item(L, idx, o + 1);
+  return n ? n + 1 : 0;
+}
+
+/* the length of the item that s[0..n) starts with, as fast_item writes it, or 0 */
+static inline uint32_t fast_item_len(const char *s, size_t n) {
+  if (n < 1) return 0;
+  uint32_t k;
+  switch (s[0]) {
+    case T_INT8: k = 2; break;
+    case T_INT16: k = 3; break;
+    case T_INT32: k = 5; break;
+    case T_INT64: case T_FLOAT: k = 9; break;
+    case T_STR8: k = n < 2 ? 0 : 2u + (unsigned char)s[1]; break;
+    case T_NIL: case T_FALSE: case T_TRUE: k = 1; break;
+    default: return 0;
+  }
+  return k <= n ? k : 0;
+}
+
+/* pushes the item s[0..k) (k: fast_item_len's, not 0) */
+static inline void fast_push_item(lua_State *L, const char *s, uint32_t k) {
+  switch (s[0]) {
+    case T_INT8: lua_pushinteger(L, (int8_t)s[1]); break;
+    case T_INT16: { int16_t v; memcpy(&v, s + 1, 2); lua_pushinteger(L, v); break; }
+    case T_INT32: { int32_t v; memcpy(&v, s + 1, 4); lua_pushinteger(L, v); break; }
+    case T_INT64: { int64_t v; memcpy(&v, s + 1, 8); lua_pushinteger(L, (lua_Integer)v); break; }
+    case T_FLOAT: { double v; memcpy(&v, s + 1, 8); lua_pushnumber(L, v); break; }
+    case T_STR8: lua_pushlstring(L, s + 2, k - 2); break;
+    case T_NIL: lua_pushnil(L); break;
+    default: lua_pushboolean(L, s[0] == T_TRUE); break;
   }
 }
 
 /* pushes the value s[0..n) encodes and returns 1, or returns 0 (mp_decode's) */
 static inline int fast_decode(lua_State *L, const char *s, uint32_t n) {
   if (n < 2 || (unsigned char)s[0] != FORMAT) return 0;
-  switch (s[1]) {
-    case T_INT8: if (n != 3) return 0; lua_pushinteger(L, (int8_t)s[2]); return 1;
-    case T_INT16: { int16_t v; if (n != 4) return 0; memcpy(&v, s + 2, 2); lua_pushinteger(L, v); return 1; }
-    case T_INT32: { int32_t v; if (n != 6) return 0; memcpy(&v, s + 2, 4); lua_pushinteger(L, v); return 1; }
-    case T_INT64: { int64_t v; if (n != 10) return 0; memcpy(&v, s + 2, 8); lua_pushinteger(L, (lua_Integer)v); return 1; }
-    case T_FLOAT: { double v; if (n != 10) return 0; memcpy(&v, s + 2, 8); lua_pushnumber(L, v); return 1; }
-    case T_STR8: if (n < 3 || n != 3u + (unsigned char)s[2]) return 0; lua_pushlstring(L, s + 3, n - 3); return 1;
-    case T_NIL: if (n != 2) return 0; lua_pushnil(L); return 1;
-    case T_FALSE: case T_TRUE: if (n != 2) return 0; lua_pushboolean(L, s[1] == T_TRUE); return 1;
-    default: return 0;
+  uint32_t k = fast_item_len(s + 1, n - 1);
+  if (!k || k != n - 1) return 0;
+  fast_push_item(L, s + 1, k);
+  return 1;
+}
+
+/* ------------------------------------------------ small plain arrays */
+/* A pool's call most often takes and returns a few plain values: an array of up to
+** MP_FAST_ITEMS of them, in the codec's format as mp_encode writes such a table (T_TABLE,
+** n items, no pairs), made and read here without the encoder's or decoder's setup. */
+
+/* the items of an array whose header is at o: o[0 .. 10) is FORMAT, T_TABLE, n, 0 */
+static void fast_array_header(char *o, uint32_t n) {
+  uint32_t zero = 0;
+  o[0] = (char)FORMAT;
+  o[1] = T_TABLE;
+  memcpy(o + 2, &n, 4);
+  memcpy(o + 6, &zero, 4);
+}
+
+static uint32_t encode_array(lua_State *L, int idx, char *o) {
+  if (lua_type(L, idx) != LUA_TTABLE) return 0;
+  idx = lua_absindex(L, idx);
+  if (lua_getmetatable(L, idx)) { lua_pop(L, 1); return 0; }
+  uint32_t at = 10, n = 0;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {  /* keys 1 .. n in order, and nothing else */
+    uint32_t k = 0;
+    if (n < MP_FAST_ITEMS && lua_isinteger(L, -2) && lua_tointeger(L, -2) == (lua_Integer)n + 1)
+      k = fast_item(L, -1, o + at);
+    lua_pop(L, 1);
+    if (!k) { lua_pop(L, 1); return 0; }
+    at += k;
+    n++;
   }
+  fast_array_header(o, n);
+  return at;
+}
+
+static int decode_array_into(lua_State *L, const char *s, size_t n, int t, lua_Integer at) {
+  uint32_t narr, npairs;
+  if (n < 10 || (unsigned char)s[0] != FORMAT || s[1] != T_TABLE) return -1;
+  memcpy(&narr, s + 2, 4);
+  memcpy(&npairs, s + 6, 4);
+  if (npairs || narr > MP_FAST_ITEMS) return -1;
+  uint32_t len[MP_FAST_ITEMS];
+  size_t p = 10;
+  for (uint32_t i = 0; i < narr; i++) {  /* all of them first: nothing is written unless all are plain */
+    len[i] = fast_item_len(s + p, n - p);
+    if (!len[i]) return -1;
+    p += len[i];
+  }
+  if (p != n) return -1;
+  t = lua_absindex(L, t);
+  p = 10;
+  for (uint32_t i = 0; i < narr; i++) {
+    fast_push_item(L, s + p, len[i]);
+    lua_rawseti(L, t, at + (lua_Integer)i);
+    p += len[i];
+  }
+  return (int)narr;
+}
+
+/* whether encode_array's bytes are mp_encode's, and the values read back, for a table of some of
+** fast_check's values (at top + 2 ...) and for an empty one */
+static int fast_check_arrays(lua_State *L, int top) {
+  static const int at[MP_FAST_ITEMS] = { 2, 3, 4, 9, 20, 23, 30 };  /* false, true, 0, 300, 2^40, 1.5, "a\0c" */
+  char o[MP_FAST_ARRAY], e2[MP_FAST_ARRAY];
+  int ok = 1;
+  for (int n = 0; ok && n <= MP_FAST_ITEMS; n += MP_FAST_ITEMS) {
+    int base = lua_gettop(L);
+    lua_createtable(L, n, 0);
+    int t = base + 1;
+    for (int k = 0; k < n; k++) { lua_pushvalue(L, top + at[k]); lua_rawseti(L, t, k + 1); }
+    uint32_t len = encode_array(L, t, o);
+    mp_enc *e = mp_encode(L, t, "value");
+    ok = len && mp_enc_size(e) == len && !mp_enc_handles(e, &(const mp_sent *){ NULL });
+    if (ok) { mp_enc_copy(e, e2); ok = !memcmp(o, e2, len); }
+    mp_enc_done(L, e);
+    lua_settop(L, t);
+    lua_createtable(L, n, 0);
+    ok = ok && decode_array_into(L, o, len, t + 1, 1) == n;
+    for (int k = 1; ok && k <= n; k++) {
+      lua_rawgeti(L, t, k);
+      lua_rawgeti(L, t + 1, k);
+      ok = lua_rawequal(L, -1, -2) && lua_type(L, -1) == lua_type(L, -2) && lua_isinteger(L, -1) == lua_isinteger(L, -2);
+      lua_pop(L, 2);
+    }
+    lua_settop(L, base);
+  }
+  return ok;
 }
 
 /* whether fast_encode's bytes are mp_encode's and fast_decode reads them as mp_decode does */
@@ -531,6 +648,7 @@ static __attribute__((noinline)) int fast_check(lua_State *L) {
          lua_isinteger(L, -1) == lua_isinteger(L, i) && lua_rawequal(L, -1, i);
     lua_settop(L, t);
   }
+  if (ok) ok = fast_check_arrays(L, top);
   lua_settop(L, top);
   return ok ? 1 : -1;
 }
@@ -541,6 +659,37 @@ static inline int fast_on(lua_State *L) {
 }
 
 void mp_queue_fast_ready(lua_State *L) { fast_on(L); }
+
+uint32_t mp_fast_encode_array(lua_State *L, int idx, char *o) {
+  return fast_on(L) ? encode_array(L, idx, o) : 0;
+}
+
+uint32_t mp_fast_encode_values(lua_State *L, int first, int n, char *o) {
+  if (!fast_on(L) || n < 0 || n > MP_FAST_ITEMS) return 0;
+  uint32_t at = 10;
+  for (int i = 0; i < n; i++) {
+    uint32_t k = fast_item(L, first + i, o + at);
+    if (!k) return 0;
+    at += k;
+  }
+  fast_array_header(o, (uint32_t)n);
+  return at;
+}
+
+int mp_fast_decode_into(lua_State *L, const char *s, size_t n, int t, lua_Integer at) {
+  return fast > 0 ? decode_array_into(L, s, n, t, at) : -1;  /* (a put checked the fast path first) */
+}
+
+int mp_fast_decode(lua_State *L, const char *s, size_t n) {
+  uint32_t narr;
+  if (fast <= 0 || n < 10 || (unsigned char)s[0] != FORMAT || s[1] != T_TABLE) return 0;
+  memcpy(&narr, s + 2, 4);
+  if (narr > MP_FAST_ITEMS) return 0;
+  lua_createtable(L, (int)narr, 0);
+  if (decode_array_into(L, s, n, -1, 1) >= 0) return 1;
+  lua_pop(L, 1);
+  return 0;
+}
 
 /* ------------------------------------------------------------ internal API */
 
@@ -629,19 +778,27 @@ static void q_small_done(mp_queue *q, chunk *c, uint32_t rec, uint32_t n) {
   q_unlock(q);
 }
 
-/* put of the bytes s[0..n) of a message without handles, n < BIGMSG (fast_encode's) */
-static int q_put_small(lua_State *L, mp_queue *q, const char *s, uint32_t n, double deadline) {
+/* put of a message without handles: plen bytes of pre, then s[0..n), plen + n < BIGMSG
+** (fast_encode's, mp_fast_encode_array's) */
+static int q_put_small(lua_State *L, mp_queue *q, const void *pre, uint32_t plen, const char *s, uint32_t n,
+                       double deadline) {
   mp_alloc_context(L, deadline);
   int r = q_put_enter(L, q, deadline);
   if (r != MP_WOKE) return r;
-  uint32_t rec = (4 + n + 7) & ~7u;
+  uint32_t len = plen + n, rec = (4 + len + 7) & ~7u;
   chunk *c = q_room(q, rec);
   if (!c) { q_unlock(q); return put_oom(L, sizeof(chunk) + rec); }
   char *p = c->data + c->wpos;
-  memcpy(p, &n, 4);
-  memcpy(p + 4, s, n);
-  q_small_done(q, c, rec, n);
+  memcpy(p, &len, 4);
+  if (plen) memcpy(p + 4, pre, plen);
+  memcpy(p + 4 + plen, s, n);
+  q_small_done(q, c, rec, len);
   return MP_WOKE;
+}
+
+int mp_queue_put_small(lua_State *L, mp_queue *q, const void *pre, size_t plen, const char *s, size_t n,
+                       double deadline) {
+  return q_put_small(L, q, pre, (uint32_t)plen, s, (uint32_t)n, deadline);
 }
 
 int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
@@ -1109,7 +1266,7 @@ static int q_doput(lua_State *L, double deadline) {
   uint32_t n;
   int r;
   if (fast_on(L) && (n = fast_encode(L, 2, o))) {
-    r = q_put_small(L, QOF(qh), o, n, deadline);
+    r = q_put_small(L, QOF(qh), NULL, 0, o, n, deadline);
   } else {
     luaL_checkany(L, 2);
     mp_enc *e = mp_encode(L, 2, "value");

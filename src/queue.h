@@ -61,6 +61,11 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
 /* the same, except that an allocation whose wait for the allocator's lock reached deadline
 ** returns MP_TIMEOUT (nothing sent) instead of raising */
 int mp_queue_put_soft(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline);
+/* put of the bytes of a small message (pre, then s: fewer than MP_QSMALL bytes in all), such as
+** mp_fast_encode_array's */
+#define MP_QSMALL (32 * 1024)
+int mp_queue_put_small(lua_State *L, mp_queue *q, const void *pre, size_t plen, const char *s, size_t n,
+                       double deadline);
 typedef void (*mp_decoder)(lua_State *L, const char *s, size_t n);  /* pushes one value */
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
 /* A reader's claim, in the arena: get_many writes the numbers of the messages
@@ -77,6 +82,20 @@ int mp_queue_get_many(lua_State *L, mp_queue *q, mp_buf *buf, double deadline, m
 ** completed (with its claim) before this returns MP_WOKE. */
 int mp_queue_settle(lua_State *L, mp_queue *q, double deadline);
 mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf);  /* the queue of a handle */
+/* Small plain arrays (a pool call's arguments and values, most often): up to MP_FAST_ITEMS
+** nils, booleans, numbers and strings of up to 255 bytes, written into o (MP_FAST_ARRAY bytes)
+** as the codec's table of them, without the encoder's setup; each returns the length, or 0
+** when the values are not such (then mp_encode). _array: the table at idx, with no metatable,
+** keys 1 .. n and no other; _values: the n stack values from first on.
+** mp_fast_decode_into: the items of such bytes into the table at t from index at on, their
+** count; -1 when s is not such an array (nothing written: then mp_decode_into). A process
+** reads them once one of its puts checked the fast path (see fast_check). */
+#define MP_FAST_ITEMS 7
+#define MP_FAST_ARRAY (10 + MP_FAST_ITEMS * 257)
+uint32_t mp_fast_encode_array(lua_State *L, int idx, char *o);
+uint32_t mp_fast_encode_values(lua_State *L, int first, int n, char *o);
+int mp_fast_decode_into(lua_State *L, const char *s, size_t n, int t, lua_Integer at);
+int mp_fast_decode(lua_State *L, const char *s, size_t n);  /* pushes a new table: 1; else 0, nothing */
 /* Checks the fast path of small plain values now (once a process; it may raise):
 ** a forked child inherits the result instead of checking again (see fork in process.c). */
 void mp_queue_fast_ready(lua_State *L);

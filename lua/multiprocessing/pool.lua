@@ -1361,6 +1361,7 @@ function M.Pool(opts)
     _method = method or context._state.method,  -- nil or "fork": forked here
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks, _respawn = respawn or "now",
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
+    _broken = false,  -- (or why the pool is broken; a field of its own: tested for every task)
   }, Pool)
   made = made + 1
   process._pools[self] = true  -- for active_children(), which lists pool workers too
