@@ -390,6 +390,45 @@ describe("Pool", function()
       assert.is_true(r:successful())
     end)
 
+    -- each value exactly: its type, integer or float, its bits (%a), its bytes
+    local function describe_values(...)
+      local out = { select("#", ...) }
+      for i = 1, select("#", ...) do
+        local v = select(i, ...)
+        local mt = math.type(v)
+        out[#out + 1] = type(v) .. ":" .. (mt == "float" and ("%a"):format(v) or mt == "integer" and ("%d"):format(v)
+          or type(v) == "string" and ("%q"):format(v) or type(v) == "table" and "#" .. #v or tostring(v))
+      end
+      return table.concat(out, " ")
+    end
+
+    it("passes arguments and values of every small shape exactly (the short ways for up to 7 plain values, and beyond)", function()
+      local pool <close> = mp.Pool(1)
+      local s255, s256 = string.rep("s", 255), string.rep("t", 256)
+      local argsets = {
+        {}, { 0 }, { -0.0 }, { 1.0 }, { math.huge, -math.huge }, { math.mininteger, math.maxinteger },
+        { 1 << 40, -129, 127, 300, 40000, 2 ^ 53, 0.1 }, { true, false, "", "a\0c", s255, 7, 7.5 },
+        { 1, 2, 3, 4, 5, 6, 7, 8 }, { s256 }, { s255, s256 }, setmetatable({ 1, 2 }, { __index = {} }),
+        { 1, 2, x = 3 }, { {} }, { { 1 } },
+      }
+      local describe_values = describe_values
+      for k, args in ipairs(argsets) do
+        local want = describe_values(table.unpack(args, 1, #args))
+        assert.equal(want, pool:apply_async(describe_values, args):get(10), "arguments " .. k)
+        assert.equal(want, pool:apply(describe_values, args), "arguments " .. k .. " (apply)")
+        assert.equal(want, pool:submit(describe_values, table.unpack(args, 1, #args)):result(10), "arguments " .. k .. " (submit)")
+      end
+      -- values with holes, up to 7 and beyond, returned by the worker as they are
+      local returns = { { n = 0 }, { n = 1 }, { nil, 2, n = 3 }, { 1, nil, nil, nil, nil, nil, 7, n = 7 },
+        { 1, 2, 3, 4, 5, 6, 7, 8, n = 8 }, { s255, s256, n = 2 }, { -0.0, 1.0, 1, n = 3 } }
+      for k, vals in ipairs(returns) do
+        local give = function() return table.unpack(vals, 1, vals.n) end
+        local want = describe_values(give())
+        assert.equal(want, describe_values(pool:apply_async(give):get(10)), "values " .. k)
+        assert.equal(want, describe_values(pool:submit(give):result(10)), "values " .. k .. " (submit)")
+      end
+    end)
+
     it("get(timeout) returns nil, \"timeout\" while the task runs", function()
       local pool <close> = mp.Pool(1)
       local r = pool:apply_async(function() mp.sleep(0.3) return 1 end)
