@@ -39,6 +39,7 @@ build = {
     ["multiprocessing.process_class"] = "lua/multiprocessing/process_class.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.pool_async"] = "lua/multiprocessing/pool_async.lua",
+    ["multiprocessing.pool_faults"] = "lua/multiprocessing/pool_faults.lua",
     ["multiprocessing.progress"] = "lua/multiprocessing/progress.lua",
     ["multiprocessing.manager"] = "lua/multiprocessing/manager.lua",
     ["multiprocessing.parallel"] = "lua/multiprocessing/parallel.lua",

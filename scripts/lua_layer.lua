@@ -3,12 +3,11 @@
 -- (lua/multiprocessing/pool.lua: multiprocessing.pool, lua/multiprocessing/init.lua:
 -- multiprocessing), and its bytecode, compiled here by this interpreter, less its
 -- chunk name: the loader puts the name of the file it stands for there (src/capi.c,
--- load_layer_file). The bytecode keeps all its debug information: lines (tracebacks
--- and error positions), upvalues' and locals' names (errors name them, and the pool's
--- chunk loop finds its item number by its name: pool.lua, chunk_capture). Dropping
--- the locals' names would save a quarter of the load (0.6M instructions for pool.lua,
--- process.lua and context.lua), not worth those. The bytecode is used only by a Lua of this release
--- (the generated C checks lua.h's); a Lua that refuses it (another build) gets the source.
+-- load_layer_file). The bytecode keeps its debug information: lines (tracebacks
+-- and error positions), upvalues' and locals' names (errors and tracebacks name them, and
+-- the pool's chunk loop finds its item number by its name: pool.lua, chunk_capture), all
+-- but the names of the main function's own locals (see main_locals_dropped). The bytecode
+-- is used only by a Lua of this release (the generated C checks lua.h's); a Lua that refuses it (another build) gets the source.
 local out = assert(arg[1], "usage: lua_layer.lua OUT.c FILE.lua...")
 local files = {}
 for i = 2, #arg do files[#files + 1] = arg[i] end
@@ -60,6 +59,49 @@ end
 -- byte of its upvalue count (lundump.c, luaU_undump)
 local NAME_AT = assert(string.dump(load("", "@probe"), false):find(dumped_string("@probe"), 1, true))
 
+-- The dump less its main function's local variables' names (ldump.c, dumpFunction): the file's
+-- own locals (its `local function`s, constants, modules) are named only while the main function
+-- runs, which is once, at load; every function a program can call or see in a traceback keeps its
+-- names. They were a sixth of pool.lua's locals, each a string to intern at every load.
+local function main_locals_dropped(code)
+  local at = NAME_AT
+  local isize, nsize = code:byte(13), code:byte(15)  -- sizeof(Instruction), sizeof(lua_Number)
+  local function size()  -- dumpSize: 7 bits a byte, most significant first, the last marked with 0x80
+    local x, b = 0, nil
+    repeat b = code:byte(at) at = at + 1 x = (x << 7) | (b & 0x7f) until b & 0x80 ~= 0
+    return x
+  end
+  local function str() local n = size() if n > 0 then at = at + n - 1 end end
+  local function func()  -- skips a function; returns where its locals start and end
+    str() size() size()  -- source, linedefined, lastlinedefined
+    at = at + 3  -- numparams, is_vararg, maxstacksize
+    local ncode = size()
+    at = at + isize * ncode
+    for _ = 1, size() do  -- constants: a tag (lobject.h's variants), then the value
+      local tag = code:byte(at)
+      at = at + 1
+      if tag == 3 then at = at + code:byte(14)  -- integer: sizeof(lua_Integer)
+      elseif tag == 19 then at = at + nsize
+      elseif tag == 4 or tag == 20 then str()
+      else assert(tag == 0 or tag == 1 or tag == 17, "unknown constant in a dump") end
+    end
+    local nup = size()
+    at = at + 3 * nup  -- upvalues: instack, idx, kind
+    for _ = 1, size() do func() end
+    local nline = size()
+    at = at + nline  -- lineinfo
+    for _ = 1, size() do size() size() end  -- abslineinfo
+    local from = at
+    for _ = 1, size() do str() size() size() end
+    local to = at
+    for _ = 1, size() do str() end  -- upvalues' names
+    return from, to
+  end
+  local from, to = func()
+  assert(at == #code + 1, "a dump not read to its end")
+  return code:sub(1, from - 1) .. "\x80" .. code:sub(to)  -- (no locals: a count of 0)
+end
+
 -- Lua's release ("5.4.4"), to compare with the lua.h the library is built with
 local release
 do
@@ -97,9 +139,11 @@ for i, path in ipairs(files) do
   f:close()
   local chunkname = "@" .. path:match("(multiprocessing/.*)$")
   local fn = assert(load(src, chunkname, "t"))  -- a syntax error fails the build, not the host
-  local code = string.dump(fn, false)
-  -- a dump of what it loads is itself
-  assert(string.dump(assert(load(code, chunkname, "b")), false) == code, path .. ": the bytecode does not load as written")
+  local code = main_locals_dropped(string.dump(fn, false))
+  -- a dump of what it loads is itself, and the same code as the source's
+  local back = assert(load(code, chunkname, "b"))
+  assert(string.dump(back, false) == code, path .. ": the bytecode does not load as written")
+  assert(string.dump(back, true) == string.dump(fn, true), path .. ": the bytecode is not the source's")
   local name = dumped_string(chunkname)
   assert(code:sub(NAME_AT, NAME_AT + #name - 1) == name, path .. ": the chunk name is not where lundump reads it")
   code = code:sub(1, NAME_AT - 1) .. code:sub(NAME_AT + #name)

@@ -61,7 +61,7 @@ describe("require 'multiprocessing'", function()
     assert.equal("true false false", out)
   end)
 
-  it("runs a Pool's map without loading the progress bar, the manager, the asynchronous calls or Process", function()
+  it("runs a Pool's map without loading the progress bar, the manager, the asynchronous calls, Process or the pool's fault paths", function()
     local out = fresh [[
       local mp = require "multiprocessing"
       local pool <close> = mp.Pool(1)
@@ -69,9 +69,10 @@ describe("require 'multiprocessing'", function()
       io.write(tostring(package.loaded["multiprocessing.progress"] ~= nil), " ",
         tostring(package.loaded["multiprocessing.manager"] ~= nil), " ",
         tostring(package.loaded["multiprocessing.pool_async"] ~= nil), " ",
-        tostring(package.loaded["multiprocessing.process_class"] ~= nil))
+        tostring(package.loaded["multiprocessing.process_class"] ~= nil), " ",
+        tostring(package.loaded["multiprocessing.pool_faults"] ~= nil))
     ]]
-    assert.equal("false false false false", out)
+    assert.equal("false false false false false", out)
   end)
 
   it("loads Process at the first use of one of its names, in place of every stand-in", function()

@@ -12,6 +12,9 @@
 local core = require "multiprocessing.core"
 -- progress.lua is loaded by the first call that needs it (a bar, an imap loop): not by Pool()
 local function progress() return require "multiprocessing.progress" end
+-- pool_faults.lua: the rare paths (a value that cannot be sent, a worker's death or timeout, a
+-- lost message), loaded the first time one is taken: a map that goes well never parses it
+local function faults() return require "multiprocessing.pool_faults" end
 local process = require "multiprocessing.process"
 local context = require "multiprocessing.context"
 
@@ -31,7 +34,7 @@ local function clean(err)
   if type(err) ~= "string" then return err end
   local n
   repeat err, n = err:gsub("^[^\n]-multiprocessing/pool[%w_]*%.lua:%d+: ", "") until n == 0
-  -- a Pool met in arguments: its guard (see find_pool) is what the codec refused
+  -- a Pool met in arguments: its guard (see pool_faults.lua, find_pool) is what the codec refused
   return (err:gsub("cannot send a thread %(coroutine%) at ([^\n]-)%._nosend$",
     "cannot send a Pool at %1 (a Pool can only be used by the process that made it)"))
 end
@@ -45,7 +48,6 @@ local GC_STEP = 32 * 1024   -- kilobytes a worker allocates between its full col
 local CHUNK_TIME = 0.005 -- target seconds of work per chunk when chunksize is automatic
 local BLOB_CACHE = 16    -- function blobs kept for reuse once no message needs them
 local LOST_AFTER = 1     -- seconds a message may be out of the queue, unclaimed and unanswered
-local START_TRIES = 3   -- new workers dying in a row during start-up that break the pool
 local START_TIMEOUT = 60  -- default start_timeout: seconds a new worker may take to be ready
 -- driving from a frame loop (pool:poll, get(0), wait(0), ready()): see drive
 local POLL_BUDGET = 0.001 -- seconds of pool:poll() without a budget
@@ -69,35 +71,6 @@ Pool.__index = Pool
 local made = 0
 
 ------------------------------------------------------------------ the worker
-
--- A result message could not be put (why): its results that cannot be sent,
--- then (out of shared memory) its biggest results, fail their items instead,
--- so that the message still arrives and the worker lives on.
-local function send_failed(results, seq, out, errs, n, me, busy, why)
-  errs = errs or {}
-  local sizes = {}
-  for k = 1, n do
-    if out[k] ~= nil then
-      local ok, s = pcall(encode, out[k])
-      if ok then sizes[k] = #s else errs[k], out[k] = (tostring(s):gsub("at value", "at the result")), nil end
-    end
-  end
-  while true do
-    local sent, e = pcall(results.put, results, { seq, out, errs, me, busy })
-    if sent then return end
-    why = tostring(e)
-    local big, at = -1, nil
-    for k, size in pairs(sizes) do
-      if out[k] ~= nil and size > big then big, at = size, k end
-    end
-    if not at then  -- only errors left, and still no room: say so in the fewest bytes
-      for k = 1, n do errs[k] = errs[k] and why end
-      results:put { seq, {}, errs, me, busy }
-      return
-    end
-    errs[at], out[at] = why, nil
-  end
-end
 
 local function blob_decode(off) return decode(core.blob_get(off)) end
 
@@ -269,7 +242,7 @@ local function worker_main(pool, i)
     else  -- the common case: a header and the results as one array
       sent, why = pcall(put_result, results, msg[1], me, t2 - t1, out, n)
     end
-    if not sent then send_failed(results, msg[1], out, errs, n, me, t2 - t1, why) end
+    if not sent then faults().send_failed(results, msg[1], out, errs, n, me, t2 - t1, why) end
     local t3 = now()
     st:done(i, items, t2 - t1, idle, t3 - t2, t1 - t0)
     return t2 - t1
@@ -292,14 +265,14 @@ local function worker_main(pool, i)
       t2 = now()
       busy = t2 - t1
       local out = reply_values()
-      send_failed(results, seq, out, nil, out.n, me, busy, ok)
+      faults().send_failed(results, seq, out, nil, out.n, me, busy, ok)
     else
       if type(e) == "table" and type(e.traceback) == "string" then  -- the user's frames only
         e.traceback = e.traceback:gsub("\n[^\n]*multiprocessing/pool[%w_]*%.lua:[^\n]*", "")
       end
       local errs = { e }
       local put, why = pcall(results.put, results, { seq, {}, errs, me, busy })
-      if not put then send_failed(results, seq, {}, errs, 1, me, busy, why) end
+      if not put then faults().send_failed(results, seq, {}, errs, 1, me, busy, why) end
     end
     st:done(i, 1, busy, idle, now() - t2, t1 - t0)
     return busy
@@ -396,17 +369,6 @@ local function spawn(self, i, respawn)
   end
   self._workers[i] = { pid = pid, ready = false }
   return true
-end
-
-local function exit_text(code)
-  if not code then return "status unknown: the host reaped it" end
-  if code < 0 then return "killed by " .. core.signame(-code) end
-  return "exit code " .. code
-end
-
-local function item_text(i0, n)
-  if n == 1 then return ("item %d"):format(i0) end
-  return ("items %d-%d"):format(i0, i0 + n - 1)
 end
 
 local function run_callback(fn, arg)
@@ -762,45 +724,6 @@ local function spawn_pending(self, max)
   if #q == 0 then self._respawns = nil end
 end
 
--- Messages in flight that have left the queue, that no live worker claims and
--- whose result has not come are lost (a take and its claim are one atomic step
--- in the queue; this guards the engine against waiting for them forever). The
--- queue numbers messages as they are put, and so do we: messages 1 .. _seq -
--- qsize have been taken. One still unheld LOST_AFTER seconds later fails.
-local function find_lost(self, t)
-  self._lostcheck = t
-  local st, claims = self._st, {}
-  local taken = self._seq - self._tasks:qsize()
-  for i in pairs(self._workers) do
-    local last, _, first = st:claimed(i)
-    if last ~= 0 then claims[#claims + 1], claims[#claims + 2] = first, last end
-  end
-  -- results that came meanwhile (and their callbacks, which may send more); with results
-  -- still queued (a bounded step), nothing can be judged lost yet
-  if not drain(self) then return end
-  local prev, suspects, lost = self._suspects, {}, nil
-  for seq in pairs(self._inflight) do
-    local held = seq > taken
-    for k = 1, #claims, 2 do
-      if seq >= claims[k] and seq <= claims[k + 1] then held = true break end
-    end
-    if not held then
-      local since = prev and prev[seq] or t
-      suspects[seq] = since
-      if t - since >= LOST_AFTER then lost = lost or {} lost[#lost + 1] = seq end
-    end
-  end
-  self._suspects = next(suspects) and suspects or nil
-  if lost then
-    table.sort(lost)
-    for _, seq in ipairs(lost) do
-      lose(self, seq, function(call, i0, n)
-        return ("%s: the task message of %s was lost (no worker holds it)"):format(call.kind, item_text(i0, n))
-      end)
-    end
-  end
-end
-
 local function stopped(pid)  -- by a signal (T) or a tracer (t)
   local f = io.open("/proc/" .. pid .. "/stat")
   local st = f and f:read("l") or ""
@@ -842,38 +765,20 @@ local function check_workers(self, idle)
       -- results queued: settle it later
       w.code = code
     elseif code ~= nil then
-      -- it held messages first .. last: the first was running, the others waiting
-      for seq = first, last do
-        lose(self, seq, function(call, i0, n)
-          return ("%s: worker pid %d died (%s) %s %s"):format(call.kind, w.pid, exit_text(code),
-            seq == first and "while running" or "before running", item_text(i0, n))
-        end)
-      end
+      -- it held messages first .. last (none when last is 0): those still in flight are lost,
+      -- and a death before it was ready counts (pool_faults.lua); a worker that ends at its
+      -- stop message (in flight no more: a stop has no result) or that held nothing is no fault
+      local lost = false
+      for seq = first, last do lost = lost or self._inflight[seq] ~= nil end
+      if lost or (not w.ready and code ~= 0) then faults().worker_died(self, w, code, first, last) end
       self._workers[i] = nil
       if self._epfd then st:unwatch_pid(i) end
-      if not w.ready and code ~= 0 then
-        -- it died before it was ready. One death is a death (a kill from outside): it is
-        -- replaced. START_TRIES in a row, with no worker ready between, is a start-up
-        -- that cannot succeed (an initializer that exits): the pool breaks instead of
-        -- respawning forever. An initializer that raises breaks it at once (on_result).
-        self._startfails = self._startfails + 1
-        if self._startfails >= START_TRIES and not self._broken then
-          self._broken = ("%d new workers in a row died during start-up, the last (pid %d) %s"):format(
-            self._startfails, w.pid, w.late or exit_text(code))
-        end
-      end
       respawn = respawn or {}
       respawn[#respawn + 1] = i
     elseif last ~= 0 then
       local inf = self._inflight[first]
       local limit = inf and (inf.call or inf).timeout
-      if limit and t - since > limit then
-        core.kill(w.pid, 9)  -- reaped, and its other messages lost, on a next check
-        lose(self, first, function(call, i0, n)
-          return ("%s: task timed out after %gs (%s); worker pid %d was killed"):format(
-            call.kind, limit, item_text(i0, n), w.pid)
-        end)
-      end
+      if limit and t - since > limit then faults().timed_out(self, w, first, limit) end
     end
   end
   if respawn and not self._broken then
@@ -888,7 +793,7 @@ local function check_workers(self, idle)
       abort_all(self, self._broken and "the pool is broken: " .. self._broken or CLOSED)
     end
   elseif next(self._inflight) and (idle or self._suspects or t - self._lostcheck >= LOST_AFTER / 2) then
-    find_lost(self, t)
+    faults().find_lost(self, t)
   end
 end
 
@@ -1195,49 +1100,6 @@ local function parse_opts(opts, what, lvl)
   return opts
 end
 
--- After a function failed to encode: the path to a Pool it reaches through its
--- upvalues and tables, if any (a Pool holds a value the codec refuses, _nosend).
-local function find_pool(f)
-  -- the globals and modules travel by name (docs/codec.md): a Pool in them is not sent
-  local seen, budget = { [globals] = true }, 100000
-  for _, m in pairs(package.loaded) do seen[m] = true end
-  local function walk(v, path)
-    budget = budget - 1
-    if budget < 0 or seen[v] then return nil end
-    seen[v] = true
-    if type(v) == "function" then
-      for i = 1, math.huge do
-        local name, u = getupvalue(v, i)
-        if name == nil then break end
-        local t = type(u)
-        if t == "table" or t == "function" then
-          local found = walk(u, ("%s<upvalue %s>"):format(path, name))
-          if found then return found end
-        end
-      end
-    elseif getmetatable(v) == Pool then
-      return path
-    else
-      for k, u in next, v do
-        local t = type(u)
-        if t == "table" or t == "function" then
-          local found = walk(u, path .. (type(k) == "string" and k:match("^[%a_][%w_]*$") and "." .. k or "[" .. tostring(k) .. "]"))
-          if found then return found end
-        end
-      end
-    end
-  end
-  return walk(f, "at the function")
-end
-
--- the error of a function that cannot be sent, as the user should read it
-local function func_error(self, f, err)
-  err = clean(tostring(err)):gsub("at function", "at the function")
-  local where = find_pool(f)
-  if where then return ("cannot send a Pool (%s): a Pool can only be used by the process that made it"):format(where) end
-  return err
-end
-
 -- the blob record of the function f of a call; a function that cannot be sent raises
 -- func_error at level lvl, seen from the caller (the cached record costs no pcall)
 local function call_blob(self, f, lvl)
@@ -1245,7 +1107,7 @@ local function call_blob(self, f, lvl)
   if b then return b end
   local ok
   ok, b = pcall(func_blob, self, f)
-  if not ok then error(func_error(self, f, b), lvl + 1) end
+  if not ok then error(faults().func_error(self, f, b), lvl + 1) end
   return b
 end
 
@@ -1360,7 +1222,7 @@ function M.Pool(opts)
     _start_timeout = start_timeout or START_TIMEOUT,
     _method = method or context._state.method,  -- nil or "fork": forked here
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks, _respawn = respawn or "now",
-    _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see find_pool)
+    _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see pool_faults.lua, find_pool)
     _broken = false,  -- (or why the pool is broken; a field of its own: tested for every task)
   }, Pool)
   made = made + 1
@@ -1537,7 +1399,8 @@ local P = {
   SLICE = SLICE, AHEAD = AHEAD, POLL_BUDGET = POLL_BUDGET, STEP_RESULTS = STEP_RESULTS, FEED_TIME = FEED_TIME,
   clean = clean, engine = engine, wait_call = wait_call, results_of = results_of, check_usable = check_usable,
   parse_opts = parse_opts, key_text = key_text, new_call = new_call, feed = feed, sized_results = sized_results,
-  call_blob = call_blob, plain_upvalues = plain_upvalues,
+  call_blob = call_blob, plain_upvalues = plain_upvalues, globals = globals,
+  drain = drain, lose = lose, LOST_AFTER = LOST_AFTER,
   abandon = abandon, finish = finish, run_callback = run_callback, note = note, on_result = on_result,
   check_workers = check_workers, stop_workers = stop_workers, spawn_pending = spawn_pending,
 }

@@ -96,7 +96,7 @@ local function step(self, feed_until)
       t0 = t1
     end
   end
-  -- the health check takes what came meanwhile (see find_lost): it waits for a step
+  -- the health check takes what came meanwhile (see find_lost in pool_faults.lua): it waits for a step
   -- that emptied the queue, unless results have kept it busy for a while
   local since = now() - self._checked
   if since >= SLICE and (not more or since >= 10 * SLICE) then
