@@ -263,13 +263,22 @@ static void q_dtor(mp_obj *o) {  /* frees what the queue still holds (no process
   q->head = q->tail = q->spare = 0;
 }
 
+static void q_tidy(mp_queue *q);
+
 /* A chunk at the tail with room for rec bytes (queue locked), or NULL when the
-** arena is full. A new chunk is linked empty, with one store (or a logged pair
-** when it is the spare): a kill can leak it only between its allocation and
-** that store. */
+** arena is full. A full tail is tidied first: a big message's reader marks its
+** record taken without the lock, so the record stays until the next tidy, and
+** a queue whose reader always comes after the writer (never finding it empty)
+** would fill its chunk with taken records and grow one while holding nothing.
+** A new chunk is linked empty, with one store (or a logged pair when it is the
+** spare): a kill can leak it only between its allocation and that store. */
 static chunk *q_room(mp_queue *q, uint32_t rec) {
   chunk *c = q->tail ? CH(q->tail) : NULL;
   if (c && c->cap - c->wpos >= rec) return c;
+  if (c) {  /* (the tail stays: only chunks before it are dropped) */
+    q_tidy(q);
+    if (c->cap - c->wpos >= rec) return c;
+  }
   uint64_t *link = c ? &c->next : &q->head, off;
   if (q->spare && rec <= CH(q->spare)->cap) {
     off = q->spare;
