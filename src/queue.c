@@ -789,7 +789,7 @@ static void q_small_done(mp_queue *q, chunk *c, uint32_t rec, uint32_t n) {
 
 /* put of a message without handles: plen bytes of pre, then s[0..n), plen + n < BIGMSG
 ** (fast_encode's, mp_fast_encode_array's) */
-static int q_put_small(lua_State *L, mp_queue *q, const void *pre, uint32_t plen, const char *s, uint32_t n,
+static inline __attribute__((always_inline)) int q_put_small(lua_State *L, mp_queue *q, const void *pre, uint32_t plen, const char *s, uint32_t n,
                        double deadline) {
   mp_alloc_context(L, deadline);
   int r = q_put_enter(L, q, deadline);
