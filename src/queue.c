@@ -741,12 +741,10 @@ static void count_owned(uint64_t ext) {
 }
 
 /* A put whose allocation failed: raises mp_oom_error's error (no room, or the allocator's lock
-** not had by the deadline: "put timed out: ... held by stopped process N"), or, in a put made by
-** mp_queue_put_soft, MP_TIMEOUT for the second (nothing was sent). */
-static int soft_put;
-static int put_oom(lua_State *L, size_t want) {
-  if (soft_put && mp_alloc_gave_up()) return MP_TIMEOUT;
-  soft_put = 0;
+** not had by the deadline: "put timed out: ... held by stopped process N"), or, for a soft put
+** (mp_queue_put_soft's), MP_TIMEOUT for the second (nothing was sent). */
+static int put_oom(lua_State *L, size_t want, int soft) {
+  if (soft && mp_alloc_gave_up()) return MP_TIMEOUT;
   return mp_oom_error(L, want);
 }
 
@@ -796,7 +794,7 @@ static inline __attribute__((always_inline)) int q_put_small(lua_State *L, mp_qu
   if (r != MP_WOKE) return r;
   uint32_t len = plen + n, rec = (4 + len + 7) & ~7u;
   chunk *c = q_room(q, rec);
-  if (!c) { q_unlock(q); return put_oom(L, sizeof(chunk) + rec); }
+  if (!c) { q_unlock(q); return put_oom(L, sizeof(chunk) + rec, 0); }
   char *p = c->data + c->wpos;
   memcpy(p, &len, 4);
   if (plen) memcpy(p + 4, pre, plen);
@@ -810,7 +808,8 @@ int mp_queue_put_small(lua_State *L, mp_queue *q, const void *pre, size_t plen, 
   return q_put_small(L, q, pre, (uint32_t)plen, s, (uint32_t)n, deadline);
 }
 
-int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
+static int put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline,
+                        int soft) {
   const mp_sent *hl;
   size_t nh = mp_enc_handles(e, &hl);
   size_t n = plen + mp_enc_size(e);
@@ -822,13 +821,13 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   uint64_t built = 0;
   if (nh && n < BIGMSG && !(built = build_owned(e, hl, nh, pre, plen, n))) {
     mp_enc_unsent(e);
-    return put_oom(L, own_size(nh) + n);
+    return put_oom(L, own_size(nh) + n, soft);
   }
   int r = q_put_enter(L, q, deadline);
   if (r != MP_WOKE) return put_failed(e, built, r);
   uint32_t rec = big ? BIGREC : (uint32_t)((4 + n + 7) & ~(size_t)7);
   chunk *c = q_room(q, rec);
-  if (!c) { q_unlock(q); put_failed(e, built, 0); return put_oom(L, sizeof(chunk) + rec); }
+  if (!c) { q_unlock(q); put_failed(e, built, 0); return put_oom(L, sizeof(chunk) + rec, soft); }
   char *p = c->data + c->wpos;
   if (built) {  /* in WRITING while its references are counted, READY before the lock goes */
     bigrec *b = (bigrec *)p;
@@ -885,7 +884,7 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
       q_unlock(q);
     }
     mp_enc_unsent(e);
-    return put_oom(L, skip + n);
+    return put_oom(L, skip + n, soft);
   }
   msgown *mo = nh ? MP_PTR(ext) : NULL;
   if (mo) {
@@ -913,11 +912,12 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
   return MP_WOKE;
 }
 
+int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
+  return put_prefixed(L, q, pre, plen, e, deadline, 0);
+}
+
 int mp_queue_put_soft(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline) {
-  soft_put = 1;
-  int r = mp_queue_put_prefixed(L, q, pre, plen, e, deadline);
-  soft_put = 0;
-  return r;
+  return put_prefixed(L, q, pre, plen, e, deadline, 1);
 }
 
 typedef struct extmsg { uint64_t off; size_t n; mp_decoder decode; } extmsg;
