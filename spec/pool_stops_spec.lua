@@ -424,6 +424,23 @@ describe("Pool stops", function()
         pool:join()
       end)
     end)
+
+    it("an imap chunk that cannot be sent whole, sent item by item behind a stopped task-lock holder, fails only at its bad item", function()
+      behind_task_holder(1, function(pool, holder)
+        local xs, n = { 1, coroutine.create(print), 3 }, 0
+        -- (the chunk {1, co, 3} fails to encode; then item 1 alone meets the held lock)
+        local it, s, c, closer = soon("imap's start", pool.imap, pool, double,
+          function() n = n + 1 return xs[n] end, 3)
+        kill_holder(holder)
+        local got, err = {}, nil
+        local ok, e = pcall(function() for i, v in it, s, c, closer do got[i] = v end end)
+        if not ok then err = tostring(e) end
+        check(got[1] == 2, "item 1: " .. tostring(got[1]) .. " (" .. tostring(err) .. ")")
+        check(err and err:find("cannot send a thread", 1, true), "the error: " .. tostring(err))
+        pool:close()
+        pool:join()
+      end)
+    end)
   end)
 
   describe("close and join", function()

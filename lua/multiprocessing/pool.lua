@@ -923,6 +923,8 @@ local function feed(self, call, deadline)
         local sent = 0
         if n > 1 and lazy(call) then sent, err = put_each(self, call, i0, src, j0, n) end
         call.next_index = i0 + sent
+        -- (an item sent alone met a held lock: the rest waits for a later turn, as a chunk does)
+        if err == "timeout" then hold_back(call, src, j0 + sent, n - sent, failure) break end
         cut(self, call, err)
         break
       end
