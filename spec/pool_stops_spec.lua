@@ -690,6 +690,25 @@ describe("Pool stops", function()
     end)
   end)
 
+  describe("a program that narrowed package.path after it made the pool", function()
+    it("a worker's death and a result that cannot be sent still fail their call, not the pool", function()
+      local status, out = run([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool(1)
+        print("first:", pool:apply(function(x) return x + 1 end, { 1 }))
+        package.path = "./?.lua"   -- (the program's own business, after start-up)
+        print("died:", pcall(pool.apply, pool, function() os.exit(3) end, {}))
+        print("unsendable:", pcall(pool.apply, pool, function() return coroutine.create(print) end, {}))
+        print("after:", pool:apply(function(x) return x * 2 end, { 21 }))
+        pool:close() pool:join()
+      ]])
+      assert.equal(0, status, out)
+      assert.matches("died:\tfalse\tapply: worker pid %d+ died %(exit code 3%) while running item 1", out)
+      assert.matches("unsendable:\tfalse\tapply failed on item 1 %(worker pid %d+%):\ncannot send a thread", out)
+      assert.matches("after:\t42", out)
+    end)
+  end)
+
   describe("out of shared memory", function()
     it("a result too big for the arena fails its item, not the worker; a task too big fails its call", function()
       local status, out = run([[
