@@ -424,6 +424,23 @@ describe("Pool stops", function()
         pool:join()
       end)
     end)
+
+    it("an imap chunk that cannot be sent whole, sent item by item behind a stopped task-lock holder, fails only at its bad item", function()
+      behind_task_holder(1, function(pool, holder)
+        local xs, n = { 1, coroutine.create(print), 3 }, 0
+        -- (the chunk {1, co, 3} fails to encode; then item 1 alone meets the held lock)
+        local it, s, c, closer = soon("imap's start", pool.imap, pool, double,
+          function() n = n + 1 return xs[n] end, 3)
+        kill_holder(holder)
+        local got, err = {}, nil
+        local ok, e = pcall(function() for i, v in it, s, c, closer do got[i] = v end end)
+        if not ok then err = tostring(e) end
+        check(got[1] == 2, "item 1: " .. tostring(got[1]) .. " (" .. tostring(err) .. ")")
+        check(err and err:find("cannot send a thread", 1, true), "the error: " .. tostring(err))
+        pool:close()
+        pool:join()
+      end)
+    end)
   end)
 
   describe("close and join", function()
@@ -670,6 +687,25 @@ describe("Pool stops", function()
       for i = 1, 200 do rs[i] = pool:apply_async(function(x) return x * k end, { i }) end
       for i = 1, 200 do assert.equal(3 * i, rs[i]:get()) end
       assert.equal(1, pool._nfid)
+    end)
+  end)
+
+  describe("a program that narrowed package.path after it made the pool", function()
+    it("a worker's death and a result that cannot be sent still fail their call, not the pool", function()
+      local status, out = run([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool(1)
+        print("first:", pool:apply(function(x) return x + 1 end, { 1 }))
+        package.path = "./?.lua"   -- (the program's own business, after start-up)
+        print("died:", pcall(pool.apply, pool, function() os.exit(3) end, {}))
+        print("unsendable:", pcall(pool.apply, pool, function() return coroutine.create(print) end, {}))
+        print("after:", pool:apply(function(x) return x * 2 end, { 21 }))
+        pool:close() pool:join()
+      ]])
+      assert.equal(0, status, out)
+      assert.matches("died:\tfalse\tapply: worker pid %d+ died %(exit code 3%) while running item 1", out)
+      assert.matches("unsendable:\tfalse\tapply failed on item 1 %(worker pid %d+%):\ncannot send a thread", out)
+      assert.matches("after:\t42", out)
     end)
   end)
 

@@ -13,8 +13,22 @@ local core = require "multiprocessing.core"
 -- progress.lua is loaded by the first call that needs it (a bar, an imap loop): not by Pool()
 local function progress() return require "multiprocessing.progress" end
 -- pool_faults.lua: the rare paths (a value that cannot be sent, a worker's death or timeout, a
--- lost message), loaded the first time one is taken: a map that goes well never parses it
-local function faults() return require "multiprocessing.pool_faults" end
+-- lost message), loaded the first time one is taken: a map that goes well never parses it. A
+-- program (or a task, in a worker) may have changed package.path since this file loaded: the
+-- rare path is then looked for where this file was found
+local FAULTS, path_at_load = "multiprocessing.pool_faults", package.path
+local function faults()
+  local m = package.loaded[FAULTS]
+  if m then return m end
+  local ok, r = pcall(require, FAULTS)
+  if ok then return r end
+  local path = package.path
+  package.path = path_at_load
+  ok, m = pcall(require, FAULTS)
+  package.path = path
+  if not ok then error(r, 0) end
+  return m
+end
 local process = require "multiprocessing.process"
 local context = require "multiprocessing.context"
 
@@ -923,6 +937,8 @@ local function feed(self, call, deadline)
         local sent = 0
         if n > 1 and lazy(call) then sent, err = put_each(self, call, i0, src, j0, n) end
         call.next_index = i0 + sent
+        -- (an item sent alone met a held lock: the rest waits for a later turn, as a chunk does)
+        if err == "timeout" then hold_back(call, src, j0 + sent, n - sent, failure) break end
         cut(self, call, err)
         break
       end
