@@ -707,6 +707,22 @@ describe("Pool stops", function()
       assert.matches("unsendable:\tfalse\tapply failed on item 1 %(worker pid %d+%):\ncannot send a thread", out)
       assert.matches("after:\t42", out)
     end)
+
+    it("the calls loaded on first use (apply_async, Process) still load", function()
+      local status, out = run([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool(1)
+        package.path = "./?.lua"
+        print("async:", pool:apply_async(function(x) return x + 1 end, { 1 }):get(10))
+        local p = mp.Process { target = function() end }
+        p:start() p:join()
+        print("process:", p.exitcode)
+        pool:close() pool:join()
+      ]])
+      assert.equal(0, status, out)
+      assert.matches("async:\t2", out)
+      assert.matches("process:\t0", out)
+    end)
   end)
 
   describe("out of shared memory", function()

@@ -539,7 +539,7 @@ static void result_decode(lua_State *L, const char *s, size_t n) {
   /* the context: in take_result's frame, else (decoding may run in a frame of
   ** its own, for a message out of line) in the registry */
   if (!(taking && top >= KEYTOP && lua_topointer(L, CTXSLOT) == taking->ctx)) {
-    luaL_checkstack(L, CTX_NKEYS + 8, "cannot decode a result");
+    luaL_checkstack(L, CTX_NKEYS + 24, "cannot decode a result");
     if (lua_rawgetp(L, LUA_REGISTRYINDEX, &inflight_key) != LUA_TTABLE) goto out;
     lua_rawgeti(L, top + 1, CTX_INFLIGHT);
     lua_rawgeti(L, top + 1, CTX_POOL);
@@ -594,7 +594,7 @@ static int pool_take_result(lua_State *L) {
   lua_rawseti(L, CTXSLOT, CTX_INFLIGHT);  /* (an error leaves them until the next call) */
   lua_pushvalue(L, 5);
   lua_rawseti(L, CTXSLOT, CTX_POOL);
-  luaL_checkstack(L, CTX_NKEYS + 8, "cannot take a result");
+  luaL_checkstack(L, CTX_NKEYS + 24, "cannot take a result");
   for (int k = CTX_CALL; k <= CTX_NKEYS; k++) lua_rawgeti(L, CTXSLOT, k);  /* (at KEYBASE + k) */
   int n;
   lua_Integer done = 0;

@@ -12,25 +12,12 @@
 local core = require "multiprocessing.core"
 -- progress.lua is loaded by the first call that needs it (a bar, an imap loop): not by Pool()
 local function progress() return require "multiprocessing.progress" end
--- pool_faults.lua: the rare paths (a value that cannot be sent, a worker's death or timeout, a
--- lost message), loaded the first time one is taken: a map that goes well never parses it. A
--- program (or a task, in a worker) may have changed package.path since this file loaded: the
--- rare path is then looked for where this file was found
-local FAULTS, path_at_load = "multiprocessing.pool_faults", package.path
-local function faults()
-  local m = package.loaded[FAULTS]
-  if m then return m end
-  local ok, r = pcall(require, FAULTS)
-  if ok then return r end
-  local path = package.path
-  package.path = path_at_load
-  ok, m = pcall(require, FAULTS)
-  package.path = path
-  if not ok then error(r, 0) end
-  return m
-end
 local process = require "multiprocessing.process"
 local context = require "multiprocessing.context"
+-- pool_faults.lua: the rare paths (a value that cannot be sent, a worker's death or timeout, a
+-- lost message), loaded the first time one is taken: a map that goes well never parses it
+local late_require = process._late_require
+local function faults() return late_require "multiprocessing.pool_faults" end
 
 local encode, decode, now, place = core.encode, core.decode, core.now, core.place
 local put_raw, put_result, take_result, put_stop = core.put_task, core.put_result, core.take_result, core.put_stop
@@ -1421,7 +1408,7 @@ local P = {
   check_workers = check_workers, stop_workers = stop_workers, spawn_pending = spawn_pending,
 }
 M._internals = P
-local function load_async() require "multiprocessing.pool_async" end
+local function load_async() late_require "multiprocessing.pool_async" end
 local function stand_in(t, name)
   local f
   f = function(...)

@@ -166,10 +166,27 @@ M._internals = {
   set_starting = function(p) starting = p end,
   whoami = whoami, capture = capture, Info = Info, running = running,
 }
+-- require(name), for the layer's files loaded on first use (process_class.lua here, pool.lua's
+-- pool_async.lua and pool_faults.lua): a program (or a task, in a worker) may have changed
+-- package.path since the library loaded, so one not found is looked for along the path of then
+local path_at_load = package.path
+function M._late_require(name)
+  local m = package.loaded[name]
+  if m ~= nil then return m end
+  local ok, r = pcall(require, name)
+  if ok then return r end
+  local path = package.path
+  package.path = path_at_load
+  local ok2, m2 = pcall(require, name)
+  package.path = path
+  if not ok2 then error(r, 0) end
+  return m2
+end
+
 for _, name in ipairs { "Process", "active_children", "_child_main", "_call_args" } do
   local f
   f = function(...)
-    require "multiprocessing.process_class"
+    M._late_require "multiprocessing.process_class"
     if M[name] == f then error("multiprocessing.process_class did not define " .. name, 2) end
     return M[name](...)
   end
