@@ -23,7 +23,8 @@ local function free_port()
   error("no free port")
 end
 
--- a redis-server of our own; returns its URL and a function that stops it
+-- a redis-server of our own; returns its URL, a function that stops it, its port and a function
+-- that gives its pid
 local function start_redis()
   local port = free_port()
   local pidfile = os.tmpname()
@@ -33,14 +34,18 @@ local function start_redis()
     local r = core.redis_connect("127.0.0.1", port, 0.2)
     if r then r:close() return true end
   end, 10), "redis-server did not start")
-  local function stop()
+  local function pid_of()
     local f = io.open(pidfile)
     local pid = f and tonumber(f:read("a"))
     if f then f:close() end
+    return pid
+  end
+  local function stop()
+    local pid = pid_of()
     if pid then core.kill(pid, 9) end
     os.remove(pidfile)
   end
-  return ("redis://127.0.0.1:%d"):format(port), stop, port
+  return ("redis://127.0.0.1:%d"):format(port), stop, port, pid_of
 end
 
 local have_redis = os.getenv("MP_REDIS_URL") or sh("command -v redis-server >/dev/null 2>&1")
@@ -299,6 +304,35 @@ describe_redis("Pool on Redis Streams", function()
     assert.matches("Redis at " .. own:gsub("%p", "%%%0"), e)
     assert.is_true(core.now() - t0 < 25)
     p:terminate()
+  end)
+
+  it("ends get(timeout) soon after its timeout behind a stopped Redis, and works again once it goes on", function()
+    if os.getenv("MP_REDIS_URL") and not sh("command -v redis-server >/dev/null 2>&1") then return end
+    local own, stop, _, pid_of = start_redis()
+    local shared = base
+    base = own   -- (this spec's workers and pool use the server it stops)
+    local ok, err = pcall(function()
+      start_worker(2)
+      local p <close> = pool()
+      local f = task "return function(x) return x * 3 end"
+      assert.same({ 3, n = 1 }, p:map(f, { 1 }))
+      local r = p:map_async(f, { 1, 2, 3 }, 1)
+      local rpid = assert(pid_of(), "no redis-server pid")
+      core.kill(rpid, 19)   -- SIGSTOP: connected, answering nothing
+      local t0 = core.now()
+      local e = H.error_of(r.get, r, 0.5)
+      local took = core.now() - t0
+      core.kill(rpid, 18)
+      assert.matches("map_async: Redis at " .. own:gsub("%p", "%%%0") .. "[^:]*: timed out waiting for Redis", e)
+      assert.is_true(took < 5, ("get(0.5) took %.1f s behind a stopped Redis"):format(took))
+      -- a new connection for the next call: no error about a closed one
+      assert.same({ 3, 6, n = 2 }, p:map(f, { 1, 2 }))
+      p:close()
+      p:join()
+    end)
+    base = shared
+    stop()
+    assert(ok, err)
   end)
 
   it("terminates: pending calls fail, its tasks and keys are gone", function()

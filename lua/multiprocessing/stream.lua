@@ -36,6 +36,8 @@ M.RESULT_TTL = 600000
 M.MAX_DELIVERIES = 3       -- a task delivered this many times, each to a worker that died, fails
 M.RECLAIM_EVERY = 0.5      -- how often a consumer looks for tasks held by dead consumers
 M.BLOCK_MS = 200           -- longest blocking read: Ctrl-C and leases are looked at in between
+M.STALL = 1.0              -- seconds a Redis that answers nothing may take beyond the wait a call
+                           -- asked for: then the connection counts as broken (a stopped server)
 M.FN_TTL = 2 * M.LEASE_TTL
 M.BATCH_MAX = 64           -- task messages a consumer reads at once, at most
 M.BATCH_TIME = 0.005       -- a consumer reads about this many seconds of work at once, and

@@ -89,7 +89,8 @@ function M.Pool(opts)
   end
   local keys = S.keys(u.ns)
   local r = S.connect(u, "Pool", t)
-  r:settimeout((t or 10) + S.BLOCK_MS / 1000)
+  local tmo = (t or 10) + S.BLOCK_MS / 1000
+  r:settimeout(tmo)
   local ok, err = S.ensure_group(r, keys)
   if not ok then r:close() error(("Pool: Redis at %s: %s"):format(u.url, tostring(err)), 0) end
   local id = S.me() .. ":" .. (core.random_bytes(6):gsub(".", function(c) return ("%02x"):format(c:byte()) end))
@@ -101,6 +102,7 @@ function M.Pool(opts)
     _fnkey = keys.fn(id), _fcache = setmetatable({}, { __mode = "k" }), _bytext = {}, _ring = {}, _ringk = 0, _nfid = 0,
     _lease = lease, _owner = core.getpid(), _calls = {}, _ncall = 0, _state = "running",
     _hint = opts.processes, _bad = 0, _sent = {}, _sentj = {}, _sent_lo = 1, _sent_hi = 1, _nsent = 0,
+    _tmo = tmo, _tmo_now = tmo, _t = t,
   }, Pool)
 end
 
@@ -114,11 +116,40 @@ local function check_running(self, fname)
   if self._state ~= "running" then error(("cannot %s: the pool is %s"):format(fname, self._state == "closed" and "closed" or "terminated"), 3) end
 end
 
--- a Redis fault fails every pending call and raises for the one that met it
+-- a Redis fault fails every pending call and raises for the one that met it; the connection is
+-- made again by the next call that needs it (reconnect)
 local function redis_fault(self, fname, why)
   local text = ("%s: Redis at %s: %s"):format(fname, self._u.url, tostring(why))
-  for _, c in pairs(self._calls) do if not c.done then c.err = c.err or text c.done = true end end
+  self._lost = true
+  for id, c in pairs(self._calls) do
+    if not c.done then c.err = c.err or text c.done = true end
+    self._calls[id] = nil
+  end
   error(text, 0)
+end
+
+-- a new connection after a fault: what was sent on the old one and not answered is unknown, so
+-- the function cache starts again (a blob's HSET may not have arrived)
+local function reconnect(self, fname)
+  pcall(self._r.close, self._r)
+  self._r = S.connect(self._u, fname, self._t)
+  self._r:settimeout(self._tmo)
+  self._tmo_now = self._tmo
+  self._lost = nil
+  self._sent, self._sentj, self._sent_lo, self._sent_hi, self._nsent = {}, {}, 1, 1, 0
+  self._fcache, self._bytext, self._ring, self._ringk = setmetatable({}, { __mode = "k" }), {}, {}, 0
+end
+
+-- the longest a command may wait for its reply: the pool's, or (a call that waits `left` more
+-- seconds) left + one blocking read + STALL, so that a stopped server ends the call soon after
+-- its own timeout
+local function bound(self, left)
+  local want = self._tmo
+  if left then want = math.min(want, math.max(left, 0) + S.BLOCK_MS / 1000 + S.STALL) end
+  if math.abs(want - self._tmo_now) > 0.05 then
+    self._r:settimeout(want)
+    self._tmo_now = want
+  end
 end
 
 -- the number of workers heard from (heartbeat keys), for automatic chunks; counted again
@@ -186,8 +217,9 @@ function rcall(self, ...)
   return a, b
 end
 
--- a command whose answer nobody waits for
+-- a command whose answer nobody waits for (none on a connection lost: see reconnect)
 local function send_quiet(self, ...)
+  if self._lost then return end
   local ok, why = self._r:send(...)
   if not ok then redis_fault(self, "Pool", why) end
   self._sent[self._sent_hi] = false
@@ -463,6 +495,7 @@ local unframe = core.stream_unframe
 
 -- one read of the result stream, waiting at most `wait` seconds (0: a poll)
 local function pump(self, fname, wait)
+  if self._lost then reconnect(self, fname) end
   local ms = math.max(0, math.min(S.BLOCK_MS, math.floor((wait or 0) * 1000)))
   local r, res = self._r, self._res
   local rep, why
@@ -499,10 +532,12 @@ local function wait_until(self, fname, c, timeout)
   local pred = type(c) == "function" and c
   while not (pred and pred() or not pred and c.done) do
     local left = deadline and deadline - now() or S.BLOCK_MS / 1000
-    if left <= 0 then return false end
+    if left <= 0 then bound(self) return false end
+    if deadline and not self._lost then bound(self, left) end
     pump(self, fname, left)
     run_callbacks(self)
   end
+  if not self._lost then bound(self) end
   run_callbacks(self)
   return true
 end
@@ -544,6 +579,7 @@ local NO_OPTIONS = {}
 
 local function start_call(self, kind, fname, f, input, opts, lazy)
   check_running(self, fname)
+  if self._lost then reconnect(self, fname) end
   if type(f) ~= "function" and not (getmetatable(f) or {}).__call then
     error(("bad argument #1 to '%s' (function expected, got %s)"):format(fname, type(f)), 3)
   end
