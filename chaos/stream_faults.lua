@@ -12,8 +12,9 @@ local BOUND = 20  -- seconds a call may take after a fault (a claim takes about 
                   -- machine's heartbeat 3 s more)
 
 -- a Redis to use for the case: its base URL and a function that ends what was started
-local function redis()
-  local url = os.getenv("MP_REDIS_URL")
+-- (own: always a server of its own, whose pid is the third value)
+local function redis(own)
+  local url = not own and os.getenv("MP_REDIS_URL")
   if url then return url, function() end end
   local port = 20000 + math.random(0, 30000)
   local pidfile = L.tmpname("redis-pid")
@@ -25,17 +26,17 @@ local function redis()
     local r = pid and core.redis_connect("127.0.0.1", port, 0.2)
     if r then r:close() return true end
   end, 10), "redis-server on port %d did not answer", port)
-  return ("redis://127.0.0.1:%d"):format(port), function() kill(pid, SIGKILL) os.remove(pidfile) end
+  return ("redis://127.0.0.1:%d"):format(port), function() kill(pid, SIGKILL) os.remove(pidfile) end, pid
 end
 
 -- a namespace of its own, a key file, and mp-worker machines started on demand
-local function setup()
-  local base, stop_redis = redis()
+local function setup(own)
+  local base, stop_redis, redis_pid = redis(own)
   local url = ("%s?namespace=chaos%d_%d"):format(base, core.getpid(), math.random(1, 1e9))
   local keyfile = L.tmpname("key")
   assert(os.execute("head -c 32 /dev/urandom > " .. keyfile .. " && chmod 600 " .. keyfile))
   local machines = {}
-  local env = {}
+  local env = { redis_pid = redis_pid }
   function env.start_machine(n)  -- an mp-worker supervisor with n consumers: its pid
     local pidfile = L.tmpname("worker-pid")
     assert(os.execute(("%s %s bin/mp-worker %s --processes %d --key-file %s --quiet </dev/null >/dev/null 2>&1 & echo $! > %s")
@@ -93,10 +94,11 @@ local function finish_round(r, n, round, after)
   L.round_done()
 end
 
--- body(env) with a set-up environment, which is closed however body ends
-local function with_env(body)
+-- body(env) with a set-up environment (own: with a redis-server of its own), which is closed
+-- however body ends
+local function with_env(body, own)
   return function()
-    local env = setup()
+    local env = setup(own)
     local ok, err = pcall(body, env)
     env.close()
     if not ok then error(err, 0) end
@@ -146,4 +148,33 @@ return {
       finish_round(r, n, round, "its machine was gone")
     end
   end) },
+
+  -- Redis stopped (SIGSTOP: connected, answering nothing) for 0.1-2 s while a call runs: its
+  -- get(0.5) ends within its bound (timeout + STALL), with the results or an error naming Redis;
+  -- once Redis goes on, the next call works (a new connection)
+  { name = "stream_redis_stopped", timeout = 240, run = with_env(function(env)
+    env.start_machine(2)
+    local pool <close> = env.pool()
+    L.fig("rounds", 0) L.fig("stops", 0) L.fig("failed", 0) L.fig("results", 0)
+    for round = 1, L.rounds(5) do
+      local n = math.random(50, 200)
+      local r = pool:map_async(TASK, inputs(n), 1)
+      sleep(L.uniform(0, 0.1))
+      kill(env.redis_pid, SIGSTOP)
+      L.add("stops")
+      local t0 = now()
+      local ok, out = pcall(r.get, r, 0.5)
+      local took = now() - t0
+      sleep(L.uniform(0.1, 2) - math.min(took, 0.1))
+      kill(env.redis_pid, 18)
+      L.check(took < 0.5 + 1.2 + 1, "round %d: get(0.5) took %.1f s behind a stopped Redis", round, took)
+      if ok then
+        L.check(out == nil or type(out) == "table", "round %d: get gave a %s", round, type(out))
+      else
+        L.check(tostring(out):find("Redis at", 1, true), "round %d: the error does not name Redis: %s", round, tostring(out):sub(1, 300))
+        L.add("failed")
+      end
+      finish_round(pool:map_async(TASK, inputs(n), 1), n, round, "Redis went on")
+    end
+  end, true) },
 }
