@@ -278,6 +278,33 @@ describe("Queue faults", function()
     if caught == 0 then pending("the reader was never caught inside its get") end
   end)
 
+  -- A process asleep in a get or a put is counted (so that a put or a get wakes it); one killed
+  -- asleep used to stay counted for good, and every later put made a FUTEX_WAKE for nobody
+  it("takes a getter and a putter killed asleep off the queue's sleepers once they are found dead", function()
+    for _, bounded_q in ipairs { false, true } do
+      local q = bounded_q and mp.Queue(1) or mp.Queue()
+      if bounded_q then q:put("full") end
+      local pid = H.spawn(function()
+        if bounded_q then q:put("waits") else q:get() end
+      end)
+      local k = bounded_q and 2 or 1
+      assert(H.eventually(function() return select(k, core._queue_sleepers(q)) == 1 end, 20), "it never slept")
+      core.kill(pid, SIGKILL)
+      assert.equal(-SIGKILL, core.waitpid(pid, 20))   -- (reaped: its entry is freed)
+      assert.equal(0, (select(k, core._queue_sleepers(q))), "still counted asleep")
+      -- and a live sleeper is still woken
+      local got = mp.Queue()
+      local other = H.spawn(function()
+        if bounded_q then q:put("second") got:put("put") else got:put(q:get()) end
+      end)
+      assert(H.eventually(function() return select(k, core._queue_sleepers(q)) == 1 end, 20), "the second never slept")
+      if bounded_q then assert.equal("full", q:get(10)) else q:put("x") end
+      assert.equal(bounded_q and "put" or "x", got:get(10))
+      assert.equal(0, core.waitpid(other, 20))
+      q:close() got:close()
+    end
+  end)
+
   -- The block of a big message always has one owner, the process that holds it or the record
   -- that names it, and passes between them in one store (docs/queue.md, "Kills"): a kill at any
   -- step of a hand-off frees it. (A kill between a get's TAKEN and its free, or between a put

@@ -122,6 +122,7 @@ typedef struct proc_entry {
   uint64_t refs;         /* its ledger (payload offset, 0: none): the references it holds */
   uint64_t releasing;    /* a dead process's ledger it is releasing (see release_orphans) */
   uint64_t fresh;        /* its memory holds no handle copied from its parent (spawn, forkserver: see live_max_serial) */
+  uint64_t asleep;       /* while it sleeps counted in a count of sleepers (q_wait): that count's offset */
 } proc_entry;
 
 static arena_hdr *arena;
@@ -655,11 +656,29 @@ static void entry_free(uint32_t i) {  /* arena locked; the process is dead */
     }
     jset(lp, 0);
   }
+  /* a count of sleepers it died counted in: one less, once the entry is free (a kill of
+  ** this process in between leaves the count one too high: wake-ups no one needs, never
+  ** one missed) */
+  uint64_t slept = e->asleep;
+  jset(&e->asleep, 0);
   jset(&e->link, arena->procfree);
   jset(&e->word, P_FREE);
   jset(&arena->procfree, i + 1);
   jcommit();
+  if (slept >= arena->start && slept + 4 <= arena->top && slept % 4 == 0) {
+    uint32_t *n = (uint32_t *)((char *)arena + slept), v = __atomic_load_n(n, __ATOMIC_SEQ_CST);
+    while (v && !__atomic_compare_exchange_n(n, &v, v - 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {}
+  }
 }
+
+int mp_asleep_in(uint32_t *count) {
+  if (!arena || !myslot) return 0;
+  uint64_t off = (uint64_t)((char *)count - (char *)arena), none = 0;
+  if ((char *)count < (char *)arena || off < arena->start || off + 4 > arena->top) return 0;  /* (not shared) */
+  return __atomic_compare_exchange_n(&ENTRY(myslot - 1)->asleep, &none, off, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+void mp_awake(void) { __atomic_store_n(&ENTRY(myslot - 1)->asleep, 0, __ATOMIC_SEQ_CST); }
 
 /* Is the process of used entry i alive? A dead one's entry is freed, its mutex
 ** left unlocked and consistent for the next occupant (arena locked). */

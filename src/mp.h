@@ -36,6 +36,13 @@ int mp_oom_error(lua_State *L, size_t want);
 /* whether the last allocation failed because its wait for the allocator's lock reached its
 ** deadline (mp_alloc_context); then forgets it (mp_oom_error would have said it) */
 int mp_alloc_gave_up(void);
+/* A process that sleeps counted in a shared count of sleepers (q_wait) names it in its process
+** entry, so that if it dies asleep the count is made one less (entry_free) instead of staying
+** one too high (a wake-up for every later put). mp_asleep_in: after the count went up; whether
+** it was named (not for a count outside the arena, nor a second one: another thread's);
+** mp_awake: before it goes down, when it was. */
+int mp_asleep_in(uint32_t *count);
+void mp_awake(void);
 uint64_t mp_alloc_try(size_t n);            /* 0 on failure */
 /* The Lua call about to allocate with mp_alloc_try/mp_alloc_held, and its
 ** deadline (< 0: none): a wait for the allocator's lock behind a stopped holder

@@ -441,8 +441,10 @@ static int q_settle_dead(mp_queue *q) {
 static int q_wait(lua_State *L, mp_queue *q, uint32_t *seq, uint32_t s, uint32_t *sleepers,
                   double until, double deadline, int *slept) {
   __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+  int named = mp_asleep_in(sleepers);  /* (a death asleep takes it off: entry_free) */
   q_unlock(q);
   int r = mp_futex_wait(L, seq, s, until);
+  if (named) mp_awake();
   __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
   if (slept) *slept = r == MP_TIMEOUT;
   if (r == MP_INTERRUPTED) return r;
@@ -1439,6 +1441,14 @@ static int queue_pause(lua_State *L) {
   return 0;
 }
 
+/* core._queue_sleepers(q) -> the processes counted asleep in its gets, and in its puts (tests) */
+static int queue_sleepers(lua_State *L) {
+  mp_queue *q = QOF(q_check(L, 1));
+  lua_pushinteger(L, __atomic_load_n(&q->getters, __ATOMIC_SEQ_CST));
+  lua_pushinteger(L, __atomic_load_n(&q->putters, __ATOMIC_SEQ_CST));
+  return 2;
+}
+
 /* core._queue_fast() -> whether this process's puts and gets of small plain values
 ** take the fast path (the codec's format matched fast_encode's), for tests */
 static int queue_fast(lua_State *L) {
@@ -1524,6 +1534,7 @@ int mp_queue_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Queue", queue_new}, {"SimpleQueue", simple_new}, {"JoinableQueue", joinable_new},
     {"_queue_fault", queue_fault}, {"_queue_pause", queue_pause}, {"_queue_fast", queue_fast},
+    {"_queue_sleepers", queue_sleepers},
     {"_queue_reserve", queue_reserve},
     {NULL, NULL}
   };
