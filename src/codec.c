@@ -102,6 +102,15 @@ static NO_COVERAGE int dump_ok(const unsigned char *p, size_t n, const unsigned 
 
 /* ------------------------------------------------------------ buffers */
 
+int mp_buf_resize(lua_State *L, mp_buf *b, size_t cap) {
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  char *p = f(ud, b->p, b->cap, cap);
+  if (!p) return 0;
+  b->p = p; b->cap = cap;
+  return 1;
+}
+
 void mp_buf_reserve(lua_State *L, mp_buf *b, size_t extra) {
   if (b->cap - b->n >= extra) return;
   size_t cap = b->cap ? b->cap : 256;
@@ -109,11 +118,7 @@ void mp_buf_reserve(lua_State *L, mp_buf *b, size_t extra) {
     if (cap > ((size_t)-1) / 2) luaL_error(L, "value too large to encode");
     cap *= 2;
   }
-  void *ud;
-  lua_Alloc f = lua_getallocf(L, &ud);
-  char *p = f(ud, b->p, b->cap, cap);
-  if (!p) luaL_error(L, "not enough memory to encode");
-  b->p = p; b->cap = cap;
+  if (!mp_buf_resize(L, b, cap)) luaL_error(L, "not enough memory to encode");
 }
 
 static inline void reserve(lua_State *L, mp_buf *b, size_t extra) {

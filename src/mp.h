@@ -252,6 +252,9 @@ typedef struct mp_buf {
   size_t n, cap;
 } mp_buf;
 void mp_buf_reserve(lua_State *L, mp_buf *b, size_t extra);
+/* b's capacity made exactly cap (no smaller than its contents), with the state's allocator:
+** 1, or 0 when there is no memory (b unchanged) */
+int mp_buf_resize(lua_State *L, mp_buf *b, size_t cap);
 void mp_buf_add(lua_State *L, mp_buf *b, const void *s, size_t n);
 void mp_buf_free(lua_State *L, mp_buf *b);
 

@@ -183,6 +183,13 @@ static uint32_t *flag_at(lua_State *L, int arg) {
   return MP_PTR(off);
 }
 
+/* put of pre and the encoding e, which is let go once it is out (no deadline) */
+static int put_encoded(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e) {
+  int r = mp_queue_put_prefixed(L, q, pre, plen, e, -1);
+  mp_enc_done(L, e);
+  return r;
+}
+
 /* core.put_task(queue, seq, fid, blob, mode, src, i0, n [, pool [, deadline]]) -> true |
 ** nil, "interrupted" | "timeout": sends src[i0 .. i0+n-1] as the items of task message seq, or
 ** src itself (the arguments of an apply) when i0 is 0; once it is out, pool._seq = seq (here: a
@@ -298,16 +305,10 @@ static int pool_put_apply(lua_State *L) {
     lua_replace(L, 5);
   }
   luaL_checktype(L, 5, LUA_TTABLE);
-  char few[MP_FAST_ARRAY];
+  char few[MP_FAST_ARRAY];  /* (a few plain arguments: without the encoder) */
   uint32_t len = mp_fast_encode_array(L, 5, few);
-  int r;
-  if (len) {
-    r = mp_queue_put_small(L, q, &h, sizeof h, few, len, -1);
-  } else {
-    mp_enc *e = mp_encode(L, 5, "args");
-    r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
-    mp_enc_done(L, e);
-  }
+  int r = len ? mp_queue_put_small(L, q, &h, sizeof h, few, len, -1)
+              : put_encoded(L, q, &h, sizeof h, mp_encode(L, 5, "args"));
   if (r == MP_WOKE) lean_record(L, 6, 7, seq, 0, brec, inflight);
   lua_pushboolean(L, r == MP_WOKE);
   return 1;
@@ -334,7 +335,7 @@ static int pool_put_call(lua_State *L) {
   }
   int top = lua_gettop(L), nargs = top - 7;
   h.n = (uint32_t)nargs;
-  char few[MP_FAST_ARRAY];
+  char few[MP_FAST_ARRAY];  /* (a few plain arguments: without the encoder) */
   uint32_t len = mp_fast_encode_values(L, 8, nargs, few);
   int r;
   if (len) {
@@ -345,9 +346,7 @@ static int pool_put_call(lua_State *L) {
       lua_pushvalue(L, 7 + k);
       lua_rawseti(L, -2, k);
     }
-    mp_enc *e = mp_encode_range(L, top + 1, 1, nargs, "args");
-    r = mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
-    mp_enc_done(L, e);
+    r = put_encoded(L, q, &h, sizeof h, mp_encode_range(L, top + 1, 1, nargs, "args"));
   }
   if (r == MP_WOKE) lean_record(L, 6, 7, seq, flag != 0, 0, 0);
   lua_pushboolean(L, r == MP_WOKE);
@@ -452,9 +451,7 @@ static int pool_put_result(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 6);
   luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 6, "bad count");
   h.n = (uint32_t)n;
-  mp_enc *e = mp_encode_range(L, 5, 1, n, "result");
-  mp_queue_put_prefixed(L, q, &h, sizeof h, e, -1);
-  mp_enc_done(L, e);
+  put_encoded(L, q, &h, sizeof h, mp_encode_range(L, 5, 1, n, "result"));
   return 0;
 }
 
@@ -740,15 +737,10 @@ static int ps_reply(lua_State *L) {
   hd.n = (uint32_t)n;
   hd.lean = 1;
   values_n = n;  /* (until they are out) */
-  char few[MP_FAST_ARRAY];
+  char few[MP_FAST_ARRAY];  /* (a few plain values: without the encoder) */
   uint32_t len = mp_fast_encode_values(L, 10, n, few);
-  if (len) {
-    mp_queue_put_small(L, q, &hd, sizeof hd, few, len, -1);
-  } else {
-    mp_enc *e = mp_encode_range(L, v, 1, n, "result");
-    mp_queue_put_prefixed(L, q, &hd, sizeof hd, e, -1);
-    mp_enc_done(L, e);
-  }
+  if (len) mp_queue_put_small(L, q, &hd, sizeof hd, few, len, -1);
+  else put_encoded(L, q, &hd, sizeof hd, mp_encode_range(L, v, 1, n, "result"));
   values_n = -1;
   for (int k = 1; k <= n; k++) {
     lua_pushnil(L);

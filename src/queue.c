@@ -1263,14 +1263,8 @@ static int q_new(lua_State *L, const char *tname, int joinable) {
 ** tables in its heap. */
 static int queue_reserve(lua_State *L) {
   qhandle *qh = q_check(L, 1);
-  if (qh->buf.cap < BIGMSG + 8) {
-    void *ud;
-    lua_Alloc f = lua_getallocf(L, &ud);
-    char *p = f(ud, qh->buf.p, qh->buf.cap, BIGMSG + 8);
-    if (!p) return luaL_error(L, "not enough memory for a queue's receive buffer");
-    qh->buf.p = p;
-    qh->buf.cap = BIGMSG + 8;
-  }
+  if (qh->buf.cap < BIGMSG + 8 && !mp_buf_resize(L, &qh->buf, BIGMSG + 8))
+    return luaL_error(L, "not enough memory for a queue's receive buffer");
   return 0;
 }
 

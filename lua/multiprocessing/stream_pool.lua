@@ -142,8 +142,9 @@ end
 
 -- the longest a command may wait for its reply: the pool's, or (a call that waits `left` more
 -- seconds) left + one blocking read + STALL, so that a stopped server ends the call soon after
--- its own timeout
+-- its own timeout (a lost connection gets the pool's when it is made again)
 local function bound(self, left)
+  if self._lost then return end
   local want = self._tmo
   if left then want = math.min(want, math.max(left, 0) + S.BLOCK_MS / 1000 + S.STALL) end
   if math.abs(want - self._tmo_now) > 0.05 then
@@ -533,11 +534,11 @@ local function wait_until(self, fname, c, timeout)
   while not (pred and pred() or not pred and c.done) do
     local left = deadline and deadline - now() or S.BLOCK_MS / 1000
     if left <= 0 then bound(self) return false end
-    if deadline and not self._lost then bound(self, left) end
+    if deadline then bound(self, left) end
     pump(self, fname, left)
     run_callbacks(self)
   end
-  if not self._lost then bound(self) end
+  bound(self)
   run_callbacks(self)
   return true
 end
