@@ -70,6 +70,21 @@ function H.spawn(fn)
   return pid
 end
 
+--- stops pid (SIGSTOP) where it is, but not inside the arena's allocator: a process stopped
+--- holding its lock holds every fork (a spec's own checks too) until it goes on, as documented;
+--- then it is let go on a moment and stopped again. Returns once it is stopped (or gone).
+function H.stop_outside_allocator(pid)
+  for _ = 1, 200 do
+    core.kill(pid, 19)
+    assert(H.eventually(function() local s = H.state(pid) return s == nil or s == "T" or s == "Z" end, 10),
+      "the process did not stop")
+    if core._arena_holder() ~= pid then return end
+    core.kill(pid, 18)
+    core.sleep(0.0005)
+  end
+  error("the process was always stopped inside the allocator", 2)
+end
+
 --- a child that stops itself (SIGSTOP) holding the arena allocator's lock in the middle of a
 --- change (core._arena_fault), as a debugger may leave one: its pid, and whether it stopped
 --- within `patience` seconds. Continued (SIGCONT), it finishes and exits 0.

@@ -44,13 +44,14 @@ local function warm(q, v)
   return q
 end
 
--- a writer stopped (SIGSTOP) 5 ms into its put of `big` on a fresh queue: returns the queue, its pid
+-- a writer stopped (SIGSTOP) 5 ms into its put of `big` on a fresh queue (not inside the
+-- allocator: the checks fork): returns the queue, its pid
 local function stop_writer(big)
   local q, m = warm(mp.Queue()), warm(mp.Queue())
   local w = H.spawn(function() m:put("start"); q:put(big) end)
   assert(m:get(10) == "start")
   core.sleep(0.005)
-  core.kill(w, SIGSTOP)
+  H.stop_outside_allocator(w)
   m:close()
   return q, w
 end
@@ -193,8 +194,8 @@ describe("Queue faults", function()
 
   it("a process SIGSTOPped at any instant of its puts never holds up another's get(timeout)", function()
     if os.getenv("MP_VALGRIND") then pending("needs real speed: skipped under valgrind") return end
-    -- small messages, few in flight: the chunks are recycled, so the writer is (almost) never
-    -- stopped inside the arena's allocator, whose lock has no deadline (see docs/queue.md)
+    -- small messages, few in flight: the chunks are recycled, so the writer is seldom inside
+    -- the arena's allocator, and never stopped there (a fork, bounded's, would wait for it)
     local q = warm(mp.Queue(32))
     local msg = ("y"):rep(512)
     local w = H.spawn(function() while true do q:put(msg); q:put(1) end end)
@@ -202,7 +203,7 @@ describe("Queue faults", function()
     local ok, err = pcall(function()
       for _ = 1, 40 do
         core.sleep(math.random() * 0.003)
-        core.kill(w, SIGSTOP)
+        H.stop_outside_allocator(w)
         bounded(10, function()
           for _ = 1, 3 do
             local v, why = q:get(0.2)
