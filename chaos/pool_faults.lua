@@ -43,6 +43,20 @@ local function names_dead(err, killed)
   return false
 end
 
+-- a process stopped (SIGSTOP) in a put to the pool's task queue, holding its lock (killed, never
+-- continued: it would write its message)
+local function stopped_task_holder(pool, round)
+  local holder = L.core.fork()
+  if holder == 0 then
+    L.core._queue_fault("stop", 1)
+    pool._tasks:put(0)   -- (killed before it writes anything)
+    L.core._exit(1)
+  end
+  L.check(L.eventually(function() local st = L.stat(holder) return st and st.state == "T" end, BOUND), "round %d: the holder did not stop", round)
+  L.add("stops")
+  return holder
+end
+
 local function check_results(res, n, what)
   L.check(type(res) == "table", "%s: results are a %s", what, type(res))
   for i = 1, n do
@@ -344,14 +358,7 @@ return {
       local xs = inputs(n)
       local c = chunk()
       local r = pool:map_async(task, xs, c)   -- (running when the holder stops, or not yet)
-      local holder = L.core.fork()
-      if holder == 0 then
-        L.core._queue_fault("stop", 1)
-        pool._tasks:put(0)   -- (killed before it writes anything)
-        L.core._exit(1)
-      end
-      L.check(L.eventually(function() local st = L.stat(holder) return st and st.state == "T" end, BOUND), "round %d: the holder did not stop", round)
-      L.add("stops")
+      local holder = stopped_task_holder(pool, round)
       local t0 = now()
       local r2 = pool:map_async(task, xs, c)
       local k = 0
@@ -373,6 +380,53 @@ return {
       L.check(got == n, "round %d: imap gave %d of %d", round, got, n)
       check_results(pool:map(task, xs, c), n, ("round %d, map"):format(round))
       L.add("results", 4 * n)
+      L.round_done()
+    end
+  end },
+
+  -- apply_async and submit behind a process stopped holding the task queue's lock: the calls
+  -- return at once (kept unsent), get(0.2) ends at its timeout, cancels of kept submits hold;
+  -- once the holder dies every call runs, in order, and nothing is lost or run twice
+  { name = "pool_stop_task_lock_apply", timeout = 90, run = function()
+    local pool <close> = mp.Pool(2)
+    L.fig("rounds", 0) L.fig("stops", 0) L.fig("calls", 0) L.fig("cancelled", 0)
+    for round = 1, L.rounds(12) do
+      local before, after = {}, {}
+      for i = 1, math.random(0, 200) do before[i] = pool:apply_async(task, { i }) end
+      local holder = stopped_task_holder(pool, round)
+      local t0 = now()
+      local m = math.random(50, 2000)
+      for i = 1, m do
+        if i % 2 == 0 then after[i] = pool:submit(task, i) else after[i] = pool:apply_async(task, { i }) end
+      end
+      local cancelled = {}
+      for _ = 1, math.random(0, 5) do
+        local i = 2 * math.random(1, m // 2)
+        if after[i]:cancel() then cancelled[i] = true end
+      end
+      local last = after[m]
+      local v, why = (last.get or last.result)(last, 0.2)
+      L.check(now() - t0 < BOUND, "round %d: %d apply_async/submit and get(0.2) took %.1f s behind a stopped lock holder", round, m, now() - t0)
+      L.check(v ~= nil or why == "timeout" or cancelled[m], "round %d: get(0.2) gave %s, %s", round, tostring(v), tostring(why))
+      sleep(L.uniform(0, 0.05))
+      kill(holder, SIGKILL)
+      L.core.waitpid(holder, BOUND)
+      for i, r in ipairs(before) do
+        local ok, y = pcall(r.get, r, BOUND)
+        L.check(ok and y == i * 2, "round %d: apply_async %d made before the stop gave %s", round, i, tostring(y))
+      end
+      for i = 1, m do
+        local r = after[i]
+        local ok, y = pcall(r.get or r.result, r, BOUND)
+        if cancelled[i] then
+          L.check(not ok and tostring(y):find("cancelled", 1, true), "round %d: cancelled call %d gave %s", round, i, tostring(y))
+          L.add("cancelled")
+        else
+          L.check(ok and y == i * 2, "round %d: call %d made behind the stopped holder gave %s", round, i, tostring(y))
+        end
+      end
+      L.check(not pool._held, "round %d: calls still kept", round)
+      L.add("calls", #before + m)
       L.round_done()
     end
   end },

@@ -425,6 +425,81 @@ describe("Pool stops", function()
       end)
     end)
 
+    it("apply_async, submit and apply_async with options return at once behind a stopped task-lock holder; their calls run in order once it dies", function()
+      behind_task_holder(2, function(pool, holder)
+        local function note(x) return x end
+        local rs, fs = {}, {}
+        local got = {}
+        soon("300 apply_async and submit", function()
+          for i = 1, 100 do rs[i] = pool:apply_async(double, { i }) end
+          for i = 1, 100 do fs[i] = pool:submit(double, i) end
+          for i = 101, 200 do rs[i] = pool:apply_async(note, { i }, { callback = function(v) got[#got + 1] = v end }) end
+        end)
+        local v, why = soon("get(0.3)", rs[1].get, rs[1], 0.3)
+        check(v == nil and why == "timeout", "get(0.3) returned " .. tostring(v) .. ", " .. tostring(why))
+        check(not fs[1]:running() and not fs[1]:done(), "a kept submit is pending")
+        check(fs[100]:cancel() and fs[100]:cancelled(), "a kept submit could not be cancelled")
+        kill_holder(holder)
+        for i = 1, 100 do check(rs[i]:get(20) == 2 * i, "apply_async " .. i .. " gave " .. tostring(rs[i]:get(0))) end
+        for i = 1, 99 do check(fs[i]:result(20) == 2 * i, "submit " .. i) end
+        check(select(2, pcall(fs[100].result, fs[100])) == "the future was cancelled", "the cancelled submit")
+        for i = 101, 200 do check(rs[i]:get(20) == i, "apply_async " .. i) end
+        check(#got == 100, #got .. " callbacks of 100")
+        pool:close()
+        pool:join()
+        check(next(pool._workers) == nil, "workers left")
+      end)
+    end)
+
+    it("apply_async with arguments that need the allocator returns at once behind a stopped allocator holder", function()
+      bounded(function()
+        local pool = mp.Pool(1)
+        check(pool:apply(identity, { 1 }) == 1)
+        local holder, stopped = H.stopped_arena_holder()
+        check(stopped, "the holder did not stop")
+        local big = string.rep("b", 200000)
+        local r = soon("apply_async(identity, { 200 KB })", pool.apply_async, pool, identity, { big })
+        local f = soon("submit(identity, 200 KB)", pool.submit, pool, identity, big)
+        local v, why = soon("get(0.3)", r.get, r, 0.3)
+        check(v == nil and why == "timeout", "get(0.3) returned " .. tostring(v) .. ", " .. tostring(why))
+        core.kill(holder, 18)   -- continued: the kept calls go out
+        check(core.waitpid(holder, 10) == 0, "the holder did not finish")
+        check(r:get(20) == big and f:result(20) == big, "the kept calls' values differ")
+        pool:close()
+        pool:join()
+      end)
+    end)
+
+    it("calls kept behind a stopped task-lock holder: terminate fails them, an argument that cannot be sent raises at the call", function()
+      behind_task_holder(1, function(pool, holder)
+        local failed
+        local r = soon("apply_async", pool.apply_async, pool, double, { 1 }, { error_callback = function(e) failed = e end })
+        local f = soon("submit", pool.submit, pool, double, 2)
+        local err = H.error_of(pool.apply_async, pool, double, { coroutine.create(print) })
+        check(err:find("cannot send a thread", 1, true) and err:find("args[1]", 1, true), "apply_async's error: " .. err)
+        err = H.error_of(pool.submit, pool, double, 1, coroutine.create(print))
+        check(err:find("cannot send a thread", 1, true) and err:find("args[2]", 1, true), "submit's error: " .. err)
+        soon("terminate", pool.terminate, pool)
+        check(r:ready() and not r:successful(), "the kept apply_async did not fail")
+        check(select(2, pcall(r.get, r)) == "the pool was terminated", "its error")
+        check(failed == "the pool was terminated", "its error_callback: " .. tostring(failed))
+        check(tostring(f:exception()) == "the pool was terminated", "the kept submit's error")
+        kill_holder(holder)
+      end)
+    end)
+
+    it("close() with calls kept behind a stopped task-lock holder: join sends them, then stops the workers", function()
+      behind_task_holder(2, function(pool, holder)
+        local rs = {}
+        for i = 1, 20 do rs[i] = soon("apply_async", pool.apply_async, pool, double, { i }) end
+        soon("close()", pool.close, pool)
+        kill_holder(holder)
+        pool:join()
+        for i = 1, 20 do check(rs[i]:get(0) == 2 * i, "apply_async " .. i .. " after join: " .. tostring(rs[i]:get(0))) end
+        check(next(pool._workers) == nil, "workers left")
+      end)
+    end)
+
     it("an imap chunk that cannot be sent whole, sent item by item behind a stopped task-lock holder, fails only at its bad item", function()
       behind_task_holder(1, function(pool, holder)
         local xs, n = { 1, coroutine.create(print), 3 }, 0

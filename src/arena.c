@@ -224,6 +224,7 @@ static void undrain(void) {
 ** MP_LOCK_INTERRUPTED, *who the holder). The fast path is one trylock. */
 static int arena_lock_slow(lua_State *L, double deadline, int r, int *why, pid_t *who) {
   pid_t h = 0;
+  deadline = mp_when(deadline);  /* (a put's MP_AFTER: from now) */
   int k = r == EOWNERDEAD ? MP_LOCK_OWNERDEAD : mp_ilock(L, &arena->lock, &arena->holder, deadline, &h);
   if (k == MP_LOCK_TIMEOUT || k == MP_LOCK_INTERRUPTED) {
     if (why) *why = k;

@@ -2934,11 +2934,12 @@ static int codec_encode(lua_State *L) {
   return 1;
 }
 
-/* core._encode_unowned(v), for tests: the bytes of v with its handles neither
-** pinned nor counted, as the bytes of a message whose references are gone */
+/* core._encode_unowned(v [, root]): the bytes of v with its handles neither pinned nor
+** counted, as the bytes of a message whose references are gone (for tests; and the pool's
+** check that arguments it keeps unsent can be sent: it raises as encode does) */
 static int codec_encode_unowned(lua_State *L) {
   luaL_checkany(L, 1);
-  mp_enc *e = mp_encode(L, 1, "value");
+  mp_enc *e = mp_encode(L, 1, luaL_optstring(L, 2, "value"));
   mp_enc_push(L, e);
   mp_enc_unsent(e);
   mp_enc_done(L, e);

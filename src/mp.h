@@ -197,6 +197,11 @@ mp_dtor mp_obj_dtor(uint32_t type);
 /* -------------------------------------------------------------- waiting */
 double mp_now(void);                              /* CLOCK_MONOTONIC seconds */
 double mp_deadline(lua_State *L, int idx);        /* optional timeout arg -> deadline; -1 forever */
+/* A deadline of MP_AFTER(s): s seconds from when a wait starts, so that a call that finds every
+** lock free never reads the clock (the pool's lean puts, which give up after PUT_WAIT); mp_when
+** makes it a deadline like the others, once a wait begins (and leaves the others as they are). */
+#define MP_AFTER(s) (-2.0 - (s))
+static inline double mp_when(double d) { return d <= -2.0 ? mp_now() + (-2.0 - d) : d; }
 enum { MP_WOKE = 0, MP_TIMEOUT = 1, MP_INTERRUPTED = 2, MP_SHUTDOWN = 3 };  /* SHUTDOWN: a queue shut down */
 /* Waits while *addr == val, until deadline (<0: forever). */
 int mp_futex_wait(lua_State *L, uint32_t *addr, uint32_t val, double deadline);

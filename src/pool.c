@@ -183,11 +183,22 @@ static uint32_t *flag_at(lua_State *L, int arg) {
   return MP_PTR(off);
 }
 
-/* put of pre and the encoding e, which is let go once it is out (no deadline) */
-static int put_encoded(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e) {
-  int r = mp_queue_put_prefixed(L, q, pre, plen, e, -1);
+/* put of pre and the encoding e, which is let go once it is out (or not sent); soft: the put's
+** waits for the queue's lock and the allocator's end at deadline, see mp_queue_put_soft */
+static int put_encoded(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline,
+                       int soft) {
+  int r = soft ? mp_queue_put_soft(L, q, pre, plen, e, deadline) : mp_queue_put_prefixed(L, q, pre, plen, e, deadline);
   mp_enc_done(L, e);
   return r;
+}
+
+/* A lean put's deadline: wait (the argument at idx) seconds from when it first waits (MP_AFTER:
+** a put that finds the locks free reads no clock), or none (-1) without one */
+static double lean_deadline(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return -1;
+  lua_Number wait = luaL_checknumber(L, idx);
+  luaL_argcheck(L, wait >= 0, idx, "negative wait");
+  return MP_AFTER(wait);
 }
 
 /* core.put_task(queue, seq, fid, blob, mode, src, i0, n [, pool [, deadline]]) -> true |
@@ -287,10 +298,12 @@ static void lean_record(lua_State *L, int pool, int rec, lua_Integer seq, int fl
   }
 }
 
-/* core.put_apply(queue, seq, fid, blob, args, pool, rec [, brec, inflight]) -> true | false:
-** put_task's apply message (mode 3) of the table args (nil: none), in fewer arguments, recorded
-** as rec's once it is out (lean_record: brec is rec.brec, inflight pool._inflight); false:
-** interrupted, nothing sent or recorded */
+/* core.put_apply(queue, seq, fid, blob, args, pool, rec [, brec, inflight [, wait]]) -> true |
+** nil, "interrupted" | "timeout": put_task's apply message (mode 3) of the table args (nil:
+** none), in fewer arguments, recorded as rec's once it is out (lean_record: brec is rec.brec,
+** inflight pool._inflight). With wait, its waits for the queue's lock and the allocator's end
+** wait seconds from now ("timeout", as put_task's deadline); nothing is sent or recorded then,
+** nor when interrupted. */
 static int pool_put_apply(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -305,21 +318,24 @@ static int pool_put_apply(lua_State *L) {
     lua_replace(L, 5);
   }
   luaL_checktype(L, 5, LUA_TTABLE);
+  double deadline = lean_deadline(L, 10);
+  int soft = deadline != -1;  /* (MP_AFTER: a soft put) */
   char few[MP_FAST_ARRAY];  /* (a few plain arguments: without the encoder) */
   uint32_t len = mp_fast_encode_array(L, 5, few);
-  int r = len ? mp_queue_put_small(L, q, &h, sizeof h, few, len, -1)
-              : put_encoded(L, q, &h, sizeof h, mp_encode(L, 5, "args"));
-  if (r == MP_WOKE) lean_record(L, 6, 7, seq, 0, brec, inflight);
-  lua_pushboolean(L, r == MP_WOKE);
+  int r = len ? mp_queue_put_small(L, q, &h, sizeof h, few, len, deadline, soft)
+              : put_encoded(L, q, &h, sizeof h, mp_encode(L, 5, "args"), deadline, soft);
+  if (r != MP_WOKE) return mp_waitresult(L, r);
+  lean_record(L, 6, 7, seq, 0, brec, inflight);
+  lua_pushboolean(L, 1);
   return 1;
 }
 
-/* core.put_call(queue, seq, fid, blob, flag, pool, rec, ...) -> true | false: sends the
-** arguments ... as one call message (mode 4: its n is the number of arguments, its items
-** the arguments), with cancel word flag (0: none), which is set to QUEUED first, recorded
-** as rec's once it is out (lean_record; a flag is the last of pool._free); false:
-** interrupted, nothing sent or recorded. Unsendable arguments raise the codec's error,
-** naming args[i]. */
+/* core.put_call(queue, seq, fid, blob, flag, pool, rec, wait, ...) -> true | nil, "interrupted"
+** | "timeout": sends the arguments ... as one call message (mode 4: its n is the number of
+** arguments, its items the arguments), with cancel word flag (0: none), which is set to QUEUED
+** first, recorded as rec's once it is out (lean_record; a flag is the last of pool._free). Its
+** waits end wait seconds from now, as put_apply's (nil: none); nothing is sent or recorded
+** unless it returns true. Unsendable arguments raise the codec's error, naming args[i]. */
 static int pool_put_call(lua_State *L) {
   mp_buf *buf;
   mp_queue *q = mp_queue_check(L, 1, &buf);
@@ -333,23 +349,26 @@ static int pool_put_call(lua_State *L) {
     __atomic_store_n(flag_at(L, 5), FLAG_QUEUED, __ATOMIC_SEQ_CST);
     h.flag = (uint64_t)flag;
   }
-  int top = lua_gettop(L), nargs = top - 7;
+  double deadline = lean_deadline(L, 8);
+  int soft = deadline != -1;  /* (MP_AFTER: a soft put) */
+  int top = lua_gettop(L), nargs = top < 8 ? 0 : top - 8;
   h.n = (uint32_t)nargs;
   char few[MP_FAST_ARRAY];  /* (a few plain arguments: without the encoder) */
-  uint32_t len = mp_fast_encode_values(L, 8, nargs, few);
+  uint32_t len = mp_fast_encode_values(L, 9, nargs, few);
   int r;
   if (len) {
-    r = mp_queue_put_small(L, q, &h, sizeof h, few, len, -1);
+    r = mp_queue_put_small(L, q, &h, sizeof h, few, len, deadline, soft);
   } else {
     lua_createtable(L, nargs, 0);
     for (int k = 1; k <= nargs; k++) {
-      lua_pushvalue(L, 7 + k);
+      lua_pushvalue(L, 8 + k);
       lua_rawseti(L, -2, k);
     }
-    r = put_encoded(L, q, &h, sizeof h, mp_encode_range(L, top + 1, 1, nargs, "args"));
+    r = put_encoded(L, q, &h, sizeof h, mp_encode_range(L, lua_gettop(L), 1, nargs, "args"), deadline, soft);
   }
-  if (r == MP_WOKE) lean_record(L, 6, 7, seq, flag != 0, 0, 0);
-  lua_pushboolean(L, r == MP_WOKE);
+  if (r != MP_WOKE) return mp_waitresult(L, r);
+  lean_record(L, 6, 7, seq, flag != 0, 0, 0);
+  lua_pushboolean(L, 1);
   return 1;
 }
 
@@ -451,7 +470,7 @@ static int pool_put_result(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 6);
   luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 6, "bad count");
   h.n = (uint32_t)n;
-  put_encoded(L, q, &h, sizeof h, mp_encode_range(L, 5, 1, n, "result"));
+  put_encoded(L, q, &h, sizeof h, mp_encode_range(L, 5, 1, n, "result"), -1, 0);
   return 0;
 }
 
@@ -739,8 +758,8 @@ static int ps_reply(lua_State *L) {
   values_n = n;  /* (until they are out) */
   char few[MP_FAST_ARRAY];  /* (a few plain values: without the encoder) */
   uint32_t len = mp_fast_encode_values(L, 10, n, few);
-  if (len) mp_queue_put_small(L, q, &hd, sizeof hd, few, len, -1);
-  else put_encoded(L, q, &hd, sizeof hd, mp_encode_range(L, v, 1, n, "result"));
+  if (len) mp_queue_put_small(L, q, &hd, sizeof hd, few, len, -1, 0);
+  else put_encoded(L, q, &hd, sizeof hd, mp_encode_range(L, v, 1, n, "result"), -1, 0);
   values_n = -1;
   for (int k = 1; k <= n; k++) {
     lua_pushnil(L);

@@ -211,6 +211,7 @@ static void q_repair(mp_queue *q) {
 ** wait lasts at least GRACE, so that a poll is not failed by a short section. */
 static __attribute__((noinline)) int q_lock_slow(lua_State *L, mp_queue *q, double deadline, int r) {
   if (r != EOWNERDEAD) {
+    deadline = mp_when(deadline);
     if (deadline >= 0) {
       double soon = mp_now() + GRACE;
       if (deadline < soon) deadline = soon;
@@ -753,12 +754,16 @@ static int put_oom(lua_State *L, size_t want, int soft) {
 /* Locks q for a put, once there is room (maxsize) and pacing lets it go on:
 ** MP_WOKE (locked), or MP_TIMEOUT, MP_INTERRUPTED, MP_SHUTDOWN (not locked). */
 static int q_put_enter(lua_State *L, mp_queue *q, double deadline) {
-  int r = q_lock(L, q, deadline);
-  if (r != MP_WOKE) return r;
+  int r = pthread_mutex_trylock(&q->lock);
+  if (__builtin_expect(r != 0, 0)) {  /* (q_lock's, with the deadline made absolute once: MP_AFTER) */
+    deadline = mp_when(deadline);
+    if ((r = q_lock_slow(L, q, deadline, r)) != MP_WOKE) return r;
+  }
   if (__builtin_expect(stop_fault != 0, 0) && --stop_fault == 0) kill(getpid(), SIGSTOP);
   if (q->shut) { q_unlock(q); return MP_SHUTDOWN; }
   while (q->maxsize > 0 && q->count >= (uint64_t)q->maxsize) {
     uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
+    deadline = mp_when(deadline);
     if (q->shut) { q_unlock(q); return MP_SHUTDOWN; }
     if (deadline >= 0 && mp_now() >= deadline) { q_unlock(q); return MP_TIMEOUT; }
     r = q_wait(L, q, &q->get_seq, s, &q->putters, deadline, deadline, NULL);
@@ -771,6 +776,7 @@ static int q_put_enter(lua_State *L, mp_queue *q, double deadline) {
   while (q->bytes > PACE_BYTES && !q->nopace) {
     int slept;
     uint32_t s = __atomic_load_n(&q->get_seq, __ATOMIC_SEQ_CST);
+    deadline = mp_when(deadline);
     r = q_wait(L, q, &q->get_seq, s, &q->putters, mp_now() + PACE_WAIT, deadline, &slept);
     if (r != MP_WOKE) return r;
     if (slept) q->nopace = 1;
@@ -790,13 +796,13 @@ static void q_small_done(mp_queue *q, chunk *c, uint32_t rec, uint32_t n) {
 /* put of a message without handles: plen bytes of pre, then s[0..n), plen + n < BIGMSG
 ** (fast_encode's, mp_fast_encode_array's) */
 static inline __attribute__((always_inline)) int q_put_small(lua_State *L, mp_queue *q, const void *pre, uint32_t plen, const char *s, uint32_t n,
-                       double deadline) {
+                       double deadline, int soft) {
   mp_alloc_context(L, deadline);
   int r = q_put_enter(L, q, deadline);
   if (r != MP_WOKE) return r;
   uint32_t len = plen + n, rec = (4 + len + 7) & ~7u;
   chunk *c = q_room(q, rec);
-  if (!c) { q_unlock(q); return put_oom(L, sizeof(chunk) + rec, 0); }
+  if (!c) { q_unlock(q); return put_oom(L, sizeof(chunk) + rec, soft); }
   char *p = c->data + c->wpos;
   memcpy(p, &len, 4);
   if (plen) memcpy(p + 4, pre, plen);
@@ -806,8 +812,8 @@ static inline __attribute__((always_inline)) int q_put_small(lua_State *L, mp_qu
 }
 
 int mp_queue_put_small(lua_State *L, mp_queue *q, const void *pre, size_t plen, const char *s, size_t n,
-                       double deadline) {
-  return q_put_small(L, q, pre, (uint32_t)plen, s, (uint32_t)n, deadline);
+                       double deadline, int soft) {
+  return q_put_small(L, q, pre, (uint32_t)plen, s, (uint32_t)n, deadline, soft);
 }
 
 static int put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline,
@@ -1284,7 +1290,7 @@ static int q_doput(lua_State *L, double deadline) {
   uint32_t n;
   int r;
   if (fast_on(L) && (n = fast_encode(L, 2, o))) {
-    r = q_put_small(L, QOF(qh), NULL, 0, o, n, deadline);
+    r = q_put_small(L, QOF(qh), NULL, 0, o, n, deadline, 0);
   } else {
     luaL_checkany(L, 2);
     mp_enc *e = mp_encode(L, 2, "value");

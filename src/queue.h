@@ -62,10 +62,10 @@ int mp_queue_put_prefixed(lua_State *L, mp_queue *q, const void *pre, size_t ple
 ** returns MP_TIMEOUT (nothing sent) instead of raising */
 int mp_queue_put_soft(lua_State *L, mp_queue *q, const void *pre, size_t plen, mp_enc *e, double deadline);
 /* put of the bytes of a small message (pre, then s: fewer than MP_QSMALL bytes in all), such as
-** mp_fast_encode_array's */
+** mp_fast_encode_array's; soft: as mp_queue_put_soft's (a new chunk's allocation) */
 #define MP_QSMALL (32 * 1024)
 int mp_queue_put_small(lua_State *L, mp_queue *q, const void *pre, size_t plen, const char *s, size_t n,
-                       double deadline);
+                       double deadline, int soft);
 typedef void (*mp_decoder)(lua_State *L, const char *s, size_t n);  /* pushes one value */
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
 /* A reader's claim, in the arena: get_many writes the numbers of the messages

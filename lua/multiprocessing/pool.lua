@@ -644,6 +644,22 @@ local function drain(self)
   return true
 end
 
+-- Lean calls (apply_async, submit) kept unsent behind a held lock (see hold in pool_async.lua)
+-- fail with text, in the order they were made
+local function fail_held(self, text)
+  local held = self._held
+  self._held = false
+  for k = held.first, held.last do
+    local rec = held[k].rec
+    rec.held = false
+    unref(self, rec.brec)
+    if not rec.finished then
+      rec.err = text
+      finish(self, rec)
+    end
+  end
+end
+
 -- Nobody is left to deliver: every message in flight is lost, every call that
 -- may still send is cut, every call fails with `text`.
 local function abort_all(self, text)
@@ -652,6 +668,7 @@ local function abort_all(self, text)
   for seq in pairs(self._inflight) do seqs[#seqs + 1] = seq end
   table.sort(seqs)  -- a call's first failed item is its first in order
   for _, seq in ipairs(seqs) do lose(self, seq, why) end
+  if self._held then fail_held(self, text) end
   for _, call in pairs(self._calls) do
     if not call.fed_all then cut(self, call, text) end
   end
@@ -665,7 +682,7 @@ end
 
 -- is there work a worker must still take or finish (closing pools keep workers for it)?
 local function work_left(self)
-  if next(self._inflight) then return true end
+  if next(self._inflight) or self._held then return true end
   for _, call in pairs(self._calls) do
     if not call.fed_all then return true end
   end
@@ -958,6 +975,7 @@ local function pump(self, wait)
     seq, out, pid, busy = take_result(results, 0, inflight, TAKE_RESULTS, self)
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
+  if self._held then M._send_held(self) end
   for _, call in pairs(self._calls) do
     if call.window or call.stalled then
       if call.dropped then abandon(self, call) else feed(self, call) end
@@ -1227,6 +1245,7 @@ function M.Pool(opts)
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks, _respawn = respawn or "now",
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see pool_faults.lua, find_pool)
     _broken = false,  -- (or why the pool is broken; a field of its own: tested for every task)
+    _held = false,  -- (or the lean calls kept unsent, see hold in pool_async.lua; tested for every task too)
   }, Pool)
   made = made + 1
   process._pools[self] = true  -- for active_children(), which lists pool workers too
@@ -1399,7 +1418,7 @@ local ASYNC = { "apply_async", "apply", "submit", "map_async", "starmap_async", 
 local ASYNC_M = { "as_completed", "wait" }
 local P = {
   core = core, M = M, Pool = Pool, progress = progress,
-  SLICE = SLICE, AHEAD = AHEAD, POLL_BUDGET = POLL_BUDGET, STEP_RESULTS = STEP_RESULTS, FEED_TIME = FEED_TIME,
+  SLICE = SLICE, AHEAD = AHEAD, PUT_WAIT = PUT_WAIT, unref = unref, POLL_BUDGET = POLL_BUDGET, STEP_RESULTS = STEP_RESULTS, FEED_TIME = FEED_TIME,
   clean = clean, engine = engine, wait_call = wait_call, results_of = results_of, check_usable = check_usable,
   parse_opts = parse_opts, key_text = key_text, new_call = new_call, feed = feed, sized_results = sized_results,
   call_blob = call_blob, plain_upvalues = plain_upvalues, globals = globals,

@@ -8,6 +8,7 @@
 local P = require("multiprocessing.pool")._internals  -- what pool.lua shares with this file
 local core, M, Pool, progress = P.core, P.M, P.Pool, P.progress
 local SLICE, AHEAD, POLL_BUDGET, STEP_RESULTS, FEED_TIME = P.SLICE, P.AHEAD, P.POLL_BUDGET, P.STEP_RESULTS, P.FEED_TIME
+local PUT_WAIT, unref = P.PUT_WAIT, P.unref
 local clean, engine, wait_call, results_of, check_usable = P.clean, P.engine, P.wait_call, P.results_of, P.check_usable
 local parse_opts, key_text, new_call, feed, sized_results = P.parse_opts, P.key_text, P.new_call, P.feed, P.sized_results
 local call_blob, plain_upvalues = P.call_blob, P.plain_upvalues
@@ -15,7 +16,8 @@ local abandon, finish, run_callback, note, on_result = P.abandon, P.finish, P.ru
 local check_workers, stop_workers, spawn_pending = P.check_workers, P.stop_workers, P.spawn_pending
 local now, newtable, getpid, take_result = core.now, core.newtable, core.getpid, core.take_result
 local put_call, put_apply, flag_cas, flag_get = core.put_call, core.put_apply, core.flag_cas, core.flag_get
-local unpack, setmetatable = table.unpack, setmetatable
+local unpack, pack, setmetatable = table.unpack, table.pack, setmetatable
+local encode_unowned = core._encode_unowned
 
 -- A call's record is what the user holds: a Future (submit) or an AsyncResult (the
 -- _async methods), which is a Future too (see the end of this file). A lean record
@@ -27,7 +29,8 @@ local AsyncResult = setmetatable({ __name = "multiprocessing.AsyncResult", kind 
 AsyncResult.__index = AsyncResult
 -- The fields a record may lack, so that looking one up stops at its class (a lean
 -- record has only finished, n, brec, and flag for a Future; lean records are many).
-local DEFAULTS = { "call", "err", "callback", "error_callback", "timeout", "id", "bar", "_cbs", "flag", "_cancelled" }
+local DEFAULTS = { "call", "err", "callback", "error_callback", "timeout", "id", "bar", "_cbs", "flag", "_cancelled",
+  "held" }
 for _, class in ipairs { Future, AsyncResult } do
   class.__future = class
   for _, k in ipairs(DEFAULTS) do class[k] = false end
@@ -69,6 +72,64 @@ local function free_flag(self)
   return free[n]
 end
 
+-- Lean calls kept unsent. A lean call's put waits PUT_WAIT at most for the task queue's lock and
+-- the allocator's; one that met a lock held that long (a process stopped holding it: SIGSTOP, a
+-- debugger) is kept in self._held, unsent, and the call returns its record as usual. So are the
+-- lean calls made while any is kept (they keep their order). The engine sends them at its later
+-- turns (send_held), before it feeds map calls: get(timeout) ends at its timeout, a cancel()
+-- drops one, terminate() or a pool left without workers fails them. What is kept is the record,
+-- its blob (one reference more while kept) and the arguments themselves, sent as they are then.
+-- e: { rec = the record, args = the apply's table of arguments, or the call's packed ones, call = true }
+local function hold(self, e)
+  local held = self._held
+  if not held then
+    held = { first = 1, last = 0 }
+    self._held = held
+  end
+  local k = held.last + 1
+  held[k], held.last = e, k
+  local rec = e.rec
+  rec.held = true
+  local b = rec.brec
+  b.refs = b.refs + 1
+  return rec
+end
+
+-- sends the kept lean calls, in order, until one meets a held lock again (PUT_WAIT)
+local function send_held(self)
+  local held, tasks = self._held, self._tasks
+  for k = held.first, held.last do
+    local e = held[k]
+    local rec = e.rec
+    local b = rec.brec
+    local sent, ok, why = true, true, nil
+    if not rec.finished then  -- (else: cancelled while kept)
+      local args = e.args
+      if e.call then
+        rec.flag = free_flag(self)  -- (taken by put_call once the message is out)
+        sent, ok, why = pcall(put_call, tasks, self._seq + 1, b.fid, b.off, rec.flag, self, rec, PUT_WAIT,
+          unpack(args, 1, args.n))
+        if not (sent and ok) then rec.flag = false end
+      else
+        sent, ok, why = pcall(put_apply, tasks, self._seq + 1, b.fid, b.off, args, self, rec, b, nil, PUT_WAIT)
+      end
+      if not sent then  -- its arguments changed since the call, and cannot be sent now
+        rec.err = clean(tostring(ok))
+        finish(self, rec)
+      elseif not ok then
+        if why ~= "timeout" then error("interrupted!", 0) end  -- (Ctrl-C: the engine terminates the pool)
+        held.first = k
+        return
+      end
+    end
+    held[k] = nil
+    rec.held = false
+    unref(self, b)
+  end
+  self._held = false
+end
+M._send_held = send_held
+
 ------------------------------------------------- driving from a frame loop
 --
 -- A bounded step (get(0), wait(0), ready(), done(), and the unit of pool:poll): up to
@@ -105,6 +166,7 @@ local function step(self, feed_until)
     n = n + STEP_RESULTS - self._bounded  -- (the messages its drains took)
     self._bounded = nil
   end
+  if self._held then send_held(self) end
   for _, call in pairs(self._calls) do
     if call.window or call.stalled then
       if call.dropped then abandon(self, call)
@@ -152,7 +214,7 @@ local function drive_poll(self, budget)
   self._polled, self._more = total, more
   if watching and live(self) then
     if more then st:signal() end
-    st:signal(next(self._inflight) and SLICE or 0)
+    st:signal((next(self._inflight) or self._held) and SLICE or 0)
   end
 end
 
@@ -213,6 +275,14 @@ function Pool:starmap_async(f, list, opts)
 end
 
 
+-- hold's, for a call made while others are kept: its arguments are checked as a put checks
+-- them (an error at level lvl, seen from here); args: what to check
+local function keep(self, e, args, lvl)
+  local ok, err = pcall(encode_unowned, args or {}, "args")
+  if not ok then error(clean(tostring(err)), lvl + 1) end
+  return hold(self, e)
+end
+
 -- what: the user's method (apply or apply_async); errors at level 3 from here
 local function send_apply(self, f, args, opts, what)
   -- (check_usable's tests, inline: it raises the error when one fails)
@@ -232,10 +302,14 @@ local function send_apply(self, f, args, opts, what)
   end
   local b = call_blob(self, f, 3)
   call.brec = b
+  if self._held then return keep(self, { rec = call, args = args }, args, 3) end
   -- (recorded by put_apply once sent: see lean_apply)
-  local sent, err = pcall(put_apply, self._tasks, self._seq + 1, b.fid, b.off, args, self, call)
-  if not sent then error(clean(tostring(err)), 3) end
-  if not err then error("interrupted!", 0) end  -- (the put was: nothing sent)
+  local sent, ok, why = pcall(put_apply, self._tasks, self._seq + 1, b.fid, b.off, args, self, call, b, nil, PUT_WAIT)
+  if not sent then error(clean(tostring(ok)), 3) end
+  if not ok then
+    if why ~= "timeout" then error("interrupted!", 0) end  -- (the put was: nothing sent)
+    hold(self, { rec = call, args = args })
+  end
   return call
 end
 
@@ -256,24 +330,31 @@ end
 -- and that bookkeeping in Lua left a message with no record and its seq to be used again.)
 -- (lean_ready's tests, inline: the call costs a tenth of an apply_async)
 local function lean_apply(self, f, args)
-  if self.__index ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then return end
+  if self.__index ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken or self._held then return end
   local c = self._fcache[f]
   if not c or not c.plain or not (c.bare or plain_upvalues(f, c.ups)) then return end
   local b = c.b
   if b.freed then return end
   local call = setmetatable({ [1] = false, finished = false, n = false, brec = b }, (self._A or lean_classes(self)._A))
   -- (args that are no table: put_apply raises)
-  if put_apply(self._tasks, self._seq + 1, b.fid, b.off, args, self, call, b, self._inflight) then return call end
+  local ok, why = put_apply(self._tasks, self._seq + 1, b.fid, b.off, args, self, call, b, self._inflight, PUT_WAIT)
+  if ok then return call end
+  if why == "timeout" then return hold(self, { rec = call, args = args }) end
   error("interrupted!", 0)  -- (the put was, and sent nothing: not a reason to try the general way)
 end
 
 local function lean_submit(self, f, ...)
   local b = lean_ready(self, f)
   local n = self._nfree
-  if not b or n == 0 then return end
+  if not b or n == 0 or self._held then return end
   local flag = self._free[n]
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, (self._F or lean_classes(self)._F))
-  if put_call(self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, ...) then return fut end
+  local ok, why = put_call(self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, PUT_WAIT, ...)
+  if ok then return fut end
+  if why == "timeout" then
+    fut.flag = false  -- (not taken: send_held takes one when it sends)
+    return hold(self, { rec = fut, args = pack(...), call = true })
+  end
   error("interrupted!", 0)  -- (as lean_apply)
 end
 
@@ -315,11 +396,20 @@ function Pool:submit(f, ...)
   end
   if type(f) ~= "function" then error(("bad argument #1 to 'submit' (function expected, got %s)"):format(type(f)), 2) end
   local b = call_blob(self, f, 2)
+  if self._held then
+    local args = pack(...)
+    return keep(self, { rec = setmetatable({ false, finished = false, n = false, brec = b }, (self._F or lean_classes(self)._F)),
+      args = args, call = true }, args, 2)
+  end
   local flag = free_flag(self)
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, (self._F or lean_classes(self)._F))
-  local sent, err = pcall(put_call, self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, ...)
-  if not sent then error(clean(tostring(err)), 2) end
-  if not err then error("interrupted!", 0) end  -- (the put was: nothing sent)
+  local sent, ok, why = pcall(put_call, self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, PUT_WAIT, ...)
+  if not sent then error(clean(tostring(ok)), 2) end
+  if not ok then
+    if why ~= "timeout" then error("interrupted!", 0) end  -- (the put was: nothing sent)
+    fut.flag = false
+    hold(self, { rec = fut, args = pack(...), call = true })
+  end
   return fut
 end
 
@@ -472,7 +562,7 @@ function Future:cancelled() return self._cancelled end
 --- f:running() -> whether a worker runs it now (a record that cannot be cancelled counts as
 --- running until it is done: apply_async and map_async results)
 function Future:running()
-  if poll(self) then return false end
+  if poll(self) or self.held then return false end
   local flag = self.flag
   return not flag or flag_get(flag) == 1
 end
@@ -480,8 +570,14 @@ end
 --- f:cancel() -> true when f will not run (it was still queued, or already cancelled)
 function Future:cancel()
   if self.finished then return self._cancelled end
+  if self._pool._owner ~= core.getpid() then return false end  -- (a forked copy cannot)
+  if self.held and self.kind == "submit" then  -- kept unsent (see hold): it never will be (send_held lets it go)
+    self._cancelled, self.err = true, CANCELLED
+    finish(self._pool, self)
+    return true
+  end
   local flag = self.flag
-  if not flag or self._pool._owner ~= core.getpid() then return false end  -- (a forked copy cannot)
+  if not flag then return false end
   if not flag_cas(flag, 0, 2) then return false end  -- a worker started it
   -- its message stays in flight until a worker skips it (or it is lost): its word stays in use
   self._cancelled, self.err = true, CANCELLED
