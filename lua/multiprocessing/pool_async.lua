@@ -92,6 +92,9 @@ local function hold(self, e)
   rec.held = true
   local b = rec.brec
   b.refs = b.refs + 1
+  -- (a frame loop waiting on pool:fileno() polls once the timer fires: nothing else would
+  -- make it readable for a call that is not in flight)
+  if self._epfd then self._st:signal(SLICE) end
   return rec
 end
 
@@ -113,11 +116,19 @@ local function send_held(self)
       else
         sent, ok, why = pcall(put_apply, tasks, self._seq + 1, b.fid, b.off, args, self, rec, b, nil, PUT_WAIT)
       end
+      -- Ctrl-C: its put returned "interrupted", or lua.c's hook raised "interrupted!" on its
+      -- return (caught by the pcall), or the allocator's wait raised it. The call stays kept
+      -- (from k on: the ones before are out or let go), and the engine terminates the pool.
+      local interrupted = (sent and not ok and why ~= "timeout")
+        or (not sent and tostring(ok):find("interrupted!", 1, true))
+      if interrupted then
+        held.first = k
+        error(sent and "interrupted!" or ok, 0)
+      end
       if not sent then  -- its arguments changed since the call, and cannot be sent now
         rec.err = clean(tostring(ok))
         finish(self, rec)
-      elseif not ok then
-        if why ~= "timeout" then error("interrupted!", 0) end  -- (Ctrl-C: the engine terminates the pool)
+      elseif not ok then  -- "timeout": a lock is still held; the next turn tries again from here
         held.first = k
         return
       end
@@ -302,7 +313,10 @@ local function send_apply(self, f, args, opts, what)
   end
   local b = call_blob(self, f, 3)
   call.brec = b
-  if self._held then return keep(self, { rec = call, args = args }, args, 3) end
+  if self._held then  -- (not a tail call: keep's errors name the user's line, counting this frame)
+    keep(self, { rec = call, args = args }, args, 3)
+    return call
+  end
   -- (recorded by put_apply once sent: see lean_apply)
   local sent, ok, why = pcall(put_apply, self._tasks, self._seq + 1, b.fid, b.off, args, self, call, b, nil, PUT_WAIT)
   if not sent then error(clean(tostring(ok)), 3) end
@@ -398,8 +412,9 @@ function Pool:submit(f, ...)
   local b = call_blob(self, f, 2)
   if self._held then
     local args = pack(...)
-    return keep(self, { rec = setmetatable({ false, finished = false, n = false, brec = b }, (self._F or lean_classes(self)._F)),
-      args = args, call = true }, args, 2)
+    local fut = setmetatable({ false, finished = false, n = false, brec = b }, (self._F or lean_classes(self)._F))
+    keep(self, { rec = fut, args = args, call = true }, args, 2)  -- (not a tail call: see send_apply)
+    return fut
   end
   local flag = free_flag(self)
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, (self._F or lean_classes(self)._F))
