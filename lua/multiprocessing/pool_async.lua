@@ -102,6 +102,7 @@ end
 local function send_held(self)
   local held, tasks = self._held, self._tasks
   for k = held.first, held.last do
+    held.first = k  -- (what is left, whatever raises below: fail_held starts here)
     local e = held[k]
     local rec = e.rec
     local b = rec.brec
