@@ -7,6 +7,8 @@
 **           any request and answer between two processes
 **   memcpy  seconds per byte of memcpy of 64 MiB (buffers touched first)
 **   fork    fork + _exit(0) in the child + waitpid in the parent, from this small process
+**   fork2   two such forks at once, then both waits: the floor of starting and ending a pool of
+**           two processes (their exits overlap, on two cores)
 ** Every wait is bounded: a peer that does not answer within 10 s ends the probe. */
 #define _GNU_SOURCE
 #include <linux/futex.h>
@@ -110,15 +112,19 @@ static double copy_rate(void) {
   return median(t);
 }
 
-static double fork_cost(void) {
+/* seconds to fork n children at once (each leaves at once) and wait for them all */
+static double fork_cost(int n) {
   double t[BATCHES];
   for (int i = 0; i < BATCHES; i++) {
     double t0 = now();
     for (int j = 0; j < 20; j++) {
-      pid_t pid = fork();
-      if (pid < 0) return -1;
-      if (pid == 0) _exit(0);
-      waitpid(pid, NULL, 0);
+      pid_t pids[2];
+      for (int k = 0; k < n; k++) {
+        pids[k] = fork();
+        if (pids[k] < 0) return -1;
+        if (pids[k] == 0) _exit(0);
+      }
+      for (int k = 0; k < n; k++) waitpid(pids[k], NULL, 0);
     }
     t[i] = (now() - t0) / 20;
   }
@@ -129,6 +135,7 @@ int main(void) {
   printf("futex\t%.9f\n", pingpong(1, 2000));
   printf("spin\t%.9f\n", pingpong(0, 20000));
   printf("memcpy\t%.12f\n", copy_rate());
-  printf("fork\t%.9f\n", fork_cost());
+  printf("fork\t%.9f\n", fork_cost(1));
+  printf("fork2\t%.9f\n", fork_cost(2));
   return 0;
 }

@@ -50,7 +50,7 @@ do
   end
   table.sort(work) table.sort(base)
   print(("pool: cold start (fresh interpreter: require + Pool(2) + 2 tasks + close/join)\t%.6f\t1\tpool"):format(work[6] - base[6]))
-  print("limit\tpool: cold start (fresh interpreter: require + Pool(2) + 2 tasks + close/join)\tfork\t2")
+  print("limit\tpool: cold start (fresh interpreter: require + Pool(2) + 2 tasks + close/join)\tfork2\t1")
 end
 
 -- Warm start, while the parent is small (fork copies page tables: both sides measured alike)
@@ -62,7 +62,7 @@ print(("pool: warm start (Pool(2) + 2 tasks + close/join)\t%.6f\t1\tpool"):forma
     pool:join()
   end)
 end, 11)))
-print("limit\tpool: warm start (Pool(2) + 2 tasks + close/join)\tfork\t2")
+print("limit\tpool: warm start (Pool(2) + 2 tasks + close/join)\tfork2\t1")
 
 local N = 200000
 local xs = {}

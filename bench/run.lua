@@ -35,7 +35,7 @@ end
 
 -- The machine's limits (bench/limits.c, docs/benchmarks.md), measured at the start and at the
 -- end of the run: seconds per fork+exit+wait, futex round trip, spinning round trip, memcpy'd byte.
-local LIMIT_NAMES = { fork = "fork+exit+wait", futex = "futex round trip", spin = "spinning round trip",
+local LIMIT_NAMES = { fork = "fork+exit+wait", fork2 = "two forks at once", futex = "futex round trip", spin = "spinning round trip",
   memcpy = "memcpy" }
 local limits_runs = {}
 local function measure_limits()
@@ -178,7 +178,7 @@ end
 
 -- the limits, as measured at the start and at the end of this run
 local parts = {}
-for _, k in ipairs { "futex", "spin", "memcpy", "fork" } do
+for _, k in ipairs { "futex", "spin", "memcpy", "fork", "fork2" } do
   local a, b = limits_runs[1] and limits_runs[1][k], limits_runs[2] and limits_runs[2][k]
   local f = k == "memcpy" and function(v) return ("%.1f GB/s"):format(1e-9 / v) end
     or function(v) return ("%.2f us"):format(v * 1e6) end

@@ -431,6 +431,53 @@ return {
     end
   end },
 
+  -- apply_async and submit of new closures (their blobs, and cancel words, are made in the arena)
+  -- behind a process stopped holding the allocator's lock: they return at once, get(0.2) ends
+  -- at its timeout; continued, every call runs once with its own upvalue; or terminate fails them
+  { name = "pool_stop_alloc_apply", timeout = 90, run = function()
+    L.fig("rounds", 0) L.fig("stops", 0) L.fig("calls", 0) L.fig("terminated", 0)
+    for round = 1, L.rounds(10) do
+      local pool <close> = mp.Pool(2)
+      L.check(pool:apply(task, { 1 }) == 2, "round %d: the first apply", round)
+      local holder = L.core.fork()
+      if holder == 0 then
+        L.core._arena_fault(1, "stop")
+        L.core.blob_free(L.core.blob_new("h"))
+        L.core._exit(0)
+      end
+      L.check(L.eventually(function() local st = L.stat(holder) return st and st.state == "T" end, BOUND), "round %d: the holder did not stop", round)
+      L.add("stops")
+      local t0 = now()
+      local m = math.random(20, 1500)
+      local calls = {}
+      for i = 1, m do
+        local k = i % 7   -- (a few distinct closures: a blob each)
+        local f = function(x) return x * 2 + k end
+        if i % 2 == 0 then calls[i] = pool:submit(f, i) else calls[i] = pool:apply_async(f, { i }) end
+      end
+      local last = calls[m]
+      local v, why = (last.get or last.result)(last, 0.2)
+      L.check(now() - t0 < BOUND, "round %d: %d calls and get(0.2) took %.1f s behind a stopped allocator holder", round, m, now() - t0)
+      L.check(v ~= nil or why == "timeout", "round %d: get(0.2) gave %s, %s", round, tostring(v), tostring(why))
+      local terminate = math.random() < 0.3
+      if terminate then pool:terminate() end
+      sleep(L.uniform(0, 0.05))
+      kill(holder, 18)
+      L.check(L.core.waitpid(holder, BOUND) == 0, "round %d: the holder did not finish", round)
+      for i = 1, m do
+        local r = calls[i]
+        local ok, y = pcall(r.get or r.result, r, BOUND)
+        if terminate then
+          L.check(not ok and tostring(y):find("terminated", 1, true), "round %d: call %d after terminate gave %s", round, i, tostring(y))
+        else
+          L.check(ok and y == i * 2 + i % 7, "round %d: call %d gave %s", round, i, tostring(y))
+        end
+      end
+      L.add(terminate and "terminated" or "calls", m)
+      L.round_done()
+    end
+  end },
+
   -- a worker stopped while its task has a timeout: the call fails with the timeout, in time
   { name = "pool_stop_task_timeout", timeout = 60, run = function()
     L.fig("rounds", 0) L.fig("stops", 0)

@@ -451,12 +451,63 @@ describe("Pool stops", function()
       end)
     end)
 
-    it("apply_async with arguments that need the allocator returns at once behind a stopped allocator holder", function()
+    -- body(pool, holder) in a bounded child: a Pool(1) that ran identity (apply and submit: its
+    -- blob and a slab of 1024 cancel words are made), and a process stopped holding the
+    -- allocator's lock; a holder that body did not continue and reap is then
+    local function behind_arena_holder(body)
       bounded(function()
         local pool = mp.Pool(1)
         check(pool:apply(identity, { 1 }) == 1)
+        check(pool:submit(identity, 1):result() == 1)
         local holder, stopped = H.stopped_arena_holder()
         check(stopped, "the holder did not stop")
+        body(pool, holder)
+        if H.alive(holder) then
+          core.kill(holder, 18)
+          check(core.waitpid(holder, 10) == 0, "the holder did not finish")
+        end
+      end)
+    end
+
+    it("apply_async and submit of a function never sent before, and a 1025th Future, return at once behind a stopped allocator holder", function()
+      behind_arena_holder(function(pool, holder)
+        local k = 10
+        local function add(x) return x + k end   -- (its blob would be made in the arena)
+        local rs, fs = {}, {}
+        soon("100 apply_async and submit of a new function", function()
+          for i = 1, 50 do rs[i] = pool:apply_async(add, { i }) end
+          for i = 1, 50 do fs[i] = pool:submit(add, i) end
+        end)
+        local many = {}
+        soon("1100 submits (a second slab of cancel words)", function()
+          for i = 1, 1100 do many[i] = pool:submit(identity, i) end
+        end)
+        local v, why = soon("get(0.3)", rs[1].get, rs[1], 0.3)
+        check(v == nil and why == "timeout", "get(0.3) returned " .. tostring(v) .. ", " .. tostring(why))
+        core.kill(holder, 18)   -- continued: the blob is made, the kept calls go out
+        check(core.waitpid(holder, 10) == 0, "the holder did not finish")
+        for i = 1, 50 do
+          check(rs[i]:get(20) == i + 10, "apply_async " .. i .. ": " .. tostring(rs[i]:get(0)))
+          check(fs[i]:result(20) == i + 10, "submit " .. i)
+        end
+        for i = 1, 1100 do check(many[i]:result(20) == i, "submit " .. i .. " of 1100") end
+        pool:close()
+        pool:join()
+      end)
+    end)
+
+    it("terminate fails calls of a function whose blob could not be made behind a stopped allocator holder", function()
+      behind_arena_holder(function(pool)
+        local r = soon("apply_async of a new function", pool.apply_async, pool, function(x) return -x end, { 1 })
+        local f = soon("submit of a new function", pool.submit, pool, function(x) return -x end, 2)
+        soon("terminate", pool.terminate, pool)
+        check(select(2, pcall(r.get, r)) == "the pool was terminated", "the kept apply_async's error")
+        check(tostring(f:exception()) == "the pool was terminated", "the kept submit's error")
+      end)
+    end)
+
+    it("apply_async with arguments that need the allocator returns at once behind a stopped allocator holder", function()
+      behind_arena_holder(function(pool, holder)
         local big = string.rep("b", 200000)
         local r = soon("apply_async(identity, { 200 KB })", pool.apply_async, pool, identity, { big })
         local f = soon("submit(identity, 200 KB)", pool.submit, pool, identity, big)

@@ -1019,9 +1019,20 @@ static blobhdr *blob_check(lua_State *L, int arg) {
 }
 
 /* a new blob of n bytes (uninitialised), recorded as this process's */
-static blobhdr *blob_make(lua_State *L, size_t n, int held) {
+/* A blob of n bytes, its offset pushed; held: see blob_hold; deadline: its wait for the
+** allocator's lock ends then (MP_AFTER, as a lean put's), and NULL is returned, nothing pushed
+** (-1: no end; Ctrl-C raises) */
+static blobhdr *blob_make(lua_State *L, size_t n, int held, double deadline) {
   mp_arena_ensure(L);
-  uint64_t off = held ? mp_alloc_held(sizeof(blobhdr) + n) : mp_alloc(L, sizeof(blobhdr) + n);
+  uint64_t off;
+  if (held) {
+    off = mp_alloc_held(sizeof(blobhdr) + n);
+  } else {
+    mp_alloc_context(L, deadline);
+    off = mp_alloc_try(sizeof(blobhdr) + n);
+    mp_alloc_context(NULL, -1);
+    if (!off && deadline != -1 && mp_alloc_gave_up()) return NULL;
+  }
   if (!off) mp_oom_error(L, sizeof(blobhdr) + n);
   blobhdr *b = MP_PTR(off);
   memset(b, 0, sizeof *b);
@@ -1036,15 +1047,18 @@ static blobhdr *blob_make(lua_State *L, size_t n, int held) {
   return b;
 }
 
-/* core.blob_new(s [, owners]) -> offset; owners: encode_function's third result
-** for s, whose objects the blob then owns until blob_free */
+/* core.blob_new(s [, owners [, wait]]) -> offset | nil, "timeout"; owners: encode_function's
+** third result for s, whose objects the blob then owns until blob_free; wait: seconds its wait
+** for the allocator's lock may last (from when it begins, as a lean put's: a stopped holder),
+** then nothing is made */
 static int blob_new(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
   mp_owners *o = NULL;
   if (!lua_isnoneornil(L, 2)) o = luaL_checkudata(L, 2, MP_OWNERS);
   size_t room = (n + 7) & ~(size_t)7;
-  blobhdr *b = blob_make(L, o ? room + o->n * sizeof(mp_sent) : n, 0);
+  blobhdr *b = blob_make(L, o ? room + o->n * sizeof(mp_sent) : n, 0, lean_deadline(L, 3));
+  if (!b) return mp_waitresult(L, MP_TIMEOUT);
   b->len = n;
   memcpy((char *)b + sizeof(blobhdr), s, n);
   if (o) {  /* its references: counted by this process (freed with it if it dies) */
@@ -1064,7 +1078,7 @@ static int blob_new(lua_State *L) {
 static int blob_hold(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
   luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, 1, "0 to 2^31 - 1 bytes");
-  blob_make(L, (size_t)n, 1);
+  blob_make(L, (size_t)n, 1, -1);
   return 1;
 }
 
@@ -1175,12 +1189,13 @@ static void chunk_items(lua_State *L, const char *s, size_t len, uint32_t n) {
 
 static const mp_handle_type t_ps = { POOLSTATE, mp_handle_encode, ps_decode };
 
-/* core.flags_new(n) -> blob, base: n zeroed cancel words in a blob (free it with
-** blob_free); base is the offset of the first word */
+/* core.flags_new(n [, wait]) -> blob, base | nil, "timeout": n zeroed cancel words in a blob
+** (free it with blob_free); base is the offset of the first word; wait: as blob_new's */
 static int pool_flags_new(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
   luaL_argcheck(L, n >= 1 && n <= 1 << 20, 1, "1 to 2^20 words");
-  blobhdr *b = blob_make(L, (size_t)n * sizeof(uint32_t), 0);
+  blobhdr *b = blob_make(L, (size_t)n * sizeof(uint32_t), 0, lean_deadline(L, 2));
+  if (!b) return mp_waitresult(L, MP_TIMEOUT);
   memset((char *)b + sizeof *b, 0, (size_t)n * sizeof(uint32_t));
   lua_pushinteger(L, (lua_Integer)((char *)b + sizeof *b - (char *)MP_PTR(0)));
   return 2;

@@ -384,6 +384,7 @@ local function blob_drop(self, b)
   b.freed = true
   self._blobs[b] = nil
   if self._bytext[b.s] == b then self._bytext[b.s] = nil end
+  if b.pending then self._pending[b.s] = nil return end  -- (never made: see text_blob)
   core.blob_free(b.off)
 end
 
@@ -1044,15 +1045,29 @@ local function cache_blob(self, b)
 end
 
 -- the blob of encoded function s: the same bytes share one blob (a closure
--- made anew in an apply_async loop), which workers then decode only once
-local function text_blob(self, s, owners)
+-- made anew in an apply_async loop), which workers then decode only once. wait (lean calls:
+-- PUT_WAIT): how long making it may wait for the allocator's lock (not at all while calls are
+-- kept), else (a process stopped holding it) the blob is pending: a record that names no blob
+-- yet, in self._pending, neither cached nor shared with map calls; send_held makes it
+-- (make_pending) before it sends the kept calls that need it. It keeps f: the objects its
+-- upvalues name stay alive until then.
+local function text_blob(self, s, owners, f, wait)
   local b = self._bytext[s]
   if b then
     if not b.cached then cache_blob(self, b) end  -- needed again: back among the newest
     return b
   end
+  local pending = self._pending
+  if pending and pending[s] then return pending[s] end
+  local off = core.blob_new(s, owners, wait and (self._held and 0 or wait))
+  if not off then
+    b = { fid = false, off = false, refs = 0, s = s, owners = owners, f = f, pending = true }
+    if not pending then pending = {} self._pending = pending end
+    pending[s] = b
+    return b
+  end
   self._nfid = self._nfid + 1
-  b = { fid = self._nfid, off = core.blob_new(s, owners), refs = 0, s = s }  -- (it owns the objects s names)
+  b = { fid = self._nfid, off = off, refs = 0, s = s }  -- (it owns the objects s names)
   self._blobs[b] = true
   self._bytext[s] = b
   cache_blob(self, b)
@@ -1069,14 +1084,26 @@ local function cached_blob(self, f)
   end
 end
 
--- the blob record of f (see blob_drop)
-local function func_blob(self, f)
+-- makes pending blob b (see text_blob) if the allocator's lock comes within PUT_WAIT; whether it did
+local function make_pending(self, b)
+  local off = core.blob_new(b.s, b.owners, PUT_WAIT)
+  if not off then return false end
+  self._pending[b.s] = nil
+  self._nfid = self._nfid + 1
+  b.fid, b.off, b.pending, b.owners, b.f = self._nfid, off, nil, nil, nil
+  self._blobs[b] = true
+  return true
+end
+
+-- the blob record of f (see blob_drop); wait: text_blob's
+local function func_blob(self, f, wait)
   local b = cached_blob(self, f)
   if b then return b end
   local c = self._fcache[f]
   local s, globals, owners = core.encode_function(f, "function")  -- globals: it carries some, which may change unseen
   if c and c.s == s and not c.b.freed then return c.b end
-  b = text_blob(self, s, owners)
+  b = text_blob(self, s, owners, f, wait)
+  if b.pending then return b end  -- (not remembered for f: made later, once)
   c = { s = s, b = b }
   if not globals and plain_upvalues(f) then
     local ups, i = {}, 1
@@ -1122,12 +1149,12 @@ local function parse_opts(opts, what, lvl)
 end
 
 -- the blob record of the function f of a call; a function that cannot be sent raises
--- func_error at level lvl, seen from the caller (the cached record costs no pcall)
-local function call_blob(self, f, lvl)
+-- func_error at level lvl, seen from the caller (the cached record costs no pcall); wait: text_blob's
+local function call_blob(self, f, lvl, wait)
   local b = cached_blob(self, f)
   if b then return b end
   local ok
-  ok, b = pcall(func_blob, self, f)
+  ok, b = pcall(func_blob, self, f, wait)
   if not ok then error(faults().func_error(self, f, b), lvl + 1) end
   return b
 end
@@ -1418,7 +1445,7 @@ local ASYNC = { "apply_async", "apply", "submit", "map_async", "starmap_async", 
 local ASYNC_M = { "as_completed", "wait" }
 local P = {
   core = core, M = M, Pool = Pool, progress = progress,
-  SLICE = SLICE, AHEAD = AHEAD, PUT_WAIT = PUT_WAIT, unref = unref, POLL_BUDGET = POLL_BUDGET, STEP_RESULTS = STEP_RESULTS, FEED_TIME = FEED_TIME,
+  SLICE = SLICE, AHEAD = AHEAD, PUT_WAIT = PUT_WAIT, unref = unref, make_pending = make_pending, POLL_BUDGET = POLL_BUDGET, STEP_RESULTS = STEP_RESULTS, FEED_TIME = FEED_TIME,
   clean = clean, engine = engine, wait_call = wait_call, results_of = results_of, check_usable = check_usable,
   parse_opts = parse_opts, key_text = key_text, new_call = new_call, feed = feed, sized_results = sized_results,
   call_blob = call_blob, plain_upvalues = plain_upvalues, globals = globals,

@@ -8,7 +8,7 @@
 local P = require("multiprocessing.pool")._internals  -- what pool.lua shares with this file
 local core, M, Pool, progress = P.core, P.M, P.Pool, P.progress
 local SLICE, AHEAD, POLL_BUDGET, STEP_RESULTS, FEED_TIME = P.SLICE, P.AHEAD, P.POLL_BUDGET, P.STEP_RESULTS, P.FEED_TIME
-local PUT_WAIT, unref = P.PUT_WAIT, P.unref
+local PUT_WAIT, unref, make_pending = P.PUT_WAIT, P.unref, P.make_pending
 local clean, engine, wait_call, results_of, check_usable = P.clean, P.engine, P.wait_call, P.results_of, P.check_usable
 local parse_opts, key_text, new_call, feed, sized_results = P.parse_opts, P.key_text, P.new_call, P.feed, P.sized_results
 local call_blob, plain_upvalues = P.call_blob, P.plain_upvalues
@@ -57,12 +57,14 @@ local CANCELLED = "the future was cancelled"
 -- Cancel words of Futures: slabs of FLAG_SLAB words in the arena, each word in use from
 -- its Future's submit until its message ended (lean_end), then reused.
 local FLAG_SLAB = 1024
--- (the last free word, made when none is: put_call takes it once its message is out)
+-- (the last free word, made when none is: put_call takes it once its message is out); nil when
+-- none is and a slab could not be made within PUT_WAIT (a stopped process holds the allocator)
 local function free_flag(self)
   local n = self._nfree
   local free = self._free
   if n == 0 then
-    local blob, base = core.flags_new(FLAG_SLAB)
+    local blob, base = core.flags_new(FLAG_SLAB, PUT_WAIT)
+    if not blob then return nil end
     local slabs = self._slabs
     slabs[#slabs + 1] = blob
     for k = 1, FLAG_SLAB do free[k] = base + 4 * (FLAG_SLAB - k) end
@@ -109,8 +111,12 @@ local function send_held(self)
     local sent, ok, why = true, true, nil
     if not rec.finished then  -- (else: cancelled while kept)
       local args = e.args
+      -- (its function's blob, or a cancel word, that could not be made within PUT_WAIT: the
+      -- allocator is still held; the next turn tries again from here)
+      if b.pending and not make_pending(self, b) then return end
       if e.call then
         rec.flag = free_flag(self)  -- (taken by put_call once the message is out)
+        if not rec.flag then return end
         sent, ok, why = pcall(put_call, tasks, self._seq + 1, b.fid, b.off, rec.flag, self, rec, PUT_WAIT,
           unpack(args, 1, args.n))
         if not (sent and ok) then rec.flag = false end
@@ -312,9 +318,9 @@ local function send_apply(self, f, args, opts, what)
     opts = parse_opts(opts, what, 4)
     call.callback, call.error_callback, call.timeout = opts.callback, opts.error_callback, opts.timeout
   end
-  local b = call_blob(self, f, 3)
+  local b = call_blob(self, f, 3, PUT_WAIT)
   call.brec = b
-  if self._held then  -- (not a tail call: keep's errors name the user's line, counting this frame)
+  if self._held or b.pending then  -- (not a tail call: keep's errors name the user's line, counting this frame)
     keep(self, { rec = call, args = args }, args, 3)
     return call
   end
@@ -410,14 +416,15 @@ function Pool:submit(f, ...)
     check_usable(self, "submit", 3)
   end
   if type(f) ~= "function" then error(("bad argument #1 to 'submit' (function expected, got %s)"):format(type(f)), 2) end
-  local b = call_blob(self, f, 2)
-  if self._held then
+  local b = call_blob(self, f, 2, PUT_WAIT)
+  -- (kept: behind kept calls, or a blob or a slab of cancel words the allocator could not make)
+  local flag = not (self._held or b.pending) and free_flag(self)
+  if not flag then
     local args = pack(...)
     local fut = setmetatable({ false, finished = false, n = false, brec = b }, (self._F or lean_classes(self)._F))
     keep(self, { rec = fut, args = args, call = true }, args, 2)  -- (not a tail call: see send_apply)
     return fut
   end
-  local flag = free_flag(self)
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, (self._F or lean_classes(self)._F))
   local sent, ok, why = pcall(put_call, self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, PUT_WAIT, ...)
   if not sent then error(clean(tostring(ok)), 2) end
