@@ -405,9 +405,9 @@ return {
         if after[i]:cancel() then cancelled[i] = true end
       end
       local last = after[m]
-      local v, why = (last.get or last.result)(last, 0.2)
+      local ok, v, why = pcall(last.get or last.result, last, 0.2)   -- (raises if it was cancelled)
       L.check(now() - t0 < BOUND, "round %d: %d apply_async/submit and get(0.2) took %.1f s behind a stopped lock holder", round, m, now() - t0)
-      L.check(v ~= nil or why == "timeout" or cancelled[m], "round %d: get(0.2) gave %s, %s", round, tostring(v), tostring(why))
+      L.check(ok and (v ~= nil or why == "timeout") or (not ok and cancelled[m]), "round %d: get(0.2) gave %s, %s", round, tostring(v), tostring(why))
       sleep(L.uniform(0, 0.05))
       kill(holder, SIGKILL)
       L.core.waitpid(holder, BOUND)
