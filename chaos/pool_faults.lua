@@ -455,9 +455,12 @@ return {
         local f = function(x) return x * 2 + k end
         if i % 2 == 0 then calls[i] = pool:submit(f, i) else calls[i] = pool:apply_async(f, { i }) end
       end
+      local j = round   -- (a map_async of a new closure too)
+      local xs = inputs(math.random(1, 3000))
+      local mapped = pool:map_async(function(x) return x * 2 + j end, xs)
       local last = calls[m]
       local v, why = (last.get or last.result)(last, 0.2)
-      L.check(now() - t0 < BOUND, "round %d: %d calls and get(0.2) took %.1f s behind a stopped allocator holder", round, m, now() - t0)
+      L.check(now() - t0 < BOUND, "round %d: %d calls, a map_async and get(0.2) took %.1f s behind a stopped allocator holder", round, m, now() - t0)
       L.check(v ~= nil or why == "timeout", "round %d: get(0.2) gave %s, %s", round, tostring(v), tostring(why))
       local terminate = math.random() < 0.3
       if terminate then pool:terminate() end
@@ -472,6 +475,13 @@ return {
         else
           L.check(ok and y == i * 2 + i % 7, "round %d: call %d gave %s", round, i, tostring(y))
         end
+      end
+      local ok, res = pcall(mapped.get, mapped, BOUND)
+      if terminate then
+        L.check(not ok and tostring(res):find("terminated", 1, true), "round %d: map_async after terminate gave %s", round, tostring(res))
+      else
+        L.check(ok and type(res) == "table", "round %d: map_async gave %s", round, tostring(res))
+        for i = 1, #xs do L.check(res[i] == i * 2 + j, "round %d: map_async item %d gave %s", round, i, tostring(res[i])) end
       end
       L.add(terminate and "terminated" or "calls", m)
       L.round_done()

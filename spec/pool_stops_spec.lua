@@ -496,6 +496,28 @@ describe("Pool stops", function()
       end)
     end)
 
+    it("map_async and imap of a function never sent before return at once behind a stopped allocator holder", function()
+      behind_arena_holder(function(pool, holder)
+        local k, xs = 3, {}
+        for i = 1, 1000 do xs[i] = i end
+        local r = soon("map_async of a new function", pool.map_async, pool, function(x) return x * k end, xs)
+        local n = 0
+        local it, s, c, closer = soon("imap of a new function", pool.imap, pool, function(x) return x + k end,
+          function() n = n + 1 if n <= 100 then return n end end)
+        local v, why = soon("get(0.3)", r.get, r, 0.3)
+        check(v == nil and why == "timeout", "get(0.3) returned " .. tostring(v) .. ", " .. tostring(why))
+        core.kill(holder, 18)   -- continued: the blobs are made, the calls are fed
+        check(core.waitpid(holder, 10) == 0, "the holder did not finish")
+        local out = check(r:get(20), "map_async gave nothing")
+        for i = 1, 1000 do check(out[i] == 3 * i, "map_async item " .. i) end
+        local got = 0
+        for i, y in it, s, c, closer do got = got + 1 check(y == i + 3, "imap item " .. i) end
+        check(got == 100, "imap gave " .. got .. " items of 100")
+        pool:close()
+        pool:join()
+      end)
+    end)
+
     it("terminate fails calls of a function whose blob could not be made behind a stopped allocator holder", function()
       behind_arena_holder(function(pool)
         local r = soon("apply_async of a new function", pool.apply_async, pool, function(x) return -x end, { 1 })

@@ -394,6 +394,17 @@ local function unref(self, b)
   if r == 0 and not b.cached then blob_drop(self, b) end
 end
 
+-- makes pending blob b (see text_blob) if the allocator's lock comes within PUT_WAIT; whether it did
+local function make_pending(self, b)
+  local off = core.blob_new(b.s, b.owners, PUT_WAIT)
+  if not off then return false end
+  self._pending[b.s] = nil
+  self._nfid = self._nfid + 1
+  b.fid, b.off, b.pending, b.owners, b.f = self._nfid, off, nil, nil, nil
+  self._blobs[b] = true
+  return true
+end
+
 local function free_blobs(self)
   for b in pairs(self._blobs) do b.freed = true core.blob_free(b.off) end
   self._blobs, self._ring, self._bytext = {}, {}, {}
@@ -904,6 +915,10 @@ end
 -- reaches it and returns true when the window has room for more (a bounded step, see step).
 local function feed(self, call, deadline)
   if call.fed_all or call.finished then return end
+  -- (a function whose blob the allocator, held by a stopped process, could not make at the
+  -- call: made here first, or the call waits for a later turn, as a chunk held back does)
+  local b = call.brec
+  if b.pending and not make_pending(self, b) then call.stalled = true return end
   if call.seq_input and call.total == 0 then call.fed_all = true end
   local more = false
   while not call.fed_all do
@@ -1084,17 +1099,6 @@ local function cached_blob(self, f)
   end
 end
 
--- makes pending blob b (see text_blob) if the allocator's lock comes within PUT_WAIT; whether it did
-local function make_pending(self, b)
-  local off = core.blob_new(b.s, b.owners, PUT_WAIT)
-  if not off then return false end
-  self._pending[b.s] = nil
-  self._nfid = self._nfid + 1
-  b.fid, b.off, b.pending, b.owners, b.f = self._nfid, off, nil, nil, nil
-  self._blobs[b] = true
-  return true
-end
-
 -- the blob record of f (see blob_drop); wait: text_blob's
 local function func_blob(self, f, wait)
   local b = cached_blob(self, f)
@@ -1187,7 +1191,7 @@ local function new_call(self, kind, f, input, opts, what, lvl)
   else
     error(("bad argument #2 to '%s' (table or iterator function expected, got %s)"):format(what, type(input)), lvl)
   end
-  local b = call_blob(self, f, lvl)
+  local b = call_blob(self, f, lvl, PUT_WAIT)
   b.refs = b.refs + 1  -- until the call is fed
   call.brec, call.feeding = b, true
   if opts.progress then
