@@ -566,6 +566,22 @@ describe("Pool stops", function()
       end)
     end)
 
+    it("calls kept behind a task-lock holder go out with the next call once the lock is free, without waiting for a turn of the engine", function()
+      behind_task_holder(2, function(pool, holder)
+        local rs = {}
+        for i = 1, 10 do rs[i] = soon("apply_async", pool.apply_async, pool, double, { i }) end
+        check(pool._held, "nothing was kept")
+        kill_holder(holder)   -- (the lock is free again; no get, wait or poll since)
+        rs[11] = pool:apply_async(double, { 11 })
+        rs[12] = pool:submit(double, 12)
+        check(not pool._held, "the kept calls are still kept after two more calls")
+        for i = 1, 11 do check(rs[i]:get(20) == 2 * i, "apply_async " .. i) end
+        check(rs[12]:result(20) == 24, "submit 12")
+        pool:close()
+        pool:join()
+      end)
+    end)
+
     it("close() with calls kept behind a stopped task-lock holder: join sends them, then stops the workers", function()
       behind_task_holder(2, function(pool, holder)
         local rs = {}

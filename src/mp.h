@@ -199,7 +199,8 @@ double mp_now(void);                              /* CLOCK_MONOTONIC seconds */
 double mp_deadline(lua_State *L, int idx);        /* optional timeout arg -> deadline; -1 forever */
 /* A deadline of MP_AFTER(s): s seconds from when a wait starts, so that a call that finds every
 ** lock free never reads the clock (the pool's lean puts, which give up after PUT_WAIT); mp_when
-** makes it a deadline like the others, once a wait begins (and leaves the others as they are). */
+** makes it a deadline like the others, once a wait begins (and leaves the others as they are).
+** A queue's put with MP_AFTER(0) gives up at once when its lock is busy (no GRACE: a try). */
 #define MP_AFTER(s) (-2.0 - (s))
 static inline double mp_when(double d) { return d <= -2.0 ? mp_now() + (-2.0 - d) : d; }
 enum { MP_WOKE = 0, MP_TIMEOUT = 1, MP_INTERRUPTED = 2, MP_SHUTDOWN = 3 };  /* SHUTDOWN: a queue shut down */

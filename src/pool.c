@@ -298,15 +298,46 @@ static void lean_record(lua_State *L, int pool, int rec, lua_Integer seq, int fl
   }
 }
 
-/* core.put_apply(queue, seq, fid, blob, args, pool, rec [, brec, inflight [, wait]]) -> true |
-** nil, "interrupted" | "timeout": put_task's apply message (mode 3) of the table args (nil:
+/* The deadline of a lean put through a handle with these settings (see mp_qlean), or, for a
+** handle that keeps calls, none: it pushes nil, "kept" and returns 0 */
+static int lean_put_deadline(lua_State *L, const mp_qlean *ln, double *deadline) {
+  if (ln->kept) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "kept");
+    return 0;
+  }
+  *deadline = ln->soft ? MP_AFTER(ln->wait) : -1;
+  return 1;
+}
+
+/* core.lean_puts(queue, wait, kept): the lean puts through this handle (see mp_qlean) wait
+** wait seconds at most (nil: as long as it takes), or, kept, send nothing */
+static int pool_lean_puts(lua_State *L) {
+  mp_buf *buf;
+  mp_qlean *ln;
+  mp_queue_lean(L, 1, &buf, &ln);
+  if (lua_isnoneornil(L, 2)) {
+    ln->soft = 0;
+  } else {
+    lua_Number wait = luaL_checknumber(L, 2);
+    luaL_argcheck(L, wait >= 0, 2, "negative wait");
+    ln->soft = 1;
+    ln->wait = wait;
+  }
+  ln->kept = lua_toboolean(L, 3);
+  return 0;
+}
+
+/* core.put_apply(queue, seq, fid, blob, args, pool, rec [, brec, inflight]) -> true | nil,
+** "interrupted" | "timeout" | "kept": put_task's apply message (mode 3) of the table args (nil:
 ** none), in fewer arguments, recorded as rec's once it is out (lean_record: brec is rec.brec,
-** inflight pool._inflight). With wait, its waits for the queue's lock and the allocator's end
-** wait seconds from now ("timeout", as put_task's deadline); nothing is sent or recorded then,
-** nor when interrupted. */
+** inflight pool._inflight). Its waits follow the handle's lean settings (core.lean_puts):
+** "timeout" when they ended, "kept" when the handle keeps calls; nothing is sent or recorded
+** then, nor when interrupted. */
 static int pool_put_apply(lua_State *L) {
   mp_buf *buf;
-  mp_queue *q = mp_queue_check(L, 1, &buf);
+  mp_qlean *ln;
+  mp_queue *q = mp_queue_lean(L, 1, &buf, &ln);
   lua_Integer seq = luaL_checkinteger(L, 2);
   taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)seq,
                 luaL_checkinteger(L, 4), 1, 3, 0 };
@@ -318,8 +349,9 @@ static int pool_put_apply(lua_State *L) {
     lua_replace(L, 5);
   }
   luaL_checktype(L, 5, LUA_TTABLE);
-  double deadline = lean_deadline(L, 10);
-  int soft = deadline != -1;  /* (MP_AFTER: a soft put) */
+  double deadline;
+  if (!lean_put_deadline(L, ln, &deadline)) return 2;
+  int soft = ln->soft;
   char few[MP_FAST_ARRAY];  /* (a few plain arguments: without the encoder) */
   uint32_t len = mp_fast_encode_array(L, 5, few);
   int r = len ? mp_queue_put_small(L, q, &h, sizeof h, few, len, deadline, soft)
@@ -330,15 +362,16 @@ static int pool_put_apply(lua_State *L) {
   return 1;
 }
 
-/* core.put_call(queue, seq, fid, blob, flag, pool, rec, wait, ...) -> true | nil, "interrupted"
-** | "timeout": sends the arguments ... as one call message (mode 4: its n is the number of
-** arguments, its items the arguments), with cancel word flag (0: none), which is set to QUEUED
-** first, recorded as rec's once it is out (lean_record; a flag is the last of pool._free). Its
-** waits end wait seconds from now, as put_apply's (nil: none); nothing is sent or recorded
-** unless it returns true. Unsendable arguments raise the codec's error, naming args[i]. */
+/* core.put_call(queue, seq, fid, blob, flag, pool, rec, ...) -> true | nil, "interrupted" |
+** "timeout" | "kept": sends the arguments ... as one call message (mode 4: its n is the number
+** of arguments, its items the arguments), with cancel word flag (0: none), which is set to
+** QUEUED first, recorded as rec's once it is out (lean_record; a flag is the last of
+** pool._free). Its waits follow the handle's lean settings, as put_apply's; nothing is sent or
+** recorded unless it returns true. Unsendable arguments raise the codec's error, naming args[i]. */
 static int pool_put_call(lua_State *L) {
   mp_buf *buf;
-  mp_queue *q = mp_queue_check(L, 1, &buf);
+  mp_qlean *ln;
+  mp_queue *q = mp_queue_lean(L, 1, &buf, &ln);
   lua_Integer seq = luaL_checkinteger(L, 2);
   taskhdr h = { TASKMAGIC, (uint32_t)luaL_checkinteger(L, 3), (uint64_t)seq,
                 luaL_checkinteger(L, 4), 0, 4, 0 };
@@ -349,22 +382,23 @@ static int pool_put_call(lua_State *L) {
     __atomic_store_n(flag_at(L, 5), FLAG_QUEUED, __ATOMIC_SEQ_CST);
     h.flag = (uint64_t)flag;
   }
-  double deadline = lean_deadline(L, 8);
-  int soft = deadline != -1;  /* (MP_AFTER: a soft put) */
-  int top = lua_gettop(L), nargs = top < 8 ? 0 : top - 8;
+  double deadline;
+  if (!lean_put_deadline(L, ln, &deadline)) return 2;
+  int soft = ln->soft;
+  int top = lua_gettop(L), nargs = top - 7;
   h.n = (uint32_t)nargs;
   char few[MP_FAST_ARRAY];  /* (a few plain arguments: without the encoder) */
-  uint32_t len = mp_fast_encode_values(L, 9, nargs, few);
+  uint32_t len = mp_fast_encode_values(L, 8, nargs, few);
   int r;
   if (len) {
     r = mp_queue_put_small(L, q, &h, sizeof h, few, len, deadline, soft);
   } else {
     lua_createtable(L, nargs, 0);
     for (int k = 1; k <= nargs; k++) {
-      lua_pushvalue(L, 8 + k);
+      lua_pushvalue(L, 7 + k);
       lua_rawseti(L, -2, k);
     }
-    r = put_encoded(L, q, &h, sizeof h, mp_encode_range(L, lua_gettop(L), 1, nargs, "args"), deadline, soft);
+    r = put_encoded(L, q, &h, sizeof h, mp_encode_range(L, top + 1, 1, nargs, "args"), deadline, soft);
   }
   if (r != MP_WOKE) return mp_waitresult(L, r);
   lean_record(L, 6, 7, seq, flag != 0, 0, 0);
@@ -1214,7 +1248,7 @@ int mp_pool_open(lua_State *L) {
   mp_codec_register(&t_ps);
   static const luaL_Reg funcs[] = {
     {"PoolState", ps_new}, {"put_task", pool_put_task}, {"put_stop", pool_put_stop}, {"put_result", pool_put_result}, {"place", pool_place}, {"newtable", pool_newtable}, {"blob_new", blob_new}, {"blob_get", blob_get}, {"blob_free", blob_free}, {"_blob_hold", blob_hold},
-    {"reply_values", pool_reply_values}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
+    {"reply_values", pool_reply_values}, {"lean_puts", pool_lean_puts}, {"flag_cas", pool_flag_cas}, {"flag_get", pool_flag_get}, {"flags_new", pool_flags_new},
     {"chunk_scratch", pool_chunk_scratch},
     {NULL, NULL}
   };

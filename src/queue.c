@@ -756,6 +756,7 @@ static int put_oom(lua_State *L, size_t want, int soft) {
 static int q_put_enter(lua_State *L, mp_queue *q, double deadline) {
   int r = pthread_mutex_trylock(&q->lock);
   if (__builtin_expect(r != 0, 0)) {  /* (q_lock's, with the deadline made absolute once: MP_AFTER) */
+    if (r == EBUSY && deadline == MP_AFTER(0)) return MP_TIMEOUT;  /* a try (see mp.h) */
     deadline = mp_when(deadline);
     if ((r = q_lock_slow(L, q, deadline, r)) != MP_WOKE) return r;
   }
@@ -1153,6 +1154,7 @@ typedef struct qhandle {
   mp_handle h;
   uint64_t magic;  /* q_word(this handle) + the class (QK_*): set where the userdata is made */
   mp_buf buf;      /* receive buffer, local to this process */
+  mp_qlean lean;   /* a pool's task queue, in its owner: see queue.h */
 } qhandle;
 
 /* The self check of the hot calls (put, get, and pool.c's mp_queue_check, twice
@@ -1228,6 +1230,14 @@ mp_queue *mp_queue_check(lua_State *L, int idx, mp_buf **buf) {
   qhandle *qh = q_mine(L, idx);
   if (!qh || qh->magic != q_word(qh) + QK_QUEUE || !qh->h.off) qh = q_checkslow(L, idx, MP_CLASSES(QUEUE));
   *buf = &qh->buf;
+  return QOF(qh);
+}
+
+mp_queue *mp_queue_lean(lua_State *L, int idx, mp_buf **buf, mp_qlean **lean) {
+  qhandle *qh = q_mine(L, idx);
+  if (!qh || qh->magic != q_word(qh) + QK_QUEUE || !qh->h.off) qh = q_checkslow(L, idx, MP_CLASSES(QUEUE));
+  *buf = &qh->buf;
+  *lean = &qh->lean;
   return QOF(qh);
 }
 

@@ -66,6 +66,14 @@ int mp_queue_put_soft(lua_State *L, mp_queue *q, const void *pre, size_t plen, m
 #define MP_QSMALL (32 * 1024)
 int mp_queue_put_small(lua_State *L, mp_queue *q, const void *pre, size_t plen, const char *s, size_t n,
                        double deadline, int soft);
+/* The lean puts of a pool's task queue (pool.c's put_apply and put_call), set on its owner's
+** handle by core.lean_puts: soft, their waits for the queue's lock and the allocator's end wait
+** seconds after they begin (MP_AFTER; 0: a try), and then nothing is sent ("timeout"); kept, they
+** send nothing at all ("kept": the pool keeps calls, which go first). Process-local; a handle
+** is made with neither. */
+typedef struct mp_qlean { int soft, kept; double wait; } mp_qlean;
+/* mp_queue_check's, with the handle's lean settings */
+mp_queue *mp_queue_lean(lua_State *L, int idx, mp_buf **buf, mp_qlean **lean);
 typedef void (*mp_decoder)(lua_State *L, const char *s, size_t n);  /* pushes one value */
 int mp_queue_get(lua_State *L, mp_queue *q, mp_buf *buf, double deadline);
 /* A reader's claim, in the arena: get_many writes the numbers of the messages

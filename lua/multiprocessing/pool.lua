@@ -394,9 +394,10 @@ local function unref(self, b)
   if r == 0 and not b.cached then blob_drop(self, b) end
 end
 
--- makes pending blob b (see text_blob) if the allocator's lock comes within PUT_WAIT; whether it did
-local function make_pending(self, b)
-  local off = core.blob_new(b.s, b.owners, PUT_WAIT)
+-- makes pending blob b (see text_blob) if the allocator's lock comes within wait (default
+-- PUT_WAIT); whether it did
+local function make_pending(self, b, wait)
+  local off = core.blob_new(b.s, b.owners, wait or PUT_WAIT)
   if not off then return false end
   self._pending[b.s] = nil
   self._nfid = self._nfid + 1
@@ -661,6 +662,7 @@ end
 local function fail_held(self, text)
   local held = self._held
   self._held = false
+  core.lean_puts(self._tasks, PUT_WAIT, false)
   for k = held.first, held.last do
     local rec = held[k].rec
     rec.held = false
@@ -1276,8 +1278,10 @@ function M.Pool(opts)
     _initializer = init, _initargs = initargs or {}, _maxtasks = maxtasks, _respawn = respawn or "now",
     _nosend = NOSEND,  -- the codec refuses it: a Pool is never sent (see pool_faults.lua, find_pool)
     _broken = false,  -- (or why the pool is broken; a field of its own: tested for every task)
-    _held = false,  -- (or the lean calls kept unsent, see hold in pool_async.lua; tested for every task too)
+    _held = false,  -- (or the lean calls kept unsent, see hold in pool_async.lua)
   }, Pool)
+  -- its lean puts (apply_async, submit) give up after PUT_WAIT, and send nothing while calls are kept
+  core.lean_puts(self._tasks, PUT_WAIT, false)
   made = made + 1
   process._pools[self] = true  -- for active_children(), which lists pool workers too
   if self._method == "fork" then self._method = nil end

@@ -16,6 +16,7 @@ local abandon, finish, run_callback, note, on_result = P.abandon, P.finish, P.ru
 local check_workers, stop_workers, spawn_pending = P.check_workers, P.stop_workers, P.spawn_pending
 local now, newtable, getpid, take_result = core.now, core.newtable, core.getpid, core.take_result
 local put_call, put_apply, flag_cas, flag_get = core.put_call, core.put_apply, core.flag_cas, core.flag_get
+local lean_puts = core.lean_puts
 local unpack, pack, setmetatable = table.unpack, table.pack, setmetatable
 local encode_unowned = core._encode_unowned
 
@@ -58,12 +59,13 @@ local CANCELLED = "the future was cancelled"
 -- its Future's submit until its message ended (lean_end), then reused.
 local FLAG_SLAB = 1024
 -- (the last free word, made when none is: put_call takes it once its message is out); nil when
--- none is and a slab could not be made within PUT_WAIT (a stopped process holds the allocator)
-local function free_flag(self)
+-- none is and a slab could not be made within wait (default PUT_WAIT: a stopped process holds
+-- the allocator)
+local function free_flag(self, wait)
   local n = self._nfree
   local free = self._free
   if n == 0 then
-    local blob, base = core.flags_new(FLAG_SLAB, PUT_WAIT)
+    local blob, base = core.flags_new(FLAG_SLAB, wait or PUT_WAIT)
     if not blob then return nil end
     local slabs = self._slabs
     slabs[#slabs + 1] = blob
@@ -87,6 +89,7 @@ local function hold(self, e)
   if not held then
     held = { first = 1, last = 0 }
     self._held = held
+    lean_puts(self._tasks, PUT_WAIT, true)  -- (the lean calls made from now on say "kept")
   end
   local k = held.last + 1
   held[k], held.last = e, k
@@ -100,9 +103,21 @@ local function hold(self, e)
   return rec
 end
 
--- sends the kept lean calls, in order, until one meets a held lock again (PUT_WAIT)
-local function send_held(self)
-  local held, tasks = self._held, self._tasks
+-- sends the kept lean calls, in order, until one meets a held lock again: wait is how long each
+-- put may wait for it (default PUT_WAIT: the engine's turns; 0, a lean call made while calls are
+-- kept: only if the locks are free at once, so that a lock held a while by a process that runs
+-- (preempted on a busy machine) does not keep every later call of a loop from the workers
+-- until its next wait)
+local send_kept
+local function send_held(self, wait)
+  local tasks = self._tasks
+  lean_puts(tasks, wait or PUT_WAIT, false)  -- (this turn's wait, for its own puts)
+  local ok, err = pcall(send_kept, self, tasks, wait or PUT_WAIT)
+  lean_puts(tasks, PUT_WAIT, self._held and true or false)
+  if not ok then error(err, 0) end
+end
+send_kept = function(self, tasks, wait)
+  local held = self._held
   for k = held.first, held.last do
     held.first = k  -- (what is left, whatever raises below: fail_held starts here)
     local e = held[k]
@@ -113,15 +128,14 @@ local function send_held(self)
       local args = e.args
       -- (its function's blob, or a cancel word, that could not be made within PUT_WAIT: the
       -- allocator is still held; the next turn tries again from here)
-      if b.pending and not make_pending(self, b) then return end
+      if b.pending and not make_pending(self, b, wait) then return end
       if e.call then
-        rec.flag = free_flag(self)  -- (taken by put_call once the message is out)
+        rec.flag = free_flag(self, wait)  -- (taken by put_call once the message is out)
         if not rec.flag then return end
-        sent, ok, why = pcall(put_call, tasks, self._seq + 1, b.fid, b.off, rec.flag, self, rec, PUT_WAIT,
-          unpack(args, 1, args.n))
+        sent, ok, why = pcall(put_call, tasks, self._seq + 1, b.fid, b.off, rec.flag, self, rec, unpack(args, 1, args.n))
         if not (sent and ok) then rec.flag = false end
       else
-        sent, ok, why = pcall(put_apply, tasks, self._seq + 1, b.fid, b.off, args, self, rec, b, nil, PUT_WAIT)
+        sent, ok, why = pcall(put_apply, tasks, self._seq + 1, b.fid, b.off, args, self, rec, b)
       end
       -- Ctrl-C: its put returned "interrupted", or lua.c's hook raised "interrupted!" on its
       -- return (caught by the pcall), or the allocator's wait raised it. The call stays kept
@@ -320,12 +334,13 @@ local function send_apply(self, f, args, opts, what)
   end
   local b = call_blob(self, f, 3, PUT_WAIT)
   call.brec = b
+  if self._held then send_held(self, 0) end  -- (a try: see send_held)
   if self._held or b.pending then  -- (not a tail call: keep's errors name the user's line, counting this frame)
     keep(self, { rec = call, args = args }, args, 3)
     return call
   end
   -- (recorded by put_apply once sent: see lean_apply)
-  local sent, ok, why = pcall(put_apply, self._tasks, self._seq + 1, b.fid, b.off, args, self, call, b, nil, PUT_WAIT)
+  local sent, ok, why = pcall(put_apply, self._tasks, self._seq + 1, b.fid, b.off, args, self, call, b)
   if not sent then error(clean(tostring(ok)), 3) end
   if not ok then
     if why ~= "timeout" then error("interrupted!", 0) end  -- (the put was: nothing sent)
@@ -351,27 +366,29 @@ end
 -- and that bookkeeping in Lua left a message with no record and its seq to be used again.)
 -- (lean_ready's tests, inline: the call costs a tenth of an apply_async)
 local function lean_apply(self, f, args)
-  if self.__index ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken or self._held then return end
+  if self.__index ~= Pool or self._owner ~= getpid() or self._state ~= "running" or self._broken then return end
   local c = self._fcache[f]
   if not c or not c.plain or not (c.bare or plain_upvalues(f, c.ups)) then return end
   local b = c.b
   if b.freed then return end
   local call = setmetatable({ [1] = false, finished = false, n = false, brec = b }, (self._A or lean_classes(self)._A))
   -- (args that are no table: put_apply raises)
-  local ok, why = put_apply(self._tasks, self._seq + 1, b.fid, b.off, args, self, call, b, self._inflight, PUT_WAIT)
+  local ok, why = put_apply(self._tasks, self._seq + 1, b.fid, b.off, args, self, call, b, self._inflight)
   if ok then return call end
   if why == "timeout" then return hold(self, { rec = call, args = args }) end
+  if why == "kept" then return end  -- (calls are kept: the general way checks the arguments, keeps it too)
   error("interrupted!", 0)  -- (the put was, and sent nothing: not a reason to try the general way)
 end
 
 local function lean_submit(self, f, ...)
   local b = lean_ready(self, f)
   local n = self._nfree
-  if not b or n == 0 or self._held then return end
+  if not b or n == 0 then return end
   local flag = self._free[n]
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, (self._F or lean_classes(self)._F))
-  local ok, why = put_call(self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, PUT_WAIT, ...)
+  local ok, why = put_call(self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, ...)
   if ok then return fut end
+  if why == "kept" then return end  -- (as lean_apply)
   if why == "timeout" then
     fut.flag = false  -- (not taken: send_held takes one when it sends)
     return hold(self, { rec = fut, args = pack(...), call = true })
@@ -417,6 +434,7 @@ function Pool:submit(f, ...)
   end
   if type(f) ~= "function" then error(("bad argument #1 to 'submit' (function expected, got %s)"):format(type(f)), 2) end
   local b = call_blob(self, f, 2, PUT_WAIT)
+  if self._held then send_held(self, 0) end  -- (a try: see send_held)
   -- (kept: behind kept calls, or a blob or a slab of cancel words the allocator could not make)
   local flag = not (self._held or b.pending) and free_flag(self)
   if not flag then
@@ -426,7 +444,7 @@ function Pool:submit(f, ...)
     return fut
   end
   local fut = setmetatable({ false, finished = false, n = false, flag = flag, brec = b }, (self._F or lean_classes(self)._F))
-  local sent, ok, why = pcall(put_call, self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, PUT_WAIT, ...)
+  local sent, ok, why = pcall(put_call, self._tasks, self._seq + 1, b.fid, b.off, flag, self, fut, ...)
   if not sent then error(clean(tostring(ok)), 2) end
   if not ok then
     if why ~= "timeout" then error("interrupted!", 0) end  -- (the put was: nothing sent)
