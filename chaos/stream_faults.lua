@@ -4,6 +4,7 @@
 -- Uses MP_REDIS_URL (.ci/run starts a server), else a redis-server of its own on a free port.
 local L = require "chaos.lib"
 local mp = require "multiprocessing"
+local RS = require "spec.redis_server"
 local core = L.core
 local now, sleep, kill = L.now, L.sleep, core.kill
 local SIGKILL, SIGSTOP, SIGTERM = 9, 19, 15
@@ -16,17 +17,8 @@ local BOUND = 20  -- seconds a call may take after a fault (a claim takes about 
 local function redis(own)
   local url = not own and os.getenv("MP_REDIS_URL")
   if url then return url, function() end end
-  local port = 20000 + math.random(0, 30000)
-  local pidfile = L.tmpname("redis-pid")
-  assert(os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --pidfile %s --logfile /dev/null")
-    :format(port, pidfile)), "redis-server did not start (install it, or set MP_REDIS_URL)")
-  local pid
-  L.check(L.eventually(function()
-    pid = tonumber(L.slurp(pidfile) or "")
-    local r = pid and core.redis_connect("127.0.0.1", port, 0.2)
-    if r then r:close() return true end
-  end, 10), "redis-server on port %d did not answer", port)
-  return ("redis://127.0.0.1:%d"):format(port), function() kill(pid, SIGKILL) os.remove(pidfile) end, pid
+  local server = RS.start()
+  return server.url, server.stop, server.pid()
 end
 
 -- a namespace of its own, a key file, and mp-worker machines started on demand

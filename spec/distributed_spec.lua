@@ -5,6 +5,7 @@ local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local S = require "multiprocessing.stream"
 local H = require "helpers"
+local RS = require "redis_server"
 
 local function sh(cmd) return os.execute(cmd) end
 
@@ -13,39 +14,13 @@ local function sh(cmd) return os.execute(cmd) end
 -- spec/helpers, that a worker on another machine does not have). The chunk gets `...`.
 local function task(src, ...) return assert(load(src, "=task"))(...) end
 
-local function free_port()
-  for _ = 1, 50 do
-    local p = 20000 + math.random(0, 30000)
-    local r = core.redis_connect("127.0.0.1", p, 0.2)
-    if not r then return p end
-    r:close()
-  end
-  error("no free port")
-end
+local free_port = RS.free_port
 
 -- a redis-server of our own; returns its URL, a function that stops it, its port and a function
 -- that gives its pid
 local function start_redis()
-  local port = free_port()
-  local pidfile = os.tmpname()
-  assert(sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --pidfile %s --logfile /dev/null")
-    :format(port, pidfile)))
-  assert(H.eventually(function()
-    local r = core.redis_connect("127.0.0.1", port, 0.2)
-    if r then r:close() return true end
-  end, 10), "redis-server did not start")
-  local function pid_of()
-    local f = io.open(pidfile)
-    local pid = f and tonumber(f:read("a"))
-    if f then f:close() end
-    return pid
-  end
-  local function stop()
-    local pid = pid_of()
-    if pid then core.kill(pid, 9) end
-    os.remove(pidfile)
-  end
-  return ("redis://127.0.0.1:%d"):format(port), stop, port, pid_of
+  local server = RS.start()
+  return server.url, server.stop, server.port, server.pid
 end
 
 local have_redis = os.getenv("MP_REDIS_URL") or sh("command -v redis-server >/dev/null 2>&1")
@@ -376,16 +351,13 @@ describe_netns("Pool on Redis Streams across a network namespace", function()
     local a = ("198.%d.%d.%d"):format(18 + net // 65536, (net // 256) % 256, net % 256 + 1)
     local b = ("198.%d.%d.%d"):format(18 + net // 65536, (net // 256) % 256, net % 256 + 2)
     local keyfile = os.tmpname()
-    local pidfile, workerpid = os.tmpname(), os.tmpname()
-    local worker
+    local workerpid = os.tmpname()
+    local worker, server
     local function cleanup()
       if worker then core.kill(worker, 15) H.eventually(function() return not H.alive(worker) end, 10) end
-      local f = io.open(pidfile)
-      local pid = f and tonumber(f:read("a"))
-      if f then f:close() end
-      if pid then core.kill(pid, 9) end
+      if server then server.stop() end
       sh(("ip netns del %s >/dev/null 2>&1; ip link del %s >/dev/null 2>&1"):format(nsname, host_if))
-      os.remove(keyfile) os.remove(pidfile) os.remove(workerpid)
+      os.remove(keyfile) os.remove(workerpid)
     end
     finally(cleanup)
     local function run(cmd) assert(sh(cmd .. " >/dev/null 2>&1"), "failed: " .. cmd) end
@@ -397,14 +369,9 @@ describe_netns("Pool on Redis Streams across a network namespace", function()
     run(("ip netns exec %s ip link set %s up && ip netns exec %s ip link set lo up"):format(nsname, ns_if, nsname))
     -- Redis on the veth address of this side only, with a password (not on loopback, it
     -- takes no connection without one), which the URL carries
-    local port = 20000 + math.random(0, 30000)
     local password = core.random_bytes(12):gsub(".", function(c) return ("%02x"):format(c:byte()) end)
-    run(("redis-server --port %d --bind %s --requirepass %s --save '' --appendonly no --daemonize yes --pidfile %s --logfile /dev/null")
-      :format(port, a, password, pidfile))
-    assert(H.eventually(function()
-      local r = core.redis_connect(a, port, 0.2)
-      if r then r:close() return true end
-    end, 20), "redis-server did not start on " .. a)
+    server = RS.start { bind = a, password = password, patience = 20 }
+    local port = server.port
     -- the other side reaches it across the link
     assert(H.eventually(function() return sh(("ip netns exec %s env %s %s -e %s >/dev/null 2>&1"):format(nsname, H.ENV, H.LUA,
       H.quote(("assert(require('multiprocessing.core').redis_connect('%s', %d, 0.5))"):format(a, port)))) end, 20),

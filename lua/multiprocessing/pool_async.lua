@@ -126,7 +126,7 @@ send_kept = function(self, tasks, wait)
     local sent, ok, why = true, true, nil
     if not rec.finished then  -- (else: cancelled while kept)
       local args = e.args
-      -- (its function's blob, or a cancel word, that could not be made within PUT_WAIT: the
+      -- (its function's blob, or a cancel word, that could not be made within wait: the
       -- allocator is still held; the next turn tries again from here)
       if b.pending and not make_pending(self, b, wait) then return end
       if e.call then
