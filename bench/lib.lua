@@ -3,10 +3,15 @@ local mp = require "multiprocessing"
 
 local lib = {}
 
---- the median of reps runs of f, which returns seconds
+--- the median of reps runs of f, which returns seconds. Each run starts from a collected heap
+--- (the Python side collects too): garbage a run or an earlier row left would otherwise be
+--- copied-on-write by every fork of the next, a cost of the harness, not of the row.
 function lib.median(f, reps)
   local ts = {}
-  for i = 1, reps do ts[i] = f() end
+  for i = 1, reps do
+    collectgarbage()
+    ts[i] = f()
+  end
   table.sort(ts)
   return ts[(reps + 1) // 2]
 end

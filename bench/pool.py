@@ -1,4 +1,5 @@
 # bench/pool.py: the same work as bench/pool.lua, with Python's multiprocessing.Pool (fork).
+import gc
 import multiprocessing as mp
 import resource
 import statistics
@@ -8,7 +9,12 @@ import time
 
 
 def median(f, reps):
-    return statistics.median(f() for _ in range(reps))
+    """the median of reps runs of f, each from a collected heap (as bench/lib.lua's)"""
+    ts = []
+    for _ in range(reps):
+        gc.collect()
+        ts.append(f())
+    return statistics.median(ts)
 
 
 def timed(f):

@@ -1,4 +1,5 @@
 # bench/queues.py: the same work as bench/queues.lua, with Python's multiprocessing (fork).
+import gc
 import multiprocessing as mp
 import statistics
 import time
@@ -35,7 +36,12 @@ def start_join():
 
 
 def median(f, reps):
-    return statistics.median(f() for _ in range(reps))
+    """the median of reps runs of f, each from a collected heap (as bench/lib.lua's)"""
+    ts = []
+    for _ in range(reps):
+        gc.collect()
+        ts.append(f())
+    return statistics.median(ts)
 
 
 if __name__ == "__main__":
