@@ -31,11 +31,22 @@ local CALLS = {
   { "barrier_wait", "local b = mp.Barrier(2)", "b:wait()" },
   { "pipe_recv", "local a, b = mp.Pipe()", "a:recv()" },
   { "sleep", "", "mp.sleep(30)" },
+  -- the user's own code that the library runs in the parent: Ctrl-C lands there as often as in
+  -- the wait (an input iterator, a callback, a Parallel task iterator, each spinning in Lua)
+  { "imap_iterator", "local p = mp.Pool(2)", "for _ in p:imap(slow, spin_iter(400), 1) do end" },
+  { "map_async_iterator_in_wait", "local p = mp.Pool(2)",
+    "local r = p:map_async(function(x) return x end, spin_iter(400), 1) p:apply(slow, { 1, 30 })" },
+  { "callback_in_wait", "local p = mp.Pool(2)",
+    "p:apply_async(function() return 1 end, nil, { callback = function() spin(30) end }) p:apply(slow, { 1, 30 })" },
+  { "parallel_iterator", "",
+    "local n = 0 mp.Parallel { n_jobs = 2 } (function() n = n + 1 spin(0.05) if n < 400 then return mp.delayed(slow)(n, 30) end end)" },
 }
 
 local VICTIM = [[
 local function range(n) local t = {} for i = 1, n do t[i] = i end return t end
 local function slow(x, secs) core.sleep(secs or 0.5) return x end
+local function spin(secs) local t0 = os.clock() repeat until os.clock() - t0 > secs end
+local function spin_iter(n) local i = 0 return function() i = i + 1 spin(0.02) if i <= n then return i end end end
 %s
 ready()
 local ok, e = pcall(function() %s end)

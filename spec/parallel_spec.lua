@@ -208,4 +208,18 @@ describe("Parallel", function()
     assert.is_function(parallel._run_batch)
     assert.is_nil(mp._run_batch)
   end)
+
+  it("Ctrl-C in its task iterator raises interrupted! at once, not after the tasks in flight", function()
+    local text = H.interrupted([[
+      local n = 0
+      print("run:", pcall(mp.Parallel { n_jobs = 2, pre_dispatch = 4, batch_size = 1 }, function()
+        n = n + 1
+        if n == 3 then started() end
+        if n >= 3 then local t0 = os.clock() repeat until os.clock() - t0 > 30 end
+        return mp.delayed(mp.sleep)(30)
+      end))
+    ]])
+    assert.matches("run:\tfalse\t[^\n]*interrupted!", text)
+    assert.not_matches("task iterator raised", text)
+  end)
 end)

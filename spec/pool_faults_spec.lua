@@ -263,6 +263,46 @@ describe("Pool faults", function()
   end)
 
   describe("Ctrl-C", function()
+    -- Ctrl-C lands in the user's own code that the pool runs in the parent: an input
+    -- iterator read while another call waits, a callback. It is the program's interrupt, not
+    -- that code's error: it is raised (and the pool terminated), never kept as a call's failure
+    -- or printed as a callback's error while the wait goes on.
+    it("in an input iterator read during another call's wait: raises interrupted!, not an input error", function()
+      local text = H.interrupted([[
+        local pool = mp.Pool(2)
+        local n = 0
+        print("run:", pcall(function()
+          local r = pool:map_async(function(x) return x end, function()
+            n = n + 1
+            if n == 3 then started() end
+            if n >= 3 then local t0 = os.clock() repeat until os.clock() - t0 > 0.02 end
+            if n < 5000 then return n end
+          end)
+          pool:apply(function() mp.sleep(30) return 1 end)
+        end))
+        print("pool:", pool)
+      ]])
+      assert.matches("run:\tfalse\t[^\n]*interrupted!", text)
+      assert.not_matches("input iterator raised", text)
+    end)
+
+    it("in a callback run during a wait: raises interrupted! and terminates the pool", function()
+      local text = H.interrupted([[
+        local pool = mp.Pool(2)
+        print("run:", pcall(function()
+          pool:apply_async(function() return 1 end, nil, { callback = function()
+            started()
+            local t0 = os.clock() repeat until os.clock() - t0 > 30
+          end })
+          pool:apply(function() mp.sleep(30) return 1 end)
+        end))
+        print("pool:", pool)
+      ]])
+      assert.matches("run:\tfalse\t[^\n]*interrupted!", text)
+      assert.not_matches("error in a pool callback", text)
+      assert.matches("pool:\t<Pool processes=2 state=terminated>", text)
+    end)
+
     it("in a script: the parent raises \"interrupted!\" and exits, no worker remains", function()
       local marker, pidfile = H.tmpname(), H.tmpname()
       os.remove(marker)

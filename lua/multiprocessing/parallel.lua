@@ -169,6 +169,7 @@ local function task_source(tasks)
       local ok, d = pcall(tasks)
       if not ok then
         done = true
+        if process._interrupt_of(d) then error(d, 0) end  -- Ctrl-C: the program's, not the iterator's
         error(("Parallel: the task iterator raised at task %d: %s"):format(i + 1, tostring(d)), 0)
       end
       if d == nil then done = true return nil end
@@ -256,6 +257,7 @@ local function run_pool(opts, next_task, total)
       local first
       for _ = 1, size do
         local ok, i, d = pcall(next_task)
+        if not ok and process._interrupt_of(i) then error(i, 0) end  -- Ctrl-C: at once (see fail)
         if not ok then failure = i input_done = true break end
         if not i then input_done = true break end
         first = first or i
@@ -381,7 +383,8 @@ local function run_pool(opts, next_task, total)
     end
   end
 
-  dispatch()
+  local ok0, e0 = pcall(dispatch)
+  if not ok0 then fail(e0) end
   if opts.return_as == "list" then
     local out, n = {}, 0
     local ok, e = pcall(function()

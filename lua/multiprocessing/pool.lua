@@ -27,7 +27,7 @@ local maxinteger = math.maxinteger
 local newtable, chunk_scratch = core.newtable, core.chunk_scratch
 -- the xpcall handler of tasks: the raised value, intact, in a TaskError with
 -- the traceback (without the frames the worker inherited at fork time)
-local capture, TaskError = process._capture, process._TaskError
+local capture, TaskError, interrupt_of = process._capture, process._TaskError, process._interrupt_of
 
 -- an error raised here, as the user should read it: without the places in
 -- this file that it went through
@@ -372,9 +372,16 @@ local function spawn(self, i, respawn)
   return true
 end
 
+-- runs a callback; its error is printed, but Ctrl-C's, which is raised (intact)
 local function run_callback(fn, arg)
   local ok, err = xpcall(fn, capture, arg)
-  if not ok then io.stderr:write("multiprocessing: error in a pool callback: ", tostring(err), "\n") end
+  if ok then return end
+  if interrupt_of(err) then error(err.value, 0) end
+  io.stderr:write("multiprocessing: error in a pool callback: ", tostring(err), "\n")
+end
+
+local function run_callbacks(later)
+  for i = 1, #later do run_callback(later[i][1], later[i][2]) end
 end
 
 -- Function blobs: { fid, off, refs, cached }. refs counts the messages in flight
@@ -843,12 +850,15 @@ local function put_task(self, call, i0, src, j0, n)
     if j0 ~= i0 then  -- name the item by its place in the whole input
       err = err:gsub("at args%[(%d+)%]", function(k) return ("at args[%d]"):format(i0 + k - j0) end)
     end
-    if self._seq == seq then  -- (sent, then Ctrl-C raised: the call stops there)
-      error(err, 0)
-    end
+    -- (sent, then Ctrl-C raised: the call stops there; Ctrl-C before it was sent, met in an
+    -- encoding that ran Lua: the program's interrupt, not the input's fault)
+    if self._seq == seq or interrupt_of(err) then error(err, 0) end
     return false, err
   end
-  if not err then return false, why end  -- "interrupted" or "timeout": nothing sent
+  if not err then  -- "interrupted" or "timeout": nothing sent
+    if why == "interrupted" then error("interrupted!", 0) end
+    return false, why
+  end
   self._inflight[seq] = { call = call, i0 = i0, n = n }
   b.refs = b.refs + 1
   call.pending = call.pending + 1
@@ -944,6 +954,8 @@ local function feed(self, call, deadline)
       local ok, got, ended = pcall(read_chunk, call.iter, src, k)
       if ok then
         n, call.exhausted = got, ended
+      elseif interrupt_of(got) then  -- Ctrl-C while the iterator ran
+        error(got, 0)
       else
         n = #src
         failure = ("%s: the input iterator raised at item %d: %s"):format(call.kind, i0 + n, tostring(clean(got)))
@@ -979,6 +991,17 @@ local function feed(self, call, deadline)
   return more and not call.fed_all
 end
 
+-- The first feed of a lazily fed call, made in the user's call (imap, map_async): an error out
+-- of it (Ctrl-C in the input iterator or its encoding) abandons the call, which nobody will
+-- have, as map's run_blocking does.
+local function first_feed(self, call, deadline)
+  local ok, err = pcall(feed, self, call, deadline)
+  if not ok then
+    abandon(self, call)
+    error(err, 0)
+  end
+end
+
 -- One turn of the engine: waits up to `wait` seconds for results.
 local function pump(self, wait)
   if self._respawns then spawn_pending(self, math.huge) end  -- (a blocking wait needs its workers)
@@ -1012,7 +1035,11 @@ local function engine(self, wait, work)
   local ok, err = pcall(work or pump, self, wait)
   self._later = outer
   if not ok then self:terminate() end
-  for i = 1, #later do run_callback(later[i][1], later[i][2]) end
+  local cb_ok, cb_err = pcall(run_callbacks, later)  -- (Ctrl-C in one: the pool ends as above)
+  if not cb_ok then
+    if ok then self:terminate() end
+    ok, err = false, cb_err
+  end
   if not ok then
     if type(err) == "string" then err = err:gsub("^[^\n]-multiprocessing/pool[%w_]*%.lua:%d+: ", "") end
     error(err, 0)
@@ -1455,7 +1482,7 @@ local P = {
   core = core, M = M, Pool = Pool, progress = progress,
   SLICE = SLICE, AHEAD = AHEAD, PUT_WAIT = PUT_WAIT, unref = unref, make_pending = make_pending, POLL_BUDGET = POLL_BUDGET, STEP_RESULTS = STEP_RESULTS, FEED_TIME = FEED_TIME,
   clean = clean, engine = engine, wait_call = wait_call, results_of = results_of, check_usable = check_usable,
-  parse_opts = parse_opts, key_text = key_text, new_call = new_call, feed = feed, sized_results = sized_results,
+  parse_opts = parse_opts, key_text = key_text, new_call = new_call, feed = feed, first_feed = first_feed, sized_results = sized_results,
   call_blob = call_blob, plain_upvalues = plain_upvalues, globals = globals,
   drain = drain, lose = lose, LOST_AFTER = LOST_AFTER,
   abandon = abandon, finish = finish, run_callback = run_callback, note = note, on_result = on_result,

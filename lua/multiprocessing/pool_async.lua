@@ -11,6 +11,7 @@ local SLICE, AHEAD, POLL_BUDGET, STEP_RESULTS, FEED_TIME = P.SLICE, P.AHEAD, P.P
 local PUT_WAIT, unref, make_pending = P.PUT_WAIT, P.unref, P.make_pending
 local clean, engine, wait_call, results_of, check_usable = P.clean, P.engine, P.wait_call, P.results_of, P.check_usable
 local parse_opts, key_text, new_call, feed, sized_results = P.parse_opts, P.key_text, P.new_call, P.feed, P.sized_results
+local first_feed = P.first_feed
 local call_blob, plain_upvalues = P.call_blob, P.plain_upvalues
 local abandon, finish, run_callback, note, on_result = P.abandon, P.finish, P.run_callback, P.note, P.on_result
 local check_workers, stop_workers, spawn_pending = P.check_workers, P.stop_workers, P.spawn_pending
@@ -290,7 +291,7 @@ end
 -- ahead of the results, so that submission costs one bounded step (see drive)
 local function async(self, call)
   call.window, call.async = self._n * AHEAD, true
-  feed(self, call, now() + FEED_TIME)
+  first_feed(self, call, now() + FEED_TIME)
   sized_results(call)
   call._pool = self
   return setmetatable(call, AsyncResult)
@@ -466,7 +467,7 @@ local function iterate(self, kind, f, iterable, opts, what)
   local call = new_call(self, kind, f, iterable, opts, what)  -- (Pool:imap's is a tail call)
   call.window = self._n * AHEAD
   if kind == "unordered" then call.arrived, call.next_arrived, call.narrived = {}, 1, 0 else call.have = {} end
-  feed(self, call)
+  first_feed(self, call)
   local yielded = 0
   local cur, last = 1, 0   -- the range of ended items being handed out
   local closer = setmetatable({ pool = self, call = call }, Closer)

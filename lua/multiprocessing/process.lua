@@ -62,6 +62,15 @@ local function capture(v)
   return e
 end
 M._TaskError, M._capture = TaskError, capture
+
+-- Whether v (raised, or captured as a TaskError) is Ctrl-C's error: lua.c's hook, a host's
+-- lmp_interrupt or a wait's "interrupted! (...)". Met in the parent's own code that the library
+-- runs for it (an input iterator, a callback), it is the program's interrupt: raised on, never
+-- kept as that code's failure.
+function M._interrupt_of(v)
+  if getmetatable(v) == TaskError then v = v.value end
+  return type(v) == "string" and v:find("interrupted!", 1, true) ~= nil
+end
 M.TaskError = TaskError
 
 -- A forked Process child makes its `me` only when asked: a fork's child writes

@@ -368,6 +368,7 @@ local function feed(self, c, limit)
       src, i0, n = {}, 1, 0
       for _ = 1, c.chunksize do
         local ok, more, v = pcall(c.next_item)
+        if not ok and process._interrupt_of(more) then error(more, 0) end  -- Ctrl-C: the program's
         if not ok then
           c.input_done = true
           c.input_err = ("%s: the input iterator raised at item %d: %s"):format(c.kind, c.fed + n + 1, tostring(more))
@@ -471,7 +472,7 @@ local function run_callbacks(self)
   local q = self._cbq
   if not q or #q == 0 then return end
   self._cbq = {}
-  for _, c in ipairs(q) do
+  for k, c in ipairs(q) do
     local f, arg
     if c.err then f, arg = c.error_callback, c.err
     elseif c.callback then
@@ -480,6 +481,10 @@ local function run_callbacks(self)
     end
     if f then
       local ok, e = pcall(f, arg)
+      if not ok and process._interrupt_of(e) then  -- Ctrl-C: raised; the later callbacks stay queued
+        self._cbq = table.move(q, k + 1, #q, 1, self._cbq)
+        error(e, 0)
+      end
       if not ok then io.stderr:write("Pool: a callback raised: ", tostring(e), "\n") end
     end
   end
