@@ -715,6 +715,24 @@ describe("codec", function()
     end)
   end)
 
+  describe("Ctrl-C", function()
+    -- the encoder's probe of an array's length runs under lua_pcall (on a Lua whose tables it
+    -- cannot read in place: _codec_view(false)); lua.c's hook raises Ctrl-C on that call, which
+    -- must go on up, not be taken for the probe's answer while the encoding goes on
+    it("during an encode goes on up as interrupted!, even from the encoder's own probes", function()
+      local H = require "helpers"
+      local text = H.interrupted([[
+        local core = require "multiprocessing.core"
+        core._codec_view(false)
+        local t = {}
+        for i = 1, 2000 do local r = {} for j = 1, 20 do r[j] = j end r.x = 1 t[i] = r end
+        started()
+        print("run:", pcall(function() while true do mp.encode(t) end end))
+      ]])
+      assert.matches("run:\tfalse\t[^\n]*interrupted!", text)
+    end)
+  end)
+
   describe("across processes", function()
     it("decodes in the parent what a forked child encoded", function()
       local path = os.tmpname()

@@ -1134,7 +1134,7 @@ static void encode_table(lua_State *L, mp_enc *e, int idx, const void *p) {
     lua_pushcfunction(L, next_probe);
     lua_pushvalue(L, idx);
     lua_pushinteger(L, n + 1);
-    if (lua_pcall(L, 2, 2, 0) == LUA_OK) {
+    if (mp_pcall(L, 2, 2) == LUA_OK) {
       fast = 1;  /* the first other key and value are on the stack */
     } else {
       lua_pop(L, 1);
@@ -2105,7 +2105,7 @@ static void push_module(lua_State *L, const char *name, size_t n) {
     lua_pop(L, 1);
     lua_getglobal(L, "require");
     lua_pushlstring(L, name, n);
-    if (!lua_isfunction(L, -2) || lua_pcall(L, 1, 1, 0) != LUA_OK)
+    if (!lua_isfunction(L, -2) || mp_pcall(L, 1, 1) != LUA_OK)
       luaL_error(L, "cannot decode: module '%s' is not available here", lua_pushlstring(L, name, n));
   }
   lua_remove(L, -2);

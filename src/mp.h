@@ -243,6 +243,11 @@ const char *mp_callname(lua_State *L);
 ** interrupt is its error, and no second "interrupted!" follows it out of the
 ** caller's pcall. Another hook is left alone. */
 void mp_take_interrupt(lua_State *L);
+/* lua_pcall for a C function of ours that may fail, where a failure is an answer (a probe, a
+** require): Ctrl-C's error, raised by lua.c's hook (or ours, see lmp_interrupt) on the call, goes
+** on up instead, intact. Such a hook takes itself off as it raises: a hook set before the call
+** and gone after a failure is that. */
+int mp_pcall(lua_State *L, int nargs, int nresults);
 int mp_waitresult(lua_State *L, int r);   /* pushes nil, "timeout"/"interrupted" */
 /* Host safety (hostsafe): lmp_interrupt's generation, bumped at each call (a
 ** wait that does not go through mp_hook_pending, such as the exit handler's,

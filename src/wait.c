@@ -274,6 +274,13 @@ void mp_take_interrupt(lua_State *L) {
   if (L && lua_gethook(L) && mp_hook_pending(L, lua_gethook(L))) lua_sethook(L, NULL, 0, 0);
 }
 
+int mp_pcall(lua_State *L, int nargs, int nresults) {
+  lua_Hook h0 = lua_gethook(L);
+  int st = lua_pcall(L, nargs, nresults, 0);
+  if (st != LUA_OK && h0 && !lua_gethook(L)) lua_error(L);  /* the hook took itself off: Ctrl-C */
+  return st;
+}
+
 const char *mp_callname(lua_State *L) {
   lua_Debug ar;
   if (L && lua_getstack(L, 0, &ar) && lua_getinfo(L, "n", &ar) && ar.name) return ar.name;
