@@ -299,4 +299,36 @@ return {
     q:close()
     carrier:close()
   end) },
+
+  -- a producer or a consumer SIGKILLed at a random step of linking a new chunk or dropping a
+  -- drained one (core._queue_fault "chunk"), among messages of random sizes: the queue goes on,
+  -- every message put whole is got once, and the arena comes back
+  { name = "leak_killed_chunk_links", timeout = 120, run = loop(100, function(i)
+    local q = mp.Queue()
+    local size = math.random(1, 3000)
+    local n = math.random(20, 120)
+    local producer = i % 2 == 0
+    if not producer then for k = 1, n do q:put(k .. ("c"):rep(size)) end end
+    local pr = mp.Process { target = function()
+      core._queue_fault("chunk", math.random(1, 6))
+      if producer then
+        for k = 1, n do q:put(k .. ("c"):rep(size)) end
+      else
+        for _ = 1, n do q:get(10) end
+      end
+    end }:start()
+    L.check(pr:join(L.BOUND), "a killed process was not reaped")
+    pr:close()
+    local last = 0
+    while true do
+      local v = q:get_nowait()
+      if v == nil then break end
+      local k = tonumber(v:match("^%d+"))
+      L.check(k and k > last, "message %s out of order or again after %d", tostring(k), last)
+      last = k
+    end
+    q:put("after")
+    L.check(q:get(L.BOUND) == "after", "the queue does not go on after a kill in a chunk's link")
+    q:close()
+  end) },
 }

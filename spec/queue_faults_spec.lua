@@ -362,6 +362,47 @@ describe("Queue faults", function()
     end)
   end)
 
+  -- A new chunk passes from the process that made it to its queue as a big message's block
+  -- does (docs/queue.md, "Kills"): held, named in the queue, handed to it, linked, let go of.
+  -- (A kill between its allocation and its link used to leak it: 2 KiB, up to a chunk's 1 MiB.)
+  it("a process SIGKILLed as it links a new chunk: the chunk is freed or in the queue, which goes on", function()
+    local STEPS = 3  -- of a link (see core._queue_fault's "chunk")
+    for n = 1, STEPS do
+      local s0 = H.arena_settle()
+      local q = mp.Queue()  -- (no chunk yet: the first put makes one)
+      local pid = H.spawn(function()
+        core._queue_fault("chunk", n)
+        q:put("lost")
+      end)
+      assert.equal(-9, reap(pid), ("the child was not killed at step %d"):format(n))
+      q:put("kept")  -- (the next locker finds the dead one's change: q_repair)
+      assert.equal("kept", q:get(10))
+      assert.equal(0, q:qsize())
+      q:close()
+      H.assert_arena_back(s0, ("arena use after a link killed at step %d"):format(n), 10)
+    end
+  end)
+
+  it("a process SIGKILLed as it frees a drained chunk: the chunk is freed, the queue goes on", function()
+    for n = 1, 2 do  -- (the steps of a drop: see core._queue_fault's "chunk")
+      local s0 = H.arena_settle()
+      local q = mp.Queue()
+      local item = ("d"):rep(200)
+      for i = 1, 200 do q:put(i .. item) end  -- chunks of 2, 4, 8... KiB: the first drained one
+      -- is kept as the spare, the next ones are freed
+      local pid = H.spawn(function()
+        core._queue_fault("chunk", n)
+        for _ = 1, 200 do q:get(10) end
+      end)
+      assert.equal(-9, reap(pid), ("the child was not killed at step %d"):format(n))
+      while q:qsize() > 0 do assert(q:get(10)) end
+      q:put("kept")
+      assert.equal("kept", q:get(10))
+      q:close()
+      H.assert_arena_back(s0, ("arena use after a drop killed at step %d"):format(n), 10)
+    end
+  end)
+
   -- the writer publishes (one store, without the lock) and exits while a reader, having seen its
   -- record WRITING, asks whether the writer is gone: the record is READY then, and stays so
   it("a big message published just before its writer ends, as a reader looks whether it died, is received", function()

@@ -63,7 +63,7 @@ function M.start(opts)
     local pid, up
     repeat
       pid = pid or tonumber(slurp(pidfile) or "")
-      local r = core.redis_connect(host, port, 0.2)
+      local r = pid and core.redis_connect(host, port, 0.2)  -- (up: answering, its pid known)
       if r then r:close() up = true break end
       -- it could not listen there: it says so, takes its pid file away and is gone
       if (slurp(logfile) or ""):find("aborting", 1, true) or pid and not alive(pid) then break end

@@ -81,12 +81,15 @@ typedef struct msgown { uint32_t n, counted; mp_sent h[]; } msgown;
 ** blocks: a put's (the record names it, owns it, the hold goes), a get's or a
 ** settling's (the block is taken, the record marked TAKEN, the block freed);
 ** or stops itself (SIGSTOP, "stop") in its n-th put, holding the queue's lock,
-** before it writes anything */
-static int put_fault, get_fault, hand_fault, stop_fault;
+** before it writes anything; or ("chunk") at the n-th step from now of its
+** links of new chunks (named in q->loose, handed to the queue, linked) and
+** drops of drained ones (unlinked as q->loose, freed) */
+static int put_fault, get_fault, hand_fault, stop_fault, chunk_fault;
 static void fault_here(int *n) {
   if (*n && --*n == 0) kill(getpid(), SIGKILL);
 }
 #define HAND_STEP() do { if (__builtin_expect(hand_fault != 0, 0)) fault_here(&hand_fault); } while (0)
+#define CHUNK_STEP() do { if (__builtin_expect(chunk_fault != 0, 0)) fault_here(&chunk_fault); } while (0)
 
 /* core._queue_pause(where, seconds), for tests: "publish": this process's next
 ** big put waits that long with its record reserved (WRITING) before it copies
@@ -201,9 +204,24 @@ static void q_recount(mp_queue *q) {
   q->tail = tail;
 }
 
+/* A chunk the queue owns outside its list (q->loose) is one a process died with, after it was
+** handed to the queue and before it was linked (q_room), or after it was unlinked and before it
+** was freed (q_tidy): freed here (queue locked, or nobody's). One still its maker's is freed with
+** the dead maker; one the arena has back is no longer the queue's. */
+static void q_settle_loose(mp_queue *q) {
+  uint64_t a = q->loose;
+  if (!a) return;
+  q->loose = 0;
+  if (!mp_owned_by(a, OFF(q))) return;
+  for (uint64_t off = q->head; off; off = CH(off)->next) if (off == a) return;
+  if (a == q->spare) return;
+  mp_free(a);
+}
+
 /* The lock's owner died: finish its change, if it committed one, and recount. */
 static void q_repair(mp_queue *q) {
   if (q->log.n) log_apply(q);
+  q_settle_loose(q);
   q_recount(q);
 }
 
@@ -246,6 +264,7 @@ static void q_init(mp_queue *q, int64_t maxsize, int joinable) {
 static void q_dtor(mp_obj *o) {  /* frees what the queue still holds (no process uses it) */
   mp_queue *q = (mp_queue *)o;
   if (q->log.n) log_apply(q);
+  q_settle_loose(q);
   uint64_t c = q->head;
   while (c) {
     chunk *ch = CH(c);
@@ -272,7 +291,11 @@ static void q_tidy(mp_queue *q);
 ** a queue whose reader always comes after the writer (never finding it empty)
 ** would fill its chunk with taken records and grow one while holding nothing.
 ** A new chunk is linked empty, with one store (or a logged pair when it is the
-** spare): a kill can leak it only between its allocation and that store. */
+** spare). Made, it is held by this process (mp_alloc_held: freed if we die), named in
+** q->loose, then handed to the queue (its owner word: OFF(q)), linked, and let go of:
+** a kill at any step leaves it with one owner, the dead process (freed with it) or the
+** queue (q_repair, by the next locker, frees it unless it was linked). A drained chunk
+** leaves the list and becomes q->loose in one logged change, then is freed (q_tidy). */
 static chunk *q_room(mp_queue *q, uint32_t rec) {
   chunk *c = q->tail ? CH(q->tail) : NULL;
   if (c && c->cap - c->wpos >= rec) return c;
@@ -294,12 +317,19 @@ static chunk *q_room(mp_queue *q, uint32_t rec) {
     if (q->chunkcap < 2048) q->chunkcap = 2048 - sizeof(chunk);
     uint32_t cap = rec > q->chunkcap ? rec : q->chunkcap;
     if (q->chunkcap < CHUNK) q->chunkcap = q->chunkcap * 2 + (uint32_t)sizeof(chunk) > CHUNK ? CHUNK : q->chunkcap * 2 + (uint32_t)sizeof(chunk);
-    off = mp_alloc_try(sizeof(chunk) + cap);
+    off = mp_alloc_held(sizeof(chunk) + cap);
     if (!off) return NULL;
     c = CH(off);
     c->cap = cap; c->next = 0; c->wpos = c->rpos = 0;
+    __atomic_store_n(&q->loose, off, __ATOMIC_RELEASE);
+    CHUNK_STEP();
+    mp_hand(off, OFF(q));
+    CHUNK_STEP();
     ORDER();
     __atomic_store_n(link, off, __ATOMIC_RELEASE);
+    CHUNK_STEP();
+    mp_unhold(off);
+    __atomic_store_n(&q->loose, 0, __ATOMIC_RELEASE);
   }
   q->tail = off;
   return c;
@@ -363,9 +393,14 @@ static void q_tidy(mp_queue *q) {
     uint64_t off = q->head;
     int keep = !q->spare && c->cap <= CHUNK;
     lg(q, &k, &q->head, c->next);
-    if (keep) lg(q, &k, &q->spare, off);
+    lg(q, &k, keep ? &q->spare : &q->loose, off);
     log_commit(q, k);
-    if (!keep) mp_free(off);  /* (a kill right here leaks this chunk) */
+    if (!keep) {  /* (a kill from here: q_settle_loose frees it, unless the arena has it) */
+      CHUNK_STEP();
+      mp_free(off);
+      CHUNK_STEP();
+      __atomic_store_n(&q->loose, 0, __ATOMIC_RELEASE);
+    }
   }
 }
 
@@ -1436,10 +1471,11 @@ static int queue_close(lua_State *L) {
 }
 
 static int queue_fault(lua_State *L) {
-  static const char *const where[] = { "put", "get", "hand", "stop", NULL };
+  static const char *const where[] = { "put", "get", "hand", "stop", "chunk", NULL };
   int w = luaL_checkoption(L, 1, NULL, where);
   int n = (int)luaL_checkinteger(L, 2);
-  if (w == 0) put_fault = n; else if (w == 1) get_fault = n; else if (w == 2) hand_fault = n; else stop_fault = n;
+  if (w == 0) put_fault = n; else if (w == 1) get_fault = n; else if (w == 2) hand_fault = n;
+  else if (w == 3) stop_fault = n; else chunk_fault = n;
   return 0;
 }
 

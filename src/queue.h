@@ -46,6 +46,8 @@ typedef struct mp_queue {
   uint64_t taken;              /* messages taken with a claim: the number of the last one */
   uint64_t unfinished;         /* JoinableQueue: puts not yet task_done */
   uint32_t done_seq, pad;
+  uint64_t loose;              /* a chunk of the queue's outside its list, on its way in (q_room)
+                               ** or out (q_tidy); 0 when none: see q_settle_loose */
   mp_qlog log;
 } mp_queue;
 
