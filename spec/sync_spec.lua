@@ -472,6 +472,31 @@ describe("sync", function()
       assert.equal(12, woken.value)
     end)
 
+    -- A block of slots passes from the process that adds it to the Condition as a queue's
+    -- chunk does (docs/sync.md): a kill at any step of its addition leaks nothing. (A kill
+    -- between its allocation and its link used to leak it.)
+    it("loses no arena byte when a waiter is SIGKILLed as it adds a block of slots", function()
+      for n = 1, 3 do  -- (the steps of an addition: see core._sync_fault)
+        local s0 = H.arena_settle()
+        local c, woken, ready = mp.Condition(), mp.Value("i", 0), mp.Semaphore(0)
+        local pids = {}
+        for i = 1, 8 do pids[i] = waiter(c, woken, ready, 30) end  -- the object's slots
+        for _ = 1, 8 do assert(ready:acquire(5)) end
+        c:acquire() c:release()  -- (all eight inside wait: each let the lock go there)
+        local killed = spawn(function()
+          core._sync_fault("slots", n)
+          c:acquire()
+          c:wait(30)
+        end)
+        assert.equal(-9, core.waitpid(killed, 20), ("the ninth waiter was not killed at step %d"):format(n))
+        c:acquire() c:notify_all() c:release()
+        for _, pid in ipairs(pids) do assert.equal(0, core.waitpid(pid, 30)) end
+        assert.equal(8, woken.value)
+        c:close() woken = nil ready:close()
+        H.assert_arena_back(s0, ("arena use after a block's addition killed at step %d"):format(n), 10)
+      end
+    end)
+
     it("wait_for returns the predicate's result", function()
       local c = mp.Condition()
       c:acquire()

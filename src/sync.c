@@ -89,6 +89,7 @@ typedef struct cond_obj {
   uint32_t ticket;      /* the next arrival's */
   pid_t holder;         /* the holder of m (0 when free), for waiters to name */
   uint64_t more;        /* the first block of further slots, 0 if none */
+  uint64_t loose;       /* a block on its way into the chain (c_claim), else 0 */
   c_slot s[C_SLOTS];
 } cond_obj;
 
@@ -652,7 +653,27 @@ static int c_step(c_run *r) {
   return 1;
 }
 
-/* A free slot for this process (c->m held); NULL when the arena is full. */
+/* core._sync_fault("slots", n), for tests: this process SIGKILLs itself at the n-th step from
+** now of its additions of slot blocks to a Condition (named loose, handed to it, chained) */
+static int slots_fault;
+#define OFF(p) ((uint64_t)((char *)(p) - (char *)mp_arena_base()))
+#define SLOTS_STEP() do { if (__builtin_expect(slots_fault != 0, 0) && --slots_fault == 0) raise(SIGKILL); } while (0)
+
+/* A block the Condition owns that a process died with before chaining it (c->m held: whoever
+** takes the lock next finds c->loose set, as no live holder lets go of it set): freed. One still
+** its maker's is freed with the dead maker. */
+static void c_settle_loose(cond_obj *c) {
+  uint64_t a = c->loose;
+  c->loose = 0;
+  if (!mp_owned_by(a, OFF(c))) return;
+  for (uint64_t off = c->more; off; off = ((c_block *)MP_PTR(off))->next) if (off == a) return;
+  mp_free(a);
+}
+
+/* A free slot for this process (c->m held); NULL when the arena is full. A new block is held by
+** this process while it is made (mp_alloc_held: freed if it dies), named in c->loose, handed to
+** the Condition (its owner word), chained and let go of: a kill at any step leaves it one owner,
+** the dead process or the Condition (c_settle_loose, or c_blocks_free once it is released). */
 static c_slot *c_claim(cond_obj *c) {
   c_slot *sl = NULL;
   c_run r = c_first(c);
@@ -661,14 +682,21 @@ static c_slot *c_claim(cond_obj *c) {
   } while (!sl && c_step(&r));
   if (!sl) {
     size_t size = sizeof(c_block) + C_BLOCK * sizeof(c_slot);
-    uint64_t off = mp_alloc_try(size);
+    uint64_t off = mp_alloc_held(size);
     if (!off) return NULL;
     c_block *b = MP_PTR(off);
     memset(b, 0, size);
     b->n = C_BLOCK;
     for (int i = 0; i < C_BLOCK; i++) mp_mutex_init(&b->s[i].m, 0);
     b->next = c->more;
-    c->more = off;
+    __atomic_store_n(&c->loose, off, __ATOMIC_RELEASE);
+    SLOTS_STEP();
+    mp_hand(off, OFF(c));
+    SLOTS_STEP();
+    __atomic_store_n(&c->more, off, __ATOMIC_RELEASE);
+    SLOTS_STEP();
+    mp_unhold(off);
+    __atomic_store_n(&c->loose, 0, __ATOMIC_RELEASE);
     sl = &b->s[0];
   }
   if (pthread_mutex_trylock(&sl->m) == EOWNERDEAD) pthread_mutex_consistent(&sl->m);
@@ -694,6 +722,7 @@ static int c_alive(c_slot *sl) {
 }
 
 static void c_blocks_free(mp_obj *o) {
+  if (((cond_obj *)o)->loose) c_settle_loose((cond_obj *)o);
   uint64_t off = ((cond_obj *)o)->more;
   while (off) {
     uint64_t next = ((c_block *)MP_PTR(off))->next;
@@ -712,6 +741,7 @@ static int cond_wait(lua_State *L) {
   int lr = ilock(L, &c->m, &c->holder, deadline, &who);
   if (lr == MP_LOCK_INTERRUPTED) return mp_waitresult(L, MP_INTERRUPTED);
   if (lr != MP_LOCKED) return ilock_error(L, lr, "Condition", who);
+  if (c->loose) c_settle_loose(c);  /* (its holder died adding a block) */
   mp_alloc_context(L, deadline);  /* more slots: the allocator's wait ends as ours does */
   c_slot *sl = c_claim(c);
   mp_alloc_context(NULL, -1);
@@ -727,6 +757,7 @@ static int cond_wait(lua_State *L) {
   while (r == MP_WOKE && !__atomic_load_n(&sl->woken, __ATOMIC_SEQ_CST));
   int notified;
   if (ilock(NULL, &c->m, &c->holder, 0, NULL) == MP_LOCKED) {  /* (a stopped holder is not waited for) */
+    if (c->loose) c_settle_loose(c);
     notified = sl->woken != 0;  /* a notify that came with the timeout counts */
     c_free(sl);
     iunlock(&c->m, &c->holder);
@@ -766,6 +797,7 @@ static int cond_notify_n(lua_State *L, cond_handle *ch, lua_Integer n) {
   pid_t who = 0;
   int lr = ilock(L, &c->m, &c->holder, -1, &who);  /* no timeout: only Ctrl-C ends the wait */
   if (lr != MP_LOCKED) return ilock_error(L, lr, "Condition", who);
+  if (c->loose) c_settle_loose(c);  /* (its holder died adding a block) */
   if (n == LUA_MAXINTEGER) {  /* notify_all: in one pass, no order to keep */
     c_run r = c_first(c);
     do {
@@ -1149,6 +1181,13 @@ static int sync_stop(lua_State *L) {
   return 0;
 }
 
+static int sync_fault(lua_State *L) {
+  static const char *const where[] = { "slots", NULL };
+  luaL_checkoption(L, 1, NULL, where);
+  slots_fault = (int)luaL_checkinteger(L, 2);
+  return 0;
+}
+
 /* ------------------------------------------------------------- classes */
 
 static const luaL_Reg lock_methods[] = {
@@ -1220,7 +1259,8 @@ int mp_sync_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Lock", sync_Lock}, {"RLock", sync_RLock}, {"Semaphore", sync_Semaphore},
     {"BoundedSemaphore", sync_BoundedSemaphore}, {"Event", sync_Event},
-    {"Condition", sync_Condition}, {"Barrier", sync_Barrier}, {"_sync_stop", sync_stop}, {NULL, NULL}
+    {"Condition", sync_Condition}, {"Barrier", sync_Barrier}, {"_sync_stop", sync_stop},
+    {"_sync_fault", sync_fault}, {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
   return 0;
