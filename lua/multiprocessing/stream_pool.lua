@@ -482,7 +482,8 @@ local function run_callbacks(self)
     if f then
       local ok, e = pcall(f, arg)
       if not ok and process._interrupt_of(e) then  -- Ctrl-C: raised; the later callbacks stay queued
-        self._cbq = table.move(q, k + 1, #q, 1, self._cbq)
+        local rest = table.move(q, k + 1, #q, 1, {})
+        self._cbq = table.move(self._cbq, 1, #self._cbq, #rest + 1, rest)
         error(e, 0)
       end
       if not ok then io.stderr:write("Pool: a callback raised: ", tostring(e), "\n") end
