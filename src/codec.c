@@ -1954,6 +1954,7 @@ typedef struct dec {
   unsigned seed;          /* its hash seed: the hash of "" (each Lua state has its own) */
   unsigned tplused;       /* which of tp[] are in use (bits) */
   tpl *last;              /* the template used last (see decode_pairs) */
+  lua_Integer retired;    /* templates' tables replaced in their slots, kept anchored */
   struct { const char *s; size_t n; } kc[KEYCACHE];  /* the key cache (see push_key) */
   tpl tp[TPLS];
   struct { const unsigned char *at; unsigned hash; } pfr[PF_RING];  /* strings met by the walk */
@@ -2297,8 +2298,13 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
   int known = 1;  /* the keys strings, the values of kinds that tpl_fill may write */
   int base = lua_gettop(L);
   /* the keys of the template used last, while they match: not looked up, and
-  ** not pushed (a nil holds their place, until they are needed) */
+  ** not pushed (a nil holds their place, until they are needed). The values
+  ** decoded meanwhile may make other templates, in guess's slot too (a shape
+  ** whose hash falls there): guess is used after only if its table is still
+  ** the one it had (the keys taken from it stay alive: a template's table stays
+  ** anchored to the end of the decoding, see the end) */
   const tpl *guess = d->last && d->last->t && d->last->npairs == npairs ? d->last : NULL;
+  const view_table *guess_t = guess ? guess->t : NULL;
   uint32_t guessed = 0;
   if (2 * (int)npairs + 2 > DEC_LEVEL) {  /* more than this level's room: the children check theirs */
     luaL_checkstack(L, 2 * (int)npairs + 8, "cannot decode: nesting too deep");
@@ -2341,14 +2347,15 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
   }
   view_table *vt = (view_table *)lua_topointer(L, t);
   int n = (int)npairs;
-  if (guessed == npairs && known && tpl_fits(guess, vt)) {
+  if (guess && guess->t != guess_t) guess = NULL;  /* (remade: its keys are still anchored) */
+  if (guess && guessed == npairs && known && tpl_fits(guess, vt)) {
     tpl_fill(vt, guess, vals);
     lua_settop(L, base);
     return;
   }
   for (uint32_t i = 0; guessed && i < npairs; i++) {  /* the keys not pushed */
     if (lua_isnil(L, base + 1 + 2 * (int)i)) {
-      lua_pushlstring(L, keys[i]->contents, keys[i]->shrlen);  /* (alive: the template holds it) */
+      lua_pushlstring(L, keys[i]->contents, keys[i]->shrlen);  /* (alive: guess's table, anchored) */
       lua_replace(L, base + 1 + 2 * (int)i);
     }
   }
@@ -2374,10 +2381,15 @@ static void decode_pairs(lua_State *L, dec *d, int t, uint32_t npairs) {
     lua_rawset(L, t);
   }
   lua_settop(L, base);
-  /* seen twice: this table becomes the template, anchored with the keys */
+  /* seen twice: this table becomes the template, anchored with the keys. The
+  ** slot's table before (a template emptied for another shape) stays anchored
+  ** to the end of the decoding: a decode_pairs up the stack may hold its keys */
   if (tp && !tp->t && tpl_make(tp, vt)) {
+    lua_Integer slot = KEYCACHE + 1 + (tp - d->tp);
+    if (lua_rawgeti(L, d->keys, slot) == LUA_TTABLE) lua_rawseti(L, d->keys, KEYCACHE + 1 + TPLS + ++d->retired);
+    else lua_pop(L, 1);
     lua_pushvalue(L, t);
-    lua_rawseti(L, d->keys, KEYCACHE + 1 + (tp - d->tp));
+    lua_rawseti(L, d->keys, slot);
     d->last = tp;
   }
 }
