@@ -16,7 +16,7 @@ end
 
 local url, stop = os.getenv("MP_REDIS_URL"), nil
 if not url then
-  local port = 20000 + (core.getpid() % 20000)
+  local port = 20000 + (core.getpid() % 12000)  -- (below the ephemeral ports)
   local pidfile = os.tmpname()
   assert(sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --pidfile %s --logfile /dev/null")
     :format(port, pidfile)))

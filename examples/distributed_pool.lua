@@ -12,7 +12,7 @@ if not url then
     print("no redis-server here (apt-get install redis-server), nothing to show")
     return
   end
-  local port = 30000 + core.getpid() % 20000
+  local port = 20000 + core.getpid() % 12000  -- (below the ephemeral ports: none of them is bound)
   local pidfile = os.tmpname()
   assert(os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --pidfile %s --logfile /dev/null")
     :format(port, pidfile)))
