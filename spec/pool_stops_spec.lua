@@ -572,11 +572,20 @@ describe("Pool stops", function()
         for i = 1, 10 do rs[i] = soon("apply_async", pool.apply_async, pool, double, { i }) end
         check(pool._held, "nothing was kept")
         kill_holder(holder)   -- (the lock is free again; no get, wait or poll since)
-        rs[11] = pool:apply_async(double, { 11 })
-        rs[12] = pool:submit(double, 12)
-        check(not pool._held, "the kept calls are still kept after two more calls")
-        for i = 1, 11 do check(rs[i]:get(20) == 2 * i, "apply_async " .. i) end
-        check(rs[12]:result(20) == 24, "submit 12")
+        -- each new call tries the lock once, without waiting: a worker may hold it at that
+        -- instant (a short section, but a preempted one lasts a time slice), so a few calls
+        -- a few ms apart, the first apply_async, the next submit, and so on
+        local fs, k = {}, 0
+        repeat
+          k = k + 1
+          if k % 2 == 1 then rs[#rs + 1] = pool:apply_async(double, { 10 + k })
+          else fs[#fs + 1] = { pool:submit(double, 10 + k), 2 * (10 + k) } end
+          if pool._held then core.sleep(0.005) end
+        until not pool._held or k == 100
+        check(not pool._held, "the kept calls are still kept after 100 more calls")
+        for i = 1, 10 do check(rs[i]:get(20) == 2 * i, "apply_async " .. i) end
+        for j = 11, #rs do check(rs[j]:get(20) == 2 * (10 + 2 * (j - 10) - 1), "apply_async " .. j) end
+        for _, f in ipairs(fs) do check(f[1]:result(20) == f[2], "a submit") end
         pool:close()
         pool:join()
       end)
