@@ -245,8 +245,8 @@ const char *mp_callname(lua_State *L);
 void mp_take_interrupt(lua_State *L);
 /* lua_pcall for a C function of ours that may fail, where a failure is an answer (a probe, a
 ** require): Ctrl-C's error, raised by lua.c's hook (or ours, see lmp_interrupt) on the call, goes
-** on up instead, intact. Such a hook takes itself off as it raises: a hook set before the call
-** and gone after a failure is that. */
+** on up instead, intact. Such a hook takes itself off as it raises "interrupted!": no hook after
+** a failure with that text is that (the SIGINT may have landed inside the call). */
 int mp_pcall(lua_State *L, int nargs, int nresults);
 int mp_waitresult(lua_State *L, int r);   /* pushes nil, "timeout"/"interrupted" */
 /* Host safety (hostsafe): lmp_interrupt's generation, bumped at each call (a

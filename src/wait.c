@@ -275,9 +275,12 @@ void mp_take_interrupt(lua_State *L) {
 }
 
 int mp_pcall(lua_State *L, int nargs, int nresults) {
-  lua_Hook h0 = lua_gethook(L);
   int st = lua_pcall(L, nargs, nresults, 0);
-  if (st != LUA_OK && h0 && !lua_gethook(L)) lua_error(L);  /* the hook took itself off: Ctrl-C */
+  /* Ctrl-C: the hook took itself off as it raised (set before the call, or during it:
+  ** a SIGINT may land anywhere, so the error's text says it, not the hook seen before) */
+  if (st == LUA_ERRRUN && !lua_gethook(L) && lua_type(L, -1) == LUA_TSTRING &&
+      strstr(lua_tostring(L, -1), "interrupted!"))
+    lua_error(L);
   return st;
 }
 
