@@ -141,6 +141,7 @@ void mp_proc_parent(uint64_t token, pid_t pid);
 void mp_proc_reaped(pid_t pid);
 uint32_t mp_arena_forks(void);
 #define MP_PTR(off) ((void *)((char *)mp_arena_base() + (off)))
+#define MP_OFF(p) ((uint64_t)((char *)(p) - (char *)mp_arena_base()))  /* MP_PTR's inverse */
 
 /* Shared objects: every object made by a shared type starts with this header. */
 typedef struct mp_obj {

@@ -140,7 +140,7 @@ static inline void reset_word(chunk *c) {  /* wpos = rpos = 0 */
 }
 
 #define CH(off) ((chunk *)MP_PTR(off))
-#define OFF(p) ((uint64_t)((char *)(p) - (char *)mp_arena_base()))
+#define OFF(p) MP_OFF(p)
 /* a compiler barrier: a kill sees this process's stores in program order */
 #define ORDER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
 

@@ -656,7 +656,6 @@ static int c_step(c_run *r) {
 /* core._sync_fault("slots", n), for tests: this process SIGKILLs itself at the n-th step from
 ** now of its additions of slot blocks to a Condition (named loose, handed to it, chained) */
 static int slots_fault;
-#define OFF(p) ((uint64_t)((char *)(p) - (char *)mp_arena_base()))
 #define SLOTS_STEP() do { if (__builtin_expect(slots_fault != 0, 0) && --slots_fault == 0) raise(SIGKILL); } while (0)
 
 /* A block the Condition owns that a process died with before chaining it (c->m held: whoever
@@ -665,7 +664,7 @@ static int slots_fault;
 static void c_settle_loose(cond_obj *c) {
   uint64_t a = c->loose;
   c->loose = 0;
-  if (!mp_owned_by(a, OFF(c))) return;
+  if (!mp_owned_by(a, MP_OFF(c))) return;
   for (uint64_t off = c->more; off; off = ((c_block *)MP_PTR(off))->next) if (off == a) return;
   mp_free(a);
 }
@@ -691,7 +690,7 @@ static c_slot *c_claim(cond_obj *c) {
     b->next = c->more;
     __atomic_store_n(&c->loose, off, __ATOMIC_RELEASE);
     SLOTS_STEP();
-    mp_hand(off, OFF(c));
+    mp_hand(off, MP_OFF(c));
     SLOTS_STEP();
     __atomic_store_n(&c->more, off, __ATOMIC_RELEASE);
     SLOTS_STEP();

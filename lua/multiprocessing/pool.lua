@@ -1035,10 +1035,12 @@ local function engine(self, wait, work)
   local ok, err = pcall(work or pump, self, wait)
   self._later = outer
   if not ok then self:terminate() end
-  local cb_ok, cb_err = pcall(run_callbacks, later)  -- (Ctrl-C in one: the pool ends as above)
-  if not cb_ok then
-    if ok then self:terminate() end
-    ok, err = false, cb_err
+  if later[1] then
+    local cb_ok, cb_err = pcall(run_callbacks, later)  -- (Ctrl-C in one: the pool ends as above)
+    if not cb_ok then
+      if ok then self:terminate() end
+      ok, err = false, cb_err
+    end
   end
   if not ok then
     if type(err) == "string" then err = err:gsub("^[^\n]-multiprocessing/pool[%w_]*%.lua:%d+: ", "") end
@@ -1481,7 +1483,7 @@ local ASYNC_M = { "as_completed", "wait" }
 local P = {
   core = core, M = M, Pool = Pool, progress = progress,
   SLICE = SLICE, AHEAD = AHEAD, PUT_WAIT = PUT_WAIT, unref = unref, make_pending = make_pending, POLL_BUDGET = POLL_BUDGET, STEP_RESULTS = STEP_RESULTS, FEED_TIME = FEED_TIME,
-  clean = clean, engine = engine, wait_call = wait_call, results_of = results_of, check_usable = check_usable,
+  clean = clean, interrupt_of = interrupt_of, engine = engine, wait_call = wait_call, results_of = results_of, check_usable = check_usable,
   parse_opts = parse_opts, key_text = key_text, new_call = new_call, feed = feed, first_feed = first_feed, sized_results = sized_results,
   call_blob = call_blob, plain_upvalues = plain_upvalues, globals = globals,
   drain = drain, lose = lose, LOST_AFTER = LOST_AFTER,

@@ -11,7 +11,7 @@ local SLICE, AHEAD, POLL_BUDGET, STEP_RESULTS, FEED_TIME = P.SLICE, P.AHEAD, P.P
 local PUT_WAIT, unref, make_pending = P.PUT_WAIT, P.unref, P.make_pending
 local clean, engine, wait_call, results_of, check_usable = P.clean, P.engine, P.wait_call, P.results_of, P.check_usable
 local parse_opts, key_text, new_call, feed, sized_results = P.parse_opts, P.key_text, P.new_call, P.feed, P.sized_results
-local first_feed = P.first_feed
+local first_feed, interrupt_of = P.first_feed, P.interrupt_of
 local call_blob, plain_upvalues = P.call_blob, P.plain_upvalues
 local abandon, finish, run_callback, note, on_result = P.abandon, P.finish, P.run_callback, P.note, P.on_result
 local check_workers, stop_workers, spawn_pending = P.check_workers, P.stop_workers, P.spawn_pending
@@ -402,7 +402,7 @@ end
 -- own) is raised again: it is the user's, not a failure of the short way.
 local function lean_result(ok, r)
   if ok then return r end
-  if tostring(r):find("interrupted!", 1, true) then error(r, 0) end
+  if interrupt_of(r) then error(r, 0) end
 end
 
 function Pool:apply_async(f, args, opts)
