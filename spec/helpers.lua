@@ -163,6 +163,14 @@ function H.capture_stderr()
   end
 end
 
+--- Runs a Lua script in a new interpreter, under a hard timeout (default 60 s); returns ok, output.
+function H.run_script(script, limit)
+  local src, out = H.tmpname(), H.tmpname()
+  local f = assert(io.open(src, "w")) f:write(script) f:close()
+  local ok = os.execute(("%s timeout -s KILL %d %s %s > %s 2>&1"):format(H.ENV, limit or 60, H.LUA, src, out))
+  return ok, H.slurp(out)
+end
+
 --- Runs `script` (after `local mp = require "multiprocessing"`) in a child interpreter in a
 --- session of its own; once a task calls started(), sends SIGINT to the session (Ctrl-C);
 --- returns the output. A script still running `patience` seconds (default 20, 120 under

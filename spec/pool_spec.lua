@@ -285,6 +285,36 @@ describe("Pool", function()
       assert.is_true(asked <= 1024 + 20 + 2 * 4, "read " .. asked .. " items with chunksize 1")
     end)
 
+    it("never waits for results with nothing in flight while it has input to send", function()
+      -- Each window the loop consumed is sent again before the engine waits: the wait used to
+      -- come first, and with nothing in flight it lasted its whole slice (50 ms a window, up to
+      -- 2.4 s for 200,000 items). Counted in a child, through the core's result wait.
+      local script = [[
+        local core = require "multiprocessing.core"
+        local take, idle, inside = core.take_result, 0, false
+        core.take_result = function(results, wait, inflight, ...)
+          if inside and wait > 0 and next(inflight) == nil then idle = idle + 1 end
+          return take(results, wait, inflight, ...)
+        end
+        local mp = require "multiprocessing"
+        local pool <close> = mp.Pool(2)
+        local xs = {}
+        for i = 1, 5000 do xs[i] = i end
+        local double = function(x) return x * 2 end
+        for _, kind in ipairs({ "imap", "imap_unordered" }) do
+          local s = 0
+          inside = true
+          for _, v in pool[kind](pool, double, xs, 1) do s = s + v end
+          inside = false
+          assert(s == 5000 * 5001, kind)
+        end
+        print("idle waits " .. idle)
+      ]]
+      local ok, out = H.run_script(script)
+      assert.is_true(ok, out)
+      assert.are.equal("idle waits 0\n", out)
+    end)
+
     it("returns a closing value as its 4th result; break cleans up and the pool still works", function()
       local pool <close> = mp.Pool(2)
       local f, s, c, closer = pool:imap(function(x) mp.sleep(0.05) return x end, { 1, 2, 3, 4, 5, 6, 7, 8 }, 1)

@@ -6,13 +6,7 @@ local H = require "helpers"
 -- targets must not reach globals through busted's sandbox (see pool_spec.lua)
 local error, select, tostring, os, io = error, select, tostring, os, io
 
--- runs a Lua script in a new interpreter, under a hard timeout; returns ok, output
-local function run_script(script, limit)
-  local src, out = H.tmpname(), H.tmpname()
-  local f = assert(io.open(src, "w")) f:write(script) f:close()
-  local ok = os.execute(("%s timeout -s KILL %d %s %s > %s 2>&1"):format(H.ENV, limit or 60, H.LUA, src, out))
-  return ok, H.slurp(out)
-end
+local run_script = H.run_script
 
 -- the state letter of a process ("S", "T", "Z"...), nil if gone
 local function pstate(pid)

@@ -1008,6 +1008,13 @@ local function pump(self, wait)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
   local inflight = self._inflight
+  -- Calls with room in their window (an imap loop consumed what came) are fed before the
+  -- wait: with nothing in flight, it would wait out its whole slice for results that never come.
+  if wait ~= 0 then
+    for _, call in pairs(self._calls) do
+      if call.window and not call.fed_all and not call.dropped then feed(self, call) end
+    end
+  end
   local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight, TAKE_RESULTS, self)
   local why = seq == nil and out
   if why == "interrupted" then return end
