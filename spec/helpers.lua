@@ -171,6 +171,13 @@ function H.run_script(script, limit)
   return ok, H.slurp(out)
 end
 
+--- The output of a Lua script run as run_script does; an error (with that output) if it failed.
+function H.script_output(script, limit)
+  local ok, out = H.run_script(script, limit)
+  assert(ok, "the script failed: " .. tostring(out))
+  return out
+end
+
 --- Runs `script` (after `local mp = require "multiprocessing"`) in a child interpreter in a
 --- session of its own; once a task calls started(), sends SIGINT to the session (Ctrl-C);
 --- returns the output. A script still running `patience` seconds (default 20, 120 under

@@ -96,6 +96,39 @@ describe("Parallel", function()
     assert.same({ 1, 2, 3, 4, 5, 6 }, order)
   end)
 
+  it("gives a worker that finished a batch its next one at once, whichever batch is oldest", function()
+    -- Task 1 runs until the parent got the 12 others; the other worker runs them one by one.
+    -- The parent used to wait for its oldest batch (task 1) in 50 ms slices, so the free worker
+    -- sat idle that long between batches. Counted in a child: the result waits that ran out
+    -- while fewer batches than workers were in flight and tasks were left to send.
+    local script = [[
+      local core = require "multiprocessing.core"
+      local take, idle, left = core.take_result, 0, 12
+      core.take_result = function(results, wait, inflight, ...)
+        local r = table.pack(take(results, wait, inflight, ...))
+        if r[1] == nil and r[2] == "timeout" and wait > 0 and left > 1 then
+          local n = 0
+          for _ in pairs(inflight) do n = n + 1 end
+          if n < 2 then idle = idle + 1 end
+        end
+        return table.unpack(r, 1, r.n)
+      end
+      local mp = require "multiprocessing"
+      local q = mp.Queue()
+      local tasks = {}
+      tasks[1] = mp.delayed(function() return q:get() end)()
+      for i = 2, 13 do tasks[i] = mp.delayed(function(x) return x end)(i) end
+      for i, v in mp.Parallel { n_jobs = 2, batch_size = 1, return_as = "generator_unordered" } (tasks) do
+        if i ~= 1 then
+          left = left - 1
+          if left == 0 then q:put(1) end
+        end
+      end
+      print("idle " .. idle)
+    ]]
+    assert.are.equal("idle 0\n", H.script_output(script))
+  end)
+
   it("runs in the calling process with n_jobs = 1 (joblib's default)", function()
     local r = mp.Parallel {} { delayed(getpid)() }
     assert.equal(core.getpid(), r[1])

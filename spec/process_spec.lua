@@ -514,6 +514,28 @@ io.write("after: ", s, "\n")
     pool:join()
     for _, c in ipairs(mp.active_children()) do assert.not_matches("^PoolWorker", c.name) end
   end)
+
+  it("join() on a pool worker of active_children() returns as it exits, and the pool replaces it", function()
+    -- It waits on the worker's exit (leaving its status to the pool), where it slept in 50 ms
+    -- slices. Counted in a child: the sleeps of the join.
+    local script = [[
+      local core = require "multiprocessing.core"
+      local sleep, naps, joining = core.sleep, 0, false
+      core.sleep = function(...) if joining then naps = naps + 1 end return sleep(...) end
+      local mp = require "multiprocessing"
+      local pool <close> = mp.Pool(1)
+      local worker
+      for _, c in ipairs(mp.active_children()) do if c.name == "PoolWorker-1" then worker = c end end
+      local r = pool:apply_async(function() local t = core.now() + 0.3 while core.now() < t do end core._exit(0) end)
+      joining = true
+      assert(worker:join(30))
+      joining = false
+      assert(not worker:is_alive())
+      assert(pool:apply(function() return 7 end) == 7)  -- replaced
+      print("naps " .. naps .. " " .. tostring(pcall(r.get, r, 30)))
+    ]]
+    assert.are.equal("naps 0 false\n", H.script_output(script))
+  end)
 end)
 
 describe("Process kwargs", function()

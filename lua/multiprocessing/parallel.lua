@@ -309,20 +309,23 @@ local function run_pool(opts, next_task, total)
     while true do
       if b and b.out then return end
       if not b and #ready > 0 then return end
-      -- any unfinished batch: waiting on it delivers the others' callbacks too
-      local oldest
+      -- the unfinished batches: the first of them to finish ends the wait (its callback has
+      -- run), so a worker that is done gets its next batch at once, whichever batch it ran
+      local open, rs = {}, {}
       while lo <= nsent and batches[lo] == nil do lo = lo + 1 end
       for k = lo, nsent do
         local x = batches[k]
-        if x and not x.out then oldest = x break end
+        if x and not x.out then open[#open + 1] = x rs[#rs + 1] = x.r end
       end
-      if not oldest then return end
-      local ok, e = pcall(oldest.r.wait, oldest.r, 0.05)
+      if not open[1] then return end
+      local ok, e = pcall(pool_mod.wait, rs, { timeout = 0.05, return_when = "FIRST_COMPLETED" })
       if not ok then fail(e) end
-      if not oldest.out and oldest.r:ready() then
-        -- the call ended without its callback (a fault): take its error
-        local ok2, v = pcall(oldest.r.get, oldest.r, 0)
-        if ok2 then finish_batch(oldest, v) else finish_batch(oldest, { failed = 1, err = v }) end
+      for _, x in ipairs(open) do
+        if not x.out and x.r.finished then
+          -- the call ended without its callback (a fault): take its error
+          local ok2, v = pcall(x.r.get, x.r, 0)
+          if ok2 then finish_batch(x, v) else finish_batch(x, { failed = 1, err = v }) end
+        end
       end
       dispatch()
     end

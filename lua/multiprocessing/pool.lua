@@ -59,6 +59,9 @@ local FIRST_CHUNK = 16  -- items of map_async's first chunk (automatic chunksize
 local PUT_WAIT = SLICE  -- seconds a feed's put waits for the task queue's lock or the allocator's: a
                         -- stopped process holding one (a worker stopped taking tasks) holds back a
                         -- turn of the engine this long, then the chunk waits for the next turn
+-- A worker's notes on the results queue, { NOTE, worker, pid [, error] } (no results: see note)
+local READY, INIT_FAILED, LEAVING = -1, -2, -3  -- started; its initializer raised (the error);
+                                                -- it leaves (maxtasksperchild), exiting now
 -- what unfinished calls fail with when their pool stops
 local TERMINATED, CLOSED = "the pool was terminated", "the pool was closed before the call finished"
 
@@ -95,14 +98,14 @@ local function worker_main(pool, i)
     local ok, err = xpcall(pool._initializer, capture, unpack(a, 1, a.n or #a))
     if not ok then
       err.call = "Pool initializer"
-      if not pcall(results.put, results, { -2, i, me, err }) then
+      if not pcall(results.put, results, { INIT_FAILED, i, me, err }) then
         err.value = err.message
-        results:put { -2, i, me, err }
+        results:put { INIT_FAILED, i, me, err }
       end
       core._exit(1)
     end
   end
-  results:put { -1, i, me }
+  results:put { READY, i, me }
   local funcs, nfuncs, done = {}, 0, 0
   local maxtasks = pool._maxtasks
   local made0 = made
@@ -301,7 +304,12 @@ local function worker_main(pool, i)
         t0, idle = now(), 0
       end
       done = done + batch.n
-      if maxtasks and done >= maxtasks then core._exit(0) end
+      if maxtasks and done >= maxtasks then
+        -- a note wakes the parent, which reaps and replaces this worker at once: unannounced,
+        -- its exit was seen only at the engine's next health check (a whole SLICE away)
+        pcall(results.put, results, { LEAVING, i, me })
+        core._exit(0)
+      end
       if made ~= made0 or collectgarbage("count") - gc_base > GC_STEP then
         made0 = made  -- a pool the task made and dropped is terminated now
         collectgarbage()
@@ -562,8 +570,8 @@ end
 -- the results were placed), or a table (other messages, and results with errors:
 -- { seq, out, errs, pid, busy }). (Given the pool, take_result does the lean path below
 -- itself for a record that needs nothing more: no callback, its blob still needed.)
--- whether a message of the results queue is a worker's note ({ -1, ... } ready, { -2, ... } its
--- initializer failed): no result, so poll's counts leave it out
+-- whether a message of the results queue is a worker's note (READY, INIT_FAILED, LEAVING): no
+-- result, so poll's counts leave it out
 local function note(seq) return type(seq) == "table" and seq[1] < 0 end
 
 local function on_result(self, seq, out, pid, busy)
@@ -571,11 +579,19 @@ local function on_result(self, seq, out, pid, busy)
   if type(seq) == "table" then
     local msg = seq
     seq = msg[1]
-    if seq == -1 then  -- { -1, worker, pid }: a worker is ready
+    if seq == READY then
       local w = self._workers[msg[2]]
       if w and w.pid == msg[3] then w.ready, self._startfails = true, 0 end
       return
-    elseif seq == -2 then  -- { -2, worker, pid, error }: its initializer failed
+    elseif seq == LEAVING then  -- (a blocking turn waits for its exit: see pump)
+      local w = self._workers[msg[2]]
+      if w and w.pid == msg[3] and w.code == nil then
+        local leaving = self._leaving or {}
+        leaving[#leaving + 1] = w
+        self._leaving = leaving
+      end
+      return
+    elseif seq == INIT_FAILED then
       local e = msg[4]
       self._broken = ("the initializer failed in a new worker (pid %d):\n%s"):format(msg[3], e.message .. "\n" .. e.traceback)
       self._initerror = e
@@ -1021,6 +1037,22 @@ local function pump(self, wait)
   while seq ~= nil do
     if seq then on_result(self, seq, out, pid, busy) end
     seq, out, pid, busy = take_result(results, 0, inflight, TAKE_RESULTS, self)
+  end
+  -- Workers that said they leave are waited for (they are exiting) and replaced in this turn:
+  -- unannounced, an exit was seen at the next health check, a whole slice later. (A bounded
+  -- step does not wait: its health check finds them, the frame loop woken by their pidfds.)
+  local leaving = self._leaving
+  if leaving then
+    self._leaving = nil
+    for _, w in ipairs(leaving) do
+      if w.code == nil then
+        local code, lost = core.waitpid(w.pid, SLICE)
+        if code ~= nil then w.code = code
+        elseif lost == "interrupted" then error("interrupted!", 0)
+        elseif lost ~= "timeout" then w.code = false end  -- reaped elsewhere: the status is gone
+      end
+    end
+    self._checked = -math.huge
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
   if self._held then M._send_held(self) end

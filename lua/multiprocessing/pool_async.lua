@@ -190,6 +190,7 @@ local function step(self, feed_until)
       t0 = t1
     end
   end
+  self._leaving = nil  -- (workers that leave: the health check finds them, see pump)
   -- the health check takes what came meanwhile (see find_lost in pool_faults.lua): it waits for a step
   -- that emptied the queue, unless results have kept it busy for a while
   local since = now() - self._checked

@@ -145,8 +145,16 @@ function Info:join(timeout)
   while self:is_alive() do
     local left = deadline and deadline - core.now()
     if left and left <= 0 then return nil, "timeout" end
-    local ok, why = core.sleep(left and math.min(left, 0.05) or 0.05)
-    if not ok then return nil, why end
+    local slice = left and math.min(left, 0.05) or 0.05
+    -- a child of ours (a pool worker): a wait on its exit (a pidfd) ends as it exits; keep
+    -- leaves its status to its pool. Our parent, or no child of ours: polled.
+    local code, why = nil, "not ours"
+    if not (parent and self.pid == parent.pid) then code, why = core.waitpid(self.pid, slice, true) end
+    if code == nil and why == "interrupted" then return nil, why end
+    if code == nil and why ~= "timeout" then
+      local ok, why2 = core.sleep(slice)
+      if not ok then return nil, why2 end
+    end
   end
   return true
 end
