@@ -220,7 +220,7 @@ local function run_pool(opts, next_task, total)
 
   local batches = {}       -- by number: { first =, count =, r = AsyncResult, out = result or nil }
   local nsent, nread = 0, 0    -- batches dispatched; batches handed over
-  local lo = 1                 -- no batch below this one is still held
+  local unfinished = {}        -- the batches sent whose callback has not run: batch -> true
   local inflight = 0
   local input_done = false
   local ready = {}          -- batch numbers finished, not yet handed over (unordered mode)
@@ -232,6 +232,7 @@ local function run_pool(opts, next_task, total)
   local function finish_batch(b, out)
     if b.out then return end
     b.out = out
+    unfinished[b] = nil
     inflight = inflight - 1
     if out.failed == nil then
       done_tasks = done_tasks + b.count
@@ -288,6 +289,7 @@ local function run_pool(opts, next_task, total)
         break
       end
       b.r = r
+      if not b.out then unfinished[b] = true end
     end
   end
 
@@ -312,12 +314,12 @@ local function run_pool(opts, next_task, total)
       -- the unfinished batches: the first of them to finish ends the wait (its callback has
       -- run), so a worker that is done gets its next batch at once, whichever batch it ran
       local open, rs = {}, {}
-      while lo <= nsent and batches[lo] == nil do lo = lo + 1 end
-      for k = lo, nsent do
-        local x = batches[k]
-        if x and not x.out then open[#open + 1] = x rs[#rs + 1] = x.r end
-      end
+      -- (a set, not a scan from the oldest held batch: behind a long one, that scan grew with
+      -- every batch sent since)
+      for x in pairs(unfinished) do open[#open + 1] = x end
       if not open[1] then return end
+      table.sort(open, function(x, y) return x.num < y.num end)  -- (faults are taken in order)
+      for k, x in ipairs(open) do rs[k] = x.r end
       local ok, e = pcall(pool_mod.wait, rs, { timeout = 0.05, return_when = "FIRST_COMPLETED" })
       if not ok then fail(e) end
       for _, x in ipairs(open) do

@@ -56,6 +56,7 @@ local STEP_RESULTS = 8   -- result messages one bounded step takes at most
 local TAKE_RESULTS = 256  -- result messages one take_result call handles at most (back in Lua between)
 local FEED_TIME = 0.0005 -- seconds a bounded step spends sending lazy input (at least one chunk)
 local FIRST_CHUNK = 16  -- items of map_async's first chunk (automatic chunksize), before its encoding is timed
+local LEAVE_WAIT = 0.005 -- seconds a turn waits for a worker that said it leaves to exit
 local PUT_WAIT = SLICE  -- seconds a feed's put waits for the task queue's lock or the allocator's: a
                         -- stopped process holding one (a worker stopped taking tasks) holds back a
                         -- turn of the engine this long, then the chunk waits for the next turn
@@ -587,6 +588,7 @@ local function on_result(self, seq, out, pid, busy)
       local w = self._workers[msg[2]]
       if w and w.pid == msg[3] and w.code == nil then
         local leaving = self._leaving or {}
+        w.leave_at = now()
         leaving[#leaving + 1] = w
         self._leaving = leaving
       end
@@ -1023,12 +1025,13 @@ local function pump(self, wait)
   if self._respawns then spawn_pending(self, math.huge) end  -- (a blocking wait needs its workers)
   local results = self._results
   local deadline = now() + math.min(wait or SLICE, SLICE)
+  if self._leaving then deadline = math.min(deadline, now() + LEAVE_WAIT) end  -- (see below)
   local inflight = self._inflight
   -- Calls with room in their window (an imap loop consumed what came) are fed before the
   -- wait: with nothing in flight, it would wait out its whole slice for results that never come.
   if wait ~= 0 then
     for _, call in pairs(self._calls) do
-      if call.window and not call.fed_all and not call.dropped then feed(self, call) end
+      if call.window and not call.fed_all and not call.dropped and not call.stalled then feed(self, call) end
     end
   end
   local seq, out, pid, busy = take_result(results, math.max(0, deadline - now()), inflight, TAKE_RESULTS, self)
@@ -1041,18 +1044,24 @@ local function pump(self, wait)
   -- Workers that said they leave are waited for (they are exiting) and replaced in this turn:
   -- unannounced, an exit was seen at the next health check, a whole slice later. (A bounded
   -- step does not wait: its health check finds them, the frame loop woken by their pidfds.)
+  -- (For LEAVE_WAIT at most: one still there then, slow to exit or stopped, is looked at
+  -- without a wait at the next turns, which wait LEAVE_WAIT at most for results, for a SLICE
+  -- after its note; then the health check deals with it.)
   local leaving = self._leaving
   if leaving then
-    self._leaving = nil
+    local still = {}
     for _, w in ipairs(leaving) do
       if w.code == nil then
-        local code, lost = core.waitpid(w.pid, SLICE)
+        local code, lost = core.waitpid(w.pid, w.leave_seen and 0 or LEAVE_WAIT)
+        w.leave_seen = true
         if code ~= nil then w.code = code
         elseif lost == "interrupted" then error("interrupted!", 0)
-        elseif lost ~= "timeout" then w.code = false end  -- reaped elsewhere: the status is gone
+        elseif lost ~= "timeout" then w.code = false  -- reaped elsewhere: the status is gone
+        elseif now() - w.leave_at < SLICE then still[#still + 1] = w end
+        if w.code ~= nil then self._checked = -math.huge end
       end
     end
-    self._checked = -math.huge
+    self._leaving = still[1] and still or nil
   end
   if now() - self._checked >= SLICE or why == "timeout" then check_workers(self, why == "timeout") end
   if self._held then M._send_held(self) end
