@@ -181,6 +181,33 @@ describe("Pool faults", function()
         return pids[1] and pids[1] ~= victim and H.alive(pids[1])
       end, 5))
     end)
+
+    for _, how in ipairs({ "killed", "stopped" }) do
+      it("is " .. how .. " between its maxtasksperchild note and its exit: the pool goes on", function()
+        -- (its note says it leaves; the parent waits for its exit a moment only, then leaves a
+        -- worker that did not exit to the health check, as one that never said anything)
+        local script = ([[
+          local mp = require "multiprocessing"
+          local core = require "multiprocessing.core"
+          local pool = mp.Pool { processes = 2, maxtasksperchild = 2 }
+          local victim = pool:apply(function(sig)
+            local c = require "multiprocessing.core"
+            local exit = c._exit
+            c._exit = function(code) c.kill(c.getpid(), sig) return exit(code) end
+            return c.getpid()
+          end, { %d })
+          local xs = {}
+          for i = 1, 40 do xs[i] = i end
+          local out = pool:map(function(x) return x * 2 end, xs, 1)
+          assert(#out == 40 and out[40] == 80)
+          core.kill(victim, 18)  -- (a stopped one goes on to its exit)
+          pool:close()
+          pool:join()
+          print("done " .. #mp.active_children())
+        ]]):format(how == "killed" and 9 or 19)
+        assert.are.equal("done 0\n", H.script_output(script))
+      end)
+    end
   end)
 
   describe("an initializer that raises", function()

@@ -148,9 +148,9 @@ function Info:join(timeout)
     local slice = left and math.min(left, 0.05) or 0.05
     -- a child of ours (a pool worker): a wait on its exit (a pidfd) ends as it exits; keep
     -- leaves its status to its pool. Our parent, or no child of ours: polled.
-    local code, why = nil, "not ours"
+    local code, why
     if not (parent and self.pid == parent.pid) then code, why = core.waitpid(self.pid, slice, true) end
-    if code == nil and why == "interrupted" then return nil, why end
+    if why == "interrupted" then return nil, why end
     if code == nil and why ~= "timeout" then
       local ok, why2 = core.sleep(slice)
       if not ok then return nil, why2 end
